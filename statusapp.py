@@ -22,15 +22,44 @@ Contents, in the order data flows through the program:
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import copy
+import hashlib
+import ipaddress
+import json
+import logging
+import math
 import os
+import re
+import secrets
+import site
+import sqlite3
 import sys
+import sysconfig
+import time
 import tomllib
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
+import click
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 VERSION = "1.0.0"
 API_VERSION = "v1"
+log = logging.getLogger("statusapp")
 
 # --- Config ---
 #
@@ -257,10 +286,794 @@ class RateLimited(ApiError):
     status, code = 429, "RATE_LIMIT_EXCEEDED"
 
 # --- Storage ---
+#
+# One writer connection, guarded by a lock, takes every write.  Small writes from hot paths
+# (check results, heartbeat pings, usage counters) are queued and group-committed: the writer
+# drains the queue into one transaction, so a thousand pings cost one fsync, not a thousand.
+# Reads use their own connections; in WAL mode they never wait for the writer.
+
+_MIGRATION_HEADER = re.compile(r"^-- migration (\d+):.*$", re.MULTILINE)
+Statement = tuple[str, Sequence[Any]]
+
+
+def now_ms() -> int:
+    """The current time as Unix milliseconds, the unit of every stored timestamp."""
+    return int(time.time() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    """Unix milliseconds as the API's ISO-8601 UTC form, e.g. ``2025-01-21T10:30:00Z``."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_id(prefix: str) -> str:
+    """A short random id with a readable prefix (``mon_``, ``inc_``...)."""
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def schema_path() -> Path:
+    """Where schema.sql is: beside this module in a checkout, under share/ once installed."""
+    candidates = [Path(__file__).with_name("schema.sql")]
+    for base in {sys.prefix, sysconfig.get_path("data"), site.getuserbase()}:
+        candidates.append(Path(base) / "share" / "statusapp" / "schema.sql")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError("schema.sql not found beside statusapp.py or in share/statusapp")
+
+
+def load_migrations(text: str | None = None) -> dict[int, str]:
+    """Split schema.sql into its numbered migration blocks."""
+    text = schema_path().read_text() if text is None else text
+    marks = list(_MIGRATION_HEADER.finditer(text))
+    blocks = {}
+    for i, mark in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        blocks[int(mark.group(1))] = text[mark.start():end]
+    if sorted(blocks) != list(range(1, len(blocks) + 1)):
+        raise RuntimeError("schema.sql migrations must be numbered 1, 2, 3... without gaps")
+    return blocks
+
+
+class Database:
+    """The SQLite file: migrations on open, a group-committing writer and read connections."""
+
+    def __init__(self, path: str, readers: int = 2) -> None:
+        self.path = path
+        self._reader_count = readers
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
+        self._writer: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._queue: list[tuple[list[Statement], asyncio.Future[None] | None]] = []
+        self._queue_event = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
+                       "foreign_keys=ON"):
+            await conn.execute(f"PRAGMA {pragma}")
+        return conn
+
+    async def open(self, upto: int | None = None) -> None:
+        """Connect, bring the schema up to date (or to ``upto``) and start the writer."""
+        self._writer = await self._connect()
+        try:
+            await self.migrate(upto)
+        except BaseException:
+            await self.close()
+            raise
+        for _ in range(self._reader_count):
+            reader = await self._connect()
+            await reader.execute("PRAGMA query_only=ON")
+            self._readers.append(reader)
+        self._writer_task = asyncio.create_task(self._write_loop())
+
+    async def close(self) -> None:
+        """Commit what is queued, then close every connection."""
+        if self._writer_task:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            await self._flush()
+        for conn in [*self._readers, self._writer]:
+            if conn is not None:
+                await conn.close()
+        self._readers, self._writer = [], None
+
+    async def version(self) -> int:
+        assert self._writer is not None
+        await self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        rows = await self._writer.execute_fetchall("SELECT version FROM schema_version")
+        return rows[0][0] if rows else 0
+
+    async def migrate(self, upto: int | None = None) -> int:
+        """Apply the migrations above the stored version, each in its own transaction."""
+        assert self._writer is not None
+        blocks = load_migrations()
+        current = await self.version()
+        target = max(blocks) if upto is None else upto
+        if current > max(blocks):
+            raise RuntimeError(f"database schema version {current} is newer than this "
+                               f"StatusApp ({max(blocks)}); upgrade StatusApp")
+        async with self._lock:
+            for number in range(current + 1, target + 1):
+                script = (f"BEGIN IMMEDIATE;\n{blocks[number]}\nDELETE FROM schema_version;\n"
+                          f"INSERT INTO schema_version VALUES ({int(number)});\nCOMMIT;")
+                try:
+                    await self._writer.executescript(script)
+                except sqlite3.Error:
+                    if self._writer.in_transaction:
+                        await self._writer.execute("ROLLBACK")
+                    raise
+        return target
+
+    # Reads
+
+    def _reader(self) -> aiosqlite.Connection:
+        self._next_reader = (self._next_reader + 1) % len(self._readers)
+        return self._readers[self._next_reader]
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return list(await self._reader().execute_fetchall(sql, params))
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    # Writes
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Exclusive use of the writer for a multi-step write: BEGIN IMMEDIATE ... COMMIT."""
+        assert self._writer is not None
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def write(self, statements: list[Statement]) -> None:
+        """Queue statements for the next group commit and wait until they are durable."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((statements, future))
+        self._queue_event.set()
+        await future
+
+    def write_later(self, statements: list[Statement]) -> None:
+        """Queue statements for the next group commit without waiting (check results)."""
+        self._queue.append((statements, None))
+        self._queue_event.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._queue_event.wait()
+            self._queue_event.clear()
+            try:
+                await self._flush()
+            except sqlite3.Error:
+                log.exception("group commit failed")
+
+    async def _flush(self) -> None:
+        """Commit everything queued in one transaction; on failure retry item by item."""
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        try:
+            async with self.transaction() as conn:
+                await _run_grouped(conn, [stmts for stmts, _ in batch])
+        except sqlite3.Error:
+            for stmts, future in batch:
+                try:
+                    async with self.transaction() as conn:
+                        await _run_grouped(conn, [stmts])
+                except sqlite3.Error as exc:
+                    log.warning("dropped a queued write: %s", exc)
+                    if future and not future.done():
+                        future.set_exception(exc)
+                else:
+                    if future and not future.done():
+                        future.set_result(None)
+            return
+        for _, future in batch:
+            if future and not future.done():
+                future.set_result(None)
+
+
+async def _run_grouped(conn: aiosqlite.Connection, items: list[list[Statement]]) -> None:
+    """Run queued items, merging items of the same shape into one executemany per statement.
+
+    Items in one batch are independent writes, so items of one shape may run together ahead
+    of a later item of another shape; each item's own statements keep their order.
+    """
+    shapes: dict[tuple[str, ...], list[list[Statement]]] = {}
+    for item in items:
+        shapes.setdefault(tuple(sql for sql, _ in item), []).append(item)
+    for shape, group in shapes.items():
+        for position, sql in enumerate(shape):
+            await conn.executemany(sql, [item[position][1] for item in group])
 
 # --- Validation ---
+#
+# Each resource is described once, as a tuple of ``Field``s.  ``validate`` turns a request body
+# into clean values (defaults applied) or a ValidationFailed carrying zod-style issues, the
+# shape the spec shows; the same tables map fields to columns and feed the README's reference.
+
+_KIND_OF = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}
+
+
+class _Issue(Exception):
+    """One problem with one value, raised by a Field's ``check``."""
+
+    def __init__(self, message: str, code: str = "custom", **extra: Any) -> None:
+        super().__init__(message)
+        self.issue = {"code": code, **extra, "message": message}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a resource: its JSON kind, presence rules, default, bounds and use.
+
+    ``required`` is True, or the values of the resource's kind field (a monitor's ``type``)
+    that require it.  ``minimum``/``maximum`` bound integers, and string lengths; either may
+    name a config key ("probes.min_interval").  ``check(value, record, env)`` validates what
+    bounds cannot, and returns the clean value.  ``kinds`` says which resource kinds use it.
+    """
+
+    name: str
+    kind: str
+    required: bool | tuple[str, ...] = False
+    default: Any = None
+    minimum: int | str | None = None
+    maximum: int | str | None = None
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any, dict[str, Any], dict[str, Any]], Any] | None = None
+    kinds: tuple[str, ...] | None = None
+    doc: str = ""
+    secret: tuple[str, ...] = ()
+
+    @property
+    def column(self) -> str:
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+
+def _kind(value: Any) -> str:
+    return _KIND_OF.get(type(value), "unknown")
+
+
+def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
+    if isinstance(bound, str):
+        section, key = bound.split(".")
+        return cfg[section][key]
+    return bound
+
+
+def _check_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+    """Validate one present value against its field; return the clean value or raise _Issue."""
+    if value is None:
+        return None
+    got = _kind(value)
+    if field.kind == "number" and got == "integer":
+        got = "number"
+    if got != field.kind:
+        if field.kind == "integer" and got == "number":
+            raise _Issue("Expected integer, received float", "invalid_type",
+                         expected="integer", received="float")
+        raise _Issue(f"Expected {field.kind}, received {got}", "invalid_type",
+                     expected=field.kind, received=got)
+    if field.choices is not None and value not in field.choices:
+        options = " | ".join(f"'{c}'" for c in field.choices)
+        raise _Issue(f"Invalid enum value. Expected {options}, received '{value}'",
+                     "invalid_enum_value", options=list(field.choices), received=value)
+    cfg = env["cfg"]
+    low, high = _bound(field.minimum, cfg), _bound(field.maximum, cfg)
+    size = len(value) if field.kind in ("string", "array") else value
+    noun = {"string": "character(s)", "array": "element(s)"}.get(field.kind)
+    kind = "number" if field.kind in ("integer", "number") else field.kind
+    if low is not None and size < low:
+        text = (f"{field.kind.capitalize()} must contain at least {low} {noun}" if noun
+                else f"Number must be greater than or equal to {low}")
+        raise _Issue(text, "too_small", minimum=low, type=kind, inclusive=True, exact=False)
+    if high is not None and size > high:
+        text = (f"{field.kind.capitalize()} must contain at most {high} {noun}" if noun
+                else f"Number must be less than or equal to {high}")
+        raise _Issue(text, "too_big", maximum=high, type=kind, inclusive=True, exact=False)
+    return field.check(value, record, env) if field.check else value
+
+
+def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
+             existing: dict[str, Any] | None = None, kind_field: str = "type",
+             kind: str | None = None, path: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """Validate ``data`` against ``fields`` and return the clean values.
+
+    Without ``existing`` this is a create: absent fields take their defaults and required
+    fields must be present.  With ``existing`` (the stored record) only the given fields are
+    returned, but presence rules are checked on the merged record.  Unknown keys are ignored.
+    """
+    if not isinstance(data, dict):
+        raise ValidationFailed([{"code": "invalid_type", "expected": "object",
+                                 "received": _kind(data), "path": list(path),
+                                 "message": f"Expected object, received {_kind(data)}"}])
+    issues: list[dict[str, Any]] = []
+    clean: dict[str, Any] = {}
+    for field in fields:
+        if field.name in data:
+            clean[field.name] = data[field.name]
+        elif existing is None:
+            clean[field.name] = copy.deepcopy(field.default)
+    record = {**(existing or {}), **clean}
+    if kind is None:
+        kind = record.get(kind_field) if isinstance(record.get(kind_field), str) else None
+    for field in fields:
+        value = record.get(field.name)
+        needed = field.required is True or (kind is not None and isinstance(field.required, tuple)
+                                            and kind in field.required)
+        if value is None and needed:
+            received = "null" if field.name in data else "undefined"
+            issues.append({"code": "invalid_type", "expected": field.kind, "received": received,
+                           "path": [*path, field.name], "message": "Required"})
+            continue
+        given = field.name in clean
+        if not given and not (field.check and value is not None):
+            continue  # unchanged, and nothing else it depends on can have changed its validity
+        try:
+            checked = _check_one(field, value, record, {**env, "path": (*path, field.name)})
+        except _Issue as exc:
+            issues.append({**exc.issue, "path": [*path, field.name]})
+        except ValidationFailed as exc:
+            issues.extend(exc.issues)
+        else:
+            if given:
+                clean[field.name] = checked
+    if issues:
+        raise ValidationFailed(issues)
+    return clean
+
+
+def parse_query(fields: Sequence[Field], request: Request, env: dict[str, Any]) -> dict[str, Any]:
+    """Validate query-string parameters with the same Field tables (integers parsed first)."""
+    data: dict[str, Any] = {}
+    for field in fields:
+        raw = request.query_params.get(field.name)
+        if raw is None or raw == "":
+            continue
+        if field.kind == "integer":
+            try:
+                data[field.name] = int(raw)
+            except ValueError:
+                data[field.name] = raw
+        else:
+            data[field.name] = raw
+    return validate(fields, data, env, kind="query")
+
+
+def _url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise _Issue(f"Invalid url: expected an absolute {' or '.join(schemes)} URL",
+                     validation="url")
+    return value
+
+
+def check_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An absolute http(s) URL."""
+    return _url(value)
+
+
+def _hostname(value: str) -> str:
+    host = value.strip()
+    if "://" in host:
+        host = urllib.parse.urlsplit(host).hostname or ""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host.strip("[]")))
+    labels = host.rstrip(".").split(".")
+    if not host or len(host) > 253 or not all(
+            re.fullmatch(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)", label) for label in labels):
+        raise _Issue("Invalid host: expected a hostname, an IP address or a URL")
+    return host
+
+
+def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
+    rule = MONITOR_TYPES.get(record.get("type") or "", "http")
+    if rule == "http":
+        return _url(value)
+    if rule == "https":
+        return _url(value, ("https",))
+    if rule == "host":
+        _hostname(value)
+    return value.strip()
+
+
+def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """``requestHeaders`` is a JSON string of an object of string values."""
+    try:
+        headers = json.loads(value)
+    except ValueError:
+        raise _Issue("requestHeaders must be a JSON string of an object") from None
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise _Issue("requestHeaders must be a JSON object of string header values")
+    return value
+
+
+def check_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An IP address for A/AAAA records; any answer text for the other record types."""
+    if record.get("dnsRecord") in ("A", "AAAA"):
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            raise _Issue("expectedIp must be an IP address for A and AAAA records") from None
+        if (addr.version == 4) != (record["dnsRecord"] == "A"):
+            raise _Issue(f"expectedIp is not an IPv{4 if record['dnsRecord'] == 'A' else 6} "
+                         "address")
+        return str(addr)
+    return value
+
+
+def check_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+    """Every id must name a known worker region."""
+    unknown = [v for v in value if v not in env["regions"]]
+    if unknown:
+        raise _Issue(f"Unknown worker region id(s): {', '.join(map(str, unknown))}",
+                     options=sorted(env["regions"]))
+    return list(dict.fromkeys(value))
+
+
+def nested(fields: Sequence[Field], kind_from: str | None = None) -> Callable[..., Any]:
+    """A ``check`` that validates an object value against its own Field table."""
+    def check(value: dict[str, Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
+        kind = record.get(kind_from) if kind_from else None
+        return validate(fields, value, env, kind=kind, path=env["path"])
+    return check
+
+
+def each(fields: Sequence[Field]) -> Callable[..., Any]:
+    """A ``check`` that validates every element of an array against a Field table."""
+    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
+        out, issues = [], []
+        for i, item in enumerate(value):
+            try:
+                out.append(validate(fields, item, env, path=(*env["path"], i)))
+            except ValidationFailed as exc:
+                issues.extend(exc.issues)
+        if issues:
+            raise ValidationFailed(issues)
+        return out
+    return check
+
+
+# How each monitor type reads ``url``: an http(s) URL, an https URL, a host, or free text.
+MONITOR_TYPES = {"WEBSITE": "http", "API": "http", "CRON": "text", "PING": "host",
+                 "PORT": "host", "DNS": "host", "SSL_CERT": "https", "DOMAIN": "host"}
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+AUTH_TYPES = ("none", "bearer", "basic", "api_key", "oauth2", "jwt")
+
+AUTH_FIELDS = (
+    Field("type", "string", True, choices=AUTH_TYPES),
+    Field("token", "string", ("bearer",), minimum=1, secret=("bearer",)),
+    Field("username", "string", ("basic",), minimum=1),
+    Field("password", "string", ("basic",), secret=("basic",)),
+    Field("apiKey", "string", ("api_key",), minimum=1, secret=("api_key",)),
+    Field("apiKeyHeader", "string", minimum=1),
+    Field("apiKeyName", "string", minimum=1),
+    Field("apiKeyLocation", "string", choices=("header", "query")),
+    Field("oauth2TokenUrl", "string", ("oauth2",), check=check_url),
+    Field("oauth2ClientId", "string", ("oauth2",), minimum=1),
+    Field("oauth2ClientSecret", "string", ("oauth2",), secret=("oauth2",)),
+    Field("oauth2Scope", "string"),
+    Field("oauth2GrantType", "string", choices=("client_credentials",)),
+    Field("jwtToken", "string", ("jwt",), minimum=1, secret=("jwt",)),
+    Field("jwtHeader", "string", minimum=1),
+    Field("jwtPrefix", "string"),
+)
+
+
+def check_auth_config(value: dict[str, Any], record: dict[str, Any],
+                      env: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``apiAuthConfig`` by its own type; keep secrets a client echoed back masked."""
+    previous = (env.get("existing") or {}).get("apiAuthConfig") or {}
+    value = {k: (previous[k] if previous.get(k) is not None and v == mask(previous[k]) else v)
+             for k, v in value.items()}
+    clean = validate(AUTH_FIELDS, value, env, path=env["path"])
+    kind = clean["type"]
+    if kind == "api_key" and not (clean.get("apiKeyHeader") or clean.get("apiKeyName")):
+        raise ValidationFailed([{"code": "custom", "path": [*env["path"], "apiKeyHeader"],
+                                 "message": "api_key auth needs apiKeyHeader or apiKeyName"}])
+    if kind == "oauth2" and not clean.get("oauth2GrantType"):
+        clean["oauth2GrantType"] = "client_credentials"
+    return {k: v for k, v in clean.items() if v is not None}
+
+
+def mask(secret: str) -> str:
+    """Show a secret's last four characters only, and only when it is long enough to hide."""
+    return "****" + secret[-4:] if len(secret) >= 12 else "****"
+
+
+def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``apiAuthConfig`` as responses show it: every secret field masked."""
+    if not config:
+        return config
+    secret = {f.name for f in AUTH_FIELDS if config.get("type") in f.secret}
+    return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
+
+
+CHANNEL_TYPES = ("EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM", "PAGERDUTY", "OPSGENIE",
+                 "MICROSOFT_TEAMS", "WEBHOOK")
+
+INLINE_NOTIFICATION_FIELDS = (
+    Field("channelId", "string", doc="An existing notification channel to link"),
+    Field("type", "string", choices=CHANNEL_TYPES),
+    Field("enabled", "boolean", default=True),
+    Field("config", "object", doc="The channel configuration, as for /notifications"),
+)
+
+
+def check_notifications(value: list[Any], record: dict[str, Any],
+                        env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each entry links a channel by ``channelId`` or defines one inline by type and config."""
+    entries = each(INLINE_NOTIFICATION_FIELDS)(value, record, env)
+    issues = []
+    for i, entry in enumerate(entries):
+        where = [*env["path"], i]
+        if entry.get("channelId"):
+            if entry["channelId"] not in env.get("channels", ()):
+                issues.append({"code": "custom", "path": [*where, "channelId"],
+                               "message": "Unknown notification channel"})
+        elif not entry.get("type") or entry.get("config") is None:
+            issues.append({"code": "custom", "path": where,
+                           "message": "Give either channelId or both type and config"})
+    if issues:
+        raise ValidationFailed(issues)
+    return entries
+
+
+ALL_TYPES = tuple(MONITOR_TYPES)
+HTTP_TYPES = ("WEBSITE", "API")
+
+MONITOR_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=255, doc="Monitor name"),
+    Field("url", "string", tuple(t for t in ALL_TYPES if t != "CRON"), minimum=1, maximum=2048,
+          check=check_monitor_url,
+          doc="URL, hostname or IP (CRON: optional, defaults to the heartbeat URL)"),
+    Field("type", "string", default="WEBSITE", choices=ALL_TYPES, doc="Monitor type"),
+    Field("interval", "integer", default=300, minimum="probes.min_interval", maximum=2_678_400,
+          doc="Check interval in seconds (CRON: expected period between pings)"),
+    Field("timeout", "integer", default=30, minimum=5, maximum=300, doc="Timeout in seconds"),
+    Field("port", "integer", ("PORT",), minimum=1, maximum=65535, kinds=("PORT",),
+          doc="Port number"),
+    Field("protocol", "string", ("PORT",), choices=("TCP", "UDP"), kinds=("PORT",),
+          doc="Port protocol"),
+    Field("expectedStatusCode", "integer", minimum=100, maximum=599, kinds=HTTP_TYPES,
+          doc="Expected HTTP status (absent: any 2xx/3xx)"),
+    Field("httpMethod", "string", default="GET", choices=HTTP_METHODS, kinds=HTTP_TYPES,
+          doc="HTTP method"),
+    Field("requestHeaders", "string", maximum=16_384, check=check_json_headers, kinds=HTTP_TYPES,
+          doc="JSON string of custom headers"),
+    Field("requestBody", "string", maximum=65_536, kinds=HTTP_TYPES, doc="Request body"),
+    Field("dnsRecord", "string", ("DNS",), choices=("A", "AAAA", "CNAME", "MX", "TXT"),
+          kinds=("DNS",), doc="DNS record type"),
+    Field("expectedIp", "string", maximum=255, check=check_expected_ip, kinds=("DNS",),
+          doc="Expected answer (an IP for A/AAAA)"),
+    Field("gracePeriod", "integer", default=300, minimum="probes.min_interval", maximum=86_400,
+          kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
+    Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
+          kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
+    Field("enabledWorkerRegionIds", "array", check=check_regions,
+          doc="Worker regions to probe from (absent: the local region)"),
+    Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
+    Field("regressionThreshold", "integer", default=50, minimum=25, maximum=200,
+          doc="Regression threshold in percent"),
+    Field("regressionPeriod", "integer", default=7, minimum=1, maximum=30,
+          doc="Baseline period in days"),
+    Field("performanceTimings", "boolean", default=False, kinds=HTTP_TYPES,
+          doc="Record dns/connect/tls/ttfb/transfer timings"),
+    Field("apiAuthConfig", "object", check=check_auth_config, kinds=HTTP_TYPES,
+          doc="API authentication (secrets are masked in responses)"),
+    Field("domainExpiryDays", "integer", default=30, minimum=1, maximum=365, kinds=("DOMAIN",),
+          doc="Days before domain expiry to warn"),
+    Field("domainMonitorDns", "boolean", default=True, kinds=("DOMAIN",),
+          doc="Report NS/A record changes"),
+    Field("domainMonitorBlacklist", "boolean", default=True, kinds=("DOMAIN",),
+          doc="Check DNS blocklists"),
+    Field("domainMonitorWhois", "boolean", default=True, kinds=("DOMAIN",),
+          doc="Report registrar/status/nameserver changes"),
+    Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
+    Field("notifications", "array", check=check_notifications,
+          doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
+)
+
+# Fields stored as JSON text, and the fields that are not monitor columns.
+_JSON_FIELDS = {"enabledWorkerRegionIds", "apiAuthConfig"}
+_NOT_COLUMNS = {"notifications"}
+MONITOR_COLUMNS = tuple(f for f in MONITOR_FIELDS if f.name not in _NOT_COLUMNS)
+REGRESSION_FIELDS = tuple(f for f in MONITOR_FIELDS if f.name.startswith("regression"))
+
+
+def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
+    """The query parameters of a paged listing: page, limit, sort, order and filters."""
+    return (
+        Field("page", "integer", default=1, minimum=1, maximum=1_000_000),
+        Field("limit", "integer", default=50, minimum=1, check=lambda v, r, e: min(v, 100)),
+        Field("sort", "string", default=default_sort, choices=tuple(sorts)),
+        Field("order", "string", default="desc", choices=("asc", "desc")),
+        *filters.values(),
+    )
+
+
+def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
+    """The spec's pagination object."""
+    return {"total": total, "page": query["page"], "limit": query["limit"],
+            "totalPages": max(1, -(-total // query["limit"]))}
 
 # --- Auth ---
+#
+# An API key is ``sk_live_<random>``; only its SHA256 is stored.  A key belongs to a person
+# (an account); the person acts within one team with one role.  The method decides the
+# permission a key needs (read, write, delete); the route decides the least role.
+
+ROLES = ("VIEWER", "MEMBER", "ADMIN", "OWNER")
+PERMISSIONS = ("read", "write", "delete")
+_METHOD_PERMISSION = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write",
+                      "PATCH": "write", "DELETE": "delete"}
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> tuple[str, str, str]:
+    """A new key: (the key itself, its SHA256, its display prefix)."""
+    key = "sk_live_" + secrets.token_urlsafe(24)
+    return key, hash_key(key), key[:12] + "..."
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key, the person, the team whose resources they act on, their role."""
+
+    key_id: str
+    account_id: str
+    team_id: str
+    role: str
+    permissions: frozenset[str]
+    plan: str
+
+    def require_role(self, least: str) -> None:
+        if ROLES.index(self.role) < ROLES.index(least):
+            raise Forbidden(f"This action needs the {least} role or higher",
+                            f"your role is {self.role}")
+
+
+def request_key(request: Request) -> str | None:
+    """The API key from ``X-API-Key`` or ``Authorization: Bearer``."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def authenticate(db: Database, key: str | None) -> Principal:
+    """Resolve a key to a Principal, or raise 401 (bad key) / 403 (disabled account)."""
+    if not key:
+        raise Unauthorized("Missing API key", "send X-API-Key or Authorization: Bearer")
+    row = await db.fetchone(
+        "SELECT k.id, k.account_id, k.permissions, k.expires_at, k.is_active, m.team_id, m.role,"
+        " t.plan, t.account_status AS team_status, a.account_status"
+        " FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+        " JOIN team_members m ON m.account_id = k.account_id AND m.status = 'ACCEPTED'"
+        " JOIN accounts t ON t.id = m.team_id WHERE k.key_hash = ?", (hash_key(key),))
+    if row is None or not row["is_active"]:
+        raise Unauthorized("Invalid API key", "the key is unknown or has been revoked")
+    if row["expires_at"] is not None and row["expires_at"] <= now_ms():
+        raise Unauthorized("API key expired", f"expired at {iso(row['expires_at'])}")
+    if row["account_status"] != "ENABLED" or row["team_status"] != "ENABLED":
+        raise Forbidden("Account not active", "the account is disabled")
+    return Principal(row["id"], row["account_id"], row["team_id"], row["role"],
+                     frozenset(row["permissions"].split(",")), row["plan"])
+
+
+class RateLimiter:
+    """Requests per key per clock hour, by the team's plan; in memory, reset on restart."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    def hit(self, key_id: str, limit: int) -> dict[str, str]:
+        """Count one request and return the X-RateLimit headers; raise 429 past the limit."""
+        now = time.time()
+        hour = int(now // 3600)
+        start, used = self._windows.get(key_id, (hour, 0))
+        if start != hour:
+            used = 0
+        reset = (hour + 1) * 3600
+        if used >= limit:
+            headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": "0",
+                       "X-RateLimit-Reset": str(reset),
+                       "Retry-After": str(max(1, math.ceil(reset - now)))}
+            raise RateLimited("Rate limit exceeded", f"{limit} requests per hour for this plan",
+                              headers=headers)
+        self._windows[key_id] = (hour, used + 1)
+        return {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(limit - used - 1),
+                "X-RateLimit-Reset": str(reset)}
+
+    def used(self, key_id: str) -> int:
+        start, used = self._windows.get(key_id, (0, 0))
+        return used if start == int(time.time() // 3600) else 0
+
+
+class UsageCounter:
+    """API requests per team, endpoint template and hour, counted in memory, flushed in batches.
+
+    Keys' ``lastUsedAt`` rides along, so a request never costs a database write.
+    """
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self._last_used: dict[str, int] = {}
+
+    def count(self, principal: Principal, endpoint: str) -> None:
+        stamp = now_ms()
+        self._counts[(principal.team_id, endpoint, stamp // 3_600_000)] += 1
+        self._last_used[principal.key_id] = stamp
+
+    def pending(self) -> list[tuple[tuple[str, str, int], int]]:
+        return list(self._counts.items())
+
+    async def flush(self, db: Database) -> None:
+        counts, self._counts = self._counts, collections.Counter()
+        last_used, self._last_used = self._last_used, {}
+        statements: list[Statement] = [
+            ("INSERT INTO api_usage (account_id, endpoint, hour, count) VALUES (?, ?, ?, ?)"
+             " ON CONFLICT (account_id, hour, endpoint) DO UPDATE SET count = count + excluded.count",
+             (team, endpoint, hour, n)) for (team, endpoint, hour), n in counts.items()]
+        statements += [("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (stamp, key_id))
+                       for key_id, stamp in last_used.items()]
+        if statements:
+            await db.write(statements)
+
+
+async def create_account(conn: aiosqlite.Connection, email: str, name: str | None,
+                         plan: str) -> str:
+    """A new account owning its own team (the OWNER membership row included)."""
+    account_id, stamp = new_id("user"), now_ms()
+    await conn.execute(
+        "INSERT INTO accounts (id, email, name, plan, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)", (account_id, email, name, plan, stamp, stamp))
+    await conn.execute(
+        "INSERT INTO team_members (id, team_id, account_id, email, name, role, status, invited_at,"
+        " accepted_at) VALUES (?, ?, ?, ?, ?, 'OWNER', 'ACCEPTED', ?, ?)",
+        (new_id("tm"), account_id, account_id, email, name, stamp, stamp))
+    return account_id
+
+
+async def create_api_key(conn: aiosqlite.Connection, account_id: str, name: str,
+                         permissions: str, expires_at: int | None = None) -> tuple[str, str]:
+    """Store a new key for an account; return (key id, the key, shown this once only)."""
+    key, digest, prefix = generate_key()
+    key_id = new_id("key")
+    await conn.execute(
+        "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, permissions, expires_at,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (key_id, account_id, name, prefix, digest, permissions, expires_at, now_ms()))
+    return key_id, key
 
 # --- Probes ---
 #
@@ -293,7 +1106,670 @@ class CheckResult:
 # --- Notifiers ---
 
 # --- API routes ---
+#
+# Handlers are ``async def handler(call: Call) -> dict | Response``, registered with ``@api``,
+# which authenticates, checks permission and role, applies the rate limit and counts usage.
+# Handlers raise ApiError subclasses; ``on_api_error`` is the one place errors become JSON.
+
+API_PREFIX = "/api/v1"
+MAX_BODY = 1_048_576
+ROUTES: list[Route] = []
+MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
+
+
+class Runtime:
+    """Everything one running StatusApp holds: config, database, limiter, counters, tasks."""
+
+    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
+        self.cfg = cfg
+        self.db = Database(cfg["server"]["database"])
+        self.limiter = RateLimiter()
+        self.usage = UsageCounter()
+        self.started = time.monotonic()
+        self.regions: dict[str, dict[str, Any]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the database, register the local region, create the owner on first run."""
+        await self.db.open()
+        region = self.cfg["region"]
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET city = excluded.city,"
+                " country = excluded.country, country_code = excluded.country_code,"
+                " latitude = excluded.latitude, longitude = excluded.longitude",
+                (region["id"], region["city"], region["country"], region["country_code"],
+                 region["latitude"], region["longitude"]))
+            first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
+            if first_run:
+                account = await create_account(conn, "admin@localhost", "Admin",
+                                               self.cfg["account"]["plan"])
+                _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
+        if first_run:
+            print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
+                  f"only this once:\n{key}", file=sys.stderr, flush=True)
+        self.regions = {r["id"]: dict(r) for r in await self.db.fetchall(
+            "SELECT * FROM worker_regions WHERE is_active = 1")}
+        self.every(5.0, lambda: self.usage.flush(self.db))
+
+    def every(self, seconds: float, job: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``job`` every ``seconds`` in the background until stop; log its failures."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                try:
+                    await job()
+                except Exception:
+                    log.exception("background job failed")
+        self._tasks.append(asyncio.create_task(loop()))
+
+    async def stop(self) -> None:
+        """Stop background work, write what is pending and close the database."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.usage.flush(self.db)
+        await self.db.close()
+
+
+@dataclass
+class Call:
+    """One API request as a handler sees it."""
+
+    request: Request
+    rt: Runtime
+    who: Principal | None
+
+    @property
+    def team(self) -> str:
+        assert self.who is not None
+        return self.who.team_id
+
+    def param(self, name: str) -> str:
+        return self.request.path_params[name]
+
+    async def json(self, limit: int = MAX_BODY) -> Any:
+        """The JSON body; 413 past ``limit``, 400 for another content type or bad JSON."""
+        body = await read_body(self.request, limit)
+        if not body.strip():
+            return {}
+        ctype = self.request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise BadRequest("Content-Type must be application/json",
+                             f"got {ctype or 'no content type'}")
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise BadRequest("Malformed JSON body", str(exc)) from None
+
+    def env(self, **extra: Any) -> dict[str, Any]:
+        """What validation checks need to know: config and the known worker regions."""
+        return {"cfg": self.rt.cfg, "regions": self.rt.regions, **extra}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLarge("Request body too large", f"the limit is {limit} bytes")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def api(path: str, *methods: str, public: bool = False, role: str | None = None
+        ) -> Callable[[Callable[[Call], Awaitable[Any]]], Callable[[Call], Awaitable[Any]]]:
+    """Register an ``/api/v1`` route.  Writes need MEMBER and reads VIEWER unless ``role``."""
+    def register(handler: Callable[[Call], Awaitable[Any]]) -> Callable[[Call], Awaitable[Any]]:
+        async def endpoint(request: Request) -> Response:
+            rt: Runtime = request.app.state.statusapp
+            who = None
+            if not public:
+                who = await authenticate(rt.db, request_key(request))
+                request.state.headers = rt.limiter.hit(who.key_id, PLANS[who.plan])
+                rt.usage.count(who, API_PREFIX + path)
+                needed = _METHOD_PERMISSION[request.method]
+                if needed not in who.permissions:
+                    raise Forbidden(f"This API key lacks the '{needed}' permission",
+                                    f"key permissions: {','.join(sorted(who.permissions))}")
+                who.require_role(role or ("VIEWER" if needed == "read" else "MEMBER"))
+            try:
+                result = await handler(Call(request, rt, who))
+            except (ApiError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.exception("unhandled error in %s %s", request.method, request.url.path)
+                raise ApiError("Internal server error", "the error has been logged") from exc
+            response = result if isinstance(result, Response) else JSONResponse(result)
+            response.headers.update(getattr(request.state, "headers", {}))
+            return response
+        ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
+        return handler
+    return register
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    """The one place an error becomes the spec's JSON shape (with rate-limit headers)."""
+    if isinstance(exc, HTTPException):
+        texts = {404: "Not found", 405: "Method not allowed"}
+        detail = f"{request.method} {request.url.path}"
+        exc = ApiError(texts.get(exc.status_code, str(exc.detail)), detail,
+                       status=exc.status_code, headers=dict(exc.headers or {}),
+                       code={404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code,
+                                                                               "BAD_REQUEST"))
+    elif not isinstance(exc, ApiError):
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        exc = ApiError("Internal server error", "the error has been logged")
+    headers = {**getattr(request.state, "headers", {}), **exc.headers}
+    return JSONResponse(exc.body(), exc.status, headers=headers)
+
+
+class Cors:
+    """The spec's CORS headers on every response; OPTIONS answered as a preflight."""
+
+    HEADERS = [(b"access-control-allow-origin", b"*"),
+               (b"access-control-allow-methods", b"GET, POST, PUT, DELETE, OPTIONS"),
+               (b"access-control-allow-headers", b"Content-Type, Authorization, X-API-Key"),
+               (b"access-control-max-age", b"86400")]
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204,
+                        "headers": [*self.HEADERS, (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        async def send_with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+            await send(message)
+        await self.app(scope, receive, send_with_cors)
+
+
+# Monitors
+
+MONITOR_SORTS = {"createdAt": "created_at", "updatedAt": "updated_at", "name": "name",
+                 "status": "status", "type": "type", "interval": "interval", "url": "url"}
+MONITOR_QUERY = page_fields(
+    MONITOR_SORTS, "createdAt",
+    status=Field("status", "string", choices=MONITOR_STATUSES),
+    type=Field("type", "string", choices=ALL_TYPES),
+    search=Field("search", "string", maximum=200))
+
+
+def _like(text: str) -> str:
+    """A LIKE pattern matching ``text`` anywhere, with its own wildcards escaped."""
+    return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
+
+
+def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
+    """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
+    out: dict[str, Any] = {"id": row["id"]}
+    for field in MONITOR_COLUMNS:
+        value = row[field.column]
+        if field.name in _JSON_FIELDS and value is not None:
+            value = json.loads(value)
+        elif field.kind == "boolean":
+            value = bool(value)
+        out[field.name] = value
+    out["status"] = row["status"]
+    out["isPaused"] = bool(row["is_paused"])
+    out["heartbeatId"] = row["heartbeat_id"]
+    return out
+
+
+def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A stored check as the API shows it, with its worker region."""
+    region = regions.get(row["region_id"]) or {"id": row["region_id"], "country": None,
+                                               "country_code": None, "city": None}
+    out = {"id": f"chk_{row['id']}", "status": row["status"], "responseTime": row["response_time"],
+           "statusCode": row["status_code"], "checkedAt": iso(row["checked_at"]),
+           "error": row["error"], "rootCauseCategory": row["category"],
+           "workerRegion": {"id": row["region_id"], "country": region["country"],
+                            "countryCode": region["country_code"], "city": region["city"]}}
+    if row["timings"]:
+        out["timings"] = json.loads(row["timings"])
+    if row["details"]:
+        out["details"] = json.loads(row["details"])
+    return out
+
+
+async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
+    """Monitors as the API returns them: latest check per region, counts, notifications."""
+    if not rows:
+        return []
+    ids = [row["id"] for row in rows]
+    marks = ",".join("?" * len(ids))
+    latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for check in await rt.db.fetchall(
+            f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+            f" WHERE l.monitor_id IN ({marks}) ORDER BY l.region_id", ids):
+        latest[check["monitor_id"]].append(check_json(check, rt.regions))
+    incidents = dict(await rt.db.fetchall(
+        f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
+        f" GROUP BY monitor_id", ids))
+    links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for link in await rt.db.fetchall(
+            f"SELECT n.*, c.name AS channel_name, c.type AS channel_type"
+            f" FROM monitor_notifications n LEFT JOIN notification_channels c ON c.id = n.channel_id"
+            f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
+        links[link["monitor_id"]].append(notification_link_json(link))
+    base = rt.cfg["server"]["base_url"]
+    out = []
+    for row in rows:
+        record = monitor_record(row)
+        heartbeat = record.pop("heartbeatId")
+        record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
+        record.update({
+            "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
+            "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"]),
+            "checks": latest[row["id"]],
+            "_count": {"checks": row["check_count"], "incidents": incidents.get(row["id"], 0)},
+            "monitorNotifications": links[row["id"]],
+        })
+        out.append(record)
+    return out
+
+
+def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
+    """One of a monitor's notification targets: an inline channel or a linked one."""
+    config = json.loads(row["config"]) if row["config"] else None
+    return {"id": row["id"], "channelId": row["channel_id"],
+            "name": row["channel_name"], "type": row["type"] or row["channel_type"],
+            "enabled": bool(row["enabled"]), "config": masked_channel_config(row["type"], config),
+            "createdAt": iso(row["created_at"])}
+
+
+def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> Any:
+    """A channel config as responses show it: its secret keys masked."""
+    if not config:
+        return config
+    secret = CHANNEL_SECRET_KEYS.get(kind or "", ())
+    return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
+
+
+CHANNEL_SECRET_KEYS = {"SLACK": ("webhookUrl",), "DISCORD": ("webhookUrl",),
+                       "MICROSOFT_TEAMS": ("webhookUrl",), "TELEGRAM": ("botToken",),
+                       "PAGERDUTY": ("integrationKey",), "OPSGENIE": ("apiKey",)}
+
+
+async def load_monitor(call: Call, monitor_id: str | None = None) -> sqlite3.Row:
+    """The caller's team's monitor, or 404 (another team's monitor does not exist for them)."""
+    row = await call.rt.db.fetchone("SELECT * FROM monitors WHERE id = ? AND account_id = ?",
+                                    (monitor_id or call.param("monitorId"), call.team))
+    if row is None:
+        raise NotFound("Monitor not found", f"no monitor with id {monitor_id or call.param('monitorId')}")
+    return row
+
+
+async def _channel_ids(call: Call) -> set[str]:
+    return {r[0] for r in await call.rt.db.fetchall(
+        "SELECT id FROM notification_channels WHERE account_id = ?", (call.team,))}
+
+
+def _column_value(field: Field, value: Any) -> Any:
+    if value is not None and field.name in _JSON_FIELDS:
+        return json.dumps(value)
+    return int(value) if isinstance(value, bool) else value
+
+
+async def _save_notifications(conn: aiosqlite.Connection, monitor_id: str,
+                              entries: list[dict[str, Any]]) -> None:
+    """Replace a monitor's notification targets with ``entries``."""
+    await conn.execute("DELETE FROM monitor_notifications WHERE monitor_id = ?", (monitor_id,))
+    stamp = now_ms()
+    await conn.executemany(
+        "INSERT INTO monitor_notifications (id, monitor_id, channel_id, type, enabled, config,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(new_id("mn"), monitor_id, e.get("channelId"), None if e.get("channelId") else e["type"],
+          int(e["enabled"]), None if e.get("channelId") else json.dumps(e["config"]), stamp + i)
+         for i, e in enumerate(entries)])
+
+
+async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
+    return (await monitors_json(call.rt, [await load_monitor(call, monitor_id)]))[0]
+
+
+@api("/monitors", "GET")
+async def list_monitors(call: Call) -> dict[str, Any]:
+    query = parse_query(MONITOR_QUERY, call.request, call.env())
+    where, params = ["account_id = ?"], [call.team]
+    if query["status"]:
+        where.append("status = ?")
+        params.append(query["status"])
+    if query["type"]:
+        where.append("type = ?")
+        params.append(query["type"])
+    if query["search"]:
+        where.append("(name LIKE ? ESCAPE '\\' OR url LIKE ? ESCAPE '\\')")
+        params += [_like(query["search"])] * 2
+    clause = " AND ".join(where)
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
+    order = f"{MONITOR_SORTS[query['sort']]} {query['order'].upper()}, id {query['order'].upper()}"
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM monitors WHERE {clause} ORDER BY {order} LIMIT ? OFFSET ?",
+        [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return {"monitors": await monitors_json(call.rt, rows), "pagination": paginate(total, query)}
+
+
+@api("/monitors/{monitorId}", "GET")
+async def get_monitor(call: Call) -> dict[str, Any]:
+    return (await monitors_json(call.rt, [await load_monitor(call)]))[0]
+
+
+@api("/monitors", "POST")
+async def create_monitor(call: Call) -> Response:
+    body = await call.json()
+    clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
+    monitor_id, stamp = new_id("mon"), now_ms()
+    heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
+    if clean["type"] == "CRON" and not clean["url"]:
+        clean["url"] = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/heartbeat/{heartbeat}"
+    columns = [f.column for f in MONITOR_COLUMNS]
+    values = [_column_value(f, clean[f.name]) for f in MONITOR_COLUMNS]
+    async with call.rt.db.transaction() as conn:
+        await conn.execute(
+            f"INSERT INTO monitors (id, account_id, heartbeat_id, created_at, updated_at,"
+            f" {', '.join(columns)}) VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(columns))})",
+            [monitor_id, call.team, heartbeat, stamp, stamp, *values])
+        await _save_notifications(conn, monitor_id, clean["notifications"] or [])
+    return JSONResponse(await _monitor_response(call, monitor_id), 201)
+
+
+async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.Row:
+    """Validate a partial update of ``fields`` against the stored monitor and apply it."""
+    row = await load_monitor(call)
+    existing = monitor_record(row)
+    body = await call.json()
+    clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing),
+                     existing=existing)
+    columns = {f.column: _column_value(f, clean[f.name]) for f in fields
+               if f.name in clean and f.name not in _NOT_COLUMNS}
+    kind = clean.get("type", existing["type"])
+    if kind == "CRON" and not row["heartbeat_id"]:
+        columns["heartbeat_id"] = secrets.token_urlsafe(18)
+    elif kind != "CRON" and row["heartbeat_id"]:
+        columns["heartbeat_id"] = None
+    columns["updated_at"] = now_ms()
+    async with call.rt.db.transaction() as conn:
+        await conn.execute(
+            f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+            [*columns.values(), row["id"]])
+        if "notifications" in clean:
+            await _save_notifications(conn, row["id"], clean["notifications"] or [])
+    return row
+
+
+@api("/monitors/{monitorId}", "PUT")
+async def update_monitor(call: Call) -> dict[str, Any]:
+    row = await update_monitor_fields(call, MONITOR_FIELDS)
+    return await _monitor_response(call, row["id"])
+
+
+@api("/monitors/{monitorId}", "DELETE")
+async def delete_monitor(call: Call) -> dict[str, Any]:
+    row = await load_monitor(call)
+    async with call.rt.db.transaction() as conn:
+        await conn.execute("DELETE FROM monitors WHERE id = ?", (row["id"],))
+    return {"success": True, "message": "Monitor deleted successfully"}
+
+
+@api("/monitors/{monitorId}/pause", "POST")
+async def pause_monitor(call: Call) -> dict[str, Any]:
+    row = await load_monitor(call)
+    async with call.rt.db.transaction() as conn:
+        await conn.execute("UPDATE monitors SET is_paused = 1 - is_paused, updated_at = ?"
+                           " WHERE id = ?", (now_ms(), row["id"]))
+    return {"id": row["id"], "isPaused": not row["is_paused"]}
+
+
+def regression_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {"regressionEnabled": bool(row["regression_enabled"]),
+            "regressionThreshold": row["regression_threshold"],
+            "regressionPeriod": row["regression_period"],
+            "baselineResponseTime": row["baseline_response_time"],
+            "baselineCalculatedAt": iso(row["baseline_calculated_at"])}
+
+
+@api("/monitors/{monitorId}/regression", "GET")
+async def get_regression(call: Call) -> dict[str, Any]:
+    return regression_json(await load_monitor(call))
+
+
+@api("/monitors/{monitorId}/regression", "PUT")
+async def update_regression(call: Call) -> dict[str, Any]:
+    row = await update_monitor_fields(call, REGRESSION_FIELDS)
+    return regression_json(await load_monitor(call, row["id"]))
+
+
+# Server
+
+@api("/health", "GET", public=True)
+async def health(call: Call) -> Response:
+    """Check the database for real: a read on a reader and a commit through the writer."""
+    checks = {}
+    try:
+        await asyncio.wait_for(call.rt.db.fetchval("SELECT COUNT(*) FROM schema_version"), 2)
+        await asyncio.wait_for(call.rt.db.write([]), 2)
+        checks["database"] = "healthy"
+    except (sqlite3.Error, asyncio.TimeoutError):
+        checks["database"] = "unhealthy"
+    status = "unhealthy" if "unhealthy" in checks.values() else (
+        "degraded" if "degraded" in checks.values() else "healthy")
+    body = {"status": status, "version": VERSION,
+            "uptime": int(time.monotonic() - call.rt.started), "checks": checks,
+            "timestamp": iso(now_ms())}
+    return JSONResponse(body, 503 if status == "unhealthy" else 200)
+
+
+@api("/server/version", "GET", public=True)
+async def server_version(call: Call) -> dict[str, Any]:
+    return {"version": VERSION, "apiVersion": API_VERSION}
+
+
+@api("/worker-regions", "GET")
+async def worker_regions(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall("SELECT * FROM worker_regions ORDER BY id")
+    return {"regions": [{"id": r["id"], "city": r["city"], "country": r["country"],
+                         "countryCode": r["country_code"], "latitude": r["latitude"],
+                         "longitude": r["longitude"], "isActive": bool(r["is_active"])}
+                        for r in rows]}
 
 # --- Pages ---
 
 # --- CLI ---
+
+
+def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
+    """The ASGI application: every route, the error handler, CORS and the runtime's lifespan."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        rt = Runtime(cfg)
+        await rt.start()
+        app.state.statusapp = rt
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    return Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(Cors)],
+                     exception_handlers={ApiError: on_api_error, HTTPException: on_api_error,
+                                         Exception: on_api_error})
+
+
+def _options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config`` and ``--db``, which every command takes."""
+    command = click.option("--db", help="SQLite database file (server.database).")(command)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                        help="TOML config file (or STATUSAPP_CONFIG).")(command)
+
+
+def _config(config_path: str | None, db: str | None, **server: Any) -> dict[str, dict[str, Any]]:
+    try:
+        return load_config(config_path, {"server": {"database": db, **server}})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _with_db(cfg: dict[str, dict[str, Any]],
+                   job: Callable[[Database], Awaitable[Any]]) -> Any:
+    db = Database(cfg["server"]["database"], readers=1)
+    await db.open()
+    try:
+        return await job(db)
+    finally:
+        await db.close()
+
+
+def _run(cfg: dict[str, dict[str, Any]], job: Callable[[Database], Awaitable[Any]]) -> Any:
+    """Run one database job to completion from a synchronous command."""
+    try:
+        return asyncio.run(_with_db(cfg, job))
+    except (sqlite3.Error, RuntimeError) as exc:
+        raise click.ClickException(f"database {cfg['server']['database']}: {exc}") from None
+
+
+@click.group()
+@click.version_option(VERSION, prog_name="statusapp")
+def cli() -> None:
+    """StatusApp: a self-hosted uptime monitor on SQLite."""
+
+
+@cli.command()
+@_options
+@click.option("--host", help="Address to listen on (server.host).")
+@click.option("--port", type=int, help="Port to listen on (server.port).")
+def serve(config_path: str | None, db: str | None, host: str | None, port: int | None) -> None:
+    """Run the API, the prober and the notifiers in one process."""
+    cfg = _config(config_path, db, host=host, port=port)
+    logging.basicConfig(level=cfg["server"]["log_level"].upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(cfg), host=cfg["server"]["host"], port=cfg["server"]["port"],
+                log_level=cfg["server"]["log_level"], lifespan="on", access_log=False,
+                server_header=False)
+
+
+@cli.command()
+@_options
+@click.option("--email", required=True, help="The owner's email address.")
+@click.option("--name", help="The owner's name.")
+def init(config_path: str | None, db: str | None, email: str, name: str | None) -> None:
+    """Create the owner account if absent and print a new full-access API key."""
+    cfg = _config(config_path, db)
+
+    async def job(database: Database) -> tuple[bool, str]:
+        async with database.transaction() as conn:
+            row = await (await conn.execute("SELECT id FROM accounts WHERE email = ?",
+                                            (email,))).fetchone()
+            account = row[0] if row else await create_account(conn, email, name,
+                                                               cfg["account"]["plan"])
+            _, key = await create_api_key(conn, account, "init", "read,write,delete")
+        return row is None, key
+
+    created, key = _run(cfg, job)
+    click.echo(f"{'Created' if created else 'Found'} account {email}; new API key:")
+    click.echo(key)
+
+
+@cli.group()
+def apikey() -> None:
+    """Create, list and revoke API keys."""
+
+
+def _expiry(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter("use an ISO date such as 2027-01-31 or 2027-01-31T12:00:00Z",
+                                 param_hint="--expires") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    if when.timestamp() <= time.time():
+        raise click.BadParameter("the expiry must be in the future", param_hint="--expires")
+    return int(when.timestamp() * 1000)
+
+
+def _permissions(value: str) -> str:
+    perms = [p.strip() for p in value.split(",") if p.strip()]
+    if not perms or any(p not in PERMISSIONS for p in perms):
+        raise click.BadParameter(f"a comma-separated subset of {','.join(PERMISSIONS)}",
+                                 param_hint="--permissions")
+    return ",".join(p for p in PERMISSIONS if p in perms)
+
+
+@apikey.command("create")
+@_options
+@click.option("--email", required=True, help="The account the key belongs to.")
+@click.option("--name", required=True, help="A name for the key.")
+@click.option("--permissions", default="read,write", show_default=True,
+              help="Comma-separated: read, write, delete.")
+@click.option("--expires", help="Expiry date (ISO 8601); none for a permanent key.")
+def apikey_create(config_path: str | None, db: str | None, email: str, name: str,
+                  permissions: str, expires: str | None) -> None:
+    """Create a key; it is printed once, as the last line."""
+    cfg = _config(config_path, db)
+    perms, expires_at = _permissions(permissions), _expiry(expires)
+
+    async def job(database: Database) -> str | None:
+        async with database.transaction() as conn:
+            row = await (await conn.execute("SELECT id FROM accounts WHERE email = ?",
+                                            (email,))).fetchone()
+            if row is None:
+                return None
+            return (await create_api_key(conn, row[0], name, perms, expires_at))[1]
+
+    key = _run(cfg, job)
+    if key is None:
+        raise click.ClickException(f"no account with email {email}; run 'statusapp init' first")
+    click.echo(f"API key '{name}' ({perms}) for {email}:")
+    click.echo(key)
+
+
+@apikey.command("list")
+@_options
+def apikey_list(config_path: str | None, db: str | None) -> None:
+    """List every key (never the key itself)."""
+    cfg = _config(config_path, db)
+    rows = _run(cfg, lambda database: database.fetchall(
+        "SELECT k.*, a.email FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+        " ORDER BY k.created_at"))
+    for r in rows:
+        state = "active" if r["is_active"] else "revoked"
+        click.echo(f"{r['id']}  {r['email']}  {r['name']!r}  {r['prefix']}  {r['permissions']}  "
+                   f"{state}  expires={iso(r['expires_at']) or 'never'}  "
+                   f"last_used={iso(r['last_used_at']) or 'never'}")
+
+
+@apikey.command("revoke")
+@_options
+@click.argument("key_id")
+def apikey_revoke(config_path: str | None, db: str | None, key_id: str) -> None:
+    """Revoke a key by id; it stops working at once."""
+    cfg = _config(config_path, db)
+
+    async def job(database: Database) -> int:
+        async with database.transaction() as conn:
+            cursor = await conn.execute("UPDATE api_keys SET is_active = 0 WHERE id = ?", (key_id,))
+            return cursor.rowcount
+
+    if not _run(cfg, job):
+        raise click.ClickException(f"no API key with id {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+if __name__ == "__main__":
+    cli()

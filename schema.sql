@@ -1,0 +1,249 @@
+-- StatusApp's SQLite schema, as numbered migrations.
+--
+-- A new database runs every block in order; an existing one runs the blocks above the version
+-- stored in schema_version, each in its own transaction.  Never edit a released block: add one.
+-- Times are INTEGER Unix milliseconds (UTC).  JSON columns hold JSON text.
+
+-- migration 1: accounts, keys, monitors, checks, incidents, channels, webhooks, pages
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    name TEXT,
+    image TEXT,
+    account_status TEXT NOT NULL DEFAULT 'ENABLED',
+    plan TEXT NOT NULL,
+    phone_number TEXT,
+    sms_notifications_enabled INTEGER NOT NULL DEFAULT 0,
+    language TEXT NOT NULL DEFAULT 'en',
+    timezone TEXT NOT NULL DEFAULT 'UTC',
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+
+-- A team is owned by one account (team_id); every member, the owner included, has a row.
+CREATE TABLE team_members (
+    id TEXT PRIMARY KEY,
+    team_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    account_id TEXT REFERENCES accounts(id) ON DELETE CASCADE,
+    email TEXT NOT NULL COLLATE NOCASE,
+    name TEXT,
+    role TEXT NOT NULL,
+    status TEXT NOT NULL,
+    invitation_hash TEXT UNIQUE,
+    invited_at INTEGER NOT NULL,
+    accepted_at INTEGER,
+    expires_at INTEGER,
+    UNIQUE (team_id, email)
+);
+CREATE INDEX team_members_account ON team_members(account_id);
+
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    permissions TEXT NOT NULL,
+    expires_at INTEGER,
+    is_active INTEGER NOT NULL DEFAULT 1,
+    last_used_at INTEGER,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX api_keys_account ON api_keys(account_id);
+
+CREATE TABLE worker_regions (
+    id TEXT PRIMARY KEY,
+    city TEXT NOT NULL,
+    country TEXT NOT NULL,
+    country_code TEXT NOT NULL,
+    latitude REAL NOT NULL,
+    longitude REAL NOT NULL,
+    is_active INTEGER NOT NULL DEFAULT 1
+);
+
+CREATE TABLE monitors (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    url TEXT NOT NULL,
+    type TEXT NOT NULL,
+    interval INTEGER NOT NULL,
+    timeout INTEGER NOT NULL,
+    port INTEGER,
+    protocol TEXT,
+    expected_status_code INTEGER,
+    http_method TEXT NOT NULL,
+    request_headers TEXT,
+    request_body TEXT,
+    dns_record TEXT,
+    expected_ip TEXT,
+    grace_period INTEGER NOT NULL,
+    ssl_cert_expiry_days INTEGER NOT NULL,
+    enabled_worker_region_ids TEXT,
+    regression_enabled INTEGER NOT NULL,
+    regression_threshold INTEGER NOT NULL,
+    regression_period INTEGER NOT NULL,
+    performance_timings INTEGER NOT NULL,
+    api_auth_config TEXT,
+    domain_expiry_days INTEGER NOT NULL,
+    domain_monitor_dns INTEGER NOT NULL,
+    domain_monitor_blacklist INTEGER NOT NULL,
+    domain_monitor_whois INTEGER NOT NULL,
+    heartbeat_id TEXT UNIQUE,
+    status TEXT NOT NULL DEFAULT 'PENDING',
+    is_paused INTEGER NOT NULL DEFAULT 0,
+    is_active INTEGER NOT NULL DEFAULT 1,
+    check_count INTEGER NOT NULL DEFAULT 0,
+    baseline_response_time INTEGER,
+    baseline_calculated_at INTEGER,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX monitors_account_created ON monitors(account_id, created_at);
+CREATE INDEX monitors_account_status ON monitors(account_id, status);
+CREATE INDEX monitors_account_type ON monitors(account_id, type);
+
+CREATE TABLE notification_channels (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    config TEXT NOT NULL,
+    is_active INTEGER NOT NULL DEFAULT 1,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX notification_channels_account ON notification_channels(account_id);
+
+-- A monitor's alert targets: an inline channel (type + config) or a link to a shared channel.
+CREATE TABLE monitor_notifications (
+    id TEXT PRIMARY KEY,
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    channel_id TEXT REFERENCES notification_channels(id) ON DELETE CASCADE,
+    type TEXT,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    config TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX monitor_notifications_monitor ON monitor_notifications(monitor_id);
+CREATE INDEX monitor_notifications_channel ON monitor_notifications(channel_id);
+
+CREATE TABLE checks (
+    id INTEGER PRIMARY KEY,
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    region_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    response_time INTEGER,
+    status_code INTEGER,
+    error TEXT,
+    category TEXT,
+    timings TEXT,
+    details TEXT,
+    checked_at INTEGER NOT NULL
+);
+CREATE INDEX checks_monitor_time ON checks(monitor_id, checked_at);
+
+-- The newest check of each monitor in each region, so listings never scan checks.
+CREATE TABLE monitor_latest (
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    region_id TEXT NOT NULL,
+    check_id INTEGER NOT NULL,
+    PRIMARY KEY (monitor_id, region_id)
+) WITHOUT ROWID;
+
+-- Status changes, consumed exactly once by incident logic (processed_at set in the same
+-- transaction that acts on them).
+CREATE TABLE status_transitions (
+    id INTEGER PRIMARY KEY,
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    old_status TEXT NOT NULL,
+    new_status TEXT NOT NULL,
+    reason TEXT,
+    check_id INTEGER,
+    created_at INTEGER NOT NULL,
+    processed_at INTEGER
+);
+CREATE INDEX status_transitions_pending ON status_transitions(processed_at) WHERE processed_at IS NULL;
+CREATE INDEX status_transitions_monitor ON status_transitions(monitor_id, created_at);
+
+CREATE TABLE incidents (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    year INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    resolved_at INTEGER,
+    severity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    root_cause TEXT,
+    root_cause_category TEXT,
+    affected_regions TEXT NOT NULL DEFAULT '[]',
+    checks_failed INTEGER NOT NULL DEFAULT 0,
+    checks_total INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (account_id, year, number)
+);
+CREATE INDEX incidents_account_started ON incidents(account_id, started_at);
+CREATE INDEX incidents_monitor ON incidents(monitor_id, resolved_at);
+
+CREATE TABLE incident_updates (
+    id TEXT PRIMARY KEY,
+    incident_id TEXT NOT NULL REFERENCES incidents(id) ON DELETE CASCADE,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX incident_updates_incident ON incident_updates(incident_id, created_at);
+
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    secret TEXT,
+    is_active INTEGER NOT NULL DEFAULT 1,
+    last_status INTEGER,
+    last_triggered_at INTEGER,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX webhooks_account ON webhooks(account_id);
+
+CREATE TABLE webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    webhook_id TEXT NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
+    event TEXT NOT NULL,
+    status_code INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    delivered_at INTEGER,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX webhook_deliveries_webhook ON webhook_deliveries(webhook_id, created_at);
+
+CREATE TABLE status_pages (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    slug TEXT NOT NULL UNIQUE,
+    description TEXT,
+    custom_domain TEXT UNIQUE COLLATE NOCASE,
+    is_public INTEGER NOT NULL DEFAULT 1,
+    brand_color TEXT,
+    logo_url TEXT,
+    favicon_url TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX status_pages_account ON status_pages(account_id);
+
+-- migration 2: API usage counters, one row per account, endpoint template and hour
+CREATE TABLE api_usage (
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    endpoint TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (account_id, hour, endpoint)
+) WITHOUT ROWID;
