@@ -396,6 +396,8 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
         return "connection refused", "INFRASTRUCTURE"
     if find(ConnectionResetError):
         return "connection reset by peer", "INFRASTRUCTURE"
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return f"invalid URL: {exc}", "CONFIGURATION_ERROR"
     if isinstance(exc, httpx.TooManyRedirects):
         return "too many redirects", "APPLICATION_ERROR"
     if isinstance(exc, httpx.RemoteProtocolError):
@@ -671,11 +673,11 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     body = monitor.get("requestBody")
     try:
         request = ctx.http.build_request(
-            (monitor.get("httpMethod") or "GET").upper(), monitor["url"],
+            (monitor.get("httpMethod") or "GET").upper(), monitor.get("url") or "",
             headers={**headers, **auth_headers}, params=params or None,
             content=body.encode() if body else None, timeout=timeout,
             extensions={"trace": _tracer(timings)} if timings is not None else None)
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
+    except (httpx.InvalidURL, ValueError) as exc:
         return _down(f"invalid URL: {exc}", "CONFIGURATION_ERROR")
     token = _HTTP_TIMINGS.set(timings)
     started = time.perf_counter()
@@ -782,6 +784,8 @@ async def probe_ping(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """PING: a few ICMP echoes; all lost is DOWN, some lost DEGRADED.  Raw sockets as root,
     else the kernel's unprivileged ICMP datagram sockets (net.ipv4.ping_group_range)."""
     host = _target_host(monitor.get("url") or "")
+    if not host:
+        return _down("a PING monitor needs a host", "CONFIGURATION_ERROR")
     timeout = _timeout(monitor)
     privileged = hasattr(os, "geteuid") and os.geteuid() == 0
     try:
@@ -862,6 +866,8 @@ async def probe_dns(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """DNS: resolve one record type; with ``expectedIp``, that value must be in the answer."""
     name = _target_host(monitor.get("url") or "")
     rdtype = (monitor.get("dnsRecord") or "A").upper()
+    if not name:
+        return _down("a DNS monitor needs a host name", "CONFIGURATION_ERROR")
     if rdtype not in _DNS_RECORDS:
         return _down(f"unsupported DNS record type {rdtype}", "CONFIGURATION_ERROR")
     timeout = _timeout(monitor)
@@ -1016,6 +1022,7 @@ _WHOIS_LABELS = {
 }
 _WHOIS_PATTERNS = {key: re.compile(rf"^[ \t]*(?:{labels})[ \t]*:[ \t]*(\S.*?)\s*$", re.I | re.M)
                    for key, labels in _WHOIS_LABELS.items()}
+_EPP_WORD = re.compile(r"(?<=[a-z])([A-Z])")  # clientHold -> client Hold: RDAP's (RFC 8056)
 _DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d", "%Y.%m.%d", "%Y/%m/%d", "%d-%b-%Y",
                  "%d.%m.%Y", "%d/%m/%Y", "%Y%m%d", "%d %b %Y", "%b %d %Y")
 
@@ -1111,7 +1118,7 @@ async def _whois_lookup(name: str, ctx: ProbeContext, timeout: float) -> dict[st
         raise _ProbeError(f"WHOIS: no record for {name}", "THIRD_PARTY_SERVICE")
     return _registration("whois", _parse_date(next(iter(found["expiresAt"]), None)),
                          next(iter(found["registrar"]), None),
-                         [s.split()[0] for s in found["status"]],
+                         [_EPP_WORD.sub(r" \1", s.split()[0]) for s in found["status"]],
                          [n.split()[0] for n in found["nameservers"]])
 
 

@@ -495,8 +495,16 @@ async def test_port_udp_reply_silence_and_unreachable(probe_ctx):
 
 
 @pytest.mark.asyncio
-async def test_port_needs_a_port(probe_ctx):
-    result = await statusapp.probe_port(_monitor("127.0.0.1", "PORT"), probe_ctx)
+@pytest.mark.parametrize("probe, monitor", [
+    (statusapp.probe_port, _monitor("127.0.0.1", "PORT")),
+    (statusapp.probe_ping, _monitor("", "PING")),
+    (statusapp.probe_dns, _monitor("", "DNS")),
+    (statusapp.probe_dns, _monitor("www.test", "DNS", dnsRecord="SRV")),
+    (statusapp.probe_domain, _monitor("", "DOMAIN")),
+    (statusapp.probe_http, _monitor("ftp://127.0.0.1/")),
+])
+async def test_incomplete_monitors_are_configuration_errors(probe_ctx, probe, monitor):
+    result = await probe(monitor, probe_ctx)
     assert (result.status, result.category) == ("DOWN", "CONFIGURATION_ERROR")
 
 
@@ -642,7 +650,7 @@ async def test_domain_whois_fallback_follows_referral(probe_ctx, whois_servers):
     assert (result.status, details["source"]) == ("UP", "whois")
     assert details["expiresAt"] == "2031-02-03T04:05:06+00:00"
     assert details["registrar"] == "Loopback Registrar"
-    assert details["status"] == ["clienttransferprohibited"]
+    assert details["status"] == ["client transfer prohibited"]
     assert details["nameservers"] == ["ns1.whoisonly.test", "ns2.whoisonly.test"]
     assert whois_servers[0].queries[-1] == whois_servers[1].queries[-1] == "whoisonly.test"
     assert "dns" not in details and "blocklists" not in details
