@@ -234,6 +234,713 @@ def test_group_commit_writes_many_items_in_one_transaction_and_isolates_a_bad_on
 # --- API tests ---
 
 # --- Probe tests ---
+#
+# Every server here is real and listens on 127.0.0.1 only: HTTP (with an OAuth2 token endpoint
+# and an RDAP endpoint), TLS with trustme certificates, TCP and UDP, DNS and WHOIS.
+
+import asyncio  # noqa: E402
+import base64  # noqa: E402
+import datetime as dt  # noqa: E402
+import http.server  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import socketserver  # noqa: E402
+import ssl  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.parse  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import dns.message  # noqa: E402
+import dns.rcode  # noqa: E402
+import dns.rrset  # noqa: E402
+import pytest  # noqa: E402
+import pytest_asyncio  # noqa: E402
+import trustme  # noqa: E402
+from cryptography import x509  # noqa: E402
+
+_NOW = dt.datetime.now(dt.timezone.utc)
+_RDAP_DOMAINS = {"example.test": 400, "soon.test": 10, "expired.test": -5, "listed.test": 400}
+_WHOIS_RECORDS = {
+    "whoisonly.test": "Domain Name: WHOISONLY.TEST\r\nRegistrar: Loopback Registrar\r\n"
+                      "Registry Expiry Date: 2031-02-03T04:05:06Z\r\n"
+                      "Domain Status: clientTransferProhibited https://icann.org/epp\r\n"
+                      "Name Server: NS1.WHOISONLY.TEST\r\nName Server: ns2.whoisonly.test\r\n",
+}
+_ZONE = {
+    ("www.test.", "A"): ["127.0.0.10", "127.0.0.11"],
+    ("www.test.", "AAAA"): ["::1"],
+    ("alias.test.", "CNAME"): ["www.test."],
+    ("test.", "MX"): ["10 mail.test."],
+    ("test.", "TXT"): ['"v=spf1 -all"'],
+    ("example.test.", "NS"): ["ns2.example.test.", "ns1.example.test."],
+    ("example.test.", "A"): ["127.0.0.20"],
+    ("listed.test.bl.test.", "A"): ["127.0.1.2"],
+}
+
+
+def _serve(server: socketserver.BaseServer):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    return server
+
+
+def _stop(*servers: socketserver.BaseServer) -> None:
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _free_port(kind: int) -> int:
+    """A port nothing listens on: bound, noted, closed."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _HTTPHandler(http.server.BaseHTTPRequestHandler):
+    """/ok /error /missing /slow /delay /redirect /echo /protected /token /rdap/domain/NAME."""
+
+    protocol_version = "HTTP/1.1"  # keeps connections open, so reuse by the client would show
+    seen: list[dict] = []
+    hits: Counter = Counter()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _answer(self, code: int, body: bytes = b"ok", headers: dict | None = None) -> None:
+        try:
+            self.send_response(code)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except ConnectionError:
+            pass  # the probe gave up first (timeout tests)
+
+    def do_GET(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        path = urllib.parse.urlsplit(self.path).path
+        self.seen.append({"method": self.command, "path": self.path, "body": body,
+                          "headers": dict(self.headers), "port": self.client_address[1]})
+        self.hits[path] += 1
+        if path == "/error":
+            self._answer(500, b"boom")
+        elif path == "/missing":
+            self._answer(404, b"nope")
+        elif path == "/slow":
+            time.sleep(1.5)
+            self._answer(200)
+        elif path == "/delay":
+            time.sleep(0.2)
+            self._answer(200, b"x" * 100_000)
+        elif path == "/cookie":
+            self._answer(200, b"ok", {"Set-Cookie": "session=1; Path=/"})
+        elif path == "/redirect":
+            self._answer(302, b"", {"Location": "/ok"})
+        elif path == "/protected":
+            ok = self.headers.get("Authorization") == "Bearer tok-1"
+            self._answer(200 if ok else 401)
+        elif path == "/token":
+            form = urllib.parse.parse_qs(body.decode())
+            good = form.get("client_id") == ["cid"] and form.get("client_secret") == ["secret"]
+            token = {"access_token": "tok-1", "token_type": "Bearer", "expires_in": 3600}
+            self._answer(200 if good else 401,
+                         json.dumps(token if good else {"error": "invalid_client"}).encode())
+        elif path.startswith("/rdap/domain/"):
+            self._rdap(path.rsplit("/", 1)[1])
+        else:
+            self._answer(200)
+
+    do_POST = do_PUT = do_HEAD = do_GET
+
+    def _rdap(self, name: str) -> None:
+        if name not in _RDAP_DOMAINS:
+            self._answer(404, b'{"errorCode": 404}')
+            return
+        expires = _NOW + dt.timedelta(days=_RDAP_DOMAINS[name], hours=1)
+        data = {"objectClassName": "domain", "ldhName": name,
+                "status": ["client transfer prohibited"],
+                "events": [{"eventAction": "registration", "eventDate": "2000-01-01T00:00:00Z"},
+                           {"eventAction": "expiration",
+                            "eventDate": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}],
+                "entities": [{"objectClassName": "entity", "roles": ["registrar"],
+                              "vcardArray": ["vcard", [["version", {}, "text", "4.0"],
+                                                       ["fn", {}, "text", "Test Registrar"]]]}],
+                "nameservers": [{"ldhName": f"NS1.{name.upper()}"},
+                                {"ldhName": f"ns2.{name}"}]}
+        self._answer(200, json.dumps(data).encode(), {"Content-Type": "application/rdap+json"})
+
+
+class _TLSHandler(socketserver.BaseRequestHandler):
+    """Handshake with the server's certificate, then answer one HTTP request if one comes."""
+
+    def handle(self) -> None:
+        try:
+            with self.server.context.wrap_socket(self.request, server_side=True) as conn:
+                conn.settimeout(2)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        except (OSError, ssl.SSLError):
+            pass
+
+
+class _UDPEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
+class _DNSHandler(socketserver.BaseRequestHandler):
+    """Answers from _ZONE; servfail.test fails, silent.test never answers, unknown is NXDOMAIN."""
+
+    def handle(self) -> None:
+        data, sock = self.request
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        name, rdtype = question.name.to_text().lower(), dns.rdatatype.to_text(question.rdtype)
+        if name == "silent.test.":
+            return
+        response = dns.message.make_response(query)
+        if name == "servfail.test.":
+            response.set_rcode(dns.rcode.SERVFAIL)
+        elif (name, rdtype) in _ZONE:
+            response.answer.append(dns.rrset.from_text_list(name, 60, "IN", rdtype,
+                                                            _ZONE[(name, rdtype)]))
+        elif not any(known == name for known, _ in _ZONE):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        sock.sendto(response.to_wire(), self.client_address)
+
+
+class _WhoisHandler(socketserver.StreamRequestHandler):
+    """A registry when server.refer is None, else an IANA-like server that refers onward."""
+
+    def handle(self) -> None:
+        name = self.rfile.readline().decode().strip().lower()
+        self.server.queries.append(name)
+        if self.server.refer:
+            answer = f"% IANA WHOIS server\r\nrefer:        {self.server.refer}\r\n"
+        else:
+            answer = _WHOIS_RECORDS.get(name, f'No match for "{name.upper()}".\r\n')
+        self.wfile.write(answer.encode())
+
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory):
+    """A trustme CA (written as the ca_bundle) and server contexts for each certificate case."""
+    ca, stranger = trustme.CA(), trustme.CA()
+    bundle = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    leaves = {
+        "valid": ca.issue_cert("localhost", "127.0.0.1", common_name="valid.test"),
+        "expired": ca.issue_cert("127.0.0.1", common_name="expired.test",
+                                 not_before=_NOW - dt.timedelta(days=60),
+                                 not_after=_NOW - dt.timedelta(days=2)),
+        "soon": ca.issue_cert("127.0.0.1", common_name="soon.test",
+                              not_before=_NOW - dt.timedelta(days=60),
+                              not_after=_NOW + dt.timedelta(days=5, hours=1)),
+        "future": ca.issue_cert("127.0.0.1", common_name="future.test",
+                                not_before=_NOW + dt.timedelta(days=3),
+                                not_after=_NOW + dt.timedelta(days=90)),
+        "wrong_host": ca.issue_cert("other.test", common_name="other.test"),
+        "untrusted": stranger.issue_cert("127.0.0.1", common_name="stranger.test"),
+    }
+    return bundle, leaves
+
+
+@pytest.fixture(scope="module")
+def tls_servers(tls_certs):
+    """One TLS server per certificate case: name -> port."""
+    servers = {}
+    for name, leaf in tls_certs[1].items():
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _TLSHandler)
+        server.daemon_threads = True
+        server.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        leaf.configure_cert(server.context)
+        servers[name] = _serve(server)
+    yield {name: server.server_address[1] for name, server in servers.items()}
+    _stop(*servers.values())
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    server = _serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HTTPHandler))
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    _stop(server)
+
+
+@pytest.fixture(scope="module")
+def dns_server():
+    server = _serve(socketserver.ThreadingUDPServer(("127.0.0.1", 0), _DNSHandler))
+    yield f"127.0.0.1:{server.server_address[1]}"
+    _stop(server)
+
+
+@pytest.fixture(scope="module")
+def whois_servers():
+    """(IANA-like server, registry): the first refers every query to the second."""
+    servers = []
+    for _ in range(2):
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _WhoisHandler)
+        server.daemon_threads, server.queries, server.refer = True, [], None
+        servers.append(_serve(server))
+    servers[0].refer = f"127.0.0.1:{servers[1].server_address[1]}"
+    yield servers
+    _stop(*servers)
+
+
+@pytest.fixture(scope="module")
+def probe_cfg(tls_certs, http_server, dns_server, whois_servers):
+    return statusapp.load_config(environ={}, overrides={"probes": {
+        "ca_bundle": str(tls_certs[0]), "dns_nameservers": [dns_server],
+        "rdap_url": f"{http_server}/rdap",
+        "whois_server": f"127.0.0.1:{whois_servers[0].server_address[1]}",
+        "blocklists": ["bl.test"]}})
+
+
+@pytest_asyncio.fixture
+async def probe_ctx(probe_cfg):
+    ctx = statusapp.ProbeContext(probe_cfg)
+    yield ctx
+    await ctx.aclose()
+
+
+def _monitor(url: str, kind: str = "WEBSITE", **fields) -> dict:
+    return {"url": url, "type": kind, "timeout": 5, "lastDetails": None, **fields}
+
+
+def test_probes_registry_covers_every_type_but_cron():
+    assert set(statusapp.PROBES) == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT",
+                                     "DOMAIN"}
+    assert statusapp.PROBES["API"] is statusapp.probe_http
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path, expected, status, code, category", [
+    ("/ok", None, "UP", 200, None),
+    ("/error", None, "DOWN", 500, "SERVER_ERROR"),
+    ("/missing", None, "DOWN", 404, "APPLICATION_ERROR"),
+    ("/missing", 404, "UP", 404, None),
+    ("/ok", 201, "DOWN", 200, "APPLICATION_ERROR"),
+    ("/redirect", None, "UP", 200, None),
+    ("/redirect", 302, "UP", 302, None),
+])
+async def test_http_status_rules(probe_ctx, http_server, path, expected, status, code, category):
+    result = await statusapp.probe_http(
+        _monitor(http_server + path, expectedStatusCode=expected), probe_ctx)
+    assert (result.status, result.status_code, result.category) == (status, code, category)
+    assert result.response_time is not None and result.response_time >= 0
+
+
+@pytest.mark.asyncio
+async def test_http_method_headers_and_body_are_sent(probe_ctx, http_server):
+    _HTTPHandler.seen.clear()
+    monitor = _monitor(http_server + "/echo", "API", httpMethod="PUT", requestBody='{"a": 1}',
+                       requestHeaders='{"X-Custom": "yes", "Content-Type": "application/json"}')
+    assert (await statusapp.probe_http(monitor, probe_ctx)).status == "UP"
+    seen = _HTTPHandler.seen[-1]
+    assert (seen["method"], seen["body"]) == ("PUT", b'{"a": 1}')
+    assert seen["headers"]["X-Custom"] == "yes"
+    assert seen["headers"]["User-Agent"].startswith("StatusApp/")
+
+
+@pytest.mark.asyncio
+async def test_http_checks_keep_no_cookies(probe_ctx, http_server):
+    _HTTPHandler.seen.clear()
+    for _ in range(2):
+        result = await statusapp.probe_http(_monitor(http_server + "/cookie"), probe_ctx)
+        assert result.status == "UP"
+    assert [s["headers"].get("Cookie") for s in _HTTPHandler.seen] == [None, None]
+
+
+@pytest.mark.asyncio
+async def test_http_bad_request_headers_is_a_configuration_error(probe_ctx, http_server):
+    result = await statusapp.probe_http(_monitor(http_server, requestHeaders="{nope"), probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "CONFIGURATION_ERROR")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("auth, header, value, query", [
+    ({"type": "none"}, "Authorization", None, ""),
+    ({"type": "bearer", "token": "t0k"}, "Authorization", "Bearer t0k", ""),
+    ({"type": "basic", "username": "ann", "password": "pw:1"}, "Authorization",
+     "Basic " + base64.b64encode(b"ann:pw:1").decode(), ""),
+    ({"type": "api_key", "apiKey": "k1", "apiKeyHeader": "X-Key", "apiKeyLocation": "header"},
+     "X-Key", "k1", ""),
+    ({"type": "api_key", "apiKey": "k 2", "apiKeyName": "key", "apiKeyLocation": "query"},
+     "Authorization", None, "key=k+2"),
+    ({"type": "jwt", "jwtToken": "a.b.c"}, "Authorization", "Bearer a.b.c", ""),
+    ({"type": "jwt", "jwtToken": "a.b.c", "jwtHeader": "X-JWT", "jwtPrefix": ""}, "X-JWT",
+     "a.b.c", ""),
+])
+async def test_http_auth_types(probe_ctx, http_server, auth, header, value, query):
+    _HTTPHandler.seen.clear()
+    result = await statusapp.probe_http(_monitor(http_server + "/auth", apiAuthConfig=auth),
+                                        probe_ctx)
+    assert result.status == "UP"
+    seen = _HTTPHandler.seen[-1]
+    assert seen["headers"].get(header) == value
+    assert urllib.parse.urlsplit(seen["path"]).query == query
+
+
+@pytest.mark.asyncio
+async def test_http_oauth2_token_is_fetched_once_and_cached(probe_ctx, http_server):
+    _HTTPHandler.hits.clear()
+    auth = {"type": "oauth2", "oauth2TokenUrl": http_server + "/token", "oauth2ClientId": "cid",
+            "oauth2ClientSecret": "secret", "oauth2Scope": "read",
+            "oauth2GrantType": "client_credentials"}
+    monitor = _monitor(http_server + "/protected", "API", apiAuthConfig=auth)
+    results = [await statusapp.probe_http(monitor, probe_ctx) for _ in range(3)]
+    assert [r.status for r in results] == ["UP"] * 3
+    assert (_HTTPHandler.hits["/token"], _HTTPHandler.hits["/protected"]) == (1, 3)
+    token_request = next(s for s in _HTTPHandler.seen if s["path"] == "/token")
+    form = urllib.parse.parse_qs(token_request["body"].decode())
+    assert form["grant_type"] == ["client_credentials"] and form["scope"] == ["read"]
+
+
+@pytest.mark.asyncio
+async def test_http_oauth2_rejected_credentials(probe_ctx, http_server):
+    auth = {"type": "oauth2", "oauth2TokenUrl": http_server + "/token", "oauth2ClientId": "cid",
+            "oauth2ClientSecret": "wrong"}
+    result = await statusapp.probe_http(_monitor(http_server + "/protected", apiAuthConfig=auth),
+                                        probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "CONFIGURATION_ERROR")
+    assert "OAuth2" in result.error and "401" in result.error
+
+
+@pytest.mark.asyncio
+async def test_http_timeout(probe_ctx, http_server):
+    started = time.monotonic()
+    result = await statusapp.probe_http(_monitor(http_server + "/slow", timeout=0.3), probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "NETWORK_TIMEOUT")
+    assert time.monotonic() - started < 1.2
+
+
+@pytest.mark.asyncio
+async def test_http_connection_refused(probe_ctx):
+    port = _free_port(socket.SOCK_STREAM)
+    result = await statusapp.probe_http(_monitor(f"http://127.0.0.1:{port}/"), probe_ctx)
+    assert (result.status, result.category, result.error) == (
+        "DOWN", "INFRASTRUCTURE", "connection refused")
+
+
+@pytest.mark.asyncio
+async def test_http_dns_failure(probe_ctx, monkeypatch):
+    async def no_such_name(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    # The system resolver is not on loopback, so the failure is injected where names resolve.
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", no_such_name)
+    result = await statusapp.probe_http(_monitor("http://nowhere.test/"), probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "DNS_FAILURE")
+    assert "Name or service not known" in result.error
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case, fragment", [
+    ("wrong_host", "match"), ("untrusted", "unable to get local issuer"), ("expired", "expired")])
+async def test_http_invalid_certificate(probe_ctx, tls_servers, case, fragment):
+    result = await statusapp.probe_http(_monitor(f"https://127.0.0.1:{tls_servers[case]}/"),
+                                        probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "SSL_CERTIFICATE")
+    assert fragment in result.error
+
+
+@pytest.mark.asyncio
+async def test_http_https_with_timings(probe_ctx, tls_servers):
+    monitor = _monitor(f"https://localhost:{tls_servers['valid']}/", performanceTimings=True)
+    result = await statusapp.probe_http(monitor, probe_ctx)
+    assert (result.status, result.status_code) == ("UP", 200)
+    assert set(result.timings) == {"dns", "connect", "tls", "ttfb", "transfer"}
+    assert result.timings["dns"] > 0 and result.timings["connect"] > 0
+    assert result.timings["tls"] > 0 and result.timings["ttfb"] > 0
+    assert sum(result.timings.values()) <= result.response_time + 1
+    plain = await statusapp.probe_http(_monitor(f"https://localhost:{tls_servers['valid']}/"),
+                                       probe_ctx)
+    assert plain.status == "UP" and plain.timings is None
+
+
+@pytest.mark.asyncio
+async def test_http_timings_are_measured_not_estimated(probe_ctx, http_server):
+    _HTTPHandler.seen.clear()
+    monitor = _monitor(http_server + "/delay", performanceTimings=True)
+    first = await statusapp.probe_http(monitor, probe_ctx)
+    second = await statusapp.probe_http(monitor, probe_ctx)
+    assert first.timings["ttfb"] >= 190 and first.timings["tls"] == 0
+    assert first.timings["transfer"] > 0
+    # No keep-alive: each check opened its own connection.
+    assert _HTTPHandler.seen[0]["port"] != _HTTPHandler.seen[1]["port"]
+    assert second.timings["connect"] > 0
+
+
+@pytest.mark.asyncio
+async def test_port_tcp(probe_ctx):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        up = await statusapp.probe_port(
+            _monitor("tcp://127.0.0.1/ignored", "PORT", port=port, protocol="TCP"), probe_ctx)
+    down = await statusapp.probe_port(_monitor("127.0.0.1", "PORT", port=port), probe_ctx)
+    assert up.status == "UP"
+    assert (down.status, down.category) == ("DOWN", "INFRASTRUCTURE")
+
+
+@pytest.mark.asyncio
+async def test_port_udp_reply_silence_and_unreachable(probe_ctx):
+    echo = _serve(socketserver.ThreadingUDPServer(("127.0.0.1", 0), _UDPEcho))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        results = [await statusapp.probe_port(
+            _monitor("127.0.0.1", "PORT", port=port, protocol="UDP", timeout=0.3), probe_ctx)
+            for port in (echo.server_address[1], silent.getsockname()[1],
+                         _free_port(socket.SOCK_DGRAM))]
+    _stop(echo)
+    replied, quiet, closed = results
+    assert (replied.status, replied.details) == ("UP", {"udp": "open"})
+    assert (quiet.status, quiet.details) == ("UP", {"udp": "open|filtered"})
+    assert (closed.status, closed.category) == ("DOWN", "INFRASTRUCTURE")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("probe, monitor", [
+    (statusapp.probe_port, _monitor("127.0.0.1", "PORT")),
+    (statusapp.probe_ping, _monitor("", "PING")),
+    (statusapp.probe_dns, _monitor("", "DNS")),
+    (statusapp.probe_dns, _monitor("www.test", "DNS", dnsRecord="SRV")),
+    (statusapp.probe_domain, _monitor("", "DOMAIN")),
+    (statusapp.probe_http, _monitor("ftp://127.0.0.1/")),
+])
+async def test_incomplete_monitors_are_configuration_errors(probe_ctx, probe, monitor):
+    result = await probe(monitor, probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "CONFIGURATION_ERROR")
+
+
+@pytest.mark.asyncio
+async def test_ping_loopback(probe_ctx):
+    result = await statusapp.probe_ping(_monitor("127.0.0.1", "PING"), probe_ctx)
+    assert result.status == "UP", result.error
+    assert result.details["packetLoss"] == 0 and result.details["packetsReceived"] == 3
+    assert result.response_time == round(result.details["rttAvg"])
+
+
+@pytest.mark.asyncio
+async def test_ping_unprivileged(probe_ctx, monkeypatch):
+    with open("/proc/sys/net/ipv4/ping_group_range") as fh:
+        low, high = map(int, fh.read().split())
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = await statusapp.probe_ping(_monitor("127.0.0.1", "PING"), probe_ctx)
+    if low <= os.getgid() <= high:
+        assert result.status == "UP"
+    else:
+        assert (result.status, result.category) == ("DOWN", "CONFIGURATION_ERROR")
+        assert "ping_group_range" in result.error
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name, record, expected, status, answers", [
+    ("www.test", "A", "127.0.0.11", "UP", ["127.0.0.10", "127.0.0.11"]),
+    ("www.test", "A", "127.0.0.99", "DOWN", ["127.0.0.10", "127.0.0.11"]),
+    ("http://www.test/path", "AAAA", "0:0::1", "UP", ["::1"]),
+    ("alias.test", "CNAME", "WWW.test.", "UP", ["www.test"]),
+    ("test", "MX", "mail.test", "UP", ["10 mail.test"]),
+    ("test", "MX", "other.test", "DOWN", ["10 mail.test"]),
+    ("test", "TXT", "v=spf1 -all", "UP", ["v=spf1 -all"]),
+])
+async def test_dns_answers(probe_ctx, name, record, expected, status, answers):
+    result = await statusapp.probe_dns(_monitor(name, "DNS", dnsRecord=record,
+                                                expectedIp=expected), probe_ctx)
+    assert result.status == status
+    assert sorted(result.details["answers"]) == answers
+    if status == "DOWN":
+        assert result.category == "DNS_FAILURE" and expected in result.error
+
+
+@pytest.mark.asyncio
+async def test_dns_failures_are_told_apart(probe_ctx):
+    cases = {"nothere.test": "NXDOMAIN", "servfail.test": "SERVFAIL",
+             "alias.test": "has no A record", "silent.test": "timed out"}
+    for name, fragment in cases.items():
+        result = await statusapp.probe_dns(_monitor(name, "DNS", dnsRecord="A", timeout=0.5),
+                                           probe_ctx)
+        assert result.status == "DOWN" and fragment in result.error, (name, result.error)
+        assert result.category == ("NETWORK_TIMEOUT" if name == "silent.test" else "DNS_FAILURE")
+
+
+@pytest.mark.parametrize("case", ["valid", "expired", "soon", "untrusted"])
+def test_der_reader_agrees_with_cryptography(tls_certs, case):
+    pem = tls_certs[1][case].cert_chain_pems[0].bytes()
+    cert = x509.load_pem_x509_certificate(pem)
+    parsed = statusapp._parse_certificate(ssl.PEM_cert_to_DER_cert(pem.decode()))
+    assert parsed["notBefore"] == cert.not_valid_before_utc
+    assert parsed["notAfter"] == cert.not_valid_after_utc
+    common_name = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    organization = cert.issuer.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value
+    assert (parsed["subject"], parsed["issuer"]) == (common_name, organization)
+
+
+def test_der_reader_rejects_garbage():
+    with pytest.raises(ValueError):
+        statusapp._parse_certificate(b"\x30\x82\x01\x00\x02")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case, status, fragment", [
+    ("valid", "UP", None),
+    ("soon", "DEGRADED", "expires in 5 days"),
+    ("expired", "DOWN", "expired on"),
+    ("future", "DOWN", "not valid before"),
+    ("wrong_host", "DOWN", "is for 'other.test'"),
+    ("untrusted", "DOWN", "not trusted"),
+])
+async def test_ssl_certificate_rules(probe_ctx, tls_servers, case, status, fragment):
+    result = await statusapp.probe_ssl(_monitor(f"https://127.0.0.1:{tls_servers[case]}/x",
+                                                "SSL_CERT", sslCertExpiryDays=30), probe_ctx)
+    assert result.status == status, result.error
+    assert result.error is None if fragment is None else fragment in result.error
+    assert result.category == (None if status == "UP" else "SSL_CERTIFICATE")
+    details = result.details
+    assert details["subject"] == ("stranger.test" if case == "untrusted"
+                                  else "other.test" if case == "wrong_host" else f"{case}.test")
+    assert details["issuer"].startswith("trustme")
+    valid_to = dt.datetime.fromisoformat(details["validTo"])
+    assert details["daysRemaining"] == (valid_to - dt.datetime.now(dt.timezone.utc)).days
+
+
+@pytest.mark.asyncio
+async def test_ssl_threshold_comes_from_the_monitor(probe_ctx, tls_servers):
+    result = await statusapp.probe_ssl(_monitor(f"127.0.0.1:{tls_servers['soon']}", "SSL_CERT",
+                                                sslCertExpiryDays=3), probe_ctx)
+    assert result.status == "UP" and result.details["daysRemaining"] == 5
+
+
+@pytest.mark.asyncio
+async def test_ssl_refused(probe_ctx):
+    port = _free_port(socket.SOCK_STREAM)
+    result = await statusapp.probe_ssl(_monitor(f"https://127.0.0.1:{port}", "SSL_CERT"),
+                                       probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "INFRASTRUCTURE")
+
+
+def _domain(name: str, last: dict | None = None, **fields) -> dict:
+    return _monitor(name, "DOMAIN", domainExpiryDays=30, lastDetails=last, **fields)
+
+
+@pytest.mark.asyncio
+async def test_domain_from_rdap(probe_ctx):
+    result = await statusapp.probe_domain(_domain("https://example.test/"), probe_ctx)
+    details = result.details
+    assert (result.status, details["source"], details["daysRemaining"]) == ("UP", "rdap", 400)
+    assert details["registrar"] == "Test Registrar"
+    assert details["status"] == ["client transfer prohibited"]
+    assert details["nameservers"] == ["ns1.example.test", "ns2.example.test"]
+    assert details["dns"] == {"NS": ["ns1.example.test", "ns2.example.test"],
+                              "A": ["127.0.0.20"]}
+    assert details["blocklists"] == {"bl.test": "clean"} and details["changes"] == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name, status, fragment", [
+    ("soon.test", "DEGRADED", "expires in 10 days"),
+    ("expired.test", "DOWN", "expired on"),
+    ("listed.test", "DEGRADED", "listed on bl.test"),
+])
+async def test_domain_expiry_and_blocklist_rules(probe_ctx, name, status, fragment):
+    result = await statusapp.probe_domain(_domain(name), probe_ctx)
+    assert result.status == status and fragment in result.error
+
+
+@pytest.mark.asyncio
+async def test_domain_whois_fallback_follows_referral(probe_ctx, whois_servers):
+    result = await statusapp.probe_domain(_domain("whoisonly.test", domainMonitorDns=False,
+                                                  domainMonitorBlacklist=False), probe_ctx)
+    details = result.details
+    assert (result.status, details["source"]) == ("UP", "whois")
+    assert details["expiresAt"] == "2031-02-03T04:05:06+00:00"
+    assert details["registrar"] == "Loopback Registrar"
+    assert details["status"] == ["client transfer prohibited"]
+    assert details["nameservers"] == ["ns1.whoisonly.test", "ns2.whoisonly.test"]
+    assert whois_servers[0].queries[-1] == whois_servers[1].queries[-1] == "whoisonly.test"
+    assert "dns" not in details and "blocklists" not in details
+
+
+@pytest.mark.asyncio
+async def test_domain_down_when_no_registry_answers(probe_ctx):
+    result = await statusapp.probe_domain(_domain("nowhere.test"), probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "THIRD_PARTY_SERVICE")
+    assert "RDAP: HTTP 404" in result.error and "WHOIS: no record" in result.error
+
+
+@pytest.mark.asyncio
+async def test_domain_registry_data_is_cached(probe_ctx):
+    _HTTPHandler.hits.clear()
+    first = await statusapp.probe_domain(_domain("example.test"), probe_ctx)
+    again = await statusapp.probe_domain(_domain("example.test", first.details), probe_ctx)
+    assert _HTTPHandler.hits["/rdap/domain/example.test"] == 1
+    assert again.details["fetchedAt"] == first.details["fetchedAt"]
+    stale = dict(first.details, fetchedAt="2000-01-01T00:00:00+00:00", daysRemaining=1)
+    refreshed = await statusapp.probe_domain(_domain("example.test", stale), probe_ctx)
+    assert _HTTPHandler.hits["/rdap/domain/example.test"] == 2
+    assert refreshed.details["daysRemaining"] == 400
+
+
+@pytest.mark.asyncio
+async def test_domain_cache_recomputes_days(probe_ctx):
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=7, hours=1)
+    last = {"domain": "example.test", "source": "rdap",
+            "fetchedAt": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "expiresAt": expires.isoformat(), "registrar": "Test Registrar",
+            "status": [], "nameservers": [], "daysRemaining": 99}
+    result = await statusapp.probe_domain(_domain("example.test", last, domainMonitorDns=False,
+                                                  domainMonitorBlacklist=False), probe_ctx)
+    assert (result.status, result.details["daysRemaining"]) == ("DEGRADED", 7)
+
+
+@pytest.mark.asyncio
+async def test_domain_reports_changes(probe_ctx):
+    last = {"domain": "example.test", "registrar": "Old Registrar",
+            "status": ["client transfer prohibited"], "nameservers": ["ns1.old.test"],
+            "dns": {"NS": ["ns1.old.test"], "A": ["127.0.0.20"]}}
+    result = await statusapp.probe_domain(_domain("example.test", last), probe_ctx)
+    assert result.status == "UP"
+    assert result.details["changes"] == [
+        "registrar changed: Old Registrar → Test Registrar",
+        "nameservers changed: ns1.old.test → ns1.example.test, ns2.example.test",
+        "NS records changed: ns1.old.test → ns1.example.test, ns2.example.test"]
+    quiet = await statusapp.probe_domain(_domain("example.test", last, domainMonitorWhois=False,
+                                                 domainMonitorDns=False), probe_ctx)
+    assert quiet.details["changes"] == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2030-01-02T03:04:05Z", "2030-01-02T03:04:05+00:00"),
+    ("2030-01-02T03:04:05.0Z", "2030-01-02T03:04:05+00:00"),
+    ("2030-01-02 03:04:05 UTC", "2030-01-02T03:04:05+00:00"),
+    ("02-Jan-2030", "2030-01-02T00:00:00+00:00"),
+    ("2030.01.02", "2030-01-02T00:00:00+00:00"),
+    ("2030/01/02 (YYYY/MM/DD)", "2030-01-02T00:00:00+00:00"),
+])
+def test_whois_dates(text, expected):
+    assert statusapp._parse_date(text).isoformat() == expected
+
+
+def test_probe_context_rejects_bad_config(probe_cfg):
+    cfg = {**probe_cfg, "probes": {**probe_cfg["probes"], "dns_nameservers": ["ns.example"]}}
+    with pytest.raises(statusapp.ConfigError, match="dns_nameservers"):
+        statusapp.ProbeContext(cfg)
+    cfg["probes"] = {**probe_cfg["probes"], "ca_bundle": "/nonexistent/ca.pem"}
+    with pytest.raises(statusapp.ConfigError, match="ca_bundle"):
+        statusapp.ProbeContext(cfg)
+
 
 # --- Scheduler tests ---
 
