@@ -476,7 +476,7 @@ def _downtime(alert: Alert) -> int | None:
 
 
 def _check_result(check: dict[str, Any]) -> str:
-    """"HTTP 500 Internal Server Error", "connection refused" or "HTTP 200"."""
+    """Render a check as "HTTP 500 Internal Server Error", "connection refused" or "HTTP 200"."""
     code, error = check.get("statusCode"), check.get("error")
     parts = (f"HTTP {code}" if code else "", _one_line(error or ""))
     return " ".join(part for part in parts if part)
@@ -508,7 +508,7 @@ def _summary(alert: Alert) -> str:
 def _facts(alert: Alert) -> list[tuple[str, str]]:
     """Labelled details for a person on call: what, where, how it failed, since when, how long."""
     monitor, check, incident = alert.monitor, alert.check or {}, alert.incident or {}
-    facts = [("Monitor", str(monitor.get("name") or monitor.get("id"))),
+    facts = [("Monitor", str(monitor.get("name") or monitor.get("id") or "")),
              ("URL", str(monitor.get("url") or "")),
              ("Status", str(monitor.get("status") or "")),
              ("Error" if check.get("error") else "Check", _check_result(check)),

@@ -26,8 +26,7 @@ import statusapp
 
 # --- Notifier tests ---
 
-import asyncio  # noqa: E402 -- each test section keeps its own imports, for clean merges
-import base64  # noqa: E402
+import base64  # noqa: E402 -- each test section keeps its own imports, for clean merges
 import email  # noqa: E402
 import email.policy  # noqa: E402
 import hashlib  # noqa: E402
@@ -292,7 +291,7 @@ async def test_notify_sms_twilio_form_and_basic_auth(notify_http, notify_ctx):
     assert await statusapp.send_sms(config, _notify_down(), notify_ctx) == 201
     assert len(notify_http.requests) == 2
     expected_auth = "Basic " + base64.b64encode(b"AC123:twilio-token").decode()
-    for request, number in zip(notify_http.requests, config["phoneNumbers"]):
+    for request, number in zip(notify_http.requests, config["phoneNumbers"], strict=True):
         assert request["path"] == "/twilio/2010-04-01/Accounts/AC123/Messages.json"
         assert request["headers"]["content-type"] == "application/x-www-form-urlencoded"
         assert request["headers"]["authorization"] == expected_auth
