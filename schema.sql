@@ -247,3 +247,12 @@ CREATE TABLE api_usage (
     count INTEGER NOT NULL,
     PRIMARY KEY (account_id, hour, endpoint)
 ) WITHOUT ROWID;
+
+-- migration 3: triggers that keep monitor_latest and check_count current as checks arrive
+CREATE TRIGGER checks_track_latest AFTER INSERT ON checks BEGIN
+    INSERT INTO monitor_latest (monitor_id, region_id, check_id)
+    VALUES (NEW.monitor_id, NEW.region_id, NEW.id)
+    ON CONFLICT (monitor_id, region_id) DO UPDATE SET check_id = excluded.check_id
+    WHERE excluded.check_id > monitor_latest.check_id;
+    UPDATE monitors SET check_count = check_count + 1 WHERE id = NEW.monitor_id;
+END;

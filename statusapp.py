@@ -2052,7 +2052,26 @@ PROBES: dict[str, Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult
 
 # --- Scheduler ---
 
+
+def check_statements(monitor_id: str, region_id: str, result: CheckResult,
+                     checked_at: int) -> list[Statement]:
+    """The writes that store one check (schema triggers keep monitor_latest and counts)."""
+    return [(
+        "INSERT INTO checks (monitor_id, region_id, status, response_time, status_code, error,"
+        " category, timings, details, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (monitor_id, region_id, result.status, result.response_time, result.status_code,
+         result.error, result.category, json.dumps(result.timings) if result.timings else None,
+         json.dumps(result.details) if result.details else None, checked_at))]
+
 # --- Incidents ---
+
+
+def transition_statements(monitor_id: str, old: str, new: str, reason: str | None,
+                          at: int) -> list[Statement]:
+    """Set a monitor's status and record the change, for incident logic to consume once."""
+    return [("UPDATE monitors SET status = ? WHERE id = ?", (new, monitor_id)),
+            ("INSERT INTO status_transitions (monitor_id, old_status, new_status, reason,"
+             " created_at) VALUES (?, ?, ?, ?, ?)", (monitor_id, old, new, reason, at))]
 
 # --- Notifiers ---
 #
@@ -2797,6 +2816,11 @@ ROUTES: list[Route] = []
 MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
 
 
+# Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
+# with the server and cancelled at shutdown.
+SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = ()
+
+
 class Runtime:
     """Everything one running StatusApp holds: config, database, limiter, counters, tasks."""
 
@@ -2807,6 +2831,8 @@ class Runtime:
         self.usage = UsageCounter()
         self.started = time.monotonic()
         self.regions: dict[str, dict[str, Any]] = {}
+        self.changed: set[str] = set()
+        self.changed_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -2832,6 +2858,13 @@ class Runtime:
         self.regions = {r["id"]: dict(r) for r in await self.db.fetchall(
             "SELECT * FROM worker_regions WHERE is_active = 1")}
         self.every(5.0, lambda: self.usage.flush(self.db))
+        for service in SERVICES:
+            self._tasks.append(asyncio.create_task(service(self)))
+
+    def monitor_changed(self, monitor_id: str) -> None:
+        """Tell the background services that a monitor was created, edited or deleted."""
+        self.changed.add(monitor_id)
+        self.changed_event.set()
 
     def every(self, seconds: float, job: Callable[[], Awaitable[Any]]) -> None:
         """Run ``job`` every ``seconds`` in the background until stop; log its failures."""
@@ -3165,6 +3198,7 @@ async def create_monitor(call: Call) -> Response:
             f" {', '.join(columns)}) VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(columns))})",
             [monitor_id, call.team, heartbeat, stamp, stamp, *values])
         await _save_notifications(conn, monitor_id, clean["notifications"] or [])
+    call.rt.monitor_changed(monitor_id)
     return JSONResponse(await _monitor_response(call, monitor_id), 201)
 
 
@@ -3189,6 +3223,7 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
             [*columns.values(), row["id"]])
         if "notifications" in clean:
             await _save_notifications(conn, row["id"], clean["notifications"] or [])
+    call.rt.monitor_changed(row["id"])
     return row
 
 
@@ -3203,6 +3238,7 @@ async def delete_monitor(call: Call) -> dict[str, Any]:
     row = await load_monitor(call)
     async with call.rt.db.transaction() as conn:
         await conn.execute("DELETE FROM monitors WHERE id = ?", (row["id"],))
+    call.rt.monitor_changed(row["id"])
     return {"success": True, "message": "Monitor deleted successfully"}
 
 
@@ -3212,6 +3248,7 @@ async def pause_monitor(call: Call) -> dict[str, Any]:
     async with call.rt.db.transaction() as conn:
         await conn.execute("UPDATE monitors SET is_paused = 1 - is_paused, updated_at = ?"
                            " WHERE id = ?", (now_ms(), row["id"]))
+    call.rt.monitor_changed(row["id"])
     return {"id": row["id"], "isPaused": not row["is_paused"]}
 
 
@@ -3233,6 +3270,22 @@ async def update_regression(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, REGRESSION_FIELDS)
     return regression_json(await load_monitor(call, row["id"]))
 
+
+# Heartbeats (CRON pings)
+
+# Incidents
+
+# Notification channels
+
+# Webhooks
+
+# Status pages
+
+# Analytics
+
+# Team
+
+# Account
 
 # Server
 
