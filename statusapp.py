@@ -2052,6 +2052,8 @@ PROBES: dict[str, Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult
 
 # --- Scheduler ---
 
+# Probing
+
 
 def check_statements(monitor_id: str, region_id: str, result: CheckResult,
                      checked_at: int) -> list[Statement]:
@@ -2062,6 +2064,8 @@ def check_statements(monitor_id: str, region_id: str, result: CheckResult,
         (monitor_id, region_id, result.status, result.response_time, result.status_code,
          result.error, result.category, json.dumps(result.timings) if result.timings else None,
          json.dumps(result.details) if result.details else None, checked_at))]
+
+# Heartbeat deadlines
 
 # --- Incidents ---
 

@@ -1471,4 +1471,8 @@ async def test_notify_webhook_signature_node_verifier(notify_http, notify_ctx):
 
 # --- Page tests ---
 
+# --- Analytics and retention tests ---
+
+# --- Team and account tests ---
+
 # --- CLI tests ---
