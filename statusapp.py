@@ -483,10 +483,7 @@ class Database:
         while True:
             await self._queue_event.wait()
             self._queue_event.clear()
-            try:
-                await self._flush()
-            except sqlite3.Error:
-                log.exception("group commit failed")
+            await self._flush()
 
     async def _flush(self) -> None:
         """Commit everything queued in one transaction; on failure retry item by item."""
@@ -496,12 +493,12 @@ class Database:
         try:
             async with self.transaction() as conn:
                 await _run_grouped(conn, [stmts for stmts, _ in batch])
-        except sqlite3.Error:
+        except Exception:
             for stmts, future in batch:
                 try:
                     async with self.transaction() as conn:
                         await _run_grouped(conn, [stmts])
-                except sqlite3.Error as exc:
+                except Exception as exc:
                     log.warning("dropped a queued write: %s", exc)
                     if future and not future.done():
                         future.set_exception(exc)
@@ -922,6 +919,31 @@ _JSON_FIELDS = {"enabledWorkerRegionIds", "apiAuthConfig"}
 _NOT_COLUMNS = {"notifications"}
 MONITOR_COLUMNS = tuple(f for f in MONITOR_FIELDS if f.name not in _NOT_COLUMNS)
 REGRESSION_FIELDS = tuple(f for f in MONITOR_FIELDS if f.name.startswith("regression"))
+
+
+def field_reference(fields: Sequence[Field]) -> str:
+    """A Markdown table of a Field table, for the README (a test keeps the README in step)."""
+    def bounds(f: Field) -> str:
+        parts = [f"one of {', '.join(f'`{c}`' for c in f.choices)}"] if f.choices else []
+        unit = " chars" if f.kind == "string" else ""
+        if f.minimum is not None:
+            parts.append(f"min {f'`[{f.minimum}]`' if isinstance(f.minimum, str) else f.minimum}{unit}")
+        if f.maximum is not None:
+            parts.append(f"max {f.maximum}{unit}")
+        return "; ".join(parts)
+
+    def required(f: Field) -> str:
+        if f.required is True:
+            return "yes"
+        return ", ".join(f.required) if f.required else ""
+
+    rows = ["| Field | Type | Required | Default | Rules | Types | Description |",
+            "|---|---|---|---|---|---|---|"]
+    for f in fields:
+        default = "" if f.default is None else f"`{json.dumps(f.default)}`"
+        rows.append(f"| `{f.name}` | {f.kind} | {required(f)} | {default} | {bounds(f)} | "
+                    f"{', '.join(f.kinds) if f.kinds else 'all'} | {f.doc} |")
+    return "\n".join(rows)
 
 
 def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
@@ -3301,7 +3323,7 @@ async def health(call: Call) -> Response:
         await asyncio.wait_for(call.rt.db.fetchval("SELECT COUNT(*) FROM schema_version"), 2)
         await asyncio.wait_for(call.rt.db.write([]), 2)
         checks["database"] = "healthy"
-    except (sqlite3.Error, asyncio.TimeoutError):
+    except Exception:  # whatever broke, the answer is the same: the database is not usable
         checks["database"] = "unhealthy"
     status = "unhealthy" if "unhealthy" in checks.values() else (
         "degraded" if "degraded" in checks.values() else "healthy")

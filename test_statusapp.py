@@ -113,7 +113,8 @@ class Server:
         return self
 
     def output(self) -> str:
-        self.stderr.flush()
+        if not self.stderr.closed:
+            self.stderr.flush()
         return Path(self.stderr.name).read_text()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -167,6 +168,10 @@ def test_bad_config_stops_start_up_with_one_line(tmp_path, text, env, message):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_readme_field_reference_matches_the_validation_table():
+    assert statusapp.field_reference(statusapp.MONITOR_FIELDS) in (HERE / "README.md").read_text()
 
 
 def test_example_config_documents_every_key_with_its_default():
@@ -232,6 +237,356 @@ def test_group_commit_writes_many_items_in_one_transaction_and_isolates_a_bad_on
     assert all(r is None for r in results[:-1])
 
 # --- API tests ---
+
+FULL_MONITOR = {
+    "name": "My API Monitor", "url": "https://api.internal.test/health", "type": "API",
+    "interval": 300, "timeout": 30, "expectedStatusCode": 200, "httpMethod": "POST",
+    "requestHeaders": '{"X-Trace": "1"}', "requestBody": '{"ping": true}',
+    "enabledWorkerRegionIds": ["local"], "regressionEnabled": True, "regressionThreshold": 50,
+    "regressionPeriod": 14, "performanceTimings": True,
+    "apiAuthConfig": {"type": "bearer", "token": "tok-0123456789abcdef"},
+    "notifications": [{"type": "EMAIL", "enabled": True, "config": {"emails": ["ops@home.test"]}}],
+}
+
+
+def create(client, **fields) -> dict:
+    body = {"name": "m", "url": "http://127.0.0.1:9/", **fields}
+    response = client.post("/api/v1/monitors", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_create_returns_every_field_with_defaults_and_masked_secrets(client):
+    created = client.post("/api/v1/monitors", json=FULL_MONITOR)
+    assert created.status_code == 201
+    body = created.json()
+    for name in ("name", "url", "type", "interval", "expectedStatusCode", "httpMethod",
+                 "requestHeaders", "requestBody", "enabledWorkerRegionIds", "regressionPeriod"):
+        assert body[name] == FULL_MONITOR[name]
+    assert body["apiAuthConfig"] == {"type": "bearer", "token": "****cdef"}
+    assert body["status"] == "PENDING" and body["isPaused"] is False and body["isActive"] is True
+    assert body["heartbeatUrl"] is None
+    assert body["checks"] == [] and body["_count"] == {"checks": 0, "incidents": 0}
+    assert body["monitorNotifications"][0]["type"] == "EMAIL"
+    assert body["monitorNotifications"][0]["config"] == {"emails": ["ops@home.test"]}
+    assert body["id"].startswith("mon_") and body["createdAt"].endswith("Z")
+    defaults = create(client)
+    assert (defaults["type"], defaults["interval"], defaults["timeout"], defaults["httpMethod"]) == (
+        "WEBSITE", 300, 30, "GET")
+    assert (defaults["domainExpiryDays"], defaults["domainMonitorDns"],
+            defaults["domainMonitorBlacklist"], defaults["domainMonitorWhois"]) == (30, True, True, True)
+    assert client.get(f"/api/v1/monitors/{body['id']}").json() == body
+
+
+def test_echoing_a_masked_secret_back_keeps_the_stored_one(cfg, client):
+    monitor = client.post("/api/v1/monitors", json=FULL_MONITOR).json()
+    client.put(f"/api/v1/monitors/{monitor['id']}", json={"apiAuthConfig": monitor["apiAuthConfig"]})
+    stored = json.loads(sql(cfg, "SELECT api_auth_config FROM monitors")[0][0])
+    assert stored["token"] == "tok-0123456789abcdef"
+
+
+def test_missing_name_gives_the_spec_issue_exactly(client):
+    response = client.post("/api/v1/monitors", json={"url": "http://127.0.0.1/"})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == [{"code": "invalid_type", "expected": "string", "received": "undefined",
+                              "path": ["name"], "message": "Required"}]
+    assert body["code"] == "BAD_REQUEST"
+
+
+BAD_MONITORS = [
+    ({"type": "SMTP"}, ["type"], "invalid_enum_value"),
+    ({"interval": 59}, ["interval"], "too_small"),
+    ({"interval": 60.5}, ["interval"], "invalid_type"),
+    ({"timeout": 4}, ["timeout"], "too_small"),
+    ({"timeout": 301}, ["timeout"], "too_big"),
+    ({"name": ""}, ["name"], "too_small"),
+    ({"name": 5}, ["name"], "invalid_type"),
+    ({"url": "not a url"}, ["url"], "custom"),
+    ({"url": "ftp://127.0.0.1/"}, ["url"], "custom"),
+    ({"expectedStatusCode": 99}, ["expectedStatusCode"], "too_small"),
+    ({"expectedStatusCode": 600}, ["expectedStatusCode"], "too_big"),
+    ({"httpMethod": "FETCH"}, ["httpMethod"], "invalid_enum_value"),
+    ({"requestHeaders": "{nope"}, ["requestHeaders"], "custom"),
+    ({"requestHeaders": '{"a": 1}'}, ["requestHeaders"], "custom"),
+    ({"type": "PORT", "url": "127.0.0.1"}, ["port"], "invalid_type"),
+    ({"type": "PORT", "url": "127.0.0.1", "port": 22}, ["protocol"], "invalid_type"),
+    ({"type": "PORT", "url": "127.0.0.1", "port": 70000, "protocol": "TCP"}, ["port"], "too_big"),
+    ({"type": "PORT", "url": "127.0.0.1", "port": 22, "protocol": "SCTP"}, ["protocol"],
+     "invalid_enum_value"),
+    ({"type": "PING", "url": "bad host!"}, ["url"], "custom"),
+    ({"type": "DNS", "url": "home.test"}, ["dnsRecord"], "invalid_type"),
+    ({"type": "DNS", "url": "home.test", "dnsRecord": "SRV"}, ["dnsRecord"], "invalid_enum_value"),
+    ({"type": "DNS", "url": "home.test", "dnsRecord": "A", "expectedIp": "::1"}, ["expectedIp"],
+     "custom"),
+    ({"type": "SSL_CERT", "url": "http://home.test"}, ["url"], "custom"),
+    ({"type": "CRON", "gracePeriod": 59}, ["gracePeriod"], "too_small"),
+    ({"type": "CRON", "gracePeriod": 86401}, ["gracePeriod"], "too_big"),
+    ({"sslCertExpiryDays": 0}, ["sslCertExpiryDays"], "too_small"),
+    ({"sslCertExpiryDays": 91}, ["sslCertExpiryDays"], "too_big"),
+    ({"enabledWorkerRegionIds": ["region_mars"]}, ["enabledWorkerRegionIds"], "custom"),
+    ({"enabledWorkerRegionIds": "local"}, ["enabledWorkerRegionIds"], "invalid_type"),
+    ({"regressionEnabled": "yes"}, ["regressionEnabled"], "invalid_type"),
+    ({"regressionThreshold": 24}, ["regressionThreshold"], "too_small"),
+    ({"regressionThreshold": 201}, ["regressionThreshold"], "too_big"),
+    ({"regressionPeriod": 31}, ["regressionPeriod"], "too_big"),
+    ({"performanceTimings": 1}, ["performanceTimings"], "invalid_type"),
+    ({"apiAuthConfig": {"type": "kerberos"}}, ["apiAuthConfig", "type"], "invalid_enum_value"),
+    ({"apiAuthConfig": {"type": "bearer"}}, ["apiAuthConfig", "token"], "invalid_type"),
+    ({"apiAuthConfig": {"type": "basic", "username": "u"}}, ["apiAuthConfig", "password"],
+     "invalid_type"),
+    ({"apiAuthConfig": {"type": "api_key", "apiKey": "k"}}, ["apiAuthConfig", "apiKeyHeader"],
+     "custom"),
+    ({"apiAuthConfig": {"type": "api_key", "apiKey": "k", "apiKeyName": "key",
+                        "apiKeyLocation": "cookie"}}, ["apiAuthConfig", "apiKeyLocation"],
+     "invalid_enum_value"),
+    ({"apiAuthConfig": {"type": "oauth2", "oauth2TokenUrl": "http://127.0.0.1/t",
+                        "oauth2ClientId": "c"}}, ["apiAuthConfig", "oauth2ClientSecret"],
+     "invalid_type"),
+    ({"apiAuthConfig": {"type": "jwt"}}, ["apiAuthConfig", "jwtToken"], "invalid_type"),
+    ({"apiAuthConfig": "bearer"}, ["apiAuthConfig"], "invalid_type"),
+    ({"domainExpiryDays": 0}, ["domainExpiryDays"], "too_small"),
+    ({"domainMonitorDns": "no"}, ["domainMonitorDns"], "invalid_type"),
+    ({"notifications": [{"type": "PIGEON", "config": {}}]}, ["notifications", 0, "type"],
+     "invalid_enum_value"),
+    ({"notifications": [{"type": "SLACK"}]}, ["notifications", 0], "custom"),
+    ({"notifications": [{"channelId": "nc_missing"}]}, ["notifications", 0, "channelId"], "custom"),
+    ({"isActive": "true"}, ["isActive"], "invalid_type"),
+]
+
+
+@pytest.mark.parametrize("fields, path, code", BAD_MONITORS)
+def test_every_validation_rule_is_a_400_naming_the_field(client, cfg, fields, path, code):
+    body = {"name": "m", "url": "http://127.0.0.1/", **fields}
+    response = client.post("/api/v1/monitors", json=body)
+    assert response.status_code == 400, response.text
+    issues = response.json()["error"]
+    assert any(i["path"] == path and i["code"] == code for i in issues), issues
+    assert sql(cfg, "SELECT COUNT(*) FROM monitors") == [(0,)]
+
+
+def test_type_specific_monitors_are_accepted(client):
+    port = create(client, type="PORT", url="127.0.0.1", port=22, protocol="UDP")
+    assert (port["port"], port["protocol"]) == (22, "UDP")
+    dns = create(client, type="DNS", url="home.test", dnsRecord="AAAA", expectedIp="::1")
+    assert dns["expectedIp"] == "::1"
+    assert create(client, type="SSL_CERT", url="https://home.test")["type"] == "SSL_CERT"
+    assert create(client, type="DOMAIN", url="home.test", domainExpiryDays=14)["domainExpiryDays"] == 14
+    assert create(client, type="PING", url="10.0.0.1")["url"] == "10.0.0.1"
+
+
+def test_cron_monitor_gets_an_unguessable_heartbeat_url(cfg, client):
+    first = client.post("/api/v1/monitors", json={"name": "backup", "type": "CRON"}).json()
+    second = create(client, type="CRON")
+    base = cfg["server"]["base_url"] + "/api/v1/heartbeat/"
+    assert first["heartbeatUrl"].startswith(base) and second["heartbeatUrl"].startswith(base)
+    token = first["heartbeatUrl"][len(base):]
+    assert len(token) >= 22 and token != second["heartbeatUrl"][len(base):]
+    assert first["url"] == first["heartbeatUrl"]
+    assert first["gracePeriod"] == 300
+    changed = client.put(f"/api/v1/monitors/{first['id']}", json={"type": "WEBSITE",
+                                                                  "url": "http://127.0.0.1/"})
+    assert changed.json()["heartbeatUrl"] is None
+
+
+def test_list_paginates_filters_sorts_and_searches(cfg, client):
+    for i, name in enumerate(["alpha", "Bravo", "charlie_1", "delta%"]):
+        create(client, name=name, type="WEBSITE" if i % 2 else "API",
+               url=f"http://127.0.0.1:{8000 + i}/")
+    sql(cfg, "UPDATE monitors SET status = 'UP' WHERE name IN ('alpha', 'Bravo')")
+    page = client.get("/api/v1/monitors", params={"limit": 3, "page": 2, "sort": "name",
+                                                  "order": "asc"}).json()
+    assert [m["name"] for m in page["monitors"]] == ["delta%"]
+    assert page["pagination"] == {"total": 4, "page": 2, "limit": 3, "totalPages": 2}
+    names = lambda **q: [m["name"] for m in client.get("/api/v1/monitors", params=q).json()["monitors"]]
+    assert names(sort="name", order="desc") == ["delta%", "charlie_1", "alpha", "Bravo"]
+    assert names() == ["delta%", "charlie_1", "Bravo", "alpha"]  # newest first by default
+    assert sorted(names(status="UP")) == ["Bravo", "alpha"]
+    assert names(status="PENDING", sort="name", order="asc") == ["charlie_1", "delta%"]
+    assert names(type="API", sort="name", order="asc") == ["alpha", "charlie_1"]
+    assert names(search="%") == ["delta%"]            # wildcards are literal
+    assert names(search="_") == ["charlie_1"]
+    assert names(search="8001") == ["Bravo"]         # URL matches too
+    assert client.get("/api/v1/monitors", params={"limit": 500}).json()["pagination"]["limit"] == 100
+    for bad in ({"limit": 0}, {"page": "x"}, {"sort": "password"}, {"order": "up"},
+                {"status": "MAYBE"}, {"type": "SMTP"}):
+        response = client.get("/api/v1/monitors", params=bad)
+        assert response.status_code == 400, bad
+        assert response.json()["error"][0]["path"] == [next(iter(bad))]
+
+
+def test_update_is_partial_and_validated(client):
+    monitor = create(client, name="before", interval=120)
+    response = client.put(f"/api/v1/monitors/{monitor['id']}", json={"name": "after"})
+    assert response.status_code == 200
+    assert (response.json()["name"], response.json()["interval"]) == ("after", 120)
+    assert response.json()["updatedAt"] >= monitor["updatedAt"]
+    bad = client.put(f"/api/v1/monitors/{monitor['id']}", json={"type": "PORT"})
+    assert bad.status_code == 400
+    assert {tuple(i["path"]) for i in bad.json()["error"]} >= {("port",), ("protocol",)}
+    assert client.get(f"/api/v1/monitors/{monitor['id']}").json()["type"] == "WEBSITE"
+    assert client.put(f"/api/v1/monitors/{monitor['id']}", json={"timeout": 999}).status_code == 400
+    assert client.put("/api/v1/monitors/mon_nope", json={"name": "x"}).status_code == 404
+
+
+def test_pause_toggles_and_delete_cascades(cfg, client):
+    monitor = create(client, notifications=[{"type": "SLACK", "config": {"webhookUrl": "http://127.0.0.1/h"}}])
+    path = f"/api/v1/monitors/{monitor['id']}"
+    assert client.post(path + "/pause").json() == {"id": monitor["id"], "isPaused": True}
+    assert client.get(path).json()["isPaused"] is True
+    assert client.post(path + "/pause").json() == {"id": monitor["id"], "isPaused": False}
+    deleted = client.delete(path)
+    assert deleted.json() == {"success": True, "message": "Monitor deleted successfully"}
+    assert client.get(path).status_code == 404
+    assert client.delete(path).status_code == 404
+    assert sql(cfg, "SELECT COUNT(*) FROM monitor_notifications") == [(0,)]
+
+
+def test_regression_settings(client):
+    monitor = create(client)
+    path = f"/api/v1/monitors/{monitor['id']}/regression"
+    assert client.get(path).json() == {"regressionEnabled": False, "regressionThreshold": 50,
+                                       "regressionPeriod": 7, "baselineResponseTime": None,
+                                       "baselineCalculatedAt": None}
+    updated = client.put(path, json={"regressionEnabled": True, "regressionThreshold": 75,
+                                     "regressionPeriod": 14})
+    assert updated.json()["regressionThreshold"] == 75 and updated.json()["regressionEnabled"]
+    assert client.put(path, json={"regressionThreshold": 10}).status_code == 400
+    assert client.get(path).json()["regressionThreshold"] == 75
+
+
+def test_auth_missing_invalid_bearer_expired_revoked(cfg, client, key):
+    def get(**headers: str):
+        return client.get("/api/v1/monitors", headers={"X-API-Key": "", **headers})
+    assert get().status_code == 401 and get().json()["code"] == "UNAUTHORIZED"
+    assert get(**{"X-API-Key": "sk_live_wrong"}).status_code == 401
+    assert get(Authorization=f"Bearer {key}").status_code == 200
+    assert get(Authorization=f"Basic {key}").status_code == 401
+    expiring = cli(cfg, "apikey", "create", "--email", "owner@example.test", "--name", "soon",
+                   "--expires", "2099-01-01").strip().splitlines()[-1]
+    assert get(**{"X-API-Key": expiring}).status_code == 200
+    sql(cfg, "UPDATE api_keys SET expires_at = 1000 WHERE name = 'soon'")
+    expired = get(**{"X-API-Key": expiring})
+    assert expired.status_code == 401 and expired.json()["error"] == "API key expired"
+    key_id = sql(cfg, "SELECT id FROM api_keys WHERE name = 'init'")[0][0]
+    cli(cfg, "apikey", "revoke", key_id)
+    assert get(**{"X-API-Key": key}).status_code == 401
+
+
+def test_permissions_by_method_and_disabled_account(cfg, client):
+    def key_with(perms: str) -> dict:
+        out = cli(cfg, "apikey", "create", "--email", "owner@example.test", "--name", perms,
+                  "--permissions", perms)
+        return {"X-API-Key": out.strip().splitlines()[-1]}
+    monitor = create(client)
+    path = f"/api/v1/monitors/{monitor['id']}"
+    read, write = key_with("read"), key_with("write")
+    assert client.get(path, headers=read).status_code == 200
+    denied = client.post("/api/v1/monitors", json={"name": "x", "url": "http://127.0.0.1/"}, headers=read)
+    assert denied.status_code == 403 and denied.json()["code"] == "FORBIDDEN"
+    assert client.post(path + "/pause", headers=write).status_code == 200
+    assert client.get(path, headers=write).status_code == 403
+    assert client.delete(path, headers=write).status_code == 403
+    assert client.delete(path, headers=key_with("read,delete")).status_code == 200
+    sql(cfg, "UPDATE accounts SET account_status = 'DISABLED'")
+    disabled = client.get("/api/v1/monitors")
+    assert disabled.status_code == 403 and disabled.json()["error"] == "Account not active"
+
+
+def test_one_account_never_sees_another(cfg, client):
+    other = {"X-API-Key": new_key(cfg, "neighbour@example.test")}
+    mine = create(client, name="mine")
+    theirs = client.post("/api/v1/monitors", json={"name": "theirs", "url": "http://127.0.0.1/"},
+                         headers=other).json()
+    assert [m["name"] for m in client.get("/api/v1/monitors").json()["monitors"]] == ["mine"]
+    assert [m["name"] for m in client.get("/api/v1/monitors", headers=other).json()["monitors"]] == ["theirs"]
+    path = f"/api/v1/monitors/{mine['id']}"
+    for method in ("GET", "PUT", "DELETE"):
+        assert client.request(method, path, headers=other, json={"name": "x"}).status_code == 404
+    for suffix in ("/pause", "/regression"):
+        assert client.request("POST" if suffix == "/pause" else "GET", path + suffix,
+                              headers=other).status_code == 404
+    assert client.get(f"/api/v1/monitors/{theirs['id']}").status_code == 404
+    assert client.get(path).json()["name"] == "mine"
+
+
+def test_rate_limit_headers_and_429(tmp_path):
+    cfg = make_cfg(tmp_path, account={"plan": "STARTER"})
+    result = CliRunner().invoke(statusapp.cli, ["init", "--email", "owner@example.test", "--db",
+                                                cfg["server"]["database"]],
+                                env={"STATUSAPP_ACCOUNT_PLAN": "STARTER"})
+    key = result.output.strip().splitlines()[-1]
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        first = client.get("/api/v1/worker-regions")
+        assert first.headers["X-RateLimit-Limit"] == "1000"
+        assert first.headers["X-RateLimit-Remaining"] == "999"
+        reset = int(first.headers["X-RateLimit-Reset"])
+        assert reset % 3600 == 0 and 0 < reset - time.time() <= 3600
+        missing = client.get("/api/v1/monitors/mon_nope")
+        assert missing.status_code == 404 and missing.headers["X-RateLimit-Remaining"] == "998"
+        for _ in range(998):
+            client.get("/api/v1/worker-regions")
+        limited = client.get("/api/v1/worker-regions")
+        assert limited.status_code == 429
+        assert limited.json()["code"] == "RATE_LIMIT_EXCEEDED"
+        assert limited.headers["X-RateLimit-Remaining"] == "0"
+        assert 0 < int(limited.headers["Retry-After"]) <= 3600
+        other = {"X-API-Key": cli(cfg, "apikey", "create", "--email", "owner@example.test",
+                                  "--name", "second").strip().splitlines()[-1]}
+        assert client.get("/api/v1/worker-regions", headers=other).status_code == 200
+
+
+def test_cors_preflight_and_headers(client):
+    preflight = client.options("/api/v1/monitors", headers={
+        "Origin": "http://dash.home.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "X-API-Key, Content-Type"})
+    assert preflight.status_code == 204
+    expected = {"access-control-allow-origin": "*",
+                "access-control-allow-methods": "GET, POST, PUT, DELETE, OPTIONS",
+                "access-control-allow-headers": "Content-Type, Authorization, X-API-Key",
+                "access-control-max-age": "86400"}
+    for response in (preflight, client.get("/api/v1/monitors"), client.get("/api/v1/nowhere")):
+        assert {k: response.headers.get(k) for k in expected} == expected
+
+
+def test_bad_requests_get_clear_json_errors_never_500(cfg, client):
+    cases = [
+        (client.post("/api/v1/monitors", content=b"{not json", headers={"Content-Type": "application/json"}),
+         400, "Malformed JSON body"),
+        (client.post("/api/v1/monitors", content=b"name=x", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+         400, "Content-Type must be application/json"),
+        (client.post("/api/v1/monitors", json=[1, 2]), 400, None),
+        (client.get("/api/v1/nowhere"), 404, "Not found"),
+        (client.patch("/api/v1/monitors"), 405, "Method not allowed"),
+        (client.post("/api/v1/monitors", content=b"{" + b" " * 1_048_576 + b"}",
+                     headers={"Content-Type": "application/json"}), 413, "Request body too large"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert set(body) == {"error", "code", "details"}
+        if message:
+            assert body["error"] == message
+    assert sql(cfg, "SELECT COUNT(*) FROM monitors") == [(0,)]
+
+
+def test_health_version_and_regions(cfg, client):
+    health = client.get("/api/v1/health", headers={"X-API-Key": ""}).json()
+    assert health["status"] == "healthy" and health["checks"]["database"] == "healthy"
+    assert health["version"] == statusapp.VERSION and health["timestamp"].endswith("Z")
+    assert client.get("/api/v1/server/version", headers={"X-API-Key": ""}).json() == {"version": statusapp.VERSION, "apiVersion": "v1"}
+    regions = client.get("/api/v1/worker-regions").json()["regions"]
+    assert regions == [{"id": "local", "city": "Local", "country": "Local", "countryCode": "ZZ",
+                        "latitude": 0.0, "longitude": 0.0, "isActive": True}]
+
+
+def test_health_reports_a_broken_database(cfg, client):
+    rt = client.app.state.statusapp
+    client.portal.call(rt.db._writer.close)
+    response = client.get("/api/v1/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "unhealthy"
+    assert response.json()["checks"]["database"] == "unhealthy"
 
 # --- Probe tests ---
 #
@@ -1476,3 +1831,99 @@ async def test_notify_webhook_signature_node_verifier(notify_http, notify_ctx):
 # --- Team and account tests ---
 
 # --- CLI tests ---
+
+
+def test_serve_end_to_end_first_run_key_and_client_flow(server):
+    """The spec's client flow over real HTTP against `statusapp serve`, then a clean SIGTERM."""
+    output = server.output()
+    assert "created the owner account admin@localhost" in output
+    key = [line for line in output.splitlines() if line.startswith("sk_live_")][0]
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key}, timeout=10)
+    created = api.post("/monitors", json={"name": "Production API", "url": "http://127.0.0.1:9/health",
+                                          "type": "API", "interval": 300, "expectedStatusCode": 200})
+    assert created.status_code == 201
+    monitor_id = created.json()["id"]
+    listed = api.get("/monitors", params={"status": "PENDING", "limit": 10}).json()
+    assert [m["id"] for m in listed["monitors"]] == [monitor_id]
+    assert api.get(f"/monitors/{monitor_id}").json()["expectedStatusCode"] == 200
+    assert api.put(f"/monitors/{monitor_id}", json={"interval": 600}).json()["interval"] == 600
+    assert api.post(f"/monitors/{monitor_id}/pause").json()["isPaused"] is True
+    assert api.delete(f"/monitors/{monitor_id}").json()["success"] is True
+    assert api.get(f"/monitors/{monitor_id}").status_code == 404
+    assert api.get("/monitors").headers["X-RateLimit-Limit"] == "100000"
+    assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+    assert "Application shutdown complete" in server.output()
+    assert "Traceback" not in server.output()
+    with sqlite3.connect(server.db) as conn:  # the shutdown flushed the in-memory usage counters
+        counted = dict(conn.execute("SELECT endpoint, SUM(count) FROM api_usage GROUP BY endpoint"))
+    assert counted["/api/v1/monitors/{monitorId}"] == 4  # GET, PUT, DELETE, GET
+
+
+def test_serve_does_not_print_a_key_on_later_starts(tmp_path):
+    first = Server(tmp_path).start()
+    first.stop()
+    again = Server(tmp_path)
+    again.port, again.url = first.port, first.url
+    again.start()
+    assert "sk_live_" not in again.output()
+    again.stop()
+
+
+def test_init_creates_the_owner_once_and_prints_a_key_last(cfg):
+    first = cli(cfg, "init", "--email", "me@home.test", "--name", "Me").strip().splitlines()
+    second = cli(cfg, "init", "--email", "me@home.test").strip().splitlines()
+    assert first[-1].startswith("sk_live_") and second[-1].startswith("sk_live_")
+    assert first[-1] != second[-1]
+    assert sql(cfg, "SELECT email, name, plan FROM accounts") == [("me@home.test", "Me", "ENTERPRISE")]
+    assert sql(cfg, "SELECT role, status FROM team_members") == [("OWNER", "ACCEPTED")]
+    stored = [row[0] for row in sql(cfg, "SELECT key_hash FROM api_keys")]
+    assert statusapp.hash_key(first[-1]) in stored and first[-1] not in stored
+
+
+def test_apikey_create_list_revoke(cfg):
+    new_key(cfg, "me@home.test")
+    out = cli(cfg, "apikey", "create", "--email", "me@home.test", "--name", "ci", "--permissions",
+              "write,read", "--expires", "2030-06-01")
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("sk_live_")
+    listing = cli(cfg, "apikey", "list")
+    assert "'ci'" in listing and "read,write" in listing and "2030-06-01T00:00:00Z" in listing
+    assert key not in listing and key[:12] in listing
+    key_id = sql(cfg, "SELECT id FROM api_keys WHERE name = 'ci'")[0][0]
+    assert cli(cfg, "apikey", "revoke", key_id).strip() == f"revoked {key_id}"
+    assert "'ci'" in cli(cfg, "apikey", "list") and "revoked" in cli(cfg, "apikey", "list")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["apikey", "create", "--email", "nobody@home.test", "--name", "x"], "no account with email"),
+    (["apikey", "create", "--email", "me@home.test", "--name", "x", "--permissions", "admin"],
+     "a comma-separated subset of read,write,delete"),
+    (["apikey", "create", "--email", "me@home.test", "--name", "x", "--expires", "soon"],
+     "use an ISO date"),
+    (["apikey", "create", "--email", "me@home.test", "--name", "x", "--expires", "2001-01-01"],
+     "the expiry must be in the future"),
+    (["apikey", "revoke", "key_nope"], "no API key with id key_nope"),
+])
+def test_cli_errors_are_one_clear_line(cfg, args, message):
+    new_key(cfg, "me@home.test")
+    result = CliRunner().invoke(statusapp.cli, [*args, "--db", cfg["server"]["database"]])
+    assert result.exit_code != 0 and message in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_pip_install_gives_a_statusapp_command_that_finds_its_schema(tmp_path):
+    """`pip install .` into a venv; the installed command works from another directory."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps",
+                              str(HERE)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([str(venv / "bin" / "statusapp"), "init", "--email", "pip@home.test",
+                             "--db", "pip.db"], cwd=elsewhere, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("sk_live_")
+    with sqlite3.connect(elsewhere / "pip.db") as conn:
+        version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
+    assert version == max(statusapp.load_migrations())
