@@ -628,35 +628,35 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
                                  "message": f"Expected object, received {_kind(data)}"}])
     issues: list[dict[str, Any]] = []
     clean: dict[str, Any] = {}
-    for field in fields:
-        if field.name in data:
-            clean[field.name] = data[field.name]
+    for spec in fields:
+        if spec.name in data:
+            clean[spec.name] = data[spec.name]
         elif existing is None:
-            clean[field.name] = copy.deepcopy(field.default)
+            clean[spec.name] = copy.deepcopy(spec.default)
     record = {**(existing or {}), **clean}
     if kind is None:
         kind = record.get(kind_field) if isinstance(record.get(kind_field), str) else None
-    for field in fields:
-        value = record.get(field.name)
-        needed = field.required is True or (kind is not None and isinstance(field.required, tuple)
-                                            and kind in field.required)
+    for spec in fields:
+        value = record.get(spec.name)
+        needed = spec.required is True or (kind is not None and isinstance(spec.required, tuple)
+                                            and kind in spec.required)
         if value is None and needed:
-            received = "null" if field.name in data else "undefined"
-            issues.append({"code": "invalid_type", "expected": field.kind, "received": received,
-                           "path": [*path, field.name], "message": "Required"})
+            received = "null" if spec.name in data else "undefined"
+            issues.append({"code": "invalid_type", "expected": spec.kind, "received": received,
+                           "path": [*path, spec.name], "message": "Required"})
             continue
-        given = field.name in clean
-        if not given and not (field.check and value is not None):
+        given = spec.name in clean
+        if not given and not (spec.check and value is not None):
             continue  # unchanged, and nothing else it depends on can have changed its validity
         try:
-            checked = _check_one(field, value, record, {**env, "path": (*path, field.name)})
+            checked = _check_one(spec, value, record, {**env, "path": (*path, spec.name)})
         except _Issue as exc:
-            issues.append({**exc.issue, "path": [*path, field.name]})
+            issues.append({**exc.issue, "path": [*path, spec.name]})
         except ValidationFailed as exc:
             issues.extend(exc.issues)
         else:
             if given:
-                clean[field.name] = checked
+                clean[spec.name] = checked
     if issues:
         raise ValidationFailed(issues)
     return clean
@@ -3056,13 +3056,13 @@ def _like(text: str) -> str:
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
     out: dict[str, Any] = {"id": row["id"]}
-    for field in MONITOR_COLUMNS:
-        value = row[field.column]
-        if field.name in _JSON_FIELDS and value is not None:
+    for spec in MONITOR_COLUMNS:
+        value = row[spec.column]
+        if spec.name in _JSON_FIELDS and value is not None:
             value = json.loads(value)
-        elif field.kind == "boolean":
+        elif spec.kind == "boolean":
             value = bool(value)
-        out[field.name] = value
+        out[spec.name] = value
     out["status"] = row["status"]
     out["isPaused"] = bool(row["is_paused"])
     out["heartbeatId"] = row["heartbeat_id"]
