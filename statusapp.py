@@ -665,17 +665,17 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
 def parse_query(fields: Sequence[Field], request: Request, env: dict[str, Any]) -> dict[str, Any]:
     """Validate query-string parameters with the same Field tables (integers parsed first)."""
     data: dict[str, Any] = {}
-    for field in fields:
-        raw = request.query_params.get(field.name)
+    for spec in fields:
+        raw = request.query_params.get(spec.name)
         if raw is None or raw == "":
             continue
-        if field.kind == "integer":
+        if spec.kind == "integer":
             try:
-                data[field.name] = int(raw)
+                data[spec.name] = int(raw)
             except ValueError:
-                data[field.name] = raw
+                data[spec.name] = raw
         else:
-            data[field.name] = raw
+            data[spec.name] = raw
     return validate(fields, data, env, kind="query")
 
 
