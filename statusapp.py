@@ -3418,7 +3418,8 @@ async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool
                                       (call.team,))
     url = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/team/invitations/{token}/accept"
     message = EmailMessage()
-    message["Subject"] = f"[StatusApp] {owner['name'] or owner['email']} invited you to their team"
+    inviter = _one_line(owner["name"] or owner["email"])
+    message["Subject"] = _cut(f"[StatusApp] {inviter} invited you to their team", 200)
     message["From"] = smtp["sender"]
     message["To"] = invite["email"]
     message["Date"] = formatdate(usegmt=True)
