@@ -49,6 +49,7 @@ import sysconfig
 import time
 import tomllib
 import urllib.parse
+import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -95,6 +96,9 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "account": {
         "plan": "ENTERPRISE",
+    },
+    "team": {
+        "invitation_days": 7,
     },
     "probes": {
         "min_interval": 60,
@@ -294,6 +298,10 @@ class MethodNotAllowed(ApiError):
 
 class Conflict(ApiError):
     status, code = 409, "CONFLICT"
+
+
+class Gone(ApiError):
+    status, code = 410, "GONE"
 
 
 class PayloadTooLarge(ApiError):
@@ -1068,6 +1076,7 @@ class UsageCounter:
     def __init__(self) -> None:
         self._counts: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self._last_used: dict[str, int] = {}
+        self._flushing = asyncio.Lock()
 
     def count(self, principal: Principal, endpoint: str) -> None:
         stamp = now_ms()
@@ -1077,26 +1086,52 @@ class UsageCounter:
     def pending(self) -> list[tuple[tuple[str, str, int], int]]:
         return list(self._counts.items())
 
+    def last_used(self, key_id: str) -> int | None:
+        """A key's use not yet flushed to ``api_keys.last_used_at``, if any."""
+        return self._last_used.get(key_id)
+
+    async def totals(self, db: Database, team_id: str, since_hour: int) -> dict[str, int]:
+        """A team's requests per endpoint from ``since_hour`` on: stored plus not yet flushed.
+
+        The flush lock makes the two reads one snapshot, so a batch is never counted twice
+        or missed while it is being written.
+        """
+        async with self._flushing:
+            totals = collections.Counter(dict(await db.fetchall(
+                "SELECT endpoint, SUM(count) FROM api_usage WHERE account_id = ? AND hour >= ?"
+                " GROUP BY endpoint", (team_id, since_hour))))
+            for (team, endpoint, hour), n in self._counts.items():
+                if team == team_id and hour >= since_hour:
+                    totals[endpoint] += n
+        return dict(totals)
+
     async def flush(self, db: Database) -> None:
-        counts, self._counts = self._counts, collections.Counter()
-        last_used, self._last_used = self._last_used, {}
-        statements: list[Statement] = [
-            ("INSERT INTO api_usage (account_id, endpoint, hour, count) VALUES (?, ?, ?, ?)"
-             " ON CONFLICT (account_id, hour, endpoint) DO UPDATE SET count = count + excluded.count",
-             (team, endpoint, hour, n)) for (team, endpoint, hour), n in counts.items()]
-        statements += [("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (stamp, key_id))
-                       for key_id, stamp in last_used.items()]
-        if statements:
-            await db.write(statements)
+        async with self._flushing:
+            counts, self._counts = self._counts, collections.Counter()
+            last_used, self._last_used = self._last_used, {}
+            statements: list[Statement] = [
+                ("INSERT INTO api_usage (account_id, endpoint, hour, count) VALUES (?, ?, ?, ?)"
+                 " ON CONFLICT (account_id, hour, endpoint)"
+                 " DO UPDATE SET count = count + excluded.count",
+                 (team, endpoint, hour, n)) for (team, endpoint, hour), n in counts.items()]
+            statements += [("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (stamp, key_id))
+                           for key_id, stamp in last_used.items()]
+            if statements:
+                await db.write(statements)
 
 
 async def create_account(conn: aiosqlite.Connection, email: str, name: str | None,
-                         plan: str) -> str:
-    """A new account owning its own team (the OWNER membership row included)."""
+                         plan: str, *, owns_team: bool = True) -> str:
+    """A new account owning its own team (the OWNER membership row included).
+
+    An invitee's account is made with ``owns_team=False``: a person belongs to one team only.
+    """
     account_id, stamp = new_id("user"), now_ms()
     await conn.execute(
         "INSERT INTO accounts (id, email, name, plan, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?)", (account_id, email, name, plan, stamp, stamp))
+    if not owns_team:
+        return account_id
     await conn.execute(
         "INSERT INTO team_members (id, team_id, account_id, email, name, role, status, invited_at,"
         " accepted_at) VALUES (?, ?, ?, ?, ?, 'OWNER', 'ACCEPTED', ?, ?)",
@@ -3310,8 +3345,436 @@ async def update_regression(call: Call) -> dict[str, Any]:
 # Analytics
 
 # Team
+#
+# The team is its owner's account: ``call.team`` is the owner's id, and every member's row in
+# team_members points at it.  An invitation is a PENDING row holding the SHA256 of a one-time
+# token; accepting it makes the row ACCEPTED, creates (or reuses) the invitee's account and
+# hands out a first key.  A person belongs to one team only, and a team has one OWNER.
+
+TEAM_ROLES = ("ADMIN", "MEMBER", "VIEWER")  # the roles an invitation or a role change can give
+
+
+def check_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """``local@domain`` without spaces; compared without case (the columns are NOCASE)."""
+    value = value.strip()
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+        raise _Issue("Invalid email", "invalid_string", validation="email")
+    return value
+
+
+MEMBER_FIELDS = (
+    Field("email", "string", True, minimum=3, maximum=254, check=check_email,
+          doc="The invitee's email address"),
+    Field("name", "string", maximum=255, doc="The invitee's name"),
+    Field("role", "string", True, choices=TEAM_ROLES,
+          doc="ADMIN, MEMBER or VIEWER; OWNER is never assignable"),
+)
+MEMBER_UPDATE_FIELDS = tuple(f for f in MEMBER_FIELDS if f.name == "role")
+
+_MEMBER_SELECT = ("SELECT m.*, COALESCE(a.name, m.name) AS shown_name FROM team_members m"
+                  " LEFT JOIN accounts a ON a.id = m.account_id")
+
+
+def role_permissions(role: str) -> tuple[str, ...]:
+    """The most a key of someone with ``role`` may hold: a VIEWER's keys only read."""
+    return ("read",) if role == "VIEWER" else PERMISSIONS
+
+
+def member_json(row: sqlite3.Row) -> dict[str, Any]:
+    """A team_members row as the spec shows it (the accepted person's current name)."""
+    return {"id": row["id"], "email": row["email"], "name": row["shown_name"],
+            "role": row["role"], "status": row["status"], "acceptedAt": iso(row["accepted_at"]),
+            "invitedAt": iso(row["invited_at"])}
+
+
+def invitation_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {**member_json(row), "expiresAt": iso(row["expires_at"]),
+            "isExpired": row["expires_at"] <= now_ms()}
+
+
+async def _member(call: Call, member_id: str) -> sqlite3.Row:
+    """A member (or invitation) of the caller's team, or 404."""
+    row = await call.rt.db.fetchone(f"{_MEMBER_SELECT} WHERE m.id = ? AND m.team_id = ?",
+                                    (member_id, call.team))
+    if row is None:
+        raise NotFound("Team member not found", f"no team member with id {member_id}")
+    return row
+
+
+def _not_owner(row: sqlite3.Row, action: str) -> None:
+    if row["role"] == "OWNER":
+        raise Forbidden(f"The team owner cannot be {action}", "a team always has exactly one OWNER")
+
+
+async def _team_of(conn: aiosqlite.Connection, email: str) -> str | None:
+    """The team ``email`` has joined, if any."""
+    row = await (await conn.execute(
+        "SELECT team_id FROM team_members WHERE email = ? AND status = 'ACCEPTED'",
+        (email,))).fetchone()
+    return row[0] if row else None
+
+
+async def _free_for_invitation(conn: aiosqlite.Connection, team: str, email: str) -> None:
+    """409 unless ``email`` may be invited; an expired invitation to it is dropped for the new."""
+    joined = await _team_of(conn, email)
+    if joined is not None:
+        raise Conflict("This email is already a team member" if joined == team
+                       else "This email already belongs to another team",
+                       "a person belongs to exactly one team")
+    pending = await (await conn.execute(
+        "SELECT expires_at FROM team_members WHERE team_id = ? AND email = ?",
+        (team, email))).fetchone()
+    if pending is not None and pending[0] > now_ms():
+        raise Conflict("This email already has a pending invitation",
+                       f"it expires at {iso(pending[0])}; delete it to invite again")
+    await conn.execute("DELETE FROM team_members WHERE team_id = ? AND email = ?", (team, email))
+
+
+async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool:
+    """Mail the token when SMTP is set up.  The response carries the token anyway, so a
+    failed delivery is logged and reported as ``emailSent: false``, not an error."""
+    smtp = call.rt.cfg["smtp"]
+    if not smtp["host"]:
+        return False
+    owner = await call.rt.db.fetchone("SELECT email, name FROM accounts WHERE id = ?",
+                                      (call.team,))
+    url = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/team/invitations/{token}/accept"
+    message = EmailMessage()
+    inviter = _one_line(owner["name"] or owner["email"])
+    message["Subject"] = _cut(f"[StatusApp] {inviter} invited you to their team", 200)
+    message["From"] = smtp["sender"]
+    message["To"] = invite["email"]
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = make_msgid(domain=smtp["sender"].rpartition("@")[2] or "statusapp")
+    message.set_content(
+        f"You are invited to join the StatusApp team of {owner['email']} as {invite['role']}.\n\n"
+        f"Invitation token: {token}\n\nAccept it before {iso(invite['expires_at'])} with:\n\n"
+        f"    curl -X POST {url}\n\nThe answer holds your API key, shown only once.\n")
+    try:
+        await asyncio.to_thread(_smtp_send, smtp, message, [invite["email"]],
+                                call.rt.cfg["notifications"]["timeout"])
+    except DeliveryError as exc:
+        log.warning("invitation email to %s failed: %s", invite["email"], exc.message)
+        return False
+    return True
+
+
+@api("/team/members", "GET")
+async def list_team_members(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall(
+        f"{_MEMBER_SELECT} WHERE m.team_id = ? ORDER BY m.invited_at, m.id", (call.team,))
+    return {"members": [member_json(row) for row in rows]}
+
+
+@api("/team/members/{memberId}", "GET")
+async def get_team_member(call: Call) -> dict[str, Any]:
+    return member_json(await _member(call, call.param("memberId")))
+
+
+@api("/team/members", "POST", role="ADMIN")
+async def invite_team_member(call: Call) -> Response:
+    """A PENDING invitation, answered with its one-time token (only the SHA256 is kept)."""
+    clean = validate(MEMBER_FIELDS, await call.json(), call.env())
+    token, member_id, stamp = "inv_" + secrets.token_urlsafe(24), new_id("tm"), now_ms()
+    expires = stamp + call.rt.cfg["team"]["invitation_days"] * 86_400_000
+    async with call.rt.db.transaction() as conn:
+        await _free_for_invitation(conn, call.team, clean["email"])
+        await conn.execute(
+            "INSERT INTO team_members (id, team_id, email, name, role, status, invitation_hash,"
+            " invited_at, expires_at) VALUES (?, ?, ?, ?, ?, 'PENDING', ?, ?, ?)",
+            (member_id, call.team, clean["email"], clean["name"], clean["role"], hash_key(token),
+             stamp, expires))
+    invite = await _member(call, member_id)
+    sent = await _email_invitation(call, invite, token)
+    return JSONResponse({**invitation_json(invite), "invitationToken": token, "emailSent": sent},
+                        201)
+
+
+@api("/team/members/{memberId}", "PUT", role="ADMIN")
+async def update_team_member(call: Call) -> dict[str, Any]:
+    """Change a member's role (or an invitation's); the owner is never demoted."""
+    row = await _member(call, call.param("memberId"))
+    _not_owner(row, "demoted")
+    clean = validate(MEMBER_UPDATE_FIELDS, await call.json(), call.env(),
+                     existing={"role": row["role"]})
+    if "role" in clean:
+        await call.rt.db.write([("UPDATE team_members SET role = ? WHERE id = ?",
+                                 (clean["role"], row["id"]))])
+    return member_json(await _member(call, row["id"]))
+
+
+@api("/team/members/{memberId}", "DELETE", role="ADMIN")
+async def remove_team_member(call: Call) -> dict[str, Any]:
+    """Remove a member (or cancel an invitation); their keys stop working at once."""
+    row = await _member(call, call.param("memberId"))
+    _not_owner(row, "removed")
+    statements: list[Statement] = [("DELETE FROM team_members WHERE id = ?", (row["id"],))]
+    if row["account_id"]:
+        statements.append(("UPDATE api_keys SET is_active = 0 WHERE account_id = ?",
+                           (row["account_id"],)))
+    await call.rt.db.write(statements)
+    return {"success": True, "message": "Team member removed successfully"}
+
+
+@api("/team/invitations", "GET")
+async def list_invitations(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall(
+        f"{_MEMBER_SELECT} WHERE m.team_id = ? AND m.status = 'PENDING'"
+        f" ORDER BY m.invited_at, m.id", (call.team,))
+    return {"invitations": [invitation_json(row) for row in rows]}
+
+
+@api("/team/invitations/{token}/accept", "POST", public=True)
+async def accept_invitation(call: Call) -> Response:
+    """Join the team: the token is the credential, used once; the answer holds a first key."""
+    stamp = now_ms()
+    async with call.rt.db.transaction() as conn:
+        invite = await (await conn.execute(
+            "SELECT m.*, t.plan FROM team_members m JOIN accounts t ON t.id = m.team_id"
+            " WHERE m.invitation_hash = ? AND m.status = 'PENDING'",
+            (hash_key(call.param("token")),))).fetchone()
+        if invite is None:
+            raise NotFound("Invitation not found", "the token is unknown or was already used")
+        if invite["expires_at"] <= stamp:
+            raise Gone("Invitation expired",
+                       f"it expired at {iso(invite['expires_at'])}; ask for a new invitation")
+        if await _team_of(conn, invite["email"]) is not None:
+            raise Conflict("This email already belongs to a team",
+                           "a person belongs to exactly one team")
+        account = await (await conn.execute("SELECT id FROM accounts WHERE email = ?",
+                                            (invite["email"],))).fetchone()
+        account_id = account[0] if account else await create_account(
+            conn, invite["email"], invite["name"], invite["plan"], owns_team=False)
+        await conn.execute(
+            "UPDATE team_members SET account_id = ?, status = 'ACCEPTED', accepted_at = ?,"
+            " invitation_hash = NULL WHERE id = ?", (account_id, stamp, invite["id"]))
+        key_id, key = await create_api_key(conn, account_id, "first key",
+                                           ",".join(role_permissions(invite["role"])))
+    member = await call.rt.db.fetchone(f"{_MEMBER_SELECT} WHERE m.id = ?", (invite["id"],))
+    return JSONResponse({"member": member_json(member),
+                         "apiKey": {**await _key(call.rt, key_id), "key": key}}, 201)
+
 
 # Account
+#
+# ``/account`` is the calling person; ``plan`` and ``accountStatus`` are their team's, set only
+# from the CLI.  ``/account/api-keys`` are the caller's own keys (ADMIN+ may list and revoke
+# other members'); ``/account/usage`` is the team's request count per endpoint template.
+
+LANGUAGES = tuple(
+    "aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu cv cy "
+    "da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht "
+    "hu hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky "
+    "la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny "
+    "oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss "
+    "st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo "
+    "za zh zu".split())  # ISO 639-1
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An IANA zone name, as the system's tz database knows them."""
+    if value not in _timezones():
+        raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
+    return value
+
+
+def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """E.164: a plus, a non-zero digit, at most 15 digits in all."""
+    if not re.fullmatch(r"\+[1-9]\d{1,14}", value):
+        raise _Issue("Invalid phone number: expected E.164 such as +14155550123",
+                     "invalid_string", validation="regex")
+    return value
+
+
+def check_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    if value not in LANGUAGES:
+        raise _Issue("Invalid language: expected an ISO 639-1 code such as 'en'")
+    return value
+
+
+def check_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
+    """SMS notifications need somewhere to go."""
+    if value and not record.get("phoneNumber"):
+        raise _Issue("smsNotificationsEnabled needs a phoneNumber")
+    return value
+
+
+def check_unchanged(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+    """Read-only through the API: a value sent back unchanged passes, a change is refused."""
+    name = env["path"][-1]
+    if value != env["existing"][name]:
+        raise _Issue(f"{name} cannot be changed through the API"
+                     + (" (use the statusapp account CLI)" if name != "email" else ""))
+    return value
+
+
+ACCOUNT_FIELDS = (
+    Field("name", "string", minimum=1, maximum=255, doc="Display name"),
+    Field("image", "string", maximum=2048, check=check_url, doc="Avatar URL (http or https)"),
+    Field("phoneNumber", "string", check=check_phone, doc="E.164 phone number"),
+    Field("smsNotificationsEnabled", "boolean", True, check=check_sms,
+          doc="SMS notifications (needs phoneNumber)"),
+    Field("language", "string", True, check=check_language, doc="ISO 639-1 language code"),
+    Field("timezone", "string", True, check=check_timezone, doc="IANA time zone"),
+)
+_ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=check_unchanged)
+                           for name in ("email", "plan", "accountStatus"))
+
+
+async def _account(call: Call) -> dict[str, Any]:
+    """The calling person, with their team's plan and status, in the spec's field order."""
+    assert call.who is not None
+    row = await call.rt.db.fetchone(
+        "SELECT a.*, t.plan AS team_plan, t.account_status AS team_status FROM accounts a"
+        " JOIN accounts t ON t.id = ? WHERE a.id = ?", (call.team, call.who.account_id))
+    fields = {f.name: bool(row[f.column]) if f.kind == "boolean" else row[f.column]
+              for f in ACCOUNT_FIELDS}
+    return {"id": row["id"], "email": row["email"], "name": fields["name"],
+            "image": fields["image"], "accountStatus": row["team_status"],
+            "plan": row["team_plan"], "phoneNumber": fields["phoneNumber"],
+            "smsNotificationsEnabled": fields["smsNotificationsEnabled"],
+            "language": fields["language"], "timezone": fields["timezone"],
+            "createdAt": iso(row["created_at"]), "role": call.who.role, "teamId": call.team}
+
+
+@api("/account", "GET")
+async def get_account(call: Call) -> dict[str, Any]:
+    return await _account(call)
+
+
+@api("/account", "PUT")
+async def update_account(call: Call) -> dict[str, Any]:
+    existing = await _account(call)
+    clean = validate((*ACCOUNT_FIELDS, *_ACCOUNT_READ_ONLY), await call.json(),
+                     call.env(existing=existing), existing=existing)
+    columns = {f.column: int(clean[f.name]) if f.kind == "boolean" else clean[f.name]
+               for f in ACCOUNT_FIELDS if f.name in clean}
+    if columns:
+        columns["updated_at"] = now_ms()
+        await call.rt.db.write([(
+            f"UPDATE accounts SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+            [*columns.values(), existing["id"]])])
+    return await _account(call)
+
+
+# API keys
+
+KEY_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=100, doc="A name for the key"),
+    Field("permissions", "string", check=lambda v, r, e: _permission_list(v),
+          doc="Comma-separated read, write, delete (default: the creating key's, within the role)"),
+    Field("expiresAt", "string", check=lambda v, r, e: _future_ms(v),
+          doc="ISO 8601 expiry; absent or null: the key never expires"),
+)
+KEY_QUERY = (Field("memberId", "string", doc="ADMIN+: list this team member's keys instead"),)
+
+
+def _permission_list(value: str) -> str:
+    perms = {p.strip() for p in value.split(",")}
+    if not perms <= set(PERMISSIONS) or perms == {""}:
+        raise _Issue(f"Invalid permissions: a comma-separated subset of {','.join(PERMISSIONS)}")
+    return ",".join(p for p in PERMISSIONS if p in perms)
+
+
+def _future_ms(value: str) -> int:
+    when = _parse_time(value)
+    if when is None:
+        raise _Issue("Invalid datetime: expected ISO 8601", "invalid_string", validation="datetime")
+    if when.timestamp() <= time.time():
+        raise _Issue("expiresAt must be in the future")
+    return int(when.timestamp() * 1000)
+
+
+def key_json(row: sqlite3.Row, last_used: int | None = None) -> dict[str, Any]:
+    """A key as the spec lists it; isActive is false once revoked or expired."""
+    expired = row["expires_at"] is not None and row["expires_at"] <= now_ms()
+    return {"id": row["id"], "name": row["name"], "prefix": row["prefix"],
+            "permissions": row["permissions"],
+            "lastUsedAt": iso(last_used or row["last_used_at"]),
+            "expiresAt": iso(row["expires_at"]), "isActive": bool(row["is_active"]) and not expired,
+            "createdAt": iso(row["created_at"])}
+
+
+async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
+    row = await rt.db.fetchone("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+    return key_json(row, rt.usage.last_used(key_id))
+
+
+@api("/account/api-keys", "GET")
+async def list_api_keys(call: Call) -> dict[str, Any]:
+    assert call.who is not None
+    query = parse_query(KEY_QUERY, call.request, call.env())
+    account = call.who.account_id
+    if query["memberId"]:
+        member = await _member(call, query["memberId"])
+        if member["account_id"] != account:
+            call.who.require_role("ADMIN")
+        account = member["account_id"]
+    rows = await call.rt.db.fetchall(
+        "SELECT * FROM api_keys WHERE account_id = ? ORDER BY created_at DESC, id", (account,))
+    return {"apiKeys": [key_json(row, call.rt.usage.last_used(row["id"])) for row in rows]}
+
+
+@api("/account/api-keys", "POST")
+async def create_account_api_key(call: Call) -> Response:
+    """A key for the caller, shown once; never more than the role and the creating key allow."""
+    assert call.who is not None
+    clean = validate(KEY_FIELDS, await call.json(), call.env())
+    allowed = [p for p in role_permissions(call.who.role) if p in call.who.permissions]
+    wanted = clean["permissions"].split(",") if clean["permissions"] else allowed
+    excess = [p for p in wanted if p not in allowed]
+    if excess:
+        holds = ",".join(p for p in PERMISSIONS if p in call.who.permissions)
+        raise Forbidden(f"This key cannot grant {','.join(excess)}",
+                        f"a {call.who.role} using a key with {holds} may grant at most "
+                        f"{','.join(allowed)}")
+    async with call.rt.db.transaction() as conn:
+        key_id, key = await create_api_key(conn, call.who.account_id, clean["name"],
+                                           ",".join(wanted), clean["expiresAt"])
+    return JSONResponse({**await _key(call.rt, key_id), "key": key}, 201)
+
+
+@api("/account/api-keys/{keyId}", "DELETE")
+async def revoke_account_api_key(call: Call) -> dict[str, Any]:
+    """Revoke one's own key; ADMIN+ also a team member's (only the OWNER the owner's)."""
+    assert call.who is not None
+    row = await call.rt.db.fetchone(
+        "SELECT k.id, k.account_id, m.role FROM api_keys k JOIN team_members m"
+        " ON m.account_id = k.account_id AND m.status = 'ACCEPTED'"
+        " WHERE k.id = ? AND m.team_id = ?", (call.param("keyId"), call.team))
+    if row is None:
+        raise NotFound("API key not found", f"no API key with id {call.param('keyId')}")
+    if row["account_id"] != call.who.account_id:
+        call.who.require_role("ADMIN")
+        call.who.require_role(row["role"])
+    await call.rt.db.write([("UPDATE api_keys SET is_active = 0 WHERE id = ?", (row["id"],))])
+    return {"success": True, "message": "API key revoked successfully"}
+
+
+# Usage
+
+USAGE_HOURS = {"1h": 1, "24h": 24, "7d": 7 * 24, "30d": 30 * 24}
+USAGE_QUERY = (Field("period", "string", default="24h", choices=tuple(USAGE_HOURS),
+                     doc="Clock hours counted, the current one included"),)
+
+
+@api("/account/usage", "GET")
+async def account_usage(call: Call) -> dict[str, Any]:
+    """The team's requests per endpoint template, and the calling key's rate-limit window."""
+    assert call.who is not None
+    query = parse_query(USAGE_QUERY, call.request, call.env())
+    since = now_ms() // 3_600_000 - USAGE_HOURS[query["period"]] + 1
+    counts = await call.rt.usage.totals(call.rt.db, call.team, since)
+    limit, used = PLANS[call.who.plan], call.rt.limiter.used(call.who.key_id)
+    return {"period": query["period"], "totalRequests": sum(counts.values()),
+            "requestsByEndpoint": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "rateLimit": {"limit": limit, "used": used, "remaining": max(0, limit - used)}}
+
 
 # Server
 
@@ -3528,6 +3991,57 @@ def apikey_revoke(config_path: str | None, db: str | None, key_id: str) -> None:
     if not _run(cfg, job):
         raise click.ClickException(f"no API key with id {key_id}")
     click.echo(f"revoked {key_id}")
+
+
+@cli.group()
+def account() -> None:
+    """Set a team's plan; disable or enable an account (the API cannot change these)."""
+
+
+_TEAM_OWNER = "id IN (SELECT team_id FROM team_members WHERE role = 'OWNER')"
+
+
+def _set_account(config_path: str | None, db: str | None, email: str, column: str, value: str,
+                 where: str = "1") -> int:
+    """Set one column of the account(s) with ``email`` matching ``where``; the rows changed."""
+    cfg = _config(config_path, db)
+
+    async def job(database: Database) -> int:
+        async with database.transaction() as conn:
+            cursor = await conn.execute(
+                f"UPDATE accounts SET {column} = ?, updated_at = ? WHERE email = ? AND {where}",
+                (value, now_ms(), email))
+            return cursor.rowcount
+
+    return _run(cfg, job)
+
+
+@account.command("set-plan")
+@_options
+@click.argument("email")
+@click.argument("plan", type=click.Choice(tuple(PLANS), case_sensitive=False))
+def account_set_plan(config_path: str | None, db: str | None, email: str, plan: str) -> None:
+    """Set the plan (the hourly rate limit) of the team EMAIL owns; it applies at once."""
+    if not _set_account(config_path, db, email, "plan", plan.upper(), _TEAM_OWNER):
+        raise click.ClickException(f"no team owner with email {email} (a plan belongs to a "
+                                   "team: give its owner's email)")
+    click.echo(f"team of {email}: plan {plan.upper()} ({PLANS[plan.upper()]:,} requests/hour)")
+
+
+def _status_command(verb: str, status: str, doc: str) -> None:
+    """``statusapp account disable|enable EMAIL``: the account status authenticate checks."""
+    @account.command(verb, help=doc)
+    @_options
+    @click.argument("email")
+    def command(config_path: str | None, db: str | None, email: str) -> None:
+        if not _set_account(config_path, db, email, "account_status", status):
+            raise click.ClickException(f"no account with email {email}")
+        click.echo(f"{verb}d {email}")
+
+
+_status_command("disable", "DISABLED", "Refuse EMAIL's keys with 403; disabling a team owner "
+                                       "stops the whole team.")
+_status_command("enable", "ENABLED", "Let EMAIL's keys work again.")
 
 
 if __name__ == "__main__":

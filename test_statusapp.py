@@ -1830,6 +1830,351 @@ async def test_notify_webhook_signature_node_verifier(notify_http, notify_ctx):
 
 # --- Team and account tests ---
 
+API = "/api/v1"
+MONITOR_BODY = {"name": "Loopback", "url": "http://127.0.0.1:9/"}
+
+
+def _invite(client, email: str, role: str, **headers) -> dict:
+    response = client.post(f"{API}/team/members", json={"email": email, "name": email.split("@")[0],
+                                                        "role": role}, headers=headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _accept(client, token: str) -> dict:
+    response = client.post(f"{API}/team/invitations/{token}/accept", headers={"X-API-Key": ""})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _join(client, email: str, role: str) -> str:
+    """Invite ``email`` with the client's owner key and accept: the member's first key."""
+    return _accept(client, _invite(client, email, role)["invitationToken"])["apiKey"]["key"]
+
+
+def _as(key: str) -> dict:
+    return {"X-API-Key": key}
+
+
+def test_every_role_against_every_kind_of_route(cfg, client, key):
+    """Roles decide, whatever the key's permissions: each role's invitation key, plus a VIEWER
+    holding a full-permission key made by the CLI (which does not cap by role)."""
+    keys = {role: _join(client, f"{role.lower()}@example.test", role)
+            for role in ("VIEWER", "MEMBER", "ADMIN")}
+    keys["OWNER"] = key
+    keys["VIEWER+full"] = cli(cfg, "apikey", "create", "--email", "viewer@example.test", "--name",
+                              "full", "--permissions", "read,write,delete").strip().splitlines()[-1]
+    victim = _join(client, "victim@example.test", "MEMBER")
+    member_id = next(m["id"] for m in client.get(f"{API}/team/members").json()["members"]
+                     if m["email"] == "victim@example.test")
+    monitor_id = client.post(f"{API}/monitors", json=MONITOR_BODY).json()["id"]
+    victim_keys = iter(client.post(f"{API}/account/api-keys", json={"name": f"v{i}"},
+                                   headers=_as(victim)).json()["id"] for i in range(len(keys)))
+    pending = iter(_invite(client, f"p{i}@example.test", "VIEWER")["id"] for i in range(len(keys)))
+    table = [  # kind of route, method, path, body, least role
+        ("read monitors", "GET", lambda: "/monitors", None, "VIEWER"),
+        ("read a monitor", "GET", lambda: f"/monitors/{monitor_id}", None, "VIEWER"),
+        ("create monitor", "POST", lambda: "/monitors", MONITOR_BODY, "MEMBER"),
+        ("edit monitor", "PUT", lambda: f"/monitors/{monitor_id}", {"name": "x"}, "MEMBER"),
+        ("read team", "GET", lambda: "/team/members", None, "VIEWER"),
+        ("read invitations", "GET", lambda: "/team/invitations", None, "VIEWER"),
+        ("invite", "POST", lambda: "/team/members", {"email": "new@x.test", "role": "VIEWER"},
+         "ADMIN"),
+        ("change a role", "PUT", lambda: f"/team/members/{member_id}", {"role": "MEMBER"},
+         "ADMIN"),
+        ("remove a member", "DELETE", lambda: f"/team/members/{next(pending)}", None, "ADMIN"),
+        ("list own keys", "GET", lambda: "/account/api-keys", None, "VIEWER"),
+        ("create own key", "POST", lambda: "/account/api-keys", {"name": "ci"}, "MEMBER"),
+        ("revoke a member's key", "DELETE", lambda: f"/account/api-keys/{next(victim_keys)}",
+         None, "ADMIN"),
+        ("read account", "GET", lambda: "/account", None, "VIEWER"),
+        ("edit account", "PUT", lambda: "/account", {"timezone": "Europe/Paris"}, "MEMBER"),
+        ("read usage", "GET", lambda: "/account/usage", None, "VIEWER"),
+    ]
+    got, want = {}, {}
+    for kind, method, path, body, least in table:
+        for who, role_key in keys.items():
+            role = who.split("+")[0]
+            body = {**body, "email": f"{who}-{kind}@x.test".replace(" ", "-")} \
+                if kind == "invite" else body
+            response = client.request(method, API + path(), json=body, headers=_as(role_key))
+            got[kind, who] = response.status_code
+            allowed = statusapp.ROLES.index(role) >= statusapp.ROLES.index(least)
+            want[kind, who] = ({"POST": 201}.get(method, 200) if allowed else 403)
+    assert got == want
+    assert client.get(f"{API}/monitors").json()["pagination"]["total"] == 4  # 1 + 3 allowed
+
+
+def _owner_key(srv: Server) -> str:
+    return next(line for line in srv.output().splitlines() if line.startswith("sk_live_"))
+
+
+def test_invitation_flow_over_http_with_expiry_and_reuse(tmp_path):
+    srv = Server(tmp_path).start()
+    try:
+        db = {"server": {"database": srv.db}}
+        owner = httpx.Client(base_url=srv.url, headers=_as(_owner_key(srv)), timeout=10)
+        public = httpx.Client(base_url=srv.url, timeout=10)
+        invited = _invite(owner, "Bob@Example.test", "MEMBER")
+        token = invited["invitationToken"]
+        assert invited["status"] == "PENDING" and invited["acceptedAt"] is None
+        assert invited["emailSent"] is False  # no SMTP configured
+        expires = statusapp._parse_time(invited["expiresAt"]).timestamp()
+        assert abs(expires - (time.time() + 7 * 86400)) < 60
+        assert sql(db, "SELECT invitation_hash FROM team_members WHERE id = ?",
+                   (invited["id"],)) == [(statusapp.hash_key(token),)]
+        pending = owner.get(f"{API}/team/invitations").json()["invitations"]
+        assert [(i["email"], i["isExpired"]) for i in pending] == [("Bob@Example.test", False)]
+        # A second invitation to the same person (any case) is a conflict.
+        again = owner.post(f"{API}/team/members",
+                           json={"email": "bob@example.test", "role": "VIEWER"})
+        assert again.status_code == 409 and again.json()["code"] == "CONFLICT"
+
+        accepted = _accept(public, token)
+        assert accepted["member"]["status"] == "ACCEPTED" and accepted["member"]["acceptedAt"]
+        assert accepted["apiKey"]["permissions"] == "read,write,delete"
+        bob = httpx.Client(base_url=srv.url, headers=_as(accepted["apiKey"]["key"]),
+                           timeout=10)
+        created = bob.post(f"{API}/monitors", json=MONITOR_BODY)
+        assert created.status_code == 201
+        assert owner.get(f"{API}/monitors/{created.json()['id']}").status_code == 200  # team's
+        assert bob.get(f"{API}/account").json()["email"] == "Bob@Example.test"
+        assert owner.get(f"{API}/team/invitations").json()["invitations"] == []
+        reused = public.post(f"{API}/team/invitations/{token}/accept")
+        assert reused.status_code == 404 and reused.json()["code"] == "NOT_FOUND"
+
+        carol = _invite(owner, "carol@example.test", "VIEWER")
+        sql(db, "UPDATE team_members SET expires_at = ? WHERE id = ?",
+            (statusapp.now_ms() - 1000, carol["id"]))
+        expired = public.post(f"{API}/team/invitations/{carol['invitationToken']}/accept")
+        assert expired.status_code == 410 and expired.json()["code"] == "GONE"
+        listed = owner.get(f"{API}/team/invitations").json()["invitations"]
+        assert [(i["id"], i["isExpired"]) for i in listed] == [(carol["id"], True)]
+        renewed = _invite(owner, "carol@example.test", "VIEWER")  # replaces the expired one
+        assert public.post(f"{API}/team/invitations/{carol['invitationToken']}/accept"
+                           ).status_code == 404
+        viewer = _accept(public, renewed["invitationToken"])["apiKey"]
+        assert viewer["permissions"] == "read"
+        members = owner.get(f"{API}/team/members").json()["members"]
+        assert [(m["email"], m["role"], m["status"]) for m in members] == [
+            ("admin@localhost", "OWNER", "ACCEPTED"), ("Bob@Example.test", "MEMBER", "ACCEPTED"),
+            ("carol@example.test", "VIEWER", "ACCEPTED")]
+    finally:
+        srv.stop()
+
+
+def test_owner_is_never_removed_or_demoted(client):
+    members = client.get(f"{API}/team/members").json()["members"]
+    owner_id = members[0]["id"]
+    assert members[0]["role"] == "OWNER"
+    admin = _join(client, "admin@example.test", "ADMIN")
+    for headers in ({}, _as(admin)):
+        demote = client.put(f"{API}/team/members/{owner_id}", json={"role": "ADMIN"},
+                            headers=headers)
+        assert demote.status_code == 403 and "owner" in demote.json()["error"]
+        assert client.delete(f"{API}/team/members/{owner_id}", headers=headers).status_code == 403
+    admin_id = client.get(f"{API}/team/members").json()["members"][1]["id"]
+    promote = client.put(f"{API}/team/members/{admin_id}", json={"role": "OWNER"})
+    assert promote.status_code == 400 and promote.json()["error"][0]["path"] == ["role"]
+    invite = client.post(f"{API}/team/members", json={"email": "o@x.test", "role": "OWNER"})
+    assert invite.status_code == 400 and invite.json()["error"][0]["code"] == "invalid_enum_value"
+    roles = [m["role"] for m in client.get(f"{API}/team/members").json()["members"]]
+    assert roles == ["OWNER", "ADMIN"]
+
+
+def test_removing_a_member_revokes_their_keys_at_once(cfg, client):
+    first = _join(client, "bob@example.test", "MEMBER")
+    second = client.post(f"{API}/account/api-keys", json={"name": "ci"},
+                         headers=_as(first)).json()["key"]
+    member = client.get(f"{API}/team/members").json()["members"][1]
+    assert client.get(f"{API}/monitors", headers=_as(second)).status_code == 200
+    assert client.delete(f"{API}/team/members/{member['id']}").status_code == 200
+    for old in (first, second):
+        assert client.get(f"{API}/monitors", headers=_as(old)).status_code == 401
+    assert sql(cfg, "SELECT COUNT(*), SUM(is_active) FROM api_keys k JOIN accounts a"
+                    " ON a.id = k.account_id WHERE a.email = 'bob@example.test'") == [(2, 0)]
+    # Invited again, the same person keeps their account; the old keys stay dead.
+    again = _join(client, "bob@example.test", "VIEWER")
+    assert sql(cfg, "SELECT COUNT(*) FROM accounts WHERE email = 'bob@example.test'") == [(1,)]
+    assert client.get(f"{API}/monitors", headers=_as(first)).status_code == 401
+    assert client.get(f"{API}/monitors", headers=_as(again)).status_code == 200
+
+
+def test_a_person_belongs_to_one_team(cfg, client):
+    other = new_key(cfg, "other@example.test")  # owns a team of their own
+    for address in ("other@example.test", "owner@example.test"):
+        response = client.post(f"{API}/team/members", json={"email": address, "role": "MEMBER"})
+        assert response.status_code == 409, address
+    token = _invite(client, "dana@example.test", "MEMBER")["invitationToken"]
+    stolen = client.post(f"{API}/team/members", json={"email": "dana@example.test",
+                                                      "role": "MEMBER"}, headers=_as(other))
+    token_elsewhere = stolen.json()["invitationToken"]  # pending in two teams is allowed
+    _accept(client, token)
+    late = client.post(f"{API}/team/invitations/{token_elsewhere}/accept")
+    assert late.status_code == 409
+
+
+def test_account_details_and_validation(client):
+    account = client.get(f"{API}/account").json()
+    assert list(account)[:11] == ["id", "email", "name", "image", "accountStatus", "plan",
+                                  "phoneNumber", "smsNotificationsEnabled", "language",
+                                  "timezone", "createdAt"]
+    assert account["accountStatus"] == "ENABLED" and account["plan"] == "ENTERPRISE"
+    bad = client.put(f"{API}/account", json={"timezone": "Mars/Olympus", "phoneNumber": "+0987",
+                                             "language": "xx", "image": "ftp://x/y.png",
+                                             "smsNotificationsEnabled": "yes"})
+    assert bad.status_code == 400 and bad.json()["code"] == "BAD_REQUEST"
+    assert sorted(i["path"][0] for i in bad.json()["error"]) == [
+        "image", "language", "phoneNumber", "smsNotificationsEnabled", "timezone"]
+    good = {"name": "Jane Doe", "phoneNumber": "+441234567890", "smsNotificationsEnabled": True,
+            "timezone": "Europe/London", "language": "fr", "image": "https://cdn.test/a.png"}
+    updated = client.put(f"{API}/account", json=good).json()
+    assert {k: updated[k] for k in good} == good
+    assert client.get(f"{API}/account").json() == updated
+    no_phone = client.put(f"{API}/account", json={"phoneNumber": None})
+    assert no_phone.json()["error"][0]["path"] == ["smsNotificationsEnabled"]
+    # plan and accountStatus: a round trip passes, a change is refused.
+    assert client.put(f"{API}/account", json=updated).status_code == 200
+    for field, value in (("plan", "STARTER"), ("accountStatus", "DISABLED")):
+        refused = client.put(f"{API}/account", json={field: value})
+        assert refused.status_code == 400 and refused.json()["error"][0]["path"] == [field]
+    assert client.get(f"{API}/account").json()["plan"] == "ENTERPRISE"
+
+
+def test_plan_and_status_are_set_from_the_cli(cfg, client):
+    member = _join(client, "bob@example.test", "MEMBER")
+    assert client.get(f"{API}/monitors").headers["X-RateLimit-Limit"] == "100000"
+    assert "STARTER" in cli(cfg, "account", "set-plan", "owner@example.test", "starter")
+    for headers in ({}, _as(member)):  # the team's plan applies to every member's keys
+        response = client.get(f"{API}/account/usage", headers=headers)
+        assert response.headers["X-RateLimit-Limit"] == "1000"
+        assert response.json()["rateLimit"]["limit"] == 1000
+    assert client.get(f"{API}/account").json()["plan"] == "STARTER"
+    refused = CliRunner().invoke(statusapp.cli, ["account", "set-plan", "bob@example.test",
+                                                 "BUSINESS", "--db", cfg["server"]["database"]])
+    assert refused.exit_code != 0 and "no team owner" in refused.output
+    cli(cfg, "account", "disable", "bob@example.test")
+    assert client.get(f"{API}/monitors", headers=_as(member)).status_code == 403
+    assert client.get(f"{API}/monitors").status_code == 200
+    cli(cfg, "account", "enable", "bob@example.test")
+    cli(cfg, "account", "disable", "owner@example.test")  # the whole team stops
+    for headers in ({}, _as(member)):
+        response = client.get(f"{API}/monitors", headers=headers)
+        assert response.status_code == 403 and response.json()["code"] == "FORBIDDEN"
+    cli(cfg, "account", "enable", "owner@example.test")
+    assert client.get(f"{API}/monitors", headers=_as(member)).status_code == 200
+    unknown = CliRunner().invoke(statusapp.cli, ["account", "disable", "nobody@x.test",
+                                                 "--db", cfg["server"]["database"]])
+    assert unknown.exit_code != 0
+
+
+def test_api_keys_created_capped_listed_and_revoked(cfg, client, key):
+    created = client.post(f"{API}/account/api-keys",
+                          json={"name": "ci", "permissions": "write,read",
+                                "expiresAt": "2099-01-01T00:00:00Z"})
+    assert created.status_code == 201
+    body = created.json()
+    assert body["permissions"] == "read,write" and body["expiresAt"] == "2099-01-01T00:00:00Z"
+    assert body["key"].startswith(body["prefix"].rstrip(".")) and body["isActive"]
+    listed = client.get(f"{API}/account/api-keys").json()["apiKeys"]
+    assert [k["name"] for k in listed] == ["ci", "init"] and "key" not in listed[0]
+    ci = _as(body["key"])
+    assert client.get(f"{API}/monitors", headers=ci).status_code == 200
+    assert client.get(f"{API}/account/api-keys").json()["apiKeys"][0]["lastUsedAt"]
+    assert client.delete(f"{API}/monitors/x", headers=ci).status_code == 403  # no delete
+    # A key grants no more than the key that makes it.
+    wider = client.post(f"{API}/account/api-keys", json={"name": "d", "permissions": "delete"},
+                        headers=ci)
+    assert wider.status_code == 403 and "delete" in wider.json()["error"]
+    default = client.post(f"{API}/account/api-keys", json={"name": "d"}, headers=ci).json()
+    assert default["permissions"] == "read,write"
+    for bad in ({"permissions": "read,admin"}, {"expiresAt": "2001-01-01"},
+                {"expiresAt": "soon"}, {"name": ""}):
+        response = client.post(f"{API}/account/api-keys", json={"name": "k", **bad})
+        assert response.status_code == 400, bad
+    # Roles cap too: a VIEWER's invitation key reads only, and a VIEWER cannot make keys.
+    viewer = _join(client, "viewer@example.test", "VIEWER")
+    viewer_full = cli(cfg, "apikey", "create", "--email", "viewer@example.test", "--name", "f",
+                      "--permissions", "read,write,delete").strip().splitlines()[-1]
+    refused = client.post(f"{API}/account/api-keys", json={"name": "x"}, headers=_as(viewer_full))
+    assert refused.status_code == 403 and "MEMBER" in refused.json()["error"]
+    # Revoking: one's own; another's only as ADMIN+, the owner's only as the owner.
+    member = _join(client, "member@example.test", "MEMBER")
+    admin = _join(client, "admin@example.test", "ADMIN")
+    owner_key_id = listed[1]["id"]
+    assert client.delete(f"{API}/account/api-keys/{owner_key_id}",
+                         headers=_as(member)).status_code == 403
+    assert client.delete(f"{API}/account/api-keys/{owner_key_id}",
+                         headers=_as(admin)).status_code == 403
+    viewer_keys = client.get(f"{API}/account/api-keys", headers=_as(viewer)).json()["apiKeys"]
+    member_id = next(m["id"] for m in client.get(f"{API}/team/members").json()["members"]
+                     if m["email"] == "viewer@example.test")
+    assert client.get(f"{API}/account/api-keys?memberId={member_id}",
+                      headers=_as(member)).status_code == 403
+    assert client.get(f"{API}/account/api-keys?memberId={member_id}",
+                      headers=_as(admin)).json()["apiKeys"] == viewer_keys
+    for k in viewer_keys:
+        assert client.delete(f"{API}/account/api-keys/{k['id']}",
+                             headers=_as(admin)).status_code == 200
+    assert client.get(f"{API}/monitors", headers=_as(viewer)).status_code == 401
+    assert client.delete(f"{API}/account/api-keys/{body['id']}").status_code == 200
+    assert client.get(f"{API}/monitors", headers=ci).status_code == 401
+    keys_now = client.get(f"{API}/account/api-keys").json()["apiKeys"]
+    states = {k["id"]: k["isActive"] for k in keys_now}
+    assert states[body["id"]] is False and states[listed[1]["id"]] is True
+    assert client.delete(f"{API}/account/api-keys/key_nope").status_code == 404
+    other = new_key(cfg, "other@example.test")  # another team's key is not found
+    other_id = client.get(f"{API}/account/api-keys", headers=_as(other)).json()["apiKeys"][0]["id"]
+    assert client.delete(f"{API}/account/api-keys/{other_id}").status_code == 404
+
+
+def test_usage_counts_match_requests_before_and_after_a_flush(cfg, client):
+    rt = client.app.state.statusapp
+    monitor = client.post(f"{API}/monitors", json=MONITOR_BODY).json()["id"]
+    for _ in range(3):
+        client.get(f"{API}/monitors")
+    for _ in range(2):
+        client.get(f"{API}/monitors/{monitor}")
+    hour = statusapp.now_ms() // 3_600_000
+    sql(cfg, "INSERT INTO api_usage VALUES ((SELECT id FROM accounts), '/api/v1/old', ?, 5)",
+        (hour - 2,))
+    expected = {"/api/v1/monitors": 4, "/api/v1/monitors/{monitorId}": 2,
+                "/api/v1/account/usage": 1}
+    response = client.get(f"{API}/account/usage?period=1h")
+    usage = response.json()
+    assert usage["period"] == "1h" and usage["requestsByEndpoint"] == expected
+    assert usage["totalRequests"] == 7
+    limit = int(response.headers["X-RateLimit-Limit"])
+    assert usage["rateLimit"] == {"limit": limit, "used": 7,
+                                  "remaining": int(response.headers["X-RateLimit-Remaining"])}
+    client.portal.call(rt.usage.flush, rt.db)
+    assert rt.usage.pending() == []
+    stored = dict(sql(cfg, "SELECT endpoint, count FROM api_usage WHERE hour = ?", (hour,)))
+    assert stored == expected
+    after = client.get(f"{API}/account/usage?period=24h").json()
+    assert after["requestsByEndpoint"] == {**expected, "/api/v1/account/usage": 2,
+                                           "/api/v1/old": 5}
+    assert after["totalRequests"] == 13 and after["rateLimit"]["used"] == 8
+    assert client.get(f"{API}/account/usage?period=2h").status_code == 400
+
+
+def test_invitation_is_emailed_when_smtp_is_configured(tmp_path, notify_smtp):
+    mailbox, port = notify_smtp
+    cfg = make_cfg(tmp_path, smtp={"host": "127.0.0.1", "port": port, "security": "none",
+                                   "sender": "status@team.test"})
+    with TestClient(statusapp.create_app(cfg), headers=_as(new_key(cfg))) as client:
+        invited = _invite(client, "eve@example.test", "MEMBER")
+        assert invited["emailSent"] is True
+        message = email.message_from_bytes(mailbox.envelopes[0].original_content,
+                                           policy=email.policy.default)
+        assert mailbox.envelopes[0].rcpt_tos == ["eve@example.test"]
+        assert message["From"] == "status@team.test"
+        assert f"/api/v1/team/invitations/{invited['invitationToken']}/accept" in \
+            message.get_content()
+        client.app.state.statusapp.cfg["smtp"]["port"] = free_port()  # nobody listens
+        assert _invite(client, "fay@example.test", "VIEWER")["emailSent"] is False
+
+
 # --- CLI tests ---
 
 
