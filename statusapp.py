@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import copy
 import functools
+import gzip
 import hashlib
 import hmac
 import html
@@ -3769,6 +3770,8 @@ footer p{margin:.25rem 0}
 a{color:var(--link)}
 @media (max-width:30rem){h1{font-size:1.25rem}.banner{font-size:1rem}h2{font-size:1.125rem}}
 """
+_BAR_CSS = "".join(f".d-{level}{{fill:{colour}}}" for level, colour, _ in
+                   (*(level[1:] for level in DAY_LEVELS), NO_DATA))
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline';"
                 " img-src http: https: data:; base-uri 'none'; form-action 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
@@ -3780,12 +3783,12 @@ def _bars(monitor: dict[str, Any]) -> str:
     cells = []
     for i, day in enumerate(monitor["days"]):
         uptime = _day_uptime(day)
-        level, colour, label = day_level(uptime)
+        level, _, label = day_level(uptime)
         text = (f"{day['day']}: no data" if uptime is None else
                 f"{day['day']}: {uptime:.2f}% uptime, {label} "
                 f"({day['down']} of {day['total']} checks down)")
-        cells.append(f'<rect x="{i * 10}" width="8" height="34" rx="1.5" class="d-{level}"'
-                     f' fill="{colour}"><title>{_esc(text)}</title></rect>')
+        cells.append(f'<rect x="{i * 10}" width="8" height="34" class="d-{level}">'
+                     f'<title>{text}</title></rect>')  # our own text: nothing to escape
     summary = (f"{len(cells)}-day uptime bar of {monitor['name']}: " +
                ("no data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}%"))
     return (f'<svg class="bars" viewBox="0 0 {len(cells) * 10 - 2} 34" preserveAspectRatio="none"'
@@ -3854,7 +3857,7 @@ def render_page(view: dict[str, Any]) -> str:
 <title>{name} status</title>{favicon}
 <meta name="description" content="{_esc(page["description"] or f"Status of {page['name']}")}">
 <link rel="alternate" type="application/atom+xml" title="{name} incidents" href="/status/{slug}/feed.atom">
-<style>:root{{--brand:{brand};--on-brand:{on_brand};--link:{link}}}{_PAGE_CSS}</style>
+<style>:root{{--brand:{brand};--on-brand:{on_brand};--link:{link}}}{_PAGE_CSS}{_BAR_CSS}</style>
 </head><body><a class="skip" href="#main">Skip to content</a>
 <header class="top"><div class="wrap">{logo}<div><h1>{name}</h1>{description}</div></div></header>
 <main id="main" class="wrap">
@@ -3875,14 +3878,21 @@ _NOT_FOUND_HTML = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><
                    ' at this address.</p></main></body></html>')
 
 
+def _html_response(request: Request, text: str, status: int) -> Response:
+    """HTML with the page headers, gzipped when the client accepts it (the bars repeat a lot)."""
+    body, headers = text.encode(), {**PAGE_HEADERS, "Vary": "Accept-Encoding"}
+    if len(body) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = gzip.compress(body, 6), "gzip"
+    return Response(body, status, headers, "text/html; charset=utf-8")
+
+
 async def _html_page(request: Request, column: str, value: str) -> Response:
     rt: Runtime = request.app.state.statusapp
     try:
         page = await _public_page(rt, column, value)
     except NotFound:
-        return Response(_NOT_FOUND_HTML, 404, PAGE_HEADERS, "text/html; charset=utf-8")
-    return Response(render_page(await page_view(rt, page)), 200, PAGE_HEADERS,
-                    "text/html; charset=utf-8")
+        return _html_response(request, _NOT_FOUND_HTML, 404)
+    return _html_response(request, render_page(await page_view(rt, page)), 200)
 
 
 async def page_by_slug(request: Request) -> Response:

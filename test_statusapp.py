@@ -1698,6 +1698,7 @@ def test_page_html_shows_state_bars_and_incidents(client, seeded):
     resp = client.get("/status/acme")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
     assert "script-src" not in resp.headers["content-security-policy"]  # no scripts at all
+    assert resp.headers["content-encoding"] == "gzip"
     page = resp.text
     assert page.count("<script") == 0
     assert '<meta name="viewport"' in page and "<header" in page and "<main" in page
