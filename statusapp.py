@@ -3856,24 +3856,29 @@ def render_page(view: dict[str, Any]) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{name} status</title>{favicon}
 <meta name="description" content="{_esc(page["description"] or f"Status of {page['name']}")}">
-<link rel="alternate" type="application/atom+xml" title="{name} incidents" href="/status/{slug}/feed.atom">
+<link rel="alternate" type="application/atom+xml" title="{name} incidents"
+ href="/status/{slug}/feed.atom">
 <style>:root{{--brand:{brand};--on-brand:{on_brand};--link:{link}}}{_PAGE_CSS}{_BAR_CSS}</style>
 </head><body><a class="skip" href="#main">Skip to content</a>
 <header class="top"><div class="wrap">{logo}<div><h1>{name}</h1>{description}</div></div></header>
 <main id="main" class="wrap">
-<section aria-label="Overall status"><p class="banner" style="background:{banner_colour}">{banner_text}</p></section>
+<section aria-label="Overall status">
+<p class="banner" style="background:{banner_colour}">{banner_text}</p></section>
 {active_section}
 <section aria-labelledby="status-h"><h2 id="status-h">Current status</h2>
 <ul class="legend" aria-label="Bar colours by daily uptime">{legend}</ul>{groups}</section>
-<section aria-labelledby="past-h"><h2 id="past-h">Past incidents (last {PAST_INCIDENT_DAYS} days)</h2>{past}</section>
+<section aria-labelledby="past-h">
+<h2 id="past-h">Past incidents (last {PAST_INCIDENT_DAYS} days)</h2>{past}</section>
 </main>
 <footer><p>Updated {_when(now_ms())}. Hover a day for its uptime; days are UTC.</p>
-<p><a href="/status/{slug}.json">JSON</a> &middot; <a href="/status/{slug}/feed.atom">Atom feed</a> &middot; Powered by StatusApp</p></footer>
+<p><a href="/status/{slug}.json">JSON</a> &middot; <a href="/status/{slug}/feed.atom">Atom feed</a>
+&middot; Powered by StatusApp</p></footer>
 </body></html>"""
 
 
-_NOT_FOUND_HTML = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport"'
-                   ' content="width=device-width, initial-scale=1"><title>Not found</title></head>'
+_NOT_FOUND_HTML = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                   '<meta name="viewport" content="width=device-width, initial-scale=1">'
+                   '<title>Not found</title></head>'
                    '<body><main><h1>Status page not found</h1><p>There is no public status page'
                    ' at this address.</p></main></body></html>')
 
