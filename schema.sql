@@ -256,3 +256,20 @@ CREATE TRIGGER checks_track_latest AFTER INSERT ON checks BEGIN
     WHERE excluded.check_id > monitor_latest.check_id;
     UPDATE monitors SET check_count = check_count + 1 WHERE id = NEW.monitor_id;
 END;
+
+-- migration 4: status page monitor groups, in display order
+CREATE TABLE status_page_groups (
+    id TEXT PRIMARY KEY,
+    status_page_id TEXT NOT NULL REFERENCES status_pages(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    position INTEGER NOT NULL
+);
+CREATE INDEX status_page_groups_page ON status_page_groups(status_page_id, position);
+
+CREATE TABLE status_page_monitors (
+    group_id TEXT NOT NULL REFERENCES status_page_groups(id) ON DELETE CASCADE,
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (group_id, monitor_id)
+) WITHOUT ROWID;
+CREATE INDEX status_page_monitors_monitor ON status_page_monitors(monitor_id);

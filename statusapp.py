@@ -29,8 +29,10 @@ import contextlib
 import contextvars
 import copy
 import functools
+import gzip
 import hashlib
 import hmac
+import html
 import http.cookiejar
 import ipaddress
 import json
@@ -3342,6 +3344,204 @@ async def update_regression(call: Call) -> dict[str, Any]:
 
 # Status pages
 
+_SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
+_HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """Lowercase letters, digits and inner hyphens: safe in a URL path as it is."""
+    if not _SLUG.fullmatch(value):
+        raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
+                     " or ending with a hyphen", "invalid_string", validation="regex")
+    return value
+
+
+def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
+    if not _HEX_COLOR.fullmatch(value):
+        raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
+                     validation="regex")
+    return value.lower()
+
+
+def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """A DNS hostname (no scheme, port or path; not an IP address), stored lowercase."""
+    host = value.strip().lower().rstrip(".")
+    labels = host.split(".")
+    if (len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise _Issue("Invalid customDomain: expected a hostname such as status.example.com")
+    return host
+
+
+def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
+                           env: dict[str, Any]) -> list[str]:
+    """Every id must name one of the team's monitors; duplicates are dropped, order kept."""
+    unknown = [str(v) for v in value if not isinstance(v, str) or v not in env["monitors"]]
+    if unknown:
+        raise _Issue(f"Unknown monitor id(s): {', '.join(unknown)}")
+    return list(dict.fromkeys(value))
+
+
+MONITOR_GROUP_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
+    Field("monitorIds", "array", default=[], maximum=500, check=check_page_monitor_ids,
+          doc="The team's monitors in display order"),
+)
+
+STATUS_PAGE_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=255, doc="Status page name"),
+    Field("slug", "string", True, minimum=1, maximum=64, check=check_slug,
+          doc="URL slug, unique across the server (409 when taken)"),
+    Field("description", "string", maximum=2000, doc="Page description"),
+    Field("isPublic", "boolean", default=True, doc="Private pages are 404 to the public"),
+    Field("brandColor", "string", check=check_hex_color, doc="Hex colour, #rgb or #rrggbb"),
+    Field("logoUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the logo"),
+    Field("faviconUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the favicon"),
+    Field("customDomain", "string", maximum=253, check=check_custom_domain,
+          doc="Hostname that serves the page at / (unique; 409 when taken)"),
+    Field("monitorGroups", "array", default=[], maximum=100, check=each(MONITOR_GROUP_FIELDS),
+          doc="Groups of monitors, in display order"),
+)
+_PAGE_COLUMNS = tuple(f for f in STATUS_PAGE_FIELDS if f.name != "monitorGroups")
+
+
+def status_page_json(row: sqlite3.Row, base_url: str) -> dict[str, Any]:
+    """A status_pages row as the API shows it, with its public URL."""
+    out: dict[str, Any] = {"id": row["id"]}
+    for field in _PAGE_COLUMNS:
+        value = row[field.column]
+        out[field.name] = bool(value) if field.kind == "boolean" else value
+    out.update({"url": f"{base_url}/status/{row['slug']}", "createdAt": iso(row["created_at"]),
+                "updatedAt": iso(row["updated_at"])})
+    return out
+
+
+async def page_groups(db: Database, page_id: str) -> list[dict[str, Any]]:
+    """A page's groups in order, each with its monitors (id, name, type, state) in order."""
+    groups: dict[str, dict[str, Any]] = {}
+    for row in await db.fetchall(
+            "SELECT g.id AS group_id, g.name AS group_name, m.id, m.name, m.type, m.status,"
+            " m.is_paused, m.is_active FROM status_page_groups g"
+            " LEFT JOIN status_page_monitors s ON s.group_id = g.id"
+            " LEFT JOIN monitors m ON m.id = s.monitor_id"
+            " WHERE g.status_page_id = ? ORDER BY g.position, s.position", (page_id,)):
+        group = groups.setdefault(row["group_id"], {"name": row["group_name"], "monitors": []})
+        if row["id"] is not None:
+            group["monitors"].append({
+                "id": row["id"], "name": row["name"], "type": row["type"],
+                "status": row["status"], "paused": bool(row["is_paused"]) or not row["is_active"]})
+    return list(groups.values())
+
+
+async def _status_page_response(call: Call, row: sqlite3.Row) -> dict[str, Any]:
+    out = status_page_json(row, call.rt.cfg["server"]["base_url"])
+    out["monitorGroups"] = [
+        {"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]],
+         "monitors": [{k: m[k] for k in ("id", "name", "type", "status")} for m in g["monitors"]]}
+        for g in await page_groups(call.rt.db, row["id"])]
+    return out
+
+
+async def load_status_page(call: Call) -> sqlite3.Row:
+    """The caller's team's status page, or 404."""
+    page_id = call.param("statusPageId")
+    row = await call.rt.db.fetchone("SELECT * FROM status_pages WHERE id = ? AND account_id = ?",
+                                    (page_id, call.team))
+    if row is None:
+        raise NotFound("Status page not found", f"no status page with id {page_id}")
+    return row
+
+
+async def _page_env(call: Call, **extra: Any) -> dict[str, Any]:
+    monitors = {r[0] for r in await call.rt.db.fetchall(
+        "SELECT id FROM monitors WHERE account_id = ?", (call.team,))}
+    return call.env(monitors=monitors, **extra)
+
+
+async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, Any]) -> None:
+    """Write the given page columns and, when given, replace the groups; 409 on taken names."""
+    for name, column in (("slug", "slug"), ("customDomain", "custom_domain")):
+        if clean.get(name) is not None and await (await conn.execute(
+                f"SELECT 1 FROM status_pages WHERE {column} = ? AND id != ?",
+                (clean[name], page_id))).fetchone():
+            raise Conflict(f"This {name} is already in use", f"{name} {clean[name]!r} is taken")
+    columns = {f.column: _column_value(f, clean[f.name]) for f in _PAGE_COLUMNS
+               if f.name in clean}
+    columns["updated_at"] = now_ms()
+    await conn.execute(f"UPDATE status_pages SET {', '.join(f'{c} = ?' for c in columns)}"
+                       f" WHERE id = ?", [*columns.values(), page_id])
+    if "monitorGroups" not in clean:
+        return
+    await conn.execute("DELETE FROM status_page_groups WHERE status_page_id = ?", (page_id,))
+    for position, group in enumerate(clean["monitorGroups"] or []):
+        group_id = new_id("spg")
+        await conn.execute("INSERT INTO status_page_groups (id, status_page_id, name, position)"
+                           " VALUES (?, ?, ?, ?)", (group_id, page_id, group["name"], position))
+        await conn.executemany(
+            "INSERT INTO status_page_monitors (group_id, monitor_id, position) VALUES (?, ?, ?)",
+            [(group_id, monitor_id, i) for i, monitor_id in enumerate(group["monitorIds"] or [])])
+
+
+_PAGE_DEFAULTS = {f.name: f.default for f in STATUS_PAGE_FIELDS if f.default is not None}
+
+
+def _page_defaults(clean: dict[str, Any]) -> dict[str, Any]:
+    """A null for a field with a default (isPublic, monitorGroups) means that default."""
+    return {name: copy.deepcopy(_PAGE_DEFAULTS[name]) if value is None and name in _PAGE_DEFAULTS
+            else value for name, value in clean.items()}
+
+
+@api("/status-pages", "GET")
+async def list_status_pages(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall(
+        "SELECT * FROM status_pages WHERE account_id = ? ORDER BY created_at, id", (call.team,))
+    base = call.rt.cfg["server"]["base_url"]
+    return {"statusPages": [status_page_json(row, base) for row in rows]}
+
+
+@api("/status-pages/{statusPageId}", "GET")
+async def get_status_page(call: Call) -> dict[str, Any]:
+    return await _status_page_response(call, await load_status_page(call))
+
+
+@api("/status-pages", "POST")
+async def create_status_page(call: Call) -> Response:
+    body = await call.json()
+    clean = _page_defaults(validate(STATUS_PAGE_FIELDS, body, await _page_env(call)))
+    page_id, stamp = new_id("sp"), now_ms()
+    async with call.rt.db.transaction() as conn:  # inserted bare, then written as an update
+        await conn.execute("INSERT INTO status_pages (id, account_id, name, slug, created_at,"
+                           " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                           (page_id, call.team, page_id, page_id, stamp, stamp))
+        await _save_page(conn, page_id, clean)
+    row = await call.rt.db.fetchone("SELECT * FROM status_pages WHERE id = ?", (page_id,))
+    return JSONResponse(await _status_page_response(call, row), 201)
+
+
+@api("/status-pages/{statusPageId}", "PUT")
+async def update_status_page(call: Call) -> dict[str, Any]:
+    row = await load_status_page(call)
+    existing = status_page_json(row, "")
+    existing["monitorGroups"] = [{"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]]}
+                                 for g in await page_groups(call.rt.db, row["id"])]
+    body = await call.json()
+    clean = _page_defaults(validate(STATUS_PAGE_FIELDS, body, await _page_env(call),
+                                    existing=existing))
+    async with call.rt.db.transaction() as conn:
+        await _save_page(conn, row["id"], clean)
+    return await _status_page_response(call, await load_status_page(call))
+
+
+@api("/status-pages/{statusPageId}", "DELETE")
+async def delete_status_page(call: Call) -> dict[str, Any]:
+    row = await load_status_page(call)
+    async with call.rt.db.transaction() as conn:
+        await conn.execute("DELETE FROM status_pages WHERE id = ?", (row["id"],))
+    return {"success": True, "message": "Status page deleted successfully"}
+
+
 # Analytics
 
 # Team
@@ -3810,6 +4010,544 @@ async def worker_regions(call: Call) -> dict[str, Any]:
                         for r in rows]}
 
 # --- Pages ---
+#
+# The public face of a team: a server-rendered page (no JavaScript; nothing loaded from elsewhere
+# but the owner's logo and favicon), its JSON and Atom companions and SVG badges.  Private pages,
+# and monitors on no public page, are 404 to the public.
+
+DAY_MS = 86_400_000
+
+
+# daily_stats: stand-in until the analytics rollups merge
+async def daily_stats(db: Database, monitor_ids: Sequence[str],
+                      days: int) -> dict[str, list[dict[str, Any]]]:
+    """Per monitor, one dict per UTC day for the last ``days`` days (today last), oldest first.
+
+    Each is ``{"day": "YYYY-MM-DD", "up", "down", "degraded", "total", "uptime"}`` with
+    uptime = (up + degraded) / total * 100, or None when the day has no checks.
+    """
+    first = now_ms() // DAY_MS - days + 1
+    out = {monitor_id: [{"day": datetime.fromtimestamp((first + i) * DAY_MS / 1000, timezone.utc)
+                         .strftime("%Y-%m-%d"), "up": 0, "down": 0, "degraded": 0, "total": 0,
+                         "uptime": None} for i in range(days)] for monitor_id in monitor_ids}
+    if not out:
+        return out
+    marks = ",".join("?" * len(out))
+    for row in await db.fetchall(
+            f"SELECT monitor_id, checked_at / {DAY_MS} AS day, SUM(status = 'UP'),"
+            f" SUM(status = 'DOWN'), SUM(status = 'DEGRADED'), COUNT(*) FROM checks"
+            f" WHERE monitor_id IN ({marks}) AND checked_at >= ? GROUP BY monitor_id, day",
+            [*out, first * DAY_MS]):
+        if row[1] - first < days:
+            day = out[row[0]][row[1] - first]
+            day.update(up=row[2], down=row[3], degraded=row[4], total=row[5],
+                       uptime=(row[2] + row[4]) / row[5] * 100)
+    return out
+
+
+UPTIME_DAYS = 90
+PAST_INCIDENT_DAYS = 14
+FEED_ENTRIES = 50
+
+# The overall banner, worst first: indicator -> (text, background with white text >= 4.5:1).
+BANNERS = {"major_outage": ("Major outage", "#b91c1c"),
+           "partial_outage": ("Partial outage", "#c2410c"),
+           "degraded": ("Degraded performance", "#b45309"),
+           "operational": ("All systems operational", "#15803d")}
+
+# A monitor's current state as text and a colour class (PAUSED: paused or inactive).
+MONITOR_STATES = {"UP": ("Operational", "up"), "DEGRADED": ("Degraded performance", "degraded"),
+                  "DOWN": ("Outage", "down"), "PENDING": ("No data yet", "none"),
+                  "PAUSED": ("Paused", "none")}
+
+# A day's bar cell by its uptime: (lowest uptime %, class, colour, label); colours are >= 3:1
+# against white.  Days without checks are NO_DATA.
+DAY_LEVELS = ((100.0, "ok", "#16a34a", "no downtime"),
+              (99.0, "minor", "#a16207", "minor downtime"),
+              (95.0, "partial", "#ea580c", "partial outage"),
+              (0.0, "major", "#dc2626", "major outage"))
+NO_DATA = ("none", "#cbd5e1", "no data")
+
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _esc(text: Any) -> str:
+    """Text for HTML or XML: escaped, without the control characters XML forbids."""
+    return html.escape(_XML_FORBIDDEN.sub("", str(text)))
+
+
+def monitor_state(monitor: dict[str, Any]) -> str:
+    return "PAUSED" if monitor["paused"] else monitor["status"]
+
+
+def overall_status(monitors: Sequence[dict[str, Any]]) -> str:
+    """The banner's indicator.  Only reporting monitors (not paused, not PENDING) count: more
+    than half DOWN is a major outage, any DOWN a partial outage, any DEGRADED degraded."""
+    states = [monitor_state(m) for m in monitors if monitor_state(m) not in ("PAUSED", "PENDING")]
+    down = states.count("DOWN")
+    if down and down * 2 > len(states):
+        return "major_outage"
+    if down:
+        return "partial_outage"
+    return "degraded" if "DEGRADED" in states else "operational"
+
+
+def uptime_percent(up: int, total: int) -> float | None:
+    """Uptime % rounded DOWN to 2 decimals, so any downtime never shows as 100%."""
+    if not total:
+        return None
+    return math.floor(round(up * 10_000 / total, 6)) / 100
+
+
+def day_level(uptime: float | None) -> tuple[str, str, str]:
+    """A day's (class, colour, label) by its uptime %."""
+    if uptime is None:
+        return NO_DATA
+    return next(level[1:] for level in DAY_LEVELS if uptime >= level[0])
+
+
+def _day_uptime(day: dict[str, Any]) -> float | None:
+    return uptime_percent(day["up"] + day["degraded"], day["total"])
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _duration(ms: int) -> str:
+    minutes = max(ms // 60_000, 1)
+    days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+    parts = [f"{days} d" if days else "", f"{hours} h" if hours else "",
+             f"{minutes} min" if minutes and not days else ""]
+    return " ".join(p for p in parts if p)
+
+
+def _cause(category: str | None) -> str:
+    """``DNS_FAILURE`` -> ``DNS failure``."""
+    words = [w if w in ("DNS", "SSL", "DDOS") else w.lower() for w in (category or "").split("_")]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
+async def _public_page(rt: Runtime, column: str, value: str) -> sqlite3.Row:
+    """A public page by slug or custom_domain; private and unknown pages are both 404."""
+    row = await rt.db.fetchone(f"SELECT * FROM status_pages WHERE {column} = ? AND is_public = 1",
+                               (value,))
+    if row is None:
+        raise NotFound("Status page not found", "no such public status page")
+    return row
+
+
+async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: str,
+                         params: Sequence[Any], limit: int = -1) -> list[dict[str, Any]]:
+    """The monitors' incidents matching ``condition``, newest first, each with its updates."""
+    if not monitor_ids:
+        return []
+    marks = ",".join("?" * len(monitor_ids))
+    rows = await db.fetchall(
+        f"SELECT i.*, m.name AS monitor_name FROM incidents i JOIN monitors m"
+        f" ON m.id = i.monitor_id WHERE i.monitor_id IN ({marks}) AND ({condition})"
+        f" ORDER BY i.started_at DESC, i.id LIMIT ?", [*monitor_ids, *params, limit])
+    updates: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    ids = [row["id"] for row in rows]
+    for update in await db.fetchall(
+            f"SELECT * FROM incident_updates WHERE incident_id IN ({','.join('?' * len(ids))})"
+            f" ORDER BY created_at DESC, id", ids):
+        updates[update["incident_id"]].append({"status": update["status"],
+                                               "message": update["message"],
+                                               "createdAt": update["created_at"]})
+    return [{"id": row["id"], "incidentNumber": f"INC-{row['year']}-{row['number']:04d}",
+             "monitorId": row["monitor_id"], "monitorName": row["monitor_name"],
+             "severity": row["severity"], "startedAt": row["started_at"],
+             "resolvedAt": row["resolved_at"], "rootCauseCategory": row["root_cause_category"],
+             "updates": updates[row["id"]]} for row in rows]
+
+
+async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
+    """Everything the page and its JSON show, read once: groups with 90-day days, incidents."""
+    groups = await page_groups(rt.db, page["id"])
+    monitors = {m["id"]: m for g in groups for m in g["monitors"]}
+    stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS)
+    for monitor in (m for g in groups for m in g["monitors"]):
+        days = stats[monitor["id"]]
+        monitor["days"] = days
+        monitor["uptime"] = uptime_percent(sum(d["up"] + d["degraded"] for d in days),
+                                           sum(d["total"] for d in days))
+    incidents = await page_incidents(rt.db, list(monitors),
+                                     "i.resolved_at IS NULL OR i.resolved_at >= ?",
+                                     [now_ms() - PAST_INCIDENT_DAYS * DAY_MS])
+    return {"page": page, "groups": groups, "status": overall_status(list(monitors.values())),
+            "active": [i for i in incidents if i["resolvedAt"] is None],
+            "past": [i for i in incidents if i["resolvedAt"] is not None]}
+
+
+def _page_base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _incident_json(incident: dict[str, Any]) -> dict[str, Any]:
+    return {**incident, "status": "open" if incident["resolvedAt"] is None else "resolved",
+            "startedAt": iso(incident["startedAt"]), "resolvedAt": iso(incident["resolvedAt"]),
+            "updates": [{**u, "createdAt": iso(u["createdAt"])} for u in incident["updates"]]}
+
+
+# Colours of the page: the brand colour with black or white text, whichever contrasts more.
+
+def _luminance(colour: str) -> float:
+    digits = colour[1:] if len(colour) == 7 else "".join(c * 2 for c in colour[1:])
+    channels = [int(digits[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+    r, g, b = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: str, b: str) -> float:
+    """The WCAG contrast ratio of two hex colours."""
+    light, dark = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+DEFAULT_BRAND = "#1d4ed8"
+_PAGE_CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+color:#111827;background:#f3f4f6}
+.wrap{max-width:56rem;margin:0 auto;padding:0 1rem}
+.skip{position:absolute;left:-999rem}.skip:focus{left:1rem;top:1rem;background:#fff;padding:.5rem}
+header.top{background:var(--brand);color:var(--on-brand);padding:1.5rem 0}
+header.top .wrap{display:flex;align-items:center;gap:1rem;flex-wrap:wrap}
+header.top img{height:2.5rem;width:auto;max-width:12rem}
+h1{margin:0;font-size:1.5rem;line-height:1.2;overflow-wrap:anywhere}
+header.top p{margin:.25rem 0 0}
+main.wrap{display:block;padding-top:1.5rem;padding-bottom:1rem}
+h2{font-size:1.25rem;margin:1.5rem 0 .75rem}
+.banner{border-radius:.5rem;padding:1rem 1.25rem;color:#fff;font-weight:600;font-size:1.125rem;
+margin:0}
+.card{background:#fff;border:1px solid #d1d5db;border-radius:.5rem;margin:0 0 1rem}
+.card h3{margin:0;padding:.75rem 1rem;border-bottom:1px solid #e5e7eb;font-size:1rem;
+overflow-wrap:anywhere}
+.monitors{list-style:none;margin:0;padding:0}
+.monitors li{padding:.75rem 1rem}
+.monitors li+li{border-top:1px solid #e5e7eb}
+.mrow{display:flex;justify-content:space-between;gap:.5rem;flex-wrap:wrap;align-items:baseline}
+.mname{font-weight:600;overflow-wrap:anywhere}
+.state{font-size:.875rem;font-weight:600;white-space:nowrap}
+.dot{display:inline-block;width:.625rem;height:.625rem;border-radius:50%;margin-right:.375rem;
+background:currentColor}
+.s-up{color:#15803d}.s-degraded{color:#a16207}.s-down{color:#b91c1c}.s-none{color:#4b5563}
+svg.bars{display:block;width:100%;height:2.125rem;margin:.5rem 0 .25rem}
+svg.bars rect:hover{opacity:.7}
+.axis{display:flex;justify-content:space-between;gap:.5rem;font-size:.75rem;color:#4b5563}
+.axis strong{color:#111827}
+.legend{display:flex;flex-wrap:wrap;gap:.25rem 1rem;font-size:.875rem;list-style:none;
+padding:0;margin:0 0 .75rem;color:#374151}
+.sw{display:inline-block;width:.75rem;height:.75rem;border-radius:2px;margin-right:.375rem;
+vertical-align:-.0625rem}
+.incident{padding:1rem;border-left:.375rem solid #b91c1c}
+.incident.resolved{border-left-color:#15803d}
+.incident h3{padding:0;border:0;margin:0 0 .25rem}
+.meta{margin:0 0 .5rem;font-size:.875rem;color:#4b5563}
+.updates{list-style:none;margin:0;padding:0}
+.updates li{padding:.375rem 0;border-top:1px solid #e5e7eb;overflow-wrap:anywhere}
+time{color:#4b5563;font-size:.875rem;white-space:nowrap}
+.empty{color:#4b5563;margin:0 0 1rem}
+footer{padding:1rem 1rem 2rem;color:#4b5563;font-size:.875rem;text-align:center}
+footer p{margin:.25rem 0}
+a{color:var(--link)}
+@media (max-width:30rem){h1{font-size:1.25rem}.banner{font-size:1rem}h2{font-size:1.125rem}}
+"""
+_BAR_CSS = "".join(f".d-{level}{{fill:{colour}}}" for level, colour, _ in
+                   (*(level[1:] for level in DAY_LEVELS), NO_DATA))
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline';"
+                " img-src http: https: data:; base-uri 'none'; form-action 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache"}
+
+
+def _bars(monitor: dict[str, Any]) -> str:
+    """The 90-day bar: one SVG cell per UTC day with its uptime as hover text."""
+    cells = []
+    for i, day in enumerate(monitor["days"]):
+        uptime = _day_uptime(day)
+        level, _, label = day_level(uptime)
+        text = (f"{day['day']}: no data" if uptime is None else
+                f"{day['day']}: {uptime:.2f}% uptime, {label} "
+                f"({day['down']} of {day['total']} checks down)")
+        cells.append(f'<rect x="{i * 10}" width="8" height="34" class="d-{level}">'
+                     f'<title>{text}</title></rect>')  # our own text: nothing to escape
+    summary = (f"{len(cells)}-day uptime bar of {monitor['name']}: " +
+               ("no data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}%"))
+    return (f'<svg class="bars" viewBox="0 0 {len(cells) * 10 - 2} 34" preserveAspectRatio="none"'
+            f' role="img" aria-label="{_esc(summary)}">{"".join(cells)}</svg>')
+
+
+def _monitor_html(monitor: dict[str, Any]) -> str:
+    label, level = MONITOR_STATES[monitor_state(monitor)]
+    uptime = "No data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}% uptime"
+    return (f'<li><div class="mrow"><span class="mname">{_esc(monitor["name"])}</span>'
+            f'<span class="state s-{level}"><span class="dot" aria-hidden="true"></span>{label}'
+            f'</span></div>{_bars(monitor)}<div class="axis"><span>{UPTIME_DAYS} days ago</span>'
+            f'<strong>{uptime}</strong><span>Today</span></div></li>')
+
+
+def _incident_html(incident: dict[str, Any]) -> str:
+    now = now_ms()
+    started, resolved = incident["startedAt"], incident["resolvedAt"]
+    meta = [f"{_esc(str(incident['severity']).capitalize())} severity",
+            f"Started {_when(started)}",
+            f"Resolved {_when(resolved)} after {_duration(resolved - started)}" if resolved
+            else f"Ongoing for {_duration(now - started)}"]
+    if incident["rootCauseCategory"]:
+        meta.append(f"Cause: {_esc(_cause(incident['rootCauseCategory']))}")
+    updates = "".join(
+        f'<li><strong>{_esc(str(u["status"]).capitalize())}</strong> &ndash; {_esc(u["message"])}'
+        f' <time datetime="{iso(u["createdAt"])}">{_when(u["createdAt"])}</time></li>'
+        for u in incident["updates"])
+    state = "resolved" if resolved else "open"
+    return (f'<article class="card incident {state}"><h3>{_esc(incident["incidentNumber"])}: '
+            f'{_esc(incident["monitorName"])} ({state})</h3><p class="meta">'
+            f'{" &middot; ".join(meta)}</p>' +
+            (f'<ol class="updates">{updates}</ol>' if updates else "") + "</article>")
+
+
+def render_page(view: dict[str, Any]) -> str:
+    """The public status page as one HTML document (inline CSS, no scripts)."""
+    page = view["page"]
+    brand = page["brand_color"] or DEFAULT_BRAND
+    on_brand = max(("#ffffff", "#111827"), key=lambda c: contrast(brand, c))
+    link = brand if contrast(brand, "#ffffff") >= 4.5 else DEFAULT_BRAND
+    name, slug = _esc(page["name"]), page["slug"]
+    banner_text, banner_colour = BANNERS[view["status"]]
+    favicon = (f'<link rel="icon" href="{_esc(page["favicon_url"])}">' if page["favicon_url"]
+               else "")
+    logo = (f'<img src="{_esc(page["logo_url"])}" alt="{name} logo">' if page["logo_url"]
+            else "")
+    description = f'<p>{_esc(page["description"])}</p>' if page["description"] else ""
+    groups = "".join(
+        f'<section class="card" aria-label="{_esc(g["name"])}"><h3>{_esc(g["name"])}</h3>'
+        f'<ul class="monitors">{"".join(_monitor_html(m) for m in g["monitors"])}</ul></section>'
+        for g in view["groups"]) or '<p class="empty">No monitors on this page yet.</p>'
+    ranges = ("100%", *(f"&ge; {low:g}%" for low, *_ in DAY_LEVELS[1:-1]),
+              f"&lt; {DAY_LEVELS[-2][0]:g}%", "No data")
+    legend = "".join(f'<li><span class="sw" style="background:{colour}" aria-hidden="true">'
+                     f'</span>{text}</li>' for text, colour in zip(
+                         ranges, [*(level[2] for level in DAY_LEVELS), NO_DATA[1]]))
+    active = "".join(_incident_html(i) for i in view["active"])
+    past = ("".join(_incident_html(i) for i in view["past"])
+            or f'<p class="empty">No incidents in the last {PAST_INCIDENT_DAYS} days.</p>')
+    active_section = (f'<section aria-labelledby="active-h"><h2 id="active-h">Active incidents'
+                      f'</h2>{active}</section>' if active else "")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{name} status</title>{favicon}
+<meta name="description" content="{_esc(page["description"] or f"Status of {page['name']}")}">
+<link rel="alternate" type="application/atom+xml" title="{name} incidents"
+ href="/status/{slug}/feed.atom">
+<style>:root{{--brand:{brand};--on-brand:{on_brand};--link:{link}}}{_PAGE_CSS}{_BAR_CSS}</style>
+</head><body><a class="skip" href="#main">Skip to content</a>
+<header class="top"><div class="wrap">{logo}<div><h1>{name}</h1>{description}</div></div></header>
+<main id="main" class="wrap">
+<section aria-label="Overall status">
+<p class="banner" style="background:{banner_colour}">{banner_text}</p></section>
+{active_section}
+<section aria-labelledby="status-h"><h2 id="status-h">Current status</h2>
+<ul class="legend" aria-label="Bar colours by daily uptime">{legend}</ul>{groups}</section>
+<section aria-labelledby="past-h">
+<h2 id="past-h">Past incidents (last {PAST_INCIDENT_DAYS} days)</h2>{past}</section>
+</main>
+<footer><p>Updated {_when(now_ms())}. Hover a day for its uptime; days are UTC.</p>
+<p><a href="/status/{slug}.json">JSON</a> &middot; <a href="/status/{slug}/feed.atom">Atom feed</a>
+&middot; Powered by StatusApp</p></footer>
+</body></html>"""
+
+
+_NOT_FOUND_HTML = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                   '<meta name="viewport" content="width=device-width, initial-scale=1">'
+                   '<title>Not found</title></head>'
+                   '<body><main><h1>Status page not found</h1><p>There is no public status page'
+                   ' at this address.</p></main></body></html>')
+
+
+def _html_response(request: Request, text: str, status: int) -> Response:
+    """HTML with the page headers, gzipped when the client accepts it (the bars repeat a lot)."""
+    body, headers = text.encode(), {**PAGE_HEADERS, "Vary": "Accept-Encoding"}
+    if len(body) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = gzip.compress(body, 6), "gzip"
+    return Response(body, status, headers, "text/html; charset=utf-8")
+
+
+async def _html_page(request: Request, column: str, value: str) -> Response:
+    rt: Runtime = request.app.state.statusapp
+    try:
+        page = await _public_page(rt, column, value)
+    except NotFound:
+        return _html_response(request, _NOT_FOUND_HTML, 404)
+    return _html_response(request, render_page(await page_view(rt, page)), 200)
+
+
+async def page_by_slug(request: Request) -> Response:
+    return await _html_page(request, "slug", request.path_params["slug"])
+
+
+async def page_by_domain(request: Request) -> Response:
+    """``/`` on a page's customDomain (the Host header, port and trailing dot ignored)."""
+    host = request.headers.get("host", "").lower()
+    host = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+    return await _html_page(request, "custom_domain", host.rstrip("."))
+
+
+async def page_summary(request: Request) -> Response:
+    """``/status/{slug}.json``: the page, overall status, monitors and incidents."""
+    rt: Runtime = request.app.state.statusapp
+    view = await page_view(rt, await _public_page(rt, "slug", request.path_params["slug"]))
+    page = view["page"]
+    indicator = view["status"]
+    return JSONResponse({
+        "page": {"id": page["id"], "name": page["name"], "slug": page["slug"],
+                 "description": page["description"], "brandColor": page["brand_color"],
+                 "logoUrl": page["logo_url"], "faviconUrl": page["favicon_url"],
+                 "url": f"{_page_base(request)}/status/{page['slug']}"},
+        "status": {"indicator": indicator, "description": BANNERS[indicator][0]},
+        "groups": [{"name": g["name"], "monitors": [
+            {"id": m["id"], "name": m["name"], "status": monitor_state(m),
+             "uptime90d": m["uptime"]} for m in g["monitors"]]} for g in view["groups"]],
+        "activeIncidents": [_incident_json(i) for i in view["active"]],
+        "recentIncidents": [_incident_json(i) for i in view["past"]],
+        "updatedAt": iso(now_ms())})
+
+
+async def page_feed(request: Request) -> Response:
+    """``/status/{slug}/feed.atom``: the newest incidents of the page's monitors as Atom."""
+    rt: Runtime = request.app.state.statusapp
+    page = await _public_page(rt, "slug", request.path_params["slug"])
+    monitor_ids = list(dict.fromkeys(m["id"] for g in await page_groups(rt.db, page["id"])
+                                     for m in g["monitors"]))
+    incidents = await page_incidents(rt.db, monitor_ids, "1", [], FEED_ENTRIES)
+    url = f"{_page_base(request)}/status/{page['slug']}"
+    entries = []
+    for incident in incidents:
+        times = [incident["startedAt"], incident["resolvedAt"] or 0,
+                 *(u["createdAt"] for u in incident["updates"])]
+        state = "resolved" if incident["resolvedAt"] else "open"
+        lines = [f"{incident['monitorName']}: {incident['severity']} severity, {state}.",
+                 f"Started {_when(incident['startedAt'])}."]
+        if incident["resolvedAt"]:
+            lines.append(f"Resolved {_when(incident['resolvedAt'])}.")
+        lines += [f"{_when(u['createdAt'])} {u['status']}: {u['message']}"
+                  for u in reversed(incident["updates"])]
+        entries.append(
+            f"<entry><id>urn:statusapp:incident:{_esc(incident['id'])}</id>"
+            f"<title>{_esc(incident['incidentNumber'])}: {_esc(incident['monitorName'])} ({state})"
+            f"</title><updated>{iso(max(times))}</updated>"
+            f"<published>{iso(incident['startedAt'])}</published>"
+            f'<link rel="alternate" href="{_esc(url)}"/>'
+            f'<content type="text">{_esc(chr(10).join(lines))}</content></entry>')
+    updated = max([page["updated_at"], *(i["startedAt"] for i in incidents),
+                   *(i["resolvedAt"] or 0 for i in incidents),
+                   *(u["createdAt"] for i in incidents for u in i["updates"])])
+    body = (f'<?xml version="1.0" encoding="utf-8"?>\n'
+            f'<feed xmlns="http://www.w3.org/2005/Atom">'
+            f"<id>urn:statusapp:status-page:{_esc(page['id'])}</id>"
+            f"<title>{_esc(page['name'])} incidents</title><updated>{iso(updated)}</updated>"
+            f"<author><name>{_esc(page['name'])}</name></author>"
+            f'<link rel="alternate" type="text/html" href="{_esc(url)}"/>'
+            f'<link rel="self" href="{_esc(url)}/feed.atom"/>{"".join(entries)}</feed>')
+    return Response(body, 200, media_type="application/atom+xml; charset=utf-8")
+
+
+# Badges, in shields.io's flat style.  Text widths approximate Verdana 11px.
+
+BADGE_QUERY = (Field("period", "string", default="30d", choices=("1h", "24h", "7d", "30d", "90d")),)
+_BADGE_HOURS = {"1h": 1, "24h": 24}
+BADGE_STATES = {"UP": ("up", "#4c1"), "DEGRADED": ("degraded", "#dfb317"),
+                "DOWN": ("down", "#e05d44"), "PENDING": ("pending", "#9f9f9f"),
+                "PAUSED": ("paused", "#9f9f9f")}
+# The uptime badge's colour: (lowest uptime %, colour).
+BADGE_UPTIME = ((99.9, "#4c1"), (99.0, "#97ca00"), (95.0, "#dfb317"), (90.0, "#fe7d37"),
+                (0.0, "#e05d44"))
+_CHAR_WIDTHS = {**dict.fromkeys("fijlrtI.,:;|!'()[] ", 4.0), **dict.fromkeys("mwMW%@", 10.0),
+                **dict.fromkeys("ABCDEFGHJKLNOPQRSTUVXYZ0123456789", 7.5)}
+
+
+def _text_width(text: str) -> int:
+    return round(sum(_CHAR_WIDTHS.get(c, 6.5) for c in text))
+
+
+def badge_svg(label: str, message: str, colour: str, title: str) -> str:
+    """A two-part flat badge, ``label | message``, with ``title`` as its text equivalent."""
+    left, right = _text_width(label) + 10, _text_width(message) + 10
+    width = left + right
+    text = "".join(
+        f'<text x="{x * 10}" y="150" fill="#010101" fill-opacity=".3" transform="scale(.1)"'
+        f' textLength="{(w - 10) * 10}">{_esc(t)}</text><text x="{x * 10}" y="140"'
+        f' transform="scale(.1)" fill="#fff" textLength="{(w - 10) * 10}">{_esc(t)}</text>'
+        for t, x, w in ((label, left / 2, left), (message, left + right / 2, right)))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="20" role="img"'
+            f' aria-label="{_esc(title)}"><title>{_esc(title)}</title>'
+            f'<linearGradient id="s" x2="0" y2="100%"><stop offset="0" stop-color="#bbb"'
+            f' stop-opacity=".1"/><stop offset="1" stop-opacity=".1"/></linearGradient>'
+            f'<clipPath id="r"><rect width="{width}" height="20" rx="3" fill="#fff"/></clipPath>'
+            f'<g clip-path="url(#r)"><rect width="{left}" height="20" fill="#555"/>'
+            f'<rect x="{left}" width="{right}" height="20" fill="{colour}"/>'
+            f'<rect width="{width}" height="20" fill="url(#s)"/></g>'
+            f'<g text-anchor="middle" font-family="Verdana,Geneva,DejaVu Sans,sans-serif"'
+            f' text-rendering="geometricPrecision" font-size="110">{text}</g></svg>')
+
+
+async def _badge_monitor(request: Request) -> sqlite3.Row:
+    """The monitor, if it is on at least one public page; else 404."""
+    rt: Runtime = request.app.state.statusapp
+    row = await rt.db.fetchone(
+        "SELECT * FROM monitors m WHERE id = ? AND EXISTS (SELECT 1 FROM status_page_monitors s"
+        " JOIN status_page_groups g ON g.id = s.group_id JOIN status_pages p"
+        " ON p.id = g.status_page_id WHERE s.monitor_id = m.id AND p.is_public = 1)",
+        (request.path_params["monitorId"],))
+    if row is None:
+        raise NotFound("Badge not found", "the monitor is on no public status page")
+    return row
+
+
+def _badge_response(svg: str) -> Response:
+    return Response(svg, 200, {"Cache-Control": "max-age=60"}, "image/svg+xml; charset=utf-8")
+
+
+async def badge_status(request: Request) -> Response:
+    row = await _badge_monitor(request)
+    state = "PAUSED" if row["is_paused"] or not row["is_active"] else row["status"]
+    message, colour = BADGE_STATES[state]
+    return _badge_response(badge_svg("status", message, colour, f"{row['name']}: {message}"))
+
+
+async def badge_uptime(request: Request) -> Response:
+    """Uptime over 1h/24h (raw checks) or 7d/30d/90d (UTC days, today included)."""
+    rt: Runtime = request.app.state.statusapp
+    row = await _badge_monitor(request)
+    period = parse_query(BADGE_QUERY, request, {"cfg": rt.cfg, "regions": rt.regions})["period"]
+    if period in _BADGE_HOURS:
+        counts = await rt.db.fetchone(
+            "SELECT COALESCE(SUM(status IN ('UP', 'DEGRADED')), 0), COUNT(*) FROM checks"
+            " WHERE monitor_id = ? AND checked_at >= ?",
+            (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
+        uptime = uptime_percent(counts[0], counts[1])
+    else:
+        days = (await daily_stats(rt.db, [row["id"]], int(period[:-1])))[row["id"]]
+        uptime = uptime_percent(sum(d["up"] + d["degraded"] for d in days),
+                                sum(d["total"] for d in days))
+    message = "no data" if uptime is None else f"{uptime:.2f}%"
+    colour = "#9f9f9f" if uptime is None else next(c for low, c in BADGE_UPTIME if uptime >= low)
+    return _badge_response(badge_svg(f"uptime {period}", message, colour,
+                                     f"{row['name']}: {message} uptime over {period}"))
+
+
+PAGE_ROUTES = [
+    Route("/", page_by_domain, methods=["GET"]),
+    Route("/status/{slug}.json", page_summary, methods=["GET"]),
+    Route("/status/{slug}/feed.atom", page_feed, methods=["GET"]),
+    Route("/status/{slug}", page_by_slug, methods=["GET"]),
+    Route("/badge/{monitorId}/status.svg", badge_status, methods=["GET"]),
+    Route("/badge/{monitorId}/uptime.svg", badge_uptime, methods=["GET"]),
+]
+
 
 # --- CLI ---
 
@@ -3826,7 +4564,7 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
         finally:
             await rt.stop()
 
-    return Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(Cors)],
+    return Starlette(routes=[*ROUTES, *PAGE_ROUTES], lifespan=lifespan, middleware=[Middleware(Cors)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_api_error,
                                          Exception: on_api_error})
 

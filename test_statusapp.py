@@ -1826,6 +1826,401 @@ async def test_notify_webhook_signature_node_verifier(notify_http, notify_ctx):
 
 # --- Page tests ---
 
+
+DAY = 86_400_000
+EVIL = "<script>alert(1)</script>"
+
+
+def _page_monitor(client, name: str) -> str:
+    resp = client.post("/api/v1/monitors", json={"name": name, "url": "http://127.0.0.1:9/"})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def _day_start(offset: int) -> int:
+    """The start (UTC midnight) of the day ``offset`` days before today."""
+    return (statusapp.now_ms() // DAY - offset) * DAY
+
+
+def _day_name(offset: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(_day_start(offset) / 1000))
+
+
+def _seed_checks(db: str, monitor_id: str, offset: int, statuses: list[str]) -> None:
+    """Checks on the day ``offset`` days ago, from 01:00 UTC one second apart."""
+    start = _day_start(offset) + 3_600_000
+    with sqlite3.connect(db, timeout=10) as conn:
+        conn.executemany(
+            "INSERT INTO checks (monitor_id, region_id, status, response_time, checked_at)"
+            " VALUES (?, 'local', ?, 50, ?)",
+            [(monitor_id, status, start + i * 1000) for i, status in enumerate(statuses)])
+
+
+def _seed_incident(db: str, monitor_id: str, number: int, started: int, resolved: int | None,
+                   updates: list[tuple[str, str, int]] = ()) -> str:
+    incident_id = f"inc_test{number}"
+    with sqlite3.connect(db, timeout=10) as conn:
+        conn.execute(
+            "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at,"
+            " resolved_at, severity, status, root_cause, root_cause_category)"
+            " SELECT ?, account_id, id, 2025, ?, ?, ?, 'high', ?, 'secret internal detail',"
+            " 'NETWORK_TIMEOUT' FROM monitors WHERE id = ?",
+            (incident_id, number, started, resolved, "resolved" if resolved else "open",
+             monitor_id))
+        conn.executemany("INSERT INTO incident_updates VALUES (?, ?, ?, ?, ?)",
+                         [(f"{incident_id}_{i}", incident_id, status, message, at)
+                          for i, (status, message, at) in enumerate(updates)])
+    return incident_id
+
+
+# The seeded history of the "api" monitor: (days ago, statuses) -> expected class and hover text.
+_HISTORY = [(1, ["UP", "UP", "DEGRADED", "DOWN"], "major", "75.00% uptime, major outage (1 of 4"),
+            (2, ["DOWN"] + ["UP"] * 199, "minor", "99.50% uptime, minor downtime (1 of 200"),
+            (3, ["UP"] * 3, "ok", "100.00% uptime, no downtime (0 of 3"),
+            (4, ["DOWN"] * 3 + ["UP"] * 97, "partial", "97.00% uptime, partial outage (3 of 100"),
+            (5, ["UP", "DOWN", "DEGRADED"], "major", "66.66% uptime, major outage (1 of 3")]
+_HISTORY_UPTIME = "98.06"  # (3 + 199 + 3 + 97 + 2) / 310 = 98.0645...%, rounded down
+
+
+@pytest.fixture
+def seeded(cfg, client):
+    """A public page "acme": group Core = [api, EVIL], group Edge = [cdn]; history, incidents."""
+    api_id, evil_id, cdn_id = (_page_monitor(client, n) for n in ("api", EVIL, "cdn"))
+    hidden = _page_monitor(client, "not on the page")
+    resp = client.post("/api/v1/status-pages", json={
+        "name": "Acme & Co", "slug": "acme", "description": "Acme <services>",
+        "brandColor": "#22c55e", "logoUrl": "https://cdn.acme.test/logo.png",
+        "faviconUrl": "https://cdn.acme.test/favicon.ico", "customDomain": "Status.Acme.test",
+        "monitorGroups": [{"name": "Core", "monitorIds": [api_id, evil_id]},
+                          {"name": "Edge", "monitorIds": [cdn_id]}]})
+    assert resp.status_code == 201, resp.text
+    db = cfg["server"]["database"]
+    for offset, statuses, _, _ in _HISTORY:
+        _seed_checks(db, api_id, offset, statuses)
+    sql(cfg, "UPDATE monitors SET status = 'DOWN' WHERE id = ?", (api_id,))
+    sql(cfg, "UPDATE monitors SET status = 'UP' WHERE id IN (?, ?)", (evil_id, cdn_id))
+    now = statusapp.now_ms()
+    _seed_incident(db, api_id, 3, now - 3_600_000, None, [
+        ("investigating", "Timeouts from <the> database", now - 3_000_000),
+        ("identified", "A bad index", now - 1_200_000)])
+    _seed_incident(db, evil_id, 2, now - 3 * DAY, now - 3 * DAY + 900_000,
+                   [("resolved", "Fixed & verified", now - 3 * DAY + 900_000)])
+    _seed_incident(db, cdn_id, 1, now - 20 * DAY, now - 20 * DAY + 60_000)
+    _seed_incident(db, hidden, 4, now - 600_000, None)
+    return {"api": api_id, "evil": evil_id, "cdn": cdn_id, "hidden": hidden,
+            "page": resp.json()["id"]}
+
+
+def test_page_api_crud_keeps_group_order(client):
+    a, b, c = (_page_monitor(client, n) for n in "abc")
+    resp = client.post("/api/v1/status-pages", json={
+        "name": "Public", "slug": "public", "brandColor": "#ABC",
+        "monitorGroups": [{"name": "Second first", "monitorIds": [c, a, c]},
+                          {"name": "Empty"}]})
+    assert resp.status_code == 201
+    page = resp.json()
+    assert page["isPublic"] is True and page["brandColor"] == "#abc"
+    assert page["url"].endswith("/status/public") and page["customDomain"] is None
+    assert [(g["name"], g["monitorIds"]) for g in page["monitorGroups"]] == [
+        ("Second first", [c, a]), ("Empty", [])]
+    assert page["monitorGroups"][0]["monitors"][0] == {"id": c, "name": "c", "type": "WEBSITE",
+                                                       "status": "PENDING"}
+    listed = client.get("/api/v1/status-pages").json()["statusPages"]
+    assert [p["slug"] for p in listed] == ["public"] and "monitorGroups" not in listed[0]
+
+    resp = client.put(f"/api/v1/status-pages/{page['id']}",
+                      json={"name": "Renamed", "isPublic": False, "description": "d"})
+    assert resp.status_code == 200
+    got = client.get(f"/api/v1/status-pages/{page['id']}").json()
+    assert (got["name"], got["slug"], got["isPublic"], got["description"]) == (
+        "Renamed", "public", False, "d")
+    assert [g["monitorIds"] for g in got["monitorGroups"]] == [[c, a], []]
+
+    resp = client.put(f"/api/v1/status-pages/{page['id']}", json={
+        "monitorGroups": [{"name": "Only", "monitorIds": [b]}], "isPublic": None,
+        "description": None})
+    got = resp.json()
+    assert [(g["name"], g["monitorIds"]) for g in got["monitorGroups"]] == [("Only", [b])]
+    assert got["isPublic"] is True and got["description"] is None
+    client.delete(f"/api/v1/monitors/{b}")
+    assert client.get(f"/api/v1/status-pages/{page['id']}").json()["monitorGroups"][0][
+        "monitorIds"] == []
+
+    resp = client.delete(f"/api/v1/status-pages/{page['id']}")
+    assert resp.json() == {"success": True, "message": "Status page deleted successfully"}
+    assert client.get(f"/api/v1/status-pages/{page['id']}").status_code == 404
+
+
+@pytest.mark.parametrize("body, path", [
+    ({"slug": "ok"}, ["name"]),
+    ({"name": "x"}, ["slug"]),
+    ({"name": "x", "slug": "Bad Slug"}, ["slug"]),
+    ({"name": "x", "slug": "-edge"}, ["slug"]),
+    ({"name": "x", "slug": "a" * 65}, ["slug"]),
+    ({"name": "x", "slug": "ok", "brandColor": "red"}, ["brandColor"]),
+    ({"name": "x", "slug": "ok", "brandColor": "#12345"}, ["brandColor"]),
+    ({"name": "x", "slug": "ok", "logoUrl": "javascript:alert(1)"}, ["logoUrl"]),
+    ({"name": "x", "slug": "ok", "faviconUrl": "ftp://host.test/f.ico"}, ["faviconUrl"]),
+    ({"name": "x", "slug": "ok", "customDomain": "https://status.acme.test/"}, ["customDomain"]),
+    ({"name": "x", "slug": "ok", "customDomain": "10.0.0.1"}, ["customDomain"]),
+    ({"name": "x", "slug": "ok", "isPublic": "yes"}, ["isPublic"]),
+    ({"name": "x", "slug": "ok", "monitorGroups": [{"monitorIds": []}]},
+     ["monitorGroups", 0, "name"]),
+    ({"name": "x", "slug": "ok", "monitorGroups": [{"name": "g", "monitorIds": ["mon_nope"]}]},
+     ["monitorGroups", 0, "monitorIds"]),
+])
+def test_page_api_validation(client, body, path):
+    resp = client.post("/api/v1/status-pages", json=body)
+    assert resp.status_code == 400
+    assert [issue["path"] for issue in resp.json()["error"]] == [path]
+
+
+def test_page_api_conflicts_and_team_isolation(cfg, client):
+    first = client.post("/api/v1/status-pages", json={
+        "name": "A", "slug": "taken", "customDomain": "status.acme.test"}).json()
+    second = client.post("/api/v1/status-pages", json={"name": "B", "slug": "free"}).json()
+    for change in ({"slug": "taken"}, {"customDomain": "STATUS.acme.test."}):
+        resp = client.put(f"/api/v1/status-pages/{second['id']}", json=change)
+        assert resp.status_code == 409 and resp.json()["code"] == "CONFLICT"
+    assert client.put(f"/api/v1/status-pages/{first['id']}",
+                      json={"slug": "taken", "name": "A2"}).status_code == 200
+
+    other_key = new_key(cfg, "other@example.test")
+    mine = _page_monitor(client, "mine")
+    headers = {"X-API-Key": other_key}
+    theirs = client.post("/api/v1/monitors", headers=headers,
+                         json={"name": "theirs", "url": "http://127.0.0.1:9/"}).json()["id"]
+    resp = client.post("/api/v1/status-pages", headers=headers, json={
+        "name": "T", "slug": "theirs", "monitorGroups": [{"name": "g", "monitorIds": [mine]}]})
+    assert resp.status_code == 400 and mine in resp.json()["error"][0]["message"]
+    assert client.post("/api/v1/status-pages", headers=headers,
+                       json={"name": "T", "slug": "taken"}).status_code == 409
+    assert client.get(f"/api/v1/status-pages/{first['id']}", headers=headers).status_code == 404
+    assert client.get("/api/v1/status-pages", headers=headers).json() == {"statusPages": []}
+    resp = client.put(f"/api/v1/status-pages/{first['id']}",
+                      json={"monitorGroups": [{"name": "g", "monitorIds": [theirs]}]})
+    assert resp.status_code == 400
+
+
+def test_page_overall_status_rule():
+    def monitors(*states):
+        return [{"status": s.lstrip("~"), "paused": s.startswith("~")} for s in states]
+    assert statusapp.overall_status(monitors()) == "operational"
+    assert statusapp.overall_status(monitors("UP", "PENDING", "~DOWN")) == "operational"
+    assert statusapp.overall_status(monitors("UP", "DEGRADED")) == "degraded"
+    assert statusapp.overall_status(monitors("UP", "DOWN", "DEGRADED")) == "partial_outage"
+    assert statusapp.overall_status(monitors("UP", "DOWN")) == "partial_outage"
+    assert statusapp.overall_status(monitors("UP", "DOWN", "DOWN")) == "major_outage"
+    assert statusapp.overall_status(monitors("DOWN", "PENDING")) == "major_outage"
+
+
+@pytest.mark.asyncio
+async def test_page_daily_stats_counts_each_utc_day(cfg):
+    db = statusapp.Database(cfg["server"]["database"])
+    await db.open()
+    try:
+        await db.write([("INSERT INTO accounts (id, email, plan, created_at, updated_at)"
+                         " VALUES ('acc', 'a@x.test', 'STARTER', 0, 0)", ())])
+        await db.write([(
+            "INSERT INTO monitors (id, account_id, name, url, type, interval, timeout, http_method,"
+            " grace_period, ssl_cert_expiry_days, regression_enabled, regression_threshold,"
+            " regression_period, performance_timings, domain_expiry_days, domain_monitor_dns,"
+            " domain_monitor_blacklist, domain_monitor_whois, created_at, updated_at) VALUES"
+            " (?, 'acc', 'm', 'http://x.test', 'WEBSITE', 60, 30, 'GET', 300, 30, 0, 50, 7, 0,"
+            " 30, 1, 1, 1, 0, 0)", (m,)) for m in ("m1", "m2")])
+        for offset, statuses, _, _ in _HISTORY[:2]:
+            _seed_checks(cfg["server"]["database"], "m1", offset, statuses)
+        _seed_checks(cfg["server"]["database"], "m1", 7, ["DOWN"])  # outside a 3-day window
+        stats = await statusapp.daily_stats(db, ["m1", "m2"], 3)
+    finally:
+        await db.close()
+    assert [d["day"] for d in stats["m1"]] == [_day_name(2), _day_name(1), _day_name(0)]
+    assert stats["m1"] == [
+        {"day": _day_name(2), "up": 199, "down": 1, "degraded": 0, "total": 200, "uptime": 99.5},
+        {"day": _day_name(1), "up": 2, "down": 1, "degraded": 1, "total": 4, "uptime": 75.0},
+        {"day": _day_name(0), "up": 0, "down": 0, "degraded": 0, "total": 0, "uptime": None}]
+    assert [d["total"] for d in stats["m2"]] == [0, 0, 0]
+
+
+def _bars(page_html: str) -> list[list[tuple[str, str]]]:
+    """Per monitor bar: the (class, hover text) of each day cell."""
+    import re
+    return [re.findall(r'<rect [^>]*class="d-(\w+)"[^>]*><title>([^<]*)</title>', svg)
+            for svg in re.findall(r'<svg class="bars".*?</svg>', page_html)]
+
+
+def test_page_html_shows_state_bars_and_incidents(client, seeded):
+    resp = client.get("/status/acme")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    assert "script-src" not in resp.headers["content-security-policy"]  # no scripts at all
+    assert resp.headers["content-encoding"] == "gzip"
+    page = resp.text
+    assert page.count("<script") == 0
+    assert '<meta name="viewport"' in page and "<header" in page and "<main" in page
+    assert "<footer" in page and "<h1>Acme &amp; Co</h1>" in page
+    assert '<img src="https://cdn.acme.test/logo.png" alt="Acme &amp; Co logo">' in page
+    assert '<link rel="icon" href="https://cdn.acme.test/favicon.ico">' in page
+    assert "--brand:#22c55e;--on-brand:#111827" in page  # dark text on a light brand colour
+    assert "Acme &lt;services&gt;" in page
+    assert ">Partial outage<" in page  # 1 of 3 monitors DOWN
+    assert page.index(">Core<") < page.index(">api<") < page.index(">Edge<") < page.index(">cdn<")
+
+    api_bar, evil_bar, cdn_bar = _bars(page)
+    assert len(api_bar) == 90 and api_bar[-1] == ("none", f"{_day_name(0)}: no data")
+    for offset, _, level, text in _HISTORY:
+        assert api_bar[89 - offset] == (level, f"{_day_name(offset)}: {text} checks down)")
+    assert sum(level == "none" for level, _ in api_bar) == 85
+    assert f"<strong>{_HISTORY_UPTIME}% uptime</strong>" in page
+    assert all(level == "none" for level, _ in evil_bar + cdn_bar)
+    assert page.count("<strong>No data</strong>") == 2
+    assert 'class="state s-down"><span class="dot" aria-hidden="true"></span>Outage' in page
+
+    active = page[page.index("Active incidents"):page.index("Current status")]
+    assert "INC-2025-0003: api (open)" in active and "Ongoing for 1 h" in active
+    assert active.index("A bad index") < active.index("Timeouts from &lt;the&gt; database")
+    assert "Network timeout" in active and "secret internal detail" not in page
+    past = page[page.index("Past incidents"):]
+    assert "INC-2025-0002: &lt;script&gt;alert(1)&lt;/script&gt; (resolved)" in past
+    assert "after 15 min" in past and "Fixed &amp; verified" in past
+    assert "INC-2025-0001" not in page and "INC-2025-0004" not in page  # too old; not on page
+
+
+def test_page_escapes_user_text(client, seeded):
+    page = client.get("/status/acme").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and EVIL not in page
+    summary = client.get("/status/acme.json").json()
+    assert summary["groups"][0]["monitors"][1]["name"] == EVIL
+    feed = client.get("/status/acme/feed.atom").text
+    assert EVIL not in feed and "&lt;script&gt;alert(1)&lt;/script&gt;" in feed
+
+
+def test_page_private_and_unknown_are_404(client, seeded):
+    client.put(f"/api/v1/status-pages/{seeded['page']}", json={"isPublic": False})
+    for path in ("/status/acme", "/status/nope"):
+        resp = client.get(path)
+        assert resp.status_code == 404 and "Status page not found" in resp.text
+        assert "acme" not in resp.text.lower()
+    assert client.get("/", headers={"Host": "status.acme.test"}).status_code == 404
+    for path in ("/status/acme.json", "/status/acme/feed.atom",
+                 f"/badge/{seeded['api']}/status.svg"):
+        resp = client.get(path)
+        assert resp.status_code == 404 and resp.json()["code"] == "NOT_FOUND"
+
+
+def test_page_custom_domain_serves_root(client, seeded):
+    for host in ("status.acme.test", "STATUS.ACME.TEST:8443", "status.acme.test."):
+        resp = client.get("/", headers={"Host": host})
+        assert resp.status_code == 200 and "<h1>Acme &amp; Co</h1>" in resp.text
+    assert client.get("/", headers={"Host": "other.acme.test"}).status_code == 404
+
+
+def test_page_json_summary(client, seeded):
+    summary = client.get("/status/acme.json").json()
+    assert summary["status"] == {"indicator": "partial_outage", "description": "Partial outage"}
+    assert summary["page"]["url"] == "http://testserver/status/acme"
+    assert summary["page"]["brandColor"] == "#22c55e"
+    assert [[(m["name"], m["status"], m["uptime90d"]) for m in g["monitors"]]
+            for g in summary["groups"]] == [[("api", "DOWN", 98.06), (EVIL, "UP", None)],
+                                            [("cdn", "UP", None)]]
+    [active] = summary["activeIncidents"]
+    assert active["incidentNumber"] == "INC-2025-0003" and active["status"] == "open"
+    assert [u["message"] for u in active["updates"]] == ["A bad index",
+                                                         "Timeouts from <the> database"]
+    assert "rootCause" not in active and active["rootCauseCategory"] == "NETWORK_TIMEOUT"
+    assert [i["incidentNumber"] for i in summary["recentIncidents"]] == ["INC-2025-0002"]
+
+
+def test_page_atom_feed(client, seeded):
+    import xml.etree.ElementTree as ET
+    resp = client.get("/status/acme/feed.atom")
+    assert resp.headers["content-type"] == "application/atom+xml; charset=utf-8"
+    ns = {"a": "http://www.w3.org/2005/Atom"}
+    feed = ET.fromstring(resp.content)
+    assert feed.find("a:id", ns).text == f"urn:statusapp:status-page:{seeded['page']}"
+    assert feed.find("a:title", ns).text == "Acme & Co incidents"
+    assert feed.find("a:author/a:name", ns).text == "Acme & Co"
+    entries = feed.findall("a:entry", ns)
+    assert [e.find("a:title", ns).text for e in entries] == [
+        "INC-2025-0003: api (open)", f"INC-2025-0002: {EVIL} (resolved)",
+        "INC-2025-0001: cdn (resolved)"]
+    newest = entries[0]
+    assert newest.find("a:id", ns).text == "urn:statusapp:incident:inc_test3"
+    assert feed.find("a:updated", ns).text >= newest.find("a:updated", ns).text
+    content = newest.find("a:content", ns)
+    assert content.get("type") == "text" and "Timeouts from <the> database" in content.text
+    assert all(e.find("a:updated", ns).text.endswith("Z") for e in entries)
+
+
+def test_page_badges(cfg, client, seeded):
+    resp = client.get(f"/badge/{seeded['api']}/status.svg")
+    assert resp.status_code == 200 and resp.headers["cache-control"] == "max-age=60"
+    assert resp.headers["content-type"].startswith("image/svg+xml")
+    assert "<title>api: down</title>" in resp.text and 'fill="#e05d44"' in resp.text
+    resp = client.get(f"/badge/{seeded['api']}/uptime.svg?period=7d")
+    assert "<title>api: 98.06% uptime over 7d</title>" in resp.text
+    assert 'fill="#dfb317"' in resp.text  # 95-99 %: yellow
+    assert ">uptime 30d<" in client.get(f"/badge/{seeded['api']}/uptime.svg").text
+    resp = client.get(f"/badge/{seeded['evil']}/uptime.svg?period=24h")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;: no data uptime over 24h" in resp.text
+    now = statusapp.now_ms()
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO checks (monitor_id, region_id, status, checked_at)"
+                         " VALUES (?, 'local', ?, ?)",
+                         [(seeded["cdn"], s, now - 600_000 - i * 1000)
+                          for i, s in enumerate(["UP"] * 7 + ["DOWN"])])
+        conn.execute("INSERT INTO checks (monitor_id, region_id, status, checked_at)"
+                     " VALUES (?, 'local', 'DOWN', ?)", (seeded["cdn"], now - 7_200_000))
+    resp = client.get(f"/badge/{seeded['cdn']}/uptime.svg?period=1h")
+    assert ">87.50%<" in resp.text and "over 1h" in resp.text
+    assert ">77.77%<" in client.get(f"/badge/{seeded['cdn']}/uptime.svg?period=24h").text
+    assert client.get(f"/badge/{seeded['api']}/uptime.svg?period=2d").status_code == 400
+    assert client.get(f"/badge/{seeded['hidden']}/status.svg").status_code == 404
+    assert client.get("/badge/mon_nope/uptime.svg").status_code == 404
+
+
+def test_page_in_headless_browser(tmp_path):
+    import re
+    import shutil
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    srv = Server(tmp_path).start()
+    try:
+        key = re.search(r"sk_live_\S+", srv.output()).group(0)
+        api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": key})
+        ids = [api.post("/monitors", json={"name": name, "url": "http://127.0.0.1:9/",
+                                           "isActive": False}).json()["id"]
+               for name in ("Checkout API", EVIL)]
+        resp = api.post("/status-pages", json={
+            "name": "Browser Co", "slug": "browser", "brandColor": "#1e3a8a",
+            "monitorGroups": [{"name": "Services", "monitorIds": ids}]})
+        assert resp.status_code == 201, resp.text
+        for offset, statuses, _, _ in _HISTORY:
+            _seed_checks(srv.db, ids[0], offset, statuses)
+        now = statusapp.now_ms()
+        _seed_incident(srv.db, ids[0], 9, now - 600_000, None,
+                       [("investigating", "Payments are slow for some users", now - 300_000)])
+        common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync",
+                  f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=390,844"]
+        url = f"{srv.url}/status/browser"
+        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=90).stdout
+        shot = tmp_path / "page.png"
+        subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=90)
+    finally:
+        srv.stop()
+    assert "<h1>Browser Co</h1>" in dom and "Checkout API" in dom
+    assert "Payments are slow for some users" in dom and "INC-2025-0009" in dom
+    assert f"{_HISTORY_UPTIME}% uptime" in dom
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom  # shown as text...
+    assert "<script" not in dom  # ...and no element was injected
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert int.from_bytes(png[16:20], "big") == 390  # the phone-width viewport
+
+
 # --- Analytics and retention tests ---
 
 # --- Team and account tests ---
