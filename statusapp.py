@@ -3728,17 +3728,31 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
         " AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at END)"
         " FROM incidents WHERE account_id = ?",
         (now // DAY_MS * DAY_MS, now - 7 * DAY_MS, now - 30 * DAY_MS, call.team))
-    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                           (call.team,))]
-    stats, _ = await window_stats(db, ids, now - DAY_MS, now, exact=False)
     names = ("total", "active", "paused", "up", "down", "degraded")
     return {"monitors": {name: value or 0 for name, value in zip(names, counts)},
             "incidents": {"open": incidents[0] or 0, "resolvedToday": incidents[1] or 0,
                           "resolvedThisWeek": incidents[2] or 0,
                           "avgMttr": _seconds(incidents[3])},
-            "performance": {"avgResponseTime": stats.average(),
-                            "p95ResponseTime": stats.percentile(95),
-                            "overallUptime": stats.uptime()}}
+            "performance": await _team_performance(db, call.team, now)}
+
+
+# Team performance merges every monitor's histograms (about 0.4 s for 1,000 monitors), so it
+# is computed at most once a minute per team: checks arrive at most once a minute anyway.
+_PERFORMANCE_TTL_MS = 60_000
+_performance_cache: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+
+
+async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]:
+    cached = _performance_cache.get((db.path, team))
+    if cached and now - cached[0] < _PERFORMANCE_TTL_MS:
+        return cached[1]
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                           (team,))]
+    stats, _ = await window_stats(db, ids, now - DAY_MS, now, exact=False)
+    figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
+               "overallUptime": stats.uptime()}
+    _performance_cache[(db.path, team)] = (now, figures)
+    return figures
 
 
 @api("/analytics/monitors/{monitorId}", "GET")
