@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,143 @@ def bench() -> None:
 # --- heartbeat scenario ---
 
 # --- api scenario ---
+
+DAY_S = 86_400
+
+
+def _init_db(path: str) -> str:
+    """A new database with its owner account; return the owner's API key."""
+    out = subprocess.run([sys.executable, str(HERE / "statusapp.py"), "init", "--email",
+                          "bench@localhost", "--db", path], capture_output=True, text=True,
+                         check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def _fill_api_db(path: str, monitors: int, days: int, raw_days: int) -> dict[str, float]:
+    """1,000 monitors with ``days`` of 60 s checks: synthetic hourly and daily rollups for the
+    days before the last ``raw_days`` (as the rollup service leaves them), raw checks for the
+    last ``raw_days`` days plus today, then the real rollup service over the raw part."""
+    import asyncio
+
+    import statusapp
+    hour_ms, day_ms = statusapp.HOUR_MS, statusapp.DAY_MS
+    now = int(time.time() * 1000)
+    raw_start = now // day_ms * day_ms - raw_days * day_ms
+    first = now // day_ms * day_ms - days * day_ms
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("BEGIN")
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?)"
+        " INSERT INTO monitors (id, account_id, name, url, type, interval, timeout, http_method,"
+        " grace_period, ssl_cert_expiry_days, regression_enabled, regression_threshold,"
+        " regression_period, performance_timings, domain_expiry_days, domain_monitor_dns,"
+        " domain_monitor_blacklist, domain_monitor_whois, status, is_paused, created_at,"
+        " updated_at) SELECT printf('mon_%016x', i), (SELECT id FROM accounts), 'site ' || i,"
+        " 'http://127.0.0.1:9/' || i, 'WEBSITE', 60, 30, 'GET', 60, 30, 0, 50, 7, 0, 30, 0, 0,"
+        " 0, CASE WHEN i % 50 = 7 THEN 'DOWN' WHEN i % 100 = 3 THEN 'DEGRADED' ELSE 'UP' END,"
+        " 1, ? + i, ? + i FROM n", (monitors, now - days * day_ms, now - days * day_ms))
+    for bucket, span, per in (("h", hour_ms, 60), ("d", day_ms, 1440)):
+        conn.execute(
+            "WITH RECURSIVE t(s) AS (SELECT ? UNION ALL SELECT s + ? FROM t WHERE s + ? < ?),"
+            " r AS (SELECT m.id AS id, t.s AS s, abs(random()) % 2 AS down FROM monitors m, t"
+            "       ORDER BY m.id, t.s)"
+            " INSERT INTO check_rollups (monitor_id, bucket, start, region_id, up, down, degraded,"
+            " rt_sum, rt_count, rt_hist) SELECT id, ?, s, 'local', ? - down, down, 0,"
+            " (? - down) * 100, ? - down,"
+            " json_object('93', ? / 3, '94', ? / 3, '95', ? / 3 - down) FROM r",
+            (first, span, span, raw_start, bucket, per, per, per, per, per, per))
+    conn.execute("INSERT INTO rollup_progress VALUES ('h', ?), ('d', ?)", (raw_start, raw_start))
+    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'checks_track_latest'"
+                           ).fetchone()[0]
+    conn.execute("DROP TRIGGER checks_track_latest")
+    conn.execute(
+        "WITH RECURSIVE t(s) AS (SELECT ? UNION ALL SELECT s + 60000 FROM t WHERE s + 60000 < ?)"
+        " INSERT INTO checks (monitor_id, region_id, status, response_time, status_code,"
+        " checked_at) SELECT m.id, 'local', CASE WHEN abs(random()) % 1000 = 0 THEN 'DOWN'"
+        " ELSE 'UP' END, 60 + abs(random()) % 120, 200, t.s FROM t, monitors m ORDER BY t.s",
+        (raw_start, now))
+    conn.execute("INSERT INTO monitor_latest SELECT monitor_id, region_id, MAX(id) FROM checks"
+                 " GROUP BY monitor_id, region_id")
+    conn.execute("UPDATE monitors SET check_count = (SELECT COUNT(*) FROM checks"
+                 " WHERE monitor_id = monitors.id)")
+    conn.execute(trigger)
+    conn.execute("COMMIT")
+
+    async def roll() -> None:
+        db = statusapp.Database(path)
+        await db.open()
+        try:
+            await statusapp.roll_up(db)
+        finally:
+            await db.close()
+    asyncio.run(roll())
+    sizes = dict(conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    raw_monitor_days = monitors * (now - raw_start) / day_ms
+    rollup_bytes = sizes.get("check_rollups", 0) / (monitors * days)
+    raw_bytes = (sizes.get("checks", 0) + sizes.get("checks_monitor_time", 0)) / raw_monitor_days
+    file_bytes = Path(path).stat().st_size
+    return {"raw bytes/monitor/day (60 s)": raw_bytes,
+            "rollup bytes/monitor/day (h+d)": rollup_bytes,
+            "db file MB (this mix)": file_bytes / 1e6,
+            "db KB per monitor-month (this mix)": file_bytes / 1024 / monitors * 30 / days,
+            "KB per monitor-month, raw 30 d kept": (raw_bytes + rollup_bytes) * 30 / 1024}
+
+
+def _latencies(client: httpx.Client, path: str, requests: int) -> dict[str, float]:
+    for _ in range(10):
+        client.get(path).raise_for_status()
+    times = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        client.get(path).raise_for_status()
+        times.append((time.perf_counter() - started) * 1000)
+    return percentiles(times)
+
+
+@bench.command()
+@click.option("--monitors", default=1000, show_default=True)
+@click.option("--days", default=30, show_default=True, help="Days of history.")
+@click.option("--raw-days", default=1, show_default=True,
+              help="Complete days kept as raw checks (plus today); older days are rollups.")
+@click.option("--requests", default=200, show_default=True, help="Timed requests per route.")
+def api(monitors: int, days: int, raw_days: int, requests: int) -> None:
+    """API latency on a database with a month of history for every monitor."""
+    server = Server()
+    key = _init_db(server.db)
+    started = time.monotonic()
+    figures: dict[str, object] = {"monitors": monitors, "days of history": days,
+                                  "raw days (+ today)": raw_days}
+    figures.update(_fill_api_db(server.db, monitors, days, raw_days))
+    figures["build s"] = time.monotonic() - started
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=30) as client:
+            paths = {"GET /monitors?limit=100": "/api/v1/monitors?limit=100",
+                     "GET /analytics": "/api/v1/analytics",
+                     "GET /analytics/monitors/{id}?30d":
+                         "/api/v1/analytics/monitors/mon_0000000000000011?period=30d"}
+            started = time.perf_counter()
+            client.get("/api/v1/analytics").raise_for_status()
+            figures["GET /analytics uncached ms"] = (time.perf_counter() - started) * 1000
+            page = client.post("/api/v1/status-pages", json={
+                "name": "Bench", "slug": "bench", "monitorGroups": [
+                    {"name": "All", "monitorIds": [f"mon_{i:016x}" for i in range(50)]}]})
+            if page.status_code == 201:
+                paths["GET /status/bench (50 monitors)"] = "/status/bench"
+            else:
+                figures["status page"] = f"skipped (POST /status-pages gave {page.status_code})"
+            for name, path in paths.items():
+                ms = _latencies(client, path, requests)
+                figures[f"{name} p50 ms"] = ms["p50"]
+                figures[f"{name} p99 ms"] = ms["p99"]
+        figures.update(server.stats())
+    finally:
+        server.stop()
+    report("api", figures)
 
 
 if __name__ == "__main__":

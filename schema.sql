@@ -273,3 +273,30 @@ CREATE TABLE status_page_monitors (
     PRIMARY KEY (group_id, monitor_id)
 ) WITHOUT ROWID;
 CREATE INDEX status_page_monitors_monitor ON status_page_monitors(monitor_id);
+
+-- migration 5: hourly and daily check rollups, rollup progress, regression state
+-- One row per monitor, region and UTC hour ('h') or day ('d').  rt_sum/rt_count cover the
+-- UP and DEGRADED checks that have a response time; rt_hist is a JSON object mapping a
+-- log-scale bucket index (ceil(ln(ms) / ln(1.05))) to a count, for percentiles.
+CREATE TABLE check_rollups (
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    bucket TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    region_id TEXT NOT NULL,
+    up INTEGER NOT NULL,
+    down INTEGER NOT NULL,
+    degraded INTEGER NOT NULL,
+    rt_sum INTEGER NOT NULL,
+    rt_count INTEGER NOT NULL,
+    rt_hist TEXT NOT NULL,
+    PRIMARY KEY (monitor_id, bucket, start, region_id)
+) WITHOUT ROWID;
+
+-- Rollups of bucket 'h' / 'd' are complete for every period that ends at or before done_until.
+CREATE TABLE rollup_progress (
+    bucket TEXT PRIMARY KEY,
+    done_until INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- 1 while the regression detector holds the monitor DEGRADED for slow responses.
+ALTER TABLE monitors ADD COLUMN regression_active INTEGER NOT NULL DEFAULT 0;

@@ -15,6 +15,7 @@ Contents, in the order data flows through the program:
 7. Scheduler    -- the asyncio loop that runs probes on their intervals.
 8. Incidents    -- status transitions become incidents and alerts.
 9. Notifiers    -- one coroutine per channel type, registered in ``NOTIFIERS``.
+9b. Analytics   -- rollups, retention, regression detection and the figures behind them.
 10. API routes  -- the ``/api/v1`` handlers.
 11. Pages       -- the public status pages and badges.
 12. CLI         -- the click entrypoint that runs everything in one process.
@@ -95,6 +96,7 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "base_url": "",
         "trusted_proxies": [],
         "log_level": "info",
+        "metrics_token": "",
     },
     "account": {
         "plan": "ENTERPRISE",
@@ -149,6 +151,13 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "retention": {
         "raw_days": 30,
         "rollup_days": 400,
+        "hourly_days": 35,
+    },
+    "regression": {
+        "min_baseline_checks": 30,
+        "min_current_checks": 5,
+        "current_window_minutes": 15,
+        "baseline_refresh_minutes": 60,
     },
 }
 
@@ -465,11 +474,13 @@ class Database:
         """Exclusive use of the writer for a multi-step write: BEGIN IMMEDIATE ... COMMIT."""
         assert self._writer is not None
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                # Also when cancelled while BEGIN was still running on the connection's thread.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._writer.execute("ROLLBACK")
                 raise
             await self._writer.execute("COMMIT")
 
@@ -2867,6 +2878,415 @@ async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: Notif
             await asyncio.sleep(base_delay * 2 ** (attempt - 1))
     return records
 
+# --- Analytics ---
+#
+# Check figures have three sources with one meaning: raw checks, hourly rollups ('h') and daily
+# rollups ('d').  ``plan_window`` splits a window so complete days come from daily rows,
+# complete hours from hourly rows and only the recent rest from raw checks: long windows never
+# scan raw rows.  Response-time figures cover UP and DEGRADED checks that have a response
+# time.  Rollups keep a log-scale histogram (buckets 5% wide), so a percentile read from
+# rollups is within 2.5% (plus 1 ms of rounding) of the exact nearest-rank value.
+
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+HIST_RATIO = 1.05
+ROLLUP_GRACE_MS = 300_000  # an hour is rolled up 5 minutes after it ends, for late writes
+RETENTION_BATCH = 500      # rows per write transaction when rolling up or pruning
+_RETENTION_PAUSE = 0.02    # seconds between batches, so probes and the API get the writer
+_HIST_INDEX = "CAST(ceil(ln(max(response_time, 1)) / ln(1.05)) AS INTEGER)"
+_GROUPS = {"monitor": "monitor_id", "region": "region_id", "day": "{t} - {t} % 86400000"}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """How to read status counts and histogram buckets from raw checks or one rollup level."""
+
+    table: str
+    time: str
+    where: str
+    counts: str
+    hist_table: str
+    hist_where: str
+    hist_key: str
+    hist_count: str
+
+
+def _rollup_source(bucket: str) -> _Source:
+    return _Source("check_rollups", "start", f"bucket = '{bucket}'",
+                   "SUM(up), SUM(down), SUM(degraded), SUM(rt_sum), SUM(rt_count)",
+                   "check_rollups, json_each(check_rollups.rt_hist) AS j", f"bucket = '{bucket}'",
+                   "CAST(j.key AS INTEGER)", "SUM(j.value)")
+
+
+SOURCES = {
+    "raw": _Source("checks", "checked_at", "1",
+                   "SUM(status = 'UP'), SUM(status = 'DOWN'), SUM(status = 'DEGRADED'),"
+                   " SUM(CASE WHEN status != 'DOWN' THEN response_time END),"
+                   " COUNT(CASE WHEN status != 'DOWN' THEN response_time END)",
+                   "checks", "status != 'DOWN' AND response_time IS NOT NULL", _HIST_INDEX,
+                   "COUNT(*)"),
+    "h": _rollup_source("h"),
+    "d": _rollup_source("d"),
+}
+
+
+def _query(kind: str, ids: Sequence[str], lo: int, hi: int, group: Sequence[str],
+           hist: bool) -> Statement:
+    """Counts (or histogram buckets) of one source over [lo, hi), grouped by ``group``."""
+    src = SOURCES[kind]
+    keys = [_GROUPS[g].format(t=src.time) for g in group]
+    if hist:
+        keys.append(src.hist_key)
+    values = src.hist_count if hist else src.counts
+    table, where = (src.hist_table, src.hist_where) if hist else (src.table, src.where)
+    grouping = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
+    marks = ",".join("?" * len(ids))
+    return (f"SELECT {', '.join([*keys, values])} FROM {table} WHERE monitor_id IN ({marks})"
+            f" AND {where} AND {src.time} >= ? AND {src.time} < ?{grouping}", [*ids, lo, hi])
+
+
+def plan_window(lo: int, hi: int, hours_done: int, days_done: int) -> list[tuple[str, int, int]]:
+    """Split [lo, hi) into daily, hourly and raw segments; only an hour-aligned ``lo`` uses
+    rollups, and only periods the rollups already cover (``*_done``)."""
+    segments, t = [], lo
+    if t % HOUR_MS == 0:
+        first_day = -(-t // DAY_MS) * DAY_MS
+        last_day = min(hi // DAY_MS * DAY_MS, days_done)
+        if first_day < last_day:
+            if t < first_day:
+                segments.append(("h", t, first_day))
+            segments.append(("d", first_day, last_day))
+            t = last_day
+        hour_end = min(hi // HOUR_MS * HOUR_MS, hours_done)
+        if t < hour_end:
+            segments.append(("h", t, hour_end))
+            t = hour_end
+    if t < hi:
+        segments.append(("raw", t, hi))
+    return segments
+
+
+async def rollup_progress(db: Database) -> tuple[int, int]:
+    """Where hourly and daily rollups end (0 before the first roll-up)."""
+    done = dict(await db.fetchall("SELECT bucket, done_until FROM rollup_progress"))
+    return done.get("h", 0), done.get("d", 0)
+
+
+async def collect(db: Database, ids: Sequence[str], lo: int, hi: int, group: Sequence[str],
+                  hist: bool = False) -> dict[tuple[Any, ...], list[int]]:
+    """Sum counts ``[up, down, degraded, rt_sum, rt_count]`` (or ``[count]`` per histogram
+    bucket, the bucket index last in the key) per ``group`` key over [lo, hi)."""
+    out: dict[tuple[Any, ...], list[int]] = {}
+    if not ids:
+        return out
+    width = len(group) + hist
+    for kind, a, b in plan_window(lo, hi, *await rollup_progress(db)):
+        for row in await db.fetchall(*_query(kind, ids, a, b, group, hist)):
+            values = [v or 0 for v in tuple(row)[width:]]
+            acc = out.setdefault(tuple(row)[:width], [0] * len(values))
+            for i, value in enumerate(values):
+                acc[i] += value
+    return out
+
+
+def hist_value(index: int) -> int:
+    """The value a histogram bucket stands for: its geometric middle, in ms."""
+    return max(1, round(HIST_RATIO ** (index - 0.5)))
+
+
+def _nearest_rank(count: int, p: float) -> int:
+    return max(1, math.ceil(p / 100 * count))
+
+
+@dataclass
+class WindowStats:
+    """Check figures of one window: exact response times when known, else a histogram."""
+
+    up: int = 0
+    down: int = 0
+    degraded: int = 0
+    rt_sum: int = 0
+    rt_count: int = 0
+    values: list[int] | None = None
+    hist: dict[int, int] = field(default_factory=dict)
+
+    def add(self, counts: Sequence[int]) -> None:
+        self.up += counts[0]
+        self.down += counts[1]
+        self.degraded += counts[2]
+        self.rt_sum += counts[3]
+        self.rt_count += counts[4]
+
+    @property
+    def total(self) -> int:
+        return self.up + self.down + self.degraded
+
+    def uptime(self) -> float | None:
+        """(UP + DEGRADED) / all checks * 100, rounded down to 2 decimals (100 means no
+        failure at all); None without checks."""
+        if not self.total:
+            return None
+        return math.floor((self.up + self.degraded) * 10_000 / self.total) / 100
+
+    def average(self) -> int | None:
+        return round(self.rt_sum / self.rt_count) if self.rt_count else None
+
+    def percentile(self, p: float) -> int | None:
+        """Nearest rank: the value at rank ceil(p/100 * n) of the n sorted response times."""
+        if self.values is not None:
+            ordered = sorted(self.values)
+            return ordered[_nearest_rank(len(ordered), p) - 1] if ordered else None
+        count = sum(self.hist.values())
+        if not count:
+            return None
+        rank, seen = _nearest_rank(count, p), 0
+        for index in sorted(self.hist):
+            seen += self.hist[index]
+            if seen >= rank:
+                return hist_value(index)
+        return None
+
+
+def _ceil_hour(ms: int) -> int:
+    return -(-ms // HOUR_MS) * HOUR_MS
+
+
+async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
+                       exact: bool | None = None) -> tuple[WindowStats, dict[str, list[int]]]:
+    """Figures of ``ids`` over [lo, hi) and ``[rt_sum, rt_count]`` per region.
+
+    Exact windows (by default those up to 24 hours) read raw checks; the others start at the
+    first full hour and read rollups (percentiles from the histogram).
+    """
+    regions: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    if hi - lo <= DAY_MS if exact is None else exact:
+        stats = WindowStats(values=[])
+        marks = ",".join("?" * len(ids))
+        for region, status, rt in await db.fetchall(
+                f"SELECT region_id, status, response_time FROM checks WHERE monitor_id IN"
+                f" ({marks}) AND checked_at >= ? AND checked_at < ?", [*ids, lo, hi]):
+            timed = status != "DOWN" and rt is not None
+            stats.add((status == "UP", status == "DOWN", status == "DEGRADED",
+                       rt if timed else 0, timed))
+            if timed:
+                stats.values.append(rt)
+                regions[region][0] += rt
+                regions[region][1] += 1
+        return stats, regions
+    lo = _ceil_hour(lo)
+    stats = WindowStats()
+    for (region,), counts in (await collect(db, ids, lo, hi, ("region",))).items():
+        stats.add(counts)
+        regions[region][0] += counts[3]
+        regions[region][1] += counts[4]
+    stats.hist = {key[0]: value[0] for key, value in
+                  (await collect(db, ids, lo, hi, (), hist=True)).items()}
+    return stats, regions
+
+
+async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int
+                      ) -> dict[str, list[dict[str, Any]]]:
+    """Per monitor, one entry per UTC day of the last ``days`` days (today last), from
+    daily rollups plus hourly and raw rows for the days not rolled up yet."""
+    now = now_ms()
+    first = now // DAY_MS * DAY_MS - (days - 1) * DAY_MS
+    counts = await collect(db, list(monitor_ids), first, now + 1, ("monitor", "day"))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for monitor_id in monitor_ids:
+        out[monitor_id] = []
+        for day in range(first, now + 1, DAY_MS):
+            stats = WindowStats()
+            stats.add(counts.get((monitor_id, day), [0] * 5))
+            out[monitor_id].append({
+                "day": datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d"),
+                "up": stats.up, "down": stats.down, "degraded": stats.degraded,
+                "total": stats.total, "uptime": stats.uptime()})
+    return out
+
+
+# Rollups and pruning
+
+async def _roll(db: Database, source: str, bucket: str, ids: Sequence[str], lo: int) -> None:
+    """Aggregate [lo, lo + one bucket) of ``source`` into ``bucket`` rows, a chunk of
+    monitors per transaction, and advance the progress mark with the last chunk."""
+    span = HOUR_MS if bucket == "h" else DAY_MS
+    chunks = [ids[i:i + RETENTION_BATCH] for i in range(0, len(ids), RETENTION_BATCH)] or [[]]
+    for position, chunk in enumerate(chunks):
+        rows = await db.fetchall(*_query(source, chunk, lo, lo + span, ("monitor", "region"),
+                                         False))
+        hists: dict[tuple[str, str], dict[str, int]] = collections.defaultdict(dict)
+        for monitor_id, region, index, count in await db.fetchall(
+                *_query(source, chunk, lo, lo + span, ("monitor", "region"), True)):
+            hists[(monitor_id, region)][str(index)] = count
+        statements: list[Statement] = [(
+            "INSERT OR REPLACE INTO check_rollups (monitor_id, bucket, start, region_id, up,"
+            " down, degraded, rt_sum, rt_count, rt_hist) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r[0], bucket, lo, r[1], *(v or 0 for v in tuple(r)[2:]),
+             json.dumps(hists[(r[0], r[1])], separators=(",", ":")))) for r in rows]
+        if position == len(chunks) - 1:
+            statements.append(("INSERT INTO rollup_progress (bucket, done_until) VALUES (?, ?)"
+                               " ON CONFLICT (bucket) DO UPDATE SET done_until = excluded.done_until",
+                               (bucket, lo + span)))
+        await db.write(statements)
+        await asyncio.sleep(_RETENTION_PAUSE)
+
+
+async def roll_up(db: Database, now: int | None = None) -> tuple[int, int]:
+    """Roll every complete hour into hourly rows and every complete day into daily rows
+    (built from the hourly ones); return the new progress marks."""
+    now = now_ms() if now is None else now
+    hours_done, days_done = await rollup_progress(db)
+    if not hours_done:
+        oldest = await db.fetchval("SELECT checked_at FROM checks ORDER BY id LIMIT 1")
+        hours_done = (now if oldest is None else oldest) // HOUR_MS * HOUR_MS
+        days_done = hours_done // DAY_MS * DAY_MS
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors ORDER BY id")]
+    while hours_done + HOUR_MS <= now - ROLLUP_GRACE_MS:
+        await _roll(db, "raw", "h", ids, hours_done)
+        hours_done += HOUR_MS
+        while days_done + DAY_MS <= hours_done:
+            await _roll(db, "h", "d", ids, days_done)
+            days_done += DAY_MS
+    return hours_done, days_done
+
+
+async def _delete_in_batches(db: Database, sql: str, params: Sequence[Any]) -> int:
+    """Run a batched DELETE (limited to RETENTION_BATCH rows) until it deletes nothing."""
+    total = 0
+    while True:
+        async with db.transaction() as conn:
+            deleted = (await conn.execute(sql, params)).rowcount
+        total += deleted
+        if not deleted:
+            return total
+        await asyncio.sleep(_RETENTION_PAUSE)
+
+
+async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = None
+                ) -> dict[str, int]:
+    """Delete raw checks past ``raw_days`` (never ones not rolled up yet, nor a monitor's
+    latest check), hourly rollups past ``hourly_days`` and daily ones past ``rollup_days``."""
+    now = now_ms() if now is None else now
+    keep = cfg["retention"]
+    hours_done, _ = await rollup_progress(db)
+    raw_cut = min(now - keep["raw_days"] * DAY_MS, hours_done)
+    deleted = {"raw": await _delete_in_batches(
+        db, "DELETE FROM checks WHERE id IN (SELECT id FROM (SELECT id, checked_at FROM checks"
+            " WHERE id NOT IN (SELECT check_id FROM monitor_latest) ORDER BY id LIMIT ?)"
+            " WHERE checked_at < ?)", (RETENTION_BATCH, raw_cut))}
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors ORDER BY id")]
+    per_chunk = max(1, RETENTION_BATCH // 25)  # about a day of hourly rows per monitor
+    for bucket, days in (("h", keep["hourly_days"]), ("d", keep["rollup_days"])):
+        deleted[bucket] = 0
+        for i in range(0, len(ids), per_chunk):
+            chunk = ids[i:i + per_chunk]
+            deleted[bucket] += await _delete_in_batches(
+                db, f"DELETE FROM check_rollups WHERE (monitor_id, bucket, start, region_id) IN"
+                    f" (SELECT monitor_id, bucket, start, region_id FROM check_rollups"
+                    f" WHERE monitor_id IN ({','.join('?' * len(chunk))}) AND bucket = ?"
+                    f" AND start < ? LIMIT ?)",
+                (*chunk, bucket, now - days * DAY_MS, RETENTION_BATCH))
+    return deleted
+
+
+async def run_retention(rt: Runtime) -> None:
+    """Roll up and prune once a minute, in small batches that leave the writer free."""
+    while True:
+        try:
+            await roll_up(rt.db)
+            await prune(rt.db, rt.cfg)
+        except sqlite3.Error:
+            log.exception("roll-up or pruning failed")
+        await asyncio.sleep(60)
+
+
+# Regression detection.  A monitor with regressionEnabled is compared with itself: the
+# baseline is the average response time of its UP checks over regressionPeriod days (before
+# the current window), the current value the average of its UP checks in the last
+# current_window_minutes.  The verdict is kept in monitors.regression_active, apart from the
+# probe-driven status, and shown as DEGRADED through transition_statements.
+
+def _regression_reason(current: int, baseline: int, threshold: int, slow: bool) -> str:
+    if slow:
+        above = round((current / baseline - 1) * 100)
+        return (f"response time {current} ms is {above}% above the {baseline} ms baseline"
+                f" (threshold {threshold}%)")
+    return f"response time {current} ms is back within {threshold}% of the {baseline} ms baseline"
+
+
+async def _up_average(db: Database, monitor_id: str, lo: int, hi: int) -> sqlite3.Row:
+    return await db.fetchone(
+        "SELECT AVG(response_time) AS avg, COUNT(*) AS n, MIN(checked_at) AS first,"
+        " MAX(checked_at) AS last FROM checks WHERE monitor_id = ? AND checked_at >= ?"
+        " AND checked_at < ? AND status = 'UP' AND response_time IS NOT NULL",
+        (monitor_id, lo, hi))
+
+
+async def _baseline(db: Database, cfg: dict[str, dict[str, Any]], monitor: sqlite3.Row,
+                    window_lo: int, now: int) -> int | None:
+    """The stored baseline, recomputed (and stored) when older than the refresh interval;
+    None until there are enough UP checks spanning at least an hour."""
+    rules = cfg["regression"]
+    fresh = now - rules["baseline_refresh_minutes"] * 60_000
+    if monitor["baseline_calculated_at"] and monitor["baseline_calculated_at"] > fresh:
+        return monitor["baseline_response_time"]
+    row = await _up_average(db, monitor["id"], now - monitor["regression_period"] * DAY_MS,
+                            window_lo)
+    if row["n"] < rules["min_baseline_checks"] or row["last"] - row["first"] < HOUR_MS:
+        return None
+    baseline = max(1, round(row["avg"]))
+    await db.write([("UPDATE monitors SET baseline_response_time = ?, baseline_calculated_at = ?"
+                     " WHERE id = ?", (baseline, now, monitor["id"]))])
+    return baseline
+
+
+async def detect_regressions(db: Database, cfg: dict[str, dict[str, Any]],
+                             now: int | None = None) -> None:
+    """Mark UP monitors whose current response time exceeds the baseline by more than their
+    threshold DEGRADED, and put them back to UP once it falls back."""
+    now = now_ms() if now is None else now
+    rules = cfg["regression"]
+    window_lo = now - rules["current_window_minutes"] * 60_000
+    for monitor in await db.fetchall(
+            "SELECT * FROM monitors WHERE regression_enabled = 1 AND is_paused = 0"
+            " AND (status = 'UP' OR regression_active = 1)"):
+        baseline = await _baseline(db, cfg, monitor, window_lo, now)
+        current = await _up_average(db, monitor["id"], window_lo, now + 1)
+        if baseline is None or current["n"] < rules["min_current_checks"]:
+            continue
+        average, threshold = round(current["avg"]), monitor["regression_threshold"]
+        slow = average > baseline * (1 + threshold / 100)
+        if slow != bool(monitor["regression_active"]):
+            await _set_regression(db, monitor["id"], slow,
+                                  _regression_reason(average, baseline, threshold, slow), now)
+
+
+async def _set_regression(db: Database, monitor_id: str, slow: bool, reason: str,
+                          now: int) -> None:
+    """Record the verdict and move the status, re-reading it under the write lock so a
+    probe's newer verdict (DOWN, or DEGRADED for another cause) is never overwritten."""
+    async with db.transaction() as conn:
+        status = (await (await conn.execute("SELECT status FROM monitors WHERE id = ?",
+                                            (monitor_id,))).fetchone() or [None])[0]
+        await conn.execute("UPDATE monitors SET regression_active = ? WHERE id = ?",
+                           (int(slow), monitor_id))
+        latest = {r[0] for r in await (await conn.execute(
+            "SELECT c.status FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+            " WHERE l.monitor_id = ?", (monitor_id,))).fetchall()}
+        old, new = ("UP", "DEGRADED") if slow else ("DEGRADED", "UP")
+        if status == old and (slow or latest <= {"UP"}):
+            for sql, params in transition_statements(monitor_id, old, new, reason, now):
+                await conn.execute(sql, params)
+
+
+async def run_regression(rt: Runtime) -> None:
+    """Evaluate regression detection once a minute."""
+    while True:
+        await asyncio.sleep(60)
+        try:
+            await detect_regressions(rt.db, rt.cfg)
+        except sqlite3.Error:
+            log.exception("regression detection failed")
+
 # --- API routes ---
 #
 # Handlers are ``async def handler(call: Call) -> dict | Response``, registered with ``@api``,
@@ -2881,7 +3301,7 @@ MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
 
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
 # with the server and cancelled at shutdown.
-SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = ()
+SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (run_retention, run_regression)
 
 
 class Runtime:
@@ -3544,6 +3964,167 @@ async def delete_status_page(call: Call) -> dict[str, Any]:
 
 # Analytics
 
+ANALYTICS_PERIODS = {"1h": HOUR_MS, "24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 * DAY_MS}
+ANALYTICS_QUERY = (Field("period", "string", default="24h", choices=tuple(ANALYTICS_PERIODS)),)
+
+
+def _seconds(ms: float | None) -> int | None:
+    return None if ms is None else round(ms / 1000)
+
+
+@api("/analytics", "GET")
+async def dashboard_analytics(call: Call) -> dict[str, Any]:
+    """Team-wide counts now, incidents, and check performance over the last 24 hours."""
+    db, now = call.rt.db, now_ms()
+    counts = await db.fetchone(
+        "SELECT COUNT(*), SUM(is_paused = 0), SUM(is_paused = 1), SUM(status = 'UP'),"
+        " SUM(status = 'DOWN'), SUM(status = 'DEGRADED') FROM monitors WHERE account_id = ?",
+        (call.team,))
+    incidents = await db.fetchone(
+        "SELECT SUM(resolved_at IS NULL), SUM(resolved_at >= ?), SUM(resolved_at >= ?),"
+        " AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at END)"
+        " FROM incidents WHERE account_id = ?",
+        (now // DAY_MS * DAY_MS, now - 7 * DAY_MS, now - 30 * DAY_MS, call.team))
+    names = ("total", "active", "paused", "up", "down", "degraded")
+    return {"monitors": {name: value or 0 for name, value in zip(names, counts)},
+            "incidents": {"open": incidents[0] or 0, "resolvedToday": incidents[1] or 0,
+                          "resolvedThisWeek": incidents[2] or 0,
+                          "avgMttr": _seconds(incidents[3])},
+            "performance": await _team_performance(db, call.team, now)}
+
+
+# Team performance merges every monitor's histograms (about 0.4 s for 1,000 monitors), so it
+# is computed at most once a minute per team: checks arrive at most once a minute anyway.
+_PERFORMANCE_TTL_MS = 60_000
+_performance_cache: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+
+
+async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]:
+    cached = _performance_cache.get((db.path, team))
+    if cached and now - cached[0] < _PERFORMANCE_TTL_MS:
+        return cached[1]
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                           (team,))]
+    stats, _ = await window_stats(db, ids, now - DAY_MS, now, exact=False)
+    figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
+               "overallUptime": stats.uptime()}
+    _performance_cache[(db.path, team)] = (now, figures)
+    return figures
+
+
+@api("/analytics/monitors/{monitorId}", "GET")
+async def monitor_analytics(call: Call) -> dict[str, Any]:
+    query = parse_query(ANALYTICS_QUERY, call.request, call.env())
+    row = await load_monitor(call)
+    hi = now_ms()
+    lo = hi - ANALYTICS_PERIODS[query["period"]]
+    stats, regions = await window_stats(call.rt.db, [row["id"]], lo, hi)
+    incidents = await call.rt.db.fetchone(
+        "SELECT SUM(started_at >= ?), AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at"
+        " END) FROM incidents WHERE monitor_id = ? AND (started_at >= ? OR resolved_at >= ?)",
+        (lo, lo, row["id"], lo, lo))
+    return {"monitorId": row["id"], "period": query["period"], "uptime": stats.uptime(),
+            "avgResponseTime": stats.average(), "p50ResponseTime": stats.percentile(50),
+            "p95ResponseTime": stats.percentile(95), "p99ResponseTime": stats.percentile(99),
+            "totalChecks": stats.total, "checksUp": stats.up, "checksDown": stats.down,
+            "checksDegraded": stats.degraded, "incidents": incidents[0] or 0,
+            "mttr": _seconds(incidents[1]),
+            "responseTimeByRegion": {region: round(total / count) for region, (total, count)
+                                     in sorted(regions.items()) if count}}
+
+
+def _prometheus_label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Exposition:
+    """Prometheus text format (0.0.4): HELP and TYPE once per metric, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str,
+               samples: Sequence[tuple[dict[str, Any], float | int | None]]) -> None:
+        self.lines += [f"# HELP statusapp_{name} {help_text}", f"# TYPE statusapp_{name} {kind}"]
+        for labels, value in samples:
+            if value is None:
+                continue
+            text = ",".join(f'{k}="{_prometheus_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"statusapp_{name}{{{text}}} {value!r}" if text
+                              else f"statusapp_{name} {value!r}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+async def render_metrics(rt: Runtime, team: str | None) -> str:
+    """Per-monitor figures (the team's, or every monitor's for the metrics token) and
+    process figures."""
+    where, params = ("WHERE account_id = ?", (team,)) if team else ("", ())
+    monitors = await rt.db.fetchall(f"SELECT * FROM monitors {where} ORDER BY id", params)
+    ids = [m["id"] for m in monitors]
+    latest: dict[str, sqlite3.Row] = {}
+    if ids:
+        for check in await rt.db.fetchall(
+                f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id WHERE"
+                f" l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY c.id", ids):
+            latest[check["monitor_id"]] = check
+    now = now_ms()
+    uptime = {window: await collect(rt.db, ids, _ceil_hour(now - span), now, ("monitor",))
+              for window, span in (("24h", DAY_MS), ("30d", 30 * DAY_MS))}
+    out = Exposition()
+    labels = {m["id"]: {"id": m["id"], "name": m["name"], "type": m["type"]} for m in monitors}
+    out.metric("monitor_status", "gauge", "1 for the monitor's current status, 0 for the others.",
+               [({**labels[m["id"]], "status": s}, int(m["status"] == s))
+                for m in monitors for s in MONITOR_STATUSES])
+    out.metric("monitor_paused", "gauge", "1 when the monitor is paused.",
+               [(labels[m["id"]], m["is_paused"]) for m in monitors])
+    out.metric("monitor_response_time_seconds", "gauge", "Response time of the latest check.",
+               [(labels[i], None if c["response_time"] is None else c["response_time"] / 1000)
+                for i, c in latest.items()])
+    ratios = []
+    for window, counts in uptime.items():
+        for monitor_id in ids:
+            stats = WindowStats()
+            stats.add(counts.get((monitor_id,), [0] * 5))
+            ratio = None if not stats.total else (stats.up + stats.degraded) / stats.total
+            ratios.append(({**labels[monitor_id], "window": window}, ratio))
+    out.metric("monitor_uptime_ratio", "gauge", "(UP + DEGRADED checks) / all checks.", ratios)
+    for kind, name, what in (("SSL_CERT", "certificate", "the certificate expires"),
+                             ("DOMAIN", "domain", "the domain registration expires")):
+        days = [(labels[i], json.loads(c["details"]).get("daysRemaining"))
+                for i, c in latest.items() if labels[i]["type"] == kind and c["details"]]
+        out.metric(f"{name}_days_remaining", "gauge", f"Days until {what}.", days)
+    out.metric("monitor_checks_total", "counter", "Checks recorded for the monitor.",
+               [(labels[m["id"]], m["check_count"]) for m in monitors])
+    out.metric("write_queue_depth", "gauge", "Writes queued for the next group commit.",
+               [({}, rt.db.queued)])
+    out.metric("scheduler_lag_seconds", "gauge", "How late the scheduler runs due checks.",
+               [({}, getattr(rt, "scheduler_lag", None))])
+    out.metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
+               [({}, round(time.monotonic() - rt.started, 3))])
+    return out.text()
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: an API key with read permission, or ``Bearer <server.metrics_token>``."""
+    rt: Runtime = request.app.state.statusapp
+    token = rt.cfg["server"]["metrics_token"]
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    team = None
+    if not (token and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), token.encode())):
+        who = await authenticate(rt.db, request_key(request))
+        if "read" not in who.permissions:
+            raise Forbidden("This API key lacks the 'read' permission",
+                            f"key permissions: {','.join(sorted(who.permissions))}")
+        team = who.team_id
+    return Response(await render_metrics(rt, team),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
+
 # Team
 #
 # The team is its owner's account: ``call.team`` is the owner's id, and every member's row in
@@ -4014,36 +4595,6 @@ async def worker_regions(call: Call) -> dict[str, Any]:
 # The public face of a team: a server-rendered page (no JavaScript; nothing loaded from elsewhere
 # but the owner's logo and favicon), its JSON and Atom companions and SVG badges.  Private pages,
 # and monitors on no public page, are 404 to the public.
-
-DAY_MS = 86_400_000
-
-
-# daily_stats: stand-in until the analytics rollups merge
-async def daily_stats(db: Database, monitor_ids: Sequence[str],
-                      days: int) -> dict[str, list[dict[str, Any]]]:
-    """Per monitor, one dict per UTC day for the last ``days`` days (today last), oldest first.
-
-    Each is ``{"day": "YYYY-MM-DD", "up", "down", "degraded", "total", "uptime"}`` with
-    uptime = (up + degraded) / total * 100, or None when the day has no checks.
-    """
-    first = now_ms() // DAY_MS - days + 1
-    out = {monitor_id: [{"day": datetime.fromtimestamp((first + i) * DAY_MS / 1000, timezone.utc)
-                         .strftime("%Y-%m-%d"), "up": 0, "down": 0, "degraded": 0, "total": 0,
-                         "uptime": None} for i in range(days)] for monitor_id in monitor_ids}
-    if not out:
-        return out
-    marks = ",".join("?" * len(out))
-    for row in await db.fetchall(
-            f"SELECT monitor_id, checked_at / {DAY_MS} AS day, SUM(status = 'UP'),"
-            f" SUM(status = 'DOWN'), SUM(status = 'DEGRADED'), COUNT(*) FROM checks"
-            f" WHERE monitor_id IN ({marks}) AND checked_at >= ? GROUP BY monitor_id, day",
-            [*out, first * DAY_MS]):
-        if row[1] - first < days:
-            day = out[row[0]][row[1] - first]
-            day.update(up=row[2], down=row[3], degraded=row[4], total=row[5],
-                       uptime=(row[2] + row[4]) / row[5] * 100)
-    return out
-
 
 UPTIME_DAYS = 90
 PAST_INCIDENT_DAYS = 14
@@ -4564,7 +5115,8 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
         finally:
             await rt.stop()
 
-    return Starlette(routes=[*ROUTES, *PAGE_ROUTES], lifespan=lifespan, middleware=[Middleware(Cors)],
+    return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES], lifespan=lifespan,
+                     middleware=[Middleware(Cors)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_api_error,
                                          Exception: on_api_error})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -2222,6 +2223,247 @@ def test_page_in_headless_browser(tmp_path):
 
 
 # --- Analytics and retention tests ---
+
+
+def _cron_monitor(client, name: str = "job") -> str:
+    """A CRON monitor: nothing probes it, so the only checks are the ones a test stores."""
+    response = client.post("/api/v1/monitors", json={"name": name, "type": "CRON"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _store_checks(cfg, monitor_id: str, rows: list) -> None:
+    """Store (status, response_time, checked_at ms[, region]) rows as checks."""
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany(
+            "INSERT INTO checks (monitor_id, region_id, status, response_time, checked_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(monitor_id, r[3] if len(r) > 3 else "local", r[0], r[1], r[2]) for r in rows])
+
+
+def test_monitor_analytics_are_exact_on_a_known_sequence(cfg, client):
+    monitor = _cron_monitor(client)
+    now = int(time.time() * 1000)
+    minute = 60_000
+    rows = [("UP", 100 * (i + 1), now - (i + 1) * minute, "eu" if i < 3 else "us")
+            for i in range(7)]
+    rows += [("DOWN", 9000, now - 8 * minute), ("DOWN", None, now - 9 * minute),
+             ("DEGRADED", 800, now - 10 * minute, "eu"),
+             ("DOWN", None, now - 3 * 3_600_000)]  # outside 1h, inside 24h
+    _store_checks(cfg, monitor, rows)
+    body = client.get(f"/api/v1/analytics/monitors/{monitor}?period=1h").json()
+    assert body == {
+        "monitorId": monitor, "period": "1h", "uptime": 80.0, "avgResponseTime": 450,
+        "p50ResponseTime": 400, "p95ResponseTime": 800, "p99ResponseTime": 800,
+        "totalChecks": 10, "checksUp": 7, "checksDown": 2, "checksDegraded": 1, "incidents": 0,
+        "mttr": None, "responseTimeByRegion": {"eu": 350, "us": 550}}
+    day = client.get(f"/api/v1/analytics/monitors/{monitor}").json()
+    assert day["period"] == "24h"
+    assert (day["totalChecks"], day["uptime"]) == (11, 72.72)  # 8/11 rounded down
+
+
+def test_analytics_period_is_validated_and_monitors_are_team_scoped(cfg, client):
+    monitor = _cron_monitor(client)
+    response = client.get(f"/api/v1/analytics/monitors/{monitor}?period=2d")
+    assert response.status_code == 400
+    assert response.json()["error"][0]["path"] == ["period"]
+    assert client.get("/api/v1/analytics/monitors/mon_nope").status_code == 404
+    other = new_key(cfg, "other@example.test")
+    response = client.get(f"/api/v1/analytics/monitors/{monitor}",
+                          headers={"X-API-Key": other})
+    assert response.status_code == 404
+
+
+def test_dashboard_counts_agree_with_the_monitors_api(cfg, client):
+    ids = [_cron_monitor(client, f"m{i}") for i in range(5)]
+    for monitor, status in zip(ids, ("UP", "UP", "DOWN", "DEGRADED")):
+        sql(cfg, "UPDATE monitors SET status = ? WHERE id = ?", (status, monitor))
+    client.post(f"/api/v1/monitors/{ids[1]}/pause")
+    now = int(time.time() * 1000)
+    team = sql(cfg, "SELECT account_id FROM monitors WHERE id = ?", (ids[0],))[0][0]
+    for number, (started, resolved) in enumerate([(now - 600_000, None),
+                                                  (now - 400_000, now - 100_000),
+                                                  (now - 5 * 86_400_000, now - 5 * 86_400_000 + 1_800_000)]):
+        sql(cfg, "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at,"
+                 " resolved_at, severity, status) VALUES (?, ?, ?, 2025, ?, ?, ?, 'HIGH', ?)",
+            (f"inc_{number}", team, ids[2], number, started, resolved,
+             "resolved" if resolved else "open"))
+    _store_checks(cfg, ids[0], [("UP", 100, now - 60_000), ("DOWN", None, now - 120_000)])
+    body = client.get("/api/v1/analytics").json()
+    listed = {s: client.get(f"/api/v1/monitors?status={s}").json()["pagination"]["total"]
+              for s in ("UP", "DOWN", "DEGRADED")}
+    assert body["monitors"] == {"total": 5, "active": 4, "paused": 1, "up": listed["UP"],
+                                "down": listed["DOWN"], "degraded": listed["DEGRADED"]}
+    assert listed == {"UP": 2, "DOWN": 1, "DEGRADED": 1}
+    resolved_today = 1 if (now - 100_000) // 86_400_000 == now // 86_400_000 else 0
+    assert body["incidents"] == {"open": 1, "resolvedToday": resolved_today,
+                                 "resolvedThisWeek": 2, "avgMttr": (300 + 1800) // 2}
+    performance = body["performance"]  # p95 comes from the rollup histogram: within 2.5%
+    assert (performance["avgResponseTime"], performance["overallUptime"]) == (100, 50.0)
+    assert abs(performance["p95ResponseTime"] - 100) <= 100 * 0.025 + 1
+
+
+def _on_db(cfg, job):
+    """Run ``await job(db)`` on an open Database of cfg (no server running)."""
+    async def run():
+        db = statusapp.Database(cfg["server"]["database"])
+        await db.open()
+        try:
+            return await job(db)
+        finally:
+            await db.close()
+    return asyncio.run(run())
+
+
+def _monitors(cfg, count: int, **columns) -> list:
+    """``count`` CRON monitors created through the API (then the server stops)."""
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        ids = [_cron_monitor(client, f"m{i}") for i in range(count)]
+    for name, value in columns.items():
+        sql(cfg, f"UPDATE monitors SET {name} = ?", (value,))
+    return ids
+
+
+def test_rollups_give_the_same_analytics_as_raw_checks(cfg):
+    rnd = random.Random(6)
+    monitor = _monitors(cfg, 1)[0]
+    hour, day = statusapp.HOUR_MS, statusapp.DAY_MS
+    end = int(time.time() * 1000) // hour * hour - hour
+    start = end - 3 * day + 1_800_000
+    rows = [(rnd.choice(["UP"] * 8 + ["DOWN", "DEGRADED"]), rnd.randint(20, 3000), t,
+             rnd.choice(["eu", "us"])) for t in range(start, end, 300_000)]
+    _store_checks(cfg, monitor, rows)
+    lo = statusapp._ceil_hour(start)
+
+    async def job(db):
+        exact = await statusapp.window_stats(db, [monitor], lo, end, exact=True)
+        progress = await statusapp.roll_up(db, now=end + hour)
+        plan = statusapp.plan_window(lo, end, *await statusapp.rollup_progress(db))
+        rolled = await statusapp.window_stats(db, [monitor], lo, end, exact=False)
+        return exact, progress, plan, rolled
+    (exact, exact_regions), progress, plan, (rolled, regions) = _on_db(cfg, job)
+    assert progress == (end, end // day * day)
+    assert "d" in [kind for kind, _, _ in plan] and "raw" not in [kind for kind, _, _ in plan]
+    assert (rolled.up, rolled.down, rolled.degraded, rolled.rt_sum, rolled.rt_count) == (
+        exact.up, exact.down, exact.degraded, exact.rt_sum, exact.rt_count)
+    assert rolled.uptime() == exact.uptime() and rolled.average() == exact.average()
+    assert dict(regions) == dict(exact_regions)
+    assert rolled.values is None and sum(rolled.hist.values()) == exact.rt_count
+    for p in (50, 95, 99):
+        assert abs(rolled.percentile(p) - exact.percentile(p)) <= exact.percentile(p) * 0.025 + 1
+    stored = sql(cfg, "SELECT bucket, SUM(up + down + degraded) FROM check_rollups"
+                      " GROUP BY bucket ORDER BY bucket")
+    assert stored == [("d", sum(1 for r in rows if r[2] < end // day * day)),
+                      ("h", len(rows))]
+
+
+def test_daily_stats_cover_rolled_up_and_raw_days(cfg):
+    monitors = _monitors(cfg, 2)
+    day, now = statusapp.DAY_MS, int(time.time() * 1000)
+    today = now // day * day
+    _store_checks(cfg, monitors[0], [("UP", 100, today - 2 * day + 1000),
+                                     ("DOWN", None, today - 2 * day + 2000),
+                                     ("UP", 100, today - day + 5000), ("DEGRADED", 100, now - 1000)])
+
+    async def job(db):
+        await statusapp.roll_up(db)
+        return await statusapp.daily_stats(db, monitors, 3)
+    stats = _on_db(cfg, job)
+    names = [time.strftime("%Y-%m-%d", time.gmtime((today - n * day) / 1000)) for n in (2, 1, 0)]
+    assert stats[monitors[0]] == [
+        {"day": names[0], "up": 1, "down": 1, "degraded": 0, "total": 2, "uptime": 50.0},
+        {"day": names[1], "up": 1, "down": 0, "degraded": 0, "total": 1, "uptime": 100.0},
+        {"day": names[2], "up": 0, "down": 0, "degraded": 1, "total": 1, "uptime": 100.0}]
+    assert [d["uptime"] for d in stats[monitors[1]]] == [None, None, None]
+
+
+def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, retention={"raw_days": 3, "hourly_days": 2})
+    monkeypatch.setattr(statusapp, "RETENTION_BATCH", 100)
+    monkeypatch.setattr(statusapp, "_RETENTION_PAUSE", 0)
+    monitor = _monitors(cfg, 1)[0]
+    day, now = statusapp.DAY_MS, int(time.time() * 1000)
+    old = [("UP", 50, now - 4 * day + i * 60_000) for i in range(1000)]
+    _store_checks(cfg, monitor, [*old, ("UP", 60, now - day)])
+    _store_checks(cfg, monitor, [("UP", 70, now - 9 * day, "lonely")])  # that region's latest
+    transactions = []
+
+    async def job(db):
+        real = db.transaction
+        db.transaction = lambda: transactions.append(1) or real()
+        await statusapp.roll_up(db)
+        return await statusapp.prune(db, cfg)
+    deleted = _on_db(cfg, job)
+    assert deleted["raw"] == 1000 and len(transactions) >= 10
+    assert sql(cfg, "SELECT response_time FROM checks ORDER BY checked_at") == [(70,), (60,)]
+    assert deleted["h"] >= 17 and deleted["d"] == 0
+    assert sql(cfg, "SELECT COUNT(*) FROM check_rollups WHERE bucket = 'h' AND start < ?",
+               (now - 2 * day,)) == [(0,)]
+    assert sql(cfg, "SELECT SUM(up) FROM check_rollups WHERE bucket = 'd'") == [(1001,)]
+
+
+def test_regression_detection_degrades_and_recovers(cfg):
+    slow, thin = _monitors(cfg, 2, status="UP", regression_enabled=1, regression_threshold=50,
+                           regression_period=7)
+    now, minute = int(time.time() * 1000), 60_000
+    later = now + 20 * minute
+    baseline = [("UP", 250, now - 200 * minute + i * 4 * minute) for i in range(40)]
+    _store_checks(cfg, slow, [*baseline, *[("UP", 480, now - i * minute) for i in range(6)]])
+    _store_checks(cfg, thin, [*baseline[:10], *[("UP", 480, now - i * minute) for i in range(6)]])
+    state = "SELECT status, regression_active, baseline_response_time FROM monitors WHERE id = ?"
+
+    async def job(db):
+        await statusapp.detect_regressions(db, cfg, now)
+        seen = sql(cfg, state, (slow,)), sql(cfg, state, (thin,))
+        _store_checks(cfg, slow, [("UP", 260, later - i * minute) for i in range(5)])
+        await statusapp.detect_regressions(db, cfg, later)
+        return seen
+    degraded, not_enough = _on_db(cfg, job)
+    assert degraded == [("DEGRADED", 1, 250)]
+    assert not_enough == [("UP", 0, None)]
+    assert sql(cfg, state, (slow,)) == [("UP", 0, 250)]
+    assert sql(cfg, "SELECT old_status, new_status, reason FROM status_transitions"
+                    " ORDER BY id") == [
+        ("UP", "DEGRADED", "response time 480 ms is 92% above the 250 ms baseline (threshold 50%)"),
+        ("DEGRADED", "UP", "response time 260 ms is back within 50% of the 250 ms baseline")]
+
+
+def test_metrics_exposition_and_auth(tmp_path):
+    cfg = make_cfg(tmp_path, server={"metrics_token": "scrape-me"})
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg)) as client:
+        client.headers["X-API-Key"] = key
+        monitor = _cron_monitor(client, 'say "hi" \\ now')
+        cert = _cron_monitor(client, "cert")
+        del client.headers["X-API-Key"]
+        sql(cfg, "UPDATE monitors SET type = 'SSL_CERT', status = 'UP' WHERE id = ?", (cert,))
+        now = int(time.time() * 1000)
+        _store_checks(cfg, monitor, [("UP", 120, now - 120_000), ("DOWN", None, now - 60_000)])
+        sql(cfg, "INSERT INTO checks (monitor_id, region_id, status, response_time, details,"
+                 " checked_at) VALUES (?, 'local', 'UP', 250, ?, ?)",
+            (cert, json.dumps({"daysRemaining": 42}), now))
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        reader = cli(cfg, "apikey", "create", "--email", "owner@example.test", "--name", "r",
+                     "--permissions", "write").strip().splitlines()[-1]
+        assert client.get("/metrics", headers={"X-API-Key": reader}).status_code == 403
+        by_key = client.get("/metrics", headers={"X-API-Key": key})
+        by_token = client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert by_key.status_code == by_token.status_code == 200
+    assert by_key.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = by_token.text
+    labels = f'id="{monitor}",name="say \\"hi\\" \\\\ now",type="CRON"'
+    assert f"statusapp_monitor_status{{{labels},status=\"PENDING\"}} 1" in text
+    assert f'statusapp_monitor_uptime_ratio{{{labels},window="24h"}} 0.5' in text
+    assert f'statusapp_monitor_checks_total{{{labels}}} 2' in text
+    assert f'statusapp_certificate_days_remaining{{id="{cert}",name="cert",type="SSL_CERT"}} 42' in text
+    assert f'statusapp_monitor_response_time_seconds{{id="{cert}",name="cert",type="SSL_CERT"}} 0.25' in text
+    assert "statusapp_write_queue_depth 0" in text
+    for name in ("monitor_status", "monitor_uptime_ratio", "write_queue_depth"):
+        assert text.count(f"# TYPE statusapp_{name} ") == 1
+    samples = [line for line in text.splitlines() if not line.startswith("#")]
+    assert all(line.rsplit(" ", 1)[1].replace(".", "").isdigit() for line in samples)
 
 # --- Team and account tests ---
 
