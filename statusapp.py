@@ -15,10 +15,10 @@ Contents, in the order data flows through the program:
 7. Scheduler    -- the asyncio loop that runs probes on their intervals.
 8. Incidents    -- status transitions become incidents and alerts.
 9. Notifiers    -- one coroutine per channel type, registered in ``NOTIFIERS``.
-9b. Analytics   -- rollups, retention, regression detection and the figures behind them.
-10. API routes  -- the ``/api/v1`` handlers.
-11. Pages       -- the public status pages and badges.
-12. CLI         -- the click entrypoint that runs everything in one process.
+10. Analytics   -- rollups, retention, regression detection and the figures behind them.
+11. API routes  -- the ``/api/v1`` handlers.
+12. Pages       -- the public status pages and badges.
+13. CLI         -- the click entrypoint that runs everything in one process.
 """
 
 from __future__ import annotations
