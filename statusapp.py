@@ -2302,7 +2302,7 @@ async def run_heartbeats(rt: Runtime) -> None:
         try:
             await hb.reload_changed()
             await hb.expire_due()
-        except (sqlite3.Error, OSError):
+        except Exception:
             log.exception("heartbeat deadlines failed; retrying in 1 s")
             await asyncio.sleep(1)
             hb.wake.set()
