@@ -9,6 +9,7 @@ Shared helpers first, then one section per scenario.  Everything stays on 127.0.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sqlite3
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import click
 import httpx
+import uvloop
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,6 +111,92 @@ def bench() -> None:
 # --- probe scenario ---
 
 # --- heartbeat scenario ---
+
+
+async def _ping_connection(host: str, port: int, paths: list[str], stop_at: float,
+                           latencies: list[float], errors: list[int]) -> None:
+    """One keep-alive connection sending pings back to back until ``stop_at``."""
+    reader, writer = await asyncio.open_connection(host, port)
+    n = 0
+    try:
+        while time.perf_counter() < stop_at:
+            body = f"run {n}".encode()
+            path = paths[n % len(paths)]
+            n += 1
+            request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench\r\n"
+                       f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+                       ).encode() + body
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            if head.startswith(b"HTTP/1.1 200"):
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors.append(int(head[9:12]))
+    finally:
+        writer.close()
+
+
+def _ping_load(url: str, paths: list[str], connections: int, seconds: float
+               ) -> tuple[list[float], list[int], float]:
+    """Drive ``connections`` concurrent keep-alive pingers for ``seconds`` on uvloop."""
+    host, port = url.split("//")[1].split(":")
+    latencies: list[float] = []
+    errors: list[int] = []
+
+    async def run() -> float:
+        started = time.perf_counter()
+        stop_at = started + seconds
+        await asyncio.gather(*(_ping_connection(host, int(port), paths[i::connections] or paths,
+                                                stop_at, latencies, errors)
+                               for i in range(connections)))
+        return time.perf_counter() - started
+    elapsed = uvloop.run(run())
+    return latencies, errors, elapsed
+
+
+@bench.command()
+@click.option("--monitors", default=500, show_default=True, help="CRON monitors pinged.")
+@click.option("--connections", default=32, show_default=True, help="Concurrent connections.")
+@click.option("--seconds", default=10.0, show_default=True, help="Measured duration.")
+def heartbeat(monitors: int, connections: int, seconds: float) -> None:
+    """Concurrent pings against one server: acknowledged (committed) pings/s, latency."""
+    srv = Server(env={"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0"}).start()
+    try:
+        api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": srv.key})
+        paths = []
+        for i in range(monitors):
+            monitor = api.post("/monitors", json={"name": f"job {i}", "type": "CRON",
+                                                  "interval": 3600, "gracePeriod": 3600}).json()
+            paths.append(monitor["heartbeatUrl"].split(srv.url, 1)[1])
+        _ping_load(srv.url, paths, connections, 1.0)  # warm-up
+        before = srv.stats()
+        with sqlite3.connect(srv.db) as conn:
+            rows_before = conn.execute("SELECT COUNT(*) FROM heartbeats").fetchone()[0]
+        latencies, errors, elapsed = _ping_load(srv.url, paths, connections, seconds)
+        after = srv.stats()
+        with sqlite3.connect(srv.db) as conn:
+            stored = conn.execute("SELECT COUNT(*) FROM heartbeats").fetchone()[0] - rows_before
+    finally:
+        srv.stop()
+    ms = percentiles([v * 1000 for v in latencies])
+    report("heartbeat", {
+        "monitors": monitors, "connections": connections,
+        "acknowledged pings": len(latencies), "stored pings": stored,
+        "non-200 answers": len(errors),
+        "acknowledged pings/s": len(latencies) / elapsed,
+        "latency p50 ms": ms["p50"], "latency p99 ms": ms["p99"], "latency max ms": ms["max"],
+        "server CPU s per 1000 pings": (after["cpu_s"] - before["cpu_s"]) * 1000
+        / max(1, len(latencies)),
+        "server peak RSS MB": after["peak_rss_mb"],
+    })
+
 
 # --- api scenario ---
 

@@ -300,3 +300,21 @@ CREATE TABLE rollup_progress (
 
 -- 1 while the regression detector holds the monitor DEGRADED for slow responses.
 ALTER TABLE monitors ADD COLUMN regression_active INTEGER NOT NULL DEFAULT 0;
+
+-- migration 6: heartbeat pings, and each CRON monitor's last success and running job
+-- A ping log row per accepted ping (kind: success, start, fail, log); duration is the job's
+-- run time in ms when a start preceded the success or fail.  last_success_at starts the
+-- missed-heartbeat clock, job_started_at the job-did-not-complete clock; both survive restarts.
+CREATE TABLE heartbeats (
+    id INTEGER PRIMARY KEY,
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    message TEXT,
+    duration INTEGER,
+    source_ip TEXT,
+    user_agent TEXT,
+    received_at INTEGER NOT NULL
+);
+CREATE INDEX heartbeats_monitor_time ON heartbeats(monitor_id, received_at);
+ALTER TABLE monitors ADD COLUMN last_success_at INTEGER;
+ALTER TABLE monitors ADD COLUMN job_started_at INTEGER;

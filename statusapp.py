@@ -32,6 +32,7 @@ import copy
 import functools
 import gzip
 import hashlib
+import heapq
 import hmac
 import html
 import http.cookiejar
@@ -2136,6 +2137,247 @@ def check_statements(monitor_id: str, region_id: str, result: CheckResult,
          json.dumps(result.details) if result.details else None, checked_at))]
 
 # Heartbeat deadlines
+#
+# Each CRON monitor lives in memory as a ``_Beat``: its heartbeat id, status and two clocks
+# (last success, running job).  Pings and the deadline service change a beat only under its
+# lock and only after their write committed, so the status the next ping or deadline starts
+# from is always the stored one.  Each beat keeps at most one live entry in a heap ordered by
+# its next deadline; the service sleeps until the earliest (or a change), so its cost follows
+# pings and deadlines, never the number of monitors.  The clocks are columns, so a deadline
+# that passed while the server was down is found at start-up; acting on it makes the monitor
+# DOWN, which has no deadline, so it is acted on once.
+
+HEARTBEAT_KINDS = ("success", "start", "fail", "log")
+MISSED_HEARTBEAT = "missed heartbeat"
+JOB_NOT_COMPLETE = "job did not complete"
+_BEAT_COLUMNS = ("id, heartbeat_id, status, is_paused, is_active, interval, grace_period,"
+                 " last_success_at, job_started_at, updated_at")
+
+
+@dataclass(eq=False)
+class _Beat:
+    """One CRON monitor as the heartbeat code needs it; ``stale`` until (re)loaded."""
+
+    monitor_id: str
+    token: str | None = None
+    status: str = "PENDING"
+    quiet: bool = True  # paused or inactive: pings are logged, the status never changes
+    period_ms: int = 0
+    grace_ms: int = 0
+    last_success_at: int | None = None
+    job_started_at: int | None = None
+    edited_at: int = 0
+    stale: bool = True
+    queued: int | None = None  # the due time of this beat's live heap entry
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    window: collections.deque[float] = field(default_factory=collections.deque)
+
+    def load(self, row: sqlite3.Row) -> None:
+        self.token, self.status = row["heartbeat_id"], row["status"]
+        self.quiet = bool(row["is_paused"]) or not row["is_active"]
+        self.period_ms, self.grace_ms = row["interval"] * 1000, row["grace_period"] * 1000
+        self.last_success_at, self.job_started_at = row["last_success_at"], row["job_started_at"]
+        self.edited_at, self.stale = row["updated_at"], False
+
+    def due(self) -> tuple[int, str] | None:
+        """The next deadline and what missing it means.
+
+        Editing or resuming a monitor restarts both clocks (``edited_at``), so a deadline that
+        passed while it was paused does not fire the moment it is resumed.
+        """
+        if self.quiet or self.status == "DOWN":
+            return None
+        dues = []
+        if self.job_started_at is not None:
+            dues.append((max(self.job_started_at, self.edited_at) + self.grace_ms,
+                         JOB_NOT_COMPLETE))
+        if self.last_success_at is not None:
+            dues.append((max(self.last_success_at, self.edited_at) + self.period_ms
+                         + self.grace_ms, MISSED_HEARTBEAT))
+        return min(dues, default=None)
+
+    def reason(self, what: str) -> str:
+        """The DOWN reason a missed deadline records (the incident's root cause)."""
+        grace = self.grace_ms // 1000
+        if what == JOB_NOT_COMPLETE:
+            return f"{what}: no success or fail within the {grace} s grace period after start"
+        return (f"{what}: no success ping within {self.period_ms // 1000} s interval"
+                f" + {grace} s grace period")
+
+
+class Heartbeats:
+    """The in-memory side of heartbeat monitoring: beats by id, ping rate windows, deadlines."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.wake = asyncio.Event()
+        self.clock = time.monotonic  # the rate windows' clock (tests move it)
+        self.trusted = [ipaddress.ip_network(p, strict=False)
+                        for p in rt.cfg["server"]["trusted_proxies"]]
+        self._by_token: dict[str, _Beat] = {}
+        self._by_monitor: dict[str, _Beat] = {}
+        self._heap: list[tuple[int, str]] = []
+        self._dirty: set[str] = set()
+        rt.listeners.append(self._changed)
+
+    def _changed(self, monitor_id: str) -> None:
+        """A monitor was created, edited or deleted: reload it before its next use."""
+        beat = self._by_monitor.get(monitor_id)
+        if beat is not None:
+            beat.stale = True
+        self._dirty.add(monitor_id)
+        self.wake.set()
+
+    def _beat(self, monitor_id: str) -> _Beat:
+        return self._by_monitor.setdefault(monitor_id, _Beat(monitor_id))
+
+    def _load(self, beat: _Beat, row: sqlite3.Row | None) -> bool:
+        """Store a monitors row in its beat (None: no longer a CRON monitor) and schedule it."""
+        if beat.token is not None and (row is None or row["heartbeat_id"] != beat.token):
+            self._by_token.pop(beat.token, None)
+        if row is None:
+            self._by_monitor.pop(beat.monitor_id, None)
+            beat.quiet = True
+            return False
+        beat.load(row)
+        self._by_token[row["heartbeat_id"]] = beat
+        self.schedule(beat)
+        return True
+
+    async def fresh(self, beat: _Beat) -> bool:
+        """Reload a stale beat (the caller holds its lock); False once it is not a CRON monitor."""
+        if not beat.stale:
+            return True
+        row = await self.rt.db.fetchone(
+            f"SELECT {_BEAT_COLUMNS} FROM monitors WHERE id = ? AND type = 'CRON'"
+            " AND heartbeat_id IS NOT NULL", (beat.monitor_id,))
+        return self._load(beat, row)
+
+    async def find(self, token: str) -> _Beat:
+        """The beat a heartbeat id names, or 404 (a non-CRON monitor has no heartbeat id)."""
+        beat = self._by_token.get(token)
+        if beat is None:
+            monitor_id = await self.rt.db.fetchval(
+                "SELECT id FROM monitors WHERE heartbeat_id = ? AND type = 'CRON'", (token,))
+            if monitor_id is None:
+                raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
+            beat = self._beat(monitor_id)
+        return beat
+
+    async def preload(self) -> None:
+        """Load every CRON monitor at start-up, so deadlines missed while down are found."""
+        for row in await self.rt.db.fetchall(
+                f"SELECT {_BEAT_COLUMNS} FROM monitors WHERE type = 'CRON'"
+                " AND heartbeat_id IS NOT NULL"):
+            beat = self._beat(row["id"])
+            if beat.stale and not beat.lock.locked():
+                self._load(beat, row)
+
+    def admit(self, beat: _Beat) -> None:
+        """Count a ping in its monitor's one-minute sliding window; 429 past the limit."""
+        limit = self.rt.cfg["heartbeat"]["pings_per_minute"]
+        if not limit:
+            return
+        now, window = self.clock(), beat.window
+        while window and now - window[0] >= 60:
+            window.popleft()
+        if len(window) >= limit:
+            retry = max(1, math.ceil(60 - (now - window[0])))
+            raise RateLimited("Rate limit exceeded",
+                              f"at most {limit} pings per minute per monitor",
+                              headers={"Retry-After": str(retry)})
+        window.append(now)
+
+    def source_ip(self, request: Request) -> str | None:
+        """The pinging host: the peer, or X-Forwarded-For's last hop not a trusted proxy."""
+        address = request.client.host if request.client else None
+        hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",")
+                if h.strip()]
+        while address and hops and self._is_trusted(address):
+            address = hops.pop()
+        return address
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def schedule(self, beat: _Beat) -> None:
+        """Queue the beat's next deadline unless an earlier entry of it is already queued."""
+        due = beat.due()
+        if due is None or (beat.queued is not None and beat.queued <= due[0]):
+            return
+        beat.queued = due[0]
+        heapq.heappush(self._heap, (due[0], beat.monitor_id))
+        if self._heap[0][0] == due[0]:
+            self.wake.set()
+
+    async def reload_changed(self) -> None:
+        """Reload the monitors edited since last time (a deleted one is forgotten)."""
+        changed, self._dirty = self._dirty, set()
+        for monitor_id in changed:
+            beat = self._beat(monitor_id)
+            async with beat.lock:
+                await self.fresh(beat)
+
+    async def expire_due(self) -> None:
+        """Mark DOWN every monitor whose deadline has passed."""
+        while self._heap and self._heap[0][0] <= now_ms():
+            due_at, monitor_id = heapq.heappop(self._heap)
+            beat = self._by_monitor.get(monitor_id)
+            if beat is None or beat.queued != due_at:
+                continue  # superseded by an earlier entry, or forgotten
+            beat.queued = None
+            async with beat.lock:
+                try:
+                    if await self.fresh(beat):
+                        due = beat.due()
+                        if due is not None and due[0] <= now_ms():
+                            await self._miss(beat, *due)
+                finally:
+                    self.schedule(beat)  # after a failed write the same deadline is retried
+
+    async def _miss(self, beat: _Beat, due_at: int, what: str) -> None:
+        """Record a missed deadline: a DOWN check and transition, at the deadline's time."""
+        reason = beat.reason(what)
+        result = CheckResult("DOWN", error=reason, category="UNKNOWN",
+                             details={"heartbeat": what})
+        statements = check_statements(beat.monitor_id, self.rt.cfg["region"]["id"], result,
+                                      due_at)
+        statements += transition_statements(beat.monitor_id, beat.status, "DOWN", reason, due_at)
+        if what == JOB_NOT_COMPLETE:
+            statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
+                               (beat.monitor_id,)))
+        await self.rt.db.write(statements)
+        log.info("heartbeat monitor %s is DOWN: %s", beat.monitor_id, reason)
+        beat.status = "DOWN"
+        if what == JOB_NOT_COMPLETE:
+            beat.job_started_at = None
+
+    async def sleep(self) -> None:
+        """Wait for the earliest deadline, a ping that brings one closer, or a monitor edit."""
+        timeout = max(0.0, (self._heap[0][0] - now_ms()) / 1000) if self._heap else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
+
+
+async def run_heartbeats(rt: Runtime) -> None:
+    """The deadline service: CRON monitors that miss a ping or a job's end go DOWN."""
+    hb = rt.heartbeats
+    await hb.preload()
+    while True:
+        hb.wake.clear()
+        try:
+            await hb.reload_changed()
+            await hb.expire_due()
+        except Exception:
+            log.exception("heartbeat deadlines failed; retrying in 1 s")
+            await asyncio.sleep(1)
+            hb.wake.set()
+        await hb.sleep()
+
 
 # --- Incidents ---
 
@@ -3301,7 +3543,8 @@ MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
 
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
 # with the server and cancelled at shutdown.
-SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (run_retention, run_regression)
+SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
+    run_heartbeats, run_retention, run_regression)
 
 
 class Runtime:
@@ -3316,6 +3559,8 @@ class Runtime:
         self.regions: dict[str, dict[str, Any]] = {}
         self.changed: set[str] = set()
         self.changed_event = asyncio.Event()
+        self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
+        self.heartbeats = Heartbeats(self)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -3348,6 +3593,8 @@ class Runtime:
         """Tell the background services that a monitor was created, edited or deleted."""
         self.changed.add(monitor_id)
         self.changed_event.set()
+        for listener in self.listeners:
+            listener(monitor_id)
 
     def every(self, seconds: float, job: Callable[[], Awaitable[Any]]) -> None:
         """Run ``job`` every ``seconds`` in the background until stop; log its failures."""
@@ -3755,6 +4002,155 @@ async def update_regression(call: Call) -> dict[str, Any]:
 
 
 # Heartbeats (CRON pings)
+#
+# The heartbeat id in the URL is the secret, so these routes are public.  A ping is answered
+# only once its write is committed; concurrent pings share one group commit.
+
+HEARTBEAT_MAX_BODY = 10_240
+_AGENT_MAX = 200
+_AT = object()  # in a ping's clock updates: "the ping's time"
+_OK = b'{"message":"OK"}'
+
+
+@dataclass(frozen=True)
+class PingKind:
+    """What one kind of ping means: the status it reports, its text key, its clock updates."""
+
+    status: str | None  # a check with this status, or None (not a check, no status change)
+    keys: tuple[str, ...]  # JSON keys that hold its text, best first
+    clocks: dict[str, Any]  # monitors columns it sets: _AT or None
+    category: str | None = None
+
+
+PING_KINDS = {
+    "success": PingKind("UP", ("message", "error"),
+                        {"last_success_at": _AT, "job_started_at": None}),
+    "start": PingKind(None, ("message", "error"), {"job_started_at": _AT}),
+    "fail": PingKind("DOWN", ("error", "message"), {"job_started_at": None}, "APPLICATION_ERROR"),
+    "log": PingKind(None, ("message", "error"), {}),
+}
+_FAIL_TEXT = "job reported failure"
+
+
+def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
+    """A ping's text: the first of ``keys`` in a JSON object, else the whole body as text.
+
+    Cron scripts send what they send (curl -d posts form-encoded JSON), so the content type
+    is ignored and malformed JSON is kept as text rather than refused.
+    """
+    text = body.decode("utf-8", "replace").strip()
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(data, dict):
+        return text
+    for key in keys:
+        if key in data:
+            value = data[key]
+            return value if isinstance(value, str) or value is None else json.dumps(value)
+    return text
+
+
+def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str | None,
+                    agent: str | None, at: int, region: str) -> list[Statement]:
+    """The writes of one ping: its log row, the monitor's clocks, and unless the monitor is
+    paused, a check and (when the status changes) a transition."""
+    spec = PING_KINDS[kind]
+    duration = (at - beat.job_started_at
+                if spec.status and beat.job_started_at is not None else None)
+    statements: list[Statement] = [(
+        "INSERT INTO heartbeats (monitor_id, kind, message, duration, source_ip, user_agent,"
+        " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (beat.monitor_id, kind, message, duration, source_ip, agent, at))]
+    if spec.clocks:
+        statements.append((
+            f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in spec.clocks)} WHERE id = ?",
+            (*(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
+    if spec.status and not beat.quiet:
+        error = (message or _FAIL_TEXT) if spec.status == "DOWN" else None
+        details = {"heartbeat": kind, "duration": duration}
+        statements += check_statements(
+            beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
+                                                 details=details), at)
+        if beat.status != spec.status:
+            statements += transition_statements(beat.monitor_id, beat.status, spec.status,
+                                                error, at)
+    return statements
+
+
+def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
+    """After the commit: the beat takes the state the ping wrote."""
+    spec = PING_KINDS[kind]
+    for column, value in spec.clocks.items():
+        setattr(beat, column, at if value is _AT else value)
+    if spec.status and not beat.quiet:
+        beat.status = spec.status
+
+
+async def _ping(call: Call, kind: str) -> Response:
+    """Record one ping once it is committed; 404 unknown id, 413 big body, 429 past the limit."""
+    rt, token = call.rt, call.param("heartbeatId")
+    hb = rt.heartbeats
+    beat = await hb.find(token)
+    message = ping_message(await read_body(call.request, HEARTBEAT_MAX_BODY),
+                           PING_KINDS[kind].keys)
+    hb.admit(beat)
+    agent = call.request.headers.get("user-agent", "")[:_AGENT_MAX] or None
+    source_ip = hb.source_ip(call.request)
+    async with beat.lock:
+        if not await hb.fresh(beat) or beat.token != token:
+            raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
+        at = now_ms()
+        await rt.db.write(ping_statements(beat, kind, message, source_ip, agent, at,
+                                          rt.cfg["region"]["id"]))
+        _apply_ping(beat, kind, at)
+    hb.schedule(beat)
+    if call.request.method == "HEAD":
+        return Response(status_code=200, headers={"content-type": "application/json"})
+    return Response(_OK, media_type="application/json")
+
+
+def _ping_route(path: str, kind: str, *methods: str) -> None:
+    async def handler(call: Call) -> Response:
+        return await _ping(call, kind)
+    handler.__name__ = f"heartbeat_{kind}"
+    api(path, *methods, public=True)(handler)
+
+
+_ping_route("/heartbeat/{heartbeatId}", "success", "GET", "POST", "HEAD")
+_ping_route("/heartbeat/{heartbeatId}/start", "start", "GET", "POST")
+_ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
+_ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
+
+HEARTBEAT_QUERY = page_fields(("receivedAt",), "receivedAt",
+                              kind=Field("kind", "string", choices=HEARTBEAT_KINDS))
+
+
+def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": f"hb_{row['id']}", "kind": row["kind"], "message": row["message"],
+            "duration": row["duration"], "sourceIp": row["source_ip"],
+            "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
+
+
+@api("/monitors/{monitorId}/heartbeats", "GET")
+async def list_heartbeats(call: Call) -> dict[str, Any]:
+    """A monitor's pings, newest first (our addition to the spec)."""
+    monitor = await load_monitor(call)
+    query = parse_query(HEARTBEAT_QUERY, call.request, call.env())
+    where, params = "monitor_id = ?", [monitor["id"]]
+    if query["kind"]:
+        where += " AND kind = ?"
+        params.append(query["kind"])
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM heartbeats WHERE {where}", params)
+    order = "ASC" if query["order"] == "asc" else "DESC"
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM heartbeats WHERE {where} ORDER BY received_at {order}, id {order}"
+        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return {"heartbeats": [heartbeat_json(r) for r in rows], "pagination": paginate(total, query)}
+
 
 # Incidents
 

@@ -1302,6 +1302,251 @@ def test_probe_context_rejects_bad_config(probe_cfg):
 
 # --- Heartbeat tests ---
 
+
+def _hb_api(srv: Server) -> httpx.Client:
+    """An API client for a served instance, with its first-run owner key."""
+    key = next(line for line in srv.output().splitlines() if line.startswith("sk_live_"))
+    return httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": key}, timeout=10)
+
+
+def _cron(api: httpx.Client, **fields) -> dict:
+    response = api.post("/monitors", json={"name": "backup", "type": "CRON", "interval": 60,
+                                           "gracePeriod": 60, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _beats(api: httpx.Client, monitor: dict, **query) -> dict:
+    response = api.get(f"/monitors/{monitor['id']}/heartbeats", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _status_after(api: httpx.Client, monitor: dict, status: str, seconds: float = 6) -> float:
+    """Wait until the monitor has ``status``; return when that was seen (monotonic)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if api.get(f"/monitors/{monitor['id']}").json()["status"] == status:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"monitor not {status} after {seconds} s")
+
+
+def test_heartbeat_every_route_and_method_answers_ok_after_commit(server):
+    api = _hb_api(server)
+    monitor = _cron(api)
+    url = monitor["heartbeatUrl"]
+    assert url == f"{server.url}/api/v1/heartbeat/{monitor['heartbeatUrl'].rsplit('/', 1)[1]}"
+    assert monitor["status"] == "PENDING"
+    calls = [("GET", ""), ("POST", ""), ("HEAD", ""), ("GET", "/start"), ("POST", "/start")]
+    for method, suffix in calls:
+        response = httpx.request(method, url + suffix)
+        assert response.status_code == 200
+        assert response.content == (b"" if method == "HEAD" else b'{"message":"OK"}')
+        assert response.headers["content-type"] == "application/json"
+    other = _cron(api)["heartbeatUrl"]
+    for method, suffix in [("GET", "/fail"), ("POST", "/fail"), ("POST", "/log")]:
+        assert httpx.request(method, other + suffix).json() == {"message": "OK"}
+    assert httpx.get(other + "/log").status_code == 405
+    kinds = [b["kind"] for b in _beats(api, monitor)["heartbeats"]]
+    assert kinds == ["start", "start", "success", "success", "success"]  # newest first
+    assert api.get(f"/monitors/{monitor['id']}").json()["status"] == "UP"
+
+
+def test_heartbeat_unknown_and_non_cron_ids_are_404(server):
+    api = _hb_api(server)
+    website = api.post("/monitors", json={"name": "w", "url": "http://127.0.0.1:9/"}).json()
+    cron = _cron(api)
+    token = cron["heartbeatUrl"].rsplit("/", 1)[1]
+    assert api.put(f"/monitors/{cron['id']}", json={"type": "WEBSITE",
+                                                    "url": "http://127.0.0.1:9/"}).status_code == 200
+    for ident in ("nope", website["id"], token):
+        response = httpx.post(f"{server.url}/api/v1/heartbeat/{ident}", json={"message": "x"})
+        assert response.status_code == 404
+        assert response.json()["code"] == "NOT_FOUND"
+    assert sql({"server": {"database": server.db}}, "SELECT COUNT(*) FROM heartbeats") == [(0,)]
+
+
+def test_heartbeat_bodies_text_json_and_the_10kb_limit(server):
+    api = _hb_api(server)
+    first, second = _cron(api), _cron(api)
+    url = first["heartbeatUrl"]
+    at_limit = json.dumps({"message": "m" * (10_240 - len('{"message": ""}'))})
+    assert len(at_limit) == 10_240
+    assert httpx.post(url, content=at_limit).status_code == 200
+    over = httpx.post(url + "/log", content="x" * 10_241)
+    assert over.status_code == 413 and over.json()["code"] == "PAYLOAD_TOO_LARGE"
+    assert httpx.post(url + "/log", content="plain text line\n").status_code == 200
+    assert httpx.post(url + "/log", content='{"message": broken').status_code == 200
+    assert httpx.post(url + "/fail", json={"error": "disk full"},
+                      headers={"User-Agent": "u" * 500}).status_code == 200
+    # curl -d sends the spec's JSON example form-encoded; the text is still found.
+    assert httpx.post(second["heartbeatUrl"] + "/fail", content='{"error": "Backup script failed"}',
+                      headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code == 200
+    rows = _beats(api, first)["heartbeats"]
+    assert [r["message"] for r in rows] == ["disk full", '{"message": broken', "plain text line",
+                                            "m" * (10_240 - 15)]
+    assert rows[0]["userAgent"] == "u" * 200
+    assert rows[0]["sourceIp"] == "127.0.0.1"
+    assert _beats(api, second)["heartbeats"][0]["message"] == "Backup script failed"
+    assert _beats(api, first, kind="log", limit=1)["pagination"] == {
+        "total": 2, "page": 1, "limit": 1, "totalPages": 2}
+
+
+def test_heartbeat_rate_limit_is_five_a_minute_per_monitor(server):
+    api = _hb_api(server)
+    monitor, other = _cron(api), _cron(api)
+    for i in range(5):
+        assert httpx.get(monitor["heartbeatUrl"]).status_code == 200
+    refused = httpx.post(monitor["heartbeatUrl"] + "/log", content="sixth")
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "RATE_LIMIT_EXCEEDED"
+    assert 55 <= int(refused.headers["Retry-After"]) <= 60
+    assert httpx.get(other["heartbeatUrl"]).status_code == 200  # per monitor
+    assert _beats(api, monitor)["pagination"]["total"] == 5
+
+
+def test_heartbeat_rate_window_slides(client):
+    rt = client.app.state.statusapp
+    now = [1000.0]
+    rt.heartbeats.clock = lambda: now[0]
+    url = "/api/v1/heartbeat/" + client.post("/api/v1/monitors", json={
+        "name": "j", "type": "CRON"}).json()["heartbeatUrl"].rsplit("/", 1)[1]
+    for step in range(5):
+        assert client.get(url).status_code == 200
+        now[0] += 10
+    assert client.get(url).status_code == 429  # 5 pings in the last 50 s
+    now[0] = 1060.0  # the first ping has left the window, the others have not
+    assert client.get(url).status_code == 200
+    assert client.get(url).status_code == 429
+
+
+def test_heartbeat_source_ip_trusts_forwarded_for_only_from_proxies(tmp_path):
+    cfg = make_cfg(tmp_path, server={"trusted_proxies": ["10.0.0.0/8"]})
+
+    def source(peer: str, forwarded: str) -> str:
+        scope = {"type": "http", "client": (peer, 1234),
+                 "headers": [(b"x-forwarded-for", forwarded.encode())]}
+        return statusapp.Heartbeats(statusapp.Runtime(cfg)).source_ip(
+            statusapp.Request(scope))
+    assert source("10.1.2.3", "203.0.113.9, 10.9.9.9") == "203.0.113.9"
+    assert source("192.0.2.1", "203.0.113.9") == "192.0.2.1"
+    assert source("10.1.2.3", "") == "10.1.2.3"
+
+
+def test_heartbeat_start_success_duration_fail_down_and_checks(server):
+    api = _hb_api(server)
+    monitor = _cron(api)
+    url = monitor["heartbeatUrl"]
+    httpx.get(url + "/start")
+    time.sleep(0.3)
+    httpx.post(url, json={"message": "1.2GB"})
+    success = _beats(api, monitor)["heartbeats"][0]
+    assert success["kind"] == "success" and 300 <= success["duration"] < 2000
+    assert api.get(f"/monitors/{monitor['id']}").json()["status"] == "UP"
+    httpx.post(url + "/fail", json={"error": "Database connection timeout after 30s"})
+    body = api.get(f"/monitors/{monitor['id']}").json()
+    assert body["status"] == "DOWN"
+    assert body["_count"]["checks"] == 2  # the success and the fail; start is not a check
+    assert body["checks"][0]["error"] == "Database connection timeout after 30s"
+    reasons = sql({"server": {"database": server.db}},
+                  "SELECT old_status, new_status, reason FROM status_transitions"
+                  " WHERE monitor_id = ? ORDER BY id", (monitor["id"],))
+    assert reasons == [("PENDING", "UP", None),
+                       ("UP", "DOWN", "Database connection timeout after 30s")]
+
+
+def test_heartbeat_missed_and_unfinished_jobs_go_down_on_time(server):
+    api = _hb_api(server)
+    missed = _cron(api, interval=1, gracePeriod=1)
+    job = _cron(api, interval=600, gracePeriod=1)
+    quiet = _cron(api, interval=1, gracePeriod=1)  # never pinged: waits without alerting
+    sent = time.monotonic()
+    httpx.get(missed["heartbeatUrl"])
+    httpx.get(job["heartbeatUrl"] + "/start")
+    assert 0.8 <= _status_after(api, job, "DOWN") - sent <= 2.5
+    assert 1.8 <= _status_after(api, missed, "DOWN") - sent <= 3.5
+    httpx.get(missed["heartbeatUrl"])
+    assert api.get(f"/monitors/{missed['id']}").json()["status"] == "UP"
+    assert api.get(f"/monitors/{quiet['id']}").json()["status"] == "PENDING"
+    reasons = dict(sql({"server": {"database": server.db}},
+                       "SELECT monitor_id, reason FROM status_transitions WHERE new_status = 'DOWN'"))
+    assert reasons[missed["id"]].startswith("missed heartbeat")
+    assert reasons[job["id"]].startswith("job did not complete")
+
+
+def test_heartbeat_paused_monitor_logs_pings_but_keeps_its_status(server):
+    api = _hb_api(server)
+    monitor = _cron(api, interval=1, gracePeriod=1)
+    httpx.get(monitor["heartbeatUrl"])
+    assert api.post(f"/monitors/{monitor['id']}/pause").json()["isPaused"] is True
+    httpx.post(monitor["heartbeatUrl"] + "/fail", content="ignored while paused")
+    time.sleep(2.5)  # past interval + grace
+    body = api.get(f"/monitors/{monitor['id']}").json()
+    assert body["status"] == "UP" and body["_count"]["checks"] == 1
+    assert _beats(api, monitor)["heartbeats"][0]["message"] == "ignored while paused"
+    resumed = time.monotonic()
+    api.post(f"/monitors/{monitor['id']}/pause")
+    assert api.get(f"/monitors/{monitor['id']}").json()["status"] == "UP"  # the clock restarted
+    assert 1.5 <= _status_after(api, monitor, "DOWN") - resumed <= 3.5
+
+
+def test_heartbeat_deadline_passed_while_stopped_acts_once_at_start(tmp_path):
+    srv = Server(tmp_path).start()
+    api = _hb_api(srv)
+    monitor = _cron(api, interval=1, gracePeriod=1)
+    httpx.get(monitor["heartbeatUrl"])
+    srv.stop()
+    time.sleep(2.2)
+    cfg = {"server": {"database": srv.db}}
+    assert sql(cfg, "SELECT status FROM monitors") == [("UP",)]
+    for _ in range(2):
+        again = Server(tmp_path).start()
+        try:
+            deadline = time.monotonic() + 5
+            while sql(cfg, "SELECT status FROM monitors") != [("DOWN",)]:
+                assert time.monotonic() < deadline, "not DOWN after restart"
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            again.stop()
+    assert sql(cfg, "SELECT old_status, new_status FROM status_transitions"
+                    " ORDER BY id") == [("PENDING", "UP"), ("UP", "DOWN")]
+
+
+def test_heartbeat_acknowledged_pings_survive_kill_9(tmp_path):
+    srv = Server(tmp_path, env={"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "100000"}).start()
+    api = _hb_api(srv)
+    urls = [_cron(api)["heartbeatUrl"] for _ in range(8)]
+    acked: list[str] = []
+
+    async def pinger(n: int, client: httpx.AsyncClient) -> None:
+        for i in range(10_000):
+            text = f"{n}-{i}"
+            try:
+                response = await client.post(urls[n % len(urls)], content=text)
+            except httpx.HTTPError:
+                return
+            if response.status_code == 200:
+                acked.append(text)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            tasks = [asyncio.create_task(pinger(n, client)) for n in range(16)]
+            while len(acked) < 300:
+                await asyncio.sleep(0.01)
+            srv.proc.send_signal(signal.SIGKILL)
+            await asyncio.gather(*tasks)
+    asyncio.run(run())
+    srv.proc.wait(timeout=10)
+    again = Server(tmp_path).start()
+    try:
+        stored = {row[0] for row in sql({"server": {"database": again.db}},
+                                        "SELECT message FROM heartbeats")}
+    finally:
+        again.stop()
+    assert len(acked) >= 300 and set(acked) <= stored
+
 # --- Incident tests ---
 
 # --- Notifier tests ---
