@@ -2632,6 +2632,9 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
     old = [("UP", 50, now - 4 * day + i * 60_000) for i in range(1000)]
     _store_checks(cfg, monitor, [*old, ("UP", 60, now - day)])
     _store_checks(cfg, monitor, [("UP", 70, now - 9 * day, "lonely")])  # that region's latest
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO heartbeats (monitor_id, kind, received_at) VALUES (?, 'log', ?)",
+                         [(monitor, now - 4 * day), (monitor, now - 2 * day)])
     transactions = []
 
     async def job(db):
@@ -2641,6 +2644,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
         return await statusapp.prune(db, cfg)
     deleted = _on_db(cfg, job)
     assert deleted["raw"] == 1000 and len(transactions) >= 10
+    assert deleted["pings"] == 1
+    assert sql(cfg, "SELECT received_at FROM heartbeats") == [(now - 2 * day,)]
     assert sql(cfg, "SELECT response_time FROM checks ORDER BY checked_at") == [(70,), (60,)]
     assert deleted["h"] >= 17 and deleted["d"] == 0
     assert sql(cfg, "SELECT COUNT(*) FROM check_rollups WHERE bucket = 'h' AND start < ?",
