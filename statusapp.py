@@ -2118,6 +2118,8 @@ def transition_events(old: str, new: str, opened: bool, resolved: bool
     """
     channels: list[str] = []
     webhooks: list[str] = []
+    if old == new and not opened:
+        return channels, webhooks  # a repeated status is no crossing
     recovered = old == "DOWN" or resolved
     if new == "DOWN":
         channels.append("monitor.down")
