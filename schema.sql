@@ -318,3 +318,30 @@ CREATE TABLE heartbeats (
 CREATE INDEX heartbeats_monitor_time ON heartbeats(monitor_id, received_at);
 ALTER TABLE monitors ADD COLUMN last_success_at INTEGER;
 ALTER TABLE monitors ADD COLUMN job_started_at INTEGER;
+
+-- migration 7: durable alert outbox, failing channels, one open incident per monitor
+-- One row per alert and target (a monitor's notification or a webhook), written in the same
+-- transaction that consumes the status transition; done_at is set once delivery ends.
+CREATE TABLE alert_outbox (
+    id INTEGER PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    monitor_id TEXT,
+    target_key TEXT NOT NULL,
+    channel_id TEXT,
+    webhook_id TEXT,
+    delivery_id TEXT,
+    channel_type TEXT NOT NULL,
+    config TEXT NOT NULL,
+    event TEXT NOT NULL,
+    alert TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    status_code INTEGER,
+    last_error TEXT,
+    attempt_log TEXT,
+    created_at INTEGER NOT NULL,
+    done_at INTEGER
+);
+CREATE INDEX alert_outbox_pending ON alert_outbox(id) WHERE done_at IS NULL;
+ALTER TABLE notification_channels ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
+CREATE UNIQUE INDEX incidents_one_open ON incidents(monitor_id) WHERE resolved_at IS NULL;

@@ -140,6 +140,7 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "twilio_account_sid": "",
         "twilio_auth_token": "",
         "twilio_from": "",
+        "retry_delay": 1.0,
     },
     "smtp": {
         "host": "",
@@ -854,11 +855,19 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
 CHANNEL_TYPES = ("EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM", "PAGERDUTY", "OPSGENIE",
                  "MICROSOFT_TEAMS", "WEBHOOK")
 
+
+def check_channel_config(value: dict[str, Any], record: dict[str, Any],
+                         env: dict[str, Any]) -> dict[str, Any]:
+    """A channel ``config`` checked by the rules of its ``type`` (``channel_config``)."""
+    return channel_config(record.get("type"), value, env)
+
+
 INLINE_NOTIFICATION_FIELDS = (
     Field("channelId", "string", doc="An existing notification channel to link"),
     Field("type", "string", choices=CHANNEL_TYPES),
     Field("enabled", "boolean", default=True),
-    Field("config", "object", doc="The channel configuration, as for /notifications"),
+    Field("config", "object", check=check_channel_config,
+          doc="The channel configuration, as for /notifications"),
 )
 
 
@@ -2389,6 +2398,307 @@ def transition_statements(monitor_id: str, old: str, new: str, reason: str | Non
             ("INSERT INTO status_transitions (monitor_id, old_status, new_status, reason,"
              " created_at) VALUES (?, ?, ?, ?, ?)", (monitor_id, old, new, reason, at))]
 
+
+# The engine.  Each status transition is consumed in one transaction that opens or resolves the
+# monitor's incident, writes its status update, queues every alert in alert_outbox and sets
+# processed_at: a crash leaves all of that or none of it, so no alert is lost or queued twice.
+# Delivery workers then drain the outbox off the probe path, one task per target.
+
+INCIDENT_POLL = 0.25       # seconds between looks for new transitions and queued alerts
+INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
+_DELIVERY_CONCURRENCY = 32
+WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
+INCIDENT_STATUSES = ("investigating", "identified", "monitoring", "resolved")
+
+_INCIDENT_STATS_SQL = (
+    "SELECT COUNT(*) AS total, COALESCE(SUM(status = 'DOWN'), 0) AS failed,"
+    " group_concat(DISTINCT CASE WHEN status = 'DOWN' THEN region_id END) AS regions"
+    " FROM checks WHERE monitor_id = ? AND checked_at BETWEEN ? AND ?")
+
+
+def incident_number(year: int, number: int) -> str:
+    """``INC-2025-0042``: the sequence restarts each year for each account."""
+    return f"INC-{year}-{number:04d}"
+
+
+def transition_events(old: str, new: str, opened: bool, resolved: bool
+                      ) -> tuple[list[str], list[str]]:
+    """The alerts one transition sends: (events for channels, events for webhooks).
+
+    Channels get one message per crossing (a DOWN carries its incident); webhooks get each
+    event they subscribe to.  DEGRADED warns channels only and never opens an incident.
+    """
+    channels: list[str] = []
+    webhooks: list[str] = []
+    if old == new and not opened:
+        return channels, webhooks  # a repeated status is no crossing
+    recovered = old == "DOWN" or resolved
+    if new == "DOWN":
+        channels.append("monitor.down")
+        webhooks += ["monitor.down", *(["incident.created"] if opened else [])]
+    elif new == "UP" and (recovered or old == "DEGRADED"):
+        channels.append("monitor.up")
+    elif new == "DEGRADED":
+        channels += [*(["incident.resolved"] if resolved else []), "monitor.degraded"]
+    if new in ("UP", "DEGRADED"):
+        webhooks += [*(["monitor.up"] if recovered else []),
+                     *(["incident.resolved"] if resolved else [])]
+    return channels, webhooks
+
+
+async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+    rows = await conn.execute_fetchall(sql, params)
+    return rows[0] if rows else None
+
+
+def incident_alert(incident: sqlite3.Row) -> dict[str, Any]:
+    """An incident as an Alert carries it."""
+    resolved = incident["resolved_at"]
+    return {"id": incident["id"],
+            "incidentNumber": incident_number(incident["year"], incident["number"]),
+            "startedAt": iso(incident["started_at"]), "resolvedAt": iso(resolved),
+            "severity": incident["severity"],
+            "mttr": None if resolved is None else (resolved - incident["started_at"]) // 1000}
+
+
+def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any] | None:
+    """The check an alert reports; ``error`` (the transition's reason) fills in a missing one."""
+    if check is None:
+        return None if error is None else {"statusCode": None, "responseTime": None,
+                                           "error": error, "region": None}
+    return {"statusCode": check["status_code"], "responseTime": check["response_time"],
+            "error": check["error"] or (error if check["status"] != "UP" else None),
+            "region": check["region_id"]}
+
+
+async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
+                         transition: sqlite3.Row) -> sqlite3.Row:
+    """A new incident: severity from how many regions are down, cause from the failing check."""
+    latest = await conn.execute_fetchall(
+        "SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],))
+    down = [c for c in latest if c["status"] == "DOWN"]
+    severity = "high" if len(down) == len(latest) else "medium" if down else "low"
+    cause = down[0] if down else None
+    category = cause["category"] if cause and cause["category"] in ROOT_CAUSES else "UNKNOWN"
+    root_cause = transition["reason"] or (cause and cause["error"]) or "Monitor is down"
+    at = transition["created_at"]
+    year = datetime.fromtimestamp(at / 1000, timezone.utc).year
+    number = (await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
+                               " WHERE account_id = ? AND year = ?",
+                         (monitor["account_id"], year)))[0]
+    incident_id = new_id("inc")
+    await conn.execute(
+        "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at, severity,"
+        " status, root_cause, root_cause_category, affected_regions)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+        (incident_id, monitor["account_id"], monitor["id"], year, number, at, severity,
+         root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
+    await add_incident_update(conn, incident_id, "investigating",
+                              f"{monitor['name']} is down: {root_cause}", at)
+    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,))
+
+
+async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
+                              message: str, at: int) -> None:
+    """One entry of an incident's status history."""
+    await conn.execute("INSERT INTO incident_updates (id, incident_id, status, message, created_at)"
+                       " VALUES (?, ?, ?, ?, ?)", (new_id("iu"), incident_id, status, message, at))
+
+
+async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at: int,
+                           message: str) -> sqlite3.Row:
+    """Close an incident, freezing its check counts and affected regions."""
+    stats = await _row(conn, _INCIDENT_STATS_SQL,
+                       (incident["monitor_id"], incident["started_at"], at))
+    regions = set(json.loads(incident["affected_regions"]))
+    regions.update((stats["regions"] or "").split(",") if stats["regions"] else ())
+    await conn.execute(
+        "UPDATE incidents SET resolved_at = ?, status = 'resolved', checks_failed = ?,"
+        " checks_total = ?, affected_regions = ? WHERE id = ?",
+        (at, stats["failed"], stats["total"], json.dumps(sorted(regions)), incident["id"]))
+    await add_incident_update(conn, incident["id"], "resolved", message, at)
+    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],))
+
+
+async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
+                         channel_events: Sequence[str], webhook_events: Sequence[str],
+                         **alert: Any) -> int:
+    """Queue one outbox row per event and target: the monitor's enabled notifications (inline,
+    or linked active channels) and the account's active webhooks subscribed to the event."""
+    alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
+                        "type": monitor["type"], "status": status}
+    stamp, rows = now_ms(), []
+    targets = await conn.execute_fetchall(
+        "SELECT n.id, n.channel_id, COALESCE(n.type, c.type) AS type,"
+        " COALESCE(n.config, c.config) AS config FROM monitor_notifications n"
+        " LEFT JOIN notification_channels c ON c.id = n.channel_id"
+        " WHERE n.monitor_id = ? AND n.enabled = 1 AND (n.channel_id IS NULL OR c.is_active = 1)"
+        " ORDER BY n.created_at, n.id", (monitor["id"],))
+    for event in channel_events:
+        for target in targets:
+            rows.append((f"{target['channel_id'] or target['id']}:{monitor['id']}",
+                         target["channel_id"], None, None, target["type"], target["config"], event))
+    hooks = await conn.execute_fetchall(
+        "SELECT id, url, secret, events FROM webhooks WHERE account_id = ? AND is_active = 1"
+        " ORDER BY created_at, id", (monitor["account_id"],))
+    for event in webhook_events:
+        for hook in hooks:
+            if event in hook["events"].split(","):
+                delivery = new_id("wd")
+                await conn.execute("INSERT INTO webhook_deliveries (id, webhook_id, event,"
+                                   " created_at) VALUES (?, ?, ?, ?)",
+                                   (delivery, hook["id"], event, stamp))
+                config = json.dumps({"url": hook["url"], "secret": hook["secret"]})
+                rows.append((f"{hook['id']}:{monitor['id']}", None, hook["id"], delivery,
+                             "WEBHOOK", config, event))
+    await conn.executemany(
+        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, webhook_id,"
+        " delivery_id, channel_type, config, event, alert, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(monitor["account_id"], monitor["id"], key, channel, hook, delivery, kind, config,
+          event, json.dumps({"event": event, **alert}), stamp)
+         for key, channel, hook, delivery, kind, config, event in rows])
+    return len(rows)
+
+
+async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) -> None:
+    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL)."""
+    transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
+                                  " AND processed_at IS NULL", (transition_id,))
+    if transition is None:
+        return
+    await conn.execute("UPDATE status_transitions SET processed_at = ? WHERE id = ?",
+                       (now_ms(), transition_id))
+    monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (transition["monitor_id"],))
+    if monitor is None:
+        return
+    old, new, at = transition["old_status"], transition["new_status"], transition["created_at"]
+    incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
+                                " AND resolved_at IS NULL", (monitor["id"],))
+    opened = resolved = False
+    if new == "DOWN" and incident is None:
+        incident, opened = await _open_incident(conn, monitor, transition), True
+    elif new in ("UP", "DEGRADED") and incident is not None:
+        took = human_duration((at - incident["started_at"]) / 1000)
+        incident = await resolve_incident(conn, incident, at,
+                                          f"{monitor['name']} is {new} again after {took}")
+        resolved = True
+    check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
+                             " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
+    channel_events, webhook_events = transition_events(old, new, opened, resolved)
+    await enqueue_alerts(
+        conn, monitor, new, channel_events, webhook_events, timestamp=iso(at),
+        incident=incident_alert(incident) if incident and (new == "DOWN" or resolved) else None,
+        check=_check_alert(check, transition["reason"]))
+
+
+async def process_transitions(rt: Runtime, limit: int = 100) -> int:
+    """Consume pending status transitions in order, one transaction each; return the count."""
+    pending = await rt.db.fetchall("SELECT id FROM status_transitions WHERE processed_at IS NULL"
+                                   " ORDER BY id LIMIT ?", (limit,))
+    for row in pending:
+        async with rt.db.transaction() as conn:
+            await _consume_transition(conn, row["id"])
+    return len(pending)
+
+
+def webhook_result_statements(webhook_id: str, delivery_id: str | None,
+                              records: list[dict[str, Any]], at: int) -> list[Statement]:
+    """Record a webhook delivery's outcome: its delivery row, lastStatus and lastTriggeredAt."""
+    last = records[-1]
+    statements: list[Statement] = [(
+        "UPDATE webhooks SET last_status = ?, last_triggered_at = ? WHERE id = ?",
+        (last["statusCode"], at, webhook_id))]
+    if delivery_id:
+        statements.append((
+            "UPDATE webhook_deliveries SET status_code = ?, attempts = ?, error = ?,"
+            " delivered_at = ? WHERE id = ?",
+            (last["statusCode"], len(records), last["error"], at if last["ok"] else None,
+             delivery_id)))
+    return statements
+
+
+def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
+                        at: int) -> list[Statement]:
+    """Close an outbox row; mark its channel failing (permanent error) or healthy (success)."""
+    last = records[-1]
+    statements: list[Statement] = [(
+        "UPDATE alert_outbox SET done_at = ?, status = ?, attempts = ?, status_code = ?,"
+        " last_error = ?, attempt_log = ? WHERE id = ?",
+        (at, "delivered" if last["ok"] else "failed", len(records), last["statusCode"],
+         last["error"], json.dumps(records), row["id"]))]
+    if row["channel_id"] and (last["ok"] or last["permanent"]):
+        statements.append(("UPDATE notification_channels SET failing = ?, last_error = ?"
+                           " WHERE id = ?", (int(not last["ok"]), last["error"],
+                                             row["channel_id"])))
+    elif row["channel_id"]:
+        statements.append(("UPDATE notification_channels SET last_error = ? WHERE id = ?",
+                           (last["error"], row["channel_id"])))
+    if row["webhook_id"]:
+        statements += webhook_result_statements(row["webhook_id"], row["delivery_id"], records, at)
+    return statements
+
+
+async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> None:
+    """Deliver one outbox row with retries, log every attempt, then record the outcome."""
+    alert = Alert(**json.loads(row["alert"]))
+    records = await deliver(NOTIFIERS[row["channel_type"]], json.loads(row["config"]), alert, ctx,
+                            base_delay=rt.cfg["notifications"]["retry_delay"])
+    for record in records:
+        log.log(logging.INFO if record["ok"] else logging.WARNING,
+                "alert %s %s via %s (%s) attempt %d: %s", row["id"], row["event"],
+                row["channel_type"], row["channel_id"] or row["webhook_id"] or "inline",
+                record["attempt"], "delivered" if record["ok"] else record["error"])
+    await rt.db.write(_outcome_statements(row, records, now_ms()))
+
+
+async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
+    """Drain the outbox: targets in parallel, each target's alerts in order, one at a time."""
+    running: dict[str, asyncio.Task[None]] = {}
+
+    def finished(key: str, task: asyncio.Task[None]) -> None:
+        running.pop(key, None)
+        if not task.cancelled() and task.exception():
+            log.error("alert delivery failed", exc_info=task.exception())
+        wake.set()
+
+    async with NotifyContext(rt.cfg) as ctx:
+        try:
+            while True:
+                wake.clear()
+                for row in await rt.db.fetchall("SELECT * FROM alert_outbox WHERE done_at IS NULL"
+                                                " ORDER BY id LIMIT 1000"):
+                    key = row["target_key"]
+                    if key in running or len(running) >= _DELIVERY_CONCURRENCY:
+                        continue
+                    running[key] = asyncio.create_task(_deliver_queued(rt, ctx, row))
+                    running[key].add_done_callback(functools.partial(finished, key))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), INCIDENT_POLL)
+        finally:
+            tasks = list(running.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_incidents(rt: Runtime) -> None:
+    """The incident engine and the alert delivery workers, until cancelled."""
+    wake = asyncio.Event()
+
+    async def engine() -> None:
+        while True:
+            try:
+                if await process_transitions(rt):
+                    wake.set()
+                    continue
+            except Exception:
+                log.exception("incident engine failed; retrying")
+            await asyncio.sleep(INCIDENT_POLL)
+
+    await asyncio.gather(engine(), _delivery_loop(rt, wake))
+
 # --- Notifiers ---
 #
 # The delivery layer: an ``Alert`` (what happened) becomes one request in each service's own wire
@@ -3548,7 +3858,7 @@ MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
 # with the server and cancelled at shutdown.
 SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
-    run_heartbeats, run_retention, run_regression)
+    run_heartbeats, run_incidents, run_retention, run_regression)
 
 
 class Runtime:
@@ -3840,16 +4150,17 @@ def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
 
 
 def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> Any:
-    """A channel config as responses show it: its secret keys masked."""
+    """A channel config as responses show it: its secret keys masked (each header's value)."""
     if not config:
         return config
-    secret = CHANNEL_SECRET_KEYS.get(kind or "", ())
-    return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
+    secret = CHANNEL_SECRETS.get(kind or "", ())
+    return {k: _masked_value(v) if k in secret else v for k, v in config.items()}
 
 
-CHANNEL_SECRET_KEYS = {"SLACK": ("webhookUrl",), "DISCORD": ("webhookUrl",),
-                       "MICROSOFT_TEAMS": ("webhookUrl",), "TELEGRAM": ("botToken",),
-                       "PAGERDUTY": ("integrationKey",), "OPSGENIE": ("apiKey",)}
+def _masked_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked_value(v) for k, v in value.items()}
+    return mask(value) if isinstance(value, str) else value
 
 
 async def load_monitor(call: Call, monitor_id: str | None = None) -> sqlite3.Row:
@@ -4158,9 +4469,418 @@ async def list_heartbeats(call: Call) -> dict[str, Any]:
 
 # Incidents
 
+INCIDENT_SORTS = {"startedAt": "started_at", "resolvedAt": "resolved_at",
+                  "severity": "CASE severity WHEN 'high' THEN 3 WHEN 'medium' THEN 2 ELSE 1 END",
+                  "incidentNumber": "year * 1000000 + number", "mttr": "resolved_at - started_at"}
+INCIDENT_QUERY = page_fields(
+    INCIDENT_SORTS, "startedAt",
+    monitorId=Field("monitorId", "string", maximum=100),
+    status=Field("status", "string", choices=("open", "resolved")))
+INCIDENT_UPDATE_FIELDS = (
+    Field("status", "string", True, choices=INCIDENT_STATUSES,
+          doc="investigating, identified, monitoring or resolved (resolves the incident)"),
+    Field("message", "string", True, minimum=1, maximum=5000, doc="What people should know"),
+)
+
+
+async def incident_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
+    """An incident as the API shows it; an open one's counts run up to now."""
+    resolved = row["resolved_at"]
+    regions = json.loads(row["affected_regions"])
+    failed, total = row["checks_failed"], row["checks_total"]
+    if resolved is None:
+        stats = await rt.db.fetchone(_INCIDENT_STATS_SQL,
+                                     (row["monitor_id"], row["started_at"], now_ms()))
+        failed, total = stats["failed"], stats["total"]
+        regions = sorted({*regions, *((stats["regions"] or "").split(",") if stats["regions"]
+                                      else ())})
+    alert = incident_alert(row)
+    return {"id": row["id"], "incidentNumber": alert["incidentNumber"],
+            "monitorId": row["monitor_id"], "startedAt": alert["startedAt"],
+            "resolvedAt": alert["resolvedAt"], "isResolved": resolved is not None,
+            "severity": row["severity"], "status": row["status"], "rootCause": row["root_cause"],
+            "rootCauseCategory": row["root_cause_category"], "affectedRegions": regions,
+            "checksFailed": failed, "checksTotal": total, "mttr": alert["mttr"]}
+
+
+async def _load_incident(call: Call) -> sqlite3.Row:
+    row = await call.rt.db.fetchone("SELECT * FROM incidents WHERE id = ? AND account_id = ?",
+                                    (call.param("incidentId"), call.team))
+    if row is None:
+        raise NotFound("Incident not found", f"no incident with id {call.param('incidentId')}")
+    return row
+
+
+async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
+    """The incident with its monitor, status history and newest INCIDENT_CHECKS checks."""
+    monitor = await rt.db.fetchone("SELECT id, name, url, type, status FROM monitors WHERE id = ?",
+                                   (row["monitor_id"],))
+    updates = await rt.db.fetchall("SELECT * FROM incident_updates WHERE incident_id = ?"
+                                   " ORDER BY created_at, rowid", (row["id"],))
+    checks = await rt.db.fetchall(
+        "SELECT * FROM checks WHERE monitor_id = ? AND checked_at BETWEEN ? AND ?"
+        " ORDER BY checked_at DESC, id DESC LIMIT ?",
+        (row["monitor_id"], row["started_at"], row["resolved_at"] or now_ms(), INCIDENT_CHECKS))
+    return {**await incident_json(rt, row), "monitor": dict(monitor) if monitor else None,
+            "updates": [{"id": u["id"], "status": u["status"], "message": u["message"],
+                         "createdAt": iso(u["created_at"])} for u in updates],
+            "checks": [check_json(c, rt.regions) for c in checks]}
+
+
+@api("/incidents", "GET")
+async def list_incidents(call: Call) -> dict[str, Any]:
+    query = parse_query(INCIDENT_QUERY, call.request, call.env())
+    where, params = ["account_id = ?"], [call.team]
+    if query["monitorId"]:
+        where.append("monitor_id = ?")
+        params.append(query["monitorId"])
+    if query["status"]:
+        where.append("status = ?")
+        params.append(query["status"])
+    clause = " AND ".join(where)
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM incidents WHERE {clause}", params)
+    direction = query["order"].upper()
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM incidents WHERE {clause} ORDER BY {INCIDENT_SORTS[query['sort']]}"
+        f" {direction}, started_at {direction}, id {direction} LIMIT ? OFFSET ?",
+        [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return {"incidents": [await incident_json(call.rt, row) for row in rows],
+            "pagination": paginate(total, query)}
+
+
+@api("/incidents/{incidentId}", "GET")
+async def get_incident(call: Call) -> dict[str, Any]:
+    return await _incident_detail(call.rt, await _load_incident(call))
+
+
+@api("/incidents/{incidentId}/updates", "POST")
+async def post_incident_update(call: Call) -> Response:
+    """A person's status update; ``resolved`` closes the incident and sends its alerts."""
+    row = await _load_incident(call)
+    clean = validate(INCIDENT_UPDATE_FIELDS, await call.json(), call.env())
+    async with call.rt.db.transaction() as conn:
+        current = await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],))
+        if current["resolved_at"] is not None:
+            raise Conflict("Incident is already resolved", "updates go to open incidents only")
+        if clean["status"] == "resolved":
+            resolved = await resolve_incident(conn, current, now_ms(), clean["message"])
+            monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (row["monitor_id"],))
+            await enqueue_alerts(conn, monitor, monitor["status"], ["incident.resolved"],
+                                 ["incident.resolved"], incident=incident_alert(resolved),
+                                 check=None, timestamp=iso(resolved["resolved_at"]),
+                                 note=clean["message"])
+        else:
+            await add_incident_update(conn, row["id"], clean["status"], clean["message"], now_ms())
+    return JSONResponse(await _incident_detail(call.rt, await _load_incident(call)), 201)
+
+
 # Notification channels
 
+
+def _needed_by(key: str) -> tuple[str, ...]:
+    """The channel types whose config requires ``key`` (from the notifiers' CHANNEL_REQUIRED)."""
+    return tuple(kind for kind, keys in CHANNEL_REQUIRED.items() if key in keys)
+
+
+def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
+    """A ``check`` for an array of strings that must each match ``pattern``."""
+    regex = re.compile(pattern)
+
+    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
+        if bad:
+            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
+        return list(dict.fromkeys(v.strip() for v in value))
+    return check
+
+
+def _pattern(pattern: str, what: str) -> Callable[..., str]:
+    regex = re.compile(pattern)
+
+    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+        if not regex.fullmatch(value):
+            raise _Issue(f"Invalid {what}")
+        return value
+    return check
+
+
+def _check_headers(value: dict[str, Any], record: dict[str, Any],
+                   env: dict[str, Any]) -> dict[str, Any]:
+    """Header names must be tokens and values single-line strings, as post_webhook requires."""
+    try:
+        _user_headers(value)
+    except DeliveryError as exc:
+        raise _Issue(exc.message) from None
+    return value
+
+
+CHAT_URL_TYPES = ("SLACK", "DISCORD", "MICROSOFT_TEAMS")
+CHANNEL_CONFIG_FIELDS = (
+    Field("emails", "array", _needed_by("emails"), minimum=1, maximum=50, kinds=("EMAIL",),
+          check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"), doc="Recipients"),
+    Field("phoneNumbers", "array", _needed_by("phoneNumbers"), minimum=1, maximum=20,
+          kinds=("SMS",), check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
+          doc="Recipients in E.164 form (+15551234567)"),
+    Field("webhookUrl", "string", _needed_by("webhookUrl"), maximum=2048, check=check_url,
+          kinds=CHAT_URL_TYPES, doc="Incoming webhook URL (secret)"),
+    Field("channel", "string", minimum=1, maximum=80, kinds=("SLACK",),
+          doc="Channel override, e.g. #alerts"),
+    Field("botToken", "string", _needed_by("botToken"), kinds=("TELEGRAM",),
+          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)"),
+          doc="Bot API token (secret)"),
+    Field("chatId", "string", _needed_by("chatId"), minimum=1, maximum=64, kinds=("TELEGRAM",),
+          doc="Chat, group or channel id"),
+    Field("integrationKey", "string", _needed_by("integrationKey"), minimum=1, maximum=128,
+          kinds=("PAGERDUTY",), doc="Events API v2 routing key (secret)"),
+    Field("severity", "string", choices=PAGERDUTY_SEVERITIES, kinds=("PAGERDUTY",),
+          doc="Trigger severity (default critical)"),
+    Field("apiKey", "string", _needed_by("apiKey"), minimum=1, maximum=128, kinds=("OPSGENIE",),
+          doc="API integration key (secret)"),
+    Field("priority", "string", choices=OPSGENIE_PRIORITIES, kinds=("OPSGENIE",),
+          doc="Alert priority (default P3)"),
+    Field("url", "string", _needed_by("url"), maximum=2048, check=check_url, kinds=("WEBHOOK",),
+          doc="Endpoint that receives the webhook payload"),
+    Field("headers", "object", check=_check_headers, kinds=("WEBHOOK",),
+          doc="Extra request headers (values are secret)"),
+    Field("secret", "string", minimum=1, maximum=255, kinds=("WEBHOOK",),
+          doc="Signs the body as X-Webhook-Signature (secret)"),
+)
+
+
+def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """Swap masked secrets a client echoed back for the stored values."""
+    def keep(new: Any, old: Any) -> Any:
+        if isinstance(new, dict) and isinstance(old, dict):
+            return {k: keep(v, old.get(k)) for k, v in new.items()}
+        return old if isinstance(old, str) and new == mask(old) else new
+    return {k: keep(v, previous.get(k)) if k in CHANNEL_SECRETS[kind] else v
+            for k, v in value.items()}
+
+
+def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Validate a config by its channel type's fields; unknown keys are dropped.
+
+    When updating a stored channel of the same type (``env["existing"]``), masked secrets
+    echoed back keep the stored ones, as ``apiAuthConfig`` does."""
+    if kind not in CHANNEL_TYPES:
+        return value  # the type field reports the problem
+    existing = env.get("existing") or {}
+    if existing.get("type") == kind and isinstance(existing.get("config"), dict):
+        value = _unmasked(kind, value, existing["config"])
+    if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
+        value = {**value, "chatId": str(value["chatId"])}
+    fields = tuple(f for f in CHANNEL_CONFIG_FIELDS if kind in (f.kinds or ()))
+    clean = validate(fields, value, env, kind=kind, path=env["path"])
+    return {k: v for k, v in clean.items() if v is not None}
+
+
+CHANNEL_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=255, doc="Channel name"),
+    Field("type", "string", True, choices=CHANNEL_TYPES, doc="Channel type"),
+    Field("config", "object", True, check=check_channel_config,
+          doc="Type-specific configuration (see the channel types)"),
+    Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
+)
+
+
+def channel_json(row: sqlite3.Row) -> dict[str, Any]:
+    """A channel as the API shows it, secrets masked, with its delivery health."""
+    return {"id": row["id"], "name": row["name"], "type": row["type"],
+            "config": masked_channel_config(row["type"], json.loads(row["config"])),
+            "isActive": bool(row["is_active"]), "failing": bool(row["failing"]),
+            "lastError": row["last_error"], "createdAt": iso(row["created_at"]),
+            "updatedAt": iso(row["updated_at"])}
+
+
+async def _load_channel(call: Call) -> sqlite3.Row:
+    row = await call.rt.db.fetchone(
+        "SELECT * FROM notification_channels WHERE id = ? AND account_id = ?",
+        (call.param("channelId"), call.team))
+    if row is None:
+        raise NotFound("Notification channel not found",
+                       f"no notification channel with id {call.param('channelId')}")
+    return row
+
+
+@api("/notifications", "GET")
+async def list_channels(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall("SELECT * FROM notification_channels WHERE account_id = ?"
+                                     " ORDER BY created_at, id", (call.team,))
+    return {"channels": [channel_json(row) for row in rows]}
+
+
+@api("/notifications/{channelId}", "GET")
+async def get_channel(call: Call) -> dict[str, Any]:
+    return channel_json(await _load_channel(call))
+
+
+@api("/notifications", "POST")
+async def create_channel(call: Call) -> Response:
+    clean = validate(CHANNEL_FIELDS, await call.json(), call.env())
+    channel_id, stamp = new_id("nc"), now_ms()
+    await call.rt.db.write([(
+        "INSERT INTO notification_channels (id, account_id, name, type, config, is_active,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (channel_id, call.team, clean["name"], clean["type"], json.dumps(clean["config"]),
+         int(clean["isActive"]), stamp, stamp))])
+    row = await call.rt.db.fetchone("SELECT * FROM notification_channels WHERE id = ?",
+                                    (channel_id,))
+    return JSONResponse(channel_json(row), 201)
+
+
+@api("/notifications/{channelId}", "PUT")
+async def update_channel(call: Call) -> dict[str, Any]:
+    """A partial update; a new config clears the failing mark (it may fix the channel)."""
+    row = await _load_channel(call)
+    existing = {"name": row["name"], "type": row["type"], "config": json.loads(row["config"]),
+                "isActive": bool(row["is_active"])}
+    clean = validate(CHANNEL_FIELDS, await call.json(), call.env(existing=existing),
+                     existing=existing)
+    columns = {f.column: json.dumps(clean[f.name]) if f.name == "config" else
+               int(clean[f.name]) if f.kind == "boolean" else clean[f.name]
+               for f in CHANNEL_FIELDS if f.name in clean}
+    if "config" in clean:
+        columns |= {"failing": 0, "last_error": None}
+    columns["updated_at"] = now_ms()
+    await call.rt.db.write([(
+        f"UPDATE notification_channels SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+        [*columns.values(), row["id"]])])
+    return channel_json(await _load_channel(call))
+
+
+@api("/notifications/{channelId}", "DELETE")
+async def delete_channel(call: Call) -> dict[str, Any]:
+    """Delete a channel, its links to monitors and the alerts still queued for it."""
+    row = await _load_channel(call)
+    await call.rt.db.write([
+        ("DELETE FROM alert_outbox WHERE channel_id = ? AND done_at IS NULL", (row["id"],)),
+        ("DELETE FROM notification_channels WHERE id = ?", (row["id"],))])
+    return {"success": True, "message": "Notification channel deleted successfully"}
+
+
 # Webhooks
+
+
+def check_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """A comma-separated list of WEBHOOK_EVENTS, returned normalised (no spaces, no repeats)."""
+    events = [e.strip() for e in value.split(",") if e.strip()]
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown or not events:
+        raise _Issue(f"Unknown event(s): {', '.join(unknown) or '(none given)'}; expected a"
+                     f" comma-separated list of {', '.join(WEBHOOK_EVENTS)}",
+                     options=list(WEBHOOK_EVENTS))
+    return ",".join(dict.fromkeys(events))
+
+
+WEBHOOK_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=255, doc="Webhook name"),
+    Field("url", "string", True, maximum=2048, check=check_url, doc="Endpoint URL"),
+    Field("events", "string", True, maximum=255, check=check_events,
+          doc="Comma-separated event types"),
+    Field("secret", "string", minimum=1, maximum=255,
+          doc="Signs each body as X-Webhook-Signature; never returned (see hasSecret)"),
+    Field("isActive", "boolean", default=True, doc="Inactive webhooks receive nothing"),
+)
+
+
+def webhook_json(row: sqlite3.Row) -> dict[str, Any]:
+    """A webhook as the API shows it; the secret itself is never returned."""
+    return {"id": row["id"], "name": row["name"], "url": row["url"], "events": row["events"],
+            "isActive": bool(row["is_active"]), "hasSecret": bool(row["secret"]),
+            "lastStatus": row["last_status"], "lastTriggeredAt": iso(row["last_triggered_at"]),
+            "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"])}
+
+
+async def _load_webhook(call: Call) -> sqlite3.Row:
+    row = await call.rt.db.fetchone("SELECT * FROM webhooks WHERE id = ? AND account_id = ?",
+                                    (call.param("webhookId"), call.team))
+    if row is None:
+        raise NotFound("Webhook not found", f"no webhook with id {call.param('webhookId')}")
+    return row
+
+
+@api("/webhooks", "GET")
+async def list_webhooks(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall("SELECT * FROM webhooks WHERE account_id = ?"
+                                     " ORDER BY created_at, id", (call.team,))
+    return {"webhooks": [webhook_json(row) for row in rows]}
+
+
+@api("/webhooks/{webhookId}", "GET")
+async def get_webhook(call: Call) -> dict[str, Any]:
+    return webhook_json(await _load_webhook(call))
+
+
+@api("/webhooks", "POST")
+async def create_webhook(call: Call) -> Response:
+    clean = validate(WEBHOOK_FIELDS, await call.json(), call.env())
+    webhook_id, stamp = new_id("wh"), now_ms()
+    await call.rt.db.write([(
+        "INSERT INTO webhooks (id, account_id, name, url, events, secret, is_active, created_at,"
+        " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (webhook_id, call.team, clean["name"], clean["url"], clean["events"], clean["secret"],
+         int(clean["isActive"]), stamp, stamp))])
+    row = await call.rt.db.fetchone("SELECT * FROM webhooks WHERE id = ?", (webhook_id,))
+    return JSONResponse(webhook_json(row), 201)
+
+
+@api("/webhooks/{webhookId}", "PUT")
+async def update_webhook(call: Call) -> dict[str, Any]:
+    """A partial update; ``"secret": null`` removes the secret, leaving it out keeps it."""
+    row = await _load_webhook(call)
+    existing = {"name": row["name"], "url": row["url"], "events": row["events"],
+                "secret": row["secret"], "isActive": bool(row["is_active"])}
+    clean = validate(WEBHOOK_FIELDS, await call.json(), call.env(), existing=existing)
+    columns = {f.column: int(clean[f.name]) if f.kind == "boolean" else clean[f.name]
+               for f in WEBHOOK_FIELDS if f.name in clean}
+    columns["updated_at"] = now_ms()
+    await call.rt.db.write([(
+        f"UPDATE webhooks SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+        [*columns.values(), row["id"]])])
+    return webhook_json(await _load_webhook(call))
+
+
+@api("/webhooks/{webhookId}", "DELETE")
+async def delete_webhook(call: Call) -> dict[str, Any]:
+    row = await _load_webhook(call)
+    await call.rt.db.write([
+        ("DELETE FROM alert_outbox WHERE webhook_id = ? AND done_at IS NULL", (row["id"],)),
+        ("DELETE FROM webhooks WHERE id = ?", (row["id"],))])
+    return {"success": True, "message": "Webhook deleted successfully"}
+
+
+@api("/webhooks/{webhookId}/test", "POST")
+async def test_webhook(call: Call) -> dict[str, Any]:
+    """Send one ``test`` event now (a single attempt) and report how the endpoint answered."""
+    row = await _load_webhook(call)
+    alert = Alert(event="test", monitor={"id": "mon_test", "name": "StatusApp test",
+                                         "url": call.rt.cfg["server"]["base_url"],
+                                         "type": "WEBSITE", "status": "UP"})
+    async with NotifyContext(call.rt.cfg) as ctx:
+        records = await deliver(NOTIFIERS["WEBHOOK"], {"url": row["url"], "secret": row["secret"]},
+                                alert, ctx, attempts=1)
+    stamp, delivery = now_ms(), new_id("wd")
+    await call.rt.db.write([
+        ("INSERT INTO webhook_deliveries (id, webhook_id, event, created_at) VALUES (?, ?, ?, ?)",
+         (delivery, row["id"], "test", stamp)),
+        *webhook_result_statements(row["id"], delivery, records, stamp)])
+    result = records[-1]
+    return {"success": result["ok"], "statusCode": result["statusCode"],
+            "responseTime": result["durationMs"], "error": result["error"]}
+
+
+@api("/webhooks/{webhookId}/deliveries", "GET")
+async def list_webhook_deliveries(call: Call) -> dict[str, Any]:
+    """The newest 100 deliveries; ``deliveredAt`` is null while queued or after failing."""
+    row = await _load_webhook(call)
+    rows = await call.rt.db.fetchall("SELECT * FROM webhook_deliveries WHERE webhook_id = ?"
+                                     " ORDER BY created_at DESC, rowid DESC LIMIT 100",
+                                     (row["id"],))
+    return {"deliveries": [{"id": d["id"], "event": d["event"], "statusCode": d["status_code"],
+                            "attempts": d["attempts"], "deliveredAt": iso(d["delivered_at"]),
+                            "error": d["error"], "createdAt": iso(d["created_at"])}
+                           for d in rows]}
+
 
 # Status pages
 

@@ -1549,6 +1549,406 @@ def test_heartbeat_acknowledged_pings_survive_kill_9(tmp_path):
 
 # --- Incident tests ---
 
+
+def _inc_wait(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def _inc_cfg(tmp_path, url: str, **notifications) -> dict:
+    return make_cfg(tmp_path, notifications={
+        "pagerduty_url": f"{url}/pagerduty", "telegram_api_url": f"{url}/telegram",
+        "retry_delay": 0.01, "timeout": 2, **notifications})
+
+
+def _inc_monitor(client, name: str = "Café ✓", **fields) -> dict:
+    """A monitor the prober leaves alone (inactive): these tests write its transitions."""
+    body = {"name": name, "url": "https://api.example.com", "type": "API", "isActive": False,
+            **fields}
+    response = client.post("/api/v1/monitors", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _inc_channel(client, kind: str, config: dict, name: str = "chan") -> dict:
+    response = client.post("/api/v1/notifications",
+                           json={"name": name, "type": kind, "config": config})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _inc_transition(client, monitor_id: str, old: str, new: str, at: int, reason=None,
+                    check: statusapp.CheckResult | None = None) -> None:
+    """Record a check and a status change the way the prober and heartbeats do."""
+    statements = statusapp.transition_statements(monitor_id, old, new, reason, at)
+    if check is not None:
+        statements = statusapp.check_statements(monitor_id, "local", check, at) + statements
+    client.portal.call(client.app.state.statusapp.db.write, statements)
+
+
+def _inc_paths(receiver, prefix: str) -> list[dict]:
+    return [r for r in receiver.requests if r["path"].startswith(prefix)]
+
+
+_INC_DOWN = statusapp.CheckResult(status="DOWN", status_code=500, response_time=1250,
+                                  error="Internal Server Error", category="SERVER_ERROR")
+_INC_UP = statusapp.CheckResult(status="UP", status_code=200, response_time=120)
+_INC_EVENTS = "monitor.down,monitor.up,incident.created,incident.resolved"
+
+
+def test_incident_opens_alerts_once_and_resolves_with_mttr(tmp_path, notify_http, notify_smtp):
+    mailbox, smtp_port = notify_smtp
+    url = notify_http.url
+    cfg = _inc_cfg(tmp_path, url)
+    cfg["smtp"].update({"host": "127.0.0.1", "port": smtp_port, "security": "none"})
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{url}/slack"})
+        pager = _inc_channel(client, "PAGERDUTY", {"integrationKey": "pd-routing-key-123"})
+        hook = client.post("/api/v1/webhooks", json={
+            "name": "Prod", "url": f"{url}/hook", "events": _INC_EVENTS, "secret": "s3cret"})
+        assert hook.status_code == 201 and "secret" not in hook.json()
+        monitor = _inc_monitor(client, notifications=[
+            {"channelId": slack["id"]}, {"channelId": pager["id"]},
+            {"type": "EMAIL", "config": {"emails": ["oncall@example.com"]}}])
+        down_at = statusapp.now_ms() - 725_000
+        _inc_transition(client, monitor["id"], "PENDING", "DOWN", down_at,
+                        "HTTP 500 Internal Server Error", _INC_DOWN)
+        _inc_wait(lambda: len(notify_http.requests) >= 4 and mailbox.envelopes)
+
+        incidents = client.get("/api/v1/incidents").json()
+        assert incidents["pagination"]["total"] == 1
+        incident = incidents["incidents"][0]
+        year = time.gmtime(down_at / 1000).tm_year
+        assert incident["incidentNumber"] == f"INC-{year}-0001"
+        assert (incident["status"], incident["isResolved"], incident["severity"]) == \
+            ("open", False, "high")
+        assert incident["rootCause"] == "HTTP 500 Internal Server Error"
+        assert incident["rootCauseCategory"] == "SERVER_ERROR"
+        assert incident["affectedRegions"] == ["local"] and incident["mttr"] is None
+        assert (incident["checksFailed"], incident["checksTotal"]) == (1, 1)
+
+        slack_down = json.loads(_inc_paths(notify_http, "/slack")[0]["body"])
+        assert "Café ✓ is DOWN" in slack_down["text"] and "HTTP 500" in slack_down["text"]
+        trigger = json.loads(_inc_paths(notify_http, "/pagerduty")[0]["body"])
+        assert trigger["event_action"] == "trigger"
+        assert trigger["routing_key"] == "pd-routing-key-123"
+        hooks = _inc_paths(notify_http, "/hook")
+        assert sorted(json.loads(h["body"])["event"] for h in hooks) == \
+            ["incident.created", "monitor.down"]
+        for request in hooks:  # an independent HMAC over the bytes received
+            expected = hmac.new(b"s3cret", request["body"], hashlib.sha256).hexdigest()
+            assert request["headers"]["x-webhook-signature"] == expected
+        created = next(json.loads(h["body"]) for h in hooks
+                       if b"incident.created" in h["body"])
+        assert created["incident"]["incidentNumber"] == f"INC-{year}-0001"
+        assert created["check"] == {"statusCode": 500, "responseTime": 1250,
+                                    "error": "Internal Server Error", "region": "local"}
+        assert list(created) == ["event", "timestamp", "monitor", "incident", "check"]
+        assert "INC-" in mailbox.envelopes[0].content.decode()
+
+        up_at = down_at + 725_000
+        _inc_transition(client, monitor["id"], "DOWN", "UP", up_at, None, _INC_UP)
+        _inc_wait(lambda: len(notify_http.requests) >= 8 and len(mailbox.envelopes) >= 2)
+        time.sleep(3 * statusapp.INCIDENT_POLL)
+        assert len(notify_http.requests) == 8 and len(mailbox.envelopes) == 2  # exactly once
+
+        resolved = client.get(f"/api/v1/incidents/{incident['id']}").json()
+        assert (resolved["status"], resolved["isResolved"], resolved["mttr"]) == \
+            ("resolved", True, 725)
+        assert (resolved["checksFailed"], resolved["checksTotal"]) == (1, 2)
+        assert [u["status"] for u in resolved["updates"]] == ["investigating", "resolved"]
+        assert [c["status"] for c in resolved["checks"]] == ["UP", "DOWN"]
+        assert resolved["monitor"]["name"] == "Café ✓"
+        resolve = json.loads(_inc_paths(notify_http, "/pagerduty")[1]["body"])
+        assert resolve["event_action"] == "resolve" and resolve["dedup_key"] == trigger["dedup_key"]
+        assert "down for 12m 5s" in json.loads(_inc_paths(notify_http, "/slack")[1]["body"])["text"]
+        assert sorted(json.loads(h["body"])["event"] for h in _inc_paths(notify_http, "/hook")) \
+            == ["incident.created", "incident.resolved", "monitor.down", "monitor.up"]
+
+        deliveries = client.get(f"/api/v1/webhooks/{hook.json()['id']}/deliveries").json()
+        assert len(deliveries["deliveries"]) == 4
+        assert all(d["statusCode"] == 200 and d["attempts"] == 1 and d["deliveredAt"]
+                   for d in deliveries["deliveries"])
+        listed = client.get(f"/api/v1/webhooks/{hook.json()['id']}").json()
+        assert listed["lastStatus"] == 200 and listed["lastTriggeredAt"]
+        assert sql(cfg, "SELECT COUNT(*) FROM status_transitions WHERE processed_at IS NULL") \
+            == [(0,)]
+
+
+def test_degraded_warns_without_incident_and_one_open_incident_per_monitor(tmp_path,
+                                                                            notify_http):
+    url = notify_http.url
+    cfg = _inc_cfg(tmp_path, url)
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{url}/slack"})
+        client.post("/api/v1/webhooks", json={"name": "w", "url": f"{url}/hook",
+                                              "events": _INC_EVENTS})
+        monitor = _inc_monitor(client, type="SSL_CERT", url="https://api.example.com",
+                               notifications=[{"channelId": slack["id"]}])
+        at = statusapp.now_ms()
+        warning = statusapp.CheckResult(status="DEGRADED", error="certificate expires in 5 days",
+                                        category="SSL_CERTIFICATE")
+        _inc_transition(client, monitor["id"], "UP", "DEGRADED", at, warning.error, warning)
+        _inc_wait(lambda: len(notify_http.requests) >= 1)
+        time.sleep(3 * statusapp.INCIDENT_POLL)
+        assert [r["path"] for r in notify_http.requests] == ["/slack"]  # webhooks: no event
+        assert "DEGRADED" in json.loads(notify_http.requests[0]["body"])["text"]
+        assert client.get("/api/v1/incidents").json()["incidents"] == []
+
+        expired = statusapp.CheckResult(status="DOWN", error="certificate expired",
+                                        category="SSL_CERTIFICATE")
+        _inc_transition(client, monitor["id"], "DEGRADED", "DOWN", at + 1000, expired.error,
+                        expired)
+        _inc_transition(client, monitor["id"], "DOWN", "DOWN", at + 2000, "still down")
+        _inc_wait(lambda: client.get("/api/v1/incidents").json()["pagination"]["total"] == 1
+                  and len(notify_http.requests) >= 4)
+        incident = client.get("/api/v1/incidents?status=open").json()["incidents"][0]
+        assert incident["rootCauseCategory"] == "SSL_CERTIFICATE"
+        assert incident["rootCause"] == "certificate expired"
+        assert client.get("/api/v1/incidents?status=resolved").json()["incidents"] == []
+        assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)]
+        time.sleep(3 * statusapp.INCIDENT_POLL)
+        assert len(notify_http.requests) == 4  # the repeated DOWN alerted nobody
+
+
+def test_queued_alert_survives_restart_and_is_delivered_once(tmp_path, notify_http,
+                                                             monkeypatch):
+    url = notify_http.url
+    cfg = _inc_cfg(tmp_path, url)
+    key = new_key(cfg)
+    monkeypatch.setattr(statusapp, "SERVICES", ())  # "crash" before any delivery
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{url}/slack"})
+        monitor = _inc_monitor(client, notifications=[{"channelId": slack["id"]}])
+        _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom",
+                        _INC_DOWN)
+        rt = client.app.state.statusapp
+        assert client.portal.call(statusapp.process_transitions, rt) == 1
+        assert client.portal.call(statusapp.process_transitions, rt) == 0
+    assert notify_http.requests == []
+    assert sql(cfg, "SELECT event FROM alert_outbox WHERE done_at IS NULL") == \
+        [("monitor.down",)]
+    monkeypatch.undo()
+    for _ in range(2):
+        with TestClient(statusapp.create_app(cfg)):
+            _inc_wait(lambda: len(notify_http.requests) >= 1)
+            time.sleep(3 * statusapp.INCIDENT_POLL)
+    assert len(notify_http.requests) == 1
+    assert sql(cfg, "SELECT status, attempts FROM alert_outbox") == [("delivered", 1)]
+
+
+def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, notify_http):
+    slow, flaky, refused = _NotifyReceiver(), _NotifyReceiver(), _NotifyReceiver()
+    try:
+        slow.script = [(200, b"{}", 1.5)] * 3
+        flaky.script = [(500, b"try again", 0)]
+        refused.script = [(401, b'{"ok":false,"description":"Unauthorized"}', 0)]
+        cfg = _inc_cfg(tmp_path, refused.url)
+        cfg["notifications"]["timeout"] = 0.5
+        key = new_key(cfg)
+        with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+            channels = {
+                "slow": _inc_channel(client, "SLACK", {"webhookUrl": f"{slow.url}/s"}),
+                "flaky": _inc_channel(client, "DISCORD", {"webhookUrl": f"{flaky.url}/d"}),
+                "down": _inc_channel(client, "MICROSOFT_TEAMS", {
+                    "webhookUrl": f"http://127.0.0.1:{free_port()}/t"}),
+                "refused": _inc_channel(client, "TELEGRAM", {"botToken": "123:SECRET",
+                                                             "chatId": "42"}),
+            }
+            hook = client.post("/api/v1/webhooks", json={
+                "name": "w", "url": f"{notify_http.url}/hook", "events": "monitor.down"}).json()
+            notify_http.script = [(500, b"", 0)]
+            monitor = _inc_monitor(client, notifications=[{"channelId": c["id"]}
+                                                          for c in channels.values()])
+            _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom",
+                            _INC_DOWN)
+            _inc_wait(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox"
+                                       " WHERE done_at IS NULL") == [(0,)]
+                      and sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(5,)])
+            outcome = {row[0]: row[1:] for row in sql(
+                cfg, "SELECT COALESCE(channel_id, webhook_id), status, attempts, status_code,"
+                     " done_at - created_at FROM alert_outbox")}
+            assert outcome[channels["flaky"]["id"]][:3] == ("delivered", 2, 200)
+            assert outcome[channels["refused"]["id"]][:3] == ("failed", 1, 401)
+            assert outcome[channels["down"]["id"]][:3] == ("failed", 3, None)
+            assert outcome[channels["slow"]["id"]][:2] == ("failed", 3)
+            assert outcome[hook["id"]][:3] == ("delivered", 2, 200)
+            # The slow channel took its three timeouts; the others did not wait for it.
+            assert outcome[channels["slow"]["id"]][3] >= 1500
+            assert outcome[channels["flaky"]["id"]][3] < 1000
+            state = {c["id"]: c for c in client.get("/api/v1/notifications").json()["channels"]}
+            refused_state = state[channels["refused"]["id"]]
+            assert refused_state["failing"] and "401" in refused_state["lastError"]
+            assert "SECRET" not in refused_state["lastError"]
+            assert not state[channels["down"]["id"]]["failing"]
+            assert state[channels["down"]["id"]]["lastError"]
+            assert not state[channels["flaky"]["id"]]["failing"]
+            log = json.loads(sql(cfg, "SELECT attempt_log FROM alert_outbox WHERE channel_id = ?",
+                                 (channels["flaky"]["id"],))[0][0])
+            assert [r["statusCode"] for r in log] == [500, 200]
+            deliveries = client.get(f"/api/v1/webhooks/{hook['id']}/deliveries").json()
+            assert [(d["statusCode"], d["attempts"]) for d in deliveries["deliveries"]] == \
+                [(200, 2)]
+    finally:
+        for receiver in (slow, flaky, refused):
+            receiver.close()
+
+
+_INC_VALID_CONFIGS = {
+    "EMAIL": {"emails": ["team@example.com"]},
+    "SMS": {"phoneNumbers": ["+1234567890"]},
+    "SLACK": {"webhookUrl": "https://hooks.slack.com/services/T0/B0/abcdefghijkl",
+              "channel": "#alerts"},
+    "DISCORD": {"webhookUrl": "https://discord.com/api/webhooks/1/abcdefghijkl"},
+    "TELEGRAM": {"botToken": "123456:ABCdefGHIjklMNO", "chatId": "-1001234567890"},
+    "PAGERDUTY": {"integrationKey": "your-pagerduty-integration-key", "severity": "critical"},
+    "OPSGENIE": {"apiKey": "your-opsgenie-api-key", "priority": "P1"},
+    "MICROSOFT_TEAMS": {"webhookUrl": "https://outlook.office.com/webhook/abcdefghijkl"},
+    "WEBHOOK": {"url": "https://api.example.com/webhook",
+                "headers": {"Authorization": "Bearer token-abcdefghijkl"}},
+}
+
+
+@pytest.mark.parametrize("kind", statusapp.CHANNEL_TYPES)
+def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
+    config = _INC_VALID_CONFIGS[kind]
+    created = _inc_channel(client, kind, config, name=f"{kind} channel")
+    secrets_ = statusapp.CHANNEL_SECRETS[kind]
+    shown = created["config"]
+    for name, value in config.items():
+        if name not in secrets_:
+            assert shown[name] == value
+        elif isinstance(value, str):
+            assert shown[name] != value and shown[name].startswith("****")
+        else:
+            assert all(v.startswith("****") for v in shown[name].values())
+    assert client.get("/api/v1/notifications").json()["channels"][0]["id"] == created["id"]
+    # Echoing the masked config back keeps the stored secrets.
+    updated = client.put(f"/api/v1/notifications/{created['id']}",
+                         json={"name": "renamed", "config": shown})
+    assert updated.status_code == 200 and updated.json()["name"] == "renamed"
+    rows = sql(client.app.state.statusapp.cfg, "SELECT config FROM notification_channels")
+    assert json.loads(rows[0][0]) == config
+    for required in statusapp.CHANNEL_REQUIRED[kind]:
+        bad = {k: v for k, v in config.items() if k != required}
+        response = client.post("/api/v1/notifications",
+                               json={"name": "x", "type": kind, "config": bad})
+        assert response.status_code == 400
+        assert response.json()["error"][0]["path"] == ["config", required]
+
+
+def test_channel_crud_and_inline_monitor_configs_share_the_rules(client):
+    response = client.post("/api/v1/notifications",
+                           json={"name": "x", "type": "SLACK", "config": {}})
+    assert response.status_code == 400 and response.json()["error"][0]["path"] == \
+        ["config", "webhookUrl"]
+    bad = client.post("/api/v1/notifications", json={"name": "x", "type": "SMS",
+                                                     "config": {"phoneNumbers": ["555"]}})
+    assert bad.status_code == 400 and "E.164" in bad.json()["error"][0]["message"]
+    inline = client.post("/api/v1/monitors", json={
+        "name": "m", "url": "https://api.example.com", "isActive": False,
+        "notifications": [{"type": "PAGERDUTY", "config": {"severity": "loud"}}]})
+    assert inline.status_code == 400
+    assert {tuple(i["path"]) for i in inline.json()["error"]} == {
+        ("notifications", 0, "config", "integrationKey"),
+        ("notifications", 0, "config", "severity")}
+    ok = _inc_monitor(client, notifications=[
+        {"type": "TELEGRAM", "config": {"botToken": "123456:ABCdefGHIjklMNO", "chatId": 42}}])
+    link = ok["monitorNotifications"][0]
+    assert link["config"] == {"botToken": "****lMNO", "chatId": "42"}
+    channel = _inc_channel(client, "OPSGENIE", {"apiKey": "opsgenie-key-abcdef"})
+    moved = client.put(f"/api/v1/notifications/{channel['id']}", json={"type": "SLACK"})
+    assert moved.status_code == 400  # the stored config does not fit the new type
+    assert client.put(f"/api/v1/notifications/{channel['id']}",
+                      json={"isActive": False}).json()["isActive"] is False
+    assert client.delete(f"/api/v1/notifications/{channel['id']}").json()["success"]
+    assert client.get(f"/api/v1/notifications/{channel['id']}").status_code == 404
+
+
+def test_webhook_crud_events_secret_and_test_endpoint(client, notify_http):
+    bad = client.post("/api/v1/webhooks", json={"name": "w", "url": notify_http.url,
+                                                "events": "monitor.down,monitor.sideways"})
+    assert bad.status_code == 400 and bad.json()["error"][0]["path"] == ["events"]
+    assert "monitor.sideways" in bad.json()["error"][0]["message"]
+    missing = client.post("/api/v1/webhooks", json={"name": "w", "url": notify_http.url})
+    assert missing.json()["error"][0]["path"] == ["events"]
+    created = client.post("/api/v1/webhooks", json={
+        "name": "w", "url": f"{notify_http.url}/hook", "secret": "s3cret",
+        "events": " monitor.down , incident.created,monitor.down"}).json()
+    assert created["events"] == "monitor.down,incident.created"
+    assert created["hasSecret"] and "secret" not in created and created["lastStatus"] is None
+    assert client.get("/api/v1/webhooks").json()["webhooks"][0]["id"] == created["id"]
+
+    result = client.post(f"/api/v1/webhooks/{created['id']}/test").json()
+    assert result["success"] is True and result["statusCode"] == 200
+    assert isinstance(result["responseTime"], int)
+    request = notify_http.requests[0]
+    assert json.loads(request["body"])["event"] == "test"
+    assert request["headers"]["x-webhook-signature"] == \
+        hmac.new(b"s3cret", request["body"], hashlib.sha256).hexdigest()
+    notify_http.script = [(404, b"gone", 0)]
+    failed = client.post(f"/api/v1/webhooks/{created['id']}/test").json()
+    assert failed["success"] is False and failed["statusCode"] == 404
+    shown = client.get(f"/api/v1/webhooks/{created['id']}").json()
+    assert shown["lastStatus"] == 404 and shown["lastTriggeredAt"]
+    deliveries = client.get(f"/api/v1/webhooks/{created['id']}/deliveries").json()["deliveries"]
+    assert [(d["event"], d["statusCode"], d["attempts"]) for d in deliveries] == \
+        [("test", 404, 1), ("test", 200, 1)]
+    assert deliveries[0]["deliveredAt"] is None and deliveries[1]["deliveredAt"]
+
+    cleared = client.put(f"/api/v1/webhooks/{created['id']}", json={"secret": None}).json()
+    assert cleared["hasSecret"] is False and cleared["name"] == "w"
+    client.post(f"/api/v1/webhooks/{created['id']}/test")
+    assert "x-webhook-signature" not in notify_http.requests[-1]["headers"]
+    assert client.delete(f"/api/v1/webhooks/{created['id']}").json()["success"]
+    assert client.get(f"/api/v1/webhooks/{created['id']}").status_code == 404
+
+
+def test_incident_listing_filters_and_manual_updates(cfg, client, notify_http):
+    cfg["notifications"]["retry_delay"] = 0.01
+    hook = client.post("/api/v1/webhooks", json={"name": "w", "url": f"{notify_http.url}/hook",
+                                                 "events": "incident.resolved"}).json()
+    first, second = _inc_monitor(client, "first"), _inc_monitor(client, "second")
+    at = statusapp.now_ms()
+    _inc_transition(client, first["id"], "UP", "DOWN", at - 5000, "refused", _INC_DOWN)
+    _inc_transition(client, second["id"], "UP", "DOWN", at - 3000, "refused", _INC_DOWN)
+    _inc_transition(client, first["id"], "DOWN", "UP", at - 1000, None, _INC_UP)
+    _inc_wait(lambda: client.get("/api/v1/incidents?status=resolved").json()["incidents"])
+    listed = client.get("/api/v1/incidents?sort=startedAt&order=asc").json()["incidents"]
+    assert [i["monitorId"] for i in listed] == [first["id"], second["id"]]
+    assert [i["incidentNumber"][-4:] for i in listed] == ["0001", "0002"]
+    only = client.get(f"/api/v1/incidents?monitorId={second['id']}").json()
+    assert only["pagination"]["total"] == 1 and only["incidents"][0]["status"] == "open"
+    paged = client.get("/api/v1/incidents?limit=1&page=2&sort=mttr&order=desc").json()
+    assert paged["pagination"] == {"total": 2, "page": 2, "limit": 1, "totalPages": 2}
+    assert client.get("/api/v1/incidents?sort=name").status_code == 400
+    assert client.get("/api/v1/incidents?status=closed").status_code == 400
+
+    incident_id = only["incidents"][0]["id"]
+    note = client.post(f"/api/v1/incidents/{incident_id}/updates",
+                       json={"status": "identified", "message": "DB failover in progress"})
+    assert note.status_code == 201 and note.json()["status"] == "open"
+    assert note.json()["updates"][-1]["message"] == "DB failover in progress"
+    assert client.post(f"/api/v1/incidents/{incident_id}/updates",
+                       json={"status": "fixed", "message": "x"}).status_code == 400
+    done = client.post(f"/api/v1/incidents/{incident_id}/updates",
+                       json={"status": "resolved", "message": "Failover complete"}).json()
+    assert done["isResolved"] and done["mttr"] >= 3
+    assert [u["status"] for u in done["updates"]] == ["investigating", "identified", "resolved"]
+    assert client.post(f"/api/v1/incidents/{incident_id}/updates",
+                       json={"status": "monitoring", "message": "x"}).status_code == 409
+    _inc_wait(lambda: len(notify_http.requests) >= 2)  # the first monitor's and this one
+    events = [json.loads(r["body"]) for r in notify_http.requests]
+    assert sorted(e["monitor"]["name"] for e in events) == ["first", "second"]
+    assert {e["event"] for e in events} == {"incident.resolved"}
+    assert client.get(f"/api/v1/webhooks/{hook['id']}").json()["lastStatus"] == 200
+    assert client.get("/api/v1/incidents/inc_nope").status_code == 404
+
+
 # --- Notifier tests ---
 
 import base64  # noqa: E402 -- each test section keeps its own imports, for clean merges
