@@ -3035,6 +3035,11 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
     with sqlite3.connect(cfg["server"]["database"]) as conn:
         conn.executemany("INSERT INTO heartbeats (monitor_id, kind, received_at) VALUES (?, 'log', ?)",
                          [(monitor, now - 4 * day), (monitor, now - 2 * day)])
+        account = conn.execute("SELECT account_id FROM monitors").fetchone()[0]
+        conn.executemany(
+            "INSERT INTO alert_outbox (account_id, target_key, channel_type, config, event, alert,"
+            " created_at, done_at) VALUES (?, 't', 'SLACK', '{}', 'monitor.down', '{}', ?, ?)",
+            [(account, now - 5 * day, now - 4 * day), (account, now - 5 * day, None)])
     transactions = []
 
     async def job(db):
@@ -3044,7 +3049,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
         return await statusapp.prune(db, cfg)
     deleted = _on_db(cfg, job)
     assert deleted["raw"] == 1000 and len(transactions) >= 10
-    assert deleted["pings"] == 1
+    assert deleted["pings"] == 1 and deleted["alerts"] == 1
+    assert sql(cfg, "SELECT done_at FROM alert_outbox") == [(None,)]  # undelivered ones stay
     assert sql(cfg, "SELECT received_at FROM heartbeats") == [(now - 2 * day,)]
     assert sql(cfg, "SELECT response_time FROM checks ORDER BY checked_at") == [(70,), (60,)]
     assert deleted["h"] >= 17 and deleted["d"] == 0
