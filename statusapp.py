@@ -2223,6 +2223,7 @@ class Scheduler:
         if entry is None:
             entry = self.entries[record["id"]] = _Scheduled(record, row["status"])
         entry.record, entry.status, entry.removed = record, row["status"], False
+        entry.failures = entry.successes = 0
         if row["last_at"] is not None:
             entry.last_at = row["last_at"] / 1000
             failed = row["last_status"] == "DOWN"
@@ -2292,7 +2293,7 @@ class Scheduler:
             self.rt.changed.clear()
             try:
                 await self.reload(ids)
-            except sqlite3.Error:
+            except Exception:  # keep following changes; the next edit retries the monitor
                 log.exception("scheduler: reloading %d changed monitors failed", len(ids))
 
     # Running checks
@@ -2360,10 +2361,9 @@ class Scheduler:
                 "lag": {"p50": pick(50), "p99": pick(99), "max": pick(100)},
                 "backlog": round(max(backlog, 0.0), 3)}
 
-    @property
-    def behind(self) -> bool:
-        """Far behind: recent checks or the oldest waiting one later than _LAG_DEGRADED."""
-        stats = self.stats()
+    @staticmethod
+    def far_behind(stats: dict[str, Any]) -> bool:
+        """Recent checks, or the oldest one still waiting, later than _LAG_DEGRADED."""
         return max(stats["lag"]["p99"], stats["backlog"]) > _LAG_DEGRADED
 
 
@@ -3634,16 +3634,16 @@ async def health(call: Call) -> Response:
         checks["database"] = "healthy"
     except (sqlite3.Error, asyncio.TimeoutError):
         checks["database"] = "unhealthy"
-    scheduler = call.rt.scheduler
+    scheduler = call.rt.scheduler.stats() if call.rt.scheduler else None
     if scheduler is not None:
-        checks["scheduler"] = "degraded" if scheduler.behind else "healthy"
+        checks["scheduler"] = "degraded" if Scheduler.far_behind(scheduler) else "healthy"
     status = "unhealthy" if "unhealthy" in checks.values() else (
         "degraded" if "degraded" in checks.values() else "healthy")
     body = {"status": status, "version": VERSION,
             "uptime": int(time.monotonic() - call.rt.started), "checks": checks,
             "timestamp": iso(now_ms())}
     if scheduler is not None:
-        body["scheduler"] = scheduler.stats()
+        body["scheduler"] = scheduler
     return JSONResponse(body, 503 if status == "unhealthy" else 200)
 
 
