@@ -2182,9 +2182,9 @@ class Scheduler:
         if ids is None:
             await self._load_rows("", [], initial=True)
             return
-        chunk = sorted(ids)
-        for start in range(0, len(chunk), _RELOAD_CHUNK):
-            part = chunk[start:start + _RELOAD_CHUNK]
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), _RELOAD_CHUNK):
+            part = ordered[start:start + _RELOAD_CHUNK]
             seen = await self._load_rows(f" AND m.id IN ({','.join('?' * len(part))})", part,
                                          initial=False)
             for monitor_id in set(part) - seen:
