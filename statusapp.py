@@ -37,6 +37,7 @@ import hmac
 import html
 import http.cookiejar
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -2133,6 +2134,342 @@ PROBES: dict[str, Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult
 # --- Scheduler ---
 
 # Probing
+#
+# Every schedulable monitor has a fixed phase within its interval, taken from a hash of its id,
+# and its checks fall on the grid ``phase + k * interval``: 10,000 monitors at 60 s spread over
+# the minute whatever the start time, and a restart lands each one back on its own grid.  A heap
+# keyed by planned time says what runs next; nothing scans all monitors.  The dispatcher takes
+# a concurrency slot BEFORE it starts a check, so a scheduler that falls behind holds a late
+# heap, not a pile of waiting tasks.  A monitor goes back on the heap only when its check has
+# finished, so one monitor never runs two checks at once; slots missed meanwhile are skipped.
+
+_LAG_WINDOW = 10_000      # latest check starts kept for the lag percentiles
+_LAG_WARN = 2.0           # a check starting this many seconds late counts as behind
+_LAG_DEGRADED = 10.0      # lag (p99 or backlog) past this many seconds: /health says degraded
+_LAG_LOG_EVERY = 60.0     # seconds between two "falling behind" log lines
+_RELOAD_CHUNK = 500       # monitor ids per reload query
+
+
+def check_phase(monitor_id: str, interval: float) -> float:
+    """Where in its interval a monitor's checks fall: the same in every process and restart."""
+    digest = hashlib.blake2b(monitor_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64 * interval
+
+
+def next_slot(monitor_id: str, interval: float, after: float) -> float:
+    """The first time on the monitor's grid (``phase + k * interval``) later than ``after``."""
+    phase = check_phase(monitor_id, interval)
+    return phase + (math.floor((after - phase) / interval) + 1) * interval
+
+
+@dataclass(eq=False)
+class _Scheduled:
+    """One monitor in the scheduler: its record, status and confirmation counters."""
+
+    record: dict[str, Any]
+    status: str
+    last_at: float | None = None  # Unix seconds when its latest check started
+    failures: int = 0             # consecutive DOWN results
+    successes: int = 0            # consecutive good results while DOWN
+    token: int = 0                # the heap item with this token is the live one
+    running: bool = False
+    removed: bool = False
+
+    @property
+    def interval(self) -> float:
+        return max(1, self.record["interval"])
+
+    @property
+    def confirming(self) -> bool:
+        """A failure (or a recovery) seen but not yet confirmed: re-check after retry_delay."""
+        return bool(self.successes if self.status == "DOWN" else self.failures)
+
+    def judge(self, result: CheckResult, probes: dict[str, Any]) -> str:
+        """The status after ``result``: DOWN only after ``confirmations`` failures in a row (from
+        PENDING too), back up after ``recoveries`` good ones, UP/DEGRADED otherwise at once."""
+        if result.status == "DOWN":
+            self.failures, self.successes = self.failures + 1, 0
+            return "DOWN" if self.failures >= probes["confirmations"] else self.status
+        self.failures = 0
+        if self.status != "DOWN":
+            return result.status
+        self.successes += 1
+        if self.successes < probes["recoveries"]:
+            return "DOWN"
+        self.successes = 0
+        return result.status
+
+
+def _reason(result: CheckResult) -> str:
+    """Why a check changed the status: its error, else what it saw."""
+    if result.error:
+        return result.error
+    return f"HTTP {result.status_code}" if result.status_code else "check succeeded"
+
+
+def _probe_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a monitor that change what its probe does (not its name or status)."""
+    return {k: v for k, v in record.items() if k not in ("name", "status", "lastDetails")}
+
+
+class Scheduler:
+    """Runs every active, unpaused probing monitor of this region on its interval."""
+
+    def __init__(self, rt: Runtime, ctx: ProbeContext) -> None:
+        self.rt, self.ctx = rt, ctx
+        self.probes = rt.cfg["probes"]
+        self.region = rt.cfg["region"]["id"]
+        self.entries: dict[str, _Scheduled] = {}
+        self.completed = 0
+        self._heap: list[tuple[float, int, int, _Scheduled]] = []  # (due, seq, token, entry)
+        self._seq = itertools.count()
+        self._slots = asyncio.Semaphore(self.probes["max_concurrency"])
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lags: collections.deque[float] = collections.deque(maxlen=_LAG_WINDOW)
+        self._late = 0
+        self._warned = -_LAG_LOG_EVERY
+        self._changed: set[str] = set()
+        self._changed_event = asyncio.Event()
+        rt.listeners.append(self._note_change)
+
+    def _note_change(self, monitor_id: str) -> None:
+        self._changed.add(monitor_id)
+        self._changed_event.set()
+
+    async def run(self) -> None:
+        """Load the monitors, then dispatch checks and follow changes until cancelled."""
+        await self.reload(None)
+        watcher = asyncio.create_task(self._watch())
+        try:
+            while True:
+                await self._slots.acquire()
+                try:
+                    entry, planned = await self._next_due()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                self._start(entry, planned)
+        finally:
+            watcher.cancel()
+            for task in [watcher, *self._tasks]:
+                task.cancel()
+            await asyncio.gather(watcher, *self._tasks, return_exceptions=True)
+
+    # Which monitors, and when
+
+    def _eligible(self, record: dict[str, Any]) -> bool:
+        regions = record.get("enabledWorkerRegionIds")
+        return record["type"] in PROBES and (not regions or self.region in regions)
+
+    async def reload(self, ids: set[str] | None) -> None:
+        """Bring the schedule in line with the database: every monitor (``None``, at start) or
+        the ``ids`` the API changed, which are added, updated, or dropped when deleted/paused."""
+        if ids is None:
+            await self._load_rows("", [], initial=True)
+            return
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), _RELOAD_CHUNK):
+            part = ordered[start:start + _RELOAD_CHUNK]
+            seen = await self._load_rows(f" AND m.id IN ({','.join('?' * len(part))})", part,
+                                         initial=False)
+            for monitor_id in set(part) - seen:
+                self._drop(monitor_id)
+
+    async def _load_rows(self, where: str, params: list[str], initial: bool) -> set[str]:
+        rows = await self.rt.db.fetchall(
+            f"SELECT m.*, c.status AS last_status, c.checked_at AS last_at,"
+            f" c.details AS last_details FROM monitors m"
+            f" LEFT JOIN monitor_latest l ON l.monitor_id = m.id AND l.region_id = ?"
+            f" LEFT JOIN checks c ON c.id = l.check_id"
+            f" WHERE m.is_active = 1 AND m.is_paused = 0{where}", [self.region, *params])
+        seen = set()
+        now = time.time()
+        for row in rows:
+            record = monitor_record(row)
+            if self._eligible(record):
+                seen.add(record["id"])
+                self._admit(record, row, now, initial)
+        return seen
+
+    def _admit(self, record: dict[str, Any], row: sqlite3.Row, now: float,
+               initial: bool) -> None:
+        """Add or update one monitor.  A monitor seen at start-up resumes from its last stored
+        check; one created, resumed or re-targeted while running is checked at once."""
+        entry = self.entries.get(record["id"])
+        if entry is not None and not entry.removed:
+            record["lastDetails"] = entry.record.get("lastDetails")
+            retarget = _probe_view(entry.record) != _probe_view(record)
+            regrid = entry.interval != max(1, record["interval"])
+            entry.record = record
+            if not entry.running and (retarget or regrid):
+                self._schedule(entry, now if retarget else self._planned(entry, now))
+            return
+        record["lastDetails"] = json.loads(row["last_details"]) if row["last_details"] else None
+        if entry is None:
+            entry = self.entries[record["id"]] = _Scheduled(record, row["status"])
+        entry.record, entry.status, entry.removed = record, row["status"], False
+        entry.failures = entry.successes = 0
+        if row["last_at"] is not None:
+            entry.last_at = row["last_at"] / 1000
+            failed = row["last_status"] == "DOWN"
+            entry.failures = int(failed and entry.status != "DOWN")
+            entry.successes = int(not failed and entry.status == "DOWN")
+        if not entry.running:
+            self._schedule(entry, self._planned(entry, now) if initial else now)
+
+    def _drop(self, monitor_id: str) -> None:
+        """Stop checking a monitor; a check in flight finishes but its result is discarded."""
+        entry = self.entries.get(monitor_id)
+        if entry is None:
+            return
+        entry.removed = True
+        if not entry.running:
+            del self.entries[monitor_id]
+
+    def _planned(self, entry: _Scheduled, now: float) -> float:
+        """When an idle monitor runs next, from its last check; never in the past."""
+        monitor_id, interval = entry.record["id"], entry.interval
+        if entry.last_at is None:
+            return next_slot(monitor_id, interval, now)
+        if entry.confirming:
+            return max(entry.last_at + self.probes["retry_delay"], now)
+        due = next_slot(monitor_id, interval, entry.last_at + interval / 2)
+        return due if due > now else next_slot(monitor_id, interval, now)
+
+    def _schedule(self, entry: _Scheduled, due: float) -> None:
+        entry.token += 1
+        item = (due, next(self._seq), entry.token, entry)
+        heapq.heappush(self._heap, item)
+        if self._heap[0] is item:
+            self._wake.set()
+        if len(self._heap) > 2 * len(self.entries) + 1000:
+            self._heap = [i for i in self._heap if self._live(i)]
+            heapq.heapify(self._heap)
+
+    @staticmethod
+    def _live(item: tuple[float, int, int, _Scheduled]) -> bool:
+        entry = item[3]
+        return item[2] == entry.token and not entry.removed and not entry.running
+
+    async def _next_due(self) -> tuple[_Scheduled, float]:
+        """Wait for the earliest planned check; return its monitor and planned time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._heap and not self._live(self._heap[0]):
+                heapq.heappop(self._heap)
+            now = time.time()
+            if self._heap and self._heap[0][0] <= now:
+                due, _, _, entry = heapq.heappop(self._heap)
+                return entry, due
+            self._wake.clear()
+            timer = loop.call_later(self._heap[0][0] - now, self._wake.set) if self._heap else None
+            try:
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    async def _watch(self) -> None:
+        """Apply the Monitors API's changes (``Runtime.monitor_changed``) as they come."""
+        while True:
+            await self._changed_event.wait()
+            self._changed_event.clear()
+            ids, self._changed = self._changed, set()
+            try:
+                await self.reload(ids)
+            except Exception:  # keep following changes; the next edit retries the monitor
+                log.exception("scheduler: reloading %d changed monitors failed", len(ids))
+
+    # Running checks
+
+    def _start(self, entry: _Scheduled, planned: float) -> None:
+        entry.running = True
+        self._note_lag(max(0.0, time.time() - planned))
+        task = asyncio.create_task(self._check(entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _check(self, entry: _Scheduled) -> None:
+        started = time.time()
+        try:
+            result = await PROBES[entry.record["type"]](entry.record, self.ctx)
+        except Exception as exc:  # a probe bug must not stop the scheduler
+            log.exception("probe of monitor %s failed", entry.record["id"])
+            result = _down(f"internal error: {exc}", "UNKNOWN")
+        finally:
+            entry.running = False
+            self._slots.release()
+        self.completed += 1
+        if entry.removed:
+            self._drop(entry.record["id"])
+            return
+        self._record(entry, result, started)
+
+    def _record(self, entry: _Scheduled, result: CheckResult, started: float) -> None:
+        """Queue the check, and the transition it causes, as one write; plan the next check."""
+        monitor_id, at = entry.record["id"], int(started * 1000)
+        statements = check_statements(monitor_id, self.region, result, at)
+        status = entry.judge(result, self.probes)
+        if status != entry.status:
+            statements += transition_statements(monitor_id, entry.status, status,
+                                                _reason(result), at)
+            entry.status = status
+        self.rt.db.write_later(statements)
+        entry.record["lastDetails"] = result.details
+        entry.last_at = started
+        self._schedule(entry, self._planned(entry, time.time()))
+
+    # Lag
+
+    def _note_lag(self, lag: float) -> None:
+        self._lags.append(lag)
+        if lag < _LAG_WARN:
+            return
+        self._late += 1
+        now = time.monotonic()
+        if now - self._warned >= _LAG_LOG_EVERY:
+            log.warning("scheduler is behind: %d checks started over %g s late since the last"
+                        " warning (latest %.1f s late, %d monitors, max_concurrency %d)",
+                        self._late, _LAG_WARN, lag, len(self.entries),
+                        self.probes["max_concurrency"])
+            self._warned, self._late = now, 0
+
+    def stats(self) -> dict[str, Any]:
+        """Lag of the latest check starts (seconds late vs plan) and the current backlog."""
+        lags = sorted(self._lags)
+        now = time.time()
+        backlog = max((now - item[0] for item in self._heap[:1] if self._live(item)), default=0.0)
+        pick = functools.partial(_percentile, lags)
+        return {"monitors": sum(not e.removed for e in self.entries.values()),
+                "running": len(self._tasks), "checksCompleted": self.completed,
+                "lag": {"p50": pick(50), "p99": pick(99), "max": pick(100)},
+                "backlog": round(max(backlog, 0.0), 3)}
+
+    @staticmethod
+    def far_behind(stats: dict[str, Any]) -> bool:
+        """Recent checks, or the oldest one still waiting, later than _LAG_DEGRADED."""
+        return max(stats["lag"]["p99"], stats["backlog"]) > _LAG_DEGRADED
+
+
+def nearest_rank(count: int, p: float) -> int:
+    """The 1-based rank of the p-th percentile among ``count`` sorted values (nearest-rank)."""
+    return max(1, math.ceil(p / 100 * count))
+
+
+def _percentile(ordered: list[float], point: int) -> float:
+    return round(ordered[nearest_rank(len(ordered), point) - 1], 3) if ordered else 0.0
+
+
+async def run_scheduler(rt: Runtime) -> None:
+    """The prober service: one ProbeContext and one Scheduler for the life of the server."""
+    ctx = ProbeContext(rt.cfg)
+    rt.scheduler = Scheduler(rt, ctx)
+    try:
+        await rt.scheduler.run()
+    finally:
+        await ctx.aclose()
+
 
 
 def check_statements(monitor_id: str, region_id: str, result: CheckResult,
@@ -3545,9 +3882,6 @@ def hist_value(index: int) -> int:
     return max(1, round(HIST_RATIO ** (index - 0.5)))
 
 
-def _nearest_rank(count: int, p: float) -> int:
-    return max(1, math.ceil(p / 100 * count))
-
 
 @dataclass
 class WindowStats:
@@ -3586,11 +3920,11 @@ class WindowStats:
         """Nearest rank: the value at rank ceil(p/100 * n) of the n sorted response times."""
         if self.values is not None:
             ordered = sorted(self.values)
-            return ordered[_nearest_rank(len(ordered), p) - 1] if ordered else None
+            return ordered[nearest_rank(len(ordered), p) - 1] if ordered else None
         count = sum(self.hist.values())
         if not count:
             return None
-        rank, seen = _nearest_rank(count, p), 0
+        rank, seen = nearest_rank(count, p), 0
         for index in sorted(self.hist):
             seen += self.hist[index]
             if seen >= rank:
@@ -3861,7 +4195,7 @@ MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
 # with the server and cancelled at shutdown.
 SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
-    run_heartbeats, run_incidents, run_retention, run_regression)
+    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression)
 
 
 class Runtime:
@@ -3874,10 +4208,9 @@ class Runtime:
         self.usage = UsageCounter()
         self.started = time.monotonic()
         self.regions: dict[str, dict[str, Any]] = {}
-        self.changed: set[str] = set()
-        self.changed_event = asyncio.Event()
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.heartbeats = Heartbeats(self)
+        self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -3908,8 +4241,6 @@ class Runtime:
 
     def monitor_changed(self, monitor_id: str) -> None:
         """Tell the background services that a monitor was created, edited or deleted."""
-        self.changed.add(monitor_id)
-        self.changed_event.set()
         for listener in self.listeners:
             listener(monitor_id)
 
@@ -5684,7 +6015,8 @@ async def account_usage(call: Call) -> dict[str, Any]:
 
 @api("/health", "GET", public=True)
 async def health(call: Call) -> Response:
-    """Check the database for real: a read on a reader and a commit through the writer."""
+    """Check the database for real (a read and a commit through the writer) and report how
+    far behind its plan the scheduler is; far behind makes the status degraded."""
     checks = {}
     try:
         await asyncio.wait_for(call.rt.db.fetchval("SELECT COUNT(*) FROM schema_version"), 2)
@@ -5692,11 +6024,16 @@ async def health(call: Call) -> Response:
         checks["database"] = "healthy"
     except Exception:  # whatever broke, the answer is the same: the database is not usable
         checks["database"] = "unhealthy"
+    scheduler = call.rt.scheduler.stats() if call.rt.scheduler else None
+    if scheduler is not None:
+        checks["scheduler"] = "degraded" if Scheduler.far_behind(scheduler) else "healthy"
     status = "unhealthy" if "unhealthy" in checks.values() else (
         "degraded" if "degraded" in checks.values() else "healthy")
     body = {"status": status, "version": VERSION,
             "uptime": int(time.monotonic() - call.rt.started), "checks": checks,
             "timestamp": iso(now_ms())}
+    if scheduler is not None:
+        body["scheduler"] = scheduler
     return JSONResponse(body, 503 if status == "unhealthy" else 200)
 
 

@@ -276,7 +276,10 @@ def test_create_returns_every_field_with_defaults_and_masked_secrets(client):
         "WEBSITE", 300, 30, "GET")
     assert (defaults["domainExpiryDays"], defaults["domainMonitorDns"],
             defaults["domainMonitorBlacklist"], defaults["domainMonitorWhois"]) == (30, True, True, True)
-    assert client.get(f"/api/v1/monitors/{body['id']}").json() == body
+    fetched = client.get(f"/api/v1/monitors/{body['id']}").json()
+    live = ("checks", "_count", "status")  # the prober checks a new monitor at once
+    assert {k: v for k, v in fetched.items() if k not in live} == {
+        k: v for k, v in body.items() if k not in live}
 
 
 def test_echoing_a_masked_secret_back_keeps_the_stored_one(cfg, client):
@@ -1299,6 +1302,310 @@ def test_probe_context_rejects_bad_config(probe_cfg):
 
 
 # --- Scheduler tests ---
+#
+# A loopback HTTP target answers each path as a test scripts it, and records when each path
+# was hit and how many requests to it were in flight at once.  StatusApp runs under TestClient
+# (its lifespan starts the scheduler) with min_interval and retry_delay lowered to 1 s.
+
+import contextlib  # noqa: E402
+import itertools  # noqa: E402
+
+
+class _Target(http.server.BaseHTTPRequestHandler):
+    """Per path, ``modes`` says: ok (200), fail (500), once (500 once, then ok), slow (2 s)."""
+
+    modes: dict[str, str]
+    hits: dict[str, list[float]]
+    active: Counter
+    peak: Counter
+    lock = threading.Lock()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        with self.lock:
+            self.hits.setdefault(self.path, []).append(time.time())
+            for key in (self.path, "*"):  # this path, and all paths together
+                self.active[key] += 1
+                self.peak[key] = max(self.peak[key], self.active[key])
+            mode = self.modes.get(self.path, "ok")
+            if mode == "once":
+                self.modes[self.path] = "ok"
+        try:
+            if mode == "slow":
+                time.sleep(2)
+            self.send_response(500 if mode in ("fail", "once") else 200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+        except ConnectionError:
+            pass  # the app stopped while this request was slow
+        finally:
+            with self.lock:
+                self.active[self.path] -= 1
+                self.active["*"] -= 1
+
+
+@pytest.fixture
+def target():
+    """A fresh scriptable target; ``target.url(path)`` is a URL on it."""
+    handler = type("Target", (_Target,), {"modes": {}, "hits": {}, "active": Counter(),
+                                          "peak": Counter()})
+    server = _serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler))
+    handler.url = staticmethod(lambda path: f"http://127.0.0.1:{server.server_address[1]}{path}")
+    yield handler
+    _stop(server)
+
+
+def _sched_cfg(tmp_path, **probes) -> dict:
+    return make_cfg(tmp_path, probes={"min_interval": 1, "retry_delay": 1, **probes})
+
+
+@contextlib.contextmanager
+def _app(cfg: dict, key: str):
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def sched(tmp_path):
+    """(cfg, client): StatusApp with its scheduler running and short intervals allowed."""
+    cfg = _sched_cfg(tmp_path)
+    with _app(cfg, new_key(cfg)) as test_client:
+        yield cfg, test_client
+
+
+def _create(client, url: str, **fields) -> str:
+    response = client.post("/api/v1/monitors", json={"name": url, "url": url, "type": "WEBSITE",
+                                                     "interval": 1, "timeout": 5, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _eventually(probe, seconds: float = 6.0):
+    """Poll ``probe`` until it returns something truthy; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {seconds} s: {probe.__doc__ or probe}")
+
+
+def _checks(cfg: dict, monitor_id: str) -> list:
+    return sql(cfg, "SELECT status, checked_at, region_id, error FROM checks WHERE monitor_id = ?"
+                    " ORDER BY checked_at", (monitor_id,))
+
+
+def _transitions(cfg: dict, monitor_id: str) -> list:
+    return sql(cfg, "SELECT old_status, new_status, reason FROM status_transitions"
+                    " WHERE monitor_id = ? ORDER BY id", (monitor_id,))
+
+
+def _status(cfg: dict, monitor_id: str) -> str:
+    return sql(cfg, "SELECT status FROM monitors WHERE id = ?", (monitor_id,))[0][0]
+
+
+def _late_by(monitor_id: str, interval: float, at: float) -> float:
+    """Seconds between the monitor's nearest planned slot and a check started at ``at``."""
+    half = interval / 2
+    return (at - statusapp.check_phase(monitor_id, interval) + half) % interval - half
+
+
+def test_phases_are_stable_and_spread_over_the_interval():
+    ids = [f"mon_{i:08x}" for i in range(10_000)]
+    phases = [statusapp.check_phase(i, 60) for i in ids]
+    assert phases == [statusapp.check_phase(i, 60) for i in ids]
+    per_second = Counter(int(p) for p in phases)
+    assert sorted(per_second) == list(range(60))
+    assert max(per_second.values()) < 1.3 * 10_000 / 60
+    for after in (0.0, 1_700_000_000.25, 1_700_000_059.9):
+        slot = statusapp.next_slot("mon_a", 60, after)
+        assert after < slot <= after + 60
+        assert (slot - statusapp.check_phase("mon_a", 60)) % 60 == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("start, results, statuses, probes", [
+    ("UP", "DOWN DOWN DOWN", "UP DOWN DOWN", {}),
+    ("UP", "DOWN UP DOWN UP", "UP UP UP UP", {}),
+    ("PENDING", "DOWN DOWN", "PENDING DOWN", {}),
+    ("PENDING", "UP", "UP", {}),
+    ("DOWN", "UP", "UP", {}),
+    ("DOWN", "UP DOWN UP UP", "DOWN DOWN DOWN UP", {"recoveries": 2}),
+    ("UP", "DEGRADED UP", "DEGRADED UP", {}),
+    ("DOWN", "DEGRADED", "DEGRADED", {}),
+    ("UP", "DOWN", "DOWN", {"confirmations": 1}),
+])
+def test_status_needs_confirmations_and_recoveries(start, results, statuses, probes):
+    entry = statusapp._Scheduled({"id": "mon_x", "interval": 60}, start)
+    seen = []
+    for result in results.split():
+        entry.status = entry.judge(statusapp.CheckResult(status=result),
+                                   {"confirmations": 2, "recoveries": 1, **probes})
+        seen.append(entry.status)
+    assert seen == statuses.split()
+
+
+def test_running_checks_follow_each_monitors_phase(sched, target):
+    cfg, client = sched
+    ids = [_create(client, target.url(f"/spread/{n}"), interval=3) for n in range(12)]
+    time.sleep(4.5)
+    offsets = []
+    for monitor_id in ids:
+        first, *later = [at / 1000 for _, at, _, _ in _checks(cfg, monitor_id)]
+        assert later, "every monitor was checked again on its grid"
+        offsets += [_late_by(monitor_id, 3, at) for at in later]
+    assert -0.01 < min(offsets) and max(offsets) < 0.5
+    starts = {int(statusapp.check_phase(i, 3) * 2) for i in ids}
+    assert len(starts) > 2  # 12 monitors do not share one half-second
+
+
+def test_a_slow_target_never_gets_two_checks_at_once(sched, target):
+    cfg, client = sched
+    target.modes["/slow"] = "slow"
+    _create(client, target.url("/slow"))
+    time.sleep(4.8)
+    assert len(target.hits["/slow"]) >= 2
+    assert target.peak["/slow"] == 1
+    gaps = [b - a for a, b in itertools.pairwise(target.hits["/slow"])]
+    assert min(gaps) >= 2  # the next check waited for the previous one
+
+
+def test_pause_resume_edit_and_delete_take_effect_within_a_second(sched, target):
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/a"))
+    _eventually(lambda: len(target.hits.get("/a", [])) >= 2)
+    assert client.post(f"/api/v1/monitors/{monitor_id}/pause").json()["isPaused"] is True
+    paused_at = time.time()
+    time.sleep(2.2)
+    assert all(t < paused_at + 0.2 for t in target.hits["/a"])
+    client.post(f"/api/v1/monitors/{monitor_id}/pause")
+    resumed_at = time.time()
+    _eventually(lambda: target.hits["/a"][-1] > resumed_at, 1.0)
+    client.put(f"/api/v1/monitors/{monitor_id}", json={"url": target.url("/b"), "interval": 2})
+    edited_at = time.time()
+    _eventually(lambda: target.hits.get("/b"), 1.0)
+    _eventually(lambda: len(target.hits["/b"]) >= 2, 4.0)
+    assert max(target.hits["/a"]) < edited_at + 0.2
+    assert -0.01 < _late_by(monitor_id, 2, target.hits["/b"][1]) < 0.5  # on the new grid
+    client.delete(f"/api/v1/monitors/{monitor_id}")
+    deleted_at = time.time()
+    time.sleep(2.5)
+    assert max(target.hits["/b"]) < deleted_at + 0.2
+
+
+def test_only_monitors_for_this_region_and_probing_types_are_scheduled(tmp_path, target):
+    cfg = _sched_cfg(tmp_path)
+    key = new_key(cfg)
+    sql(cfg, "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
+             " VALUES ('far', 'Far', 'Far', 'FF', 1, 1)")
+    with _app(cfg, key) as client:
+        _create(client, target.url("/far"), enabledWorkerRegionIds=["far"])
+        both = _create(client, target.url("/both"), enabledWorkerRegionIds=["far", "local"])
+        _create(client, target.url("/off"), isActive=False)
+        _create(client, target.url("/cron"), type="CRON")
+        _eventually(lambda: len(target.hits.get("/both", [])) >= 2)
+        assert {r for _, _, r, _ in _checks(cfg, both)} == {"local"}
+        assert client.get("/api/v1/health").json()["scheduler"]["monitors"] == 1
+    assert set(target.hits) == {"/both"}
+
+
+def test_restart_resumes_from_the_last_stored_check(tmp_path, target):
+    cfg = _sched_cfg(tmp_path)
+    key = new_key(cfg)
+    with _app(cfg, key) as client:
+        recent = _create(client, target.url("/recent"), interval=4)
+        stale = _create(client, target.url("/stale"), interval=4)
+        _eventually(lambda: _checks(cfg, recent) and _checks(cfg, stale))
+    last = _checks(cfg, recent)[-1][1] / 1000
+    sql(cfg, "UPDATE checks SET checked_at = checked_at - 3600000 WHERE monitor_id = ?", (stale,))
+    with _app(cfg, key) as client:
+        restarted = time.time()
+        _eventually(lambda: len(_checks(cfg, recent)) >= 2 and len(_checks(cfg, stale)) >= 2, 7)
+    # The recent monitor's next check is one interval after its last one, on its grid; the
+    # stale one's is its next grid slot after the restart, not an immediate catch-up.
+    expected = {recent: statusapp.next_slot(recent, 4, last + 2),
+                stale: statusapp.next_slot(stale, 4, restarted)}
+    for monitor_id, when in expected.items():
+        assert _checks(cfg, monitor_id)[1][1] / 1000 == pytest.approx(when, abs=0.6)
+
+
+def test_failures_are_confirmed_before_down_and_recovery_is_recorded(sched, target):
+    cfg, client = sched
+    target.modes["/flaky"] = "fail"
+    monitor_id = _create(client, target.url("/flaky"), interval=3)
+    _eventually(lambda: _checks(cfg, monitor_id))
+    assert _status(cfg, monitor_id) == "PENDING"  # one failure is not enough, even at first
+    _eventually(lambda: _status(cfg, monitor_id) == "DOWN", 3)
+    first, second = _checks(cfg, monitor_id)[:2]
+    assert 0.9 < (second[1] - first[1]) / 1000 < 1.6  # re-checked after retry_delay
+    target.modes["/flaky"] = "ok"
+    _eventually(lambda: _status(cfg, monitor_id) == "UP", 7)  # the next slot: <= 1.5 intervals
+    assert _transitions(cfg, monitor_id) == [
+        ("PENDING", "DOWN", "HTTP 500, expected 2xx or 3xx"), ("DOWN", "UP", "HTTP 200")]
+    assert [s for s, *_ in _checks(cfg, monitor_id)] == ["DOWN", "DOWN", "UP"]
+
+
+def test_a_single_failure_never_goes_down(sched, target):
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/blip"), interval=3)
+    _eventually(lambda: _status(cfg, monitor_id) == "UP")
+    target.modes["/blip"] = "once"
+    _eventually(lambda: [s for s, *_ in _checks(cfg, monitor_id)][-2:] == ["DOWN", "UP"], 8)
+    assert _status(cfg, monitor_id) == "UP"
+    assert [new for _, new, _ in _transitions(cfg, monitor_id)] == ["UP"]
+
+
+def test_checks_show_region_timings_and_counts_in_the_api(sched, target):
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/timed"), performanceTimings=True)
+    _eventually(lambda: len(_checks(cfg, monitor_id)) >= 2)
+    body = client.get(f"/api/v1/monitors/{monitor_id}").json()
+    assert body["status"] == "UP" and body["_count"]["checks"] >= 2
+    [check] = body["checks"]
+    assert check["workerRegion"]["id"] == "local" and check["statusCode"] == 200
+    assert set(check["timings"]) == {"dns", "connect", "tls", "ttfb", "transfer"}
+    assert check["timings"]["ttfb"] > 0
+
+
+def test_health_reports_scheduler_lag_and_degrades_when_far_behind(tmp_path, target,
+                                                                   monkeypatch, caplog):
+    monkeypatch.setattr(statusapp, "_LAG_DEGRADED", 1.0)
+    monkeypatch.setattr(statusapp, "_LAG_WARN", 0.5)
+    cfg = _sched_cfg(tmp_path, max_concurrency=1)
+    with _app(cfg, new_key(cfg)) as client:
+        healthy = client.get("/api/v1/health").json()
+        assert healthy["checks"]["scheduler"] == "healthy" and healthy["status"] == "healthy"
+        for n in range(3):
+            target.modes[f"/busy/{n}"] = "slow"
+            _create(client, target.url(f"/busy/{n}"))
+        body = _eventually(lambda: (b := client.get("/api/v1/health").json())["scheduler"][
+            "lag"]["max"] > 1 and b, 8)
+        assert body["status"] == "degraded" and body["checks"]["scheduler"] == "degraded"
+        assert body["scheduler"]["running"] == 1
+        assert target.peak["*"] == 1  # max_concurrency holds
+    assert "scheduler is behind" in caplog.text
+
+
+def test_served_website_monitor_goes_up_then_down(tmp_path, target):
+    srv = Server(tmp_path, env={"STATUSAPP_PROBES_RETRY_DELAY": "1"}).start()
+    try:
+        key = next(line for line in srv.output().splitlines() if line.startswith("sk_live_"))
+        api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": key})
+        created = api.post("/monitors", json={"name": "site", "url": target.url("/site"),
+                                              "interval": 1, "timeout": 5})
+        assert created.status_code == 201
+        url = f"/monitors/{created.json()['id']}"
+        up = _eventually(lambda: (m := api.get(url).json())["status"] == "UP" and m)
+        assert up["checks"][0]["statusCode"] == 200
+        target.modes["/site"] = "fail"
+        down = _eventually(lambda: (m := api.get(url).json())["status"] == "DOWN" and m)
+        assert down["checks"][0]["rootCauseCategory"] == "SERVER_ERROR"
+        assert down["_count"]["checks"] >= 3
+    finally:
+        srv.stop()
 
 # --- Heartbeat tests ---
 
@@ -2478,7 +2785,9 @@ EVIL = "<script>alert(1)</script>"
 
 
 def _page_monitor(client, name: str) -> str:
-    resp = client.post("/api/v1/monitors", json={"name": name, "url": "http://127.0.0.1:9/"})
+    """A monitor whose history the tests seed: CRON, so no prober adds checks of its own."""
+    resp = client.post("/api/v1/monitors", json={"name": name, "url": "http://127.0.0.1:9/",
+                                                 "type": "CRON"})
     assert resp.status_code == 201, resp.text
     return resp.json()["id"]
 
@@ -2569,7 +2878,7 @@ def test_page_api_crud_keeps_group_order(client):
     assert page["url"].endswith("/status/public") and page["customDomain"] is None
     assert [(g["name"], g["monitorIds"]) for g in page["monitorGroups"]] == [
         ("Second first", [c, a]), ("Empty", [])]
-    assert page["monitorGroups"][0]["monitors"][0] == {"id": c, "name": "c", "type": "WEBSITE",
+    assert page["monitorGroups"][0]["monitors"][0] == {"id": c, "name": "c", "type": "CRON",
                                                        "status": "PENDING"}
     listed = client.get("/api/v1/status-pages").json()["statusPages"]
     assert [p["slug"] for p in listed] == ["public"] and "monitorGroups" not in listed[0]
