@@ -177,12 +177,21 @@ def _lags(db: str, interval: int, since_ms: int, until_ms: int) -> tuple[int, li
     return len(rows), [0.0 if lag > interval - 0.01 else lag for lag in lags]  # ms rounding
 
 
-def _no_uvloop_path() -> str:
-    """A directory whose ``uvloop`` fails to import, so uvicorn falls back to asyncio's loop."""
-    path = Path(tempfile.mkdtemp(prefix="statusapp-no-uvloop-")) / "uvloop"
-    path.mkdir()
-    (path / "__init__.py").write_text("raise ImportError('disabled by the benchmark')\n")
-    return str(path.parent)
+def _plain_env(standard: bool) -> dict[str, str]:
+    """With ``standard`` off, an environment in which ``uvloop`` and ``httptools`` fail to
+    import, so uvicorn falls back to asyncio's loop and h11, as a plain ``uvicorn`` install."""
+    if standard:
+        return {}
+    path = Path(tempfile.mkdtemp(prefix="statusapp-plain-"))
+    for name in ("uvloop", "httptools"):
+        (path / name).mkdir()
+        (path / name / "__init__.py").write_text("raise ImportError('disabled by the benchmark')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
+
+
+STANDARD = click.option("--standard/--plain", default=True, show_default=True,
+                        help="Serve with uvicorn[standard]'s uvloop and httptools, or with plain "
+                             "asyncio and h11.")
 
 
 @bench.command()
@@ -192,15 +201,12 @@ def _no_uvloop_path() -> str:
 @click.option("--warmup", type=int, help="Seconds after creation before measuring "
                                          "[default: one interval].")
 @click.option("--concurrency", default=200, show_default=True, help="[probes] max_concurrency.")
-@click.option("--uvloop/--no-uvloop", default=True, show_default=True,
-              help="Run StatusApp on uvloop (uvicorn's default when installed) or asyncio.")
+@STANDARD
 def probe(monitors: int, interval: int, duration: int, warmup: int | None, concurrency: int,
-          uvloop: bool) -> None:
+          standard: bool) -> None:
     """N WEBSITE monitors against a local HTTP target: throughput, lag, CPU and memory."""
     target_proc, target_url = _start_target()
-    env = {"STATUSAPP_PROBES_MAX_CONCURRENCY": str(concurrency)}
-    if not uvloop:
-        env["PYTHONPATH"] = os.pathsep.join([_no_uvloop_path(), os.environ.get("PYTHONPATH", "")])
+    env = {"STATUSAPP_PROBES_MAX_CONCURRENCY": str(concurrency), **_plain_env(standard)}
     server = Server(tempfile.mkdtemp(prefix="statusapp-probe-"), env=env).start()
     try:
         started = time.monotonic()
@@ -218,7 +224,7 @@ def probe(monitors: int, interval: int, duration: int, warmup: int | None, concu
         target_proc.wait(timeout=10)
     lag = percentiles(lags)
     report(f"probe: {monitors} HTTP monitors every {interval} s, "
-           f"{'uvloop' if uvloop else 'asyncio loop'}, max_concurrency {concurrency}", {
+           f"{'uvloop+httptools' if standard else 'asyncio+h11'}, max_concurrency {concurrency}", {
                "monitors created/s": monitors / created,
                "checks/s completed": count / (t1 - t0),
                "checks/s expected": monitors / interval,
@@ -286,9 +292,10 @@ def _ping_load(url: str, paths: list[str], connections: int, seconds: float
 @click.option("--monitors", default=500, show_default=True, help="CRON monitors pinged.")
 @click.option("--connections", default=32, show_default=True, help="Concurrent connections.")
 @click.option("--seconds", default=10.0, show_default=True, help="Measured duration.")
-def heartbeat(monitors: int, connections: int, seconds: float) -> None:
+@STANDARD
+def heartbeat(monitors: int, connections: int, seconds: float, standard: bool) -> None:
     """Concurrent pings against one server: acknowledged (committed) pings/s, latency."""
-    srv = Server(env={"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0"}).start()
+    srv = Server(env={"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0", **_plain_env(standard)}).start()
     try:
         api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": srv.key})
         paths = []
@@ -307,7 +314,7 @@ def heartbeat(monitors: int, connections: int, seconds: float) -> None:
     finally:
         srv.stop()
     ms = percentiles([v * 1000 for v in latencies])
-    report("heartbeat", {
+    report(f"heartbeat ({'uvloop+httptools' if standard else 'asyncio+h11'})", {
         "monitors": monitors, "connections": connections,
         "acknowledged pings": len(latencies), "stored pings": stored,
         "non-200 answers": len(errors),

@@ -29,6 +29,7 @@ import collections
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -56,7 +57,7 @@ import tomllib
 import urllib.parse
 import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -2174,6 +2175,7 @@ class _Scheduled:
     token: int = 0                # the heap item with this token is the live one
     running: bool = False
     removed: bool = False
+    regression: bool = False      # the regression detector holds it DEGRADED
 
     @property
     def interval(self) -> float:
@@ -2297,7 +2299,10 @@ class Scheduler:
         """Add or update one monitor.  A monitor seen at start-up resumes from its last stored
         check; one created, resumed or re-targeted while running is checked at once."""
         entry = self.entries.get(record["id"])
+        regression = bool(row["regression_active"])
         if entry is not None and not entry.removed:
+            if regression != entry.regression:  # the detector just moved the status itself
+                entry.regression, entry.status = regression, row["status"]
             record["lastDetails"] = entry.record.get("lastDetails")
             retarget = _probe_view(entry.record) != _probe_view(record)
             regrid = entry.interval != max(1, record["interval"])
@@ -2309,6 +2314,7 @@ class Scheduler:
         if entry is None:
             entry = self.entries[record["id"]] = _Scheduled(record, row["status"])
         entry.record, entry.status, entry.removed = record, row["status"], False
+        entry.regression = regression
         entry.failures = entry.successes = 0
         if row["last_at"] is not None:
             entry.last_at = row["last_at"] / 1000
@@ -2411,6 +2417,8 @@ class Scheduler:
         monitor_id, at = entry.record["id"], int(started * 1000)
         statements = check_statements(monitor_id, self.region, result, at)
         status = entry.judge(result, self.probes)
+        if status == "UP" and entry.regression:
+            status = "DEGRADED"  # worst of the probe's verdict and the regression detector's
         if status != entry.status:
             statements += transition_statements(monitor_id, entry.status, status,
                                                 _reason(result), at)
@@ -2515,8 +2523,8 @@ class _Beat:
     edited_at: int = 0
     stale: bool = True
     queued: int | None = None  # the due time of this beat's live heap entry
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    window: collections.deque[float] = field(default_factory=collections.deque)
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    window: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
 
     def load(self, row: sqlite3.Row) -> None:
         self.token, self.status = row["heartbeat_id"], row["status"]
@@ -3114,7 +3122,7 @@ class Alert:
     monitor: dict[str, Any]
     incident: dict[str, Any] | None = None
     check: dict[str, Any] | None = None
-    timestamp: str = field(default_factory=_now_iso)
+    timestamp: str = dataclasses.field(default_factory=_now_iso)
     note: str | None = None
 
     def __post_init__(self) -> None:
@@ -3893,7 +3901,7 @@ class WindowStats:
     rt_sum: int = 0
     rt_count: int = 0
     values: list[int] | None = None
-    hist: dict[int, int] = field(default_factory=dict)
+    hist: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def add(self, counts: Sequence[int]) -> None:
         self.up += counts[0]
@@ -4133,10 +4141,12 @@ async def _baseline(db: Database, cfg: dict[str, dict[str, Any]], monitor: sqlit
 
 
 async def detect_regressions(db: Database, cfg: dict[str, dict[str, Any]],
-                             now: int | None = None) -> None:
+                             now: int | None = None) -> list[str]:
     """Mark UP monitors whose current response time exceeds the baseline by more than their
-    threshold DEGRADED, and put them back to UP once it falls back."""
+    threshold DEGRADED, and put them back to UP once it falls back.  Returns the monitors
+    whose verdict changed, for the scheduler to pick up."""
     now = now_ms() if now is None else now
+    changed = []
     rules = cfg["regression"]
     window_lo = now - rules["current_window_minutes"] * 60_000
     for monitor in await db.fetchall(
@@ -4151,6 +4161,8 @@ async def detect_regressions(db: Database, cfg: dict[str, dict[str, Any]],
         if slow != bool(monitor["regression_active"]):
             await _set_regression(db, monitor["id"], slow,
                                   _regression_reason(average, baseline, threshold, slow), now)
+            changed.append(monitor["id"])
+    return changed
 
 
 async def _set_regression(db: Database, monitor_id: str, slow: bool, reason: str,
@@ -4176,7 +4188,8 @@ async def run_regression(rt: Runtime) -> None:
     while True:
         await asyncio.sleep(60)
         try:
-            await detect_regressions(rt.db, rt.cfg)
+            for monitor_id in await detect_regressions(rt.db, rt.cfg):
+                rt.monitor_changed(monitor_id)
         except sqlite3.Error:
             log.exception("regression detection failed")
 
@@ -4497,12 +4510,21 @@ def _masked_value(value: Any) -> Any:
     return mask(value) if isinstance(value, str) else value
 
 
-async def load_monitor(call: Call, monitor_id: str | None = None) -> sqlite3.Row:
-    """The caller's team's monitor, or 404 (another team's monitor does not exist for them)."""
-    row = await call.rt.db.fetchone("SELECT * FROM monitors WHERE id = ? AND account_id = ?",
-                                    (monitor_id or call.param("monitorId"), call.team))
+# The team-owned tables a path id can name: table -> (path parameter, what errors call it).
+OWNED = {"monitors": ("monitorId", "Monitor"), "incidents": ("incidentId", "Incident"),
+         "notification_channels": ("channelId", "Notification channel"),
+         "webhooks": ("webhookId", "Webhook"), "status_pages": ("statusPageId", "Status page")}
+
+
+async def load_owned(call: Call, table: str, ident: str | None = None) -> sqlite3.Row:
+    """The team's row of ``table`` named by the path (or ``ident``), or 404: another team's
+    resource does not exist for the caller."""
+    param, noun = OWNED[table]
+    ident = ident or call.param(param)
+    row = await call.rt.db.fetchone(f"SELECT * FROM {table} WHERE id = ? AND account_id = ?",
+                                    (ident, call.team))
     if row is None:
-        raise NotFound("Monitor not found", f"no monitor with id {monitor_id or call.param('monitorId')}")
+        raise NotFound(f"{noun} not found", f"no {noun.lower()} with id {ident}")
     return row
 
 
@@ -4531,7 +4553,7 @@ async def _save_notifications(conn: aiosqlite.Connection, monitor_id: str,
 
 
 async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
-    return (await monitors_json(call.rt, [await load_monitor(call, monitor_id)]))[0]
+    return (await monitors_json(call.rt, [await load_owned(call, "monitors", monitor_id)]))[0]
 
 
 @api("/monitors", "GET")
@@ -4558,7 +4580,7 @@ async def list_monitors(call: Call) -> dict[str, Any]:
 
 @api("/monitors/{monitorId}", "GET")
 async def get_monitor(call: Call) -> dict[str, Any]:
-    return (await monitors_json(call.rt, [await load_monitor(call)]))[0]
+    return (await monitors_json(call.rt, [await load_owned(call, "monitors")]))[0]
 
 
 @api("/monitors", "POST")
@@ -4583,7 +4605,7 @@ async def create_monitor(call: Call) -> Response:
 
 async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.Row:
     """Validate a partial update of ``fields`` against the stored monitor and apply it."""
-    row = await load_monitor(call)
+    row = await load_owned(call, "monitors")
     existing = monitor_record(row)
     body = await call.json()
     clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing),
@@ -4614,7 +4636,7 @@ async def update_monitor(call: Call) -> dict[str, Any]:
 
 @api("/monitors/{monitorId}", "DELETE")
 async def delete_monitor(call: Call) -> dict[str, Any]:
-    row = await load_monitor(call)
+    row = await load_owned(call, "monitors")
     async with call.rt.db.transaction() as conn:
         await conn.execute("DELETE FROM monitors WHERE id = ?", (row["id"],))
     call.rt.monitor_changed(row["id"])
@@ -4623,7 +4645,7 @@ async def delete_monitor(call: Call) -> dict[str, Any]:
 
 @api("/monitors/{monitorId}/pause", "POST")
 async def pause_monitor(call: Call) -> dict[str, Any]:
-    row = await load_monitor(call)
+    row = await load_owned(call, "monitors")
     async with call.rt.db.transaction() as conn:
         await conn.execute("UPDATE monitors SET is_paused = 1 - is_paused, updated_at = ?"
                            " WHERE id = ?", (now_ms(), row["id"]))
@@ -4641,13 +4663,13 @@ def regression_json(row: sqlite3.Row) -> dict[str, Any]:
 
 @api("/monitors/{monitorId}/regression", "GET")
 async def get_regression(call: Call) -> dict[str, Any]:
-    return regression_json(await load_monitor(call))
+    return regression_json(await load_owned(call, "monitors"))
 
 
 @api("/monitors/{monitorId}/regression", "PUT")
 async def update_regression(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, REGRESSION_FIELDS)
-    return regression_json(await load_monitor(call, row["id"]))
+    return regression_json(await load_owned(call, "monitors", row["id"]))
 
 
 # Heartbeats (CRON pings)
@@ -4787,7 +4809,7 @@ def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
 @api("/monitors/{monitorId}/heartbeats", "GET")
 async def list_heartbeats(call: Call) -> dict[str, Any]:
     """A monitor's pings, newest first (our addition to the spec)."""
-    monitor = await load_monitor(call)
+    monitor = await load_owned(call, "monitors")
     query = parse_query(HEARTBEAT_QUERY, call.request, call.env())
     where, params = "monitor_id = ?", [monitor["id"]]
     if query["kind"]:
@@ -4837,14 +4859,6 @@ async def incident_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
             "checksFailed": failed, "checksTotal": total, "mttr": alert["mttr"]}
 
 
-async def _load_incident(call: Call) -> sqlite3.Row:
-    row = await call.rt.db.fetchone("SELECT * FROM incidents WHERE id = ? AND account_id = ?",
-                                    (call.param("incidentId"), call.team))
-    if row is None:
-        raise NotFound("Incident not found", f"no incident with id {call.param('incidentId')}")
-    return row
-
-
 async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
     """The incident with its monitor, status history and newest INCIDENT_CHECKS checks."""
     monitor = await rt.db.fetchone("SELECT id, name, url, type, status FROM monitors WHERE id = ?",
@@ -4884,13 +4898,13 @@ async def list_incidents(call: Call) -> dict[str, Any]:
 
 @api("/incidents/{incidentId}", "GET")
 async def get_incident(call: Call) -> dict[str, Any]:
-    return await _incident_detail(call.rt, await _load_incident(call))
+    return await _incident_detail(call.rt, await load_owned(call, "incidents"))
 
 
 @api("/incidents/{incidentId}/updates", "POST")
 async def post_incident_update(call: Call) -> Response:
     """A person's status update; ``resolved`` closes the incident and sends its alerts."""
-    row = await _load_incident(call)
+    row = await load_owned(call, "incidents")
     clean = validate(INCIDENT_UPDATE_FIELDS, await call.json(), call.env())
     async with call.rt.db.transaction() as conn:
         current = await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],))
@@ -4905,7 +4919,7 @@ async def post_incident_update(call: Call) -> Response:
                                  note=clean["message"])
         else:
             await add_incident_update(conn, row["id"], clean["status"], clean["message"], now_ms())
-    return JSONResponse(await _incident_detail(call.rt, await _load_incident(call)), 201)
+    return JSONResponse(await _incident_detail(call.rt, await load_owned(call, "incidents")), 201)
 
 
 # Notification channels
@@ -5026,16 +5040,6 @@ def channel_json(row: sqlite3.Row) -> dict[str, Any]:
             "updatedAt": iso(row["updated_at"])}
 
 
-async def _load_channel(call: Call) -> sqlite3.Row:
-    row = await call.rt.db.fetchone(
-        "SELECT * FROM notification_channels WHERE id = ? AND account_id = ?",
-        (call.param("channelId"), call.team))
-    if row is None:
-        raise NotFound("Notification channel not found",
-                       f"no notification channel with id {call.param('channelId')}")
-    return row
-
-
 @api("/notifications", "GET")
 async def list_channels(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM notification_channels WHERE account_id = ?"
@@ -5045,7 +5049,7 @@ async def list_channels(call: Call) -> dict[str, Any]:
 
 @api("/notifications/{channelId}", "GET")
 async def get_channel(call: Call) -> dict[str, Any]:
-    return channel_json(await _load_channel(call))
+    return channel_json(await load_owned(call, "notification_channels"))
 
 
 @api("/notifications", "POST")
@@ -5065,7 +5069,7 @@ async def create_channel(call: Call) -> Response:
 @api("/notifications/{channelId}", "PUT")
 async def update_channel(call: Call) -> dict[str, Any]:
     """A partial update; a new config clears the failing mark (it may fix the channel)."""
-    row = await _load_channel(call)
+    row = await load_owned(call, "notification_channels")
     existing = {"name": row["name"], "type": row["type"], "config": json.loads(row["config"]),
                 "isActive": bool(row["is_active"])}
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env(existing=existing),
@@ -5079,13 +5083,13 @@ async def update_channel(call: Call) -> dict[str, Any]:
     await call.rt.db.write([(
         f"UPDATE notification_channels SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
         [*columns.values(), row["id"]])])
-    return channel_json(await _load_channel(call))
+    return channel_json(await load_owned(call, "notification_channels"))
 
 
 @api("/notifications/{channelId}", "DELETE")
 async def delete_channel(call: Call) -> dict[str, Any]:
     """Delete a channel, its links to monitors and the alerts still queued for it."""
-    row = await _load_channel(call)
+    row = await load_owned(call, "notification_channels")
     await call.rt.db.write([
         ("DELETE FROM alert_outbox WHERE channel_id = ? AND done_at IS NULL", (row["id"],)),
         ("DELETE FROM notification_channels WHERE id = ?", (row["id"],))])
@@ -5125,14 +5129,6 @@ def webhook_json(row: sqlite3.Row) -> dict[str, Any]:
             "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"])}
 
 
-async def _load_webhook(call: Call) -> sqlite3.Row:
-    row = await call.rt.db.fetchone("SELECT * FROM webhooks WHERE id = ? AND account_id = ?",
-                                    (call.param("webhookId"), call.team))
-    if row is None:
-        raise NotFound("Webhook not found", f"no webhook with id {call.param('webhookId')}")
-    return row
-
-
 @api("/webhooks", "GET")
 async def list_webhooks(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM webhooks WHERE account_id = ?"
@@ -5142,7 +5138,7 @@ async def list_webhooks(call: Call) -> dict[str, Any]:
 
 @api("/webhooks/{webhookId}", "GET")
 async def get_webhook(call: Call) -> dict[str, Any]:
-    return webhook_json(await _load_webhook(call))
+    return webhook_json(await load_owned(call, "webhooks"))
 
 
 @api("/webhooks", "POST")
@@ -5161,7 +5157,7 @@ async def create_webhook(call: Call) -> Response:
 @api("/webhooks/{webhookId}", "PUT")
 async def update_webhook(call: Call) -> dict[str, Any]:
     """A partial update; ``"secret": null`` removes the secret, leaving it out keeps it."""
-    row = await _load_webhook(call)
+    row = await load_owned(call, "webhooks")
     existing = {"name": row["name"], "url": row["url"], "events": row["events"],
                 "secret": row["secret"], "isActive": bool(row["is_active"])}
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env(), existing=existing)
@@ -5171,12 +5167,12 @@ async def update_webhook(call: Call) -> dict[str, Any]:
     await call.rt.db.write([(
         f"UPDATE webhooks SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
         [*columns.values(), row["id"]])])
-    return webhook_json(await _load_webhook(call))
+    return webhook_json(await load_owned(call, "webhooks"))
 
 
 @api("/webhooks/{webhookId}", "DELETE")
 async def delete_webhook(call: Call) -> dict[str, Any]:
-    row = await _load_webhook(call)
+    row = await load_owned(call, "webhooks")
     await call.rt.db.write([
         ("DELETE FROM alert_outbox WHERE webhook_id = ? AND done_at IS NULL", (row["id"],)),
         ("DELETE FROM webhooks WHERE id = ?", (row["id"],))])
@@ -5186,7 +5182,7 @@ async def delete_webhook(call: Call) -> dict[str, Any]:
 @api("/webhooks/{webhookId}/test", "POST")
 async def test_webhook(call: Call) -> dict[str, Any]:
     """Send one ``test`` event now (a single attempt) and report how the endpoint answered."""
-    row = await _load_webhook(call)
+    row = await load_owned(call, "webhooks")
     alert = Alert(event="test", monitor={"id": "mon_test", "name": "StatusApp test",
                                          "url": call.rt.cfg["server"]["base_url"],
                                          "type": "WEBSITE", "status": "UP"})
@@ -5206,7 +5202,7 @@ async def test_webhook(call: Call) -> dict[str, Any]:
 @api("/webhooks/{webhookId}/deliveries", "GET")
 async def list_webhook_deliveries(call: Call) -> dict[str, Any]:
     """The newest 100 deliveries; ``deliveredAt`` is null while queued or after failing."""
-    row = await _load_webhook(call)
+    row = await load_owned(call, "webhooks")
     rows = await call.rt.db.fetchall("SELECT * FROM webhook_deliveries WHERE webhook_id = ?"
                                      " ORDER BY created_at DESC, rowid DESC LIMIT 100",
                                      (row["id"],))
@@ -5318,16 +5314,6 @@ async def _status_page_response(call: Call, row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
-async def load_status_page(call: Call) -> sqlite3.Row:
-    """The caller's team's status page, or 404."""
-    page_id = call.param("statusPageId")
-    row = await call.rt.db.fetchone("SELECT * FROM status_pages WHERE id = ? AND account_id = ?",
-                                    (page_id, call.team))
-    if row is None:
-        raise NotFound("Status page not found", f"no status page with id {page_id}")
-    return row
-
-
 async def _page_env(call: Call, **extra: Any) -> dict[str, Any]:
     monitors = {r[0] for r in await call.rt.db.fetchall(
         "SELECT id FROM monitors WHERE account_id = ?", (call.team,))}
@@ -5377,7 +5363,7 @@ async def list_status_pages(call: Call) -> dict[str, Any]:
 
 @api("/status-pages/{statusPageId}", "GET")
 async def get_status_page(call: Call) -> dict[str, Any]:
-    return await _status_page_response(call, await load_status_page(call))
+    return await _status_page_response(call, await load_owned(call, "status_pages"))
 
 
 @api("/status-pages", "POST")
@@ -5396,7 +5382,7 @@ async def create_status_page(call: Call) -> Response:
 
 @api("/status-pages/{statusPageId}", "PUT")
 async def update_status_page(call: Call) -> dict[str, Any]:
-    row = await load_status_page(call)
+    row = await load_owned(call, "status_pages")
     existing = status_page_json(row, "")
     existing["monitorGroups"] = [{"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]]}
                                  for g in await page_groups(call.rt.db, row["id"])]
@@ -5405,12 +5391,12 @@ async def update_status_page(call: Call) -> dict[str, Any]:
                                     existing=existing))
     async with call.rt.db.transaction() as conn:
         await _save_page(conn, row["id"], clean)
-    return await _status_page_response(call, await load_status_page(call))
+    return await _status_page_response(call, await load_owned(call, "status_pages"))
 
 
 @api("/status-pages/{statusPageId}", "DELETE")
 async def delete_status_page(call: Call) -> dict[str, Any]:
-    row = await load_status_page(call)
+    row = await load_owned(call, "status_pages")
     async with call.rt.db.transaction() as conn:
         await conn.execute("DELETE FROM status_pages WHERE id = ?", (row["id"],))
     return {"success": True, "message": "Status page deleted successfully"}
@@ -5469,7 +5455,7 @@ async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]
 @api("/analytics/monitors/{monitorId}", "GET")
 async def monitor_analytics(call: Call) -> dict[str, Any]:
     query = parse_query(ANALYTICS_QUERY, call.request, call.env())
-    row = await load_monitor(call)
+    row = await load_owned(call, "monitors")
     hi = now_ms()
     lo = hi - ANALYTICS_PERIODS[query["period"]]
     stats, regions = await window_stats(call.rt.db, [row["id"]], lo, hi)

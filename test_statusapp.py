@@ -1607,6 +1607,31 @@ def test_served_website_monitor_goes_up_then_down(tmp_path, target):
     finally:
         srv.stop()
 
+def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
+    """The detector's DEGRADED is not undone by the next good check, and its all-clear is
+    not a second transition: the scheduler takes the worse of the two verdicts."""
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/r"))
+    _eventually(lambda: _status(cfg, monitor_id) == "UP")
+    rt = client.app.state.statusapp
+
+    async def verdict(slow: bool) -> None:
+        await statusapp._set_regression(rt.db, monitor_id, slow, f"slow={slow}", statusapp.now_ms())
+        rt.monitor_changed(monitor_id)
+
+    client.portal.call(verdict, True)
+    seen = len(_checks(cfg, monitor_id))
+    _eventually(lambda: len(_checks(cfg, monitor_id)) >= seen + 3)
+    assert _status(cfg, monitor_id) == "DEGRADED"
+    client.portal.call(verdict, False)
+    seen = len(_checks(cfg, monitor_id))
+    _eventually(lambda: len(_checks(cfg, monitor_id)) >= seen + 2)
+    assert _status(cfg, monitor_id) == "UP"
+    assert _transitions(cfg, monitor_id) == [("PENDING", "UP", "HTTP 200"),
+                                             ("UP", "DEGRADED", "slow=True"),
+                                             ("DEGRADED", "UP", "slow=False")]
+
+
 # --- Heartbeat tests ---
 
 
@@ -2254,6 +2279,68 @@ def test_incident_listing_filters_and_manual_updates(cfg, client, notify_http):
     assert {e["event"] for e in events} == {"incident.resolved"}
     assert client.get(f"/api/v1/webhooks/{hook['id']}").json()["lastStatus"] == 200
     assert client.get("/api/v1/incidents/inc_nope").status_code == 404
+
+
+def test_target_down_opens_one_incident_alerts_once_and_recovery_resolves_it(tmp_path, target,
+                                                                             notify_http):
+    """End to end through the real prober: `statusapp serve`, a loopback target that fails and
+    recovers, and a loopback receiver standing in for Slack, PagerDuty and a webhook endpoint."""
+    srv = Server(tmp_path, env={"STATUSAPP_PROBES_RETRY_DELAY": "1",
+                                "STATUSAPP_NOTIFICATIONS_RETRY_DELAY": "0.2",
+                                "STATUSAPP_NOTIFICATIONS_PAGERDUTY_URL": notify_http.url + "/pd"})
+    srv.start()
+    key = [line for line in srv.output().splitlines() if line.startswith("sk_live_")][0]
+    api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": key}, timeout=10)
+    try:
+        hook = api.post("/webhooks", json={
+            "name": "hook", "url": notify_http.url + "/hook", "secret": "s3cret",
+            "events": "monitor.down,monitor.up,incident.created,incident.resolved"})
+        assert hook.status_code == 201, hook.text
+        monitor = api.post("/monitors", json={
+            "name": "Café ✓ API", "url": target.url("/svc"), "interval": 1, "timeout": 5,
+            "notifications": [
+                {"type": "SLACK", "config": {"webhookUrl": notify_http.url + "/slack"}},
+                {"type": "PAGERDUTY", "config": {"integrationKey": "pd-routing-key-1234"}}]})
+        assert monitor.status_code == 201, monitor.text
+        monitor_id = monitor.json()["id"]
+        _eventually(lambda: api.get(f"/monitors/{monitor_id}").json()["status"] == "UP")
+
+        def sent(path: str) -> list[dict]:
+            return [json.loads(r["body"]) for r in notify_http.requests if r["path"] == path]
+
+        target.modes["/svc"] = "fail"
+        opened = _eventually(lambda: api.get("/incidents", params={"status": "open"}).json()["incidents"], 10)
+        assert len(opened) == 1
+        incident = opened[0]
+        assert incident["monitorId"] == monitor_id and incident["severity"] == "high"
+        assert incident["rootCauseCategory"] == "SERVER_ERROR" and "500" in incident["rootCause"]
+        assert incident["incidentNumber"] == f"INC-{time.gmtime().tm_year}-0001"
+        _eventually(lambda: len(sent("/slack")) == 1 and len(sent("/pd")) == 1
+                    and len(sent("/hook")) == 2, 10)
+
+        target.modes["/svc"] = "ok"
+        resolved = _eventually(lambda: api.get(f"/incidents/{incident['id']}").json()["isResolved"], 10)
+        assert resolved
+        detail = api.get(f"/incidents/{incident['id']}").json()
+        assert detail["status"] == "resolved" and detail["mttr"] >= 1
+        assert [u["status"] for u in detail["updates"]] == ["investigating", "resolved"]
+        _eventually(lambda: len(sent("/slack")) == 2 and len(sent("/pd")) == 2
+                    and len(sent("/hook")) == 4, 10)
+        time.sleep(2.5)  # exactly once: nothing more arrives for this outage
+        assert (len(sent("/slack")), len(sent("/pd")), len(sent("/hook"))) == (2, 2, 4)
+        trigger, resolve = sent("/pd")
+        assert (trigger["event_action"], resolve["event_action"]) == ("trigger", "resolve")
+        assert trigger["dedup_key"] == resolve["dedup_key"]
+        assert "Café ✓ API" in json.dumps(sent("/slack")[0], ensure_ascii=False)
+        events = [body["event"] for body in sent("/hook")]
+        assert sorted(events[:2]) == ["incident.created", "monitor.down"]
+        assert sorted(events[2:]) == ["incident.resolved", "monitor.up"]
+        for request in (r for r in notify_http.requests if r["path"] == "/hook"):
+            expected = hmac.new(b"s3cret", request["body"], hashlib.sha256).hexdigest()
+            assert request["headers"]["x-webhook-signature"] == expected
+        assert len(api.get("/incidents").json()["incidents"]) == 1
+    finally:
+        srv.stop()
 
 
 # --- Notifier tests ---
