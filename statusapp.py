@@ -875,9 +875,26 @@ INLINE_NOTIFICATION_FIELDS = (
 
 def check_notifications(value: list[Any], record: dict[str, Any],
                         env: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each entry links a channel by ``channelId`` or defines one inline by type and config."""
-    entries = each(INLINE_NOTIFICATION_FIELDS)(value, record, env)
-    issues = []
+    """Each entry links a channel by ``channelId`` or defines one inline by type and config.
+
+    On an update, the n-th inline entry of a type is matched with the n-th stored one of that
+    type (``env["inline"]``), so secrets echoed back masked keep their stored values."""
+    stored: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for previous in env.get("inline", ()):
+        stored[previous["type"]].append(previous["config"])
+    entries, issues, seen = [], [], collections.Counter()
+    for i, item in enumerate(value):
+        kind = item.get("type") if isinstance(item, dict) else None
+        previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
+        seen[kind] += 1
+        try:
+            entries.append(validate(INLINE_NOTIFICATION_FIELDS, item,
+                                    {**env, "existing": {"type": kind, "config": previous}},
+                                    path=(*env["path"], i)))
+        except ValidationFailed as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise ValidationFailed(issues)
     for i, entry in enumerate(entries):
         where = [*env["path"], i]
         if entry.get("channelId"):
@@ -4608,8 +4625,11 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
     row = await load_owned(call, "monitors")
     existing = monitor_record(row)
     body = await call.json()
-    clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing),
-                     existing=existing)
+    inline = [{"type": r["type"], "config": json.loads(r["config"])} for r in await call.rt.db.fetchall(
+        "SELECT type, config FROM monitor_notifications WHERE monitor_id = ? AND channel_id IS NULL"
+        " ORDER BY created_at, id", (row["id"],))]
+    clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing,
+                                            inline=inline), existing=existing)
     columns = {f.column: _column_value(f, clean[f.name]) for f in fields
                if f.name in clean and f.name not in _NOT_COLUMNS}
     kind = clean.get("type", existing["type"])

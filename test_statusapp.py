@@ -325,6 +325,19 @@ def test_echoing_a_masked_secret_back_keeps_the_stored_one(cfg, client):
     assert stored["token"] == "tok-0123456789abcdef"
 
 
+def test_echoed_masked_inline_channel_secrets_keep_the_stored_ones(cfg, client):
+    hooks = ["http://127.0.0.1:9/hooks/first-secret-path", "http://127.0.0.1:9/hooks/second-secret"]
+    monitor = create(client, notifications=[
+        {"type": "SLACK", "config": {"webhookUrl": hook}} for hook in hooks])
+    shown = monitor["monitorNotifications"]
+    assert [n["config"]["webhookUrl"] for n in shown] == ["****path", "****cret"]
+    echoed = [{"type": n["type"], "enabled": n["enabled"], "config": n["config"]} for n in shown]
+    updated = client.put(f"/api/v1/monitors/{monitor['id']}", json={"notifications": echoed})
+    assert updated.status_code == 200, updated.text
+    stored = sql(cfg, "SELECT config FROM monitor_notifications ORDER BY created_at")
+    assert [json.loads(c)["webhookUrl"] for (c,) in stored] == hooks
+
+
 def test_missing_name_gives_the_spec_issue_exactly(client):
     response = client.post("/api/v1/monitors", json={"url": "http://127.0.0.1/"})
     assert response.status_code == 400
