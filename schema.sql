@@ -345,3 +345,7 @@ CREATE TABLE alert_outbox (
 CREATE INDEX alert_outbox_pending ON alert_outbox(id) WHERE done_at IS NULL;
 ALTER TABLE notification_channels ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
 CREATE UNIQUE INDEX incidents_one_open ON incidents(monitor_id) WHERE resolved_at IS NULL;
+
+-- migration 8: inline monitor notifications are marked failing like shared channels
+ALTER TABLE monitor_notifications ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE monitor_notifications ADD COLUMN last_error TEXT;

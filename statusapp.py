@@ -2983,22 +2983,25 @@ def webhook_result_statements(webhook_id: str, delivery_id: str | None,
 
 def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
                         at: int) -> list[Statement]:
-    """Close an outbox row; mark its channel failing (permanent error) or healthy (success)."""
+    """Close an outbox row; mark its channel (shared, or a monitor's inline one) failing after a
+    permanent error or healthy after a success."""
     last = records[-1]
     statements: list[Statement] = [(
         "UPDATE alert_outbox SET done_at = ?, status = ?, attempts = ?, status_code = ?,"
         " last_error = ?, attempt_log = ? WHERE id = ?",
         (at, "delivered" if last["ok"] else "failed", len(records), last["statusCode"],
          last["error"], json.dumps(records), row["id"]))]
-    if row["channel_id"] and (last["ok"] or last["permanent"]):
-        statements.append(("UPDATE notification_channels SET failing = ?, last_error = ?"
-                           " WHERE id = ?", (int(not last["ok"]), last["error"],
-                                             row["channel_id"])))
-    elif row["channel_id"]:
-        statements.append(("UPDATE notification_channels SET last_error = ? WHERE id = ?",
-                           (last["error"], row["channel_id"])))
     if row["webhook_id"]:
-        statements += webhook_result_statements(row["webhook_id"], row["delivery_id"], records, at)
+        return statements + webhook_result_statements(row["webhook_id"], row["delivery_id"],
+                                                      records, at)
+    table, target = (("notification_channels", row["channel_id"]) if row["channel_id"] else
+                     ("monitor_notifications", row["target_key"].split(":")[0]))
+    if last["ok"] or last["permanent"]:
+        statements.append((f"UPDATE {table} SET failing = ?, last_error = ? WHERE id = ?",
+                           (int(not last["ok"]), last["error"], target)))
+    else:
+        statements.append((f"UPDATE {table} SET last_error = ? WHERE id = ?",
+                           (last["error"], target)))
     return statements
 
 
@@ -4483,7 +4486,9 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
         f" GROUP BY monitor_id", ids))
     links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for link in await rt.db.fetchall(
-            f"SELECT n.*, c.name AS channel_name, c.type AS channel_type"
+            f"SELECT n.*, c.name AS channel_name, c.type AS channel_type,"
+            f" COALESCE(c.failing, n.failing) AS target_failing,"
+            f" COALESCE(c.last_error, n.last_error) AS target_error"
             f" FROM monitor_notifications n LEFT JOIN notification_channels c ON c.id = n.channel_id"
             f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
         links[link["monitor_id"]].append(notification_link_json(link))
@@ -4510,6 +4515,7 @@ def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": row["id"], "channelId": row["channel_id"],
             "name": row["channel_name"], "type": row["type"] or row["channel_type"],
             "enabled": bool(row["enabled"]), "config": masked_channel_config(row["type"], config),
+            "failing": bool(row["target_failing"]), "lastError": row["target_error"],
             "createdAt": iso(row["created_at"])}
 
 

@@ -2074,7 +2074,7 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
     try:
         slow.script = [(200, b"{}", 1.5)] * 3
         flaky.script = [(500, b"try again", 0)]
-        refused.script = [(401, b'{"ok":false,"description":"Unauthorized"}', 0)]
+        refused.script = [(401, b'{"ok":false,"description":"Unauthorized"}', 0)] * 2
         cfg = _inc_cfg(tmp_path, refused.url)
         cfg["notifications"]["timeout"] = 0.5
         key = new_key(cfg)
@@ -2090,13 +2090,14 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
             hook = client.post("/api/v1/webhooks", json={
                 "name": "w", "url": f"{notify_http.url}/hook", "events": "monitor.down"}).json()
             notify_http.script = [(500, b"", 0)]
-            monitor = _inc_monitor(client, notifications=[{"channelId": c["id"]}
-                                                          for c in channels.values()])
+            monitor = _inc_monitor(client, notifications=[
+                *({"channelId": c["id"]} for c in channels.values()),
+                {"type": "DISCORD", "config": {"webhookUrl": f"{refused.url}/inline"}}])
             _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom",
                             _INC_DOWN)
             eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox"
                                        " WHERE done_at IS NULL") == [(0,)]
-                      and sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(5,)])
+                      and sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(6,)])
             outcome = {row[0]: row[1:] for row in sql(
                 cfg, "SELECT COALESCE(channel_id, webhook_id), status, attempts, status_code,"
                      " done_at - created_at FROM alert_outbox")}
@@ -2115,6 +2116,11 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
             assert not state[channels["down"]["id"]]["failing"]
             assert state[channels["down"]["id"]]["lastError"]
             assert not state[channels["flaky"]["id"]]["failing"]
+            links = client.get(f"/api/v1/monitors/{monitor['id']}").json()["monitorNotifications"]
+            inline, linked_refused = links[-1], links[3]
+            assert inline["channelId"] is None and inline["failing"]
+            assert "401" in inline["lastError"]
+            assert linked_refused["failing"] and not links[0]["failing"]
             log = json.loads(sql(cfg, "SELECT attempt_log FROM alert_outbox WHERE channel_id = ?",
                                  (channels["flaky"]["id"],))[0][0])
             assert [r["statusCode"] for r in log] == [500, 200]
