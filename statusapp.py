@@ -3019,8 +3019,13 @@ async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> 
 
 
 async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
-    """Drain the outbox: targets in parallel, each target's alerts in order, one at a time."""
+    """Drain the outbox: targets in parallel, each target's alerts in order, one at a time.
+
+    The outbox is read on a reader connection, whose answer can predate the commit of a
+    delivery that finished meanwhile; ``started`` (row ids taken in hand and not yet seen done)
+    keeps such a stale answer from sending an alert twice."""
     running: dict[str, asyncio.Task[None]] = {}
+    started: set[int] = set()
 
     def finished(key: str, task: asyncio.Task[None]) -> None:
         running.pop(key, None)
@@ -3032,11 +3037,15 @@ async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
         try:
             while True:
                 wake.clear()
-                for row in await rt.db.fetchall("SELECT * FROM alert_outbox WHERE done_at IS NULL"
-                                                " ORDER BY id LIMIT 1000"):
+                rows = await rt.db.fetchall("SELECT * FROM alert_outbox WHERE done_at IS NULL"
+                                            " ORDER BY id LIMIT 1000")
+                started &= {row["id"] for row in rows}  # the others are done, for good
+                for row in rows:
                     key = row["target_key"]
-                    if key in running or len(running) >= _DELIVERY_CONCURRENCY:
+                    if (key in running or row["id"] in started
+                            or len(running) >= _DELIVERY_CONCURRENCY):
                         continue
+                    started.add(row["id"])
                     running[key] = asyncio.create_task(_deliver_queued(rt, ctx, row))
                     running[key].add_done_callback(functools.partial(finished, key))
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -5267,7 +5276,7 @@ def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any])
     labels = host.split(".")
     if (len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels)
             or labels[-1].isdigit()):
-        raise _Issue("Invalid customDomain: expected a hostname such as status.example.com")
+        raise _Issue("Invalid customDomain: expected a hostname such as status.home.test")
     return host
 
 

@@ -1893,7 +1893,7 @@ def _inc_cfg(tmp_path, url: str, **notifications) -> dict:
 
 def _inc_monitor(client, name: str = "Café ✓", **fields) -> dict:
     """A monitor the prober leaves alone (inactive): these tests write its transitions."""
-    body = {"name": name, "url": "https://api.example.com", "type": "API", "isActive": False,
+    body = {"name": name, "url": "https://api.home.test", "type": "API", "isActive": False,
             **fields}
     response = client.post("/api/v1/monitors", json=body)
     assert response.status_code == 201, response.text
@@ -1940,7 +1940,7 @@ def test_incident_opens_alerts_once_and_resolves_with_mttr(tmp_path, notify_http
         assert hook.status_code == 201 and "secret" not in hook.json()
         monitor = _inc_monitor(client, notifications=[
             {"channelId": slack["id"]}, {"channelId": pager["id"]},
-            {"type": "EMAIL", "config": {"emails": ["oncall@example.com"]}}])
+            {"type": "EMAIL", "config": {"emails": ["oncall@home.test"]}}])
         down_at = statusapp.now_ms() - 725_000
         _inc_transition(client, monitor["id"], "PENDING", "DOWN", down_at,
                         "HTTP 500 Internal Server Error", _INC_DOWN)
@@ -2015,7 +2015,7 @@ def test_degraded_warns_without_incident_and_one_open_incident_per_monitor(tmp_p
         slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{url}/slack"})
         client.post("/api/v1/webhooks", json={"name": "w", "url": f"{url}/hook",
                                               "events": _INC_EVENTS})
-        monitor = _inc_monitor(client, type="SSL_CERT", url="https://api.example.com",
+        monitor = _inc_monitor(client, type="SSL_CERT", url="https://api.home.test",
                                notifications=[{"channelId": slack["id"]}])
         at = statusapp.now_ms()
         warning = statusapp.CheckResult(status="DEGRADED", error="certificate expires in 5 days",
@@ -2133,7 +2133,7 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
 
 
 _INC_VALID_CONFIGS = {
-    "EMAIL": {"emails": ["team@example.com"]},
+    "EMAIL": {"emails": ["team@home.test"]},
     "SMS": {"phoneNumbers": ["+1234567890"]},
     "SLACK": {"webhookUrl": "https://hooks.slack.com/services/T0/B0/abcdefghijkl",
               "channel": "#alerts"},
@@ -2142,7 +2142,7 @@ _INC_VALID_CONFIGS = {
     "PAGERDUTY": {"integrationKey": "your-pagerduty-integration-key", "severity": "critical"},
     "OPSGENIE": {"apiKey": "your-opsgenie-api-key", "priority": "P1"},
     "MICROSOFT_TEAMS": {"webhookUrl": "https://outlook.office.com/webhook/abcdefghijkl"},
-    "WEBHOOK": {"url": "https://api.example.com/webhook",
+    "WEBHOOK": {"url": "https://api.home.test/webhook",
                 "headers": {"Authorization": "Bearer token-abcdefghijkl"}},
 }
 
@@ -2184,7 +2184,7 @@ def test_channel_crud_and_inline_monitor_configs_share_the_rules(client):
                                                      "config": {"phoneNumbers": ["555"]}})
     assert bad.status_code == 400 and "E.164" in bad.json()["error"][0]["message"]
     inline = client.post("/api/v1/monitors", json={
-        "name": "m", "url": "https://api.example.com", "isActive": False,
+        "name": "m", "url": "https://api.home.test", "isActive": False,
         "notifications": [{"type": "PAGERDUTY", "config": {"severity": "loud"}}]})
     assert inline.status_code == 400
     assert {tuple(i["path"]) for i in inline.json()["error"]} == {
@@ -2441,7 +2441,7 @@ async def notify_ctx(notify_cfg):
 def _notify_down(**changes) -> statusapp.Alert:
     alert = statusapp.Alert(
         event="monitor.down",
-        monitor={"id": "mon_abc123", "name": "Café ✓", "url": "https://api.example.com",
+        monitor={"id": "mon_abc123", "name": "Café ✓", "url": "https://api.home.test",
                  "type": "API", "status": "DOWN"},
         incident={"id": "inc_xyz789", "incidentNumber": "INC-2025-0042",
                   "startedAt": "2025-01-21T10:25:00Z", "resolvedAt": None, "severity": "high",
@@ -2457,7 +2457,7 @@ def _notify_down(**changes) -> statusapp.Alert:
 def _notify_up() -> statusapp.Alert:
     return _notify_down(
         event="monitor.up",
-        monitor={"id": "mon_abc123", "name": "Café ✓", "url": "https://api.example.com",
+        monitor={"id": "mon_abc123", "name": "Café ✓", "url": "https://api.home.test",
                  "type": "API", "status": "UP"},
         incident={"id": "inc_xyz789", "incidentNumber": "INC-2025-0042",
                   "startedAt": "2025-01-21T10:25:00Z", "resolvedAt": "2025-01-21T10:37:05Z",
@@ -2468,7 +2468,7 @@ def _notify_up() -> statusapp.Alert:
 
 def test_notify_message_says_what_when_and_how_long():
     down = statusapp._text(_notify_down())
-    for part in ("Café ✓ is DOWN", "URL: https://api.example.com",
+    for part in ("Café ✓ is DOWN", "URL: https://api.home.test",
                  "Error: HTTP 500 Internal Server Error", "Region: us-east-1",
                  "Since: 2025-01-21 10:25:00 UTC", "Incident: INC-2025-0042 (severity high)"):
         assert part in down
@@ -2498,7 +2498,7 @@ async def test_notify_slack_wire_format(notify_http, notify_ctx):
     assert header["type"] == "header" and header["text"]["type"] == "plain_text"
     assert "Café ✓ is DOWN" in header["text"]["text"]
     fields = [f["text"] for f in section["fields"]]
-    assert "*URL*\nhttps://api.example.com" in fields
+    assert "*URL*\nhttps://api.home.test" in fields
     assert "*Error*\nHTTP 500 Internal Server Error" in fields
     assert context["type"] == "context"
 
@@ -2510,7 +2510,7 @@ async def test_notify_discord_embed_colours(notify_http, notify_ctx):
     await statusapp.send_discord(config, _notify_up(), notify_ctx)
     down, up = (notify_http.json(i)["embeds"][0] for i in (0, 1))
     assert down["color"] == 0xE74C3C and up["color"] == 0x2ECC71
-    assert down["title"] == "Café ✓ is DOWN" and down["url"] == "https://api.example.com"
+    assert down["title"] == "Café ✓ is DOWN" and down["url"] == "https://api.home.test"
     assert {"name": "Region", "value": "us-east-1", "inline": True} in down["fields"]
     assert {"name": "Down for", "value": "12m 5s", "inline": True} in up["fields"]
     assert notify_http.json(0)["allowed_mentions"] == {"parse": []}
@@ -2539,7 +2539,7 @@ async def test_notify_pagerduty_trigger_then_resolve(notify_http, notify_ctx):
     assert (trigger["event_action"], resolve["event_action"]) == ("trigger", "resolve")
     assert trigger["dedup_key"] == resolve["dedup_key"] == "statusapp-monitor-mon_abc123"
     assert trigger["payload"]["severity"] == "critical"
-    assert trigger["payload"]["source"] == "https://api.example.com"
+    assert trigger["payload"]["source"] == "https://api.home.test"
     assert "Café ✓ is DOWN" in trigger["payload"]["summary"]
     await statusapp.send_pagerduty({**config, "severity": "warning"}, _notify_down(), notify_ctx)
     assert notify_http.json()["payload"]["severity"] == "warning"
@@ -2578,9 +2578,9 @@ async def test_notify_teams_adaptive_card(notify_http, notify_ctx):
     assert card["type"] == "AdaptiveCard" and card["version"] == "1.4"
     title, facts = card["body"]
     assert title["text"] == "Café ✓ is DOWN" and title["color"] == "Attention"
-    assert {"title": "URL", "value": "https://api.example.com"} in facts["facts"]
+    assert {"title": "URL", "value": "https://api.home.test"} in facts["facts"]
     assert card["actions"][0] == {"type": "Action.OpenUrl", "title": "Open monitored URL",
-                                  "url": "https://api.example.com"}
+                                  "url": "https://api.home.test"}
 
 
 @pytest.mark.asyncio
@@ -2629,18 +2629,18 @@ def _notify_smtp_cfg(port: int, **smtp) -> dict:
 @pytest.mark.asyncio
 async def test_notify_email_over_smtp(notify_smtp):
     mailbox, port = notify_smtp
-    config = {"emails": ["team@example.com", "oncall@example.com"]}
+    config = {"emails": ["team@home.test", "oncall@home.test"]}
     async with statusapp.NotifyContext(_notify_smtp_cfg(port)) as ctx:
         assert await statusapp.send_email(config, _notify_down(), ctx) is None
     envelope = mailbox.envelopes[0]
     assert envelope.mail_from == "alerts@status.test"
     assert envelope.rcpt_tos == config["emails"]
     message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
-    assert message["To"] == "team@example.com, oncall@example.com"
+    assert message["To"] == "team@home.test, oncall@home.test"
     assert message["Subject"].startswith("[StatusApp] Café ✓ is DOWN - HTTP 500")
     assert message.get_content_type() == "text/plain"
     body = message.get_content()
-    assert "URL: https://api.example.com" in body and "Region: us-east-1" in body
+    assert "URL: https://api.home.test" in body and "Region: us-east-1" in body
 
 
 @pytest.mark.asyncio
@@ -2654,7 +2654,7 @@ async def test_notify_email_login_and_security(notify_smtp):
                             authenticator=authenticator, auth_require_tls=False)
     controller.start()
     try:
-        config, alert = {"emails": ["team@example.com"]}, _notify_down()
+        config, alert = {"emails": ["team@home.test"]}, _notify_down()
         async with statusapp.NotifyContext(_notify_smtp_cfg(port, username="bot",
                                                             password="pw")) as ctx:
             await statusapp.send_email(config, alert, ctx)
