@@ -567,6 +567,34 @@ class _Issue(Exception):
         self.issue = {"code": code, **extra, "message": message}
 
 
+def _non_finite(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` for what clients send, raising ValueError for anything that could not be
+    stored or echoed back: invalid UTF-8, NaN/Infinity, numbers that overflow a float, lone
+    UTF-16 surrogates (SQLite and the response encoder refuse them) and runaway nesting."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    try:
+        value = json.loads(text, parse_constant=_non_finite, parse_float=_finite)
+        if "\\u" in text:
+            json.dumps(value, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ValueError("JSON string with an unpaired UTF-16 surrogate escape") from None
+    return value
+
+
 @dataclass(frozen=True)
 class Field:
     """One field of a resource: its JSON kind, presence rules, default, bounds and use.
@@ -644,7 +672,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     """Validate ``data`` against ``fields`` and return the clean values.
 
     Without ``existing`` this is a create: absent fields take their defaults and required
-    fields must be present.  With ``existing`` (the stored record) only the given fields are
+    fields must be present.  A null sets a field to its default (None when it has none).  With ``existing`` (the stored record) only the given fields are
     returned, but presence rules are checked on the merged record.  Unknown keys are ignored.
     """
     if not isinstance(data, dict):
@@ -654,9 +682,9 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     issues: list[dict[str, Any]] = []
     clean: dict[str, Any] = {}
     for spec in fields:
-        if spec.name in data:
+        if spec.name in data and data[spec.name] is not None:
             clean[spec.name] = data[spec.name]
-        elif existing is None:
+        elif spec.name in data or existing is None:  # null for a field with a default: that default
             clean[spec.name] = copy.deepcopy(spec.default)
     record = {**(existing or {}), **clean}
     if kind is None:
@@ -745,7 +773,7 @@ def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -
 def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """``requestHeaders`` is a JSON string of an object of string values."""
     try:
-        headers = json.loads(value)
+        headers = parse_json(value)
     except ValueError:
         raise _Issue("requestHeaders must be a JSON string of an object") from None
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
@@ -4332,7 +4360,7 @@ class Call:
             raise BadRequest("Content-Type must be application/json",
                              f"got {ctype or 'no content type'}")
         try:
-            return json.loads(body)
+            return parse_json(body)
         except ValueError as exc:
             raise BadRequest("Malformed JSON body", str(exc)) from None
 
@@ -4748,7 +4776,7 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
     if not text:
         return None
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except ValueError:
         return text
     if not isinstance(data, dict):
@@ -5379,15 +5407,6 @@ async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, 
             [(group_id, monitor_id, i) for i, monitor_id in enumerate(group["monitorIds"] or [])])
 
 
-_PAGE_DEFAULTS = {f.name: f.default for f in STATUS_PAGE_FIELDS if f.default is not None}
-
-
-def _page_defaults(clean: dict[str, Any]) -> dict[str, Any]:
-    """A null for a field with a default (isPublic, monitorGroups) means that default."""
-    return {name: copy.deepcopy(_PAGE_DEFAULTS[name]) if value is None and name in _PAGE_DEFAULTS
-            else value for name, value in clean.items()}
-
-
 @api("/status-pages", "GET")
 async def list_status_pages(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
@@ -5404,7 +5423,7 @@ async def get_status_page(call: Call) -> dict[str, Any]:
 @api("/status-pages", "POST")
 async def create_status_page(call: Call) -> Response:
     body = await call.json()
-    clean = _page_defaults(validate(STATUS_PAGE_FIELDS, body, await _page_env(call)))
+    clean = validate(STATUS_PAGE_FIELDS, body, await _page_env(call))
     page_id, stamp = new_id("sp"), now_ms()
     async with call.rt.db.transaction() as conn:  # inserted bare, then written as an update
         await conn.execute("INSERT INTO status_pages (id, account_id, name, slug, created_at,"
@@ -5422,8 +5441,7 @@ async def update_status_page(call: Call) -> dict[str, Any]:
     existing["monitorGroups"] = [{"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]]}
                                  for g in await page_groups(call.rt.db, row["id"])]
     body = await call.json()
-    clean = _page_defaults(validate(STATUS_PAGE_FIELDS, body, await _page_env(call),
-                                    existing=existing))
+    clean = validate(STATUS_PAGE_FIELDS, body, await _page_env(call), existing=existing)
     async with call.rt.db.transaction() as conn:
         await _save_page(conn, row["id"], clean)
     return await _status_page_response(call, await load_owned(call, "status_pages"))

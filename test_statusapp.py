@@ -17,8 +17,10 @@ import hmac
 import http.server
 import itertools
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -3842,6 +3844,147 @@ def test_invitation_is_emailed_when_smtp_is_configured(tmp_path, notify_smtp):
             message.get_content()
         client.app.state.statusapp.cfg["smtp"]["port"] = free_port()  # nobody listens
         assert _invite(client, "fay@example.test", "VIEWER")["emailSent"] is False
+
+
+# --- Hostile input tests ---
+
+HOSTILE_VALUES = (None, [], {}, "x", -1, 10**20, 1e308, True, "\ud800", "é" * 3000)
+HOSTILE_RAW_BODIES = (b"null", b"[]", b'"str"', b"123", b"{}", b'{"name": NaN, "interval": Infinity}',
+                      b'{"interval": 1e999, "timeout": -1e999}', b'{"name": "\\ud800"}',
+                      b"\xff\xfe{", b'{"a":' * 2000)
+HOSTILE_PATH_IDS = ("nope", "%00", "x" * 5000, "\u00e9\u2603", "..%2F..%2Fetc", "%ED%A0%80", "%FF")
+HOSTILE_QUERIES = ("page=-1", "page=99999999999999999999999", "limit=abc", "limit=-5",
+                   "limit=10000000000000000000000", "period=x", "sort=__proto__", "order=sideways",
+                   "status=%00", "search=%ED%A0%80", "memberId=%FF", "page=1e3&limit=0")
+HOSTILE_NESTED = {
+    "apiAuthConfig": ({"type": "bearer", "token": 5}, {"type": [], "username": {}},
+                      {"type": "oauth2", "tokenUrl": 1e308, "clientId": None, "scopes": {}}),
+    "notifications": ([None, 1, "x"], [{"type": "EMAIL", "config": []}],
+                      [{"type": "SLACK", "enabled": "yes", "config": {"webhookUrl": 10**20}}],
+                      [{"channelId": {}}, {"channelId": 10**20}]),
+    "config": ({"emails": "a"}, {"emails": [None, 10**20]}, {"webhookUrl": []},
+               {"headers": {"X": 1}}, {"headers": []}, {"phoneNumbers": [{}]}),
+    "monitorGroups": ([None], [{"name": 1, "monitorIds": "x"}], [{"name": "g", "monitorIds": [1, None, {}]}]),
+    "monitorIds": ([1, None], "x"),
+    "requestHeaders": ('{"a": 1}', "[]", "null", '"x"', "{"),
+    "events": (["monitor.down", 1], "monitor.down"),
+    "permissions": ([], "read,bogus", "x" * 10000),
+    "expiresAt": ("yesterday", "1970-01-01T00:00:00Z", "9999-99-99", "+999999-01-01T00:00:00Z"),
+}
+CONTENT_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded",
+                 "application/merge-patch+json", "")
+
+
+def _field_names() -> list[str]:
+    """Every field name any resource's Field table knows."""
+    tables = [value for value in vars(statusapp).values() if isinstance(value, tuple) and value
+              and all(isinstance(item, statusapp.Field) for item in value)]
+    return sorted({field.name for table in tables for field in table})
+
+
+def _hostile_bodies(rng: random.Random, names: list[str]) -> list[tuple[bytes, str]]:
+    """Bodies of every kind: raw oddities, every field set to each wrong type, nested junk."""
+    bodies = [(raw, "application/json") for raw in HOSTILE_RAW_BODIES]
+    bodies += [(json.dumps({name: value for name in names}).encode(), "application/json")
+               for value in HOSTILE_VALUES]
+    for name, values in HOSTILE_NESTED.items():
+        for value in values:
+            body = {"name": "m", "url": "http://127.0.0.1:9/", "type": "API", "slug": "s",
+                    "email": "a@b.test", name: value}
+            bodies.append((json.dumps(body).encode(), "application/json"))
+    bodies += [(b'{"name": "x"}', rng.choice(CONTENT_TYPES[1:])) for _ in range(2)]
+    return bodies
+
+
+def _single_field_bodies(rng: random.Random, names: list[str]) -> list[tuple[bytes, str]]:
+    """One wrong value per field on an otherwise plausible body, so no other error masks it."""
+    base = {"name": "m", "url": "http://127.0.0.1:9/", "slug": "fuzz-other", "email": "x@y.test",
+            "role": "VIEWER", "events": "monitor.down", "status": "identified", "message": "m"}
+    return [(json.dumps({**base, name: rng.choice(HOSTILE_VALUES)}).encode(), "application/json")
+            for name in names]
+
+
+def _real_ids(cfg, client) -> dict[str, str]:
+    """One real id of every kind of resource, for the path parameters."""
+    monitor = client.post("/api/v1/monitors", json={"name": "m", "url": "http://127.0.0.1:9/"}).json()
+    sql(cfg, "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at, severity,"
+             " status) SELECT 'inc_fuzz', account_id, id, 2024, 1, 0, 'critical', 'open' FROM monitors"
+             " WHERE id = ?", (monitor["id"],))
+    cron = client.post("/api/v1/monitors", json={"name": "c", "url": "job", "type": "CRON"}).json()
+    channel = client.post("/api/v1/notifications", json={
+        "name": "c", "type": "WEBHOOK", "config": {"url": "http://127.0.0.1:9/"}}).json()
+    webhook = client.post("/api/v1/webhooks", json={"name": "w", "url": "http://127.0.0.1:9/",
+                                                    "events": "monitor.down"}).json()
+    page = client.post("/api/v1/status-pages", json={"name": "p", "slug": "fuzz-page", "monitorGroups": [
+        {"name": "g", "monitorIds": [monitor["id"]]}]}).json()
+    invite = client.post("/api/v1/team/members", json={"email": "fuzz@example.test",
+                                                           "role": "MEMBER"}).json()
+    api_key = client.post("/api/v1/account/api-keys", json={"name": "k"}).json()
+    ids = {"monitorId": monitor.get("id"), "channelId": channel.get("id"),
+           "webhookId": webhook.get("id"), "statusPageId": page.get("id"),
+           "memberId": invite.get("id"), "keyId": api_key.get("id"),
+           "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
+           "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz"}
+    assert all(ids.values()), ids
+    assert client.get("/api/v1/incidents/inc_fuzz").status_code == 200
+    assert client.get(f"/badge/{monitor['id']}/status.svg").status_code == 200
+    return ids
+
+
+def test_hostile_input_never_gets_a_500_or_a_traceback(cfg, client, caplog):
+    rng = random.Random(1)
+    names = _field_names()
+    bodies = _hostile_bodies(rng, names)
+    singles = _single_field_bodies(rng, names)
+    real = _real_ids(cfg, client)
+    routes = [(route.path, method) for route in
+              [*statusapp.ROUTES, *statusapp.PAGE_ROUTES, *statusapp.METRICS_ROUTES]
+              for method in sorted(route.methods - {"HEAD"})]
+    failures = []
+
+    def send(method: str, url: str, body: bytes = b"", ctype: str = "application/json") -> None:
+        headers = {"Content-Type": ctype} if ctype else {}
+        try:
+            response = client.request(method, url, content=body, headers=headers)
+        except Exception as exc:  # a traceback raised through the app
+            failures.append((method, url, body[:80], repr(exc)))
+            return
+        if response.status_code >= 500 and not url.endswith("/health"):
+            failures.append((method, url, body[:80], response.text[:300]))
+        elif response.headers.get("content-type", "").startswith("application/json"):
+            payload = response.json()
+            if response.status_code >= 400:
+                assert set(payload) == {"error", "code", "details"}, (method, url, payload)
+        elif url.startswith(statusapp.API_PREFIX) and response.status_code != 204 and "heartbeat" not in url:
+            failures.append((method, url, body[:80], "not JSON: " + response.text[:100]))
+
+    caplog.set_level(logging.ERROR, logger="statusapp")
+    for path, method in routes:
+        params = re.findall(r"{(\w+)}", path)
+        fillings = [real] + [dict.fromkeys(params, weird) for weird in HOSTILE_PATH_IDS]
+        for filling in fillings:
+            url = path
+            for name in params:
+                url = url.replace("{" + name + "}", str(filling.get(name, "nope")))
+            if method in ("POST", "PUT", "PATCH"):
+                chosen = [*bodies, *singles] if filling is real else rng.sample(bodies, 3)
+                for body, ctype in chosen:
+                    send(method, url, body, ctype)
+            else:
+                send(method, url)
+                for query in (HOSTILE_QUERIES if filling is real else rng.sample(HOSTILE_QUERIES, 2)):
+                    send(method, f"{url}?{query}")
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, "\n".join(map(str, failures[:40])) + f"\n({len(failures)} in all)"
+    assert not logged, logged[:10]
+    for raw in (b'{"name": NaN}', b'{"interval": 1e999}', b'{"name": "\\ud800"}',
+                b'[' * 5000 + b']' * 5000):
+        response = client.post("/api/v1/monitors", content=raw,
+                               headers={"Content-Type": "application/json"})
+        assert (response.status_code, response.json()["error"]) == (400, "Malformed JSON body"), raw
+    url = f"/api/v1/monitors/{create(client, interval=600, timeout=10)['id']}"
+    monitor = client.put(url, json={"interval": None, "timeout": None})
+    assert (monitor.json()["interval"], monitor.json()["timeout"]) == (300, 30), monitor.text
 
 
 # --- CLI tests ---
