@@ -3510,10 +3510,14 @@ def _recipients(config: dict[str, Any], key: str) -> list[str]:
 
 
 Sender = Callable[[dict[str, Any], Alert, NotifyContext], Awaitable[int | None]]
+NOTIFIERS: dict[str, Sender] = {}  # channel type -> sender, filled by @_channel
 
 
 def _channel(kind: str) -> Callable[[Sender], Sender]:
-    """Make a sender refuse, permanently, a config that lacks the keys its type requires."""
+    """Register the sender for ``kind`` in NOTIFIERS, so a type is named once.
+
+    The registered sender refuses, permanently, a config that lacks the keys its type requires.
+    """
     def wrap(send: Sender) -> Sender:
         @functools.wraps(send)
         async def checked(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int | None:
@@ -3522,6 +3526,7 @@ def _channel(kind: str) -> Callable[[Sender], Sender]:
                 raise DeliveryError(f"{kind} channel config lacks {', '.join(missing)}",
                                     permanent=True)
             return await send(config, alert, ctx)
+        NOTIFIERS[kind] = checked
         return checked
     return wrap
 
@@ -3747,19 +3752,6 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
     """
     return await post_webhook(config["url"], webhook_payload(alert), config.get("secret"),
                               config.get("headers"), ctx)
-
-
-NOTIFIERS: dict[str, Sender] = {
-    "EMAIL": send_email,
-    "SMS": send_sms,
-    "SLACK": send_slack,
-    "DISCORD": send_discord,
-    "TELEGRAM": send_telegram,
-    "PAGERDUTY": send_pagerduty,
-    "OPSGENIE": send_opsgenie,
-    "MICROSOFT_TEAMS": send_teams,
-    "WEBHOOK": send_webhook,
-}
 
 
 async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
