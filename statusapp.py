@@ -3122,10 +3122,6 @@ _DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info":
 _TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @dataclass
 class Alert:
     """What happened, independent of any channel: every sender renders its message from this.
@@ -3139,7 +3135,7 @@ class Alert:
     monitor: dict[str, Any]
     incident: dict[str, Any] | None = None
     check: dict[str, Any] | None = None
-    timestamp: str = dataclasses.field(default_factory=_now_iso)
+    timestamp: str = dataclasses.field(default_factory=lambda: iso(now_ms()))
     note: str | None = None
 
     def __post_init__(self) -> None:
@@ -3926,9 +3922,7 @@ class WindowStats:
     def uptime(self) -> float | None:
         """(UP + DEGRADED) / all checks * 100, rounded down to 2 decimals (100 means no
         failure at all); None without checks."""
-        if not self.total:
-            return None
-        return math.floor((self.up + self.degraded) * 10_000 / self.total) / 100
+        return uptime_percent(self.up + self.degraded, self.total)
 
     def average(self) -> int | None:
         return round(self.rt_sum / self.rt_count) if self.rt_count else None
@@ -6115,8 +6109,9 @@ def day_level(uptime: float | None) -> tuple[str, str, str]:
     return next(level[1:] for level in DAY_LEVELS if uptime >= level[0])
 
 
-def _day_uptime(day: dict[str, Any]) -> float | None:
-    return uptime_percent(day["up"] + day["degraded"], day["total"])
+def _days_uptime(days: Sequence[dict[str, Any]]) -> float | None:
+    return uptime_percent(sum(d["up"] + d["degraded"] for d in days),
+                          sum(d["total"] for d in days))
 
 
 def _when(ms: int) -> str:
@@ -6180,8 +6175,7 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
         monitor["days"] = days
-        monitor["uptime"] = uptime_percent(sum(d["up"] + d["degraded"] for d in days),
-                                           sum(d["total"] for d in days))
+        monitor["uptime"] = _days_uptime(days)
     incidents = await page_incidents(rt.db, list(monitors),
                                      "i.resolved_at IS NULL OR i.resolved_at >= ?",
                                      [now_ms() - PAST_INCIDENT_DAYS * DAY_MS])
@@ -6276,7 +6270,7 @@ def _bars(monitor: dict[str, Any]) -> str:
     """The 90-day bar: one SVG cell per UTC day with its uptime as hover text."""
     cells = []
     for i, day in enumerate(monitor["days"]):
-        uptime = _day_uptime(day)
+        uptime = _days_uptime([day])
         level, _, label = day_level(uptime)
         text = (f"{day['day']}: no data" if uptime is None else
                 f"{day['day']}: {uptime:.2f}% uptime, {label} "
@@ -6540,8 +6534,7 @@ async def badge_uptime(request: Request) -> Response:
         uptime = uptime_percent(counts[0], counts[1])
     else:
         days = (await daily_stats(rt.db, [row["id"]], int(period[:-1])))[row["id"]]
-        uptime = uptime_percent(sum(d["up"] + d["degraded"] for d in days),
-                                sum(d["total"] for d in days))
+        uptime = _days_uptime(days)
     message = "no data" if uptime is None else f"{uptime:.2f}%"
     colour = "#9f9f9f" if uptime is None else next(c for low, c in BADGE_UPTIME if uptime >= low)
     return _badge_response(badge_svg(f"uptime {period}", message, colour,
@@ -6661,13 +6654,10 @@ def apikey() -> None:
 def _expiry(value: str | None) -> int | None:
     if value is None:
         return None
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    when = _parse_time(value)
+    if when is None:
         raise click.BadParameter("use an ISO date such as 2027-01-31 or 2027-01-31T12:00:00Z",
-                                 param_hint="--expires") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+                                 param_hint="--expires")
     if when.timestamp() <= time.time():
         raise click.BadParameter("the expiry must be in the future", param_hint="--expires")
     return int(when.timestamp() * 1000)
