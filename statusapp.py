@@ -4361,15 +4361,16 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None
     return register
 
 
+# Starlette's routing errors as our ApiError classes (any other HTTPException: BadRequest's code).
+_ROUTING_ERRORS = {404: (NotFound, "Not found"), 405: (MethodNotAllowed, "Method not allowed")}
+
+
 async def on_api_error(request: Request, exc: Exception) -> Response:
     """The one place an error becomes the spec's JSON shape (with rate-limit headers)."""
     if isinstance(exc, HTTPException):
-        texts = {404: "Not found", 405: "Method not allowed"}
-        detail = f"{request.method} {request.url.path}"
-        exc = ApiError(texts.get(exc.status_code, str(exc.detail)), detail,
-                       status=exc.status_code, headers=dict(exc.headers or {}),
-                       code={404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code,
-                                                                               "BAD_REQUEST"))
+        kind, text = _ROUTING_ERRORS.get(exc.status_code, (BadRequest, str(exc.detail)))
+        exc = kind(text, f"{request.method} {request.url.path}", status=exc.status_code,
+                   headers=dict(exc.headers or {}))
     elif not isinstance(exc, ApiError):
         log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         exc = ApiError("Internal server error", "the error has been logged")
