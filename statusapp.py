@@ -4021,7 +4021,8 @@ async def _roll(db: Database, source: str, bucket: str, ids: Sequence[str], lo: 
              json.dumps(hists[(r[0], r[1])], separators=(",", ":")))) for r in rows]
         if position == len(chunks) - 1:
             statements.append(("INSERT INTO rollup_progress (bucket, done_until) VALUES (?, ?)"
-                               " ON CONFLICT (bucket) DO UPDATE SET done_until = excluded.done_until",
+                               " ON CONFLICT (bucket)"
+                               " DO UPDATE SET done_until = excluded.done_until",
                                (bucket, lo + span)))
         await db.write(statements)
         await asyncio.sleep(_RETENTION_PAUSE)
@@ -4471,7 +4472,8 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for link in await rt.db.fetchall(
             f"SELECT n.*, c.name AS channel_name, c.type AS channel_type"
-            f" FROM monitor_notifications n LEFT JOIN notification_channels c ON c.id = n.channel_id"
+            f" FROM monitor_notifications n"
+            f" LEFT JOIN notification_channels c ON c.id = n.channel_id"
             f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
         links[link["monitor_id"]].append(notification_link_json(link))
     base = rt.cfg["server"]["base_url"]
