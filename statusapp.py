@@ -4455,6 +4455,15 @@ def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str
     return out
 
 
+async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
+    """Each monitor's latest check per region (the monitor_latest trigger keeps them), by region."""
+    if not ids:
+        return []
+    return await db.fetchall(
+        f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+        f" WHERE l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY l.region_id, c.id", ids)
+
+
 async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
     """Monitors as the API returns them: latest check per region, counts, notifications."""
     if not rows:
@@ -4462,9 +4471,7 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     ids = [row["id"] for row in rows]
     marks = ",".join("?" * len(ids))
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for check in await rt.db.fetchall(
-            f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
-            f" WHERE l.monitor_id IN ({marks}) ORDER BY l.region_id", ids):
+    for check in await latest_checks(rt.db, ids):
         latest[check["monitor_id"]].append(check_json(check, rt.regions))
     incidents = dict(await rt.db.fetchall(
         f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
@@ -5512,12 +5519,9 @@ async def render_metrics(rt: Runtime, team: str | None) -> str:
     where, params = ("WHERE account_id = ?", (team,)) if team else ("", ())
     monitors = await rt.db.fetchall(f"SELECT * FROM monitors {where} ORDER BY id", params)
     ids = [m["id"] for m in monitors]
-    latest: dict[str, sqlite3.Row] = {}
-    if ids:
-        for check in await rt.db.fetchall(
-                f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id WHERE"
-                f" l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY c.id", ids):
-            latest[check["monitor_id"]] = check
+    # The newest check of each monitor, whatever its region.
+    latest = {c["monitor_id"]: c for c in sorted(await latest_checks(rt.db, ids),
+                                                 key=lambda c: c["id"])}
     now = now_ms()
     uptime = {window: await collect(rt.db, ids, _ceil_hour(now - span), now, ("monitor",))
               for window, span in (("24h", DAY_MS), ("30d", 30 * DAY_MS))}
