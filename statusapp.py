@@ -3162,10 +3162,6 @@ _DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info":
 _TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @dataclass
 class Alert:
     """What happened, independent of any channel: every sender renders its message from this.
@@ -3179,7 +3175,7 @@ class Alert:
     monitor: dict[str, Any]
     incident: dict[str, Any] | None = None
     check: dict[str, Any] | None = None
-    timestamp: str = dataclasses.field(default_factory=_now_iso)
+    timestamp: str = dataclasses.field(default_factory=lambda: iso(now_ms()))
     note: str | None = None
 
     def __post_init__(self) -> None:
@@ -3550,10 +3546,14 @@ def _recipients(config: dict[str, Any], key: str) -> list[str]:
 
 
 Sender = Callable[[dict[str, Any], Alert, NotifyContext], Awaitable[int | None]]
+NOTIFIERS: dict[str, Sender] = {}  # channel type -> sender, filled by @_channel
 
 
 def _channel(kind: str) -> Callable[[Sender], Sender]:
-    """Make a sender refuse, permanently, a config that lacks the keys its type requires."""
+    """Register the sender for ``kind`` in NOTIFIERS, so a type is named once.
+
+    The registered sender refuses, permanently, a config that lacks the keys its type requires.
+    """
     def wrap(send: Sender) -> Sender:
         @functools.wraps(send)
         async def checked(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int | None:
@@ -3562,6 +3562,7 @@ def _channel(kind: str) -> Callable[[Sender], Sender]:
                 raise DeliveryError(f"{kind} channel config lacks {', '.join(missing)}",
                                     permanent=True)
             return await send(config, alert, ctx)
+        NOTIFIERS[kind] = checked
         return checked
     return wrap
 
@@ -3789,19 +3790,6 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
                               config.get("headers"), ctx)
 
 
-NOTIFIERS: dict[str, Sender] = {
-    "EMAIL": send_email,
-    "SMS": send_sms,
-    "SLACK": send_slack,
-    "DISCORD": send_discord,
-    "TELEGRAM": send_telegram,
-    "PAGERDUTY": send_pagerduty,
-    "OPSGENIE": send_opsgenie,
-    "MICROSOFT_TEAMS": send_teams,
-    "WEBHOOK": send_webhook,
-}
-
-
 async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
                   attempts: int | None = None, base_delay: float = 1.0) -> list[dict[str, Any]]:
     """Run ``send`` with retries and report every attempt; never raises, so callers can record.
@@ -3974,9 +3962,7 @@ class WindowStats:
     def uptime(self) -> float | None:
         """(UP + DEGRADED) / all checks * 100, rounded down to 2 decimals (100 means no
         failure at all); None without checks."""
-        if not self.total:
-            return None
-        return math.floor((self.up + self.degraded) * 10_000 / self.total) / 100
+        return uptime_percent(self.up + self.degraded, self.total)
 
     def average(self) -> int | None:
         return round(self.rt_sum / self.rt_count) if self.rt_count else None
@@ -4075,7 +4061,8 @@ async def _roll(db: Database, source: str, bucket: str, ids: Sequence[str], lo: 
              json.dumps(hists[(r[0], r[1])], separators=(",", ":")))) for r in rows]
         if position == len(chunks) - 1:
             statements.append(("INSERT INTO rollup_progress (bucket, done_until) VALUES (?, ?)"
-                               " ON CONFLICT (bucket) DO UPDATE SET done_until = excluded.done_until",
+                               " ON CONFLICT (bucket)"
+                               " DO UPDATE SET done_until = excluded.done_until",
                                (bucket, lo + span)))
         await db.write(statements)
         await asyncio.sleep(_RETENTION_PAUSE)
@@ -4415,15 +4402,16 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None
     return register
 
 
+# Starlette's routing errors as our ApiError classes (any other HTTPException: BadRequest's code).
+_ROUTING_ERRORS = {404: (NotFound, "Not found"), 405: (MethodNotAllowed, "Method not allowed")}
+
+
 async def on_api_error(request: Request, exc: Exception) -> Response:
     """The one place an error becomes the spec's JSON shape (with rate-limit headers)."""
     if isinstance(exc, HTTPException):
-        texts = {404: "Not found", 405: "Method not allowed"}
-        detail = f"{request.method} {request.url.path}"
-        exc = ApiError(texts.get(exc.status_code, str(exc.detail)), detail,
-                       status=exc.status_code, headers=dict(exc.headers or {}),
-                       code={404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code,
-                                                                               "BAD_REQUEST"))
+        kind, text = _ROUTING_ERRORS.get(exc.status_code, (BadRequest, str(exc.detail)))
+        exc = kind(text, f"{request.method} {request.url.path}", status=exc.status_code,
+                   headers=dict(exc.headers or {}))
     elif not isinstance(exc, ApiError):
         log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         exc = ApiError("Internal server error", "the error has been logged")
@@ -4507,6 +4495,15 @@ def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str
     return out
 
 
+async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
+    """Each monitor's latest check per region (the monitor_latest trigger keeps them), by region."""
+    if not ids:
+        return []
+    return await db.fetchall(
+        f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+        f" WHERE l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY l.region_id, c.id", ids)
+
+
 async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
     """Monitors as the API returns them: latest check per region, counts, notifications."""
     if not rows:
@@ -4514,9 +4511,7 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     ids = [row["id"] for row in rows]
     marks = ",".join("?" * len(ids))
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for check in await rt.db.fetchall(
-            f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
-            f" WHERE l.monitor_id IN ({marks}) ORDER BY l.region_id", ids):
+    for check in await latest_checks(rt.db, ids):
         latest[check["monitor_id"]].append(check_json(check, rt.regions))
     incidents = dict(await rt.db.fetchall(
         f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
@@ -4526,7 +4521,8 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
             f"SELECT n.*, c.name AS channel_name, c.type AS channel_type,"
             f" COALESCE(c.failing, n.failing) AS target_failing,"
             f" COALESCE(c.last_error, n.last_error) AS target_error"
-            f" FROM monitor_notifications n LEFT JOIN notification_channels c ON c.id = n.channel_id"
+            f" FROM monitor_notifications n"
+            f" LEFT JOIN notification_channels c ON c.id = n.channel_id"
             f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
         links[link["monitor_id"]].append(notification_link_json(link))
     base = rt.cfg["server"]["base_url"]
@@ -5556,12 +5552,9 @@ async def render_metrics(rt: Runtime, team: str | None) -> str:
     where, params = ("WHERE account_id = ?", (team,)) if team else ("", ())
     monitors = await rt.db.fetchall(f"SELECT * FROM monitors {where} ORDER BY id", params)
     ids = [m["id"] for m in monitors]
-    latest: dict[str, sqlite3.Row] = {}
-    if ids:
-        for check in await rt.db.fetchall(
-                f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id WHERE"
-                f" l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY c.id", ids):
-            latest[check["monitor_id"]] = check
+    # The newest check of each monitor, whatever its region.
+    latest = {c["monitor_id"]: c for c in sorted(await latest_checks(rt.db, ids),
+                                                 key=lambda c: c["id"])}
     now = now_ms()
     uptime = {window: await collect(rt.db, ids, _ceil_hour(now - span), now, ("monitor",))
               for window, span in (("24h", DAY_MS), ("30d", 30 * DAY_MS))}
@@ -6156,8 +6149,9 @@ def day_level(uptime: float | None) -> tuple[str, str, str]:
     return next(level[1:] for level in DAY_LEVELS if uptime >= level[0])
 
 
-def _day_uptime(day: dict[str, Any]) -> float | None:
-    return uptime_percent(day["up"] + day["degraded"], day["total"])
+def _days_uptime(days: Sequence[dict[str, Any]]) -> float | None:
+    return uptime_percent(sum(d["up"] + d["degraded"] for d in days),
+                          sum(d["total"] for d in days))
 
 
 def _when(ms: int) -> str:
@@ -6221,8 +6215,7 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
         monitor["days"] = days
-        monitor["uptime"] = uptime_percent(sum(d["up"] + d["degraded"] for d in days),
-                                           sum(d["total"] for d in days))
+        monitor["uptime"] = _days_uptime(days)
     incidents = await page_incidents(rt.db, list(monitors),
                                      "i.resolved_at IS NULL OR i.resolved_at >= ?",
                                      [now_ms() - PAST_INCIDENT_DAYS * DAY_MS])
@@ -6317,7 +6310,7 @@ def _bars(monitor: dict[str, Any]) -> str:
     """The 90-day bar: one SVG cell per UTC day with its uptime as hover text."""
     cells = []
     for i, day in enumerate(monitor["days"]):
-        uptime = _day_uptime(day)
+        uptime = _days_uptime([day])
         level, _, label = day_level(uptime)
         text = (f"{day['day']}: no data" if uptime is None else
                 f"{day['day']}: {uptime:.2f}% uptime, {label} "
@@ -6581,8 +6574,7 @@ async def badge_uptime(request: Request) -> Response:
         uptime = uptime_percent(counts[0], counts[1])
     else:
         days = (await daily_stats(rt.db, [row["id"]], int(period[:-1])))[row["id"]]
-        uptime = uptime_percent(sum(d["up"] + d["degraded"] for d in days),
-                                sum(d["total"] for d in days))
+        uptime = _days_uptime(days)
     message = "no data" if uptime is None else f"{uptime:.2f}%"
     colour = "#9f9f9f" if uptime is None else next(c for low, c in BADGE_UPTIME if uptime >= low)
     return _badge_response(badge_svg(f"uptime {period}", message, colour,
@@ -6702,13 +6694,10 @@ def apikey() -> None:
 def _expiry(value: str | None) -> int | None:
     if value is None:
         return None
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    when = _parse_time(value)
+    if when is None:
         raise click.BadParameter("use an ISO date such as 2027-01-31 or 2027-01-31T12:00:00Z",
-                                 param_hint="--expires") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+                                 param_hint="--expires")
     if when.timestamp() <= time.time():
         raise click.BadParameter("the expiry must be in the future", param_hint="--expires")
     return int(when.timestamp() * 1000)
