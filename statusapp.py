@@ -354,6 +354,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
+async def repeat(seconds: float, job: Callable[[], Awaitable[Any]], *, first: bool = False) -> None:
+    """Run ``job`` every ``seconds`` until cancelled (at once too when ``first``); a failure is
+    logged and the next round goes ahead, so one bad round never stops background work."""
+    if not first:
+        await asyncio.sleep(seconds)
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("background job %s failed", getattr(job, "__name__", job))
+        await asyncio.sleep(seconds)
+
+
 def schema_path() -> Path:
     """Where schema.sql is: beside this module in a checkout, under share/ once installed."""
     candidates = [Path(__file__).with_name("schema.sql")]
@@ -672,8 +685,9 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     """Validate ``data`` against ``fields`` and return the clean values.
 
     Without ``existing`` this is a create: absent fields take their defaults and required
-    fields must be present.  A null sets a field to its default (None when it has none).  With ``existing`` (the stored record) only the given fields are
-    returned, but presence rules are checked on the merged record.  Unknown keys are ignored.
+    fields must be present.  A null sets a field to its default (None when it has none).  With
+    ``existing`` (the stored record) only the given fields are returned, but presence rules are
+    checked on the merged record.  Unknown keys are ignored.
     """
     if not isinstance(data, dict):
         raise ValidationFailed([{"code": "invalid_type", "expected": "object",
@@ -802,14 +816,6 @@ def check_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any])
         raise _Issue(f"Unknown worker region id(s): {', '.join(map(str, unknown))}",
                      options=sorted(env["regions"]))
     return list(dict.fromkeys(value))
-
-
-def nested(fields: Sequence[Field], kind_from: str | None = None) -> Callable[..., Any]:
-    """A ``check`` that validates an object value against its own Field table."""
-    def check(value: dict[str, Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
-        kind = record.get(kind_from) if kind_from else None
-        return validate(fields, value, env, kind=kind, path=env["path"])
-    return check
 
 
 def each(fields: Sequence[Field]) -> Callable[..., Any]:
@@ -1005,7 +1011,8 @@ def field_reference(fields: Sequence[Field]) -> str:
         parts = [f"one of {', '.join(f'`{c}`' for c in f.choices)}"] if f.choices else []
         unit = " chars" if f.kind == "string" else ""
         if f.minimum is not None:
-            parts.append(f"min {f'`[{f.minimum}]`' if isinstance(f.minimum, str) else f.minimum}{unit}")
+            low = f"`[{f.minimum}]`" if isinstance(f.minimum, str) else f.minimum
+            parts.append(f"min {low}{unit}")
         if f.maximum is not None:
             parts.append(f"max {f.maximum}{unit}")
         return "; ".join(parts)
@@ -2278,7 +2285,6 @@ class Scheduler:
         self._warned = -_LAG_LOG_EVERY
         self._changed: set[str] = set()
         self._changed_event = asyncio.Event()
-        rt.listeners.append(self._note_change)
 
     def _note_change(self, monitor_id: str) -> None:
         self._changed.add(monitor_id)
@@ -2286,9 +2292,10 @@ class Scheduler:
 
     async def run(self) -> None:
         """Load the monitors, then dispatch checks and follow changes until cancelled."""
-        await self.reload(None)
+        self.rt.listeners.append(self._note_change)
         watcher = asyncio.create_task(self._watch())
         try:
+            await self.reload(None)
             while True:
                 await self._slots.acquire()
                 try:
@@ -2298,7 +2305,7 @@ class Scheduler:
                     raise
                 self._start(entry, planned)
         finally:
-            watcher.cancel()
+            self.rt.listeners.remove(self._note_change)
             for task in [watcher, *self._tasks]:
                 task.cancel()
             await asyncio.gather(watcher, *self._tasks, return_exceptions=True)
@@ -4135,13 +4142,10 @@ async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = 
 
 async def run_retention(rt: Runtime) -> None:
     """Roll up and prune once a minute, in small batches that leave the writer free."""
-    while True:
-        try:
-            await roll_up(rt.db)
-            await prune(rt.db, rt.cfg)
-        except sqlite3.Error:
-            log.exception("roll-up or pruning failed")
-        await asyncio.sleep(60)
+    async def retention() -> None:
+        await roll_up(rt.db)
+        await prune(rt.db, rt.cfg)
+    await repeat(60, retention, first=True)
 
 
 # Regression detection.  A monitor with regressionEnabled is compared with itself: the
@@ -4229,13 +4233,10 @@ async def _set_regression(db: Database, monitor_id: str, slow: bool, reason: str
 
 async def run_regression(rt: Runtime) -> None:
     """Evaluate regression detection once a minute."""
-    while True:
-        await asyncio.sleep(60)
-        try:
-            for monitor_id in await detect_regressions(rt.db, rt.cfg):
-                rt.monitor_changed(monitor_id)
-        except sqlite3.Error:
-            log.exception("regression detection failed")
+    async def regressions() -> None:
+        for monitor_id in await detect_regressions(rt.db, rt.cfg):
+            rt.monitor_changed(monitor_id)
+    await repeat(60, regressions)
 
 # --- API routes ---
 #
@@ -4251,6 +4252,7 @@ MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
 
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
 # with the server and cancelled at shutdown.
+_SERVICE_RESTART_DELAY = 5.0
 SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
     run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression)
 
@@ -4292,25 +4294,25 @@ class Runtime:
                   f"only this once:\n{key}", file=sys.stderr, flush=True)
         self.regions = {r["id"]: dict(r) for r in await self.db.fetchall(
             "SELECT * FROM worker_regions WHERE is_active = 1")}
-        self.every(5.0, lambda: self.usage.flush(self.db))
-        for service in SERVICES:
-            self._tasks.append(asyncio.create_task(service(self)))
+        self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
+        self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
+
+    async def _supervise(self, service: Callable[[Runtime], Awaitable[None]]) -> None:
+        """Run a background service for the server's life; if it crashes, log why and start
+        it again, so no failure silently stops probing, deadlines or alerts."""
+        while True:
+            try:
+                await service(self)
+                return
+            except Exception:
+                log.exception("service %s crashed; restarting it in %s s", service.__name__,
+                              _SERVICE_RESTART_DELAY)
+                await asyncio.sleep(_SERVICE_RESTART_DELAY)
 
     def monitor_changed(self, monitor_id: str) -> None:
         """Tell the background services that a monitor was created, edited or deleted."""
         for listener in self.listeners:
             listener(monitor_id)
-
-    def every(self, seconds: float, job: Callable[[], Awaitable[Any]]) -> None:
-        """Run ``job`` every ``seconds`` in the background until stop; log its failures."""
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(seconds)
-                try:
-                    await job()
-                except Exception:
-                    log.exception("background job failed")
-        self._tasks.append(asyncio.create_task(loop()))
 
     async def stop(self) -> None:
         """Stop background work, write what is pending and close the database."""
@@ -4664,9 +4666,10 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
     row = await load_owned(call, "monitors")
     existing = monitor_record(row)
     body = await call.json()
-    inline = [{"type": r["type"], "config": json.loads(r["config"])} for r in await call.rt.db.fetchall(
-        "SELECT type, config FROM monitor_notifications WHERE monitor_id = ? AND channel_id IS NULL"
-        " ORDER BY created_at, id", (row["id"],))]
+    inline = [{"type": r["type"], "config": json.loads(r["config"])}
+              for r in await call.rt.db.fetchall(
+                  "SELECT type, config FROM monitor_notifications WHERE monitor_id = ?"
+                  " AND channel_id IS NULL ORDER BY created_at, id", (row["id"],))]
     clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing,
                                             inline=inline), existing=existing)
     columns = {f.column: _column_value(f, clean[f.name]) for f in fields

@@ -635,6 +635,25 @@ def test_health_version_and_regions(cfg, client):
                         "latitude": 0.0, "longitude": 0.0, "isActive": True}]
 
 
+def test_a_crashed_service_is_logged_and_restarted(cfg, key, monkeypatch, caplog):
+    runs = []
+
+    async def flaky(rt) -> None:
+        runs.append(time.monotonic())
+        if len(runs) < 3:
+            raise RuntimeError(f"crash {len(runs)}")
+        await asyncio.Event().wait()  # the third run stays up
+
+    monkeypatch.setattr(statusapp, "SERVICES", (flaky,))
+    monkeypatch.setattr(statusapp, "_SERVICE_RESTART_DELAY", 0.05)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}):
+        eventually(lambda: len(runs) == 3, 5)
+        time.sleep(0.2)
+    assert len(runs) == 3
+    crashes = [r for r in caplog.records if "service flaky crashed" in r.getMessage()]
+    assert len(crashes) == 2 and "crash 2" in str(crashes[1].exc_info[1])
+
+
 def test_health_reports_a_broken_database(cfg, client):
     rt = client.app.state.statusapp
     client.portal.call(rt.db._writer.close)
