@@ -118,7 +118,7 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "domain_check_hours": 6,
         "rdap_url": "https://rdap.org",
         "whois_server": "",
-        "blocklists": ["zen.spamhaus.org", "dbl.spamhaus.org"],
+        "blocklists": ["dbl.spamhaus.org"],
     },
     "region": {
         "id": "local",
