@@ -4373,9 +4373,26 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def api(path: str, *methods: str, public: bool = False, role: str | None = None
+@dataclass(frozen=True)
+class RouteDoc:
+    """What the OpenAPI document says of one route and method."""
+
+    path: str
+    method: str
+    summary: str
+    role: str | None
+    body: tuple[Field, ...]
+    query: tuple[Field, ...]
+
+
+API_DOCS: list[RouteDoc] = []
+
+
+def api(path: str, *methods: str, public: bool = False, role: str | None = None,
+        body: Sequence[Field] = (), query: Sequence[Field] = ()
         ) -> Callable[[Callable[[Call], Awaitable[Any]]], Callable[[Call], Awaitable[Any]]]:
-    """Register an ``/api/v1`` route.  Writes need MEMBER and reads VIEWER unless ``role``."""
+    """Register an ``/api/v1`` route.  Writes need MEMBER and reads VIEWER unless ``role``.
+    ``body`` and ``query`` name the Field tables the handler validates, for the OpenAPI document."""
     def register(handler: Callable[[Call], Awaitable[Any]]) -> Callable[[Call], Awaitable[Any]]:
         async def endpoint(request: Request) -> Response:
             rt: Runtime = request.app.state.statusapp
@@ -4400,6 +4417,10 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None
             response.headers.update(getattr(request.state, "headers", {}))
             return response
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
+        summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
+        API_DOCS.extend(RouteDoc(path, method, summary, None if public else role or (
+            "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"), tuple(body),
+            tuple(query)) for method in methods)
         return handler
     return register
 
@@ -4614,7 +4635,7 @@ async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
     return (await monitors_json(call.rt, [await load_owned(call, "monitors", monitor_id)]))[0]
 
 
-@api("/monitors", "GET")
+@api("/monitors", "GET", query=MONITOR_QUERY)
 async def list_monitors(call: Call) -> dict[str, Any]:
     query = parse_query(MONITOR_QUERY, call.request, call.env())
     where, params = ["account_id = ?"], [call.team]
@@ -4641,7 +4662,7 @@ async def get_monitor(call: Call) -> dict[str, Any]:
     return (await monitors_json(call.rt, [await load_owned(call, "monitors")]))[0]
 
 
-@api("/monitors", "POST")
+@api("/monitors", "POST", body=MONITOR_FIELDS)
 async def create_monitor(call: Call) -> Response:
     body = await call.json()
     clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
@@ -4690,7 +4711,7 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
     return row
 
 
-@api("/monitors/{monitorId}", "PUT")
+@api("/monitors/{monitorId}", "PUT", body=MONITOR_FIELDS)
 async def update_monitor(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, MONITOR_FIELDS)
     return await _monitor_response(call, row["id"])
@@ -4728,7 +4749,7 @@ async def get_regression(call: Call) -> dict[str, Any]:
     return regression_json(await load_owned(call, "monitors"))
 
 
-@api("/monitors/{monitorId}/regression", "PUT")
+@api("/monitors/{monitorId}/regression", "PUT", body=REGRESSION_FIELDS)
 async def update_regression(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, REGRESSION_FIELDS)
     return regression_json(await load_owned(call, "monitors", row["id"]))
@@ -4868,7 +4889,7 @@ def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
             "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
 
 
-@api("/monitors/{monitorId}/heartbeats", "GET")
+@api("/monitors/{monitorId}/heartbeats", "GET", query=HEARTBEAT_QUERY)
 async def list_heartbeats(call: Call) -> dict[str, Any]:
     """A monitor's pings, newest first (our addition to the spec)."""
     monitor = await load_owned(call, "monitors")
@@ -4937,7 +4958,7 @@ async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
             "checks": [check_json(c, rt.regions) for c in checks]}
 
 
-@api("/incidents", "GET")
+@api("/incidents", "GET", query=INCIDENT_QUERY)
 async def list_incidents(call: Call) -> dict[str, Any]:
     query = parse_query(INCIDENT_QUERY, call.request, call.env())
     where, params = ["account_id = ?"], [call.team]
@@ -4963,7 +4984,7 @@ async def get_incident(call: Call) -> dict[str, Any]:
     return await _incident_detail(call.rt, await load_owned(call, "incidents"))
 
 
-@api("/incidents/{incidentId}/updates", "POST")
+@api("/incidents/{incidentId}/updates", "POST", body=INCIDENT_UPDATE_FIELDS)
 async def post_incident_update(call: Call) -> Response:
     """A person's status update; ``resolved`` closes the incident and sends its alerts."""
     row = await load_owned(call, "incidents")
@@ -5114,7 +5135,7 @@ async def get_channel(call: Call) -> dict[str, Any]:
     return channel_json(await load_owned(call, "notification_channels"))
 
 
-@api("/notifications", "POST")
+@api("/notifications", "POST", body=CHANNEL_FIELDS)
 async def create_channel(call: Call) -> Response:
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env())
     channel_id, stamp = new_id("nc"), now_ms()
@@ -5128,7 +5149,7 @@ async def create_channel(call: Call) -> Response:
     return JSONResponse(channel_json(row), 201)
 
 
-@api("/notifications/{channelId}", "PUT")
+@api("/notifications/{channelId}", "PUT", body=CHANNEL_FIELDS)
 async def update_channel(call: Call) -> dict[str, Any]:
     """A partial update; a new config clears the failing mark (it may fix the channel)."""
     row = await load_owned(call, "notification_channels")
@@ -5203,7 +5224,7 @@ async def get_webhook(call: Call) -> dict[str, Any]:
     return webhook_json(await load_owned(call, "webhooks"))
 
 
-@api("/webhooks", "POST")
+@api("/webhooks", "POST", body=WEBHOOK_FIELDS)
 async def create_webhook(call: Call) -> Response:
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env())
     webhook_id, stamp = new_id("wh"), now_ms()
@@ -5216,7 +5237,7 @@ async def create_webhook(call: Call) -> Response:
     return JSONResponse(webhook_json(row), 201)
 
 
-@api("/webhooks/{webhookId}", "PUT")
+@api("/webhooks/{webhookId}", "PUT", body=WEBHOOK_FIELDS)
 async def update_webhook(call: Call) -> dict[str, Any]:
     """A partial update; ``"secret": null`` removes the secret, leaving it out keeps it."""
     row = await load_owned(call, "webhooks")
@@ -5419,7 +5440,7 @@ async def get_status_page(call: Call) -> dict[str, Any]:
     return await _status_page_response(call, await load_owned(call, "status_pages"))
 
 
-@api("/status-pages", "POST")
+@api("/status-pages", "POST", body=STATUS_PAGE_FIELDS)
 async def create_status_page(call: Call) -> Response:
     body = await call.json()
     clean = validate(STATUS_PAGE_FIELDS, body, await _page_env(call))
@@ -5433,7 +5454,7 @@ async def create_status_page(call: Call) -> Response:
     return JSONResponse(await _status_page_response(call, row), 201)
 
 
-@api("/status-pages/{statusPageId}", "PUT")
+@api("/status-pages/{statusPageId}", "PUT", body=STATUS_PAGE_FIELDS)
 async def update_status_page(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "status_pages")
     existing = status_page_json(row, "")
@@ -5504,7 +5525,7 @@ async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]
     return figures
 
 
-@api("/analytics/monitors/{monitorId}", "GET")
+@api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY)
 async def monitor_analytics(call: Call) -> dict[str, Any]:
     query = parse_query(ANALYTICS_QUERY, call.request, call.env())
     row = await load_owned(call, "monitors")
@@ -5741,7 +5762,7 @@ async def get_team_member(call: Call) -> dict[str, Any]:
     return member_json(await _member(call, call.param("memberId")))
 
 
-@api("/team/members", "POST", role="ADMIN")
+@api("/team/members", "POST", role="ADMIN", body=MEMBER_FIELDS)
 async def invite_team_member(call: Call) -> Response:
     """A PENDING invitation, answered with its one-time token (only the SHA256 is kept)."""
     clean = validate(MEMBER_FIELDS, await call.json(), call.env())
@@ -5760,7 +5781,8 @@ async def invite_team_member(call: Call) -> Response:
                         201)
 
 
-@api("/team/members/{memberId}", "PUT", role="ADMIN")
+@api("/team/members/{memberId}", "PUT", role="ADMIN",
+     body=MEMBER_UPDATE_FIELDS)
 async def update_team_member(call: Call) -> dict[str, Any]:
     """Change a member's role (or an invitation's); the owner is never demoted."""
     row = await _member(call, call.param("memberId"))
@@ -5917,7 +5939,7 @@ async def get_account(call: Call) -> dict[str, Any]:
     return await _account(call)
 
 
-@api("/account", "PUT")
+@api("/account", "PUT", body=ACCOUNT_FIELDS)
 async def update_account(call: Call) -> dict[str, Any]:
     existing = await _account(call)
     clean = validate((*ACCOUNT_FIELDS, *_ACCOUNT_READ_ONLY), await call.json(),
@@ -5975,7 +5997,7 @@ async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
     return key_json(row, rt.usage.last_used(key_id))
 
 
-@api("/account/api-keys", "GET")
+@api("/account/api-keys", "GET", query=KEY_QUERY)
 async def list_api_keys(call: Call) -> dict[str, Any]:
     assert call.who is not None
     query = parse_query(KEY_QUERY, call.request, call.env())
@@ -5990,7 +6012,7 @@ async def list_api_keys(call: Call) -> dict[str, Any]:
     return {"apiKeys": [key_json(row, call.rt.usage.last_used(row["id"])) for row in rows]}
 
 
-@api("/account/api-keys", "POST")
+@api("/account/api-keys", "POST", body=KEY_FIELDS)
 async def create_account_api_key(call: Call) -> Response:
     """A key for the caller, shown once; never more than the role and the creating key allow."""
     assert call.who is not None
@@ -6033,7 +6055,7 @@ USAGE_QUERY = (Field("period", "string", default="24h", choices=tuple(USAGE_HOUR
                      doc="Clock hours counted, the current one included"),)
 
 
-@api("/account/usage", "GET")
+@api("/account/usage", "GET", query=USAGE_QUERY)
 async def account_usage(call: Call) -> dict[str, Any]:
     """The team's requests per endpoint template, and the calling key's rate-limit window."""
     assert call.who is not None
@@ -6070,6 +6092,72 @@ async def health(call: Call) -> Response:
     if scheduler is not None:
         body["scheduler"] = scheduler
     return JSONResponse(body, 503 if status == "unhealthy" else 200)
+
+
+def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A Field as JSON Schema: its kind, choices, bounds, default and description."""
+    out: dict[str, Any] = {"type": spec.kind}
+    if spec.choices:
+        out["enum"] = list(spec.choices)
+    names = {"string": ("minLength", "maxLength"), "array": ("minItems", "maxItems")}
+    for key, bound in zip(names.get(spec.kind, ("minimum", "maximum")),
+                          (spec.minimum, spec.maximum)):
+        if bound is not None:
+            out[key] = _bound(bound, cfg)
+    if spec.default is not None:
+        out["default"] = spec.default
+    doc = spec.doc
+    if isinstance(spec.required, tuple):
+        doc = f"{doc} (required for {', '.join(spec.required)})".strip()
+    if doc:
+        out["description"] = doc
+    return out
+
+
+def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of /api/v1, generated from the routes and the same Field
+    tables that validate requests, so it cannot drift from what the server accepts."""
+    paths: dict[str, dict[str, Any]] = {}
+    for doc in API_DOCS:
+        operation: dict[str, Any] = {
+            "summary": doc.summary,
+            "parameters": [
+                *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in re.findall(r"{(\w+)}", doc.path)),
+                *({"name": f.name, "in": "query", "schema": _schema(f, cfg)} for f in doc.query)],
+            "responses": {"2XX": {"description": "Success"},
+                          "default": {"$ref": "#/components/responses/Error"}}}
+        if doc.body:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"type": "object",
+                           "properties": {f.name: _schema(f, cfg) for f in doc.body},
+                           "required": [f.name for f in doc.body if f.required is True]}}}}
+        if doc.role:
+            operation["security"] = [{"apiKey": []}, {"bearer": []}]
+            operation["x-statusapp-least-role"] = doc.role
+        else:
+            operation["security"] = []
+        paths.setdefault(doc.path, {})[doc.method.lower()] = operation
+    error = {"type": "object", "required": ["error", "code"], "properties": {
+        "error": {"description": "A message, or for validation errors the list of issues"},
+        "code": {"type": "string"}, "details": {}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "StatusApp API", "version": VERSION},
+        "servers": [{"url": cfg["server"]["base_url"] + API_PREFIX}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                                "bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Error": {"description": "The spec's error shape", "content": {
+                "application/json": {"schema": error}}}}},
+    }
+
+
+@api("/openapi.json", "GET", public=True)
+async def openapi(call: Call) -> dict[str, Any]:
+    """This API's OpenAPI 3.1 document."""
+    return openapi_document(call.rt.cfg)
 
 
 @api("/server/version", "GET", public=True)

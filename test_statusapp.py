@@ -41,6 +41,7 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import httpx
+import openapi_spec_validator
 import pytest
 import pytest_asyncio
 import trustme
@@ -623,6 +624,26 @@ def test_bad_requests_get_clear_json_errors_never_500(cfg, client):
         if message:
             assert body["error"] == message
     assert sql(cfg, "SELECT COUNT(*) FROM monitors") == [(0,)]
+
+
+def test_openapi_document_is_valid_and_follows_the_validation_tables(cfg, client):
+    doc = client.get("/api/v1/openapi.json", headers={"X-API-Key": ""}).json()
+    openapi_spec_validator.validate(doc)
+    for route in statusapp.ROUTES:
+        path = route.path.removeprefix("/api/v1")
+        assert set(doc["paths"][path]) >= {m.lower() for m in route.methods if m != "HEAD"}
+    body = doc["paths"]["/monitors"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["name"]
+    assert set(body["properties"]) == {f.name for f in statusapp.MONITOR_FIELDS}
+    assert body["properties"]["interval"]["minimum"] == cfg["probes"]["min_interval"] == 60
+    assert body["properties"]["type"]["enum"] == list(statusapp.MONITOR_TYPES)
+    assert body["properties"]["timeout"] == {"type": "integer", "minimum": 5, "maximum": 300,
+                                             "default": 30, "description": "Timeout in seconds"}
+    listing = {p["name"]: p for p in doc["paths"]["/monitors"]["get"]["parameters"]}
+    assert listing["sort"]["schema"]["enum"] == list(statusapp.MONITOR_SORTS)
+    assert doc["paths"]["/team/members"]["post"]["x-statusapp-least-role"] == "ADMIN"
+    assert doc["paths"]["/monitors/{monitorId}"]["get"]["x-statusapp-least-role"] == "VIEWER"
+    assert doc["paths"]["/health"]["get"]["security"] == []
 
 
 def test_health_version_and_regions(cfg, client):
