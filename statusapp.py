@@ -998,8 +998,7 @@ MONITOR_FIELDS = (
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
 )
 
-# Fields stored as JSON text, and the fields that are not monitor columns.
-_JSON_FIELDS = {"enabledWorkerRegionIds", "apiAuthConfig"}
+# The monitor fields that are not monitor columns.
 _NOT_COLUMNS = {"notifications"}
 MONITOR_COLUMNS = tuple(f for f in MONITOR_FIELDS if f.name not in _NOT_COLUMNS)
 REGRESSION_FIELDS = tuple(f for f in MONITOR_FIELDS if f.name.startswith("regression"))
@@ -4486,12 +4485,15 @@ def _like(text: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
 
 
+_JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
+
+
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
     out: dict[str, Any] = {"id": row["id"]}
     for spec in MONITOR_COLUMNS:
         value = row[spec.column]
-        if spec.name in _JSON_FIELDS and value is not None:
+        if spec.kind in _JSON_KINDS and value is not None:
             value = json.loads(value)
         elif spec.kind == "boolean":
             value = bool(value)
@@ -4612,10 +4614,36 @@ async def _channel_ids(call: Call) -> set[str]:
         "SELECT id FROM notification_channels WHERE account_id = ?", (call.team,))}
 
 
-def _column_value(field: Field, value: Any) -> Any:
-    if value is not None and field.name in _JSON_FIELDS:
-        return json.dumps(value)
-    return int(value) if isinstance(value, bool) else value
+def column_values(fields: Sequence[Field], clean: dict[str, Any]) -> dict[str, Any]:
+    """The clean values ``fields`` name, as columns: booleans 0/1, objects and arrays JSON."""
+    def stored(spec: Field, value: Any) -> Any:
+        if value is not None and spec.kind in _JSON_KINDS:
+            return json.dumps(value)
+        return int(value) if isinstance(value, bool) else value
+    return {f.column: stored(f, clean[f.name]) for f in fields if f.name in clean}
+
+
+def insert_statement(table: str, values: dict[str, Any]) -> Statement:
+    """An INSERT of ``values`` (column names from the Field tables, never from a client)."""
+    return (f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+            list(values.values()))
+
+
+def update_statement(table: str, row_id: str, values: dict[str, Any]) -> Statement:
+    """An UPDATE of ``values`` on one row, stamping ``updated_at``."""
+    values = {**values, "updated_at": now_ms()}
+    return (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in values)} WHERE id = ?",
+            [*values.values(), row_id])
+
+
+async def create_owned(call: Call, table: str, prefix: str,
+                       values: dict[str, Any]) -> sqlite3.Row:
+    """Insert a new row of the team's ``table`` and read it back."""
+    row_id, stamp = new_id(prefix), now_ms()
+    await call.rt.db.write([insert_statement(table, {
+        "id": row_id, "account_id": call.team, "created_at": stamp, "updated_at": stamp,
+        **values})])
+    return await load_owned(call, table, row_id)
 
 
 async def _save_notifications(conn: aiosqlite.Connection, monitor_id: str,
@@ -4670,13 +4698,11 @@ async def create_monitor(call: Call) -> Response:
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
     if clean["type"] == "CRON" and not clean["url"]:
         clean["url"] = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/heartbeat/{heartbeat}"
-    columns = [f.column for f in MONITOR_COLUMNS]
-    values = [_column_value(f, clean[f.name]) for f in MONITOR_COLUMNS]
     async with call.rt.db.transaction() as conn:
-        await conn.execute(
-            f"INSERT INTO monitors (id, account_id, heartbeat_id, created_at, updated_at,"
-            f" {', '.join(columns)}) VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(columns))})",
-            [monitor_id, call.team, heartbeat, stamp, stamp, *values])
+        await conn.execute(*insert_statement("monitors", {
+            "id": monitor_id, "account_id": call.team, "heartbeat_id": heartbeat,
+            "created_at": stamp, "updated_at": stamp,
+            **column_values(MONITOR_COLUMNS, clean)}))
         await _save_notifications(conn, monitor_id, clean["notifications"] or [])
     call.rt.monitor_changed(monitor_id)
     return JSONResponse(await _monitor_response(call, monitor_id), 201)
@@ -4693,18 +4719,14 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
                   " AND channel_id IS NULL ORDER BY created_at, id", (row["id"],))]
     clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing,
                                             inline=inline), existing=existing)
-    columns = {f.column: _column_value(f, clean[f.name]) for f in fields
-               if f.name in clean and f.name not in _NOT_COLUMNS}
+    columns = column_values([f for f in fields if f.name not in _NOT_COLUMNS], clean)
     kind = clean.get("type", existing["type"])
     if kind == "CRON" and not row["heartbeat_id"]:
         columns["heartbeat_id"] = secrets.token_urlsafe(18)
     elif kind != "CRON" and row["heartbeat_id"]:
         columns["heartbeat_id"] = None
-    columns["updated_at"] = now_ms()
     async with call.rt.db.transaction() as conn:
-        await conn.execute(
-            f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
-            [*columns.values(), row["id"]])
+        await conn.execute(*update_statement("monitors", row["id"], columns))
         if "notifications" in clean:
             await _save_notifications(conn, row["id"], clean["notifications"] or [])
     call.rt.monitor_changed(row["id"])
@@ -5138,14 +5160,8 @@ async def get_channel(call: Call) -> dict[str, Any]:
 @api("/notifications", "POST", body=CHANNEL_FIELDS)
 async def create_channel(call: Call) -> Response:
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env())
-    channel_id, stamp = new_id("nc"), now_ms()
-    await call.rt.db.write([(
-        "INSERT INTO notification_channels (id, account_id, name, type, config, is_active,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (channel_id, call.team, clean["name"], clean["type"], json.dumps(clean["config"]),
-         int(clean["isActive"]), stamp, stamp))])
-    row = await call.rt.db.fetchone("SELECT * FROM notification_channels WHERE id = ?",
-                                    (channel_id,))
+    row = await create_owned(call, "notification_channels", "nc",
+                             column_values(CHANNEL_FIELDS, clean))
     return JSONResponse(channel_json(row), 201)
 
 
@@ -5157,15 +5173,10 @@ async def update_channel(call: Call) -> dict[str, Any]:
                 "isActive": bool(row["is_active"])}
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env(existing=existing),
                      existing=existing)
-    columns = {f.column: json.dumps(clean[f.name]) if f.name == "config" else
-               int(clean[f.name]) if f.kind == "boolean" else clean[f.name]
-               for f in CHANNEL_FIELDS if f.name in clean}
+    columns = column_values(CHANNEL_FIELDS, clean)
     if "config" in clean:
         columns |= {"failing": 0, "last_error": None}
-    columns["updated_at"] = now_ms()
-    await call.rt.db.write([(
-        f"UPDATE notification_channels SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
-        [*columns.values(), row["id"]])])
+    await call.rt.db.write([update_statement("notification_channels", row["id"], columns)])
     return channel_json(await load_owned(call, "notification_channels"))
 
 
@@ -5227,13 +5238,7 @@ async def get_webhook(call: Call) -> dict[str, Any]:
 @api("/webhooks", "POST", body=WEBHOOK_FIELDS)
 async def create_webhook(call: Call) -> Response:
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env())
-    webhook_id, stamp = new_id("wh"), now_ms()
-    await call.rt.db.write([(
-        "INSERT INTO webhooks (id, account_id, name, url, events, secret, is_active, created_at,"
-        " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (webhook_id, call.team, clean["name"], clean["url"], clean["events"], clean["secret"],
-         int(clean["isActive"]), stamp, stamp))])
-    row = await call.rt.db.fetchone("SELECT * FROM webhooks WHERE id = ?", (webhook_id,))
+    row = await create_owned(call, "webhooks", "wh", column_values(WEBHOOK_FIELDS, clean))
     return JSONResponse(webhook_json(row), 201)
 
 
@@ -5244,12 +5249,8 @@ async def update_webhook(call: Call) -> dict[str, Any]:
     existing = {"name": row["name"], "url": row["url"], "events": row["events"],
                 "secret": row["secret"], "isActive": bool(row["is_active"])}
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env(), existing=existing)
-    columns = {f.column: int(clean[f.name]) if f.kind == "boolean" else clean[f.name]
-               for f in WEBHOOK_FIELDS if f.name in clean}
-    columns["updated_at"] = now_ms()
-    await call.rt.db.write([(
-        f"UPDATE webhooks SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
-        [*columns.values(), row["id"]])])
+    await call.rt.db.write([update_statement("webhooks", row["id"],
+                                             column_values(WEBHOOK_FIELDS, clean))])
     return webhook_json(await load_owned(call, "webhooks"))
 
 
@@ -5410,11 +5411,8 @@ async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, 
                 f"SELECT 1 FROM status_pages WHERE {column} = ? AND id != ?",
                 (clean[name], page_id))).fetchone():
             raise Conflict(f"This {name} is already in use", f"{name} {clean[name]!r} is taken")
-    columns = {f.column: _column_value(f, clean[f.name]) for f in _PAGE_COLUMNS
-               if f.name in clean}
-    columns["updated_at"] = now_ms()
-    await conn.execute(f"UPDATE status_pages SET {', '.join(f'{c} = ?' for c in columns)}"
-                       f" WHERE id = ?", [*columns.values(), page_id])
+    await conn.execute(*update_statement("status_pages", page_id,
+                                         column_values(_PAGE_COLUMNS, clean)))
     if "monitorGroups" not in clean:
         return
     await conn.execute("DELETE FROM status_page_groups WHERE status_page_id = ?", (page_id,))
@@ -5944,13 +5942,9 @@ async def update_account(call: Call) -> dict[str, Any]:
     existing = await _account(call)
     clean = validate((*ACCOUNT_FIELDS, *_ACCOUNT_READ_ONLY), await call.json(),
                      call.env(existing=existing), existing=existing)
-    columns = {f.column: int(clean[f.name]) if f.kind == "boolean" else clean[f.name]
-               for f in ACCOUNT_FIELDS if f.name in clean}
+    columns = column_values(ACCOUNT_FIELDS, clean)
     if columns:
-        columns["updated_at"] = now_ms()
-        await call.rt.db.write([(
-            f"UPDATE accounts SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
-            [*columns.values(), existing["id"]])])
+        await call.rt.db.write([update_statement("accounts", existing["id"], columns)])
     return await _account(call)
 
 
