@@ -630,8 +630,9 @@ class Field:
     doc: str = ""
     secret: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def column(self) -> str:
+        """The field's SQL column: ``camelCase`` -> ``camel_case`` (computed once per field)."""
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
 
 
@@ -3099,6 +3100,7 @@ async def run_incidents(rt: Runtime) -> None:
         while True:
             try:
                 if await process_transitions(rt):
+                    rt.public_cache.invalidate()
                     wake.set()
                     continue
             except Exception:
@@ -4033,16 +4035,18 @@ async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int
     now = now_ms()
     first = now // DAY_MS * DAY_MS - (days - 1) * DAY_MS
     counts = await collect(db, list(monitor_ids), first, now + 1, ("monitor", "day"))
+    starts = range(first, now + 1, DAY_MS)
+    labels = [datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d")
+              for day in starts]
+    empty = [0] * 5
     out: dict[str, list[dict[str, Any]]] = {}
     for monitor_id in monitor_ids:
-        out[monitor_id] = []
-        for day in range(first, now + 1, DAY_MS):
-            stats = WindowStats()
-            stats.add(counts.get((monitor_id, day), [0] * 5))
-            out[monitor_id].append({
-                "day": datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d"),
-                "up": stats.up, "down": stats.down, "degraded": stats.degraded,
-                "total": stats.total, "uptime": stats.uptime()})
+        out[monitor_id] = days = []
+        for day, label in zip(starts, labels, strict=True):
+            up, down, degraded = counts.get((monitor_id, day), empty)[:3]
+            total = up + down + degraded
+            days.append({"day": label, "up": up, "down": down, "degraded": degraded,
+                         "total": total, "uptime": uptime_percent(up + degraded, total)})
     return out
 
 
@@ -4267,6 +4271,7 @@ class Runtime:
         self.started = time.monotonic()
         self.regions: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
+        self.public_cache = PublicCache()
         self.heartbeats = Heartbeats(self)
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -4412,6 +4417,8 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             except Exception as exc:
                 log.exception("unhandled error in %s %s", request.method, request.url.path)
                 raise ApiError("Internal server error", "the error has been logged") from exc
+            if request.method != "GET" and not public:
+                rt.public_cache.invalidate()
             response = result if isinstance(result, Response) else JSONResponse(result)
             response.headers.update(getattr(request.state, "headers", {}))
             return response
@@ -6391,21 +6398,39 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsaf
                 "Cache-Control": "no-cache"}
 
 
+def _day_text(day: dict[str, Any]) -> str:
+    """One day's hover text: its uptime, level and failed checks."""
+    if day["uptime"] is None:
+        return f"{day['day']}: no data"
+    return (f"{day['day']}: {day['uptime']:.2f}% uptime, {day_level(day['uptime'])[2]} "
+            f"({day['down']} of {day['total']} checks down)")
+
+
+def _day_runs(days: Sequence[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
+    """The bar's cells as ``(first index, day count, level, hover text)``: each day with
+    downtime on its own, runs of days without downtime (or without data) merged into one."""
+    runs: list[tuple[int, int, str, str]] = []
+    for i, day in enumerate(days):
+        level, _, label = day_level(day["uptime"])
+        if level in ("ok", NO_DATA[0]) and runs and runs[-1][2] == level:
+            first, count, _, _ = runs[-1]
+            runs[-1] = (first, count + 1, level, f"{days[first]['day']} to {day['day']}: {label}")
+        else:
+            runs.append((i, 1, level, _day_text(day)))
+    return runs
+
+
 def _bars(monitor: dict[str, Any]) -> str:
-    """The 90-day bar: one SVG cell per UTC day with its uptime as hover text."""
-    cells = []
-    for i, day in enumerate(monitor["days"]):
-        uptime = _days_uptime([day])
-        level, _, label = day_level(uptime)
-        text = (f"{day['day']}: no data" if uptime is None else
-                f"{day['day']}: {uptime:.2f}% uptime, {label} "
-                f"({day['down']} of {day['total']} checks down)")
-        cells.append(f'<rect x="{i * 10}" width="8" height="34" class="d-{level}">'
-                     f'<title>{text}</title></rect>')  # our own text: nothing to escape
-    summary = (f"{len(cells)}-day uptime bar of {monitor['name']}: " +
+    """The 90-day bar as one small SVG: a cell per day with downtime and one per run of days
+    without, each with its hover text (about 1 KB per monitor instead of 9)."""
+    days = monitor["days"]
+    cells = "".join(f'<rect x="{first * 10}" width="{count * 10 - 2}" height="34" '
+                    f'class="d-{level}"><title>{text}</title></rect>'  # our own text
+                    for first, count, level, text in _day_runs(days))
+    summary = (f"{len(days)}-day uptime bar of {monitor['name']}: " +
                ("no data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}%"))
-    return (f'<svg class="bars" viewBox="0 0 {len(cells) * 10 - 2} 34" preserveAspectRatio="none"'
-            f' role="img" aria-label="{_esc(summary)}">{"".join(cells)}</svg>')
+    return (f'<svg class="bars" viewBox="0 0 {len(days) * 10 - 2} 34" preserveAspectRatio="none"'
+            f' role="img" aria-label="{_esc(summary)}">{cells}</svg>')
 
 
 def _monitor_html(monitor: dict[str, Any]) -> str:
@@ -6496,12 +6521,118 @@ _NOT_FOUND_HTML = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
                    ' at this address.</p></main></body></html>')
 
 
-def _html_response(request: Request, text: str, status: int) -> Response:
-    """HTML with the page headers, gzipped when the client accepts it (the bars repeat a lot)."""
-    body, headers = text.encode(), {**PAGE_HEADERS, "Vary": "Accept-Encoding"}
-    if len(body) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
-        body, headers["Content-Encoding"] = gzip.compress(body, 6), "gzip"
-    return Response(body, status, headers, "text/html; charset=utf-8")
+# Public responses are rendered once and then served from memory until the data behind them
+# changes (any API write or status change calls ``invalidate``) or PUBLIC_CACHE_SECONDS pass
+# (new checks only move the uptime figures), with an ETag for 304s and gzip when accepted.
+# Concurrent first requests for one address wait for a single render.
+PUBLIC_CACHE_SECONDS = 30.0
+PUBLIC_CACHE_ENTRIES = 1000
+_GZIP_MIN_BYTES = 1024
+
+
+@dataclass
+class CachedResponse:
+    """One rendered public response, with its gzip form made on first demand."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    etag: str
+    born: float
+    generation: int
+    gzipped: bytes | None = None
+
+    def gzip_body(self) -> bytes:
+        if self.gzipped is None:
+            self.gzipped = gzip.compress(self.body, 6)
+        return self.gzipped
+
+
+class PublicCache:
+    """Rendered public responses by full URL, valid for one data generation and a TTL."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.renders = 0
+        self._entries: dict[str, CachedResponse] = {}
+        self._flights: dict[str, asyncio.Future[CachedResponse]] = {}
+
+    def invalidate(self) -> None:
+        """The data changed: every entry is stale from now on."""
+        self.generation += 1
+
+    def _fresh(self, key: str) -> CachedResponse | None:
+        entry = self._entries.get(key)
+        if entry and entry.generation == self.generation and (
+                time.monotonic() - entry.born < PUBLIC_CACHE_SECONDS):
+            return entry
+        return None
+
+    async def get(self, key: str, render: Callable[[], Awaitable[Response]]) -> CachedResponse:
+        """The fresh entry for ``key``, rendering it once however many requests wait for it."""
+        entry = self._fresh(key)
+        if entry is not None:
+            return entry
+        if key in self._flights:
+            return await asyncio.shield(self._flights[key])
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            entry = await self._render(key, render)
+        except asyncio.CancelledError:
+            flight.cancel()
+            raise
+        except Exception as exc:
+            flight.set_exception(exc)
+            flight.exception()  # retrieved: waiters re-raise it, and none need not
+            raise
+        finally:
+            del self._flights[key]
+        flight.set_result(entry)
+        return entry
+
+    async def _render(self, key: str, render: Callable[[], Awaitable[Response]]
+                      ) -> CachedResponse:
+        generation = self.generation
+        response = await render()
+        self.renders += 1
+        body = bytes(response.body)
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        entry = CachedResponse(response.status_code, body, headers,
+                               f'"{hashlib.sha256(body).hexdigest()[:20]}"', time.monotonic(),
+                               generation)
+        if entry.status == 200:
+            self._entries.pop(key, None)
+            self._entries[key] = entry
+            if len(self._entries) > PUBLIC_CACHE_ENTRIES:
+                del self._entries[next(iter(self._entries))]
+        return entry
+
+
+def _cached_answer(request: Request, entry: CachedResponse) -> Response:
+    """A cached response as this client gets it: 304 for its ETag, gzip if it accepts it."""
+    headers = {**entry.headers, "ETag": entry.etag, "Vary": "Accept-Encoding"}
+    if entry.status == 200 and entry.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers={k: v for k, v in headers.items()
+                                                  if k != "content-type"})
+    body = entry.body
+    if len(body) >= _GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = entry.gzip_body(), "gzip"
+    return Response(body, entry.status, headers)
+
+
+def cached_public(handler: Callable[[Request], Awaitable[Response]]
+                  ) -> Callable[[Request], Awaitable[Response]]:
+    """Serve a public route from the runtime's PublicCache."""
+    @functools.wraps(handler)
+    async def serve(request: Request) -> Response:
+        rt: Runtime = request.app.state.statusapp
+        entry = await rt.public_cache.get(str(request.url), lambda: handler(request))
+        return _cached_answer(request, entry)
+    return serve
+
+
+def _html_response(text: str, status: int) -> Response:
+    return Response(text, status, PAGE_HEADERS, "text/html; charset=utf-8")
 
 
 async def _html_page(request: Request, column: str, value: str) -> Response:
@@ -6509,8 +6640,8 @@ async def _html_page(request: Request, column: str, value: str) -> Response:
     try:
         page = await _public_page(rt, column, value)
     except NotFound:
-        return _html_response(request, _NOT_FOUND_HTML, 404)
-    return _html_response(request, render_page(await page_view(rt, page)), 200)
+        return _html_response(_NOT_FOUND_HTML, 404)
+    return _html_response(render_page(await page_view(rt, page)), 200)
 
 
 async def page_by_slug(request: Request) -> Response:
@@ -6667,12 +6798,12 @@ async def badge_uptime(request: Request) -> Response:
 
 
 PAGE_ROUTES = [
-    Route("/", page_by_domain, methods=["GET"]),
-    Route("/status/{slug}.json", page_summary, methods=["GET"]),
-    Route("/status/{slug}/feed.atom", page_feed, methods=["GET"]),
-    Route("/status/{slug}", page_by_slug, methods=["GET"]),
-    Route("/badge/{monitorId}/status.svg", badge_status, methods=["GET"]),
-    Route("/badge/{monitorId}/uptime.svg", badge_uptime, methods=["GET"]),
+    Route("/", cached_public(page_by_domain), methods=["GET"]),
+    Route("/status/{slug}.json", cached_public(page_summary), methods=["GET"]),
+    Route("/status/{slug}/feed.atom", cached_public(page_feed), methods=["GET"]),
+    Route("/status/{slug}", cached_public(page_by_slug), methods=["GET"]),
+    Route("/badge/{monitorId}/status.svg", cached_public(badge_status), methods=["GET"]),
+    Route("/badge/{monitorId}/uptime.svg", cached_public(badge_uptime), methods=["GET"]),
 ]
 
 
