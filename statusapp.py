@@ -344,9 +344,13 @@ def now_ms() -> int:
 
 def iso(ms: int | None) -> str | None:
     """Unix milliseconds as the API's ISO-8601 UTC form, e.g. ``2025-01-21T10:30:00Z``."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if ms is None else _iso_second(ms // 1000)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _iso_second(second: int) -> str:
+    """A Unix second as ISO-8601 UTC (cached: listings repeat the same times)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def new_id(prefix: str) -> str:
@@ -4028,25 +4032,46 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
     return stats, regions
 
 
-async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int
-                      ) -> dict[str, list[dict[str, Any]]]:
+# Daily counts of days the daily rollups cover never change, so callers may keep them in a
+# ``SettledDays`` memo: keyed by the monitors, the first day and where the rollups end.
+SettledDays = dict[tuple[tuple[str, ...], int, int], dict[tuple[Any, ...], list[int]]]
+_SETTLED_MEMO_SIZE = 256
+
+
+async def _day_counts(db: Database, ids: list[str], first: int, now: int,
+                      memo: SettledDays | None) -> dict[tuple[Any, ...], list[int]]:
+    """Counts per (monitor, day) from ``first`` to now; the rolled-up days from ``memo``."""
+    settled = max(first, min(now // DAY_MS * DAY_MS, (await rollup_progress(db))[1]))
+    key = (tuple(ids), first, settled)
+    past = memo.get(key) if memo is not None else None
+    if past is None:
+        past = await collect(db, ids, first, settled, ("monitor", "day"))
+        if memo is not None:
+            if len(memo) >= _SETTLED_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[key] = past
+    return {**past, **await collect(db, ids, settled, now + 1, ("monitor", "day"))}
+
+
+async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int,
+                      memo: SettledDays | None = None) -> dict[str, list[dict[str, Any]]]:
     """Per monitor, one entry per UTC day of the last ``days`` days (today last), from
     daily rollups plus hourly and raw rows for the days not rolled up yet."""
     now = now_ms()
     first = now // DAY_MS * DAY_MS - (days - 1) * DAY_MS
-    counts = await collect(db, list(monitor_ids), first, now + 1, ("monitor", "day"))
+    counts = await _day_counts(db, list(monitor_ids), first, now, memo)
     starts = range(first, now + 1, DAY_MS)
     labels = [datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d")
               for day in starts]
     empty = [0] * 5
     out: dict[str, list[dict[str, Any]]] = {}
     for monitor_id in monitor_ids:
-        out[monitor_id] = days = []
+        out[monitor_id] = days_out = []
         for day, label in zip(starts, labels, strict=True):
             up, down, degraded = counts.get((monitor_id, day), empty)[:3]
             total = up + down + degraded
-            days.append({"day": label, "up": up, "down": down, "degraded": degraded,
-                         "total": total, "uptime": uptime_percent(up + degraded, total)})
+            days_out.append({"day": label, "up": up, "down": down, "degraded": degraded,
+                             "total": total, "uptime": uptime_percent(up + degraded, total)})
     return out
 
 
@@ -4272,6 +4297,7 @@ class Runtime:
         self.regions: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.public_cache = PublicCache()
+        self.settled_days: SettledDays = {}
         self.heartbeats = Heartbeats(self)
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -4495,16 +4521,22 @@ def _like(text: str) -> str:
 _JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
 
 
+def _json_column(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+# Each monitor column as (field name, column, how its stored value is read back).
+_MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tuple(
+    (spec.name, spec.column, _json_column if spec.kind in _JSON_KINDS
+     else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
+
+
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
     out: dict[str, Any] = {"id": row["id"]}
-    for spec in MONITOR_COLUMNS:
-        value = row[spec.column]
-        if spec.kind in _JSON_KINDS and value is not None:
-            value = json.loads(value)
-        elif spec.kind == "boolean":
-            value = bool(value)
-        out[spec.name] = value
+    for name, column, read in _MONITOR_READERS:
+        value = row[column]
+        out[name] = value if read is None else read(value)
     out["status"] = row["status"]
     out["isPaused"] = bool(row["is_paused"])
     out["heartbeatId"] = row["heartbeat_id"]
@@ -4653,17 +4685,16 @@ async def create_owned(call: Call, table: str, prefix: str,
     return await load_owned(call, table, row_id)
 
 
-async def _save_notifications(conn: aiosqlite.Connection, monitor_id: str,
-                              entries: list[dict[str, Any]]) -> None:
+def notification_statements(monitor_id: str, entries: list[dict[str, Any]]) -> list[Statement]:
     """Replace a monitor's notification targets with ``entries``."""
-    await conn.execute("DELETE FROM monitor_notifications WHERE monitor_id = ?", (monitor_id,))
     stamp = now_ms()
-    await conn.executemany(
-        "INSERT INTO monitor_notifications (id, monitor_id, channel_id, type, enabled, config,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(new_id("mn"), monitor_id, e.get("channelId"), None if e.get("channelId") else e["type"],
-          int(e["enabled"]), None if e.get("channelId") else json.dumps(e["config"]), stamp + i)
-         for i, e in enumerate(entries)])
+    return [("DELETE FROM monitor_notifications WHERE monitor_id = ?", (monitor_id,)),
+            *(("INSERT INTO monitor_notifications (id, monitor_id, channel_id, type, enabled,"
+               " config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (new_id("mn"), monitor_id, e.get("channelId"),
+                None if e.get("channelId") else e["type"], int(e["enabled"]),
+                None if e.get("channelId") else json.dumps(e["config"]), stamp + i))
+              for i, e in enumerate(entries))]
 
 
 async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
@@ -4705,12 +4736,11 @@ async def create_monitor(call: Call) -> Response:
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
     if clean["type"] == "CRON" and not clean["url"]:
         clean["url"] = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/heartbeat/{heartbeat}"
-    async with call.rt.db.transaction() as conn:
-        await conn.execute(*insert_statement("monitors", {
+    await call.rt.db.write([  # group commit: concurrent creates share one transaction
+        insert_statement("monitors", {
             "id": monitor_id, "account_id": call.team, "heartbeat_id": heartbeat,
-            "created_at": stamp, "updated_at": stamp,
-            **column_values(MONITOR_COLUMNS, clean)}))
-        await _save_notifications(conn, monitor_id, clean["notifications"] or [])
+            "created_at": stamp, "updated_at": stamp, **column_values(MONITOR_COLUMNS, clean)}),
+        *notification_statements(monitor_id, clean["notifications"] or [])])
     call.rt.monitor_changed(monitor_id)
     return JSONResponse(await _monitor_response(call, monitor_id), 201)
 
@@ -4732,10 +4762,9 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
         columns["heartbeat_id"] = secrets.token_urlsafe(18)
     elif kind != "CRON" and row["heartbeat_id"]:
         columns["heartbeat_id"] = None
-    async with call.rt.db.transaction() as conn:
-        await conn.execute(*update_statement("monitors", row["id"], columns))
-        if "notifications" in clean:
-            await _save_notifications(conn, row["id"], clean["notifications"] or [])
+    await call.rt.db.write([update_statement("monitors", row["id"], columns), *(
+        notification_statements(row["id"], clean["notifications"] or [])
+        if "notifications" in clean else ())])
     call.rt.monitor_changed(row["id"])
     return row
 
@@ -6303,7 +6332,7 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
     """Everything the page and its JSON show, read once: groups with 90-day days, incidents."""
     groups = await page_groups(rt.db, page["id"])
     monitors = {m["id"]: m for g in groups for m in g["monitors"]}
-    stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS)
+    stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS, rt.settled_days)
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
         monitor["days"] = days
@@ -6789,7 +6818,7 @@ async def badge_uptime(request: Request) -> Response:
             (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
         uptime = uptime_percent(counts[0], counts[1])
     else:
-        days = (await daily_stats(rt.db, [row["id"]], int(period[:-1])))[row["id"]]
+        days = (await daily_stats(rt.db, [row["id"]], int(period[:-1]), rt.settled_days))[row["id"]]
         uptime = _days_uptime(days)
     message = "no data" if uptime is None else f"{uptime:.2f}%"
     colour = "#9f9f9f" if uptime is None else next(c for low, c in BADGE_UPTIME if uptime >= low)
