@@ -11,10 +11,10 @@ Contents, in the order data flows through the program:
                    group-committing writer, separate readers.
 4. Validation   -- declarative field tables that validate, default and document resources.
 5. Auth         -- API keys, roles and permissions, rate limits, usage counters.
-6. Probes       -- one coroutine per monitor type, registered in ``PROBES``.
+6. Probes       -- one coroutine per monitor type, declared in ``MONITOR_TYPES``.
 7. Scheduler    -- the asyncio loop that runs probes on their intervals.
 8. Incidents    -- status transitions become incidents and alerts.
-9. Notifiers    -- one coroutine per channel type, registered in ``NOTIFIERS``.
+9. Notifiers    -- one sender per channel type, declared in ``CHANNEL_TYPES``.
 10. Analytics   -- rollups, retention, regression detection and the figures behind them.
 11. API routes  -- the ``/api/v1`` handlers.
 12. Pages       -- the public status pages and badges.
@@ -56,7 +56,7 @@ import time
 import tomllib
 import urllib.parse
 import zoneinfo
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -613,26 +613,39 @@ class Field:
     """One field of a resource: its JSON kind, presence rules, default, bounds and use.
 
     ``required`` is True, or the values of the resource's kind field (a monitor's ``type``)
-    that require it.  ``minimum``/``maximum`` bound integers, and string lengths; either may
-    name a config key ("probes.min_interval").  ``check(value, record, env)`` validates what
-    bounds cannot, and returns the clean value.  ``kinds`` says which resource kinds use it.
+    that require it.  ``secret`` is True, or the kinds for which the value is secret.
+    ``minimum``/``maximum`` bound integers, and string lengths; either may name a config key
+    ("probes.min_interval").  ``check(value, record, env)`` validates what bounds cannot, and
+    returns the clean value.  ``kinds`` says which resource kinds use it.
     """
 
     name: str
     kind: str
-    required: bool | tuple[str, ...] = False
+    required: bool | Collection[str] = False
     default: Any = None
     minimum: int | str | None = None
     maximum: int | str | None = None
-    choices: tuple[str, ...] | None = None
+    choices: Collection[str] | None = None
     check: Callable[[Any, dict[str, Any], dict[str, Any]], Any] | None = None
     kinds: tuple[str, ...] | None = None
     doc: str = ""
-    secret: tuple[str, ...] = ()
+    secret: bool | tuple[str, ...] = ()
 
     @property
     def column(self) -> str:
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+    def required_for(self, kind: str | None) -> bool:
+        """Whether a resource of ``kind`` must give this field."""
+        if isinstance(self.required, bool):
+            return self.required
+        return kind is not None and kind in self.required
+
+    def secret_for(self, kind: str | None) -> bool:
+        """Whether this field's value is secret in a resource of ``kind``."""
+        if isinstance(self.secret, bool):
+            return self.secret
+        return kind in self.secret
 
 
 def _kind(value: Any) -> str:
@@ -705,9 +718,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         kind = record.get(kind_field) if isinstance(record.get(kind_field), str) else None
     for spec in fields:
         value = record.get(spec.name)
-        needed = spec.required is True or (kind is not None and isinstance(spec.required, tuple)
-                                            and kind in spec.required)
-        if value is None and needed:
+        if value is None and spec.required_for(kind):
             received = "null" if spec.name in data else "undefined"
             issues.append({"code": "invalid_type", "expected": spec.kind, "received": received,
                            "path": [*path, spec.name], "message": "Required"})
@@ -774,7 +785,8 @@ def _hostname(value: str) -> str:
 
 def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
-    rule = MONITOR_TYPES.get(record.get("type") or "", "http")
+    declared = MONITOR_TYPES.get(record.get("type") or "")
+    rule = declared.url_rule if declared else "http"
     if rule == "http":
         return _url(value)
     if rule == "https":
@@ -833,9 +845,62 @@ def each(fields: Sequence[Field]) -> Callable[..., Any]:
     return check
 
 
-# How each monitor type reads ``url``: an http(s) URL, an https URL, a host, or free text.
-MONITOR_TYPES = {"WEBSITE": "http", "API": "http", "CRON": "text", "PING": "host",
-                 "PORT": "host", "DNS": "host", "SSL_CERT": "https", "DOMAIN": "host"}
+class Names(Collection[str]):
+    """The names in a registry whose entry passes ``test``, read at each use: the registries
+    below fill up later in the module (where each type's probe or sender is), after the Field
+    tables that name them are built."""
+
+    def __init__(self, registry: dict[str, Any], test: Callable[[Any], bool] = bool) -> None:
+        self.registry, self.test = registry, test
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.registry and self.test(self.registry[name])  # type: ignore[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, entry in self.registry.items() if self.test(entry))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@dataclass(frozen=True)
+class MonitorType:
+    """One monitor type: how it reads ``url`` (``http``: an http(s) URL, ``https``, ``host``: a
+    hostname/IP/URL, ``text``: free text) and its probe; None for a type that is never probed
+    (CRON: its checks are the heartbeats it receives).  Its fields are the MONITOR_FIELDS whose
+    ``kinds`` name it (or that have none)."""
+
+    name: str
+    url_rule: str
+    probe: Probe | None
+
+
+# Every monitor type by name, in declaration order; declared next to the probes.
+MONITOR_TYPES: dict[str, MonitorType] = {}
+
+
+@dataclass(frozen=True)
+class ChannelType:
+    """One notification channel type: its config fields (which validate, mask and document a
+    channel's ``config``), its sender, and whether it reaches a person (email, SMS, chat, push)
+    rather than a machine (webhook, PagerDuty, Opsgenie)."""
+
+    name: str
+    fields: tuple[Field, ...]
+    send: Sender
+    person_facing: bool
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.required is True)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.secret_for(self.name))
+
+
+# Every channel type by name, in declaration order; declared on the senders (``@channel_type``).
+CHANNEL_TYPES: dict[str, ChannelType] = {}
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 AUTH_TYPES = ("none", "bearer", "basic", "api_key", "oauth2", "jwt")
 
@@ -884,12 +949,8 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """``apiAuthConfig`` as responses show it: every secret field masked."""
     if not config:
         return config
-    secret = {f.name for f in AUTH_FIELDS if config.get("type") in f.secret}
+    secret = {f.name for f in AUTH_FIELDS if f.secret_for(config.get("type"))}
     return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
-
-
-CHANNEL_TYPES = ("EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM", "PAGERDUTY", "OPSGENIE",
-                 "MICROSOFT_TEAMS", "WEBHOOK")
 
 
 def check_channel_config(value: dict[str, Any], record: dict[str, Any],
@@ -900,7 +961,7 @@ def check_channel_config(value: dict[str, Any], record: dict[str, Any],
 
 INLINE_NOTIFICATION_FIELDS = (
     Field("channelId", "string", doc="An existing notification channel to link"),
-    Field("type", "string", choices=CHANNEL_TYPES),
+    Field("type", "string", choices=Names(CHANNEL_TYPES)),
     Field("enabled", "boolean", default=True),
     Field("config", "object", check=check_channel_config,
           doc="The channel configuration, as for /notifications"),
@@ -943,12 +1004,13 @@ def check_notifications(value: list[Any], record: dict[str, Any],
     return entries
 
 
-ALL_TYPES = tuple(MONITOR_TYPES)
+ALL_TYPES = Names(MONITOR_TYPES)
 HTTP_TYPES = ("WEBSITE", "API")
 
 MONITOR_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Monitor name"),
-    Field("url", "string", tuple(t for t in ALL_TYPES if t != "CRON"), minimum=1, maximum=2048,
+    Field("url", "string", Names(MONITOR_TYPES, lambda t: t.url_rule != "text"), minimum=1,
+          maximum=2048,
           check=check_monitor_url,
           doc="URL, hostname or IP (CRON: optional, defaults to the heartbeat URL)"),
     Field("type", "string", default="WEBSITE", choices=ALL_TYPES, doc="Monitor type"),
@@ -2178,10 +2240,30 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
                        category=category, details=details)
 
 
-PROBES: dict[str, Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult]]] = {
-    "WEBSITE": probe_http, "API": probe_http, "PING": probe_ping, "PORT": probe_port,
-    "DNS": probe_dns, "SSL_CERT": probe_ssl, "DOMAIN": probe_domain,
-}
+Probe = Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult]]
+
+
+def declare_monitor_types(*types: MonitorType) -> None:
+    """Register monitor types in MONITOR_TYPES (validation, scheduling and docs read it)."""
+    MONITOR_TYPES.update((t.name, t) for t in types)
+
+
+declare_monitor_types(
+    MonitorType("WEBSITE", "http", probe_http),
+    MonitorType("API", "http", probe_http),
+    MonitorType("CRON", "text", None),
+    MonitorType("PING", "host", probe_ping),
+    MonitorType("PORT", "host", probe_port),
+    MonitorType("DNS", "host", probe_dns),
+    MonitorType("SSL_CERT", "https", probe_ssl),
+    MonitorType("DOMAIN", "host", probe_domain),
+)
+
+
+def probe_of(kind: str) -> Probe | None:
+    """The probe of a monitor type; None for an unknown type or one that is never probed."""
+    declared = MONITOR_TYPES.get(kind)
+    return declared.probe if declared else None
 
 # --- Scheduler ---
 
@@ -2313,7 +2395,7 @@ class Scheduler:
 
     def _eligible(self, record: dict[str, Any]) -> bool:
         regions = record.get("enabledWorkerRegionIds")
-        return record["type"] in PROBES and (not regions or self.region in regions)
+        return probe_of(record["type"]) is not None and (not regions or self.region in regions)
 
     async def reload(self, ids: set[str] | None) -> None:
         """Bring the schedule in line with the database: every monitor (``None``, at start) or
@@ -2450,7 +2532,9 @@ class Scheduler:
     async def _check(self, entry: _Scheduled) -> None:
         started = time.time()
         try:
-            result = await PROBES[entry.record["type"]](entry.record, self.ctx)
+            probe = probe_of(entry.record["type"])
+            assert probe is not None, "only probed types are scheduled"
+            result = await probe(entry.record, self.ctx)
         except Exception as exc:  # a probe bug must not stop the scheduler
             log.exception("probe of monitor %s failed", entry.record["id"])
             result = _down(f"internal error: {exc}", "UNKNOWN")
@@ -3042,7 +3126,8 @@ def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
 async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> None:
     """Deliver one outbox row with retries, log every attempt, then record the outcome."""
     alert = Alert(**json.loads(row["alert"]))
-    records = await deliver(NOTIFIERS[row["channel_type"]], json.loads(row["config"]), alert, ctx,
+    send = CHANNEL_TYPES[row["channel_type"]].send
+    records = await deliver(send, json.loads(row["config"]), alert, ctx,
                             base_delay=rt.cfg["notifications"]["retry_delay"])
     for record in records:
         log.log(logging.INFO if record["ok"] else logging.WARNING,
@@ -3110,39 +3195,15 @@ async def run_incidents(rt: Runtime) -> None:
 # --- Notifiers ---
 #
 # The delivery layer: an ``Alert`` (what happened) becomes one request in each service's own wire
-# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, registered in
-# ``NOTIFIERS``; it raises ``DeliveryError`` on failure and ``deliver`` turns that into retries and
-# per-attempt records.  Senders never put a channel URL or token into an error message: webhook
-# URLs and Telegram's path carry the secret.
+# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, declared with its
+# config fields by ``@channel_type`` in ``CHANNEL_TYPES``; it raises ``DeliveryError`` on failure
+# and ``deliver`` turns that into retries and per-attempt records.  Senders never put a channel
+# URL or token into an error message: webhook URLs and Telegram's path carry the secret.
 
 ALERT_EVENTS = ("monitor.down", "monitor.up", "monitor.degraded", "incident.created",
                 "incident.resolved", "test")
 PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
 OPSGENIE_PRIORITIES = ("P1", "P2", "P3", "P4", "P5")
-
-# Config keys each channel type needs, and the ones API responses must mask.
-CHANNEL_REQUIRED: dict[str, tuple[str, ...]] = {
-    "EMAIL": ("emails",),
-    "SMS": ("phoneNumbers",),
-    "SLACK": ("webhookUrl",),
-    "DISCORD": ("webhookUrl",),
-    "TELEGRAM": ("botToken", "chatId"),
-    "PAGERDUTY": ("integrationKey",),
-    "OPSGENIE": ("apiKey",),
-    "MICROSOFT_TEAMS": ("webhookUrl",),
-    "WEBHOOK": ("url",),
-}
-CHANNEL_SECRETS: dict[str, tuple[str, ...]] = {
-    "EMAIL": (),
-    "SMS": (),
-    "SLACK": ("webhookUrl",),
-    "DISCORD": ("webhookUrl",),
-    "TELEGRAM": ("botToken",),
-    "PAGERDUTY": ("integrationKey",),
-    "OPSGENIE": ("apiKey",),
-    "MICROSOFT_TEAMS": ("webhookUrl",),
-    "WEBHOOK": ("headers", "secret"),
-}
 
 # 4xx means the request or the credentials are wrong and a retry cannot help, except these.
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -3552,25 +3613,60 @@ def _recipients(config: dict[str, Any], key: str) -> list[str]:
 
 
 Sender = Callable[[dict[str, Any], Alert, NotifyContext], Awaitable[int | None]]
-NOTIFIERS: dict[str, Sender] = {}  # channel type -> sender, filled by @_channel
+def channel_type(name: str, *fields: Field, person_facing: bool) -> Callable[[Sender], Sender]:
+    """Declare a channel type on its sender: its config ``fields`` (``required=True`` for the
+    keys it needs, ``secret=True`` for those responses mask) and whether it reaches a person.
 
-
-def _channel(kind: str) -> Callable[[Sender], Sender]:
-    """Register the sender for ``kind`` in NOTIFIERS, so a type is named once.
-
-    The registered sender refuses, permanently, a config that lacks the keys its type requires.
+    The registered sender refuses, permanently, a config that lacks a required key.
     """
     def wrap(send: Sender) -> Sender:
         @functools.wraps(send)
         async def checked(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int | None:
-            missing = [key for key in CHANNEL_REQUIRED[kind] if not config.get(key)]
+            missing = [key for key in declared.required if not config.get(key)]
             if missing:
-                raise DeliveryError(f"{kind} channel config lacks {', '.join(missing)}",
+                raise DeliveryError(f"{name} channel config lacks {', '.join(missing)}",
                                     permanent=True)
             return await send(config, alert, ctx)
-        NOTIFIERS[kind] = checked
+        declared = ChannelType(name, fields, checked, person_facing)
+        CHANNEL_TYPES[name] = declared
         return checked
     return wrap
+
+
+def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
+    """A ``check`` for an array of strings that must each match ``pattern``."""
+    regex = re.compile(pattern)
+
+    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
+        if bad:
+            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
+        return list(dict.fromkeys(v.strip() for v in value))
+    return check
+
+
+def _pattern(pattern: str, what: str) -> Callable[..., str]:
+    regex = re.compile(pattern)
+
+    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+        if not regex.fullmatch(value):
+            raise _Issue(f"Invalid {what}")
+        return value
+    return check
+
+
+def _check_headers(value: dict[str, Any], record: dict[str, Any],
+                   env: dict[str, Any]) -> dict[str, Any]:
+    """Header names must be tokens and values single-line strings, as post_webhook requires."""
+    try:
+        _user_headers(value)
+    except DeliveryError as exc:
+        raise _Issue(exc.message) from None
+    return value
+
+
+_CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=check_url,
+                          secret=True, doc="Incoming webhook URL (secret)")
 
 
 # The senders, one per channel type.
@@ -3615,7 +3711,9 @@ def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str
                             f"{len(recipients)}; refused {sorted(refused)}", permanent=True)
 
 
-@_channel("EMAIL")
+@channel_type("EMAIL", Field("emails", "array", True, minimum=1, maximum=50,
+                             check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"),
+                             doc="Recipients"), person_facing=True)
 async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
     """One plain-text message to every address in ``emails``, through the configured SMTP relay."""
     smtp = ctx.cfg["smtp"]
@@ -3632,7 +3730,9 @@ async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     await asyncio.to_thread(_smtp_send, smtp, message, recipients, ctx.timeout)
 
 
-@_channel("SMS")
+@channel_type("SMS", Field("phoneNumbers", "array", True, minimum=1, maximum=20,
+                           check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
+                           doc="Recipients in E.164 form (+15551234567)"), person_facing=True)
 async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Twilio Messages API, one message per number; every number is tried even if one fails."""
     notify = ctx.cfg["notifications"]
@@ -3660,7 +3760,10 @@ async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> 
     return statuses[-1]
 
 
-@_channel("SLACK")
+@channel_type("SLACK", _CHAT_WEBHOOK_URL,
+              Field("channel", "string", minimum=1, maximum=80,
+                    doc="Channel override, e.g. #alerts"),
+              person_facing=True)
 async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Slack incoming webhook: ``text`` for notifications, ``blocks`` for the message itself."""
     def mrkdwn(text: str) -> str:
@@ -3684,7 +3787,7 @@ async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     return await _post_json(ctx, "Slack", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("DISCORD")
+@channel_type("DISCORD", _CHAT_WEBHOOK_URL, person_facing=True)
 async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Discord webhook with one embed, coloured red, amber, green or blue by the event."""
     embed: dict[str, Any] = {
@@ -3701,7 +3804,12 @@ async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
     return await _post_json(ctx, "Discord", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("TELEGRAM")
+@channel_type(
+    "TELEGRAM",
+    Field("botToken", "string", True, secret=True, doc="Bot API token (secret)",
+          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)")),
+    Field("chatId", "string", True, minimum=1, maximum=64, doc="Chat, group or channel id"),
+    person_facing=True)
 async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Bot API sendMessage in plain text (no parse_mode, so names need no escaping)."""
     base = ctx.cfg["notifications"]["telegram_api_url"].rstrip("/")
@@ -3712,7 +3820,13 @@ async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext
     return await _post_json(ctx, "Telegram", url, payload)
 
 
-@_channel("PAGERDUTY")
+@channel_type(
+    "PAGERDUTY",
+    Field("integrationKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="Events API v2 routing key (secret)"),
+    Field("severity", "string", choices=PAGERDUTY_SEVERITIES,
+          doc="Trigger severity (default critical)"),
+    person_facing=False)
 async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Events API v2: trigger on trouble, resolve on recovery, both with the monitor's dedup_key."""
     event: dict[str, Any] = {"routing_key": config["integrationKey"]}
@@ -3738,7 +3852,12 @@ async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContex
     return await _post_json(ctx, "PagerDuty", ctx.cfg["notifications"]["pagerduty_url"], event)
 
 
-@_channel("OPSGENIE")
+@channel_type(
+    "OPSGENIE",
+    Field("apiKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="API integration key (secret)"),
+    Field("priority", "string", choices=OPSGENIE_PRIORITIES, doc="Alert priority (default P3)"),
+    person_facing=False)
 async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Alert API: create on trouble, close by alias on recovery (the alias deduplicates)."""
     base = ctx.cfg["notifications"]["opsgenie_url"].rstrip("/") + "/v2/alerts"
@@ -3762,7 +3881,7 @@ async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext
     return await _post_json(ctx, "OpsGenie", base, payload, headers=auth)
 
 
-@_channel("MICROSOFT_TEAMS")
+@channel_type("MICROSOFT_TEAMS", _CHAT_WEBHOOK_URL, person_facing=True)
 async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """An Adaptive Card message: accepted by Teams Workflows webhooks and classic connectors."""
     card: dict[str, Any] = {
@@ -3786,7 +3905,15 @@ async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     return await _post_json(ctx, "Teams", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("WEBHOOK")
+@channel_type(
+    "WEBHOOK",
+    Field("url", "string", True, maximum=2048, check=check_url,
+          doc="Endpoint that receives the webhook payload"),
+    Field("headers", "object", check=_check_headers, secret=True,
+          doc="Extra request headers (values are secret)"),
+    Field("secret", "string", minimum=1, maximum=255, secret=True,
+          doc="Signs the body as X-Webhook-Signature (secret)"),
+    person_facing=False)
 async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """The spec's webhook payload to ``url`` with the configured ``headers`` (signed if ``secret``).
 
@@ -4581,7 +4708,7 @@ def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> An
     """A channel config as responses show it: its secret keys masked (each header's value)."""
     if not config:
         return config
-    secret = CHANNEL_SECRETS.get(kind or "", ())
+    secret = CHANNEL_TYPES[kind].secrets if kind in CHANNEL_TYPES else ()
     return {k: _masked_value(v) if k in secret else v for k, v in config.items()}
 
 
@@ -5030,83 +5157,13 @@ async def post_incident_update(call: Call) -> Response:
 # Notification channels
 
 
-def _needed_by(key: str) -> tuple[str, ...]:
-    """The channel types whose config requires ``key`` (from the notifiers' CHANNEL_REQUIRED)."""
-    return tuple(kind for kind, keys in CHANNEL_REQUIRED.items() if key in keys)
-
-
-def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
-    """A ``check`` for an array of strings that must each match ``pattern``."""
-    regex = re.compile(pattern)
-
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
-        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
-        if bad:
-            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
-        return list(dict.fromkeys(v.strip() for v in value))
-    return check
-
-
-def _pattern(pattern: str, what: str) -> Callable[..., str]:
-    regex = re.compile(pattern)
-
-    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-        if not regex.fullmatch(value):
-            raise _Issue(f"Invalid {what}")
-        return value
-    return check
-
-
-def _check_headers(value: dict[str, Any], record: dict[str, Any],
-                   env: dict[str, Any]) -> dict[str, Any]:
-    """Header names must be tokens and values single-line strings, as post_webhook requires."""
-    try:
-        _user_headers(value)
-    except DeliveryError as exc:
-        raise _Issue(exc.message) from None
-    return value
-
-
-CHAT_URL_TYPES = ("SLACK", "DISCORD", "MICROSOFT_TEAMS")
-CHANNEL_CONFIG_FIELDS = (
-    Field("emails", "array", _needed_by("emails"), minimum=1, maximum=50, kinds=("EMAIL",),
-          check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"), doc="Recipients"),
-    Field("phoneNumbers", "array", _needed_by("phoneNumbers"), minimum=1, maximum=20,
-          kinds=("SMS",), check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
-          doc="Recipients in E.164 form (+15551234567)"),
-    Field("webhookUrl", "string", _needed_by("webhookUrl"), maximum=2048, check=check_url,
-          kinds=CHAT_URL_TYPES, doc="Incoming webhook URL (secret)"),
-    Field("channel", "string", minimum=1, maximum=80, kinds=("SLACK",),
-          doc="Channel override, e.g. #alerts"),
-    Field("botToken", "string", _needed_by("botToken"), kinds=("TELEGRAM",),
-          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)"),
-          doc="Bot API token (secret)"),
-    Field("chatId", "string", _needed_by("chatId"), minimum=1, maximum=64, kinds=("TELEGRAM",),
-          doc="Chat, group or channel id"),
-    Field("integrationKey", "string", _needed_by("integrationKey"), minimum=1, maximum=128,
-          kinds=("PAGERDUTY",), doc="Events API v2 routing key (secret)"),
-    Field("severity", "string", choices=PAGERDUTY_SEVERITIES, kinds=("PAGERDUTY",),
-          doc="Trigger severity (default critical)"),
-    Field("apiKey", "string", _needed_by("apiKey"), minimum=1, maximum=128, kinds=("OPSGENIE",),
-          doc="API integration key (secret)"),
-    Field("priority", "string", choices=OPSGENIE_PRIORITIES, kinds=("OPSGENIE",),
-          doc="Alert priority (default P3)"),
-    Field("url", "string", _needed_by("url"), maximum=2048, check=check_url, kinds=("WEBHOOK",),
-          doc="Endpoint that receives the webhook payload"),
-    Field("headers", "object", check=_check_headers, kinds=("WEBHOOK",),
-          doc="Extra request headers (values are secret)"),
-    Field("secret", "string", minimum=1, maximum=255, kinds=("WEBHOOK",),
-          doc="Signs the body as X-Webhook-Signature (secret)"),
-)
-
-
 def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
     """Swap masked secrets a client echoed back for the stored values."""
     def keep(new: Any, old: Any) -> Any:
         if isinstance(new, dict) and isinstance(old, dict):
             return {k: keep(v, old.get(k)) for k, v in new.items()}
         return old if isinstance(old, str) and new == mask(old) else new
-    return {k: keep(v, previous.get(k)) if k in CHANNEL_SECRETS[kind] else v
+    return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
             for k, v in value.items()}
 
 
@@ -5122,14 +5179,13 @@ def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dic
         value = _unmasked(kind, value, existing["config"])
     if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
         value = {**value, "chatId": str(value["chatId"])}
-    fields = tuple(f for f in CHANNEL_CONFIG_FIELDS if kind in (f.kinds or ()))
-    clean = validate(fields, value, env, kind=kind, path=env["path"])
+    clean = validate(CHANNEL_TYPES[kind].fields, value, env, kind=kind, path=env["path"])
     return {k: v for k, v in clean.items() if v is not None}
 
 
 CHANNEL_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Channel name"),
-    Field("type", "string", True, choices=CHANNEL_TYPES, doc="Channel type"),
+    Field("type", "string", True, choices=Names(CHANNEL_TYPES), doc="Channel type"),
     Field("config", "object", True, check=check_channel_config,
           doc="Type-specific configuration (see the channel types)"),
     Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
@@ -5271,7 +5327,8 @@ async def test_webhook(call: Call) -> dict[str, Any]:
                                          "url": call.rt.cfg["server"]["base_url"],
                                          "type": "WEBSITE", "status": "UP"})
     async with NotifyContext(call.rt.cfg) as ctx:
-        records = await deliver(NOTIFIERS["WEBHOOK"], {"url": row["url"], "secret": row["secret"]},
+        send = CHANNEL_TYPES["WEBHOOK"].send
+        records = await deliver(send, {"url": row["url"], "secret": row["secret"]},
                                 alert, ctx, attempts=1)
     stamp, delivery = now_ms(), new_id("wd")
     await call.rt.db.write([
@@ -6101,7 +6158,7 @@ def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if spec.default is not None:
         out["default"] = spec.default
     doc = spec.doc
-    if isinstance(spec.required, tuple):
+    if not isinstance(spec.required, bool):
         doc = f"{doc} (required for {', '.join(spec.required)})".strip()
     if doc:
         out["description"] = doc
