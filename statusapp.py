@@ -659,7 +659,7 @@ def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
     return bound
 
 
-def _check_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
     """Validate one present value against its field; return the clean value or raise _Issue."""
     if value is None:
         return None
@@ -727,7 +727,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         if not given and not (spec.check and value is not None):
             continue  # unchanged, and nothing else it depends on can have changed its validity
         try:
-            checked = _check_one(spec, value, record, {**env, "path": (*path, spec.name)})
+            checked = _validate_one(spec, value, record, {**env, "path": (*path, spec.name)})
         except _Issue as exc:
             issues.append({**exc.issue, "path": [*path, spec.name]})
         except ValidationFailed as exc:
@@ -765,7 +765,7 @@ def _url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
     return value
 
 
-def check_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An absolute http(s) URL."""
     return _url(value)
 
@@ -783,7 +783,7 @@ def _hostname(value: str) -> str:
     return host
 
 
-def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
     declared = MONITOR_TYPES.get(record.get("type") or "")
     rule = declared.url_rule if declared else "http"
@@ -796,7 +796,7 @@ def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value.strip()
 
 
-def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """``requestHeaders`` is a JSON string of an object of string values."""
     try:
         headers = parse_json(value)
@@ -807,7 +807,7 @@ def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) 
     return value
 
 
-def check_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An IP address for A/AAAA records; any answer text for the other record types."""
     if record.get("dnsRecord") in ("A", "AAAA"):
         try:
@@ -821,7 +821,7 @@ def check_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value
 
 
-def check_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+def valid_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
     """Every id must name a known worker region."""
     unknown = [v for v in value if v not in env["regions"]]
     if unknown:
@@ -913,7 +913,7 @@ AUTH_FIELDS = (
     Field("apiKeyHeader", "string", minimum=1),
     Field("apiKeyName", "string", minimum=1),
     Field("apiKeyLocation", "string", choices=("header", "query")),
-    Field("oauth2TokenUrl", "string", ("oauth2",), check=check_url),
+    Field("oauth2TokenUrl", "string", ("oauth2",), check=valid_url),
     Field("oauth2ClientId", "string", ("oauth2",), minimum=1),
     Field("oauth2ClientSecret", "string", ("oauth2",), secret=("oauth2",)),
     Field("oauth2Scope", "string"),
@@ -924,7 +924,7 @@ AUTH_FIELDS = (
 )
 
 
-def check_auth_config(value: dict[str, Any], record: dict[str, Any],
+def valid_auth_config(value: dict[str, Any], record: dict[str, Any],
                       env: dict[str, Any]) -> dict[str, Any]:
     """Validate ``apiAuthConfig`` by its own type; keep secrets a client echoed back masked."""
     previous = (env.get("existing") or {}).get("apiAuthConfig") or {}
@@ -953,7 +953,7 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
 
 
-def check_channel_config(value: dict[str, Any], record: dict[str, Any],
+def valid_channel_config(value: dict[str, Any], record: dict[str, Any],
                          env: dict[str, Any]) -> dict[str, Any]:
     """A channel ``config`` checked by the rules of its ``type`` (``channel_config``)."""
     return channel_config(record.get("type"), value, env)
@@ -963,12 +963,12 @@ INLINE_NOTIFICATION_FIELDS = (
     Field("channelId", "string", doc="An existing notification channel to link"),
     Field("type", "string", choices=Names(CHANNEL_TYPES)),
     Field("enabled", "boolean", default=True),
-    Field("config", "object", check=check_channel_config,
+    Field("config", "object", check=valid_channel_config,
           doc="The channel configuration, as for /notifications"),
 )
 
 
-def check_notifications(value: list[Any], record: dict[str, Any],
+def valid_notifications(value: list[Any], record: dict[str, Any],
                         env: dict[str, Any]) -> list[dict[str, Any]]:
     """Each entry links a channel by ``channelId`` or defines one inline by type and config.
 
@@ -1011,7 +1011,7 @@ MONITOR_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Monitor name"),
     Field("url", "string", Names(MONITOR_TYPES, lambda t: t.url_rule != "text"), minimum=1,
           maximum=2048,
-          check=check_monitor_url,
+          check=valid_monitor_url,
           doc="URL, hostname or IP (CRON: optional, defaults to the heartbeat URL)"),
     Field("type", "string", default="WEBSITE", choices=ALL_TYPES, doc="Monitor type"),
     Field("interval", "integer", default=300, minimum="probes.min_interval", maximum=2_678_400,
@@ -1025,18 +1025,18 @@ MONITOR_FIELDS = (
           doc="Expected HTTP status (absent: any 2xx/3xx)"),
     Field("httpMethod", "string", default="GET", choices=HTTP_METHODS, kinds=HTTP_TYPES,
           doc="HTTP method"),
-    Field("requestHeaders", "string", maximum=16_384, check=check_json_headers, kinds=HTTP_TYPES,
+    Field("requestHeaders", "string", maximum=16_384, check=valid_json_headers, kinds=HTTP_TYPES,
           doc="JSON string of custom headers"),
     Field("requestBody", "string", maximum=65_536, kinds=HTTP_TYPES, doc="Request body"),
     Field("dnsRecord", "string", ("DNS",), choices=("A", "AAAA", "CNAME", "MX", "TXT"),
           kinds=("DNS",), doc="DNS record type"),
-    Field("expectedIp", "string", maximum=255, check=check_expected_ip, kinds=("DNS",),
+    Field("expectedIp", "string", maximum=255, check=valid_expected_ip, kinds=("DNS",),
           doc="Expected answer (an IP for A/AAAA)"),
     Field("gracePeriod", "integer", default=300, minimum="probes.min_interval", maximum=86_400,
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
           kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
-    Field("enabledWorkerRegionIds", "array", check=check_regions,
+    Field("enabledWorkerRegionIds", "array", check=valid_regions,
           doc="Worker regions to probe from (absent: the local region)"),
     Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
     Field("regressionThreshold", "integer", default=50, minimum=25, maximum=200,
@@ -1045,7 +1045,7 @@ MONITOR_FIELDS = (
           doc="Baseline period in days"),
     Field("performanceTimings", "boolean", default=False, kinds=HTTP_TYPES,
           doc="Record dns/connect/tls/ttfb/transfer timings"),
-    Field("apiAuthConfig", "object", check=check_auth_config, kinds=HTTP_TYPES,
+    Field("apiAuthConfig", "object", check=valid_auth_config, kinds=HTTP_TYPES,
           doc="API authentication (secrets are masked in responses)"),
     Field("domainExpiryDays", "integer", default=30, minimum=1, maximum=365, kinds=("DOMAIN",),
           doc="Days before domain expiry to warn"),
@@ -1056,7 +1056,7 @@ MONITOR_FIELDS = (
     Field("domainMonitorWhois", "boolean", default=True, kinds=("DOMAIN",),
           doc="Report registrar/status/nameserver changes"),
     Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
-    Field("notifications", "array", check=check_notifications,
+    Field("notifications", "array", check=valid_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
 )
 
@@ -1525,28 +1525,29 @@ def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
 
 class ProbeContext:
     """What all probes share, built once per process from the config: one HTTP client, the TLS
-    trust store, one DNS resolver and the OAuth2 token cache.  Close it with ``aclose``."""
+    trust store, one DNS resolver and the OAuth2 token cache.  ``settings`` is the ``[probes]``
+    config section (elsewhere ``cfg`` is always the whole config).  Close it with ``aclose``."""
 
     def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
-        self.cfg = cfg["probes"]
+        self.settings = cfg["probes"]
         # OpenSSL's default paths, so SSL_CERT_FILE / SSL_CERT_DIR work, plus our own CA file.
         self.ssl_context = ssl.create_default_context()
-        if self.cfg["ca_bundle"]:
+        if self.settings["ca_bundle"]:
             try:
-                self.ssl_context.load_verify_locations(cafile=self.cfg["ca_bundle"])
+                self.ssl_context.load_verify_locations(cafile=self.settings["ca_bundle"])
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"config: probes.ca_bundle: cannot load "
-                                  f"{self.cfg['ca_bundle']}: {exc}") from None
+                                  f"{self.settings['ca_bundle']}: {exc}") from None
         # For reading a certificate that does not verify (SSL_CERT says why it fails).
         self.unverified_ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.unverified_ssl_context.check_hostname = False
         self.unverified_ssl_context.verify_mode = ssl.CERT_NONE
         try:
-            self.resolver = _make_resolver(self.cfg["dns_nameservers"])
+            self.resolver = _make_resolver(self.settings["dns_nameservers"])
         except ValueError as exc:
             raise ConfigError(f"config: probes.dns_nameservers: {exc}") from None
         try:
-            whois = self.cfg["whois_server"]
+            whois = self.settings["whois_server"]
             self.whois_server = _split_host_port(whois, 43) if whois else _IANA_WHOIS
         except ValueError as exc:
             raise ConfigError(f"config: probes.whois_server: {exc}") from None
@@ -2065,7 +2066,7 @@ def _rdap_registrar(data: dict[str, Any]) -> str | None:
 
 
 async def _rdap_lookup(name: str, ctx: ProbeContext, timeout: float) -> dict[str, Any]:
-    url = f"{ctx.cfg['rdap_url'].rstrip('/')}/domain/{name}"
+    url = f"{ctx.settings['rdap_url'].rstrip('/')}/domain/{name}"
     try:
         async with asyncio.timeout(timeout):
             response = await ctx.http.get(url, follow_redirects=True, timeout=timeout,
@@ -2198,7 +2199,7 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
     timeout = _timeout(monitor)
     last = monitor.get("lastDetails") or {}
     started = time.perf_counter()
-    registration = _cached_registration(last, name, ctx.cfg["domain_check_hours"])
+    registration = _cached_registration(last, name, ctx.settings["domain_check_hours"])
     errors: list[str] = []
     if registration is None:
         registration, errors = await _fetch_registration(name, ctx, timeout)
@@ -2227,7 +2228,7 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
         for rdtype, answers in details["dns"].items():
             changes += _change(f"{rdtype} records", (last.get("dns") or {}).get(rdtype), answers)
     if monitor.get("domainMonitorBlacklist") is not False:
-        zones = ctx.cfg["blocklists"]
+        zones = ctx.settings["blocklists"]
         answers = await asyncio.gather(*(_dns_answers(ctx, f"{name}.{zone}", "A", timeout)
                                          for zone in zones))
         details["blocklists"] = {zone: _blocklist_state(found)
@@ -3655,7 +3656,7 @@ def _pattern(pattern: str, what: str) -> Callable[..., str]:
     return check
 
 
-def _check_headers(value: dict[str, Any], record: dict[str, Any],
+def _valid_headers(value: dict[str, Any], record: dict[str, Any],
                    env: dict[str, Any]) -> dict[str, Any]:
     """Header names must be tokens and values single-line strings, as post_webhook requires."""
     try:
@@ -3665,7 +3666,7 @@ def _check_headers(value: dict[str, Any], record: dict[str, Any],
     return value
 
 
-_CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=check_url,
+_CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=valid_url,
                           secret=True, doc="Incoming webhook URL (secret)")
 
 
@@ -3907,9 +3908,9 @@ async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
 
 @channel_type(
     "WEBHOOK",
-    Field("url", "string", True, maximum=2048, check=check_url,
+    Field("url", "string", True, maximum=2048, check=valid_url,
           doc="Endpoint that receives the webhook payload"),
-    Field("headers", "object", check=_check_headers, secret=True,
+    Field("headers", "object", check=_valid_headers, secret=True,
           doc="Extra request headers (values are secret)"),
     Field("secret", "string", minimum=1, maximum=255, secret=True,
           doc="Signs the body as X-Webhook-Signature (secret)"),
@@ -5186,7 +5187,7 @@ def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dic
 CHANNEL_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Channel name"),
     Field("type", "string", True, choices=Names(CHANNEL_TYPES), doc="Channel type"),
-    Field("config", "object", True, check=check_channel_config,
+    Field("config", "object", True, check=valid_channel_config,
           doc="Type-specific configuration (see the channel types)"),
     Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
 )
@@ -5249,7 +5250,7 @@ async def delete_channel(call: Call) -> dict[str, Any]:
 # Webhooks
 
 
-def check_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A comma-separated list of WEBHOOK_EVENTS, returned normalised (no spaces, no repeats)."""
     events = [e.strip() for e in value.split(",") if e.strip()]
     unknown = [e for e in events if e not in WEBHOOK_EVENTS]
@@ -5262,8 +5263,8 @@ def check_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str
 
 WEBHOOK_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Webhook name"),
-    Field("url", "string", True, maximum=2048, check=check_url, doc="Endpoint URL"),
-    Field("events", "string", True, maximum=255, check=check_events,
+    Field("url", "string", True, maximum=2048, check=valid_url, doc="Endpoint URL"),
+    Field("events", "string", True, maximum=255, check=valid_events,
           doc="Comma-separated event types"),
     Field("secret", "string", minimum=1, maximum=255,
           doc="Signs each body as X-Webhook-Signature; never returned (see hasSecret)"),
@@ -5360,7 +5361,7 @@ _HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
-def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """Lowercase letters, digits and inner hyphens: safe in a URL path as it is."""
     if not _SLUG.fullmatch(value):
         raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
@@ -5368,7 +5369,7 @@ def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
     if not _HEX_COLOR.fullmatch(value):
         raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
@@ -5376,7 +5377,7 @@ def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> 
     return value.lower()
 
 
-def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A DNS hostname (no scheme, port or path; not an IP address), stored lowercase."""
     host = value.strip().lower().rstrip(".")
     labels = host.split(".")
@@ -5386,7 +5387,7 @@ def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any])
     return host
 
 
-def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
+def valid_page_monitor_ids(value: list[Any], record: dict[str, Any],
                            env: dict[str, Any]) -> list[str]:
     """Every id must name one of the team's monitors; duplicates are dropped, order kept."""
     unknown = [str(v) for v in value if not isinstance(v, str) or v not in env["monitors"]]
@@ -5397,20 +5398,20 @@ def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
 
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
-    Field("monitorIds", "array", default=[], maximum=500, check=check_page_monitor_ids,
+    Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
           doc="The team's monitors in display order"),
 )
 
 STATUS_PAGE_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Status page name"),
-    Field("slug", "string", True, minimum=1, maximum=64, check=check_slug,
+    Field("slug", "string", True, minimum=1, maximum=64, check=valid_slug,
           doc="URL slug, unique across the server (409 when taken)"),
     Field("description", "string", maximum=2000, doc="Page description"),
     Field("isPublic", "boolean", default=True, doc="Private pages are 404 to the public"),
-    Field("brandColor", "string", check=check_hex_color, doc="Hex colour, #rgb or #rrggbb"),
-    Field("logoUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the logo"),
-    Field("faviconUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the favicon"),
-    Field("customDomain", "string", maximum=253, check=check_custom_domain,
+    Field("brandColor", "string", check=valid_hex_color, doc="Hex colour, #rgb or #rrggbb"),
+    Field("logoUrl", "string", maximum=2048, check=valid_url, doc="http(s) URL of the logo"),
+    Field("faviconUrl", "string", maximum=2048, check=valid_url, doc="http(s) URL of the favicon"),
+    Field("customDomain", "string", maximum=253, check=valid_custom_domain,
           doc="Hostname that serves the page at / (unique; 409 when taken)"),
     Field("monitorGroups", "array", default=[], maximum=100, check=each(MONITOR_GROUP_FIELDS),
           doc="Groups of monitors, in display order"),
@@ -5700,7 +5701,7 @@ METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
 TEAM_ROLES = ("ADMIN", "MEMBER", "VIEWER")  # the roles an invitation or a role change can give
 
 
-def check_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """``local@domain`` without spaces; compared without case (the columns are NOCASE)."""
     value = value.strip()
     if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
@@ -5709,7 +5710,7 @@ def check_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
 
 
 MEMBER_FIELDS = (
-    Field("email", "string", True, minimum=3, maximum=254, check=check_email,
+    Field("email", "string", True, minimum=3, maximum=254, check=valid_email,
           doc="The invitee's email address"),
     Field("name", "string", maximum=255, doc="The invitee's name"),
     Field("role", "string", True, choices=TEAM_ROLES,
@@ -5923,14 +5924,14 @@ def _timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
-def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An IANA zone name, as the system's tz database knows them."""
     if value not in _timezones():
         raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
     return value
 
 
-def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """E.164: a plus, a non-zero digit, at most 15 digits in all."""
     if not re.fullmatch(r"\+[1-9]\d{1,14}", value):
         raise _Issue("Invalid phone number: expected E.164 such as +14155550123",
@@ -5938,20 +5939,20 @@ def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def check_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     if value not in LANGUAGES:
         raise _Issue("Invalid language: expected an ISO 639-1 code such as 'en'")
     return value
 
 
-def check_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
+def valid_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
     """SMS notifications need somewhere to go."""
     if value and not record.get("phoneNumber"):
         raise _Issue("smsNotificationsEnabled needs a phoneNumber")
     return value
 
 
-def check_unchanged(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def valid_read_only(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
     """Read-only through the API: a value sent back unchanged passes, a change is refused."""
     name = env["path"][-1]
     if value != env["existing"][name]:
@@ -5962,14 +5963,14 @@ def check_unchanged(value: Any, record: dict[str, Any], env: dict[str, Any]) -> 
 
 ACCOUNT_FIELDS = (
     Field("name", "string", minimum=1, maximum=255, doc="Display name"),
-    Field("image", "string", maximum=2048, check=check_url, doc="Avatar URL (http or https)"),
-    Field("phoneNumber", "string", check=check_phone, doc="E.164 phone number"),
-    Field("smsNotificationsEnabled", "boolean", True, check=check_sms,
+    Field("image", "string", maximum=2048, check=valid_url, doc="Avatar URL (http or https)"),
+    Field("phoneNumber", "string", check=valid_phone, doc="E.164 phone number"),
+    Field("smsNotificationsEnabled", "boolean", True, check=valid_sms,
           doc="SMS notifications (needs phoneNumber)"),
-    Field("language", "string", True, check=check_language, doc="ISO 639-1 language code"),
-    Field("timezone", "string", True, check=check_timezone, doc="IANA time zone"),
+    Field("language", "string", True, check=valid_language, doc="ISO 639-1 language code"),
+    Field("timezone", "string", True, check=valid_timezone, doc="IANA time zone"),
 )
-_ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=check_unchanged)
+_ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=valid_read_only)
                            for name in ("email", "plan", "accountStatus"))
 
 
