@@ -56,7 +56,8 @@ import time
 import tomllib
 import urllib.parse
 import zoneinfo
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
+                             Sequence)
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -218,7 +219,7 @@ def _coerce(section: str, key: str, value: Any, from_text: bool) -> Any:
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                environ: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Merge defaults, a TOML file, ``STATUSAPP_<SECTION>_<KEY>`` variables and overrides."""
     environ = os.environ if environ is None else environ
     cfg = {section: dict(keys) for section, keys in CONFIG_DEFAULTS.items()}
@@ -391,6 +392,13 @@ def load_migrations(text: str | None = None) -> dict[int, str]:
     return blocks
 
 
+def present(row: sqlite3.Row | None) -> sqlite3.Row:
+    """A row the query cannot miss; a missing one is a bug, raised as such."""
+    if row is None:
+        raise LookupError("a query that always returns a row returned none")
+    return row
+
+
 class Database:
     """The SQLite file: migrations on open, a group-committing writer and read connections."""
 
@@ -443,7 +451,7 @@ class Database:
         assert self._writer is not None
         await self._writer.execute(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        rows = await self._writer.execute_fetchall("SELECT version FROM schema_version")
+        rows = list(await self._writer.execute_fetchall("SELECT version FROM schema_version"))
         return rows[0][0] if rows else 0
 
     async def migrate(self, upto: int | None = None) -> int:
@@ -479,6 +487,10 @@ class Database:
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row:
+        """The first row of a query that always has one (an aggregate, or a row just written)."""
+        return present(await self.fetchone(sql, params))
 
     async def fetchval(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = await self.fetchone(sql, params)
@@ -854,7 +866,7 @@ class Names(Collection[str]):
         self.registry, self.test = registry, test
 
     def __contains__(self, name: object) -> bool:
-        return name in self.registry and self.test(self.registry[name])  # type: ignore[index]
+        return isinstance(name, str) and name in self.registry and self.test(self.registry[name])
 
     def __iter__(self) -> Iterator[str]:
         return (name for name, entry in self.registry.items() if self.test(entry))
@@ -977,9 +989,9 @@ def valid_notifications(value: list[Any], record: dict[str, Any],
     stored: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for previous in env.get("inline", ()):
         stored[previous["type"]].append(previous["config"])
-    entries, issues, seen = [], [], collections.Counter()
+    entries, issues, seen = [], [], collections.Counter[str]()
     for i, item in enumerate(value):
-        kind = item.get("type") if isinstance(item, dict) else None
+        kind = str(item.get("type")) if isinstance(item, dict) else ""
         previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
@@ -1092,7 +1104,7 @@ def field_reference(fields: Sequence[Field]) -> str:
     return "\n".join(rows)
 
 
-def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
+def page_fields(sorts: Collection[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
     """The query parameters of a paged listing: page, limit, sort, order and filters."""
     return (
         Field("page", "integer", default=1, minimum=1, maximum=1_000_000),
@@ -1235,9 +1247,9 @@ class UsageCounter:
         or missed while it is being written.
         """
         async with self._flushing:
-            totals = collections.Counter(dict(await db.fetchall(
+            totals = collections.Counter({endpoint: n for endpoint, n in await db.fetchall(
                 "SELECT endpoint, SUM(count) FROM api_usage WHERE account_id = ? AND hour >= ?"
-                " GROUP BY endpoint", (team_id, since_hour))))
+                " GROUP BY endpoint", (team_id, since_hour))})
             for (team, endpoint, hour), n in self._counts.items():
                 if team == team_id and hour >= since_hour:
                     totals[endpoint] += n
@@ -1470,7 +1482,8 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         error: Exception | None = None
         for address in dict.fromkeys(info[4][0] for info in infos):
             try:
-                stream = await self._inner.connect_tcp(address, port, remaining, local_address,
+                stream = await self._inner.connect_tcp(str(address), port, remaining,
+                                                       local_address,
                                                        socket_options)
             except httpcore.ConnectError as exc:
                 error = exc
@@ -1597,12 +1610,14 @@ async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
     form = {"grant_type": auth.get("oauth2GrantType") or "client_credentials"}
     if auth.get("oauth2Scope"):
         form["scope"] = auth["oauth2Scope"]
-    attempts = [({**form, "client_id": client_id, "client_secret": secret}, None),
-                (form, httpx.BasicAuth(client_id, secret))]
+    attempts: list[tuple[dict[str, str], httpx.BasicAuth | None]] = [
+        ({**form, "client_id": client_id, "client_secret": secret}, None),
+        (form, httpx.BasicAuth(client_id, secret))]
     try:
         for data, basic in attempts:
             async with asyncio.timeout(timeout):
-                response = await client.post(url, data=data, auth=basic, timeout=timeout)
+                response = await client.post(url, data=data, auth=basic or httpx.USE_CLIENT_DEFAULT,
+                                             timeout=timeout)
             if response.status_code not in (400, 401) or basic is not None:
                 break
             if "invalid_client" not in response.text:
@@ -2928,7 +2943,7 @@ def transition_events(old: str, new: str, opened: bool, resolved: bool
 
 
 async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
-    rows = await conn.execute_fetchall(sql, params)
+    rows = list(await conn.execute_fetchall(sql, params))
     return rows[0] if rows else None
 
 
@@ -2955,9 +2970,9 @@ def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any]
 async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
                          transition: sqlite3.Row) -> sqlite3.Row:
     """A new incident: severity from how many regions are down, cause from the failing check."""
-    latest = await conn.execute_fetchall(
+    latest = list(await conn.execute_fetchall(
         "SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
-        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],))
+        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
     down = [c for c in latest if c["status"] == "DOWN"]
     severity = "high" if len(down) == len(latest) else "medium" if down else "low"
     cause = down[0] if down else None
@@ -2965,9 +2980,9 @@ async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
     root_cause = transition["reason"] or (cause and cause["error"]) or "Monitor is down"
     at = transition["created_at"]
     year = datetime.fromtimestamp(at / 1000, timezone.utc).year
-    number = (await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
-                               " WHERE account_id = ? AND year = ?",
-                         (monitor["account_id"], year)))[0]
+    number = present(await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
+                                      " WHERE account_id = ? AND year = ?",
+                                (monitor["account_id"], year)))[0]
     incident_id = new_id("inc")
     await conn.execute(
         "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at, severity,"
@@ -2977,7 +2992,7 @@ async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
          root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
     await add_incident_update(conn, incident_id, "investigating",
                               f"{monitor['name']} is down: {root_cause}", at)
-    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,))
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,)))
 
 
 async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
@@ -2990,8 +3005,8 @@ async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, stat
 async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at: int,
                            message: str) -> sqlite3.Row:
     """Close an incident, freezing its check counts and affected regions."""
-    stats = await _row(conn, _INCIDENT_STATS_SQL,
-                       (incident["monitor_id"], incident["started_at"], at))
+    stats = present(await _row(conn, _INCIDENT_STATS_SQL,
+                               (incident["monitor_id"], incident["started_at"], at)))
     regions = set(json.loads(incident["affected_regions"]))
     regions.update((stats["regions"] or "").split(",") if stats["regions"] else ())
     await conn.execute(
@@ -2999,7 +3014,7 @@ async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at
         " checks_total = ?, affected_regions = ? WHERE id = ?",
         (at, stats["failed"], stats["total"], json.dumps(sorted(regions)), incident["id"]))
     await add_incident_update(conn, incident["id"], "resolved", message, at)
-    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],))
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],)))
 
 
 async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
@@ -3009,7 +3024,8 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     or linked active channels) and the account's active webhooks subscribed to the event."""
     alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
                         "type": monitor["type"], "status": status}
-    stamp, rows = now_ms(), []
+    stamp = now_ms()
+    rows: list[tuple[str, str | None, str | None, str | None, str, str, str]] = []
     targets = await conn.execute_fetchall(
         "SELECT n.id, n.channel_id, COALESCE(n.type, c.type) AS type,"
         " COALESCE(n.config, c.config) AS config FROM monitor_notifications n"
@@ -3243,7 +3259,7 @@ class Alert:
     monitor: dict[str, Any]
     incident: dict[str, Any] | None = None
     check: dict[str, Any] | None = None
-    timestamp: str = dataclasses.field(default_factory=lambda: iso(now_ms()))
+    timestamp: str = dataclasses.field(default_factory=lambda: str(iso(now_ms())))
     note: str | None = None
 
     def __post_init__(self) -> None:
@@ -3521,7 +3537,7 @@ async def check_target(url: str, cfg: dict[str, dict[str, Any]]) -> None:
     except socket.gaierror as exc:
         raise DeliveryError(f"cannot resolve {host}: {exc.strerror}") from None
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].partition("%")[0])
+        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
         address = getattr(address, "ipv4_mapped", None) or address
         if not address.is_global or address.is_multicast:
             raise DeliveryError(f"{host} resolves to non-public address {address}; "
@@ -3678,11 +3694,14 @@ def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str
     """Blocking SMTP conversation (run in a thread), with SMTP replies mapped to DeliveryError."""
     security = smtp["security"]
     context = ssl.create_default_context()
+    # typeshed says float, but smtplib passes the timeout to socket, where None means no limit.
+    limit: Any = timeout
+    client: smtplib.SMTP
     try:
         if security == "tls":
-            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=timeout, context=context)
+            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=limit, context=context)
         else:
-            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=timeout)
+            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=limit)
         with client:
             if security == "starttls":
                 client.starttls(context=context)
@@ -4043,7 +4062,8 @@ def plan_window(lo: int, hi: int, hours_done: int, days_done: int) -> list[tuple
 
 async def rollup_progress(db: Database) -> tuple[int, int]:
     """Where hourly and daily rollups end (0 before the first roll-up)."""
-    done = dict(await db.fetchall("SELECT bucket, done_until FROM rollup_progress"))
+    done: dict[str, int] = {bucket: until for bucket, until in await db.fetchall(
+        "SELECT bucket, done_until FROM rollup_progress")}
     return done.get("h", 0), done.get("d", 0)
 
 
@@ -4130,7 +4150,8 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
     """
     regions: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     if hi - lo <= DAY_MS if exact is None else exact:
-        stats = WindowStats(values=[])
+        values: list[int] = []
+        stats = WindowStats(values=values)
         marks = ",".join("?" * len(ids))
         for region, status, rt in await db.fetchall(
                 f"SELECT region_id, status, response_time FROM checks WHERE monitor_id IN"
@@ -4139,7 +4160,7 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
             stats.add((status == "UP", status == "DOWN", status == "DEGRADED",
                        rt if timed else 0, timed))
             if timed:
-                stats.values.append(rt)
+                values.append(rt)
                 regions[region][0] += rt
                 regions[region][1] += 1
         return stats, regions
@@ -4290,7 +4311,7 @@ def _regression_reason(current: int, baseline: int, threshold: int, slow: bool) 
 
 
 async def _up_average(db: Database, monitor_id: str, lo: int, hi: int) -> sqlite3.Row:
-    return await db.fetchone(
+    return await db.fetchrow(
         "SELECT AVG(response_time) AS avg, COUNT(*) AS n, MIN(checked_at) AS first,"
         " MAX(checked_at) AS last FROM checks WHERE monitor_id = ? AND checked_at >= ?"
         " AND checked_at < ? AND status = 'UP' AND response_time IS NOT NULL",
@@ -4666,9 +4687,9 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for check in await latest_checks(rt.db, ids):
         latest[check["monitor_id"]].append(check_json(check, rt.regions))
-    incidents = dict(await rt.db.fetchall(
+    incidents: dict[str, int] = {monitor_id: n for monitor_id, n in await rt.db.fetchall(
         f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
-        f" GROUP BY monitor_id", ids))
+        f" GROUP BY monitor_id", ids)}
     links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for link in await rt.db.fetchall(
             f"SELECT n.*, c.name AS channel_name, c.type AS channel_type,"
@@ -5078,7 +5099,7 @@ async def incident_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
     regions = json.loads(row["affected_regions"])
     failed, total = row["checks_failed"], row["checks_total"]
     if resolved is None:
-        stats = await rt.db.fetchone(_INCIDENT_STATS_SQL,
+        stats = await rt.db.fetchrow(_INCIDENT_STATS_SQL,
                                      (row["monitor_id"], row["started_at"], now_ms()))
         failed, total = stats["failed"], stats["total"]
         regions = sorted({*regions, *((stats["regions"] or "").split(",") if stats["regions"]
@@ -5140,12 +5161,13 @@ async def post_incident_update(call: Call) -> Response:
     row = await load_owned(call, "incidents")
     clean = validate(INCIDENT_UPDATE_FIELDS, await call.json(), call.env())
     async with call.rt.db.transaction() as conn:
-        current = await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],))
+        current = present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],)))
         if current["resolved_at"] is not None:
             raise Conflict("Incident is already resolved", "updates go to open incidents only")
         if clean["status"] == "resolved":
             resolved = await resolve_incident(conn, current, now_ms(), clean["message"])
-            monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (row["monitor_id"],))
+            monitor = present(await _row(conn, "SELECT * FROM monitors WHERE id = ?",
+                                         (row["monitor_id"],)))
             await enqueue_alerts(conn, monitor, monitor["status"], ["incident.resolved"],
                                  ["incident.resolved"], incident=incident_alert(resolved),
                                  check=None, timestamp=iso(resolved["resolved_at"]),
@@ -5506,7 +5528,7 @@ async def create_status_page(call: Call) -> Response:
                            " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (page_id, call.team, page_id, page_id, stamp, stamp))
         await _save_page(conn, page_id, clean)
-    row = await call.rt.db.fetchone("SELECT * FROM status_pages WHERE id = ?", (page_id,))
+    row = await call.rt.db.fetchrow("SELECT * FROM status_pages WHERE id = ?", (page_id,))
     return JSONResponse(await _status_page_response(call, row), 201)
 
 
@@ -5545,11 +5567,11 @@ def _seconds(ms: float | None) -> int | None:
 async def dashboard_analytics(call: Call) -> dict[str, Any]:
     """Team-wide counts now, incidents, and check performance over the last 24 hours."""
     db, now = call.rt.db, now_ms()
-    counts = await db.fetchone(
+    counts = await db.fetchrow(
         "SELECT COUNT(*), SUM(is_paused = 0), SUM(is_paused = 1), SUM(status = 'UP'),"
         " SUM(status = 'DOWN'), SUM(status = 'DEGRADED') FROM monitors WHERE account_id = ?",
         (call.team,))
-    incidents = await db.fetchone(
+    incidents = await db.fetchrow(
         "SELECT SUM(resolved_at IS NULL), SUM(resolved_at >= ?), SUM(resolved_at >= ?),"
         " AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at END)"
         " FROM incidents WHERE account_id = ?",
@@ -5588,7 +5610,7 @@ async def monitor_analytics(call: Call) -> dict[str, Any]:
     hi = now_ms()
     lo = hi - ANALYTICS_PERIODS[query["period"]]
     stats, regions = await window_stats(call.rt.db, [row["id"]], lo, hi)
-    incidents = await call.rt.db.fetchone(
+    incidents = await call.rt.db.fetchrow(
         "SELECT SUM(started_at >= ?), AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at"
         " END) FROM incidents WHERE monitor_id = ? AND (started_at >= ? OR resolved_at >= ?)",
         (lo, lo, row["id"], lo, lo))
@@ -5783,7 +5805,7 @@ async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool
     smtp = call.rt.cfg["smtp"]
     if not smtp["host"]:
         return False
-    owner = await call.rt.db.fetchone("SELECT email, name FROM accounts WHERE id = ?",
+    owner = await call.rt.db.fetchrow("SELECT email, name FROM accounts WHERE id = ?",
                                       (call.team,))
     url = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/team/invitations/{token}/accept"
     message = EmailMessage()
@@ -5898,7 +5920,7 @@ async def accept_invitation(call: Call) -> Response:
             " invitation_hash = NULL WHERE id = ?", (account_id, stamp, invite["id"]))
         key_id, key = await create_api_key(conn, account_id, "first key",
                                            ",".join(role_permissions(invite["role"])))
-    member = await call.rt.db.fetchone(f"{_MEMBER_SELECT} WHERE m.id = ?", (invite["id"],))
+    member = await call.rt.db.fetchrow(f"{_MEMBER_SELECT} WHERE m.id = ?", (invite["id"],))
     return JSONResponse({"member": member_json(member),
                          "apiKey": {**await _key(call.rt, key_id), "key": key}}, 201)
 
@@ -5977,7 +5999,7 @@ _ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=valid_read_only)
 async def _account(call: Call) -> dict[str, Any]:
     """The calling person, with their team's plan and status, in the spec's field order."""
     assert call.who is not None
-    row = await call.rt.db.fetchone(
+    row = await call.rt.db.fetchrow(
         "SELECT a.*, t.plan AS team_plan, t.account_status AS team_status FROM accounts a"
         " JOIN accounts t ON t.id = ? WHERE a.id = ?", (call.team, call.who.account_id))
     fields = {f.name: bool(row[f.column]) if f.kind == "boolean" else row[f.column]
@@ -6045,7 +6067,7 @@ def key_json(row: sqlite3.Row, last_used: int | None = None) -> dict[str, Any]:
 
 
 async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
-    row = await rt.db.fetchone("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+    row = await rt.db.fetchrow("SELECT * FROM api_keys WHERE id = ?", (key_id,))
     return key_json(row, rt.usage.last_used(key_id))
 
 
@@ -6710,7 +6732,7 @@ async def badge_uptime(request: Request) -> Response:
     row = await _badge_monitor(request)
     period = parse_query(BADGE_QUERY, request, {"cfg": rt.cfg, "regions": rt.regions})["period"]
     if period in _BADGE_HOURS:
-        counts = await rt.db.fetchone(
+        counts = await rt.db.fetchrow(
             "SELECT COALESCE(SUM(status IN ('UP', 'DEGRADED')), 0), COUNT(*) FROM checks"
             " WHERE monitor_id = ? AND checked_at >= ?",
             (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
