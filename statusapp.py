@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import enum
 import functools
 import gzip
 import hashlib
@@ -1126,7 +1127,16 @@ def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
 # (an account); the person acts within one team with one role.  The method decides the
 # permission a key needs (read, write, delete); the route decides the least role.
 
-ROLES = ("VIEWER", "MEMBER", "ADMIN", "OWNER")
+class Role(enum.StrEnum):
+    """A person's role in a team, least to most (str-valued: JSON and SQL see the name)."""
+
+    VIEWER = "VIEWER"
+    MEMBER = "MEMBER"
+    ADMIN = "ADMIN"
+    OWNER = "OWNER"
+
+
+ROLES = tuple(Role)
 PERMISSIONS = ("read", "write", "delete")
 _METHOD_PERMISSION = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write",
                       "PATCH": "write", "DELETE": "delete"}
@@ -1312,11 +1322,21 @@ ROOT_CAUSES = ("DNS_FAILURE", "NETWORK_TIMEOUT", "SERVER_ERROR", "APPLICATION_ER
                "THIRD_PARTY_SERVICE", "INFRASTRUCTURE", "DDOS_ATTACK", "MAINTENANCE", "UNKNOWN")
 
 
+class Status(enum.StrEnum):
+    """A check's or a monitor's status (str-valued: JSON and SQL see the name).  A check is
+    UP, DEGRADED or DOWN; a monitor is PENDING until its first check."""
+
+    PENDING = "PENDING"
+    UP = "UP"
+    DOWN = "DOWN"
+    DEGRADED = "DEGRADED"
+
+
 @dataclass
 class CheckResult:
     """What one probe saw.  ``details`` is type-specific (certificate, domain data...)."""
 
-    status: str                       # UP, DOWN or DEGRADED
+    status: str                       # a Status: UP, DOWN or DEGRADED
     response_time: int | None = None  # milliseconds
     status_code: int | None = None
     error: str | None = None
@@ -1327,7 +1347,7 @@ class CheckResult:
 _USER_AGENT = f"StatusApp/{VERSION} (uptime monitor)"
 _DEFAULT_TIMEOUT = 30.0
 _DEFAULT_EXPIRY_DAYS = 30  # sslCertExpiryDays / domainExpiryDays when the monitor leaves them out
-_SEVERITY = {"UP": 0, "DEGRADED": 1, "DOWN": 2}
+_SEVERITY: dict[str, int] = {Status.UP: 0, Status.DEGRADED: 1, Status.DOWN: 2}
 
 
 class _ProbeError(Exception):
@@ -1339,7 +1359,7 @@ class _ProbeError(Exception):
 
 
 def _down(error: str, category: str, **fields: Any) -> CheckResult:
-    return CheckResult(status="DOWN", error=error, category=category, **fields)
+    return CheckResult(status=Status.DOWN, error=error, category=category, **fields)
 
 
 def _elapsed_ms(started: float) -> int:
@@ -1353,7 +1373,7 @@ def _timeout(monitor: dict[str, Any]) -> float:
 def _verdict(problems: list[tuple[str, str, str]]) -> tuple[str, str | None, str | None]:
     """Status, joined error and the worst problem's category from (status, message, category)."""
     if not problems:
-        return "UP", None, None
+        return Status.UP, None, None
     worst = max(problems, key=lambda p: _SEVERITY[p[0]])
     return worst[0], "; ".join(p[1] for p in problems), worst[2]
 
@@ -1719,14 +1739,14 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     finally:
         _HTTP_TIMINGS.reset(token)
     code = response.status_code
-    result = CheckResult(status="UP", response_time=_elapsed_ms(started), status_code=code)
+    result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started), status_code=code)
     if timings is not None:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
         ctx.forget_oauth2_token(auth)
     if (code == expected) if expected else (200 <= code < 400):
         return result
-    result.status = "DOWN"
+    result.status = Status.DOWN
     result.error = f"HTTP {code}, expected {expected or '2xx or 3xx'}"
     result.category = "SERVER_ERROR" if code >= 500 else "APPLICATION_ERROR"
     return result
@@ -1783,7 +1803,7 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     try:
         if (monitor.get("protocol") or "TCP").upper() == "UDP":
             state = await _udp_check(host, port, timeout)
-            return CheckResult(status="UP", response_time=_elapsed_ms(started),
+            return CheckResult(status=Status.UP, response_time=_elapsed_ms(started),
                                details={"udp": state})
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port)
@@ -1794,7 +1814,7 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     except (TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started))
-    return CheckResult(status="UP", response_time=_elapsed_ms(started))
+    return CheckResult(status=Status.UP, response_time=_elapsed_ms(started))
 
 
 _PING_COUNT = 3
@@ -1826,9 +1846,9 @@ async def probe_ping(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     if not reply.is_alive:
         return _down(f"no reply to {reply.packets_sent} pings", "NETWORK_TIMEOUT",
                      details=details)
-    result = CheckResult(status="UP", response_time=round(reply.avg_rtt), details=details)
+    result = CheckResult(status=Status.UP, response_time=round(reply.avg_rtt), details=details)
     if reply.packet_loss:
-        result.status, result.category = "DEGRADED", "NETWORK_TIMEOUT"
+        result.status, result.category = Status.DEGRADED, "NETWORK_TIMEOUT"
         result.error = f"{details['packetLoss']:g}% packet loss"
     return result
 
@@ -1897,11 +1917,11 @@ async def probe_dns(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         answers = await _resolve(ctx, name, rdtype, timeout)
     except dns.exception.DNSException as exc:
         return _down(*_dns_error(exc, name, rdtype), response_time=_elapsed_ms(started))
-    result = CheckResult(status="UP", response_time=_elapsed_ms(started),
+    result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started),
                          details={"record": rdtype, "answers": answers})
     expected = monitor.get("expectedIp")
     if expected and not _dns_matches(expected, answers, rdtype):
-        result.status, result.category = "DOWN", "DNS_FAILURE"
+        result.status, result.category = Status.DOWN, "DNS_FAILURE"
         result.error = f"expected {expected} in {rdtype} answers, got {', '.join(answers)}"
     return result
 
@@ -2009,7 +2029,7 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     days = (cert["notAfter"] - now) // timedelta(days=1)
     details = {"daysRemaining": days, "issuer": cert["issuer"], "subject": cert["subject"],
                "validFrom": cert["notBefore"].isoformat(), "validTo": cert["notAfter"].isoformat()}
-    result = CheckResult(status="DOWN", response_time=_elapsed_ms(started),
+    result = CheckResult(status=Status.DOWN, response_time=_elapsed_ms(started),
                          category="SSL_CERTIFICATE", details=details)
     if now >= cert["notAfter"]:
         result.error = f"certificate expired on {cert['notAfter']:%Y-%m-%d}"
@@ -2020,9 +2040,9 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     elif rejected is not None:
         result.error = f"certificate is not trusted: {rejected.verify_message}"
     elif days < (monitor.get("sslCertExpiryDays") or _DEFAULT_EXPIRY_DAYS):
-        result.status, result.error = "DEGRADED", f"certificate expires in {days} days"
+        result.status, result.error = Status.DEGRADED, f"certificate expires in {days} days"
     else:
-        result.status, result.category = "UP", None
+        result.status, result.category = Status.UP, None
     return result
 
 
@@ -2223,16 +2243,17 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
     changes: list[str] = []
     expires = _parse_date(details.get("expiresAt"))
     if registration is None:
-        problems.append(("DOWN", "; ".join(errors) or "no registration data",
+        problems.append((Status.DOWN, "; ".join(errors) or "no registration data",
                          "THIRD_PARTY_SERVICE"))
     elif expires is not None:
         days = (expires - datetime.now(timezone.utc)) // timedelta(days=1)
         details["daysRemaining"] = days
         if days < 0:
-            problems.append(("DOWN", f"domain expired on {expires:%Y-%m-%d}",
+            problems.append((Status.DOWN, f"domain expired on {expires:%Y-%m-%d}",
                              "CONFIGURATION_ERROR"))
         elif days < (monitor.get("domainExpiryDays") or _DEFAULT_EXPIRY_DAYS):
-            problems.append(("DEGRADED", f"domain expires in {days} days", "CONFIGURATION_ERROR"))
+            problems.append((Status.DEGRADED, f"domain expires in {days} days",
+                             "CONFIGURATION_ERROR"))
     if registration is not None and monitor.get("domainMonitorWhois") is not False:
         for key in ("registrar", "status", "nameservers"):
             changes += _change(key, last.get(key), registration[key])
@@ -2248,7 +2269,7 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
                                          for zone in zones))
         details["blocklists"] = {zone: _blocklist_state(found)
                                  for zone, found in zip(zones, answers, strict=True)}
-        problems += [("DEGRADED", f"listed on {zone}", "THIRD_PARTY_SERVICE")
+        problems += [(Status.DEGRADED, f"listed on {zone}", "THIRD_PARTY_SERVICE")
                      for zone, state in details["blocklists"].items() if state == "listed"]
     details["changes"] = changes
     status, error, category = _verdict(problems)
@@ -2333,20 +2354,20 @@ class _Scheduled:
     @property
     def confirming(self) -> bool:
         """A failure (or a recovery) seen but not yet confirmed: re-check after retry_delay."""
-        return bool(self.successes if self.status == "DOWN" else self.failures)
+        return bool(self.successes if self.status == Status.DOWN else self.failures)
 
     def judge(self, result: CheckResult, probes: dict[str, Any]) -> str:
         """The status after ``result``: DOWN only after ``confirmations`` failures in a row (from
         PENDING too), back up after ``recoveries`` good ones, UP/DEGRADED otherwise at once."""
-        if result.status == "DOWN":
+        if result.status == Status.DOWN:
             self.failures, self.successes = self.failures + 1, 0
-            return "DOWN" if self.failures >= probes["confirmations"] else self.status
+            return Status.DOWN if self.failures >= probes["confirmations"] else self.status
         self.failures = 0
-        if self.status != "DOWN":
+        if self.status != Status.DOWN:
             return result.status
         self.successes += 1
         if self.successes < probes["recoveries"]:
-            return "DOWN"
+            return Status.DOWN
         self.successes = 0
         return result.status
 
@@ -2467,9 +2488,9 @@ class Scheduler:
         entry.failures = entry.successes = 0
         if row["last_at"] is not None:
             entry.last_at = row["last_at"] / 1000
-            failed = row["last_status"] == "DOWN"
-            entry.failures = int(failed and entry.status != "DOWN")
-            entry.successes = int(not failed and entry.status == "DOWN")
+            failed = row["last_status"] == Status.DOWN
+            entry.failures = int(failed and entry.status != Status.DOWN)
+            entry.successes = int(not failed and entry.status == Status.DOWN)
         if not entry.running:
             self._schedule(entry, self._planned(entry, now) if initial else now)
 
@@ -2568,8 +2589,8 @@ class Scheduler:
         monitor_id, at = entry.record["id"], int(started * 1000)
         statements = check_statements(monitor_id, self.region, result, at)
         status = entry.judge(result, self.probes)
-        if status == "UP" and entry.regression:
-            status = "DEGRADED"  # worst of the probe's verdict and the regression detector's
+        if status == Status.UP and entry.regression:
+            status = Status.DEGRADED  # worst of the probe's verdict and the regression detector's
         if status != entry.status:
             statements += transition_statements(monitor_id, entry.status, status,
                                                 _reason(result), at)
@@ -2665,7 +2686,7 @@ class _Beat:
 
     monitor_id: str
     token: str | None = None
-    status: str = "PENDING"
+    status: str = Status.PENDING
     quiet: bool = True  # paused or inactive: pings are logged, the status never changes
     period_ms: int = 0
     grace_ms: int = 0
@@ -2690,7 +2711,7 @@ class _Beat:
         Editing or resuming a monitor restarts both clocks (``edited_at``), so a deadline that
         passed while it was paused does not fire the moment it is resumed.
         """
-        if self.quiet or self.status == "DOWN":
+        if self.quiet or self.status == Status.DOWN:
             return None
         dues = []
         if self.job_started_at is not None:
@@ -2847,17 +2868,18 @@ class Heartbeats:
     async def _miss(self, beat: _Beat, due_at: int, what: str) -> None:
         """Record a missed deadline: a DOWN check and transition, at the deadline's time."""
         reason = beat.reason(what)
-        result = CheckResult("DOWN", error=reason, category="UNKNOWN",
+        result = CheckResult(Status.DOWN, error=reason, category="UNKNOWN",
                              details={"heartbeat": what})
         statements = check_statements(beat.monitor_id, self.rt.cfg["region"]["id"], result,
                                       due_at)
-        statements += transition_statements(beat.monitor_id, beat.status, "DOWN", reason, due_at)
+        statements += transition_statements(beat.monitor_id, beat.status, Status.DOWN, reason,
+                                            due_at)
         if what == JOB_NOT_COMPLETE:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
         log.info("heartbeat monitor %s is DOWN: %s", beat.monitor_id, reason)
-        beat.status = "DOWN"
+        beat.status = Status.DOWN
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
 
@@ -2928,15 +2950,15 @@ def transition_events(old: str, new: str, opened: bool, resolved: bool
     webhooks: list[str] = []
     if old == new and not opened:
         return channels, webhooks  # a repeated status is no crossing
-    recovered = old == "DOWN" or resolved
-    if new == "DOWN":
+    recovered = old == Status.DOWN or resolved
+    if new == Status.DOWN:
         channels.append("monitor.down")
         webhooks += ["monitor.down", *(["incident.created"] if opened else [])]
-    elif new == "UP" and (recovered or old == "DEGRADED"):
+    elif new == Status.UP and (recovered or old == Status.DEGRADED):
         channels.append("monitor.up")
-    elif new == "DEGRADED":
+    elif new == Status.DEGRADED:
         channels += [*(["incident.resolved"] if resolved else []), "monitor.degraded"]
-    if new in ("UP", "DEGRADED"):
+    if new in (Status.UP, Status.DEGRADED):
         webhooks += [*(["monitor.up"] if recovered else []),
                      *(["incident.resolved"] if resolved else [])]
     return channels, webhooks
@@ -2963,7 +2985,7 @@ def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any]
         return None if error is None else {"statusCode": None, "responseTime": None,
                                            "error": error, "region": None}
     return {"statusCode": check["status_code"], "responseTime": check["response_time"],
-            "error": check["error"] or (error if check["status"] != "UP" else None),
+            "error": check["error"] or (error if check["status"] != Status.UP else None),
             "region": check["region_id"]}
 
 
@@ -2973,7 +2995,7 @@ async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
     latest = list(await conn.execute_fetchall(
         "SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
         " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
-    down = [c for c in latest if c["status"] == "DOWN"]
+    down = [c for c in latest if c["status"] == Status.DOWN]
     severity = "high" if len(down) == len(latest) else "medium" if down else "low"
     cause = down[0] if down else None
     category = cause["category"] if cause and cause["category"] in ROOT_CAUSES else "UNKNOWN"
@@ -3074,9 +3096,9 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
     incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
                                 " AND resolved_at IS NULL", (monitor["id"],))
     opened = resolved = False
-    if new == "DOWN" and incident is None:
+    if new == Status.DOWN and incident is None:
         incident, opened = await _open_incident(conn, monitor, transition), True
-    elif new in ("UP", "DEGRADED") and incident is not None:
+    elif new in (Status.UP, Status.DEGRADED) and incident is not None:
         took = human_duration((at - incident["started_at"]) / 1000)
         incident = await resolve_incident(conn, incident, at,
                                           f"{monitor['name']} is {new} again after {took}")
@@ -3086,7 +3108,8 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
     await enqueue_alerts(
         conn, monitor, new, channel_events, webhook_events, timestamp=iso(at),
-        incident=incident_alert(incident) if incident and (new == "DOWN" or resolved) else None,
+        incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
+                  else None),
         check=_check_alert(check, transition["reason"]))
 
 
@@ -4156,8 +4179,8 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
         for region, status, rt in await db.fetchall(
                 f"SELECT region_id, status, response_time FROM checks WHERE monitor_id IN"
                 f" ({marks}) AND checked_at >= ? AND checked_at < ?", [*ids, lo, hi]):
-            timed = status != "DOWN" and rt is not None
-            stats.add((status == "UP", status == "DOWN", status == "DEGRADED",
+            timed = status != Status.DOWN and rt is not None
+            stats.add((status == Status.UP, status == Status.DOWN, status == Status.DEGRADED,
                        rt if timed else 0, timed))
             if timed:
                 values.append(rt)
@@ -4373,8 +4396,8 @@ async def _set_regression(db: Database, monitor_id: str, slow: bool, reason: str
         latest = {r[0] for r in await (await conn.execute(
             "SELECT c.status FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
             " WHERE l.monitor_id = ?", (monitor_id,))).fetchall()}
-        old, new = ("UP", "DEGRADED") if slow else ("DEGRADED", "UP")
-        if status == old and (slow or latest <= {"UP"}):
+        old, new = (Status.UP, Status.DEGRADED) if slow else (Status.DEGRADED, Status.UP)
+        if status == old and (slow or latest <= {Status.UP}):
             for sql, params in transition_statements(monitor_id, old, new, reason, now):
                 await conn.execute(sql, params)
 
@@ -4395,7 +4418,7 @@ async def run_regression(rt: Runtime) -> None:
 API_PREFIX = "/api/v1"
 MAX_BODY = 1_048_576
 ROUTES: list[Route] = []
-MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
+MONITOR_STATUSES = tuple(Status)
 
 
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
@@ -4553,7 +4576,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
                 if needed not in who.permissions:
                     raise Forbidden(f"This API key lacks the '{needed}' permission",
                                     f"key permissions: {','.join(sorted(who.permissions))}")
-                who.require_role(role or ("VIEWER" if needed == "read" else "MEMBER"))
+                who.require_role(role or (Role.VIEWER if needed == "read" else Role.MEMBER))
             try:
                 result = await handler(Call(request, rt, who))
             except (ApiError, asyncio.CancelledError):
@@ -4567,7 +4590,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
         API_DOCS.extend(RouteDoc(path, method, summary, None if public else role or (
-            "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"), tuple(body),
+            Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER), tuple(body),
             tuple(query)) for method in methods)
         return handler
     return register
@@ -4948,10 +4971,11 @@ class PingKind:
 
 
 PING_KINDS = {
-    "success": PingKind("UP", ("message", "error"),
+    "success": PingKind(Status.UP, ("message", "error"),
                         {"last_success_at": _AT, "job_started_at": None}),
     "start": PingKind(None, ("message", "error"), {"job_started_at": _AT}),
-    "fail": PingKind("DOWN", ("error", "message"), {"job_started_at": None}, "APPLICATION_ERROR"),
+    "fail": PingKind(Status.DOWN, ("error", "message"), {"job_started_at": None},
+                     "APPLICATION_ERROR"),
     "log": PingKind(None, ("message", "error"), {}),
 }
 _FAIL_TEXT = "job reported failure"
@@ -4995,7 +5019,7 @@ def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str 
             f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in spec.clocks)} WHERE id = ?",
             (*(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
     if spec.status and not beat.quiet:
-        error = (message or _FAIL_TEXT) if spec.status == "DOWN" else None
+        error = (message or _FAIL_TEXT) if spec.status == Status.DOWN else None
         details = {"heartbeat": kind, "duration": duration}
         statements += check_statements(
             beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
@@ -5720,7 +5744,8 @@ METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
 # token; accepting it makes the row ACCEPTED, creates (or reuses) the invitee's account and
 # hands out a first key.  A person belongs to one team only, and a team has one OWNER.
 
-TEAM_ROLES = ("ADMIN", "MEMBER", "VIEWER")  # the roles an invitation or a role change can give
+# The roles an invitation or a role change can give.
+TEAM_ROLES = (Role.ADMIN, Role.MEMBER, Role.VIEWER)
 
 
 def valid_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
@@ -5746,7 +5771,7 @@ _MEMBER_SELECT = ("SELECT m.*, COALESCE(a.name, m.name) AS shown_name FROM team_
 
 def role_permissions(role: str) -> tuple[str, ...]:
     """The most a key of someone with ``role`` may hold: a VIEWER's keys only read."""
-    return ("read",) if role == "VIEWER" else PERMISSIONS
+    return ("read",) if role == Role.VIEWER else PERMISSIONS
 
 
 def member_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -5771,7 +5796,7 @@ async def _member(call: Call, member_id: str) -> sqlite3.Row:
 
 
 def _not_owner(row: sqlite3.Row, action: str) -> None:
-    if row["role"] == "OWNER":
+    if row["role"] == Role.OWNER:
         raise Forbidden(f"The team owner cannot be {action}", "a team always has exactly one OWNER")
 
 
@@ -6079,7 +6104,7 @@ async def list_api_keys(call: Call) -> dict[str, Any]:
     if query["memberId"]:
         member = await _member(call, query["memberId"])
         if member["account_id"] != account:
-            call.who.require_role("ADMIN")
+            call.who.require_role(Role.ADMIN)
         account = member["account_id"]
     rows = await call.rt.db.fetchall(
         "SELECT * FROM api_keys WHERE account_id = ? ORDER BY created_at DESC, id", (account,))
@@ -6116,7 +6141,7 @@ async def revoke_account_api_key(call: Call) -> dict[str, Any]:
     if row is None:
         raise NotFound("API key not found", f"no API key with id {call.param('keyId')}")
     if row["account_id"] != call.who.account_id:
-        call.who.require_role("ADMIN")
+        call.who.require_role(Role.ADMIN)
         call.who.require_role(row["role"])
     await call.rt.db.write([("UPDATE api_keys SET is_active = 0 WHERE id = ?", (row["id"],))])
     return {"success": True, "message": "API key revoked successfully"}
