@@ -64,7 +64,7 @@ from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -3124,7 +3124,7 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
 
 
 def webhook_result_statements(webhook_id: str, delivery_id: str | None,
-                              records: list[dict[str, Any]], at: int) -> list[Statement]:
+                              records: list[DeliveryAttempt], at: int) -> list[Statement]:
     """Record a webhook delivery's outcome: its delivery row, lastStatus and lastTriggeredAt."""
     last = records[-1]
     statements: list[Statement] = [(
@@ -3139,7 +3139,7 @@ def webhook_result_statements(webhook_id: str, delivery_id: str | None,
     return statements
 
 
-def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
+def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt],
                         at: int) -> list[Statement]:
     """Close an outbox row; mark its channel (shared, or a monitor's inline one) failing after a
     permanent error or healthy after a success."""
@@ -3966,8 +3966,20 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
                               config.get("headers"), ctx)
 
 
+class DeliveryAttempt(TypedDict):
+    """One try at delivering one alert to one target, as ``deliver`` reports and the outbox,
+    the delivery logs and the webhook delivery history record it."""
+
+    attempt: int
+    ok: bool
+    statusCode: int | None
+    error: str | None
+    permanent: bool
+    durationMs: int
+
+
 async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
-                  attempts: int | None = None, base_delay: float = 1.0) -> list[dict[str, Any]]:
+                  attempts: int | None = None, base_delay: float = 1.0) -> list[DeliveryAttempt]:
     """Run ``send`` with retries and report every attempt; never raises, so callers can record.
 
     Each attempt is bounded by ``notifications.timeout``.  Transient failures are retried after
@@ -3975,7 +3987,7 @@ async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: Notif
     An unexpected exception is a bug a retry will not fix, so it counts as permanent too.
     """
     total = max(1, ctx.cfg["notifications"]["attempts"] if attempts is None else attempts)
-    records: list[dict[str, Any]] = []
+    records: list[DeliveryAttempt] = []
     for attempt in range(1, total + 1):
         started = time.monotonic()
         status, error, permanent = None, None, False
@@ -4441,6 +4453,7 @@ class Runtime:
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.heartbeats = Heartbeats(self)
         self.scheduler: Scheduler | None = None
+        self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -5605,25 +5618,25 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
             "incidents": {"open": incidents[0] or 0, "resolvedToday": incidents[1] or 0,
                           "resolvedThisWeek": incidents[2] or 0,
                           "avgMttr": _seconds(incidents[3])},
-            "performance": await _team_performance(db, call.team, now)}
+            "performance": await _team_performance(call.rt, call.team, now)}
 
 
 # Team performance merges every monitor's histograms (about 0.4 s for 1,000 monitors), so it
-# is computed at most once a minute per team: checks arrive at most once a minute anyway.
+# is computed at most once a minute per team (kept in ``Runtime.performance``): checks arrive at
+# most once a minute anyway.
 _PERFORMANCE_TTL_MS = 60_000
-_performance_cache: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
 
 
-async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]:
-    cached = _performance_cache.get((db.path, team))
+async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
+    cached = rt.performance.get(team)
     if cached and now - cached[0] < _PERFORMANCE_TTL_MS:
         return cached[1]
-    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                           (team,))]
-    stats, _ = await window_stats(db, ids, now - DAY_MS, now, exact=False)
+    ids = [r[0] for r in await rt.db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                              (team,))]
+    stats, _ = await window_stats(rt.db, ids, now - DAY_MS, now, exact=False)
     figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
                "overallUptime": stats.uptime()}
-    _performance_cache[(db.path, team)] = (now, figures)
+    rt.performance[team] = (now, figures)
     return figures
 
 
