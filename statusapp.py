@@ -3673,6 +3673,9 @@ def channel_type(name: str, *fields: Field, person_facing: bool) -> Callable[[Se
     return wrap
 
 
+# What the channel types' config fields check beyond kinds and bounds.
+
+
 def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
     """A ``check`` for an array of strings that must each match ``pattern``."""
     regex = re.compile(pattern)
