@@ -887,6 +887,11 @@ class MonitorType:
     url_rule: str
     probe: Probe | None
 
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        """The MONITOR_FIELDS a monitor of this type uses."""
+        return tuple(f for f in MONITOR_FIELDS if f.kinds is None or self.name in f.kinds)
+
 
 # Every monitor type by name, in declaration order; declared next to the probes.
 MONITOR_TYPES: dict[str, MonitorType] = {}

@@ -945,6 +945,8 @@ def test_every_monitor_type_but_cron_declares_a_probe():
     assert probed == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT", "DOMAIN"}
     assert statusapp.MONITOR_TYPES["API"].probe is statusapp.probe_http
     assert statusapp.probe_of("CRON") is None and statusapp.probe_of("NOPE") is None
+    port_fields = {f.name for f in statusapp.MONITOR_TYPES["PORT"].fields}
+    assert {"name", "url", "port", "protocol"} <= port_fields and "httpMethod" not in port_fields
 
 
 def test_channel_types_declare_fields_secrets_and_audience():
