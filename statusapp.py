@@ -798,7 +798,8 @@ def _hostname(value: str) -> str:
 
 def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
-    declared = MONITOR_TYPES.get(record.get("type") or "")
+    kind = record.get("type")
+    declared = MONITOR_TYPES.get(kind) if isinstance(kind, str) else None
     rule = declared.url_rule if declared else "http"
     if rule == "http":
         return _url(value)
@@ -997,7 +998,8 @@ def valid_notifications(value: list[Any], record: dict[str, Any],
         stored[previous["type"]].append(previous["config"])
     entries, issues, seen = [], [], collections.Counter[str]()
     for i, item in enumerate(value):
-        kind = str(item.get("type")) if isinstance(item, dict) else ""
+        kind = item.get("type") if isinstance(item, dict) else None
+        kind = kind if isinstance(kind, str) else ""
         previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
@@ -5240,7 +5242,7 @@ def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dic
 
     When updating a stored channel of the same type (``env["existing"]``), masked secrets
     echoed back keep the stored ones, as ``apiAuthConfig`` does."""
-    if kind not in CHANNEL_TYPES:
+    if not isinstance(kind, str) or kind not in CHANNEL_TYPES:
         return value  # the type field reports the problem
     existing = env.get("existing") or {}
     if existing.get("type") == kind and isinstance(existing.get("config"), dict):
