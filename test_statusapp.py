@@ -4146,19 +4146,40 @@ def _real_ids(cfg, client) -> dict[str, str]:
     return ids
 
 
-_HOSTILE_PARTS = 4  # the routes are split in this many tests, which -n runs side by side
+def _hostile_requests(real: dict[str, str]) -> list[tuple[str, str, bytes, str]]:
+    """(method, url, body, content type): every route with real and weird path ids, each with
+    hostile bodies or queries; the same list on every call (a fixed seed)."""
+    rng = random.Random(1)
+    names = _field_names()
+    bodies = _hostile_bodies(rng, names)
+    singles = _single_field_bodies(rng, names)
+    routes = [(route.path, method) for route in
+              [*statusapp.ROUTES, *statusapp.PAGE_ROUTES, *statusapp.METRICS_ROUTES]
+              for method in sorted(route.methods - {"HEAD"})]
+    requests = []
+    for path, method in routes:
+        params = re.findall(r"{(\w+)}", path)
+        fillings = [real] + [dict.fromkeys(params, weird) for weird in HOSTILE_PATH_IDS]
+        for filling in fillings:
+            url = path
+            for name in params:
+                url = url.replace("{" + name + "}", str(filling.get(name, "nope")))
+            if method in ("POST", "PUT", "PATCH"):
+                chosen = [*bodies, *singles] if filling is real else rng.sample(bodies, 3)
+                requests += [(method, url, body, ctype) for body, ctype in chosen]
+            else:
+                requests.append((method, url, b"", "application/json"))
+                for query in (HOSTILE_QUERIES if filling is real else rng.sample(HOSTILE_QUERIES, 2)):
+                    requests.append((method, f"{url}?{query}", b"", "application/json"))
+    return requests
+
+
+_HOSTILE_PARTS = 4  # the requests are dealt out to this many tests, which -n runs side by side
 
 
 @pytest.mark.parametrize("part", range(_HOSTILE_PARTS))
 def test_hostile_input_never_gets_a_500_or_a_traceback(cfg, client, caplog, part):
-    rng = random.Random(part)
-    names = _field_names()
-    bodies = _hostile_bodies(rng, names)
-    singles = _single_field_bodies(rng, names)
-    real = _real_ids(cfg, client)
-    routes = [(route.path, method) for route in
-              [*statusapp.ROUTES, *statusapp.PAGE_ROUTES, *statusapp.METRICS_ROUTES]
-              for method in sorted(route.methods - {"HEAD"})][part::_HOSTILE_PARTS]
+    requests = _hostile_requests(_real_ids(cfg, client))[part::_HOSTILE_PARTS]
     failures = []
 
     def send(method: str, url: str, body: bytes = b"", ctype: str = "application/json") -> None:
@@ -4178,21 +4199,8 @@ def test_hostile_input_never_gets_a_500_or_a_traceback(cfg, client, caplog, part
             failures.append((method, url, body[:80], "not JSON: " + response.text[:100]))
 
     caplog.set_level(logging.ERROR, logger="statusapp")
-    for path, method in routes:
-        params = re.findall(r"{(\w+)}", path)
-        fillings = [real] + [dict.fromkeys(params, weird) for weird in HOSTILE_PATH_IDS]
-        for filling in fillings:
-            url = path
-            for name in params:
-                url = url.replace("{" + name + "}", str(filling.get(name, "nope")))
-            if method in ("POST", "PUT", "PATCH"):
-                chosen = [*bodies, *singles] if filling is real else rng.sample(bodies, 3)
-                for body, ctype in chosen:
-                    send(method, url, body, ctype)
-            else:
-                send(method, url)
-                for query in (HOSTILE_QUERIES if filling is real else rng.sample(HOSTILE_QUERIES, 2)):
-                    send(method, f"{url}?{query}")
+    for method, url, body, ctype in requests:
+        send(method, url, body, ctype)
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not failures, "\n".join(map(str, failures[:40])) + f"\n({len(failures)} in all)"
     assert not logged, logged[:10]
