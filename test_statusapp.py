@@ -1,7 +1,30 @@
 """StatusApp's tests: real servers on loopback, StatusApp under TestClient and under uvicorn.
 
-Sections follow statusapp.py: config, storage, validation, auth, probes, scheduler,
-incidents, notifiers, API routes, pages, CLI.  Shared fixtures and loopback servers come first.
+Sections, in this order (statusapp.py's section each mainly tests in brackets):
+
+- Fixtures and loopback servers: ``eventually``, configs and keys, ``Server`` (a real
+  ``statusapp serve`` subprocess), ``served`` (one such process shared by the tests marked
+  ``xdist_group("served")``).
+- Config tests                    [1 Config]
+- Storage tests                   [3 Storage]
+- API tests                       [2 Errors, 4 Validation, 5 Auth; the app's services]
+- Probe tests                     [6 Probes]
+- Scheduler tests                 [7 Scheduler: probing]
+- Heartbeat tests                 [7 Scheduler: heartbeat deadlines; the heartbeat routes]
+- Incident tests                  [8 Incidents; channel, webhook and incident routes]
+- Notifier tests                  [9 Notifiers]
+- Page tests                      [12 Pages; status page routes]
+- Analytics and retention tests   [10 Analytics; metrics]
+- Team and account tests          [11 API routes: team, account, keys, usage]
+- Hostile input tests             [11 API routes and 12 Pages: no 500s, no tracebacks]
+- CLI tests                       [13 CLI: serve, init, apikey, pip install]
+
+Page tests still come before Analytics and Team tests (statusapp.py has them the other way
+round); they are not moved, so that branches adding tests to those sections merge cleanly.
+
+Run with ``python -m pytest -q -n 4 --dist loadgroup`` (as the README and .ci/run do): tests
+wait on events (``eventually``, positive markers such as a later transition or check), never on
+fixed sleeps, so they may share the two cores with each other.
 """
 
 from __future__ import annotations
