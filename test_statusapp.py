@@ -3,8 +3,8 @@
 Sections, in this order (statusapp.py's section each mainly tests in brackets):
 
 - Fixtures and loopback servers: ``eventually``, configs and keys, ``Server`` (a real
-  ``statusapp serve`` subprocess), ``served`` (one such process shared by the tests marked
-  ``xdist_group("served")``).
+  ``statusapp serve`` subprocess), ``served`` (one such process shared by the tests that only
+  need their own monitors on it).
 - Config tests                    [1 Config]
 - Storage tests                   [3 Storage]
 - API tests                       [2 Errors, 4 Validation, 5 Auth; the app's services]
@@ -22,9 +22,10 @@ Sections, in this order (statusapp.py's section each mainly tests in brackets):
 Page tests still come before Analytics and Team tests (statusapp.py has them the other way
 round); they are not moved, so that branches adding tests to those sections merge cleanly.
 
-Run with ``python -m pytest -q -n 4 --dist loadgroup`` (as the README and .ci/run do): tests
-wait on events (``eventually``, positive markers such as a later transition or check), never on
-fixed sleeps, so they may share the two cores with each other.
+Run with ``python -m pytest -q -n 4`` (as the README and .ci/run do): tests
+wait on events (``eventually``, positive markers such as a later transition or check), not on
+fixed sleeps, so they may share the two cores with each other.  The sleeps left are loopback
+servers answering slowly on purpose and one job whose run time is measured.
 """
 
 from __future__ import annotations
@@ -198,12 +199,10 @@ def server(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """One `statusapp serve` shared by the tests that only need their own monitors on it.
-
-    Tests using it carry ``xdist_group("served")``, so under ``-n`` one worker runs them all
-    against one process instead of each starting its own."""
-    srv = Server(tmp_path_factory.mktemp("served")).start()
-    yield srv
+    """One `statusapp serve` shared by the tests that only need their own monitors on it (one
+    per pytest-xdist worker that runs any of them).  Probe retries wait 1 s, not 5."""
+    srv = Server(tmp_path_factory.mktemp("served"), env={"STATUSAPP_PROBES_RETRY_DELAY": "1"})
+    yield srv.start()
     srv.stop()
 
 # --- Config tests ---
@@ -1690,23 +1689,20 @@ def test_health_reports_scheduler_lag_and_degrades_when_far_behind(tmp_path, tar
     assert "scheduler is behind" in caplog.text
 
 
-def test_served_website_monitor_goes_up_then_down(tmp_path, target):
-    srv = Server(tmp_path, env={"STATUSAPP_PROBES_RETRY_DELAY": "1"}).start()
-    try:
-        key = next(line for line in srv.output().splitlines() if line.startswith("sk_live_"))
-        api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": key})
-        created = api.post("/monitors", json={"name": "site", "url": target.url("/site"),
-                                              "interval": 1, "timeout": 5})
-        assert created.status_code == 201
-        url = f"/monitors/{created.json()['id']}"
-        up = eventually(lambda: (m := api.get(url).json())["status"] == "UP" and m)
-        assert up["checks"][0]["statusCode"] == 200
-        target.modes["/site"] = "fail"
-        down = eventually(lambda: (m := api.get(url).json())["status"] == "DOWN" and m)
-        assert down["checks"][0]["rootCauseCategory"] == "SERVER_ERROR"
-        assert down["_count"]["checks"] >= 3
-    finally:
-        srv.stop()
+def test_served_website_monitor_goes_up_then_down(served, target):
+    key = next(line for line in served.output().splitlines() if line.startswith("sk_live_"))
+    api = httpx.Client(base_url=served.url + "/api/v1", headers={"X-API-Key": key})
+    created = api.post("/monitors", json={"name": "site", "url": target.url("/site"),
+                                          "interval": 1, "timeout": 5})
+    assert created.status_code == 201
+    url = f"/monitors/{created.json()['id']}"
+    up = eventually(lambda: (m := api.get(url).json())["status"] == "UP" and m)
+    assert up["checks"][0]["statusCode"] == 200
+    target.modes["/site"] = "fail"
+    down = eventually(lambda: (m := api.get(url).json())["status"] == "DOWN" and m)
+    assert down["checks"][0]["rootCauseCategory"] == "SERVER_ERROR"
+    assert down["_count"]["checks"] >= 3
+    api.delete(url)  # the shared server stops probing it
 
 def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
     """The detector's DEGRADED is not undone by the next good check, and its all-clear is
@@ -1761,7 +1757,6 @@ def _status_after(api: httpx.Client, monitor: dict, status: str, seconds: float 
     return time.monotonic()
 
 
-@pytest.mark.xdist_group("served")
 def test_heartbeat_every_route_and_method_answers_ok_after_commit(served):
     api = _hb_api(served)
     monitor = _cron(api)
@@ -1783,7 +1778,6 @@ def test_heartbeat_every_route_and_method_answers_ok_after_commit(served):
     assert api.get(f"/monitors/{monitor['id']}").json()["status"] == "UP"
 
 
-@pytest.mark.xdist_group("served")
 def test_heartbeat_unknown_and_non_cron_ids_are_404(served):
     api = _hb_api(served)
     website = api.post("/monitors", json={"name": "w", "url": "http://127.0.0.1:9/"}).json()
@@ -1799,7 +1793,6 @@ def test_heartbeat_unknown_and_non_cron_ids_are_404(served):
                " WHERE monitor_id IN (?, ?)", (website["id"], cron["id"])) == [(0,)]
 
 
-@pytest.mark.xdist_group("served")
 def test_heartbeat_bodies_text_json_and_the_10kb_limit(served):
     api = _hb_api(served)
     first, second = _cron(api), _cron(api)
@@ -1826,7 +1819,6 @@ def test_heartbeat_bodies_text_json_and_the_10kb_limit(served):
         "total": 2, "page": 1, "limit": 1, "totalPages": 2}
 
 
-@pytest.mark.xdist_group("served")
 def test_heartbeat_rate_limit_is_five_a_minute_per_monitor(served):
     api = _hb_api(served)
     monitor, other = _cron(api), _cron(api)
@@ -1868,7 +1860,6 @@ def test_heartbeat_source_ip_trusts_forwarded_for_only_from_proxies(tmp_path):
     assert source("10.1.2.3", "") == "10.1.2.3"
 
 
-@pytest.mark.xdist_group("served")
 def test_heartbeat_start_success_duration_fail_down_and_checks(served):
     api = _hb_api(served)
     monitor = _cron(api)
@@ -1891,7 +1882,6 @@ def test_heartbeat_start_success_duration_fail_down_and_checks(served):
                        ("UP", "DOWN", "Database connection timeout after 30s")]
 
 
-@pytest.mark.xdist_group("served")
 def test_heartbeat_missed_and_unfinished_jobs_go_down_on_time(served):
     api = _hb_api(served)
     missed = _cron(api, interval=1, gracePeriod=1)
@@ -1912,7 +1902,6 @@ def test_heartbeat_missed_and_unfinished_jobs_go_down_on_time(served):
     assert reasons[job["id"]].startswith("job did not complete")
 
 
-@pytest.mark.xdist_group("served")
 def test_heartbeat_paused_monitor_logs_pings_but_keeps_its_status(served):
     api = _hb_api(served)
     monitor = _cron(api, interval=1, gracePeriod=1)
