@@ -629,6 +629,7 @@ class Field:
     kinds: tuple[str, ...] | None = None
     doc: str = ""
     secret: tuple[str, ...] = ()
+    items: str | None = None  # an array's element kind
 
     @property
     def column(self) -> str:
@@ -637,6 +638,31 @@ class Field:
 
 def _kind(value: Any) -> str:
     return _KIND_OF.get(type(value), "unknown")
+
+
+def _fits(kind: str, value: Any) -> bool:
+    """Whether a value is of a Field kind (an integer is a number too)."""
+    return _kind(value) == kind or (kind == "number" and _kind(value) == "integer")
+
+
+def zod_type(kind: str) -> str:
+    """A kind as zod names it in issues: zod has no integer type, integers are numbers."""
+    return "number" if kind == "integer" else kind
+
+
+def type_issue(kind: str, value: Any) -> dict[str, Any]:
+    """zod's invalid_type issue (without its path) for a value that is not of ``kind``."""
+    expected, received = zod_type(kind), zod_type(_kind(value))
+    return {"code": "invalid_type", "expected": expected, "received": received,
+            "message": f"Expected {expected}, received {received}"}
+
+
+def _check_items(field: Field, value: list[Any], env: dict[str, Any]) -> None:
+    """An array's elements must each be of the field's ``items`` kind."""
+    issues = [{**type_issue(field.items, item), "path": [*env["path"], i]}
+              for i, item in enumerate(value) if field.items and not _fits(field.items, item)]
+    if issues:
+        raise ValidationFailed(issues)
 
 
 def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
@@ -650,15 +676,14 @@ def _check_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, 
     """Validate one present value against its field; return the clean value or raise _Issue."""
     if value is None:
         return None
-    got = _kind(value)
-    if field.kind == "number" and got == "integer":
-        got = "number"
-    if got != field.kind:
-        if field.kind == "integer" and got == "number":
+    if not _fits(field.kind, value):
+        if field.kind == "integer" and _kind(value) == "number":
             raise _Issue("Expected integer, received float", "invalid_type",
                          expected="integer", received="float")
-        raise _Issue(f"Expected {field.kind}, received {got}", "invalid_type",
-                     expected=field.kind, received=got)
+        issue = type_issue(field.kind, value)
+        raise _Issue(issue.pop("message"), **issue)
+    if field.kind == "array":
+        _check_items(field, value, env)
     if field.choices is not None and value not in field.choices:
         options = " | ".join(f"'{c}'" for c in field.choices)
         raise _Issue(f"Invalid enum value. Expected {options}, received '{value}'",
@@ -690,9 +715,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     checked on the merged record.  Unknown keys are ignored.
     """
     if not isinstance(data, dict):
-        raise ValidationFailed([{"code": "invalid_type", "expected": "object",
-                                 "received": _kind(data), "path": list(path),
-                                 "message": f"Expected object, received {_kind(data)}"}])
+        raise ValidationFailed([{**type_issue("object", data), "path": list(path)}])
     issues: list[dict[str, Any]] = []
     clean: dict[str, Any] = {}
     for spec in fields:
@@ -701,22 +724,26 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         elif spec.name in data or existing is None:  # null for a field with a default: that default
             clean[spec.name] = copy.deepcopy(spec.default)
     record = {**(existing or {}), **clean}
+    # What checks see of the other fields: values of the wrong kind are absent (None).
+    sound = {**record, **dict.fromkeys(spec.name for spec in fields if record.get(
+        spec.name) is not None and not _fits(spec.kind, record[spec.name]))}
     if kind is None:
-        kind = record.get(kind_field) if isinstance(record.get(kind_field), str) else None
+        kind = sound.get(kind_field) if isinstance(sound.get(kind_field), str) else None
     for spec in fields:
         value = record.get(spec.name)
         needed = spec.required is True or (kind is not None and isinstance(spec.required, tuple)
                                             and kind in spec.required)
         if value is None and needed:
             received = "null" if spec.name in data else "undefined"
-            issues.append({"code": "invalid_type", "expected": spec.kind, "received": received,
+            issues.append({"code": "invalid_type", "expected": zod_type(spec.kind),
+                           "received": received,
                            "path": [*path, spec.name], "message": "Required"})
             continue
         given = spec.name in clean
         if not given and not (spec.check and value is not None):
             continue  # unchanged, and nothing else it depends on can have changed its validity
         try:
-            checked = _check_one(spec, value, record, {**env, "path": (*path, spec.name)})
+            checked = _check_one(spec, value, sound, {**env, "path": (*path, spec.name)})
         except _Issue as exc:
             issues.append({**exc.issue, "path": [*path, spec.name]})
         except ValidationFailed as exc:
@@ -734,7 +761,7 @@ def parse_query(fields: Sequence[Field], request: Request, env: dict[str, Any]) 
     data: dict[str, Any] = {}
     for spec in fields:
         raw = request.query_params.get(spec.name)
-        if raw is None or raw == "":
+        if raw is None:
             continue
         if spec.kind == "integer":
             try:
@@ -919,6 +946,7 @@ def check_notifications(value: list[Any], record: dict[str, Any],
     entries, issues, seen = [], [], collections.Counter()
     for i, item in enumerate(value):
         kind = item.get("type") if isinstance(item, dict) else None
+        kind = kind if isinstance(kind, str) else None
         previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
@@ -974,7 +1002,7 @@ MONITOR_FIELDS = (
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
           kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
-    Field("enabledWorkerRegionIds", "array", check=check_regions,
+    Field("enabledWorkerRegionIds", "array", check=check_regions, items="string",
           doc="Worker regions to probe from (absent: the local region)"),
     Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
     Field("regressionThreshold", "integer", default=50, minimum=25, maximum=200,
@@ -4329,6 +4357,7 @@ class Call:
     request: Request
     rt: Runtime
     who: Principal | None
+    query: dict[str, Any] = dataclasses.field(default_factory=dict)  # the route's query table
 
     @property
     def team(self) -> str:
@@ -4342,7 +4371,7 @@ class Call:
         """The JSON body; 413 past ``limit``, 400 for another content type or bad JSON."""
         body = await read_body(self.request, limit)
         if not body.strip():
-            return {}
+            raise BadRequest("Request body required", "send a JSON object")
         ctype = self.request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise BadRequest("Content-Type must be application/json",
@@ -4405,8 +4434,10 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
                     raise Forbidden(f"This API key lacks the '{needed}' permission",
                                     f"key permissions: {','.join(sorted(who.permissions))}")
                 who.require_role(role or ("VIEWER" if needed == "read" else "MEMBER"))
+            call = Call(request, rt, who)
+            call.query = parse_query(query, request, call.env())
             try:
-                result = await handler(Call(request, rt, who))
+                result = await handler(call)
             except (ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -4665,7 +4696,7 @@ async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
 
 @api("/monitors", "GET", query=MONITOR_QUERY)
 async def list_monitors(call: Call) -> dict[str, Any]:
-    query = parse_query(MONITOR_QUERY, call.request, call.env())
+    query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["status"]:
         where.append("status = ?")
@@ -4915,7 +4946,7 @@ def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
 async def list_heartbeats(call: Call) -> dict[str, Any]:
     """A monitor's pings, newest first (our addition to the spec)."""
     monitor = await load_owned(call, "monitors")
-    query = parse_query(HEARTBEAT_QUERY, call.request, call.env())
+    query = call.query
     where, params = "monitor_id = ?", [monitor["id"]]
     if query["kind"]:
         where += " AND kind = ?"
@@ -4982,7 +5013,7 @@ async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
 
 @api("/incidents", "GET", query=INCIDENT_QUERY)
 async def list_incidents(call: Call) -> dict[str, Any]:
-    query = parse_query(INCIDENT_QUERY, call.request, call.env())
+    query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["monitorId"]:
         where.append("monitor_id = ?")
@@ -5079,7 +5110,7 @@ CHANNEL_CONFIG_FIELDS = (
     Field("channel", "string", minimum=1, maximum=80, kinds=("SLACK",),
           doc="Channel override, e.g. #alerts"),
     Field("botToken", "string", _needed_by("botToken"), kinds=("TELEGRAM",),
-          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)"),
+          check=_pattern(r"[0-9]+:\S+", "bot token (expected 123456:ABC...)"),
           doc="Bot API token (secret)"),
     Field("chatId", "string", _needed_by("chatId"), minimum=1, maximum=64, kinds=("TELEGRAM",),
           doc="Chat, group or channel id"),
@@ -5341,6 +5372,7 @@ def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
     Field("monitorIds", "array", default=[], maximum=500, check=check_page_monitor_ids,
+          items="string",
           doc="The team's monitors in display order"),
 )
 
@@ -5525,7 +5557,7 @@ async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]
 
 @api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY)
 async def monitor_analytics(call: Call) -> dict[str, Any]:
-    query = parse_query(ANALYTICS_QUERY, call.request, call.env())
+    query = call.query
     row = await load_owned(call, "monitors")
     hi = now_ms()
     lo = hi - ANALYTICS_PERIODS[query["period"]]
@@ -5994,7 +6026,7 @@ async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
 @api("/account/api-keys", "GET", query=KEY_QUERY)
 async def list_api_keys(call: Call) -> dict[str, Any]:
     assert call.who is not None
-    query = parse_query(KEY_QUERY, call.request, call.env())
+    query = call.query
     account = call.who.account_id
     if query["memberId"]:
         member = await _member(call, query["memberId"])
@@ -6053,7 +6085,7 @@ USAGE_QUERY = (Field("period", "string", default="24h", choices=tuple(USAGE_HOUR
 async def account_usage(call: Call) -> dict[str, Any]:
     """The team's requests per endpoint template, and the calling key's rate-limit window."""
     assert call.who is not None
-    query = parse_query(USAGE_QUERY, call.request, call.env())
+    query = call.query
     since = now_ms() // 3_600_000 - USAGE_HOURS[query["period"]] + 1
     counts = await call.rt.usage.totals(call.rt.db, call.team, since)
     limit, used = PLANS[call.who.plan], call.rt.limiter.used(call.who.key_id)

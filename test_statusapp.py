@@ -4027,6 +4027,111 @@ def test_hostile_input_never_gets_a_500_or_a_traceback(cfg, client, caplog):
     assert (monitor.json()["interval"], monitor.json()["timeout"]) == (300, 30), monitor.text
 
 
+# One value of each JSON type; a field gets every one its kind does not accept.
+JSON_TYPES = {"string": "x", "integer": 7, "number": 1.5, "boolean": True, "array": [], "object": {}}
+
+
+def _field_tables() -> dict[int, tuple]:
+    """Every Field table of the module, by identity."""
+    return {id(value): value for value in vars(statusapp).values() if isinstance(value, tuple)
+            and value and all(isinstance(item, statusapp.Field) for item in value)}
+
+
+def _wrong_values(field: statusapp.Field) -> list:
+    """The JSON values a field refuses (Telegram's numeric chat ids are taken as strings)."""
+    return [value for kind, value in JSON_TYPES.items()
+            if kind != field.kind and not (field.kind == "number" and kind == "integer")
+            and (field.name, kind) != ("chatId", "integer")]
+
+
+def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
+    """(method, url, Field table, body maker) for every route body table and every nested table:
+    a body maker puts one value into one field and says the issue path to expect."""
+    cases = []
+    for doc in statusapp.API_DOCS:
+        url = statusapp.API_PREFIX + re.sub(r"{(\w+)}", lambda m: real[m.group(1)], doc.path)
+        if doc.body:
+            cases.append((doc.method, url, doc.body, lambda f, v: ({f.name: v}, [f.name])))
+    monitors, pages = statusapp.API_PREFIX + "/monitors", statusapp.API_PREFIX + "/status-pages"
+    cases += [
+        ("POST", monitors, statusapp.AUTH_FIELDS, lambda f, v: (
+            {"apiAuthConfig": {"type": "bearer", f.name: v}}, ["apiAuthConfig", f.name])),
+        ("POST", monitors, statusapp.INLINE_NOTIFICATION_FIELDS, lambda f, v: (
+            {"notifications": [{f.name: v}]}, ["notifications", 0, f.name])),
+        ("POST", pages, statusapp.MONITOR_GROUP_FIELDS, lambda f, v: (
+            {"monitorGroups": [{f.name: v}]}, ["monitorGroups", 0, f.name])),
+        ("POST", statusapp.API_PREFIX + "/notifications", statusapp.CHANNEL_CONFIG_FIELDS,
+         lambda f, v: ({"type": f.kinds[0], "config": {f.name: v}}, ["config", f.name])),
+        ("PUT", statusapp.API_PREFIX + "/account", statusapp._ACCOUNT_READ_ONLY,
+         lambda f, v: ({f.name: v}, [f.name]))]
+    return cases
+
+
+def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg, client):
+    """Generated from the Field tables: each field, each JSON type it does not take, on every
+    route (and nested object) it belongs to, is a 400 naming that field, never a 500."""
+    cases = _typed_cases(_real_ids(cfg, client))
+    covered = {id(table) for _, _, table, _ in cases} | {id(statusapp.BADGE_QUERY)} | {
+        id(doc.query) for doc in statusapp.API_DOCS}  # query tables: the next tests
+    covered_fields = {id(f) for _, _, table, _ in cases for f in table}
+    for table in _field_tables().values():  # the rest are parts of covered tables
+        assert id(table) in covered or all(id(f) in covered_fields for f in table), table
+    failures = []
+    for method, url, table, body_for in cases:
+        for field in table:
+            for value in _wrong_values(field):
+                body, path = body_for(field, value)
+                response = client.request(method, url, json=body)
+                issues = response.json()["error"] if response.status_code == 400 else []
+                typed = [i for i in issues if isinstance(issues, list) and i["path"] == path]
+                expected = "integer" if value == 1.5 and field.kind == "integer" else (
+                    "number" if field.kind == "integer" else field.kind)  # as zod names them
+                if not typed or (typed[0]["code"], typed[0]["expected"]) != ("invalid_type", expected):
+                    failures.append((method, url, body, response.status_code, response.text[:200]))
+    assert not failures, "\n".join(map(str, failures[:20])) + f"\n({len(failures)} in all)"
+
+
+def test_issues_name_types_as_zod_does(client):
+    issues = client.post("/api/v1/monitors", json={"name": 5, "url": "http://127.0.0.1:9/",
+                                                   "interval": "60", "timeout": 1.5}).json()["error"]
+    by_path = {issue["path"][0]: issue for issue in issues}
+    assert (by_path["name"]["expected"], by_path["name"]["received"]) == ("string", "number")
+    assert (by_path["interval"]["expected"], by_path["interval"]["received"]) == ("number", "string")
+    assert (by_path["timeout"]["expected"], by_path["timeout"]["received"]) == ("integer", "float")
+    required = client.post("/api/v1/monitors", json={"url": "http://127.0.0.1:9/"}).json()["error"]
+    assert required == [{"code": "invalid_type", "expected": "string", "received": "undefined",
+                         "path": ["name"], "message": "Required"}]
+
+
+def test_put_without_a_body_is_a_400(cfg, client):
+    real = _real_ids(cfg, client)
+    for doc in statusapp.API_DOCS:
+        if doc.method == "PUT":
+            url = statusapp.API_PREFIX + re.sub(r"{(\w+)}", lambda m: real[m.group(1)], doc.path)
+            response = client.put(url)
+            assert (response.status_code, response.json()["error"]) == (
+                400, "Request body required"), url
+
+
+def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, client):
+    real = _real_ids(cfg, client)
+    checked = 0
+    for doc in statusapp.API_DOCS:
+        url = statusapp.API_PREFIX + re.sub(r"{(\w+)}", lambda m: real[m.group(1)], doc.path)
+        for field in doc.query:
+            bad = ["", "bogus"] if field.choices or field.kind == "integer" else []
+            for value in bad:
+                response = client.get(url, params={field.name: value})
+                assert response.status_code == 400, (url, field.name, value, response.text)
+                assert response.json()["error"][0]["path"] == [field.name]
+                checked += 1
+    assert checked >= 20
+    monitor = real["monitorId"]
+    for value in ("", "bogus"):
+        assert client.get(f"/badge/{monitor}/uptime.svg", params={"period": value}).status_code == 400
+    assert client.get("/api/v1/monitors", params={"search": ""}).status_code == 200
+
+
 # --- CLI tests ---
 
 
