@@ -2706,20 +2706,24 @@ class Heartbeats:
             if beat.stale and not beat.lock.locked():
                 self._load(beat, row)
 
-    def admit(self, beat: _Beat) -> None:
-        """Count a ping in its monitor's one-minute sliding window; 429 past the limit."""
+    def admit(self, beat: _Beat) -> tuple[bool, dict[str, str]]:
+        """Count a ping in its monitor's one-minute sliding window: whether it goes into the
+        ping log (the limit throttles the log, never what the monitor learns) and the
+        X-RateLimit headers that say so."""
         limit = self.rt.cfg["heartbeat"]["pings_per_minute"]
         if not limit:
-            return
+            return True, {}
         now, window = self.clock(), beat.window
         while window and now - window[0] >= 60:
             window.popleft()
-        if len(window) >= limit:
-            retry = max(1, math.ceil(60 - (now - window[0])))
-            raise RateLimited("Rate limit exceeded",
-                              f"at most {limit} pings per minute per monitor",
-                              headers={"Retry-After": str(retry)})
-        window.append(now)
+        logged = len(window) < limit
+        if logged:
+            window.append(now)
+        wait = 60 - (now - window[0])
+        return logged, {"X-RateLimit-Limit": str(limit),
+                        "X-RateLimit-Remaining": str(limit - len(window)),
+                        "X-RateLimit-Reset": str(math.ceil(time.time() + wait)),
+                        **({} if logged else {"Retry-After": str(max(1, math.ceil(wait)))})}
 
     def source_ip(self, request: Request) -> str | None:
         """The pinging host: the peer, or X-Forwarded-For's last hop not a trusted proxy."""
@@ -4448,7 +4452,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             return response
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
-        API_DOCS.extend(RouteDoc(path, method, summary, None if public else role or (
+        API_DOCS.extend(RouteDoc(re.sub(r":\w+}", "}", path), method, summary, None if public else role or (
             "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"), tuple(body),
             tuple(query)) for method in methods)
         return handler
@@ -4817,6 +4821,7 @@ HEARTBEAT_MAX_BODY = 10_240
 _AGENT_MAX = 200
 _AT = object()  # in a ping's clock updates: "the ping's time"
 _OK = b'{"message":"OK"}'
+_OK_NOT_LOGGED = b'{"message":"OK","logged":false}'
 
 
 @dataclass(frozen=True)
@@ -4861,31 +4866,52 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
     return text
 
 
-def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str | None,
-                    agent: str | None, at: int, region: str) -> list[Statement]:
-    """The writes of one ping: its log row, the monitor's clocks, and unless the monitor is
-    paused, a check and (when the status changes) a transition."""
-    spec = PING_KINDS[kind]
+@dataclass(frozen=True)
+class Ping:
+    """One received ping: its kind, text, exit code, sender, time, and whether it is logged."""
+
+    kind: str
+    message: str | None
+    exit_code: int | None
+    source_ip: str | None
+    agent: str | None
+    at: int
+    logged: bool
+
+
+def ping_statements(beat: _Beat, ping: Ping, region: str) -> list[Statement]:
+    """The writes of one ping: its log row (unless throttled), the monitor's clocks, and unless
+    the monitor is paused, a check (when logged, or when the status changes) and a transition."""
+    spec, at = PING_KINDS[ping.kind], ping.at
     duration = (at - beat.job_started_at
                 if spec.status and beat.job_started_at is not None else None)
     statements: list[Statement] = [(
         "INSERT INTO heartbeats (monitor_id, kind, message, duration, source_ip, user_agent,"
-        " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (beat.monitor_id, kind, message, duration, source_ip, agent, at))]
+        " received_at, exit_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (beat.monitor_id, ping.kind, ping.message, duration, ping.source_ip, ping.agent, at,
+         ping.exit_code))] if ping.logged else []
     if spec.clocks:
         statements.append((
             f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in spec.clocks)} WHERE id = ?",
             (*(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
-    if spec.status and not beat.quiet:
-        error = (message or _FAIL_TEXT) if spec.status == "DOWN" else None
-        details = {"heartbeat": kind, "duration": duration}
+    changes = beat.status != spec.status
+    if spec.status and not beat.quiet and (ping.logged or changes):
+        error = _fail_text(ping) if spec.status == "DOWN" else None
+        details = {"heartbeat": ping.kind, "duration": duration, "exitCode": ping.exit_code}
         statements += check_statements(
             beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
                                                  details=details), at)
-        if beat.status != spec.status:
+        if changes:
             statements += transition_statements(beat.monitor_id, beat.status, spec.status,
                                                 error, at)
     return statements
+
+
+def _fail_text(ping: Ping) -> str:
+    """What a failure records: the job's own text, else its exit code, else a plain phrase."""
+    if ping.message:
+        return ping.message
+    return f"job exited with code {ping.exit_code}" if ping.exit_code else _FAIL_TEXT
 
 
 def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
@@ -4897,27 +4923,31 @@ def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
         beat.status = spec.status
 
 
-async def _ping(call: Call, kind: str) -> Response:
-    """Record one ping once it is committed; 404 unknown id, 413 big body, 429 past the limit."""
+async def _ping(call: Call, kind: str, exit_code: int | None = None) -> Response:
+    """Record one ping once it is committed; 404 unknown id, 413 big body.  Past the rate limit
+    a success, start or fail still updates the monitor (status, clocks, deadline) but is not
+    logged (answered ``"logged": false``); a throttled log message is refused with 429."""
     rt, token = call.rt, call.param("heartbeatId")
     hb = rt.heartbeats
     beat = await hb.find(token)
     message = ping_message(await read_body(call.request, HEARTBEAT_MAX_BODY),
                            PING_KINDS[kind].keys)
-    hb.admit(beat)
+    logged, headers = hb.admit(beat)
+    call.request.state.headers = headers
+    if not logged and kind == "log":
+        raise RateLimited("Rate limit exceeded", f"at most {headers['X-RateLimit-Limit']} pings"
+                          " per minute per monitor are logged", headers=headers)
     agent = call.request.headers.get("user-agent", "")[:_AGENT_MAX] or None
-    source_ip = hb.source_ip(call.request)
     async with beat.lock:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
-        at = now_ms()
-        await rt.db.write(ping_statements(beat, kind, message, source_ip, agent, at,
-                                          rt.cfg["region"]["id"]))
-        _apply_ping(beat, kind, at)
+        ping = Ping(kind, message, exit_code, hb.source_ip(call.request), agent, now_ms(), logged)
+        await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
+        _apply_ping(beat, kind, ping.at)
     hb.schedule(beat)
     if call.request.method == "HEAD":
         return Response(status_code=200, headers={"content-type": "application/json"})
-    return Response(_OK, media_type="application/json")
+    return Response(_OK if logged else _OK_NOT_LOGGED, media_type="application/json")
 
 
 def _ping_route(path: str, kind: str, *methods: str) -> None:
@@ -4932,13 +4962,23 @@ _ping_route("/heartbeat/{heartbeatId}/start", "start", "GET", "POST")
 _ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
 _ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
 
+
+@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True)
+async def heartbeat_exit_code(call: Call) -> Response:
+    """Report a job's exit status: 0 is a success, 1-255 a failure (``curl .../$?``)."""
+    code = call.request.path_params["exitCode"]
+    if code > 255:
+        raise NotFound("Not found", "an exit code is 0-255")
+    return await _ping(call, "success" if code == 0 else "fail", code)
+
+
 HEARTBEAT_QUERY = page_fields(("receivedAt",), "receivedAt",
                               kind=Field("kind", "string", choices=HEARTBEAT_KINDS))
 
 
 def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": f"hb_{row['id']}", "kind": row["kind"], "message": row["message"],
-            "duration": row["duration"], "sourceIp": row["source_ip"],
+            "exitCode": row["exit_code"], "duration": row["duration"], "sourceIp": row["source_ip"],
             "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
 
 

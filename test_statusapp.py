@@ -1790,12 +1790,54 @@ def test_heartbeat_rate_window_slides(client):
     url = "/api/v1/heartbeat/" + client.post("/api/v1/monitors", json={
         "name": "j", "type": "CRON"}).json()["heartbeatUrl"].rsplit("/", 1)[1]
     for step in range(5):
-        assert client.get(url).status_code == 200
+        assert client.post(url + "/log", content="x").status_code == 200
         now[0] += 10
-    assert client.get(url).status_code == 429  # 5 pings in the last 50 s
+    assert client.post(url + "/log", content="x").status_code == 429  # 5 in the last 50 s
     now[0] = 1060.0  # the first ping has left the window, the others have not
-    assert client.get(url).status_code == 200
-    assert client.get(url).status_code == 429
+    assert client.post(url + "/log", content="x").status_code == 200
+    assert client.post(url + "/log", content="x").status_code == 429
+
+
+def test_heartbeat_state_pings_past_the_limit_still_change_the_monitor(client):
+    """The spec's three examples (start, success; start, fail) back to back and more: past the
+    log limit a success or fail is not logged but is never lost; only log messages get 429."""
+    monitor = client.post("/api/v1/monitors", json={"name": "j", "type": "CRON"}).json()
+    url = "/api/v1/heartbeat/" + monitor["heartbeatUrl"].rsplit("/", 1)[1]
+    answers = [client.get(url + suffix) for suffix in ("/start", "", "/start", "", "/start")]
+    assert [a.json() for a in answers] == [{"message": "OK"}] * 5
+    assert [a.headers["X-RateLimit-Remaining"] for a in answers] == ["4", "3", "2", "1", "0"]
+    failed = client.post(url + "/fail", json={"error": "Backup script failed"})
+    assert (failed.status_code, failed.json()) == (200, {"message": "OK", "logged": False})
+    assert failed.headers["X-RateLimit-Remaining"] == "0" and "Retry-After" in failed.headers
+    body = client.get(f"/api/v1/monitors/{monitor['id']}").json()
+    assert body["status"] == "DOWN" and body["checks"][0]["error"] == "Backup script failed"
+    assert client.get(url).json() == {"message": "OK", "logged": False}
+    assert client.get(f"/api/v1/monitors/{monitor['id']}").json()["status"] == "UP"
+    refused = client.post(url + "/log", content="progress")
+    assert refused.status_code == 429 and refused.headers["X-RateLimit-Remaining"] == "0"
+    logged = client.get(f"/api/v1/monitors/{monitor['id']}/heartbeats").json()["heartbeats"]
+    assert len(logged) == 5
+    row = sql(client.app.state.statusapp.cfg, "SELECT last_success_at, job_started_at FROM"
+              " monitors WHERE id = ?", (monitor["id"],))[0]
+    assert row[0] is not None and row[1] is None  # the unlogged success still set the clocks
+
+
+def test_heartbeat_exit_code_pings(client):
+    monitor = client.post("/api/v1/monitors", json={"name": "j", "type": "CRON"}).json()
+    url = "/api/v1/heartbeat/" + monitor["heartbeatUrl"].rsplit("/", 1)[1]
+    status = lambda: client.get(f"/api/v1/monitors/{monitor['id']}").json()
+    assert client.get(url + "/0").json() == {"message": "OK"}
+    assert status()["status"] == "UP"
+    assert client.post(url + "/3").status_code == 200
+    assert status()["status"] == "DOWN" and status()["checks"][0]["error"] == "job exited with code 3"
+    assert client.post(url + "/255", content="disk full").status_code == 200
+    assert status()["checks"][0]["error"] == "disk full"
+    beats = client.get(f"/api/v1/monitors/{monitor['id']}/heartbeats").json()["heartbeats"]
+    assert [(b["kind"], b["exitCode"]) for b in beats] == [("fail", 255), ("fail", 3),
+                                                           ("success", 0)]
+    for bad in ("/256", "/-1", "/x1"):
+        assert client.get(url + bad).status_code == 404
+    assert client.get(url + "/log").status_code == 405
 
 
 def test_heartbeat_source_ip_trusts_forwarded_for_only_from_proxies(tmp_path):
