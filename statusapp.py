@@ -1143,31 +1143,37 @@ async def authenticate(db: Database, key: str | None) -> Principal:
 
 
 class RateLimiter:
-    """Requests per key per clock hour, by the team's plan; in memory, reset on restart."""
+    """Requests per window per clock hour; in memory, reset on restart.  A window is a team
+    (whose plan sets the limit, shared by every key of every member) or, for requests without
+    a valid key, the client's address at the default plan's limit."""
 
     def __init__(self) -> None:
         self._windows: dict[str, tuple[int, int]] = {}
 
-    def hit(self, key_id: str, limit: int) -> dict[str, str]:
-        """Count one request and return the X-RateLimit headers; raise 429 past the limit."""
+    def hit(self, window: str, limit: int, enforce: bool = True) -> dict[str, str]:
+        """Count one request and return the X-RateLimit headers; past the limit raise 429, or
+        with ``enforce`` off count it anyway (what must answer even while limited)."""
         now = time.time()
         hour = int(now // 3600)
-        start, used = self._windows.get(key_id, (hour, 0))
+        start, used = self._windows.get(window, (hour, 0))
         if start != hour:
             used = 0
+        refused = enforce and used >= limit
+        if not refused:
+            used += 1
+            self._windows[window] = (hour, used)
         reset = (hour + 1) * 3600
-        if used >= limit:
-            headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": "0",
-                       "X-RateLimit-Reset": str(reset),
-                       "Retry-After": str(max(1, math.ceil(reset - now)))}
+        headers = {"X-RateLimit-Limit": str(limit),
+                   "X-RateLimit-Remaining": str(max(0, limit - used)),
+                   "X-RateLimit-Reset": str(reset)}
+        if refused:
+            headers["Retry-After"] = str(max(1, math.ceil(reset - now)))
             raise RateLimited("Rate limit exceeded", f"{limit} requests per hour for this plan",
                               headers=headers)
-        self._windows[key_id] = (hour, used + 1)
-        return {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(limit - used - 1),
-                "X-RateLimit-Reset": str(reset)}
+        return headers
 
-    def used(self, key_id: str) -> int:
-        start, used = self._windows.get(key_id, (0, 0))
+    def used(self, window: str) -> int:
+        start, used = self._windows.get(window, (0, 0))
         return used if start == int(time.time() // 3600) else 0
 
 
@@ -4420,18 +4426,38 @@ class RouteDoc:
 API_DOCS: list[RouteDoc] = []
 
 
+def rate_limit(request: Request, who: Principal | None, enforce: bool = True) -> None:
+    """Count a request in its window and keep the X-RateLimit headers for the response (a 429
+    carries them itself): the team's window, or without a valid key the client address's, at
+    the server's default plan."""
+    rt: Runtime = request.app.state.statusapp
+    if who is not None:
+        window, limit = who.team_id, PLANS[who.plan]
+    else:
+        window = "ip:" + (request.client.host if request.client else "")
+        limit = PLANS[rt.cfg["account"]["plan"]]
+    request.state.headers = {}  # counted (a refusal carries its own headers)
+    request.state.headers = rt.limiter.hit(window, limit, enforce)
+
+
 def api(path: str, *methods: str, public: bool = False, role: str | None = None,
-        body: Sequence[Field] = (), query: Sequence[Field] = ()
+        body: Sequence[Field] = (), query: Sequence[Field] = (), limit: bool | None = True
         ) -> Callable[[Callable[[Call], Awaitable[Any]]], Callable[[Call], Awaitable[Any]]]:
     """Register an ``/api/v1`` route.  Writes need MEMBER and reads VIEWER unless ``role``.
-    ``body`` and ``query`` name the Field tables the handler validates, for the OpenAPI document."""
+    ``body`` and ``query`` name the Field tables the handler validates, for the OpenAPI document.
+    ``limit``: True refuses requests past the rate limit, False counts them but answers, None
+    leaves the window to the handler (heartbeats have their own)."""
     def register(handler: Callable[[Call], Awaitable[Any]]) -> Callable[[Call], Awaitable[Any]]:
         async def endpoint(request: Request) -> Response:
             rt: Runtime = request.app.state.statusapp
             who = None
-            if not public:
-                who = await authenticate(rt.db, request_key(request))
-                request.state.headers = rt.limiter.hit(who.key_id, PLANS[who.plan])
+            try:
+                if not public:
+                    who = await authenticate(rt.db, request_key(request))
+            finally:  # a request with a bad key counts in its address's window
+                if limit is not None:
+                    rate_limit(request, who, limit)
+            if who is not None:
                 rt.usage.count(who, API_PREFIX + path)
                 needed = _METHOD_PERMISSION[request.method]
                 if needed not in who.permissions:
@@ -4452,15 +4478,25 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             return response
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
-        API_DOCS.extend(RouteDoc(re.sub(r":\w+}", "}", path), method, summary, None if public else role or (
-            "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"), tuple(body),
-            tuple(query)) for method in methods)
+        API_DOCS.extend(RouteDoc(
+            re.sub(r":\w+}", "}", path), method, summary, None if public else role or (
+                "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"),
+            tuple(body), tuple(query)) for method in methods)
         return handler
     return register
 
 
 # Starlette's routing errors as our ApiError classes (any other HTTPException: BadRequest's code).
 _ROUTING_ERRORS = {404: (NotFound, "Not found"), 405: (MethodNotAllowed, "Method not allowed")}
+
+
+async def _routing_rate_limit(request: Request) -> None:
+    """An API request that reached no route (404, 405) is counted like any other: in its key's
+    team window when the key is valid, else its address's; it is answered all the same."""
+    who = None
+    with contextlib.suppress(ApiError, sqlite3.Error):
+        who = await authenticate(request.app.state.statusapp.db, request_key(request))
+    rate_limit(request, who, enforce=False)
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
@@ -4472,6 +4508,8 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
     elif not isinstance(exc, ApiError):
         log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         exc = ApiError("Internal server error", "the error has been logged")
+    if request.url.path.startswith(API_PREFIX) and not hasattr(request.state, "headers"):
+        await _routing_rate_limit(request)
     headers = {**getattr(request.state, "headers", {}), **exc.headers}
     return JSONResponse(exc.body(), exc.status, headers=headers)
 
@@ -4954,7 +4992,7 @@ def _ping_route(path: str, kind: str, *methods: str) -> None:
     async def handler(call: Call) -> Response:
         return await _ping(call, kind)
     handler.__name__ = f"heartbeat_{kind}"
-    api(path, *methods, public=True)(handler)
+    api(path, *methods, public=True, limit=None)(handler)
 
 
 _ping_route("/heartbeat/{heartbeatId}", "success", "GET", "POST", "HEAD")
@@ -4963,7 +5001,7 @@ _ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
 _ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
 
 
-@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True)
+@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True, limit=None)
 async def heartbeat_exit_code(call: Call) -> Response:
     """Report a job's exit status: 0 is a success, 1-255 a failure (``curl .../$?``)."""
     code = call.request.path_params["exitCode"]
@@ -5557,10 +5595,14 @@ def _seconds(ms: float | None) -> int | None:
 
 @api("/analytics", "GET")
 async def dashboard_analytics(call: Call) -> dict[str, Any]:
-    """Team-wide counts now, incidents, and check performance over the last 24 hours."""
+    """Team-wide counts now, incidents, and check performance over the last 24 hours.
+
+    ``active`` monitors are the ones being checked; ``paused`` counts paused and inactive
+    (``isActive: false``) ones, so the two add up to ``total``."""
     db, now = call.rt.db, now_ms()
     counts = await db.fetchone(
-        "SELECT COUNT(*), SUM(is_paused = 0), SUM(is_paused = 1), SUM(status = 'UP'),"
+        "SELECT COUNT(*), SUM(is_paused = 0 AND is_active = 1),"
+        " SUM(is_paused = 1 OR is_active = 0), SUM(status = 'UP'),"
         " SUM(status = 'DOWN'), SUM(status = 'DEGRADED') FROM monitors WHERE account_id = ?",
         (call.team,))
     incidents = await db.fetchone(
@@ -6121,14 +6163,15 @@ USAGE_QUERY = (Field("period", "string", default="24h", choices=tuple(USAGE_HOUR
                      doc="Clock hours counted, the current one included"),)
 
 
-@api("/account/usage", "GET", query=USAGE_QUERY)
+@api("/account/usage", "GET", query=USAGE_QUERY, limit=False)
 async def account_usage(call: Call) -> dict[str, Any]:
-    """The team's requests per endpoint template, and the calling key's rate-limit window."""
+    """The team's requests per endpoint template and its rate-limit window (answered even
+    while the team is over its limit)."""
     assert call.who is not None
     query = call.query
     since = now_ms() // 3_600_000 - USAGE_HOURS[query["period"]] + 1
     counts = await call.rt.usage.totals(call.rt.db, call.team, since)
-    limit, used = PLANS[call.who.plan], call.rt.limiter.used(call.who.key_id)
+    limit, used = PLANS[call.who.plan], call.rt.limiter.used(call.team)
     return {"period": query["period"], "totalRequests": sum(counts.values()),
             "requestsByEndpoint": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
             "rateLimit": {"limit": limit, "used": used, "remaining": max(0, limit - used)}}

@@ -587,9 +587,42 @@ def test_rate_limit_headers_and_429(tmp_path):
         assert limited.json()["code"] == "RATE_LIMIT_EXCEEDED"
         assert limited.headers["X-RateLimit-Remaining"] == "0"
         assert 0 < int(limited.headers["Retry-After"]) <= 3600
+        # The window is the team's, whose plan it is: another key of it is limited too ...
         other = {"X-API-Key": cli(cfg, "apikey", "create", "--email", "owner@example.test",
                                   "--name", "second").strip().splitlines()[-1]}
-        assert client.get("/api/v1/worker-regions", headers=other).status_code == 200
+        assert client.get("/api/v1/worker-regions", headers=other).status_code == 429
+        # ... and the usage endpoint still answers, saying so.
+        usage = client.get("/api/v1/account/usage", headers=other)
+        assert usage.status_code == 200, usage.text
+        assert usage.json()["rateLimit"] == {"limit": 1000, "used": 1001, "remaining": 0}
+        assert usage.headers["X-RateLimit-Remaining"] == "0"
+        # Another team has its own window.
+        stranger = {"X-API-Key": new_key(cfg, "stranger@example.test")}
+        assert client.get("/api/v1/worker-regions", headers=stranger).status_code == 200
+
+
+def test_every_api_response_carries_rate_limit_headers(cfg, client):
+    """Successes, validation failures, 401s, unknown routes, wrong methods, public routes."""
+    anonymous = {"X-API-Key": ""}
+    responses = {
+        "ok": client.get("/api/v1/monitors"),
+        "validation": client.post("/api/v1/monitors", json={}),
+        "bad query": client.get("/api/v1/monitors?sort="),
+        "not found": client.get("/api/v1/monitors/mon_nope"),
+        "no route": client.get("/api/v1/nowhere"),
+        "no route, no key": client.get("/api/v1/nowhere", headers=anonymous),
+        "wrong method": client.patch("/api/v1/monitors"),
+        "no key": client.get("/api/v1/monitors", headers=anonymous),
+        "bad key": client.get("/api/v1/monitors", headers={"X-API-Key": "sk_live_nope"}),
+        "public": client.get("/api/v1/health", headers=anonymous),
+        "no body": client.put("/api/v1/account"),
+    }
+    for name, response in responses.items():
+        for header in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"):
+            assert header in response.headers, (name, response.status_code, dict(response.headers))
+    keyed = [int(responses[n].headers["X-RateLimit-Remaining"]) for n in
+             ("ok", "validation", "bad query", "not found", "no route")]
+    assert keyed == sorted(keyed, reverse=True) and len(set(keyed)) == 5  # one window, counted
 
 
 def test_cors_preflight_and_headers(client):
@@ -2259,6 +2292,19 @@ def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
         assert response.json()["error"][0]["path"] == ["config", required]
 
 
+def test_telegram_token_shaped_like_the_specs_example_is_accepted(client):
+    for token in ("123456:ABC...", "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"):
+        created = client.post("/api/v1/notifications", json={
+            "name": "Telegram Bot", "type": "TELEGRAM",
+            "config": {"botToken": token, "chatId": "-1001234567890"}})
+        assert created.status_code == 201, created.text
+    for token in ("ABC", "123456", ":ABC", "12a:ABC", "123456:AB C"):
+        refused = client.post("/api/v1/notifications", json={
+            "name": "t", "type": "TELEGRAM", "config": {"botToken": token, "chatId": "1"}})
+        assert refused.status_code == 400 and refused.json()["error"][0]["path"] == [
+            "config", "botToken"], token
+
+
 def test_channel_crud_and_inline_monitor_configs_share_the_rules(client):
     response = client.post("/api/v1/notifications",
                            json={"name": "x", "type": "SLACK", "config": {}})
@@ -3394,10 +3440,12 @@ def test_dashboard_counts_agree_with_the_monitors_api(cfg, client):
             (f"inc_{number}", team, ids[2], number, started, resolved,
              "resolved" if resolved else "open"))
     _store_checks(cfg, ids[0], [("UP", 100, now - 60_000), ("DOWN", None, now - 120_000)])
+    inactive = _cron_monitor(client, "off")
+    assert client.put(f"/api/v1/monitors/{inactive}", json={"isActive": False}).status_code == 200
     body = client.get("/api/v1/analytics").json()
     listed = {s: client.get(f"/api/v1/monitors?status={s}").json()["pagination"]["total"]
               for s in ("UP", "DOWN", "DEGRADED")}
-    assert body["monitors"] == {"total": 5, "active": 4, "paused": 1, "up": listed["UP"],
+    assert body["monitors"] == {"total": 6, "active": 4, "paused": 2, "up": listed["UP"],
                                 "down": listed["DOWN"], "degraded": listed["DEGRADED"]}
     assert listed == {"UP": 2, "DOWN": 1, "DEGRADED": 1}
     resolved_today = 1 if (now - 100_000) // 86_400_000 == now // 86_400_000 else 0
