@@ -28,6 +28,7 @@ import socketserver
 import sqlite3
 import ssl
 import subprocess
+import sysconfig
 import sys
 import threading
 import time
@@ -4306,7 +4307,15 @@ def test_cli_errors_are_one_clear_line(cfg, args, message):
 def test_pip_install_gives_a_statusapp_command_that_finds_its_schema(tmp_path):
     """`pip install .` into a venv; the installed command works from another directory."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # The dependencies come from the environment running this suite, a venv or the system's:
+    # a .pth file puts its site-packages after the new venv's own (a venv made from inside a
+    # venv would otherwise see only the base interpreter's, --system-site-packages or not).
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print("
+                            "sysconfig.get_path('purelib'))"], capture_output=True, text=True)
+    outer = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib"),
+             *(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))}
+    Path(inner.stdout.strip(), "outer-env.pth").write_text("\n".join(sorted(outer)) + "\n")
     install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps",
                               str(HERE)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
