@@ -4252,6 +4252,31 @@ def test_serve_end_to_end_first_run_key_and_client_flow(server):
     assert counted["/api/v1/monitors/{monitorId}"] == 4  # GET, PUT, DELETE, GET
 
 
+def test_readme_first_monitor_curl_line_works_when_pasted(server):
+    """The README's first-run lines, run by bash as written: only the key is pasted in, and the
+    port and the target are pointed at loopback."""
+    readme = (HERE / "README.md").read_text()
+    block = re.search(r"```bash\n(STATUSAPP_KEY=.*?\n(?:curl .*?\n)+)```", readme).group(1)
+    key = next(line for line in server.output().splitlines() if line.startswith("sk_live_"))
+    script = (block.replace("sk_live_paste_the_key_here", key)
+              .replace("http://127.0.0.1:8080", server.url)
+              .replace("https://example.com", "http://127.0.0.1:9/"))
+    result = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+    assert created["name"] == "Example" and created["id"].startswith("mon_"), created
+
+
+def test_readme_contents_list_every_section():
+    readme = (HERE / "README.md").read_text()
+    contents = readme[readme.index("**Contents**"):readme.index("\n## ")]
+    for title in re.findall(r"^## (.+)$", readme, re.M):
+        assert f"[{title}](#" in contents, title
+    command = "pip install '.[test]' && python -m pytest -q"
+    assert f"python3 -m venv .venv && . .venv/bin/activate\n{command}\n" in readme
+    assert command in (HERE / ".ci" / "run").read_text().splitlines()  # CI runs it exactly
+
+
 def test_serve_does_not_print_a_key_on_later_starts(tmp_path):
     first = Server(tmp_path).start()
     first.stop()
