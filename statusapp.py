@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -945,8 +946,8 @@ def check_notifications(value: list[Any], record: dict[str, Any],
         stored[previous["type"]].append(previous["config"])
     entries, issues, seen = [], [], collections.Counter()
     for i, item in enumerate(value):
-        kind = item.get("type") if isinstance(item, dict) else None
-        kind = kind if isinstance(kind, str) else None
+        given = item.get("type") if isinstance(item, dict) else None
+        kind = given if isinstance(given, str) else ""
         previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
@@ -1058,6 +1059,50 @@ def field_reference(fields: Sequence[Field]) -> str:
     return "\n".join(rows)
 
 
+# Response shapes.  Each function that shapes a JSON response has its shape declared beside it,
+# as JSON Schema built by ``shape``; ``@api(response=...)`` hands it to the OpenAPI document.
+
+def _prop(spec: Any) -> dict[str, Any]:
+    if isinstance(spec, dict):
+        return spec
+    if isinstance(spec, list):
+        return {"type": "array", "items": _prop(spec[0])}
+    name = spec.rstrip("?")
+    out: dict[str, Any] = ({} if name == "any" else {"type": "string", "format": "date-time"}
+                           if name == "date-time" else {"type": name})
+    return nullable(out) if spec.endswith("?") else out
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema that also admits null."""
+    if "type" not in schema:
+        return schema
+    out = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in out:
+        out["enum"] = [*out["enum"], None]
+    return out
+
+
+def shape(*bases: dict[str, Any], **props: Any) -> dict[str, Any]:
+    """An object's JSON Schema, every property required, from ``bases`` (object schemas) and a
+    compact form: a JSON type name (or "any", or "date-time" for ``iso`` times) with a trailing
+    "?" when it may be null, a schema, or ``[item]`` for an array of item."""
+    properties = {k: v for base in bases for k, v in base["properties"].items()}
+    properties.update({name: _prop(spec) for name, spec in props.items()})
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+def fields_shape(fields: Sequence[Field]) -> dict[str, Any]:
+    """How a Field table's values come back: its kind and choices, null when it has no
+    default (absent values are null)."""
+    def one(f: Field) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": f.kind, **({"enum": list(f.choices)} if f.choices else {})}
+        if f.kind == "array" and f.items:
+            out["items"] = {"type": f.items}
+        return nullable(out) if f.default is None else out
+    return shape(**{f.name: one(f) for f in fields})
+
+
 def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
     """The query parameters of a paged listing: page, limit, sort, order and filters."""
     return (
@@ -1067,6 +1112,10 @@ def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tu
         Field("order", "string", default="desc", choices=("asc", "desc")),
         *filters.values(),
     )
+
+
+PAGINATION = shape(total="integer", page="integer", limit="integer", totalPages="integer")
+DELETED = shape(success="boolean", message="string")
 
 
 def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
@@ -4421,6 +4470,9 @@ class RouteDoc:
     role: str | None
     body: tuple[Field, ...]
     query: tuple[Field, ...]
+    operation_id: str
+    response: dict[str, Any] | Callable[[], dict[str, Any]]  # a callable: shapes defined later
+    status: tuple[int, ...]
 
 
 API_DOCS: list[RouteDoc] = []
@@ -4441,12 +4493,15 @@ def rate_limit(request: Request, who: Principal | None, enforce: bool = True) ->
 
 
 def api(path: str, *methods: str, public: bool = False, role: str | None = None,
-        body: Sequence[Field] = (), query: Sequence[Field] = (), limit: bool | None = True
+        body: Sequence[Field] = (), query: Sequence[Field] = (), limit: bool | None = True,
+        response: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+        status: tuple[int, ...] = (200,)
         ) -> Callable[[Callable[[Call], Awaitable[Any]]], Callable[[Call], Awaitable[Any]]]:
     """Register an ``/api/v1`` route.  Writes need MEMBER and reads VIEWER unless ``role``.
-    ``body`` and ``query`` name the Field tables the handler validates, for the OpenAPI document.
-    ``limit``: True refuses requests past the rate limit, False counts them but answers, None
-    leaves the window to the handler (heartbeats have their own)."""
+    ``body`` and ``query`` name the Field tables the handler validates, ``response`` the shape
+    of what it answers with a ``status``, for the OpenAPI document.  ``limit``: True refuses
+    requests past the rate limit, False counts them but answers, None leaves the window to the
+    handler (heartbeats have their own)."""
     def register(handler: Callable[[Call], Awaitable[Any]]) -> Callable[[Call], Awaitable[Any]]:
         async def endpoint(request: Request) -> Response:
             rt: Runtime = request.app.state.statusapp
@@ -4481,7 +4536,9 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
         API_DOCS.extend(RouteDoc(
             re.sub(r":\w+}", "}", path), method, summary, None if public else role or (
                 "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"),
-            tuple(body), tuple(query)) for method in methods)
+            tuple(body), tuple(query), handler.__name__ + (
+                f"_{method.lower()}" if len(methods) > 1 else ""), response or shape(), status)
+            for method in methods)
         return handler
     return register
 
@@ -4593,6 +4650,12 @@ def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str
     return out
 
 
+CHECK_SHAPE = shape(
+    id="string", status="string", responseTime="integer?", statusCode="integer?",
+    checkedAt="date-time", error="string?", rootCauseCategory="string?",
+    workerRegion=shape(id="string", country="string?", countryCode="string?", city="string?"))
+
+
 async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
     """Each monitor's latest check per region (the monitor_latest trigger keeps them), by region."""
     if not ids:
@@ -4648,6 +4711,17 @@ def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
             "enabled": bool(row["enabled"]), "config": masked_channel_config(row["type"], config),
             "failing": bool(row["target_failing"]), "lastError": row["target_error"],
             "createdAt": iso(row["created_at"])}
+
+
+LINK_SHAPE = shape(id="string", channelId="string?", name="string?", type="string?",
+                   enabled="boolean", config="object?", failing="boolean", lastError="string?",
+                   createdAt="date-time")
+
+
+MONITOR_SHAPE = shape(
+    fields_shape(MONITOR_COLUMNS), id="string", status="string", isPaused="boolean",
+    heartbeatUrl="string?", createdAt="date-time", updatedAt="date-time", checks=[CHECK_SHAPE],
+    _count=shape(checks="integer", incidents="integer"), monitorNotifications=[LINK_SHAPE])
 
 
 def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> Any:
@@ -4736,7 +4810,10 @@ async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
     return (await monitors_json(call.rt, [await load_owned(call, "monitors", monitor_id)]))[0]
 
 
-@api("/monitors", "GET", query=MONITOR_QUERY)
+MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
+
+
+@api("/monitors", "GET", query=MONITOR_QUERY, response=MONITOR_LIST_SHAPE)
 async def list_monitors(call: Call) -> dict[str, Any]:
     query = call.query
     where, params = ["account_id = ?"], [call.team]
@@ -4758,12 +4835,12 @@ async def list_monitors(call: Call) -> dict[str, Any]:
     return {"monitors": await monitors_json(call.rt, rows), "pagination": paginate(total, query)}
 
 
-@api("/monitors/{monitorId}", "GET")
+@api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
 async def get_monitor(call: Call) -> dict[str, Any]:
     return (await monitors_json(call.rt, [await load_owned(call, "monitors")]))[0]
 
 
-@api("/monitors", "POST", body=MONITOR_FIELDS)
+@api("/monitors", "POST", body=MONITOR_FIELDS, response=MONITOR_SHAPE, status=(201,))
 async def create_monitor(call: Call) -> Response:
     body = await call.json()
     clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
@@ -4806,13 +4883,13 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
     return row
 
 
-@api("/monitors/{monitorId}", "PUT", body=MONITOR_FIELDS)
+@api("/monitors/{monitorId}", "PUT", body=MONITOR_FIELDS, response=MONITOR_SHAPE)
 async def update_monitor(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, MONITOR_FIELDS)
     return await _monitor_response(call, row["id"])
 
 
-@api("/monitors/{monitorId}", "DELETE")
+@api("/monitors/{monitorId}", "DELETE", response=DELETED)
 async def delete_monitor(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "monitors")
     async with call.rt.db.transaction() as conn:
@@ -4821,7 +4898,7 @@ async def delete_monitor(call: Call) -> dict[str, Any]:
     return {"success": True, "message": "Monitor deleted successfully"}
 
 
-@api("/monitors/{monitorId}/pause", "POST")
+@api("/monitors/{monitorId}/pause", "POST", response=shape(id="string", isPaused="boolean"))
 async def pause_monitor(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "monitors")
     async with call.rt.db.transaction() as conn:
@@ -4839,12 +4916,17 @@ def regression_json(row: sqlite3.Row) -> dict[str, Any]:
             "baselineCalculatedAt": iso(row["baseline_calculated_at"])}
 
 
-@api("/monitors/{monitorId}/regression", "GET")
+REGRESSION_SHAPE = shape(regressionEnabled="boolean", regressionThreshold="integer",
+                         regressionPeriod="integer", baselineResponseTime="number?",
+                         baselineCalculatedAt="date-time?")
+
+
+@api("/monitors/{monitorId}/regression", "GET", response=REGRESSION_SHAPE)
 async def get_regression(call: Call) -> dict[str, Any]:
     return regression_json(await load_owned(call, "monitors"))
 
 
-@api("/monitors/{monitorId}/regression", "PUT", body=REGRESSION_FIELDS)
+@api("/monitors/{monitorId}/regression", "PUT", body=REGRESSION_FIELDS, response=REGRESSION_SHAPE)
 async def update_regression(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, REGRESSION_FIELDS)
     return regression_json(await load_owned(call, "monitors", row["id"]))
@@ -4860,6 +4942,7 @@ _AGENT_MAX = 200
 _AT = object()  # in a ping's clock updates: "the ping's time"
 _OK = b'{"message":"OK"}'
 _OK_NOT_LOGGED = b'{"message":"OK","logged":false}'
+PING_SHAPE = shape(message="string")
 
 
 @dataclass(frozen=True)
@@ -4992,7 +5075,7 @@ def _ping_route(path: str, kind: str, *methods: str) -> None:
     async def handler(call: Call) -> Response:
         return await _ping(call, kind)
     handler.__name__ = f"heartbeat_{kind}"
-    api(path, *methods, public=True, limit=None)(handler)
+    api(path, *methods, public=True, limit=None, response=PING_SHAPE)(handler)
 
 
 _ping_route("/heartbeat/{heartbeatId}", "success", "GET", "POST", "HEAD")
@@ -5001,7 +5084,8 @@ _ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
 _ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
 
 
-@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True, limit=None)
+@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True, limit=None,
+      response=PING_SHAPE)
 async def heartbeat_exit_code(call: Call) -> Response:
     """Report a job's exit status: 0 is a success, 1-255 a failure (``curl .../$?``)."""
     code = call.request.path_params["exitCode"]
@@ -5016,11 +5100,20 @@ HEARTBEAT_QUERY = page_fields(("receivedAt",), "receivedAt",
 
 def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": f"hb_{row['id']}", "kind": row["kind"], "message": row["message"],
-            "exitCode": row["exit_code"], "duration": row["duration"], "sourceIp": row["source_ip"],
+            "exitCode": row["exit_code"], "duration": row["duration"],
+            "sourceIp": row["source_ip"],
             "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
 
 
-@api("/monitors/{monitorId}/heartbeats", "GET", query=HEARTBEAT_QUERY)
+HEARTBEAT_SHAPE = shape(id="string", kind="string", message="string?", exitCode="integer?",
+                        duration="integer?", sourceIp="string?", userAgent="string?",
+                        receivedAt="date-time")
+
+
+HEARTBEATS_SHAPE = shape(heartbeats=[HEARTBEAT_SHAPE], pagination=PAGINATION)
+
+
+@api("/monitors/{monitorId}/heartbeats", "GET", query=HEARTBEAT_QUERY, response=HEARTBEATS_SHAPE)
 async def list_heartbeats(call: Call) -> dict[str, Any]:
     """A monitor's pings, newest first (our addition to the spec)."""
     monitor = await load_owned(call, "monitors")
@@ -5073,6 +5166,13 @@ async def incident_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
             "checksFailed": failed, "checksTotal": total, "mttr": alert["mttr"]}
 
 
+INCIDENT_SHAPE = shape(
+    id="string", incidentNumber="string", monitorId="string?", startedAt="date-time",
+    resolvedAt="date-time?", isResolved="boolean", severity="string", status="string",
+    rootCause="string?", rootCauseCategory="string?", affectedRegions=["string"],
+    checksFailed="integer", checksTotal="integer", mttr="integer?")
+
+
 async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
     """The incident with its monitor, status history and newest INCIDENT_CHECKS checks."""
     monitor = await rt.db.fetchone("SELECT id, name, url, type, status FROM monitors WHERE id = ?",
@@ -5089,7 +5189,17 @@ async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
             "checks": [check_json(c, rt.regions) for c in checks]}
 
 
-@api("/incidents", "GET", query=INCIDENT_QUERY)
+INCIDENT_DETAIL_SHAPE = shape(
+    INCIDENT_SHAPE, checks=[CHECK_SHAPE],
+    monitor=nullable(shape(id="string", name="string", url="string?", type="string",
+                           status="string")),
+    updates=[shape(id="string", status="string", message="string", createdAt="date-time")])
+
+
+INCIDENTS_SHAPE = shape(incidents=[INCIDENT_SHAPE], pagination=PAGINATION)
+
+
+@api("/incidents", "GET", query=INCIDENT_QUERY, response=INCIDENTS_SHAPE)
 async def list_incidents(call: Call) -> dict[str, Any]:
     query = call.query
     where, params = ["account_id = ?"], [call.team]
@@ -5110,12 +5220,13 @@ async def list_incidents(call: Call) -> dict[str, Any]:
             "pagination": paginate(total, query)}
 
 
-@api("/incidents/{incidentId}", "GET")
+@api("/incidents/{incidentId}", "GET", response=INCIDENT_DETAIL_SHAPE)
 async def get_incident(call: Call) -> dict[str, Any]:
     return await _incident_detail(call.rt, await load_owned(call, "incidents"))
 
 
-@api("/incidents/{incidentId}/updates", "POST", body=INCIDENT_UPDATE_FIELDS)
+@api("/incidents/{incidentId}/updates", "POST", body=INCIDENT_UPDATE_FIELDS,
+      response=INCIDENT_DETAIL_SHAPE, status=(201,))
 async def post_incident_update(call: Call) -> Response:
     """A person's status update; ``resolved`` closes the incident and sends its alerts."""
     row = await load_owned(call, "incidents")
@@ -5254,19 +5365,24 @@ def channel_json(row: sqlite3.Row) -> dict[str, Any]:
             "updatedAt": iso(row["updated_at"])}
 
 
-@api("/notifications", "GET")
+CHANNEL_SHAPE = shape(id="string", name="string", type="string", config="object",
+                      isActive="boolean", failing="boolean", lastError="string?",
+                      createdAt="date-time", updatedAt="date-time")
+
+
+@api("/notifications", "GET", response=shape(channels=[CHANNEL_SHAPE]))
 async def list_channels(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM notification_channels WHERE account_id = ?"
                                      " ORDER BY created_at, id", (call.team,))
     return {"channels": [channel_json(row) for row in rows]}
 
 
-@api("/notifications/{channelId}", "GET")
+@api("/notifications/{channelId}", "GET", response=CHANNEL_SHAPE)
 async def get_channel(call: Call) -> dict[str, Any]:
     return channel_json(await load_owned(call, "notification_channels"))
 
 
-@api("/notifications", "POST", body=CHANNEL_FIELDS)
+@api("/notifications", "POST", body=CHANNEL_FIELDS, response=CHANNEL_SHAPE, status=(201,))
 async def create_channel(call: Call) -> Response:
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env())
     row = await create_owned(call, "notification_channels", "nc",
@@ -5274,7 +5390,7 @@ async def create_channel(call: Call) -> Response:
     return JSONResponse(channel_json(row), 201)
 
 
-@api("/notifications/{channelId}", "PUT", body=CHANNEL_FIELDS)
+@api("/notifications/{channelId}", "PUT", body=CHANNEL_FIELDS, response=CHANNEL_SHAPE)
 async def update_channel(call: Call) -> dict[str, Any]:
     """A partial update; a new config clears the failing mark (it may fix the channel)."""
     row = await load_owned(call, "notification_channels")
@@ -5289,7 +5405,7 @@ async def update_channel(call: Call) -> dict[str, Any]:
     return channel_json(await load_owned(call, "notification_channels"))
 
 
-@api("/notifications/{channelId}", "DELETE")
+@api("/notifications/{channelId}", "DELETE", response=DELETED)
 async def delete_channel(call: Call) -> dict[str, Any]:
     """Delete a channel, its links to monitors and the alerts still queued for it."""
     row = await load_owned(call, "notification_channels")
@@ -5332,26 +5448,31 @@ def webhook_json(row: sqlite3.Row) -> dict[str, Any]:
             "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"])}
 
 
-@api("/webhooks", "GET")
+WEBHOOK_SHAPE = shape(id="string", name="string", url="string", events="string",
+                      isActive="boolean", hasSecret="boolean", lastStatus="integer?",
+                      lastTriggeredAt="date-time?", createdAt="date-time", updatedAt="date-time")
+
+
+@api("/webhooks", "GET", response=shape(webhooks=[WEBHOOK_SHAPE]))
 async def list_webhooks(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM webhooks WHERE account_id = ?"
                                      " ORDER BY created_at, id", (call.team,))
     return {"webhooks": [webhook_json(row) for row in rows]}
 
 
-@api("/webhooks/{webhookId}", "GET")
+@api("/webhooks/{webhookId}", "GET", response=WEBHOOK_SHAPE)
 async def get_webhook(call: Call) -> dict[str, Any]:
     return webhook_json(await load_owned(call, "webhooks"))
 
 
-@api("/webhooks", "POST", body=WEBHOOK_FIELDS)
+@api("/webhooks", "POST", body=WEBHOOK_FIELDS, response=WEBHOOK_SHAPE, status=(201,))
 async def create_webhook(call: Call) -> Response:
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env())
     row = await create_owned(call, "webhooks", "wh", column_values(WEBHOOK_FIELDS, clean))
     return JSONResponse(webhook_json(row), 201)
 
 
-@api("/webhooks/{webhookId}", "PUT", body=WEBHOOK_FIELDS)
+@api("/webhooks/{webhookId}", "PUT", body=WEBHOOK_FIELDS, response=WEBHOOK_SHAPE)
 async def update_webhook(call: Call) -> dict[str, Any]:
     """A partial update; ``"secret": null`` removes the secret, leaving it out keeps it."""
     row = await load_owned(call, "webhooks")
@@ -5363,7 +5484,7 @@ async def update_webhook(call: Call) -> dict[str, Any]:
     return webhook_json(await load_owned(call, "webhooks"))
 
 
-@api("/webhooks/{webhookId}", "DELETE")
+@api("/webhooks/{webhookId}", "DELETE", response=DELETED)
 async def delete_webhook(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "webhooks")
     await call.rt.db.write([
@@ -5372,7 +5493,11 @@ async def delete_webhook(call: Call) -> dict[str, Any]:
     return {"success": True, "message": "Webhook deleted successfully"}
 
 
-@api("/webhooks/{webhookId}/test", "POST")
+TEST_WEBHOOK_SHAPE = shape(
+    success="boolean", statusCode="integer?", responseTime="integer?", error="string?")
+
+
+@api("/webhooks/{webhookId}/test", "POST", response=TEST_WEBHOOK_SHAPE)
 async def test_webhook(call: Call) -> dict[str, Any]:
     """Send one ``test`` event now (a single attempt) and report how the endpoint answered."""
     row = await load_owned(call, "webhooks")
@@ -5392,7 +5517,12 @@ async def test_webhook(call: Call) -> dict[str, Any]:
             "responseTime": result["durationMs"], "error": result["error"]}
 
 
-@api("/webhooks/{webhookId}/deliveries", "GET")
+WEBHOOK_DELIVERIES_SHAPE = shape(
+    deliveries=[shape(id="string", event="string", statusCode="integer?", attempts="integer",
+                      deliveredAt="date-time?", error="string?", createdAt="date-time")])
+
+
+@api("/webhooks/{webhookId}/deliveries", "GET", response=WEBHOOK_DELIVERIES_SHAPE)
 async def list_webhook_deliveries(call: Call) -> dict[str, Any]:
     """The newest 100 deliveries; ``deliveredAt`` is null while queued or after failing."""
     row = await load_owned(call, "webhooks")
@@ -5482,6 +5612,10 @@ def status_page_json(row: sqlite3.Row, base_url: str) -> dict[str, Any]:
     return out
 
 
+PAGE_ROW_SHAPE = shape(fields_shape(_PAGE_COLUMNS), id="string", url="string",
+                       createdAt="date-time", updatedAt="date-time")
+
+
 async def page_groups(db: Database, page_id: str) -> list[dict[str, Any]]:
     """A page's groups in order, each with its monitors (id, name, type, state) in order."""
     groups: dict[str, dict[str, Any]] = {}
@@ -5506,6 +5640,11 @@ async def _status_page_response(call: Call, row: sqlite3.Row) -> dict[str, Any]:
          "monitors": [{k: m[k] for k in ("id", "name", "type", "status")} for m in g["monitors"]]}
         for g in await page_groups(call.rt.db, row["id"])]
     return out
+
+
+PAGE_SHAPE = shape(PAGE_ROW_SHAPE, monitorGroups=[shape(
+    name="string", monitorIds=["string"],
+    monitors=[shape(id="string", name="string", type="string", status="string")])])
 
 
 async def _page_env(call: Call, **extra: Any) -> dict[str, Any]:
@@ -5535,7 +5674,7 @@ async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, 
             [(group_id, monitor_id, i) for i, monitor_id in enumerate(group["monitorIds"] or [])])
 
 
-@api("/status-pages", "GET")
+@api("/status-pages", "GET", response=shape(statusPages=[PAGE_ROW_SHAPE]))
 async def list_status_pages(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         "SELECT * FROM status_pages WHERE account_id = ? ORDER BY created_at, id", (call.team,))
@@ -5543,12 +5682,12 @@ async def list_status_pages(call: Call) -> dict[str, Any]:
     return {"statusPages": [status_page_json(row, base) for row in rows]}
 
 
-@api("/status-pages/{statusPageId}", "GET")
+@api("/status-pages/{statusPageId}", "GET", response=PAGE_SHAPE)
 async def get_status_page(call: Call) -> dict[str, Any]:
     return await _status_page_response(call, await load_owned(call, "status_pages"))
 
 
-@api("/status-pages", "POST", body=STATUS_PAGE_FIELDS)
+@api("/status-pages", "POST", body=STATUS_PAGE_FIELDS, response=PAGE_SHAPE, status=(201,))
 async def create_status_page(call: Call) -> Response:
     body = await call.json()
     clean = validate(STATUS_PAGE_FIELDS, body, await _page_env(call))
@@ -5562,7 +5701,7 @@ async def create_status_page(call: Call) -> Response:
     return JSONResponse(await _status_page_response(call, row), 201)
 
 
-@api("/status-pages/{statusPageId}", "PUT", body=STATUS_PAGE_FIELDS)
+@api("/status-pages/{statusPageId}", "PUT", body=STATUS_PAGE_FIELDS, response=PAGE_SHAPE)
 async def update_status_page(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "status_pages")
     existing = status_page_json(row, "")
@@ -5575,7 +5714,7 @@ async def update_status_page(call: Call) -> dict[str, Any]:
     return await _status_page_response(call, await load_owned(call, "status_pages"))
 
 
-@api("/status-pages/{statusPageId}", "DELETE")
+@api("/status-pages/{statusPageId}", "DELETE", response=DELETED)
 async def delete_status_page(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "status_pages")
     async with call.rt.db.transaction() as conn:
@@ -5589,11 +5728,25 @@ ANALYTICS_PERIODS = {"1h": HOUR_MS, "24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 *
 ANALYTICS_QUERY = (Field("period", "string", default="24h", choices=tuple(ANALYTICS_PERIODS)),)
 
 
+DASHBOARD_SHAPE = shape(
+    monitors=shape(total="integer", active="integer", paused="integer", up="integer",
+                   down="integer", degraded="integer"),
+    incidents=shape(open="integer", resolvedToday="integer", resolvedThisWeek="integer",
+                    avgMttr="integer?"),
+    performance=shape(avgResponseTime="integer?", p95ResponseTime="integer?",
+                      overallUptime="number?"))
+MONITOR_ANALYTICS_SHAPE = shape(
+    monitorId="string", period="string", uptime="number?", avgResponseTime="integer?",
+    p50ResponseTime="integer?", p95ResponseTime="integer?", p99ResponseTime="integer?",
+    totalChecks="integer", checksUp="integer", checksDown="integer", checksDegraded="integer",
+    incidents="integer", mttr="integer?", responseTimeByRegion="object")
+
+
 def _seconds(ms: float | None) -> int | None:
     return None if ms is None else round(ms / 1000)
 
 
-@api("/analytics", "GET")
+@api("/analytics", "GET", response=DASHBOARD_SHAPE)
 async def dashboard_analytics(call: Call) -> dict[str, Any]:
     """Team-wide counts now, incidents, and check performance over the last 24 hours.
 
@@ -5637,7 +5790,8 @@ async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]
     return figures
 
 
-@api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY)
+@api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY,
+      response=MONITOR_ANALYTICS_SHAPE)
 async def monitor_analytics(call: Call) -> dict[str, Any]:
     query = call.query
     row = await load_owned(call, "monitors")
@@ -5790,9 +5944,16 @@ def member_json(row: sqlite3.Row) -> dict[str, Any]:
             "invitedAt": iso(row["invited_at"])}
 
 
+MEMBER_SHAPE = shape(id="string", email="string", name="string?", role="string",
+                     status="string", acceptedAt="date-time?", invitedAt="date-time?")
+
+
 def invitation_json(row: sqlite3.Row) -> dict[str, Any]:
     return {**member_json(row), "expiresAt": iso(row["expires_at"]),
             "isExpired": row["expires_at"] <= now_ms()}
+
+
+INVITATION_SHAPE = shape(MEMBER_SHAPE, expiresAt="date-time?", isExpired="boolean")
 
 
 async def _member(call: Call, member_id: str) -> sqlite3.Row:
@@ -5862,19 +6023,23 @@ async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool
     return True
 
 
-@api("/team/members", "GET")
+@api("/team/members", "GET", response=shape(members=[MEMBER_SHAPE]))
 async def list_team_members(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         f"{_MEMBER_SELECT} WHERE m.team_id = ? ORDER BY m.invited_at, m.id", (call.team,))
     return {"members": [member_json(row) for row in rows]}
 
 
-@api("/team/members/{memberId}", "GET")
+@api("/team/members/{memberId}", "GET", response=MEMBER_SHAPE)
 async def get_team_member(call: Call) -> dict[str, Any]:
     return member_json(await _member(call, call.param("memberId")))
 
 
-@api("/team/members", "POST", role="ADMIN", body=MEMBER_FIELDS)
+INVITE_TEAM_MEMBER_SHAPE = shape(INVITATION_SHAPE, invitationToken="string", emailSent="boolean")
+
+
+@api("/team/members", "POST", role="ADMIN", body=MEMBER_FIELDS,
+      response=INVITE_TEAM_MEMBER_SHAPE, status=(201,))
 async def invite_team_member(call: Call) -> Response:
     """A PENDING invitation, answered with its one-time token (only the SHA256 is kept)."""
     clean = validate(MEMBER_FIELDS, await call.json(), call.env())
@@ -5894,7 +6059,7 @@ async def invite_team_member(call: Call) -> Response:
 
 
 @api("/team/members/{memberId}", "PUT", role="ADMIN",
-     body=MEMBER_UPDATE_FIELDS)
+     body=MEMBER_UPDATE_FIELDS, response=MEMBER_SHAPE)
 async def update_team_member(call: Call) -> dict[str, Any]:
     """Change a member's role (or an invitation's); the owner is never demoted."""
     row = await _member(call, call.param("memberId"))
@@ -5907,7 +6072,7 @@ async def update_team_member(call: Call) -> dict[str, Any]:
     return member_json(await _member(call, row["id"]))
 
 
-@api("/team/members/{memberId}", "DELETE", role="ADMIN")
+@api("/team/members/{memberId}", "DELETE", role="ADMIN", response=DELETED)
 async def remove_team_member(call: Call) -> dict[str, Any]:
     """Remove a member (or cancel an invitation); their keys stop working at once."""
     row = await _member(call, call.param("memberId"))
@@ -5920,7 +6085,7 @@ async def remove_team_member(call: Call) -> dict[str, Any]:
     return {"success": True, "message": "Team member removed successfully"}
 
 
-@api("/team/invitations", "GET")
+@api("/team/invitations", "GET", response=shape(invitations=[INVITATION_SHAPE]))
 async def list_invitations(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         f"{_MEMBER_SELECT} WHERE m.team_id = ? AND m.status = 'PENDING'"
@@ -5928,7 +6093,9 @@ async def list_invitations(call: Call) -> dict[str, Any]:
     return {"invitations": [invitation_json(row) for row in rows]}
 
 
-@api("/team/invitations/{token}/accept", "POST", public=True)
+@api("/team/invitations/{token}/accept", "POST", public=True,
+      response=lambda: shape(member=MEMBER_SHAPE, apiKey=shape(KEY_SHAPE, key="string")),
+      status=(201,))
 async def accept_invitation(call: Call) -> Response:
     """Join the team: the token is the credential, used once; the answer holds a first key."""
     stamp = now_ms()
@@ -6046,12 +6213,17 @@ async def _account(call: Call) -> dict[str, Any]:
             "createdAt": iso(row["created_at"]), "role": call.who.role, "teamId": call.team}
 
 
-@api("/account", "GET")
+ACCOUNT_SHAPE = shape(fields_shape(ACCOUNT_FIELDS), id="string", email="string",
+                      accountStatus="string", plan="string", createdAt="date-time", role="string",
+                      teamId="string")
+
+
+@api("/account", "GET", response=ACCOUNT_SHAPE)
 async def get_account(call: Call) -> dict[str, Any]:
     return await _account(call)
 
 
-@api("/account", "PUT", body=ACCOUNT_FIELDS)
+@api("/account", "PUT", body=ACCOUNT_FIELDS, response=ACCOUNT_SHAPE)
 async def update_account(call: Call) -> dict[str, Any]:
     existing = await _account(call)
     clean = validate((*ACCOUNT_FIELDS, *_ACCOUNT_READ_ONLY), await call.json(),
@@ -6100,12 +6272,17 @@ def key_json(row: sqlite3.Row, last_used: int | None = None) -> dict[str, Any]:
             "createdAt": iso(row["created_at"])}
 
 
+KEY_SHAPE: dict[str, Any] = shape(
+    id="string", name="string", prefix="string", permissions="string", lastUsedAt="date-time?",
+    expiresAt="date-time?", isActive="boolean", createdAt="date-time")
+
+
 async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
     row = await rt.db.fetchone("SELECT * FROM api_keys WHERE id = ?", (key_id,))
     return key_json(row, rt.usage.last_used(key_id))
 
 
-@api("/account/api-keys", "GET", query=KEY_QUERY)
+@api("/account/api-keys", "GET", query=KEY_QUERY, response=shape(apiKeys=[KEY_SHAPE]))
 async def list_api_keys(call: Call) -> dict[str, Any]:
     assert call.who is not None
     query = call.query
@@ -6120,7 +6297,11 @@ async def list_api_keys(call: Call) -> dict[str, Any]:
     return {"apiKeys": [key_json(row, call.rt.usage.last_used(row["id"])) for row in rows]}
 
 
-@api("/account/api-keys", "POST", body=KEY_FIELDS)
+CREATE_ACCOUNT_API_KEY_SHAPE = shape(KEY_SHAPE, key="string")
+
+
+@api("/account/api-keys", "POST", body=KEY_FIELDS,
+      response=CREATE_ACCOUNT_API_KEY_SHAPE, status=(201,))
 async def create_account_api_key(call: Call) -> Response:
     """A key for the caller, shown once; never more than the role and the creating key allow."""
     assert call.who is not None
@@ -6139,7 +6320,7 @@ async def create_account_api_key(call: Call) -> Response:
     return JSONResponse({**await _key(call.rt, key_id), "key": key}, 201)
 
 
-@api("/account/api-keys/{keyId}", "DELETE")
+@api("/account/api-keys/{keyId}", "DELETE", response=DELETED)
 async def revoke_account_api_key(call: Call) -> dict[str, Any]:
     """Revoke one's own key; ADMIN+ also a team member's (only the OWNER the owner's)."""
     assert call.who is not None
@@ -6163,7 +6344,12 @@ USAGE_QUERY = (Field("period", "string", default="24h", choices=tuple(USAGE_HOUR
                      doc="Clock hours counted, the current one included"),)
 
 
-@api("/account/usage", "GET", query=USAGE_QUERY, limit=False)
+ACCOUNT_USAGE_SHAPE = shape(
+    period="string", totalRequests="integer", requestsByEndpoint="object",
+    rateLimit=shape(limit="integer", used="integer", remaining="integer"))
+
+
+@api("/account/usage", "GET", query=USAGE_QUERY, limit=False, response=ACCOUNT_USAGE_SHAPE)
 async def account_usage(call: Call) -> dict[str, Any]:
     """The team's requests per endpoint template and its rate-limit window (answered even
     while the team is over its limit)."""
@@ -6179,7 +6365,11 @@ async def account_usage(call: Call) -> dict[str, Any]:
 
 # Server
 
-@api("/health", "GET", public=True)
+HEALTH_SHAPE = shape(
+    status="string", version="string", uptime="integer", checks="object", timestamp="date-time")
+
+
+@api("/health", "GET", public=True, response=HEALTH_SHAPE, status=(200, 503))
 async def health(call: Call) -> Response:
     """Check the database for real (a read and a commit through the writer) and report how
     far behind its plan the scheduler is; far behind makes the status degraded."""
@@ -6223,19 +6413,42 @@ def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_API_TAGS = {"health": "server", "openapi.json": "server", "worker-regions": "server",
+             "heartbeat": "heartbeats"}
+
+
+def _path_schema(name: str) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0} if name == "exitCode" else {"type": "string"}
+
+
+def _responses(doc: RouteDoc) -> dict[str, Any]:
+    """An operation's success statuses with their shape, then the errors it can answer."""
+    schema = doc.response() if callable(doc.response) else doc.response
+    content = {} if doc.method == "HEAD" else {
+        "content": {"application/json": {"schema": schema}}}
+    out: dict[str, Any] = {str(code): {"description": HTTPStatus(code).phrase, **content}
+                           for code in doc.status}
+    errors = [400, *((401, 403) if doc.role else ()), *((404,) if "{" in doc.path else ()),
+              *((413,) if doc.body else ()), 429]
+    out.update({str(code): {"$ref": "#/components/responses/Error"} for code in errors})
+    out["default"] = {"$ref": "#/components/responses/Error"}
+    return out
+
+
 def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The OpenAPI 3.1 description of /api/v1, generated from the routes and the same Field
     tables that validate requests, so it cannot drift from what the server accepts."""
     paths: dict[str, dict[str, Any]] = {}
     for doc in API_DOCS:
         operation: dict[str, Any] = {
+            "operationId": doc.operation_id,
             "summary": doc.summary,
+            "tags": [_API_TAGS.get(doc.path.split("/")[1], doc.path.split("/")[1])],
             "parameters": [
-                *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                *({"name": name, "in": "path", "required": True, "schema": _path_schema(name)}
                   for name in re.findall(r"{(\w+)}", doc.path)),
                 *({"name": f.name, "in": "query", "schema": _schema(f, cfg)} for f in doc.query)],
-            "responses": {"2XX": {"description": "Success"},
-                          "default": {"$ref": "#/components/responses/Error"}}}
+            "responses": _responses(doc)}
         if doc.body:
             operation["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"type": "object",
@@ -6263,18 +6476,26 @@ def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-@api("/openapi.json", "GET", public=True)
+OPENAPI_SHAPE = shape(openapi="string", info="object", paths="object")
+
+
+@api("/openapi.json", "GET", public=True, response=OPENAPI_SHAPE)
 async def openapi(call: Call) -> dict[str, Any]:
     """This API's OpenAPI 3.1 document."""
     return openapi_document(call.rt.cfg)
 
 
-@api("/server/version", "GET", public=True)
+@api("/server/version", "GET", public=True, response=shape(version="string", apiVersion="string"))
 async def server_version(call: Call) -> dict[str, Any]:
     return {"version": VERSION, "apiVersion": API_VERSION}
 
 
-@api("/worker-regions", "GET")
+WORKER_REGIONS_SHAPE = shape(
+    regions=[shape(id="string", city="string?", country="string?", countryCode="string?",
+    latitude="number?", longitude="number?", isActive="boolean")])
+
+
+@api("/worker-regions", "GET", response=WORKER_REGIONS_SHAPE)
 async def worker_regions(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM worker_regions ORDER BY id")
     return {"regions": [{"id": r["id"], "city": r["city"], "country": r["country"],

@@ -39,6 +39,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dns.message
+import hypothesis
+import schemathesis
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance,
+                                               negative_data_rejection,
+                                               response_schema_conformance,
+                                               status_code_conformance)
 import dns.rcode
 import dns.rrset
 import httpx
@@ -664,7 +671,7 @@ def test_openapi_document_is_valid_and_follows_the_validation_tables(cfg, client
     doc = client.get("/api/v1/openapi.json", headers={"X-API-Key": ""}).json()
     openapi_spec_validator.validate(doc)
     for route in statusapp.ROUTES:
-        path = route.path.removeprefix("/api/v1")
+        path = re.sub(r":\w+}", "}", route.path.removeprefix("/api/v1"))
         assert set(doc["paths"][path]) >= {m.lower() for m in route.methods if m != "HEAD"}
     body = doc["paths"]["/monitors"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["name"]
@@ -678,6 +685,80 @@ def test_openapi_document_is_valid_and_follows_the_validation_tables(cfg, client
     assert doc["paths"]["/team/members"]["post"]["x-statusapp-least-role"] == "ADMIN"
     assert doc["paths"]["/monitors/{monitorId}"]["get"]["x-statusapp-least-role"] == "VIEWER"
     assert doc["paths"]["/health"]["get"]["security"] == []
+
+
+def test_every_operation_has_an_id_tags_and_its_success_shape(client):
+    doc = client.get("/api/v1/openapi.json").json()
+    operations = [op for item in doc["paths"].values() for op in item.values()]
+    assert len({op["operationId"] for op in operations}) == len(operations) == len(statusapp.API_DOCS)
+    for op in operations:
+        assert op["tags"] and op["operationId"]
+        success = [code for code in op["responses"] if code.startswith("2")]
+        assert success and "2XX" not in success, op["operationId"]
+        for code in success:
+            schema = op["responses"][code].get("content", {}).get("application/json", {}).get("schema")
+            assert schema is not None or op["operationId"].endswith("_head"), op["operationId"]
+    monitor = doc["paths"]["/monitors/{monitorId}"]["get"]["responses"]["200"]
+    shown = monitor["content"]["application/json"]["schema"]["properties"]
+    assert set(shown) >= {f.name for f in statusapp.MONITOR_COLUMNS} | {"id", "checks", "_count"}
+    assert doc["paths"]["/monitors"]["post"]["responses"]["201"]
+
+
+SCHEMATHESIS_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+                       response_schema_conformance, negative_data_rejection]
+
+
+def _schemathesis_ids(srv: Server, api: httpx.Client) -> dict[str, str]:
+    """Real ids for the path parameters, so generated requests reach the handlers."""
+    monitor = api.post("/monitors", json={"name": "m", "url": "http://127.0.0.1:9/"}).json()
+    cron = api.post("/monitors", json={"name": "c", "type": "CRON"}).json()
+    sql({"server": {"database": srv.db}}, "INSERT INTO incidents (id, account_id, monitor_id,"
+        " year, number, started_at, severity, status) SELECT 'inc_st', account_id, id, 2024, 1,"
+        " 0, 'critical', 'open' FROM monitors WHERE id = ?", (monitor["id"],))
+    channel = api.post("/notifications", json={"name": "c", "type": "WEBHOOK",
+                                               "config": {"url": "http://127.0.0.1:9/"}}).json()
+    webhook = api.post("/webhooks", json={"name": "w", "url": "http://127.0.0.1:9/",
+                                          "events": "monitor.down"}).json()
+    page = api.post("/status-pages", json={"name": "p", "slug": "st-page"}).json()
+    invite = api.post("/team/members", json={"email": "st@example.test", "role": "MEMBER"}).json()
+    key = api.post("/account/api-keys", json={"name": "k"}).json()
+    return {"monitorId": monitor["id"], "heartbeatId": cron["heartbeatUrl"].rsplit("/", 1)[1],
+            "incidentId": "inc_st", "channelId": channel["id"], "webhookId": webhook["id"],
+            "statusPageId": page["id"], "memberId": invite["id"], "keyId": key["id"],
+            "token": invite["invitationToken"]}
+
+
+def test_schemathesis_finds_no_5xx_and_answers_match_the_document(server):
+    """Schemathesis over every operation of the served OpenAPI document (a few examples each,
+    path ids mostly real): no 5xx, and every status, content type and body as documented."""
+    api = _hb_api(server)
+    key = api.headers["X-API-Key"]
+    ids = _schemathesis_ids(server, api)
+    schema = schemathesis.openapi.from_url(server.url + "/api/v1/openapi.json")
+    operations = sorted((result.ok() for result in schema.get_all_operations()),
+                        key=lambda op: (op.method.upper() == "DELETE", op.path))
+    assert len(operations) == sum(doc.method != "HEAD" for doc in statusapp.API_DOCS)
+    failures = []
+    for operation in operations:
+        @hypothesis.settings(max_examples=6, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck),
+                             phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+        @hypothesis.given(case=hypothesis.strategies.one_of(
+            operation.as_strategy(), operation.as_strategy(
+                generation_mode=schemathesis.GenerationMode.NEGATIVE)),
+            real=hypothesis.strategies.booleans())
+        def run(case, real):
+            if real or operation.method.upper() == "DELETE":
+                for name in case.path_parameters or {}:
+                    case.path_parameters[name] = ids.get(name, case.path_parameters[name])
+            case.call_and_validate(base_url=server.url + "/api/v1", headers={"X-API-Key": key},
+                                   checks=SCHEMATHESIS_CHECKS, timeout=10)
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 -- collect every operation's failure, then fail
+            failures.append(f"{operation.label}: {str(exc)[:1500]}")
+    assert not failures, "\n\n".join(failures)
+    assert "Traceback" not in server.output()
 
 
 def test_health_version_and_regions(cfg, client):
@@ -4055,7 +4136,8 @@ def _real_ids(cfg, client) -> dict[str, str]:
            "webhookId": webhook.get("id"), "statusPageId": page.get("id"),
            "memberId": invite.get("id"), "keyId": api_key.get("id"),
            "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
-           "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz"}
+           "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz",
+           "exitCode": "3"}
     assert all(ids.values()), ids
     assert client.get("/api/v1/incidents/inc_fuzz").status_code == 200
     assert client.get(f"/badge/{monitor['id']}/status.svg").status_code == 200
