@@ -6435,6 +6435,24 @@ def _responses(doc: RouteDoc) -> dict[str, Any]:
     return out
 
 
+def _link_creations(paths: dict[str, dict[str, Any]]) -> None:
+    """OpenAPI links from each creation (``POST /things`` answering 201) to the operations on
+    what it created (``/things/{thingId}...``), whose id is the new resource's ``id``: clients
+    and stateful fuzzers can follow them."""
+    for path, item in paths.items():
+        created = item.get("post", {}).get("responses", {}).get("201")
+        if created is None or "{" in path:
+            continue
+        links: dict[str, Any] = {}
+        for other, ops in paths.items():
+            found = re.fullmatch(rf"{re.escape(path)}/{{(\w+)}}(/[\w-]+)?", other)
+            if found:
+                links.update({op["operationId"]: {
+                    "operationId": op["operationId"],
+                    "parameters": {found.group(1): "$response.body#/id"}} for op in ops.values()})
+        created["links"] = links
+
+
 def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The OpenAPI 3.1 description of /api/v1, generated from the routes and the same Field
     tables that validate requests, so it cannot drift from what the server accepts."""
@@ -6460,6 +6478,7 @@ def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:
             operation["security"] = []
         paths.setdefault(doc.path, {})[doc.method.lower()] = operation
+    _link_creations(paths)
     error = {"type": "object", "required": ["error", "code"], "properties": {
         "error": {"description": "A message, or for validation errors the list of issues"},
         "code": {"type": "string"}, "details": {}}}

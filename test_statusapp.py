@@ -758,7 +758,28 @@ def test_schemathesis_finds_no_5xx_and_answers_match_the_document(server):
         except Exception as exc:  # noqa: BLE001 -- collect every operation's failure, then fail
             failures.append(f"{operation.label}: {str(exc)[:1500]}")
     assert not failures, "\n\n".join(failures)
+    _stateful_run(schema, server.url + "/api/v1", key)
     assert "Traceback" not in server.output()
+
+
+def _stateful_run(schema, base_url: str, key: str) -> None:
+    """Schemathesis's stateful run: it creates resources and follows the document's links from
+    each creation to the operations on what it created, with the same checks."""
+    workflow = schema.as_state_machine()
+    followed = Counter()
+
+    class Flow(workflow):
+        def get_call_kwargs(self, case):
+            followed[case.operation.method.upper() == "POST" and "{" not in case.operation.path] += 1
+            return {"base_url": base_url, "headers": {"X-API-Key": key}, "timeout": 10}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, checks=SCHEMATHESIS_CHECKS)
+
+    Flow.run(settings=hypothesis.settings(
+        max_examples=8, stateful_step_count=6, deadline=None, database=None, derandomize=True,
+        suppress_health_check=list(hypothesis.HealthCheck)))
+    assert followed[True] and followed[False], followed  # creations, then linked operations
 
 
 def test_health_version_and_regions(cfg, client):
