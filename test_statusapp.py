@@ -1076,10 +1076,23 @@ def _monitor(url: str, kind: str = "WEBSITE", **fields) -> dict:
     return {"url": url, "type": kind, "timeout": 5, "lastDetails": None, **fields}
 
 
-def test_probes_registry_covers_every_type_but_cron():
-    assert set(statusapp.PROBES) == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT",
-                                     "DOMAIN"}
-    assert statusapp.PROBES["API"] is statusapp.probe_http
+def test_every_monitor_type_but_cron_declares_a_probe():
+    probed = {name for name, t in statusapp.MONITOR_TYPES.items() if t.probe is not None}
+    assert probed == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT", "DOMAIN"}
+    assert statusapp.MONITOR_TYPES["API"].probe is statusapp.probe_http
+    assert statusapp.probe_of("CRON") is None and statusapp.probe_of("NOPE") is None
+    port_fields = {f.name for f in statusapp.MONITOR_TYPES["PORT"].fields}
+    assert {"name", "url", "port", "protocol"} <= port_fields and "httpMethod" not in port_fields
+
+
+def test_channel_types_declare_fields_secrets_and_audience():
+    assert list(statusapp.CHANNEL_TYPES) == ["EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM",
+                                             "PAGERDUTY", "OPSGENIE", "MICROSOFT_TEAMS", "WEBHOOK"]
+    telegram = statusapp.CHANNEL_TYPES["TELEGRAM"]
+    assert telegram.required == ("botToken", "chatId") and telegram.secrets == ("botToken",)
+    assert statusapp.CHANNEL_TYPES["WEBHOOK"].secrets == ("headers", "secret")
+    machines = {n for n, t in statusapp.CHANNEL_TYPES.items() if not t.person_facing}
+    assert machines == {"WEBHOOK", "PAGERDUTY", "OPSGENIE"}
 
 
 @pytest.mark.asyncio
@@ -2371,7 +2384,7 @@ _INC_VALID_CONFIGS = {
 def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
     config = _INC_VALID_CONFIGS[kind]
     created = _inc_channel(client, kind, config, name=f"{kind} channel")
-    secrets_ = statusapp.CHANNEL_SECRETS[kind]
+    secrets_ = statusapp.CHANNEL_TYPES[kind].secrets
     shown = created["config"]
     for name, value in config.items():
         if name not in secrets_:
@@ -2387,7 +2400,7 @@ def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
     assert updated.status_code == 200 and updated.json()["name"] == "renamed"
     rows = sql(client.app.state.statusapp.cfg, "SELECT config FROM notification_channels")
     assert json.loads(rows[0][0]) == config
-    for required in statusapp.CHANNEL_REQUIRED[kind]:
+    for required in statusapp.CHANNEL_TYPES[kind].required:
         bad = {k: v for k, v in config.items() if k != required}
         response = client.post("/api/v1/notifications",
                                json={"name": "x", "type": kind, "config": bad})
@@ -4226,9 +4239,11 @@ JSON_TYPES = {"string": "x", "integer": 7, "number": 1.5, "boolean": True, "arra
 
 
 def _field_tables() -> dict[int, tuple]:
-    """Every Field table of the module, by identity."""
-    return {id(value): value for value in vars(statusapp).values() if isinstance(value, tuple)
-            and value and all(isinstance(item, statusapp.Field) for item in value)}
+    """Every Field table of the module (and of each channel type), by identity."""
+    tables = [value for value in vars(statusapp).values() if isinstance(value, tuple)
+              and value and all(isinstance(item, statusapp.Field) for item in value)]
+    tables += [kind.fields for kind in statusapp.CHANNEL_TYPES.values()]
+    return {id(table): table for table in tables}
 
 
 def _wrong_values(field: statusapp.Field) -> list:
@@ -4254,8 +4269,9 @@ def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
             {"notifications": [{f.name: v}]}, ["notifications", 0, f.name])),
         ("POST", pages, statusapp.MONITOR_GROUP_FIELDS, lambda f, v: (
             {"monitorGroups": [{f.name: v}]}, ["monitorGroups", 0, f.name])),
-        ("POST", statusapp.API_PREFIX + "/notifications", statusapp.CHANNEL_CONFIG_FIELDS,
-         lambda f, v: ({"type": f.kinds[0], "config": {f.name: v}}, ["config", f.name])),
+        *(("POST", statusapp.API_PREFIX + "/notifications", kind.fields,
+           lambda f, v, kind=kind: ({"type": kind.name, "config": {f.name: v}}, ["config", f.name]))
+          for kind in statusapp.CHANNEL_TYPES.values()),
         ("PUT", statusapp.API_PREFIX + "/account", statusapp._ACCOUNT_READ_ONLY,
          lambda f, v: ({f.name: v}, [f.name]))]
     return cases
@@ -4375,7 +4391,7 @@ def test_readme_contents_list_every_section():
     contents = readme[readme.index("**Contents**"):readme.index("\n## ")]
     for title in re.findall(r"^## (.+)$", readme, re.M):
         assert f"[{title}](#" in contents, title
-    command = "pip install '.[test]' && python -m pytest -q"
+    command = "pip install '.[test]' && python -m mypy statusapp.py && python -m pytest -q"
     assert f"python3 -m venv .venv && . .venv/bin/activate\n{command}\n" in readme
     assert command in (HERE / ".ci" / "run").read_text().splitlines()  # CI runs it exactly
 
