@@ -364,3 +364,6 @@ CREATE TABLE team_rollups (
     rt_hist TEXT NOT NULL,
     PRIMARY KEY (account_id, start)
 ) WITHOUT ROWID;
+
+-- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
+ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
