@@ -4579,7 +4579,7 @@ def test_readme_contents_list_every_section():
     contents = readme[readme.index("**Contents**"):readme.index("\n## ")]
     for title in re.findall(r"^## (.+)$", readme, re.M):
         assert f"[{title}](#" in contents, title
-    command = "pip install '.[test]' && python -m mypy statusapp.py && python -m pytest -q"
+    command = "pip install '.[test]' && python -m mypy statusapp.py && python -m pytest -q -n 4"
     assert f"python3 -m venv .venv && . .venv/bin/activate\n{command}\n" in readme
     assert command in (HERE / ".ci" / "run").read_text().splitlines()  # CI runs it exactly
 
