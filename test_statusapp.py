@@ -7,7 +7,9 @@ Sections, in this order (statusapp.py's section each mainly tests in brackets):
   need their own monitors on it).
 - Config tests                    [1 Config]
 - Storage tests                   [3 Storage]
-- API tests                       [2 Errors, 4 Validation, 5 Auth; the app's services]
+- API tests                       [2 Errors, 4 Validation, 5 Auth; monitor routes, the
+                                   OpenAPI document (also checked by schemathesis), the app's
+                                   services]
 - Probe tests                     [6 Probes]
 - Scheduler tests                 [7 Scheduler: probing]
 - Heartbeat tests                 [7 Scheduler: heartbeat deadlines; the heartbeat routes]
@@ -17,7 +19,8 @@ Sections, in this order (statusapp.py's section each mainly tests in brackets):
 - Analytics and retention tests   [10 Analytics; metrics]
 - Team and account tests          [11 API routes: team, account, keys, usage]
 - Hostile input tests             [11 API routes and 12 Pages: no 500s, no tracebacks]
-- CLI tests                       [13 CLI: serve, init, apikey, pip install]
+- CLI tests                       [13 CLI: serve, init, apikey, pip install; the README's
+                                   commands]
 
 Page tests still come before Analytics and Team tests (statusapp.py has them the other way
 round); they are not moved, so that branches adding tests to those sections merge cleanly.
