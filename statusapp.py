@@ -52,6 +52,7 @@ import sqlite3
 import ssl
 import sys
 import sysconfig
+import textwrap
 import time
 import tomllib
 import urllib.parse
@@ -88,133 +89,241 @@ log = logging.getLogger("statusapp")
 
 # --- Config ---
 #
-# Every key has a default here; config.example.toml documents the same keys.  The type of
-# each default is the type of the key.  Precedence: CLI flag > environment > file > default.
+# ``CONFIG`` is the one table of settings: each key's default (whose type is the key's type),
+# its range or choices, and the line that documents it.  config.example.toml and the README's
+# configuration reference are generated from it (tests keep them equal).  Precedence: CLI
+# flag > environment > file > default.
 
-CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "server": {
-        "host": "127.0.0.1",
-        "port": 8080,
-        "database": "statusapp.db",
-        "base_url": "",
-        "trusted_proxies": [],
-        "log_level": "info",
-        "metrics_token": "",
-    },
-    "account": {
-        "plan": "ENTERPRISE",
-    },
-    "team": {
-        "invitation_days": 7,
-    },
-    "probes": {
-        "min_interval": 60,
-        "max_concurrency": 200,
-        "confirmations": 2,
-        "recoveries": 1,
-        "retry_delay": 5,
-        "ca_bundle": "",
-        "dns_nameservers": [],
-        "domain_check_hours": 6,
-        "rdap_url": "https://rdap.org",
-        "whois_server": "",
-        "blocklists": ["dbl.spamhaus.org"],
-    },
-    "region": {
-        "id": "local",
-        "city": "Local",
-        "country": "Local",
-        "country_code": "ZZ",
-        "latitude": 0.0,
-        "longitude": 0.0,
-    },
-    "heartbeat": {
-        "pings_per_minute": 5,
-    },
-    "notifications": {
-        "timeout": 10,
-        "attempts": 3,
-        "allow_private_targets": True,
-        "telegram_api_url": "https://api.telegram.org",
-        "pagerduty_url": "https://events.pagerduty.com/v2/enqueue",
-        "opsgenie_url": "https://api.opsgenie.com",
-        "twilio_api_url": "https://api.twilio.com",
-        "twilio_account_sid": "",
-        "twilio_auth_token": "",
-        "twilio_from": "",
-        "retry_delay": 1.0,
-    },
-    "smtp": {
-        "host": "",
-        "port": 587,
-        "security": "starttls",
-        "username": "",
-        "password": "",
-        "sender": "statusapp@localhost",
-    },
-    "retention": {
-        "raw_days": 30,
-        "rollup_days": 400,
-        "hourly_days": 35,
-    },
-    "regression": {
-        "min_baseline_checks": 30,
-        "min_current_checks": 5,
-        "current_window_minutes": 15,
-        "baseline_refresh_minutes": 60,
-    },
-}
+
+@dataclass(frozen=True)
+class Setting:
+    """One config key: default (its type is the key's type), bounds or choices, and its doc."""
+
+    default: Any
+    doc: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
 
 PLANS = {"STARTER": 1_000, "PROFESSIONAL": 5_000, "BUSINESS": 10_000, "ENTERPRISE": 100_000}
+_DAY = 24 * 3600
 
-_CONFIG_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("account", "plan"): tuple(PLANS),
-    ("smtp", "security"): ("starttls", "tls", "none"),
-    ("server", "log_level"): ("critical", "error", "warning", "info", "debug"),
+CONFIG_SECTIONS: dict[str, str] = {
+    "region": "the worker region this process probes from",
+    "smtp": 'EMAIL channels; host "" disables email',
+    "regression": "response-time regression detection (monitors with regressionEnabled)",
 }
+
+CONFIG: dict[str, dict[str, Setting]] = {
+    "server": {
+        "host": Setting("127.0.0.1", 'address to listen on; "0.0.0.0" to serve the network'),
+        "port": Setting(8080, "TCP port to listen on", 1, 65535),
+        "database": Setting("statusapp.db", "the SQLite file; created on first start"),
+        "base_url": Setting("", 'public URL, used in heartbeatUrl; "" = http://host:port'),
+        "trusted_proxies": Setting([], "proxy IPs whose X-Forwarded-For is believed "
+                                       "(heartbeat source IP)"),
+        "log_level": Setting("info", "how much the server logs",
+                             choices=("critical", "error", "warning", "info", "debug")),
+        "metrics_token": Setting("", 'GET /metrics also accepts "Authorization: Bearer <this>" '
+                                     "when set"),
+    },
+    "account": {
+        "plan": Setting("ENTERPRISE", "rate-limit plan of new accounts (API requests an hour: "
+                                      "1,000, 5,000, 10,000, 100,000)", choices=tuple(PLANS)),
+    },
+    "team": {
+        "invitation_days": Setting(7, "days an invitation token (POST /team/members) can be "
+                                      "accepted", 1, 365),
+    },
+    "probes": {
+        "min_interval": Setting(60, "smallest allowed monitor interval and gracePeriod, "
+                                    "in seconds", 1, _DAY),
+        "max_concurrency": Setting(200, "checks running at once, across all monitors", 1, 100_000),
+        "confirmations": Setting(2, "consecutive failed checks before a monitor goes DOWN", 1, 100),
+        "recoveries": Setting(1, "consecutive good checks before a DOWN monitor is UP again",
+                              1, 100),
+        "retry_delay": Setting(5, "seconds before re-checking after a failure", 0, 3600),
+        "ca_bundle": Setting("", "extra CA file (PEM) trusted besides the system store"),
+        "dns_nameservers": Setting([], '"host:port" resolvers for DNS checks; '
+                                       "[] = the system resolver"),
+        "domain_check_hours": Setting(6, "DOMAIN monitors query registries at most this often",
+                                      1, 24 * 365),
+        "rdap_url": Setting("https://rdap.org", "RDAP service: GET {rdap_url}/domain/{name}"),
+        "whois_server": Setting("", 'WHOIS fallback, "host" or "host:port"; "" = none'),
+        "blocklists": Setting(["dbl.spamhaus.org"], "domain-name DNS blocklists for DOMAIN "
+                                                    "monitors"),
+    },
+    "region": {
+        "id": Setting("local", "region id shown with checks"),
+        "city": Setting("Local"),
+        "country": Setting("Local"),
+        "country_code": Setting("ZZ"),
+        "latitude": Setting(0.0, "", -90, 90),
+        "longitude": Setting(0.0, "", -180, 180),
+    },
+    "heartbeat": {
+        "pings_per_minute": Setting(5, "per CRON monitor (sliding minute); more get 429; "
+                                       "0 = no limit", 0, 1_000_000),
+    },
+    "notifications": {
+        "timeout": Setting(10.0, "seconds per delivery attempt", 0.1, 600),
+        "connect_timeout": Setting(3.0, "seconds to connect to a receiver, within timeout",
+                                   0.1, 600),
+        "attempts": Setting(12, "tries per alert; with the delays below, 12 span about an hour",
+                            1, 1000),
+        "retry_delay": Setting(10.0, "seconds before the first retry; doubles after each failure,"
+                                     " plus up to 25% random jitter", 0, _DAY),
+        "retry_max_delay": Setting(600.0, "the longest wait between two tries, in seconds",
+                                   0, _DAY),
+        "concurrency": Setting(128, "deliveries in flight at once, across all receivers",
+                               1, 10_000),
+        "per_host": Setting(4, "deliveries in flight at once to one host, so a hung receiver "
+                               "holds few slots", 1, 10_000),
+        "storm_window": Setting(5.0, "seconds a person-facing channel gathers alerts into one "
+                                     "grouped message; 0 = one message per alert", 0, 3600),
+        "storm_names": Setting(20, "monitor names listed in a grouped message", 1, 1000),
+        "allow_private_targets": Setting(True, "false refuses channel/webhook URLs on private "
+                                               "or loopback IPs"),
+        "telegram_api_url": Setting("https://api.telegram.org"),
+        "pagerduty_url": Setting("https://events.pagerduty.com/v2/enqueue"),
+        "opsgenie_url": Setting("https://api.opsgenie.com"),
+        "twilio_api_url": Setting("https://api.twilio.com", "SMS goes through a "
+                                                            "Twilio-compatible API"),
+        "twilio_account_sid": Setting(""),
+        "twilio_auth_token": Setting(""),
+        "twilio_from": Setting(""),
+    },
+    "smtp": {
+        "host": Setting(""),
+        "port": Setting(587, "", 1, 65535),
+        "security": Setting("starttls", "", choices=("starttls", "tls", "none")),
+        "username": Setting(""),
+        "password": Setting(""),
+        "sender": Setting("statusapp@localhost"),
+    },
+    "retention": {
+        "raw_days": Setting(30, "raw checks kept this long, then rolled up", 1, 100_000),
+        "rollup_days": Setting(400, "daily rollups kept this long (90-day bars, long analytics)",
+                               1, 100_000),
+        "hourly_days": Setting(35, "hourly rollups kept this long (30d analytics need at "
+                                   "least 31)", 1, 100_000),
+    },
+    "regression": {
+        "min_baseline_checks": Setting(30, "no verdict before the baseline has this many UP "
+                                           "checks...", 1, 1_000_000),
+        "min_current_checks": Setting(5, "...and the current window this many", 1, 1_000_000),
+        "current_window_minutes": Setting(15, "the current response time is the average UP "
+                                              "check over this window", 1, 100_000),
+        "baseline_refresh_minutes": Setting(60, "how often the baseline is recomputed",
+                                            1, 100_000),
+    },
+}
+
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    section: {key: spec.default for key, spec in keys.items()} for section, keys in CONFIG.items()}
 
 
 class ConfigError(Exception):
     """A bad configuration value; its message is one line that names the key."""
 
 
+def _typed(default: Any, value: Any, from_text: bool) -> Any:
+    """``value`` as the type of ``default``; ValueError when it is not one."""
+    if isinstance(default, bool):
+        low = str(value).strip().lower()
+        if from_text and low in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            return low in ("1", "true", "yes", "on")
+        if from_text or not isinstance(value, bool):
+            raise ValueError
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or (not from_text and not isinstance(value, int)):
+            raise ValueError
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not math.isfinite(float(value)):
+            raise ValueError
+        return float(value)
+    if isinstance(default, list):
+        if from_text:
+            return [v.strip() for v in str(value).split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError
+        return value
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
 def _coerce(section: str, key: str, value: Any, from_text: bool) -> Any:
-    """Turn ``value`` into the type of the default, or raise ConfigError naming the key."""
-    default = CONFIG_DEFAULTS[section][key]
+    """Turn ``value`` into the key's type and range, or raise ConfigError naming the key."""
+    spec = CONFIG[section][key]
     name = f"{section}.{key}"
     try:
-        if isinstance(default, bool):
-            if from_text:
-                low = str(value).strip().lower()
-                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError
-                value = low in ("1", "true", "yes", "on")
-            elif not isinstance(value, bool):
-                raise ValueError
-        elif isinstance(default, int):
-            if isinstance(value, bool) or (not from_text and not isinstance(value, int)):
-                raise ValueError
-            value = int(value)
-        elif isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        elif isinstance(default, list):
-            if from_text:
-                value = [v.strip() for v in str(value).split(",") if v.strip()]
-            elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError
-        elif not isinstance(value, str):
-            raise ValueError
-    except ValueError:
-        kind = type(default).__name__
+        value = _typed(spec.default, value, from_text)
+    except (ValueError, TypeError, OverflowError):
+        kind = type(spec.default).__name__
         raise ConfigError(f"config: {name} must be a {kind}, got {value!r}") from None
-    choices = _CONFIG_CHOICES.get((section, key))
-    if choices and value not in choices:
-        raise ConfigError(f"config: {name} must be one of {', '.join(choices)}, got {value!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"config: {name} must not be negative, got {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"config: {name} must be one of {', '.join(spec.choices)}, "
+                          f"got {value!r}")
+    if (spec.low is not None and value < spec.low) or (spec.high is not None
+                                                       and value > spec.high):
+        raise ConfigError(f"config: {name} must be between {_num(spec.low)} and "
+                          f"{_num(spec.high)}, got {value!r}")
     return value
+
+
+def _num(value: float | None) -> str:
+    return f"{value:,}" if value is None or value != int(value) else f"{int(value):,}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+
+
+def _setting_note(spec: Setting) -> str:
+    """A key's doc with its range or choices, as the example file and README show it."""
+    limits = (", ".join(spec.choices) if spec.choices else
+              f"{_num(spec.low)} to {_num(spec.high)}" if spec.low is not None else "")
+    return f"{spec.doc} ({limits})".strip() if limits else spec.doc
+
+
+def example_config() -> str:
+    """config.example.toml, generated from CONFIG."""
+    lines = ["# StatusApp configuration.  Every key is optional: the values below are the "
+             "defaults.",
+             "# Each key can also be set from the environment as STATUSAPP_<SECTION>_<KEY>, "
+             "for example",
+             "# STATUSAPP_SERVER_PORT=9000; lists are comma-separated there.  Precedence:",
+             "# command-line flag > environment variable > this file > default.  A value of "
+             "the wrong",
+             "# type or out of range stops start-up with one line naming the key.",
+             "# Use it with:  statusapp serve --config config.toml   "
+             "(or STATUSAPP_CONFIG=config.toml)"]
+    for section, keys in CONFIG.items():
+        doc = CONFIG_SECTIONS.get(section)
+        lines += ["", f"[{section}]" + (f"  # {doc}" if doc else "")]
+        for key, spec in keys.items():
+            line, notes = f"{key} = {_toml_value(spec.default)}", _setting_note(spec)
+            first, *more = textwrap.wrap(notes, 68) or [""]
+            lines.append(f"{line:<29} # {first}".rstrip(" #") if len(line) < 30 or not first
+                         else f"{line}  # {first}")
+            lines += [f"{'':<29} # {note}" for note in more]
+    return "\n".join(lines) + "\n"
+
+
+def config_reference() -> str:
+    """The README's configuration table, generated from CONFIG."""
+    rows = ["| Key | Default | Meaning and range |", "|---|---|---|"]
+    rows += [f"| `{section}.{key}` | `{_toml_value(spec.default)}` | {_setting_note(spec)} |"
+             for section, keys in CONFIG.items() for key, spec in keys.items()]
+    return "\n".join(rows)
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
@@ -247,8 +356,6 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | 
         for key, value in keys.items():
             if value is not None:
                 cfg[section][key] = _coerce(section, key, value, from_text=False)
-    if cfg["probes"]["min_interval"] < 1:
-        raise ConfigError("config: probes.min_interval must be at least 1")
     if not cfg["server"]["base_url"]:
         cfg["server"]["base_url"] = f"http://{cfg['server']['host']}:{cfg['server']['port']}"
     cfg["server"]["base_url"] = cfg["server"]["base_url"].rstrip("/")

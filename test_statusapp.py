@@ -196,6 +196,10 @@ def test_config_precedence_flag_over_env_over_file_over_default(tmp_path):
     ("[server\n", {}, "is not valid TOML"),
     ("", {"STATUSAPP_ACCOUNT_PLAN": "GOLD"}, "account.plan must be one of"),
     ("", {"STATUSAPP_PROBES_CONFIRMATIONS": "two"}, "probes.confirmations must be a int"),
+    ("[server]\nport = 99999\n", {}, "server.port must be between 1 and 65,535, got 99999"),
+    ("[probes]\nmax_concurrency = 0\n", {}, "probes.max_concurrency must be between 1 and"),
+    ("", {"STATUSAPP_NOTIFICATIONS_TIMEOUT": "nan"}, "notifications.timeout must be a float"),
+    ("[server]\nlog_level = \"loud\"\n", {}, "server.log_level must be one of critical"),
 ])
 def test_bad_config_stops_start_up_with_one_line(tmp_path, text, env, message):
     path = tmp_path / "bad.toml"
@@ -214,9 +218,15 @@ def test_readme_field_reference_matches_the_validation_table():
     assert statusapp.field_reference(statusapp.MONITOR_FIELDS) in (HERE / "README.md").read_text()
 
 
-def test_example_config_documents_every_key_with_its_default():
-    example = tomllib.loads((HERE / "config.example.toml").read_text())
-    assert example == statusapp.CONFIG_DEFAULTS
+def test_example_config_and_readme_are_generated_from_the_config_table():
+    text = (HERE / "config.example.toml").read_text()
+    assert text == statusapp.example_config()
+    assert tomllib.loads(text) == statusapp.CONFIG_DEFAULTS
+    assert statusapp.config_reference() in (HERE / "README.md").read_text()
+    for section, keys in statusapp.CONFIG.items():  # every key has a type and a range or choices
+        for key, spec in keys.items():
+            bounded = spec.low is not None and spec.high is not None
+            assert isinstance(spec.default, (str, list, bool)) or bounded, f"{section}.{key}"
 
 # --- Storage tests ---
 
