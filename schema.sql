@@ -349,3 +349,16 @@ CREATE UNIQUE INDEX incidents_one_open ON incidents(monitor_id) WHERE resolved_a
 -- migration 8: inline monitor notifications are marked failing like shared channels
 ALTER TABLE monitor_notifications ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE monitor_notifications ADD COLUMN last_error TEXT;
+
+-- migration 9: durable retries and grouped alerts
+-- A failed attempt that may succeed later leaves its row pending with next_attempt_at set by the
+-- backoff schedule; every row has a delivery_id receivers see on every attempt.  group_key joins
+-- the rows a person-facing channel sends as one message (same channel config and event).
+ALTER TABLE alert_outbox ADD COLUMN next_attempt_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE alert_outbox ADD COLUMN group_key TEXT;
+UPDATE alert_outbox SET delivery_id = 'dlv_' || id WHERE delivery_id IS NULL;
+DROP INDEX alert_outbox_pending;
+CREATE INDEX alert_outbox_pending ON alert_outbox(next_attempt_at, id) WHERE done_at IS NULL;
+CREATE INDEX alert_outbox_target ON alert_outbox(target_key, id) WHERE done_at IS NULL;
+CREATE INDEX alert_outbox_group ON alert_outbox(group_key, next_attempt_at) WHERE done_at IS NULL;
+CREATE INDEX alert_outbox_channel ON alert_outbox(channel_id, created_at);

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import site
@@ -180,8 +181,10 @@ CONFIG: dict[str, dict[str, Setting]] = {
                                1, 10_000),
         "per_host": Setting(4, "deliveries in flight at once to one host, so a hung receiver "
                                "holds few slots", 1, 10_000),
-        "storm_window": Setting(5.0, "seconds a person-facing channel gathers alerts into one "
-                                     "grouped message; 0 = one message per alert", 0, 3600),
+        "storm_window": Setting(5.0, "a person-facing channel's alerts are sent as one grouped "
+                                     "message once this many seconds pass without another "
+                                     "(at most 10 times this after the first); 0 = one message "
+                                     "per alert", 0, 3600),
         "storm_names": Setting(20, "monitor names listed in a grouped message", 1, 1000),
         "allow_private_targets": Setting(True, "false refuses channel/webhook URLs on private "
                                                "or loopback IPs"),
@@ -1146,6 +1149,23 @@ def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tu
         Field("order", "string", default="desc", choices=("asc", "desc")),
         *filters.values(),
     )
+
+
+async def paged_rows(call: Call, table: str, query: dict[str, Any], filters: Sequence[str],
+                     order: str) -> tuple[int, list[sqlite3.Row]]:
+    """The count of the team's rows of ``table`` matching the query's ``filters`` (named as
+    the API names the columns) and the query's page of them, in ``order`` ({d}: asc/desc)."""
+    where, params = ["account_id = ?"], [call.team]
+    for name in filters:
+        if query[name]:
+            where.append(f"{Field(name, 'string').column} = ?")
+            params.append(query[name])
+    clause = " AND ".join(where)
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM {table} WHERE {clause}", params)
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM {table} WHERE {clause} ORDER BY {order.format(d=query['order'].upper())}"
+        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return total, rows
 
 
 def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
@@ -2909,7 +2929,7 @@ def transition_statements(monitor_id: str, old: str, new: str, reason: str | Non
 
 INCIDENT_POLL = 0.25       # seconds between looks for new transitions and queued alerts
 INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
-_DELIVERY_CONCURRENCY = 32
+STORM_HOLD_LIMIT = 10      # a storm's grouped message waits at most this many storm windows
 WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
 INCIDENT_STATUSES = ("investigating", "identified", "monitoring", "resolved")
 
@@ -3024,11 +3044,38 @@ async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at
     return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],))
 
 
+def _group_key(kind: str, config: str, event: str) -> str | None:
+    """Rows a person-facing channel may send as one message: same type, config and event."""
+    if kind not in PERSON_FACING:
+        return None
+    return hashlib.sha256(f"{kind}\n{config}\n{event}".encode()).hexdigest()[:32]
+
+
+async def _first_attempt_at(conn: aiosqlite.Connection, group: str | None, stamp: int,
+                            hold_ms: int) -> int:
+    """When a new row is first tried: at once, or with the group a storm is gathering.  A
+    group is sent once ``hold_ms`` passes without a new alert joining, at most
+    STORM_HOLD_LIMIT windows after its first alert."""
+    if group is None or hold_ms <= 0:
+        return stamp
+    first = (await _row(conn, "SELECT MIN(created_at) FROM alert_outbox WHERE group_key = ?"
+                              " AND done_at IS NULL AND attempts = 0 AND next_attempt_at > ?",
+                        (group, stamp)))[0]
+    if first is None:
+        return stamp + hold_ms
+    due = min(stamp + hold_ms, first + STORM_HOLD_LIMIT * hold_ms)
+    await conn.execute("UPDATE alert_outbox SET next_attempt_at = ? WHERE group_key = ?"
+                       " AND done_at IS NULL AND attempts = 0 AND next_attempt_at > ?",
+                       (due, group, stamp))
+    return due
+
+
 async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
                          channel_events: Sequence[str], webhook_events: Sequence[str],
-                         **alert: Any) -> int:
+                         hold_ms: int = 0, **alert: Any) -> int:
     """Queue one outbox row per event and target: the monitor's enabled notifications (inline,
-    or linked active channels) and the account's active webhooks subscribed to the event."""
+    or linked active channels) and the account's active webhooks subscribed to the event.
+    Person-facing channels wait ``hold_ms`` for other monitors' alerts to group with."""
     alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
                         "type": monitor["type"], "status": status}
     stamp, rows = now_ms(), []
@@ -3041,7 +3088,8 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     for event in channel_events:
         for target in targets:
             rows.append((f"{target['channel_id'] or target['id']}:{monitor['id']}",
-                         target["channel_id"], None, None, target["type"], target["config"], event))
+                         target["channel_id"], None, new_id("dlv"), target["type"],
+                         target["config"], event))
     hooks = await conn.execute_fetchall(
         "SELECT id, url, secret, events FROM webhooks WHERE account_id = ? AND is_active = 1"
         " ORDER BY created_at, id", (monitor["account_id"],))
@@ -3055,17 +3103,20 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
                 config = json.dumps({"url": hook["url"], "secret": hook["secret"]})
                 rows.append((f"{hook['id']}:{monitor['id']}", None, hook["id"], delivery,
                              "WEBHOOK", config, event))
-    await conn.executemany(
-        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, webhook_id,"
-        " delivery_id, channel_type, config, event, alert, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(monitor["account_id"], monitor["id"], key, channel, hook, delivery, kind, config,
-          event, json.dumps({"event": event, **alert}), stamp)
-         for key, channel, hook, delivery, kind, config, event in rows])
+    for key, channel, hook, delivery, kind, config, event in rows:
+        group = _group_key(kind, config, event)
+        await conn.execute(
+            "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, webhook_id,"
+            " delivery_id, channel_type, config, event, alert, created_at, next_attempt_at,"
+            " group_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (monitor["account_id"], monitor["id"], key, channel, hook, delivery, kind, config,
+             event, json.dumps({"event": event, **alert}), stamp,
+             await _first_attempt_at(conn, group, stamp, hold_ms), group))
     return len(rows)
 
 
-async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) -> None:
+async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
+                              hold_ms: int) -> None:
     """Act on one status transition, exactly once (see the comment above INCIDENT_POLL)."""
     transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
                                   " AND processed_at IS NULL", (transition_id,))
@@ -3091,7 +3142,7 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
                              " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
     await enqueue_alerts(
-        conn, monitor, new, channel_events, webhook_events, timestamp=iso(at),
+        conn, monitor, new, channel_events, webhook_events, hold_ms, timestamp=iso(at),
         incident=incident_alert(incident) if incident and (new == "DOWN" or resolved) else None,
         check=_check_alert(check, transition["reason"]))
 
@@ -3100,9 +3151,10 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
     """Consume pending status transitions in order, one transaction each; return the count."""
     pending = await rt.db.fetchall("SELECT id FROM status_transitions WHERE processed_at IS NULL"
                                    " ORDER BY id LIMIT ?", (limit,))
+    hold_ms = round(rt.cfg["notifications"]["storm_window"] * 1000)
     for row in pending:
         async with rt.db.transaction() as conn:
-            await _consume_transition(conn, row["id"])
+            await _consume_transition(conn, row["id"], hold_ms)
     return len(pending)
 
 
@@ -3122,16 +3174,27 @@ def webhook_result_statements(webhook_id: str, delivery_id: str | None,
     return statements
 
 
-def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
-                        at: int) -> list[Statement]:
-    """Close an outbox row; mark its channel (shared, or a monitor's inline one) failing after a
-    permanent error or healthy after a success."""
+def retry_delay(attempt: int, cfg: dict[str, dict[str, Any]]) -> float:
+    """Seconds to wait after failed attempt number ``attempt``: ``retry_delay`` doubling up to
+    ``retry_max_delay``, plus up to 25% jitter so receivers that come back are not stampeded."""
+    notify = cfg["notifications"]
+    delay = min(notify["retry_delay"] * 2 ** min(attempt - 1, 60), notify["retry_max_delay"])
+    return delay * (1 + random.random() / 4)
+
+
+def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]], at: int,
+                        retry_at: int, cfg: dict[str, dict[str, Any]]) -> list[Statement]:
+    """Record an attempt on its outbox row: done (delivered, permanently failed or out of
+    attempts) or pending until the next attempt's time.  Mark the channel (shared, or a
+    monitor's inline one) failing after a permanent error or healthy after a success."""
     last = records[-1]
+    done = last["ok"] or last["permanent"] or len(records) >= cfg["notifications"]["attempts"]
     statements: list[Statement] = [(
         "UPDATE alert_outbox SET done_at = ?, status = ?, attempts = ?, status_code = ?,"
-        " last_error = ?, attempt_log = ? WHERE id = ?",
-        (at, "delivered" if last["ok"] else "failed", len(records), last["statusCode"],
-         last["error"], json.dumps(records), row["id"]))]
+        " last_error = ?, attempt_log = ?, next_attempt_at = ? WHERE id = ?",
+        (at if done else None, ("delivered" if last["ok"] else "failed") if done else "pending",
+         len(records), last["statusCode"], last["error"], json.dumps(records),
+         at if done else retry_at, row["id"]))]
     if row["webhook_id"]:
         return statements + webhook_result_statements(row["webhook_id"], row["delivery_id"],
                                                       records, at)
@@ -3146,30 +3209,107 @@ def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
     return statements
 
 
-async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> None:
-    """Deliver one outbox row with retries, log every attempt, then record the outcome."""
-    alert = Alert(**json.loads(row["alert"]))
-    records = await deliver(NOTIFIERS[row["channel_type"]], json.loads(row["config"]), alert, ctx,
-                            base_delay=rt.cfg["notifications"]["retry_delay"])
-    for record in records:
-        log.log(logging.INFO if record["ok"] else logging.WARNING,
-                "alert %s %s via %s (%s) attempt %d: %s", row["id"], row["event"],
-                row["channel_type"], row["channel_id"] or row["webhook_id"] or "inline",
-                record["attempt"], "delivered" if record["ok"] else record["error"])
-    await rt.db.write(_outcome_statements(row, records, now_ms()))
+def grouped_alert(alerts: Sequence[Alert], names: int) -> Alert:
+    """One alert standing for several monitors' alerts of the same event (an alert storm)."""
+    first = alerts[0]
+    listed = [str(a.monitor.get("name") or a.monitor.get("id")) for a in alerts]
+    return Alert(event=first.event, timestamp=first.timestamp,
+                 monitor={"name": f"{len(alerts)} monitors", "status": first.monitor.get("status")},
+                 group={"count": len(alerts), "names": listed[:names]})
+
+
+async def _deliver_queued(rt: Runtime, ctx: NotifyContext, rows: list[sqlite3.Row]) -> None:
+    """One attempt at one outbox row, or at a group of rows as one message; log and record it."""
+    head = rows[0]
+    alerts = [Alert(**json.loads(row["alert"])) for row in rows]
+    alert = alerts[0] if len(rows) == 1 else grouped_alert(
+        alerts, rt.cfg["notifications"]["storm_names"])
+    record = await attempt_delivery(NOTIFIERS[head["channel_type"]], json.loads(head["config"]),
+                                    alert, ctx, head["delivery_id"], head["attempts"] + 1)
+    log.log(logging.INFO if record["ok"] else logging.WARNING,
+            "alert %s %s via %s (%s) attempt %d%s: %s", head["delivery_id"], head["event"],
+            head["channel_type"], head["channel_id"] or head["webhook_id"] or "inline",
+            record["attempt"], f" for {len(rows)} monitors" if len(rows) > 1 else "",
+            "delivered" if record["ok"] else record["error"])
+    at = now_ms()
+    retry_at = at + round(retry_delay(record["attempt"], rt.cfg) * 1000)  # a group stays one
+    await rt.db.write([statement for row in rows for statement in _outcome_statements(
+        row, [*json.loads(row["attempt_log"] or "[]"), record], at, retry_at, rt.cfg)])
+
+
+_SERVICE_URL_KEYS = {"TELEGRAM": "telegram_api_url", "PAGERDUTY": "pagerduty_url",
+                     "OPSGENIE": "opsgenie_url", "SMS": "twilio_api_url"}
+
+
+def delivery_host(row: sqlite3.Row, cfg: dict[str, dict[str, Any]]) -> str:
+    """The host and port a delivery talks to: the unit of the per-host limit on slots."""
+    if row["channel_type"] == "EMAIL":
+        return f"smtp:{cfg['smtp']['host']}"
+    config = json.loads(row["config"])
+    key = _SERVICE_URL_KEYS.get(row["channel_type"])
+    url = cfg["notifications"][key] if key else config.get("url") or config.get("webhookUrl")
+    try:
+        parts = urlsplit(str(url))
+        return f"{(parts.hostname or '').lower()}:{parts.port or parts.scheme}"
+    except ValueError:
+        return ""
+
+
+class _Slots:
+    """Delivery slots in use, in all and per host, and the lanes (targets, groups) busy."""
+
+    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
+        self.total, self.per_host = (cfg["notifications"][key] for key in ("concurrency",
+                                                                          "per_host"))
+        self.hosts: collections.Counter[str] = collections.Counter()
+        self.lanes: set[str] = set()
+
+    def free(self, host: str, lanes: set[str]) -> bool:
+        return (sum(self.hosts.values()) < self.total and self.hosts[host] < self.per_host
+                and not lanes & self.lanes)
+
+    def take(self, host: str, lanes: set[str]) -> None:
+        self.hosts[host] += 1
+        self.lanes |= lanes
+
+    def give_back(self, host: str, lanes: set[str]) -> None:
+        self.hosts[host] -= 1
+        self.lanes -= lanes
+
+
+# Due rows that are the oldest undone row of their target (a target's alerts go in order).
+_DUE_SQL = ("SELECT * FROM alert_outbox o WHERE done_at IS NULL AND next_attempt_at <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM alert_outbox p WHERE p.target_key = o.target_key"
+            " AND p.done_at IS NULL AND p.id < o.id) ORDER BY next_attempt_at, id LIMIT 1000")
+
+
+def _batches(rows: list[sqlite3.Row]) -> list[list[sqlite3.Row]]:
+    """Due rows as delivery units: a person-facing group's rows together, others alone."""
+    groups: dict[str, list[sqlite3.Row]] = {}
+    units: list[list[sqlite3.Row]] = []
+    for row in rows:
+        if row["group_key"] in groups:
+            groups[row["group_key"]].append(row)
+            continue
+        units.append([row])
+        if row["group_key"]:
+            groups[row["group_key"]] = units[-1]
+    return units
 
 
 async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
-    """Drain the outbox: targets in parallel, each target's alerts in order, one at a time.
+    """Drain the outbox: targets in parallel within the slot limits (in all and per host), each
+    target's alerts in order, one attempt at a time; failed attempts wait in the outbox.
 
     The outbox is read on a reader connection, whose answer can predate the commit of a
-    delivery that finished meanwhile; ``started`` (row ids taken in hand and not yet seen done)
-    keeps such a stale answer from sending an alert twice."""
-    running: dict[str, asyncio.Task[None]] = {}
-    started: set[int] = set()
+    delivery that finished meanwhile; ``started`` (row ids and attempt counts taken in hand,
+    until seen changed) keeps such a stale answer from sending an attempt twice."""
+    slots, started = _Slots(rt.cfg), set[tuple[int, int]]()
+    running: set[asyncio.Task[None]] = set()
 
-    def finished(key: str, task: asyncio.Task[None]) -> None:
-        running.pop(key, None)
+    def finished(host: str, lanes: set[str], task: asyncio.Task[None]) -> None:
+        slots.give_back(host, lanes)
+        running.discard(task)
         if not task.cancelled() and task.exception():
             log.error("alert delivery failed", exc_info=task.exception())
         wake.set()
@@ -3178,21 +3318,23 @@ async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
         try:
             while True:
                 wake.clear()
-                rows = await rt.db.fetchall("SELECT * FROM alert_outbox WHERE done_at IS NULL"
-                                            " ORDER BY id LIMIT 1000")
-                started &= {row["id"] for row in rows}  # the others are done, for good
-                for row in rows:
-                    key = row["target_key"]
-                    if (key in running or row["id"] in started
-                            or len(running) >= _DELIVERY_CONCURRENCY):
+                rows = await rt.db.fetchall(_DUE_SQL, (now_ms(),))
+                state = {(row["id"], row["attempts"]): row for row in rows}
+                started &= set(state)  # the others are done or were tried again
+                for unit in _batches([row for at, row in state.items() if at not in started]):
+                    host = delivery_host(unit[0], rt.cfg)
+                    lanes = {unit[0]["group_key"] or "", *(row["target_key"] for row in unit)}
+                    if not slots.free(host, lanes - {""}):
                         continue
-                    started.add(row["id"])
-                    running[key] = asyncio.create_task(_deliver_queued(rt, ctx, row))
-                    running[key].add_done_callback(functools.partial(finished, key))
+                    slots.take(host, lanes - {""})
+                    started.update((row["id"], row["attempts"]) for row in unit)
+                    task = asyncio.create_task(_deliver_queued(rt, ctx, unit))
+                    running.add(task)
+                    task.add_done_callback(functools.partial(finished, host, lanes - {""}))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), INCIDENT_POLL)
         finally:
-            tasks = list(running.values())
+            tasks = list(running)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -3251,6 +3393,10 @@ CHANNEL_SECRETS: dict[str, tuple[str, ...]] = {
     "WEBHOOK": ("headers", "secret"),
 }
 
+# Channels a person reads: during an alert storm they get one grouped message (machine-facing
+# ones, WEBHOOK, PAGERDUTY and OPSGENIE, keep one event per monitor).
+PERSON_FACING = frozenset({"EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM", "MICROSOFT_TEAMS"})
+
 # 4xx means the request or the credentials are wrong and a retry cannot help, except these.
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
 # Headers post_webhook sets itself; a user-configured header must not override or corrupt them.
@@ -3270,6 +3416,10 @@ _HEADLINES = {
     "incident.resolved": "Incident{number} resolved: {name}",
     "test": "Test notification for {name}",
 }
+_GROUP_HEADLINES = {"monitor.down": "{count} monitors DOWN", "monitor.up": "{count} monitors back UP",
+                    "monitor.degraded": "{count} monitors DEGRADED",
+                    "incident.created": "{count} incidents opened",
+                    "incident.resolved": "{count} incidents resolved"}
 _EMOJI = {"bad": "\U0001f534", "warn": "\U0001f7e0", "good": "\u2705", "info": "\u2139\ufe0f"}
 _DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info": 0x3498DB}
 _TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
@@ -3282,6 +3432,7 @@ class Alert:
     ``monitor`` has id, name, url, type, status; ``incident`` id, incidentNumber, startedAt,
     resolvedAt, severity, mttr (seconds); ``check`` statusCode, responseTime (ms), error, region.
     ``note`` explains what the numbers cannot (e.g. the regression detector's baseline).
+    ``group`` makes it stand for ``count`` monitors' alerts (``names`` lists the first ones).
     """
 
     event: str
@@ -3290,6 +3441,7 @@ class Alert:
     check: dict[str, Any] | None = None
     timestamp: str = dataclasses.field(default_factory=lambda: iso(now_ms()))
     note: str | None = None
+    group: dict[str, Any] | None = None  # {"count", "names"}: a storm's alerts as one message
 
     def __post_init__(self) -> None:
         if self.event not in ALERT_EVENTS:
@@ -3312,8 +3464,13 @@ class NotifyContext:
 
     def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
         self.cfg = cfg
-        self.timeout: float | None = cfg["notifications"]["timeout"] or None
-        self.client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False,
+        notify = cfg["notifications"]
+        self.timeout: float = notify["timeout"]
+        timeout = httpx.Timeout(self.timeout, connect=min(notify["connect_timeout"], self.timeout))
+        # The delivery loop's slots bound connections (httpx's own pool of 100 would be a
+        # second, shared limit that hung receivers could fill).
+        self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
+                                        limits=httpx.Limits(max_connections=None),
                                         headers={"User-Agent": f"StatusApp/{VERSION}"})
 
     async def aclose(self) -> None:
@@ -3384,7 +3541,14 @@ def _check_result(check: dict[str, Any]) -> str:
     return " ".join(part for part in parts if part)
 
 
+def _group_names(group: dict[str, Any]) -> str:
+    more = group["count"] - len(group["names"])
+    return ", ".join(group["names"]) + (f" and {more} more" if more > 0 else "")
+
+
 def _headline(alert: Alert) -> str:
+    if alert.group:
+        return _GROUP_HEADLINES[alert.event].format(count=alert.group["count"])
     incident = alert.incident or {}
     number = incident.get("incidentNumber") or incident.get("id")
     name = alert.monitor.get("name") or alert.monitor.get("id") or "monitor"
@@ -3395,6 +3559,8 @@ def _headline(alert: Alert) -> str:
 def _summary(alert: Alert) -> str:
     """One ASCII-punctuated line (SMS, subjects, PagerDuty): the headline and what matters most."""
     check = alert.check or {}
+    if alert.group:
+        return _one_line(f"{_headline(alert)}: {_group_names(alert.group)}")
     if _recovered(alert):
         downtime = _downtime(alert)
         detail = f"down for {human_duration(downtime)}" if downtime is not None else ""
@@ -3410,6 +3576,8 @@ def _summary(alert: Alert) -> str:
 def _facts(alert: Alert) -> list[tuple[str, str]]:
     """Labelled details for a person on call: what, where, how it failed, since when, how long."""
     monitor, check, incident = alert.monitor, alert.check or {}, alert.incident or {}
+    if alert.group:
+        return [("Monitors", _group_names(alert.group)), ("Since", _human_time(alert.timestamp))]
     facts = [("Monitor", str(monitor.get("name") or monitor.get("id") or "")),
              ("URL", str(monitor.get("url") or "")),
              ("Status", str(monitor.get("status") or "")),
@@ -3538,7 +3706,26 @@ def webhook_payload(alert: Alert) -> dict[str, Any]:
             key: incident.get(key) for key in ("id", "incidentNumber", "startedAt", "severity")},
         "check": None if check is None else {
             key: check.get(key) for key in ("statusCode", "responseTime", "error", "region")},
+        **_delivery_fields(),
     }
+
+
+# The delivery being attempted: (delivery id, send time in ms).  Every HTTP request carries them
+# as X-StatusApp-Delivery and X-StatusApp-Timestamp, webhook payloads as deliveryId and sentAt,
+# so a receiver can drop a repeat (the same id arrives again only as a retry).
+_DELIVERY: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "delivery", default=None)
+
+
+def _delivery_fields() -> dict[str, Any]:
+    current = _DELIVERY.get()
+    return {} if current is None else {"deliveryId": current[0], "sentAt": current[1]}
+
+
+def _delivery_headers() -> dict[str, str]:
+    current = _DELIVERY.get()
+    return {} if current is None else {"X-StatusApp-Delivery": current[0],
+                                       "X-StatusApp-Timestamp": str(current[1])}
 
 
 # HTTP plumbing shared by every sender.
@@ -3593,6 +3780,7 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
     """POST and map the outcome onto DeliveryError; return the 2xx status."""
     if user_url:
         await check_target(url, ctx.cfg)
+    request["headers"] = {**request.get("headers", {}), **_delivery_headers()}
     try:
         async with ctx.client.stream("POST", url, **request) as response:
             if response.is_success:
@@ -3735,6 +3923,8 @@ async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     message["To"] = ", ".join(recipients)
     message["Date"] = formatdate(usegmt=True)
     message["Message-ID"] = make_msgid(domain=smtp["sender"].rpartition("@")[2] or "statusapp")
+    for name, value in _delivery_headers().items():
+        message[name] = value
     message.set_content(_text(alert))
     await asyncio.to_thread(_smtp_send, smtp, message, recipients, ctx.timeout)
 
@@ -3903,31 +4093,41 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
                               config.get("headers"), ctx)
 
 
-async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
-                  attempts: int | None = None, base_delay: float = 1.0) -> list[dict[str, Any]]:
-    """Run ``send`` with retries and report every attempt; never raises, so callers can record.
+async def attempt_delivery(send: Sender, config: dict[str, Any], alert: Alert,
+                           ctx: NotifyContext, delivery_id: str, attempt: int) -> dict[str, Any]:
+    """One attempt of ``send``, bounded by ``notifications.timeout``; never raises, it reports.
 
-    Each attempt is bounded by ``notifications.timeout``.  Transient failures are retried after
+    An unexpected exception is a bug a retry will not fix, so it counts as permanent."""
+    started = time.monotonic()
+    status, error, permanent = None, None, False
+    token = _DELIVERY.set((delivery_id, now_ms()))
+    try:
+        status = await asyncio.wait_for(send(config, alert, ctx), ctx.timeout)
+    except DeliveryError as exc:
+        status, error, permanent = exc.status_code, exc.message, exc.permanent
+    except asyncio.TimeoutError:
+        error = f"timed out after {ctx.timeout:g}s"
+    except Exception as exc:  # noqa: BLE001 -- deliver must report, not raise
+        error, permanent = f"internal error: {type(exc).__name__}: {exc}", True
+    finally:
+        _DELIVERY.reset(token)
+    return {"attempt": attempt, "ok": error is None, "statusCode": status, "error": error,
+            "permanent": permanent, "durationMs": round((time.monotonic() - started) * 1000)}
+
+
+async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
+                  attempts: int | None = None, base_delay: float = 1.0,
+                  delivery_id: str | None = None) -> list[dict[str, Any]]:
+    """Run ``send`` with in-process retries (the outbox retries durably instead) and report
+    every attempt, all under one delivery id.  Transient failures are retried after
     base_delay, 2x, 4x...; a permanent one (bad credentials, gone, bad config) stops at once.
-    An unexpected exception is a bug a retry will not fix, so it counts as permanent too.
     """
     total = max(1, ctx.cfg["notifications"]["attempts"] if attempts is None else attempts)
+    delivery_id = delivery_id or new_id("dlv")
     records: list[dict[str, Any]] = []
     for attempt in range(1, total + 1):
-        started = time.monotonic()
-        status, error, permanent = None, None, False
-        try:
-            status = await asyncio.wait_for(send(config, alert, ctx), ctx.timeout)
-        except DeliveryError as exc:
-            status, error, permanent = exc.status_code, exc.message, exc.permanent
-        except asyncio.TimeoutError:
-            error = f"timed out after {ctx.timeout:g}s"
-        except Exception as exc:  # noqa: BLE001 -- deliver must report, not raise
-            error, permanent = f"internal error: {type(exc).__name__}: {exc}", True
-        records.append({"attempt": attempt, "ok": error is None, "statusCode": status,
-                        "error": error, "permanent": permanent,
-                        "durationMs": round((time.monotonic() - started) * 1000)})
-        if error is None or permanent:
+        records.append(await attempt_delivery(send, config, alert, ctx, delivery_id, attempt))
+        if records[-1]["ok"] or records[-1]["permanent"]:
             break
         if attempt < total:
             await asyncio.sleep(base_delay * 2 ** (attempt - 1))
@@ -5090,20 +5290,8 @@ async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
 @api("/incidents", "GET", query=INCIDENT_QUERY)
 async def list_incidents(call: Call) -> dict[str, Any]:
     query = parse_query(INCIDENT_QUERY, call.request, call.env())
-    where, params = ["account_id = ?"], [call.team]
-    if query["monitorId"]:
-        where.append("monitor_id = ?")
-        params.append(query["monitorId"])
-    if query["status"]:
-        where.append("status = ?")
-        params.append(query["status"])
-    clause = " AND ".join(where)
-    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM incidents WHERE {clause}", params)
-    direction = query["order"].upper()
-    rows = await call.rt.db.fetchall(
-        f"SELECT * FROM incidents WHERE {clause} ORDER BY {INCIDENT_SORTS[query['sort']]}"
-        f" {direction}, started_at {direction}, id {direction} LIMIT ? OFFSET ?",
-        [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    order = INCIDENT_SORTS[query["sort"]] + " {d}, started_at {d}, id {d}"
+    total, rows = await paged_rows(call, "incidents", query, ("monitorId", "status"), order)
     return {"incidents": [await incident_json(call.rt, row) for row in rows],
             "pagination": paginate(total, query)}
 
@@ -5377,10 +5565,11 @@ async def test_webhook(call: Call) -> dict[str, Any]:
     alert = Alert(event="test", monitor={"id": "mon_test", "name": "StatusApp test",
                                          "url": call.rt.cfg["server"]["base_url"],
                                          "type": "WEBSITE", "status": "UP"})
+    delivery = new_id("wd")
     async with NotifyContext(call.rt.cfg) as ctx:
         records = await deliver(NOTIFIERS["WEBHOOK"], {"url": row["url"], "secret": row["secret"]},
-                                alert, ctx, attempts=1)
-    stamp, delivery = now_ms(), new_id("wd")
+                                alert, ctx, attempts=1, delivery_id=delivery)
+    stamp = now_ms()
     await call.rt.db.write([
         ("INSERT INTO webhook_deliveries (id, webhook_id, event, created_at) VALUES (?, ?, ?, ?)",
          (delivery, row["id"], "test", stamp)),
@@ -5401,6 +5590,51 @@ async def list_webhook_deliveries(call: Call) -> dict[str, Any]:
                             "attempts": d["attempts"], "deliveredAt": iso(d["delivered_at"]),
                             "error": d["error"], "createdAt": iso(d["created_at"])}
                            for d in rows]}
+
+
+
+# Alert deliveries (the outbox): pending ones with their next attempt, delivered, failed
+
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+DELIVERY_QUERY = page_fields(
+    {"createdAt": "created_at"}, "createdAt",
+    status=Field("status", "string", choices=DELIVERY_STATUSES),
+    monitorId=Field("monitorId", "string", maximum=100),
+    webhookId=Field("webhookId", "string", maximum=100),
+    channelId=Field("channelId", "string", maximum=100))
+
+
+def delivery_json(row: sqlite3.Row) -> dict[str, Any]:
+    pending = row["done_at"] is None
+    return {"id": row["delivery_id"], "event": row["event"], "channelType": row["channel_type"],
+            "channelId": row["channel_id"], "webhookId": row["webhook_id"],
+            "monitorId": row["monitor_id"], "status": row["status"], "attempts": row["attempts"],
+            "statusCode": row["status_code"], "lastError": row["last_error"],
+            "nextAttemptAt": iso(row["next_attempt_at"]) if pending else None,
+            "createdAt": iso(row["created_at"]), "finishedAt": iso(row["done_at"])}
+
+
+async def _deliveries(call: Call, **fixed: str) -> dict[str, Any]:
+    query = {**parse_query(DELIVERY_QUERY, call.request, call.env()), **fixed}
+    total, rows = await paged_rows(call, "alert_outbox", query,
+                                   ("status", "monitorId", "webhookId", "channelId"),
+                                   "created_at {d}, id {d}")
+    return {"deliveries": [delivery_json(row) for row in rows],
+            "pagination": paginate(total, query)}
+
+
+@api("/deliveries", "GET", query=DELIVERY_QUERY)
+async def list_deliveries(call: Call) -> dict[str, Any]:
+    """Alert deliveries to channels and webhooks: pending (with the next attempt's time),
+    delivered or failed."""
+    return await _deliveries(call)
+
+
+@api("/notifications/{channelId}/deliveries", "GET", query=DELIVERY_QUERY)
+async def list_channel_deliveries(call: Call) -> dict[str, Any]:
+    """One channel's alert deliveries, newest first."""
+    row = await load_owned(call, "notification_channels")
+    return await _deliveries(call, channelId=row["id"])
 
 
 # Status pages

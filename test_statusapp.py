@@ -1940,7 +1940,7 @@ def test_heartbeat_acknowledged_pings_survive_kill_9(tmp_path):
 def _inc_cfg(tmp_path, url: str, **notifications) -> dict:
     return make_cfg(tmp_path, notifications={
         "pagerduty_url": f"{url}/pagerduty", "telegram_api_url": f"{url}/telegram",
-        "retry_delay": 0.01, "timeout": 2, **notifications})
+        "retry_delay": 0.01, "timeout": 2, "attempts": 3, "storm_window": 0, **notifications})
 
 
 def _inc_monitor(client, name: str = "Café ✓", **fields) -> dict:
@@ -2026,7 +2026,12 @@ def test_incident_opens_alerts_once_and_resolves_with_mttr(tmp_path, notify_http
         assert created["incident"]["incidentNumber"] == f"INC-{year}-0001"
         assert created["check"] == {"statusCode": 500, "responseTime": 1250,
                                     "error": "Internal Server Error", "region": "local"}
-        assert list(created) == ["event", "timestamp", "monitor", "incident", "check"]
+        assert list(created) == ["event", "timestamp", "monitor", "incident", "check",
+                                 "deliveryId", "sentAt"]  # the spec's keys, then ours
+        for request in hooks:  # each delivery's id and send time, in the header and the body
+            sent = json.loads(request["body"])
+            assert request["headers"]["x-statusapp-delivery"] == sent["deliveryId"]
+            assert request["headers"]["x-statusapp-timestamp"] == str(sent["sentAt"])
         assert "INC-" in mailbox.envelopes[0].content.decode()
 
         up_at = down_at + 725_000
@@ -2182,6 +2187,124 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
     finally:
         for receiver in (slow, flaky, refused):
             receiver.close()
+
+
+class _HangingReceivers:
+    """Loopback ports that accept connections and never answer, counting connections per port."""
+
+    def __init__(self, count: int) -> None:
+        self.listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+        self.urls = [f"http://127.0.0.1:{s.getsockname()[1]}/hang" for s in self.listeners]
+        self.accepted: dict[int, list[socket.socket]] = {i: [] for i in range(count)}
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import selectors
+        with selectors.DefaultSelector() as selector:
+            for index, listener in enumerate(self.listeners):
+                selector.register(listener, selectors.EVENT_READ, index)
+            while not self.stop.is_set():
+                for key, _ in selector.select(0.05):
+                    self.accepted[key.data].append(key.fileobj.accept()[0])
+
+    def close(self) -> None:
+        self.stop.set()
+        for sock in [*self.listeners, *itertools.chain(*self.accepted.values())]:
+            sock.close()
+
+
+def test_hung_receivers_hold_few_slots_and_a_healthy_channel_is_not_delayed(tmp_path,
+                                                                             notify_http):
+    hung = _HangingReceivers(100)
+    try:
+        cfg = _inc_cfg(tmp_path, notify_http.url, timeout=60)
+        key = new_key(cfg)
+        with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+            crowd = [*hung.urls, *[hung.urls[0]] * 10]  # the first host has 11 targets
+            monitor = _inc_monitor(client, notifications=[
+                *({"type": "WEBHOOK", "config": {"url": url}} for url in crowd),
+                {"type": "SLACK", "config": {"webhookUrl": f"{notify_http.url}/healthy"}}])
+            _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom",
+                            _INC_DOWN)
+            eventually(lambda: _inc_paths(notify_http, "/healthy"), 10.0)
+            # It arrived while every hung delivery was still waiting on its 60 s timeout...
+            assert sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE channel_type = 'WEBHOOK'"
+                            " AND done_at IS NULL AND attempts = 0") == [(110,)]
+            # ...and the host with 11 targets holds only notifications.per_host slots.
+            eventually(lambda: len(hung.accepted[0]) == cfg["notifications"]["per_host"])
+            assert max(len(conns) for conns in hung.accepted.values()) == 4
+    finally:
+        hung.close()
+
+
+def test_retries_back_off_durably_across_a_restart_with_one_delivery_id(tmp_path):
+    port = free_port()
+    cfg = _inc_cfg(tmp_path, f"http://127.0.0.1:{port}", attempts=50, retry_delay=0.05,
+                   retry_max_delay=0.2)
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        hook = client.post("/api/v1/webhooks", json={
+            "name": "w", "url": f"http://127.0.0.1:{port}/hook", "events": "monitor.down"}).json()
+        monitor = _inc_monitor(client)
+        _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom")
+        pending = eventually(lambda: [d for d in client.get(
+            "/api/v1/deliveries?status=pending").json()["deliveries"] if d["attempts"] >= 2])
+        assert pending[0]["webhookId"] == hook["id"] and pending[0]["nextAttemptAt"]
+        assert "ConnectError" in pending[0]["lastError"] and pending[0]["finishedAt"] is None
+    receiver = _NotifyReceiver(port)  # the receiver comes back, answering 503 twice first
+    receiver.script = [(503, b"restarting", 0)] * 2
+    try:
+        with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+            delivered = eventually(lambda: client.get(
+                "/api/v1/deliveries?status=delivered").json()["deliveries"])
+            assert len(receiver.requests) == 3
+            ids = {r["headers"]["x-statusapp-delivery"] for r in receiver.requests}
+            assert ids == {json.loads(r["body"])["deliveryId"] for r in receiver.requests} == \
+                {delivered[0]["id"]}
+            assert delivered[0]["attempts"] >= 5 and delivered[0]["statusCode"] == 200
+            log = json.loads(sql(cfg, "SELECT attempt_log FROM alert_outbox")[0][0])
+            assert [r["statusCode"] for r in log[-3:]] == [503, 503, 200]
+            assert client.get("/api/v1/deliveries?status=pending").json()["deliveries"] == []
+    finally:
+        receiver.close()
+
+
+def test_default_retry_schedule_spans_an_hour_with_jitter():
+    cfg = statusapp.load_config(environ={})
+    attempts = cfg["notifications"]["attempts"]
+    waits = [statusapp.retry_delay(n, cfg) for n in range(1, attempts)]
+    assert sum(waits) >= 3600
+    assert len({statusapp.retry_delay(1, cfg) for _ in range(20)}) > 1  # jittered
+
+
+def test_alert_storm_groups_person_facing_channels_and_keeps_webhook_events(tmp_path,
+                                                                          notify_http):
+    url = notify_http.url
+    cfg = _inc_cfg(tmp_path, url, storm_window=1.0)
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{url}/slack"})
+        client.post("/api/v1/webhooks", json={"name": "w", "url": f"{url}/hook",
+                                              "events": "monitor.down"})
+        monitors = [_inc_monitor(client, name=f"host-{i:03d}",
+                                 notifications=[{"channelId": slack["id"]}]) for i in range(200)]
+        at = statusapp.now_ms()
+        statements = [statement for m in monitors for statement in statusapp.transition_statements(
+            m["id"], "UP", "DOWN", "connection refused", at)]
+        client.portal.call(client.app.state.statusapp.db.write, statements)
+        eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE done_at IS NULL")
+                   == [(0,)] and sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(400,)])
+        assert len(_inc_paths(notify_http, "/hook")) == 200  # machines: one event each
+        assert {json.loads(r["body"])["monitor"]["name"]
+                for r in _inc_paths(notify_http, "/hook")} == {m["name"] for m in monitors}
+        grouped = _inc_paths(notify_http, "/slack")
+        assert len(grouped) == 1  # people: one message
+        text = json.loads(grouped[0]["body"])["text"]
+        assert text.startswith("200 monitors DOWN: host-000, host-001") and "and 180 more" in text
+        listed = client.get(f"/api/v1/notifications/{slack['id']}/deliveries?limit=100").json()
+        assert listed["pagination"]["total"] == 200  # every alert is still recorded
+        assert {d["status"] for d in listed["deliveries"]} == {"delivered"}
 
 
 _INC_VALID_CONFIGS = {
@@ -2410,7 +2533,7 @@ class _NotifyReceiver:
     answers 200.  Each recorded request has method, path, lower-cased headers and raw body bytes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[dict] = []
         self.script: list[tuple[int, bytes, float]] = []
         receiver = self
@@ -2436,7 +2559,7 @@ class _NotifyReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
