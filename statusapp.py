@@ -80,7 +80,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -436,6 +436,10 @@ class PayloadTooLarge(ApiError):
 class RateLimited(ApiError):
     status, code = 429, "RATE_LIMIT_EXCEEDED"
 
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "SERVICE_UNAVAILABLE"
+
 # --- Storage ---
 #
 # One writer connection, guarded by a lock, takes every write.  Small writes from hot paths
@@ -501,6 +505,26 @@ def load_migrations(text: str | None = None) -> dict[int, str]:
     return blocks
 
 
+# SQLite failures that are the storage's state, not a bug: clients get 503 with Retry-After,
+# the log one line per cause and minute, /health "unhealthy" until a write succeeds again.
+STORAGE_CAUSES = {"SQLITE_FULL": "the disk is full", "SQLITE_BUSY": "the database is locked",
+                  "SQLITE_LOCKED": "the database is locked",
+                  "SQLITE_READONLY": "the database is read-only",
+                  "SQLITE_IOERR": "disk I/O error", "SQLITE_CANTOPEN": "cannot open the database"}
+STORAGE_LOG_EVERY = 60.0
+STORAGE_RETRY_AFTER = "5"
+
+
+def storage_cause(exc: BaseException) -> str | None:
+    """What is wrong with the storage when ``exc`` (or its cause) says so, else None."""
+    for error in _exception_chain(exc):
+        name = getattr(error, "sqlite_errorname", "") or ""
+        for prefix, cause in STORAGE_CAUSES.items():
+            if name == prefix or name.startswith(prefix + "_"):
+                return cause
+    return None
+
+
 class Database:
     """The SQLite file: migrations on open, a group-committing writer and read connections."""
 
@@ -514,6 +538,21 @@ class Database:
         self._queue: list[tuple[list[Statement], asyncio.Future[None] | None]] = []
         self._queue_event = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self.failing: str | None = None  # why the last commit failed, until one succeeds
+        self._logged: dict[str, float] = {}
+
+    def storage_error(self, exc: BaseException) -> ServiceUnavailable | None:
+        """A storage failure as the 503 clients get, logged once a minute per cause."""
+        cause = storage_cause(exc)
+        if cause is None:
+            return None
+        now = time.monotonic()
+        if now - self._logged.get(cause, -STORAGE_LOG_EVERY) >= STORAGE_LOG_EVERY:
+            self._logged[cause] = now
+            log.error("storage: %s (%s: %s); answering 503 meanwhile", cause,
+                      os.path.abspath(self.path), exc)
+        return ServiceUnavailable(f"Storage unavailable: {cause}", "retry later",
+                                  headers={"Retry-After": STORAGE_RETRY_AFTER})
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -601,15 +640,20 @@ class Database:
         """Exclusive use of the writer for a multi-step write: BEGIN IMMEDIATE ... COMMIT."""
         assert self._writer is not None
         async with self._lock:
+            changes = self._writer.total_changes
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
-            except BaseException:
+                await self._writer.execute("COMMIT")
+            except BaseException as exc:
                 # Also when cancelled while BEGIN was still running on the connection's thread.
                 with contextlib.suppress(sqlite3.Error):
                     await self._writer.execute("ROLLBACK")
+                if self.storage_error(exc):
+                    self.failing = storage_cause(exc)
                 raise
-            await self._writer.execute("COMMIT")
+            if self._writer.total_changes > changes:
+                self.failing = None
 
     async def write(self, statements: list[Statement]) -> None:
         """Queue statements for the next group commit and wait until they are durable."""
@@ -647,7 +691,8 @@ class Database:
                     async with self.transaction() as conn:
                         await _run_grouped(conn, [stmts])
                 except Exception as exc:
-                    log.warning("dropped a queued write: %s", exc)
+                    if not self.storage_error(exc):
+                        log.warning("dropped a queued write: %s", exc)
                     if future and not future.done():
                         future.set_exception(exc)
                 else:
@@ -4671,11 +4716,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: no error worth a log line
+        raise BadRequest("Client disconnected", "the body ended early") from None
     return b"".join(chunks)
 
 
@@ -4717,6 +4765,8 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             except (ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if unavailable := rt.db.storage_error(exc):
+                    raise unavailable from None
                 log.exception("unhandled error in %s %s", request.method, request.url.path)
                 raise ApiError("Internal server error", "the error has been logged") from exc
             response = result if isinstance(result, Response) else JSONResponse(result)
@@ -4742,10 +4792,19 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
         exc = kind(text, f"{request.method} {request.url.path}", status=exc.status_code,
                    headers=dict(exc.headers or {}))
     elif not isinstance(exc, ApiError):
-        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        exc = ApiError("Internal server error", "the error has been logged")
+        exc = _unhandled(request, exc)
     headers = {**getattr(request.state, "headers", {}), **exc.headers}
     return JSONResponse(exc.body(), exc.status, headers=headers)
+
+
+def _unhandled(request: Request, exc: Exception) -> ApiError:
+    """An exception no handler turned into an ApiError: a storage failure's 503, else a 500."""
+    rt: Runtime | None = getattr(request.app.state, "statusapp", None)
+    unavailable = rt.db.storage_error(exc) if rt else None
+    if unavailable:
+        return unavailable
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError("Internal server error", "the error has been logged")
 
 
 class Cors:
@@ -6407,13 +6466,14 @@ async def account_usage(call: Call) -> dict[str, Any]:
 
 @api("/health", "GET", public=True)
 async def health(call: Call) -> Response:
-    """Check the database for real (a read and a commit through the writer) and report how
-    far behind its plan the scheduler is; far behind makes the status degraded."""
+    """Check the database for real (a read and a commit through the writer; unhealthy while
+    the last real write failed, e.g. disk full) and report how far behind its plan the
+    scheduler is; far behind makes the status degraded."""
     checks = {}
     try:
         await asyncio.wait_for(call.rt.db.fetchval("SELECT COUNT(*) FROM schema_version"), 2)
         await asyncio.wait_for(call.rt.db.write([]), 2)
-        checks["database"] = "healthy"
+        checks["database"] = "unhealthy" if call.rt.db.failing else "healthy"
     except Exception:  # whatever broke, the answer is the same: the database is not usable
         checks["database"] = "unhealthy"
     scheduler = call.rt.scheduler.stats() if call.rt.scheduler else None

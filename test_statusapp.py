@@ -693,6 +693,89 @@ def test_health_reports_a_broken_database(cfg, client):
     assert response.json()["status"] == "unhealthy"
     assert response.json()["checks"]["database"] == "unhealthy"
 
+
+async def _on_writer(db: statusapp.Database, *statements: str) -> None:
+    """Run statements on the server's own writer connection, between its transactions."""
+    async with db._lock:
+        for statement in statements:
+            await db._writer.execute(statement)
+
+
+@contextlib.contextmanager
+def _storage_fault(cfg: dict, client, cause: str):
+    """Make the server's writes fail for real: disk full (no page may be added), the database
+    locked by another process past the busy timeout, or read-only."""
+    db = client.app.state.statusapp.db
+    if cause == "full":
+        pages = sql(cfg, "PRAGMA page_count")[0][0]
+        client.portal.call(_on_writer, db, f"PRAGMA max_page_count = {pages}")
+        yield
+        client.portal.call(_on_writer, db, "PRAGMA max_page_count = 1073741823")
+    elif cause == "locked":
+        other = sqlite3.connect(cfg["server"]["database"], isolation_level=None)
+        client.portal.call(_on_writer, db, "PRAGMA busy_timeout = 50")
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+        other.close()
+    else:
+        client.portal.call(_on_writer, db, "PRAGMA query_only = ON")
+        yield
+        client.portal.call(_on_writer, db, "PRAGMA query_only = OFF")
+
+
+@pytest.mark.parametrize("cause, text", [("full", "the disk is full"),
+                                         ("locked", "the database is locked"),
+                                         ("read-only", "the database is read-only")])
+def test_storage_failures_answer_503_log_one_line_and_make_health_unhealthy(cfg, client, caplog,
+                                                                            cause, text):
+    def create(index: int):
+        return client.post("/api/v1/monitors", json={
+            "name": f"m{index} " + "x" * 200, "url": "https://api.home.test", "type": "API",
+            "isActive": False, "description": "d" * 2000})
+
+    assert client.get("/api/v1/health").status_code == 200
+    caplog.clear()
+    with _storage_fault(cfg, client, cause):
+        answers = [create(i) for i in range(60)]  # "full" needs a write that takes new pages
+        failed = [r for r in answers if r.status_code != 201]
+        assert failed and {r.status_code for r in failed} == {503}
+        assert failed[0].json() == {"error": f"Storage unavailable: {text}",
+                                    "code": "SERVICE_UNAVAILABLE", "details": "retry later"}
+        assert failed[0].headers["retry-after"] == "5"
+        health = client.get("/api/v1/health")
+        assert health.status_code == 503 and health.json()["checks"]["database"] == "unhealthy"
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(failed) >= 2 and len(lines) == 1  # one line per cause, however many requests
+    assert text in lines[0].getMessage() and lines[0].exc_info is None
+    assert create(99).status_code == 201  # writes work again...
+    assert client.get("/api/v1/health").status_code == 200  # ...and health says so
+
+
+def test_a_client_that_disconnects_mid_body_is_no_error(client, key, caplog):
+    """Drive the app as a server does when the client hangs up after part of the body."""
+    messages = [{"type": "http.request", "body": b'{"na', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/api/v1/monitors", "raw_path": b"/api/v1/monitors",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 80), "headers": [
+                 (b"host", b"x"), (b"x-api-key", key.encode()), (b"content-length", b"1000"),
+                 (b"content-type", b"application/json")]}
+    caplog.clear()
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 # --- Probe tests ---
 #
 # Every server here is real and listens on 127.0.0.1 only: HTTP (with an OAuth2 token endpoint
