@@ -557,9 +557,13 @@ class Database:
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
-                       "foreign_keys=ON"):
-            await conn.execute(f"PRAGMA {pragma}")
+        try:
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
+                           "foreign_keys=ON"):
+                await conn.execute(f"PRAGMA {pragma}")
+        except BaseException:
+            await conn.close()  # its thread would otherwise keep the process alive
+            raise
         return conn
 
     async def open(self, upto: int | None = None) -> None:
@@ -567,13 +571,12 @@ class Database:
         self._writer = await self._connect()
         try:
             await self.migrate(upto)
+            for _ in range(self._reader_count):
+                self._readers.append(await self._connect())
+                await self._readers[-1].execute("PRAGMA query_only=ON")
         except BaseException:
             await self.close()
             raise
-        for _ in range(self._reader_count):
-            reader = await self._connect()
-            await reader.execute("PRAGMA query_only=ON")
-            self._readers.append(reader)
         self._writer_task = asyncio.create_task(self._write_loop())
 
     async def close(self) -> None:
@@ -4626,23 +4629,7 @@ class Runtime:
     async def start(self) -> None:
         """Open the database, register the local region, create the owner on first run."""
         await self.db.open()
-        region = self.cfg["region"]
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET city = excluded.city,"
-                " country = excluded.country, country_code = excluded.country_code,"
-                " latitude = excluded.latitude, longitude = excluded.longitude",
-                (region["id"], region["city"], region["country"], region["country_code"],
-                 region["latitude"], region["longitude"]))
-            first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
-            if first_run:
-                account = await create_account(conn, "admin@localhost", "Admin",
-                                               self.cfg["account"]["plan"])
-                _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
-        if first_run:
-            print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
-                  f"only this once:\n{key}", file=sys.stderr, flush=True)
+        await prepare_database(self.db, self.cfg)
         self.regions = {r["id"]: dict(r) for r in await self.db.fetchall(
             "SELECT * FROM worker_regions WHERE is_active = 1")}
         self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
@@ -4672,6 +4659,28 @@ class Runtime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.usage.flush(self.db)
         await self.db.close()
+
+
+async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None:
+    """Register the local region (a real write) and, on first run, create the owner and print
+    its key once."""
+    region = cfg["region"]
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET city = excluded.city,"
+            " country = excluded.country, country_code = excluded.country_code,"
+            " latitude = excluded.latitude, longitude = excluded.longitude",
+            (region["id"], region["city"], region["country"], region["country_code"],
+             region["latitude"], region["longitude"]))
+        first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
+        if first_run:
+            account = await create_account(conn, "admin@localhost", "Admin",
+                                           cfg["account"]["plan"])
+            _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
+    if first_run:
+        print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
+              f"only this once:\n{key}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -7141,13 +7150,66 @@ def cli() -> None:
 @click.option("--host", help="Address to listen on (server.host).")
 @click.option("--port", type=int, help="Port to listen on (server.port).")
 def serve(config_path: str | None, db: str | None, host: str | None, port: int | None) -> None:
-    """Run the API, the prober and the notifiers in one process."""
+    """Run the API, the prober and the notifiers in one process.
+
+    The port is bound and the database opened and written to before anything else happens
+    (before the first-run key is printed), so a start that cannot work stops at once, with
+    one line naming the cause."""
     cfg = _config(config_path, db, host=host, port=port)
-    logging.basicConfig(level=cfg["server"]["log_level"].upper(),
+    server = cfg["server"]
+    sock = _listen(server["host"], server["port"])
+    try:
+        _preflight(cfg)
+    except click.ClickException:
+        sock.close()
+        raise
+    logging.basicConfig(level=server["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(cfg), host=cfg["server"]["host"], port=cfg["server"]["port"],
-                log_level=cfg["server"]["log_level"], lifespan="on", access_log=False,
-                server_header=False)
+    runner = uvicorn.Server(uvicorn.Config(
+        create_app(cfg), host=server["host"], port=server["port"], log_level=server["log_level"],
+        lifespan="on", access_log=False, server_header=False))
+    runner.run(sockets=[sock])
+    if not runner.started:
+        raise click.ClickException("start-up failed (see the log above)")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a port in use is one line, before any other work."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _database_problem(path: Path) -> str | None:
+    """What is wrong with a --db path that SQLite would report less clearly, if anything."""
+    if path.is_dir():
+        return "is a directory, not a database file"
+    if not path.parent.is_dir():
+        return f"cannot be created: the folder {path.parent} does not exist"
+    if path.exists() and not os.access(path, os.R_OK):
+        return "cannot be read: permission denied"
+    return None
+
+
+def _preflight(cfg: dict[str, dict[str, Any]]) -> None:
+    """Open, migrate and write to the database as the server will, printing its absolute path
+    (and the first-run key); any failure is a ClickException naming the path and the cause."""
+    path = Path(cfg["server"]["database"]).absolute()
+    problem = _database_problem(path)
+    if problem:
+        raise click.ClickException(f"database {path} {problem}")
+    print(f"StatusApp: database {path}", file=sys.stderr, flush=True)
+    log.disabled = True  # the one line below says it; no storage log line besides
+    try:
+        asyncio.run(_with_db(cfg, lambda db: prepare_database(db, cfg)))
+    except (sqlite3.Error, OSError, RuntimeError) as exc:
+        cause = storage_cause(exc) or (exc.strerror if isinstance(exc, OSError) else str(exc))
+        raise click.ClickException(f"database {path}: {cause}") from None
+    finally:
+        log.disabled = False
 
 
 @cli.command()

@@ -4249,6 +4249,8 @@ def test_hostile_input_never_gets_a_500_or_a_traceback(cfg, client, caplog):
 def test_serve_end_to_end_first_run_key_and_client_flow(server):
     """The spec's client flow over real HTTP against `statusapp serve`, then a clean SIGTERM."""
     output = server.output()
+    assert f"StatusApp: database {server.db}\n" in output  # the absolute path, before the key
+    assert output.index("StatusApp: database") < output.index("created the owner account")
     assert "created the owner account admin@localhost" in output
     key = [line for line in output.splitlines() if line.startswith("sk_live_")][0]
     api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key}, timeout=10)
@@ -4280,6 +4282,65 @@ def test_serve_does_not_print_a_key_on_later_starts(tmp_path):
     again.start()
     assert "sk_live_" not in again.output()
     again.stop()
+
+
+def _serve_fails(tmp_path, db: str, port: int | None = None) -> str:
+    """Run `serve` expecting it to stop by itself: non-zero, one line, no traceback."""
+    result = subprocess.run(
+        [sys.executable, str(HERE / "statusapp.py"), "serve", "--db", db,
+         "--port", str(port or free_port())],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("StatusApp: ")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_serve_on_a_port_in_use_stops_before_creating_the_owner(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        line = _serve_fails(tmp_path, str(tmp_path / "new.db"), port)
+    assert line == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not (tmp_path / "new.db").exists()  # no owner created, no key printed and lost
+
+
+def _unwritable(path: Path) -> None:
+    """Make a file read-only even for root (immutable), or skip where that is not possible."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        if os.geteuid() == 0:
+            pytest.skip("chattr +i is not available")
+        path.chmod(0o444)
+        path.parent.chmod(0o555)
+
+
+@pytest.mark.parametrize("case", ["missing folder", "directory", "not a database", "read-only",
+                                  "unreadable"])
+def test_serve_with_a_bad_database_exits_with_one_line_naming_it(tmp_path, case):
+    db = tmp_path / "sub" / "statusapp.db"
+    expected = {"missing folder": f"the folder {db.parent} does not exist",
+                "directory": "is a directory", "not a database": "file is not a database",
+                "read-only": "the database is read-only", "unreadable": "cannot be read"}[case]
+    if case != "missing folder":
+        db.parent.mkdir()
+    if case == "directory":
+        db.mkdir()
+    elif case == "not a database":
+        db.write_text("not sqlite at all " * 100)
+    elif case in ("read-only", "unreadable"):
+        cli(make_cfg(tmp_path, server={"database": str(db)}), "init", "--email", "a@home.test")
+        if case == "unreadable":
+            if os.geteuid() == 0:
+                pytest.skip("root reads every file")
+            db.chmod(0)
+        else:
+            _unwritable(db)
+    try:
+        line = _serve_fails(tmp_path, str(db))
+    finally:
+        if db.exists():
+            subprocess.run(["chattr", "-i", str(db)], capture_output=True)
+            db.parent.chmod(0o755)
+    assert line.startswith(f"Error: database {db}") and expected in line
 
 
 def test_init_creates_the_owner_once_and_prints_a_key_last(cfg):
