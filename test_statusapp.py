@@ -742,8 +742,12 @@ def test_storage_failures_answer_503_log_one_line_and_make_health_unhealthy(cfg,
     with _storage_fault(cfg, client, cause):
         if cause != "full":  # a ping row may still fit in a page when only growth fails
             assert client.post(ping).status_code == 503
-        answers = [create(i) for i in range(60)]  # "full" needs a write that takes new pages
-        failed = [r for r in answers if r.status_code != 201]
+        failed = []
+        for index in range(60):  # "full" needs writes that take new pages before one fails
+            answer = create(index)
+            failed += [answer] if answer.status_code != 201 else []
+            if len(failed) == 3:
+                break
         assert failed and {r.status_code for r in failed} == {503}
         assert failed[0].json() == {"error": f"Storage unavailable: {text}",
                                     "code": "SERVICE_UNAVAILABLE", "details": "retry later"}
