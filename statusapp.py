@@ -3532,8 +3532,9 @@ async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
     def finished(host: str, lanes: set[str], task: asyncio.Task[None]) -> None:
         slots.give_back(host, lanes)
         running.discard(task)
-        if not task.cancelled() and task.exception():
-            log.error("alert delivery failed", exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if error and storage_cause(error) is None:  # storage failures: the Database logs them
+            log.error("alert delivery failed", exc_info=error)
         wake.set()
 
     async with NotifyContext(rt.cfg) as ctx:
