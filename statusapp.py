@@ -7486,11 +7486,11 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         rt = Runtime(cfg)
-        await rt.start()
-        app.state.statusapp = rt
         try:
+            await rt.start()
+            app.state.statusapp = rt
             yield
-        finally:
+        finally:  # after a failed start too: open connections would keep the process alive
             await rt.stop()
 
     return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES], lifespan=lifespan,
