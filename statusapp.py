@@ -3439,7 +3439,8 @@ def grouped_alert(alerts: Sequence[Alert], names: int) -> Alert:
                  group={"count": len(alerts), "names": listed[:names]})
 
 
-async def _deliver_queued(rt: Runtime, ctx: NotifyContext, rows: list[sqlite3.Row]) -> None:
+async def _deliver_queued(rt: Runtime, ctx: NotifyContext,
+                          rows: list[sqlite3.Row]) -> DeliveryAttempt:
     """One attempt at one outbox row, or at a group of rows as one message; log and record it."""
     head = rows[0]
     alerts = [Alert(**json.loads(row["alert"])) for row in rows]
@@ -3457,6 +3458,7 @@ async def _deliver_queued(rt: Runtime, ctx: NotifyContext, rows: list[sqlite3.Ro
     retry_at = at + round(retry_delay(record["attempt"], rt.cfg) * 1000)  # a group stays one
     await rt.db.write([statement for row in rows for statement in _outcome_statements(
         row, [*json.loads(row["attempt_log"] or "[]"), record], at, retry_at, rt.cfg)])
+    return record
 
 
 _SERVICE_URL_KEYS = {"TELEGRAM": "telegram_api_url", "PAGERDUTY": "pagerduty_url",
@@ -3478,17 +3480,32 @@ def delivery_host(row: sqlite3.Row, cfg: dict[str, dict[str, Any]]) -> str:
 
 
 class _Slots:
-    """Delivery slots in use, in all and per host, and the lanes (targets, groups) busy."""
+    """Delivery slots in use, in all and per host, and the lanes (targets, groups) busy.
+
+    A host whose last attempt got no answer (timed out, refused, unreachable) is a suspect:
+    it gets one slot at a time, and all suspects together a quarter of the slots, so hung
+    receivers retrying for an hour never crowd out the healthy ones."""
 
     def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
         self.total, self.per_host = (cfg["notifications"][key] for key in ("concurrency",
                                                                           "per_host"))
         self.hosts: collections.Counter[str] = collections.Counter()
         self.lanes: set[str] = set()
+        self.suspects: set[str] = set()
 
     def free(self, host: str, lanes: set[str]) -> bool:
+        if host in self.suspects and (self.hosts[host] or sum(
+                self.hosts[h] for h in self.suspects) >= max(1, self.total // 4)):
+            return False
         return (sum(self.hosts.values()) < self.total and self.hosts[host] < self.per_host
                 and not lanes & self.lanes)
+
+    def judge(self, host: str, record: DeliveryAttempt) -> None:
+        """Note whether ``host`` answered its latest attempt."""
+        if record["ok"] or record["statusCode"] is not None or record["permanent"]:
+            self.suspects.discard(host)
+        else:
+            self.suspects.add(host)
 
     def take(self, host: str, lanes: set[str]) -> None:
         self.hosts[host] += 1
@@ -3527,14 +3544,16 @@ async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
     delivery that finished meanwhile; ``started`` (row ids and attempt counts taken in hand,
     until seen changed) keeps such a stale answer from sending an attempt twice."""
     slots, started = _Slots(rt.cfg), set[tuple[int, int]]()
-    running: set[asyncio.Task[None]] = set()
+    running: set[asyncio.Task[DeliveryAttempt]] = set()
 
-    def finished(host: str, lanes: set[str], task: asyncio.Task[None]) -> None:
+    def finished(host: str, lanes: set[str], task: asyncio.Task[DeliveryAttempt]) -> None:
         slots.give_back(host, lanes)
         running.discard(task)
         error = None if task.cancelled() else task.exception()
         if error and storage_cause(error) is None:  # storage failures: the Database logs them
             log.error("alert delivery failed", exc_info=error)
+        elif not task.cancelled() and not error:
+            slots.judge(host, task.result())
         wake.set()
 
     async with NotifyContext(rt.cfg) as ctx:

@@ -2295,12 +2295,14 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
 
 
 class _HangingReceivers:
-    """Loopback ports that accept connections and never answer, counting connections per port."""
+    """Loopback ports that accept connections and never answer, counting connections per port
+    and the most open at once (``peak``, since ``peak`` was last set to 0)."""
 
     def __init__(self, count: int) -> None:
         self.listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
         self.urls = [f"http://127.0.0.1:{s.getsockname()[1]}/hang" for s in self.listeners]
         self.accepted: dict[int, list[socket.socket]] = {i: [] for i in range(count)}
+        self.open = self.peak = 0
         self.stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -2310,8 +2312,18 @@ class _HangingReceivers:
             for index, listener in enumerate(self.listeners):
                 selector.register(listener, selectors.EVENT_READ, index)
             while not self.stop.is_set():
-                for key, _ in selector.select(0.05):
-                    self.accepted[key.data].append(key.fileobj.accept()[0])
+                ready = sorted(selector.select(0.05), key=lambda event: event[0].data is not None)
+                for key, _ in ready:  # hang-ups first, then new connections
+                    if key.data is None:  # a request arriving, or the client hanging up
+                        if not key.fileobj.recv(65536):
+                            selector.unregister(key.fileobj)
+                            self.open -= 1
+                        continue
+                    conn = key.fileobj.accept()[0]
+                    self.accepted[key.data].append(conn)
+                    selector.register(conn, selectors.EVENT_READ, None)
+                    self.open += 1
+                    self.peak = max(self.peak, self.open)
 
     def close(self) -> None:
         self.stop.set()
@@ -2339,6 +2351,29 @@ def test_hung_receivers_hold_few_slots_and_a_healthy_channel_is_not_delayed(tmp_
             # ...and the host with 11 targets holds only notifications.per_host slots.
             eventually(lambda: len(hung.accepted[0]) == cfg["notifications"]["per_host"])
             assert max(len(conns) for conns in hung.accepted.values()) == 4
+    finally:
+        hung.close()
+
+
+def test_receivers_that_never_answer_share_a_quarter_of_the_slots_while_retrying(tmp_path):
+    hung = _HangingReceivers(10)
+    try:
+        cfg = _inc_cfg(tmp_path, "http://127.0.0.1:9", timeout=0.2, attempts=1000,
+                       retry_delay=0.01, retry_max_delay=0.01, concurrency=8)
+        key = new_key(cfg)
+        with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+            monitor = _inc_monitor(client, notifications=[
+                {"type": "WEBHOOK", "config": {"url": url}} for url in hung.urls])
+            _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom")
+
+            def attempts() -> int:
+                return sql(cfg, "SELECT SUM(attempts) FROM alert_outbox")[0][0] or 0
+            eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE attempts > 0")
+                       == [(10,)])  # every host has failed once
+            assert hung.peak > 2  # unknown hosts got every slot they needed at first...
+            hung.peak, seen = hung.open, attempts()
+            eventually(lambda: attempts() >= seen + 20)
+            assert hung.peak <= 2  # ...hosts that never answer then share 8 // 4 slots
     finally:
         hung.close()
 
