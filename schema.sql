@@ -365,7 +365,10 @@ CREATE TABLE team_rollups (
     PRIMARY KEY (account_id, start)
 ) WITHOUT ROWID;
 
--- migration 10: durable retries and grouped alerts
+-- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
+ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
+
+-- migration 11: durable retries and grouped alerts
 -- A failed attempt that may succeed later leaves its row pending with next_attempt_at set by the
 -- backoff schedule; every row has a delivery_id receivers see on every attempt.  group_key joins
 -- the rows a person-facing channel sends as one message (same channel config and event).
