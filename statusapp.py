@@ -3583,7 +3583,7 @@ class _Slots:
         if host in self.suspects and (self.hosts[host] or sum(
                 self.hosts[h] for h in self.suspects) >= max(1, self.total // 4)):
             return False
-        return (sum(self.hosts.values()) < self.total and self.hosts[host] < self.per_host
+        return (self.hosts.total() < self.total and self.hosts[host] < self.per_host
                 and not lanes & self.lanes)
 
     def judge(self, host: str, record: DeliveryAttempt) -> None:
@@ -3599,6 +3599,8 @@ class _Slots:
 
     def give_back(self, host: str, lanes: set[str]) -> None:
         self.hosts[host] -= 1
+        if not self.hosts[host]:
+            del self.hosts[host]
         self.lanes -= lanes
 
 
