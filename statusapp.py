@@ -7302,6 +7302,14 @@ def _run(cfg: dict[str, dict[str, Any]], job: Callable[[Database], Awaitable[Any
         raise click.ClickException(f"database {cfg['server']['database']}: {exc}") from None
 
 
+def _write_one(cfg: dict[str, dict[str, Any]], sql: str, params: Sequence[Any]) -> int:
+    """Run one write statement; the rows it changed."""
+    async def job(database: Database) -> int:
+        async with database.transaction() as conn:
+            return (await conn.execute(sql, params)).rowcount
+    return _run(cfg, job)
+
+
 @click.group()
 @click.version_option(VERSION, prog_name="statusapp")
 def cli() -> None:
@@ -7418,13 +7426,7 @@ def apikey_list(config_path: str | None, db: str | None) -> None:
 def apikey_revoke(config_path: str | None, db: str | None, key_id: str) -> None:
     """Revoke a key by id; it stops working at once."""
     cfg = _config(config_path, db)
-
-    async def job(database: Database) -> int:
-        async with database.transaction() as conn:
-            cursor = await conn.execute("UPDATE api_keys SET is_active = 0 WHERE id = ?", (key_id,))
-            return cursor.rowcount
-
-    if not _run(cfg, job):
+    if not _write_one(cfg, "UPDATE api_keys SET is_active = 0 WHERE id = ?", (key_id,)):
         raise click.ClickException(f"no API key with id {key_id}")
     click.echo(f"revoked {key_id}")
 
@@ -7457,14 +7459,6 @@ def region() -> None:
     """Register worker regions for agents; list, remove them and rotate their tokens."""
 
 
-def _region_write(cfg: dict[str, dict[str, Any]], sql: str, params: Sequence[Any]) -> int:
-    """Run one write on worker_regions; the rows it changed."""
-    async def job(database: Database) -> int:
-        async with database.transaction() as conn:
-            return (await conn.execute(sql, params)).rowcount
-    return _run(cfg, job)
-
-
 @region.command("add")
 @_options
 @click.argument("region_id")
@@ -7483,7 +7477,7 @@ def region_add(config_path: str | None, db: str | None, region_id: str, name: st
                                  param_hint="REGION_ID")
     token, digest = generate_agent_token()
     try:
-        _region_write(cfg, "INSERT INTO worker_regions (id, name, city, country, country_code,"
+        _write_one(cfg, "INSERT INTO worker_regions (id, name, city, country, country_code,"
                            " latitude, longitude, is_active, token_hash, created_at)"
                            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
                       (region_id, name, city or name, country, country_code.upper(), lat, lon,
@@ -7513,7 +7507,7 @@ def region_list(config_path: str | None, db: str | None) -> None:
 def region_remove(config_path: str | None, db: str | None, region_id: str) -> None:
     """Remove an agent's region: its token stops working at once; its checks are kept."""
     cfg = _config(config_path, db)
-    if not _region_write(cfg, "DELETE FROM worker_regions WHERE id = ? AND token_hash IS NOT NULL",
+    if not _write_one(cfg, "DELETE FROM worker_regions WHERE id = ? AND token_hash IS NOT NULL",
                          (region_id,)):
         raise click.ClickException(f"no agent region with id {region_id}")
     click.echo(f"removed {region_id}")
@@ -7526,7 +7520,7 @@ def region_rotate_token(config_path: str | None, db: str | None, region_id: str)
     """Give a region a new agent token (printed as the last line); the old one stops working."""
     cfg = _config(config_path, db)
     token, digest = generate_agent_token()
-    if not _region_write(cfg, "UPDATE worker_regions SET token_hash = ? WHERE id = ? AND"
+    if not _write_one(cfg, "UPDATE worker_regions SET token_hash = ? WHERE id = ? AND"
                               " token_hash IS NOT NULL", (digest, region_id)):
         raise click.ClickException(f"no agent region with id {region_id}")
     click.echo(f"New agent token for {region_id}:")
