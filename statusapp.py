@@ -6870,16 +6870,31 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
     groups = await page_groups(rt.db, page["id"])
     monitors = {m["id"]: m for g in groups for m in g["monitors"]}
     stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS)
+    regions = await region_verdicts(rt.db, list(monitors))
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
         monitor["days"] = days
         monitor["uptime"] = _days_uptime(days)
+        monitor["regions"] = regions.get(monitor["id"], [])
     incidents = await page_incidents(rt.db, list(monitors),
                                      "i.resolved_at IS NULL OR i.resolved_at >= ?",
                                      [now_ms() - PAST_INCIDENT_DAYS * DAY_MS])
     return {"page": page, "groups": groups, "status": overall_status(list(monitors.values())),
             "active": [i for i in incidents if i["resolvedAt"] is None],
             "past": [i for i in incidents if i["resolvedAt"] is not None]}
+
+
+async def region_verdicts(db: Database, monitor_ids: Sequence[str]
+                         ) -> dict[str, list[dict[str, str]]]:
+    """Each monitor's status in each active region, by region name (no address or error)."""
+    out: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
+    for row in await db.fetchall(
+            "SELECT r.monitor_id, COALESCE(w.name, w.city) AS name, r.status"
+            " FROM monitor_regions r JOIN worker_regions w ON w.id = r.region_id"
+            " WHERE w.is_active = 1 AND r.monitor_id IN (SELECT value FROM json_each(?))"
+            " ORDER BY name", (json.dumps(list(monitor_ids)),)):
+        out[row["monitor_id"]].append({"region": row["name"], "status": row["status"]})
+    return out
 
 
 def _page_base(request: Request) -> str:
@@ -6939,6 +6954,7 @@ svg.bars{display:block;width:100%;height:2.125rem;margin:.5rem 0 .25rem}
 svg.bars rect:hover{opacity:.7}
 .axis{display:flex;justify-content:space-between;gap:.5rem;font-size:.75rem;color:#4b5563}
 .axis strong{color:#111827}
+.regions{font-size:.75rem;color:#4b5563;margin:.25rem 0}
 .legend{display:flex;flex-wrap:wrap;gap:.25rem 1rem;font-size:.875rem;list-style:none;
 padding:0;margin:0 0 .75rem;color:#374151}
 .sw{display:inline-block;width:.75rem;height:.75rem;border-radius:2px;margin-right:.375rem;
@@ -6986,8 +7002,17 @@ def _monitor_html(monitor: dict[str, Any]) -> str:
     uptime = "No data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}% uptime"
     return (f'<li><div class="mrow"><span class="mname">{_esc(monitor["name"])}</span>'
             f'<span class="state s-{level}"><span class="dot" aria-hidden="true"></span>{label}'
-            f'</span></div>{_bars(monitor)}<div class="axis"><span>{UPTIME_DAYS} days ago</span>'
-            f'<strong>{uptime}</strong><span>Today</span></div></li>')
+            f'</span></div>{_regions_html(monitor)}{_bars(monitor)}<div class="axis"><span>'
+            f'{UPTIME_DAYS} days ago</span><strong>{uptime}</strong><span>Today</span></div></li>')
+
+
+def _regions_html(monitor: dict[str, Any]) -> str:
+    """Per-region status under a monitor probed from more than one region."""
+    if len(monitor["regions"]) < 2:
+        return ""
+    parts = [f'{_esc(r["region"])}: {_esc(MONITOR_STATES[r["status"]][0])}'
+             for r in monitor["regions"]]
+    return f'<div class="regions">{" &middot; ".join(parts)}</div>'
 
 
 def _incident_html(incident: dict[str, Any]) -> str:
@@ -7111,7 +7136,7 @@ async def page_summary(request: Request) -> Response:
         "status": {"indicator": indicator, "description": BANNERS[indicator][0]},
         "groups": [{"name": g["name"], "monitors": [
             {"id": m["id"], "name": m["name"], "status": monitor_state(m),
-             "uptime90d": m["uptime"]} for m in g["monitors"]]} for g in view["groups"]],
+             "uptime90d": m["uptime"], "regions": m["regions"]} for m in g["monitors"]]} for g in view["groups"]],
         "activeIncidents": [_incident_json(i) for i in view["active"]],
         "recentIncidents": [_incident_json(i) for i in view["past"]],
         "updatedAt": iso(now_ms())})

@@ -1831,6 +1831,14 @@ def test_agents_probe_from_their_regions_and_status_combines_them(fleet):
     assert incident["severity"] == "high" and incident["affectedRegions"] == ["east", "west"]
     analytics = fleet.api.get(f"/analytics/monitors/{both}", params={"period": "1h"}).json()
     assert set(analytics["responseTimeByRegion"]) == {"east", "west"}
+    page = fleet.api.post("/status-pages", json={"name": "P", "slug": "regions", "monitorGroups": [
+        {"name": "G", "monitorIds": [west_blocked]}]})
+    assert page.status_code == 201, page.text
+    summary = httpx.get(fleet.server.url + "/status/regions.json").json()
+    assert summary["groups"][0]["monitors"][0]["regions"] == [
+        {"region": "East", "status": "UP"}, {"region": "West", "status": "DOWN"}]
+    html = httpx.get(fleet.server.url + "/status/regions").text
+    assert "East: Operational &middot; West: Outage" in html and "127.0.0.1" not in html
     assert {r: fleet.regions()[r]["isActive"] for r in ("east", "west", "local")} == {
         "east": True, "west": True, "local": False}
 
@@ -1957,6 +1965,25 @@ def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor
             assert abs(agent_at - checked_at) > 250_000  # the agent's own (skewed) stamp
         check = client.get(f"/api/v1/monitors/{monitor_id}").json()["checks"][0]
         assert check["receivedAt"] is not None
+
+
+def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key):
+    for region in ("region_us_east", "region_eu_west"):
+        _add_region(cfg["server"]["database"], region)
+    with _app(cfg, key) as client:
+        response = client.post("/api/v1/monitors", json={
+            "name": "My API Monitor", "url": "https://api.example.com/health", "type": "API",
+            "interval": 300, "timeout": 30, "expectedStatusCode": 200, "httpMethod": "GET",
+            "enabledWorkerRegionIds": ["region_us_east", "region_eu_west"],
+            "regressionEnabled": True, "regressionThreshold": 50,
+            "notifications": [{"type": "EMAIL", "enabled": True,
+                               "config": {"emails": ["alerts@example.com"]}}]})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["enabledWorkerRegionIds"] == ["region_us_east", "region_eu_west"]
+        assert body["downQuorum"] is None
+        regions = {r["id"]: r for r in client.get("/api/v1/worker-regions").json()["regions"]}
+        assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
 
 
 @pytest.mark.parametrize("statuses, regions, quorum, expected", [
