@@ -4498,9 +4498,9 @@ async def _delete_in_batches(db: Database, sql: str, params: Sequence[Any]) -> i
 
 async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = None
                 ) -> dict[str, int]:
-    """Delete raw checks, heartbeat pings and delivered alerts past ``raw_days`` (never checks
-    not rolled up yet, nor a monitor's latest check), hourly rollups past ``hourly_days`` and
-    daily ones past ``rollup_days``."""
+    """Delete raw checks, heartbeat pings, delivered alerts and agents' batch ids past
+    ``raw_days`` (never checks not rolled up yet, nor a monitor's latest check), hourly rollups
+    past ``hourly_days`` and daily ones past ``rollup_days``."""
     now = now_ms() if now is None else now
     keep = cfg["retention"]
     hours_done, _ = await rollup_progress(db)
@@ -4515,6 +4515,9 @@ async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = 
     deleted["alerts"] = await _delete_in_batches(
         db, "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE done_at < ?"
             " ORDER BY id LIMIT ?)", (now - keep["raw_days"] * DAY_MS, RETENTION_BATCH))
+    deleted["batches"] = await _delete_in_batches(  # agents' batch ids, as long as raw checks
+        db, "DELETE FROM agent_batches WHERE rowid IN (SELECT rowid FROM agent_batches"
+            " WHERE received_at < ? LIMIT ?)", (now - keep["raw_days"] * DAY_MS, RETENTION_BATCH))
     ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors ORDER BY id")]
     per_chunk = max(1, RETENTION_BATCH // 25)  # about a day of hourly rows per monitor
     for bucket, days in (("h", keep["hourly_days"]), ("d", keep["rollup_days"])):

@@ -3777,6 +3777,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
             "INSERT INTO alert_outbox (account_id, target_key, channel_type, config, event, alert,"
             " created_at, done_at) VALUES (?, 't', 'SLACK', '{}', 'monitor.down', '{}', ?, ?)",
             [(account, now - 5 * day, now - 4 * day), (account, now - 5 * day, None)])
+        conn.executemany("INSERT INTO agent_batches VALUES ('east', ?, ?)",
+                         [("old-batch", now - 4 * day), ("new-batch", now - day)])
     transactions = []
 
     async def job(db):
@@ -3786,7 +3788,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
         return await statusapp.prune(db, cfg)
     deleted = _on_db(cfg, job)
     assert deleted["raw"] == 1000 and len(transactions) >= 10
-    assert deleted["pings"] == 1 and deleted["alerts"] == 1
+    assert deleted["pings"] == 1 and deleted["alerts"] == 1 and deleted["batches"] == 1
+    assert sql(cfg, "SELECT batch_id FROM agent_batches") == [("new-batch",)]
     assert sql(cfg, "SELECT done_at FROM alert_outbox") == [(None,)]  # undelivered ones stay
     assert sql(cfg, "SELECT received_at FROM heartbeats") == [(now - 2 * day,)]
     assert sql(cfg, "SELECT response_time FROM checks ORDER BY checked_at") == [(70,), (60,)]
