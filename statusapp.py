@@ -74,7 +74,6 @@ import dns.resolver
 import httpcore
 import httpx
 import icmplib
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -2725,24 +2724,26 @@ async def run_agent(cfg: dict[str, dict[str, Any]], server: str, token: str, sta
     """The agent process: first sync (retried until the server answers), then the shared
     Scheduler, the long-poll and the batch sender, until cancelled."""
     buffer = AgentBuffer(state / "buffer.db", buffer_limit)
-    async with httpx.AsyncClient(
-            base_url=server.rstrip("/") + API_PREFIX, timeout=_AGENT_TIMEOUT,
-            headers={"Authorization": f"Bearer {token}", "User-Agent": _USER_AGENT}) as client:
-        feed = AgentFeed(client, buffer)
-        while feed.version is None:
-            try:
-                await feed.sync(0)
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                log.warning("agent: cannot reach %s: %s", server, _describe_agent_error(exc))
-                await asyncio.sleep(_AGENT_RETRY_MAX)
-        log.info("agent for region %s: %d monitors", feed.region, len(feed.monitors))
-        ctx = ProbeContext({**cfg, "region": {**cfg["region"], "id": feed.region}})
-        scheduler = Scheduler(feed, {**cfg["probes"], **feed.probes}, ctx)
-        try:
+    ctx = ProbeContext(cfg)  # its trust store serves the server connection too (less memory)
+    try:
+        async with httpx.AsyncClient(
+                base_url=server.rstrip("/") + API_PREFIX, timeout=_AGENT_TIMEOUT,
+                verify=ctx.ssl_context,
+                headers={"Authorization": f"Bearer {token}", "User-Agent": _USER_AGENT}) as client:
+            feed = AgentFeed(client, buffer)
+            while feed.version is None:
+                try:
+                    await feed.sync(0)
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    log.warning("agent: cannot reach %s: %s", server, _describe_agent_error(exc))
+                    await asyncio.sleep(_AGENT_RETRY_MAX)
+            log.info("agent for region %s: %d monitors", feed.region, len(feed.monitors))
+            ctx.http.headers[REGION_HEADER] = feed.region
+            scheduler = Scheduler(feed, {**cfg["probes"], **feed.probes}, ctx)
             await asyncio.gather(scheduler.run(), feed.follow(), feed.deliver())
-        finally:
-            await ctx.aclose()
-            buffer.close()
+    finally:
+        await ctx.aclose()
+        buffer.close()
 
 
 
@@ -7350,6 +7351,7 @@ def cli() -> None:
 @click.option("--port", type=int, help="Port to listen on (server.port).")
 def serve(config_path: str | None, db: str | None, host: str | None, port: int | None) -> None:
     """Run the API, the prober and the notifiers in one process."""
+    import uvicorn  # here, not at the top: an agent never serves, and saves its memory
     cfg = _config(config_path, db, host=host, port=port)
     logging.basicConfig(level=cfg["server"]["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
