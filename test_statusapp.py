@@ -1986,6 +1986,20 @@ def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key
         assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
 
 
+def test_agent_buffer_is_bounded_ordered_and_survives_reopening(tmp_path):
+    buffer = statusapp.AgentBuffer(tmp_path / "state" / "buffer.db", limit=5)
+    for n in range(3):
+        buffer.add([{"n": n, "i": i} for i in range(2)])
+    assert buffer.pending() == 4  # the oldest batch was dropped to stay within 5 results
+    buffer.close()
+    reopened = statusapp.AgentBuffer(tmp_path / "state" / "buffer.db", limit=5)
+    seq, batch_id, results = reopened.oldest()
+    assert [r["n"] for r in results] == [1, 1]
+    reopened.done(seq)
+    assert reopened.oldest()[2][0]["n"] == 2 and reopened.oldest()[1] != batch_id
+    reopened.close()
+
+
 @pytest.mark.parametrize("statuses, regions, quorum, expected", [
     (["DOWN", "DOWN"], 2, None, "DOWN"),
     (["DOWN", "UP"], 2, None, "DEGRADED"),
