@@ -12,8 +12,10 @@ Contents, in the order data flows through the program:
 4. Validation   -- declarative field tables that validate, default and document resources.
 5. Auth         -- API keys, roles and permissions, rate limits, usage counters.
 6. Probes       -- one coroutine per monitor type, registered in ``PROBES``.
-7. Scheduler    -- the asyncio loop that runs probes on their intervals.
-8. Incidents    -- status transitions become incidents and alerts.
+7. Scheduler    -- the asyncio loop that runs probes on their intervals, in the server for
+                   its own region and in ``statusapp agent`` for a remote one.
+8. Incidents    -- regions' verdicts combine into statuses; transitions become incidents
+                   and alerts.
 9. Notifiers    -- one coroutine per channel type, registered in ``NOTIFIERS``.
 10. Analytics   -- rollups, retention, regression detection and the figures behind them.
 11. API routes  -- the ``/api/v1`` handlers.

@@ -1915,12 +1915,14 @@ def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(
     eventually(lambda: fleet.target.hits[("/buffered", "east")] >= 1, 15)
     db = {"server": {"database": fleet.server.db}}
     fleet.server.stop()
+    down_at = statusapp.now_ms()
     east = fleet.agents["east"]
     eventually(lambda: len(east.buffered()) >= 3, 15)  # probing on, results kept on disk
     east.stop(signal.SIGKILL)
     kept = east.buffered()
     assert len(kept) >= 3
     east.start()
+    up_at = statusapp.now_ms()
     fleet.server.start()
     eventually(lambda: not east.buffered() and not fleet.agents["west"].buffered(), 20)
     stored = [r[0] for r in sql(db, "SELECT batch_id FROM agent_batches WHERE region_id = 'east'"
@@ -1930,6 +1932,10 @@ def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(
     duplicates = sql(db, "SELECT region_id, agent_checked_at, COUNT(*) FROM checks"
                          " WHERE monitor_id = ? GROUP BY 1, 2 HAVING COUNT(*) > 1", (monitor_id,))
     assert duplicates == []  # and none twice
+    probed_while_down = sql(db, "SELECT COUNT(*) FROM checks WHERE monitor_id = ? AND"
+                                " region_id = 'west' AND checked_at BETWEEN ? AND ?",
+                            (monitor_id, down_at, up_at))[0][0]
+    assert probed_while_down >= 2  # west kept probing; its results came after the restart
     eventually(lambda: fleet.regions()["east"]["isActive"], 10)
 
 
