@@ -3127,8 +3127,9 @@ async def run_verdicts(rt: Runtime) -> None:
 def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
     seconds = region["inactive_after"]
     return {"event": "monitor.up" if alive else "monitor.down",
-            "monitor": {"id": region["id"], "name": f"Worker region {region['name'] or region['id']}",
-                        "url": "", "type": "REGION", "status": "UP" if alive else "DOWN"},
+            "monitor": {"id": region["id"], "url": "", "type": "REGION",
+                        "name": f"Worker region {region['name'] or region['id']}",
+                        "status": "UP" if alive else "DOWN"},
             "timestamp": iso(at),
             "note": "Its agent reports again." if alive else
                     f"Its agent has not reported for {seconds} s; its monitors are judged by the"
@@ -4926,7 +4927,8 @@ def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str
                                                "country_code": None, "city": None}
     out = {"id": f"chk_{row['id']}", "status": row["status"], "responseTime": row["response_time"],
            "statusCode": row["status_code"], "checkedAt": iso(row["checked_at"]),
-           "receivedAt": iso(row["received_at"]), "error": row["error"], "rootCauseCategory": row["category"],
+           "receivedAt": iso(row["received_at"]), "error": row["error"],
+           "rootCauseCategory": row["category"],
            "workerRegion": {"id": row["region_id"], "country": region["country"],
                             "countryCode": region["country_code"], "city": region["city"]}}
     if row["timings"]:
@@ -7142,7 +7144,8 @@ async def page_summary(request: Request) -> Response:
         "status": {"indicator": indicator, "description": BANNERS[indicator][0]},
         "groups": [{"name": g["name"], "monitors": [
             {"id": m["id"], "name": m["name"], "status": monitor_state(m),
-             "uptime90d": m["uptime"], "regions": m["regions"]} for m in g["monitors"]]} for g in view["groups"]],
+             "uptime90d": m["uptime"], "regions": m["regions"]}
+            for m in g["monitors"]]} for g in view["groups"]],
         "activeIncidents": [_incident_json(i) for i in view["active"]],
         "recentIncidents": [_incident_json(i) for i in view["past"]],
         "updatedAt": iso(now_ms())})

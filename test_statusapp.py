@@ -1800,8 +1800,9 @@ class Fleet:
         self.receiver.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def fleet(tmp_path_factory):
+    """The fleet, shared by the tests of one class and stopped after them."""
     fleet = Fleet(tmp_path_factory.mktemp("fleet"))
     eventually(lambda: all(r["isActive"] for r in fleet.regions().values()
                            if r["isAgent"]), 20)
@@ -1814,129 +1815,138 @@ def _incident(fleet: Fleet, monitor_id: str) -> dict:
     return incidents[0] if incidents else {}
 
 
-def test_agents_probe_from_their_regions_and_status_combines_them(fleet):
-    both = fleet.monitor("/both")
-    west_blocked = fleet.monitor("/west-blocked", blocked=("west",))
-    all_blocked = fleet.monitor("/all-blocked", blocked=("east", "west"))
-    eventually(lambda: fleet.get(both)["status"] == "UP", 15)
-    eventually(lambda: fleet.get(all_blocked)["status"] == "DOWN", 15)
-    eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
-    # Only agents probed (the server's own region probes nothing), each naming its region.
-    regions = {(c["workerRegion"]["id"], c["workerRegion"]["countryCode"])
-               for c in fleet.get(both)["checks"]}
-    assert regions == {("east", "US"), ("west", "IE")}
-    assert {region for _, region in fleet.target.hits} == {"east", "west"}
-    assert _incident(fleet, west_blocked) == {}  # DEGRADED opens no incident
-    incident = eventually(lambda: _incident(fleet, all_blocked))
-    assert incident["severity"] == "high" and incident["affectedRegions"] == ["east", "west"]
-    analytics = fleet.api.get(f"/analytics/monitors/{both}", params={"period": "1h"}).json()
-    assert set(analytics["responseTimeByRegion"]) == {"east", "west"}
-    page = fleet.api.post("/status-pages", json={"name": "P", "slug": "regions", "monitorGroups": [
-        {"name": "G", "monitorIds": [west_blocked]}]})
-    assert page.status_code == 201, page.text
-    summary = httpx.get(fleet.server.url + "/status/regions.json").json()
-    assert summary["groups"][0]["monitors"][0]["regions"] == [
-        {"region": "East", "status": "UP"}, {"region": "West", "status": "DOWN"}]
-    html = httpx.get(fleet.server.url + "/status/regions").text
-    assert "East: Operational &middot; West: Outage" in html and "127.0.0.1" not in html
-    assert {r: fleet.regions()[r]["isActive"] for r in ("east", "west", "local")} == {
-        "east": True, "west": True, "local": False}
+class TestAgentFleet:
+    """End to end: the server probes nothing; agents east and west do."""
+
+    def test_agents_probe_from_their_regions_and_status_combines_them(self, fleet):
+        both = fleet.monitor("/both")
+        west_blocked = fleet.monitor("/west-blocked", blocked=("west",))
+        all_blocked = fleet.monitor("/all-blocked", blocked=("east", "west"))
+        eventually(lambda: fleet.get(both)["status"] == "UP", 15)
+        eventually(lambda: fleet.get(all_blocked)["status"] == "DOWN", 15)
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        # Only agents probed (the server's own region probes nothing), each naming its region.
+        regions = {(c["workerRegion"]["id"], c["workerRegion"]["countryCode"])
+                   for c in fleet.get(both)["checks"]}
+        assert regions == {("east", "US"), ("west", "IE")}
+        assert {region for _, region in fleet.target.hits} == {"east", "west"}
+        assert _incident(fleet, west_blocked) == {}  # DEGRADED opens no incident
+        incident = eventually(lambda: _incident(fleet, all_blocked))
+        assert incident["severity"] == "high" and incident["affectedRegions"] == ["east", "west"]
+        analytics = fleet.api.get(f"/analytics/monitors/{both}", params={"period": "1h"}).json()
+        assert set(analytics["responseTimeByRegion"]) == {"east", "west"}
+        page = fleet.api.post("/status-pages", json={"name": "P", "slug": "regions",
+                                                     "monitorGroups": [
+                                                         {"name": "G", "monitorIds": [west_blocked]}]})
+        assert page.status_code == 201, page.text
+        summary = httpx.get(fleet.server.url + "/status/regions.json").json()
+        assert summary["groups"][0]["monitors"][0]["regions"] == [
+            {"region": "East", "status": "UP"}, {"region": "West", "status": "DOWN"}]
+        html = httpx.get(fleet.server.url + "/status/regions").text
+        assert "East: Operational &middot; West: Outage" in html and "127.0.0.1" not in html
+        assert {r: fleet.regions()[r]["isActive"] for r in ("east", "west", "local")} == {
+            "east": True, "west": True, "local": False}
 
 
-def test_quorum_of_one_region_makes_a_monitor_down_with_medium_severity(fleet):
-    quorum = fleet.monitor("/quorum", blocked=("west",), downQuorum=1,
-                           enabledWorkerRegionIds=["east", "west"])
-    assert fleet.get(quorum)["downQuorum"] == 1
-    eventually(lambda: fleet.get(quorum)["status"] == "DOWN", 15)
-    incident = eventually(lambda: _incident(fleet, quorum))
-    assert incident["severity"] == "medium" and incident["affectedRegions"] == ["west"]
+    def test_quorum_of_one_region_makes_a_monitor_down_with_medium_severity(self, fleet):
+        quorum = fleet.monitor("/quorum", blocked=("west",), downQuorum=1,
+                               enabledWorkerRegionIds=["east", "west"])
+        assert fleet.get(quorum)["downQuorum"] == 1
+        eventually(lambda: fleet.get(quorum)["status"] == "DOWN", 15)
+        incident = eventually(lambda: _incident(fleet, quorum))
+        assert incident["severity"] == "medium" and incident["affectedRegions"] == ["west"]
 
 
-def test_monitors_follow_enabled_regions_and_edits_reach_agents(fleet):
-    east_only = fleet.monitor("/east-only", enabledWorkerRegionIds=["east"])
-    eventually(lambda: fleet.target.hits[("/east-only", "east")] >= 2, 15)
-    edited = fleet.api.put(f"/monitors/{east_only}",
-                             json={"url": fleet.url("/edited"), "enabledWorkerRegionIds": []})
-    assert edited.status_code == 200, edited.text
-    eventually(lambda: fleet.target.hits[("/edited", "west")] >= 1
-               and fleet.target.hits[("/edited", "east")] >= 1, 10)
-    assert fleet.target.hits[("/east-only", "west")] == 0
-    unknown = fleet.api.post("/monitors", json={"name": "x", "url": fleet.url("/x"),
-                                                "enabledWorkerRegionIds": ["mars"]})
-    assert unknown.status_code == 400 and "mars" in unknown.text
+    def test_monitors_follow_enabled_regions_and_edits_reach_agents(self, fleet):
+        east_only = fleet.monitor("/east-only", enabledWorkerRegionIds=["east"])
+        eventually(lambda: fleet.target.hits[("/east-only", "east")] >= 2, 15)
+        edited = fleet.api.put(f"/monitors/{east_only}",
+                                 json={"url": fleet.url("/edited"), "enabledWorkerRegionIds": []})
+        assert edited.status_code == 200, edited.text
+        eventually(lambda: fleet.target.hits[("/edited", "west")] >= 1
+                   and fleet.target.hits[("/edited", "east")] >= 1, 10)
+        assert fleet.target.hits[("/east-only", "west")] == 0
+        unknown = fleet.api.post("/monitors", json={"name": "x", "url": fleet.url("/x"),
+                                                    "enabledWorkerRegionIds": ["mars"]})
+        assert unknown.status_code == 400 and "mars" in unknown.text
 
 
-def test_wrong_rotated_and_removed_tokens_and_keys_are_refused(fleet):
-    agent_url = fleet.server.url + "/api/v1/agent/monitors"
-    token = _add_region(fleet.server.db, "spare")
-    assert httpx.get(agent_url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
-    key = fleet.api.headers["X-API-Key"]
-    for headers in ({"Authorization": "Bearer sa_agent_wrong"}, {},
-                    {"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
-        assert httpx.get(agent_url, headers=headers).status_code == 401, headers
-    assert httpx.get(fleet.server.url + "/api/v1/monitors",
-                     headers={"Authorization": f"Bearer {token}"}).status_code == 401
-    rotated = CliRunner().invoke(statusapp.cli, ["region", "rotate-token", "spare", "--db",
-                                                 fleet.server.db]).output.strip().splitlines()[-1]
-    assert httpx.get(agent_url, headers={"Authorization": f"Bearer {token}"}).status_code == 401
-    assert httpx.get(agent_url, headers={"Authorization": f"Bearer {rotated}"}).status_code == 200
-    listing = CliRunner().invoke(statusapp.cli, ["region", "list", "--db", fleet.server.db])
-    assert "spare" in listing.output and token not in listing.output
-    removed = CliRunner().invoke(statusapp.cli, ["region", "remove", "spare", "--db",
-                                                 fleet.server.db])
-    assert removed.exit_code == 0, removed.output
-    assert httpx.get(agent_url, headers={"Authorization": f"Bearer {rotated}"}).status_code == 401
+    def test_wrong_rotated_and_removed_tokens_and_keys_are_refused(self, fleet):
+        def sync(token: str, path: str = "/agent/monitors") -> int:
+            return httpx.get(fleet.server.url + "/api/v1" + path,
+                             headers={"Authorization": f"Bearer {token}"}).status_code
+
+        def region(*args: str) -> str:
+            result = CliRunner().invoke(statusapp.cli, ["region", *args, "--db", fleet.server.db])
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        token = _add_region(fleet.server.db, "spare")
+        key = fleet.api.headers["X-API-Key"]
+        assert sync(token) == 200
+        assert sync("sa_agent_wrong") == sync(key) == 401  # an API key is no agent token
+        for headers in ({}, {"X-API-Key": key}):
+            assert httpx.get(fleet.server.url + "/api/v1/agent/monitors",
+                             headers=headers).status_code == 401
+        assert sync(token, "/monitors") == 401  # and an agent token is no API key
+        rotated = region("rotate-token", "spare").strip().splitlines()[-1]
+        assert (sync(token), sync(rotated)) == (401, 200)
+        listing = region("list")
+        assert "spare" in listing and token not in listing and rotated not in listing
+        region("remove", "spare")
+        assert sync(rotated) == 401
 
 
-def test_a_silent_region_goes_inactive_and_back_alerting_once_each_way(fleet):
-    west_blocked = fleet.monitor("/silent-west", blocked=("west",))
-    eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
-    west = fleet.agents["west"].proc
-    west.send_signal(signal.SIGSTOP)
-    try:
-        eventually(lambda: not fleet.regions()["west"]["isActive"], 10)
-        # Only east counts now: the monitor is UP, and nothing went DOWN for west's silence.
-        eventually(lambda: fleet.get(west_blocked)["status"] == "UP", 10)
-        eventually(lambda: fleet.region_alerts("west") == ["monitor.down"], 10)
-    finally:
-        west.send_signal(signal.SIGCONT)
-    eventually(lambda: fleet.regions()["west"]["isActive"], 10)
-    eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
-    eventually(lambda: fleet.region_alerts("west") == ["monitor.down", "monitor.up"], 10)
-    transitions = [t[1] for t in sql({"server": {"database": fleet.server.db}},
-                                     "SELECT old_status, new_status FROM status_transitions"
-                                     " WHERE monitor_id = ?", (west_blocked,))]
-    assert "DOWN" not in transitions
-    assert fleet.region_alerts("east") == []
+    def test_a_silent_region_goes_inactive_and_back_alerting_once_each_way(self, fleet):
+        west_blocked = fleet.monitor("/silent-west", blocked=("west",))
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        west = fleet.agents["west"].proc
+        west.send_signal(signal.SIGSTOP)
+        try:
+            eventually(lambda: not fleet.regions()["west"]["isActive"], 10)
+            # Only east counts now: the monitor is UP, and nothing went DOWN for west's silence.
+            eventually(lambda: fleet.get(west_blocked)["status"] == "UP", 10)
+            eventually(lambda: fleet.region_alerts("west") == ["monitor.down"], 10)
+        finally:
+            west.send_signal(signal.SIGCONT)
+        eventually(lambda: fleet.regions()["west"]["isActive"], 10)
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        eventually(lambda: fleet.region_alerts("west") == ["monitor.down", "monitor.up"], 10)
+        transitions = [t[1] for t in sql({"server": {"database": fleet.server.db}},
+                                         "SELECT old_status, new_status FROM status_transitions"
+                                         " WHERE monitor_id = ?", (west_blocked,))]
+        assert "DOWN" not in transitions
+        assert fleet.region_alerts("east") == []
 
 
-def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(fleet):
-    monitor_id = fleet.monitor("/buffered")
-    eventually(lambda: fleet.target.hits[("/buffered", "east")] >= 1, 15)
-    db = {"server": {"database": fleet.server.db}}
-    fleet.server.stop()
-    down_at = statusapp.now_ms()
-    east = fleet.agents["east"]
-    eventually(lambda: len(east.buffered()) >= 3, 15)  # probing on, results kept on disk
-    east.stop(signal.SIGKILL)
-    kept = east.buffered()
-    assert len(kept) >= 3
-    east.start()
-    up_at = statusapp.now_ms()
-    fleet.server.start()
-    eventually(lambda: not east.buffered() and not fleet.agents["west"].buffered(), 20)
-    stored = [r[0] for r in sql(db, "SELECT batch_id FROM agent_batches WHERE region_id = 'east'"
-                                    " AND batch_id IN (SELECT value FROM json_each(?))",
-                                (json.dumps(kept),))]
-    assert sorted(stored) == sorted(kept)  # every buffered batch arrived
-    duplicates = sql(db, "SELECT region_id, agent_checked_at, COUNT(*) FROM checks"
-                         " WHERE monitor_id = ? GROUP BY 1, 2 HAVING COUNT(*) > 1", (monitor_id,))
-    assert duplicates == []  # and none twice
-    probed_while_down = sql(db, "SELECT COUNT(*) FROM checks WHERE monitor_id = ? AND"
-                                " region_id = 'west' AND checked_at BETWEEN ? AND ?",
-                            (monitor_id, down_at, up_at))[0][0]
-    assert probed_while_down >= 2  # west kept probing; its results came after the restart
-    eventually(lambda: fleet.regions()["east"]["isActive"], 10)
+    def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(self, fleet):
+        monitor_id = fleet.monitor("/buffered")
+        eventually(lambda: fleet.target.hits[("/buffered", "east")] >= 1, 15)
+        db = {"server": {"database": fleet.server.db}}
+        fleet.server.stop()
+        down_at = statusapp.now_ms()
+        east = fleet.agents["east"]
+        eventually(lambda: len(east.buffered()) >= 3, 15)  # probing on, results kept on disk
+        east.stop(signal.SIGKILL)
+        kept = east.buffered()
+        assert len(kept) >= 3
+        east.start()
+        up_at = statusapp.now_ms()
+        fleet.server.start()
+        eventually(lambda: not east.buffered() and not fleet.agents["west"].buffered(), 20)
+        stored = [r[0] for r in sql(db, "SELECT batch_id FROM agent_batches WHERE region_id ="
+                                        " 'east' AND batch_id IN (SELECT value FROM json_each(?))",
+                                    (json.dumps(kept),))]
+        assert sorted(stored) == sorted(kept)  # every buffered batch arrived
+        duplicates = sql(db, "SELECT region_id, agent_checked_at, COUNT(*) FROM checks"
+                             " WHERE monitor_id = ? GROUP BY 1, 2 HAVING COUNT(*) > 1",
+                             (monitor_id,))
+        assert duplicates == []  # and none twice
+        probed_while_down = sql(db, "SELECT COUNT(*) FROM checks WHERE monitor_id = ? AND"
+                                    " region_id = 'west' AND checked_at BETWEEN ? AND ?",
+                                (monitor_id, down_at, up_at))[0][0]
+        assert probed_while_down >= 2  # west kept probing; its results came after the restart
+        eventually(lambda: fleet.regions()["east"]["isActive"], 10)
 
 
 def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor_reorder(
