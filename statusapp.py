@@ -3157,13 +3157,13 @@ def transition_statements(monitor_id: str, old: str, new: str, reason: str | Non
 def combined_status(statuses: Sequence[str], regions: int, quorum: int | None) -> str | None:
     """The monitor's status from its active enabled regions' verdicts (``regions`` of them,
     some maybe without one yet); None while no region has a verdict."""
-    known = [s for s in statuses if s != "PENDING"]
+    known = [s for s in statuses if s != Status.PENDING]
     if not known:
         return None
-    down = known.count("DOWN")
+    down = known.count(Status.DOWN)
     if down and down >= min(quorum or regions, regions):
-        return "DOWN"
-    return "DEGRADED" if down or "DEGRADED" in known else "UP"
+        return Status.DOWN
+    return Status.DEGRADED if down or Status.DEGRADED in known else Status.UP
 
 
 class Verdicts:
@@ -3191,7 +3191,7 @@ class Verdicts:
                    agent_at: int | None = None) -> list[Statement]:
         """The writes for one check of ``region`` whose verdict is then ``status``."""
         statements = check_statements(monitor_id, region, result, at, received_at, agent_at)
-        if self.statuses[monitor_id].get(region, "PENDING") != status:
+        if self.statuses[monitor_id].get(region, Status.PENDING) != status:
             self.statuses[monitor_id][region] = status
             statements.append((
                 "INSERT INTO monitor_regions (monitor_id, region_id, status, changed_at)"
@@ -3225,10 +3225,10 @@ class Verdicts:
         regions = [r for r, info in self.rt.regions.items()
                    if info["is_active"] and (not enabled or r in enabled)]
         mine = self.statuses.get(monitor_id, {})
-        new = combined_status([mine.get(r, "PENDING") for r in regions], len(regions),
+        new = combined_status([mine.get(r, Status.PENDING) for r in regions], len(regions),
                               monitor["down_quorum"])
-        if new == "UP" and monitor["regression_active"]:
-            new = "DEGRADED"  # the worse of the probes' verdict and the regression detector's
+        if new == Status.UP and monitor["regression_active"]:
+            new = Status.DEGRADED  # the worse of the probes' verdict and the regression detector's
         if new is not None and new != monitor["status"]:
             for sql, params in transition_statements(monitor_id, monitor["status"], new,
                                                      reason or "worker regions changed", at):
@@ -3258,7 +3258,7 @@ def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any
     return {"event": "monitor.up" if alive else "monitor.down",
             "monitor": {"id": region["id"], "url": "", "type": "REGION",
                         "name": f"Worker region {region['name'] or region['id']}",
-                        "status": "UP" if alive else "DOWN"},
+                        "status": Status.UP if alive else Status.DOWN},
             "timestamp": iso(at),
             "note": "Its agent reports again." if alive else
                     f"Its agent has not reported for {seconds} s; its monitors are judged by the"
@@ -6816,7 +6816,7 @@ async def agent_monitors(call: Call) -> dict[str, Any]:
 AGENT_RESULT_FIELDS = (
     Field("monitorId", "string", True, minimum=1, maximum=100),
     Field("checkedAt", "integer", True, minimum=0, doc="When the check started (agent clock, ms)"),
-    Field("status", "string", True, choices=("UP", "DOWN", "DEGRADED")),
+    Field("status", "string", True, choices=(Status.UP, Status.DOWN, Status.DEGRADED)),
     Field("regionStatus", "string", True, choices=MONITOR_STATUSES,
           doc="The region's confirmed status after this check"),
     Field("reason", "string", maximum=10_000, doc="Why the region's status changed"),
