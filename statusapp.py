@@ -48,6 +48,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import site
 import smtplib
 import socket
@@ -2822,14 +2823,18 @@ class AgentFeed(Feed):
         """Every second: buffer what was checked, then send the buffer oldest first."""
         while True:
             await asyncio.sleep(_AGENT_FLUSH)
-            if self.results:
-                self.buffer.add(self.results)
-                self.results = []
+            self.keep()
             try:
                 await self.send_buffered()
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("agent: %d results wait to be sent: %s", self.buffer.pending(),
                             _describe_agent_error(exc))
+
+    def keep(self) -> None:
+        """Move the checks done since the last batch into the on-disk buffer."""
+        if self.results:
+            self.buffer.add(self.results)
+            self.results = []
 
     async def send_buffered(self) -> None:
         while (batch := self.buffer.oldest()) is not None:
@@ -2870,7 +2875,10 @@ async def run_agent(cfg: dict[str, dict[str, Any]], server: str, token: str, sta
             log.info("agent for region %s: %d monitors", feed.region, len(feed.monitors))
             ctx.http.headers[REGION_HEADER] = feed.region
             scheduler = Scheduler(feed, {**cfg["probes"], **feed.probes}, ctx)
-            await asyncio.gather(scheduler.run(), feed.follow(), feed.deliver())
+            try:
+                await asyncio.gather(scheduler.run(), feed.follow(), feed.deliver())
+            finally:
+                feed.keep()  # stopped (SIGTERM): the last second's checks go out next time
     finally:
         await ctx.aclose()
         buffer.close()
@@ -3205,11 +3213,16 @@ class Verdicts:
         """Combine every touched monitor, once the writes queued before are committed."""
         self.wake.clear()
         pending, self.pending = self.pending, {}
-        if pending:
-            await self.rt.db.write([])
-        async with self.rt.db.transaction() as conn:
-            for monitor_id, (at, reason) in pending.items():
-                await self._combine(conn, monitor_id, at, reason)
+        try:
+            if pending:
+                await self.rt.db.write([])
+            async with self.rt.db.transaction() as conn:
+                for monitor_id, (at, reason) in pending.items():
+                    await self._combine(conn, monitor_id, at, reason)
+        except BaseException:
+            self.pending = {**pending, **self.pending}  # nothing was written: retry them all
+            self.wake.set()
+            raise
 
     async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
                        reason: str | None) -> None:
@@ -7613,8 +7626,18 @@ def agent(config_path: str | None, server: str, token: str, state: str,
         raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=cfg["server"]["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_agent(cfg, server, token, Path(state), buffer_limit))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per long-poll and batch
+    asyncio.run(_until_signalled(run_agent(cfg, server, token, Path(state), buffer_limit)))
+
+
+async def _until_signalled(job: Awaitable[None]) -> None:
+    """Run ``job`` until SIGTERM or SIGINT cancels it (so its clean-up runs)."""
+    task = asyncio.ensure_future(job)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @cli.group()
