@@ -2019,6 +2019,47 @@ def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key
         assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
 
 
+def test_agents_with_clocks_5_minutes_off_neither_misdate_nor_reorder(tmp_path, monkeypatch):
+    """The agent's own feed, buffer and sender, with its clock moved by +-5 minutes, against
+    a served StatusApp whose clock is right."""
+    server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false"})
+    tokens = {r: _add_region(server.db, r) for r in ("ahead", "behind")}
+    key = new_key({"server": {"database": server.db}})
+    server.start()
+    real_now = statusapp.now_ms
+    try:
+        monitor_id = httpx.post(server.url + "/api/v1/monitors", headers={"X-API-Key": key},
+                                json={"name": "m", "url": "http://127.0.0.1:9/"}).json()["id"]
+
+        async def agent(region: str, skew: int, ago: int) -> None:
+            buffer = statusapp.AgentBuffer(tmp_path / region / "buffer.db", 100)
+            async with httpx.AsyncClient(base_url=server.url + "/api/v1", headers={
+                    "Authorization": f"Bearer {tokens[region]}"}) as client:
+                feed = statusapp.AgentFeed(client, buffer)
+                await feed.sync(0)
+                assert list(feed.monitors) == [monitor_id]
+                monkeypatch.setattr(statusapp, "now_ms", lambda: real_now() + skew)
+                feed.record(monitor_id, statusapp.CheckResult("UP", 5), real_now() + skew - ago,
+                            "UP", "HTTP 200")
+                feed.keep()
+                await feed.send_buffered()
+            assert buffer.oldest() is None
+            buffer.close()
+
+        started = real_now()
+        asyncio.run(agent("ahead", 300_000, 2_000))    # checked first, clock 5 min ahead
+        asyncio.run(agent("behind", -300_000, 1_000))  # checked 1 s later, clock 5 min behind
+        rows = sql({"server": {"database": server.db}},
+                   "SELECT region_id, checked_at, received_at, agent_checked_at FROM checks"
+                   " WHERE monitor_id = ? ORDER BY checked_at", (monitor_id,))
+        assert [r[0] for r in rows] == ["ahead", "behind"]
+        for region, checked_at, received_at, agent_at in rows:
+            assert started - 2_500 <= checked_at <= received_at <= real_now()
+            assert abs(agent_at - checked_at) > 250_000  # the agent's own reading, kept
+    finally:
+        server.stop()
+
+
 def test_agent_buffer_is_bounded_ordered_and_survives_reopening(tmp_path):
     buffer = statusapp.AgentBuffer(tmp_path / "state" / "buffer.db", limit=5)
     for n in range(3):
