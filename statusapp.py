@@ -3215,6 +3215,7 @@ class Verdicts:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.statuses: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        self.changes: dict[str, tuple[int, str]] = {}  # each monitor's latest verdict change
         self.pending: dict[str, tuple[int, str | None]] = {}
         self.wake = asyncio.Event()
         rt.listeners.append(lambda monitor_id: self.touch(monitor_id, now_ms(), None))
@@ -3241,6 +3242,7 @@ class Verdicts:
                 " VALUES (?, ?, ?, ?) ON CONFLICT (monitor_id, region_id) DO UPDATE SET"
                 " status = excluded.status, changed_at = excluded.changed_at",
                 (monitor_id, region, status, at)))
+            self.changes[monitor_id] = (at, reason or status)
             self.touch(monitor_id, at, reason)
         return statements
 
@@ -3266,6 +3268,7 @@ class Verdicts:
                                    " FROM monitors WHERE id = ?", (monitor_id,))
         if monitor is None:
             self.statuses.pop(monitor_id, None)
+            self.changes.pop(monitor_id, None)
             return
         if monitor["is_paused"] or not monitor["is_active"]:
             return
@@ -3277,9 +3280,11 @@ class Verdicts:
                               monitor["down_quorum"])
         if new == Status.UP and monitor["regression_active"]:
             new = Status.DEGRADED  # the worse of the probes' verdict and the regression detector's
+        if reason is None:  # touched by an edit: the status follows the latest verdict change
+            at, reason = self.changes.get(monitor_id, (at, "monitor settings changed"))
         if new is not None and new != monitor["status"]:
             for sql, params in transition_statements(monitor_id, monitor["status"], new,
-                                                     reason or "worker regions changed", at):
+                                                     reason, at):
                 await conn.execute(sql, params)
 
 
