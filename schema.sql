@@ -365,7 +365,10 @@ CREATE TABLE team_rollups (
     PRIMARY KEY (account_id, start)
 ) WITHOUT ROWID;
 
--- migration 10: worker regions run by remote agents; per-region verdicts; agent batches
+-- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
+ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
+
+-- migration 11: worker regions run by remote agents; per-region verdicts; agent batches
 -- A region with a token_hash is probed by an agent (``statusapp region add``); is_active is its
 -- liveness, kept by the server from last_seen_at; gone_at is set once its "gone" alert is sent.
 ALTER TABLE worker_regions ADD COLUMN name TEXT;
