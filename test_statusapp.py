@@ -4678,7 +4678,7 @@ def _real_ids(cfg, client) -> dict[str, str]:
            "memberId": invite.get("id"), "keyId": api_key.get("id"),
            "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
            "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz",
-           "exitCode": "3"}
+           "exitCode": "3", "agentToken": _add_region(cfg["server"]["database"], "fuzz")}
     assert all(ids.values()), ids
     assert client.get("/api/v1/incidents/inc_fuzz").status_code == 200
     assert client.get(f"/badge/{monitor['id']}/status.svg").status_code == 200
@@ -4780,14 +4780,23 @@ def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
            lambda f, v, kind=kind: ({"type": kind.name, "config": {f.name: v}}, ["config", f.name]))
           for kind in statusapp.CHANNEL_TYPES.values()),
         ("PUT", statusapp.API_PREFIX + "/account", statusapp._ACCOUNT_READ_ONLY,
-         lambda f, v: ({f.name: v}, [f.name]))]
+         lambda f, v: ({f.name: v}, [f.name])),
+        ("POST", statusapp.API_PREFIX + "/agent/results", statusapp.AGENT_RESULT_FIELDS,
+         lambda f, v: ({"results": [{f.name: v}]}, ["results", 0, f.name]))]
     return cases
+
+
+def _auth_for(url: str, real: dict) -> dict:
+    """Agent routes take the agent token (and no API key); the rest the client's API key."""
+    return ({"Authorization": f"Bearer {real['agentToken']}", "X-API-Key": ""}
+            if "/agent/" in url else {})
 
 
 def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg, client):
     """Generated from the Field tables: each field, each JSON type it does not take, on every
     route (and nested object) it belongs to, is a 400 naming that field, never a 500."""
-    cases = _typed_cases(_real_ids(cfg, client))
+    real = _real_ids(cfg, client)
+    cases = _typed_cases(real)
     covered = {id(table) for _, _, table, _ in cases} | {id(statusapp.BADGE_QUERY)} | {
         id(doc.query) for doc in statusapp.API_DOCS}  # query tables: the next tests
     covered_fields = {id(f) for _, _, table, _ in cases for f in table}
@@ -4798,7 +4807,7 @@ def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg,
         for field in table:
             for value in _wrong_values(field):
                 body, path = body_for(field, value)
-                response = client.request(method, url, json=body)
+                response = client.request(method, url, json=body, headers=_auth_for(url, real))
                 issues = response.json()["error"] if response.status_code == 400 else []
                 typed = [i for i in issues if isinstance(issues, list) and i["path"] == path]
                 expected = "integer" if value == 1.5 and field.kind == "integer" else (
@@ -4838,7 +4847,8 @@ def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, clien
         for field in doc.query:
             bad = ["", "bogus"] if field.choices or field.kind == "integer" else []
             for value in bad:
-                response = client.get(url, params={field.name: value})
+                response = client.get(url, params={field.name: value},
+                                      headers=_auth_for(url, real))
                 assert response.status_code == 400, (url, field.name, value, response.text)
                 assert response.json()["error"][0]["path"] == [field.name]
                 checked += 1
