@@ -3601,10 +3601,11 @@ async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], aliv
         "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
         " ORDER BY created_at, id")
     await conn.executemany(
-        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, channel_type,"
-        " config, event, alert, created_at) VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?)",
-        [(c["account_id"], f"{c['id']}:{region['id']}", c["id"], c["type"], c["config"],
-          body["event"], json.dumps(body), at) for c in channels])
+        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, delivery_id,"
+        " channel_type, config, event, alert, created_at, next_attempt_at)"
+        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(c["account_id"], f"{c['id']}:{region['id']}", c["id"], new_id("dlv"), c["type"],
+          c["config"], body["event"], json.dumps(body), at, at) for c in channels])
 
 
 async def sweep_regions(rt: Runtime) -> None:
