@@ -3175,7 +3175,8 @@ def test_page_custom_domain_serves_root(client, seeded):
     for host in ("status.acme.test", "STATUS.ACME.TEST:8443", "status.acme.test."):
         resp = client.get("/", headers={"Host": host})
         assert resp.status_code == 200 and "<h1>Acme &amp; Co</h1>" in resp.text
-    assert client.get("/", headers={"Host": "other.acme.test"}).status_code == 404
+    other = client.get("/", headers={"Host": "other.acme.test"}, follow_redirects=False)
+    assert other.status_code == 303 and other.headers["location"] == "/signin?next=/"
 
 
 def test_page_json_summary(client, seeded):
