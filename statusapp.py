@@ -4505,9 +4505,9 @@ MONITOR_SORTS = {"createdAt": "created_at", "updatedAt": "updated_at", "name": "
                  "status": "status", "type": "type", "interval": "interval", "url": "url"}
 MONITOR_QUERY = page_fields(
     MONITOR_SORTS, "createdAt",
-    status=Field("status", "string", choices=MONITOR_STATUSES),
-    type=Field("type", "string", choices=ALL_TYPES),
-    search=Field("search", "string", maximum=200))
+    status=Field("status", "string", choices=MONITOR_STATUSES, doc="Status"),
+    type=Field("type", "string", choices=ALL_TYPES, doc="Type"),
+    search=Field("search", "string", maximum=200, doc="Search names and URLs"))
 
 
 def _like(text: str) -> str:
@@ -7081,7 +7081,7 @@ th{font-size:.875rem;color:var(--muted)}
 .st-up{color:var(--up)}.st-down{color:var(--down)}.st-degraded{color:var(--warn)}
 .st-none{color:var(--none)}
 .muted,.hint{color:var(--muted);font-size:.875rem}
-.row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:end}
+.row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:end;margin:0 0 1rem}
 form.inline{display:inline}
 button,.button{font:inherit;border:1px solid var(--accent);background:var(--accent);
 color:var(--on-accent);border-radius:.375rem;padding:.35rem .8rem;cursor:pointer;
@@ -7103,8 +7103,9 @@ margin:0 0 1rem}
 .incident{border-left:.3rem solid var(--down)}
 svg.spark{width:8rem;height:1.75rem;display:block}
 svg.spark polyline,svg.chart polyline{fill:none;stroke-width:2;vector-effect:non-scaling-stroke}
-svg.chart{width:100%;height:14rem;display:block}
-.p50{stroke:var(--p50)}.p95{stroke:var(--p95)}
+svg.chart{width:100%;height:auto;display:block}
+.p50{stroke:var(--p50)}.p95{stroke:var(--p95);stroke-dasharray:6 3}
+circle.p50{fill:var(--p50)}circle.p95{fill:var(--p95)}
 svg text{fill:var(--muted);font-size:11px}
 svg line{stroke:var(--line)}
 code,pre{font-family:ui-monospace,monospace;overflow-wrap:anywhere}
@@ -7234,12 +7235,17 @@ def _pct(value: float | None) -> str:
     return "&ndash;" if value is None else f"{value:.2f}%"
 
 
-def _polyline(values: Sequence[int | None], width: float, height: float, top: float) -> str:
-    """Points of a line through the known values, scaled so ``top`` is the chart's top."""
+def _line(values: Sequence[int | None], width: float, height: float, top: float,
+          name: str) -> str:
+    """A line through the known values scaled so ``top`` is the chart's top, with a dot at
+    each value (so a lone value shows too)."""
     step = width / max(len(values) - 1, 1)
-    points = [f"{i * step:.1f},{height - value / top * height:.1f}"
+    points = [(i * step, height - value / top * height)
               for i, value in enumerate(values) if value is not None]
-    return " ".join(points)
+    dots = "".join(f'<circle class="{name}" cx="{x:.1f}" cy="{y:.1f}" r="2"/>' for x, y in points)
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    return f'<polyline class="{name}" points="{line}"/>{dots}'
+
 
 
 def sparkline(values: Sequence[int | None], name: str) -> str:
@@ -7248,9 +7254,8 @@ def sparkline(values: Sequence[int | None], name: str) -> str:
     if not known:
         return '<span class="muted">No data</span>'
     label = f"{name}: hourly average response time, {min(known)} to {max(known)} ms"
-    return (f'<svg class="spark" viewBox="0 0 100 28" preserveAspectRatio="none" role="img"'
-            f' aria-label="{_esc(label)}"><polyline class="p50" points="'
-            f'{_polyline(values, 100, 26, max(known) * 1.1)}"/></svg>')
+    return (f'<svg class="spark" viewBox="-2 -2 104 30" role="img" aria-label="{_esc(label)}">'
+            f'{_line(values, 100, 26, max(known) * 1.1, "p50")}</svg>')
 
 
 def chart(series: dict[str, list[int | None]], labels: Sequence[str], title: str) -> str:
@@ -7259,16 +7264,17 @@ def chart(series: dict[str, list[int | None]], labels: Sequence[str], title: str
     if not known:
         return '<p class="muted">No response times in this period yet.</p>'
     top = max(known) * 1.1
-    grid = "".join(f'<line x1="40" x2="600" y1="{y:.0f}" y2="{y:.0f}"/>'
-                   f'<text x="0" y="{y + 4:.0f}">{round(top * (1 - y / 200))} ms</text>'
+    grid = "".join(f'<line x1="50" x2="610" y1="{y + 10}" y2="{y + 10}"/>'
+                   f'<text x="0" y="{y + 14}">{round(top * (1 - y / 200))} ms</text>'
                    for y in (0, 100, 200))
-    lines = "".join(f'<g transform="translate(40 0)"><polyline class="{name}" points="'
-                    f'{_polyline(values, 560, 200, top)}"/></g>' for name, values in series.items())
-    ticks = "".join(f'<text x="{40 + i * 560 / max(len(labels) - 1, 1):.0f}" y="218">'
-                    f'{_esc(text)}</text>' for i, text in enumerate(labels) if text)
-    return (f'<svg class="chart" viewBox="0 0 640 224" role="img" aria-label="{_esc(title)}">'
-            f'{grid}{lines}{ticks}</svg><p class="hint"><span aria-hidden="true">&#9473;</span>'
-            f' p50 (blue) &middot; <span aria-hidden="true">&#9473;</span> p95 (orange)</p>')
+    lines = "".join(f'<g transform="translate(50 10)">{_line(values, 560, 200, top, name)}</g>'
+                    for name, values in series.items())
+    ticks = "".join(f'<text x="{50 + i * 560 / max(len(labels) - 1, 1):.0f}" y="230"'
+                    f' text-anchor="middle">{_esc(text)}</text>'
+                    for i, text in enumerate(labels) if text)
+    return (f'<svg class="chart" viewBox="0 0 640 236" role="img" aria-label="{_esc(title)}">'
+            f'{grid}{lines}{ticks}</svg><p class="hint">Solid line: p50 (median); dashed line:'
+            f' p95.</p>')
 
 
 # Forms, generated from the API's Field tables: a field's kind picks the input, its bounds
@@ -7363,7 +7369,8 @@ def _input(field: Field, name: str, ident: str, text: str, extra: str,
     if field.kind == "boolean":
         return (f'<input type="hidden" name="{_esc(name)}" value="false"><input type="checkbox"'
                 f' {attrs} value="true"{" checked" if text == "true" else ""}>')
-    if field.kind in ("array", "object") or (_bound(field.maximum, cfg) or 0) > 2048:
+    if field.kind in ("array", "object") or (
+            field.kind == "string" and (_bound(field.maximum, cfg) or 0) > 2048):
         return f'<textarea {attrs} rows="4">{_esc(text)}</textarea>'
     kind = ("number" if field.kind in ("integer", "number") else
             "password" if field.name in _PASSWORD_NAMES else
@@ -7780,7 +7787,7 @@ async def monitor_page(v: Visit) -> Response:
                       _esc(i["severity"]), "Resolved" if i["isResolved"] else "Open",
                       f'<time>{_when(_ms_of(i["startedAt"]))}</time>']
                      for i in incidents["incidents"]]
-    body = (f'<p class="row">{" ".join(a for a in actions if a)}</p>'
+    body = (f'<div class="row">{" ".join(a for a in actions if a)}</div>'
             f'<div id="live"><p class="card">{state_html(_state(monitor))} '
             f'{"since " + _when(since) if since else ""} &middot; {_esc(monitor["type"])} '
             f'&middot; <code>{_esc(monitor["url"])}</code> &middot; every '

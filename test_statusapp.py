@@ -4028,6 +4028,342 @@ def test_hostile_input_never_gets_a_500_or_a_traceback(cfg, client, caplog):
     assert (monitor.json()["interval"], monitor.json()["timeout"]) == (300, 30), monitor.text
 
 
+# --- Dashboard tests ---
+
+
+def test_password_kdf_is_salted_scrypt_and_verifies():
+    first, second = statusapp.hash_password("a long password"), statusapp.hash_password(
+        "a long password")
+    assert first.startswith("scrypt$16384$8$1$") and first != second  # a fresh salt each time
+    assert statusapp.verify_password("a long password", first)
+    assert not statusapp.verify_password("a long passwore", first)
+    assert not statusapp.verify_password("anything", None)
+    _, n, r, p, salt, digest = first.split("$")
+    assert hashlib.scrypt(b"a long password", salt=statusapp._unb64(salt), n=int(n), r=int(r),
+                          p=int(p), dklen=32) == statusapp._unb64(digest)
+
+
+def test_signed_values_refuse_tampering():
+    value = statusapp.sign("secret", "token")
+    assert statusapp.unsign("secret", value) == "token"
+    assert statusapp.unsign("other", value) is None
+    assert statusapp.unsign("secret", "tokem" + value[5:]) is None
+    assert statusapp.unsign("secret", value[:-1] + ("0" if value[-1] != "0" else "1")) is None
+    assert statusapp.unsign("secret", "") is None
+
+
+def test_form_is_generated_from_the_field_table_and_parsed_back():
+    fields = (*statusapp.WEBHOOK_FIELDS,
+              statusapp.Field("retries", "integer", default=3, minimum=1, maximum=9,
+                              doc="Retries <max>"),
+              statusapp.Field("mode", "string", ("WEBSITE",), choices=("fast", "slow"),
+                              kinds=("WEBSITE",)))
+    cfg = statusapp.load_config(environ={})
+    values = statusapp.form_values(fields, {}, {})
+    html_text = statusapp.form_fields(fields, {}, values, {"retries": "Too <big>"}, cfg)
+    assert re.search(r'<label for="f-retries">Retries &lt;max&gt;</label><input type="number" '
+                     r'id="f-retries" name="retries"[^>]*aria-invalid="true"[^>]*value="3" '
+                     r'min="1" max="9"', html_text)
+    assert '<p class="err" id="f-retries-err">Too &lt;big&gt;</p>' in html_text
+    assert re.search(r'<div data-kinds="WEBSITE"><label for="f-mode">mode</label><select '
+                     r'id="f-mode" name="mode"[^>]*><option value="">', html_text)
+    assert 'name="isActive" value="false"><input type="checkbox"' in html_text
+    form = {"name": "n", "url": "http://x.test", "events": "a", "secret": "", "isActive": "true",
+            "retries": "x7", "mode": "fast"}
+    assert statusapp.form_body(fields, {}, form, None) == {
+        "name": "n", "url": "http://x.test", "events": "a", "secret": None, "isActive": True,
+        "retries": "x7", "mode": "fast"}  # kept as typed, so validate names the field
+    assert "secret" not in statusapp.form_body(fields, {}, form, {"name": "old"})
+
+
+def test_monitor_form_covers_every_monitor_field_and_nested_auth():
+    cfg = statusapp.load_config(environ={})
+    res = statusapp.RESOURCES["monitors"]
+    html_text = statusapp.form_fields(res.fields, res.nested, {}, {}, cfg)
+    for field in statusapp.MONITOR_FIELDS:
+        assert f'name="{field.name}"' in html_text or field.name in res.nested
+    for field in statusapp.AUTH_FIELDS:
+        assert f'name="apiAuthConfig.{field.name}"' in html_text
+    assert 'id="f-type" name="type" aria-describedby="f-type-hint" data-kind-select' in html_text
+
+
+class _Browser:
+    """Signed-in HTTP as a browser would do it (cookies, CSRF tokens from pages)."""
+
+    def __init__(self, base: str) -> None:
+        self.http = httpx.Client(base_url=base, timeout=10, follow_redirects=False)
+
+    def csrf(self, path: str) -> str:
+        return re.search(r'name="csrf" value="([^"]+)"', self.http.get(path).text).group(1)
+
+    def post(self, path: str, data: dict, page: str | None = None) -> httpx.Response:
+        return self.http.post(path, data={"csrf": self.csrf(page or path), **data})
+
+    def sign_in(self, email: str, password: str) -> httpx.Response:
+        return self.post("/signin", {"email": email, "password": password}, "/signin")
+
+    def use_cookie(self, value: str) -> None:
+        self.http.cookies.clear()
+        self.http.cookies.set("statusapp_session", value, domain="testserver.local")
+
+
+@pytest.fixture
+def dashboard(cfg, key):
+    """StatusApp under uvicorn-free TestClient with a signed-in owner as a _Browser-like client."""
+    cli_input = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "owner@example.test",
+                                                   "--db", cfg["server"]["database"]],
+                                   input="correct horse battery\n")
+    assert cli_input.exit_code == 0 and "password set" in cli_input.output
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        assert browser.sign_in("owner@example.test", "correct horse battery").status_code == 303
+        yield browser
+
+
+def test_session_cookie_flags_expiry_revocation_and_tampering(cfg, dashboard):
+    cookie = dashboard.http.cookies["statusapp_session"]
+    assert dashboard.http.get("/").status_code == 200
+    response = dashboard.post("/signout", {}, "/")
+    assert "HttpOnly" in response.headers["set-cookie"]
+    assert "SameSite=lax" in response.headers["set-cookie"]
+    dashboard.use_cookie(cookie)
+    assert dashboard.http.get("/").headers["location"] == "/signin?next=/"  # revoked
+    dashboard.sign_in("owner@example.test", "correct horse battery")
+    cookie = dashboard.http.cookies["statusapp_session"]
+    dashboard.use_cookie(cookie[:-2] + ("00" if cookie[-2:] != "00" else "11"))
+    assert dashboard.http.get("/").status_code == 303  # tampered signature
+    dashboard.use_cookie(cookie)
+    assert dashboard.http.get("/").status_code == 200
+    sql(cfg, "UPDATE sessions SET expires_at = 0")
+    assert dashboard.http.get("/").status_code == 303  # expired
+
+
+def test_sign_out_everywhere_and_password_change_end_every_session(cfg, dashboard):
+    other = _Browser.__new__(_Browser)
+    other.http = TestClient(dashboard.http.app, follow_redirects=False)
+    other.use_cookie(dashboard.http.cookies["statusapp_session"])
+    dashboard.sign_in("owner@example.test", "correct horse battery")
+    assert other.http.get("/").status_code == 200
+    dashboard.post("/signout-everywhere", {}, "/account")
+    assert other.http.get("/").status_code == 303 and dashboard.http.get("/").status_code == 303
+    assert sql(cfg, "SELECT COUNT(*) FROM sessions") == [(0,)]
+
+
+def test_sign_in_is_rate_limited_per_account_with_a_clear_message(cfg, dashboard):
+    dashboard.post("/signout", {}, "/")
+    for _ in range(5):
+        wrong = dashboard.sign_in("owner@example.test", "wrong password")
+        assert wrong.status_code == 401 and "Wrong email or password." in wrong.text
+    blocked = dashboard.sign_in("owner@example.test", "correct horse battery")
+    assert blocked.status_code == 429
+    assert "Too many failed sign-ins for this account; try again in 15 minutes" in blocked.text
+    assert dashboard.sign_in("nobody@example.test", "x").status_code == 401  # others still may
+
+
+def test_sign_in_is_rate_limited_per_address(tmp_path):
+    cfg = make_cfg(tmp_path, dashboard={"signin_failures_per_ip": 3})
+    new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        for n in range(3):
+            assert browser.sign_in(f"p{n}@example.test", "x").status_code == 401
+        blocked = browser.sign_in("p9@example.test", "x")
+        assert blocked.status_code == 429 and "for your address" in blocked.text
+
+
+def test_forms_refuse_a_missing_or_foreign_csrf_token(dashboard):
+    forged = dashboard.http.post("/monitors/new", data={"name": "x", "url": "http://a.test"})
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    foreign = dashboard.http.post("/monitors/new", headers={"Origin": "http://evil.test"},
+                                  data={"csrf": dashboard.csrf("/"), "name": "x"})
+    assert foreign.status_code == 403
+
+
+def test_validation_errors_show_next_to_their_field_with_the_typed_values(dashboard):
+    response = dashboard.post("/monitors/new", {"name": "", "type": "PORT", "url": "a b",
+                                                "interval": "soon", "port": "70000"}, "/")
+    assert response.status_code == 400
+    text = response.text
+    assert re.search(r'id="f-name-err">Required<', text)
+    assert re.search(r'id="f-interval"[^>]*value="soon"', text)
+    assert re.search(r'id="f-interval-err">Expected integer, received string<', text)
+    assert re.search(r'id="f-port-err">Number must be less than or equal to 65535<', text)
+    assert re.search(r'<option selected>PORT</option>', text)
+
+
+def test_history_api_pages_and_filters_checks(cfg, client):
+    monitor = client.post("/api/v1/monitors", json={"name": "h", "url": "http://127.0.0.1:9/",
+                                                    "isActive": False}
+                          ).json()
+    rows = [(monitor["id"], "local" if i % 2 else "eu", "UP" if i % 3 else "DOWN",
+             10 + i, 1_700_000_000_000 + i * 60_000) for i in range(7)]
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO checks (monitor_id, region_id, status, response_time,"
+                         " checked_at) VALUES (?, ?, ?, ?, ?)", rows)
+    url = f"/api/v1/monitors/{monitor['id']}/checks"
+    page = client.get(url, params={"limit": 3, "page": 2}).json()
+    assert page["pagination"] == {"total": 7, "page": 2, "limit": 3, "totalPages": 3}
+    assert [c["responseTime"] for c in page["checks"]] == [13, 12, 11]
+    down = client.get(url, params={"status": "DOWN"}).json()["checks"]
+    assert [c["responseTime"] for c in down] == [16, 13, 10]
+    window = client.get(url, params={"from": "2023-11-14T22:15:00Z", "to": "2023-11-14T22:17:00Z",
+                                     "region": "local", "order": "asc"}).json()["checks"]
+    assert [(c["responseTime"], c["workerRegion"]["id"]) for c in window] == [(13, "local")]
+    assert client.get(url, params={"from": "yesterday"}).status_code == 400
+    spec = client.get("/api/v1/openapi.json").json()
+    assert {p["name"] for p in spec["paths"]["/monitors/{monitorId}/checks"]["get"]["parameters"]
+            } >= {"from", "to", "region", "status", "page", "limit"}
+
+
+def test_channel_test_endpoint_reports_the_receivers_answer(client):
+    receiver = _NotifyReceiver()
+    try:
+        receiver.script = [(503, b"busy", 0)]
+        channel = client.post("/api/v1/notifications", json={
+            "name": "hook", "type": "WEBHOOK", "config": {"url": receiver.url + "/in"}}).json()
+        answer = client.post(f"/api/v1/notifications/{channel['id']}/test").json()
+        assert answer["success"] is False and answer["statusCode"] == 503
+        answer = client.post(f"/api/v1/notifications/{channel['id']}/test").json()
+        assert answer["success"] is True and answer["statusCode"] == 200
+        assert receiver.json()["event"] == "test" and len(receiver.requests) == 2
+    finally:
+        receiver.close()
+
+
+def test_passwd_refuses_short_passwords_and_unknown_accounts(cfg, key):
+    short = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "owner@example.test", "--db",
+                                               cfg["server"]["database"]], input="short\n")
+    assert short.exit_code != 0 and "at least 10" in short.output
+    unknown = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "x@example.test", "--db",
+                                                 cfg["server"]["database"]], input="long enough pw\n")
+    assert unknown.exit_code != 0 and "no account with email x@example.test" in unknown.output
+
+
+def _chrome(width: int = 1280, height: int = 900):
+    """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
+        pytest.skip("chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options,
+                            service=webdriver.ChromeService("/usr/bin/chromedriver"))
+
+
+class _Site(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_dashboard_in_a_real_browser(tmp_path):
+    """Set up the owner from the printed link, run a monitor and a channel through the forms,
+    see status and incidents live, invite a VIEWER who gets no write controls."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    shots = HERE / "docs" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    site = _serve(ThreadingHTTPServer(("127.0.0.1", 0), _Site))
+    receiver = _NotifyReceiver()
+    srv = Server(tmp_path, env={"STATUSAPP_PROBES_CONFIRMATIONS": "1",
+                                "STATUSAPP_DASHBOARD_REFRESH_SECONDS": "1"}).start()
+    driver = _chrome()
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(NoSuchElementException,
+                                                         StaleElementReferenceException))
+
+    def fill(**values: str) -> None:
+        for ident, value in values.items():
+            element = driver.find_element(By.ID, f"f-{ident}")
+            if element.tag_name == "select":
+                Select(element).select_by_visible_text(value)
+            else:
+                element.clear()
+                element.send_keys(value)
+
+    def submit() -> None:
+        driver.find_element(By.CSS_SELECTOR, "main form[method=post] button").click()
+
+    try:
+        link = re.search(r"(http://\S+/setup\?token=\S+)", srv.output()).group(1)
+        driver.get(link.replace("http://127.0.0.1:8080", srv.url))
+        fill(password="correct horse battery", confirm="correct horse battery")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        driver.get(srv.url + "/monitors/new")
+        fill(name="Home site", url=f"http://127.0.0.1:{site.server_address[1]}/", interval="1",
+             timeout="5")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Home site")
+        monitor_url = driver.current_url
+        driver.get(srv.url + "/")
+        wait.until(lambda d: "Up" in d.find_element(By.ID, "live").text)  # refreshed live
+        driver.save_screenshot(str(shots / "overview-desktop.png"))
+        _stop(site)
+        wait.until(lambda d: "Open incidents" in d.find_element(By.ID, "live").text)
+        assert "Down" in driver.find_element(By.ID, "live").text
+        driver.get(monitor_url)
+        driver.save_screenshot(str(shots / "monitor-desktop.png"))
+        driver.set_window_size(390, 844)
+        driver.save_screenshot(str(shots / "monitor-phone.png"))
+        driver.get(srv.url + "/")
+        driver.save_screenshot(str(shots / "overview-phone.png"))
+        driver.set_window_size(1280, 900)
+        driver.get(monitor_url + "/edit")
+        fill(name="Home site (edited)")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Home site (edited)")
+        driver.find_element(By.XPATH, "//button[text()='Pause']").click()
+        wait.until(lambda d: "Paused" in d.find_element(By.ID, "live").text)
+        driver.get(srv.url + "/channels/new")
+        fill(name="Receiver", type="WEBHOOK", **{"config-url": receiver.url + "/hook"})
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Notification channels")
+        driver.find_element(By.XPATH, "//button[text()='Send a test']").click()
+        notice = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "p.notice"))
+        assert "Test delivered: the receiver answered HTTP 200" in notice.text
+        assert receiver.json()["event"] == "test"
+        driver.get(srv.url + "/team")
+        fill(email="viewer@example.test", role="VIEWER")
+        submit()
+        invite = wait.until(lambda d: d.find_element(By.ID, "invite-link")).text
+        driver.find_element(By.XPATH, "//button[text()='Sign out']").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Sign in")
+        driver.get(invite.replace(re.match(r"http://[^/]+", invite).group(0), srv.url))
+        fill(password="viewer password", confirm="viewer password")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        page = driver.page_source
+        assert "Home site (edited)" in page and "Resume" not in page and "New monitor" not in page
+        driver.get(monitor_url)
+        assert not driver.find_elements(By.XPATH, "//main//button[text()!='Copy']")
+        viewer = httpx.Client(base_url=srv.url, timeout=10, follow_redirects=False,
+                              cookies={"statusapp_session":
+                                       driver.get_cookie("statusapp_session")["value"]})
+        csrf = re.search(r'name="csrf" value="([^"]+)"', viewer.get("/").text).group(1)
+        refused = viewer.post(urllib.parse.urlsplit(monitor_url).path + "/pause",
+                              data={"csrf": csrf})
+        assert refused.status_code == 403 and "needs the MEMBER role" in refused.text
+        forged = viewer.post("/signout-everywhere")
+        assert forged.status_code == 403 and "CSRF" in forged.text
+    finally:
+        driver.quit()
+        receiver.close()
+        srv.stop()
+        with contextlib.suppress(OSError):
+            _stop(site)
+
+
 # --- CLI tests ---
 
 
