@@ -641,7 +641,12 @@ class Field:
 
     @property
     def column(self) -> str:
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+        return _snake_case(self.name)
+
+
+@functools.cache
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _kind(value: Any) -> str:
@@ -7238,11 +7243,12 @@ def _pct(value: float | None) -> str:
 def _line(values: Sequence[int | None], width: float, height: float, top: float,
           name: str) -> str:
     """A line through the known values scaled so ``top`` is the chart's top, with a dot at
-    each value (so a lone value shows too)."""
+    each value when some are missing (so lone values show too)."""
     step = width / max(len(values) - 1, 1)
     points = [(i * step, height - value / top * height)
               for i, value in enumerate(values) if value is not None]
-    dots = "".join(f'<circle class="{name}" cx="{x:.1f}" cy="{y:.1f}" r="2"/>' for x, y in points)
+    dots = "".join(f'<circle class="{name}" cx="{x:.1f}" cy="{y:.1f}" r="2"/>'
+                   for x, y in points) if len(points) < len(values) or len(points) == 1 else ""
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
     return f'<polyline class="{name}" points="{line}"/>{dots}'
 
@@ -7602,18 +7608,15 @@ async def overview_figures(db: Database, ids: Sequence[str]
     hours = _steps(HOUR_MS, 24)
     hourly = await collect(db, ids, hours[0], now_ms() + 1, ("monitor", "hour"))
     month = await collect(db, ids, hours[-1] - 30 * DAY_MS + HOUR_MS, now_ms() + 1, ("monitor",))
+    none = [0] * 5
     out = {}
     for ident in ids:
-        day = WindowStats()
-        spark: list[int | None] = []
-        for hour in hours:
-            stats = WindowStats()
-            stats.add(hourly.get((ident, hour), [0] * 5))
-            day.add(hourly.get((ident, hour), [0] * 5))
-            spark.append(stats.average())
-        total = WindowStats()
-        total.add(month.get((ident,), [0] * 5))
-        out[ident] = (spark, day.uptime(), total.uptime())
+        counts = [hourly.get((ident, hour), none) for hour in hours]
+        spark = [round(c[3] / c[4]) if c[4] else None for c in counts]
+        total = month.get((ident,), none)
+        out[ident] = (spark, uptime_percent(sum(c[0] + c[2] for c in counts),
+                                            sum(c[0] + c[1] + c[2] for c in counts)),
+                      uptime_percent(total[0] + total[2], sum(total[:3])))
     return out
 
 
