@@ -7689,7 +7689,8 @@ async def overview(v: Visit) -> Response:
     add = ('<p><a class="button" href="/monitors/new">New monitor</a></p>'
            if v.may("POST", "/monitors") else "")
     body = (f'<div id="live">{await _open_incidents(v)}' +
-            table(("Status", "Monitor", "Last", "24 h response", "24 h", "30 d", ""), rows,
+            table(("Status", "Monitor", "Last response", "24 h response time", "24 h uptime",
+                   "30 d uptime", ""), rows,
                   "No monitors match." if v.request.query_params else "No monitors yet.") +
             f'{pager(v, listing["pagination"])}</div>')
     return document(v, "Overview", add + _filters(v) + body, refresh=True)
@@ -7940,10 +7941,12 @@ async def keys_page(v: Visit) -> Response:
     rows = [[_esc(k["name"]), f'<code>{_esc(k["prefix"])}</code>', _esc(k["permissions"]),
              "Active" if k["isActive"] else "Revoked or expired",
              _esc(k["lastUsedAt"] or "never"), _esc(k["expiresAt"] or "never"),
-             button(v, f"/keys/{k['id']}/revoke", "Revoke", "danger") if k["isActive"] else ""]
+             button(v, f"/keys/{k['id']}/revoke", "Revoke", "danger")
+             if k["isActive"] and v.may("DELETE", "/account/api-keys/{keyId}") else ""]
             for k in keys]
-    form = "<h2>Create a key</h2>" + render_form(v, "/keys", KEY_FIELDS, {},
-                                                 dict(v.form) if errors else {}, errors, "Create")
+    form = "<h2>Create a key</h2>" + render_form(
+        v, "/keys", KEY_FIELDS, {}, dict(v.form) if errors else {}, errors, "Create"
+    ) if v.may("POST", "/account/api-keys") else ""
     return document(v, "API keys", notice + table(
         ("Name", "Prefix", "Permissions", "State", "Last used", "Expires", ""), rows,
         "No keys.") + form, 400 if errors else 200)
@@ -7998,7 +8001,8 @@ async def account_page(v: Visit) -> Response:
     body = (
         (f'<p class="notice" role="status">{_esc(notice)}</p>' if notice else "") +
         f'<p>Signed in as <strong>{_esc(account["email"])}</strong> ({_esc(v.who.role)}).</p>'
-        + render_form(v, "/account", ACCOUNT_FIELDS, {}, values, errors, "Save settings") +
+        + (render_form(v, "/account", ACCOUNT_FIELDS, {}, values, errors, "Save settings")
+           if v.may("PUT", "/account") else "") +
         "<h2>Password</h2>" + render_form(
             v, "/account", CHANGE_PASSWORD_FIELDS, {}, {}, password_errors, "Change password",
             '<input type="hidden" name="form" value="password">') +

@@ -4241,6 +4241,75 @@ def test_passwd_refuses_short_passwords_and_unknown_accounts(cfg, key):
     assert unknown.exit_code != 0 and "no account with email x@example.test" in unknown.output
 
 
+def test_cron_monitor_page_shows_ping_url_cron_line_and_ping_log(cfg, key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "backup", "type": "CRON", "interval": 3600}).json()
+    ping = dashboard.http.post(urllib.parse.urlsplit(monitor["heartbeatUrl"]).path + "/log",
+                               content=b"42 files <copied>")
+    assert ping.status_code == 200
+    page = dashboard.http.get(f"/monitors/{monitor['id']}").text
+    assert f'<pre id="ping-url">{monitor["heartbeatUrl"]}</pre>' in page
+    assert re.search(r'<pre id="cron-line">\*/5 \* \* \* \* /path/to/job.sh &amp;&amp; curl -fsS'
+                     r' -m 10 --retry 3 ' + re.escape(monitor["heartbeatUrl"]), page)
+    assert "<td>log</td>" in page and "42 files &lt;copied&gt;" in page
+    assert "Regression detection is off." in page
+
+
+def test_incident_update_and_resolve_from_the_dashboard(cfg, key, dashboard):
+    monitor = dashboard.http.post("/api/v1/monitors", headers={"X-API-Key": key}, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    sql(cfg, "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at,"
+             " severity, status, affected_regions) VALUES ('inc_1', (SELECT account_id FROM"
+             " monitors), ?, 2026, 1, 1764547200000, 'high', 'open', '[]')",
+        (monitor["id"],))
+    assert "INC-2026-0001" in dashboard.http.get("/").text  # open incidents on top
+    bad = dashboard.post("/incidents/inc_1", {"status": "sleeping", "message": "x"})
+    assert bad.status_code == 400 and re.search(r'id="f-status-err">Invalid enum value', bad.text)
+    dashboard.post("/incidents/inc_1", {"status": "identified", "message": "Disk <full>"})
+    page = dashboard.http.get("/incidents/inc_1").text
+    assert "<strong>identified</strong> &ndash; Disk &lt;full&gt;" in page
+    dashboard.post("/incidents/inc_1", {"status": "resolved", "message": "Resolved from the"
+                                        " dashboard."})
+    assert sql(cfg, "SELECT resolved_at IS NOT NULL FROM incidents") == [(1,)]
+    assert "Resolve now" not in dashboard.http.get("/incidents/inc_1").text
+    assert "INC-2026-0001" not in dashboard.http.get("/").text
+
+
+def test_team_keys_and_account_pages_act_through_the_api(cfg, dashboard):
+    invited = dashboard.post("/team", {"email": "ann@example.test", "role": "MEMBER"})
+    link = re.search(r'<pre id="invite-link">([^<]+)</pre>', invited.text).group(1)
+    assert "/invite?token=inv_" in link
+    member = sql(cfg, "SELECT id FROM team_members WHERE email = 'ann@example.test'")[0][0]
+    dashboard.post(f"/team/{member}/role", {"role": "VIEWER"}, "/team")
+    assert sql(cfg, "SELECT role FROM team_members WHERE id = ?", (member,)) == [("VIEWER",)]
+    dashboard.post(f"/team/{member}/remove", {}, "/team")
+    assert sql(cfg, "SELECT COUNT(*) FROM team_members WHERE id = ?", (member,)) == [(0,)]
+    created = dashboard.post("/keys", {"name": "laptop", "permissions": "read"})
+    new_key_text = re.search(r'<pre id="new-key">(sk_live_[^<]+)</pre>', created.text).group(1)
+    assert dashboard.http.get("/api/v1/monitors", headers={"X-API-Key": new_key_text}
+                              ).status_code == 200
+    key_id = sql(cfg, "SELECT id FROM api_keys WHERE name = 'laptop'")[0][0]
+    dashboard.post(f"/keys/{key_id}/revoke", {}, "/keys")
+    assert dashboard.http.get("/api/v1/monitors", headers={"X-API-Key": new_key_text}
+                              ).status_code == 401
+    saved = dashboard.post("/account", {"name": "Olive", "language": "xx", "timezone": "UTC",
+                                        "smsNotificationsEnabled": "false"})
+    assert saved.status_code == 400 and 'id="f-language-err"' in saved.text
+    dashboard.post("/account", {"name": "Olive", "language": "de", "timezone": "Europe/Berlin",
+                                "smsNotificationsEnabled": "false"})
+    assert sql(cfg, "SELECT name, language FROM accounts WHERE email = 'owner@example.test'"
+               ) == [("Olive", "de")]
+    usage = dashboard.http.get("/account").text
+    assert "<code>/api/v1/monitors</code>" in usage
+    changed = dashboard.post("/account", {"form": "password", "current": "correct horse battery",
+                                          "password": "another long one",
+                                          "confirm": "another long one"})
+    assert changed.headers["location"] == "/signin"
+    assert dashboard.http.get("/").status_code == 303  # a new password ends every session
+    assert dashboard.sign_in("owner@example.test", "another long one").status_code == 303
+
+
 def _chrome(width: int = 1280, height: int = 900):
     """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
     webdriver = pytest.importorskip("selenium.webdriver")
