@@ -7952,8 +7952,9 @@ async def monitor_page(v: Visit) -> Response:
 async def monitor_pause(v: Visit) -> Response:
     monitor_id = v.request.path_params["monitorId"]
     await act(v, "POST", "/monitors/{monitorId}/pause", {"monitorId": monitor_id})
-    back = v.request.headers.get("referer", "")
-    return redirect(urlsplit(back).path or "/" if _same_origin(v.request) else "/")
+    back = urlsplit(v.request.headers.get("referer", ""))
+    same = back.netloc == v.request.headers.get("host")
+    return redirect(f"{back.path}?{back.query}" if same and back.path else "/")
 
 
 # Incidents.
@@ -8158,7 +8159,7 @@ async def account_page(v: Visit) -> Response:
 def _next(v: Visit) -> str:
     """Where to go after signing in: a path on this site only."""
     target = v.form.get("next") or v.query("next") or "/"
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
 
 
 def client_ip(v: Visit) -> str:
@@ -8245,10 +8246,12 @@ async def invite_page(v: Visit) -> Response:
 
     async def done(password: str) -> Response:
         joined = await act(v, "POST", "/team/invitations/{token}/accept", {"token": token})
-        account_id = await v.rt.db.fetchval("SELECT id FROM accounts WHERE email = ?",
-                                            (joined["member"]["email"],))
-        await set_password(v.rt.db, account_id, password)
-        return await _signed_in(v, account_id)
+        account = await v.rt.db.fetchrow("SELECT id, password_hash FROM accounts WHERE email = ?",
+                                         (joined["member"]["email"],))
+        if account["password_hash"]:  # an existing person keeps the password they have
+            return redirect("/signin")
+        await set_password(v.rt.db, account["id"], password)
+        return await _signed_in(v, account["id"])
     return await _choose_password(v, "/invite", "Join the team",
                                   "Choose a password to accept the invitation.", done)
 

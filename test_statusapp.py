@@ -4098,6 +4098,13 @@ def test_monitor_form_covers_every_monitor_field_and_nested_auth():
     for field in statusapp.AUTH_FIELDS:
         assert f'name="apiAuthConfig.{field.name}"' in html_text
     assert 'id="f-type" name="type" aria-describedby="f-type-hint" data-kind-select' in html_text
+    channels = statusapp.RESOURCES["channels"]
+    html_text = statusapp.form_fields(channels.fields, channels.nested, {}, {}, cfg)
+    for channel in statusapp.CHANNEL_TYPES.values():
+        for field in channel.fields:
+            kinds = re.search(rf'<div data-kinds="([^"]*)"><label for="f-config-{field.name}">',
+                              html_text).group(1).split()
+            assert channel.name in kinds
 
 
 class _Browser:
@@ -4321,6 +4328,48 @@ def test_team_keys_and_account_pages_act_through_the_api(cfg, dashboard):
     assert changed.headers["location"] == "/signin"
     assert dashboard.http.get("/").status_code == 303  # a new password ends every session
     assert dashboard.sign_in("owner@example.test", "another long one").status_code == 303
+
+
+def test_first_start_prints_a_one_time_setup_link_valid_for_an_hour(tmp_path, capsys):
+    cfg = make_cfg(tmp_path)
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        printed = capsys.readouterr().err
+        key = re.search(r"^(sk_live_\S+)$", printed, re.M).group(1)
+        token = re.search(r"http://127\.0\.0\.1:8080/setup\?token=(setup_\S+)", printed).group(1)
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        assert browser.http.get("/setup?token=setup_wrong").status_code == 404
+        short = browser.post("/setup", {"token": token, "password": "short", "confirm": "short"},
+                             f"/setup?token={token}")
+        assert short.status_code == 400 and re.search(r'id="f-password-err">String must contain'
+                                                      r' at least 10', short.text)
+        differ = browser.post("/setup", {"token": token, "password": "long enough 1",
+                                         "confirm": "long enough 2"}, f"/setup?token={token}")
+        assert re.search(r'id="f-confirm-err">The two passwords differ', differ.text)
+        done = browser.post("/setup", {"token": token, "password": "long enough 1",
+                                       "confirm": "long enough 1"}, f"/setup?token={token}")
+        assert done.status_code == 303 and browser.http.get("/").status_code == 200
+        assert browser.http.get(f"/setup?token={token}").status_code == 404  # used once
+        assert browser.http.get("/api/v1/monitors", headers={"X-API-Key": key}).status_code == 200
+    expiry = sql(cfg, "SELECT COUNT(*) FROM setup_tokens")
+    assert expiry == [(0,)]
+
+
+def test_setup_links_expire(cfg, key, dashboard):
+    token = "setup_" + "x" * 32
+    sql(cfg, "INSERT INTO setup_tokens VALUES (?, (SELECT id FROM accounts), ?)",
+        (statusapp.hash_key(token), int(time.time() * 1000) - 1))
+    assert dashboard.http.get(f"/setup?token={token}").status_code == 404
+
+
+def test_sign_in_returns_only_to_a_page_of_this_site(dashboard):
+    dashboard.post("/signout", {}, "/")
+    for target, expected in (("/incidents?status=open", "/incidents?status=open"),
+                             ("//evil.test/", "/"), ("/\\\\evil.test/", "/"),
+                             ("https://evil.test/", "/")):
+        response = dashboard.post("/signin", {"email": "owner@example.test", "next": target,
+                                              "password": "correct horse battery"})
+        assert response.headers["location"] == expected
 
 
 def _chrome(width: int = 1280, height: int = 900):
