@@ -7472,7 +7472,7 @@ def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
 
 def _hint(field: Field, cfg: dict[str, Any]) -> str:
     parts = ["required" if field.required is True else ""]
-    if isinstance(field.required, tuple) and field.required:
+    if not isinstance(field.required, bool) and field.required:
         parts.append(f"required for {', '.join(field.required)}")
     low, high = _bound(field.minimum, cfg), _bound(field.maximum, cfg)
     unit = " characters" if field.kind == "string" else " items" if field.kind == "array" else ""
@@ -7482,6 +7482,8 @@ def _hint(field: Field, cfg: dict[str, Any]) -> str:
         parts.append(f"at least {low}{unit}")
     elif high is not None and field.kind != "string":
         parts.append(f"at most {high}{unit}")
+    if field.kind == "boolean":
+        parts.append(field.doc)
     if field.kind == "array":
         parts.append("one per line, or a JSON array")
     elif field.kind == "object":
@@ -7525,7 +7527,8 @@ def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[
         extra += " data-kind-select"
     if field.required is True and field.kind != "boolean":
         extra += " required"
-    label = _esc(field.doc or field.name)
+    words = _snake_case(field.name).replace("_", " ")
+    label = _esc(words.capitalize() if field.kind == "boolean" or not field.doc else field.doc)
     control = _input(field, name, ident, text, extra, cfg)
     head = (f'<label class="check">{control}{label}</label>' if field.kind == "boolean" else
             f'<label for="{ident}">{label}</label>{control}')

@@ -4078,8 +4078,13 @@ def test_form_is_generated_from_the_field_table_and_parsed_back():
                      r'id="f-retries" name="retries"[^>]*aria-invalid="true"[^>]*value="3" '
                      r'min="1" max="9"', html_text)
     assert '<p class="err" id="f-retries-err">Too &lt;big&gt;</p>' in html_text
-    assert re.search(r'<div data-kinds="WEBSITE"><label for="f-mode">mode</label><select '
+    assert re.search(r'<div data-kinds="WEBSITE"><label for="f-mode">Mode</label><select '
                      r'id="f-mode" name="mode"[^>]*><option value="">', html_text)
+    assert '<p class="hint" id="f-mode-hint">required for WEBSITE (for WEBSITE)</p>' in html_text
+    assert re.search(r'<label class="check"><input type="hidden" name="isActive" value="false">'
+                     r'<input type="checkbox" id="f-isActive" [^>]*checked>'
+                     r'Is active</label><p class="hint" id="f-isActive-hint">Inactive webhooks'
+                     r' receive nothing</p>', html_text)
     assert 'name="isActive" value="false"><input type="checkbox"' in html_text
     form = {"name": "n", "url": "http://x.test", "events": "a", "secret": "", "isActive": "true",
             "retries": "x7", "mode": "fast"}
@@ -4372,6 +4377,14 @@ def test_sign_in_returns_only_to_a_page_of_this_site(dashboard):
         assert response.headers["location"] == expected
 
 
+def test_session_cookie_is_secure_behind_https(dashboard):
+    form = {"email": "owner@example.test", "password": "correct horse battery"}
+    cookie = dashboard.post("https://testserver/signin", form, "https://testserver/signin"
+                            ).headers["set-cookie"]
+    assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie
+    assert "Secure" not in dashboard.sign_in(**form).headers["set-cookie"]
+
+
 def _chrome(width: int = 1280, height: int = 900):
     """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -4440,6 +4453,10 @@ def test_dashboard_in_a_real_browser(tmp_path):
         driver.get(srv.url + "/")
         wait.until(lambda d: "Up" in d.find_element(By.ID, "live").text)  # refreshed live
         driver.save_screenshot(str(shots / "overview-desktop.png"))
+        dark = [{"name": "prefers-color-scheme", "value": "dark"}]
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": dark})
+        driver.save_screenshot(str(shots / "overview-dark.png"))
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
         _stop(site)
         wait.until(lambda d: "Open incidents" in d.find_element(By.ID, "live").text)
         assert "Down" in driver.find_element(By.ID, "live").text
