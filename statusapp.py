@@ -7631,15 +7631,15 @@ def _pct(value: float | None) -> str:
 
 
 def _line(values: Sequence[int | None], width: float, height: float, top: float,
-          name: str) -> str:
+          name: str, dot: int = 2) -> str:
     """A line through the known values scaled so ``top`` is the chart's top, with a dot at
     each value when some are missing (so lone values show too)."""
     step = width / max(len(values) - 1, 1)
     points = [(i * step, height - value / top * height)
               for i, value in enumerate(values) if value is not None]
-    dots = "".join(f'<circle class="{name}" cx="{x:.1f}" cy="{y:.1f}" r="2"/>'
+    dots = "".join(f'<circle class="{name}" cx="{x:.0f}" cy="{y:.0f}" r="{dot}"/>'
                    for x, y in points) if len(points) < len(values) or len(points) == 1 else ""
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    line = " ".join(f"{x:.0f},{y:.0f}" for x, y in points)
     return f'<polyline class="{name}" points="{line}"/>{dots}'
 
 
@@ -7650,8 +7650,8 @@ def sparkline(values: Sequence[int | None], name: str) -> str:
     if not known:
         return '<span class="muted">No data</span>'
     label = f"{name}: hourly average response time, {min(known)} to {max(known)} ms"
-    return (f'<svg class="spark" viewBox="-2 -2 104 30" role="img" aria-label="{_esc(label)}">'
-            f'{_line(values, 100, 26, max(known) * 1.1, "p50")}</svg>')
+    return (f'<svg class="spark" viewBox="-8 -8 416 120" role="img" aria-label="{_esc(label)}">'
+            f'{_line(values, 400, 104, max(known) * 1.1, "p50", 8)}</svg>')
 
 
 def chart(series: dict[str, list[int | None]], labels: Sequence[str], title: str) -> str:
