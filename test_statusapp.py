@@ -4495,6 +4495,30 @@ def test_session_cookie_is_secure_behind_https(dashboard):
     assert "Secure" not in dashboard.sign_in(**form).headers["set-cookie"]
 
 
+def test_a_viewer_gets_no_write_controls_on_any_page(cfg, key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    dashboard.http.post("/api/v1/notifications", headers=api, json={
+        "name": "hook", "type": "WEBHOOK", "config": {"url": "http://127.0.0.1:9/"}})
+    invited = dashboard.post("/team", {"email": "vic@example.test", "role": "VIEWER"})
+    token = re.search(r"/invite\?token=(inv_[^<]+)</pre>", invited.text).group(1)
+    dashboard.post("/signout", {}, "/")
+    joined = dashboard.post("/invite", {"token": token, "password": "viewer password",
+                                        "confirm": "viewer password"}, f"/invite?token={token}")
+    assert joined.status_code == 303
+    for path in ("/", f"/monitors/{monitor['id']}", "/channels", "/webhooks", "/pages", "/team",
+                 "/keys", "/incidents"):
+        page = dashboard.http.get(path).text
+        actions = set(re.findall(r'<form[^>]*method="post" action="([^"]+)"', page))
+        assert actions <= {"/signout"}, (path, actions)
+        assert not re.search(r'href="/[a-z]+/(new|[^"]+/edit)"', page), path
+    account = dashboard.http.get("/account").text
+    assert set(re.findall(r'<form[^>]*method="post" action="([^"]+)"', account)) == {
+        "/signout", "/account", "/signout-everywhere"}  # the password form and signing out
+    assert 'name="language"' not in account  # PUT /account needs MEMBER, as on the API
+
+
 def _chrome(width: int = 1280, height: int = 900):
     """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
     webdriver = pytest.importorskip("selenium.webdriver")
