@@ -365,7 +365,10 @@ CREATE TABLE team_rollups (
     PRIMARY KEY (account_id, start)
 ) WITHOUT ROWID;
 
--- migration 10: dashboard sign-in: password hashes, sessions, setup links, sign-in attempts
+-- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
+ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
+
+-- migration 11: dashboard sign-in: password hashes, sessions, setup links, sign-in attempts
 -- password_hash is "scrypt$n$r$p$salt$hash" (base64); NULL: the person cannot sign in yet.
 ALTER TABLE accounts ADD COLUMN password_hash TEXT;
 -- The secret that signs session cookies, made on first start.
