@@ -8060,7 +8060,8 @@ def form_text(field: Field, value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if field.kind == "array" and all(isinstance(x, str) for x in value):
+    if field.kind == "array" and field.items in (None, "string") and all(
+            isinstance(x, str) for x in value):
         return "\n".join(value)
     if field.kind in _JSON_KINDS:
         return json.dumps(value, indent=1)
@@ -8078,7 +8079,7 @@ def form_value(field: Field, raw: str) -> Any:
     kinds: dict[str, Callable[[str], Any]] = {"integer": int, "number": float,
                                               "object": parse_json}
     if field.kind == "array":
-        if not raw.lstrip().startswith("["):
+        if field.items in (None, "string") and not raw.lstrip().startswith("["):
             return [line.strip() for line in raw.split("\n") if line.strip()]
         kinds["array"] = parse_json
     try:
@@ -8122,7 +8123,8 @@ def _hint(field: Field, cfg: dict[str, Any]) -> str:
     if field.kind == "boolean":
         parts.append(field.doc)
     if field.kind == "array":
-        parts.append("one per line, or a JSON array")
+        parts.append("one per line, or a JSON array" if field.items in (None, "string")
+                     else "a JSON array")
     elif field.kind == "object":
         parts.append("JSON object")
     return "; ".join(p for p in parts if p)

@@ -4393,7 +4393,9 @@ def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg,
     route (and nested object) it belongs to, is a 400 naming that field, never a 500."""
     cases = _typed_cases(_real_ids(cfg, client))
     covered = {id(table) for _, _, table, _ in cases} | {id(statusapp.BADGE_QUERY)} | {
-        id(doc.query) for doc in statusapp.API_DOCS}  # query tables: the next tests
+        id(doc.query) for doc in statusapp.API_DOCS} | {  # query tables: the next tests
+        id(t) for t in (statusapp.SIGNIN_FIELDS, statusapp.PASSWORD_FIELDS,  # dashboard forms:
+                        statusapp.CHANGE_PASSWORD_FIELDS)}  # form text, see the dashboard tests
     covered_fields = {id(f) for _, _, table, _ in cases for f in table}
     for table in _field_tables().values():  # the rest are parts of covered tables
         assert id(table) in covered or all(id(f) in covered_fields for f in table), table
@@ -4819,6 +4821,21 @@ def test_a_viewer_gets_no_write_controls_on_any_page(cfg, key, dashboard):
     assert set(re.findall(r'<form[^>]*method="post" action="([^"]+)"', account)) == {
         "/signout", "/account", "/signout-everywhere"}  # the password form and signing out
     assert 'name="language"' not in account  # PUT /account needs MEMBER, as on the API
+
+
+def test_dashboard_changes_show_on_public_pages_at_once(key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "old name", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    dashboard.http.post("/api/v1/status-pages", headers=api, json={
+        "name": "Home", "slug": "home", "monitorGroups": [
+            {"name": "All", "monitorIds": [monitor["id"]]}]})
+    assert "old name" in dashboard.http.get("/status/home").text  # now in the public cache
+    edit = f"/monitors/{monitor['id']}/edit"
+    assert dashboard.post(edit, {"name": "new name"}).status_code == 303
+    assert "new name" in dashboard.http.get("/status/home").text
+    form = dashboard.http.get("/pages/new").text
+    assert re.search(r'id="f-monitorGroups-hint">[^<]*a JSON array', form)
 
 
 def _chrome(width: int = 1280, height: int = 900):
