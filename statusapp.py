@@ -8546,47 +8546,68 @@ def _regression_text(reg: dict[str, Any], active: bool) -> str:
             f" over {reg['regressionPeriod']} days.")
 
 
+def _monitor_actions(v: Visit, monitor: dict[str, Any]) -> str:
+    """Edit, pause/resume and delete, each only when the person's role allows it."""
+    actions = [f'<a class="button" href="/monitors/{_esc(monitor["id"])}/edit">Edit</a>'
+               if v.may("PUT", "/monitors/{monitorId}") else "", _pause_button(v, monitor),
+               button(v, f"/monitors/{monitor['id']}/delete", "Delete", "danger")
+               if v.may("DELETE", "/monitors/{monitorId}") else ""]
+    return f'<div class="row">{" ".join(a for a in actions if a)}</div>'
+
+
+async def _chart_section(v: Visit, monitor: dict[str, Any]) -> str:
+    """The p50/p95 chart of the chosen period, with links to the other periods."""
+    period = v.query("period") if v.query("period") in CHART_PERIODS else "24h"
+    series, labels = await percentile_series(v.rt.db, monitor["id"], period)
+    periods = " ".join(f'<a href="?period={p}"{" aria-current=true" if p == period else ""}>'
+                       f'{p}</a>' for p in CHART_PERIODS)
+    return (f'<h2>Response time</h2><p>Period: {periods}</p><div class="card">'
+            f'{chart(series, labels, f"p50 and p95 response time, {period}")}</div>')
+
+
+def _regions_table(monitor: dict[str, Any]) -> str:
+    rows = [[_esc(c["workerRegion"]["city"] or c["workerRegion"]["id"]),
+             state_html(c["status"]), f'<span class="num">{_ms(c["responseTime"])}</span>',
+             f'<time>{_when(_ms_of(c["checkedAt"]))}</time>'] for c in monitor["checks"]]
+    return "<h2>Regions</h2>" + table(("Region", "Status", "Response", "Checked"), rows,
+                                      "No checks yet.")
+
+
+async def _incidents_section(v: Visit, monitor: dict[str, Any]) -> str:
+    incidents = await act(v, "GET", "/incidents", query={"monitorId": monitor["id"], "limit": 10})
+    rows = [[f'<a href="/incidents/{_esc(i["id"])}">{_esc(i["incidentNumber"])}</a>',
+             _esc(i["severity"]), "Resolved" if i["isResolved"] else "Open",
+             f'<time>{_when(_ms_of(i["startedAt"]))}</time>'] for i in incidents["incidents"]]
+    return "<h2>Incidents</h2>" + table(("Incident", "Severity", "State", "Started"), rows,
+                                        "No incidents.")
+
+
+async def _regression_section(v: Visit, monitor: dict[str, Any]) -> str:
+    regression = await act(v, "GET", "/monitors/{monitorId}/regression",
+                           {"monitorId": monitor["id"]})
+    active = await v.rt.db.fetchval("SELECT regression_active FROM monitors WHERE id = ?",
+                                    (monitor["id"],))
+    return (f"<h2>Performance regression</h2>"
+            f"<p>{_esc(_regression_text(regression, active))}</p>")
+
+
 @dash("/monitors/{monitorId}", "GET")
 async def monitor_page(v: Visit) -> Response:
     """One monitor: status since, p50/p95 chart, regions, checks, incidents, pings, regression."""
     params = {"monitorId": v.request.path_params["monitorId"]}
     monitor = await act(v, "GET", "/monitors/{monitorId}", params)
-    period = v.query("period", "24h") if v.query("period") in CHART_PERIODS else "24h"
-    series, labels = await percentile_series(v.rt.db, monitor["id"], period)
     since = await status_since(v.rt.db, monitor)
     checks = await act(v, "GET", "/monitors/{monitorId}/checks", params,
                        query={"page": v.query("page", "1"), "limit": 20})
-    incidents = await act(v, "GET", "/incidents", query={"monitorId": monitor["id"], "limit": 10})
-    regression = await act(v, "GET", "/monitors/{monitorId}/regression", params)
-    active = await v.rt.db.fetchval("SELECT regression_active FROM monitors WHERE id = ?",
-                                    (monitor["id"],))
-    actions = [f'<a class="button" href="/monitors/{_esc(monitor["id"])}/edit">Edit</a>'
-               if v.may("PUT", "/monitors/{monitorId}") else "", _pause_button(v, monitor),
-               button(v, f"/monitors/{monitor['id']}/delete", "Delete", "danger")
-               if v.may("DELETE", "/monitors/{monitorId}") else ""]
-    periods = " ".join(f'<a href="?period={p}"{" aria-current=true" if p == period else ""}>'
-                       f'{p}</a>' for p in CHART_PERIODS)
-    regions = [[_esc(c["workerRegion"]["city"] or c["workerRegion"]["id"]),
-                state_html(c["status"]), f'<span class="num">{_ms(c["responseTime"])}</span>',
-                f'<time>{_when(_ms_of(c["checkedAt"]))}</time>'] for c in monitor["checks"]]
-    incident_rows = [[f'<a href="/incidents/{_esc(i["id"])}">{_esc(i["incidentNumber"])}</a>',
-                      _esc(i["severity"]), "Resolved" if i["isResolved"] else "Open",
-                      f'<time>{_when(_ms_of(i["startedAt"]))}</time>']
-                     for i in incidents["incidents"]]
-    body = (f'<div class="row">{" ".join(a for a in actions if a)}</div>'
+    body = (_monitor_actions(v, monitor) +
             f'<div id="live"><p class="card">{state_html(_state(monitor))} '
             f'{"since " + _when(since) if since else ""} &middot; {_esc(monitor["type"])} '
             f'&middot; <code>{_esc(monitor["url"])}</code> &middot; every '
-            f'{monitor["interval"]} s</p>'
-            f'<h2>Response time</h2><p>Period: {periods}</p><div class="card">'
-            f'{chart(series, labels, f"p50 and p95 response time, {period}")}</div>'
-            f'<h2>Regions</h2>' + table(("Region", "Status", "Response", "Checked"), regions,
-                                         "No checks yet.") +
-            f'<h2>Recent checks</h2>{_checks_table(checks["checks"])}'
-            f'{pager(v, checks["pagination"])}</div><h2>Incidents</h2>' +
-            table(("Incident", "Severity", "State", "Started"), incident_rows, "No incidents.") +
+            f'{monitor["interval"]} s</p>{await _chart_section(v, monitor)}'
+            f'{_regions_table(monitor)}<h2>Recent checks</h2>{_checks_table(checks["checks"])}'
+            f'{pager(v, checks["pagination"])}</div>{await _incidents_section(v, monitor)}' +
             (await _cron_section(v, monitor) if monitor["type"] == "CRON" else "") +
-            f'<h2>Performance regression</h2><p>{_esc(_regression_text(regression, active))}</p>')
+            await _regression_section(v, monitor))
     return document(v, monitor["name"], body, refresh=True)
 
 

@@ -4693,6 +4693,9 @@ def test_cron_monitor_page_shows_ping_url_cron_line_and_ping_log(cfg, key, dashb
                      r' -m 10 --retry 3 ' + re.escape(monitor["heartbeatUrl"]), page)
     assert "<td>log</td>" in page and "42 files &lt;copied&gt;" in page
     assert "Regression detection is off." in page
+    for period in ("7d", "30d"):
+        page = dashboard.http.get(f"/monitors/{monitor['id']}", params={"period": period}).text
+        assert f'<a href="?period={period}" aria-current=true>{period}</a>' in page
 
 
 def test_incident_update_and_resolve_from_the_dashboard(cfg, key, dashboard):
