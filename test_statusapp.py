@@ -4841,6 +4841,24 @@ def test_dashboard_changes_show_on_public_pages_at_once(key, dashboard):
     assert re.search(r'id="f-monitorGroups-hint">[^<]*a JSON array', form)
 
 
+def test_monitor_chart_and_overview_sparkline_are_drawn_from_the_checks(cfg, key, dashboard):
+    monitor = dashboard.http.post("/api/v1/monitors", headers={"X-API-Key": key}, json={
+        "name": "drawn", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    now = int(time.time() * 1000)
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO checks (monitor_id, region_id, status, response_time,"
+                         " checked_at) VALUES (?, 'local', 'UP', ?, ?)",
+                         [(monitor["id"], ms, now - i) for i, ms in enumerate((100, 200, 900))])
+    page = dashboard.http.get(f"/monitors/{monitor['id']}").text
+    chart = re.search(r'<svg class="chart"[^>]*aria-label="p50 and p95 response time, 24h">'
+                      r'(.*?)</svg>', page).group(1)
+    assert '<polyline class="p50"' in chart and '<polyline class="p95"' in chart
+    assert re.search(r"<text [^>]*>\d+ ms</text>", chart)
+    overview = dashboard.http.get("/").text
+    assert 'aria-label="drawn: hourly average response time, 400 to 400 ms"' in overview
+    assert "100.00%" in overview
+
+
 def _chrome(width: int = 1280, height: int = 900):
     """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
     webdriver = pytest.importorskip("selenium.webdriver")
