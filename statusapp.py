@@ -8288,6 +8288,7 @@ gap:.25rem 1rem;align-items:center}
 header.bar .brand{font-weight:700;text-decoration:none;color:var(--text);margin-right:auto}
 header.bar a{text-decoration:none;padding:.25rem 0}
 header.bar a[aria-current]{font-weight:700;text-decoration:underline}
+main a[aria-current]{font-weight:700;color:var(--text);text-decoration:none}
 main{max-width:72rem;margin:0 auto;padding:1rem}
 h1{font-size:1.5rem;margin:.5rem 0 1rem;overflow-wrap:anywhere}
 h2{font-size:1.2rem;margin:1.5rem 0 .5rem}
