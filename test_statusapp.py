@@ -5554,7 +5554,7 @@ class _Site(http.server.BaseHTTPRequestHandler):
 def test_dashboard_in_a_real_browser(tmp_path):
     """Set up the owner from the printed link, run a monitor and a channel through the forms,
     see status and incidents live, invite a VIEWER who gets no write controls."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
     shots = HERE / "docs" / "screenshots"
@@ -5564,8 +5564,9 @@ def test_dashboard_in_a_real_browser(tmp_path):
     srv = Server(tmp_path, env={"STATUSAPP_PROBES_CONFIRMATIONS": "1",
                                 "STATUSAPP_DASHBOARD_REFRESH_SECONDS": "1"}).start()
     driver = _chrome()
-    wait = WebDriverWait(driver, 30, ignored_exceptions=(NoSuchElementException,
-                                                         StaleElementReferenceException))
+    # A lookup can race a page load: no such element yet, a stale one, or Chromium's "node
+    # does not belong to the document" (a plain WebDriverException): each means "look again".
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,))
 
     def fill(**values: str) -> None:
         for ident, value in values.items():
