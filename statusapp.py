@@ -86,6 +86,26 @@ VERSION = "1.0.0"
 API_VERSION = "v1"
 log = logging.getLogger("statusapp")
 
+# Logs never carry secrets: a URL keeps its scheme, host and path but loses its user:password@,
+# query string and fragment, and a heartbeat id in a path (the CRON monitor's ping secret) is
+# hidden.  ``redact`` is applied to every formatted log line, tracebacks included.
+_URL_PARTS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^/\s?#@\"'<>]*@)?([^\s?#\"'<>]*)"
+                        r"(\?[^\s#\"'<>]*)?(#[^\s\"'<>]*)?")
+_HEARTBEAT_PATH = re.compile(r"(/heartbeat/)[^/\s?#\"'<>]+")
+
+
+def redact(text: str) -> str:
+    """``text`` without URL credentials, query strings, fragments or heartbeat ids."""
+    text = _URL_PARTS.sub(lambda m: m[1] + m[2] + ("?\u2026" if m[3] or m[4] else ""), text)
+    return _HEARTBEAT_PATH.sub("\\1\u2026", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """The log format, with ``redact`` applied to the whole line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
 # --- Config ---
 #
 # Every key has a default here; config.example.toml documents the same keys.  The type of
@@ -119,6 +139,8 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "rdap_url": "https://rdap.org",
         "whois_server": "",
         "blocklists": ["dbl.spamhaus.org"],
+        "max_body_bytes": 1_048_576,
+        "allow_private_targets": True,
     },
     "region": {
         "id": "local",
@@ -1599,8 +1621,21 @@ def _request_headers(monitor: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of the raw body: reading stops there (the caller closes the
+    connection), so an endless or huge answer costs a check no more than that."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk[:limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
 async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
-    """WEBSITE and API: one request, body read to the end, judged by the final status code.
+    """WEBSITE and API: one request, body read to its end or ``probes.max_body_bytes``, judged
+    by the final status code.
 
     Without ``expectedStatusCode`` any 2xx/3xx after following redirects is UP; an expected
     3xx is checked on the first answer, so redirects are not followed then."""
@@ -1630,8 +1665,7 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
             response = await ctx.http.send(request, stream=True,
                                            follow_redirects=not 300 <= (expected or 0) < 400)
             try:
-                async for _ in response.aiter_raw():
-                    pass
+                await _read_capped(response, ctx.cfg["max_body_bytes"])
             finally:
                 await response.aclose()
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
@@ -2466,6 +2500,8 @@ class Scheduler:
     def _record(self, entry: _Scheduled, result: CheckResult, started: float) -> None:
         """Queue the check, and the transition it causes, as one write; plan the next check."""
         monitor_id, at = entry.record["id"], int(started * 1000)
+        log.debug("check of %s (%s): %s %s", entry.record["name"], redact(entry.record["url"] or ""),
+                  result.status, result.error or result.status_code or "")
         statements = check_statements(monitor_id, self.region, result, at)
         status = entry.judge(result, self.probes)
         if status == "UP" and entry.regression:
@@ -2555,6 +2591,7 @@ def check_statements(monitor_id: str, region_id: str, result: CheckResult,
 HEARTBEAT_KINDS = ("success", "start", "fail", "log")
 MISSED_HEARTBEAT = "missed heartbeat"
 JOB_NOT_COMPLETE = "job did not complete"
+HEARTBEAT_DEADLINES = (MISSED_HEARTBEAT, JOB_NOT_COMPLETE)  # the reasons a missed deadline gives
 _BEAT_COLUMNS = ("id, heartbeat_id, status, is_paused, is_active, interval, grace_period,"
                  " last_success_at, job_started_at, updated_at")
 
@@ -2756,7 +2793,6 @@ class Heartbeats:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
-        log.info("heartbeat monitor %s is DOWN: %s", beat.monitor_id, reason)
         beat.status = "DOWN"
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
@@ -2891,8 +2927,15 @@ async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
         (incident_id, monitor["account_id"], monitor["id"], year, number, at, severity,
          root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
     await add_incident_update(conn, incident_id, "investigating",
-                              f"{monitor['name']} is down: {root_cause}", at)
+                              automatic_update(monitor["name"], category), at)
     return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,))
+
+
+def automatic_update(name: str, category: str) -> str:
+    """The update an incident opens with.  Updates are public (status pages, feeds), so it
+    names the cause's category only, never the check's error or a heartbeat's text, which can
+    hold URLs, addresses or a job's secrets; ``rootCause`` keeps those for the team."""
+    return f"{name} is down (cause: {_cause(category)})"
 
 
 async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
@@ -2922,7 +2965,9 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
                          **alert: Any) -> int:
     """Queue one outbox row per event and target: the monitor's enabled notifications (inline,
     or linked active channels) and the account's active webhooks subscribed to the event."""
-    alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
+    # A CRON monitor's url is its ping URL, whose path is the secret that reports its job.
+    url = None if monitor["type"] == "CRON" else monitor["url"]
+    alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": url,
                         "type": monitor["type"], "status": status}
     stamp, rows = now_ms(), []
     targets = await conn.execute_fetchall(
@@ -2982,11 +3027,21 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
         resolved = True
     check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
                              " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
+    log.info("monitor %s (%s): %s \u2192 %s (%s)", monitor["name"], monitor["id"], old, new,
+             _logged_reason(monitor, transition["reason"]))
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
     await enqueue_alerts(
         conn, monitor, new, channel_events, webhook_events, timestamp=iso(at),
         incident=incident_alert(incident) if incident and (new == "DOWN" or resolved) else None,
         check=_check_alert(check, transition["reason"]))
+
+
+def _logged_reason(monitor: sqlite3.Row, reason: str | None) -> str:
+    """A status change's reason as logged: a heartbeat's text is a job's output, which can hold
+    its secrets, so CRON monitors log only what kind of signal it was."""
+    if monitor["type"] == "CRON" and not (reason or "").startswith(HEARTBEAT_DEADLINES):
+        return "heartbeat ping"
+    return _cut(_one_line(reason or "no reason given"), 300)
 
 
 async def process_transitions(rt: Runtime, limit: int = 100) -> int:
@@ -3045,11 +3100,25 @@ async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> 
     records = await deliver(NOTIFIERS[row["channel_type"]], json.loads(row["config"]), alert, ctx,
                             base_delay=rt.cfg["notifications"]["retry_delay"])
     for record in records:
-        log.log(logging.INFO if record["ok"] else logging.WARNING,
-                "alert %s %s via %s (%s) attempt %d: %s", row["id"], row["event"],
-                row["channel_type"], row["channel_id"] or row["webhook_id"] or "inline",
-                record["attempt"], "delivered" if record["ok"] else record["error"])
+        log.debug("alert %s %s via %s attempt %d: %s", row["id"], row["event"],
+                  row["channel_type"], record["attempt"],
+                  "delivered" if record["ok"] else record["error"])
+    last = records[-1]
+    log.log(logging.INFO if last["ok"] else logging.WARNING, "alert %s for monitor %s via %s: %s",
+            row["event"], alert.monitor.get("name"), await _target_name(rt, row),
+            "delivered" if last["ok"] else f"failed after {len(records)} attempt(s): "
+            f"{last['error']}")
     await rt.db.write(_outcome_statements(row, records, now_ms()))
+
+
+async def _target_name(rt: Runtime, row: sqlite3.Row) -> str:
+    """How a log line names an alert's target: the channel's or webhook's name and type."""
+    table, ident = (("notification_channels", row["channel_id"]) if row["channel_id"] else
+                    ("webhooks", row["webhook_id"]))
+    if not ident:
+        return f"inline {row['channel_type']}"
+    name = await rt.db.fetchval(f"SELECT name FROM {table} WHERE id = ?", (ident,))
+    return f"{row['channel_type']} {name!r}" if name is not None else f"deleted {ident}"
 
 
 async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
@@ -6697,6 +6766,15 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
                                          Exception: on_api_error})
 
 
+def setup_logging(level: str) -> None:
+    """One stderr handler for every logger (uvicorn's too), each line redacted.  httpx's
+    per-request INFO line (method and full URL) is never wanted: probes log at debug instead."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def _options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--config`` and ``--db``, which every command takes."""
     command = click.option("--db", help="SQLite database file (server.database).")(command)
@@ -6742,11 +6820,10 @@ def cli() -> None:
 def serve(config_path: str | None, db: str | None, host: str | None, port: int | None) -> None:
     """Run the API, the prober and the notifiers in one process."""
     cfg = _config(config_path, db, host=host, port=port)
-    logging.basicConfig(level=cfg["server"]["log_level"].upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg["server"]["log_level"])
     uvicorn.run(create_app(cfg), host=cfg["server"]["host"], port=cfg["server"]["port"],
                 log_level=cfg["server"]["log_level"], lifespan="on", access_log=False,
-                server_header=False)
+                server_header=False, log_config=None)
 
 
 @cli.command()

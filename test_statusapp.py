@@ -1047,6 +1047,41 @@ async def test_http_timeout(probe_ctx, http_server):
     assert time.monotonic() - started < 1.2
 
 
+class _EndlessBody(socketserver.BaseRequestHandler):
+    """200 with no length and a body that never ends; records what it sent before the client
+    hung up."""
+
+    sent: list[int] = []
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        total, chunk = 0, b"x" * 65536
+        try:
+            while total < 1 << 30:
+                self.request.sendall(chunk)
+                total += len(chunk)
+        except OSError:
+            pass
+        self.sent.append(total)
+
+
+@pytest.mark.asyncio
+async def test_http_body_is_read_up_to_the_cap_then_the_check_ends(probe_cfg):
+    server = _serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), _EndlessBody))
+    cfg = {**probe_cfg, "probes": {**probe_cfg["probes"], "max_body_bytes": 100_000}}
+    ctx = statusapp.ProbeContext(cfg)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        result = await statusapp.probe_http(_monitor(url, timeout=10), ctx)
+        assert (result.status, result.status_code) == ("UP", 200)
+        eventually(lambda: _EndlessBody.sent, 5)  # the client hung up, the server stopped
+        assert _EndlessBody.sent[0] < 1 << 30
+    finally:
+        await ctx.aclose()
+        _stop(server)
+
+
 @pytest.mark.asyncio
 async def test_http_connection_refused(probe_ctx):
     port = free_port(socket.SOCK_STREAM)
@@ -3283,6 +3318,104 @@ def test_page_in_headless_browser(tmp_path):
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert int.from_bytes(png[16:20], "big") == 390  # the phone-width viewport
+
+
+# Secrets fed through every input a public page could echo: a heartbeat's fail body, a check
+# error carrying the target's own words, a target URL with credentials and a query-string key,
+# and request headers.  One served instance; its stderr is the log the logging test reads.
+
+_FAIL_BODY = "DB_PASSWORD=hunter2 at 10.0.0.5"
+_LEAK_ANSWER = b"LEAK-7f3a at 10.9.8.7\r\n\r\n"  # not HTTP: the check error quotes it
+_SECRETS = ("hunter2", "10.0.0.5", "LEAK-7f3a", "10.9.8.7", "pw-s3cret", "qs-s3cret",
+            "hdr-s3cret", "api_key")
+
+
+class _GarbageTarget(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.recv(65536)
+        self.request.sendall(_LEAK_ANSWER)
+
+
+@pytest.fixture(scope="module")
+def leaky_run(tmp_path_factory):
+    """A served StatusApp whose WEBSITE and CRON monitors went DOWN with secret-laden errors,
+    alerted a channel and a webhook, and sit on the public page "leaky"."""
+    target = _serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), _GarbageTarget))
+    receiver = _NotifyReceiver()
+    srv = Server(tmp_path_factory.mktemp("leaky"), env={"STATUSAPP_PROBES_RETRY_DELAY": "1"})
+    srv.start()
+    try:
+        api = _hb_api(srv)
+        channel = api.post("/notifications", json={"name": "ops hook", "type": "WEBHOOK",
+                                                    "config": {"url": f"{receiver.url}/chan"}})
+        hook = api.post("/webhooks", json={"name": "audit", "url": f"{receiver.url}/hook",
+                                           "events": "monitor.down,incident.created"})
+        assert channel.status_code == hook.status_code == 201, (channel.text, hook.text)
+        links = [{"channelId": channel.json()["id"]}]
+        url = f"http://admin:pw-s3cret@127.0.0.1:{target.server_address[1]}/h?api_key=qs-s3cret"
+        shop = api.post("/monitors", json={
+            "name": "Shop", "url": url, "type": "WEBSITE", "interval": 1, "timeout": 5,
+            "requestHeaders": json.dumps({"X-Token": "hdr-s3cret"}), "notifications": links})
+        assert shop.status_code == 201, shop.text
+        backup = _cron(api, name="Backup", notifications=links)
+        ping = backup["heartbeatUrl"].removeprefix(srv.url + "/api/v1")
+        assert api.post(ping + "/fail", content=_FAIL_BODY).status_code == 200
+        page = api.post("/status-pages", json={"name": "Leaky", "slug": "leaky", "monitorGroups": [
+            {"name": "All", "monitorIds": [shop.json()["id"], backup["id"]]}]})
+        assert page.status_code == 201, page.text
+        eventually(lambda: len({r["path"] for r in receiver.requests}) == 2
+                   and len(receiver.requests) >= 5 and
+                   api.get("/incidents").json()["pagination"]["total"] == 2, 15)
+        incident = api.get("/incidents", params={"monitorId": backup["id"]}).json()["incidents"]
+        update = api.post(f"/incidents/{incident[0]['id']}/updates",
+                          json={"status": "identified", "message": "Backups paused by Ann"})
+        assert update.status_code == 201, update.text
+        yield {"srv": srv, "api": api, "receiver": receiver, "ping": ping, "url": url,
+               "monitors": [shop.json()["id"], backup["id"]]}
+    finally:
+        srv.stop()
+        receiver.close()
+        _stop(target)
+
+
+def test_public_routes_never_show_check_errors_job_output_urls_or_headers(leaky_run):
+    srv, api = leaky_run["srv"], leaky_run["api"]
+    paths = ["/status/leaky", "/status/leaky.json", "/status/leaky/feed.atom",
+             *(f"/badge/{m}/{kind}.svg" for m in leaky_run["monitors"]
+               for kind in ("status", "uptime"))]
+    public = ""
+    for path in paths:
+        response = httpx.get(srv.url + path, timeout=10)
+        assert response.status_code == 200, path
+        public += response.text
+    errors = {c["error"] for m in leaky_run["monitors"]
+              for c in api.get(f"/monitors/{m}").json()["checks"]}
+    assert any("LEAK-7f3a" in e for e in errors) and _FAIL_BODY in errors  # they were stored...
+    target = urllib.parse.urlsplit(leaky_run["url"]).netloc.rsplit("@")[1]  # 127.0.0.1:port
+    for secret in (*_SECRETS, *errors, target, leaky_run["ping"].rsplit("/", 1)[1]):
+        assert secret not in public, secret  # ...and published nowhere
+    assert "Shop is down (cause: Server error)" in public
+    assert "Backup is down (cause: Application error)" in public
+    assert "Backups paused by Ann" in public  # what a person wrote is shown
+
+
+def test_log_has_status_changes_and_alert_outcomes_and_no_secrets(leaky_run):
+    """The default level logs one line per status change and per alert outcome, no probe
+    requests, and never a URL's credentials or query, a heartbeat id or a job's output."""
+    output = leaky_run["srv"].output()
+    token = leaky_run["ping"].rsplit("/", 1)[1]
+    for secret in ("pw-s3cret", "qs-s3cret", "hdr-s3cret", "hunter2", token):
+        assert secret not in output, secret
+    assert "HTTP Request:" not in output and "check of" not in output
+    shop, backup = leaky_run["monitors"]
+    assert re.search(rf"monitor Shop \({shop}\): PENDING \u2192 DOWN \(invalid HTTP answer", output)
+    assert f"monitor Backup ({backup}): PENDING \u2192 DOWN (heartbeat ping)" in output
+    assert "alert monitor.down for monitor Shop via WEBHOOK 'ops hook': delivered" in output
+    assert "alert incident.created for monitor Backup via WEBHOOK 'audit': delivered" in output
+    assert len(re.findall(r"alert monitor\.down for monitor Shop via WEBHOOK 'ops hook'",
+                          output)) == 1
+    for request in leaky_run["receiver"].requests:  # no payload carries the ping URL
+        assert token not in request["body"].decode(), request["path"]
 
 
 # --- Analytics and retention tests ---
