@@ -75,6 +75,7 @@ import httpcore
 import httpx
 import icmplib
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -120,6 +121,9 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "trusted_proxies": [],
         "log_level": "info",
         "metrics_token": "",
+        "keepalive_timeout": 5,
+        "header_timeout": 10.0,
+        "max_connections": 1000,
     },
     "account": {
         "plan": "ENTERPRISE",
@@ -6766,6 +6770,48 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
                                          Exception: on_api_error})
 
 
+class ReapingHTTP(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline for each request's headers.
+
+    uvicorn closes a keep-alive connection idle after a response (``timeout_keep_alive``) but
+    gives a new connection, or one sending its headers a byte at a time, all the time in the
+    world.  Here, whenever the connection waits for a request (on opening and after each
+    response), the request's headers must be complete within ``header_timeout`` seconds, or
+    the connection is closed."""
+
+    header_timeout = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._await_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _await_request(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.cycle)
+
+    def _expire(self, cycle: Any) -> None:
+        """No new request's headers since the deadline was set (``cycle`` is still current)."""
+        if self.cycle is cycle and not self.transport.is_closing():
+            self.transport.close()
+
+
+def reaping_http(header_timeout: float) -> type[ReapingHTTP]:
+    """ReapingHTTP with the configured header deadline, for ``uvicorn.run(http=...)``."""
+    return type("ReapingHTTP", (ReapingHTTP,), {"header_timeout": header_timeout})
+
+
 def setup_logging(level: str) -> None:
     """One stderr handler for every logger (uvicorn's too), each line redacted.  httpx's
     per-request INFO line (method and full URL) is never wanted: probes log at debug instead."""
@@ -6820,10 +6866,13 @@ def cli() -> None:
 def serve(config_path: str | None, db: str | None, host: str | None, port: int | None) -> None:
     """Run the API, the prober and the notifiers in one process."""
     cfg = _config(config_path, db, host=host, port=port)
-    setup_logging(cfg["server"]["log_level"])
-    uvicorn.run(create_app(cfg), host=cfg["server"]["host"], port=cfg["server"]["port"],
-                log_level=cfg["server"]["log_level"], lifespan="on", access_log=False,
-                server_header=False, log_config=None)
+    server = cfg["server"]
+    setup_logging(server["log_level"])
+    uvicorn.run(create_app(cfg), host=server["host"], port=server["port"],
+                log_level=server["log_level"], lifespan="on", access_log=False,
+                server_header=False, log_config=None, http=reaping_http(server["header_timeout"]),
+                timeout_keep_alive=server["keepalive_timeout"],
+                limit_concurrency=server["max_connections"] or None)
 
 
 @cli.command()

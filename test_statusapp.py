@@ -4189,6 +4189,56 @@ def test_serve_end_to_end_first_run_key_and_client_flow(server):
     assert counted["/api/v1/monitors/{monitorId}"] == 4  # GET, PUT, DELETE, GET
 
 
+def _closed_by_server(sock: socket.socket, trickle: bytes = b"") -> bool:
+    """Send ``trickle`` a byte at a time (or nothing) until the server closes the connection;
+    False if it is still open after 60 s."""
+    sock.settimeout(0.1)
+    for step in range(600):
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            pass
+        except ConnectionError:
+            return True
+        if trickle:
+            with contextlib.suppress(OSError):
+                sock.sendall(trickle[step % len(trickle):][:1])
+    return False
+
+
+def test_serve_reaps_idle_and_slow_clients_and_caps_connections(tmp_path):
+    srv = Server(tmp_path, env={"STATUSAPP_SERVER_HEADER_TIMEOUT": "0.5",
+                                "STATUSAPP_SERVER_KEEPALIVE_TIMEOUT": "1",
+                                "STATUSAPP_SERVER_MAX_CONNECTIONS": "4"}).start()
+    address = ("127.0.0.1", srv.port)
+    try:
+        key = _owner_key(srv)
+        with socket.create_connection(address) as idle:
+            assert _closed_by_server(idle)  # never sent a byte
+        with socket.create_connection(address) as slow:
+            slow.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+            assert _closed_by_server(slow, b"X-Slow: 1\r\n")  # headers a byte at a time
+        with socket.create_connection(address) as kept:
+            kept.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+            assert _closed_by_server(kept)  # idle after its answer: keep-alive timeout
+        busy = []  # requests whose body never comes hold their connections (and tasks)
+        for _ in range(3):
+            sock = socket.create_connection(address)
+            sock.sendall(b"POST /api/v1/monitors HTTP/1.1\r\nHost: x\r\nX-API-Key: " +
+                         key.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            busy.append(sock)
+        over = httpx.get(srv.url + "/api/v1/health", timeout=10)
+        assert over.status_code == 503
+        for sock in busy:
+            sock.close()
+        eventually(lambda: httpx.get(srv.url + "/api/v1/health", timeout=10).status_code == 200)
+    finally:
+        srv.stop()
+
+
 def test_serve_does_not_print_a_key_on_later_starts(tmp_path):
     first = Server(tmp_path).start()
     first.stop()
