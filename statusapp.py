@@ -1353,6 +1353,8 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
     def find(kind: type[BaseException]) -> Any:
         return next((e for e in chain if isinstance(e, kind)), None)
 
+    if (err := find(PrivateTargetError)) is not None:
+        return str(err), "CONFIGURATION_ERROR"
     if (err := find(socket.gaierror)) is not None:
         return f"DNS resolution failed: {err.strerror or err}", "DNS_FAILURE"
     if find(TimeoutError) or find(httpx.TimeoutException):
@@ -1379,7 +1381,8 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
 # HTTP timings.  httpcore's "trace" extension reports TLS, request and response phases, but
 # DNS happens inside its TCP connect.  So the pool gets a network backend that resolves the
 # name itself and connects to the address, timing both into the check's timings dict, which
-# it finds through a context variable (each check runs in its own task).
+# it finds through a context variable (each check runs in its own task).  Resolving there also
+# lets it refuse private addresses and connect to exactly the address it checked.
 
 _TIMING_PHASES = ("dns", "connect", "tls", "ttfb", "transfer")
 _TRACE_PHASES = {  # phase: (trace step that starts it, trace step whose completion ends it)
@@ -1408,11 +1411,39 @@ def _tracer(timings: dict[str, float]) -> Callable[[str, dict[str, Any]], Awaita
     return trace
 
 
-class _TimedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend with name resolution split out of the TCP connect."""
+class PrivateTargetError(httpcore.ConnectError):
+    """A target that is, or resolves to, a private, loopback or link-local address where
+    ``allow_private_targets`` is false."""
 
-    def __init__(self) -> None:
+
+def is_public_address(text: str) -> bool:
+    """A globally routable unicast address (an IPv4-mapped IPv6 address counts as its IPv4)."""
+    address = ipaddress.ip_address(text.partition("%")[0])
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_global and not address.is_multicast
+
+
+async def resolve_target(host: str, port: int, allow_private: bool) -> list[str]:
+    """The addresses of ``host``, resolved once, for the caller to connect to (so what was
+    checked is what is reached: no second lookup a rebinding DNS server could answer
+    differently).  Unless ``allow_private``, PrivateTargetError if any is not public."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    private = [a for a in addresses if not is_public_address(a)]
+    if private and not allow_private:
+        raise PrivateTargetError(f"{host} is or resolves to {private[0]}, a private, loopback or"
+                                 f" link-local address, and allow_private_targets is false")
+    return addresses
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend with name resolution split out of the TCP connect: it
+    resolves once, refuses private addresses unless allowed, and connects to the addresses it
+    checked (TLS still verifies and sends SNI for the URL's host name)."""
+
+    def __init__(self, allow_private: bool) -> None:
         self._inner = httpcore.AnyIOBackend()
+        self._allow_private = allow_private
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
@@ -1422,8 +1453,7 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM)
+                addresses = await resolve_target(host, port, self._allow_private)
         except TimeoutError:
             raise httpcore.ConnectError(f"DNS lookup of {host} timed out") from socket.gaierror(
                 socket.EAI_AGAIN, "lookup timed out")
@@ -1432,7 +1462,7 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         resolved = time.perf_counter()
         remaining = None if timeout is None else max(timeout - (resolved - started), 0.001)
         error: Exception | None = None
-        for address in dict.fromkeys(info[4][0] for info in infos):
+        for address in addresses:
             try:
                 stream = await self._inner.connect_tcp(address, port, remaining, local_address,
                                                        socket_options)
@@ -1453,21 +1483,23 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class _ProbeTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a pool that uses _TimedBackend and keeps no idle connection.
+class _PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a pool that uses _PinnedBackend (httpx takes no network
+    backend, so ``_pool`` is replaced).
 
-    No keep-alive: every check opens its own connection, so response times and timings
-    measure what a new visitor sees (DNS, connect, TLS), not a warm socket; and the pool
-    never holds a large idle set, which is what makes the stock pool slow under high
-    concurrency (encode/httpx#3215).  No connection cap either: the scheduler bounds
+    Probes keep no idle connection (``keepalive=0``): every check opens its own connection, so
+    response times and timings measure what a new visitor sees (DNS, connect, TLS), not a warm
+    socket; and the pool never holds a large idle set, which is what makes the stock pool slow
+    under high concurrency (encode/httpx#3215).  No connection cap either: the scheduler bounds
     concurrency with its own semaphore, and a second, smaller cap here would only turn
-    waiting into false timeouts.  httpx takes no network backend, so ``_pool`` is replaced."""
+    waiting into false timeouts."""
 
-    def __init__(self, ssl_context: ssl.SSLContext) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, allow_private: bool,
+                 keepalive: int | None = 0) -> None:
         super().__init__(verify=ssl_context, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context, max_connections=None, max_keepalive_connections=0,
-            network_backend=_TimedBackend())
+            ssl_context=ssl_context, max_connections=None, max_keepalive_connections=keepalive,
+            network_backend=_PinnedBackend(allow_private))
 
 
 def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
@@ -1518,7 +1550,8 @@ class ProbeContext:
         # monitor on the same site.  No proxy from the environment: checks measure the path
         # from this host to the target.
         self.http = httpx.AsyncClient(
-            transport=_ProbeTransport(self.ssl_context), headers={"User-Agent": _USER_AGENT},
+            transport=_PinnedTransport(self.ssl_context, self.cfg["allow_private_targets"]),
+            headers={"User-Agent": _USER_AGENT},
             cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(
                 allowed_domains=[])), trust_env=False)
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
@@ -1733,6 +1766,14 @@ async def _udp_check(host: str, port: int, timeout: float) -> str:
         transport.close()
 
 
+async def checked_host(host: str, port: int, ctx: ProbeContext) -> str:
+    """What a non-HTTP probe connects to: ``host`` itself where private targets are allowed
+    (resolved as usual), else its first address once resolve_target has checked them all."""
+    if ctx.cfg["allow_private_targets"]:
+        return host
+    return (await resolve_target(host, port, False))[0]
+
+
 async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """PORT: a completed TCP handshake is UP; UDP follows the rule above."""
     host, port = _target_host(monitor.get("url") or ""), monitor.get("port")
@@ -1741,17 +1782,19 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     timeout = _timeout(monitor)
     started = time.perf_counter()
     try:
+        async with asyncio.timeout(timeout):
+            address = await checked_host(host, port, ctx)
         if (monitor.get("protocol") or "TCP").upper() == "UDP":
-            state = await _udp_check(host, port, timeout)
+            state = await _udp_check(address, port, timeout)
             return CheckResult(status="UP", response_time=_elapsed_ms(started),
                                details={"udp": state})
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(host, port)
+            _, writer = await asyncio.open_connection(address, port)
         writer.transport.abort()
     except ConnectionRefusedError:
         return _down(f"port {port} is closed", "INFRASTRUCTURE",
                      response_time=_elapsed_ms(started))
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, PrivateTargetError) as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started))
     return CheckResult(status="UP", response_time=_elapsed_ms(started))
@@ -1770,10 +1813,13 @@ async def probe_ping(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     timeout = _timeout(monitor)
     privileged = hasattr(os, "geteuid") and os.geteuid() == 0
     try:
-        reply = await icmplib.async_ping(host, count=_PING_COUNT, interval=_PING_INTERVAL,
+        address = await checked_host(host, 0, ctx)
+        reply = await icmplib.async_ping(address, count=_PING_COUNT, interval=_PING_INTERVAL,
                                          timeout=timeout / _PING_COUNT, privileged=privileged)
-    except icmplib.NameLookupError:
+    except (icmplib.NameLookupError, socket.gaierror):
         return _down(f"cannot resolve {host}", "DNS_FAILURE")
+    except PrivateTargetError as exc:
+        return _down(str(exc), "CONFIGURATION_ERROR")
     except icmplib.SocketPermissionError:
         return _down("ICMP is not permitted: run as root or allow this group in "
                      "net.ipv4.ping_group_range", "CONFIGURATION_ERROR")
@@ -1930,9 +1976,10 @@ def _parse_certificate(der: bytes) -> dict[str, Any]:
         raise ValueError(f"unreadable certificate: {exc}") from None
 
 
-async def _peer_certificate(host: str, port: int, context: ssl.SSLContext) -> bytes:
-    """The DER certificate the server presents; raises if ``context`` rejects it."""
-    _, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=host)
+async def _peer_certificate(host: str, address: str, port: int,
+                            context: ssl.SSLContext) -> bytes:
+    """The DER certificate ``address`` presents for ``host``; raises if ``context`` rejects it."""
+    _, writer = await asyncio.open_connection(address, port, ssl=context, server_hostname=host)
     try:
         return writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     finally:
@@ -1954,13 +2001,14 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     rejected: ssl.SSLCertVerificationError | None = None
     try:
         async with asyncio.timeout(timeout):
+            address = await checked_host(host, port, ctx)
             try:
-                der = await _peer_certificate(host, port, ctx.ssl_context)
+                der = await _peer_certificate(host, address, port, ctx.ssl_context)
             except ssl.SSLCertVerificationError as exc:
                 rejected = exc
-                der = await _peer_certificate(host, port, ctx.unverified_ssl_context)
+                der = await _peer_certificate(host, address, port, ctx.unverified_ssl_context)
         cert = _parse_certificate(der)
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, PrivateTargetError) as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started))
     except ValueError as exc:
@@ -3281,10 +3329,17 @@ class NotifyContext:
         self.timeout: float | None = cfg["notifications"]["timeout"] or None
         self.client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False,
                                         headers={"User-Agent": f"StatusApp/{VERSION}"})
+        # URLs from API users (webhooks, chat webhooks) go through a client of their own, which
+        # connects only to addresses it has checked (see _PinnedBackend).
+        self.user_client = httpx.AsyncClient(
+            timeout=self.timeout, follow_redirects=False, headers=self.client.headers,
+            transport=_PinnedTransport(httpx.create_ssl_context(), keepalive=None,
+                                       allow_private=cfg["notifications"]["allow_private_targets"]))
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
         await self.client.aclose()
+        await self.user_client.aclose()
 
     async def __aenter__(self) -> NotifyContext:
         return self
@@ -3510,34 +3565,20 @@ def webhook_payload(alert: Alert) -> dict[str, Any]:
 # HTTP plumbing shared by every sender.
 
 
-async def check_target(url: str, cfg: dict[str, dict[str, Any]]) -> None:
-    """Refuse a user's URL that is not http(s) or, unless allowed, resolves inside our network.
+def check_target(url: str) -> None:
+    """Refuse a user's URL that is not http(s) with a host and a valid port.
 
-    Channel and webhook URLs come from API users; without this guard StatusApp would POST to
-    internal services for them.  The name is resolved again when connecting, so a DNS server
-    that answers differently the second time can still get past this check.
+    Channel and webhook URLs come from API users; without ``notifications.allow_private_targets``
+    the user client's backend also refuses any that resolve inside our network, at connect
+    time, on the very address it connects to.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise DeliveryError("target URL must be http:// or https:// with a host", permanent=True)
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts.port
     except ValueError:
         raise DeliveryError("target URL has an invalid port", permanent=True) from None
-    if cfg["notifications"]["allow_private_targets"]:
-        return
-    host = parts.hostname
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise DeliveryError(f"cannot resolve {host}: {exc.strerror}") from None
-    for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].partition("%")[0])
-        address = getattr(address, "ipv4_mapped", None) or address
-        if not address.is_global or address.is_multicast:
-            raise DeliveryError(f"{host} resolves to non-public address {address}; "
-                                "set notifications.allow_private_targets to allow it",
-                                permanent=True)
 
 
 def _permanent_status(code: int) -> bool:
@@ -3558,9 +3599,10 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
                 **request: Any) -> int:
     """POST and map the outcome onto DeliveryError; return the 2xx status."""
     if user_url:
-        await check_target(url, ctx.cfg)
+        check_target(url)
     try:
-        async with ctx.client.stream("POST", url, **request) as response:
+        async with (ctx.user_client if user_url else ctx.client).stream(
+                "POST", url, **request) as response:
             if response.is_success:
                 return response.status_code
             detail = await _excerpt(response)
@@ -3569,6 +3611,8 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
         raise DeliveryError(f"{service}: invalid URL ({exc})", permanent=True) from None
     except httpx.TransportError as exc:
+        if isinstance(exc.__cause__, PrivateTargetError):
+            raise DeliveryError(f"{service}: {exc.__cause__}", permanent=True) from None
         raise DeliveryError(f"{service}: {type(exc).__name__}: {exc}") from None
     code = response.status_code
     raise DeliveryError(f"{service} answered HTTP {code}" + (f": {detail}" if detail else ""),
@@ -4670,6 +4714,62 @@ OWNED = {"monitors": ("monitorId", "Monitor"), "incidents": ("incidentId", "Inci
          "webhooks": ("webhookId", "Webhook"), "status_pages": ("statusPageId", "Status page")}
 
 
+# Private targets.  With ``allow_private_targets = false`` ([probes] for monitors,
+# [notifications] for channels and webhooks) a target that is, or resolves to, a private,
+# loopback or link-local address is refused when it is saved, and again at every connection
+# (resolve_target), so a DNS answer that changes in between cannot get past.
+
+_CONNECTING_TYPES = ("WEBSITE", "API", "PING", "PORT", "SSL_CERT")  # DNS/DOMAIN ask resolvers
+_PRIVATE_CHECK_SECONDS = 5.0
+
+
+def channel_targets(config: Any, path: list[Any]) -> list[tuple[list[Any], str]]:
+    """The URLs a channel config sends to (webhookUrl or url), with their field paths."""
+    if not isinstance(config, dict):
+        return []
+    return [([*path, key], config[key]) for key in ("webhookUrl", "url")
+            if isinstance(config.get(key), str)]
+
+
+def monitor_targets(clean: dict[str, Any], existing: dict[str, Any] | None
+                    ) -> dict[str, list[tuple[list[Any], str]]]:
+    """A monitor's targets that this change sets, by the config section that rules them."""
+    record = {**(existing or {}), **clean}
+    probes: list[tuple[list[Any], str]] = []
+    if ("url" in clean or "type" in clean) and record.get("type") in _CONNECTING_TYPES:
+        probes.append((["url"], record.get("url") or ""))
+    token_url = (clean.get("apiAuthConfig") or {}).get("oauth2TokenUrl")
+    if isinstance(token_url, str):
+        probes.append((["apiAuthConfig", "oauth2TokenUrl"], token_url))
+    inline = [target for i, entry in enumerate(clean.get("notifications") or [])
+              for target in channel_targets(entry.get("config"), ["notifications", i, "config"])]
+    return {"probes": probes, "notifications": inline}
+
+
+async def _private_issue(path: list[Any], target: str, section: str) -> dict[str, Any] | None:
+    host = _target_host(target)
+    if not host:
+        return None
+    try:
+        async with asyncio.timeout(_PRIVATE_CHECK_SECONDS):
+            await resolve_target(host, 0, False)
+    except PrivateTargetError as exc:
+        return {"code": "custom", "path": path, "message": f"{exc} in [{section}]"}
+    except (OSError, TimeoutError):
+        pass  # unresolvable now: the connection is checked when it is made
+    return None
+
+
+async def refuse_private_targets(cfg: dict[str, dict[str, Any]],
+                                 targets: dict[str, list[tuple[list[Any], str]]]) -> None:
+    """400 naming each target that is private where its section does not allow that."""
+    issues = [issue for section, found in targets.items()
+              if not cfg[section]["allow_private_targets"] for path, target in found
+              if (issue := await _private_issue(path, target, section))]
+    if issues:
+        raise ValidationFailed(issues)
+
+
 async def load_owned(call: Call, table: str, ident: str | None = None) -> sqlite3.Row:
     """The team's row of ``table`` named by the path (or ``ident``), or 404: another team's
     resource does not exist for the caller."""
@@ -4767,6 +4867,7 @@ async def get_monitor(call: Call) -> dict[str, Any]:
 async def create_monitor(call: Call) -> Response:
     body = await call.json()
     clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
+    await refuse_private_targets(call.rt.cfg, monitor_targets(clean, None))
     monitor_id, stamp = new_id("mon"), now_ms()
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
     if clean["type"] == "CRON" and not clean["url"]:
@@ -4792,6 +4893,7 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
                   " AND channel_id IS NULL ORDER BY created_at, id", (row["id"],))]
     clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing,
                                             inline=inline), existing=existing)
+    await refuse_private_targets(call.rt.cfg, monitor_targets(clean, existing))
     columns = column_values([f for f in fields if f.name not in _NOT_COLUMNS], clean)
     kind = clean.get("type", existing["type"])
     if kind == "CRON" and not row["heartbeat_id"]:
@@ -5233,6 +5335,8 @@ async def get_channel(call: Call) -> dict[str, Any]:
 @api("/notifications", "POST", body=CHANNEL_FIELDS)
 async def create_channel(call: Call) -> Response:
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env())
+    await refuse_private_targets(call.rt.cfg, {
+        "notifications": channel_targets(clean["config"], ["config"])})
     row = await create_owned(call, "notification_channels", "nc",
                              column_values(CHANNEL_FIELDS, clean))
     return JSONResponse(channel_json(row), 201)
@@ -5246,6 +5350,8 @@ async def update_channel(call: Call) -> dict[str, Any]:
                 "isActive": bool(row["is_active"])}
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env(existing=existing),
                      existing=existing)
+    await refuse_private_targets(call.rt.cfg, {
+        "notifications": channel_targets(clean.get("config"), ["config"])})
     columns = column_values(CHANNEL_FIELDS, clean)
     if "config" in clean:
         columns |= {"failing": 0, "last_error": None}
@@ -5311,6 +5417,7 @@ async def get_webhook(call: Call) -> dict[str, Any]:
 @api("/webhooks", "POST", body=WEBHOOK_FIELDS)
 async def create_webhook(call: Call) -> Response:
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env())
+    await refuse_private_targets(call.rt.cfg, {"notifications": channel_targets(clean, [])})
     row = await create_owned(call, "webhooks", "wh", column_values(WEBHOOK_FIELDS, clean))
     return JSONResponse(webhook_json(row), 201)
 
@@ -5322,6 +5429,7 @@ async def update_webhook(call: Call) -> dict[str, Any]:
     existing = {"name": row["name"], "url": row["url"], "events": row["events"],
                 "secret": row["secret"], "isActive": bool(row["is_active"])}
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env(), existing=existing)
+    await refuse_private_targets(call.rt.cfg, {"notifications": channel_targets(clean, [])})
     await call.rt.db.write([update_statement("webhooks", row["id"],
                                              column_values(WEBHOOK_FIELDS, clean))])
     return webhook_json(await load_owned(call, "webhooks"))

@@ -592,6 +592,44 @@ def test_rate_limit_headers_and_429(tmp_path):
         assert client.get("/api/v1/worker-regions", headers=other).status_code == 200
 
 
+def test_private_targets_are_refused_when_saved_if_not_allowed(tmp_path):
+    cfg = make_cfg(tmp_path, probes={"allow_private_targets": False},
+                   notifications={"allow_private_targets": False})
+    with _app(cfg, new_key(cfg)) as client:
+        refused = [
+            ("/monitors", {"name": "m", "type": "WEBSITE", "url": "http://localhost:9/"}, ["url"]),
+            ("/monitors", {"name": "m", "type": "PORT", "url": "10.0.0.5", "port": 22,
+                           "protocol": "TCP"}, ["url"]),
+            ("/monitors", {"name": "m", "type": "PING", "url": "169.254.169.254"}, ["url"]),
+            ("/monitors", {"name": "m", "type": "API", "url": "https://api.home.test",
+                           "notifications": [{"type": "SLACK", "config": {
+                               "webhookUrl": "http://[::1]/hook"}}]},
+             ["notifications", 0, "config", "webhookUrl"]),
+            ("/notifications", {"name": "n", "type": "DISCORD",
+                                "config": {"webhookUrl": "http://127.0.0.1/x"}},
+             ["config", "webhookUrl"]),
+            ("/webhooks", {"name": "w", "url": "http://localhost/hook", "events": "monitor.down"},
+             ["url"])]
+        for path, body, field in refused:
+            response = client.post("/api/v1" + path, json=body)
+            assert response.status_code == 400, (path, response.text)
+            issue = response.json()["error"][0]
+            assert issue["path"] == field and "allow_private_targets is false" in issue["message"]
+        public = client.post("/api/v1/monitors", json={"name": "m", "type": "WEBSITE",
+                                                       "url": "https://api.home.test"})
+        dns = client.post("/api/v1/monitors", json={"name": "d", "type": "DNS",
+                                                    "url": "localhost", "dnsRecord": "A"})
+        assert public.status_code == dns.status_code == 201  # DNS checks ask a resolver
+        moved = client.put(f"/api/v1/monitors/{public.json()['id']}",
+                           json={"url": "http://127.0.0.1:8080/"})
+        assert moved.status_code == 400 and moved.json()["error"][0]["path"] == ["url"]
+    cfg["notifications"]["allow_private_targets"] = True  # the settings are independent
+    with _app(cfg, new_key(cfg, "second@example.test")) as client:
+        hook = client.post("/api/v1/webhooks", json={"name": "w", "url": "http://localhost/h",
+                                                     "events": "monitor.down"})
+        assert hook.status_code == 201, hook.text
+
+
 def test_cors_preflight_and_headers(client):
     preflight = client.options("/api/v1/monitors", headers={
         "Origin": "http://dash.home.test", "Access-Control-Request-Method": "POST",
@@ -1080,6 +1118,64 @@ async def test_http_body_is_read_up_to_the_cap_then_the_check_ends(probe_cfg):
     finally:
         await ctx.aclose()
         _stop(server)
+
+
+@pytest.mark.asyncio
+async def test_private_targets_are_refused_at_connect_time(probe_cfg, tls_servers, notify_http):
+    """With [probes] allow_private_targets = false, every connecting probe type refuses a
+    target that is, or resolves to, a loopback address, before any connection is made."""
+    cfg = {**probe_cfg, "probes": {**probe_cfg["probes"], "allow_private_targets": False}}
+    ctx = statusapp.ProbeContext(cfg)
+    port = notify_http.url.rsplit(":", 1)[1]
+    try:
+        checks = [(statusapp.probe_http, _monitor(f"http://localhost:{port}/")),
+                  (statusapp.probe_port, _monitor("127.0.0.1", "PORT", port=int(port))),
+                  (statusapp.probe_ssl, _monitor(f"https://127.0.0.1:{tls_servers['valid']}",
+                                                 "SSL_CERT")),
+                  (statusapp.probe_ping, _monitor("::1", "PING"))]
+        for probe, monitor in checks:
+            result = await probe(monitor, ctx)
+            assert (result.status, result.category) == ("DOWN", "CONFIGURATION_ERROR"), result
+            assert "allow_private_targets is false" in result.error
+    finally:
+        await ctx.aclose()
+    assert notify_http.requests == []
+
+
+@pytest.mark.asyncio
+async def test_connections_go_to_the_one_address_resolved_and_checked(probe_cfg, notify_http,
+                                                                      monkeypatch):
+    """Probes and user-URL alerts resolve a name once per request and connect to that answer;
+    a name answering 127.0.0.1 first and 127.0.0.2 (nothing listens) afterwards still works."""
+    loop = asyncio.get_running_loop()
+    real, lookups = loop.getaddrinfo, []
+
+    async def rebinding(host, port, *args, **kwargs):
+        if host != "pinned.test":
+            return await real(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    port = notify_http.url.rsplit(":", 1)[1]
+    ctx = statusapp.ProbeContext(probe_cfg)
+    try:
+        result = await statusapp.probe_http(_monitor(f"http://pinned.test:{port}/",
+                                                     httpMethod="POST"), ctx)
+        assert result.status == "UP" and lookups == ["pinned.test"], result
+    finally:
+        await ctx.aclose()
+    for allow, requests in ((True, 2), (False, 2)):
+        lookups.clear()
+        cfg = statusapp.load_config(environ={}, overrides={
+            "notifications": {"allow_private_targets": allow}})
+        async with statusapp.NotifyContext(cfg) as notify:
+            records = await statusapp.deliver(statusapp.send_webhook,
+                                              {"url": f"http://pinned.test:{port}/hook"},
+                                              _notify_down(), notify, attempts=1)
+        assert records[0]["ok"] is allow and lookups == ["pinned.test"], records
+        assert len(notify_http.requests) == requests  # refused: nothing was sent
 
 
 @pytest.mark.asyncio
@@ -2845,7 +2941,7 @@ async def test_notify_private_targets_guard(notify_http, notify_cfg):
                                           ctx) == 200
         for url in ("file:///etc/passwd", "ftp://127.0.0.1/", "http:///nohost"):
             with pytest.raises(statusapp.DeliveryError) as refused:
-                await statusapp.check_target(url, notify_cfg)
+                statusapp.check_target(url)
             assert refused.value.permanent
 
 
