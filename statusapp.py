@@ -1428,7 +1428,7 @@ async def resolve_target(host: str, port: int, allow_private: bool) -> list[str]
     checked is what is reached: no second lookup a rebinding DNS server could answer
     differently).  Unless ``allow_private``, PrivateTargetError if any is not public."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     private = [a for a in addresses if not is_public_address(a)]
     if private and not allow_private:
         raise PrivateTargetError(f"{host} is or resolves to {private[0]}, a private, loopback or"
@@ -2552,8 +2552,9 @@ class Scheduler:
     def _record(self, entry: _Scheduled, result: CheckResult, started: float) -> None:
         """Queue the check, and the transition it causes, as one write; plan the next check."""
         monitor_id, at = entry.record["id"], int(started * 1000)
-        log.debug("check of %s (%s): %s %s", entry.record["name"], redact(entry.record["url"] or ""),
-                  result.status, result.error or result.status_code or "")
+        log.debug("check of %s (%s): %s %s", entry.record["name"],
+                  redact(entry.record["url"] or ""), result.status,
+                  result.error or result.status_code or "")
         statements = check_statements(monitor_id, self.region, result, at)
         status = entry.judge(result, self.probes)
         if status == "UP" and entry.regression:
@@ -6920,13 +6921,19 @@ def reaping_http(header_timeout: float) -> type[ReapingHTTP]:
     return type("ReapingHTTP", (ReapingHTTP,), {"header_timeout": header_timeout})
 
 
+# Loggers kept at WARNING whatever the level: httpx's per-request INFO line (method and full
+# URL; probes log at debug instead) and aiosqlite's debug lines (every statement with its
+# parameters: key hashes, auth configs, heartbeat bodies).
+_QUIET_LOGGERS = ("httpx", "aiosqlite")
+
+
 def setup_logging(level: str) -> None:
-    """One stderr handler for every logger (uvicorn's too), each line redacted.  httpx's
-    per-request INFO line (method and full URL) is never wanted: probes log at debug instead."""
+    """One stderr handler for every logger (uvicorn's too), each line redacted."""
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _options(command: Callable[..., Any]) -> Callable[..., Any]:

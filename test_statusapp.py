@@ -3514,6 +3514,24 @@ def test_log_has_status_changes_and_alert_outcomes_and_no_secrets(leaky_run):
         assert token not in request["body"].decode(), request["path"]
 
 
+def test_every_log_line_is_redacted_at_any_level():
+    """The formatter `serve` installs strips URL credentials, queries and heartbeat ids from
+    messages and tracebacks alike."""
+    assert statusapp.redact('GET https://u:pw@api.test:8/v1/x?api_key=k#f "HTTP/1.1 200"') == \
+        'GET https://api.test:8/v1/x?\u2026 "HTTP/1.1 200"'
+    assert statusapp.redact("POST /api/v1/heartbeat/AbC-_9/fail") == \
+        "POST /api/v1/heartbeat/\u2026/fail"
+    assert statusapp.redact("plain https://status.test/page") == "plain https://status.test/page"
+    try:
+        raise ValueError("cannot reach http://admin:hunter2@10.0.0.5/?token=t0k")
+    except ValueError:
+        record = logging.LogRecord("statusapp", logging.DEBUG, __file__, 1, "failed %s", (
+            "https://hooks.test/x?secret=s3c",), sys.exc_info())
+    line = statusapp.RedactingFormatter("%(message)s").format(record)
+    assert "ValueError: cannot reach http://10.0.0.5/?\u2026" in line
+    assert not {"hunter2", "t0k", "s3c"} & set(re.findall(r"\w+", line))
+
+
 # --- Analytics and retention tests ---
 
 
