@@ -243,6 +243,41 @@ def test_schema_upgrades_an_older_database_in_place(tmp_path):
         assert response.headers["X-RateLimit-Limit"] == "1000"  # the old account's plan survived
 
 
+def test_upgrade_scrubs_check_errors_from_old_automatic_incident_updates(tmp_path):
+    """Older versions opened incidents with "<name> is down: <check error>" as a public update;
+    the migration rewrites those (and only those) to the cause category."""
+    cfg = make_cfg(tmp_path)
+    scrub = next(n for n, text in statusapp.load_migrations().items()
+                 if "UPDATE incident_updates SET message" in text)
+
+    async def make_old():
+        db = statusapp.Database(cfg["server"]["database"])
+        await db.open(upto=scrub - 1)
+        async with db.transaction() as conn:
+            account = await statusapp.create_account(conn, "old@example.test", "Old", "STARTER")
+            await conn.execute(*statusapp.insert_statement("monitors", {
+                "id": "mon_1", "account_id": account, "name": "Backup", "url": "", "type": "CRON",
+                "http_method": "GET", **dict.fromkeys((
+                    "interval", "timeout", "grace_period", "ssl_cert_expiry_days",
+                    "regression_enabled", "regression_threshold", "regression_period",
+                    "performance_timings", "domain_expiry_days", "domain_monitor_dns",
+                    "domain_monitor_blacklist", "domain_monitor_whois", "created_at",
+                    "updated_at"), 1)}))
+            await conn.execute(
+                "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at,"
+                " severity, status, root_cause, root_cause_category) VALUES ('inc_1', ?, 'mon_1',"
+                " 2025, 1, 1000, 'high', 'open', 'x', 'APPLICATION_ERROR')", (account,))
+            await conn.executemany("INSERT INTO incident_updates VALUES (?, 'inc_1', ?, ?, ?)", [
+                ("iu_1", "investigating", "Backup is down: DB_PASSWORD=hunter2", 1000),
+                ("iu_2", "investigating", "Backup is down: we think it is the disk", 5000)])
+        await db.close()
+    asyncio.run(make_old())
+    new_key(cfg, "old@example.test")
+    assert sql(cfg, "SELECT message FROM incident_updates ORDER BY id") == [
+        ("Backup is down (cause: application error)",),
+        ("Backup is down: we think it is the disk",)]  # a person's words stay
+
+
 def test_newer_database_is_refused(tmp_path):
     cfg = make_cfg(tmp_path)
     new_key(cfg)
