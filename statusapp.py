@@ -1584,6 +1584,9 @@ def _oauth2_key(auth: dict[str, Any]) -> tuple[str, ...]:
         "oauth2GrantType"))
 
 
+_TOKEN_MAX_BYTES = 65_536  # of a token endpoint's answer (uncompressed: identity is asked for)
+
+
 async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
                               timeout: float) -> tuple[str, float]:
     """POST the client credentials in the form body; if the server refuses that as
@@ -1597,11 +1600,13 @@ async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
                 (form, httpx.BasicAuth(client_id, secret))]
     try:
         for data, basic in attempts:
-            async with asyncio.timeout(timeout):
-                response = await client.post(url, data=data, auth=basic, timeout=timeout)
+            async with asyncio.timeout(timeout), client.stream(
+                    "POST", url, data=data, auth=basic, timeout=timeout,
+                    headers={"Accept-Encoding": "identity"}) as response:
+                answer = await _read_capped(response, _TOKEN_MAX_BYTES)
             if response.status_code not in (400, 401) or basic is not None:
                 break
-            if "invalid_client" not in response.text:
+            if b"invalid_client" not in answer:
                 break
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
@@ -1611,7 +1616,7 @@ async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
                           "CONFIGURATION_ERROR" if response.status_code < 500
                           else "THIRD_PARTY_SERVICE")
     try:
-        body = response.json()
+        body = json.loads(answer)
         return str(body["access_token"]), float(body.get("expires_in") or 300)
     except (ValueError, KeyError, TypeError):
         raise _ProbeError("OAuth2 token endpoint sent no access_token",

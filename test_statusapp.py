@@ -1150,6 +1150,12 @@ async def test_http_body_is_read_up_to_the_cap_then_the_check_ends(probe_cfg):
         assert (result.status, result.status_code) == ("UP", 200)
         eventually(lambda: _EndlessBody.sent, 5)  # the client hung up, the server stopped
         assert _EndlessBody.sent[0] < 1 << 30
+        auth = {"type": "oauth2", "oauth2TokenUrl": url, "oauth2ClientId": "c",
+                "oauth2ClientSecret": "s"}  # an endless token answer is cut short too
+        result = await statusapp.probe_http(_monitor(url, timeout=10, apiAuthConfig=auth), ctx)
+        assert (result.status, result.error) == (
+            "DOWN", "OAuth2 token endpoint sent no access_token")
+        eventually(lambda: len(_EndlessBody.sent) == 2, 5)
     finally:
         await ctx.aclose()
         _stop(server)
