@@ -1584,7 +1584,16 @@ def _oauth2_key(auth: dict[str, Any]) -> tuple[str, ...]:
         "oauth2GrantType"))
 
 
-_TOKEN_MAX_BYTES = 65_536  # of a token endpoint's answer (uncompressed: identity is asked for)
+_TOKEN_MAX_BYTES = 65_536  # of a token endpoint's answer
+
+
+async def _fetch_capped(client: httpx.AsyncClient, method: str, url: str, limit: int,
+                        **request: Any) -> tuple[int, bytes]:
+    """One request and at most ``limit`` bytes of its answer, asked for uncompressed (so the
+    cap bounds what is parsed): the status code and those bytes."""
+    headers = {**request.pop("headers", {}), "Accept-Encoding": "identity"}
+    async with client.stream(method, url, headers=headers, **request) as response:
+        return response.status_code, await _read_capped(response, limit)
 
 
 async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
@@ -1600,21 +1609,19 @@ async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
                 (form, httpx.BasicAuth(client_id, secret))]
     try:
         for data, basic in attempts:
-            async with asyncio.timeout(timeout), client.stream(
-                    "POST", url, data=data, auth=basic, timeout=timeout,
-                    headers={"Accept-Encoding": "identity"}) as response:
-                answer = await _read_capped(response, _TOKEN_MAX_BYTES)
-            if response.status_code not in (400, 401) or basic is not None:
+            async with asyncio.timeout(timeout):
+                status, answer = await _fetch_capped(client, "POST", url, _TOKEN_MAX_BYTES,
+                                                     data=data, auth=basic, timeout=timeout)
+            if status not in (400, 401) or basic is not None:
                 break
             if b"invalid_client" not in answer:
                 break
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
         raise _ProbeError(f"OAuth2 token endpoint: {message}", category) from None
-    if response.status_code != 200:
-        raise _ProbeError(f"OAuth2 token endpoint answered HTTP {response.status_code}",
-                          "CONFIGURATION_ERROR" if response.status_code < 500
-                          else "THIRD_PARTY_SERVICE")
+    if status != 200:
+        raise _ProbeError(f"OAuth2 token endpoint answered HTTP {status}",
+                          "CONFIGURATION_ERROR" if status < 500 else "THIRD_PARTY_SERVICE")
     try:
         body = json.loads(answer)
         return str(body["access_token"]), float(body.get("expires_in") or 300)
@@ -2097,15 +2104,16 @@ async def _rdap_lookup(name: str, ctx: ProbeContext, timeout: float) -> dict[str
     url = f"{ctx.cfg['rdap_url'].rstrip('/')}/domain/{name}"
     try:
         async with asyncio.timeout(timeout):
-            response = await ctx.http.get(url, follow_redirects=True, timeout=timeout,
-                                          headers={"Accept": "application/rdap+json"})
+            status, answer = await _fetch_capped(
+                ctx.http, "GET", url, ctx.cfg["max_body_bytes"], follow_redirects=True,
+                timeout=timeout, headers={"Accept": "application/rdap+json"})
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
         raise _ProbeError(f"RDAP: {message}", category) from None
-    if response.status_code != 200:
-        raise _ProbeError(f"RDAP: HTTP {response.status_code}", "THIRD_PARTY_SERVICE")
+    if status != 200:
+        raise _ProbeError(f"RDAP: HTTP {status}", "THIRD_PARTY_SERVICE")
     try:
-        data = response.json()
+        data = json.loads(answer)
         events = {e.get("eventAction"): e.get("eventDate") for e in data.get("events") or []}
         return _registration("rdap", _parse_date(events.get("expiration")),
                              _rdap_registrar(data), list(data.get("status") or []),
