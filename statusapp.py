@@ -7031,39 +7031,49 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
 
 
 class ReapingHTTP(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with a deadline for each request's headers.
+    """uvicorn's HTTP protocol with deadlines for each request's headers and body.
 
     uvicorn closes a keep-alive connection idle after a response (``timeout_keep_alive``) but
-    gives a new connection, or one sending its headers a byte at a time, all the time in the
-    world.  Here, whenever the connection waits for a request (on opening and after each
-    response), the request's headers must be complete within ``header_timeout`` seconds, or
-    the connection is closed."""
+    gives a new connection, or one sending its headers or body a byte at a time, all the time
+    in the world.  Here, whenever the connection waits for a request (on opening and after each
+    response), the request's headers must be complete within ``header_timeout`` seconds, and
+    then its body within as long again, or the connection is closed."""
 
     header_timeout = 10.0
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._await_request()
+        self._set_deadline(body=False)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._set_deadline(body=True)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._await_request()
+        self._set_deadline(body=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
         super().connection_lost(exc)
 
-    def _await_request(self) -> None:
+    def _set_deadline(self, body: bool) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
         if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.cycle)
+            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.cycle,
+                                                  body)
 
-    def _expire(self, cycle: Any) -> None:
-        """No new request's headers since the deadline was set (``cycle`` is still current)."""
-        if self.cycle is cycle and not self.transport.is_closing():
+    def _expire(self, cycle: Any, body: bool) -> None:
+        """Close if what was awaited never came: a new request's headers (``cycle``, the
+        request current when the deadline was set, is still current and answered), or
+        (``body``) the rest of ``cycle``'s request, still unanswered."""
+        if self.cycle is not cycle or self.transport.is_closing():
+            return
+        busy = cycle is not None and not cycle.response_complete
+        if (busy and cycle.more_body) if body else not busy:
             self.transport.close()
 
 
