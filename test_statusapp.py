@@ -637,6 +637,11 @@ def test_private_targets_are_refused_when_saved_if_not_allowed(tmp_path):
                            "protocol": "TCP"}, ["url"]),
             ("/monitors", {"name": "m", "type": "PING", "url": "169.254.169.254"}, ["url"]),
             ("/monitors", {"name": "m", "type": "API", "url": "https://api.home.test",
+                           "apiAuthConfig": {"type": "oauth2", "oauth2ClientId": "c",
+                                             "oauth2TokenUrl": "http://127.0.0.1/t",
+                                             "oauth2ClientSecret": "s"}},
+             ["apiAuthConfig", "oauth2TokenUrl"]),
+            ("/monitors", {"name": "m", "type": "API", "url": "https://api.home.test",
                            "notifications": [{"type": "SLACK", "config": {
                                "webhookUrl": "http://[::1]/hook"}}]},
              ["notifications", 0, "config", "webhookUrl"]),
