@@ -1567,9 +1567,10 @@ async def resolve_target(host: str, port: int, allow_private: bool) -> list[str]
     differently).  Unless ``allow_private``, PrivateTargetError if any is not public."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    private = [a for a in addresses if not is_public_address(a)]
-    if private and not allow_private:
-        raise PrivateTargetError(f"{host} is or resolves to {private[0]}, a private, loopback or"
+    private = None if allow_private else next(
+        (a for a in addresses if not is_public_address(a)), None)
+    if private is not None:
+        raise PrivateTargetError(f"{host} is or resolves to {private}, a private, loopback or"
                                  f" link-local address, and allow_private_targets is false")
     return addresses
 
