@@ -2731,9 +2731,10 @@ class Scheduler:
     def _record(self, entry: _Scheduled, result: CheckResult, started: float) -> None:
         """Queue the check, and the transition it causes, as one write; plan the next check."""
         monitor_id, at = entry.record["id"], int(started * 1000)
-        log.debug("check of %s (%s): %s %s", entry.record["name"],
-                  redact(entry.record["url"] or ""), result.status,
-                  result.error or result.status_code or "")
+        if log.isEnabledFor(logging.DEBUG):  # the hot path: no redact() when not logging
+            log.debug("check of %s (%s): %s %s", entry.record["name"],
+                      redact(entry.record["url"] or ""), result.status,
+                      result.error or result.status_code or "")
         statements = check_statements(monitor_id, self.region, result, at)
         status = entry.judge(result, self.probes)
         if status == Status.UP and entry.regression:
