@@ -1174,6 +1174,8 @@ async def test_http_body_is_read_up_to_the_cap_then_the_check_ends(probe_cfg):
         assert (result.status, result.error) == (
             "DOWN", "OAuth2 token endpoint sent no access_token")
         eventually(lambda: len(_EndlessBody.sent) == 2, 5)
+        async with ctx.http.stream("GET", url) as response:  # what a check keeps: the cap
+            assert len(await statusapp._read_capped(response, 100_000)) == 100_000
     finally:
         await ctx.aclose()
         _stop(server)
