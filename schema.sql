@@ -365,7 +365,10 @@ CREATE TABLE team_rollups (
     PRIMARY KEY (account_id, start)
 ) WITHOUT ROWID;
 
--- migration 10: opening incident updates name the cause's category, not the check's error text
+-- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
+ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
+
+-- migration 11: opening incident updates name the cause's category, not the check's error text
 -- Updates are public (status pages, feeds); older ones carried the error, which can hold URLs,
 -- addresses or a heartbeat job's output.  People's updates are never written at started_at.
 UPDATE incident_updates SET message = COALESCE((
