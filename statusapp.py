@@ -3699,7 +3699,7 @@ async def run_verdicts(rt: Runtime) -> None:
         try:
             await rt.verdicts.combine_pending()
         except Exception:
-            log.exception("combining region verdicts failed; retrying in 1 s")
+            log_failure("combining region verdicts failed; retrying in 1 s")
             await asyncio.sleep(1)
 
 
@@ -5665,7 +5665,7 @@ class Runtime:
             try:
                 await work
             except Exception:
-                log.exception("background work failed")
+                log_failure("background work failed")
         task = asyncio.create_task(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
