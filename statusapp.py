@@ -74,6 +74,8 @@ import dns.resolver
 import httpcore
 import httpx
 import icmplib
+import jsonpath_rfc9535 as jsonpath
+import regex
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -119,6 +121,7 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "rdap_url": "https://rdap.org",
         "whois_server": "",
         "blocklists": ["dbl.spamhaus.org"],
+        "max_body_bytes": 1_048_576,
     },
     "region": {
         "id": "local",
@@ -818,13 +821,18 @@ def check_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any])
     return list(dict.fromkeys(value))
 
 
-def each(fields: Sequence[Field]) -> Callable[..., Any]:
-    """A ``check`` that validates every element of an array against a Field table."""
+def each(fields: Sequence[Field], kind_field: str = "type",
+         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+         ) -> Callable[..., Any]:
+    """A ``check`` that validates every element of an array against a Field table (and
+    ``then(clean, path)``, for rules across an element's fields)."""
     def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
         out, issues = [], []
         for i, item in enumerate(value):
+            where = (*env["path"], i)
             try:
-                out.append(validate(fields, item, env, path=(*env["path"], i)))
+                clean = validate(fields, item, env, kind_field=kind_field, path=where)
+                out.append(then(clean, where) if then else clean)
             except ValidationFailed as exc:
                 issues.extend(exc.issues)
         if issues:
@@ -943,6 +951,47 @@ def check_notifications(value: list[Any], record: dict[str, Any],
     return entries
 
 
+# Assertions on WEBSITE/API responses, modelled on Checkly's: each names a source, an
+# optional property (a header name, or an RFC 9535 JSONPath into a JSON body), a comparison
+# and a target.  Targets are strings; numeric comparisons parse both sides as numbers.
+
+ASSERTION_SOURCES = ("STATUS_CODE", "RESPONSE_TIME", "HEADERS", "TEXT_BODY", "JSON_BODY")
+ASSERTION_COMPARISONS = ("EQUALS", "NOT_EQUALS", "CONTAINS", "NOT_CONTAINS", "LESS_THAN",
+                         "GREATER_THAN", "IS_EMPTY", "NOT_EMPTY", "MATCHES")
+_UNARY_COMPARISONS = ("IS_EMPTY", "NOT_EMPTY")
+
+ASSERTION_FIELDS = (
+    Field("source", "string", True, choices=ASSERTION_SOURCES, doc="What to test"),
+    Field("property", "string", ("HEADERS", "JSON_BODY"), minimum=1, maximum=500,
+          doc="HEADERS: header name; JSON_BODY: an RFC 9535 JSONPath such as $.items[0].ok"),
+    Field("comparison", "string", True, choices=ASSERTION_COMPARISONS, doc="How to compare"),
+    Field("target", "string", default="", maximum=1000,
+          doc="Value to compare with (a regular expression for MATCHES)"),
+)
+
+
+def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> ValidationFailed:
+    return ValidationFailed([{"code": "custom", "path": [*path, name], "message": message}])
+
+
+def check_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+    """Rules across one assertion's fields: a JSONPath that parses, a regex that compiles and
+    a target for every comparison but IS_EMPTY / NOT_EMPTY."""
+    if clean["source"] == "JSON_BODY":
+        try:
+            jsonpath.compile(clean["property"])
+        except jsonpath.JSONPathError as exc:
+            raise _assertion_issue(path, "property", f"Invalid JSONPath: {exc}") from None
+    if clean["comparison"] == "MATCHES":
+        try:
+            regex.compile(clean["target"])
+        except regex.error as exc:
+            raise _assertion_issue(path, "target", f"Invalid regular expression: {exc}") from None
+    elif not clean["target"] and clean["comparison"] not in _UNARY_COMPARISONS:
+        raise _assertion_issue(path, "target", f"{clean['comparison']} needs a target")
+    return clean
+
+
 ALL_TYPES = tuple(MONITOR_TYPES)
 HTTP_TYPES = ("WEBSITE", "API")
 
@@ -966,6 +1015,9 @@ MONITOR_FIELDS = (
     Field("requestHeaders", "string", maximum=16_384, check=check_json_headers, kinds=HTTP_TYPES,
           doc="JSON string of custom headers"),
     Field("requestBody", "string", maximum=65_536, kinds=HTTP_TYPES, doc="Request body"),
+    Field("assertions", "array", default=[], maximum=50, check=each(ASSERTION_FIELDS, "source", check_assertion),
+          kinds=HTTP_TYPES, doc="Checks on the response, each {source, property, comparison,"
+          " target}; any failing one makes the check DOWN (see Assertions)"),
     Field("dnsRecord", "string", ("DNS",), choices=("A", "AAAA", "CNAME", "MX", "TXT"),
           kinds=("DNS",), doc="DNS record type"),
     Field("expectedIp", "string", maximum=255, check=check_expected_ip, kinds=("DNS",),
@@ -973,7 +1025,8 @@ MONITOR_FIELDS = (
     Field("gracePeriod", "integer", default=300, minimum="probes.min_interval", maximum=86_400,
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
-          kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
+          kinds=("SSL_CERT", *HTTP_TYPES),
+          doc="Days before certificate expiry to warn (also for https WEBSITE/API monitors)"),
     Field("enabledWorkerRegionIds", "array", check=check_regions,
           doc="Worker regions to probe from (absent: the local region)"),
     Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
@@ -1599,8 +1652,168 @@ def _request_headers(monitor: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
+# Assertions.  The body is read up to probes.max_body_bytes (the rest is never downloaded), so
+# TEXT_BODY / JSON_BODY see at most that much.  MATCHES runs in the ``regex`` package with a
+# timeout, in a worker thread (regex releases the GIL while matching), so a pattern that
+# backtracks without end gives up after _REGEX_TIMEOUT seconds and never stalls the event loop.
+
+_ACTUAL_CHARS = 200     # an assertion result shows this much of the actual value
+_REGEX_TIMEOUT = 0.25   # seconds one MATCHES may run
+
+
+class _AssertionProblem(Exception):
+    """An assertion that cannot be judged (a body that is not JSON, a runaway regex)."""
+
+
+@dataclass
+class _Seen:
+    """What assertions read from one response."""
+
+    status_code: int
+    response_time: int
+    headers: httpx.Headers
+    text: str
+
+    @functools.cached_property
+    def data(self) -> Any:
+        try:
+            return json.loads(self.text)
+        except ValueError:
+            raise _AssertionProblem("response body is not JSON") from None
+
+
+def _actual(assertion: dict[str, Any], seen: _Seen) -> Any:
+    """The value an assertion tests; a JSONPath matching several nodes gives their list."""
+    source = assertion["source"]
+    if source == "STATUS_CODE":
+        return seen.status_code
+    if source == "RESPONSE_TIME":
+        return seen.response_time
+    if source == "HEADERS":
+        return seen.headers.get(assertion["property"])
+    if source == "TEXT_BODY":
+        return seen.text
+    values = jsonpath.find(assertion["property"], seen.data).values()
+    return values[0] if len(values) == 1 else (values or None)
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+async def _matches(pattern: str, text: str) -> bool:
+    def search() -> bool:
+        return regex.search(pattern, text, timeout=_REGEX_TIMEOUT, concurrent=True) is not None
+    try:
+        return await asyncio.to_thread(search)
+    except TimeoutError:
+        raise _AssertionProblem(f"regular expression gave up after {_REGEX_TIMEOUT} s") from None
+
+
+async def _compare(comparison: str, actual: Any, target: str) -> bool:
+    text, positive = _as_text(actual), comparison in ("EQUALS", "CONTAINS", "IS_EMPTY")
+    if comparison in ("EQUALS", "NOT_EQUALS"):
+        a, b = _number(actual), _number(target)
+        return (a == b if a is not None and b is not None else text == target) == positive
+    if comparison in ("CONTAINS", "NOT_CONTAINS"):
+        return (target in text) == positive
+    if comparison in _UNARY_COMPARISONS:
+        return (actual in (None, "", [], {})) == positive
+    if comparison == "MATCHES":
+        return await _matches(target, text)
+    a, b = _number(actual), _number(target)
+    if a is None or b is None:
+        raise _AssertionProblem(f"{comparison} needs numbers")
+    return a < b if comparison == "LESS_THAN" else a > b
+
+
+async def _assertion_result(assertion: dict[str, Any], seen: _Seen) -> dict[str, Any]:
+    """One assertion judged: passed, the actual value (cut) and why it could not be judged."""
+    result = {**assertion, "passed": False, "actual": None}
+    try:
+        actual = _actual(assertion, seen)
+        result["actual"] = None if actual is None else _as_text(actual)[:_ACTUAL_CHARS]
+        result["passed"] = await _compare(assertion["comparison"], actual, assertion["target"])
+    except _AssertionProblem as exc:
+        result["error"] = str(exc)
+    return result
+
+
+def _assertion_error(failed: list[dict[str, Any]]) -> str:
+    first = failed[0]
+    what = " ".join(p for p in (first["source"], first.get("property"), first["comparison"],
+                                repr(first["target"]) if first["target"] else "") if p)
+    why = first.get("error") or f"actual {first['actual']!r}"
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"assertion failed: {what}: {why}{more}"
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    """The decoded body up to ``cap`` bytes; the rest is left unread."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= cap:
+            break
+    return b"".join(chunks)[:cap]
+
+
+def _peer_der(response: httpx.Response) -> bytes | None:
+    """The server certificate of an https response (None over plain http)."""
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
+def _certificate_details(cert: dict[str, Any]) -> dict[str, Any]:
+    days = (cert["notAfter"] - datetime.now(timezone.utc)) // timedelta(days=1)
+    return {"daysRemaining": days, "issuer": cert["issuer"], "subject": cert["subject"],
+            "validFrom": cert["notBefore"].isoformat(), "validTo": cert["notAfter"].isoformat()}
+
+
+def _expiry_days(monitor: dict[str, Any]) -> int:
+    return monitor.get("sslCertExpiryDays") or _DEFAULT_EXPIRY_DAYS
+
+
+async def _judge_http(monitor: dict[str, Any], result: CheckResult, seen: _Seen,
+                      der: bytes | None) -> CheckResult:
+    """Status code rule, then assertions, then (https) the certificate's days remaining."""
+    expected, code = monitor.get("expectedStatusCode"), seen.status_code
+    problems = []
+    if not ((code == expected) if expected else (200 <= code < 400)):
+        problems.append(("DOWN", f"HTTP {code}, expected {expected or '2xx or 3xx'}",
+                         "SERVER_ERROR" if code >= 500 else "APPLICATION_ERROR"))
+    assertions = monitor.get("assertions") or []
+    if assertions:
+        results = [await _assertion_result(a, seen) for a in assertions]
+        result.details = {"assertionResults": results}
+        failed = [r for r in results if not r["passed"]]
+        if failed:
+            problems.append(("DOWN", _assertion_error(failed), "APPLICATION_ERROR"))
+    if der is not None:
+        with contextlib.suppress(ValueError):
+            cert = _certificate_details(_parse_certificate(der))
+            result.details = {**(result.details or {}), "certificate": cert}
+            if cert["daysRemaining"] < _expiry_days(monitor):
+                problems.append(("DEGRADED", f"certificate expires in {cert['daysRemaining']}"
+                                 " days", "SSL_CERTIFICATE"))
+    result.status, result.error, result.category = _verdict(problems)
+    return result
+
+
 async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
-    """WEBSITE and API: one request, body read to the end, judged by the final status code.
+    """WEBSITE and API: one request, body read up to probes.max_body_bytes, judged by the
+    final status code, the monitor's assertions and (https) the certificate's expiry.
 
     Without ``expectedStatusCode`` any 2xx/3xx after following redirects is UP; an expected
     3xx is checked on the first answer, so redirects are not followed then."""
@@ -1630,8 +1843,8 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
             response = await ctx.http.send(request, stream=True,
                                            follow_redirects=not 300 <= (expected or 0) < 400)
             try:
-                async for _ in response.aiter_raw():
-                    pass
+                der = _peer_der(response)
+                content = await _read_capped(response, ctx.cfg["max_body_bytes"])
             finally:
                 await response.aclose()
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
@@ -1646,12 +1859,9 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
         ctx.forget_oauth2_token(auth)
-    if (code == expected) if expected else (200 <= code < 400):
-        return result
-    result.status = "DOWN"
-    result.error = f"HTTP {code}, expected {expected or '2xx or 3xx'}"
-    result.category = "SERVER_ERROR" if code >= 500 else "APPLICATION_ERROR"
-    return result
+    seen = _Seen(code, result.response_time or 0, response.headers,
+                 content.decode(response.encoding or "utf-8", "replace"))
+    return await _judge_http(monitor, result, seen, der)
 
 
 # UDP has no handshake, so the rule is nmap's: a reply means open (UP); an ICMP port
@@ -1928,9 +2138,8 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     except ValueError as exc:
         return _down(str(exc), "SSL_CERTIFICATE", response_time=_elapsed_ms(started))
     now = datetime.now(timezone.utc)
-    days = (cert["notAfter"] - now) // timedelta(days=1)
-    details = {"daysRemaining": days, "issuer": cert["issuer"], "subject": cert["subject"],
-               "validFrom": cert["notBefore"].isoformat(), "validTo": cert["notAfter"].isoformat()}
+    details = _certificate_details(cert)
+    days = details["daysRemaining"]
     result = CheckResult(status="DOWN", response_time=_elapsed_ms(started),
                          category="SSL_CERTIFICATE", details=details)
     if now >= cert["notAfter"]:
@@ -1941,7 +2150,7 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         result.error = f"certificate is for {cert['subject']!r}, not {host}"
     elif rejected is not None:
         result.error = f"certificate is not trusted: {rejected.verify_message}"
-    elif days < (monitor.get("sslCertExpiryDays") or _DEFAULT_EXPIRY_DAYS):
+    elif days < _expiry_days(monitor):
         result.status, result.error = "DEGRADED", f"certificate expires in {days} days"
     else:
         result.status, result.category = "UP", None

@@ -722,8 +722,13 @@ def _stop(*servers: socketserver.BaseServer) -> None:
         server.server_close()
 
 
+_JSON_DOC = {"status": "ok", "count": 3, "items": [{"ok": True, "name": "a"}, {"ok": False}],
+             "empty": [], "note": None}
+
+
 class _HTTPHandler(http.server.BaseHTTPRequestHandler):
-    """/ok /error /missing /slow /delay /redirect /echo /protected /token /rdap/domain/NAME."""
+    """/ok /error /missing /slow /delay /redirect /echo /protected /token /rdap/domain/NAME,
+    /json (a JSON document with an X-Version header), /html (an error page) and /big."""
 
     protocol_version = "HTTP/1.1"  # keeps connections open, so reuse by the client would show
     seen: list[dict] = []
@@ -760,6 +765,13 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/delay":
             time.sleep(0.2)
             self._answer(200, b"x" * 100_000)
+        elif path == "/json":
+            self._answer(200, json.dumps(_JSON_DOC).encode(),
+                         {"Content-Type": "application/json", "X-Version": "2.1"})
+        elif path == "/html":
+            self._answer(200, b"<html><h1>Internal error</h1>" + b"x" * 400 + b"</html>")
+        elif path == "/big":
+            self._answer(200, b"a" * 3000 + b"END")
         elif path == "/cookie":
             self._answer(200, b"ok", {"Set-Cookie": "session=1; Path=/"})
         elif path == "/redirect":
@@ -1102,6 +1114,141 @@ async def test_http_timings_are_measured_not_estimated(probe_ctx, http_server):
     # No keep-alive: each check opened its own connection.
     assert _HTTPHandler.seen[0]["port"] != _HTTPHandler.seen[1]["port"]
     assert second.timings["connect"] > 0
+
+
+# Assertions: each source and comparison, passing and failing, with the actual value seen.
+_ASSERTION_CASES = [
+    ("STATUS_CODE", None, "EQUALS", "200", True, "200"),
+    ("STATUS_CODE", None, "NOT_EQUALS", "200", False, "200"),
+    ("STATUS_CODE", None, "LESS_THAN", "300", True, "200"),
+    ("STATUS_CODE", None, "GREATER_THAN", "300", False, "200"),
+    ("RESPONSE_TIME", None, "LESS_THAN", "60000", True, None),
+    ("RESPONSE_TIME", None, "GREATER_THAN", "60000", False, None),
+    ("HEADERS", "x-version", "EQUALS", "2.1", True, "2.1"),
+    ("HEADERS", "X-Version", "CONTAINS", "3", False, "2.1"),
+    ("HEADERS", "X-Missing", "IS_EMPTY", "", True, None),
+    ("HEADERS", "X-Version", "IS_EMPTY", "", False, "2.1"),
+    ("HEADERS", "Content-Type", "MATCHES", "^application/json$", True, "application/json"),
+    ("TEXT_BODY", None, "CONTAINS", '"status": "ok"', True, None),
+    ("TEXT_BODY", None, "NOT_CONTAINS", "ok", False, None),
+    ("TEXT_BODY", None, "NOT_EMPTY", "", True, None),
+    ("TEXT_BODY", None, "MATCHES", r'"count": [4-9]', False, None),
+    ("JSON_BODY", "$.status", "EQUALS", "ok", True, "ok"),
+    ("JSON_BODY", "$.status", "NOT_EQUALS", "ok", False, "ok"),
+    ("JSON_BODY", "$.count", "GREATER_THAN", "2", True, "3"),
+    ("JSON_BODY", "$.count", "LESS_THAN", "3", False, "3"),
+    ("JSON_BODY", "$.items[0].ok", "EQUALS", "true", True, "true"),
+    ("JSON_BODY", "$.items[?@.ok == false]", "NOT_EMPTY", "", True, '{"ok": false}'),
+    ("JSON_BODY", "$.empty", "IS_EMPTY", "", True, "[]"),
+    ("JSON_BODY", "$.items[*].ok", "CONTAINS", "null", False, "[true, false]"),
+    ("JSON_BODY", "$.nothing", "NOT_EMPTY", "", False, None),
+    ("JSON_BODY", "$.items[1]", "NOT_CONTAINS", "true", True, '{"ok": false}'),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("source, prop, comparison, target, passed, actual", _ASSERTION_CASES)
+async def test_http_assertions(probe_ctx, http_server, source, prop, comparison, target, passed,
+                               actual):
+    assertion = {"source": source, "property": prop, "comparison": comparison, "target": target}
+    result = await statusapp.probe_http(_monitor(http_server + "/json", "API",
+                                                 assertions=[assertion]), probe_ctx)
+    outcome, = result.details["assertionResults"]
+    assert outcome["passed"] is passed
+    if actual is not None:
+        assert outcome["actual"] == actual
+    elif source == "RESPONSE_TIME":
+        assert int(outcome["actual"]) == result.response_time
+    if passed:
+        assert (result.status, result.category) == ("UP", None)
+    else:
+        assert (result.status, result.category) == ("DOWN", "APPLICATION_ERROR")
+        assert result.error.startswith(f"assertion failed: {source}")
+
+
+@pytest.mark.asyncio
+async def test_http_assertion_on_a_body_that_is_not_json(probe_ctx, http_server):
+    assertions = [{"source": "JSON_BODY", "property": "$.status", "comparison": "EQUALS",
+                   "target": "ok"},
+                  {"source": "TEXT_BODY", "comparison": "NOT_CONTAINS", "target": "error"}]
+    result = await statusapp.probe_http(_monitor(http_server + "/html", assertions=assertions),
+                                        probe_ctx)
+    first, second = result.details["assertionResults"]
+    assert (first["passed"], first["error"]) == (False, "response body is not JSON")
+    assert second["passed"] is False and len(second["actual"]) == 200
+    assert second["actual"].startswith("<html><h1>Internal error")
+    assert (result.status, result.category) == ("DOWN", "APPLICATION_ERROR")
+    assert "response body is not JSON (and 1 more)" in result.error
+
+
+@pytest.mark.asyncio
+async def test_http_runaway_regex_gives_up_and_fails(probe_ctx, http_server):
+    assertion = {"source": "TEXT_BODY", "comparison": "MATCHES", "target": "(a|aa)+$"}
+    result = await statusapp.probe_http(_monitor(http_server + "/big", assertions=[assertion]),
+                                        probe_ctx)
+    outcome, = result.details["assertionResults"]
+    assert outcome["passed"] is False and "gave up" in outcome["error"]
+    assert result.status == "DOWN"
+
+
+@pytest.mark.asyncio
+async def test_http_body_is_read_up_to_the_cap(probe_cfg, http_server):
+    cfg = {**probe_cfg, "probes": {**probe_cfg["probes"], "max_body_bytes": 1000}}
+    ctx = statusapp.ProbeContext(cfg)
+    try:
+        assertion = {"source": "TEXT_BODY", "comparison": "NOT_CONTAINS", "target": "END"}
+        result = await statusapp.probe_http(_monitor(http_server + "/big",
+                                                     assertions=[assertion]), ctx)
+    finally:
+        await ctx.aclose()
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+
+
+@pytest.mark.asyncio
+async def test_http_expected_status_code_still_rules_with_assertions(probe_ctx, http_server):
+    assertion = {"source": "TEXT_BODY", "comparison": "EQUALS", "target": "nope"}
+    result = await statusapp.probe_http(_monitor(http_server + "/missing", expectedStatusCode=404,
+                                                 assertions=[assertion]), probe_ctx)
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+    result = await statusapp.probe_http(_monitor(http_server + "/missing", assertions=[assertion]),
+                                        probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "APPLICATION_ERROR")
+    assert result.error.startswith("HTTP 404, expected 2xx or 3xx")
+
+
+@pytest.mark.asyncio
+async def test_https_reports_certificate_expiry_and_warns_before_it(probe_ctx, tls_servers):
+    fine = await statusapp.probe_http(_monitor(f"https://localhost:{tls_servers['valid']}/"),
+                                      probe_ctx)
+    assert fine.status == "UP" and fine.details["certificate"]["daysRemaining"] > 30
+    soon = await statusapp.probe_http(
+        _monitor(f"https://127.0.0.1:{tls_servers['soon']}/", sslCertExpiryDays=14), probe_ctx)
+    assert soon.details["certificate"]["daysRemaining"] == 5
+    assert (soon.status, soon.category) == ("DEGRADED", "SSL_CERTIFICATE")
+    assert soon.error == "certificate expires in 5 days"
+    later = await statusapp.probe_http(
+        _monitor(f"https://127.0.0.1:{tls_servers['soon']}/", sslCertExpiryDays=3), probe_ctx)
+    assert later.status == "UP"
+
+
+def test_assertions_are_validated(client):
+    bad = [{"source": "JSON_BODY", "comparison": "EQUALS", "target": "x"},
+           {"source": "JSON_BODY", "property": "$[", "comparison": "EQUALS", "target": "x"},
+           {"source": "TEXT_BODY", "comparison": "MATCHES", "target": "(unclosed"},
+           {"source": "TEXT_BODY", "comparison": "CONTAINS"},
+           {"source": "BODY", "comparison": "SIMILAR", "target": "x"}]
+    response = client.post("/api/v1/monitors", json={"name": "a", "url": "https://a.test",
+                                                     "assertions": bad})
+    assert response.status_code == 400
+    paths = sorted(tuple(i["path"]) for i in response.json()["error"])
+    assert paths == [("assertions", 0, "property"), ("assertions", 1, "property"),
+                     ("assertions", 2, "target"), ("assertions", 3, "target"),
+                     ("assertions", 4, "comparison"), ("assertions", 4, "source")]
+    good = [{"source": "STATUS_CODE", "comparison": "EQUALS", "target": "200"}]
+    created = client.post("/api/v1/monitors", json={"name": "a", "url": "https://a.test",
+                                                    "assertions": good})
+    assert created.status_code == 201
+    assert created.json()["assertions"] == [{**good[0], "property": None}]
 
 
 @pytest.mark.asyncio
