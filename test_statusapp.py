@@ -1828,6 +1828,25 @@ def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
                                              ("DEGRADED", "UP", "slow=False")]
 
 
+def test_https_certificate_expiring_in_5_days_warns_once(tmp_path, tls_certs, tls_servers,
+                                                         notify_http):
+    cfg = _sched_cfg(tmp_path, ca_bundle=str(tls_certs[0]))
+    with _app(cfg, new_key(cfg)) as client:
+        monitor_id = _create(client, f"https://127.0.0.1:{tls_servers['soon']}/",
+                             sslCertExpiryDays=14, notifications=[
+                                 {"type": "SLACK", "config": {"webhookUrl": notify_http.url}}])
+        eventually(lambda: notify_http.requests and len(_checks(cfg, monitor_id)) >= 3)
+        seen = len(_checks(cfg, monitor_id))
+        eventually(lambda: len(_checks(cfg, monitor_id)) >= seen + 2)
+        check = client.get(f"/api/v1/monitors/{monitor_id}").json()["checks"][0]
+    assert check["details"]["certificate"]["daysRemaining"] == 5
+    assert (check["status"], check["rootCauseCategory"]) == ("DEGRADED", "SSL_CERTIFICATE")
+    assert _transitions(cfg, monitor_id) == [
+        ("PENDING", "DEGRADED", "certificate expires in 5 days")]
+    assert len(notify_http.requests) == 1
+    assert "certificate expires in 5 days" in notify_http.requests[0]["body"].decode()
+
+
 # --- Heartbeat tests ---
 
 
