@@ -361,7 +361,7 @@ CREATE INDEX monitors_account_group ON monitors(account_id, "group");
 -- left out of uptime and response-time figures.
 ALTER TABLE checks ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0;
 -- A one-off window (starts_at..ends_at) or a recurring one (recurrence, an RFC 5545 RRULE, from
--- starts_at in time_zone, each occurrence lasting duration_minutes).  monitor_ids is a JSON
+-- starts_at in timezone, each occurrence lasting duration_minutes).  monitor_ids is a JSON
 -- array, NULL for all the team's monitors.  ends_handled_at: occurrences ending at or before it
 -- have had their end acted on (an incident opened for a monitor still down).
 CREATE TABLE maintenance_windows (
@@ -372,7 +372,7 @@ CREATE TABLE maintenance_windows (
     starts_at TEXT NOT NULL,
     ends_at TEXT,
     recurrence TEXT,
-    time_zone TEXT NOT NULL,
+    timezone TEXT NOT NULL,
     duration_minutes INTEGER,
     monitor_ids TEXT,
     suppress_alerts INTEGER NOT NULL,

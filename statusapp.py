@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 
 import aiosqlite
 import click
+import dateutil.rrule
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
@@ -819,6 +820,18 @@ def check_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any])
         raise _Issue(f"Unknown worker region id(s): {', '.join(map(str, unknown))}",
                      options=sorted(env["regions"]))
     return list(dict.fromkeys(value))
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An IANA zone name, as the system's tz database knows them."""
+    if value not in _timezones():
+        raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
+    return value
 
 
 def each(fields: Sequence[Field], kind_field: str = "type",
@@ -2436,6 +2449,7 @@ class _Scheduled:
     running: bool = False
     removed: bool = False
     regression: bool = False      # the regression detector holds it DEGRADED
+    account_id: str = ""
 
     @property
     def interval(self) -> float:
@@ -2574,6 +2588,7 @@ class Scheduler:
         if entry is None:
             entry = self.entries[record["id"]] = _Scheduled(record, row["status"])
         entry.record, entry.status, entry.removed = record, row["status"], False
+        entry.account_id = row["account_id"]
         entry.regression = regression
         entry.failures = entry.successes = 0
         if row["last_at"] is not None:
@@ -2675,7 +2690,8 @@ class Scheduler:
     def _record(self, entry: _Scheduled, result: CheckResult, started: float) -> None:
         """Queue the check, and the transition it causes, as one write; plan the next check."""
         monitor_id, at = entry.record["id"], int(started * 1000)
-        statements = check_statements(monitor_id, self.region, result, at)
+        statements = check_statements(monitor_id, self.region, result, at,
+                                      self.rt.maintenance.active(entry.account_id, monitor_id, at))
         status = entry.judge(result, self.probes)
         if status == "UP" and entry.regression:
             status = "DEGRADED"  # worst of the probe's verdict and the regression detector's
@@ -2741,14 +2757,16 @@ async def run_scheduler(rt: Runtime) -> None:
 
 
 def check_statements(monitor_id: str, region_id: str, result: CheckResult,
-                     checked_at: int) -> list[Statement]:
-    """The writes that store one check (schema triggers keep monitor_latest and counts)."""
+                     checked_at: int, maintenance: bool = False) -> list[Statement]:
+    """The writes that store one check (schema triggers keep monitor_latest and counts);
+    ``maintenance``: taken inside a maintenance window, so left out of uptime."""
     return [(
         "INSERT INTO checks (monitor_id, region_id, status, response_time, status_code, error,"
-        " category, timings, details, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " category, timings, details, checked_at, maintenance)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (monitor_id, region_id, result.status, result.response_time, result.status_code,
          result.error, result.category, json.dumps(result.timings) if result.timings else None,
-         json.dumps(result.details) if result.details else None, checked_at))]
+         json.dumps(result.details) if result.details else None, checked_at, int(maintenance)))]
 
 # Heartbeat deadlines
 #
@@ -2764,8 +2782,8 @@ def check_statements(monitor_id: str, region_id: str, result: CheckResult,
 HEARTBEAT_KINDS = ("success", "start", "fail", "log")
 MISSED_HEARTBEAT = "missed heartbeat"
 JOB_NOT_COMPLETE = "job did not complete"
-_BEAT_COLUMNS = ("id, heartbeat_id, status, is_paused, is_active, interval, grace_period,"
-                 " last_success_at, job_started_at, updated_at")
+_BEAT_COLUMNS = ("id, account_id, heartbeat_id, status, is_paused, is_active, interval,"
+                 " grace_period, last_success_at, job_started_at, updated_at")
 
 
 @dataclass(eq=False)
@@ -2773,6 +2791,7 @@ class _Beat:
     """One CRON monitor as the heartbeat code needs it; ``stale`` until (re)loaded."""
 
     monitor_id: str
+    account_id: str = ""
     token: str | None = None
     status: str = "PENDING"
     quiet: bool = True  # paused or inactive: pings are logged, the status never changes
@@ -2788,6 +2807,7 @@ class _Beat:
 
     def load(self, row: sqlite3.Row) -> None:
         self.token, self.status = row["heartbeat_id"], row["status"]
+        self.account_id = row["account_id"]
         self.quiet = bool(row["is_paused"]) or not row["is_active"]
         self.period_ms, self.grace_ms = row["interval"] * 1000, row["grace_period"] * 1000
         self.last_success_at, self.job_started_at = row["last_success_at"], row["job_started_at"]
@@ -2958,8 +2978,9 @@ class Heartbeats:
         reason = beat.reason(what)
         result = CheckResult("DOWN", error=reason, category="UNKNOWN",
                              details={"heartbeat": what})
-        statements = check_statements(beat.monitor_id, self.rt.cfg["region"]["id"], result,
-                                      due_at)
+        statements = check_statements(
+            beat.monitor_id, self.rt.cfg["region"]["id"], result, due_at,
+            self.rt.maintenance.active(beat.account_id, beat.monitor_id, due_at))
         statements += transition_statements(beat.monitor_id, beat.status, "DOWN", reason, due_at)
         if what == JOB_NOT_COMPLETE:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
@@ -3167,8 +3188,11 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     return len(rows)
 
 
-async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) -> None:
-    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL)."""
+async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
+                              calendar: Maintenance | None = None) -> None:
+    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL).
+    Inside a suppressing maintenance window no incident opens and no alert is queued (an open
+    one may still resolve, silently)."""
     transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
                                   " AND processed_at IS NULL", (transition_id,))
     if transition is None:
@@ -3182,13 +3206,18 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
     incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
                                 " AND resolved_at IS NULL", (monitor["id"],))
     opened = resolved = False
+    quiet = calendar is not None and calendar.suppressing(monitor["account_id"], monitor["id"], at)
     if new == "DOWN" and incident is None:
+        if quiet:
+            return
         incident, opened = await _open_incident(conn, monitor, transition), True
     elif new in ("UP", "DEGRADED") and incident is not None:
         took = human_duration((at - incident["started_at"]) / 1000)
         incident = await resolve_incident(conn, incident, at,
                                           f"{monitor['name']} is {new} again after {took}")
         resolved = True
+    if quiet:
+        return
     check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
                              " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
@@ -3204,7 +3233,7 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
                                    " ORDER BY id LIMIT ?", (limit,))
     for row in pending:
         async with rt.db.transaction() as conn:
-            await _consume_transition(conn, row["id"])
+            await _consume_transition(conn, row["id"], rt.maintenance)
     return len(pending)
 
 
@@ -3315,6 +3344,176 @@ async def run_incidents(rt: Runtime) -> None:
             await asyncio.sleep(INCIDENT_POLL)
 
     await asyncio.gather(engine(), _delivery_loop(rt, wake))
+
+
+# Maintenance windows
+#
+# A window is one-off (startsAt..endsAt) or recurring: an RFC 5545 RRULE, evaluated by
+# python-dateutil, whose occurrences start at startsAt's wall-clock time in ``timezone`` and
+# last durationMinutes, so "every Sunday 03:00" stays 03:00 local across daylight-saving
+# changes.  Every window lives in memory (``Maintenance``), reloaded when the API changes one.
+# The prober and heartbeats ask it whether a check falls in a window (stored with
+# checks.maintenance = 1 and left out of uptime), the incident engine whether a transition's
+# incident and alerts are suppressed, and the window-end service opens, once, the incident of a
+# monitor still DOWN when a suppressing window ends (ends_handled_at makes "once" durable).
+
+MAINTENANCE_LOOKAHEAD_DAYS = 7  # status pages show windows starting this soon as scheduled
+_MAINTENANCE_IDLE = 60.0        # seconds the window-end service sleeps at most
+_RRULE_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
+
+
+def parse_moment(text: str, zone: zoneinfo.ZoneInfo) -> datetime:
+    """An ISO 8601 time; one without an offset is wall-clock time in ``zone``."""
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _wall(ms: int, zone: zoneinfo.ZoneInfo) -> datetime:
+    """Naive wall-clock time in ``zone`` of a Unix ms time (what the rrule iterates over)."""
+    return datetime.fromtimestamp(ms / 1000, zone).replace(tzinfo=None)
+
+
+def parse_rrule(text: str, start: datetime) -> dateutil.rrule.rrule:
+    """An RRULE whose occurrences begin at ``start`` (aware), iterated in its wall-clock time;
+    ValueError for anything but DAILY/WEEKLY/MONTHLY/YEARLY rules dateutil accepts."""
+    body = text.strip().removeprefix("RRULE:")
+    freq = re.search(r"(?:^|;)FREQ=([A-Z]+)", body.upper())
+    if not freq or freq.group(1) not in _RRULE_FREQS:
+        raise ValueError(f"FREQ must be one of {', '.join(_RRULE_FREQS)}")
+    rule = dateutil.rrule.rrulestr(body, dtstart=start.replace(tzinfo=None), forceset=False)
+    if not isinstance(rule, dateutil.rrule.rrule):
+        raise ValueError("expected one RRULE")
+    return rule
+
+
+@dataclass
+class Window:
+    """One maintenance window, ready to answer "does it cover this monitor at this time"."""
+
+    id: str
+    account_id: str
+    title: str
+    description: str | None
+    monitor_ids: frozenset[str] | None  # None: all the team's monitors
+    suppress: bool
+    start: datetime
+    end: datetime | None
+    rule: dateutil.rrule.rrule | None
+    duration: timedelta
+    zone: zoneinfo.ZoneInfo
+    handled: int
+    updated_at: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Window:
+        zone = zoneinfo.ZoneInfo(row["timezone"])
+        start = parse_moment(row["starts_at"], zone)
+        end = parse_moment(row["ends_at"], zone) if row["ends_at"] else None
+        rule = parse_rrule(row["recurrence"], start) if row["recurrence"] else None
+        duration = (timedelta(minutes=row["duration_minutes"]) if rule is not None
+                    else (end or start) - start)
+        ids = json.loads(row["monitor_ids"]) if row["monitor_ids"] else None
+        return cls(row["id"], row["account_id"], row["title"], row["description"],
+                   None if ids is None else frozenset(ids), bool(row["suppress_alerts"]),
+                   start, end, rule, duration, zone, row["ends_handled_at"], row["updated_at"])
+
+    def covers(self, account_id: str, monitor_id: str) -> bool:
+        return account_id == self.account_id and (self.monitor_ids is None
+                                                  or monitor_id in self.monitor_ids)
+
+    def occurrences(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(start, end) in Unix ms of each occurrence overlapping [lo, hi), in order."""
+        if self.rule is None:
+            starts = [self.start]
+        else:  # a day's margin on each side absorbs any UTC offset; then filtered exactly
+            span = self.duration + timedelta(days=1)
+            starts = [t.replace(tzinfo=self.zone) for t in self.rule.between(
+                _wall(lo, self.zone) - span, _wall(hi, self.zone) + timedelta(days=1), inc=True)]
+        width = int(self.duration.total_seconds() * 1000)
+        spans = [(_ms(t), _ms(t) + width) for t in starts]
+        return [(a, b) for a, b in spans if a < hi and b > lo]
+
+
+class Maintenance:
+    """All maintenance windows in memory, and the clock they are judged by (tests move it)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.clock: Callable[[], int] = now_ms
+        self.windows: dict[str, Window] = {}
+        self.wake = asyncio.Event()
+
+    async def reload(self) -> None:
+        rows = await self.rt.db.fetchall("SELECT * FROM maintenance_windows")
+        self.windows = {row["id"]: Window.from_row(row) for row in rows}
+        self.wake.set()
+
+    def covering(self, account_id: str, monitor_id: str, at: int) -> list[Window]:
+        """The windows covering the monitor at ``at``."""
+        return [w for w in self.windows.values()
+                if w.covers(account_id, monitor_id) and w.occurrences(at, at + 1)]
+
+    def active(self, account_id: str, monitor_id: str, at: int | None = None) -> bool:
+        return bool(self.covering(account_id, monitor_id, self.clock() if at is None else at))
+
+    def suppressing(self, account_id: str, monitor_id: str, at: int) -> bool:
+        return any(w.suppress for w in self.covering(account_id, monitor_id, at))
+
+    async def settle_ends(self) -> None:
+        """Act once on each occurrence that ended since its window was last looked at."""
+        now = self.clock()
+        for window in list(self.windows.values()):
+            ends = [b for _, b in window.occurrences(window.handled, now)
+                    if window.handled < b <= now]
+            if ends:
+                await self._ended(window, ends[-1], now)
+
+    async def _ended(self, window: Window, end: int, now: int) -> None:
+        """Open the incident of every covered monitor still DOWN with none open (as a DOWN ->
+        DOWN transition at the window's end, for the incident engine); mark the end handled."""
+        statements: list[Statement] = []
+        if window.suppress:
+            rows = await self.rt.db.fetchall(
+                "SELECT id FROM monitors m WHERE account_id = ? AND status = 'DOWN'"
+                " AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.monitor_id = m.id"
+                " AND i.resolved_at IS NULL)", (window.account_id,))
+            reason = f"still down when maintenance window {window.title!r} ended"
+            statements = [("INSERT INTO status_transitions (monitor_id, old_status, new_status,"
+                           " reason, created_at) VALUES (?, 'DOWN', 'DOWN', ?, ?)",
+                           (row["id"], reason, end)) for row in rows
+                          if window.covers(window.account_id, row["id"])
+                          and not self.suppressing(window.account_id, row["id"], end)]
+        statements.append(("UPDATE maintenance_windows SET ends_handled_at = ? WHERE id = ?",
+                           (now, window.id)))
+        await self.rt.db.write(statements)
+        window.handled = now
+
+    def next_end(self, now: int) -> int | None:
+        """The earliest end of an occurrence running now or starting soon."""
+        ends = [b for w in self.windows.values()
+                for _, b in w.occurrences(now, now + int(_MAINTENANCE_IDLE * 1000)) if b > now]
+        return min(ends, default=None)
+
+
+async def run_maintenance(rt: Runtime) -> None:
+    """The window-end service: wakes at each window's end (or an edit) and acts on it."""
+    calendar = rt.maintenance
+    while True:
+        calendar.wake.clear()
+        try:
+            await calendar.settle_ends()
+        except Exception:
+            log.exception("maintenance window ends failed; retrying")
+        now = calendar.clock()
+        end = calendar.next_end(now)
+        timeout = _MAINTENANCE_IDLE if end is None else min(_MAINTENANCE_IDLE,
+                                                            (end - now) / 1000 + 0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(calendar.wake.wait(), timeout)
 
 # --- Notifiers ---
 #
@@ -4075,11 +4274,12 @@ def _rollup_source(bucket: str) -> _Source:
 
 
 SOURCES = {
-    "raw": _Source("checks", "checked_at", "1",
+    "raw": _Source("checks", "checked_at", "maintenance = 0",
                    "SUM(status = 'UP'), SUM(status = 'DOWN'), SUM(status = 'DEGRADED'),"
                    " SUM(CASE WHEN status != 'DOWN' THEN response_time END),"
                    " COUNT(CASE WHEN status != 'DOWN' THEN response_time END)",
-                   "checks", "status != 'DOWN' AND response_time IS NOT NULL", _HIST_INDEX,
+                   "checks", "status != 'DOWN' AND response_time IS NOT NULL AND maintenance = 0",
+                   _HIST_INDEX,
                    "COUNT(*)"),
     "h": _rollup_source("h"),
     "d": _rollup_source("d"),
@@ -4215,7 +4415,8 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
         marks = ",".join("?" * len(ids))
         for region, status, rt in await db.fetchall(
                 f"SELECT region_id, status, response_time FROM checks WHERE monitor_id IN"
-                f" ({marks}) AND checked_at >= ? AND checked_at < ?", [*ids, lo, hi]):
+                f" ({marks}) AND checked_at >= ? AND checked_at < ? AND maintenance = 0",
+                [*ids, lo, hi]):
             timed = status != "DOWN" and rt is not None
             stats.add((status == "UP", status == "DOWN", status == "DEGRADED",
                        rt if timed else 0, timed))
@@ -4462,7 +4663,8 @@ MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
 # with the server and cancelled at shutdown.
 _SERVICE_RESTART_DELAY = 5.0
 SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
-    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression)
+    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression,
+    run_maintenance)
 
 
 class Runtime:
@@ -4477,6 +4679,7 @@ class Runtime:
         self.regions: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.heartbeats = Heartbeats(self)
+        self.maintenance = Maintenance(self)
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -4502,6 +4705,7 @@ class Runtime:
                   f"only this once:\n{key}", file=sys.stderr, flush=True)
         self.regions = {r["id"]: dict(r) for r in await self.db.fetchall(
             "SELECT * FROM worker_regions WHERE is_active = 1")}
+        await self.maintenance.reload()
         self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
         self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
 
@@ -4763,6 +4967,8 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     out = []
     for row in rows:
         record = monitor_record(row)
+        if rt.maintenance.active(row["account_id"], row["id"]):
+            record["status"] = "MAINTENANCE"
         heartbeat = record.pop("heartbeatId")
         record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
         record.update({
@@ -4803,7 +5009,8 @@ def _masked_value(value: Any) -> Any:
 # The team-owned tables a path id can name: table -> (path parameter, what errors call it).
 OWNED = {"monitors": ("monitorId", "Monitor"), "incidents": ("incidentId", "Incident"),
          "notification_channels": ("channelId", "Notification channel"),
-         "webhooks": ("webhookId", "Webhook"), "status_pages": ("statusPageId", "Status page")}
+         "webhooks": ("webhookId", "Webhook"), "status_pages": ("statusPageId", "Status page"),
+         "maintenance_windows": ("windowId", "Maintenance window")}
 
 
 async def load_owned(call: Call, table: str, ident: str | None = None) -> sqlite3.Row:
@@ -5040,7 +5247,8 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
 
 
 def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str | None,
-                    agent: str | None, at: int, region: str) -> list[Statement]:
+                    agent: str | None, at: int, region: str,
+                    maintenance: bool = False) -> list[Statement]:
     """The writes of one ping: its log row, the monitor's clocks, and unless the monitor is
     paused, a check and (when the status changes) a transition."""
     spec = PING_KINDS[kind]
@@ -5059,7 +5267,7 @@ def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str 
         details = {"heartbeat": kind, "duration": duration}
         statements += check_statements(
             beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
-                                                 details=details), at)
+                                                 details=details), at, maintenance)
         if beat.status != spec.status:
             statements += transition_statements(beat.monitor_id, beat.status, spec.status,
                                                 error, at)
@@ -5089,8 +5297,9 @@ async def _ping(call: Call, kind: str) -> Response:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
         at = now_ms()
-        await rt.db.write(ping_statements(beat, kind, message, source_ip, agent, at,
-                                          rt.cfg["region"]["id"]))
+        await rt.db.write(ping_statements(
+            beat, kind, message, source_ip, agent, at, rt.cfg["region"]["id"],
+            rt.maintenance.active(beat.account_id, beat.monitor_id, at)))
         _apply_ping(beat, kind, at)
     hb.schedule(beat)
     if call.request.method == "HEAD":
@@ -5682,6 +5891,130 @@ async def delete_status_page(call: Call) -> dict[str, Any]:
     return {"success": True, "message": "Status page deleted successfully"}
 
 
+# Maintenance windows (see "Maintenance windows" under Incidents for what they do)
+
+def check_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An ISO 8601 date-time; one without an offset is wall-clock time in ``timezone``."""
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise _Issue("Invalid datetime: expected ISO 8601 such as 2026-01-04T03:00:00Z",
+                     "invalid_string", validation="datetime") from None
+    return value
+
+
+def check_recurrence(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An RFC 5545 RRULE (DAILY, WEEKLY, MONTHLY or YEARLY) that python-dateutil accepts."""
+    try:
+        zone = zoneinfo.ZoneInfo(record.get("timezone") or "UTC")
+        parse_rrule(value, parse_moment(record.get("startsAt") or "", zone))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Issue(f"Invalid recurrence: {exc}") from None
+    return value
+
+
+MAINTENANCE_FIELDS = (
+    Field("title", "string", True, minimum=1, maximum=255, doc="Shown on status pages"),
+    Field("description", "string", maximum=2000, doc="Shown on status pages"),
+    Field("startsAt", "string", True, maximum=64, check=check_moment,
+          doc="ISO 8601 start (recurring: the first occurrence; no offset = local in timezone)"),
+    Field("endsAt", "string", maximum=64, check=check_moment,
+          doc="ISO 8601 end of a one-off window (give endsAt or recurrence)"),
+    Field("recurrence", "string", maximum=500, check=check_recurrence,
+          doc="RFC 5545 RRULE, e.g. FREQ=WEEKLY;BYDAY=SU (FREQ DAILY/WEEKLY/MONTHLY/YEARLY)"),
+    Field("timezone", "string", default="UTC", check=check_timezone,
+          doc="IANA zone the recurrence (and offset-less times) follow"),
+    Field("durationMinutes", "integer", minimum=1, maximum=10_080,
+          doc="Length of each occurrence of a recurring window"),
+    Field("monitorIds", "array", maximum=1000, check=check_page_monitor_ids,
+          doc="Monitors it covers (null or absent: all the team's monitors)"),
+    Field("suppressAlerts", "boolean", default=True,
+          doc="No incident and no alert while it runs (false: only status and uptime change)"),
+)
+
+
+def _window_rules(record: dict[str, Any]) -> None:
+    """One-off windows need an end after their start; recurring ones a duration."""
+    problem = None
+    if record.get("recurrence"):
+        if not record.get("durationMinutes"):
+            problem = ("durationMinutes", "A recurring window needs durationMinutes")
+    elif not record.get("endsAt"):
+        problem = ("endsAt", "Give endsAt, or recurrence with durationMinutes")
+    else:
+        zone = zoneinfo.ZoneInfo(record.get("timezone") or "UTC")
+        if parse_moment(record["endsAt"], zone) <= parse_moment(record["startsAt"], zone):
+            problem = ("endsAt", "endsAt must be after startsAt")
+    if problem:
+        raise ValidationFailed([{"code": "custom", "path": [problem[0]], "message": problem[1]}])
+
+
+def window_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
+    """A window as the API shows it, with whether it runs now and its current or next
+    occurrence (within a year)."""
+    out: dict[str, Any] = {"id": row["id"]}
+    for field in MAINTENANCE_FIELDS:
+        value = row[field.column]
+        if field.kind in _JSON_KINDS and value is not None:
+            value = json.loads(value)
+        out[field.name] = bool(value) if field.kind == "boolean" else value
+    now = rt.maintenance.clock()
+    spans = Window.from_row(row).occurrences(now, now + 366 * DAY_MS)[:1]
+    out.update({"active": bool(spans) and spans[0][0] <= now,
+                "nextOccurrence": {"startsAt": iso(spans[0][0]), "endsAt": iso(spans[0][1])}
+                if spans else None,
+                "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"])})
+    return out
+
+
+async def _window_response(call: Call, window_id: str | None = None) -> dict[str, Any]:
+    return window_json(call.rt, await load_owned(call, "maintenance_windows", window_id))
+
+
+@api("/maintenance-windows", "GET")
+async def list_maintenance_windows(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall("SELECT * FROM maintenance_windows WHERE account_id = ?"
+                                     " ORDER BY created_at, id", (call.team,))
+    return {"maintenanceWindows": [window_json(call.rt, row) for row in rows]}
+
+
+@api("/maintenance-windows/{windowId}", "GET")
+async def get_maintenance_window(call: Call) -> dict[str, Any]:
+    return await _window_response(call)
+
+
+@api("/maintenance-windows", "POST", body=MAINTENANCE_FIELDS)
+async def create_maintenance_window(call: Call) -> Response:
+    clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call))
+    _window_rules(clean)
+    row = await create_owned(call, "maintenance_windows", "mw", {
+        **column_values(MAINTENANCE_FIELDS, clean), "ends_handled_at": call.rt.maintenance.clock()})
+    await call.rt.maintenance.reload()
+    return JSONResponse(window_json(call.rt, row), 201)
+
+
+@api("/maintenance-windows/{windowId}", "PUT", body=MAINTENANCE_FIELDS)
+async def update_maintenance_window(call: Call) -> dict[str, Any]:
+    row = await load_owned(call, "maintenance_windows")
+    existing = {k: v for k, v in window_json(call.rt, row).items()
+                if k in {f.name for f in MAINTENANCE_FIELDS}}
+    clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call),
+                     existing=existing)
+    _window_rules({**existing, **clean})
+    await call.rt.db.write([update_statement("maintenance_windows", row["id"], {
+        **column_values(MAINTENANCE_FIELDS, clean), "ends_handled_at": call.rt.maintenance.clock()})])
+    await call.rt.maintenance.reload()
+    return await _window_response(call, row["id"])
+
+
+@api("/maintenance-windows/{windowId}", "DELETE")
+async def delete_maintenance_window(call: Call) -> dict[str, Any]:
+    row = await load_owned(call, "maintenance_windows")
+    await call.rt.db.write([("DELETE FROM maintenance_windows WHERE id = ?", (row["id"],))])
+    await call.rt.maintenance.reload()
+    return {"success": True, "message": "Maintenance window deleted successfully"}
+
+
 # Analytics
 
 ANALYTICS_PERIODS = {"1h": HOUR_MS, "24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 * DAY_MS}
@@ -6070,18 +6403,6 @@ LANGUAGES = tuple(
     "za zh zu".split())  # ISO 639-1
 
 
-@functools.cache
-def _timezones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-    """An IANA zone name, as the system's tz database knows them."""
-    if value not in _timezones():
-        raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
-    return value
-
-
 def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """E.164: a plus, a non-zero digit, at most 15 digits in all."""
     if not re.fullmatch(r"\+[1-9]\d{1,14}", value):
@@ -6395,7 +6716,7 @@ BANNERS = {"major_outage": ("Major outage", "#b91c1c"),
 # A monitor's current state as text and a colour class (PAUSED: paused or inactive).
 MONITOR_STATES = {"UP": ("Operational", "up"), "DEGRADED": ("Degraded performance", "degraded"),
                   "DOWN": ("Outage", "down"), "PENDING": ("No data yet", "none"),
-                  "PAUSED": ("Paused", "none")}
+                  "PAUSED": ("Paused", "none"), "MAINTENANCE": ("Under maintenance", "none")}
 
 # A day's bar cell by its uptime: (lowest uptime %, class, colour, label); colours are >= 3:1
 # against white.  Days without checks are NO_DATA.
@@ -6418,9 +6739,11 @@ def monitor_state(monitor: dict[str, Any]) -> str:
 
 
 def overall_status(monitors: Sequence[dict[str, Any]]) -> str:
-    """The banner's indicator.  Only reporting monitors (not paused, not PENDING) count: more
+    """The banner's indicator.  Only reporting monitors (not paused, PENDING or in maintenance)
+    count: more
     than half DOWN is a major outage, any DOWN a partial outage, any DEGRADED degraded."""
-    states = [monitor_state(m) for m in monitors if monitor_state(m) not in ("PAUSED", "PENDING")]
+    states = [monitor_state(m) for m in monitors
+              if monitor_state(m) not in ("PAUSED", "PENDING", "MAINTENANCE")]
     down = states.count("DOWN")
     if down and down * 2 > len(states):
         return "major_outage"
@@ -6501,10 +6824,30 @@ async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: st
              "updates": updates[row["id"]]} for row in rows]
 
 
+def page_maintenance(rt: Runtime, account_id: str, monitor_ids: Sequence[str]
+                     ) -> list[dict[str, Any]]:
+    """The maintenance windows covering any of ``monitor_ids`` that run now or start within
+    MAINTENANCE_LOOKAHEAD_DAYS (their next occurrence), soonest first."""
+    now, out = rt.maintenance.clock(), []
+    for window in rt.maintenance.windows.values():
+        if not any(window.covers(account_id, m) for m in monitor_ids):
+            continue
+        for start, end in window.occurrences(now, now + MAINTENANCE_LOOKAHEAD_DAYS * DAY_MS)[:1]:
+            out.append({"id": window.id, "title": window.title,
+                        "description": window.description, "startsAt": start, "endsAt": end,
+                        "state": "in_progress" if start <= now else "scheduled",
+                        "updatedAt": window.updated_at})
+    return sorted(out, key=lambda w: (w["startsAt"], w["id"]))
+
+
 async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
-    """Everything the page and its JSON show, read once: groups with 90-day days, incidents."""
+    """Everything the page and its JSON show, read once: groups with 90-day days, incidents,
+    maintenance."""
     groups = await page_groups(rt.db, page["id"])
     monitors = {m["id"]: m for g in groups for m in g["monitors"]}
+    for monitor in monitors.values():
+        if rt.maintenance.active(page["account_id"], monitor["id"]):
+            monitor["status"] = "MAINTENANCE"
     stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS)
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
@@ -6514,12 +6857,18 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
                                      "i.resolved_at IS NULL OR i.resolved_at >= ?",
                                      [now_ms() - PAST_INCIDENT_DAYS * DAY_MS])
     return {"page": page, "groups": groups, "status": overall_status(list(monitors.values())),
+            "maintenance": page_maintenance(rt, page["account_id"], list(monitors)),
             "active": [i for i in incidents if i["resolvedAt"] is None],
             "past": [i for i in incidents if i["resolvedAt"] is not None]}
 
 
 def _page_base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
+
+
+def _maintenance_json(window: dict[str, Any]) -> dict[str, Any]:
+    return {**window, "startsAt": iso(window["startsAt"]), "endsAt": iso(window["endsAt"]),
+            "updatedAt": iso(window["updatedAt"])}
 
 
 def _incident_json(incident: dict[str, Any]) -> dict[str, Any]:
@@ -6646,6 +6995,14 @@ def _incident_html(incident: dict[str, Any]) -> str:
             (f'<ol class="updates">{updates}</ol>' if updates else "") + "</article>")
 
 
+def _maintenance_html(window: dict[str, Any]) -> str:
+    state = "In progress" if window["state"] == "in_progress" else "Scheduled"
+    description = f'<p>{_esc(window["description"])}</p>' if window["description"] else ""
+    return (f'<article class="card maintenance"><h3>{_esc(window["title"])} ({state.lower()})'
+            f'</h3><p class="meta">{state}: {_when(window["startsAt"])} to '
+            f'{_when(window["endsAt"])}</p>{description}</article>')
+
+
 def render_page(view: dict[str, Any]) -> str:
     """The public status page as one HTML document (inline CSS, no scripts)."""
     page = view["page"]
@@ -6673,6 +7030,10 @@ def render_page(view: dict[str, Any]) -> str:
             or f'<p class="empty">No incidents in the last {PAST_INCIDENT_DAYS} days.</p>')
     active_section = (f'<section aria-labelledby="active-h"><h2 id="active-h">Active incidents'
                       f'</h2>{active}</section>' if active else "")
+    maintenance = "".join(_maintenance_html(w) for w in view["maintenance"])
+    if maintenance:
+        active_section += (f'<section aria-labelledby="maint-h"><h2 id="maint-h">Scheduled'
+                           f' maintenance</h2>{maintenance}</section>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -6748,20 +7109,35 @@ async def page_summary(request: Request) -> Response:
         "groups": [{"name": g["name"], "monitors": [
             {"id": m["id"], "name": m["name"], "status": monitor_state(m),
              "uptime90d": m["uptime"]} for m in g["monitors"]]} for g in view["groups"]],
+        "maintenance": [_maintenance_json(w) for w in view["maintenance"]],
         "activeIncidents": [_incident_json(i) for i in view["active"]],
         "recentIncidents": [_incident_json(i) for i in view["past"]],
         "updatedAt": iso(now_ms())})
 
 
+def _maintenance_entry(window: dict[str, Any], url: str) -> str:
+    """A maintenance window's occurrence as an Atom entry (scheduled, or in progress)."""
+    state = "in progress" if window["state"] == "in_progress" else "scheduled"
+    lines = [f"Maintenance {state}: {_when(window['startsAt'])} to {_when(window['endsAt'])}.",
+             *([window["description"]] if window["description"] else [])]
+    return (f"<entry><id>urn:statusapp:maintenance:{_esc(window['id'])}:{window['startsAt']}"
+            f"</id><title>Maintenance: {_esc(window['title'])} ({state})</title>"
+            f"<updated>{iso(window['updatedAt'])}</updated>"
+            f'<link rel="alternate" href="{_esc(url)}"/>'
+            f'<content type="text">{_esc(chr(10).join(lines))}</content></entry>')
+
+
 async def page_feed(request: Request) -> Response:
-    """``/status/{slug}/feed.atom``: the newest incidents of the page's monitors as Atom."""
+    """``/status/{slug}/feed.atom``: the newest incidents of the page's monitors, and its
+    scheduled and running maintenance windows, as Atom."""
     rt: Runtime = request.app.state.statusapp
     page = await _public_page(rt, "slug", request.path_params["slug"])
     monitor_ids = list(dict.fromkeys(m["id"] for g in await page_groups(rt.db, page["id"])
                                      for m in g["monitors"]))
     incidents = await page_incidents(rt.db, monitor_ids, "1", [], FEED_ENTRIES)
     url = f"{_page_base(request)}/status/{page['slug']}"
-    entries = []
+    windows = page_maintenance(rt, page["account_id"], monitor_ids)
+    entries = [_maintenance_entry(window, url) for window in windows]
     for incident in incidents:
         times = [incident["startedAt"], incident["resolvedAt"] or 0,
                  *(u["createdAt"] for u in incident["updates"])]
@@ -6779,7 +7155,8 @@ async def page_feed(request: Request) -> Response:
             f"<published>{iso(incident['startedAt'])}</published>"
             f'<link rel="alternate" href="{_esc(url)}"/>'
             f'<content type="text">{_esc(chr(10).join(lines))}</content></entry>')
-    updated = max([page["updated_at"], *(i["startedAt"] for i in incidents),
+    updated = max([page["updated_at"], *(w["updatedAt"] for w in windows),
+                   *(i["startedAt"] for i in incidents),
                    *(i["resolvedAt"] or 0 for i in incidents),
                    *(u["createdAt"] for i in incidents for u in i["updates"])])
     body = (f'<?xml version="1.0" encoding="utf-8"?>\n'

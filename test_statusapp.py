@@ -1828,6 +1828,22 @@ def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
                                              ("DEGRADED", "UP", "slow=False")]
 
 
+def test_checks_inside_a_maintenance_window_run_and_are_marked(sched, target):
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/m"))
+    eventually(lambda: _checks(cfg, monitor_id))
+    now = statusapp.now_ms()
+    response = client.post("/api/v1/maintenance-windows", json={
+        "title": "Swap", "startsAt": statusapp.iso(now), "endsAt": statusapp.iso(now + 3_600_000),
+        "monitorIds": [monitor_id]})
+    assert response.status_code == 201
+    eventually(lambda: sql(cfg, "SELECT 1 FROM checks WHERE monitor_id = ? AND maintenance = 1",
+                           (monitor_id,)))
+    assert sql(cfg, "SELECT maintenance FROM checks WHERE monitor_id = ? ORDER BY id LIMIT 1",
+               (monitor_id,)) == [(0,)]
+    assert client.get(f"/api/v1/monitors/{monitor_id}").json()["status"] == "MAINTENANCE"
+
+
 def test_https_certificate_expiring_in_5_days_warns_once(tmp_path, tls_certs, tls_servers,
                                                          notify_http):
     cfg = _sched_cfg(tmp_path, ca_bundle=str(tls_certs[0]))
@@ -2554,6 +2570,161 @@ def test_target_down_opens_one_incident_alerts_once_and_recovery_resolves_it(tmp
         assert len(api.get("/incidents").json()["incidents"]) == 1
     finally:
         srv.stop()
+
+
+# Maintenance windows.  The calendar's clock is injected (rt.maintenance.clock); the tests write
+# transitions the way the prober does and wake the window-end service after moving the clock.
+
+def _window(client, **fields) -> dict:
+    response = client.post("/api/v1/maintenance-windows", json={"title": "Reboot", **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _utc_ms(text: str) -> int:
+    return int(dt.datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def _move_clock(client, at: int) -> None:
+    calendar = client.app.state.statusapp.maintenance
+    calendar.clock = lambda: at
+    client.portal.call(calendar.wake.set)
+
+
+def test_recurring_window_follows_its_zone_across_dst(client):
+    window = _window(client, startsAt="2026-03-01T03:00:00", timezone="Europe/Berlin",
+                     recurrence="RRULE:FREQ=WEEKLY;BYDAY=SU", durationMinutes=30)
+    url = f"/api/v1/maintenance-windows/{window['id']}"
+    expectations = [  # (clock, active, next occurrence start in UTC)
+        ("2026-03-20T12:00:00+00:00", False, "2026-03-22T02:00:00Z"),  # CET: 03:00 = 02:00Z
+        ("2026-03-27T12:00:00+00:00", False, "2026-03-29T01:00:00Z"),  # CEST from 29 March
+        ("2026-03-29T01:10:00+00:00", True, "2026-03-29T01:00:00Z"),
+        ("2026-10-24T12:00:00+00:00", False, "2026-10-25T02:00:00Z"),  # CET again
+    ]
+    for clock, active, starts in expectations:
+        _move_clock(client, _utc_ms(clock))
+        got = client.get(url).json()
+        assert (got["active"], got["nextOccurrence"]["startsAt"]) == (active, starts), clock
+        assert got["nextOccurrence"]["endsAt"] == iso_plus(starts, minutes=30)
+    counted = _window(client, startsAt="2026-01-05T09:00:00Z", durationMinutes=60,
+                      recurrence="FREQ=DAILY;INTERVAL=2;BYHOUR=9,17;BYMINUTE=0;COUNT=3")
+    _move_clock(client, _utc_ms("2026-01-05T12:00:00+00:00"))
+    got = client.get(f"/api/v1/maintenance-windows/{counted['id']}").json()
+    assert got["nextOccurrence"]["startsAt"] == "2026-01-05T17:00:00Z"
+    _move_clock(client, _utc_ms("2026-01-07T10:30:00+00:00"))
+    got = client.get(f"/api/v1/maintenance-windows/{counted['id']}").json()
+    assert got["nextOccurrence"] is None  # COUNT=3: 5 Jan 09:00, 5 Jan 17:00, 7 Jan 09:00
+
+
+def iso_plus(text: str, **delta) -> str:
+    moment = dt.datetime.fromisoformat(text) + dt.timedelta(**delta)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_maintenance_window_validation_and_crud(client):
+    bad = client.post("/api/v1/maintenance-windows", json={
+        "title": "x", "startsAt": "tomorrow", "timezone": "Mars/Base",
+        "recurrence": "FREQ=SECONDLY", "monitorIds": ["mon_nope"]})
+    assert bad.status_code == 400
+    assert sorted(i["path"][0] for i in bad.json()["error"]) == \
+        ["monitorIds", "recurrence", "startsAt", "timezone"]
+    for fields, path in [({"startsAt": "2026-01-01T00:00:00Z"}, "endsAt"),
+                         ({"startsAt": "2026-01-01T00:00:00Z", "endsAt": "2025-12-31T00:00:00Z"},
+                          "endsAt"),
+                         ({"startsAt": "2026-01-01T00:00:00Z", "recurrence": "FREQ=DAILY"},
+                          "durationMinutes")]:
+        response = client.post("/api/v1/maintenance-windows", json={"title": "x", **fields})
+        assert response.status_code == 400 and response.json()["error"][0]["path"] == [path]
+    window = _window(client, startsAt="2026-01-01T00:00:00Z", endsAt="2026-01-01T01:00:00Z")
+    assert (window["monitorIds"], window["suppressAlerts"], window["timezone"]) == \
+        (None, True, "UTC")
+    url = f"/api/v1/maintenance-windows/{window['id']}"
+    changed = client.put(url, json={"title": "Upgrade", "suppressAlerts": False})
+    assert changed.status_code == 200
+    assert (changed.json()["title"], changed.json()["suppressAlerts"]) == ("Upgrade", False)
+    assert [w["id"] for w in client.get("/api/v1/maintenance-windows").json()[
+        "maintenanceWindows"]] == [window["id"]]
+    assert client.delete(url).status_code == 200
+    assert client.get(url).status_code == 404
+
+
+def test_outage_inside_a_window_alerts_nobody_and_one_outlasting_it_alerts_once(
+        tmp_path, notify_http):
+    cfg = _inc_cfg(tmp_path, notify_http.url)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": new_key(cfg)}) as client:
+        slack = [{"type": "SLACK", "config": {"webhookUrl": f"{notify_http.url}/slack"}}]
+        brief = _inc_monitor(client, "Brief", notifications=slack)
+        long = _inc_monitor(client, "Long", notifications=slack)
+        other = _inc_monitor(client, "Elsewhere", isActive=False)
+        now = statusapp.now_ms()
+        window = _window(client, startsAt=statusapp.iso(now - 600_000),
+                         endsAt=statusapp.iso(now + 600_000),
+                         monitorIds=[brief["id"], long["id"]])
+        shown = {m["id"]: m["status"] for m in client.get("/api/v1/monitors").json()["monitors"]}
+        assert shown == {brief["id"]: "MAINTENANCE", long["id"]: "MAINTENANCE",
+                         other["id"]: "PENDING"}
+        _inc_transition(client, brief["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+        _inc_transition(client, long["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+        _inc_transition(client, brief["id"], "DOWN", "UP", now + 1000, "HTTP 200", _INC_UP)
+        eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions"
+                                        " WHERE processed_at IS NULL"))
+        assert sql(cfg, "SELECT COUNT(*) FROM incidents")[0][0] == 0
+        assert notify_http.requests == []
+
+        _move_clock(client, now + 660_000)  # the window has ended; "long" is still down
+        eventually(lambda: notify_http.requests)
+        incidents = client.get("/api/v1/incidents").json()["incidents"]
+        assert [(i["monitorId"], i["status"]) for i in incidents] == [(long["id"], "open")]
+        assert incidents[0]["startedAt"] == statusapp.iso(_utc_ms(window["endsAt"]))
+        assert "still down when maintenance window 'Reboot' ended" in incidents[0]["rootCause"]
+        _move_clock(client, now + 900_000)
+        _move_clock(client, now + 1_000_000)
+        eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions"
+                                        " WHERE processed_at IS NULL"))
+        assert sql(cfg, "SELECT COUNT(*) FROM incidents")[0][0] == 1
+        assert len(eventually(lambda: notify_http.requests)) == 1
+        assert "Long is DOWN" in notify_http.requests[0]["body"].decode()
+
+
+def test_maintenance_checks_are_left_out_of_uptime(client):
+    monitor = _inc_monitor(client)
+    now = statusapp.now_ms()
+    statements = (statusapp.check_statements(monitor["id"], "local", _INC_UP, now - 3000)
+                  + statusapp.check_statements(monitor["id"], "local", _INC_DOWN, now - 2000, True)
+                  + statusapp.check_statements(monitor["id"], "local", _INC_UP, now - 1000))
+    client.portal.call(client.app.state.statusapp.db.write, statements)
+    figures = client.get(f"/api/v1/analytics/monitors/{monitor['id']}?period=24h").json()
+    assert (figures["uptime"], figures["totalChecks"], figures["checksDown"]) == (100.0, 2, 0)
+
+
+def test_status_page_and_feed_show_maintenance_ahead_and_while_it_runs(client):
+    monitor = _inc_monitor(client, "Router", isActive=True, url="http://127.0.0.1:9/")
+    page = client.post("/api/v1/status-pages", json={
+        "name": "Home", "slug": "home", "monitorGroups": [{"name": "Net",
+                                                            "monitorIds": [monitor["id"]]}]})
+    assert page.status_code == 201
+    now = statusapp.now_ms()
+    _window(client, title="Firmware upgrade", description="Router reboots twice",
+            startsAt=statusapp.iso(now + 2 * 86_400_000),
+            endsAt=statusapp.iso(now + 2 * 86_400_000 + 3_600_000))
+    html_page = client.get("/status/home").text
+    assert "Scheduled maintenance" in html_page
+    assert "Firmware upgrade (scheduled)" in html_page and "Router reboots twice" in html_page
+    feed = client.get("/status/home/feed.atom").text
+    assert "<title>Maintenance: Firmware upgrade (scheduled)</title>" in feed
+    summary = client.get("/status/home.json").json()
+    assert [(w["title"], w["state"]) for w in summary["maintenance"]] == \
+        [("Firmware upgrade", "scheduled")]
+    assert summary["groups"][0]["monitors"][0]["status"] != "MAINTENANCE"
+
+    _move_clock(client, now + 2 * 86_400_000 + 60_000)
+    assert "Firmware upgrade (in progress)" in client.get("/status/home").text
+    assert "Firmware upgrade (in progress)" in client.get("/status/home/feed.atom").text
+    summary = client.get("/status/home.json").json()
+    assert summary["maintenance"][0]["state"] == "in_progress"
+    assert summary["groups"][0]["monitors"][0]["status"] == "MAINTENANCE"
+    _move_clock(client, now + 3 * 86_400_000)
+    assert client.get("/status/home.json").json()["maintenance"] == []
 
 
 # --- Notifier tests ---
