@@ -56,7 +56,7 @@ import time
 import tomllib
 import urllib.parse
 import zoneinfo
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 
 import aiosqlite
 import click
+import cronsim
 import dateutil.rrule
 import dns.asyncresolver
 import dns.exception
@@ -834,6 +835,29 @@ def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
     return value
 
 
+# Cron schedules of CRON monitors, evaluated by cronsim (five fields, or one of these aliases).
+_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                 "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@hourly": "0 * * * *"}
+
+
+def cron_times(schedule: str, zone: str | None, after: int,
+               reverse: bool = False) -> Iterator[datetime]:
+    """The schedule's times after (or, ``reverse``, before) Unix ms ``after``, in ``zone``."""
+    text = " ".join(schedule.split())
+    start = datetime.fromtimestamp(after / 1000, zoneinfo.ZoneInfo(zone or "UTC"))
+    return iter(cronsim.CronSim(_CRON_ALIASES.get(text.lower(), text), start, reverse))
+
+
+def check_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """A cron expression cronsim accepts, or @yearly/@monthly/@weekly/@daily/@hourly."""
+    try:
+        next(cron_times(value, None, now_ms()))
+    except (cronsim.CronSimError, StopIteration) as exc:
+        raise _Issue(f"Invalid schedule: {exc or 'it never fires'}") from None
+    return value
+
+
 def each(fields: Sequence[Field], kind_field: str = "type",
          then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
          ) -> Callable[..., Any]:
@@ -1037,6 +1061,10 @@ MONITOR_FIELDS = (
           doc="Expected answer (an IP for A/AAAA)"),
     Field("gracePeriod", "integer", default=300, minimum="probes.min_interval", maximum=86_400,
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
+    Field("schedule", "string", maximum=200, check=check_schedule, kinds=("CRON",),
+          doc="Cron expression (e.g. 0 3 * * *) or @daily/@hourly/...; replaces interval"),
+    Field("timezone", "string", maximum=64, check=check_timezone, kinds=("CRON",),
+          doc="IANA zone of schedule (absent: UTC)"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
           kinds=("SSL_CERT", *HTTP_TYPES),
           doc="Days before certificate expiry to warn (also for https WEBSITE/API monitors)"),
@@ -2783,7 +2811,7 @@ HEARTBEAT_KINDS = ("success", "start", "fail", "log")
 MISSED_HEARTBEAT = "missed heartbeat"
 JOB_NOT_COMPLETE = "job did not complete"
 _BEAT_COLUMNS = ("id, account_id, heartbeat_id, status, is_paused, is_active, interval,"
-                 " grace_period, last_success_at, job_started_at, updated_at")
+                 " grace_period, schedule, timezone, last_success_at, job_started_at, updated_at")
 
 
 @dataclass(eq=False)
@@ -2797,6 +2825,8 @@ class _Beat:
     quiet: bool = True  # paused or inactive: pings are logged, the status never changes
     period_ms: int = 0
     grace_ms: int = 0
+    schedule: str | None = None  # a cron schedule replaces the period
+    zone: str | None = None
     last_success_at: int | None = None
     job_started_at: int | None = None
     edited_at: int = 0
@@ -2810,6 +2840,7 @@ class _Beat:
         self.account_id = row["account_id"]
         self.quiet = bool(row["is_paused"]) or not row["is_active"]
         self.period_ms, self.grace_ms = row["interval"] * 1000, row["grace_period"] * 1000
+        self.schedule, self.zone = row["schedule"], row["timezone"]
         self.last_success_at, self.job_started_at = row["last_success_at"], row["job_started_at"]
         self.edited_at, self.stale = row["updated_at"], False
 
@@ -2826,8 +2857,10 @@ class _Beat:
             dues.append((max(self.job_started_at, self.edited_at) + self.grace_ms,
                          JOB_NOT_COMPLETE))
         if self.last_success_at is not None:
-            dues.append((max(self.last_success_at, self.edited_at) + self.period_ms
-                         + self.grace_ms, MISSED_HEARTBEAT))
+            since = max(self.last_success_at, self.edited_at)
+            expected = (next_scheduled_run(self.schedule, self.zone, since, self.grace_ms)
+                        if self.schedule else since + self.period_ms)
+            dues.append((expected + self.grace_ms, MISSED_HEARTBEAT))
         return min(dues, default=None)
 
     def reason(self, what: str) -> str:
@@ -2835,8 +2868,25 @@ class _Beat:
         grace = self.grace_ms // 1000
         if what == JOB_NOT_COMPLETE:
             return f"{what}: no success or fail within the {grace} s grace period after start"
+        if self.schedule:
+            return (f"{what}: no success ping for the scheduled run ({self.schedule},"
+                    f" {self.zone or 'UTC'}) + {grace} s grace period")
         return (f"{what}: no success ping within {self.period_ms // 1000} s interval"
                 f" + {grace} s grace period")
+
+
+def next_scheduled_run(schedule: str, zone: str | None, since: int, grace_ms: int) -> int:
+    """When the next run is expected (Unix ms, before the grace), after a success at ``since``.
+
+    A success counts for the scheduled time nearest to it: one up to ``grace_ms`` early, and
+    nearer the coming time than the last, is that coming run, done early; so an early run
+    does not make the monitor expect the same run again minutes later."""
+    upcoming = cron_times(schedule, zone, since)
+    coming = _ms(next(upcoming))
+    previous = _ms(next(cron_times(schedule, zone, since + 1000, reverse=True), None)
+                   or datetime.min.replace(tzinfo=timezone.utc))
+    early = coming - since <= grace_ms and coming - since < since - previous
+    return _ms(next(upcoming)) if early else coming
 
 
 class Heartbeats:

@@ -2106,6 +2106,75 @@ def test_heartbeat_acknowledged_pings_survive_kill_9(tmp_path):
         again.stop()
     assert len(acked) >= 300 and set(acked) <= stored
 
+# Cron schedules: due times are pure functions of the schedule, zone and last success; the
+# live test moves the stored clocks back and lets the deadline service find the missed run.
+
+_HOUR = 3_600_000
+
+
+@pytest.mark.parametrize("schedule, success, due", [
+    # 03:00 Berlin: CET (+01) before 29 March 2026, CEST (+02) from then, CET again 25 October.
+    ("0 3 * * *", "2026-03-28T03:01:00+01:00", "2026-03-29T01:00:00+00:00"),  # a 23-hour day
+    ("0 3 * * *", "2026-10-24T03:01:00+02:00", "2026-10-25T02:00:00+00:00"),  # a 25-hour day
+    ("30 2 * * *", "2026-03-28T02:31:00+01:00", "2026-03-29T01:00:00+00:00"),  # 02:30 skipped: 03:00
+    ("30 2 * * *", "2026-10-24T02:31:00+02:00", "2026-10-25T00:30:00+00:00"),  # once, the first
+    ("@daily", "2026-03-28T12:00:00+01:00", "2026-03-28T23:00:00+00:00"),
+    # early for the 03:00 run (02:00 does not exist that night), so 04:00 CEST is next
+    ("0 * * * *", "2026-03-29T01:59:00+01:00", "2026-03-29T02:00:00+00:00"),
+])
+def test_cron_due_times_across_dst(schedule, success, due):
+    got = statusapp.next_scheduled_run(schedule, "Europe/Berlin", _utc_ms(success), 300_000)
+    assert statusapp.iso(got) == statusapp.iso(_utc_ms(due))
+
+
+def test_cron_an_early_run_does_not_confuse_the_next_due_time():
+    def due(success: str) -> str:
+        got = statusapp.next_scheduled_run("0 3 * * *", "UTC", _utc_ms(success), 600_000)
+        return statusapp.iso(got)
+    assert due("2026-05-10T02:55:00+00:00") == "2026-05-11T03:00:00Z"  # early: counts for 10 May
+    assert due("2026-05-10T03:04:00+00:00") == "2026-05-11T03:00:00Z"  # on time
+    assert due("2026-05-10T02:40:00+00:00") == "2026-05-10T03:00:00Z"  # too early: a stray run
+    assert due("2026-05-10T14:00:00+00:00") == "2026-05-11T03:00:00Z"  # a manual run
+    every_5 = statusapp.next_scheduled_run("*/5 * * * *", "UTC",
+                                           _utc_ms("2026-05-10T03:00:10+00:00"), 600_000)
+    assert statusapp.iso(every_5) == "2026-05-10T03:05:00Z"  # nearer the last run: that one
+
+
+def test_cron_schedule_validation(client):
+    bad = client.post("/api/v1/monitors", json={"name": "b", "type": "CRON",
+                                                "schedule": "61 * * * *", "timezone": "Nowhere"})
+    assert bad.status_code == 400
+    assert sorted(i["path"][0] for i in bad.json()["error"]) == ["schedule", "timezone"]
+    good = client.post("/api/v1/monitors", json={"name": "b", "type": "CRON",
+                                                 "schedule": "@daily", "timezone": "Europe/Berlin"})
+    assert good.status_code == 201
+    assert (good.json()["schedule"], good.json()["timezone"]) == ("@daily", "Europe/Berlin")
+
+
+def test_cron_missed_scheduled_run_goes_down_after_the_grace(client, cfg):
+    rt = client.app.state.statusapp
+    created = client.post("/api/v1/monitors", json={
+        "name": "nightly", "type": "CRON", "schedule": "0 3 * * *", "timezone": "Europe/Berlin",
+        "gracePeriod": 600})
+    assert created.status_code == 201
+    monitor = created.json()
+    ping = urllib.parse.urlsplit(monitor["heartbeatUrl"]).path
+    assert client.get(ping).status_code == 200
+    assert client.get(f"/api/v1/monitors/{monitor['id']}").json()["status"] == "UP"
+    # The last success was 3 days ago: the next 03:00 and its 10 minutes of grace have passed.
+    before = statusapp.now_ms() - 72 * _HOUR
+    sql(cfg, "UPDATE monitors SET last_success_at = ?, updated_at = ? WHERE id = ?",
+        (before, before, monitor["id"]))
+    client.portal.call(rt.monitor_changed, monitor["id"])
+    eventually(lambda: sql(cfg, "SELECT status FROM monitors")[0][0] == "DOWN")
+    (reason,), = sql(cfg, "SELECT reason FROM status_transitions WHERE new_status = 'DOWN'")
+    assert reason == ("missed heartbeat: no success ping for the scheduled run (0 3 * * *,"
+                      " Europe/Berlin) + 600 s grace period")
+    (at,), = sql(cfg, "SELECT checked_at FROM checks WHERE status = 'DOWN'")
+    expected = statusapp.next_scheduled_run("0 3 * * *", "Europe/Berlin", before, 600_000)
+    assert at == expected + 600_000
+
+
 # --- Incident tests ---
 
 
