@@ -835,6 +835,35 @@ def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
     return value
 
 
+_HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+
+
+def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
+    if not _HEX_COLOR.fullmatch(value):
+        raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
+                     validation="regex")
+    return value.lower()
+
+
+# Tags: short labels with an optional colour.  A client may send a bare string for a tag
+# without colour; responses always show objects.
+TAG_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=32, doc="Label"),
+    Field("color", "string", check=check_hex_color, doc="Hex colour, #rgb or #rrggbb"),
+)
+
+
+def check_tags(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+    """Tags as objects (a string is a tag's name), each name once."""
+    objects = [{"name": v} if isinstance(v, str) else v for v in value]
+    clean = each(TAG_FIELDS)(objects, record, env)
+    names = [tag["name"] for tag in clean]
+    if len(set(names)) != len(names):
+        raise _Issue("Tag names must be unique")
+    return clean
+
+
 # Cron schedules of CRON monitors, evaluated by cronsim (five fields, or one of these aliases).
 _CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
                  "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
@@ -1087,6 +1116,10 @@ MONITOR_FIELDS = (
           doc="Check DNS blocklists"),
     Field("domainMonitorWhois", "boolean", default=True, kinds=("DOMAIN",),
           doc="Report registrar/status/nameserver changes"),
+    Field("tags", "array", default=[], maximum=20, check=check_tags,
+          doc='Labels, each {"name", "color"} or a bare name ("prod"); list filter tag='),
+    Field("group", "string", minimum=1, maximum=100,
+          doc="Group name (list filter group=; status pages may show a whole group)"),
     Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
     Field("notifications", "array", check=check_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
@@ -4940,7 +4973,24 @@ MONITOR_QUERY = page_fields(
     MONITOR_SORTS, "createdAt",
     status=Field("status", "string", choices=MONITOR_STATUSES),
     type=Field("type", "string", choices=ALL_TYPES),
-    search=Field("search", "string", maximum=200))
+    search=Field("search", "string", maximum=200),
+    tag=Field("tag", "string", maximum=32, doc="Only monitors with this tag"),
+    group=Field("group", "string", maximum=100, doc="Only monitors in this group"))
+
+# Which monitors a tag or group filter selects (list filters, bulk pause/resume, status pages).
+_TAG_MATCH = ("EXISTS (SELECT 1 FROM json_each(tags)"
+              " WHERE json_extract(json_each.value, '$.name') = ?)")
+_GROUP_MATCH = '"group" = ?'
+
+
+def selection(query: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """SQL conditions and parameters for the ``tag`` and ``group`` in ``query``."""
+    where, params = [], []
+    for name, condition in (("tag", _TAG_MATCH), ("group", _GROUP_MATCH)):
+        if query.get(name):
+            where.append(condition)
+            params.append(query[name])
+    return where, params
 
 
 def _like(text: str) -> str:
@@ -5089,16 +5139,21 @@ def column_values(fields: Sequence[Field], clean: dict[str, Any]) -> dict[str, A
     return {f.column: stored(f, clean[f.name]) for f in fields if f.name in clean}
 
 
+def _quoted(column: str) -> str:
+    """A column name as an SQL identifier (``group`` is a keyword)."""
+    return f'"{column}"'
+
+
 def insert_statement(table: str, values: dict[str, Any]) -> Statement:
     """An INSERT of ``values`` (column names from the Field tables, never from a client)."""
-    return (f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-            list(values.values()))
+    return (f"INSERT INTO {table} ({', '.join(map(_quoted, values))})"
+            f" VALUES ({', '.join('?' * len(values))})", list(values.values()))
 
 
 def update_statement(table: str, row_id: str, values: dict[str, Any]) -> Statement:
     """An UPDATE of ``values`` on one row, stamping ``updated_at``."""
     values = {**values, "updated_at": now_ms()}
-    return (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in values)} WHERE id = ?",
+    return (f"UPDATE {table} SET {', '.join(f'{_quoted(c)} = ?' for c in values)} WHERE id = ?",
             [*values.values(), row_id])
 
 
@@ -5142,6 +5197,8 @@ async def list_monitors(call: Call) -> dict[str, Any]:
     if query["search"]:
         where.append("(name LIKE ? ESCAPE '\\' OR url LIKE ? ESCAPE '\\')")
         params += [_like(query["search"])] * 2
+    chosen, values = selection(query)
+    where, params = where + chosen, params + values
     clause = " AND ".join(where)
     total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
     order = f"{MONITOR_SORTS[query['sort']]} {query['order'].upper()}, id {query['order'].upper()}"
@@ -5222,6 +5279,47 @@ async def pause_monitor(call: Call) -> dict[str, Any]:
                            " WHERE id = ?", (now_ms(), row["id"]))
     call.rt.monitor_changed(row["id"])
     return {"id": row["id"], "isPaused": not row["is_paused"]}
+
+
+MONITOR_FILTER_FIELDS = (
+    Field("tag", "string", minimum=1, maximum=32, doc="Every monitor with this tag"),
+    Field("group", "string", minimum=1, maximum=100, doc="Every monitor in this group"),
+    Field("monitorIds", "array", maximum=1000, doc="These monitors"),
+)
+
+
+async def _pause_many(call: Call, paused: bool) -> dict[str, Any]:
+    """Pause or resume the team's monitors the body's filter selects (all filters given must
+    match); an empty filter is refused rather than taken as "everything"."""
+    query = validate(MONITOR_FILTER_FIELDS, await call.json(), call.env())
+    where, params = selection(query)
+    if query.get("monitorIds") is not None:
+        ids = [str(i) for i in query["monitorIds"]]
+        where.append(f"id IN ({','.join('?' * len(ids))})")
+        params += ids
+    if not where:
+        raise ValidationFailed([{"code": "custom", "path": [],
+                                 "message": "Give tag, group or monitorIds"}])
+    rows = await call.rt.db.fetchall(f"SELECT id FROM monitors WHERE account_id = ? AND"
+                                     f" {' AND '.join(where)} ORDER BY id", [call.team, *params])
+    ids = [row["id"] for row in rows]
+    await call.rt.db.write([(f"UPDATE monitors SET is_paused = ?, updated_at = ? WHERE id IN"
+                             f" ({','.join('?' * len(ids))})", (int(paused), now_ms(), *ids))])
+    for monitor_id in ids:
+        call.rt.monitor_changed(monitor_id)
+    return {"monitorIds": ids, "isPaused": paused}
+
+
+@api("/monitors/pause", "POST", body=MONITOR_FILTER_FIELDS)
+async def pause_monitors(call: Call) -> dict[str, Any]:
+    """Pause every monitor a tag, group or id list selects"""
+    return await _pause_many(call, True)
+
+
+@api("/monitors/resume", "POST", body=MONITOR_FILTER_FIELDS)
+async def resume_monitors(call: Call) -> dict[str, Any]:
+    """Resume every monitor a tag, group or id list selects"""
+    return await _pause_many(call, False)
 
 
 def regression_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -5767,7 +5865,6 @@ async def list_webhook_deliveries(call: Call) -> dict[str, Any]:
 # Status pages
 
 _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
-_HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -5777,14 +5874,6 @@ def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
         raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
                      " or ending with a hyphen", "invalid_string", validation="regex")
     return value
-
-
-def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-    """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
-    if not _HEX_COLOR.fullmatch(value):
-        raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
-                     validation="regex")
-    return value.lower()
 
 
 def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
@@ -5806,10 +5895,23 @@ def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
     return list(dict.fromkeys(value))
 
 
+def check_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+    """A page group lists monitorIds, or names one monitor group or tag, not both."""
+    if (clean.get("monitorGroup") or clean.get("monitorTag")) and (
+            clean.get("monitorIds") or (clean.get("monitorGroup") and clean.get("monitorTag"))):
+        raise ValidationFailed([{"code": "custom", "path": list(path),
+                                 "message": "Give monitorIds, monitorGroup or monitorTag"}])
+    return clean
+
+
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
     Field("monitorIds", "array", default=[], maximum=500, check=check_page_monitor_ids,
           doc="The team's monitors in display order"),
+    Field("monitorGroup", "string", minimum=1, maximum=100,
+          doc="Instead of monitorIds: every monitor of this group, by name, as it is when shown"),
+    Field("monitorTag", "string", minimum=1, maximum=32,
+          doc="Instead of monitorIds: every monitor with this tag, by name, as it is when shown"),
 )
 
 STATUS_PAGE_FIELDS = (
@@ -5823,7 +5925,8 @@ STATUS_PAGE_FIELDS = (
     Field("faviconUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the favicon"),
     Field("customDomain", "string", maximum=253, check=check_custom_domain,
           doc="Hostname that serves the page at / (unique; 409 when taken)"),
-    Field("monitorGroups", "array", default=[], maximum=100, check=each(MONITOR_GROUP_FIELDS),
+    Field("monitorGroups", "array", default=[], maximum=100,
+          check=each(MONITOR_GROUP_FIELDS, then=check_page_selector),
           doc="Groups of monitors, in display order"),
 )
 _PAGE_COLUMNS = tuple(f for f in STATUS_PAGE_FIELDS if f.name != "monitorGroups")
@@ -5840,27 +5943,52 @@ def status_page_json(row: sqlite3.Row, base_url: str) -> dict[str, Any]:
     return out
 
 
+_PAGE_MONITOR_COLUMNS = "m.id, m.name, m.type, m.status, m.is_paused, m.is_active"
+
+
+def _page_monitor(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "type": row["type"], "status": row["status"],
+            "paused": bool(row["is_paused"]) or not row["is_active"]}
+
+
 async def page_groups(db: Database, page_id: str) -> list[dict[str, Any]]:
-    """A page's groups in order, each with its monitors (id, name, type, state) in order."""
+    """A page's groups in order, each with its monitors (id, name, type, state) in order; a
+    group naming a monitor group or tag gets that group's or tag's monitors now, by name."""
     groups: dict[str, dict[str, Any]] = {}
     for row in await db.fetchall(
-            "SELECT g.id AS group_id, g.name AS group_name, m.id, m.name, m.type, m.status,"
-            " m.is_paused, m.is_active FROM status_page_groups g"
-            " LEFT JOIN status_page_monitors s ON s.group_id = g.id"
-            " LEFT JOIN monitors m ON m.id = s.monitor_id"
-            " WHERE g.status_page_id = ? ORDER BY g.position, s.position", (page_id,)):
-        group = groups.setdefault(row["group_id"], {"name": row["group_name"], "monitors": []})
+            f"SELECT g.id AS group_id, g.name AS group_name, g.monitor_group, g.monitor_tag,"
+            f" p.account_id, {_PAGE_MONITOR_COLUMNS} FROM status_page_groups g"
+            f" JOIN status_pages p ON p.id = g.status_page_id"
+            f" LEFT JOIN status_page_monitors s ON s.group_id = g.id"
+            f" LEFT JOIN monitors m ON m.id = s.monitor_id"
+            f" WHERE g.status_page_id = ? ORDER BY g.position, s.position", (page_id,)):
+        group = groups.setdefault(row["group_id"], {
+            "name": row["group_name"], "monitorGroup": row["monitor_group"],
+            "monitorTag": row["monitor_tag"], "account": row["account_id"], "monitors": []})
         if row["id"] is not None:
-            group["monitors"].append({
-                "id": row["id"], "name": row["name"], "type": row["type"],
-                "status": row["status"], "paused": bool(row["is_paused"]) or not row["is_active"]})
+            group["monitors"].append(_page_monitor(row))
+    for group in groups.values():
+        account = group.pop("account")
+        where, params = selection({"group": group["monitorGroup"], "tag": group["monitorTag"]})
+        if where:
+            group["monitors"] = [_page_monitor(row) for row in await db.fetchall(
+                f"SELECT {_PAGE_MONITOR_COLUMNS} FROM monitors m WHERE account_id = ? AND"
+                f" {where[0]} ORDER BY name, id", [account, *params])]
     return list(groups.values())
+
+
+def _group_selector(group: dict[str, Any]) -> dict[str, Any]:
+    """A page group as it was set: its name and monitorIds, or its monitorGroup / monitorTag."""
+    dynamic = group["monitorGroup"] or group["monitorTag"]
+    return {"name": group["name"],
+            "monitorIds": [] if dynamic else [m["id"] for m in group["monitors"]],
+            "monitorGroup": group["monitorGroup"], "monitorTag": group["monitorTag"]}
 
 
 async def _status_page_response(call: Call, row: sqlite3.Row) -> dict[str, Any]:
     out = status_page_json(row, call.rt.cfg["server"]["base_url"])
     out["monitorGroups"] = [
-        {"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]],
+        {**_group_selector(g),
          "monitors": [{k: m[k] for k in ("id", "name", "type", "status")} for m in g["monitors"]]}
         for g in await page_groups(call.rt.db, row["id"])]
     return out
@@ -5886,8 +6014,10 @@ async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, 
     await conn.execute("DELETE FROM status_page_groups WHERE status_page_id = ?", (page_id,))
     for position, group in enumerate(clean["monitorGroups"] or []):
         group_id = new_id("spg")
-        await conn.execute("INSERT INTO status_page_groups (id, status_page_id, name, position)"
-                           " VALUES (?, ?, ?, ?)", (group_id, page_id, group["name"], position))
+        await conn.execute("INSERT INTO status_page_groups (id, status_page_id, name, position,"
+                           " monitor_group, monitor_tag) VALUES (?, ?, ?, ?, ?, ?)",
+                           (group_id, page_id, group["name"], position, group.get("monitorGroup"),
+                            group.get("monitorTag")))
         await conn.executemany(
             "INSERT INTO status_page_monitors (group_id, monitor_id, position) VALUES (?, ?, ?)",
             [(group_id, monitor_id, i) for i, monitor_id in enumerate(group["monitorIds"] or [])])
@@ -5924,7 +6054,7 @@ async def create_status_page(call: Call) -> Response:
 async def update_status_page(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "status_pages")
     existing = status_page_json(row, "")
-    existing["monitorGroups"] = [{"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]]}
+    existing["monitorGroups"] = [_group_selector(g)
                                  for g in await page_groups(call.rt.db, row["id"])]
     body = await call.json()
     clean = validate(STATUS_PAGE_FIELDS, body, await _page_env(call), existing=existing)

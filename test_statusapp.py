@@ -498,6 +498,53 @@ def test_pause_toggles_and_delete_cascades(cfg, client):
     assert sql(cfg, "SELECT COUNT(*) FROM monitor_notifications") == [(0,)]
 
 
+def test_tags_and_groups_filter_the_list_and_pause_resume_in_bulk(cfg, client):
+    web = create(client, name="web", tags=["prod", {"name": "edge", "color": "#FF0000"}],
+                 group="Frontend")
+    api = create(client, name="api", tags=[{"name": "prod"}], group="Backend")
+    lab = create(client, name="lab", tags=["test"])
+    assert web["tags"] == [{"name": "prod", "color": None}, {"name": "edge", "color": "#ff0000"}]
+    assert (web["group"], lab["group"]) == ("Frontend", None)
+
+    def names(**query) -> list[str]:
+        listed = client.get("/api/v1/monitors", params={"sort": "name", "order": "asc", **query})
+        return [m["name"] for m in listed.json()["monitors"]]
+    assert names(tag="prod") == ["api", "web"]
+    assert names(tag="edge") == ["web"] and names(group="Backend") == ["api"]
+    assert names(tag="prod", group="Frontend") == ["web"] and names(tag="nope") == []
+
+    paused = client.post("/api/v1/monitors/pause", json={"tag": "prod"})
+    assert paused.json() == {"monitorIds": sorted([web["id"], api["id"]]), "isPaused": True}
+    assert sql(cfg, "SELECT name FROM monitors WHERE is_paused = 1 ORDER BY name") == \
+        [("api",), ("web",)]
+    resumed = client.post("/api/v1/monitors/resume", json={"group": "Backend"})
+    assert resumed.json() == {"monitorIds": [api["id"]], "isPaused": False}
+    assert sql(cfg, "SELECT name FROM monitors WHERE is_paused = 1") == [("web",)]
+    assert client.post("/api/v1/monitors/pause", json={}).status_code == 400
+    for bad in ([{"name": "x", "color": "red"}], ["a", "a"], [""], [5]):
+        assert client.post("/api/v1/monitors", json={"name": "b", "url": "http://127.0.0.1:9/",
+                                                     "tags": bad}).status_code == 400, bad
+
+
+def test_status_page_can_show_a_monitor_group_or_a_tag(client):
+    create(client, name="db", group="Backend")
+    create(client, name="cache", group="Backend", tags=["public"])
+    page = client.post("/api/v1/status-pages", json={"name": "Svc", "slug": "svc", "monitorGroups": [
+        {"name": "Backend", "monitorGroup": "Backend"}, {"name": "Public", "monitorTag": "public"}]})
+    assert page.status_code == 201, page.text
+    assert [(g["monitorGroup"], g["monitorTag"], g["monitorIds"])
+            for g in page.json()["monitorGroups"]] == [("Backend", None, []), (None, "public", [])]
+    create(client, name="queue", group="Backend")  # joins the page without editing it
+    shown = client.get("/status/svc.json").json()["groups"]
+    assert [[m["name"] for m in g["monitors"]] for g in shown] == [["cache", "db", "queue"],
+                                                                  ["cache"]]
+    renamed = client.put(f"/api/v1/status-pages/{page.json()['id']}", json={"name": "Services"})
+    assert renamed.json()["monitorGroups"][0]["monitorGroup"] == "Backend"
+    both = client.post("/api/v1/status-pages", json={"name": "x", "slug": "x", "monitorGroups": [
+        {"name": "g", "monitorGroup": "Backend", "monitorTag": "public"}]})
+    assert both.status_code == 400
+
+
 def test_regression_settings(client):
     monitor = create(client)
     path = f"/api/v1/monitors/{monitor['id']}/regression"
