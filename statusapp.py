@@ -3562,7 +3562,7 @@ class Maintenance:
         if window.suppress:
             rows = await self.rt.db.fetchall(
                 "SELECT id FROM monitors m WHERE account_id = ? AND status = 'DOWN'"
-                " AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.monitor_id = m.id"
+                " AND is_paused = 0 AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.monitor_id = m.id"
                 " AND i.resolved_at IS NULL)", (window.account_id,))
             reason = f"still down when maintenance window {window.title!r} ended"
             statements = [("INSERT INTO status_transitions (monitor_id, old_status, new_status,"
