@@ -3446,9 +3446,9 @@ _RRULE_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
 
 
 def parse_moment(text: str, zone: zoneinfo.ZoneInfo) -> datetime:
-    """An ISO 8601 time; one without an offset is wall-clock time in ``zone``."""
+    """An ISO 8601 time, as a time in ``zone``; one without an offset is wall-clock time there."""
     moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(zone)
 
 
 def _ms(moment: datetime) -> int:
@@ -3467,6 +3467,10 @@ def parse_rrule(text: str, start: datetime) -> dateutil.rrule.rrule:
     freq = re.search(r"(?:^|;)FREQ=([A-Z]+)", body.upper())
     if not freq or freq.group(1) not in _RRULE_FREQS:
         raise ValueError(f"FREQ must be one of {', '.join(_RRULE_FREQS)}")
+    until = re.search(r"UNTIL=(\d{8}T\d{6})Z", body, re.IGNORECASE)
+    if until:  # RFC 5545: UNTIL is UTC when DTSTART has a zone; the rule runs on wall-clock time
+        utc = datetime.strptime(until.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+        body = body.replace(until.group(0), f"UNTIL={utc.astimezone(start.tzinfo):%Y%m%dT%H%M%S}")
     rule = dateutil.rrule.rrulestr(body, dtstart=start.replace(tzinfo=None), forceset=False)
     if not isinstance(rule, dateutil.rrule.rrule):
         raise ValueError("expected one RRULE")

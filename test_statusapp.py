@@ -2730,6 +2730,13 @@ def test_recurring_window_follows_its_zone_across_dst(client):
     _move_clock(client, _utc_ms("2026-01-07T10:30:00+00:00"))
     got = client.get(f"/api/v1/maintenance-windows/{counted['id']}").json()
     assert got["nextOccurrence"] is None  # COUNT=3: 5 Jan 09:00, 5 Jan 17:00, 7 Jan 09:00
+    until = _window(client, startsAt="2026-03-01T02:00:00Z", timezone="Europe/Berlin",
+                    recurrence="FREQ=WEEKLY;BYDAY=SU;UNTIL=20260315T020000Z", durationMinutes=30)
+    for clock, starts in [("2026-03-14T00:00:00+00:00", "2026-03-15T02:00:00Z"),
+                          ("2026-03-16T00:00:00+00:00", None)]:
+        _move_clock(client, _utc_ms(clock))
+        got = client.get(f"/api/v1/maintenance-windows/{until['id']}").json()["nextOccurrence"]
+        assert (got and got["startsAt"]) == starts
 
 
 def iso_plus(text: str, **delta) -> str:
