@@ -3494,6 +3494,7 @@ class Window:
     zone: zoneinfo.ZoneInfo
     handled: int
     updated_at: int
+    _day: tuple[int, int, list[tuple[int, int]]] = (0, 0, [])  # [lo, hi) and its occurrences
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Window:
@@ -3524,6 +3525,16 @@ class Window:
         spans = [(_ms(t), _ms(t) + width) for t in starts]
         return [(a, b) for a, b in spans if a < hi and b > lo]
 
+    def running(self, at: int) -> bool:
+        """Whether an occurrence runs at ``at``; a day of occurrences is kept, so the prober's
+        many questions do not each walk the rule from its start."""
+        lo, hi, spans = self._day
+        if not lo <= at < hi:
+            lo, hi = at, at + DAY_MS
+            spans = self.occurrences(lo, hi)
+            self._day = (lo, hi, spans)
+        return any(a <= at < b for a, b in spans)
+
 
 class Maintenance:
     """All maintenance windows in memory, and the clock they are judged by (tests move it)."""
@@ -3542,7 +3553,7 @@ class Maintenance:
     def covering(self, account_id: str, monitor_id: str, at: int) -> list[Window]:
         """The windows covering the monitor at ``at``."""
         return [w for w in self.windows.values()
-                if w.covers(account_id, monitor_id) and w.occurrences(at, at + 1)]
+                if w.covers(account_id, monitor_id) and w.running(at)]
 
     def active(self, account_id: str, monitor_id: str, at: int | None = None) -> bool:
         return bool(self.covering(account_id, monitor_id, self.clock() if at is None else at))
