@@ -7370,7 +7370,7 @@ BADGE_QUERY = (Field("period", "string", default="30d", choices=("1h", "24h", "7
 _BADGE_HOURS = {"1h": 1, "24h": 24}
 BADGE_STATES = {"UP": ("up", "#4c1"), "DEGRADED": ("degraded", "#dfb317"),
                 "DOWN": ("down", "#e05d44"), "PENDING": ("pending", "#9f9f9f"),
-                "PAUSED": ("paused", "#9f9f9f")}
+                "PAUSED": ("paused", "#9f9f9f"), "MAINTENANCE": ("maintenance", "#007ec6")}
 # The uptime badge's colour: (lowest uptime %, colour).
 BADGE_UPTIME = ((99.9, "#4c1"), (99.0, "#97ca00"), (95.0, "#dfb317"), (90.0, "#fe7d37"),
                 (0.0, "#e05d44"))
@@ -7404,12 +7404,17 @@ def badge_svg(label: str, message: str, colour: str, title: str) -> str:
 
 
 async def _badge_monitor(request: Request) -> sqlite3.Row:
-    """The monitor, if it is on at least one public page; else 404."""
+    """The monitor, if it is on at least one public page (listed, or in a group or tag a page
+    shows); else 404."""
     rt: Runtime = request.app.state.statusapp
     row = await rt.db.fetchone(
-        "SELECT * FROM monitors m WHERE id = ? AND EXISTS (SELECT 1 FROM status_page_monitors s"
+        "SELECT * FROM monitors m WHERE id = ? AND (EXISTS (SELECT 1 FROM status_page_monitors s"
         " JOIN status_page_groups g ON g.id = s.group_id JOIN status_pages p"
-        " ON p.id = g.status_page_id WHERE s.monitor_id = m.id AND p.is_public = 1)",
+        " ON p.id = g.status_page_id WHERE s.monitor_id = m.id AND p.is_public = 1)"
+        " OR EXISTS (SELECT 1 FROM status_page_groups g JOIN status_pages p"
+        " ON p.id = g.status_page_id WHERE p.is_public = 1 AND p.account_id = m.account_id"
+        " AND (g.monitor_group = m.\"group\" OR g.monitor_tag IN"
+        " (SELECT json_extract(value, '$.name') FROM json_each(m.tags)))))",
         (request.path_params["monitorId"],))
     if row is None:
         raise NotFound("Badge not found", "the monitor is on no public status page")
@@ -7422,7 +7427,9 @@ def _badge_response(svg: str) -> Response:
 
 async def badge_status(request: Request) -> Response:
     row = await _badge_monitor(request)
-    state = "PAUSED" if row["is_paused"] or not row["is_active"] else row["status"]
+    rt: Runtime = request.app.state.statusapp
+    state = ("PAUSED" if row["is_paused"] or not row["is_active"] else "MAINTENANCE"
+             if rt.maintenance.active(row["account_id"], row["id"]) else row["status"])
     message, colour = BADGE_STATES[state]
     return _badge_response(badge_svg("status", message, colour, f"{row['name']}: {message}"))
 

@@ -527,8 +527,10 @@ def test_tags_and_groups_filter_the_list_and_pause_resume_in_bulk(cfg, client):
 
 
 def test_status_page_can_show_a_monitor_group_or_a_tag(client):
-    create(client, name="db", group="Backend")
+    db = create(client, name="db", group="Backend")
     create(client, name="cache", group="Backend", tags=["public"])
+    hidden = create(client, name="hidden")
+    assert client.get(f"/badge/{db['id']}/status.svg").status_code == 404
     page = client.post("/api/v1/status-pages", json={"name": "Svc", "slug": "svc", "monitorGroups": [
         {"name": "Backend", "monitorGroup": "Backend"}, {"name": "Public", "monitorTag": "public"}]})
     assert page.status_code == 201, page.text
@@ -538,6 +540,8 @@ def test_status_page_can_show_a_monitor_group_or_a_tag(client):
     shown = client.get("/status/svc.json").json()["groups"]
     assert [[m["name"] for m in g["monitors"]] for g in shown] == [["cache", "db", "queue"],
                                                                   ["cache"]]
+    assert client.get(f"/badge/{db['id']}/status.svg").status_code == 200
+    assert client.get(f"/badge/{hidden['id']}/status.svg").status_code == 404
     renamed = client.put(f"/api/v1/status-pages/{page.json()['id']}", json={"name": "Services"})
     assert renamed.json()["monitorGroups"][0]["monitorGroup"] == "Backend"
     both = client.post("/api/v1/status-pages", json={"name": "x", "slug": "x", "monitorGroups": [
@@ -2842,6 +2846,7 @@ def test_status_page_and_feed_show_maintenance_ahead_and_while_it_runs(client):
 
     _move_clock(client, now + 2 * 86_400_000 + 60_000)
     assert "Firmware upgrade (in progress)" in client.get("/status/home").text
+    assert ">maintenance<" in client.get(f"/badge/{monitor['id']}/status.svg").text
     assert "Firmware upgrade (in progress)" in client.get("/status/home/feed.atom").text
     summary = client.get("/status/home.json").json()
     assert summary["maintenance"][0]["state"] == "in_progress"
