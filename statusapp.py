@@ -11,10 +11,10 @@ Contents, in the order data flows through the program:
                    group-committing writer, separate readers.
 4. Validation   -- declarative field tables that validate, default and document resources.
 5. Auth         -- API keys, roles and permissions, rate limits, usage counters.
-6. Probes       -- one coroutine per monitor type, registered in ``PROBES``.
+6. Probes       -- one coroutine per monitor type, declared in ``MONITOR_TYPES``.
 7. Scheduler    -- the asyncio loop that runs probes on their intervals.
 8. Incidents    -- status transitions become incidents and alerts.
-9. Notifiers    -- one coroutine per channel type, registered in ``NOTIFIERS``.
+9. Notifiers    -- one sender per channel type, declared in ``CHANNEL_TYPES``.
 10. Analytics   -- rollups, retention, regression detection and the figures behind them.
 11. API routes  -- the ``/api/v1`` handlers.
 12. Pages       -- the public status pages and badges.
@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import enum
 import functools
 import gzip
 import hashlib
@@ -56,13 +57,14 @@ import time
 import tomllib
 import urllib.parse
 import zoneinfo
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
+                             Sequence)
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -223,7 +225,7 @@ def _coerce(section: str, key: str, value: Any, from_text: bool) -> Any:
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                environ: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Merge defaults, a TOML file, ``STATUSAPP_<SECTION>_<KEY>`` variables and overrides."""
     environ = os.environ if environ is None else environ
     cfg = {section: dict(keys) for section, keys in CONFIG_DEFAULTS.items()}
@@ -349,9 +351,13 @@ def now_ms() -> int:
 
 def iso(ms: int | None) -> str | None:
     """Unix milliseconds as the API's ISO-8601 UTC form, e.g. ``2025-01-21T10:30:00Z``."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if ms is None else _iso_second(ms // 1000)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _iso_second(second: int) -> str:
+    """A Unix second as ISO-8601 UTC (cached: listings repeat the same times)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def new_id(prefix: str) -> str:
@@ -394,6 +400,13 @@ def load_migrations(text: str | None = None) -> dict[int, str]:
     if sorted(blocks) != list(range(1, len(blocks) + 1)):
         raise RuntimeError("schema.sql migrations must be numbered 1, 2, 3... without gaps")
     return blocks
+
+
+def present(row: sqlite3.Row | None) -> sqlite3.Row:
+    """A row the query cannot miss; a missing one is a bug, raised as such."""
+    if row is None:
+        raise LookupError("a query that always returns a row returned none")
+    return row
 
 
 class Database:
@@ -448,7 +461,7 @@ class Database:
         assert self._writer is not None
         await self._writer.execute(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        rows = await self._writer.execute_fetchall("SELECT version FROM schema_version")
+        rows = list(await self._writer.execute_fetchall("SELECT version FROM schema_version"))
         return rows[0][0] if rows else 0
 
     async def migrate(self, upto: int | None = None) -> int:
@@ -484,6 +497,10 @@ class Database:
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row:
+        """The first row of a query that always has one (an aggregate, or a row just written)."""
+        return present(await self.fetchone(sql, params))
 
     async def fetchval(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = await self.fetchone(sql, params)
@@ -618,26 +635,40 @@ class Field:
     """One field of a resource: its JSON kind, presence rules, default, bounds and use.
 
     ``required`` is True, or the values of the resource's kind field (a monitor's ``type``)
-    that require it.  ``minimum``/``maximum`` bound integers, and string lengths; either may
-    name a config key ("probes.min_interval").  ``check(value, record, env)`` validates what
-    bounds cannot, and returns the clean value.  ``kinds`` says which resource kinds use it.
+    that require it.  ``secret`` is True, or the kinds for which the value is secret.
+    ``minimum``/``maximum`` bound integers, and string lengths; either may name a config key
+    ("probes.min_interval").  ``check(value, record, env)`` validates what bounds cannot, and
+    returns the clean value.  ``kinds`` says which resource kinds use it.
     """
 
     name: str
     kind: str
-    required: bool | tuple[str, ...] = False
+    required: bool | Collection[str] = False
     default: Any = None
     minimum: int | str | None = None
     maximum: int | str | None = None
-    choices: tuple[str, ...] | None = None
+    choices: Collection[str] | None = None
     check: Callable[[Any, dict[str, Any], dict[str, Any]], Any] | None = None
     kinds: tuple[str, ...] | None = None
     doc: str = ""
-    secret: tuple[str, ...] = ()
+    secret: bool | tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def column(self) -> str:
+        """The field's SQL column: ``camelCase`` -> ``camel_case`` (computed once per field)."""
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+    def required_for(self, kind: str | None) -> bool:
+        """Whether a resource of ``kind`` must give this field."""
+        if isinstance(self.required, bool):
+            return self.required
+        return kind is not None and kind in self.required
+
+    def secret_for(self, kind: str | None) -> bool:
+        """Whether this field's value is secret in a resource of ``kind``."""
+        if isinstance(self.secret, bool):
+            return self.secret
+        return kind in self.secret
 
 
 def _kind(value: Any) -> str:
@@ -651,7 +682,7 @@ def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
     return bound
 
 
-def _check_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
     """Validate one present value against its field; return the clean value or raise _Issue."""
     if value is None:
         return None
@@ -710,9 +741,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         kind = record.get(kind_field) if isinstance(record.get(kind_field), str) else None
     for spec in fields:
         value = record.get(spec.name)
-        needed = spec.required is True or (kind is not None and isinstance(spec.required, tuple)
-                                            and kind in spec.required)
-        if value is None and needed:
+        if value is None and spec.required_for(kind):
             received = "null" if spec.name in data else "undefined"
             issues.append({"code": "invalid_type", "expected": spec.kind, "received": received,
                            "path": [*path, spec.name], "message": "Required"})
@@ -721,7 +750,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         if not given and not (spec.check and value is not None):
             continue  # unchanged, and nothing else it depends on can have changed its validity
         try:
-            checked = _check_one(spec, value, record, {**env, "path": (*path, spec.name)})
+            checked = _validate_one(spec, value, record, {**env, "path": (*path, spec.name)})
         except _Issue as exc:
             issues.append({**exc.issue, "path": [*path, spec.name]})
         except ValidationFailed as exc:
@@ -759,7 +788,7 @@ def _url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
     return value
 
 
-def check_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An absolute http(s) URL."""
     return _url(value)
 
@@ -777,9 +806,11 @@ def _hostname(value: str) -> str:
     return host
 
 
-def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
-    rule = MONITOR_TYPES.get(record.get("type") or "", "http")
+    kind = record.get("type")
+    declared = MONITOR_TYPES.get(kind) if isinstance(kind, str) else None
+    rule = declared.url_rule if declared else "http"
     if rule == "http":
         return _url(value)
     if rule == "https":
@@ -789,7 +820,7 @@ def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value.strip()
 
 
-def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """``requestHeaders`` is a JSON string of an object of string values."""
     try:
         headers = parse_json(value)
@@ -800,7 +831,7 @@ def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) 
     return value
 
 
-def check_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An IP address for A/AAAA records; any answer text for the other record types."""
     if record.get("dnsRecord") in ("A", "AAAA"):
         try:
@@ -814,7 +845,7 @@ def check_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value
 
 
-def check_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+def valid_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
     """Every id must name a known worker region."""
     unknown = [v for v in value if v not in env["regions"]]
     if unknown:
@@ -828,7 +859,7 @@ def _timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
-def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An IANA zone name, as the system's tz database knows them."""
     if value not in _timezones():
         raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
@@ -838,7 +869,7 @@ def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
 _HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
-def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
     if not _HEX_COLOR.fullmatch(value):
         raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
@@ -850,11 +881,11 @@ def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> 
 # without colour; responses always show objects.
 TAG_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=32, doc="Label"),
-    Field("color", "string", check=check_hex_color, doc="Hex colour, #rgb or #rrggbb"),
+    Field("color", "string", check=valid_hex_color, doc="Hex colour, #rgb or #rrggbb"),
 )
 
 
-def check_tags(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+def valid_tags(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[Any]:
     """Tags as objects (a string is a tag's name), each name once."""
     objects = [{"name": v} if isinstance(v, str) else v for v in value]
     clean = each(TAG_FIELDS)(objects, record, env)
@@ -878,7 +909,7 @@ def cron_times(schedule: str, zone: str | None, after: int,
     return iter(cronsim.CronSim(_CRON_ALIASES.get(text.lower(), text), start, reverse))
 
 
-def check_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A cron expression cronsim accepts, or @yearly/@monthly/@weekly/@daily/@hourly."""
     try:
         next(cron_times(value, None, now_ms()))
@@ -907,9 +938,67 @@ def each(fields: Sequence[Field], kind_field: str = "type",
     return check
 
 
-# How each monitor type reads ``url``: an http(s) URL, an https URL, a host, or free text.
-MONITOR_TYPES = {"WEBSITE": "http", "API": "http", "CRON": "text", "PING": "host",
-                 "PORT": "host", "DNS": "host", "SSL_CERT": "https", "DOMAIN": "host"}
+class Names(Collection[str]):
+    """The names in a registry whose entry passes ``test``, read at each use: the registries
+    below fill up later in the module (where each type's probe or sender is), after the Field
+    tables that name them are built."""
+
+    def __init__(self, registry: dict[str, Any], test: Callable[[Any], bool] = bool) -> None:
+        self.registry, self.test = registry, test
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.registry and self.test(self.registry[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, entry in self.registry.items() if self.test(entry))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@dataclass(frozen=True)
+class MonitorType:
+    """One monitor type: how it reads ``url`` (``http``: an http(s) URL, ``https``, ``host``: a
+    hostname/IP/URL, ``text``: free text) and its probe; None for a type that is never probed
+    (CRON: its checks are the heartbeats it receives).  Its fields are the MONITOR_FIELDS whose
+    ``kinds`` name it (or that have none)."""
+
+    name: str
+    url_rule: str
+    probe: Probe | None
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        """The MONITOR_FIELDS a monitor of this type uses."""
+        return tuple(f for f in MONITOR_FIELDS if f.kinds is None or self.name in f.kinds)
+
+
+# Every monitor type by name, in declaration order; declared next to the probes.
+MONITOR_TYPES: dict[str, MonitorType] = {}
+
+
+@dataclass(frozen=True)
+class ChannelType:
+    """One notification channel type: its config fields (which validate, mask and document a
+    channel's ``config``), its sender, and whether it reaches a person (email, SMS, chat, push)
+    rather than a machine (webhook, PagerDuty, Opsgenie)."""
+
+    name: str
+    fields: tuple[Field, ...]
+    send: Sender
+    person_facing: bool
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.required is True)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.secret_for(self.name))
+
+
+# Every channel type by name, in declaration order; declared on the senders (``@channel_type``).
+CHANNEL_TYPES: dict[str, ChannelType] = {}
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 AUTH_TYPES = ("none", "bearer", "basic", "api_key", "oauth2", "jwt")
 
@@ -922,7 +1011,7 @@ AUTH_FIELDS = (
     Field("apiKeyHeader", "string", minimum=1),
     Field("apiKeyName", "string", minimum=1),
     Field("apiKeyLocation", "string", choices=("header", "query")),
-    Field("oauth2TokenUrl", "string", ("oauth2",), check=check_url),
+    Field("oauth2TokenUrl", "string", ("oauth2",), check=valid_url),
     Field("oauth2ClientId", "string", ("oauth2",), minimum=1),
     Field("oauth2ClientSecret", "string", ("oauth2",), secret=("oauth2",)),
     Field("oauth2Scope", "string"),
@@ -933,7 +1022,7 @@ AUTH_FIELDS = (
 )
 
 
-def check_auth_config(value: dict[str, Any], record: dict[str, Any],
+def valid_auth_config(value: dict[str, Any], record: dict[str, Any],
                       env: dict[str, Any]) -> dict[str, Any]:
     """Validate ``apiAuthConfig`` by its own type; keep secrets a client echoed back masked."""
     previous = (env.get("existing") or {}).get("apiAuthConfig") or {}
@@ -958,15 +1047,11 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """``apiAuthConfig`` as responses show it: every secret field masked."""
     if not config:
         return config
-    secret = {f.name for f in AUTH_FIELDS if config.get("type") in f.secret}
+    secret = {f.name for f in AUTH_FIELDS if f.secret_for(config.get("type"))}
     return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
 
 
-CHANNEL_TYPES = ("EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM", "PAGERDUTY", "OPSGENIE",
-                 "MICROSOFT_TEAMS", "WEBHOOK")
-
-
-def check_channel_config(value: dict[str, Any], record: dict[str, Any],
+def valid_channel_config(value: dict[str, Any], record: dict[str, Any],
                          env: dict[str, Any]) -> dict[str, Any]:
     """A channel ``config`` checked by the rules of its ``type`` (``channel_config``)."""
     return channel_config(record.get("type"), value, env)
@@ -974,14 +1059,14 @@ def check_channel_config(value: dict[str, Any], record: dict[str, Any],
 
 INLINE_NOTIFICATION_FIELDS = (
     Field("channelId", "string", doc="An existing notification channel to link"),
-    Field("type", "string", choices=CHANNEL_TYPES),
+    Field("type", "string", choices=Names(CHANNEL_TYPES)),
     Field("enabled", "boolean", default=True),
-    Field("config", "object", check=check_channel_config,
+    Field("config", "object", check=valid_channel_config,
           doc="The channel configuration, as for /notifications"),
 )
 
 
-def check_notifications(value: list[Any], record: dict[str, Any],
+def valid_notifications(value: list[Any], record: dict[str, Any],
                         env: dict[str, Any]) -> list[dict[str, Any]]:
     """Each entry links a channel by ``channelId`` or defines one inline by type and config.
 
@@ -990,9 +1075,10 @@ def check_notifications(value: list[Any], record: dict[str, Any],
     stored: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for previous in env.get("inline", ()):
         stored[previous["type"]].append(previous["config"])
-    entries, issues, seen = [], [], collections.Counter()
+    entries, issues, seen = [], [], collections.Counter[str]()
     for i, item in enumerate(value):
         kind = item.get("type") if isinstance(item, dict) else None
+        kind = kind if isinstance(kind, str) else ""
         previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
@@ -1040,7 +1126,7 @@ def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> Validati
     return ValidationFailed([{"code": "custom", "path": [*path, name], "message": message}])
 
 
-def check_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
     """Rules across one assertion's fields: a JSONPath that parses, a regex that compiles and
     a target for every comparison but IS_EMPTY / NOT_EMPTY."""
     if clean["source"] == "JSON_BODY":
@@ -1058,13 +1144,14 @@ def check_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, A
     return clean
 
 
-ALL_TYPES = tuple(MONITOR_TYPES)
+ALL_TYPES = Names(MONITOR_TYPES)
 HTTP_TYPES = ("WEBSITE", "API")
 
 MONITOR_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Monitor name"),
-    Field("url", "string", tuple(t for t in ALL_TYPES if t != "CRON"), minimum=1, maximum=2048,
-          check=check_monitor_url,
+    Field("url", "string", Names(MONITOR_TYPES, lambda t: t.url_rule != "text"), minimum=1,
+          maximum=2048,
+          check=valid_monitor_url,
           doc="URL, hostname or IP (CRON: optional, defaults to the heartbeat URL)"),
     Field("type", "string", default="WEBSITE", choices=ALL_TYPES, doc="Monitor type"),
     Field("interval", "integer", default=300, minimum="probes.min_interval", maximum=2_678_400,
@@ -1078,26 +1165,26 @@ MONITOR_FIELDS = (
           doc="Expected HTTP status (absent: any 2xx/3xx)"),
     Field("httpMethod", "string", default="GET", choices=HTTP_METHODS, kinds=HTTP_TYPES,
           doc="HTTP method"),
-    Field("requestHeaders", "string", maximum=16_384, check=check_json_headers, kinds=HTTP_TYPES,
+    Field("requestHeaders", "string", maximum=16_384, check=valid_json_headers, kinds=HTTP_TYPES,
           doc="JSON string of custom headers"),
     Field("requestBody", "string", maximum=65_536, kinds=HTTP_TYPES, doc="Request body"),
-    Field("assertions", "array", default=[], maximum=50, check=each(ASSERTION_FIELDS, "source", check_assertion),
+    Field("assertions", "array", default=[], maximum=50, check=each(ASSERTION_FIELDS, "source", valid_assertion),
           kinds=HTTP_TYPES, doc="Checks on the response, each {source, property, comparison,"
           " target}; any failing one makes the check DOWN (see Assertions)"),
     Field("dnsRecord", "string", ("DNS",), choices=("A", "AAAA", "CNAME", "MX", "TXT"),
           kinds=("DNS",), doc="DNS record type"),
-    Field("expectedIp", "string", maximum=255, check=check_expected_ip, kinds=("DNS",),
+    Field("expectedIp", "string", maximum=255, check=valid_expected_ip, kinds=("DNS",),
           doc="Expected answer (an IP for A/AAAA)"),
     Field("gracePeriod", "integer", default=300, minimum="probes.min_interval", maximum=86_400,
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
-    Field("schedule", "string", maximum=200, check=check_schedule, kinds=("CRON",),
+    Field("schedule", "string", maximum=200, check=valid_schedule, kinds=("CRON",),
           doc="Cron expression (e.g. 0 3 * * *) or @daily/@hourly/...; replaces interval"),
-    Field("timezone", "string", maximum=64, check=check_timezone, kinds=("CRON",),
+    Field("timezone", "string", maximum=64, check=valid_timezone, kinds=("CRON",),
           doc="IANA zone of schedule (absent: UTC)"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
           kinds=("SSL_CERT", *HTTP_TYPES),
           doc="Days before certificate expiry to warn (also for https WEBSITE/API monitors)"),
-    Field("enabledWorkerRegionIds", "array", check=check_regions,
+    Field("enabledWorkerRegionIds", "array", check=valid_regions,
           doc="Worker regions to probe from (absent: the local region)"),
     Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
     Field("regressionThreshold", "integer", default=50, minimum=25, maximum=200,
@@ -1106,7 +1193,7 @@ MONITOR_FIELDS = (
           doc="Baseline period in days"),
     Field("performanceTimings", "boolean", default=False, kinds=HTTP_TYPES,
           doc="Record dns/connect/tls/ttfb/transfer timings"),
-    Field("apiAuthConfig", "object", check=check_auth_config, kinds=HTTP_TYPES,
+    Field("apiAuthConfig", "object", check=valid_auth_config, kinds=HTTP_TYPES,
           doc="API authentication (secrets are masked in responses)"),
     Field("domainExpiryDays", "integer", default=30, minimum=1, maximum=365, kinds=("DOMAIN",),
           doc="Days before domain expiry to warn"),
@@ -1116,12 +1203,12 @@ MONITOR_FIELDS = (
           doc="Check DNS blocklists"),
     Field("domainMonitorWhois", "boolean", default=True, kinds=("DOMAIN",),
           doc="Report registrar/status/nameserver changes"),
-    Field("tags", "array", default=[], maximum=20, check=check_tags,
+    Field("tags", "array", default=[], maximum=20, check=valid_tags,
           doc='Labels, each {"name", "color"} or a bare name ("prod"); list filter tag='),
     Field("group", "string", minimum=1, maximum=100,
           doc="Group name (list filter group=; status pages may show a whole group)"),
     Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
-    Field("notifications", "array", check=check_notifications,
+    Field("notifications", "array", check=valid_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
 )
 
@@ -1157,7 +1244,7 @@ def field_reference(fields: Sequence[Field]) -> str:
     return "\n".join(rows)
 
 
-def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
+def page_fields(sorts: Collection[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
     """The query parameters of a paged listing: page, limit, sort, order and filters."""
     return (
         Field("page", "integer", default=1, minimum=1, maximum=1_000_000),
@@ -1179,7 +1266,16 @@ def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
 # (an account); the person acts within one team with one role.  The method decides the
 # permission a key needs (read, write, delete); the route decides the least role.
 
-ROLES = ("VIEWER", "MEMBER", "ADMIN", "OWNER")
+class Role(enum.StrEnum):
+    """A person's role in a team, least to most (str-valued: JSON and SQL see the name)."""
+
+    VIEWER = "VIEWER"
+    MEMBER = "MEMBER"
+    ADMIN = "ADMIN"
+    OWNER = "OWNER"
+
+
+ROLES = tuple(Role)
 PERMISSIONS = ("read", "write", "delete")
 _METHOD_PERMISSION = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write",
                       "PATCH": "write", "DELETE": "delete"}
@@ -1300,9 +1396,9 @@ class UsageCounter:
         or missed while it is being written.
         """
         async with self._flushing:
-            totals = collections.Counter(dict(await db.fetchall(
+            totals = collections.Counter({endpoint: n for endpoint, n in await db.fetchall(
                 "SELECT endpoint, SUM(count) FROM api_usage WHERE account_id = ? AND hour >= ?"
-                " GROUP BY endpoint", (team_id, since_hour))))
+                " GROUP BY endpoint", (team_id, since_hour))})
             for (team, endpoint, hour), n in self._counts.items():
                 if team == team_id and hour >= since_hour:
                     totals[endpoint] += n
@@ -1365,11 +1461,26 @@ ROOT_CAUSES = ("DNS_FAILURE", "NETWORK_TIMEOUT", "SERVER_ERROR", "APPLICATION_ER
                "THIRD_PARTY_SERVICE", "INFRASTRUCTURE", "DDOS_ATTACK", "MAINTENANCE", "UNKNOWN")
 
 
+class Status(enum.StrEnum):
+    """A check's or a monitor's status (str-valued: JSON and SQL see the name).  A check is
+    UP, DEGRADED or DOWN; a monitor is PENDING until its first check."""
+
+    PENDING = "PENDING"
+    UP = "UP"
+    DOWN = "DOWN"
+    DEGRADED = "DEGRADED"
+
+
+# What the API, status pages and badges show for a monitor while a maintenance window covers it
+# (the stored status, and so the status filter, stay the probe's).
+MAINTENANCE = "MAINTENANCE"
+
+
 @dataclass
 class CheckResult:
     """What one probe saw.  ``details`` is type-specific (certificate, domain data...)."""
 
-    status: str                       # UP, DOWN or DEGRADED
+    status: str                       # a Status: UP, DOWN or DEGRADED
     response_time: int | None = None  # milliseconds
     status_code: int | None = None
     error: str | None = None
@@ -1380,7 +1491,7 @@ class CheckResult:
 _USER_AGENT = f"StatusApp/{VERSION} (uptime monitor)"
 _DEFAULT_TIMEOUT = 30.0
 _DEFAULT_EXPIRY_DAYS = 30  # sslCertExpiryDays / domainExpiryDays when the monitor leaves them out
-_SEVERITY = {"UP": 0, "DEGRADED": 1, "DOWN": 2}
+_SEVERITY: dict[str, int] = {Status.UP: 0, Status.DEGRADED: 1, Status.DOWN: 2}
 
 
 class _ProbeError(Exception):
@@ -1392,7 +1503,7 @@ class _ProbeError(Exception):
 
 
 def _down(error: str, category: str, **fields: Any) -> CheckResult:
-    return CheckResult(status="DOWN", error=error, category=category, **fields)
+    return CheckResult(status=Status.DOWN, error=error, category=category, **fields)
 
 
 def _elapsed_ms(started: float) -> int:
@@ -1406,7 +1517,7 @@ def _timeout(monitor: dict[str, Any]) -> float:
 def _verdict(problems: list[tuple[str, str, str]]) -> tuple[str, str | None, str | None]:
     """Status, joined error and the worst problem's category from (status, message, category)."""
     if not problems:
-        return "UP", None, None
+        return Status.UP, None, None
     worst = max(problems, key=lambda p: _SEVERITY[p[0]])
     return worst[0], "; ".join(p[1] for p in problems), worst[2]
 
@@ -1535,7 +1646,8 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         error: Exception | None = None
         for address in dict.fromkeys(info[4][0] for info in infos):
             try:
-                stream = await self._inner.connect_tcp(address, port, remaining, local_address,
+                stream = await self._inner.connect_tcp(str(address), port, remaining,
+                                                       local_address,
                                                        socket_options)
             except httpcore.ConnectError as exc:
                 error = exc
@@ -1590,28 +1702,29 @@ def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
 
 class ProbeContext:
     """What all probes share, built once per process from the config: one HTTP client, the TLS
-    trust store, one DNS resolver and the OAuth2 token cache.  Close it with ``aclose``."""
+    trust store, one DNS resolver and the OAuth2 token cache.  ``settings`` is the ``[probes]``
+    config section (elsewhere ``cfg`` is always the whole config).  Close it with ``aclose``."""
 
     def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
-        self.cfg = cfg["probes"]
+        self.settings = cfg["probes"]
         # OpenSSL's default paths, so SSL_CERT_FILE / SSL_CERT_DIR work, plus our own CA file.
         self.ssl_context = ssl.create_default_context()
-        if self.cfg["ca_bundle"]:
+        if self.settings["ca_bundle"]:
             try:
-                self.ssl_context.load_verify_locations(cafile=self.cfg["ca_bundle"])
+                self.ssl_context.load_verify_locations(cafile=self.settings["ca_bundle"])
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"config: probes.ca_bundle: cannot load "
-                                  f"{self.cfg['ca_bundle']}: {exc}") from None
+                                  f"{self.settings['ca_bundle']}: {exc}") from None
         # For reading a certificate that does not verify (SSL_CERT says why it fails).
         self.unverified_ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.unverified_ssl_context.check_hostname = False
         self.unverified_ssl_context.verify_mode = ssl.CERT_NONE
         try:
-            self.resolver = _make_resolver(self.cfg["dns_nameservers"])
+            self.resolver = _make_resolver(self.settings["dns_nameservers"])
         except ValueError as exc:
             raise ConfigError(f"config: probes.dns_nameservers: {exc}") from None
         try:
-            whois = self.cfg["whois_server"]
+            whois = self.settings["whois_server"]
             self.whois_server = _split_host_port(whois, 43) if whois else _IANA_WHOIS
         except ValueError as exc:
             raise ConfigError(f"config: probes.whois_server: {exc}") from None
@@ -1661,12 +1774,14 @@ async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
     form = {"grant_type": auth.get("oauth2GrantType") or "client_credentials"}
     if auth.get("oauth2Scope"):
         form["scope"] = auth["oauth2Scope"]
-    attempts = [({**form, "client_id": client_id, "client_secret": secret}, None),
-                (form, httpx.BasicAuth(client_id, secret))]
+    attempts: list[tuple[dict[str, str], httpx.BasicAuth | None]] = [
+        ({**form, "client_id": client_id, "client_secret": secret}, None),
+        (form, httpx.BasicAuth(client_id, secret))]
     try:
         for data, basic in attempts:
             async with asyncio.timeout(timeout):
-                response = await client.post(url, data=data, auth=basic, timeout=timeout)
+                response = await client.post(url, data=data, auth=basic or httpx.USE_CLIENT_DEFAULT,
+                                             timeout=timeout)
             if response.status_code not in (400, 401) or basic is not None:
                 break
             if "invalid_client" not in response.text:
@@ -1863,9 +1978,9 @@ async def _judge_http(monitor: dict[str, Any], result: CheckResult, seen: _Seen,
                       der: bytes | None) -> CheckResult:
     """Status code rule, then assertions, then (https) the certificate's days remaining."""
     expected, code = monitor.get("expectedStatusCode"), seen.status_code
-    problems = []
+    problems: list[tuple[str, str, str]] = []
     if not ((code == expected) if expected else (200 <= code < 400)):
-        problems.append(("DOWN", f"HTTP {code}, expected {expected or '2xx or 3xx'}",
+        problems.append((Status.DOWN, f"HTTP {code}, expected {expected or '2xx or 3xx'}",
                          "SERVER_ERROR" if code >= 500 else "APPLICATION_ERROR"))
     assertions = monitor.get("assertions") or []
     if assertions:
@@ -1873,13 +1988,13 @@ async def _judge_http(monitor: dict[str, Any], result: CheckResult, seen: _Seen,
         result.details = {"assertionResults": results}
         failed = [r for r in results if not r["passed"]]
         if failed:
-            problems.append(("DOWN", _assertion_error(failed), "APPLICATION_ERROR"))
+            problems.append((Status.DOWN, _assertion_error(failed), "APPLICATION_ERROR"))
     if der is not None:
         with contextlib.suppress(ValueError):
             cert = _certificate_details(_parse_certificate(der))
             result.details = {**(result.details or {}), "certificate": cert}
             if cert["daysRemaining"] < _expiry_days(monitor):
-                problems.append(("DEGRADED", f"certificate expires in {cert['daysRemaining']}"
+                problems.append((Status.DEGRADED, f"certificate expires in {cert['daysRemaining']}"
                                  " days", "SSL_CERTIFICATE"))
     result.status, result.error, result.category = _verdict(problems)
     return result
@@ -1918,7 +2033,7 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
                                            follow_redirects=not 300 <= (expected or 0) < 400)
             try:
                 der = _peer_der(response)
-                content = await _read_capped(response, ctx.cfg["max_body_bytes"])
+                content = await _read_capped(response, ctx.settings["max_body_bytes"])
             finally:
                 await response.aclose()
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
@@ -1928,7 +2043,7 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     finally:
         _HTTP_TIMINGS.reset(token)
     code = response.status_code
-    result = CheckResult(status="UP", response_time=_elapsed_ms(started), status_code=code)
+    result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started), status_code=code)
     if timings is not None:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
@@ -1989,7 +2104,7 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     try:
         if (monitor.get("protocol") or "TCP").upper() == "UDP":
             state = await _udp_check(host, port, timeout)
-            return CheckResult(status="UP", response_time=_elapsed_ms(started),
+            return CheckResult(status=Status.UP, response_time=_elapsed_ms(started),
                                details={"udp": state})
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port)
@@ -2000,7 +2115,7 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     except (TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started))
-    return CheckResult(status="UP", response_time=_elapsed_ms(started))
+    return CheckResult(status=Status.UP, response_time=_elapsed_ms(started))
 
 
 _PING_COUNT = 3
@@ -2032,9 +2147,9 @@ async def probe_ping(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     if not reply.is_alive:
         return _down(f"no reply to {reply.packets_sent} pings", "NETWORK_TIMEOUT",
                      details=details)
-    result = CheckResult(status="UP", response_time=round(reply.avg_rtt), details=details)
+    result = CheckResult(status=Status.UP, response_time=round(reply.avg_rtt), details=details)
     if reply.packet_loss:
-        result.status, result.category = "DEGRADED", "NETWORK_TIMEOUT"
+        result.status, result.category = Status.DEGRADED, "NETWORK_TIMEOUT"
         result.error = f"{details['packetLoss']:g}% packet loss"
     return result
 
@@ -2103,11 +2218,11 @@ async def probe_dns(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         answers = await _resolve(ctx, name, rdtype, timeout)
     except dns.exception.DNSException as exc:
         return _down(*_dns_error(exc, name, rdtype), response_time=_elapsed_ms(started))
-    result = CheckResult(status="UP", response_time=_elapsed_ms(started),
+    result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started),
                          details={"record": rdtype, "answers": answers})
     expected = monitor.get("expectedIp")
     if expected and not _dns_matches(expected, answers, rdtype):
-        result.status, result.category = "DOWN", "DNS_FAILURE"
+        result.status, result.category = Status.DOWN, "DNS_FAILURE"
         result.error = f"expected {expected} in {rdtype} answers, got {', '.join(answers)}"
     return result
 
@@ -2214,7 +2329,7 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     now = datetime.now(timezone.utc)
     details = _certificate_details(cert)
     days = details["daysRemaining"]
-    result = CheckResult(status="DOWN", response_time=_elapsed_ms(started),
+    result = CheckResult(status=Status.DOWN, response_time=_elapsed_ms(started),
                          category="SSL_CERTIFICATE", details=details)
     if now >= cert["notAfter"]:
         result.error = f"certificate expired on {cert['notAfter']:%Y-%m-%d}"
@@ -2225,9 +2340,9 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     elif rejected is not None:
         result.error = f"certificate is not trusted: {rejected.verify_message}"
     elif days < _expiry_days(monitor):
-        result.status, result.error = "DEGRADED", f"certificate expires in {days} days"
+        result.status, result.error = Status.DEGRADED, f"certificate expires in {days} days"
     else:
-        result.status, result.category = "UP", None
+        result.status, result.category = Status.UP, None
     return result
 
 
@@ -2286,7 +2401,7 @@ def _rdap_registrar(data: dict[str, Any]) -> str | None:
 
 
 async def _rdap_lookup(name: str, ctx: ProbeContext, timeout: float) -> dict[str, Any]:
-    url = f"{ctx.cfg['rdap_url'].rstrip('/')}/domain/{name}"
+    url = f"{ctx.settings['rdap_url'].rstrip('/')}/domain/{name}"
     try:
         async with asyncio.timeout(timeout):
             response = await ctx.http.get(url, follow_redirects=True, timeout=timeout,
@@ -2419,7 +2534,7 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
     timeout = _timeout(monitor)
     last = monitor.get("lastDetails") or {}
     started = time.perf_counter()
-    registration = _cached_registration(last, name, ctx.cfg["domain_check_hours"])
+    registration = _cached_registration(last, name, ctx.settings["domain_check_hours"])
     errors: list[str] = []
     if registration is None:
         registration, errors = await _fetch_registration(name, ctx, timeout)
@@ -2428,16 +2543,17 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
     changes: list[str] = []
     expires = _parse_date(details.get("expiresAt"))
     if registration is None:
-        problems.append(("DOWN", "; ".join(errors) or "no registration data",
+        problems.append((Status.DOWN, "; ".join(errors) or "no registration data",
                          "THIRD_PARTY_SERVICE"))
     elif expires is not None:
         days = (expires - datetime.now(timezone.utc)) // timedelta(days=1)
         details["daysRemaining"] = days
         if days < 0:
-            problems.append(("DOWN", f"domain expired on {expires:%Y-%m-%d}",
+            problems.append((Status.DOWN, f"domain expired on {expires:%Y-%m-%d}",
                              "CONFIGURATION_ERROR"))
         elif days < (monitor.get("domainExpiryDays") or _DEFAULT_EXPIRY_DAYS):
-            problems.append(("DEGRADED", f"domain expires in {days} days", "CONFIGURATION_ERROR"))
+            problems.append((Status.DEGRADED, f"domain expires in {days} days",
+                             "CONFIGURATION_ERROR"))
     if registration is not None and monitor.get("domainMonitorWhois") is not False:
         for key in ("registrar", "status", "nameservers"):
             changes += _change(key, last.get(key), registration[key])
@@ -2448,12 +2564,12 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
         for rdtype, answers in details["dns"].items():
             changes += _change(f"{rdtype} records", (last.get("dns") or {}).get(rdtype), answers)
     if monitor.get("domainMonitorBlacklist") is not False:
-        zones = ctx.cfg["blocklists"]
+        zones = ctx.settings["blocklists"]
         answers = await asyncio.gather(*(_dns_answers(ctx, f"{name}.{zone}", "A", timeout)
                                          for zone in zones))
         details["blocklists"] = {zone: _blocklist_state(found)
                                  for zone, found in zip(zones, answers, strict=True)}
-        problems += [("DEGRADED", f"listed on {zone}", "THIRD_PARTY_SERVICE")
+        problems += [(Status.DEGRADED, f"listed on {zone}", "THIRD_PARTY_SERVICE")
                      for zone, state in details["blocklists"].items() if state == "listed"]
     details["changes"] = changes
     status, error, category = _verdict(problems)
@@ -2461,10 +2577,30 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
                        category=category, details=details)
 
 
-PROBES: dict[str, Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult]]] = {
-    "WEBSITE": probe_http, "API": probe_http, "PING": probe_ping, "PORT": probe_port,
-    "DNS": probe_dns, "SSL_CERT": probe_ssl, "DOMAIN": probe_domain,
-}
+Probe = Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult]]
+
+
+def declare_monitor_types(*types: MonitorType) -> None:
+    """Register monitor types in MONITOR_TYPES (validation, scheduling and docs read it)."""
+    MONITOR_TYPES.update((t.name, t) for t in types)
+
+
+declare_monitor_types(
+    MonitorType("WEBSITE", "http", probe_http),
+    MonitorType("API", "http", probe_http),
+    MonitorType("CRON", "text", None),
+    MonitorType("PING", "host", probe_ping),
+    MonitorType("PORT", "host", probe_port),
+    MonitorType("DNS", "host", probe_dns),
+    MonitorType("SSL_CERT", "https", probe_ssl),
+    MonitorType("DOMAIN", "host", probe_domain),
+)
+
+
+def probe_of(kind: str) -> Probe | None:
+    """The probe of a monitor type; None for an unknown type or one that is never probed."""
+    declared = MONITOR_TYPES.get(kind)
+    return declared.probe if declared else None
 
 # --- Scheduler ---
 
@@ -2519,20 +2655,20 @@ class _Scheduled:
     @property
     def confirming(self) -> bool:
         """A failure (or a recovery) seen but not yet confirmed: re-check after retry_delay."""
-        return bool(self.successes if self.status == "DOWN" else self.failures)
+        return bool(self.successes if self.status == Status.DOWN else self.failures)
 
     def judge(self, result: CheckResult, probes: dict[str, Any]) -> str:
         """The status after ``result``: DOWN only after ``confirmations`` failures in a row (from
         PENDING too), back up after ``recoveries`` good ones, UP/DEGRADED otherwise at once."""
-        if result.status == "DOWN":
+        if result.status == Status.DOWN:
             self.failures, self.successes = self.failures + 1, 0
-            return "DOWN" if self.failures >= probes["confirmations"] else self.status
+            return Status.DOWN if self.failures >= probes["confirmations"] else self.status
         self.failures = 0
-        if self.status != "DOWN":
+        if self.status != Status.DOWN:
             return result.status
         self.successes += 1
         if self.successes < probes["recoveries"]:
-            return "DOWN"
+            return Status.DOWN
         self.successes = 0
         return result.status
 
@@ -2597,7 +2733,7 @@ class Scheduler:
 
     def _eligible(self, record: dict[str, Any]) -> bool:
         regions = record.get("enabledWorkerRegionIds")
-        return record["type"] in PROBES and (not regions or self.region in regions)
+        return probe_of(record["type"]) is not None and (not regions or self.region in regions)
 
     async def reload(self, ids: set[str] | None) -> None:
         """Bring the schedule in line with the database: every monitor (``None``, at start) or
@@ -2654,9 +2790,9 @@ class Scheduler:
         entry.failures = entry.successes = 0
         if row["last_at"] is not None:
             entry.last_at = row["last_at"] / 1000
-            failed = row["last_status"] == "DOWN"
-            entry.failures = int(failed and entry.status != "DOWN")
-            entry.successes = int(not failed and entry.status == "DOWN")
+            failed = row["last_status"] == Status.DOWN
+            entry.failures = int(failed and entry.status != Status.DOWN)
+            entry.successes = int(not failed and entry.status == Status.DOWN)
         if not entry.running:
             self._schedule(entry, self._planned(entry, now) if initial else now)
 
@@ -2735,7 +2871,9 @@ class Scheduler:
     async def _check(self, entry: _Scheduled) -> None:
         started = time.time()
         try:
-            result = await PROBES[entry.record["type"]](entry.record, self.ctx)
+            probe = probe_of(entry.record["type"])
+            assert probe is not None, "only probed types are scheduled"
+            result = await probe(entry.record, self.ctx)
         except Exception as exc:  # a probe bug must not stop the scheduler
             log.exception("probe of monitor %s failed", entry.record["id"])
             result = _down(f"internal error: {exc}", "UNKNOWN")
@@ -2754,8 +2892,8 @@ class Scheduler:
         statements = check_statements(monitor_id, self.region, result, at,
                                       self.rt.maintenance.active(entry.account_id, monitor_id, at))
         status = entry.judge(result, self.probes)
-        if status == "UP" and entry.regression:
-            status = "DEGRADED"  # worst of the probe's verdict and the regression detector's
+        if status == Status.UP and entry.regression:
+            status = Status.DEGRADED  # worst of the probe's verdict and the regression detector's
         if status != entry.status:
             statements += transition_statements(monitor_id, entry.status, status,
                                                 _reason(result), at)
@@ -2854,7 +2992,7 @@ class _Beat:
     monitor_id: str
     account_id: str = ""
     token: str | None = None
-    status: str = "PENDING"
+    status: str = Status.PENDING
     quiet: bool = True  # paused or inactive: pings are logged, the status never changes
     period_ms: int = 0
     grace_ms: int = 0
@@ -2883,7 +3021,7 @@ class _Beat:
         Editing or resuming a monitor restarts both clocks (``edited_at``), so a deadline that
         passed while it was paused does not fire the moment it is resumed.
         """
-        if self.quiet or self.status == "DOWN":
+        if self.quiet or self.status == Status.DOWN:
             return None
         dues = []
         if self.job_started_at is not None:
@@ -3059,18 +3197,19 @@ class Heartbeats:
     async def _miss(self, beat: _Beat, due_at: int, what: str) -> None:
         """Record a missed deadline: a DOWN check and transition, at the deadline's time."""
         reason = beat.reason(what)
-        result = CheckResult("DOWN", error=reason, category="UNKNOWN",
+        result = CheckResult(Status.DOWN, error=reason, category="UNKNOWN",
                              details={"heartbeat": what})
         statements = check_statements(
             beat.monitor_id, self.rt.cfg["region"]["id"], result, due_at,
             self.rt.maintenance.active(beat.account_id, beat.monitor_id, due_at))
-        statements += transition_statements(beat.monitor_id, beat.status, "DOWN", reason, due_at)
+        statements += transition_statements(beat.monitor_id, beat.status, Status.DOWN, reason,
+                                            due_at)
         if what == JOB_NOT_COMPLETE:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
         log.info("heartbeat monitor %s is DOWN: %s", beat.monitor_id, reason)
-        beat.status = "DOWN"
+        beat.status = Status.DOWN
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
 
@@ -3141,22 +3280,22 @@ def transition_events(old: str, new: str, opened: bool, resolved: bool
     webhooks: list[str] = []
     if old == new and not opened:
         return channels, webhooks  # a repeated status is no crossing
-    recovered = old == "DOWN" or resolved
-    if new == "DOWN":
+    recovered = old == Status.DOWN or resolved
+    if new == Status.DOWN:
         channels.append("monitor.down")
         webhooks += ["monitor.down", *(["incident.created"] if opened else [])]
-    elif new == "UP" and (recovered or old == "DEGRADED"):
+    elif new == Status.UP and (recovered or old == Status.DEGRADED):
         channels.append("monitor.up")
-    elif new == "DEGRADED":
+    elif new == Status.DEGRADED:
         channels += [*(["incident.resolved"] if resolved else []), "monitor.degraded"]
-    if new in ("UP", "DEGRADED"):
+    if new in (Status.UP, Status.DEGRADED):
         webhooks += [*(["monitor.up"] if recovered else []),
                      *(["incident.resolved"] if resolved else [])]
     return channels, webhooks
 
 
 async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
-    rows = await conn.execute_fetchall(sql, params)
+    rows = list(await conn.execute_fetchall(sql, params))
     return rows[0] if rows else None
 
 
@@ -3176,26 +3315,26 @@ def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any]
         return None if error is None else {"statusCode": None, "responseTime": None,
                                            "error": error, "region": None}
     return {"statusCode": check["status_code"], "responseTime": check["response_time"],
-            "error": check["error"] or (error if check["status"] != "UP" else None),
+            "error": check["error"] or (error if check["status"] != Status.UP else None),
             "region": check["region_id"]}
 
 
 async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
                          transition: sqlite3.Row) -> sqlite3.Row:
     """A new incident: severity from how many regions are down, cause from the failing check."""
-    latest = await conn.execute_fetchall(
+    latest = list(await conn.execute_fetchall(
         "SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
-        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],))
-    down = [c for c in latest if c["status"] == "DOWN"]
+        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
+    down = [c for c in latest if c["status"] == Status.DOWN]
     severity = "high" if len(down) == len(latest) else "medium" if down else "low"
     cause = down[0] if down else None
     category = cause["category"] if cause and cause["category"] in ROOT_CAUSES else "UNKNOWN"
     root_cause = transition["reason"] or (cause and cause["error"]) or "Monitor is down"
     at = transition["created_at"]
     year = datetime.fromtimestamp(at / 1000, timezone.utc).year
-    number = (await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
-                               " WHERE account_id = ? AND year = ?",
-                         (monitor["account_id"], year)))[0]
+    number = present(await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
+                                      " WHERE account_id = ? AND year = ?",
+                                (monitor["account_id"], year)))[0]
     incident_id = new_id("inc")
     await conn.execute(
         "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at, severity,"
@@ -3205,7 +3344,7 @@ async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
          root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
     await add_incident_update(conn, incident_id, "investigating",
                               f"{monitor['name']} is down: {root_cause}", at)
-    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,))
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,)))
 
 
 async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
@@ -3218,8 +3357,8 @@ async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, stat
 async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at: int,
                            message: str) -> sqlite3.Row:
     """Close an incident, freezing its check counts and affected regions."""
-    stats = await _row(conn, _INCIDENT_STATS_SQL,
-                       (incident["monitor_id"], incident["started_at"], at))
+    stats = present(await _row(conn, _INCIDENT_STATS_SQL,
+                               (incident["monitor_id"], incident["started_at"], at)))
     regions = set(json.loads(incident["affected_regions"]))
     regions.update((stats["regions"] or "").split(",") if stats["regions"] else ())
     await conn.execute(
@@ -3227,7 +3366,7 @@ async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at
         " checks_total = ?, affected_regions = ? WHERE id = ?",
         (at, stats["failed"], stats["total"], json.dumps(sorted(regions)), incident["id"]))
     await add_incident_update(conn, incident["id"], "resolved", message, at)
-    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],))
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],)))
 
 
 async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
@@ -3237,7 +3376,8 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     or linked active channels) and the account's active webhooks subscribed to the event."""
     alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
                         "type": monitor["type"], "status": status}
-    stamp, rows = now_ms(), []
+    stamp = now_ms()
+    rows: list[tuple[str, str | None, str | None, str | None, str, str, str]] = []
     targets = await conn.execute_fetchall(
         "SELECT n.id, n.channel_id, COALESCE(n.type, c.type) AS type,"
         " COALESCE(n.config, c.config) AS config FROM monitor_notifications n"
@@ -3290,11 +3430,11 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
                                 " AND resolved_at IS NULL", (monitor["id"],))
     opened = resolved = False
     quiet = calendar is not None and calendar.suppressing(monitor["account_id"], monitor["id"], at)
-    if new == "DOWN" and incident is None:
+    if new == Status.DOWN and incident is None:
         if quiet:
             return
         incident, opened = await _open_incident(conn, monitor, transition), True
-    elif new in ("UP", "DEGRADED") and incident is not None:
+    elif new in (Status.UP, Status.DEGRADED) and incident is not None:
         took = human_duration((at - incident["started_at"]) / 1000)
         incident = await resolve_incident(conn, incident, at,
                                           f"{monitor['name']} is {new} again after {took}")
@@ -3306,7 +3446,8 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
     await enqueue_alerts(
         conn, monitor, new, channel_events, webhook_events, timestamp=iso(at),
-        incident=incident_alert(incident) if incident and (new == "DOWN" or resolved) else None,
+        incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
+                  else None),
         check=_check_alert(check, transition["reason"]))
 
 
@@ -3321,7 +3462,7 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
 
 
 def webhook_result_statements(webhook_id: str, delivery_id: str | None,
-                              records: list[dict[str, Any]], at: int) -> list[Statement]:
+                              records: list[DeliveryAttempt], at: int) -> list[Statement]:
     """Record a webhook delivery's outcome: its delivery row, lastStatus and lastTriggeredAt."""
     last = records[-1]
     statements: list[Statement] = [(
@@ -3336,7 +3477,7 @@ def webhook_result_statements(webhook_id: str, delivery_id: str | None,
     return statements
 
 
-def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
+def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt],
                         at: int) -> list[Statement]:
     """Close an outbox row; mark its channel (shared, or a monitor's inline one) failing after a
     permanent error or healthy after a success."""
@@ -3363,7 +3504,8 @@ def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
 async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> None:
     """Deliver one outbox row with retries, log every attempt, then record the outcome."""
     alert = Alert(**json.loads(row["alert"]))
-    records = await deliver(NOTIFIERS[row["channel_type"]], json.loads(row["config"]), alert, ctx,
+    send = CHANNEL_TYPES[row["channel_type"]].send
+    records = await deliver(send, json.loads(row["config"]), alert, ctx,
                             base_delay=rt.cfg["notifications"]["retry_delay"])
     for record in records:
         log.log(logging.INFO if record["ok"] else logging.WARNING,
@@ -3420,6 +3562,7 @@ async def run_incidents(rt: Runtime) -> None:
         while True:
             try:
                 if await process_transitions(rt):
+                    rt.public_cache.invalidate()
                     wake.set()
                     continue
             except Exception:
@@ -3590,15 +3733,17 @@ class Maintenance:
         await self.rt.db.write(statements)
         window.handled = now
 
-    def next_end(self, now: int) -> int | None:
-        """The earliest end of an occurrence running now or starting soon."""
-        ends = [b for w in self.windows.values()
-                for _, b in w.occurrences(now, now + int(_MAINTENANCE_IDLE * 1000)) if b > now]
-        return min(ends, default=None)
+    def next_boundary(self, now: int) -> int | None:
+        """The earliest start or end, after now, of an occurrence running now or starting soon."""
+        times = [t for w in self.windows.values()
+                 for span in w.occurrences(now, now + int(_MAINTENANCE_IDLE * 1000))
+                 for t in span if t > now]
+        return min(times, default=None)
 
 
 async def run_maintenance(rt: Runtime) -> None:
-    """The window-end service: wakes at each window's end (or an edit) and acts on it."""
+    """The window service: wakes when a window starts or ends (or is edited), acts on ends, and
+    lets public pages show the change (their cache is dropped)."""
     calendar = rt.maintenance
     while True:
         calendar.wake.clear()
@@ -3606,8 +3751,9 @@ async def run_maintenance(rt: Runtime) -> None:
             await calendar.settle_ends()
         except Exception:
             log.exception("maintenance window ends failed; retrying")
+        rt.public_cache.invalidate()
         now = calendar.clock()
-        end = calendar.next_end(now)
+        end = calendar.next_boundary(now)
         timeout = _MAINTENANCE_IDLE if end is None else min(_MAINTENANCE_IDLE,
                                                             (end - now) / 1000 + 0.01)
         with contextlib.suppress(TimeoutError):
@@ -3616,39 +3762,15 @@ async def run_maintenance(rt: Runtime) -> None:
 # --- Notifiers ---
 #
 # The delivery layer: an ``Alert`` (what happened) becomes one request in each service's own wire
-# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, registered in
-# ``NOTIFIERS``; it raises ``DeliveryError`` on failure and ``deliver`` turns that into retries and
-# per-attempt records.  Senders never put a channel URL or token into an error message: webhook
-# URLs and Telegram's path carry the secret.
+# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, declared with its
+# config fields by ``@channel_type`` in ``CHANNEL_TYPES``; it raises ``DeliveryError`` on failure
+# and ``deliver`` turns that into retries and per-attempt records.  Senders never put a channel
+# URL or token into an error message: webhook URLs and Telegram's path carry the secret.
 
 ALERT_EVENTS = ("monitor.down", "monitor.up", "monitor.degraded", "incident.created",
                 "incident.resolved", "test")
 PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
 OPSGENIE_PRIORITIES = ("P1", "P2", "P3", "P4", "P5")
-
-# Config keys each channel type needs, and the ones API responses must mask.
-CHANNEL_REQUIRED: dict[str, tuple[str, ...]] = {
-    "EMAIL": ("emails",),
-    "SMS": ("phoneNumbers",),
-    "SLACK": ("webhookUrl",),
-    "DISCORD": ("webhookUrl",),
-    "TELEGRAM": ("botToken", "chatId"),
-    "PAGERDUTY": ("integrationKey",),
-    "OPSGENIE": ("apiKey",),
-    "MICROSOFT_TEAMS": ("webhookUrl",),
-    "WEBHOOK": ("url",),
-}
-CHANNEL_SECRETS: dict[str, tuple[str, ...]] = {
-    "EMAIL": (),
-    "SMS": (),
-    "SLACK": ("webhookUrl",),
-    "DISCORD": ("webhookUrl",),
-    "TELEGRAM": ("botToken",),
-    "PAGERDUTY": ("integrationKey",),
-    "OPSGENIE": ("apiKey",),
-    "MICROSOFT_TEAMS": ("webhookUrl",),
-    "WEBHOOK": ("headers", "secret"),
-}
 
 # 4xx means the request or the credentials are wrong and a retry cannot help, except these.
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -3687,7 +3809,7 @@ class Alert:
     monitor: dict[str, Any]
     incident: dict[str, Any] | None = None
     check: dict[str, Any] | None = None
-    timestamp: str = dataclasses.field(default_factory=lambda: iso(now_ms()))
+    timestamp: str = dataclasses.field(default_factory=lambda: str(iso(now_ms())))
     note: str | None = None
 
     def __post_init__(self) -> None:
@@ -3965,7 +4087,7 @@ async def check_target(url: str, cfg: dict[str, dict[str, Any]]) -> None:
     except socket.gaierror as exc:
         raise DeliveryError(f"cannot resolve {host}: {exc.strerror}") from None
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].partition("%")[0])
+        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
         address = getattr(address, "ipv4_mapped", None) or address
         if not address.is_global or address.is_multicast:
             raise DeliveryError(f"{host} resolves to non-public address {address}; "
@@ -4058,25 +4180,63 @@ def _recipients(config: dict[str, Any], key: str) -> list[str]:
 
 
 Sender = Callable[[dict[str, Any], Alert, NotifyContext], Awaitable[int | None]]
-NOTIFIERS: dict[str, Sender] = {}  # channel type -> sender, filled by @_channel
+def channel_type(name: str, *fields: Field, person_facing: bool) -> Callable[[Sender], Sender]:
+    """Declare a channel type on its sender: its config ``fields`` (``required=True`` for the
+    keys it needs, ``secret=True`` for those responses mask) and whether it reaches a person.
 
-
-def _channel(kind: str) -> Callable[[Sender], Sender]:
-    """Register the sender for ``kind`` in NOTIFIERS, so a type is named once.
-
-    The registered sender refuses, permanently, a config that lacks the keys its type requires.
+    The registered sender refuses, permanently, a config that lacks a required key.
     """
     def wrap(send: Sender) -> Sender:
         @functools.wraps(send)
         async def checked(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int | None:
-            missing = [key for key in CHANNEL_REQUIRED[kind] if not config.get(key)]
+            missing = [key for key in declared.required if not config.get(key)]
             if missing:
-                raise DeliveryError(f"{kind} channel config lacks {', '.join(missing)}",
+                raise DeliveryError(f"{name} channel config lacks {', '.join(missing)}",
                                     permanent=True)
             return await send(config, alert, ctx)
-        NOTIFIERS[kind] = checked
+        declared = ChannelType(name, fields, checked, person_facing)
+        CHANNEL_TYPES[name] = declared
         return checked
     return wrap
+
+
+# What the channel types' config fields check beyond kinds and bounds.
+
+
+def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
+    """A ``check`` for an array of strings that must each match ``pattern``."""
+    regex = re.compile(pattern)
+
+    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
+        if bad:
+            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
+        return list(dict.fromkeys(v.strip() for v in value))
+    return check
+
+
+def _pattern(pattern: str, what: str) -> Callable[..., str]:
+    regex = re.compile(pattern)
+
+    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+        if not regex.fullmatch(value):
+            raise _Issue(f"Invalid {what}")
+        return value
+    return check
+
+
+def _valid_headers(value: dict[str, Any], record: dict[str, Any],
+                   env: dict[str, Any]) -> dict[str, Any]:
+    """Header names must be tokens and values single-line strings, as post_webhook requires."""
+    try:
+        _user_headers(value)
+    except DeliveryError as exc:
+        raise _Issue(exc.message) from None
+    return value
+
+
+_CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=valid_url,
+                          secret=True, doc="Incoming webhook URL (secret)")
 
 
 # The senders, one per channel type.
@@ -4087,11 +4247,14 @@ def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str
     """Blocking SMTP conversation (run in a thread), with SMTP replies mapped to DeliveryError."""
     security = smtp["security"]
     context = ssl.create_default_context()
+    # typeshed says float, but smtplib passes the timeout to socket, where None means no limit.
+    limit: Any = timeout
+    client: smtplib.SMTP
     try:
         if security == "tls":
-            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=timeout, context=context)
+            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=limit, context=context)
         else:
-            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=timeout)
+            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=limit)
         with client:
             if security == "starttls":
                 client.starttls(context=context)
@@ -4121,7 +4284,9 @@ def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str
                             f"{len(recipients)}; refused {sorted(refused)}", permanent=True)
 
 
-@_channel("EMAIL")
+@channel_type("EMAIL", Field("emails", "array", True, minimum=1, maximum=50,
+                             check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"),
+                             doc="Recipients"), person_facing=True)
 async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
     """One plain-text message to every address in ``emails``, through the configured SMTP relay."""
     smtp = ctx.cfg["smtp"]
@@ -4138,7 +4303,9 @@ async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     await asyncio.to_thread(_smtp_send, smtp, message, recipients, ctx.timeout)
 
 
-@_channel("SMS")
+@channel_type("SMS", Field("phoneNumbers", "array", True, minimum=1, maximum=20,
+                           check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
+                           doc="Recipients in E.164 form (+15551234567)"), person_facing=True)
 async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Twilio Messages API, one message per number; every number is tried even if one fails."""
     notify = ctx.cfg["notifications"]
@@ -4166,7 +4333,10 @@ async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> 
     return statuses[-1]
 
 
-@_channel("SLACK")
+@channel_type("SLACK", _CHAT_WEBHOOK_URL,
+              Field("channel", "string", minimum=1, maximum=80,
+                    doc="Channel override, e.g. #alerts"),
+              person_facing=True)
 async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Slack incoming webhook: ``text`` for notifications, ``blocks`` for the message itself."""
     def mrkdwn(text: str) -> str:
@@ -4190,7 +4360,7 @@ async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     return await _post_json(ctx, "Slack", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("DISCORD")
+@channel_type("DISCORD", _CHAT_WEBHOOK_URL, person_facing=True)
 async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Discord webhook with one embed, coloured red, amber, green or blue by the event."""
     embed: dict[str, Any] = {
@@ -4207,7 +4377,12 @@ async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
     return await _post_json(ctx, "Discord", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("TELEGRAM")
+@channel_type(
+    "TELEGRAM",
+    Field("botToken", "string", True, secret=True, doc="Bot API token (secret)",
+          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)")),
+    Field("chatId", "string", True, minimum=1, maximum=64, doc="Chat, group or channel id"),
+    person_facing=True)
 async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Bot API sendMessage in plain text (no parse_mode, so names need no escaping)."""
     base = ctx.cfg["notifications"]["telegram_api_url"].rstrip("/")
@@ -4218,7 +4393,13 @@ async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext
     return await _post_json(ctx, "Telegram", url, payload)
 
 
-@_channel("PAGERDUTY")
+@channel_type(
+    "PAGERDUTY",
+    Field("integrationKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="Events API v2 routing key (secret)"),
+    Field("severity", "string", choices=PAGERDUTY_SEVERITIES,
+          doc="Trigger severity (default critical)"),
+    person_facing=False)
 async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Events API v2: trigger on trouble, resolve on recovery, both with the monitor's dedup_key."""
     event: dict[str, Any] = {"routing_key": config["integrationKey"]}
@@ -4244,7 +4425,12 @@ async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContex
     return await _post_json(ctx, "PagerDuty", ctx.cfg["notifications"]["pagerduty_url"], event)
 
 
-@_channel("OPSGENIE")
+@channel_type(
+    "OPSGENIE",
+    Field("apiKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="API integration key (secret)"),
+    Field("priority", "string", choices=OPSGENIE_PRIORITIES, doc="Alert priority (default P3)"),
+    person_facing=False)
 async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Alert API: create on trouble, close by alias on recovery (the alias deduplicates)."""
     base = ctx.cfg["notifications"]["opsgenie_url"].rstrip("/") + "/v2/alerts"
@@ -4268,7 +4454,7 @@ async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext
     return await _post_json(ctx, "OpsGenie", base, payload, headers=auth)
 
 
-@_channel("MICROSOFT_TEAMS")
+@channel_type("MICROSOFT_TEAMS", _CHAT_WEBHOOK_URL, person_facing=True)
 async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """An Adaptive Card message: accepted by Teams Workflows webhooks and classic connectors."""
     card: dict[str, Any] = {
@@ -4292,7 +4478,15 @@ async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     return await _post_json(ctx, "Teams", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("WEBHOOK")
+@channel_type(
+    "WEBHOOK",
+    Field("url", "string", True, maximum=2048, check=valid_url,
+          doc="Endpoint that receives the webhook payload"),
+    Field("headers", "object", check=_valid_headers, secret=True,
+          doc="Extra request headers (values are secret)"),
+    Field("secret", "string", minimum=1, maximum=255, secret=True,
+          doc="Signs the body as X-Webhook-Signature (secret)"),
+    person_facing=False)
 async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """The spec's webhook payload to ``url`` with the configured ``headers`` (signed if ``secret``).
 
@@ -4302,8 +4496,20 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
                               config.get("headers"), ctx)
 
 
+class DeliveryAttempt(TypedDict):
+    """One try at delivering one alert to one target, as ``deliver`` reports and the outbox,
+    the delivery logs and the webhook delivery history record it."""
+
+    attempt: int
+    ok: bool
+    statusCode: int | None
+    error: str | None
+    permanent: bool
+    durationMs: int
+
+
 async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
-                  attempts: int | None = None, base_delay: float = 1.0) -> list[dict[str, Any]]:
+                  attempts: int | None = None, base_delay: float = 1.0) -> list[DeliveryAttempt]:
     """Run ``send`` with retries and report every attempt; never raises, so callers can record.
 
     Each attempt is bounded by ``notifications.timeout``.  Transient failures are retried after
@@ -4311,7 +4517,7 @@ async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: Notif
     An unexpected exception is a bug a retry will not fix, so it counts as permanent too.
     """
     total = max(1, ctx.cfg["notifications"]["attempts"] if attempts is None else attempts)
-    records: list[dict[str, Any]] = []
+    records: list[DeliveryAttempt] = []
     for attempt in range(1, total + 1):
         started = time.monotonic()
         status, error, permanent = None, None, False
@@ -4422,7 +4628,8 @@ def plan_window(lo: int, hi: int, hours_done: int, days_done: int) -> list[tuple
 
 async def rollup_progress(db: Database) -> tuple[int, int]:
     """Where hourly and daily rollups end (0 before the first roll-up)."""
-    done = dict(await db.fetchall("SELECT bucket, done_until FROM rollup_progress"))
+    done: dict[str, int] = {bucket: until for bucket, until in await db.fetchall(
+        "SELECT bucket, done_until FROM rollup_progress")}
     return done.get("h", 0), done.get("d", 0)
 
 
@@ -4509,17 +4716,18 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
     """
     regions: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     if hi - lo <= DAY_MS if exact is None else exact:
-        stats = WindowStats(values=[])
+        values: list[int] = []
+        stats = WindowStats(values=values)
         marks = ",".join("?" * len(ids))
         for region, status, rt in await db.fetchall(
                 f"SELECT region_id, status, response_time FROM checks WHERE monitor_id IN"
                 f" ({marks}) AND checked_at >= ? AND checked_at < ? AND maintenance = 0",
                 [*ids, lo, hi]):
-            timed = status != "DOWN" and rt is not None
-            stats.add((status == "UP", status == "DOWN", status == "DEGRADED",
+            timed = status != Status.DOWN and rt is not None
+            stats.add((status == Status.UP, status == Status.DOWN, status == Status.DEGRADED,
                        rt if timed else 0, timed))
             if timed:
-                stats.values.append(rt)
+                values.append(rt)
                 regions[region][0] += rt
                 regions[region][1] += 1
         return stats, regions
@@ -4534,23 +4742,46 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
     return stats, regions
 
 
-async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int
-                      ) -> dict[str, list[dict[str, Any]]]:
+# Daily counts of days the daily rollups cover never change, so callers may keep them in a
+# ``SettledDays`` memo: keyed by the monitors, the first day and where the rollups end.
+SettledDays = dict[tuple[tuple[str, ...], int, int], dict[tuple[Any, ...], list[int]]]
+_SETTLED_MEMO_SIZE = 256
+
+
+async def _day_counts(db: Database, ids: list[str], first: int, now: int,
+                      memo: SettledDays | None) -> dict[tuple[Any, ...], list[int]]:
+    """Counts per (monitor, day) from ``first`` to now; the rolled-up days from ``memo``."""
+    settled = max(first, min(now // DAY_MS * DAY_MS, (await rollup_progress(db))[1]))
+    key = (tuple(ids), first, settled)
+    past = memo.get(key) if memo is not None else None
+    if past is None:
+        past = await collect(db, ids, first, settled, ("monitor", "day"))
+        if memo is not None:
+            if len(memo) >= _SETTLED_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[key] = past
+    return {**past, **await collect(db, ids, settled, now + 1, ("monitor", "day"))}
+
+
+async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int,
+                      memo: SettledDays | None = None) -> dict[str, list[dict[str, Any]]]:
     """Per monitor, one entry per UTC day of the last ``days`` days (today last), from
     daily rollups plus hourly and raw rows for the days not rolled up yet."""
     now = now_ms()
     first = now // DAY_MS * DAY_MS - (days - 1) * DAY_MS
-    counts = await collect(db, list(monitor_ids), first, now + 1, ("monitor", "day"))
+    counts = await _day_counts(db, list(monitor_ids), first, now, memo)
+    starts = range(first, now + 1, DAY_MS)
+    labels = [datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d")
+              for day in starts]
+    empty = [0] * 5
     out: dict[str, list[dict[str, Any]]] = {}
     for monitor_id in monitor_ids:
-        out[monitor_id] = []
-        for day in range(first, now + 1, DAY_MS):
-            stats = WindowStats()
-            stats.add(counts.get((monitor_id, day), [0] * 5))
-            out[monitor_id].append({
-                "day": datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d"),
-                "up": stats.up, "down": stats.down, "degraded": stats.degraded,
-                "total": stats.total, "uptime": stats.uptime()})
+        out[monitor_id] = days_out = []
+        for day, label in zip(starts, labels, strict=True):
+            up, down, degraded = counts.get((monitor_id, day), empty)[:3]
+            total = up + down + degraded
+            days_out.append({"day": label, "up": up, "down": down, "degraded": degraded,
+                             "total": total, "uptime": uptime_percent(up + degraded, total)})
     return out
 
 
@@ -4670,7 +4901,7 @@ def _regression_reason(current: int, baseline: int, threshold: int, slow: bool) 
 
 
 async def _up_average(db: Database, monitor_id: str, lo: int, hi: int) -> sqlite3.Row:
-    return await db.fetchone(
+    return await db.fetchrow(
         "SELECT AVG(response_time) AS avg, COUNT(*) AS n, MIN(checked_at) AS first,"
         " MAX(checked_at) AS last FROM checks WHERE monitor_id = ? AND checked_at >= ?"
         " AND checked_at < ? AND status = 'UP' AND response_time IS NOT NULL",
@@ -4732,8 +4963,8 @@ async def _set_regression(db: Database, monitor_id: str, slow: bool, reason: str
         latest = {r[0] for r in await (await conn.execute(
             "SELECT c.status FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
             " WHERE l.monitor_id = ?", (monitor_id,))).fetchall()}
-        old, new = ("UP", "DEGRADED") if slow else ("DEGRADED", "UP")
-        if status == old and (slow or latest <= {"UP"}):
+        old, new = (Status.UP, Status.DEGRADED) if slow else (Status.DEGRADED, Status.UP)
+        if status == old and (slow or latest <= {Status.UP}):
             for sql, params in transition_statements(monitor_id, old, new, reason, now):
                 await conn.execute(sql, params)
 
@@ -4754,7 +4985,7 @@ async def run_regression(rt: Runtime) -> None:
 API_PREFIX = "/api/v1"
 MAX_BODY = 1_048_576
 ROUTES: list[Route] = []
-MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
+MONITOR_STATUSES = tuple(Status)
 
 
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
@@ -4776,9 +5007,12 @@ class Runtime:
         self.started = time.monotonic()
         self.regions: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
+        self.public_cache = PublicCache()
+        self.settled_days: SettledDays = {}
         self.heartbeats = Heartbeats(self)
         self.maintenance = Maintenance(self)
         self.scheduler: Scheduler | None = None
+        self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -4915,7 +5149,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
                 if needed not in who.permissions:
                     raise Forbidden(f"This API key lacks the '{needed}' permission",
                                     f"key permissions: {','.join(sorted(who.permissions))}")
-                who.require_role(role or ("VIEWER" if needed == "read" else "MEMBER"))
+                who.require_role(role or (Role.VIEWER if needed == "read" else Role.MEMBER))
             try:
                 result = await handler(Call(request, rt, who))
             except (ApiError, asyncio.CancelledError):
@@ -4923,13 +5157,15 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             except Exception as exc:
                 log.exception("unhandled error in %s %s", request.method, request.url.path)
                 raise ApiError("Internal server error", "the error has been logged") from exc
+            if request.method != "GET" and not public:
+                rt.public_cache.invalidate()
             response = result if isinstance(result, Response) else JSONResponse(result)
             response.headers.update(getattr(request.state, "headers", {}))
             return response
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
         API_DOCS.extend(RouteDoc(path, method, summary, None if public else role or (
-            "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"), tuple(body),
+            Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER), tuple(body),
             tuple(query)) for method in methods)
         return handler
     return register
@@ -5016,16 +5252,22 @@ def _like(text: str) -> str:
 _JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
 
 
+def _json_column(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+# Each monitor column as (field name, column, how its stored value is read back).
+_MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tuple(
+    (spec.name, spec.column, _json_column if spec.kind in _JSON_KINDS
+     else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
+
+
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
     out: dict[str, Any] = {"id": row["id"]}
-    for spec in MONITOR_COLUMNS:
-        value = row[spec.column]
-        if spec.kind in _JSON_KINDS and value is not None:
-            value = json.loads(value)
-        elif spec.kind == "boolean":
-            value = bool(value)
-        out[spec.name] = value
+    for name, column, read in _MONITOR_READERS:
+        value = row[column]
+        out[name] = value if read is None else read(value)
     out["status"] = row["status"]
     out["isPaused"] = bool(row["is_paused"])
     out["heartbeatId"] = row["heartbeat_id"]
@@ -5066,9 +5308,9 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for check in await latest_checks(rt.db, ids):
         latest[check["monitor_id"]].append(check_json(check, rt.regions))
-    incidents = dict(await rt.db.fetchall(
+    incidents: dict[str, int] = {monitor_id: n for monitor_id, n in await rt.db.fetchall(
         f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
-        f" GROUP BY monitor_id", ids))
+        f" GROUP BY monitor_id", ids)}
     links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for link in await rt.db.fetchall(
             f"SELECT n.*, c.name AS channel_name, c.type AS channel_type,"
@@ -5083,7 +5325,7 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     for row in rows:
         record = monitor_record(row)
         if rt.maintenance.active(row["account_id"], row["id"]):
-            record["status"] = "MAINTENANCE"
+            record["status"] = MAINTENANCE
         heartbeat = record.pop("heartbeatId")
         record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
         record.update({
@@ -5111,7 +5353,7 @@ def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> An
     """A channel config as responses show it: its secret keys masked (each header's value)."""
     if not config:
         return config
-    secret = CHANNEL_SECRETS.get(kind or "", ())
+    secret = CHANNEL_TYPES[kind].secrets if kind in CHANNEL_TYPES else ()
     return {k: _masked_value(v) if k in secret else v for k, v in config.items()}
 
 
@@ -5182,17 +5424,16 @@ async def create_owned(call: Call, table: str, prefix: str,
     return await load_owned(call, table, row_id)
 
 
-async def _save_notifications(conn: aiosqlite.Connection, monitor_id: str,
-                              entries: list[dict[str, Any]]) -> None:
+def notification_statements(monitor_id: str, entries: list[dict[str, Any]]) -> list[Statement]:
     """Replace a monitor's notification targets with ``entries``."""
-    await conn.execute("DELETE FROM monitor_notifications WHERE monitor_id = ?", (monitor_id,))
     stamp = now_ms()
-    await conn.executemany(
-        "INSERT INTO monitor_notifications (id, monitor_id, channel_id, type, enabled, config,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(new_id("mn"), monitor_id, e.get("channelId"), None if e.get("channelId") else e["type"],
-          int(e["enabled"]), None if e.get("channelId") else json.dumps(e["config"]), stamp + i)
-         for i, e in enumerate(entries)])
+    return [("DELETE FROM monitor_notifications WHERE monitor_id = ?", (monitor_id,)),
+            *(("INSERT INTO monitor_notifications (id, monitor_id, channel_id, type, enabled,"
+               " config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (new_id("mn"), monitor_id, e.get("channelId"),
+                None if e.get("channelId") else e["type"], int(e["enabled"]),
+                None if e.get("channelId") else json.dumps(e["config"]), stamp + i))
+              for i, e in enumerate(entries))]
 
 
 async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
@@ -5236,12 +5477,11 @@ async def create_monitor(call: Call) -> Response:
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
     if clean["type"] == "CRON" and not clean["url"]:
         clean["url"] = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/heartbeat/{heartbeat}"
-    async with call.rt.db.transaction() as conn:
-        await conn.execute(*insert_statement("monitors", {
+    await call.rt.db.write([  # group commit: concurrent creates share one transaction
+        insert_statement("monitors", {
             "id": monitor_id, "account_id": call.team, "heartbeat_id": heartbeat,
-            "created_at": stamp, "updated_at": stamp,
-            **column_values(MONITOR_COLUMNS, clean)}))
-        await _save_notifications(conn, monitor_id, clean["notifications"] or [])
+            "created_at": stamp, "updated_at": stamp, **column_values(MONITOR_COLUMNS, clean)}),
+        *notification_statements(monitor_id, clean["notifications"] or [])])
     call.rt.monitor_changed(monitor_id)
     return JSONResponse(await _monitor_response(call, monitor_id), 201)
 
@@ -5263,10 +5503,9 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
         columns["heartbeat_id"] = secrets.token_urlsafe(18)
     elif kind != "CRON" and row["heartbeat_id"]:
         columns["heartbeat_id"] = None
-    async with call.rt.db.transaction() as conn:
-        await conn.execute(*update_statement("monitors", row["id"], columns))
-        if "notifications" in clean:
-            await _save_notifications(conn, row["id"], clean["notifications"] or [])
+    await call.rt.db.write([update_statement("monitors", row["id"], columns), *(
+        notification_statements(row["id"], clean["notifications"] or [])
+        if "notifications" in clean else ())])
     call.rt.monitor_changed(row["id"])
     return row
 
@@ -5378,10 +5617,11 @@ class PingKind:
 
 
 PING_KINDS = {
-    "success": PingKind("UP", ("message", "error"),
+    "success": PingKind(Status.UP, ("message", "error"),
                         {"last_success_at": _AT, "job_started_at": None}),
     "start": PingKind(None, ("message", "error"), {"job_started_at": _AT}),
-    "fail": PingKind("DOWN", ("error", "message"), {"job_started_at": None}, "APPLICATION_ERROR"),
+    "fail": PingKind(Status.DOWN, ("error", "message"), {"job_started_at": None},
+                     "APPLICATION_ERROR"),
     "log": PingKind(None, ("message", "error"), {}),
 }
 _FAIL_TEXT = "job reported failure"
@@ -5426,7 +5666,7 @@ def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str 
             f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in spec.clocks)} WHERE id = ?",
             (*(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
     if spec.status and not beat.quiet:
-        error = (message or _FAIL_TEXT) if spec.status == "DOWN" else None
+        error = (message or _FAIL_TEXT) if spec.status == Status.DOWN else None
         details = {"heartbeat": kind, "duration": duration}
         statements += check_statements(
             beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
@@ -5531,7 +5771,7 @@ async def incident_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
     regions = json.loads(row["affected_regions"])
     failed, total = row["checks_failed"], row["checks_total"]
     if resolved is None:
-        stats = await rt.db.fetchone(_INCIDENT_STATS_SQL,
+        stats = await rt.db.fetchrow(_INCIDENT_STATS_SQL,
                                      (row["monitor_id"], row["started_at"], now_ms()))
         failed, total = stats["failed"], stats["total"]
         regions = sorted({*regions, *((stats["regions"] or "").split(",") if stats["regions"]
@@ -5593,12 +5833,13 @@ async def post_incident_update(call: Call) -> Response:
     row = await load_owned(call, "incidents")
     clean = validate(INCIDENT_UPDATE_FIELDS, await call.json(), call.env())
     async with call.rt.db.transaction() as conn:
-        current = await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],))
+        current = present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],)))
         if current["resolved_at"] is not None:
             raise Conflict("Incident is already resolved", "updates go to open incidents only")
         if clean["status"] == "resolved":
             resolved = await resolve_incident(conn, current, now_ms(), clean["message"])
-            monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (row["monitor_id"],))
+            monitor = present(await _row(conn, "SELECT * FROM monitors WHERE id = ?",
+                                         (row["monitor_id"],)))
             await enqueue_alerts(conn, monitor, monitor["status"], ["incident.resolved"],
                                  ["incident.resolved"], incident=incident_alert(resolved),
                                  check=None, timestamp=iso(resolved["resolved_at"]),
@@ -5611,83 +5852,13 @@ async def post_incident_update(call: Call) -> Response:
 # Notification channels
 
 
-def _needed_by(key: str) -> tuple[str, ...]:
-    """The channel types whose config requires ``key`` (from the notifiers' CHANNEL_REQUIRED)."""
-    return tuple(kind for kind, keys in CHANNEL_REQUIRED.items() if key in keys)
-
-
-def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
-    """A ``check`` for an array of strings that must each match ``pattern``."""
-    regex = re.compile(pattern)
-
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
-        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
-        if bad:
-            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
-        return list(dict.fromkeys(v.strip() for v in value))
-    return check
-
-
-def _pattern(pattern: str, what: str) -> Callable[..., str]:
-    regex = re.compile(pattern)
-
-    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-        if not regex.fullmatch(value):
-            raise _Issue(f"Invalid {what}")
-        return value
-    return check
-
-
-def _check_headers(value: dict[str, Any], record: dict[str, Any],
-                   env: dict[str, Any]) -> dict[str, Any]:
-    """Header names must be tokens and values single-line strings, as post_webhook requires."""
-    try:
-        _user_headers(value)
-    except DeliveryError as exc:
-        raise _Issue(exc.message) from None
-    return value
-
-
-CHAT_URL_TYPES = ("SLACK", "DISCORD", "MICROSOFT_TEAMS")
-CHANNEL_CONFIG_FIELDS = (
-    Field("emails", "array", _needed_by("emails"), minimum=1, maximum=50, kinds=("EMAIL",),
-          check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"), doc="Recipients"),
-    Field("phoneNumbers", "array", _needed_by("phoneNumbers"), minimum=1, maximum=20,
-          kinds=("SMS",), check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
-          doc="Recipients in E.164 form (+15551234567)"),
-    Field("webhookUrl", "string", _needed_by("webhookUrl"), maximum=2048, check=check_url,
-          kinds=CHAT_URL_TYPES, doc="Incoming webhook URL (secret)"),
-    Field("channel", "string", minimum=1, maximum=80, kinds=("SLACK",),
-          doc="Channel override, e.g. #alerts"),
-    Field("botToken", "string", _needed_by("botToken"), kinds=("TELEGRAM",),
-          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)"),
-          doc="Bot API token (secret)"),
-    Field("chatId", "string", _needed_by("chatId"), minimum=1, maximum=64, kinds=("TELEGRAM",),
-          doc="Chat, group or channel id"),
-    Field("integrationKey", "string", _needed_by("integrationKey"), minimum=1, maximum=128,
-          kinds=("PAGERDUTY",), doc="Events API v2 routing key (secret)"),
-    Field("severity", "string", choices=PAGERDUTY_SEVERITIES, kinds=("PAGERDUTY",),
-          doc="Trigger severity (default critical)"),
-    Field("apiKey", "string", _needed_by("apiKey"), minimum=1, maximum=128, kinds=("OPSGENIE",),
-          doc="API integration key (secret)"),
-    Field("priority", "string", choices=OPSGENIE_PRIORITIES, kinds=("OPSGENIE",),
-          doc="Alert priority (default P3)"),
-    Field("url", "string", _needed_by("url"), maximum=2048, check=check_url, kinds=("WEBHOOK",),
-          doc="Endpoint that receives the webhook payload"),
-    Field("headers", "object", check=_check_headers, kinds=("WEBHOOK",),
-          doc="Extra request headers (values are secret)"),
-    Field("secret", "string", minimum=1, maximum=255, kinds=("WEBHOOK",),
-          doc="Signs the body as X-Webhook-Signature (secret)"),
-)
-
-
 def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
     """Swap masked secrets a client echoed back for the stored values."""
     def keep(new: Any, old: Any) -> Any:
         if isinstance(new, dict) and isinstance(old, dict):
             return {k: keep(v, old.get(k)) for k, v in new.items()}
         return old if isinstance(old, str) and new == mask(old) else new
-    return {k: keep(v, previous.get(k)) if k in CHANNEL_SECRETS[kind] else v
+    return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
             for k, v in value.items()}
 
 
@@ -5696,22 +5867,21 @@ def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dic
 
     When updating a stored channel of the same type (``env["existing"]``), masked secrets
     echoed back keep the stored ones, as ``apiAuthConfig`` does."""
-    if kind not in CHANNEL_TYPES:
+    if not isinstance(kind, str) or kind not in CHANNEL_TYPES:
         return value  # the type field reports the problem
     existing = env.get("existing") or {}
     if existing.get("type") == kind and isinstance(existing.get("config"), dict):
         value = _unmasked(kind, value, existing["config"])
     if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
         value = {**value, "chatId": str(value["chatId"])}
-    fields = tuple(f for f in CHANNEL_CONFIG_FIELDS if kind in (f.kinds or ()))
-    clean = validate(fields, value, env, kind=kind, path=env["path"])
+    clean = validate(CHANNEL_TYPES[kind].fields, value, env, kind=kind, path=env["path"])
     return {k: v for k, v in clean.items() if v is not None}
 
 
 CHANNEL_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Channel name"),
-    Field("type", "string", True, choices=CHANNEL_TYPES, doc="Channel type"),
-    Field("config", "object", True, check=check_channel_config,
+    Field("type", "string", True, choices=Names(CHANNEL_TYPES), doc="Channel type"),
+    Field("config", "object", True, check=valid_channel_config,
           doc="Type-specific configuration (see the channel types)"),
     Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
 )
@@ -5774,7 +5944,7 @@ async def delete_channel(call: Call) -> dict[str, Any]:
 # Webhooks
 
 
-def check_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A comma-separated list of WEBHOOK_EVENTS, returned normalised (no spaces, no repeats)."""
     events = [e.strip() for e in value.split(",") if e.strip()]
     unknown = [e for e in events if e not in WEBHOOK_EVENTS]
@@ -5787,8 +5957,8 @@ def check_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str
 
 WEBHOOK_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Webhook name"),
-    Field("url", "string", True, maximum=2048, check=check_url, doc="Endpoint URL"),
-    Field("events", "string", True, maximum=255, check=check_events,
+    Field("url", "string", True, maximum=2048, check=valid_url, doc="Endpoint URL"),
+    Field("events", "string", True, maximum=255, check=valid_events,
           doc="Comma-separated event types"),
     Field("secret", "string", minimum=1, maximum=255,
           doc="Signs each body as X-Webhook-Signature; never returned (see hasSecret)"),
@@ -5852,7 +6022,8 @@ async def test_webhook(call: Call) -> dict[str, Any]:
                                          "url": call.rt.cfg["server"]["base_url"],
                                          "type": "WEBSITE", "status": "UP"})
     async with NotifyContext(call.rt.cfg) as ctx:
-        records = await deliver(NOTIFIERS["WEBHOOK"], {"url": row["url"], "secret": row["secret"]},
+        send = CHANNEL_TYPES["WEBHOOK"].send
+        records = await deliver(send, {"url": row["url"], "secret": row["secret"]},
                                 alert, ctx, attempts=1)
     stamp, delivery = now_ms(), new_id("wd")
     await call.rt.db.write([
@@ -5883,7 +6054,7 @@ _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
-def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """Lowercase letters, digits and inner hyphens: safe in a URL path as it is."""
     if not _SLUG.fullmatch(value):
         raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
@@ -5891,7 +6062,7 @@ def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A DNS hostname (no scheme, port or path; not an IP address), stored lowercase."""
     host = value.strip().lower().rstrip(".")
     labels = host.split(".")
@@ -5901,7 +6072,7 @@ def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any])
     return host
 
 
-def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
+def valid_page_monitor_ids(value: list[Any], record: dict[str, Any],
                            env: dict[str, Any]) -> list[str]:
     """Every id must name one of the team's monitors; duplicates are dropped, order kept."""
     unknown = [str(v) for v in value if not isinstance(v, str) or v not in env["monitors"]]
@@ -5910,7 +6081,7 @@ def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
     return list(dict.fromkeys(value))
 
 
-def check_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+def valid_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
     """A page group lists monitorIds, or names one monitor group or tag, not both."""
     if (clean.get("monitorGroup") or clean.get("monitorTag")) and (
             clean.get("monitorIds") or (clean.get("monitorGroup") and clean.get("monitorTag"))):
@@ -5921,7 +6092,7 @@ def check_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[st
 
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
-    Field("monitorIds", "array", default=[], maximum=500, check=check_page_monitor_ids,
+    Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
           doc="The team's monitors in display order"),
     Field("monitorGroup", "string", minimum=1, maximum=100,
           doc="Instead of monitorIds: every monitor of this group, by name, as it is when shown"),
@@ -5931,17 +6102,17 @@ MONITOR_GROUP_FIELDS = (
 
 STATUS_PAGE_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Status page name"),
-    Field("slug", "string", True, minimum=1, maximum=64, check=check_slug,
+    Field("slug", "string", True, minimum=1, maximum=64, check=valid_slug,
           doc="URL slug, unique across the server (409 when taken)"),
     Field("description", "string", maximum=2000, doc="Page description"),
     Field("isPublic", "boolean", default=True, doc="Private pages are 404 to the public"),
-    Field("brandColor", "string", check=check_hex_color, doc="Hex colour, #rgb or #rrggbb"),
-    Field("logoUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the logo"),
-    Field("faviconUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the favicon"),
-    Field("customDomain", "string", maximum=253, check=check_custom_domain,
+    Field("brandColor", "string", check=valid_hex_color, doc="Hex colour, #rgb or #rrggbb"),
+    Field("logoUrl", "string", maximum=2048, check=valid_url, doc="http(s) URL of the logo"),
+    Field("faviconUrl", "string", maximum=2048, check=valid_url, doc="http(s) URL of the favicon"),
+    Field("customDomain", "string", maximum=253, check=valid_custom_domain,
           doc="Hostname that serves the page at / (unique; 409 when taken)"),
     Field("monitorGroups", "array", default=[], maximum=100,
-          check=each(MONITOR_GROUP_FIELDS, then=check_page_selector),
+          check=each(MONITOR_GROUP_FIELDS, then=valid_page_selector),
           doc="Groups of monitors, in display order"),
 )
 _PAGE_COLUMNS = tuple(f for f in STATUS_PAGE_FIELDS if f.name != "monitorGroups")
@@ -6061,7 +6232,7 @@ async def create_status_page(call: Call) -> Response:
                            " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (page_id, call.team, page_id, page_id, stamp, stamp))
         await _save_page(conn, page_id, clean)
-    row = await call.rt.db.fetchone("SELECT * FROM status_pages WHERE id = ?", (page_id,))
+    row = await call.rt.db.fetchrow("SELECT * FROM status_pages WHERE id = ?", (page_id,))
     return JSONResponse(await _status_page_response(call, row), 201)
 
 
@@ -6088,7 +6259,7 @@ async def delete_status_page(call: Call) -> dict[str, Any]:
 
 # Maintenance windows (see "Maintenance windows" under Incidents for what they do)
 
-def check_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An ISO 8601 date-time; one without an offset is wall-clock time in ``timezone``."""
     try:
         datetime.fromisoformat(value)
@@ -6098,7 +6269,7 @@ def check_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str
     return value
 
 
-def check_recurrence(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_recurrence(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An RFC 5545 RRULE (DAILY, WEEKLY, MONTHLY or YEARLY) that python-dateutil accepts."""
     try:
         zone = zoneinfo.ZoneInfo(record.get("timezone") or "UTC")
@@ -6111,17 +6282,17 @@ def check_recurrence(value: str, record: dict[str, Any], env: dict[str, Any]) ->
 MAINTENANCE_FIELDS = (
     Field("title", "string", True, minimum=1, maximum=255, doc="Shown on status pages"),
     Field("description", "string", maximum=2000, doc="Shown on status pages"),
-    Field("startsAt", "string", True, maximum=64, check=check_moment,
+    Field("startsAt", "string", True, maximum=64, check=valid_moment,
           doc="ISO 8601 start (recurring: the first occurrence; no offset = local in timezone)"),
-    Field("endsAt", "string", maximum=64, check=check_moment,
+    Field("endsAt", "string", maximum=64, check=valid_moment,
           doc="ISO 8601 end of a one-off window (give endsAt or recurrence)"),
-    Field("recurrence", "string", maximum=500, check=check_recurrence,
+    Field("recurrence", "string", maximum=500, check=valid_recurrence,
           doc="RFC 5545 RRULE, e.g. FREQ=WEEKLY;BYDAY=SU (FREQ DAILY/WEEKLY/MONTHLY/YEARLY)"),
-    Field("timezone", "string", default="UTC", check=check_timezone,
+    Field("timezone", "string", default="UTC", check=valid_timezone,
           doc="IANA zone the recurrence (and offset-less times) follow"),
     Field("durationMinutes", "integer", minimum=1, maximum=10_080,
           doc="Length of each occurrence of a recurring window"),
-    Field("monitorIds", "array", maximum=1000, check=check_page_monitor_ids,
+    Field("monitorIds", "array", maximum=1000, check=valid_page_monitor_ids,
           doc="Monitors it covers (null or absent: all the team's monitors)"),
     Field("suppressAlerts", "boolean", default=True,
           doc="No incident and no alert while it runs (false: only status and uptime change)"),
@@ -6224,11 +6395,11 @@ def _seconds(ms: float | None) -> int | None:
 async def dashboard_analytics(call: Call) -> dict[str, Any]:
     """Team-wide counts now, incidents, and check performance over the last 24 hours."""
     db, now = call.rt.db, now_ms()
-    counts = await db.fetchone(
+    counts = await db.fetchrow(
         "SELECT COUNT(*), SUM(is_paused = 0), SUM(is_paused = 1), SUM(status = 'UP'),"
         " SUM(status = 'DOWN'), SUM(status = 'DEGRADED') FROM monitors WHERE account_id = ?",
         (call.team,))
-    incidents = await db.fetchone(
+    incidents = await db.fetchrow(
         "SELECT SUM(resolved_at IS NULL), SUM(resolved_at >= ?), SUM(resolved_at >= ?),"
         " AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at END)"
         " FROM incidents WHERE account_id = ?",
@@ -6238,25 +6409,25 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
             "incidents": {"open": incidents[0] or 0, "resolvedToday": incidents[1] or 0,
                           "resolvedThisWeek": incidents[2] or 0,
                           "avgMttr": _seconds(incidents[3])},
-            "performance": await _team_performance(db, call.team, now)}
+            "performance": await _team_performance(call.rt, call.team, now)}
 
 
 # Team performance merges every monitor's histograms (about 0.4 s for 1,000 monitors), so it
-# is computed at most once a minute per team: checks arrive at most once a minute anyway.
+# is computed at most once a minute per team (kept in ``Runtime.performance``): checks arrive at
+# most once a minute anyway.
 _PERFORMANCE_TTL_MS = 60_000
-_performance_cache: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
 
 
-async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]:
-    cached = _performance_cache.get((db.path, team))
+async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
+    cached = rt.performance.get(team)
     if cached and now - cached[0] < _PERFORMANCE_TTL_MS:
         return cached[1]
-    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                           (team,))]
-    stats, _ = await window_stats(db, ids, now - DAY_MS, now, exact=False)
+    ids = [r[0] for r in await rt.db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                              (team,))]
+    stats, _ = await window_stats(rt.db, ids, now - DAY_MS, now, exact=False)
     figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
                "overallUptime": stats.uptime()}
-    _performance_cache[(db.path, team)] = (now, figures)
+    rt.performance[team] = (now, figures)
     return figures
 
 
@@ -6267,7 +6438,7 @@ async def monitor_analytics(call: Call) -> dict[str, Any]:
     hi = now_ms()
     lo = hi - ANALYTICS_PERIODS[query["period"]]
     stats, regions = await window_stats(call.rt.db, [row["id"]], lo, hi)
-    incidents = await call.rt.db.fetchone(
+    incidents = await call.rt.db.fetchrow(
         "SELECT SUM(started_at >= ?), AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at"
         " END) FROM incidents WHERE monitor_id = ? AND (started_at >= ? OR resolved_at >= ?)",
         (lo, lo, row["id"], lo, lo))
@@ -6377,10 +6548,11 @@ METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
 # token; accepting it makes the row ACCEPTED, creates (or reuses) the invitee's account and
 # hands out a first key.  A person belongs to one team only, and a team has one OWNER.
 
-TEAM_ROLES = ("ADMIN", "MEMBER", "VIEWER")  # the roles an invitation or a role change can give
+# The roles an invitation or a role change can give.
+TEAM_ROLES = (Role.ADMIN, Role.MEMBER, Role.VIEWER)
 
 
-def check_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """``local@domain`` without spaces; compared without case (the columns are NOCASE)."""
     value = value.strip()
     if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
@@ -6389,7 +6561,7 @@ def check_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
 
 
 MEMBER_FIELDS = (
-    Field("email", "string", True, minimum=3, maximum=254, check=check_email,
+    Field("email", "string", True, minimum=3, maximum=254, check=valid_email,
           doc="The invitee's email address"),
     Field("name", "string", maximum=255, doc="The invitee's name"),
     Field("role", "string", True, choices=TEAM_ROLES,
@@ -6403,7 +6575,7 @@ _MEMBER_SELECT = ("SELECT m.*, COALESCE(a.name, m.name) AS shown_name FROM team_
 
 def role_permissions(role: str) -> tuple[str, ...]:
     """The most a key of someone with ``role`` may hold: a VIEWER's keys only read."""
-    return ("read",) if role == "VIEWER" else PERMISSIONS
+    return ("read",) if role == Role.VIEWER else PERMISSIONS
 
 
 def member_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -6428,7 +6600,7 @@ async def _member(call: Call, member_id: str) -> sqlite3.Row:
 
 
 def _not_owner(row: sqlite3.Row, action: str) -> None:
-    if row["role"] == "OWNER":
+    if row["role"] == Role.OWNER:
         raise Forbidden(f"The team owner cannot be {action}", "a team always has exactly one OWNER")
 
 
@@ -6462,7 +6634,7 @@ async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool
     smtp = call.rt.cfg["smtp"]
     if not smtp["host"]:
         return False
-    owner = await call.rt.db.fetchone("SELECT email, name FROM accounts WHERE id = ?",
+    owner = await call.rt.db.fetchrow("SELECT email, name FROM accounts WHERE id = ?",
                                       (call.team,))
     url = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/team/invitations/{token}/accept"
     message = EmailMessage()
@@ -6577,7 +6749,7 @@ async def accept_invitation(call: Call) -> Response:
             " invitation_hash = NULL WHERE id = ?", (account_id, stamp, invite["id"]))
         key_id, key = await create_api_key(conn, account_id, "first key",
                                            ",".join(role_permissions(invite["role"])))
-    member = await call.rt.db.fetchone(f"{_MEMBER_SELECT} WHERE m.id = ?", (invite["id"],))
+    member = await call.rt.db.fetchrow(f"{_MEMBER_SELECT} WHERE m.id = ?", (invite["id"],))
     return JSONResponse({"member": member_json(member),
                          "apiKey": {**await _key(call.rt, key_id), "key": key}}, 201)
 
@@ -6598,7 +6770,7 @@ LANGUAGES = tuple(
     "za zh zu".split())  # ISO 639-1
 
 
-def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """E.164: a plus, a non-zero digit, at most 15 digits in all."""
     if not re.fullmatch(r"\+[1-9]\d{1,14}", value):
         raise _Issue("Invalid phone number: expected E.164 such as +14155550123",
@@ -6606,20 +6778,20 @@ def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def check_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     if value not in LANGUAGES:
         raise _Issue("Invalid language: expected an ISO 639-1 code such as 'en'")
     return value
 
 
-def check_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
+def valid_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
     """SMS notifications need somewhere to go."""
     if value and not record.get("phoneNumber"):
         raise _Issue("smsNotificationsEnabled needs a phoneNumber")
     return value
 
 
-def check_unchanged(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def valid_read_only(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
     """Read-only through the API: a value sent back unchanged passes, a change is refused."""
     name = env["path"][-1]
     if value != env["existing"][name]:
@@ -6630,21 +6802,21 @@ def check_unchanged(value: Any, record: dict[str, Any], env: dict[str, Any]) -> 
 
 ACCOUNT_FIELDS = (
     Field("name", "string", minimum=1, maximum=255, doc="Display name"),
-    Field("image", "string", maximum=2048, check=check_url, doc="Avatar URL (http or https)"),
-    Field("phoneNumber", "string", check=check_phone, doc="E.164 phone number"),
-    Field("smsNotificationsEnabled", "boolean", True, check=check_sms,
+    Field("image", "string", maximum=2048, check=valid_url, doc="Avatar URL (http or https)"),
+    Field("phoneNumber", "string", check=valid_phone, doc="E.164 phone number"),
+    Field("smsNotificationsEnabled", "boolean", True, check=valid_sms,
           doc="SMS notifications (needs phoneNumber)"),
-    Field("language", "string", True, check=check_language, doc="ISO 639-1 language code"),
-    Field("timezone", "string", True, check=check_timezone, doc="IANA time zone"),
+    Field("language", "string", True, check=valid_language, doc="ISO 639-1 language code"),
+    Field("timezone", "string", True, check=valid_timezone, doc="IANA time zone"),
 )
-_ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=check_unchanged)
+_ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=valid_read_only)
                            for name in ("email", "plan", "accountStatus"))
 
 
 async def _account(call: Call) -> dict[str, Any]:
     """The calling person, with their team's plan and status, in the spec's field order."""
     assert call.who is not None
-    row = await call.rt.db.fetchone(
+    row = await call.rt.db.fetchrow(
         "SELECT a.*, t.plan AS team_plan, t.account_status AS team_status FROM accounts a"
         " JOIN accounts t ON t.id = ? WHERE a.id = ?", (call.team, call.who.account_id))
     fields = {f.name: bool(row[f.column]) if f.kind == "boolean" else row[f.column]
@@ -6712,7 +6884,7 @@ def key_json(row: sqlite3.Row, last_used: int | None = None) -> dict[str, Any]:
 
 
 async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
-    row = await rt.db.fetchone("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+    row = await rt.db.fetchrow("SELECT * FROM api_keys WHERE id = ?", (key_id,))
     return key_json(row, rt.usage.last_used(key_id))
 
 
@@ -6724,7 +6896,7 @@ async def list_api_keys(call: Call) -> dict[str, Any]:
     if query["memberId"]:
         member = await _member(call, query["memberId"])
         if member["account_id"] != account:
-            call.who.require_role("ADMIN")
+            call.who.require_role(Role.ADMIN)
         account = member["account_id"]
     rows = await call.rt.db.fetchall(
         "SELECT * FROM api_keys WHERE account_id = ? ORDER BY created_at DESC, id", (account,))
@@ -6761,7 +6933,7 @@ async def revoke_account_api_key(call: Call) -> dict[str, Any]:
     if row is None:
         raise NotFound("API key not found", f"no API key with id {call.param('keyId')}")
     if row["account_id"] != call.who.account_id:
-        call.who.require_role("ADMIN")
+        call.who.require_role(Role.ADMIN)
         call.who.require_role(row["role"])
     await call.rt.db.write([("UPDATE api_keys SET is_active = 0 WHERE id = ?", (row["id"],))])
     return {"success": True, "message": "API key revoked successfully"}
@@ -6826,7 +6998,7 @@ def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if spec.default is not None:
         out["default"] = spec.default
     doc = spec.doc
-    if isinstance(spec.required, tuple):
+    if not isinstance(spec.required, bool):
         doc = f"{doc} (required for {', '.join(spec.required)})".strip()
     if doc:
         out["description"] = doc
@@ -7042,8 +7214,8 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
     monitors = {m["id"]: m for g in groups for m in g["monitors"]}
     for monitor in monitors.values():
         if rt.maintenance.active(page["account_id"], monitor["id"]):
-            monitor["status"] = "MAINTENANCE"
-    stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS)
+            monitor["status"] = MAINTENANCE
+    stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS, rt.settled_days)
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
         monitor["days"] = days
@@ -7144,21 +7316,39 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsaf
                 "Cache-Control": "no-cache"}
 
 
+def _day_text(day: dict[str, Any]) -> str:
+    """One day's hover text: its uptime, level and failed checks."""
+    if day["uptime"] is None:
+        return f"{day['day']}: no data"
+    return (f"{day['day']}: {day['uptime']:.2f}% uptime, {day_level(day['uptime'])[2]} "
+            f"({day['down']} of {day['total']} checks down)")
+
+
+def _day_runs(days: Sequence[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
+    """The bar's cells as ``(first index, day count, level, hover text)``: each day with
+    downtime on its own, runs of days without downtime (or without data) merged into one."""
+    runs: list[tuple[int, int, str, str]] = []
+    for i, day in enumerate(days):
+        level, _, label = day_level(day["uptime"])
+        if level in ("ok", NO_DATA[0]) and runs and runs[-1][2] == level:
+            first, count, _, _ = runs[-1]
+            runs[-1] = (first, count + 1, level, f"{days[first]['day']} to {day['day']}: {label}")
+        else:
+            runs.append((i, 1, level, _day_text(day)))
+    return runs
+
+
 def _bars(monitor: dict[str, Any]) -> str:
-    """The 90-day bar: one SVG cell per UTC day with its uptime as hover text."""
-    cells = []
-    for i, day in enumerate(monitor["days"]):
-        uptime = _days_uptime([day])
-        level, _, label = day_level(uptime)
-        text = (f"{day['day']}: no data" if uptime is None else
-                f"{day['day']}: {uptime:.2f}% uptime, {label} "
-                f"({day['down']} of {day['total']} checks down)")
-        cells.append(f'<rect x="{i * 10}" width="8" height="34" class="d-{level}">'
-                     f'<title>{text}</title></rect>')  # our own text: nothing to escape
-    summary = (f"{len(cells)}-day uptime bar of {monitor['name']}: " +
+    """The 90-day bar as one small SVG: a cell per day with downtime and one per run of days
+    without, each with its hover text (about 1 KB per monitor instead of 9)."""
+    days = monitor["days"]
+    cells = "".join(f'<rect x="{first * 10}" width="{count * 10 - 2}" height="34" '
+                    f'class="d-{level}"><title>{text}</title></rect>'  # our own text
+                    for first, count, level, text in _day_runs(days))
+    summary = (f"{len(days)}-day uptime bar of {monitor['name']}: " +
                ("no data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}%"))
-    return (f'<svg class="bars" viewBox="0 0 {len(cells) * 10 - 2} 34" preserveAspectRatio="none"'
-            f' role="img" aria-label="{_esc(summary)}">{"".join(cells)}</svg>')
+    return (f'<svg class="bars" viewBox="0 0 {len(days) * 10 - 2} 34" preserveAspectRatio="none"'
+            f' role="img" aria-label="{_esc(summary)}">{cells}</svg>')
 
 
 def _monitor_html(monitor: dict[str, Any]) -> str:
@@ -7261,12 +7451,118 @@ _NOT_FOUND_HTML = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
                    ' at this address.</p></main></body></html>')
 
 
-def _html_response(request: Request, text: str, status: int) -> Response:
-    """HTML with the page headers, gzipped when the client accepts it (the bars repeat a lot)."""
-    body, headers = text.encode(), {**PAGE_HEADERS, "Vary": "Accept-Encoding"}
-    if len(body) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
-        body, headers["Content-Encoding"] = gzip.compress(body, 6), "gzip"
-    return Response(body, status, headers, "text/html; charset=utf-8")
+# Public responses are rendered once and then served from memory until the data behind them
+# changes (any API write or status change calls ``invalidate``) or PUBLIC_CACHE_SECONDS pass
+# (new checks only move the uptime figures), with an ETag for 304s and gzip when accepted.
+# Concurrent first requests for one address wait for a single render.
+PUBLIC_CACHE_SECONDS = 30.0
+PUBLIC_CACHE_ENTRIES = 1000
+_GZIP_MIN_BYTES = 1024
+
+
+@dataclass
+class CachedResponse:
+    """One rendered public response, with its gzip form made on first demand."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    etag: str
+    born: float
+    generation: int
+    gzipped: bytes | None = None
+
+    def gzip_body(self) -> bytes:
+        if self.gzipped is None:
+            self.gzipped = gzip.compress(self.body, 6)
+        return self.gzipped
+
+
+class PublicCache:
+    """Rendered public responses by full URL, valid for one data generation and a TTL."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.renders = 0
+        self._entries: dict[str, CachedResponse] = {}
+        self._flights: dict[str, asyncio.Future[CachedResponse]] = {}
+
+    def invalidate(self) -> None:
+        """The data changed: every entry is stale from now on."""
+        self.generation += 1
+
+    def _fresh(self, key: str) -> CachedResponse | None:
+        entry = self._entries.get(key)
+        if entry and entry.generation == self.generation and (
+                time.monotonic() - entry.born < PUBLIC_CACHE_SECONDS):
+            return entry
+        return None
+
+    async def get(self, key: str, render: Callable[[], Awaitable[Response]]) -> CachedResponse:
+        """The fresh entry for ``key``, rendering it once however many requests wait for it."""
+        entry = self._fresh(key)
+        if entry is not None:
+            return entry
+        if key in self._flights:
+            return await asyncio.shield(self._flights[key])
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            entry = await self._render(key, render)
+        except asyncio.CancelledError:
+            flight.cancel()
+            raise
+        except Exception as exc:
+            flight.set_exception(exc)
+            flight.exception()  # retrieved: waiters re-raise it, and none need not
+            raise
+        finally:
+            del self._flights[key]
+        flight.set_result(entry)
+        return entry
+
+    async def _render(self, key: str, render: Callable[[], Awaitable[Response]]
+                      ) -> CachedResponse:
+        generation = self.generation
+        response = await render()
+        self.renders += 1
+        body = bytes(response.body)
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        entry = CachedResponse(response.status_code, body, headers,
+                               f'"{hashlib.sha256(body).hexdigest()[:20]}"', time.monotonic(),
+                               generation)
+        if entry.status == 200:
+            self._entries.pop(key, None)
+            self._entries[key] = entry
+            if len(self._entries) > PUBLIC_CACHE_ENTRIES:
+                del self._entries[next(iter(self._entries))]
+        return entry
+
+
+def _cached_answer(request: Request, entry: CachedResponse) -> Response:
+    """A cached response as this client gets it: 304 for its ETag, gzip if it accepts it."""
+    headers = {**entry.headers, "ETag": entry.etag, "Vary": "Accept-Encoding"}
+    if entry.status == 200 and entry.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers={k: v for k, v in headers.items()
+                                                  if k != "content-type"})
+    body = entry.body
+    if len(body) >= _GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = entry.gzip_body(), "gzip"
+    return Response(body, entry.status, headers)
+
+
+def cached_public(handler: Callable[[Request], Awaitable[Response]]
+                  ) -> Callable[[Request], Awaitable[Response]]:
+    """Serve a public route from the runtime's PublicCache."""
+    @functools.wraps(handler)
+    async def serve(request: Request) -> Response:
+        rt: Runtime = request.app.state.statusapp
+        entry = await rt.public_cache.get(str(request.url), lambda: handler(request))
+        return _cached_answer(request, entry)
+    return serve
+
+
+def _html_response(text: str, status: int) -> Response:
+    return Response(text, status, PAGE_HEADERS, "text/html; charset=utf-8")
 
 
 async def _html_page(request: Request, column: str, value: str) -> Response:
@@ -7274,8 +7570,8 @@ async def _html_page(request: Request, column: str, value: str) -> Response:
     try:
         page = await _public_page(rt, column, value)
     except NotFound:
-        return _html_response(request, _NOT_FOUND_HTML, 404)
-    return _html_response(request, render_page(await page_view(rt, page)), 200)
+        return _html_response(_NOT_FOUND_HTML, 404)
+    return _html_response(render_page(await page_view(rt, page)), 200)
 
 
 async def page_by_slug(request: Request) -> Response:
@@ -7440,13 +7736,13 @@ async def badge_uptime(request: Request) -> Response:
     row = await _badge_monitor(request)
     period = parse_query(BADGE_QUERY, request, {"cfg": rt.cfg, "regions": rt.regions})["period"]
     if period in _BADGE_HOURS:
-        counts = await rt.db.fetchone(
+        counts = await rt.db.fetchrow(
             "SELECT COALESCE(SUM(status IN ('UP', 'DEGRADED')), 0), COUNT(*) FROM checks"
             " WHERE monitor_id = ? AND checked_at >= ?",
             (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
         uptime = uptime_percent(counts[0], counts[1])
     else:
-        days = (await daily_stats(rt.db, [row["id"]], int(period[:-1])))[row["id"]]
+        days = (await daily_stats(rt.db, [row["id"]], int(period[:-1]), rt.settled_days))[row["id"]]
         uptime = _days_uptime(days)
     message = "no data" if uptime is None else f"{uptime:.2f}%"
     colour = "#9f9f9f" if uptime is None else next(c for low, c in BADGE_UPTIME if uptime >= low)
@@ -7455,12 +7751,12 @@ async def badge_uptime(request: Request) -> Response:
 
 
 PAGE_ROUTES = [
-    Route("/", page_by_domain, methods=["GET"]),
-    Route("/status/{slug}.json", page_summary, methods=["GET"]),
-    Route("/status/{slug}/feed.atom", page_feed, methods=["GET"]),
-    Route("/status/{slug}", page_by_slug, methods=["GET"]),
-    Route("/badge/{monitorId}/status.svg", badge_status, methods=["GET"]),
-    Route("/badge/{monitorId}/uptime.svg", badge_uptime, methods=["GET"]),
+    Route("/", cached_public(page_by_domain), methods=["GET"]),
+    Route("/status/{slug}.json", cached_public(page_summary), methods=["GET"]),
+    Route("/status/{slug}/feed.atom", cached_public(page_feed), methods=["GET"]),
+    Route("/status/{slug}", cached_public(page_by_slug), methods=["GET"]),
+    Route("/badge/{monitorId}/status.svg", cached_public(badge_status), methods=["GET"]),
+    Route("/badge/{monitorId}/uptime.svg", cached_public(badge_uptime), methods=["GET"]),
 ]
 
 

@@ -1003,10 +1003,23 @@ def _monitor(url: str, kind: str = "WEBSITE", **fields) -> dict:
     return {"url": url, "type": kind, "timeout": 5, "lastDetails": None, **fields}
 
 
-def test_probes_registry_covers_every_type_but_cron():
-    assert set(statusapp.PROBES) == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT",
-                                     "DOMAIN"}
-    assert statusapp.PROBES["API"] is statusapp.probe_http
+def test_every_monitor_type_but_cron_declares_a_probe():
+    probed = {name for name, t in statusapp.MONITOR_TYPES.items() if t.probe is not None}
+    assert probed == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT", "DOMAIN"}
+    assert statusapp.MONITOR_TYPES["API"].probe is statusapp.probe_http
+    assert statusapp.probe_of("CRON") is None and statusapp.probe_of("NOPE") is None
+    port_fields = {f.name for f in statusapp.MONITOR_TYPES["PORT"].fields}
+    assert {"name", "url", "port", "protocol"} <= port_fields and "httpMethod" not in port_fields
+
+
+def test_channel_types_declare_fields_secrets_and_audience():
+    assert list(statusapp.CHANNEL_TYPES) == ["EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM",
+                                             "PAGERDUTY", "OPSGENIE", "MICROSOFT_TEAMS", "WEBHOOK"]
+    telegram = statusapp.CHANNEL_TYPES["TELEGRAM"]
+    assert telegram.required == ("botToken", "chatId") and telegram.secrets == ("botToken",)
+    assert statusapp.CHANNEL_TYPES["WEBHOOK"].secrets == ("headers", "secret")
+    machines = {n for n, t in statusapp.CHANNEL_TYPES.items() if not t.person_facing}
+    assert machines == {"WEBHOOK", "PAGERDUTY", "OPSGENIE"}
 
 
 @pytest.mark.asyncio
@@ -2495,7 +2508,7 @@ _INC_VALID_CONFIGS = {
 def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
     config = _INC_VALID_CONFIGS[kind]
     created = _inc_channel(client, kind, config, name=f"{kind} channel")
-    secrets_ = statusapp.CHANNEL_SECRETS[kind]
+    secrets_ = statusapp.CHANNEL_TYPES[kind].secrets
     shown = created["config"]
     for name, value in config.items():
         if name not in secrets_:
@@ -2511,7 +2524,7 @@ def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
     assert updated.status_code == 200 and updated.json()["name"] == "renamed"
     rows = sql(client.app.state.statusapp.cfg, "SELECT config FROM notification_channels")
     assert json.loads(rows[0][0]) == config
-    for required in statusapp.CHANNEL_REQUIRED[kind]:
+    for required in statusapp.CHANNEL_TYPES[kind].required:
         bad = {k: v for k, v in config.items() if k != required}
         response = client.post("/api/v1/notifications",
                                json={"name": "x", "type": kind, "config": bad})
@@ -2706,9 +2719,12 @@ def _utc_ms(text: str) -> int:
 
 
 def _move_clock(client, at: int) -> None:
-    calendar = client.app.state.statusapp.maintenance
-    calendar.clock = lambda: at
-    client.portal.call(calendar.wake.set)
+    """Move the maintenance clock; public pages are rendered afresh (the window service does
+    that itself at each window's start and end)."""
+    rt = client.app.state.statusapp
+    rt.maintenance.clock = lambda: at
+    rt.public_cache.invalidate()
+    client.portal.call(rt.maintenance.wake.set)
 
 
 def test_recurring_window_follows_its_zone_across_dst(client):
@@ -3572,10 +3588,18 @@ async def test_page_daily_stats_counts_each_utc_day(cfg):
 
 
 def _bars(page_html: str) -> list[list[tuple[str, str]]]:
-    """Per monitor bar: the (class, hover text) of each day cell."""
-    import re
-    return [re.findall(r'<rect [^>]*class="d-(\w+)"[^>]*><title>([^<]*)</title>', svg)
-            for svg in re.findall(r'<svg class="bars".*?</svg>', page_html)]
+    """Per monitor bar: the (class, hover text) of each day, a cell that spans a run of days
+    giving each of them its own class and text."""
+    bars = []
+    for svg in re.findall(r'<svg class="bars".*?</svg>', page_html):
+        days: list[tuple[str, str]] = []
+        for x, width, level, text in re.findall(
+                r'<rect x="(\d+)" width="(\d+)" [^>]*class="d-(\w+)"[^>]*><title>([^<]*)</title>',
+                svg):
+            assert int(x) == len(days) * 10  # cells abut, in day order
+            days += [(level, text)] * ((int(width) + 2) // 10)
+        bars.append(days)
+    return bars
 
 
 def test_page_html_shows_state_bars_and_incidents(client, seeded):
@@ -3599,6 +3623,8 @@ def test_page_html_shows_state_bars_and_incidents(client, seeded):
     for offset, _, level, text in _HISTORY:
         assert api_bar[89 - offset] == (level, f"{_day_name(offset)}: {text} checks down)")
     assert sum(level == "none" for level, _ in api_bar) == 85
+    assert api_bar[0] == ("none", f"{_day_name(89)} to {_day_name(6)}: no data")  # one cell
+    assert page.count("<rect ") == 7 + 1 + 1  # api: 84 days of no data, 5 seeded, today
     assert f"<strong>{_HISTORY_UPTIME}% uptime</strong>" in page
     assert all(level == "none" for level, _ in evil_bar + cdn_bar)
     assert page.count("<strong>No data</strong>") == 2
@@ -3634,6 +3660,49 @@ def test_page_private_and_unknown_are_404(client, seeded):
                  f"/badge/{seeded['api']}/status.svg"):
         resp = client.get(path)
         assert resp.status_code == 404 and resp.json()["code"] == "NOT_FOUND"
+
+
+def test_public_responses_are_cached_with_etag_gzip_and_invalidated_by_writes(client, seeded):
+    cache = client.app.state.statusapp.public_cache
+    first = client.get("/status/acme")
+    renders = cache.renders
+    again = client.get("/status/acme")
+    assert cache.renders == renders and again.content == first.content  # served from memory
+    etag = first.headers["etag"]
+    assert first.headers["content-encoding"] == "gzip" and first.headers["vary"] == "Accept-Encoding"
+    plain = client.get("/status/acme", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.headers["etag"] == etag
+    unchanged = client.get("/status/acme", headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    for path in ("/status/acme.json", "/status/acme/feed.atom",
+                 f"/badge/{seeded['api']}/status.svg"):
+        tag = client.get(path).headers["etag"]
+        assert client.get(path, headers={"If-None-Match": tag}).status_code == 304
+    resp = client.post(f"/api/v1/monitors/{seeded['api']}/pause")
+    assert resp.status_code == 200, resp.text
+    changed = client.get("/status/acme", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert cache.renders > renders
+    assert client.get(f"/badge/{seeded['api']}/status.svg").text.count(">paused<") == 2
+
+
+@pytest.mark.asyncio
+async def test_a_stampede_of_first_requests_renders_the_page_once(cfg, key):
+    app = statusapp.create_app(cfg)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://status.test",
+                                     headers={"X-API-Key": key}) as http:
+            monitor = (await http.post("/api/v1/monitors", json={
+                "name": "api", "type": "CRON", "interval": 3600})).json()
+            page = await http.post("/api/v1/status-pages", json={
+                "name": "Stampede", "slug": "stampede",
+                "monitorGroups": [{"name": "All", "monitorIds": [monitor["id"]]}]})
+            assert page.status_code == 201
+            cache = app.state.statusapp.public_cache
+            answers = await asyncio.gather(*(http.get("/status/stampede") for _ in range(20)))
+    assert {a.status_code for a in answers} == {200} and cache.renders == 1
+    assert len({a.headers["etag"] for a in answers}) == 1
 
 
 def test_page_custom_domain_serves_root(client, seeded):
