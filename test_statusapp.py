@@ -1892,6 +1892,22 @@ def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
                                              ("DEGRADED", "UP", "slow=False")]
 
 
+def test_failing_assertion_makes_the_monitor_down_over_the_api(sched, target):
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/a"), assertions=[
+        {"source": "TEXT_BODY", "comparison": "EQUALS", "target": "ok"},
+        {"source": "TEXT_BODY", "comparison": "MATCHES", "target": "^healthy$"}])
+    eventually(lambda: _status(cfg, monitor_id) == "DOWN")
+    check = client.get(f"/api/v1/monitors/{monitor_id}").json()["checks"][0]
+    assert (check["status"], check["rootCauseCategory"]) == ("DOWN", "APPLICATION_ERROR")
+    assert [(r["passed"], r["actual"]) for r in check["details"]["assertionResults"]] == \
+        [(True, "ok"), (False, "ok")]
+    fixed = client.put(f"/api/v1/monitors/{monitor_id}", json={"assertions": [
+        {"source": "STATUS_CODE", "comparison": "EQUALS", "target": "200"}]})
+    assert fixed.status_code == 200
+    eventually(lambda: _status(cfg, monitor_id) == "UP")
+
+
 def test_checks_inside_a_maintenance_window_run_and_are_marked(sched, target):
     cfg, client = sched
     monitor_id = _create(client, target.url("/m"))
