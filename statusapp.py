@@ -3711,9 +3711,9 @@ class Maintenance:
             ends = [b for _, b in window.occurrences(window.handled, now)
                     if window.handled < b <= now]
             if ends:
-                await self._ended(window, ends[-1], now)
+                await self.ended(window, ends[-1], now)
 
-    async def _ended(self, window: Window, end: int, now: int) -> None:
+    async def ended(self, window: Window, end: int, now: int) -> None:
         """Open the incident of every covered monitor still DOWN with none open (as a DOWN ->
         DOWN transition at the window's end, for the incident engine); mark the end handled."""
         statements: list[Statement] = []
@@ -3727,11 +3727,16 @@ class Maintenance:
                            " reason, created_at) VALUES (?, 'DOWN', 'DOWN', ?, ?)",
                            (row["id"], reason, end)) for row in rows
                           if window.covers(window.account_id, row["id"])
-                          and not self.suppressing(window.account_id, row["id"], end)]
+                          and not self._held(window, row["id"], end)]
         statements.append(("UPDATE maintenance_windows SET ends_handled_at = ? WHERE id = ?",
                            (now, window.id)))
         await self.rt.db.write(statements)
         window.handled = now
+
+    def _held(self, ending: Window, monitor_id: str, at: int) -> bool:
+        """Whether another suppressing window still covers the monitor (its end will act)."""
+        return any(w.suppress and w is not ending
+                   for w in self.covering(ending.account_id, monitor_id, at))
 
     def next_boundary(self, now: int) -> int | None:
         """The earliest start or end, after now, of an occurrence running now or starting soon."""
@@ -6367,8 +6372,8 @@ async def update_maintenance_window(call: Call) -> dict[str, Any]:
     clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call),
                      existing=existing)
     _window_rules({**existing, **clean})
-    await call.rt.db.write([update_statement("maintenance_windows", row["id"], {
-        **column_values(MAINTENANCE_FIELDS, clean), "ends_handled_at": call.rt.maintenance.clock()})])
+    await call.rt.db.write([update_statement("maintenance_windows", row["id"],
+                                             column_values(MAINTENANCE_FIELDS, clean))])
     await call.rt.maintenance.reload()
     return await _window_response(call, row["id"])
 
@@ -6376,6 +6381,10 @@ async def update_maintenance_window(call: Call) -> dict[str, Any]:
 @api("/maintenance-windows/{windowId}", "DELETE")
 async def delete_maintenance_window(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "maintenance_windows")
+    calendar, now = call.rt.maintenance, call.rt.maintenance.clock()
+    window = calendar.windows.get(row["id"])
+    if window is not None and window.running(now):  # deleting a running window ends it now
+        await calendar.ended(window, now, now)
     await call.rt.db.write([("DELETE FROM maintenance_windows WHERE id = ?", (row["id"],))])
     await call.rt.maintenance.reload()
     return {"success": True, "message": "Maintenance window deleted successfully"}

@@ -2845,6 +2845,18 @@ def test_outage_inside_a_window_alerts_nobody_and_one_outlasting_it_alerts_once(
         assert "Long is DOWN" in notify_http.requests[0]["body"].decode()
 
 
+def test_deleting_a_running_window_opens_the_incident_of_a_monitor_still_down(cfg, client):
+    monitor = _inc_monitor(client)
+    now = statusapp.now_ms()
+    window = _window(client, startsAt=statusapp.iso(now - 60_000),
+                     endsAt=statusapp.iso(now + 3_600_000))
+    _inc_transition(client, monitor["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+    eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions WHERE processed_at IS NULL"))
+    assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(0,)]
+    assert client.delete(f"/api/v1/maintenance-windows/{window['id']}").status_code == 200
+    eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)])
+
+
 def test_maintenance_checks_are_left_out_of_uptime(client):
     monitor = _inc_monitor(client)
     now = statusapp.now_ms()
