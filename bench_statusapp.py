@@ -558,15 +558,18 @@ def _fill_api_db(path: str, monitors: int, days: int, raw_days: int) -> dict[str
             "KB per monitor-month, raw 30 d kept": (raw_bytes + rollup_bytes) * 30 / 1024}
 
 
-def _latencies(client: httpx.Client, path: str, requests: int) -> dict[str, float]:
-    for _ in range(10):
-        client.get(path).raise_for_status()
-    times = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        client.get(path).raise_for_status()
-        times.append((time.perf_counter() - started) * 1000)
-    return percentiles(times)
+def _cold_cpu_ms(server: Server, path: str, key: str, clients: int) -> dict[str, float]:
+    """``clients`` simultaneous first requests of ``path``: wall ms and server CPU-ms in all."""
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-Key": key},
+                                     timeout=60) as client:
+            answers = await asyncio.gather(*(client.get(path) for _ in range(clients)))
+            for answer in answers:
+                answer.raise_for_status()
+    before, started = server.stats()["cpu_s"], time.perf_counter()
+    asyncio.run(burst())
+    return {"wall_ms": (time.perf_counter() - started) * 1000,
+            "cpu_ms": (server.stats()["cpu_s"] - before) * 1000}
 
 
 @bench.command()
@@ -574,37 +577,50 @@ def _latencies(client: httpx.Client, path: str, requests: int) -> dict[str, floa
 @click.option("--days", default=30, show_default=True, help="Days of history.")
 @click.option("--raw-days", default=1, show_default=True,
               help="Complete days kept as raw checks (plus today); older days are rollups.")
-@click.option("--requests", default=200, show_default=True, help="Timed requests per route.")
-def api(monitors: int, days: int, raw_days: int, requests: int) -> None:
-    """API latency on a database with a month of history for every monitor."""
+@click.option("--clients", default=8, show_default=True, help="Concurrent keep-alive clients.")
+@click.option("--seconds", default=8.0, show_default=True, help="Measured seconds per route.")
+def api(monitors: int, days: int, raw_days: int, clients: int, seconds: float) -> None:
+    """Request paths on a database with a month of history for every monitor: requests/s,
+    p50/p99 and server CPU-ms per request, beside a no-op GET route under the same load."""
     server = Server()
     key = _init_db(server.db)
     started = time.monotonic()
     figures: dict[str, object] = {"monitors": monitors, "days of history": days,
-                                  "raw days (+ today)": raw_days}
+                                  "raw days (+ today)": raw_days, "clients": clients}
     figures.update(_fill_api_db(server.db, monitors, days, raw_days))
     figures["build s"] = time.monotonic() - started
+    ceiling = _ceiling("GET", clients, seconds)
+    figures["no-op GET route: req/s, CPU-ms (ceiling)"] = (
+        f"{ceiling['per_s']:.0f}, {ceiling['cpu_ms']:.3f}")
     server.start()
     try:
+        cold = _cold_cpu_ms(server, "/api/v1/analytics", key, clients)
+        figures[f"GET /analytics cold, {clients} at once: wall ms, CPU-ms in all"] = (
+            f"{cold['wall_ms']:.0f}, {cold['cpu_ms']:.0f}")
         with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=30) as client:
-            paths = {"GET /monitors?limit=100": "/api/v1/monitors?limit=100",
-                     "GET /analytics": "/api/v1/analytics",
-                     "GET /analytics/monitors/{id}?30d":
-                         "/api/v1/analytics/monitors/mon_0000000000000011?period=30d"}
-            started = time.perf_counter()
-            client.get("/api/v1/analytics").raise_for_status()
-            figures["GET /analytics uncached ms"] = (time.perf_counter() - started) * 1000
-            page = client.post("/api/v1/status-pages", json={
+            client.post("/api/v1/status-pages", json={
                 "name": "Bench", "slug": "bench", "monitorGroups": [
-                    {"name": "All", "monitorIds": [f"mon_{i:016x}" for i in range(50)]}]})
-            if page.status_code == 201:
-                paths["GET /status/bench (50 monitors)"] = "/status/bench"
-            else:
-                figures["status page"] = f"skipped (POST /status-pages gave {page.status_code})"
-            for name, path in paths.items():
-                ms = _latencies(client, path, requests)
-                figures[f"{name} p50 ms"] = ms["p50"]
-                figures[f"{name} p99 ms"] = ms["p99"]
+                    {"name": "All", "monitorIds": [f"mon_{i:016x}" for i in range(50)]}]}
+                        ).raise_for_status()
+            plain = client.get("/status/bench", headers={"Accept-Encoding": "identity"})
+            zipped = client.get("/status/bench", headers={"Accept-Encoding": "gzip"})
+        figures["status page KB (plain, gzip)"] = (
+            f"{len(plain.content) / 1024:.0f}, {int(zipped.headers['content-length']) / 1024:.0f}")
+        routes = {
+            "GET /status/bench cached": ["/status/bench"],
+            "GET /status/bench uncached": [f"/status/bench?n={n}" for n in range(50_000)],
+            "GET /status/bench.json cached": ["/status/bench.json"],
+            "GET /monitors?limit=100": ["/api/v1/monitors?limit=100"],
+            "GET /analytics": ["/api/v1/analytics"],
+            "GET /analytics/monitors/{id}?30d":
+                ["/api/v1/analytics/monitors/mon_0000000000000011?period=30d"]}
+        for name, paths in routes.items():
+            got = measure(server.proc.pid, server.url, [("GET", p, b"") for p in paths], clients,
+                          seconds, {"X-API-Key": key, "Accept-Encoding": "gzip"})
+            figures[f"{name}: req/s (% of no-op), p99 ms, CPU-ms"] = (
+                f"{got['per_s']:.0f} ({got['per_s'] / ceiling['per_s'] * 100:.0f} %), "
+                f"{got['p99']:.1f}, {got['cpu_ms']:.2f}" + (
+                    f" [{got['errors']} errors]" if got["errors"] else ""))
         figures.update(server.stats())
     finally:
         server.stop()

@@ -64,7 +64,7 @@ from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -90,6 +90,7 @@ from starlette.routing import Route
 
 VERSION = "1.0.0"
 API_VERSION = "v1"
+_T = TypeVar("_T")
 log = logging.getLogger("statusapp")
 
 # --- Config ---
@@ -376,6 +377,35 @@ async def repeat(seconds: float, job: Callable[[], Awaitable[Any]], *, first: bo
         except Exception:
             log.exception("background job %s failed", getattr(job, "__name__", job))
         await asyncio.sleep(seconds)
+
+
+class SingleFlight:
+    """Concurrent callers asking for one key share one computation (and its error)."""
+
+    def __init__(self) -> None:
+        self._flights: dict[Any, asyncio.Future[Any]] = {}
+
+    def running(self, key: Any) -> bool:
+        return key in self._flights
+
+    async def run(self, key: Any, compute: Callable[[], Awaitable[_T]]) -> _T:
+        if key in self._flights:
+            result: _T = await asyncio.shield(self._flights[key])
+            return result
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            value = await compute()
+        except asyncio.CancelledError:
+            flight.cancel()
+            raise
+        except Exception as exc:
+            flight.set_exception(exc)
+            flight.exception()  # retrieved: waiters re-raise it, and none need not
+            raise
+        finally:
+            del self._flights[key]
+        flight.set_result(value)
+        return value
 
 
 def schema_path() -> Path:
@@ -4810,17 +4840,46 @@ async def _roll(db: Database, source: str, bucket: str, ids: Sequence[str], lo: 
             (r[0], bucket, lo, r[1], *(v or 0 for v in tuple(r)[2:]),
              json.dumps(hists[(r[0], r[1])], separators=(",", ":")))) for r in rows]
         if position == len(chunks) - 1:
-            statements.append(("INSERT INTO rollup_progress (bucket, done_until) VALUES (?, ?)"
-                               " ON CONFLICT (bucket)"
-                               " DO UPDATE SET done_until = excluded.done_until",
-                               (bucket, lo + span)))
+            statements.append(_progress_statement(bucket, lo + span))
         await db.write(statements)
         await asyncio.sleep(_RETENTION_PAUSE)
 
 
+# A team's hourly row: the sums of its monitors' hourly rows, histograms merged by bucket.
+_TEAM_ROLLUP = (
+    "INSERT OR REPLACE INTO team_rollups (account_id, start, up, down, degraded, rt_sum,"
+    " rt_count, rt_hist) SELECT t.account_id, t.start, t.up, t.down, t.degraded, t.rt_sum,"
+    " t.rt_count, COALESCE((SELECT json_group_object(k, n) FROM (SELECT j.key AS k,"
+    " SUM(j.value) AS n FROM monitors m2 JOIN check_rollups r2 ON r2.monitor_id = m2.id"
+    " AND r2.bucket = 'h' AND r2.start = t.start, json_each(r2.rt_hist) AS j"
+    " WHERE m2.account_id = t.account_id GROUP BY j.key)), '{}')"
+    " FROM (SELECT m.account_id, r.start, SUM(r.up) AS up, SUM(r.down) AS down,"
+    " SUM(r.degraded) AS degraded, SUM(r.rt_sum) AS rt_sum, SUM(r.rt_count) AS rt_count"
+    " FROM monitors m JOIN check_rollups r ON r.monitor_id = m.id AND r.bucket = 'h'"
+    " AND r.start >= ? AND r.start < ? GROUP BY m.account_id, r.start) AS t")
+
+
+def _progress_statement(bucket: str, done_until: int) -> Statement:
+    return ("INSERT INTO rollup_progress (bucket, done_until) VALUES (?, ?) ON CONFLICT (bucket)"
+            " DO UPDATE SET done_until = excluded.done_until", (bucket, done_until))
+
+
+async def _roll_teams(db: Database, hours_done: int) -> None:
+    """Sum the hourly rows not yet summed per team (a day per transaction)."""
+    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
+    if teams_done is None:
+        teams_done = await db.fetchval("SELECT MIN(start) FROM check_rollups WHERE bucket = 'h'"
+                                       ) or hours_done
+    while teams_done < hours_done:
+        until = min(hours_done, teams_done + DAY_MS)
+        await db.write([(_TEAM_ROLLUP, (teams_done, until)), _progress_statement("t", until)])
+        teams_done = until
+        await asyncio.sleep(_RETENTION_PAUSE)
+
+
 async def roll_up(db: Database, now: int | None = None) -> tuple[int, int]:
-    """Roll every complete hour into hourly rows and every complete day into daily rows
-    (built from the hourly ones); return the new progress marks."""
+    """Roll every complete hour into hourly rows (per monitor, then per team) and every
+    complete day into daily rows (built from the hourly ones); return the progress marks."""
     now = now_ms() if now is None else now
     hours_done, days_done = await rollup_progress(db)
     if not hours_done:
@@ -4834,6 +4893,7 @@ async def roll_up(db: Database, now: int | None = None) -> tuple[int, int]:
         while days_done + DAY_MS <= hours_done:
             await _roll(db, "h", "d", ids, days_done)
             days_done += DAY_MS
+    await _roll_teams(db, hours_done)
     return hours_done, days_done
 
 
@@ -4868,6 +4928,10 @@ async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = 
     deleted["alerts"] = await _delete_in_batches(
         db, "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE done_at < ?"
             " ORDER BY id LIMIT ?)", (now - keep["raw_days"] * DAY_MS, RETENTION_BATCH))
+    deleted["teams"] = await _delete_in_batches(
+        db, "DELETE FROM team_rollups WHERE (account_id, start) IN (SELECT account_id, start"
+            " FROM team_rollups WHERE start < ? LIMIT ?)",
+        (now - keep["hourly_days"] * DAY_MS, RETENTION_BATCH))
     ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors ORDER BY id")]
     per_chunk = max(1, RETENTION_BATCH // 25)  # about a day of hourly rows per monitor
     for bucket, days in (("h", keep["hourly_days"]), ("d", keep["rollup_days"])):
@@ -5013,6 +5077,8 @@ class Runtime:
         self.regions: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.public_cache = PublicCache()
+        self.flights = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
         self.settled_days: SettledDays = {}
         self.heartbeats = Heartbeats(self)
         self.maintenance = Maintenance(self)
@@ -5058,6 +5124,17 @@ class Runtime:
                               _SERVICE_RESTART_DELAY)
                 await asyncio.sleep(_SERVICE_RESTART_DELAY)
 
+    def background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` without waiting for it; a failure is logged."""
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("background work failed")
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def monitor_changed(self, monitor_id: str) -> None:
         """Tell the background services that a monitor was created, edited or deleted."""
         for listener in self.listeners:
@@ -5065,9 +5142,9 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop background work, write what is pending and close the database."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.usage.flush(self.db)
         await self.db.close()
 
@@ -6421,23 +6498,52 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
             "performance": await _team_performance(call.rt, call.team, now)}
 
 
-# Team performance merges every monitor's histograms (about 0.4 s for 1,000 monitors), so it
-# is computed at most once a minute per team (kept in ``Runtime.performance``): checks arrive at
-# most once a minute anyway.
+# Team performance over the last 24 hours reads the team's hourly rollups (24 rows) plus the raw
+# checks since they end.  The figures are kept a minute in ``Runtime.performance``; after that
+# the kept figures are still answered while one background computation refreshes them, and
+# concurrent first requests share one computation.
 _PERFORMANCE_TTL_MS = 60_000
+_TEAM_SUMS = ("SELECT COALESCE(SUM(up), 0), COALESCE(SUM(down), 0), COALESCE(SUM(degraded), 0),"
+              " COALESCE(SUM(rt_sum), 0), COALESCE(SUM(rt_count), 0) FROM team_rollups"
+              " WHERE account_id = ? AND start >= ? AND start < ?")
+_TEAM_HIST = ("SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM team_rollups,"
+              " json_each(team_rollups.rt_hist) AS j WHERE account_id = ? AND start >= ?"
+              " AND start < ? GROUP BY 1")
 
 
-async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
-    cached = rt.performance.get(team)
-    if cached and now - cached[0] < _PERFORMANCE_TTL_MS:
-        return cached[1]
-    ids = [r[0] for r in await rt.db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                              (team,))]
-    stats, _ = await window_stats(rt.db, ids, now - DAY_MS, now, exact=False)
+async def _team_window(db: Database, team: str, lo: int, hi: int) -> WindowStats:
+    """The team's figures over [lo, hi): team rollups as far as they go, then raw checks."""
+    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
+    split = min(max(lo, teams_done or lo), hi)
+    stats = WindowStats()
+    stats.add(tuple(await db.fetchrow(_TEAM_SUMS, (team, lo, split))))
+    stats.hist = {index: count for index, count in await db.fetchall(_TEAM_HIST, (team, lo, split))}
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                           (team,))]
+    tail, _ = await window_stats(db, ids, split, hi, exact=False)
+    stats.add((tail.up, tail.down, tail.degraded, tail.rt_sum, tail.rt_count))
+    for index, count in tail.hist.items():
+        stats.hist[index] = stats.hist.get(index, 0) + count
+    return stats
+
+
+async def _compute_performance(rt: Runtime, team: str) -> dict[str, Any]:
+    now = now_ms()
+    stats = await _team_window(rt.db, team, _ceil_hour(now - DAY_MS), now)
     figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
                "overallUptime": stats.uptime()}
     rt.performance[team] = (now, figures)
     return figures
+
+
+async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
+    key = ("performance", team)
+    cached = rt.performance.get(team)
+    if cached is None:
+        return await rt.flights.run(key, lambda: _compute_performance(rt, team))
+    if now - cached[0] >= _PERFORMANCE_TTL_MS and not rt.flights.running(key):
+        rt.background(rt.flights.run(key, lambda: _compute_performance(rt, team)))
+    return cached[1]
 
 
 @api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY)
@@ -7494,7 +7600,7 @@ class PublicCache:
         self.generation = 0
         self.renders = 0
         self._entries: dict[str, CachedResponse] = {}
-        self._flights: dict[str, asyncio.Future[CachedResponse]] = {}
+        self._flights = SingleFlight()
 
     def invalidate(self) -> None:
         """The data changed: every entry is stale from now on."""
@@ -7512,22 +7618,7 @@ class PublicCache:
         entry = self._fresh(key)
         if entry is not None:
             return entry
-        if key in self._flights:
-            return await asyncio.shield(self._flights[key])
-        flight = self._flights[key] = asyncio.get_running_loop().create_future()
-        try:
-            entry = await self._render(key, render)
-        except asyncio.CancelledError:
-            flight.cancel()
-            raise
-        except Exception as exc:
-            flight.set_exception(exc)
-            flight.exception()  # retrieved: waiters re-raise it, and none need not
-            raise
-        finally:
-            del self._flights[key]
-        flight.set_result(entry)
-        return entry
+        return await self._flights.run(key, lambda: self._render(key, render))
 
     async def _render(self, key: str, render: Callable[[], Awaitable[Response]]
                       ) -> CachedResponse:
@@ -7747,7 +7838,7 @@ async def badge_uptime(request: Request) -> Response:
     if period in _BADGE_HOURS:
         counts = await rt.db.fetchrow(
             "SELECT COALESCE(SUM(status IN ('UP', 'DEGRADED')), 0), COUNT(*) FROM checks"
-            " WHERE monitor_id = ? AND checked_at >= ?",
+            " WHERE monitor_id = ? AND checked_at >= ? AND maintenance = 0",
             (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
         uptime = uptime_percent(counts[0], counts[1])
     else:

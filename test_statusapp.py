@@ -3983,6 +3983,63 @@ def test_rollups_give_the_same_analytics_as_raw_checks(cfg):
                       ("h", len(rows))]
 
 
+def test_team_rollups_give_the_same_team_figures_as_every_monitors_checks(cfg):
+    rnd = random.Random(7)
+    monitors = _monitors(cfg, 3)
+    hour = statusapp.HOUR_MS
+    now = int(time.time() * 1000)
+    start = statusapp._ceil_hour(now - statusapp.DAY_MS)
+    for monitor in monitors:
+        _store_checks(cfg, monitor, [(rnd.choice(["UP"] * 8 + ["DOWN", "DEGRADED"]),
+                                      rnd.randint(20, 3000), t, "local")
+                                     for t in range(start + rnd.randint(0, 60_000), now, 240_000)])
+    team = sql(cfg, "SELECT account_id FROM monitors LIMIT 1")[0][0]
+
+    async def job(db):
+        exact, _ = await statusapp.window_stats(db, monitors, start, now, exact=True)
+        before = await statusapp._team_window(db, team, start, now)  # nothing rolled up yet
+        await statusapp.roll_up(db, now=now)
+        after = await statusapp._team_window(db, team, start, now)
+        return exact, before, after
+    exact, before, after = _on_db(cfg, job)
+    teams_done = sql(cfg, "SELECT done_until FROM rollup_progress WHERE bucket = 't'")[0][0]
+    assert teams_done == (now - statusapp.ROLLUP_GRACE_MS) // hour * hour
+    rolled = sql(cfg, "SELECT COUNT(*), SUM(up + down + degraded) FROM team_rollups"
+                      " WHERE account_id = ?", (team,))[0]
+    assert rolled[0] >= 22 and rolled[1] > 0  # one row per rolled hour, not per monitor
+    for stats in (before, after):
+        assert (stats.up, stats.down, stats.degraded, stats.rt_sum, stats.rt_count) == (
+            exact.up, exact.down, exact.degraded, exact.rt_sum, exact.rt_count)
+        assert sum(stats.hist.values()) == exact.rt_count
+        assert abs(stats.percentile(95) - exact.percentile(95)) <= exact.percentile(95) * 0.025 + 1
+
+
+@pytest.mark.asyncio
+async def test_team_analytics_are_computed_once_for_a_burst_and_refreshed_in_the_background(
+        cfg, key, monkeypatch):
+    computed = []
+    original = statusapp._team_window
+
+    async def counting(db, team, lo, hi):
+        computed.append(team)
+        return await original(db, team, lo, hi)
+    monkeypatch.setattr(statusapp, "_team_window", counting)
+    app = statusapp.create_app(cfg)
+    async with app.router.lifespan_context(app):
+        rt = app.state.statusapp
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t",
+                                     headers={"X-API-Key": key}) as http:
+            answers = await asyncio.gather(*(http.get("/api/v1/analytics") for _ in range(8)))
+            assert {a.status_code for a in answers} == {200} and len(computed) == 1
+            team = computed[0]
+            at, figures = rt.performance[team]
+            rt.performance[team] = (at - statusapp._PERFORMANCE_TTL_MS, figures)  # expired
+            stale = await http.get("/api/v1/analytics")
+            assert stale.json()["performance"] == answers[0].json()["performance"]
+            await asyncio.gather(*list(rt._background))  # the one refresh it started
+            assert len(computed) == 2 and rt.performance[team][0] >= at
+
+
 def test_daily_stats_cover_rolled_up_and_raw_days(cfg):
     monitors = _monitors(cfg, 2)
     day, now = statusapp.DAY_MS, int(time.time() * 1000)
