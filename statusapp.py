@@ -1152,6 +1152,20 @@ ASSERTION_FIELDS = (
 )
 
 
+class _BoundedJSONPath(jsonpath.JSONPathEnvironment):
+    """RFC 9535 JSONPath without the match() and search() filter functions: they run a regular
+    expression with no time limit, so a runaway pattern there could hang the server.  (A
+    MATCHES assertion has a limit.)  Queries using them are refused when the monitor is saved."""
+
+    def setup_function_extensions(self) -> None:
+        super().setup_function_extensions()
+        for name in ("match", "search"):
+            del self.function_extensions[name]
+
+
+JSONPATH = _BoundedJSONPath()
+
+
 def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> ValidationFailed:
     return ValidationFailed([{"code": "custom", "path": [*path, name], "message": message}])
 
@@ -1161,7 +1175,7 @@ def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, A
     a target for every comparison but IS_EMPTY / NOT_EMPTY."""
     if clean["source"] == "JSON_BODY":
         try:
-            jsonpath.compile(clean["property"])
+            JSONPATH.compile(clean["property"])
         except jsonpath.JSONPathError as exc:
             raise _assertion_issue(path, "property", f"Invalid JSONPath: {exc}") from None
     if clean["comparison"] == "MATCHES":
@@ -1912,7 +1926,7 @@ def _actual(assertion: dict[str, Any], seen: _Seen) -> Any:
         return seen.headers.get(assertion["property"])
     if source == "TEXT_BODY":
         return seen.text
-    values = jsonpath.find(assertion["property"], seen.data).values()
+    values = JSONPATH.find(assertion["property"], seen.data).values()
     return values[0] if len(values) == 1 else (values or None)
 
 

@@ -1204,6 +1204,7 @@ _ASSERTION_CASES = [
     ("JSON_BODY", "$.items[0].ok", "EQUALS", "true", True, "true"),
     ("JSON_BODY", "$.items[?@.ok == false]", "NOT_EMPTY", "", True, '{"ok": false}'),
     ("JSON_BODY", "$.empty", "IS_EMPTY", "", True, "[]"),
+    ("JSON_BODY", "$.items[?length(@.name) == 1].ok", "EQUALS", "true", True, "true"),
     ("JSON_BODY", "$.items[*].ok", "CONTAINS", "null", False, "[true, false]"),
     ("JSON_BODY", "$.nothing", "NOT_EMPTY", "", False, None),
     ("JSON_BODY", "$.items[1]", "NOT_CONTAINS", "true", True, '{"ok": false}'),
@@ -1300,14 +1301,17 @@ def test_assertions_are_validated(client):
            {"source": "JSON_BODY", "property": "$[", "comparison": "EQUALS", "target": "x"},
            {"source": "TEXT_BODY", "comparison": "MATCHES", "target": "(unclosed"},
            {"source": "TEXT_BODY", "comparison": "CONTAINS"},
-           {"source": "BODY", "comparison": "SIMILAR", "target": "x"}]
+           {"source": "BODY", "comparison": "SIMILAR", "target": "x"},
+           {"source": "JSON_BODY", "property": "$[?match(@.a, '(a|aa)+')]",
+            "comparison": "NOT_EMPTY"}]
     response = client.post("/api/v1/monitors", json={"name": "a", "url": "https://a.test",
                                                      "assertions": bad})
     assert response.status_code == 400
     paths = sorted(tuple(i["path"]) for i in response.json()["error"])
     assert paths == [("assertions", 0, "property"), ("assertions", 1, "property"),
                      ("assertions", 2, "target"), ("assertions", 3, "target"),
-                     ("assertions", 4, "comparison"), ("assertions", 4, "source")]
+                     ("assertions", 4, "comparison"), ("assertions", 4, "source"),
+                     ("assertions", 5, "property")]
     good = [{"source": "STATUS_CODE", "comparison": "EQUALS", "target": "200"}]
     created = client.post("/api/v1/monitors", json={"name": "a", "url": "https://a.test",
                                                     "assertions": good})
