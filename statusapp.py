@@ -56,6 +56,7 @@ import sysconfig
 import time
 import tomllib
 import urllib.parse
+import zlib
 import zoneinfo
 from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
                              Sequence)
@@ -1900,12 +1901,23 @@ class _AssertionProblem(Exception):
 
 @dataclass
 class _Seen:
-    """What assertions read from one response."""
+    """What assertions read from one response: the body as received (at most the cap),
+    decoded only when an assertion reads it."""
 
     status_code: int
     response_time: int
     headers: httpx.Headers
-    text: str
+    raw: bytes
+    cap: int
+
+    @functools.cached_property
+    def text(self) -> str:
+        body = _decoded(self.raw, self.headers.get("content-encoding", ""), self.cap)
+        charset = httpx.Response(200, headers=self.headers).charset_encoding or "utf-8"
+        try:
+            return body.decode(charset, "replace")
+        except LookupError:
+            return body.decode("utf-8", "replace")
 
     @functools.cached_property
     def data(self) -> Any:
@@ -1990,15 +2002,32 @@ def _assertion_error(failed: list[dict[str, Any]]) -> str:
     return f"assertion failed: {what}: {why}{more}"
 
 
-async def _read_capped(response: httpx.Response, cap: int) -> bytes:
-    """The decoded body up to ``cap`` bytes; the rest is left unread."""
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of the raw body: reading stops there (the caller closes the
+    connection), so an endless or huge answer costs a check no more than that."""
     chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= cap:
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk[:limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
             break
-    return b"".join(chunks)[:cap]
+    return b"".join(chunks)
+
+
+def _decoded(raw: bytes, encoding: str, cap: int) -> bytes:
+    """A body without its Content-Encoding (gzip, deflate: what the probe accepts), never more
+    than ``cap`` bytes however well it compresses."""
+    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+        if coding == "identity":
+            continue
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise _AssertionProblem(f"response body has an unsupported encoding: {coding}")
+        try:  # 47: gzip or zlib header; a deflate body without one is raw deflate
+            raw = zlib.decompressobj(47 if coding != "deflate" or raw[:1] == b"x" else -15
+                                     ).decompress(raw, cap)
+        except zlib.error:
+            raise _AssertionProblem(f"response body is not valid {coding}") from None
+    return raw
 
 
 def _peer_der(response: httpx.Response) -> bytes | None:
@@ -2092,8 +2121,8 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
         ctx.forget_oauth2_token(auth)
-    seen = _Seen(code, result.response_time or 0, response.headers,
-                 content.decode(response.encoding or "utf-8", "replace"))
+    seen = _Seen(code, result.response_time or 0, response.headers, content,
+                 ctx.settings["max_body_bytes"])
     return await _judge_http(monitor, result, seen, der)
 
 

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import datetime as dt
 import email
+import gzip
 import email.policy
 import hashlib
 import hmac
@@ -775,6 +776,8 @@ def _stop(*servers: socketserver.BaseServer) -> None:
 
 _JSON_DOC = {"status": "ok", "count": 3, "items": [{"ok": True, "name": "a"}, {"ok": False}],
              "empty": [], "note": None}
+_GZIP_JSON = gzip.compress(json.dumps(_JSON_DOC).encode())
+_GZIP_BOMB = gzip.compress(b"a" * 20_000_000 + b"END")  # 20 MB in about 20 KB
 
 
 class _HTTPHandler(http.server.BaseHTTPRequestHandler):
@@ -823,6 +826,10 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             self._answer(200, b"<html><h1>Internal error</h1>" + b"x" * 400 + b"</html>")
         elif path == "/big":
             self._answer(200, b"a" * 3000 + b"END")
+        elif path == "/gzip":
+            self._answer(200, _GZIP_JSON, {"Content-Encoding": "gzip"})
+        elif path == "/bomb":
+            self._answer(200, _GZIP_BOMB, {"Content-Encoding": "gzip"})
         elif path == "/cookie":
             self._answer(200, b"ok", {"Set-Cookie": "session=1; Path=/"})
         elif path == "/redirect":
@@ -1266,6 +1273,19 @@ async def test_http_body_is_read_up_to_the_cap(probe_cfg, http_server):
                                                      assertions=[assertion]), ctx)
     finally:
         await ctx.aclose()
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+
+
+@pytest.mark.asyncio
+async def test_http_compressed_bodies_are_decoded_within_the_cap(probe_ctx, http_server):
+    json_ok = {"source": "JSON_BODY", "property": "$.status", "comparison": "EQUALS",
+               "target": "ok"}
+    result = await statusapp.probe_http(_monitor(http_server + "/gzip", assertions=[json_ok]),
+                                        probe_ctx)
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+    tail = {"source": "TEXT_BODY", "comparison": "NOT_CONTAINS", "target": "END"}
+    result = await statusapp.probe_http(_monitor(http_server + "/bomb", assertions=[tail]),
+                                        probe_ctx)
     assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
 
 
