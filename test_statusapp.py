@@ -2881,6 +2881,18 @@ def test_deleting_a_running_window_opens_the_incident_of_a_monitor_still_down(cf
     eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)])
 
 
+def test_window_end_service_wakes_at_the_end_on_the_real_clock(cfg, client):
+    monitor = _inc_monitor(client)
+    now = statusapp.now_ms()
+    _window(client, startsAt=statusapp.iso(now - 60_000), endsAt=statusapp.iso(now + 1500))
+    _inc_transition(client, monitor["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+    eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions WHERE processed_at IS NULL"))
+    assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(0,)]
+    eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)], 10)
+    (started,), = sql(cfg, "SELECT started_at FROM incidents")
+    assert started == _utc_ms(statusapp.iso(now + 1500).replace("Z", "+00:00"))
+
+
 def test_maintenance_checks_are_left_out_of_uptime(client):
     monitor = _inc_monitor(client)
     now = statusapp.now_ms()
