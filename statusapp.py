@@ -1213,9 +1213,10 @@ MONITOR_FIELDS = (
     Field("requestHeaders", "string", maximum=16_384, check=valid_json_headers, kinds=HTTP_TYPES,
           doc="JSON string of custom headers"),
     Field("requestBody", "string", maximum=65_536, kinds=HTTP_TYPES, doc="Request body"),
-    Field("assertions", "array", default=[], maximum=50, check=each(ASSERTION_FIELDS, "source", valid_assertion),
-          kinds=HTTP_TYPES, doc="Checks on the response, each {source, property, comparison,"
-          " target}; any failing one makes the check DOWN (see Assertions)"),
+    Field("assertions", "array", default=[], maximum=50,
+          check=each(ASSERTION_FIELDS, "source", valid_assertion), kinds=HTTP_TYPES,
+          doc="Checks on the response, each {source, property, comparison, target}; any"
+          " failing one makes the check DOWN (see Assertions)"),
     Field("dnsRecord", "string", ("DNS",), choices=("A", "AAAA", "CNAME", "MX", "TXT"),
           kinds=("DNS",), doc="DNS record type"),
     Field("expectedIp", "string", maximum=255, check=valid_expected_ip, kinds=("DNS",),
@@ -3793,8 +3794,8 @@ class Maintenance:
         if window.suppress:
             rows = await self.rt.db.fetchall(
                 "SELECT id FROM monitors m WHERE account_id = ? AND status = 'DOWN'"
-                " AND is_paused = 0 AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.monitor_id = m.id"
-                " AND i.resolved_at IS NULL)", (window.account_id,))
+                " AND is_paused = 0 AND NOT EXISTS (SELECT 1 FROM incidents i"
+                " WHERE i.monitor_id = m.id AND i.resolved_at IS NULL)", (window.account_id,))
             reason = f"still down when maintenance window {window.title!r} ended"
             statements = [("INSERT INTO status_transitions (monitor_id, old_status, new_status,"
                            " reason, created_at) VALUES (?, 'DOWN', 'DOWN', ?, ?)",

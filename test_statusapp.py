@@ -532,8 +532,10 @@ def test_status_page_can_show_a_monitor_group_or_a_tag(client):
     create(client, name="cache", group="Backend", tags=["public"])
     hidden = create(client, name="hidden")
     assert client.get(f"/badge/{db['id']}/status.svg").status_code == 404
-    page = client.post("/api/v1/status-pages", json={"name": "Svc", "slug": "svc", "monitorGroups": [
-        {"name": "Backend", "monitorGroup": "Backend"}, {"name": "Public", "monitorTag": "public"}]})
+    page = client.post("/api/v1/status-pages", json={
+        "name": "Svc", "slug": "svc", "monitorGroups": [
+            {"name": "Backend", "monitorGroup": "Backend"},
+            {"name": "Public", "monitorTag": "public"}]})
     assert page.status_code == 201, page.text
     assert [(g["monitorGroup"], g["monitorTag"], g["monitorIds"])
             for g in page.json()["monitorGroups"]] == [("Backend", None, []), (None, "public", [])]
@@ -2220,7 +2222,7 @@ _HOUR = 3_600_000
     # 03:00 Berlin: CET (+01) before 29 March 2026, CEST (+02) from then, CET again 25 October.
     ("0 3 * * *", "2026-03-28T03:01:00+01:00", "2026-03-29T01:00:00+00:00"),  # a 23-hour day
     ("0 3 * * *", "2026-10-24T03:01:00+02:00", "2026-10-25T02:00:00+00:00"),  # a 25-hour day
-    ("30 2 * * *", "2026-03-28T02:31:00+01:00", "2026-03-29T01:00:00+00:00"),  # 02:30 skipped: 03:00
+    ("30 2 * * *", "2026-03-28T02:31:00+01:00", "2026-03-29T01:00:00+00:00"),  # 02:30 is 03:00
     ("30 2 * * *", "2026-10-24T02:31:00+02:00", "2026-10-25T00:30:00+00:00"),  # once, the first
     ("@daily", "2026-03-28T12:00:00+01:00", "2026-03-28T23:00:00+00:00"),
     # early for the 03:00 run (02:00 does not exist that night), so 04:00 CEST is next
