@@ -365,7 +365,10 @@ CREATE TABLE team_rollups (
     PRIMARY KEY (account_id, start)
 ) WITHOUT ROWID;
 
--- migration 10: response assertions, cron schedules, tags and groups, maintenance windows
+-- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
+ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
+
+-- migration 11: response assertions, cron schedules, tags and groups, maintenance windows
 ALTER TABLE monitors ADD COLUMN assertions TEXT;
 ALTER TABLE monitors ADD COLUMN schedule TEXT;
 ALTER TABLE monitors ADD COLUMN timezone TEXT;
