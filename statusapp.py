@@ -1277,7 +1277,7 @@ MONITOR_FIELDS = (
           doc="Check DNS blocklists"),
     Field("domainMonitorWhois", "boolean", default=True, kinds=("DOMAIN",),
           doc="Report registrar/status/nameserver changes"),
-    Field("tags", "array", default=[], maximum=20, check=valid_tags, items="object",
+    Field("tags", "array", default=[], maximum=20, check=valid_tags,
           doc='Labels, each {"name", "color"} or a bare name ("prod"); list filter tag='),
     Field("group", "string", minimum=1, maximum=100,
           doc="Group name (list filter group=; status pages may show a whole group)"),
