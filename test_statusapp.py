@@ -4812,7 +4812,10 @@ def _real_ids(cfg, client) -> dict[str, str]:
     invite = client.post("/api/v1/team/members", json={"email": "fuzz@example.test",
                                                            "role": "MEMBER"}).json()
     api_key = client.post("/api/v1/account/api-keys", json={"name": "k"}).json()
+    window = client.post("/api/v1/maintenance-windows", json={
+        "title": "w", "startsAt": "2030-01-01T00:00:00Z", "endsAt": "2030-01-01T01:00:00Z"}).json()
     ids = {"monitorId": monitor.get("id"), "channelId": channel.get("id"),
+           "windowId": window.get("id"),
            "webhookId": webhook.get("id"), "statusPageId": page.get("id"),
            "memberId": invite.get("id"), "keyId": api_key.get("id"),
            "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
@@ -4915,6 +4918,10 @@ def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
             {"notifications": [{f.name: v}]}, ["notifications", 0, f.name])),
         ("POST", pages, statusapp.MONITOR_GROUP_FIELDS, lambda f, v: (
             {"monitorGroups": [{f.name: v}]}, ["monitorGroups", 0, f.name])),
+        ("POST", monitors, statusapp.ASSERTION_FIELDS, lambda f, v: (
+            {"assertions": [{f.name: v}]}, ["assertions", 0, f.name])),
+        ("POST", monitors, statusapp.TAG_FIELDS, lambda f, v: (
+            {"tags": [{f.name: v}]}, ["tags", 0, f.name])),
         *(("POST", statusapp.API_PREFIX + "/notifications", kind.fields,
            lambda f, v, kind=kind: ({"type": kind.name, "config": {f.name: v}}, ["config", f.name]))
           for kind in statusapp.CHANNEL_TYPES.values()),
