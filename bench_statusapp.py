@@ -4,6 +4,7 @@
     python bench_statusapp.py agents --agents 4 --monitors 2500 --interval 60
     python bench_statusapp.py heartbeat
     python bench_statusapp.py api
+    python bench_statusapp.py assertions
     python bench_statusapp.py dashboard --monitors 500
 
 Shared helpers first, then one section per scenario.  Everything stays on 127.0.0.1.
@@ -744,6 +745,68 @@ def api(monitors: int, days: int, raw_days: int, clients: int, seconds: float) -
     finally:
         server.stop()
     report("api", figures)
+
+
+# Assertions: the probe's CPU cost per WEBSITE/API check, with and without five assertions on a
+# JSON body, against a loopback HTTP server (process CPU, which includes that server's thread).
+
+_ASSERTIONS = [
+    {"source": "STATUS_CODE", "property": None, "comparison": "EQUALS", "target": "200"},
+    {"source": "JSON_BODY", "property": "$.status", "comparison": "EQUALS", "target": "ok"},
+    {"source": "JSON_BODY", "property": "$.items[?@.ok == false]", "comparison": "IS_EMPTY",
+     "target": ""},
+    {"source": "TEXT_BODY", "property": None, "comparison": "NOT_CONTAINS", "target": "error"},
+    {"source": "TEXT_BODY", "property": None, "comparison": "MATCHES", "target": '"status": "ok"'},
+]
+
+
+async def _probe_cpu_ms(url: str, assertions: list[dict], checks: int) -> float:
+    import statusapp
+    ctx = statusapp.ProbeContext(statusapp.load_config(environ={}))
+    monitor = {"url": url, "type": "API", "timeout": 5, "assertions": assertions}
+    try:
+        for _ in range(10):
+            await statusapp.probe_http(monitor, ctx)
+        started = time.process_time()
+        for _ in range(checks):
+            result = await statusapp.probe_http(monitor, ctx)
+            assert result.status == "UP", result
+        return (time.process_time() - started) / checks * 1000
+    finally:
+        await ctx.aclose()
+
+
+@bench.command()
+@click.option("--items", default=3000, help="Items in the JSON body (3000: about 100 KB)")
+@click.option("--checks", default=200)
+def assertions(items: int, checks: int) -> None:
+    """CPU-ms per check, plain and with five assertions (two JSONPath, one regex)."""
+    import http.server
+    import json
+    import threading
+    body = json.dumps({"status": "ok", "items": [{"id": i, "ok": True} for i in range(items)]})
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        plain = asyncio.run(_probe_cpu_ms(url, [], checks))
+        checked = asyncio.run(_probe_cpu_ms(url, _ASSERTIONS, checks))
+    finally:
+        server.shutdown()
+    report("assertions", {"body KB": len(body) / 1024, "plain CPU-ms/check": plain,
+                          "5 assertions CPU-ms/check": checked, "ratio": checked / plain})
 
 
 # --- dashboard scenario ---

@@ -456,3 +456,37 @@ UPDATE incident_updates SET message = COALESCE((
     WHERE i.id = incident_updates.incident_id), 'Monitor is down')
 WHERE status = 'investigating' AND message LIKE '% is down: %'
   AND created_at = (SELECT started_at FROM incidents i WHERE i.id = incident_updates.incident_id);
+
+-- migration 15: response assertions, cron schedules, tags and groups, maintenance windows
+ALTER TABLE monitors ADD COLUMN assertions TEXT;
+ALTER TABLE monitors ADD COLUMN schedule TEXT;
+ALTER TABLE monitors ADD COLUMN timezone TEXT;
+ALTER TABLE monitors ADD COLUMN tags TEXT;
+ALTER TABLE monitors ADD COLUMN "group" TEXT;
+CREATE INDEX monitors_account_group ON monitors(account_id, "group");
+-- 1 for a check taken while a maintenance window covered its monitor: stored and shown, but
+-- left out of uptime and response-time figures.
+ALTER TABLE checks ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0;
+-- A one-off window (starts_at..ends_at) or a recurring one (recurrence, an RFC 5545 RRULE, from
+-- starts_at in timezone, each occurrence lasting duration_minutes).  monitor_ids is a JSON
+-- array, NULL for all the team's monitors.  ends_handled_at: occurrences ending at or before it
+-- have had their end acted on (an incident opened for a monitor still down).
+CREATE TABLE maintenance_windows (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    title TEXT NOT NULL,
+    description TEXT,
+    starts_at TEXT NOT NULL,
+    ends_at TEXT,
+    recurrence TEXT,
+    timezone TEXT NOT NULL,
+    duration_minutes INTEGER,
+    monitor_ids TEXT,
+    suppress_alerts INTEGER NOT NULL,
+    ends_handled_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX maintenance_windows_account ON maintenance_windows(account_id);
+ALTER TABLE status_page_groups ADD COLUMN monitor_group TEXT;
+ALTER TABLE status_page_groups ADD COLUMN monitor_tag TEXT;

@@ -63,6 +63,7 @@ import textwrap
 import time
 import tomllib
 import urllib.parse
+import zlib
 import zoneinfo
 from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
                              Sequence)
@@ -77,6 +78,8 @@ from urllib.parse import urlsplit
 
 import aiosqlite
 import click
+import cronsim
+import dateutil.rrule
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
@@ -84,6 +87,8 @@ import dns.resolver
 import httpcore
 import httpx
 import icmplib
+import jsonpath_rfc9535 as jsonpath
+import regex
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -1135,13 +1140,82 @@ def valid_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any])
     return list(dict.fromkeys(value))
 
 
-def each(fields: Sequence[Field]) -> Callable[..., Any]:
-    """A ``check`` that validates every element of an array against a Field table."""
+@functools.cache
+def _timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An IANA zone name, as the system's tz database knows them."""
+    if value not in _timezones():
+        raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
+    return value
+
+
+_HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+
+
+def valid_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
+    if not _HEX_COLOR.fullmatch(value):
+        raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
+                     validation="regex")
+    return value.lower()
+
+
+# Tags: short labels with an optional colour.  A client may send a bare string for a tag
+# without colour; responses always show objects.
+TAG_FIELDS = (
+    Field("name", "string", True, minimum=1, maximum=32, doc="Label"),
+    Field("color", "string", check=valid_hex_color, doc="Hex colour, #rgb or #rrggbb"),
+)
+
+
+def valid_tags(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+    """Tags as objects (a string is a tag's name), each name once."""
+    objects = [{"name": v} if isinstance(v, str) else v for v in value]
+    clean = each(TAG_FIELDS)(objects, record, env)
+    names = [tag["name"] for tag in clean]
+    if len(set(names)) != len(names):
+        raise _Issue("Tag names must be unique")
+    return clean
+
+
+# Cron schedules of CRON monitors, evaluated by cronsim (five fields, or one of these aliases).
+_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                 "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@hourly": "0 * * * *"}
+
+
+def cron_times(schedule: str, zone: str | None, after: int,
+               reverse: bool = False) -> Iterator[datetime]:
+    """The schedule's times after (or, ``reverse``, before) Unix ms ``after``, in ``zone``."""
+    text = " ".join(schedule.split())
+    start = datetime.fromtimestamp(after / 1000, zoneinfo.ZoneInfo(zone or "UTC"))
+    return iter(cronsim.CronSim(_CRON_ALIASES.get(text.lower(), text), start, reverse))
+
+
+def valid_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """A cron expression cronsim accepts, or @yearly/@monthly/@weekly/@daily/@hourly."""
+    try:
+        next(cron_times(value, None, now_ms()))
+    except (cronsim.CronSimError, StopIteration) as exc:
+        raise _Issue(f"Invalid schedule: {exc or 'it never fires'}") from None
+    return value
+
+
+def each(fields: Sequence[Field], kind_field: str = "type",
+         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+         ) -> Callable[..., Any]:
+    """A ``check`` that validates every element of an array against a Field table (and
+    ``then(clean, path)``, for rules across an element's fields)."""
     def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
         out, issues = [], []
         for i, item in enumerate(value):
+            where = (*env["path"], i)
             try:
-                out.append(validate(fields, item, env, path=(*env["path"], i)))
+                clean = validate(fields, item, env, kind_field=kind_field, path=where)
+                out.append(then(clean, where) if then else clean)
             except ValidationFailed as exc:
                 issues.extend(exc.issues)
         if issues:
@@ -1317,6 +1391,61 @@ def valid_notifications(value: list[Any], record: dict[str, Any],
     return entries
 
 
+# Assertions on WEBSITE/API responses, modelled on Checkly's: each names a source, an
+# optional property (a header name, or an RFC 9535 JSONPath into a JSON body), a comparison
+# and a target.  Targets are strings; numeric comparisons parse both sides as numbers.
+
+ASSERTION_SOURCES = ("STATUS_CODE", "RESPONSE_TIME", "HEADERS", "TEXT_BODY", "JSON_BODY")
+ASSERTION_COMPARISONS = ("EQUALS", "NOT_EQUALS", "CONTAINS", "NOT_CONTAINS", "LESS_THAN",
+                         "GREATER_THAN", "IS_EMPTY", "NOT_EMPTY", "MATCHES")
+_UNARY_COMPARISONS = ("IS_EMPTY", "NOT_EMPTY")
+
+ASSERTION_FIELDS = (
+    Field("source", "string", True, choices=ASSERTION_SOURCES, doc="What to test"),
+    Field("property", "string", ("HEADERS", "JSON_BODY"), minimum=1, maximum=500,
+          doc="HEADERS: header name; JSON_BODY: an RFC 9535 JSONPath such as $.items[0].ok"),
+    Field("comparison", "string", True, choices=ASSERTION_COMPARISONS, doc="How to compare"),
+    Field("target", "string", default="", maximum=1000,
+          doc="Value to compare with (a regular expression for MATCHES)"),
+)
+
+
+class _BoundedJSONPath(jsonpath.JSONPathEnvironment):
+    """RFC 9535 JSONPath without the match() and search() filter functions: they run a regular
+    expression with no time limit, so a runaway pattern there could hang the server.  (A
+    MATCHES assertion has a limit.)  Queries using them are refused when the monitor is saved."""
+
+    def setup_function_extensions(self) -> None:
+        super().setup_function_extensions()
+        for name in ("match", "search"):
+            del self.function_extensions[name]
+
+
+JSONPATH = _BoundedJSONPath()
+
+
+def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> ValidationFailed:
+    return ValidationFailed([{"code": "custom", "path": [*path, name], "message": message}])
+
+
+def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+    """Rules across one assertion's fields: a JSONPath that parses, a regex that compiles and
+    a target for every comparison but IS_EMPTY / NOT_EMPTY."""
+    if clean["source"] == "JSON_BODY":
+        try:
+            JSONPATH.compile(clean["property"])
+        except jsonpath.JSONPathError as exc:
+            raise _assertion_issue(path, "property", f"Invalid JSONPath: {exc}") from None
+    if clean["comparison"] == "MATCHES":
+        try:
+            regex.compile(clean["target"])
+        except regex.error as exc:
+            raise _assertion_issue(path, "target", f"Invalid regular expression: {exc}") from None
+    elif not clean["target"] and clean["comparison"] not in _UNARY_COMPARISONS:
+        raise _assertion_issue(path, "target", f"{clean['comparison']} needs a target")
+    return clean
+
+
 ALL_TYPES = Names(MONITOR_TYPES)
 HTTP_TYPES = ("WEBSITE", "API")
 
@@ -1341,14 +1470,23 @@ MONITOR_FIELDS = (
     Field("requestHeaders", "string", maximum=16_384, check=valid_json_headers, kinds=HTTP_TYPES,
           doc="JSON string of custom headers"),
     Field("requestBody", "string", maximum=65_536, kinds=HTTP_TYPES, doc="Request body"),
+    Field("assertions", "array", default=[], maximum=50, items="object",
+          check=each(ASSERTION_FIELDS, "source", valid_assertion), kinds=HTTP_TYPES,
+          doc="Checks on the response, each {source, property, comparison, target}; any"
+          " failing one makes the check DOWN (see Assertions)"),
     Field("dnsRecord", "string", ("DNS",), choices=("A", "AAAA", "CNAME", "MX", "TXT"),
           kinds=("DNS",), doc="DNS record type"),
     Field("expectedIp", "string", maximum=255, check=valid_expected_ip, kinds=("DNS",),
           doc="Expected answer (an IP for A/AAAA)"),
     Field("gracePeriod", "integer", default=300, minimum="probes.min_interval", maximum=86_400,
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
+    Field("schedule", "string", maximum=200, check=valid_schedule, kinds=("CRON",),
+          doc="Cron expression (e.g. 0 3 * * *) or @daily/@hourly/...; replaces interval"),
+    Field("timezone", "string", maximum=64, check=valid_timezone, kinds=("CRON",),
+          doc="IANA zone of schedule (absent: UTC)"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
-          kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
+          kinds=("SSL_CERT", *HTTP_TYPES),
+          doc="Days before certificate expiry to warn (also for https WEBSITE/API monitors)"),
     Field("enabledWorkerRegionIds", "array", check=valid_regions, items="string",
           doc="Worker regions to probe from (absent or empty: every active region)"),
     Field("downQuorum", "integer", minimum=1, maximum=1000,
@@ -1370,6 +1508,10 @@ MONITOR_FIELDS = (
           doc="Check DNS blocklists"),
     Field("domainMonitorWhois", "boolean", default=True, kinds=("DOMAIN",),
           doc="Report registrar/status/nameserver changes"),
+    Field("tags", "array", default=[], maximum=20, check=valid_tags,
+          doc='Labels, each {"name", "color"} or a bare name ("prod"); list filter tag='),
+    Field("group", "string", minimum=1, maximum=100,
+          doc="Group name (list filter group=; status pages may show a whole group)"),
     Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
     Field("notifications", "array", check=valid_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
@@ -1703,6 +1845,11 @@ class Status(enum.StrEnum):
     UP = "UP"
     DOWN = "DOWN"
     DEGRADED = "DEGRADED"
+
+
+# What the API, status pages and badges show for a monitor while a maintenance window covers it
+# (the stored status, and so the status filter, stay the probe's).
+MAINTENANCE = "MAINTENANCE"
 
 
 @dataclass
@@ -2117,6 +2264,122 @@ def _request_headers(monitor: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
+# Assertions.  The body is read up to probes.max_body_bytes (the rest is never downloaded), so
+# TEXT_BODY / JSON_BODY see at most that much.  MATCHES runs in the ``regex`` package with a
+# timeout, in a worker thread (regex releases the GIL while matching), so a pattern that
+# backtracks without end gives up after _REGEX_TIMEOUT seconds and never stalls the event loop.
+
+_ACTUAL_CHARS = 200     # an assertion result shows this much of the actual value
+_REGEX_TIMEOUT = 0.25   # seconds one MATCHES may run
+
+
+class _AssertionProblem(Exception):
+    """An assertion that cannot be judged (a body that is not JSON, a runaway regex)."""
+
+
+@dataclass
+class _Seen:
+    """What assertions read from one response: the body as received (at most the cap),
+    decoded only when an assertion reads it."""
+
+    status_code: int
+    response_time: int
+    headers: httpx.Headers
+    raw: bytes
+    cap: int
+
+    @functools.cached_property
+    def text(self) -> str:
+        body = _decoded(self.raw, self.headers.get("content-encoding", ""), self.cap)
+        charset = httpx.Response(200, headers=self.headers).charset_encoding or "utf-8"
+        try:
+            return body.decode(charset, "replace")
+        except LookupError:
+            return body.decode("utf-8", "replace")
+
+    @functools.cached_property
+    def data(self) -> Any:
+        try:
+            return json.loads(self.text)
+        except ValueError:
+            raise _AssertionProblem("response body is not JSON") from None
+
+
+def _actual(assertion: dict[str, Any], seen: _Seen) -> Any:
+    """The value an assertion tests; a JSONPath matching several nodes gives their list."""
+    source = assertion["source"]
+    if source == "STATUS_CODE":
+        return seen.status_code
+    if source == "RESPONSE_TIME":
+        return seen.response_time
+    if source == "HEADERS":
+        return seen.headers.get(assertion["property"])
+    if source == "TEXT_BODY":
+        return seen.text
+    values = JSONPATH.find(assertion["property"], seen.data).values()
+    return values[0] if len(values) == 1 else (values or None)
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+async def _matches(pattern: str, text: str) -> bool:
+    def search() -> bool:
+        return regex.search(pattern, text, timeout=_REGEX_TIMEOUT, concurrent=True) is not None
+    try:
+        return await asyncio.to_thread(search)
+    except TimeoutError:
+        raise _AssertionProblem(f"regular expression gave up after {_REGEX_TIMEOUT} s") from None
+
+
+async def _compare(comparison: str, actual: Any, target: str) -> bool:
+    text, positive = _as_text(actual), comparison in ("EQUALS", "CONTAINS", "IS_EMPTY")
+    if comparison in ("EQUALS", "NOT_EQUALS"):
+        a, b = _number(actual), _number(target)
+        return (a == b if a is not None and b is not None else text == target) == positive
+    if comparison in ("CONTAINS", "NOT_CONTAINS"):
+        return (target in text) == positive
+    if comparison in _UNARY_COMPARISONS:
+        return (actual in (None, "", [], {})) == positive
+    if comparison == "MATCHES":
+        return await _matches(target, text)
+    a, b = _number(actual), _number(target)
+    if a is None or b is None:
+        raise _AssertionProblem(f"{comparison} needs numbers")
+    return a < b if comparison == "LESS_THAN" else a > b
+
+
+async def _assertion_result(assertion: dict[str, Any], seen: _Seen) -> dict[str, Any]:
+    """One assertion judged: passed, the actual value (cut) and why it could not be judged."""
+    result = {**assertion, "passed": False, "actual": None}
+    try:
+        actual = _actual(assertion, seen)
+        result["actual"] = None if actual is None else _as_text(actual)[:_ACTUAL_CHARS]
+        result["passed"] = await _compare(assertion["comparison"], actual, assertion["target"])
+    except _AssertionProblem as exc:
+        result["error"] = str(exc)
+    return result
+
+
+def _assertion_error(failed: list[dict[str, Any]]) -> str:
+    first = failed[0]
+    what = " ".join(p for p in (first["source"], first.get("property"), first["comparison"],
+                                repr(first["target"]) if first["target"] else "") if p)
+    why = first.get("error") or f"actual {first['actual']!r}"
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"assertion failed: {what}: {why}{more}"
+
+
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     """At most ``limit`` bytes of the raw body: reading stops there (the caller closes the
     connection), so an endless or huge answer costs a check no more than that."""
@@ -2129,9 +2392,68 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _decoded(raw: bytes, encoding: str, cap: int) -> bytes:
+    """A body without its Content-Encoding (gzip, deflate: what the probe accepts), never more
+    than ``cap`` bytes however well it compresses."""
+    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+        if coding == "identity":
+            continue
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise _AssertionProblem(f"response body has an unsupported encoding: {coding}")
+        try:  # 47: gzip or zlib header; a deflate body without one is raw deflate
+            raw = zlib.decompressobj(47 if coding != "deflate" or raw[:1] == b"x" else -15
+                                     ).decompress(raw, cap)
+        except zlib.error:
+            raise _AssertionProblem(f"response body is not valid {coding}") from None
+    return raw
+
+
+def _peer_der(response: httpx.Response) -> bytes | None:
+    """The server certificate of an https response (None over plain http)."""
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
+def _certificate_details(cert: dict[str, Any]) -> dict[str, Any]:
+    days = (cert["notAfter"] - datetime.now(timezone.utc)) // timedelta(days=1)
+    return {"daysRemaining": days, "issuer": cert["issuer"], "subject": cert["subject"],
+            "validFrom": cert["notBefore"].isoformat(), "validTo": cert["notAfter"].isoformat()}
+
+
+def _expiry_days(monitor: dict[str, Any]) -> int:
+    return monitor.get("sslCertExpiryDays") or _DEFAULT_EXPIRY_DAYS
+
+
+async def _judge_http(monitor: dict[str, Any], result: CheckResult, seen: _Seen,
+                      der: bytes | None) -> CheckResult:
+    """Status code rule, then assertions, then (https) the certificate's days remaining."""
+    expected, code = monitor.get("expectedStatusCode"), seen.status_code
+    problems: list[tuple[str, str, str]] = []
+    if not ((code == expected) if expected else (200 <= code < 400)):
+        problems.append((Status.DOWN, f"HTTP {code}, expected {expected or '2xx or 3xx'}",
+                         "SERVER_ERROR" if code >= 500 else "APPLICATION_ERROR"))
+    assertions = monitor.get("assertions") or []
+    if assertions:
+        results = [await _assertion_result(a, seen) for a in assertions]
+        result.details = {"assertionResults": results}
+        failed = [r for r in results if not r["passed"]]
+        if failed:
+            problems.append((Status.DOWN, _assertion_error(failed), "APPLICATION_ERROR"))
+    if der is not None:
+        with contextlib.suppress(ValueError):
+            cert = _certificate_details(_parse_certificate(der))
+            result.details = {**(result.details or {}), "certificate": cert}
+            if cert["daysRemaining"] < _expiry_days(monitor):
+                problems.append((Status.DEGRADED, f"certificate expires in {cert['daysRemaining']}"
+                                 " days", "SSL_CERTIFICATE"))
+    result.status, result.error, result.category = _verdict(problems)
+    return result
+
+
 async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
-    """WEBSITE and API: one request, body read to its end or ``probes.max_body_bytes``, judged
-    by the final status code.
+    """WEBSITE and API: one request, body read up to probes.max_body_bytes, judged by the
+    final status code, the monitor's assertions and (https) the certificate's expiry.
 
     Without ``expectedStatusCode`` any 2xx/3xx after following redirects is UP; an expected
     3xx is checked on the first answer, so redirects are not followed then."""
@@ -2161,7 +2483,8 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
             response = await ctx.http.send(request, stream=True,
                                            follow_redirects=not 300 <= (expected or 0) < 400)
             try:
-                await _read_capped(response, ctx.settings["max_body_bytes"])
+                der = _peer_der(response)
+                content = await _read_capped(response, ctx.settings["max_body_bytes"])
             finally:
                 await response.aclose()
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
@@ -2176,12 +2499,9 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
         ctx.forget_oauth2_token(auth)
-    if (code == expected) if expected else (200 <= code < 400):
-        return result
-    result.status = Status.DOWN
-    result.error = f"HTTP {code}, expected {expected or '2xx or 3xx'}"
-    result.category = "SERVER_ERROR" if code >= 500 else "APPLICATION_ERROR"
-    return result
+    seen = _Seen(code, result.response_time or 0, response.headers, content,
+                 ctx.settings["max_body_bytes"])
+    return await _judge_http(monitor, result, seen, der)
 
 
 # UDP has no handshake, so the rule is nmap's: a reply means open (UP); an ICMP port
@@ -2473,9 +2793,8 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     except ValueError as exc:
         return _down(str(exc), "SSL_CERTIFICATE", response_time=_elapsed_ms(started))
     now = datetime.now(timezone.utc)
-    days = (cert["notAfter"] - now) // timedelta(days=1)
-    details = {"daysRemaining": days, "issuer": cert["issuer"], "subject": cert["subject"],
-               "validFrom": cert["notBefore"].isoformat(), "validTo": cert["notAfter"].isoformat()}
+    details = _certificate_details(cert)
+    days = details["daysRemaining"]
     result = CheckResult(status=Status.DOWN, response_time=_elapsed_ms(started),
                          category="SSL_CERTIFICATE", details=details)
     if now >= cert["notAfter"]:
@@ -2486,7 +2805,7 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         result.error = f"certificate is for {cert['subject']!r}, not {host}"
     elif rejected is not None:
         result.error = f"certificate is not trusted: {rejected.verify_message}"
-    elif days < (monitor.get("sslCertExpiryDays") or _DEFAULT_EXPIRY_DAYS):
+    elif days < _expiry_days(monitor):
         result.status, result.error = Status.DEGRADED, f"certificate expires in {days} days"
     else:
         result.status, result.category = Status.UP, None
@@ -3321,17 +3640,18 @@ async def run_agent(cfg: dict[str, dict[str, Any]], server: str, token: str, sta
 
 
 def check_statements(monitor_id: str, region_id: str, result: CheckResult,
-                     checked_at: int, received_at: int | None = None,
+                     checked_at: int, maintenance: bool = False, received_at: int | None = None,
                      agent_at: int | None = None) -> list[Statement]:
     """The writes that store one check (schema triggers keep monitor_latest and counts);
-    an agent's check also carries when the server received it and the agent's own stamp."""
+    ``maintenance``: taken inside a maintenance window, so left out of uptime.  An agent's check
+    also carries when the server received it and the agent's own stamp."""
     return [(
         "INSERT INTO checks (monitor_id, region_id, status, response_time, status_code, error,"
-        " category, timings, details, checked_at, received_at, agent_checked_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " category, timings, details, checked_at, maintenance, received_at, agent_checked_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (monitor_id, region_id, result.status, result.response_time, result.status_code,
          result.error, result.category, json.dumps(result.timings) if result.timings else None,
-         json.dumps(result.details) if result.details else None, checked_at,
+         json.dumps(result.details) if result.details else None, checked_at, int(maintenance),
          checked_at if received_at is None else received_at, agent_at))]
 
 # Heartbeat deadlines
@@ -3349,8 +3669,8 @@ HEARTBEAT_KINDS = ("success", "start", "fail", "log")
 MISSED_HEARTBEAT = "missed heartbeat"
 JOB_NOT_COMPLETE = "job did not complete"
 HEARTBEAT_DEADLINES = (MISSED_HEARTBEAT, JOB_NOT_COMPLETE)  # the reasons a missed deadline gives
-_BEAT_COLUMNS = ("id, heartbeat_id, status, is_paused, is_active, interval, grace_period,"
-                 " last_success_at, job_started_at, updated_at")
+_BEAT_COLUMNS = ("id, account_id, heartbeat_id, status, is_paused, is_active, interval,"
+                 " grace_period, schedule, timezone, last_success_at, job_started_at, updated_at")
 
 
 @dataclass(eq=False)
@@ -3358,11 +3678,14 @@ class _Beat:
     """One CRON monitor as the heartbeat code needs it; ``stale`` until (re)loaded."""
 
     monitor_id: str
+    account_id: str = ""
     token: str | None = None
     status: str = Status.PENDING
     quiet: bool = True  # paused or inactive: pings are logged, the status never changes
     period_ms: int = 0
     grace_ms: int = 0
+    schedule: str | None = None  # a cron schedule replaces the period
+    zone: str | None = None
     last_success_at: int | None = None
     job_started_at: int | None = None
     edited_at: int = 0
@@ -3373,8 +3696,10 @@ class _Beat:
 
     def load(self, row: sqlite3.Row) -> None:
         self.token, self.status = row["heartbeat_id"], row["status"]
+        self.account_id = row["account_id"]
         self.quiet = bool(row["is_paused"]) or not row["is_active"]
         self.period_ms, self.grace_ms = row["interval"] * 1000, row["grace_period"] * 1000
+        self.schedule, self.zone = row["schedule"], row["timezone"]
         self.last_success_at, self.job_started_at = row["last_success_at"], row["job_started_at"]
         self.edited_at, self.stale = row["updated_at"], False
 
@@ -3391,8 +3716,10 @@ class _Beat:
             dues.append((max(self.job_started_at, self.edited_at) + self.grace_ms,
                          JOB_NOT_COMPLETE))
         if self.last_success_at is not None:
-            dues.append((max(self.last_success_at, self.edited_at) + self.period_ms
-                         + self.grace_ms, MISSED_HEARTBEAT))
+            since = max(self.last_success_at, self.edited_at)
+            expected = (next_scheduled_run(self.schedule, self.zone, since, self.grace_ms)
+                        if self.schedule else since + self.period_ms)
+            dues.append((expected + self.grace_ms, MISSED_HEARTBEAT))
         return min(dues, default=None)
 
     def reason(self, what: str) -> str:
@@ -3400,8 +3727,25 @@ class _Beat:
         grace = self.grace_ms // 1000
         if what == JOB_NOT_COMPLETE:
             return f"{what}: no success or fail within the {grace} s grace period after start"
+        if self.schedule:
+            return (f"{what}: no success ping for the scheduled run ({self.schedule},"
+                    f" {self.zone or 'UTC'}) + {grace} s grace period")
         return (f"{what}: no success ping within {self.period_ms // 1000} s interval"
                 f" + {grace} s grace period")
+
+
+def next_scheduled_run(schedule: str, zone: str | None, since: int, grace_ms: int) -> int:
+    """When the next run is expected (Unix ms, before the grace), after a success at ``since``.
+
+    A success counts for the scheduled time nearest to it: one up to ``grace_ms`` early, and
+    nearer the coming time than the last, is that coming run, done early; so an early run
+    does not make the monitor expect the same run again minutes later."""
+    upcoming = cron_times(schedule, zone, since)
+    coming = unix_ms(next(upcoming))
+    previous = unix_ms(next(cron_times(schedule, zone, since + 1000, reverse=True), None)
+                   or datetime.min.replace(tzinfo=timezone.utc))
+    early = coming - since <= grace_ms and coming - since < since - previous
+    return unix_ms(next(upcoming)) if early else coming
 
 
 class Heartbeats:
@@ -3547,8 +3891,9 @@ class Heartbeats:
         reason = beat.reason(what)
         result = CheckResult(Status.DOWN, error=reason, category="UNKNOWN",
                              details={"heartbeat": what})
-        statements = check_statements(beat.monitor_id, self.rt.cfg["region"]["id"], result,
-                                      due_at)
+        statements = check_statements(
+            beat.monitor_id, self.rt.cfg["region"]["id"], result, due_at,
+            self.rt.maintenance.active(beat.account_id, beat.monitor_id, due_at))
         statements += transition_statements(beat.monitor_id, beat.status, Status.DOWN, reason,
                                             due_at)
         if what == JOB_NOT_COMPLETE:
@@ -3638,7 +3983,9 @@ class Verdicts:
                    status: str, reason: str | None, received_at: int | None = None,
                    agent_at: int | None = None) -> list[Statement]:
         """The writes for one check of ``region`` whose verdict is then ``status``."""
-        statements = check_statements(monitor_id, region, result, at, received_at, agent_at)
+        statements = check_statements(monitor_id, region, result, at,
+                                      self.rt.maintenance.active_monitor(monitor_id, at),
+                                      received_at, agent_at)
         if self.statuses[monitor_id].get(region, Status.PENDING) != status:
             self.statuses[monitor_id][region] = status
             statements.append((
@@ -3981,8 +4328,10 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
 
 
 async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
-                              hold_ms: int) -> None:
-    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL)."""
+                              hold_ms: int, calendar: Maintenance | None = None) -> None:
+    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL).
+    Inside a suppressing maintenance window no incident opens and no alert is queued (an open
+    one may still resolve, silently)."""
     transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
                                   " AND processed_at IS NULL", (transition_id,))
     if transition is None:
@@ -3996,13 +4345,18 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
     incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
                                 " AND resolved_at IS NULL", (monitor["id"],))
     opened = resolved = False
+    quiet = calendar is not None and calendar.suppressing(monitor["account_id"], monitor["id"], at)
     if new == Status.DOWN and incident is None:
+        if quiet:
+            return
         incident, opened = await _open_incident(conn, monitor, transition), True
     elif new in (Status.UP, Status.DEGRADED) and incident is not None:
         took = human_duration((at - incident["started_at"]) / 1000)
         incident = await resolve_incident(conn, incident, at,
                                           f"{monitor['name']} is {new} again after {took}")
         resolved = True
+    if quiet:
+        return
     check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
                              " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     log.info("monitor %s (%s): %s \u2192 %s (%s)", monitor["name"], monitor["id"], old, new,
@@ -4030,7 +4384,7 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
     hold_ms = round(rt.cfg["notifications"]["storm_window"] * 1000)
     for row in pending:
         async with rt.db.transaction() as conn:
-            await _consume_transition(conn, row["id"], hold_ms)
+            await _consume_transition(conn, row["id"], hold_ms, rt.maintenance)
     return len(pending)
 
 
@@ -4281,6 +4635,219 @@ async def run_incidents(rt: Runtime) -> None:
             await asyncio.sleep(INCIDENT_POLL)
 
     await asyncio.gather(engine(), _delivery_loop(rt, wake))
+
+
+# Maintenance windows
+#
+# A window is one-off (startsAt..endsAt) or recurring: an RFC 5545 RRULE, evaluated by
+# python-dateutil, whose occurrences start at startsAt's wall-clock time in ``timezone`` and
+# last durationMinutes, so "every Sunday 03:00" stays 03:00 local across daylight-saving
+# changes.  Every window lives in memory (``Maintenance``), reloaded when the API changes one.
+# The prober and heartbeats ask it whether a check falls in a window (stored with
+# checks.maintenance = 1 and left out of uptime), the incident engine whether a transition's
+# incident and alerts are suppressed, and the window-end service opens, once, the incident of a
+# monitor still DOWN when a suppressing window ends (ends_handled_at makes "once" durable).
+
+MAINTENANCE_LOOKAHEAD_DAYS = 7  # status pages show windows starting this soon as scheduled
+_MAINTENANCE_IDLE = 60.0        # seconds the window-end service sleeps at most
+_RRULE_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
+
+
+def parse_moment(text: str, zone: zoneinfo.ZoneInfo) -> datetime:
+    """An ISO 8601 time, as a time in ``zone``; one without an offset is wall-clock time there."""
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(zone)
+
+
+def unix_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _wall(ms: int, zone: zoneinfo.ZoneInfo) -> datetime:
+    """Naive wall-clock time in ``zone`` of a Unix ms time (what the rrule iterates over)."""
+    return datetime.fromtimestamp(ms / 1000, zone).replace(tzinfo=None)
+
+
+def parse_rrule(text: str, start: datetime) -> dateutil.rrule.rrule:
+    """An RRULE whose occurrences begin at ``start`` (aware), iterated in its wall-clock time;
+    ValueError for anything but DAILY/WEEKLY/MONTHLY/YEARLY rules dateutil accepts."""
+    body = text.strip().removeprefix("RRULE:")
+    freq = re.search(r"(?:^|;)FREQ=([A-Z]+)", body.upper())
+    if not freq or freq.group(1) not in _RRULE_FREQS:
+        raise ValueError(f"FREQ must be one of {', '.join(_RRULE_FREQS)}")
+    until = re.search(r"UNTIL=(\d{8}T\d{6})Z", body, re.IGNORECASE)
+    if until:  # RFC 5545: UNTIL is UTC when DTSTART has a zone; the rule runs on wall-clock time
+        utc = datetime.strptime(until.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+        body = body.replace(until.group(0), f"UNTIL={utc.astimezone(start.tzinfo):%Y%m%dT%H%M%S}")
+    rule = dateutil.rrule.rrulestr(body, dtstart=start.replace(tzinfo=None), forceset=False)
+    if not isinstance(rule, dateutil.rrule.rrule):
+        raise ValueError("expected one RRULE")
+    return rule
+
+
+@dataclass
+class Window:
+    """One maintenance window, ready to answer "does it cover this monitor at this time"."""
+
+    id: str
+    account_id: str
+    title: str
+    description: str | None
+    monitor_ids: frozenset[str] | None  # None: all the team's monitors
+    suppress: bool
+    start: datetime
+    end: datetime | None
+    rule: dateutil.rrule.rrule | None
+    duration: timedelta
+    zone: zoneinfo.ZoneInfo
+    handled: int
+    updated_at: int
+    _day: tuple[int, int, list[tuple[int, int]]] = (0, 0, [])  # [lo, hi) and its occurrences
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Window:
+        zone = zoneinfo.ZoneInfo(row["timezone"])
+        start = parse_moment(row["starts_at"], zone)
+        end = parse_moment(row["ends_at"], zone) if row["ends_at"] else None
+        rule = parse_rrule(row["recurrence"], start) if row["recurrence"] else None
+        duration = (timedelta(minutes=row["duration_minutes"]) if rule is not None
+                    else (end or start) - start)
+        ids = json.loads(row["monitor_ids"]) if row["monitor_ids"] else None
+        return cls(row["id"], row["account_id"], row["title"], row["description"],
+                   None if ids is None else frozenset(ids), bool(row["suppress_alerts"]),
+                   start, end, rule, duration, zone, row["ends_handled_at"], row["updated_at"])
+
+    def covers(self, account_id: str, monitor_id: str) -> bool:
+        return account_id == self.account_id and (self.monitor_ids is None
+                                                  or monitor_id in self.monitor_ids)
+
+    def occurrences(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(start, end) in Unix ms of each occurrence overlapping [lo, hi), in order."""
+        if self.rule is None:
+            starts = [self.start]
+        else:  # a day's margin on each side absorbs any UTC offset; then filtered exactly
+            span = self.duration + timedelta(days=1)
+            starts = [t.replace(tzinfo=self.zone) for t in self.rule.between(
+                _wall(lo, self.zone) - span, _wall(hi, self.zone) + timedelta(days=1), inc=True)]
+        width = int(self.duration.total_seconds() * 1000)
+        spans = [(unix_ms(t), unix_ms(t) + width) for t in starts]
+        return [(a, b) for a, b in spans if a < hi and b > lo]
+
+    def running(self, at: int) -> bool:
+        """Whether an occurrence runs at ``at``; a day of occurrences is kept, so the prober's
+        many questions do not each walk the rule from its start."""
+        lo, hi, spans = self._day
+        if not lo <= at < hi:
+            lo, hi = at, at + DAY_MS
+            spans = self.occurrences(lo, hi)
+            self._day = (lo, hi, spans)
+        return any(a <= at < b for a, b in spans)
+
+
+class Maintenance:
+    """All maintenance windows in memory, and the clock they are judged by (tests move it)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.clock: Callable[[], int] = now_ms
+        self.windows: dict[str, Window] = {}
+        self.owners: dict[str, str] = {}  # monitor id -> its team, for checks that name none
+        self.owners_stale = False
+        self.wake = asyncio.Event()
+        rt.listeners.append(self._monitor_changed)
+
+    def _monitor_changed(self, monitor_id: str) -> None:
+        self.owners_stale = True
+        self.wake.set()
+
+    async def reload(self) -> None:
+        rows = await self.rt.db.fetchall("SELECT * FROM maintenance_windows")
+        self.windows = {row["id"]: Window.from_row(row) for row in rows}
+        await self.reload_owners()
+        self.wake.set()
+
+    async def reload_owners(self) -> None:
+        self.owners_stale = False
+        self.owners = {row[0]: row[1] for row in await self.rt.db.fetchall(
+            "SELECT id, account_id FROM monitors")}
+
+    def active_monitor(self, monitor_id: str, at: int) -> bool:
+        """Whether a window covers the monitor at ``at``, by its id alone (probes, agents)."""
+        account = self.owners.get(monitor_id)
+        return account is not None and self.active(account, monitor_id, at)
+
+    def covering(self, account_id: str, monitor_id: str, at: int) -> list[Window]:
+        """The windows covering the monitor at ``at``."""
+        return [w for w in self.windows.values()
+                if w.covers(account_id, monitor_id) and w.running(at)]
+
+    def active(self, account_id: str, monitor_id: str, at: int | None = None) -> bool:
+        return bool(self.covering(account_id, monitor_id, self.clock() if at is None else at))
+
+    def suppressing(self, account_id: str, monitor_id: str, at: int) -> bool:
+        return any(w.suppress for w in self.covering(account_id, monitor_id, at))
+
+    async def settle_ends(self) -> None:
+        """Act once on each occurrence that ended since its window was last looked at."""
+        now = self.clock()
+        for window in list(self.windows.values()):
+            ends = [b for _, b in window.occurrences(window.handled, now)
+                    if window.handled < b <= now]
+            if ends:
+                await self.ended(window, ends[-1], now)
+
+    async def ended(self, window: Window, end: int, now: int) -> None:
+        """Open the incident of every covered monitor still DOWN with none open (as a DOWN ->
+        DOWN transition at the window's end, for the incident engine); mark the end handled."""
+        statements: list[Statement] = []
+        if window.suppress:
+            rows = await self.rt.db.fetchall(
+                "SELECT id FROM monitors m WHERE account_id = ? AND status = 'DOWN'"
+                " AND is_paused = 0 AND NOT EXISTS (SELECT 1 FROM incidents i"
+                " WHERE i.monitor_id = m.id AND i.resolved_at IS NULL)", (window.account_id,))
+            reason = f"still down when maintenance window {window.title!r} ended"
+            statements = [("INSERT INTO status_transitions (monitor_id, old_status, new_status,"
+                           " reason, created_at) VALUES (?, 'DOWN', 'DOWN', ?, ?)",
+                           (row["id"], reason, end)) for row in rows
+                          if window.covers(window.account_id, row["id"])
+                          and not self._held(window, row["id"], end)]
+        statements.append(("UPDATE maintenance_windows SET ends_handled_at = ? WHERE id = ?",
+                           (now, window.id)))
+        await self.rt.db.write(statements)
+        window.handled = now
+
+    def _held(self, ending: Window, monitor_id: str, at: int) -> bool:
+        """Whether another suppressing window still covers the monitor (its end will act)."""
+        return any(w.suppress and w is not ending
+                   for w in self.covering(ending.account_id, monitor_id, at))
+
+    def next_boundary(self, now: int) -> int | None:
+        """The earliest start or end, after now, of an occurrence running now or starting soon."""
+        times = [t for w in self.windows.values()
+                 for span in w.occurrences(now, now + int(_MAINTENANCE_IDLE * 1000))
+                 for t in span if t > now]
+        return min(times, default=None)
+
+
+async def run_maintenance(rt: Runtime) -> None:
+    """The window service: wakes when a window starts or ends (or is edited), acts on ends, and
+    lets public pages show the change (their cache is dropped)."""
+    calendar = rt.maintenance
+    while True:
+        calendar.wake.clear()
+        try:
+            if calendar.owners_stale:
+                await calendar.reload_owners()
+            await calendar.settle_ends()
+        except Exception:
+            log.exception("maintenance window ends failed; retrying")
+        rt.public_cache.invalidate()
+        now = calendar.clock()
+        end = calendar.next_boundary(now)
+        timeout = _MAINTENANCE_IDLE if end is None else min(_MAINTENANCE_IDLE,
+                                                            (end - now) / 1000 + 0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(calendar.wake.wait(), timeout)
 
 # --- Notifiers ---
 #
@@ -5152,11 +5719,12 @@ def _rollup_source(bucket: str) -> _Source:
 
 
 SOURCES = {
-    "raw": _Source("checks", "checked_at", "1",
+    "raw": _Source("checks", "checked_at", "maintenance = 0",
                    "SUM(status = 'UP'), SUM(status = 'DOWN'), SUM(status = 'DEGRADED'),"
                    " SUM(CASE WHEN status != 'DOWN' THEN response_time END),"
                    " COUNT(CASE WHEN status != 'DOWN' THEN response_time END)",
-                   "checks", "status != 'DOWN' AND response_time IS NOT NULL", _HIST_INDEX,
+                   "checks", "status != 'DOWN' AND response_time IS NOT NULL AND maintenance = 0",
+                   _HIST_INDEX,
                    "COUNT(*)"),
     "h": _rollup_source("h"),
     "d": _rollup_source("d"),
@@ -5294,7 +5862,8 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
         marks = ",".join("?" * len(ids))
         for region, status, rt in await db.fetchall(
                 f"SELECT region_id, status, response_time FROM checks WHERE monitor_id IN"
-                f" ({marks}) AND checked_at >= ? AND checked_at < ?", [*ids, lo, hi]):
+                f" ({marks}) AND checked_at >= ? AND checked_at < ? AND maintenance = 0",
+                [*ids, lo, hi]):
             timed = status != Status.DOWN and rt is not None
             stats.add((status == Status.UP, status == Status.DOWN, status == Status.DEGRADED,
                        rt if timed else 0, timed))
@@ -5602,7 +6171,7 @@ MONITOR_STATUSES = tuple(Status)
 _SERVICE_RESTART_DELAY = 5.0
 SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
     run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression, run_verdicts,
-    run_regions)
+    run_regions, run_maintenance)
 
 
 class Runtime:
@@ -5622,6 +6191,7 @@ class Runtime:
         self._background: set[asyncio.Task[Any]] = set()
         self.settled_days: SettledDays = {}
         self.heartbeats = Heartbeats(self)
+        self.maintenance = Maintenance(self)
         self.verdicts = Verdicts(self)
         self.agent_sync = AgentSync(self)
         self.agent_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
@@ -5638,6 +6208,7 @@ class Runtime:
         self.secret = await server_secret(self.db)
         await self.load_regions()
         await self.verdicts.load()
+        await self.maintenance.reload()
         self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
         self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
 
@@ -5949,7 +6520,24 @@ MONITOR_QUERY = page_fields(
     MONITOR_SORTS, "createdAt",
     status=Field("status", "string", choices=MONITOR_STATUSES, doc="Status"),
     type=Field("type", "string", choices=ALL_TYPES, doc="Type"),
-    search=Field("search", "string", maximum=200, doc="Search names and URLs"))
+    search=Field("search", "string", maximum=200, doc="Search names and URLs"),
+    tag=Field("tag", "string", maximum=32, doc="Only monitors with this tag"),
+    group=Field("group", "string", maximum=100, doc="Only monitors in this group"))
+
+# Which monitors a tag or group filter selects (list filters, bulk pause/resume, status pages).
+_TAG_MATCH = ("EXISTS (SELECT 1 FROM json_each(tags)"
+              " WHERE json_extract(json_each.value, '$.name') = ?)")
+_GROUP_MATCH = '"group" = ?'
+
+
+def selection(query: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """SQL conditions and parameters for the ``tag`` and ``group`` in ``query``."""
+    where, params = [], []
+    for name, condition in (("tag", _TAG_MATCH), ("group", _GROUP_MATCH)):
+        if query.get(name):
+            where.append(condition)
+            params.append(query[name])
+    return where, params
 
 
 def _like(text: str) -> str:
@@ -6039,6 +6627,8 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     out = []
     for row in rows:
         record = monitor_record(row)
+        if rt.maintenance.active(row["account_id"], row["id"]):
+            record["status"] = MAINTENANCE
         heartbeat = record.pop("heartbeatId")
         record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
         record.update({
@@ -6090,7 +6680,8 @@ def _masked_value(value: Any) -> Any:
 # The team-owned tables a path id can name: table -> (path parameter, what errors call it).
 OWNED = {"monitors": ("monitorId", "Monitor"), "incidents": ("incidentId", "Incident"),
          "notification_channels": ("channelId", "Notification channel"),
-         "webhooks": ("webhookId", "Webhook"), "status_pages": ("statusPageId", "Status page")}
+         "webhooks": ("webhookId", "Webhook"), "status_pages": ("statusPageId", "Status page"),
+         "maintenance_windows": ("windowId", "Maintenance window")}
 
 
 # Private targets.  With ``allow_private_targets = false`` ([probes] for monitors,
@@ -6181,16 +6772,21 @@ def column_values(fields: Sequence[Field], clean: dict[str, Any]) -> dict[str, A
     return {f.column: stored(f, clean[f.name]) for f in fields if f.name in clean}
 
 
+def _quoted(column: str) -> str:
+    """A column name as an SQL identifier (``group`` is a keyword)."""
+    return f'"{column}"'
+
+
 def insert_statement(table: str, values: dict[str, Any]) -> Statement:
     """An INSERT of ``values`` (column names from the Field tables, never from a client)."""
-    return (f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-            list(values.values()))
+    return (f"INSERT INTO {table} ({', '.join(map(_quoted, values))})"
+            f" VALUES ({', '.join('?' * len(values))})", list(values.values()))
 
 
 def update_statement(table: str, row_id: str, values: dict[str, Any]) -> Statement:
     """An UPDATE of ``values`` on one row, stamping ``updated_at``."""
     values = {**values, "updated_at": now_ms()}
-    return (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in values)} WHERE id = ?",
+    return (f"UPDATE {table} SET {', '.join(f'{_quoted(c)} = ?' for c in values)} WHERE id = ?",
             [*values.values(), row_id])
 
 
@@ -6236,6 +6832,8 @@ async def list_monitors(call: Call) -> dict[str, Any]:
     if query["search"]:
         where.append("(name LIKE ? ESCAPE '\\' OR url LIKE ? ESCAPE '\\')")
         params += [_like(query["search"])] * 2
+    chosen, values = selection(query)
+    where, params = where + chosen, params + values
     clause = " AND ".join(where)
     total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
     order = f"{MONITOR_SORTS[query['sort']]} {query['order'].upper()}, id {query['order'].upper()}"
@@ -6316,6 +6914,50 @@ async def pause_monitor(call: Call) -> dict[str, Any]:
                            " WHERE id = ?", (now_ms(), row["id"]))
     call.rt.monitor_changed(row["id"])
     return {"id": row["id"], "isPaused": not row["is_paused"]}
+
+
+MONITOR_FILTER_FIELDS = (
+    Field("tag", "string", minimum=1, maximum=32, doc="Every monitor with this tag"),
+    Field("group", "string", minimum=1, maximum=100, doc="Every monitor in this group"),
+    Field("monitorIds", "array", maximum=1000, items="string", doc="These monitors"),
+)
+
+
+async def _pause_many(call: Call, paused: bool) -> dict[str, Any]:
+    """Pause or resume the team's monitors the body's filter selects (all filters given must
+    match); an empty filter is refused rather than taken as "everything"."""
+    query = validate(MONITOR_FILTER_FIELDS, await call.json(), call.env())
+    where, params = selection(query)
+    if query.get("monitorIds") is not None:
+        ids = [str(i) for i in query["monitorIds"]]
+        where.append(f"id IN ({','.join('?' * len(ids))})")
+        params += ids
+    if not where:
+        raise ValidationFailed([{"code": "custom", "path": [],
+                                 "message": "Give tag, group or monitorIds"}])
+    rows = await call.rt.db.fetchall(f"SELECT id FROM monitors WHERE account_id = ? AND"
+                                     f" {' AND '.join(where)} ORDER BY id", [call.team, *params])
+    ids = [row["id"] for row in rows]
+    await call.rt.db.write([(f"UPDATE monitors SET is_paused = ?, updated_at = ? WHERE id IN"
+                             f" ({','.join('?' * len(ids))})", (int(paused), now_ms(), *ids))])
+    for monitor_id in ids:
+        call.rt.monitor_changed(monitor_id)
+    return {"monitorIds": ids, "isPaused": paused}
+
+
+PAUSED_SHAPE = shape(monitorIds=["string"], isPaused="boolean")
+
+
+@api("/monitors/pause", "POST", body=MONITOR_FILTER_FIELDS, response=PAUSED_SHAPE)
+async def pause_monitors(call: Call) -> dict[str, Any]:
+    """Pause every monitor a tag, group or id list selects"""
+    return await _pause_many(call, True)
+
+
+@api("/monitors/resume", "POST", body=MONITOR_FILTER_FIELDS, response=PAUSED_SHAPE)
+async def resume_monitors(call: Call) -> dict[str, Any]:
+    """Resume every monitor a tag, group or id list selects"""
+    return await _pause_many(call, False)
 
 
 def regression_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -6400,7 +7042,8 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
 
 @dataclass(frozen=True)
 class Ping:
-    """One received ping: its kind, text, exit code, sender, time, and whether it is logged."""
+    """One received ping: its kind, text, exit code, sender, time, whether it is logged, and
+    whether it came inside a maintenance window (its check is then left out of uptime)."""
 
     kind: str
     message: str | None
@@ -6409,6 +7052,7 @@ class Ping:
     agent: str | None
     at: int
     logged: bool
+    maintenance: bool = False
 
 
 def ping_statements(beat: _Beat, ping: Ping, region: str) -> list[Statement]:
@@ -6432,7 +7076,7 @@ def ping_statements(beat: _Beat, ping: Ping, region: str) -> list[Statement]:
         details = {"heartbeat": ping.kind, "duration": duration, "exitCode": ping.exit_code}
         statements += check_statements(
             beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
-                                                 details=details), at)
+                                                 details=details), at, ping.maintenance)
         if changes:
             statements += transition_statements(beat.monitor_id, beat.status, spec.status,
                                                 error, at)
@@ -6473,7 +7117,9 @@ async def _ping(call: Call, kind: str, exit_code: int | None = None) -> Response
     async with beat.lock:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
-        ping = Ping(kind, message, exit_code, hb.source_ip(call.request), agent, now_ms(), logged)
+        at = now_ms()
+        ping = Ping(kind, message, exit_code, hb.source_ip(call.request), agent, at, logged,
+                    rt.maintenance.active(beat.account_id, beat.monitor_id, at))
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
     hb.schedule(beat)
@@ -6988,7 +7634,6 @@ async def list_channel_deliveries(call: Call) -> dict[str, Any]:
 # Status pages
 
 _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
-_HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -6998,14 +7643,6 @@ def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
         raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
                      " or ending with a hyphen", "invalid_string", validation="regex")
     return value
-
-
-def valid_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-    """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
-    if not _HEX_COLOR.fullmatch(value):
-        raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
-                     validation="regex")
-    return value.lower()
 
 
 def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
@@ -7027,11 +7664,24 @@ def valid_page_monitor_ids(value: list[Any], record: dict[str, Any],
     return list(dict.fromkeys(value))
 
 
+def valid_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+    """A page group lists monitorIds, or names one monitor group or tag, not both."""
+    if (clean.get("monitorGroup") or clean.get("monitorTag")) and (
+            clean.get("monitorIds") or (clean.get("monitorGroup") and clean.get("monitorTag"))):
+        raise ValidationFailed([{"code": "custom", "path": list(path),
+                                 "message": "Give monitorIds, monitorGroup or monitorTag"}])
+    return clean
+
+
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
     Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
           items="string",
           doc="The team's monitors in display order"),
+    Field("monitorGroup", "string", minimum=1, maximum=100,
+          doc="Instead of monitorIds: every monitor of this group, by name, as it is when shown"),
+    Field("monitorTag", "string", minimum=1, maximum=32,
+          doc="Instead of monitorIds: every monitor with this tag, by name, as it is when shown"),
 )
 
 STATUS_PAGE_FIELDS = (
@@ -7045,7 +7695,8 @@ STATUS_PAGE_FIELDS = (
     Field("faviconUrl", "string", maximum=2048, check=valid_url, doc="http(s) URL of the favicon"),
     Field("customDomain", "string", maximum=253, check=valid_custom_domain,
           doc="Hostname that serves the page at / (unique; 409 when taken)"),
-    Field("monitorGroups", "array", default=[], maximum=100, check=each(MONITOR_GROUP_FIELDS),
+    Field("monitorGroups", "array", default=[], maximum=100,
+          check=each(MONITOR_GROUP_FIELDS, then=valid_page_selector),
           doc="Groups of monitors, in display order"),
 )
 _PAGE_COLUMNS = tuple(f for f in STATUS_PAGE_FIELDS if f.name != "monitorGroups")
@@ -7064,29 +7715,52 @@ def status_page_json(row: sqlite3.Row, base_url: str) -> dict[str, Any]:
 
 PAGE_ROW_SHAPE = shape(fields_shape(_PAGE_COLUMNS), id="string", url="string",
                        createdAt="date-time", updatedAt="date-time")
+_PAGE_MONITOR_COLUMNS = "m.id, m.name, m.type, m.status, m.is_paused, m.is_active"
+
+
+def _page_monitor(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "type": row["type"], "status": row["status"],
+            "paused": bool(row["is_paused"]) or not row["is_active"]}
 
 
 async def page_groups(db: Database, page_id: str) -> list[dict[str, Any]]:
-    """A page's groups in order, each with its monitors (id, name, type, state) in order."""
+    """A page's groups in order, each with its monitors (id, name, type, state) in order; a
+    group naming a monitor group or tag gets that group's or tag's monitors now, by name."""
     groups: dict[str, dict[str, Any]] = {}
     for row in await db.fetchall(
-            "SELECT g.id AS group_id, g.name AS group_name, m.id, m.name, m.type, m.status,"
-            " m.is_paused, m.is_active FROM status_page_groups g"
-            " LEFT JOIN status_page_monitors s ON s.group_id = g.id"
-            " LEFT JOIN monitors m ON m.id = s.monitor_id"
-            " WHERE g.status_page_id = ? ORDER BY g.position, s.position", (page_id,)):
-        group = groups.setdefault(row["group_id"], {"name": row["group_name"], "monitors": []})
+            f"SELECT g.id AS group_id, g.name AS group_name, g.monitor_group, g.monitor_tag,"
+            f" p.account_id, {_PAGE_MONITOR_COLUMNS} FROM status_page_groups g"
+            f" JOIN status_pages p ON p.id = g.status_page_id"
+            f" LEFT JOIN status_page_monitors s ON s.group_id = g.id"
+            f" LEFT JOIN monitors m ON m.id = s.monitor_id"
+            f" WHERE g.status_page_id = ? ORDER BY g.position, s.position", (page_id,)):
+        group = groups.setdefault(row["group_id"], {
+            "name": row["group_name"], "monitorGroup": row["monitor_group"],
+            "monitorTag": row["monitor_tag"], "account": row["account_id"], "monitors": []})
         if row["id"] is not None:
-            group["monitors"].append({
-                "id": row["id"], "name": row["name"], "type": row["type"],
-                "status": row["status"], "paused": bool(row["is_paused"]) or not row["is_active"]})
+            group["monitors"].append(_page_monitor(row))
+    for group in groups.values():
+        account = group.pop("account")
+        where, params = selection({"group": group["monitorGroup"], "tag": group["monitorTag"]})
+        if where:
+            group["monitors"] = [_page_monitor(row) for row in await db.fetchall(
+                f"SELECT {_PAGE_MONITOR_COLUMNS} FROM monitors m WHERE account_id = ? AND"
+                f" {where[0]} ORDER BY name, id", [account, *params])]
     return list(groups.values())
+
+
+def _group_selector(group: dict[str, Any]) -> dict[str, Any]:
+    """A page group as it was set: its name and monitorIds, or its monitorGroup / monitorTag."""
+    dynamic = group["monitorGroup"] or group["monitorTag"]
+    return {"name": group["name"],
+            "monitorIds": [] if dynamic else [m["id"] for m in group["monitors"]],
+            "monitorGroup": group["monitorGroup"], "monitorTag": group["monitorTag"]}
 
 
 async def _status_page_response(call: Call, row: sqlite3.Row) -> dict[str, Any]:
     out = status_page_json(row, call.rt.cfg["server"]["base_url"])
     out["monitorGroups"] = [
-        {"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]],
+        {**_group_selector(g),
          "monitors": [{k: m[k] for k in ("id", "name", "type", "status")} for m in g["monitors"]]}
         for g in await page_groups(call.rt.db, row["id"])]
     return out
@@ -7117,8 +7791,10 @@ async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, 
     await conn.execute("DELETE FROM status_page_groups WHERE status_page_id = ?", (page_id,))
     for position, group in enumerate(clean["monitorGroups"] or []):
         group_id = new_id("spg")
-        await conn.execute("INSERT INTO status_page_groups (id, status_page_id, name, position)"
-                           " VALUES (?, ?, ?, ?)", (group_id, page_id, group["name"], position))
+        await conn.execute("INSERT INTO status_page_groups (id, status_page_id, name, position,"
+                           " monitor_group, monitor_tag) VALUES (?, ?, ?, ?, ?, ?)",
+                           (group_id, page_id, group["name"], position, group.get("monitorGroup"),
+                            group.get("monitorTag")))
         await conn.executemany(
             "INSERT INTO status_page_monitors (group_id, monitor_id, position) VALUES (?, ?, ?)",
             [(group_id, monitor_id, i) for i, monitor_id in enumerate(group["monitorIds"] or [])])
@@ -7155,7 +7831,7 @@ async def create_status_page(call: Call) -> Response:
 async def update_status_page(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "status_pages")
     existing = status_page_json(row, "")
-    existing["monitorGroups"] = [{"name": g["name"], "monitorIds": [m["id"] for m in g["monitors"]]}
+    existing["monitorGroups"] = [_group_selector(g)
                                  for g in await page_groups(call.rt.db, row["id"])]
     body = await call.json()
     clean = validate(STATUS_PAGE_FIELDS, body, await _page_env(call), existing=existing)
@@ -7170,6 +7846,141 @@ async def delete_status_page(call: Call) -> dict[str, Any]:
     async with call.rt.db.transaction() as conn:
         await conn.execute("DELETE FROM status_pages WHERE id = ?", (row["id"],))
     return {"success": True, "message": "Status page deleted successfully"}
+
+
+# Maintenance windows (see "Maintenance windows" under Incidents for what they do)
+
+def valid_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An ISO 8601 date-time; one without an offset is wall-clock time in ``timezone``."""
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise _Issue("Invalid datetime: expected ISO 8601 such as 2026-01-04T03:00:00Z",
+                     "invalid_string", validation="datetime") from None
+    return value
+
+
+def valid_recurrence(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    """An RFC 5545 RRULE (DAILY, WEEKLY, MONTHLY or YEARLY) that python-dateutil accepts."""
+    try:
+        zone = zoneinfo.ZoneInfo(record.get("timezone") or "UTC")
+        parse_rrule(value, parse_moment(record.get("startsAt") or "", zone))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Issue(f"Invalid recurrence: {exc}") from None
+    return value
+
+
+MAINTENANCE_FIELDS = (
+    Field("title", "string", True, minimum=1, maximum=255, doc="Shown on status pages"),
+    Field("description", "string", maximum=2000, doc="Shown on status pages"),
+    Field("startsAt", "string", True, maximum=64, check=valid_moment,
+          doc="ISO 8601 start (recurring: the first occurrence; no offset = local in timezone)"),
+    Field("endsAt", "string", maximum=64, check=valid_moment,
+          doc="ISO 8601 end of a one-off window (give endsAt or recurrence)"),
+    Field("recurrence", "string", maximum=500, check=valid_recurrence,
+          doc="RFC 5545 RRULE, e.g. FREQ=WEEKLY;BYDAY=SU (FREQ DAILY/WEEKLY/MONTHLY/YEARLY)"),
+    Field("timezone", "string", default="UTC", check=valid_timezone,
+          doc="IANA zone the recurrence (and offset-less times) follow"),
+    Field("durationMinutes", "integer", minimum=1, maximum=10_080,
+          doc="Length of each occurrence of a recurring window"),
+    Field("monitorIds", "array", maximum=1000, check=valid_page_monitor_ids, items="string",
+          doc="Monitors it covers (null or absent: all the team's monitors)"),
+    Field("suppressAlerts", "boolean", default=True,
+          doc="No incident and no alert while it runs (false: only status and uptime change)"),
+)
+
+
+def _window_rules(record: dict[str, Any]) -> None:
+    """One-off windows need an end after their start; recurring ones a duration."""
+    problem = None
+    if record.get("recurrence"):
+        if not record.get("durationMinutes"):
+            problem = ("durationMinutes", "A recurring window needs durationMinutes")
+    elif not record.get("endsAt"):
+        problem = ("endsAt", "Give endsAt, or recurrence with durationMinutes")
+    else:
+        zone = zoneinfo.ZoneInfo(record.get("timezone") or "UTC")
+        if parse_moment(record["endsAt"], zone) <= parse_moment(record["startsAt"], zone):
+            problem = ("endsAt", "endsAt must be after startsAt")
+    if problem:
+        raise ValidationFailed([{"code": "custom", "path": [problem[0]], "message": problem[1]}])
+
+
+def window_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
+    """A window as the API shows it, with whether it runs now and its current or next
+    occurrence (within a year)."""
+    out: dict[str, Any] = {"id": row["id"]}
+    for field in MAINTENANCE_FIELDS:
+        value = row[field.column]
+        if field.kind in _JSON_KINDS and value is not None:
+            value = json.loads(value)
+        out[field.name] = bool(value) if field.kind == "boolean" else value
+    now = rt.maintenance.clock()
+    spans = Window.from_row(row).occurrences(now, now + 366 * DAY_MS)[:1]
+    out.update({"active": bool(spans) and spans[0][0] <= now,
+                "nextOccurrence": {"startsAt": iso(spans[0][0]), "endsAt": iso(spans[0][1])}
+                if spans else None,
+                "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"])})
+    return out
+
+
+WINDOW_SHAPE = shape(
+    fields_shape(MAINTENANCE_FIELDS), id="string", active="boolean",
+    nextOccurrence=nullable(shape(startsAt="date-time", endsAt="date-time")),
+    createdAt="date-time", updatedAt="date-time")
+
+
+async def _window_response(call: Call, window_id: str | None = None) -> dict[str, Any]:
+    return window_json(call.rt, await load_owned(call, "maintenance_windows", window_id))
+
+
+@api("/maintenance-windows", "GET", response=shape(maintenanceWindows=[WINDOW_SHAPE]))
+async def list_maintenance_windows(call: Call) -> dict[str, Any]:
+    rows = await call.rt.db.fetchall("SELECT * FROM maintenance_windows WHERE account_id = ?"
+                                     " ORDER BY created_at, id", (call.team,))
+    return {"maintenanceWindows": [window_json(call.rt, row) for row in rows]}
+
+
+@api("/maintenance-windows/{windowId}", "GET", response=WINDOW_SHAPE)
+async def get_maintenance_window(call: Call) -> dict[str, Any]:
+    return await _window_response(call)
+
+
+@api("/maintenance-windows", "POST", body=MAINTENANCE_FIELDS, response=WINDOW_SHAPE,
+     status=(201,))
+async def create_maintenance_window(call: Call) -> Response:
+    clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call))
+    _window_rules(clean)
+    row = await create_owned(call, "maintenance_windows", "mw", {
+        **column_values(MAINTENANCE_FIELDS, clean), "ends_handled_at": call.rt.maintenance.clock()})
+    await call.rt.maintenance.reload()
+    return JSONResponse(window_json(call.rt, row), 201)
+
+
+@api("/maintenance-windows/{windowId}", "PUT", body=MAINTENANCE_FIELDS, response=WINDOW_SHAPE)
+async def update_maintenance_window(call: Call) -> dict[str, Any]:
+    row = await load_owned(call, "maintenance_windows")
+    existing = {k: v for k, v in window_json(call.rt, row).items()
+                if k in {f.name for f in MAINTENANCE_FIELDS}}
+    clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call),
+                     existing=existing)
+    _window_rules({**existing, **clean})
+    await call.rt.db.write([update_statement("maintenance_windows", row["id"],
+                                             column_values(MAINTENANCE_FIELDS, clean))])
+    await call.rt.maintenance.reload()
+    return await _window_response(call, row["id"])
+
+
+@api("/maintenance-windows/{windowId}", "DELETE", response=DELETED)
+async def delete_maintenance_window(call: Call) -> dict[str, Any]:
+    row = await load_owned(call, "maintenance_windows")
+    calendar, now = call.rt.maintenance, call.rt.maintenance.clock()
+    window = calendar.windows.get(row["id"])
+    if window is not None and window.running(now):  # deleting a running window ends it now
+        await calendar.ended(window, now, now)
+    await call.rt.db.write([("DELETE FROM maintenance_windows WHERE id = ?", (row["id"],))])
+    await call.rt.maintenance.reload()
+    return {"success": True, "message": "Maintenance window deleted successfully"}
 
 
 # Analytics
@@ -7622,18 +8433,6 @@ LANGUAGES = tuple(
     "oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss "
     "st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo "
     "za zh zu".split())  # ISO 639-1
-
-
-@functools.cache
-def _timezones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-    """An IANA zone name, as the system's tz database knows them."""
-    if value not in _timezones():
-        raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
-    return value
 
 
 def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
@@ -8197,7 +8996,7 @@ BANNERS = {"major_outage": ("Major outage", "#b91c1c"),
 # A monitor's current state as text and a colour class (PAUSED: paused or inactive).
 MONITOR_STATES = {"UP": ("Operational", "up"), "DEGRADED": ("Degraded performance", "degraded"),
                   "DOWN": ("Outage", "down"), "PENDING": ("No data yet", "none"),
-                  "PAUSED": ("Paused", "none")}
+                  "PAUSED": ("Paused", "none"), "MAINTENANCE": ("Under maintenance", "none")}
 
 # A day's bar cell by its uptime: (lowest uptime %, class, colour, label); colours are >= 3:1
 # against white.  Days without checks are NO_DATA.
@@ -8220,9 +9019,11 @@ def monitor_state(monitor: dict[str, Any]) -> str:
 
 
 def overall_status(monitors: Sequence[dict[str, Any]]) -> str:
-    """The banner's indicator.  Only reporting monitors (not paused, not PENDING) count: more
+    """The banner's indicator.  Only reporting monitors (not paused, PENDING or in maintenance)
+    count: more
     than half DOWN is a major outage, any DOWN a partial outage, any DEGRADED degraded."""
-    states = [monitor_state(m) for m in monitors if monitor_state(m) not in ("PAUSED", "PENDING")]
+    states = [monitor_state(m) for m in monitors
+              if monitor_state(m) not in ("PAUSED", "PENDING", "MAINTENANCE")]
     down = states.count("DOWN")
     if down and down * 2 > len(states):
         return "major_outage"
@@ -8312,10 +9113,30 @@ async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: st
              "updates": updates[row["id"]]} for row in rows]
 
 
+def page_maintenance(rt: Runtime, account_id: str, monitor_ids: Sequence[str]
+                     ) -> list[dict[str, Any]]:
+    """The maintenance windows covering any of ``monitor_ids`` that run now or start within
+    MAINTENANCE_LOOKAHEAD_DAYS (their next occurrence), soonest first."""
+    now, out = rt.maintenance.clock(), []
+    for window in rt.maintenance.windows.values():
+        if not any(window.covers(account_id, m) for m in monitor_ids):
+            continue
+        for start, end in window.occurrences(now, now + MAINTENANCE_LOOKAHEAD_DAYS * DAY_MS)[:1]:
+            out.append({"id": window.id, "title": window.title,
+                        "description": window.description, "startsAt": start, "endsAt": end,
+                        "state": "in_progress" if start <= now else "scheduled",
+                        "updatedAt": window.updated_at})
+    return sorted(out, key=lambda w: (w["startsAt"], w["id"]))
+
+
 async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
-    """Everything the page and its JSON show, read once: groups with 90-day days, incidents."""
+    """Everything the page and its JSON show, read once: groups with 90-day days, incidents,
+    maintenance."""
     groups = await page_groups(rt.db, page["id"])
     monitors = {m["id"]: m for g in groups for m in g["monitors"]}
+    for monitor in monitors.values():
+        if rt.maintenance.active(page["account_id"], monitor["id"]):
+            monitor["status"] = MAINTENANCE
     stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS, rt.settled_days)
     regions = await region_verdicts(rt.db, list(monitors))
     for monitor in (m for g in groups for m in g["monitors"]):
@@ -8327,6 +9148,7 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
                                      "i.resolved_at IS NULL OR i.resolved_at >= ?",
                                      [now_ms() - PAST_INCIDENT_DAYS * DAY_MS])
     return {"page": page, "groups": groups, "status": overall_status(list(monitors.values())),
+            "maintenance": page_maintenance(rt, page["account_id"], list(monitors)),
             "active": [i for i in incidents if i["resolvedAt"] is None],
             "past": [i for i in incidents if i["resolvedAt"] is not None]}
 
@@ -8346,6 +9168,11 @@ async def region_verdicts(db: Database, monitor_ids: Sequence[str]
 
 def _page_base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
+
+
+def _maintenance_json(window: dict[str, Any]) -> dict[str, Any]:
+    return {**window, "startsAt": iso(window["startsAt"]), "endsAt": iso(window["endsAt"]),
+            "updatedAt": iso(window["updatedAt"])}
 
 
 def _incident_json(incident: dict[str, Any]) -> dict[str, Any]:
@@ -8500,6 +9327,14 @@ def _incident_html(incident: dict[str, Any]) -> str:
             (f'<ol class="updates">{updates}</ol>' if updates else "") + "</article>")
 
 
+def _maintenance_html(window: dict[str, Any]) -> str:
+    state = "In progress" if window["state"] == "in_progress" else "Scheduled"
+    description = f'<p>{_esc(window["description"])}</p>' if window["description"] else ""
+    return (f'<article class="card maintenance"><h3>{_esc(window["title"])} ({state.lower()})'
+            f'</h3><p class="meta">{state}: {_when(window["startsAt"])} to '
+            f'{_when(window["endsAt"])}</p>{description}</article>')
+
+
 def render_page(view: dict[str, Any]) -> str:
     """The public status page as one HTML document (inline CSS, no scripts)."""
     page = view["page"]
@@ -8527,6 +9362,10 @@ def render_page(view: dict[str, Any]) -> str:
             or f'<p class="empty">No incidents in the last {PAST_INCIDENT_DAYS} days.</p>')
     active_section = (f'<section aria-labelledby="active-h"><h2 id="active-h">Active incidents'
                       f'</h2>{active}</section>' if active else "")
+    maintenance = "".join(_maintenance_html(w) for w in view["maintenance"])
+    if maintenance:
+        active_section += (f'<section aria-labelledby="maint-h"><h2 id="maint-h">Scheduled'
+                           f' maintenance</h2>{maintenance}</section>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -8709,20 +9548,35 @@ async def page_summary(request: Request) -> Response:
             {"id": m["id"], "name": m["name"], "status": monitor_state(m),
              "uptime90d": m["uptime"], "regions": m["regions"]}
             for m in g["monitors"]]} for g in view["groups"]],
+        "maintenance": [_maintenance_json(w) for w in view["maintenance"]],
         "activeIncidents": [_incident_json(i) for i in view["active"]],
         "recentIncidents": [_incident_json(i) for i in view["past"]],
         "updatedAt": iso(now_ms())})
 
 
+def _maintenance_entry(window: dict[str, Any], url: str) -> str:
+    """A maintenance window's occurrence as an Atom entry (scheduled, or in progress)."""
+    state = "in progress" if window["state"] == "in_progress" else "scheduled"
+    lines = [f"Maintenance {state}: {_when(window['startsAt'])} to {_when(window['endsAt'])}.",
+             *([window["description"]] if window["description"] else [])]
+    return (f"<entry><id>urn:statusapp:maintenance:{_esc(window['id'])}:{window['startsAt']}"
+            f"</id><title>Maintenance: {_esc(window['title'])} ({state})</title>"
+            f"<updated>{iso(window['updatedAt'])}</updated>"
+            f'<link rel="alternate" href="{_esc(url)}"/>'
+            f'<content type="text">{_esc(chr(10).join(lines))}</content></entry>')
+
+
 async def page_feed(request: Request) -> Response:
-    """``/status/{slug}/feed.atom``: the newest incidents of the page's monitors as Atom."""
+    """``/status/{slug}/feed.atom``: the newest incidents of the page's monitors, and its
+    scheduled and running maintenance windows, as Atom."""
     rt: Runtime = request.app.state.statusapp
     page = await _public_page(rt, "slug", request.path_params["slug"])
     monitor_ids = list(dict.fromkeys(m["id"] for g in await page_groups(rt.db, page["id"])
                                      for m in g["monitors"]))
     incidents = await page_incidents(rt.db, monitor_ids, "1", [], FEED_ENTRIES)
     url = f"{_page_base(request)}/status/{page['slug']}"
-    entries = []
+    windows = page_maintenance(rt, page["account_id"], monitor_ids)
+    entries = [_maintenance_entry(window, url) for window in windows]
     for incident in incidents:
         times = [incident["startedAt"], incident["resolvedAt"] or 0,
                  *(u["createdAt"] for u in incident["updates"])]
@@ -8740,7 +9594,8 @@ async def page_feed(request: Request) -> Response:
             f"<published>{iso(incident['startedAt'])}</published>"
             f'<link rel="alternate" href="{_esc(url)}"/>'
             f'<content type="text">{_esc(chr(10).join(lines))}</content></entry>')
-    updated = max([page["updated_at"], *(i["startedAt"] for i in incidents),
+    updated = max([page["updated_at"], *(w["updatedAt"] for w in windows),
+                   *(i["startedAt"] for i in incidents),
                    *(i["resolvedAt"] or 0 for i in incidents),
                    *(u["createdAt"] for i in incidents for u in i["updates"])])
     body = (f'<?xml version="1.0" encoding="utf-8"?>\n'
@@ -8759,7 +9614,7 @@ BADGE_QUERY = (Field("period", "string", default="30d", choices=("1h", "24h", "7
 _BADGE_HOURS = {"1h": 1, "24h": 24}
 BADGE_STATES = {"UP": ("up", "#4c1"), "DEGRADED": ("degraded", "#dfb317"),
                 "DOWN": ("down", "#e05d44"), "PENDING": ("pending", "#9f9f9f"),
-                "PAUSED": ("paused", "#9f9f9f")}
+                "PAUSED": ("paused", "#9f9f9f"), "MAINTENANCE": ("maintenance", "#007ec6")}
 # The uptime badge's colour: (lowest uptime %, colour).
 BADGE_UPTIME = ((99.9, "#4c1"), (99.0, "#97ca00"), (95.0, "#dfb317"), (90.0, "#fe7d37"),
                 (0.0, "#e05d44"))
@@ -8793,12 +9648,17 @@ def badge_svg(label: str, message: str, colour: str, title: str) -> str:
 
 
 async def _badge_monitor(request: Request) -> sqlite3.Row:
-    """The monitor, if it is on at least one public page; else 404."""
+    """The monitor, if it is on at least one public page (listed, or in a group or tag a page
+    shows); else 404."""
     rt: Runtime = request.app.state.statusapp
     row = await rt.db.fetchone(
-        "SELECT * FROM monitors m WHERE id = ? AND EXISTS (SELECT 1 FROM status_page_monitors s"
+        "SELECT * FROM monitors m WHERE id = ? AND (EXISTS (SELECT 1 FROM status_page_monitors s"
         " JOIN status_page_groups g ON g.id = s.group_id JOIN status_pages p"
-        " ON p.id = g.status_page_id WHERE s.monitor_id = m.id AND p.is_public = 1)",
+        " ON p.id = g.status_page_id WHERE s.monitor_id = m.id AND p.is_public = 1)"
+        " OR EXISTS (SELECT 1 FROM status_page_groups g JOIN status_pages p"
+        " ON p.id = g.status_page_id WHERE p.is_public = 1 AND p.account_id = m.account_id"
+        " AND (g.monitor_group = m.\"group\" OR g.monitor_tag IN"
+        " (SELECT json_extract(value, '$.name') FROM json_each(m.tags)))))",
         (request.path_params["monitorId"],))
     if row is None:
         raise NotFound("Badge not found", "the monitor is on no public status page")
@@ -8811,7 +9671,9 @@ def _badge_response(svg: str) -> Response:
 
 async def badge_status(request: Request) -> Response:
     row = await _badge_monitor(request)
-    state = "PAUSED" if row["is_paused"] or not row["is_active"] else row["status"]
+    rt: Runtime = request.app.state.statusapp
+    state = ("PAUSED" if row["is_paused"] or not row["is_active"] else "MAINTENANCE"
+             if rt.maintenance.active(row["account_id"], row["id"]) else row["status"])
     message, colour = BADGE_STATES[state]
     return _badge_response(badge_svg("status", message, colour, f"{row['name']}: {message}"))
 
@@ -8824,7 +9686,7 @@ async def badge_uptime(request: Request) -> Response:
     if period in _BADGE_HOURS:
         counts = await rt.db.fetchrow(
             "SELECT COALESCE(SUM(status IN ('UP', 'DEGRADED')), 0), COUNT(*) FROM checks"
-            " WHERE monitor_id = ? AND checked_at >= ?",
+            " WHERE monitor_id = ? AND checked_at >= ? AND maintenance = 0",
             (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
         uptime = uptime_percent(counts[0], counts[1])
     else:

@@ -41,6 +41,7 @@ import base64
 import contextlib
 import datetime as dt
 import email
+import gzip
 import email.policy
 import hashlib
 import hmac
@@ -590,6 +591,59 @@ def test_pause_toggles_and_delete_cascades(cfg, client):
     assert sql(cfg, "SELECT COUNT(*) FROM monitor_notifications") == [(0,)]
 
 
+def test_tags_and_groups_filter_the_list_and_pause_resume_in_bulk(cfg, client):
+    web = create(client, name="web", tags=["prod", {"name": "edge", "color": "#FF0000"}],
+                 group="Frontend")
+    api = create(client, name="api", tags=[{"name": "prod"}], group="Backend")
+    lab = create(client, name="lab", tags=["test"])
+    assert web["tags"] == [{"name": "prod", "color": None}, {"name": "edge", "color": "#ff0000"}]
+    assert (web["group"], lab["group"]) == ("Frontend", None)
+
+    def names(**query) -> list[str]:
+        listed = client.get("/api/v1/monitors", params={"sort": "name", "order": "asc", **query})
+        return [m["name"] for m in listed.json()["monitors"]]
+    assert names(tag="prod") == ["api", "web"]
+    assert names(tag="edge") == ["web"] and names(group="Backend") == ["api"]
+    assert names(tag="prod", group="Frontend") == ["web"] and names(tag="nope") == []
+
+    paused = client.post("/api/v1/monitors/pause", json={"tag": "prod"})
+    assert paused.json() == {"monitorIds": sorted([web["id"], api["id"]]), "isPaused": True}
+    assert sql(cfg, "SELECT name FROM monitors WHERE is_paused = 1 ORDER BY name") == \
+        [("api",), ("web",)]
+    resumed = client.post("/api/v1/monitors/resume", json={"group": "Backend"})
+    assert resumed.json() == {"monitorIds": [api["id"]], "isPaused": False}
+    assert sql(cfg, "SELECT name FROM monitors WHERE is_paused = 1") == [("web",)]
+    assert client.post("/api/v1/monitors/pause", json={}).status_code == 400
+    for bad in ([{"name": "x", "color": "red"}], ["a", "a"], [""], [5]):
+        assert client.post("/api/v1/monitors", json={"name": "b", "url": "http://127.0.0.1:9/",
+                                                     "tags": bad}).status_code == 400, bad
+
+
+def test_status_page_can_show_a_monitor_group_or_a_tag(client):
+    db = create(client, name="db", group="Backend")
+    create(client, name="cache", group="Backend", tags=["public"])
+    hidden = create(client, name="hidden")
+    assert client.get(f"/badge/{db['id']}/status.svg").status_code == 404
+    page = client.post("/api/v1/status-pages", json={
+        "name": "Svc", "slug": "svc", "monitorGroups": [
+            {"name": "Backend", "monitorGroup": "Backend"},
+            {"name": "Public", "monitorTag": "public"}]})
+    assert page.status_code == 201, page.text
+    assert [(g["monitorGroup"], g["monitorTag"], g["monitorIds"])
+            for g in page.json()["monitorGroups"]] == [("Backend", None, []), (None, "public", [])]
+    create(client, name="queue", group="Backend")  # joins the page without editing it
+    shown = client.get("/status/svc.json").json()["groups"]
+    assert [[m["name"] for m in g["monitors"]] for g in shown] == [["cache", "db", "queue"],
+                                                                  ["cache"]]
+    assert client.get(f"/badge/{db['id']}/status.svg").status_code == 200
+    assert client.get(f"/badge/{hidden['id']}/status.svg").status_code == 404
+    renamed = client.put(f"/api/v1/status-pages/{page.json()['id']}", json={"name": "Services"})
+    assert renamed.json()["monitorGroups"][0]["monitorGroup"] == "Backend"
+    both = client.post("/api/v1/status-pages", json={"name": "x", "slug": "x", "monitorGroups": [
+        {"name": "g", "monitorGroup": "Backend", "monitorTag": "public"}]})
+    assert both.status_code == 400
+
+
 def test_regression_settings(client):
     monitor = create(client)
     path = f"/api/v1/monitors/{monitor['id']}/regression"
@@ -849,7 +903,9 @@ def _schemathesis_ids(srv: Server, api: httpx.Client) -> dict[str, str]:
     page = api.post("/status-pages", json={"name": "p", "slug": "st-page"}).json()
     invite = api.post("/team/members", json={"email": "st@example.test", "role": "MEMBER"}).json()
     key = api.post("/account/api-keys", json={"name": "k"}).json()
-    return {"monitorId": monitor["id"], "heartbeatId": cron["heartbeatUrl"].rsplit("/", 1)[1],
+    window = api.post("/maintenance-windows", json={
+        "title": "w", "startsAt": "2030-01-01T00:00:00Z", "endsAt": "2030-01-01T01:00:00Z"}).json()
+    return {"windowId": window["id"], "monitorId": monitor["id"], "heartbeatId": cron["heartbeatUrl"].rsplit("/", 1)[1],
             "incidentId": "inc_st", "channelId": channel["id"], "webhookId": webhook["id"],
             "statusPageId": page["id"], "memberId": invite["id"], "keyId": key["id"],
             "token": invite["invitationToken"]}
@@ -1078,8 +1134,15 @@ def _stop(*servers: socketserver.BaseServer) -> None:
         server.server_close()
 
 
+_JSON_DOC = {"status": "ok", "count": 3, "items": [{"ok": True, "name": "a"}, {"ok": False}],
+             "empty": [], "note": None}
+_GZIP_JSON = gzip.compress(json.dumps(_JSON_DOC).encode())
+_GZIP_BOMB = gzip.compress(b"a" * 20_000_000 + b"END")  # 20 MB in about 20 KB
+
+
 class _HTTPHandler(http.server.BaseHTTPRequestHandler):
-    """/ok /error /missing /slow /delay /redirect /echo /protected /token /rdap/domain/NAME."""
+    """/ok /error /missing /slow /delay /redirect /echo /protected /token /rdap/domain/NAME,
+    /json (a JSON document with an X-Version header), /html (an error page) and /big."""
 
     protocol_version = "HTTP/1.1"  # keeps connections open, so reuse by the client would show
     seen: list[dict] = []
@@ -1116,6 +1179,17 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/delay":
             time.sleep(0.2)
             self._answer(200, b"x" * 100_000)
+        elif path == "/json":
+            self._answer(200, json.dumps(_JSON_DOC).encode(),
+                         {"Content-Type": "application/json", "X-Version": "2.1"})
+        elif path == "/html":
+            self._answer(200, b"<html><h1>Internal error</h1>" + b"x" * 400 + b"</html>")
+        elif path == "/big":
+            self._answer(200, b"a" * 3000 + b"END")
+        elif path == "/gzip":
+            self._answer(200, _GZIP_JSON, {"Content-Encoding": "gzip"})
+        elif path == "/bomb":
+            self._answer(200, _GZIP_BOMB, {"Content-Encoding": "gzip"})
         elif path == "/cookie":
             self._answer(200, b"ok", {"Set-Cookie": "session=1; Path=/"})
         elif path == "/redirect":
@@ -1572,6 +1646,158 @@ async def test_http_timings_are_measured_not_estimated(probe_ctx, http_server):
     # No keep-alive: each check opened its own connection.
     assert _HTTPHandler.seen[0]["port"] != _HTTPHandler.seen[1]["port"]
     assert second.timings["connect"] > 0
+
+
+# Assertions: each source and comparison, passing and failing, with the actual value seen.
+_ASSERTION_CASES = [
+    ("STATUS_CODE", None, "EQUALS", "200", True, "200"),
+    ("STATUS_CODE", None, "NOT_EQUALS", "200", False, "200"),
+    ("STATUS_CODE", None, "LESS_THAN", "300", True, "200"),
+    ("STATUS_CODE", None, "GREATER_THAN", "300", False, "200"),
+    ("RESPONSE_TIME", None, "LESS_THAN", "60000", True, None),
+    ("RESPONSE_TIME", None, "GREATER_THAN", "60000", False, None),
+    ("HEADERS", "x-version", "EQUALS", "2.1", True, "2.1"),
+    ("HEADERS", "X-Version", "CONTAINS", "3", False, "2.1"),
+    ("HEADERS", "X-Missing", "IS_EMPTY", "", True, None),
+    ("HEADERS", "X-Version", "IS_EMPTY", "", False, "2.1"),
+    ("HEADERS", "Content-Type", "MATCHES", "^application/json$", True, "application/json"),
+    ("TEXT_BODY", None, "CONTAINS", '"status": "ok"', True, None),
+    ("TEXT_BODY", None, "NOT_CONTAINS", "ok", False, None),
+    ("TEXT_BODY", None, "NOT_EMPTY", "", True, None),
+    ("TEXT_BODY", None, "MATCHES", r'"count": [4-9]', False, None),
+    ("JSON_BODY", "$.status", "EQUALS", "ok", True, "ok"),
+    ("JSON_BODY", "$.status", "NOT_EQUALS", "ok", False, "ok"),
+    ("JSON_BODY", "$.count", "GREATER_THAN", "2", True, "3"),
+    ("JSON_BODY", "$.count", "LESS_THAN", "3", False, "3"),
+    ("JSON_BODY", "$.items[0].ok", "EQUALS", "true", True, "true"),
+    ("JSON_BODY", "$.items[?@.ok == false]", "NOT_EMPTY", "", True, '{"ok": false}'),
+    ("JSON_BODY", "$.empty", "IS_EMPTY", "", True, "[]"),
+    ("JSON_BODY", "$.items[?length(@.name) == 1].ok", "EQUALS", "true", True, "true"),
+    ("JSON_BODY", "$.items[*].ok", "CONTAINS", "null", False, "[true, false]"),
+    ("JSON_BODY", "$.nothing", "NOT_EMPTY", "", False, None),
+    ("JSON_BODY", "$.items[1]", "NOT_CONTAINS", "true", True, '{"ok": false}'),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("source, prop, comparison, target, passed, actual", _ASSERTION_CASES)
+async def test_http_assertions(probe_ctx, http_server, source, prop, comparison, target, passed,
+                               actual):
+    assertion = {"source": source, "property": prop, "comparison": comparison, "target": target}
+    result = await statusapp.probe_http(_monitor(http_server + "/json", "API",
+                                                 assertions=[assertion]), probe_ctx)
+    outcome, = result.details["assertionResults"]
+    assert outcome["passed"] is passed
+    if actual is not None:
+        assert outcome["actual"] == actual
+    elif source == "RESPONSE_TIME":
+        assert int(outcome["actual"]) == result.response_time
+    if passed:
+        assert (result.status, result.category) == ("UP", None)
+    else:
+        assert (result.status, result.category) == ("DOWN", "APPLICATION_ERROR")
+        assert result.error.startswith(f"assertion failed: {source}")
+
+
+@pytest.mark.asyncio
+async def test_http_assertion_on_a_body_that_is_not_json(probe_ctx, http_server):
+    assertions = [{"source": "JSON_BODY", "property": "$.status", "comparison": "EQUALS",
+                   "target": "ok"},
+                  {"source": "TEXT_BODY", "comparison": "NOT_CONTAINS", "target": "error"}]
+    result = await statusapp.probe_http(_monitor(http_server + "/html", assertions=assertions),
+                                        probe_ctx)
+    first, second = result.details["assertionResults"]
+    assert (first["passed"], first["error"]) == (False, "response body is not JSON")
+    assert second["passed"] is False and len(second["actual"]) == 200
+    assert second["actual"].startswith("<html><h1>Internal error")
+    assert (result.status, result.category) == ("DOWN", "APPLICATION_ERROR")
+    assert "response body is not JSON (and 1 more)" in result.error
+
+
+@pytest.mark.asyncio
+async def test_http_runaway_regex_gives_up_and_fails(probe_ctx, http_server):
+    assertion = {"source": "TEXT_BODY", "comparison": "MATCHES", "target": "(a|aa)+$"}
+    result = await statusapp.probe_http(_monitor(http_server + "/big", assertions=[assertion]),
+                                        probe_ctx)
+    outcome, = result.details["assertionResults"]
+    assert outcome["passed"] is False and "gave up" in outcome["error"]
+    assert result.status == "DOWN"
+
+
+@pytest.mark.asyncio
+async def test_http_body_is_read_up_to_the_cap(probe_cfg, http_server):
+    cfg = {**probe_cfg, "probes": {**probe_cfg["probes"], "max_body_bytes": 1000}}
+    ctx = statusapp.ProbeContext(cfg)
+    try:
+        assertion = {"source": "TEXT_BODY", "comparison": "NOT_CONTAINS", "target": "END"}
+        result = await statusapp.probe_http(_monitor(http_server + "/big",
+                                                     assertions=[assertion]), ctx)
+    finally:
+        await ctx.aclose()
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+
+
+@pytest.mark.asyncio
+async def test_http_compressed_bodies_are_decoded_within_the_cap(probe_ctx, http_server):
+    json_ok = {"source": "JSON_BODY", "property": "$.status", "comparison": "EQUALS",
+               "target": "ok"}
+    result = await statusapp.probe_http(_monitor(http_server + "/gzip", assertions=[json_ok]),
+                                        probe_ctx)
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+    tail = {"source": "TEXT_BODY", "comparison": "NOT_CONTAINS", "target": "END"}
+    result = await statusapp.probe_http(_monitor(http_server + "/bomb", assertions=[tail]),
+                                        probe_ctx)
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+
+
+@pytest.mark.asyncio
+async def test_http_expected_status_code_still_rules_with_assertions(probe_ctx, http_server):
+    assertion = {"source": "TEXT_BODY", "comparison": "EQUALS", "target": "nope"}
+    result = await statusapp.probe_http(_monitor(http_server + "/missing", expectedStatusCode=404,
+                                                 assertions=[assertion]), probe_ctx)
+    assert result.status == "UP" and result.details["assertionResults"][0]["passed"]
+    result = await statusapp.probe_http(_monitor(http_server + "/missing", assertions=[assertion]),
+                                        probe_ctx)
+    assert (result.status, result.category) == ("DOWN", "APPLICATION_ERROR")
+    assert result.error.startswith("HTTP 404, expected 2xx or 3xx")
+
+
+@pytest.mark.asyncio
+async def test_https_reports_certificate_expiry_and_warns_before_it(probe_ctx, tls_servers):
+    fine = await statusapp.probe_http(_monitor(f"https://localhost:{tls_servers['valid']}/"),
+                                      probe_ctx)
+    assert fine.status == "UP" and fine.details["certificate"]["daysRemaining"] > 30
+    soon = await statusapp.probe_http(
+        _monitor(f"https://127.0.0.1:{tls_servers['soon']}/", sslCertExpiryDays=14), probe_ctx)
+    assert soon.details["certificate"]["daysRemaining"] == 5
+    assert (soon.status, soon.category) == ("DEGRADED", "SSL_CERTIFICATE")
+    assert soon.error == "certificate expires in 5 days"
+    later = await statusapp.probe_http(
+        _monitor(f"https://127.0.0.1:{tls_servers['soon']}/", sslCertExpiryDays=3), probe_ctx)
+    assert later.status == "UP"
+
+
+def test_assertions_are_validated(client):
+    bad = [{"source": "JSON_BODY", "comparison": "EQUALS", "target": "x"},
+           {"source": "JSON_BODY", "property": "$[", "comparison": "EQUALS", "target": "x"},
+           {"source": "TEXT_BODY", "comparison": "MATCHES", "target": "(unclosed"},
+           {"source": "TEXT_BODY", "comparison": "CONTAINS"},
+           {"source": "BODY", "comparison": "SIMILAR", "target": "x"},
+           {"source": "JSON_BODY", "property": "$[?match(@.a, '(a|aa)+')]",
+            "comparison": "NOT_EMPTY"}]
+    response = client.post("/api/v1/monitors", json={"name": "a", "url": "https://a.test",
+                                                     "assertions": bad})
+    assert response.status_code == 400
+    paths = sorted(tuple(i["path"]) for i in response.json()["error"])
+    assert paths == [("assertions", 0, "property"), ("assertions", 1, "property"),
+                     ("assertions", 2, "target"), ("assertions", 3, "target"),
+                     ("assertions", 4, "comparison"), ("assertions", 4, "source"),
+                     ("assertions", 5, "property")]
+    good = [{"source": "STATUS_CODE", "comparison": "EQUALS", "target": "200"}]
+    created = client.post("/api/v1/monitors", json={"name": "a", "url": "https://a.test",
+                                                    "assertions": good})
+    assert created.status_code == 201
+    assert created.json()["assertions"] == [{**good[0], "property": None}]
 
 
 @pytest.mark.asyncio
@@ -2153,6 +2379,57 @@ def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
     assert _transitions(cfg, monitor_id) == [("PENDING", "UP", "HTTP 200"),
                                              ("UP", "DEGRADED", "slow=True"),
                                              ("DEGRADED", "UP", "slow=False")]
+
+
+def test_failing_assertion_makes_the_monitor_down_over_the_api(sched, target):
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/a"), assertions=[
+        {"source": "TEXT_BODY", "comparison": "EQUALS", "target": "ok"},
+        {"source": "TEXT_BODY", "comparison": "MATCHES", "target": "^healthy$"}])
+    eventually(lambda: _status(cfg, monitor_id) == "DOWN")
+    check = client.get(f"/api/v1/monitors/{monitor_id}").json()["checks"][0]
+    assert (check["status"], check["rootCauseCategory"]) == ("DOWN", "APPLICATION_ERROR")
+    assert [(r["passed"], r["actual"]) for r in check["details"]["assertionResults"]] == \
+        [(True, "ok"), (False, "ok")]
+    fixed = client.put(f"/api/v1/monitors/{monitor_id}", json={"assertions": [
+        {"source": "STATUS_CODE", "comparison": "EQUALS", "target": "200"}]})
+    assert fixed.status_code == 200
+    eventually(lambda: _status(cfg, monitor_id) == "UP")
+
+
+def test_checks_inside_a_maintenance_window_run_and_are_marked(sched, target):
+    cfg, client = sched
+    monitor_id = _create(client, target.url("/m"))
+    eventually(lambda: _checks(cfg, monitor_id))
+    now = statusapp.now_ms()
+    response = client.post("/api/v1/maintenance-windows", json={
+        "title": "Swap", "startsAt": statusapp.iso(now), "endsAt": statusapp.iso(now + 3_600_000),
+        "monitorIds": [monitor_id]})
+    assert response.status_code == 201
+    eventually(lambda: sql(cfg, "SELECT 1 FROM checks WHERE monitor_id = ? AND maintenance = 1",
+                           (monitor_id,)))
+    assert sql(cfg, "SELECT maintenance FROM checks WHERE monitor_id = ? ORDER BY id LIMIT 1",
+               (monitor_id,)) == [(0,)]
+    assert client.get(f"/api/v1/monitors/{monitor_id}").json()["status"] == "MAINTENANCE"
+
+
+def test_https_certificate_expiring_in_5_days_warns_once(tmp_path, tls_certs, tls_servers,
+                                                         notify_http):
+    cfg = _sched_cfg(tmp_path, ca_bundle=str(tls_certs[0]))
+    with _app(cfg, new_key(cfg)) as client:
+        monitor_id = _create(client, f"https://127.0.0.1:{tls_servers['soon']}/",
+                             sslCertExpiryDays=14, notifications=[
+                                 {"type": "SLACK", "config": {"webhookUrl": notify_http.url}}])
+        eventually(lambda: notify_http.requests and len(_checks(cfg, monitor_id)) >= 3)
+        seen = len(_checks(cfg, monitor_id))
+        eventually(lambda: len(_checks(cfg, monitor_id)) >= seen + 2)
+        check = client.get(f"/api/v1/monitors/{monitor_id}").json()["checks"][0]
+    assert check["details"]["certificate"]["daysRemaining"] == 5
+    assert (check["status"], check["rootCauseCategory"]) == ("DEGRADED", "SSL_CERTIFICATE")
+    assert _transitions(cfg, monitor_id) == [
+        ("PENDING", "DEGRADED", "certificate expires in 5 days")]
+    assert len(notify_http.requests) == 1
+    assert "certificate expires in 5 days" in notify_http.requests[0]["body"].decode()
 
 
 # --- Agent tests ---
@@ -2847,6 +3124,75 @@ def test_heartbeat_acknowledged_pings_survive_kill_9(tmp_path):
         again.stop()
     assert len(acked) >= 300 and set(acked) <= stored
 
+# Cron schedules: due times are pure functions of the schedule, zone and last success; the
+# live test moves the stored clocks back and lets the deadline service find the missed run.
+
+_HOUR = 3_600_000
+
+
+@pytest.mark.parametrize("schedule, success, due", [
+    # 03:00 Berlin: CET (+01) before 29 March 2026, CEST (+02) from then, CET again 25 October.
+    ("0 3 * * *", "2026-03-28T03:01:00+01:00", "2026-03-29T01:00:00+00:00"),  # a 23-hour day
+    ("0 3 * * *", "2026-10-24T03:01:00+02:00", "2026-10-25T02:00:00+00:00"),  # a 25-hour day
+    ("30 2 * * *", "2026-03-28T02:31:00+01:00", "2026-03-29T01:00:00+00:00"),  # 02:30 is 03:00
+    ("30 2 * * *", "2026-10-24T02:31:00+02:00", "2026-10-25T00:30:00+00:00"),  # once, the first
+    ("@daily", "2026-03-28T12:00:00+01:00", "2026-03-28T23:00:00+00:00"),
+    # early for the 03:00 run (02:00 does not exist that night), so 04:00 CEST is next
+    ("0 * * * *", "2026-03-29T01:59:00+01:00", "2026-03-29T02:00:00+00:00"),
+])
+def test_cron_due_times_across_dst(schedule, success, due):
+    got = statusapp.next_scheduled_run(schedule, "Europe/Berlin", _utc_ms(success), 300_000)
+    assert statusapp.iso(got) == statusapp.iso(_utc_ms(due))
+
+
+def test_cron_an_early_run_does_not_confuse_the_next_due_time():
+    def due(success: str) -> str:
+        got = statusapp.next_scheduled_run("0 3 * * *", "UTC", _utc_ms(success), 600_000)
+        return statusapp.iso(got)
+    assert due("2026-05-10T02:55:00+00:00") == "2026-05-11T03:00:00Z"  # early: counts for 10 May
+    assert due("2026-05-10T03:04:00+00:00") == "2026-05-11T03:00:00Z"  # on time
+    assert due("2026-05-10T02:40:00+00:00") == "2026-05-10T03:00:00Z"  # too early: a stray run
+    assert due("2026-05-10T14:00:00+00:00") == "2026-05-11T03:00:00Z"  # a manual run
+    every_5 = statusapp.next_scheduled_run("*/5 * * * *", "UTC",
+                                           _utc_ms("2026-05-10T03:00:10+00:00"), 600_000)
+    assert statusapp.iso(every_5) == "2026-05-10T03:05:00Z"  # nearer the last run: that one
+
+
+def test_cron_schedule_validation(client):
+    bad = client.post("/api/v1/monitors", json={"name": "b", "type": "CRON",
+                                                "schedule": "61 * * * *", "timezone": "Nowhere"})
+    assert bad.status_code == 400
+    assert sorted(i["path"][0] for i in bad.json()["error"]) == ["schedule", "timezone"]
+    good = client.post("/api/v1/monitors", json={"name": "b", "type": "CRON",
+                                                 "schedule": "@daily", "timezone": "Europe/Berlin"})
+    assert good.status_code == 201
+    assert (good.json()["schedule"], good.json()["timezone"]) == ("@daily", "Europe/Berlin")
+
+
+def test_cron_missed_scheduled_run_goes_down_after_the_grace(client, cfg):
+    rt = client.app.state.statusapp
+    created = client.post("/api/v1/monitors", json={
+        "name": "nightly", "type": "CRON", "schedule": "0 3 * * *", "timezone": "Europe/Berlin",
+        "gracePeriod": 600})
+    assert created.status_code == 201
+    monitor = created.json()
+    ping = urllib.parse.urlsplit(monitor["heartbeatUrl"]).path
+    assert client.get(ping).status_code == 200
+    assert client.get(f"/api/v1/monitors/{monitor['id']}").json()["status"] == "UP"
+    # The last success was 3 days ago: the next 03:00 and its 10 minutes of grace have passed.
+    before = statusapp.now_ms() - 72 * _HOUR
+    sql(cfg, "UPDATE monitors SET last_success_at = ?, updated_at = ? WHERE id = ?",
+        (before, before, monitor["id"]))
+    client.portal.call(rt.monitor_changed, monitor["id"])
+    eventually(lambda: sql(cfg, "SELECT status FROM monitors")[0][0] == "DOWN")
+    (reason,), = sql(cfg, "SELECT reason FROM status_transitions WHERE new_status = 'DOWN'")
+    assert reason == ("missed heartbeat: no success ping for the scheduled run (0 3 * * *,"
+                      " Europe/Berlin) + 600 s grace period")
+    (at,), = sql(cfg, "SELECT checked_at FROM checks WHERE status = 'DOWN'")
+    expected = statusapp.next_scheduled_run("0 3 * * *", "Europe/Berlin", before, 600_000)
+    assert at == expected + 600_000
+
+
 # --- Incident tests ---
 
 
@@ -3496,6 +3842,196 @@ def test_target_down_opens_one_incident_alerts_once_and_recovery_resolves_it(tmp
             assert request["headers"]["x-webhook-signature"] == expected
     finally:
         srv.stop()
+
+
+# Maintenance windows.  The calendar's clock is injected (rt.maintenance.clock); the tests write
+# transitions the way the prober does and wake the window-end service after moving the clock.
+
+def _window(client, **fields) -> dict:
+    response = client.post("/api/v1/maintenance-windows", json={"title": "Reboot", **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _utc_ms(text: str) -> int:
+    return int(dt.datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def _move_clock(client, at: int) -> None:
+    """Move the maintenance clock; public pages are rendered afresh (the window service does
+    that itself at each window's start and end)."""
+    rt = client.app.state.statusapp
+    rt.maintenance.clock = lambda: at
+    rt.public_cache.invalidate()
+    client.portal.call(rt.maintenance.wake.set)
+
+
+def test_recurring_window_follows_its_zone_across_dst(client):
+    window = _window(client, startsAt="2026-03-01T03:00:00", timezone="Europe/Berlin",
+                     recurrence="RRULE:FREQ=WEEKLY;BYDAY=SU", durationMinutes=30)
+    url = f"/api/v1/maintenance-windows/{window['id']}"
+    expectations = [  # (clock, active, next occurrence start in UTC)
+        ("2026-03-20T12:00:00+00:00", False, "2026-03-22T02:00:00Z"),  # CET: 03:00 = 02:00Z
+        ("2026-03-27T12:00:00+00:00", False, "2026-03-29T01:00:00Z"),  # CEST from 29 March
+        ("2026-03-29T01:10:00+00:00", True, "2026-03-29T01:00:00Z"),
+        ("2026-10-24T12:00:00+00:00", False, "2026-10-25T02:00:00Z"),  # CET again
+    ]
+    for clock, active, starts in expectations:
+        _move_clock(client, _utc_ms(clock))
+        got = client.get(url).json()
+        assert (got["active"], got["nextOccurrence"]["startsAt"]) == (active, starts), clock
+        assert got["nextOccurrence"]["endsAt"] == iso_plus(starts, minutes=30)
+    counted = _window(client, startsAt="2026-01-05T09:00:00Z", durationMinutes=60,
+                      recurrence="FREQ=DAILY;INTERVAL=2;BYHOUR=9,17;BYMINUTE=0;COUNT=3")
+    _move_clock(client, _utc_ms("2026-01-05T12:00:00+00:00"))
+    got = client.get(f"/api/v1/maintenance-windows/{counted['id']}").json()
+    assert got["nextOccurrence"]["startsAt"] == "2026-01-05T17:00:00Z"
+    _move_clock(client, _utc_ms("2026-01-07T10:30:00+00:00"))
+    got = client.get(f"/api/v1/maintenance-windows/{counted['id']}").json()
+    assert got["nextOccurrence"] is None  # COUNT=3: 5 Jan 09:00, 5 Jan 17:00, 7 Jan 09:00
+    until = _window(client, startsAt="2026-03-01T02:00:00Z", timezone="Europe/Berlin",
+                    recurrence="FREQ=WEEKLY;BYDAY=SU;UNTIL=20260315T020000Z", durationMinutes=30)
+    for clock, starts in [("2026-03-14T00:00:00+00:00", "2026-03-15T02:00:00Z"),
+                          ("2026-03-16T00:00:00+00:00", None)]:
+        _move_clock(client, _utc_ms(clock))
+        got = client.get(f"/api/v1/maintenance-windows/{until['id']}").json()["nextOccurrence"]
+        assert (got and got["startsAt"]) == starts
+
+
+def iso_plus(text: str, **delta) -> str:
+    moment = dt.datetime.fromisoformat(text) + dt.timedelta(**delta)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_maintenance_window_validation_and_crud(client):
+    bad = client.post("/api/v1/maintenance-windows", json={
+        "title": "x", "startsAt": "tomorrow", "timezone": "Mars/Base",
+        "recurrence": "FREQ=SECONDLY", "monitorIds": ["mon_nope"]})
+    assert bad.status_code == 400
+    assert sorted(i["path"][0] for i in bad.json()["error"]) == \
+        ["monitorIds", "recurrence", "startsAt", "timezone"]
+    for fields, path in [({"startsAt": "2026-01-01T00:00:00Z"}, "endsAt"),
+                         ({"startsAt": "2026-01-01T00:00:00Z", "endsAt": "2025-12-31T00:00:00Z"},
+                          "endsAt"),
+                         ({"startsAt": "2026-01-01T00:00:00Z", "recurrence": "FREQ=DAILY"},
+                          "durationMinutes")]:
+        response = client.post("/api/v1/maintenance-windows", json={"title": "x", **fields})
+        assert response.status_code == 400 and response.json()["error"][0]["path"] == [path]
+    window = _window(client, startsAt="2026-01-01T00:00:00Z", endsAt="2026-01-01T01:00:00Z")
+    assert (window["monitorIds"], window["suppressAlerts"], window["timezone"]) == \
+        (None, True, "UTC")
+    url = f"/api/v1/maintenance-windows/{window['id']}"
+    changed = client.put(url, json={"title": "Upgrade", "suppressAlerts": False})
+    assert changed.status_code == 200
+    assert (changed.json()["title"], changed.json()["suppressAlerts"]) == ("Upgrade", False)
+    assert [w["id"] for w in client.get("/api/v1/maintenance-windows").json()[
+        "maintenanceWindows"]] == [window["id"]]
+    assert client.delete(url).status_code == 200
+    assert client.get(url).status_code == 404
+
+
+def test_outage_inside_a_window_alerts_nobody_and_one_outlasting_it_alerts_once(
+        tmp_path, notify_http):
+    cfg = _inc_cfg(tmp_path, notify_http.url)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": new_key(cfg)}) as client:
+        slack = [{"type": "SLACK", "config": {"webhookUrl": f"{notify_http.url}/slack"}}]
+        brief = _inc_monitor(client, "Brief", notifications=slack)
+        long = _inc_monitor(client, "Long", notifications=slack)
+        other = _inc_monitor(client, "Elsewhere", isActive=False)
+        now = statusapp.now_ms()
+        window = _window(client, startsAt=statusapp.iso(now - 600_000),
+                         endsAt=statusapp.iso(now + 600_000),
+                         monitorIds=[brief["id"], long["id"]])
+        shown = {m["id"]: m["status"] for m in client.get("/api/v1/monitors").json()["monitors"]}
+        assert shown == {brief["id"]: "MAINTENANCE", long["id"]: "MAINTENANCE",
+                         other["id"]: "PENDING"}
+        _inc_transition(client, brief["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+        _inc_transition(client, long["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+        _inc_transition(client, brief["id"], "DOWN", "UP", now + 1000, "HTTP 200", _INC_UP)
+        eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions"
+                                        " WHERE processed_at IS NULL"))
+        assert sql(cfg, "SELECT COUNT(*) FROM incidents")[0][0] == 0
+        assert notify_http.requests == []
+
+        _move_clock(client, now + 660_000)  # the window has ended; "long" is still down
+        eventually(lambda: notify_http.requests)
+        incidents = client.get("/api/v1/incidents").json()["incidents"]
+        assert [(i["monitorId"], i["status"]) for i in incidents] == [(long["id"], "open")]
+        assert incidents[0]["startedAt"] == statusapp.iso(_utc_ms(window["endsAt"]))
+        assert "still down when maintenance window 'Reboot' ended" in incidents[0]["rootCause"]
+        _move_clock(client, now + 900_000)
+        _move_clock(client, now + 1_000_000)
+        eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions"
+                                        " WHERE processed_at IS NULL"))
+        assert sql(cfg, "SELECT COUNT(*) FROM incidents")[0][0] == 1
+        assert len(eventually(lambda: notify_http.requests)) == 1
+        assert "Long is DOWN" in notify_http.requests[0]["body"].decode()
+
+
+def test_deleting_a_running_window_opens_the_incident_of_a_monitor_still_down(cfg, client):
+    monitor = _inc_monitor(client)
+    now = statusapp.now_ms()
+    window = _window(client, startsAt=statusapp.iso(now - 60_000),
+                     endsAt=statusapp.iso(now + 3_600_000))
+    _inc_transition(client, monitor["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+    eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions WHERE processed_at IS NULL"))
+    assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(0,)]
+    assert client.delete(f"/api/v1/maintenance-windows/{window['id']}").status_code == 200
+    eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)])
+
+
+def test_window_end_service_wakes_at_the_end_on_the_real_clock(cfg, client):
+    monitor = _inc_monitor(client)
+    now = statusapp.now_ms()
+    _window(client, startsAt=statusapp.iso(now - 60_000), endsAt=statusapp.iso(now + 1500))
+    _inc_transition(client, monitor["id"], "PENDING", "DOWN", now, "HTTP 500", _INC_DOWN)
+    eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions WHERE processed_at IS NULL"))
+    assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(0,)]
+    eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)], 10)
+    (started,), = sql(cfg, "SELECT started_at FROM incidents")
+    assert started == _utc_ms(statusapp.iso(now + 1500).replace("Z", "+00:00"))
+
+
+def test_maintenance_checks_are_left_out_of_uptime(client):
+    monitor = _inc_monitor(client)
+    now = statusapp.now_ms()
+    statements = (statusapp.check_statements(monitor["id"], "local", _INC_UP, now - 3000)
+                  + statusapp.check_statements(monitor["id"], "local", _INC_DOWN, now - 2000, True)
+                  + statusapp.check_statements(monitor["id"], "local", _INC_UP, now - 1000))
+    client.portal.call(client.app.state.statusapp.db.write, statements)
+    figures = client.get(f"/api/v1/analytics/monitors/{monitor['id']}?period=24h").json()
+    assert (figures["uptime"], figures["totalChecks"], figures["checksDown"]) == (100.0, 2, 0)
+
+
+def test_status_page_and_feed_show_maintenance_ahead_and_while_it_runs(client):
+    monitor = _inc_monitor(client, "Router", isActive=True, url="http://127.0.0.1:9/")
+    page = client.post("/api/v1/status-pages", json={
+        "name": "Home", "slug": "home", "monitorGroups": [{"name": "Net",
+                                                            "monitorIds": [monitor["id"]]}]})
+    assert page.status_code == 201
+    now = statusapp.now_ms()
+    _window(client, title="Firmware upgrade", description="Router reboots twice",
+            startsAt=statusapp.iso(now + 2 * 86_400_000),
+            endsAt=statusapp.iso(now + 2 * 86_400_000 + 3_600_000))
+    html_page = client.get("/status/home").text
+    assert "Scheduled maintenance" in html_page
+    assert "Firmware upgrade (scheduled)" in html_page and "Router reboots twice" in html_page
+    feed = client.get("/status/home/feed.atom").text
+    assert "<title>Maintenance: Firmware upgrade (scheduled)</title>" in feed
+    summary = client.get("/status/home.json").json()
+    assert [(w["title"], w["state"]) for w in summary["maintenance"]] == \
+        [("Firmware upgrade", "scheduled")]
+    assert summary["groups"][0]["monitors"][0]["status"] != "MAINTENANCE"
+
+    _move_clock(client, now + 2 * 86_400_000 + 60_000)
+    assert "Firmware upgrade (in progress)" in client.get("/status/home").text
+    assert ">maintenance<" in client.get(f"/badge/{monitor['id']}/status.svg").text
+    assert "Firmware upgrade (in progress)" in client.get("/status/home/feed.atom").text
+    summary = client.get("/status/home.json").json()
+    assert summary["maintenance"][0]["state"] == "in_progress"
+    assert summary["groups"][0]["monitors"][0]["status"] == "MAINTENANCE"
+    _move_clock(client, now + 3 * 86_400_000)
+    assert client.get("/status/home.json").json()["maintenance"] == []
 
 
 # --- Notifier tests ---
@@ -5300,7 +5836,10 @@ def _real_ids(cfg, client) -> dict[str, str]:
     invite = client.post("/api/v1/team/members", json={"email": "fuzz@example.test",
                                                            "role": "MEMBER"}).json()
     api_key = client.post("/api/v1/account/api-keys", json={"name": "k"}).json()
+    window = client.post("/api/v1/maintenance-windows", json={
+        "title": "w", "startsAt": "2030-01-01T00:00:00Z", "endsAt": "2030-01-01T01:00:00Z"}).json()
     ids = {"monitorId": monitor.get("id"), "channelId": channel.get("id"),
+           "windowId": window.get("id"),
            "webhookId": webhook.get("id"), "statusPageId": page.get("id"),
            "memberId": invite.get("id"), "keyId": api_key.get("id"),
            "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
@@ -5418,6 +5957,10 @@ def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
             {"notifications": [{f.name: v}]}, ["notifications", 0, f.name])),
         ("POST", pages, statusapp.MONITOR_GROUP_FIELDS, lambda f, v: (
             {"monitorGroups": [{f.name: v}]}, ["monitorGroups", 0, f.name])),
+        ("POST", monitors, statusapp.ASSERTION_FIELDS, lambda f, v: (
+            {"assertions": [{f.name: v}]}, ["assertions", 0, f.name])),
+        ("POST", monitors, statusapp.TAG_FIELDS, lambda f, v: (
+            {"tags": [{f.name: v}]}, ["tags", 0, f.name])),
         *(("POST", statusapp.API_PREFIX + "/notifications", kind.fields,
            lambda f, v, kind=kind: ({"type": kind.name, "config": {f.name: v}}, ["config", f.name]))
           for kind in statusapp.CHANNEL_TYPES.values()),
