@@ -367,3 +367,63 @@ CREATE TABLE team_rollups (
 
 -- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
 ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
+
+-- migration 11: compact checks (about 50 bytes a check with its index, from 96)
+-- Checks name their monitor and region by small integer keys (seq) instead of repeating the
+-- text ids in every row and index entry.  The view ``checks`` shows the old columns, so reads
+-- are unchanged; inserting into it stores a compact row and keeps monitor_latest and
+-- check_count current (as the triggers of migration 3 did).  Upgrading rewrites the table.
+ALTER TABLE monitors ADD COLUMN seq INTEGER;
+UPDATE monitors SET seq = rowid;
+CREATE UNIQUE INDEX monitors_seq ON monitors(seq);
+CREATE TRIGGER monitors_number AFTER INSERT ON monitors WHEN NEW.seq IS NULL BEGIN
+    UPDATE monitors SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM monitors) WHERE id = NEW.id;
+END;
+INSERT OR IGNORE INTO worker_regions (id, city, country, country_code, latitude, longitude,
+    is_active) SELECT DISTINCT region_id, region_id, region_id, 'ZZ', 0, 0, 0 FROM checks;
+ALTER TABLE worker_regions ADD COLUMN seq INTEGER;
+UPDATE worker_regions SET seq = rowid;
+CREATE UNIQUE INDEX worker_regions_seq ON worker_regions(seq);
+CREATE TRIGGER worker_regions_number AFTER INSERT ON worker_regions WHEN NEW.seq IS NULL BEGIN
+    UPDATE worker_regions SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM worker_regions)
+    WHERE id = NEW.id;
+END;
+CREATE TABLE check_rows (
+    id INTEGER PRIMARY KEY,
+    monitor INTEGER NOT NULL REFERENCES monitors(seq) ON DELETE CASCADE,
+    region INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    response_time INTEGER,
+    status_code INTEGER,
+    error TEXT,
+    category TEXT,
+    timings TEXT,
+    details TEXT,
+    checked_at INTEGER NOT NULL
+);
+INSERT INTO check_rows SELECT c.id, m.seq, r.seq, c.status, c.response_time, c.status_code,
+    c.error, c.category, c.timings, c.details, c.checked_at
+    FROM checks c JOIN monitors m ON m.id = c.monitor_id JOIN worker_regions r ON r.id = c.region_id
+    ORDER BY c.id;
+DROP TRIGGER checks_track_latest;
+DROP TABLE checks;
+CREATE INDEX check_rows_monitor_time ON check_rows(monitor, checked_at);
+CREATE VIEW checks AS SELECT c.id AS id, m.id AS monitor_id, r.id AS region_id,
+    c.status AS status, c.response_time AS response_time, c.status_code AS status_code,
+    c.error AS error, c.category AS category, c.timings AS timings, c.details AS details,
+    c.checked_at AS checked_at
+    FROM check_rows c JOIN monitors m ON m.seq = c.monitor JOIN worker_regions r ON r.seq = c.region;
+CREATE TRIGGER checks_insert INSTEAD OF INSERT ON checks BEGIN
+    INSERT OR IGNORE INTO worker_regions (id, city, country, country_code, latitude, longitude,
+        is_active) VALUES (NEW.region_id, NEW.region_id, NEW.region_id, 'ZZ', 0, 0, 0);
+    INSERT INTO check_rows (monitor, region, status, response_time, status_code, error, category,
+        timings, details, checked_at)
+    VALUES ((SELECT seq FROM monitors WHERE id = NEW.monitor_id),
+        (SELECT seq FROM worker_regions WHERE id = NEW.region_id), NEW.status, NEW.response_time,
+        NEW.status_code, NEW.error, NEW.category, NEW.timings, NEW.details, NEW.checked_at);
+    INSERT INTO monitor_latest (monitor_id, region_id, check_id)
+    VALUES (NEW.monitor_id, NEW.region_id, last_insert_rowid())
+    ON CONFLICT (monitor_id, region_id) DO UPDATE SET check_id = excluded.check_id
+    WHERE excluded.check_id > monitor_latest.check_id;
+    UPDATE monitors SET check_count = check_count + 1 WHERE id = NEW.monitor_id;
+END;

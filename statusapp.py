@@ -4484,7 +4484,8 @@ async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = 
     hours_done, _ = await rollup_progress(db)
     raw_cut = min(now - keep["raw_days"] * DAY_MS, hours_done)
     deleted = {"raw": await _delete_in_batches(
-        db, "DELETE FROM checks WHERE id IN (SELECT id FROM (SELECT id, checked_at FROM checks"
+        db, "DELETE FROM check_rows WHERE id IN (SELECT id FROM (SELECT id, checked_at FROM"
+            " check_rows"
             " WHERE id NOT IN (SELECT check_id FROM monitor_latest) ORDER BY id LIMIT ?)"
             " WHERE checked_at < ?)", (RETENTION_BATCH, raw_cut))}
     deleted["pings"] = await _delete_in_batches(
