@@ -210,7 +210,7 @@ CONFIG: dict[str, dict[str, Setting]] = {
         "sender": Setting("statusapp@localhost"),
     },
     "retention": {
-        "raw_days": Setting(30, "raw checks kept this long, then rolled up", 1, 100_000),
+        "raw_days": Setting(7, "raw checks kept this long, then rolled up", 1, 100_000),
         "rollup_days": Setting(400, "daily rollups kept this long (90-day bars, long analytics)",
                                1, 100_000),
         "hourly_days": Setting(35, "hourly rollups kept this long (30d analytics need at "
