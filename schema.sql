@@ -381,30 +381,91 @@ CREATE INDEX alert_outbox_target ON alert_outbox(target_key, id) WHERE done_at I
 CREATE INDEX alert_outbox_group ON alert_outbox(group_key, next_attempt_at) WHERE done_at IS NULL;
 CREATE INDEX alert_outbox_channel ON alert_outbox(channel_id, created_at);
 
--- migration 12: compact checks (about 50 bytes a check with its index, from 96)
--- Checks name their monitor and region by small integer keys (seq) instead of repeating the
--- text ids in every row and index entry.  The view ``checks`` shows the old columns, so reads
--- are unchanged; inserting into it stores a compact row and keeps monitor_latest and
--- check_count current (as the triggers of migration 3 did).  Upgrading rewrites the table.
-ALTER TABLE monitors ADD COLUMN seq INTEGER;
-UPDATE monitors SET seq = rowid;
-CREATE UNIQUE INDEX monitors_seq ON monitors(seq);
-CREATE TRIGGER monitors_number AFTER INSERT ON monitors WHEN NEW.seq IS NULL BEGIN
-    UPDATE monitors SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM monitors) WHERE id = NEW.id;
-END;
-INSERT OR IGNORE INTO worker_regions (id, city, country, country_code, latitude, longitude,
-    is_active) SELECT DISTINCT region_id, region_id, region_id, 'ZZ', 0, 0, 0 FROM checks;
-ALTER TABLE worker_regions ADD COLUMN seq INTEGER;
-UPDATE worker_regions SET seq = rowid;
-CREATE UNIQUE INDEX worker_regions_seq ON worker_regions(seq);
-CREATE TRIGGER worker_regions_number AFTER INSERT ON worker_regions WHEN NEW.seq IS NULL BEGIN
-    UPDATE worker_regions SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM worker_regions)
-    WHERE id = NEW.id;
-END;
+-- migration 12: worker regions run by remote agents; per-region verdicts; agent batches
+-- A region with a token_hash is probed by an agent (``statusapp region add``); is_active is its
+-- liveness, kept by the server from last_seen_at; gone_at is set once its "gone" alert is sent.
+ALTER TABLE worker_regions ADD COLUMN name TEXT;
+ALTER TABLE worker_regions ADD COLUMN token_hash TEXT;
+ALTER TABLE worker_regions ADD COLUMN last_seen_at INTEGER;
+ALTER TABLE worker_regions ADD COLUMN gone_at INTEGER;
+ALTER TABLE worker_regions ADD COLUMN created_at INTEGER;
+CREATE UNIQUE INDEX worker_regions_token ON worker_regions(token_hash);
+-- Each monitor's confirmed status in each region; the monitor's status combines them.
+CREATE TABLE monitor_regions (
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    region_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    changed_at INTEGER NOT NULL,
+    PRIMARY KEY (monitor_id, region_id)
+);
+INSERT INTO monitor_regions (monitor_id, region_id, status, changed_at)
+    SELECT m.id, w.id, m.status, m.updated_at FROM monitors m, worker_regions w
+    WHERE m.status != 'PENDING' AND m.type != 'CRON';
+-- How many active enabled regions must fail for DOWN (NULL: all of them).
+ALTER TABLE monitors ADD COLUMN down_quorum INTEGER;
+-- When the server received a check, and the agent's own clock reading for it.
+ALTER TABLE checks ADD COLUMN received_at INTEGER;
+ALTER TABLE checks ADD COLUMN agent_checked_at INTEGER;
+-- Result batches already stored, so a batch an agent sends again is stored once.
+CREATE TABLE agent_batches (
+    region_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (region_id, batch_id)
+);
+
+-- migration 13: dashboard sign-in: password hashes, sessions, setup links, sign-in attempts
+-- password_hash is "scrypt$n$r$p$salt$hash" (base64); NULL: the person cannot sign in yet.
+ALTER TABLE accounts ADD COLUMN password_hash TEXT;
+-- The secret that signs session cookies, made on first start.
+CREATE TABLE server_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+-- A signed-in browser: id is the SHA256 of the cookie's token; deleting the row signs it out.
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    csrf TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX sessions_account ON sessions(account_id);
+-- One-time links that let a person choose a password (the first owner's /setup link).
+CREATE TABLE setup_tokens (
+    token_hash TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    expires_at INTEGER NOT NULL
+);
+-- Failed sign-ins, counted per email and per client address over a sliding window.
+CREATE TABLE signin_failures (
+    id INTEGER PRIMARY KEY,
+    email TEXT NOT NULL COLLATE NOCASE,
+    ip TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX signin_failures_email ON signin_failures(email, at);
+CREATE INDEX signin_failures_ip ON signin_failures(ip, at);
+
+-- migration 14: compact checks (about 50 bytes a check with its index, from 96)
+-- Checks name their monitor and region by small integer keys instead of repeating the text ids
+-- in every row and index entry.  The view ``checks`` shows the old columns, so reads are
+-- unchanged; inserting into it stores a compact row and keeps monitor_latest and check_count
+-- current (as the triggers of migration 3 did).  Upgrading rewrites the checks table.
+CREATE TABLE monitor_keys (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE REFERENCES monitors(id) ON DELETE CASCADE
+);
+INSERT INTO monitor_keys (id) SELECT id FROM monitors ORDER BY rowid;
+CREATE TABLE region_keys (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE
+);
+INSERT INTO region_keys (id) SELECT DISTINCT region_id FROM checks;
 CREATE TABLE check_rows (
     id INTEGER PRIMARY KEY,
-    monitor INTEGER NOT NULL REFERENCES monitors(seq) ON DELETE CASCADE,
-    region INTEGER NOT NULL,
+    monitor INTEGER NOT NULL REFERENCES monitor_keys(seq) ON DELETE CASCADE,
+    region INTEGER NOT NULL REFERENCES region_keys(seq),
     status TEXT NOT NULL,
     response_time INTEGER,
     status_code INTEGER,
@@ -412,11 +473,14 @@ CREATE TABLE check_rows (
     category TEXT,
     timings TEXT,
     details TEXT,
-    checked_at INTEGER NOT NULL
+    checked_at INTEGER NOT NULL,
+    received_at INTEGER,  -- NULL: received when checked (the server's own checks)
+    agent_checked_at INTEGER
 );
 INSERT INTO check_rows SELECT c.id, m.seq, r.seq, c.status, c.response_time, c.status_code,
-    c.error, c.category, c.timings, c.details, c.checked_at
-    FROM checks c JOIN monitors m ON m.id = c.monitor_id JOIN worker_regions r ON r.id = c.region_id
+    c.error, c.category, c.timings, c.details, c.checked_at, NULLIF(c.received_at, c.checked_at),
+    c.agent_checked_at
+    FROM checks c JOIN monitor_keys m ON m.id = c.monitor_id JOIN region_keys r ON r.id = c.region_id
     ORDER BY c.id;
 DROP TRIGGER checks_track_latest;
 DROP TABLE checks;
@@ -424,16 +488,18 @@ CREATE INDEX check_rows_monitor_time ON check_rows(monitor, checked_at);
 CREATE VIEW checks AS SELECT c.id AS id, m.id AS monitor_id, r.id AS region_id,
     c.status AS status, c.response_time AS response_time, c.status_code AS status_code,
     c.error AS error, c.category AS category, c.timings AS timings, c.details AS details,
-    c.checked_at AS checked_at
-    FROM check_rows c JOIN monitors m ON m.seq = c.monitor JOIN worker_regions r ON r.seq = c.region;
+    c.checked_at AS checked_at, COALESCE(c.received_at, c.checked_at) AS received_at,
+    c.agent_checked_at AS agent_checked_at
+    FROM check_rows c JOIN monitor_keys m ON m.seq = c.monitor JOIN region_keys r ON r.seq = c.region;
 CREATE TRIGGER checks_insert INSTEAD OF INSERT ON checks BEGIN
-    INSERT OR IGNORE INTO worker_regions (id, city, country, country_code, latitude, longitude,
-        is_active) VALUES (NEW.region_id, NEW.region_id, NEW.region_id, 'ZZ', 0, 0, 0);
+    INSERT OR IGNORE INTO monitor_keys (id) VALUES (NEW.monitor_id);
+    INSERT OR IGNORE INTO region_keys (id) VALUES (NEW.region_id);
     INSERT INTO check_rows (monitor, region, status, response_time, status_code, error, category,
-        timings, details, checked_at)
-    VALUES ((SELECT seq FROM monitors WHERE id = NEW.monitor_id),
-        (SELECT seq FROM worker_regions WHERE id = NEW.region_id), NEW.status, NEW.response_time,
-        NEW.status_code, NEW.error, NEW.category, NEW.timings, NEW.details, NEW.checked_at);
+        timings, details, checked_at, received_at, agent_checked_at)
+    VALUES ((SELECT seq FROM monitor_keys WHERE id = NEW.monitor_id),
+        (SELECT seq FROM region_keys WHERE id = NEW.region_id), NEW.status, NEW.response_time,
+        NEW.status_code, NEW.error, NEW.category, NEW.timings, NEW.details, NEW.checked_at,
+        NULLIF(NEW.received_at, NEW.checked_at), NEW.agent_checked_at);
     INSERT INTO monitor_latest (monitor_id, region_id, check_id)
     VALUES (NEW.monitor_id, NEW.region_id, last_insert_rowid())
     ON CONFLICT (monitor_id, region_id) DO UPDATE SET check_id = excluded.check_id

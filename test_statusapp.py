@@ -855,8 +855,9 @@ def test_health_version_and_regions(cfg, client):
     assert health["version"] == statusapp.VERSION and health["timestamp"].endswith("Z")
     assert client.get("/api/v1/server/version", headers={"X-API-Key": ""}).json() == {"version": statusapp.VERSION, "apiVersion": "v1"}
     regions = client.get("/api/v1/worker-regions").json()["regions"]
-    assert regions == [{"id": "local", "city": "Local", "country": "Local", "countryCode": "ZZ",
-                        "latitude": 0.0, "longitude": 0.0, "isActive": True}]
+    assert regions == [{"id": "local", "name": "Local", "city": "Local", "country": "Local",
+                        "countryCode": "ZZ", "latitude": 0.0, "longitude": 0.0, "isActive": True,
+                        "isAgent": False, "lastSeenAt": None}]
 
 
 def test_a_crashed_service_is_logged_and_restarted(cfg, key, monkeypatch, caplog):
@@ -1878,7 +1879,7 @@ def test_restart_resumes_from_the_last_stored_check(tmp_path, target):
         eventually(lambda: _checks(cfg, recent) and _checks(cfg, stale))
     last = _checks(cfg, recent)[-1][1] / 1000
     sql(cfg, "UPDATE check_rows SET checked_at = checked_at - 3600000"
-             " WHERE monitor = (SELECT seq FROM monitors WHERE id = ?)", (stale,))
+             " WHERE monitor = (SELECT seq FROM monitor_keys WHERE id = ?)", (stale,))
     with _app(cfg, key) as client:
         restarted = time.time()
         eventually(lambda: len(_checks(cfg, recent)) >= 2 and len(_checks(cfg, stale)) >= 2, 7)
@@ -1988,6 +1989,399 @@ def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
     assert _transitions(cfg, monitor_id) == [("PENDING", "UP", "HTTP 200"),
                                              ("UP", "DEGRADED", "slow=True"),
                                              ("DEGRADED", "UP", "slow=False")]
+
+
+# --- Agent tests ---
+#
+# One server that probes nothing itself (``[probes] local = false``) and two `statusapp agent`
+# subprocesses, regions "east" and "west", share a module: the target refuses what a path
+# blocks for the region header a check carries, so one region can fail while the other works.
+
+
+class _RegionTarget(http.server.BaseHTTPRequestHandler):
+    """``blocked[path]`` is the set of regions refused (403) on that path; hits are recorded
+    per (path, region)."""
+
+    blocked: dict[str, set[str]]
+    hits: Counter
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        region = self.headers.get(statusapp.REGION_HEADER, "")
+        self.hits[(self.path, region)] += 1
+        refused = region in self.blocked.get(self.path, ())
+        self.send_response(403 if refused else 200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+class Agent:
+    """`statusapp agent` as a subprocess with its own state directory."""
+
+    def __init__(self, tmp_path: Path, server: Server, token: str, name: str) -> None:
+        self.server, self.token, self.name = server, token, name
+        self.state = tmp_path / f"agent-{name}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Agent":
+        self.log = open(self.state.parent / f"agent-{self.name}-{time.monotonic_ns()}.err", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "statusapp.py"), "agent", "--server", self.server.url,
+             "--state", str(self.state)], env={**os.environ, "STATUSAPP_AGENT_TOKEN": self.token},
+            stderr=self.log, stdout=subprocess.DEVNULL)
+        return self
+
+    def buffered(self) -> list[str]:
+        """Batch ids in the agent's on-disk buffer."""
+        path = self.state / "buffer.db"
+        if not path.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return [r[0] for r in conn.execute("SELECT batch_id FROM batches ORDER BY seq")]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+        self.log.close()
+
+
+def _add_region(db: str, region_id: str, *options: str) -> str:
+    """`statusapp region add`; the token is the last line it prints."""
+    result = CliRunner().invoke(statusapp.cli, ["region", "add", region_id, "--name",
+                                                region_id.title(), *options, "--db", db])
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+class Fleet:
+    """The server, its API, the two agents, the target and a webhook channel's receiver."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false",
+                                            "STATUSAPP_PROBES_RETRY_DELAY": "1",
+                                            "STATUSAPP_AGENTS_INACTIVE_AFTER": "2"})
+        self.tokens = {r: _add_region(self.server.db, r, "--city", r.title(), "--country-code",
+                                      "US" if r == "east" else "IE") for r in ("east", "west")}
+        key = new_key({"server": {"database": self.server.db}})
+        self.server.start()
+        self.api = httpx.Client(base_url=self.server.url + "/api/v1", headers={"X-API-Key": key})
+        handler = type("T", (_RegionTarget,), {"blocked": {}, "hits": Counter()})
+        self.http = _serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler))
+        self.target = handler
+        self.receiver = _NotifyReceiver()
+        channel = self.api.post("/notifications", json={
+            "name": "ops", "type": "WEBHOOK", "config": {"url": self.receiver.url}})
+        assert channel.status_code == 201, channel.text
+        self.agents = {r: Agent(tmp_path, self.server, t, r).start()
+                       for r, t in self.tokens.items()}
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}{path}"
+
+    def monitor(self, path: str, blocked: tuple[str, ...] = (), **fields) -> str:
+        self.target.blocked[path] = set(blocked)
+        response = self.api.post("/monitors", json={"name": path, "url": self.url(path),
+                                                    "interval": 1, "timeout": 5, **fields})
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def get(self, monitor_id: str) -> dict:
+        return self.api.get(f"/monitors/{monitor_id}").json()
+
+    def regions(self) -> dict:
+        return {r["id"]: r for r in self.api.get("/worker-regions").json()["regions"]}
+
+    def region_alerts(self, region: str) -> list[str]:
+        bodies = [json.loads(r["body"]) for r in list(self.receiver.requests)]
+        return [b["event"] for b in bodies if b.get("monitor", {}).get("id") == region]
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.server.proc and self.server.proc.poll() is None:
+            self.server.stop()
+        self.api.close()
+        _stop(self.http)
+        self.receiver.close()
+
+
+@pytest.fixture(scope="class")
+def fleet(tmp_path_factory):
+    """The fleet, shared by the tests of one class and stopped after them."""
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"))
+    eventually(lambda: all(r["isActive"] for r in fleet.regions().values()
+                           if r["isAgent"]), 20)
+    yield fleet
+    fleet.close()
+
+
+def _incident(fleet: Fleet, monitor_id: str) -> dict:
+    incidents = fleet.api.get("/incidents", params={"monitorId": monitor_id}).json()["incidents"]
+    return incidents[0] if incidents else {}
+
+
+class TestAgentFleet:
+    """End to end: the server probes nothing; agents east and west do."""
+
+    def test_agents_probe_from_their_regions_and_status_combines_them(self, fleet):
+        both = fleet.monitor("/both")
+        west_blocked = fleet.monitor("/west-blocked", blocked=("west",))
+        all_blocked = fleet.monitor("/all-blocked", blocked=("east", "west"))
+        eventually(lambda: fleet.get(both)["status"] == "UP", 15)
+        eventually(lambda: fleet.get(all_blocked)["status"] == "DOWN", 15)
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        # Only agents probed (the server's own region probes nothing), each naming its region.
+        regions = {(c["workerRegion"]["id"], c["workerRegion"]["countryCode"])
+                   for c in fleet.get(both)["checks"]}
+        assert regions == {("east", "US"), ("west", "IE")}
+        assert {region for _, region in fleet.target.hits} == {"east", "west"}
+        assert _incident(fleet, west_blocked) == {}  # DEGRADED opens no incident
+        incident = eventually(lambda: _incident(fleet, all_blocked))
+        assert incident["severity"] == "high" and incident["affectedRegions"] == ["east", "west"]
+        analytics = fleet.api.get(f"/analytics/monitors/{both}", params={"period": "1h"}).json()
+        assert set(analytics["responseTimeByRegion"]) == {"east", "west"}
+        page = fleet.api.post("/status-pages", json={"name": "P", "slug": "regions",
+                                                     "monitorGroups": [
+                                                         {"name": "G", "monitorIds": [west_blocked]}]})
+        assert page.status_code == 201, page.text
+        summary = httpx.get(fleet.server.url + "/status/regions.json").json()
+        assert summary["groups"][0]["monitors"][0]["regions"] == [
+            {"region": "East", "status": "UP"}, {"region": "West", "status": "DOWN"}]
+        html = httpx.get(fleet.server.url + "/status/regions").text
+        assert "East: Operational &middot; West: Outage" in html and "127.0.0.1" not in html
+        assert {r: fleet.regions()[r]["isActive"] for r in ("east", "west", "local")} == {
+            "east": True, "west": True, "local": False}
+
+
+    def test_quorum_of_one_region_makes_a_monitor_down_with_medium_severity(self, fleet):
+        quorum = fleet.monitor("/quorum", blocked=("west",), downQuorum=1,
+                               enabledWorkerRegionIds=["east", "west"])
+        assert fleet.get(quorum)["downQuorum"] == 1
+        eventually(lambda: fleet.get(quorum)["status"] == "DOWN", 15)
+        incident = eventually(lambda: _incident(fleet, quorum))
+        assert incident["severity"] == "medium" and incident["affectedRegions"] == ["west"]
+
+
+    def test_monitors_follow_enabled_regions_and_edits_reach_agents(self, fleet):
+        east_only = fleet.monitor("/east-only", enabledWorkerRegionIds=["east"])
+        eventually(lambda: fleet.target.hits[("/east-only", "east")] >= 2, 15)
+        edited = fleet.api.put(f"/monitors/{east_only}",
+                                 json={"url": fleet.url("/edited"), "enabledWorkerRegionIds": []})
+        assert edited.status_code == 200, edited.text
+        eventually(lambda: fleet.target.hits[("/edited", "west")] >= 1
+                   and fleet.target.hits[("/edited", "east")] >= 1, 10)
+        assert fleet.target.hits[("/east-only", "west")] == 0
+        unknown = fleet.api.post("/monitors", json={"name": "x", "url": fleet.url("/x"),
+                                                    "enabledWorkerRegionIds": ["mars"]})
+        assert unknown.status_code == 400 and "mars" in unknown.text
+
+
+    def test_wrong_rotated_and_removed_tokens_and_keys_are_refused(self, fleet):
+        def sync(token: str, path: str = "/agent/monitors") -> int:
+            return httpx.get(fleet.server.url + "/api/v1" + path,
+                             headers={"Authorization": f"Bearer {token}"}).status_code
+
+        def region(*args: str) -> str:
+            result = CliRunner().invoke(statusapp.cli, ["region", *args, "--db", fleet.server.db])
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        token = _add_region(fleet.server.db, "spare")
+        key = fleet.api.headers["X-API-Key"]
+        assert sync(token) == 200
+        assert sync("sa_agent_wrong") == sync(key) == 401  # an API key is no agent token
+        for headers in ({}, {"X-API-Key": key}):
+            assert httpx.get(fleet.server.url + "/api/v1/agent/monitors",
+                             headers=headers).status_code == 401
+        assert sync(token, "/monitors") == 401  # and an agent token is no API key
+        rotated = region("rotate-token", "spare").strip().splitlines()[-1]
+        assert (sync(token), sync(rotated)) == (401, 200)
+        listing = region("list")
+        assert "spare" in listing and token not in listing and rotated not in listing
+        region("remove", "spare")
+        assert sync(rotated) == 401
+
+
+    def test_a_silent_region_goes_inactive_and_back_alerting_once_each_way(self, fleet):
+        west_blocked = fleet.monitor("/silent-west", blocked=("west",))
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        west = fleet.agents["west"].proc
+        west.send_signal(signal.SIGSTOP)
+        try:
+            eventually(lambda: not fleet.regions()["west"]["isActive"], 10)
+            # Only east counts now: the monitor is UP, and nothing went DOWN for west's silence.
+            eventually(lambda: fleet.get(west_blocked)["status"] == "UP", 10)
+            eventually(lambda: fleet.region_alerts("west") == ["monitor.down"], 10)
+        finally:
+            west.send_signal(signal.SIGCONT)
+        eventually(lambda: fleet.regions()["west"]["isActive"], 10)
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        eventually(lambda: fleet.region_alerts("west") == ["monitor.down", "monitor.up"], 10)
+        transitions = [t[1] for t in sql({"server": {"database": fleet.server.db}},
+                                         "SELECT old_status, new_status FROM status_transitions"
+                                         " WHERE monitor_id = ?", (west_blocked,))]
+        assert "DOWN" not in transitions
+        assert fleet.region_alerts("east") == []
+
+
+    def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(self, fleet):
+        monitor_id = fleet.monitor("/buffered")
+        eventually(lambda: min(fleet.target.hits[("/buffered", r)] for r in ("east", "west")), 15)
+        db = {"server": {"database": fleet.server.db}}
+        fleet.server.stop()
+        down_at = statusapp.now_ms()
+        east = fleet.agents["east"]
+        eventually(lambda: len(east.buffered()) >= 3, 15)  # probing on, results kept on disk
+        east.stop(signal.SIGKILL)
+        kept = east.buffered()
+        assert len(kept) >= 3
+        east.start()
+        up_at = statusapp.now_ms()
+        fleet.server.start()
+        eventually(lambda: not east.buffered() and not fleet.agents["west"].buffered(), 20)
+        stored = [r[0] for r in sql(db, "SELECT batch_id FROM agent_batches WHERE region_id ="
+                                        " 'east' AND batch_id IN (SELECT value FROM json_each(?))",
+                                    (json.dumps(kept),))]
+        assert sorted(stored) == sorted(kept)  # every buffered batch arrived
+        duplicates = sql(db, "SELECT region_id, agent_checked_at, COUNT(*) FROM checks"
+                             " WHERE monitor_id = ? GROUP BY 1, 2 HAVING COUNT(*) > 1",
+                             (monitor_id,))
+        assert duplicates == []  # and none twice
+        probed_while_down = sql(db, "SELECT COUNT(*) FROM checks WHERE monitor_id = ? AND"
+                                    " region_id = 'west' AND checked_at BETWEEN ? AND ?",
+                                (monitor_id, down_at, up_at))[0][0]
+        assert probed_while_down >= 2  # west kept probing; its results came after the restart
+        west = fleet.agents["west"]
+        west.stop()  # SIGTERM: a clean stop that keeps its last checks in the buffer
+        assert west.proc.returncode == 0
+        west.start()
+        eventually(lambda: fleet.regions()["east"]["isActive"], 10)
+
+
+def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor_reorder(
+        tmp_path):
+    cfg = make_cfg(tmp_path, probes={"local": False})
+    key = new_key(cfg)
+    tokens = {r: _add_region(cfg["server"]["database"], r) for r in ("fast", "slow")}
+    with _app(cfg, key) as client:
+        monitor_id = client.post("/api/v1/monitors", json={
+            "name": "m", "url": "http://127.0.0.1:9/"}).json()["id"]
+        now = statusapp.now_ms()
+
+        def post(region: str, skew: int, batch: str, ago: int) -> dict:
+            result = {"monitorId": monitor_id, "checkedAt": now - ago + skew, "status": "UP",
+                      "regionStatus": "UP", "responseTime": 5}
+            response = client.post("/api/v1/agent/results", headers={
+                "Authorization": f"Bearer {tokens[region]}", "X-API-Key": ""}, json={
+                "batchId": batch, "sentAt": statusapp.now_ms() + skew, "results": [result]})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        # "fast" runs 5 minutes ahead and checked first; "slow" 5 minutes behind, 1 s later.
+        assert post("fast", 300_000, "batch-fast-1", 2_000)["stored"] == 1
+        assert post("slow", -300_000, "batch-slow-1", 1_000)["stored"] == 1
+        assert post("fast", 300_000, "batch-fast-1", 2_000)["stored"] == 0
+        rows = sql(cfg, "SELECT region_id, checked_at, received_at, agent_checked_at FROM checks"
+                        " WHERE monitor_id = ? ORDER BY checked_at", (monitor_id,))
+        assert [r[0] for r in rows] == ["fast", "slow"]
+        for region, checked_at, received_at, agent_at in rows:
+            expected = now - (2_000 if region == "fast" else 1_000)
+            assert abs(checked_at - expected) < 1_000 and checked_at <= received_at
+            assert abs(agent_at - checked_at) > 250_000  # the agent's own (skewed) stamp
+        check = client.get(f"/api/v1/monitors/{monitor_id}").json()["checks"][0]
+        assert check["receivedAt"] is not None
+
+
+def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key):
+    for region in ("region_us_east", "region_eu_west"):
+        _add_region(cfg["server"]["database"], region)
+    with _app(cfg, key) as client:
+        response = client.post("/api/v1/monitors", json={
+            "name": "My API Monitor", "url": "https://api.example.com/health", "type": "API",
+            "interval": 300, "timeout": 30, "expectedStatusCode": 200, "httpMethod": "GET",
+            "enabledWorkerRegionIds": ["region_us_east", "region_eu_west"],
+            "regressionEnabled": True, "regressionThreshold": 50,
+            "notifications": [{"type": "EMAIL", "enabled": True,
+                               "config": {"emails": ["alerts@example.com"]}}]})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["enabledWorkerRegionIds"] == ["region_us_east", "region_eu_west"]
+        assert body["downQuorum"] is None
+        regions = {r["id"]: r for r in client.get("/api/v1/worker-regions").json()["regions"]}
+        assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
+
+
+def test_agents_with_clocks_5_minutes_off_neither_misdate_nor_reorder(tmp_path, monkeypatch):
+    """The agent's own feed, buffer and sender, with its clock moved by +-5 minutes, against
+    a served StatusApp whose clock is right."""
+    server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false"})
+    tokens = {r: _add_region(server.db, r) for r in ("ahead", "behind")}
+    key = new_key({"server": {"database": server.db}})
+    server.start()
+    real_now = statusapp.now_ms
+    try:
+        monitor_id = httpx.post(server.url + "/api/v1/monitors", headers={"X-API-Key": key},
+                                json={"name": "m", "url": "http://127.0.0.1:9/"}).json()["id"]
+
+        async def agent(region: str, skew: int, ago: int) -> None:
+            buffer = statusapp.AgentBuffer(tmp_path / region / "buffer.db", 100)
+            async with httpx.AsyncClient(base_url=server.url + "/api/v1", headers={
+                    "Authorization": f"Bearer {tokens[region]}"}) as client:
+                feed = statusapp.AgentFeed(client, buffer)
+                await feed.sync(0)
+                assert list(feed.monitors) == [monitor_id]
+                monkeypatch.setattr(statusapp, "now_ms", lambda: real_now() + skew)
+                feed.record(monitor_id, statusapp.CheckResult("UP", 5), real_now() + skew - ago,
+                            "UP", "HTTP 200")
+                feed.keep()
+                await feed.send_buffered()
+            assert buffer.oldest() is None
+            buffer.close()
+
+        started = real_now()
+        asyncio.run(agent("ahead", 300_000, 2_000))    # checked first, clock 5 min ahead
+        asyncio.run(agent("behind", -300_000, 1_000))  # checked 1 s later, clock 5 min behind
+        rows = sql({"server": {"database": server.db}},
+                   "SELECT region_id, checked_at, received_at, agent_checked_at FROM checks"
+                   " WHERE monitor_id = ? ORDER BY checked_at", (monitor_id,))
+        assert [r[0] for r in rows] == ["ahead", "behind"]
+        for region, checked_at, received_at, agent_at in rows:
+            assert started - 2_500 <= checked_at <= received_at <= real_now()
+            assert abs(agent_at - checked_at) > 250_000  # the agent's own reading, kept
+    finally:
+        server.stop()
+
+
+def test_agent_buffer_is_bounded_ordered_and_survives_reopening(tmp_path):
+    buffer = statusapp.AgentBuffer(tmp_path / "state" / "buffer.db", limit=5)
+    for n in range(3):
+        buffer.add([{"n": n, "i": i} for i in range(2)])
+    assert buffer.pending() == 4  # the oldest batch was dropped to stay within 5 results
+    buffer.close()
+    reopened = statusapp.AgentBuffer(tmp_path / "state" / "buffer.db", limit=5)
+    seq, batch_id, results = reopened.oldest()
+    assert [r["n"] for r in results] == [1, 1]
+    reopened.done(seq)
+    assert reopened.oldest()[2][0]["n"] == 2 and reopened.oldest()[1] != batch_id
+    reopened.close()
+
+
+@pytest.mark.parametrize("statuses, regions, quorum, expected", [
+    (["DOWN", "DOWN"], 2, None, "DOWN"),
+    (["DOWN", "UP"], 2, None, "DEGRADED"),
+    (["DOWN", "UP"], 2, 1, "DOWN"),
+    (["DOWN", "PENDING"], 2, None, "DEGRADED"),
+    (["DOWN"], 1, 3, "DOWN"),
+    (["UP", "DEGRADED"], 2, None, "DEGRADED"),
+    (["UP", "UP", "DOWN"], 3, 2, "DEGRADED"),
+    (["PENDING"], 1, None, None),
+])
+def test_combined_status_follows_the_quorum(statuses, regions, quorum, expected):
+    assert statusapp.combined_status(statuses, regions, quorum) == expected
 
 
 # --- Heartbeat tests ---
@@ -3750,7 +4144,8 @@ def test_page_custom_domain_serves_root(client, seeded):
     for host in ("status.acme.test", "STATUS.ACME.TEST:8443", "status.acme.test."):
         resp = client.get("/", headers={"Host": host})
         assert resp.status_code == 200 and "<h1>Acme &amp; Co</h1>" in resp.text
-    assert client.get("/", headers={"Host": "other.acme.test"}).status_code == 404
+    other = client.get("/", headers={"Host": "other.acme.test"}, follow_redirects=False)
+    assert other.status_code == 303 and other.headers["location"] == "/signin?next=/"
 
 
 def test_page_json_summary(client, seeded):
@@ -4092,6 +4487,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
             "INSERT INTO alert_outbox (account_id, target_key, channel_type, config, event, alert,"
             " created_at, done_at) VALUES (?, 't', 'SLACK', '{}', 'monitor.down', '{}', ?, ?)",
             [(account, now - 5 * day, now - 4 * day), (account, now - 5 * day, None)])
+        conn.executemany("INSERT INTO agent_batches VALUES ('east', ?, ?)",
+                         [("old-batch", now - 4 * day), ("new-batch", now - day)])
     transactions = []
 
     async def job(db):
@@ -4101,7 +4498,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
         return await statusapp.prune(db, cfg)
     deleted = _on_db(cfg, job)
     assert deleted["raw"] == 1000 and len(transactions) >= 10
-    assert deleted["pings"] == 1 and deleted["alerts"] == 1
+    assert deleted["pings"] == 1 and deleted["alerts"] == 1 and deleted["batches"] == 1
+    assert sql(cfg, "SELECT batch_id FROM agent_batches") == [("new-batch",)]
     assert sql(cfg, "SELECT done_at FROM alert_outbox") == [(None,)]  # undelivered ones stay
     assert sql(cfg, "SELECT received_at FROM heartbeats") == [(now - 2 * day,)]
     assert sql(cfg, "SELECT response_time FROM checks ORDER BY checked_at") == [(70,), (60,)]
@@ -4599,7 +4997,7 @@ def _real_ids(cfg, client) -> dict[str, str]:
            "memberId": invite.get("id"), "keyId": api_key.get("id"),
            "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
            "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz",
-           "exitCode": "3"}
+           "exitCode": "3", "agentToken": _add_region(cfg["server"]["database"], "fuzz")}
     assert all(ids.values()), ids
     assert client.get("/api/v1/incidents/inc_fuzz").status_code == 200
     assert client.get(f"/badge/{monitor['id']}/status.svg").status_code == 200
@@ -4701,16 +5099,27 @@ def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
            lambda f, v, kind=kind: ({"type": kind.name, "config": {f.name: v}}, ["config", f.name]))
           for kind in statusapp.CHANNEL_TYPES.values()),
         ("PUT", statusapp.API_PREFIX + "/account", statusapp._ACCOUNT_READ_ONLY,
-         lambda f, v: ({f.name: v}, [f.name]))]
+         lambda f, v: ({f.name: v}, [f.name])),
+        ("POST", statusapp.API_PREFIX + "/agent/results", statusapp.AGENT_RESULT_FIELDS,
+         lambda f, v: ({"results": [{f.name: v}]}, ["results", 0, f.name]))]
     return cases
+
+
+def _auth_for(url: str, real: dict) -> dict:
+    """Agent routes take the agent token (and no API key); the rest the client's API key."""
+    return ({"Authorization": f"Bearer {real['agentToken']}", "X-API-Key": ""}
+            if "/agent/" in url else {})
 
 
 def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg, client):
     """Generated from the Field tables: each field, each JSON type it does not take, on every
     route (and nested object) it belongs to, is a 400 naming that field, never a 500."""
-    cases = _typed_cases(_real_ids(cfg, client))
+    real = _real_ids(cfg, client)
+    cases = _typed_cases(real)
     covered = {id(table) for _, _, table, _ in cases} | {id(statusapp.BADGE_QUERY)} | {
-        id(doc.query) for doc in statusapp.API_DOCS}  # query tables: the next tests
+        id(doc.query) for doc in statusapp.API_DOCS} | {  # query tables: the next tests
+        id(t) for t in (statusapp.SIGNIN_FIELDS, statusapp.PASSWORD_FIELDS,  # dashboard forms:
+                        statusapp.CHANGE_PASSWORD_FIELDS)}  # form text, see the dashboard tests
     covered_fields = {id(f) for _, _, table, _ in cases for f in table}
     for table in _field_tables().values():  # the rest are parts of covered tables
         assert id(table) in covered or all(id(f) in covered_fields for f in table), table
@@ -4719,7 +5128,7 @@ def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg,
         for field in table:
             for value in _wrong_values(field):
                 body, path = body_for(field, value)
-                response = client.request(method, url, json=body)
+                response = client.request(method, url, json=body, headers=_auth_for(url, real))
                 issues = response.json()["error"] if response.status_code == 400 else []
                 typed = [i for i in issues if isinstance(issues, list) and i["path"] == path]
                 expected = "integer" if value == 1.5 and field.kind == "integer" else (
@@ -4759,7 +5168,8 @@ def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, clien
         for field in doc.query:
             bad = ["", "bogus"] if field.choices or field.kind == "integer" else []
             for value in bad:
-                response = client.get(url, params={field.name: value})
+                response = client.get(url, params={field.name: value},
+                                      headers=_auth_for(url, real))
                 assert response.status_code == 400, (url, field.name, value, response.text)
                 assert response.json()["error"][0]["path"] == [field.name]
                 checked += 1
@@ -4768,6 +5178,537 @@ def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, clien
     for value in ("", "bogus"):
         assert client.get(f"/badge/{monitor}/uptime.svg", params={"period": value}).status_code == 400
     assert client.get("/api/v1/monitors", params={"search": ""}).status_code == 200
+
+
+# --- Dashboard tests ---
+
+
+def test_password_kdf_is_salted_scrypt_and_verifies():
+    first, second = statusapp.hash_password("a long password"), statusapp.hash_password(
+        "a long password")
+    assert first.startswith("scrypt$16384$8$1$") and first != second  # a fresh salt each time
+    assert statusapp.verify_password("a long password", first)
+    assert not statusapp.verify_password("a long passwore", first)
+    assert not statusapp.verify_password("anything", None)
+    _, n, r, p, salt, digest = first.split("$")
+    assert hashlib.scrypt(b"a long password", salt=statusapp._unb64(salt), n=int(n), r=int(r),
+                          p=int(p), dklen=32) == statusapp._unb64(digest)
+
+
+def test_signed_values_refuse_tampering():
+    value = statusapp.sign("secret", "token")
+    assert statusapp.unsign("secret", value) == "token"
+    assert statusapp.unsign("other", value) is None
+    assert statusapp.unsign("secret", "tokem" + value[5:]) is None
+    assert statusapp.unsign("secret", value[:-1] + ("0" if value[-1] != "0" else "1")) is None
+    assert statusapp.unsign("secret", "") is None
+
+
+def test_form_is_generated_from_the_field_table_and_parsed_back():
+    fields = (*statusapp.WEBHOOK_FIELDS,
+              statusapp.Field("retries", "integer", default=3, minimum=1, maximum=9,
+                              doc="Retries <max>"),
+              statusapp.Field("mode", "string", ("WEBSITE",), choices=("fast", "slow"),
+                              kinds=("WEBSITE",)))
+    cfg = statusapp.load_config(environ={})
+    values = statusapp.form_values(fields, {}, {})
+    html_text = statusapp.form_fields(fields, {}, values, {"retries": "Too <big>"}, cfg)
+    assert re.search(r'<label for="f-retries">Retries &lt;max&gt;</label><input type="number" '
+                     r'id="f-retries" name="retries"[^>]*aria-invalid="true"[^>]*value="3" '
+                     r'min="1" max="9"', html_text)
+    assert '<p class="err" id="f-retries-err">Too &lt;big&gt;</p>' in html_text
+    assert re.search(r'<div data-kinds="WEBSITE"><label for="f-mode">Mode</label><select '
+                     r'id="f-mode" name="mode"[^>]*><option value="">', html_text)
+    assert '<p class="hint" id="f-mode-hint">required for WEBSITE (for WEBSITE)</p>' in html_text
+    assert re.search(r'<label class="check"><input type="hidden" name="isActive" value="false">'
+                     r'<input type="checkbox" id="f-isActive" [^>]*checked>'
+                     r'Is active</label><p class="hint" id="f-isActive-hint">Inactive webhooks'
+                     r' receive nothing</p>', html_text)
+    assert 'name="isActive" value="false"><input type="checkbox"' in html_text
+    form = {"name": "n", "url": "http://x.test", "events": "a", "secret": "", "isActive": "true",
+            "retries": "x7", "mode": "fast"}
+    assert statusapp.form_body(fields, {}, form, None) == {
+        "name": "n", "url": "http://x.test", "events": "a", "secret": None, "isActive": True,
+        "retries": "x7", "mode": "fast"}  # kept as typed, so validate names the field
+    assert "secret" not in statusapp.form_body(fields, {}, form, {"name": "old"})
+
+
+def test_monitor_form_covers_every_monitor_field_and_nested_auth():
+    cfg = statusapp.load_config(environ={})
+    res = statusapp.RESOURCES["monitors"]
+    html_text = statusapp.form_fields(res.fields, res.nested, {}, {}, cfg)
+    for field in statusapp.MONITOR_FIELDS:
+        assert f'name="{field.name}"' in html_text or field.name in res.nested
+    for field in statusapp.AUTH_FIELDS:
+        assert f'name="apiAuthConfig.{field.name}"' in html_text
+    assert 'id="f-type" name="type" aria-describedby="f-type-hint" data-kind-select' in html_text
+    channels = statusapp.RESOURCES["channels"]
+    html_text = statusapp.form_fields(channels.fields, channels.nested, {}, {}, cfg)
+    for channel in statusapp.CHANNEL_TYPES.values():
+        for field in channel.fields:
+            kinds = re.search(rf'<div data-kinds="([^"]*)"><label for="f-config-{field.name}">',
+                              html_text).group(1).split()
+            assert channel.name in kinds
+
+
+class _Browser:
+    """Signed-in HTTP as a browser would do it (cookies, CSRF tokens from pages)."""
+
+    def __init__(self, base: str) -> None:
+        self.http = httpx.Client(base_url=base, timeout=10, follow_redirects=False)
+
+    def csrf(self, path: str) -> str:
+        return re.search(r'name="csrf" value="([^"]+)"', self.http.get(path).text).group(1)
+
+    def post(self, path: str, data: dict, page: str | None = None) -> httpx.Response:
+        return self.http.post(path, data={"csrf": self.csrf(page or path), **data})
+
+    def sign_in(self, email: str, password: str) -> httpx.Response:
+        return self.post("/signin", {"email": email, "password": password}, "/signin")
+
+    def use_cookie(self, value: str) -> None:
+        self.http.cookies.clear()
+        self.http.cookies.set("statusapp_session", value, domain="testserver.local")
+
+
+@pytest.fixture
+def dashboard(cfg, key):
+    """StatusApp under uvicorn-free TestClient with a signed-in owner as a _Browser-like client."""
+    cli_input = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "owner@example.test",
+                                                   "--db", cfg["server"]["database"]],
+                                   input="correct horse battery\n")
+    assert cli_input.exit_code == 0 and "password set" in cli_input.output
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        assert browser.sign_in("owner@example.test", "correct horse battery").status_code == 303
+        yield browser
+
+
+def test_session_cookie_flags_expiry_revocation_and_tampering(cfg, dashboard):
+    cookie = dashboard.http.cookies["statusapp_session"]
+    assert dashboard.http.get("/").status_code == 200
+    response = dashboard.post("/signout", {}, "/")
+    assert "HttpOnly" in response.headers["set-cookie"]
+    assert "SameSite=lax" in response.headers["set-cookie"]
+    dashboard.use_cookie(cookie)
+    assert dashboard.http.get("/").headers["location"] == "/signin?next=/"  # revoked
+    dashboard.sign_in("owner@example.test", "correct horse battery")
+    cookie = dashboard.http.cookies["statusapp_session"]
+    dashboard.use_cookie(cookie[:-2] + ("00" if cookie[-2:] != "00" else "11"))
+    assert dashboard.http.get("/").status_code == 303  # tampered signature
+    dashboard.use_cookie(cookie)
+    assert dashboard.http.get("/").status_code == 200
+    sql(cfg, "UPDATE sessions SET expires_at = 0")
+    assert dashboard.http.get("/").status_code == 303  # expired
+
+
+def test_sign_out_everywhere_and_password_change_end_every_session(cfg, dashboard):
+    other = _Browser.__new__(_Browser)
+    other.http = TestClient(dashboard.http.app, follow_redirects=False)
+    other.use_cookie(dashboard.http.cookies["statusapp_session"])
+    dashboard.sign_in("owner@example.test", "correct horse battery")
+    assert other.http.get("/").status_code == 200
+    dashboard.post("/signout-everywhere", {}, "/account")
+    assert other.http.get("/").status_code == 303 and dashboard.http.get("/").status_code == 303
+    assert sql(cfg, "SELECT COUNT(*) FROM sessions") == [(0,)]
+
+
+def test_sign_in_is_rate_limited_per_account_with_a_clear_message(cfg, dashboard):
+    dashboard.post("/signout", {}, "/")
+    for _ in range(5):
+        wrong = dashboard.sign_in("owner@example.test", "wrong password")
+        assert wrong.status_code == 401 and "Wrong email or password." in wrong.text
+    blocked = dashboard.sign_in("owner@example.test", "correct horse battery")
+    assert blocked.status_code == 429
+    assert "Too many failed sign-ins for this account; try again in 15 minutes" in blocked.text
+    assert dashboard.sign_in("nobody@example.test", "x").status_code == 401  # others still may
+
+
+def test_sign_in_is_rate_limited_per_address(tmp_path):
+    cfg = make_cfg(tmp_path, dashboard={"signin_failures_per_ip": 3})
+    new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        for n in range(3):
+            assert browser.sign_in(f"p{n}@example.test", "x").status_code == 401
+        blocked = browser.sign_in("p9@example.test", "x")
+        assert blocked.status_code == 429 and "for your address" in blocked.text
+
+
+def test_forms_refuse_a_missing_or_foreign_csrf_token(dashboard):
+    forged = dashboard.http.post("/monitors/new", data={"name": "x", "url": "http://a.test"})
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    foreign = dashboard.http.post("/monitors/new", headers={"Origin": "http://evil.test"},
+                                  data={"csrf": dashboard.csrf("/"), "name": "x"})
+    assert foreign.status_code == 403
+
+
+def test_validation_errors_show_next_to_their_field_with_the_typed_values(dashboard):
+    response = dashboard.post("/monitors/new", {"name": "", "type": "PORT", "url": "a b",
+                                                "interval": "soon", "port": "70000"}, "/")
+    assert response.status_code == 400
+    text = response.text
+    assert re.search(r'id="f-name-err">Required<', text)
+    assert re.search(r'id="f-interval"[^>]*value="soon"', text)
+    assert re.search(r'id="f-interval-err">Expected [a-z]+, received string<', text)
+    assert re.search(r'id="f-port-err">Number must be less than or equal to 65535<', text)
+    assert re.search(r'<option selected>PORT</option>', text)
+
+
+def test_history_api_pages_and_filters_checks(cfg, client):
+    monitor = client.post("/api/v1/monitors", json={"name": "h", "url": "http://127.0.0.1:9/",
+                                                    "isActive": False}
+                          ).json()
+    rows = [(monitor["id"], "local" if i % 2 else "eu", "UP" if i % 3 else "DOWN",
+             10 + i, 1_700_000_000_000 + i * 60_000) for i in range(7)]
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO checks (monitor_id, region_id, status, response_time,"
+                         " checked_at) VALUES (?, ?, ?, ?, ?)", rows)
+    url = f"/api/v1/monitors/{monitor['id']}/checks"
+    page = client.get(url, params={"limit": 3, "page": 2}).json()
+    assert page["pagination"] == {"total": 7, "page": 2, "limit": 3, "totalPages": 3}
+    assert [c["responseTime"] for c in page["checks"]] == [13, 12, 11]
+    down = client.get(url, params={"status": "DOWN"}).json()["checks"]
+    assert [c["responseTime"] for c in down] == [16, 13, 10]
+    window = client.get(url, params={"from": "2023-11-14T22:15:00Z", "to": "2023-11-14T22:17:00Z",
+                                     "region": "local", "order": "asc"}).json()["checks"]
+    assert [(c["responseTime"], c["workerRegion"]["id"]) for c in window] == [(13, "local")]
+    assert client.get(url, params={"from": "yesterday"}).status_code == 400
+    spec = client.get("/api/v1/openapi.json").json()
+    assert {p["name"] for p in spec["paths"]["/monitors/{monitorId}/checks"]["get"]["parameters"]
+            } >= {"from", "to", "region", "status", "page", "limit"}
+
+
+def test_channel_test_endpoint_reports_the_receivers_answer(client):
+    receiver = _NotifyReceiver()
+    try:
+        receiver.script = [(503, b"busy", 0)]
+        channel = client.post("/api/v1/notifications", json={
+            "name": "hook", "type": "WEBHOOK", "config": {"url": receiver.url + "/in"}}).json()
+        answer = client.post(f"/api/v1/notifications/{channel['id']}/test").json()
+        assert answer["success"] is False and answer["statusCode"] == 503
+        answer = client.post(f"/api/v1/notifications/{channel['id']}/test").json()
+        assert answer["success"] is True and answer["statusCode"] == 200
+        assert receiver.json()["event"] == "test" and len(receiver.requests) == 2
+    finally:
+        receiver.close()
+
+
+def test_passwd_refuses_short_passwords_and_unknown_accounts(cfg, key):
+    short = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "owner@example.test", "--db",
+                                               cfg["server"]["database"]], input="short\n")
+    assert short.exit_code != 0 and "at least 10" in short.output
+    unknown = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "x@example.test", "--db",
+                                                 cfg["server"]["database"]], input="long enough pw\n")
+    assert unknown.exit_code != 0 and "no account with email x@example.test" in unknown.output
+
+
+def test_cron_monitor_page_shows_ping_url_cron_line_and_ping_log(cfg, key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "backup", "type": "CRON", "interval": 3600}).json()
+    ping = dashboard.http.post(urllib.parse.urlsplit(monitor["heartbeatUrl"]).path + "/log",
+                               content=b"42 files <copied>")
+    assert ping.status_code == 200
+    page = dashboard.http.get(f"/monitors/{monitor['id']}").text
+    assert f'<pre id="ping-url">{monitor["heartbeatUrl"]}</pre>' in page
+    assert re.search(r'<pre id="cron-line">\*/5 \* \* \* \* /path/to/job.sh &amp;&amp; curl -fsS'
+                     r' -m 10 --retry 3 ' + re.escape(monitor["heartbeatUrl"]), page)
+    assert "<td>log</td>" in page and "42 files &lt;copied&gt;" in page
+    assert "Regression detection is off." in page
+    for period in ("7d", "30d"):
+        page = dashboard.http.get(f"/monitors/{monitor['id']}", params={"period": period}).text
+        assert f'<a href="?period={period}" aria-current=true>{period}</a>' in page
+
+
+def test_incident_update_and_resolve_from_the_dashboard(cfg, key, dashboard):
+    monitor = dashboard.http.post("/api/v1/monitors", headers={"X-API-Key": key}, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    sql(cfg, "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at,"
+             " severity, status, affected_regions) VALUES ('inc_1', (SELECT account_id FROM"
+             " monitors), ?, 2026, 1, 1764547200000, 'high', 'open', '[]')",
+        (monitor["id"],))
+    assert "INC-2026-0001" in dashboard.http.get("/").text  # open incidents on top
+    bad = dashboard.post("/incidents/inc_1", {"status": "sleeping", "message": "x"})
+    assert bad.status_code == 400 and re.search(r'id="f-status-err">Invalid enum value', bad.text)
+    dashboard.post("/incidents/inc_1", {"status": "identified", "message": "Disk <full>"})
+    page = dashboard.http.get("/incidents/inc_1").text
+    assert "<strong>identified</strong> &ndash; Disk &lt;full&gt;" in page
+    dashboard.post("/incidents/inc_1", {"status": "resolved", "message": "Resolved from the"
+                                        " dashboard."})
+    assert sql(cfg, "SELECT resolved_at IS NOT NULL FROM incidents") == [(1,)]
+    assert "Resolve now" not in dashboard.http.get("/incidents/inc_1").text
+    assert "INC-2026-0001" not in dashboard.http.get("/").text
+
+
+def test_team_keys_and_account_pages_act_through_the_api(cfg, dashboard):
+    invited = dashboard.post("/team", {"email": "ann@example.test", "role": "MEMBER"})
+    link = re.search(r'<pre id="invite-link">([^<]+)</pre>', invited.text).group(1)
+    assert "/invite?token=inv_" in link
+    member = sql(cfg, "SELECT id FROM team_members WHERE email = 'ann@example.test'")[0][0]
+    dashboard.post(f"/team/{member}/role", {"role": "VIEWER"}, "/team")
+    assert sql(cfg, "SELECT role FROM team_members WHERE id = ?", (member,)) == [("VIEWER",)]
+    dashboard.post(f"/team/{member}/remove", {}, "/team")
+    assert sql(cfg, "SELECT COUNT(*) FROM team_members WHERE id = ?", (member,)) == [(0,)]
+    created = dashboard.post("/keys", {"name": "laptop", "permissions": "read"})
+    new_key_text = re.search(r'<pre id="new-key">(sk_live_[^<]+)</pre>', created.text).group(1)
+    assert dashboard.http.get("/api/v1/monitors", headers={"X-API-Key": new_key_text}
+                              ).status_code == 200
+    key_id = sql(cfg, "SELECT id FROM api_keys WHERE name = 'laptop'")[0][0]
+    dashboard.post(f"/keys/{key_id}/revoke", {}, "/keys")
+    assert dashboard.http.get("/api/v1/monitors", headers={"X-API-Key": new_key_text}
+                              ).status_code == 401
+    saved = dashboard.post("/account", {"name": "Olive", "language": "xx", "timezone": "UTC",
+                                        "smsNotificationsEnabled": "false"})
+    assert saved.status_code == 400 and 'id="f-language-err"' in saved.text
+    dashboard.post("/account", {"name": "Olive", "language": "de", "timezone": "Europe/Berlin",
+                                "smsNotificationsEnabled": "false"})
+    assert sql(cfg, "SELECT name, language FROM accounts WHERE email = 'owner@example.test'"
+               ) == [("Olive", "de")]
+    usage = dashboard.http.get("/account").text
+    assert "<code>/api/v1/monitors</code>" in usage
+    changed = dashboard.post("/account", {"form": "password", "current": "correct horse battery",
+                                          "password": "another long one",
+                                          "confirm": "another long one"})
+    assert changed.headers["location"] == "/signin"
+    assert dashboard.http.get("/").status_code == 303  # a new password ends every session
+    assert dashboard.sign_in("owner@example.test", "another long one").status_code == 303
+
+
+def test_first_start_prints_a_one_time_setup_link_valid_for_an_hour(tmp_path, capsys):
+    cfg = make_cfg(tmp_path)
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        printed = capsys.readouterr().err
+        key = re.search(r"^(sk_live_\S+)$", printed, re.M).group(1)
+        token = re.search(r"http://127\.0\.0\.1:8080/setup\?token=(setup_\S+)", printed).group(1)
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        assert browser.http.get("/setup?token=setup_wrong").status_code == 404
+        short = browser.post("/setup", {"token": token, "password": "short", "confirm": "short"},
+                             f"/setup?token={token}")
+        assert short.status_code == 400 and re.search(r'id="f-password-err">String must contain'
+                                                      r' at least 10', short.text)
+        differ = browser.post("/setup", {"token": token, "password": "long enough 1",
+                                         "confirm": "long enough 2"}, f"/setup?token={token}")
+        assert re.search(r'id="f-confirm-err">The two passwords differ', differ.text)
+        done = browser.post("/setup", {"token": token, "password": "long enough 1",
+                                       "confirm": "long enough 1"}, f"/setup?token={token}")
+        assert done.status_code == 303 and browser.http.get("/").status_code == 200
+        assert browser.http.get(f"/setup?token={token}").status_code == 404  # used once
+        assert browser.http.get("/api/v1/monitors", headers={"X-API-Key": key}).status_code == 200
+    expiry = sql(cfg, "SELECT COUNT(*) FROM setup_tokens")
+    assert expiry == [(0,)]
+
+
+def test_setup_links_expire(cfg, key, dashboard):
+    token = "setup_" + "x" * 32
+    sql(cfg, "INSERT INTO setup_tokens VALUES (?, (SELECT id FROM accounts), ?)",
+        (statusapp.hash_key(token), int(time.time() * 1000) - 1))
+    assert dashboard.http.get(f"/setup?token={token}").status_code == 404
+
+
+def test_sign_in_returns_only_to_a_page_of_this_site(dashboard):
+    dashboard.post("/signout", {}, "/")
+    for target, expected in (("/incidents?status=open", "/incidents?status=open"),
+                             ("//evil.test/", "/"), ("/\\\\evil.test/", "/"),
+                             ("https://evil.test/", "/")):
+        response = dashboard.post("/signin", {"email": "owner@example.test", "next": target,
+                                              "password": "correct horse battery"})
+        assert response.headers["location"] == expected
+
+
+def test_session_cookie_is_secure_behind_https(dashboard):
+    form = {"email": "owner@example.test", "password": "correct horse battery"}
+    cookie = dashboard.post("https://testserver/signin", form, "https://testserver/signin"
+                            ).headers["set-cookie"]
+    assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie
+    assert "Secure" not in dashboard.sign_in(**form).headers["set-cookie"]
+
+
+def test_a_viewer_gets_no_write_controls_on_any_page(cfg, key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    dashboard.http.post("/api/v1/notifications", headers=api, json={
+        "name": "hook", "type": "WEBHOOK", "config": {"url": "http://127.0.0.1:9/"}})
+    invited = dashboard.post("/team", {"email": "vic@example.test", "role": "VIEWER"})
+    token = re.search(r"/invite\?token=(inv_[^<]+)</pre>", invited.text).group(1)
+    dashboard.post("/signout", {}, "/")
+    joined = dashboard.post("/invite", {"token": token, "password": "viewer password",
+                                        "confirm": "viewer password"}, f"/invite?token={token}")
+    assert joined.status_code == 303
+    for path in ("/", f"/monitors/{monitor['id']}", "/channels", "/webhooks", "/pages", "/team",
+                 "/keys", "/incidents"):
+        page = dashboard.http.get(path).text
+        actions = set(re.findall(r'<form[^>]*method="post" action="([^"]+)"', page))
+        assert actions <= {"/signout"}, (path, actions)
+        assert not re.search(r'href="/[a-z]+/(new|[^"]+/edit)"', page), path
+    account = dashboard.http.get("/account").text
+    assert set(re.findall(r'<form[^>]*method="post" action="([^"]+)"', account)) == {
+        "/signout", "/account", "/signout-everywhere"}  # the password form and signing out
+    assert 'name="language"' not in account  # PUT /account needs MEMBER, as on the API
+
+
+def test_dashboard_changes_show_on_public_pages_at_once(key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "old name", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    dashboard.http.post("/api/v1/status-pages", headers=api, json={
+        "name": "Home", "slug": "home", "monitorGroups": [
+            {"name": "All", "monitorIds": [monitor["id"]]}]})
+    assert "old name" in dashboard.http.get("/status/home").text  # now in the public cache
+    edit = f"/monitors/{monitor['id']}/edit"
+    assert dashboard.post(edit, {"name": "new name"}).status_code == 303
+    assert "new name" in dashboard.http.get("/status/home").text
+    form = dashboard.http.get("/pages/new").text
+    assert re.search(r'id="f-monitorGroups-hint">[^<]*a JSON array', form)
+
+
+def test_monitor_chart_and_overview_sparkline_are_drawn_from_the_checks(cfg, key, dashboard):
+    monitor = dashboard.http.post("/api/v1/monitors", headers={"X-API-Key": key}, json={
+        "name": "drawn", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    now = int(time.time() * 1000)
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO checks (monitor_id, region_id, status, response_time,"
+                         " checked_at) VALUES (?, 'local', 'UP', ?, ?)",
+                         [(monitor["id"], ms, now - i) for i, ms in enumerate((100, 200, 900))])
+    page = dashboard.http.get(f"/monitors/{monitor['id']}").text
+    chart = re.search(r'<svg class="chart"[^>]*aria-label="p50 and p95 response time, 24h">'
+                      r'(.*?)</svg>', page).group(1)
+    assert '<polyline class="p50"' in chart and '<polyline class="p95"' in chart
+    assert re.search(r"<text [^>]*>\d+ ms</text>", chart)
+    overview = dashboard.http.get("/").text
+    assert 'aria-label="drawn: hourly average response time, 400 to 400 ms"' in overview
+    assert "100.00%" in overview
+
+
+def _chrome(width: int = 1280, height: int = 900):
+    """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
+        pytest.skip("chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options,
+                            service=webdriver.ChromeService("/usr/bin/chromedriver"))
+
+
+class _Site(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_dashboard_in_a_real_browser(tmp_path):
+    """Set up the owner from the printed link, run a monitor and a channel through the forms,
+    see status and incidents live, invite a VIEWER who gets no write controls."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    shots = HERE / "docs" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    site = _serve(ThreadingHTTPServer(("127.0.0.1", 0), _Site))
+    receiver = _NotifyReceiver()
+    srv = Server(tmp_path, env={"STATUSAPP_PROBES_CONFIRMATIONS": "1",
+                                "STATUSAPP_DASHBOARD_REFRESH_SECONDS": "1"}).start()
+    driver = _chrome()
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(NoSuchElementException,
+                                                         StaleElementReferenceException))
+
+    def fill(**values: str) -> None:
+        for ident, value in values.items():
+            element = driver.find_element(By.ID, f"f-{ident}")
+            if element.tag_name == "select":
+                Select(element).select_by_visible_text(value)
+            else:
+                element.clear()
+                element.send_keys(value)
+
+    def submit() -> None:
+        driver.find_element(By.CSS_SELECTOR, "main form[method=post] button").click()
+
+    try:
+        link = re.search(r"(http://\S+/setup\?token=\S+)", srv.output()).group(1)
+        driver.get(link.replace("http://127.0.0.1:8080", srv.url))
+        fill(password="correct horse battery", confirm="correct horse battery")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        driver.get(srv.url + "/monitors/new")
+        fill(name="Home site", url=f"http://127.0.0.1:{site.server_address[1]}/", interval="1",
+             timeout="5")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Home site")
+        monitor_url = driver.current_url
+        driver.get(srv.url + "/")
+        wait.until(lambda d: "Up" in d.find_element(By.ID, "live").text)  # refreshed live
+        driver.save_screenshot(str(shots / "overview-desktop.png"))
+        dark = [{"name": "prefers-color-scheme", "value": "dark"}]
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": dark})
+        driver.save_screenshot(str(shots / "overview-dark.png"))
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        _stop(site)
+        wait.until(lambda d: "Open incidents" in d.find_element(By.ID, "live").text)
+        assert "Down" in driver.find_element(By.ID, "live").text
+        driver.get(monitor_url)
+        driver.save_screenshot(str(shots / "monitor-desktop.png"))
+        driver.set_window_size(390, 844)
+        driver.save_screenshot(str(shots / "monitor-phone.png"))
+        driver.get(srv.url + "/")
+        driver.save_screenshot(str(shots / "overview-phone.png"))
+        driver.set_window_size(1280, 900)
+        driver.get(monitor_url + "/edit")
+        fill(name="Home site (edited)")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Home site (edited)")
+        driver.find_element(By.XPATH, "//button[text()='Pause']").click()
+        wait.until(lambda d: "Paused" in d.find_element(By.ID, "live").text)
+        driver.get(srv.url + "/channels/new")
+        fill(name="Receiver", type="WEBHOOK", **{"config-url": receiver.url + "/hook"})
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Notification channels")
+        driver.find_element(By.XPATH, "//button[text()='Send a test']").click()
+        notice = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "p.notice"))
+        assert "Test delivered: the receiver answered HTTP 200" in notice.text
+        assert receiver.json()["event"] == "test"
+        driver.get(srv.url + "/team")
+        fill(email="viewer@example.test", role="VIEWER")
+        submit()
+        invite = wait.until(lambda d: d.find_element(By.ID, "invite-link")).text
+        driver.find_element(By.XPATH, "//button[text()='Sign out']").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Sign in")
+        driver.get(invite.replace(re.match(r"http://[^/]+", invite).group(0), srv.url))
+        fill(password="viewer password", confirm="viewer password")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        page = driver.page_source
+        assert "Home site (edited)" in page and "Resume" not in page and "New monitor" not in page
+        driver.get(monitor_url)
+        assert not driver.find_elements(By.XPATH, "//main//button[text()!='Copy']")
+        viewer = httpx.Client(base_url=srv.url, timeout=10, follow_redirects=False,
+                              cookies={"statusapp_session":
+                                       driver.get_cookie("statusapp_session")["value"]})
+        csrf = re.search(r'name="csrf" value="([^"]+)"', viewer.get("/").text).group(1)
+        refused = viewer.post(urllib.parse.urlsplit(monitor_url).path + "/pause",
+                              data={"csrf": csrf})
+        assert refused.status_code == 403 and "needs the MEMBER role" in refused.text
+        forged = viewer.post("/signout-everywhere")
+        assert forged.status_code == 403 and "CSRF" in forged.text
+    finally:
+        driver.quit()
+        receiver.close()
+        srv.stop()
+        with contextlib.suppress(OSError):
+            _stop(site)
 
 
 # --- CLI tests ---
