@@ -604,7 +604,8 @@ def _init_db(path: str) -> str:
     return out.strip().splitlines()[-1]
 
 
-def _fill_api_db(path: str, monitors: int, days: int, raw_days: int) -> dict[str, float]:
+def _fill_api_db(path: str, monitors: int, days: int, raw_days: int,
+                 down_hours: int = 50) -> dict[str, float]:
     """1,000 monitors with ``days`` of 60 s checks: synthetic hourly and daily rollups for the
     days before the last ``raw_days`` (as the rollup service leaves them), raw checks for the
     last ``raw_days`` days plus today, then the real rollup service over the raw part."""
@@ -632,28 +633,27 @@ def _fill_api_db(path: str, monitors: int, days: int, raw_days: int) -> dict[str
     for bucket, span, per in (("h", hour_ms, 60), ("d", day_ms, 1440)):
         conn.execute(
             "WITH RECURSIVE t(s) AS (SELECT ? UNION ALL SELECT s + ? FROM t WHERE s + ? < ?),"
-            " r AS (SELECT m.id AS id, t.s AS s, abs(random()) % 2 AS down FROM monitors m, t"
+            " r AS (SELECT m.id AS id, t.s AS s, abs(random()) % 100 < ? AS down"
+            "       FROM monitors m, t"
             "       ORDER BY m.id, t.s)"
             " INSERT INTO check_rollups (monitor_id, bucket, start, region_id, up, down, degraded,"
             " rt_sum, rt_count, rt_hist) SELECT id, ?, s, 'local', ? - down, down, 0,"
             " (? - down) * 100, ? - down,"
             " json_object('93', ? / 3, '94', ? / 3, '95', ? / 3 - down) FROM r",
-            (first, span, span, raw_start, bucket, per, per, per, per, per, per))
+            (first, span, span, raw_start, down_hours, bucket, per, per, per, per, per, per))
     conn.execute("INSERT INTO rollup_progress VALUES ('h', ?), ('d', ?)", (raw_start, raw_start))
-    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'checks_track_latest'"
-                           ).fetchone()[0]
-    conn.execute("DROP TRIGGER checks_track_latest")
-    conn.execute(
+    conn.execute("INSERT INTO monitor_keys (id) SELECT id FROM monitors ORDER BY rowid")
+    conn.execute("INSERT OR IGNORE INTO region_keys (id) VALUES ('local')")
+    conn.execute(  # straight into the compact rows, past the view's per-row trigger
         "WITH RECURSIVE t(s) AS (SELECT ? UNION ALL SELECT s + 60000 FROM t WHERE s + 60000 < ?)"
-        " INSERT INTO checks (monitor_id, region_id, status, response_time, status_code,"
-        " checked_at) SELECT m.id, 'local', CASE WHEN abs(random()) % 1000 = 0 THEN 'DOWN'"
-        " ELSE 'UP' END, 60 + abs(random()) % 120, 200, t.s FROM t, monitors m ORDER BY t.s",
-        (raw_start, now))
+        " INSERT INTO check_rows (monitor, region, status, response_time, status_code,"
+        " checked_at) SELECT m.seq, (SELECT seq FROM region_keys WHERE id = 'local'),"
+        " CASE WHEN abs(random()) % 1000 = 0 THEN 'DOWN' ELSE 'UP' END, 60 + abs(random()) % 120,"
+        " 200, t.s FROM t, monitor_keys m ORDER BY t.s", (raw_start, now))
     conn.execute("INSERT INTO monitor_latest SELECT monitor_id, region_id, MAX(id) FROM checks"
                  " GROUP BY monitor_id, region_id")
     conn.execute("UPDATE monitors SET check_count = (SELECT COUNT(*) FROM checks"
                  " WHERE monitor_id = monitors.id)")
-    conn.execute(trigger)
     conn.execute("COMMIT")
 
     async def roll() -> None:
@@ -669,9 +669,11 @@ def _fill_api_db(path: str, monitors: int, days: int, raw_days: int) -> dict[str
     conn.close()
     raw_monitor_days = monitors * (now - raw_start) / day_ms
     rollup_bytes = sizes.get("check_rollups", 0) / (monitors * days)
-    raw_bytes = (sizes.get("checks", 0) + sizes.get("checks_monitor_time", 0)) / raw_monitor_days
+    raw_bytes = (sizes.get("check_rows", 0) + sizes.get("check_rows_monitor_time", 0)
+                 ) / raw_monitor_days
     file_bytes = Path(path).stat().st_size
-    return {"raw bytes/monitor/day (60 s)": raw_bytes,
+    return {"bytes per stored check (row + index)": raw_bytes / 1440,
+            "raw bytes/monitor/day (60 s)": raw_bytes,
             "rollup bytes/monitor/day (h+d)": rollup_bytes,
             "db file MB (this mix)": file_bytes / 1e6,
             "db KB per monitor-month (this mix)": file_bytes / 1024 / monitors * 30 / days,
@@ -697,9 +699,12 @@ def _cold_cpu_ms(server: Server, path: str, key: str, clients: int) -> dict[str,
 @click.option("--days", default=30, show_default=True, help="Days of history.")
 @click.option("--raw-days", default=1, show_default=True,
               help="Complete days kept as raw checks (plus today); older days are rollups.")
+@click.option("--down-hours", default=50, show_default=True,
+              help="Percent of rolled-up hours (and days) with a failed check.")
 @click.option("--clients", default=8, show_default=True, help="Concurrent keep-alive clients.")
 @click.option("--seconds", default=8.0, show_default=True, help="Measured seconds per route.")
-def api(monitors: int, days: int, raw_days: int, clients: int, seconds: float) -> None:
+def api(monitors: int, days: int, raw_days: int, down_hours: int, clients: int,
+        seconds: float) -> None:
     """Request paths on a database with a month of history for every monitor: requests/s,
     p50/p99 and server CPU-ms per request, beside a no-op GET route under the same load."""
     server = Server()
@@ -707,7 +712,8 @@ def api(monitors: int, days: int, raw_days: int, clients: int, seconds: float) -
     started = time.monotonic()
     figures: dict[str, object] = {"monitors": monitors, "days of history": days,
                                   "raw days (+ today)": raw_days, "clients": clients}
-    figures.update(_fill_api_db(server.db, monitors, days, raw_days))
+    figures["% of hours with a failure"] = down_hours
+    figures.update(_fill_api_db(server.db, monitors, days, raw_days, down_hours))
     figures["build s"] = time.monotonic() - started
     ceiling = _ceiling("GET", clients, seconds)
     figures["no-op GET route: req/s, CPU-ms (ceiling)"] = (

@@ -490,3 +490,65 @@ CREATE TABLE maintenance_windows (
 CREATE INDEX maintenance_windows_account ON maintenance_windows(account_id);
 ALTER TABLE status_page_groups ADD COLUMN monitor_group TEXT;
 ALTER TABLE status_page_groups ADD COLUMN monitor_tag TEXT;
+
+-- migration 16: compact checks (about 50 bytes a check with its index, from 96)
+-- Checks name their monitor and region by small integer keys instead of repeating the text ids
+-- in every row and index entry.  The view ``checks`` shows the old columns, so reads are
+-- unchanged; inserting into it stores a compact row and keeps monitor_latest and check_count
+-- current (as the triggers of migration 3 did).  Upgrading rewrites the checks table.
+CREATE TABLE monitor_keys (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE REFERENCES monitors(id) ON DELETE CASCADE
+);
+INSERT INTO monitor_keys (id) SELECT id FROM monitors ORDER BY rowid;
+CREATE TABLE region_keys (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE
+);
+INSERT INTO region_keys (id) SELECT DISTINCT region_id FROM checks;
+CREATE TABLE check_rows (
+    id INTEGER PRIMARY KEY,
+    monitor INTEGER NOT NULL REFERENCES monitor_keys(seq) ON DELETE CASCADE,
+    region INTEGER NOT NULL REFERENCES region_keys(seq),
+    status TEXT NOT NULL,
+    response_time INTEGER,
+    status_code INTEGER,
+    error TEXT,
+    category TEXT,
+    timings TEXT,
+    details TEXT,
+    checked_at INTEGER NOT NULL,
+    received_at INTEGER,  -- NULL: received when checked (the server's own checks)
+    agent_checked_at INTEGER,
+    maintenance INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO check_rows SELECT c.id, m.seq, r.seq, c.status, c.response_time, c.status_code,
+    c.error, c.category, c.timings, c.details, c.checked_at, NULLIF(c.received_at, c.checked_at),
+    c.agent_checked_at, c.maintenance
+    FROM checks c JOIN monitor_keys m ON m.id = c.monitor_id JOIN region_keys r ON r.id = c.region_id
+    ORDER BY c.id;
+DROP TRIGGER checks_track_latest;
+DROP TABLE checks;
+CREATE INDEX check_rows_monitor_time ON check_rows(monitor, checked_at);
+CREATE VIEW checks AS SELECT c.id AS id, m.id AS monitor_id, r.id AS region_id,
+    c.status AS status, c.response_time AS response_time, c.status_code AS status_code,
+    c.error AS error, c.category AS category, c.timings AS timings, c.details AS details,
+    c.checked_at AS checked_at, COALESCE(c.received_at, c.checked_at) AS received_at,
+    c.agent_checked_at AS agent_checked_at, c.maintenance AS maintenance
+    FROM check_rows c JOIN monitor_keys m ON m.seq = c.monitor JOIN region_keys r ON r.seq = c.region;
+CREATE TRIGGER checks_insert INSTEAD OF INSERT ON checks BEGIN
+    INSERT OR IGNORE INTO monitor_keys (id) VALUES (NEW.monitor_id);
+    INSERT OR IGNORE INTO region_keys (id) VALUES (NEW.region_id);
+    INSERT INTO check_rows (monitor, region, status, response_time, status_code, error, category,
+        timings, details, checked_at, received_at, agent_checked_at, maintenance)
+    VALUES ((SELECT seq FROM monitor_keys WHERE id = NEW.monitor_id),
+        (SELECT seq FROM region_keys WHERE id = NEW.region_id), NEW.status, NEW.response_time,
+        NEW.status_code, NEW.error, NEW.category, NEW.timings, NEW.details, NEW.checked_at,
+        NULLIF(NEW.received_at, NEW.checked_at), NEW.agent_checked_at,
+        COALESCE(NEW.maintenance, 0));
+    INSERT INTO monitor_latest (monitor_id, region_id, check_id)
+    VALUES (NEW.monitor_id, NEW.region_id, last_insert_rowid())
+    ON CONFLICT (monitor_id, region_id) DO UPDATE SET check_id = excluded.check_id
+    WHERE excluded.check_id > monitor_latest.check_id;
+    UPDATE monitors SET check_count = check_count + 1 WHERE id = NEW.monitor_id;
+END;

@@ -261,7 +261,7 @@ CONFIG: dict[str, dict[str, Setting]] = {
         "sender": Setting("statusapp@localhost"),
     },
     "retention": {
-        "raw_days": Setting(30, "raw checks kept this long, then rolled up", 1, 100_000),
+        "raw_days": Setting(7, "raw checks kept this long, then rolled up", 1, 100_000),
         "rollup_days": Setting(400, "daily rollups kept this long (90-day bars, long analytics)",
                                1, 100_000),
         "hourly_days": Setting(35, "hourly rollups kept this long (30d analytics need at "
@@ -6025,7 +6025,8 @@ async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = 
     hours_done, _ = await rollup_progress(db)
     raw_cut = min(now - keep["raw_days"] * DAY_MS, hours_done)
     deleted = {"raw": await _delete_in_batches(
-        db, "DELETE FROM checks WHERE id IN (SELECT id FROM (SELECT id, checked_at FROM checks"
+        db, "DELETE FROM check_rows WHERE id IN (SELECT id FROM (SELECT id, checked_at FROM"
+            " check_rows"
             " WHERE id NOT IN (SELECT check_id FROM monitor_latest) ORDER BY id LIMIT ?)"
             " WHERE checked_at < ?)", (RETENTION_BATCH, raw_cut))}
     deleted["pings"] = await _delete_in_batches(

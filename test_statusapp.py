@@ -301,6 +301,61 @@ def test_schema_upgrades_an_older_database_in_place(tmp_path):
         assert response.headers["X-RateLimit-Limit"] == "1000"  # the old account's plan survived
 
 
+def test_checks_are_stored_compactly_and_an_older_database_keeps_its_checks(tmp_path):
+    """Upgrading rewrites checks into compact rows; the checks view reads and takes them as
+    before (monitor_latest, check_count); a stored check costs under 60 bytes with its index."""
+    cfg = make_cfg(tmp_path)
+    compact = next(n for n, block in statusapp.load_migrations().items() if "compact checks" in block)
+    rows = [(f"mon_{i % 3}", ("local", "eu")[i % 2], ("UP", "DOWN", "DEGRADED")[i % 3],
+             100 + i % 50, 200, None if i % 7 else "boom", 1_700_000_000_000 + i * 1000)
+            for i in range(6000)]
+
+    async def make_old():
+        db = statusapp.Database(cfg["server"]["database"])
+        await db.open(upto=compact - 1)
+        async with db.transaction() as conn:
+            await statusapp.create_account(conn, "old@example.test", "Old", "STARTER")
+        await db.close()
+    asyncio.run(make_old())
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany(
+            "INSERT INTO monitors (id, account_id, name, url, type, interval, timeout,"
+            " http_method, grace_period, ssl_cert_expiry_days, regression_enabled,"
+            " regression_threshold, regression_period, performance_timings, domain_expiry_days,"
+            " domain_monitor_dns, domain_monitor_blacklist, domain_monitor_whois, status,"
+            " is_paused, created_at, updated_at) SELECT ?, id, ?, 'http://127.0.0.1/', 'WEBSITE',"
+            " 60, 30, 'GET', 60, 30, 0, 50, 7, 0, 30, 0, 0, 0, 'UP', 0, 0, 0 FROM accounts",
+            [(f"mon_{n}", f"m{n}") for n in range(3)])
+        conn.executemany(
+            "INSERT INTO checks (monitor_id, region_id, status, response_time, status_code,"
+            " error, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    latest_before = sql(cfg, "SELECT * FROM monitor_latest ORDER BY monitor_id, region_id")
+    new_key(cfg, "old@example.test")  # opens and migrates
+    assert sql(cfg, "SELECT monitor_id, region_id, status, response_time, status_code, error,"
+                    " checked_at FROM checks ORDER BY id") == rows
+    assert sql(cfg, "SELECT * FROM monitor_latest ORDER BY monitor_id, region_id") == latest_before
+    size = sql(cfg, "SELECT SUM(pgsize) FROM dbstat WHERE name IN ('check_rows',"
+                    " 'check_rows_monitor_time')")[0][0]
+    assert size / len(rows) < 60
+
+    async def store_one():
+        db = statusapp.Database(cfg["server"]["database"])
+        await db.open()
+        await db.write(statusapp.check_statements(
+            "mon_1", "us", statusapp.CheckResult(statusapp.Status.UP, response_time=5), 1))
+        await db.close()
+    asyncio.run(store_one())
+    newest = sql(cfg, "SELECT id, monitor_id, region_id, status FROM checks ORDER BY id DESC"
+                      " LIMIT 1")[0]
+    assert newest[1:] == ("mon_1", "us", "UP")
+    assert (newest[0],) in sql(cfg, "SELECT check_id FROM monitor_latest WHERE monitor_id = 'mon_1'"
+                                    " AND region_id = 'us'")
+    assert sql(cfg, "SELECT check_count FROM monitors WHERE id = 'mon_1'") == [(2001,)]
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("DELETE FROM monitors WHERE id = 'mon_1'")
+    assert sql(cfg, "SELECT COUNT(*) FROM checks WHERE monitor_id = 'mon_1'") == [(0,)]
+    assert sql(cfg, "SELECT COUNT(*) FROM check_rows") == [(4000,)]
 def test_upgrade_scrubs_check_errors_from_old_automatic_incident_updates(tmp_path):
     """Older versions opened incidents with "<name> is down: <check error>" as a public update;
     the migration rewrites those (and only those) to the cause category."""
@@ -2272,7 +2327,8 @@ def test_restart_resumes_from_the_last_stored_check(tmp_path, target):
         stale = _create(client, target.url("/stale"), interval=4)
         eventually(lambda: _checks(cfg, recent) and _checks(cfg, stale))
     last = _checks(cfg, recent)[-1][1] / 1000
-    sql(cfg, "UPDATE checks SET checked_at = checked_at - 3600000 WHERE monitor_id = ?", (stale,))
+    sql(cfg, "UPDATE check_rows SET checked_at = checked_at - 3600000"
+             " WHERE monitor = (SELECT seq FROM monitor_keys WHERE id = ?)", (stale,))
     with _app(cfg, key) as client:
         restarted = time.time()
         eventually(lambda: len(_checks(cfg, recent)) >= 2 and len(_checks(cfg, stale)) >= 2, 7)
