@@ -562,6 +562,80 @@ async def _run_grouped(conn: aiosqlite.Connection, items: list[list[Statement]])
         for position, sql in enumerate(shape):
             await conn.executemany(sql, [item[position][1] for item in group])
 
+
+# Backups.  A backup is one read snapshot written by VACUUM INTO (WAL readers never block the
+# writer, so the server keeps running); a restore replaces the file only while nothing holds
+# the database open, after the copy passes the integrity check and has a schema we know.
+
+
+class StorageError(Exception):
+    """A backup or restore that cannot go ahead; the message says why."""
+
+
+def check_database(path: str) -> int:
+    """The schema version of the database file at ``path`` once it passes ``PRAGMA
+    integrity_check`` and is not newer than this StatusApp; StorageError otherwise."""
+    if not os.path.isfile(path):
+        raise StorageError(f"{path}: no such file")
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            verdict = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+            if verdict != ["ok"]:
+                raise StorageError(f"{path} fails the integrity check: {'; '.join(verdict[:3])}")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{path} is not a StatusApp database: {exc}") from None
+    latest = max(load_migrations())
+    if row is None or not 1 <= row[0] <= latest:
+        raise StorageError(f"{path} has schema version {row and row[0]}; this StatusApp "
+                           f"knows 1 to {latest}")
+    return int(row[0])
+
+
+def backup_database(source: str, target: str) -> int:
+    """Copy the live database at ``source`` to ``target`` (via a checked ``.part`` file renamed
+    into place) and return the copy's schema version."""
+    if not os.path.isfile(source):
+        raise StorageError(f"{source}: no such database")
+    part = f"{target}.part"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part)
+    with contextlib.closing(sqlite3.connect(source, timeout=30)) as conn:
+        conn.execute("VACUUM INTO ?", (part,))
+    try:
+        version = check_database(part)
+    except StorageError:
+        os.unlink(part)
+        raise
+    os.replace(part, target)
+    return version
+
+
+def restore_database(target: str, backup: str) -> int:
+    """Put the checked ``backup`` in place of ``target`` and return its schema version.
+
+    Refused while anything (a running server) has ``target`` open: an exclusive lock needs
+    every other connection closed.  The copy goes through the backup API into a ``.part``
+    file beside ``target``, then one rename replaces the database."""
+    version = check_database(backup)
+    part = f"{target}.part"
+    with contextlib.closing(sqlite3.connect(target, timeout=0, isolation_level=None)) as lock:
+        try:
+            lock.execute("PRAGMA locking_mode=EXCLUSIVE")
+            lock.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError:
+            raise StorageError(f"{target} is in use: stop the server first") from None
+        with contextlib.closing(sqlite3.connect(backup)) as src, \
+                contextlib.closing(sqlite3.connect(part)) as dst:
+            src.backup(dst)
+        lock.execute("ROLLBACK")
+    for stale in (f"{target}-wal", f"{target}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    os.replace(part, target)
+    return version
+
+
 # --- Validation ---
 #
 # Each resource is described once, as a tuple of ``Field``s.  ``validate`` turns a request body
@@ -6906,6 +6980,28 @@ _status_command("disable", "DISABLED", "Refuse EMAIL's keys with 403; disabling 
                                        "stops the whole team.")
 _status_command("enable", "ENABLED", "Let EMAIL's keys work again.")
 
+
+
+def _storage_command(name: str, job: Callable[[str, str], int], doc: str, done: str) -> None:
+    """``statusapp backup|restore FILE``: ``job(database, FILE)`` and one line saying so."""
+    @cli.command(name, help=doc)
+    @_options
+    @click.argument("file", type=click.Path(dir_okay=False))
+    def command(config_path: str | None, db: str | None, file: str) -> None:
+        database = _config(config_path, db)["server"]["database"]
+        try:
+            version = job(database, file)
+        except (StorageError, sqlite3.Error, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(done.format(database=database, file=file, version=version))
+
+
+_storage_command("backup", backup_database,
+                 "Copy the database to FILE while the server runs (a consistent, checked copy).",
+                 "backed up {database} to {file} (schema version {version}, integrity ok)")
+_storage_command("restore", restore_database,
+                 "Replace the database with the backup FILE (stop the server first).",
+                 "restored {file} to {database} (schema version {version}); start the server")
 
 if __name__ == "__main__":
     cli()

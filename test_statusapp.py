@@ -276,6 +276,60 @@ def test_group_commit_writes_many_items_in_one_transaction_and_isolates_a_bad_on
     assert isinstance(results[-1], sqlite3.IntegrityError)
     assert all(r is None for r in results[:-1])
 
+
+def test_backup_under_write_load_restores_every_row_committed_before_it(tmp_path):
+    """A real server takes monitor creates nonstop while `statusapp backup` runs; the backup
+    passes the integrity check and holds every monitor whose 201 came before it started."""
+    srv = Server(tmp_path).start()
+    key = _owner_key(srv)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def write_load() -> None:
+        with httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": key}) as api:
+            while not stop.is_set():
+                created = api.post("/monitors", json={"name": f"m{len(acknowledged)}",
+                                                      "url": "http://127.0.0.1:9/"})
+                acknowledged.append(created.json()["id"])
+    writer = threading.Thread(target=write_load)
+    writer.start()
+    try:
+        eventually(lambda: len(acknowledged) >= 20)
+        before = list(acknowledged)
+        copy = tmp_path / "copy.db"
+        assert "integrity ok" in cli({"server": {"database": srv.db}}, "backup", str(copy))
+        eventually(lambda: len(acknowledged) > len(before) + 5)  # the load went on meanwhile
+        refused = CliRunner().invoke(statusapp.cli, ["restore", str(copy), "--db", srv.db])
+        assert refused.exit_code == 1 and "in use: stop the server first" in refused.output
+    finally:
+        stop.set()
+        writer.join()
+    srv.stop()
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        saved = {row[0] for row in conn.execute("SELECT id FROM monitors")}
+    assert set(before) <= saved and len(saved) < len(acknowledged)
+    restored = cli({"server": {"database": srv.db}}, "restore", str(copy))
+    assert "restored" in restored and not Path(srv.db + "-wal").exists()
+    with sqlite3.connect(srv.db) as conn:
+        assert {row[0] for row in conn.execute("SELECT id FROM monitors")} == saved
+
+
+def test_restore_refuses_a_damaged_or_newer_backup_and_keeps_the_database(tmp_path):
+    cfg = make_cfg(tmp_path)
+    new_key(cfg)
+    garbage, newer = tmp_path / "garbage.db", tmp_path / "newer.db"
+    garbage.write_bytes(b"not a database" * 100)
+    cli(cfg, "backup", str(newer))
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE schema_version SET version = 999")
+    for file, message in ((garbage, "is not a StatusApp database"),
+                          (newer, "has schema version 999"), (tmp_path / "nope.db", "no such")):
+        result = CliRunner().invoke(statusapp.cli, ["restore", str(file), "--db",
+                                                    cfg["server"]["database"]])
+        assert result.exit_code == 1 and message in result.output
+    assert sql(cfg, "SELECT COUNT(*) FROM accounts") == [(1,)]
+
 # --- API tests ---
 
 FULL_MONITOR = {
