@@ -349,3 +349,8 @@ CREATE UNIQUE INDEX incidents_one_open ON incidents(monitor_id) WHERE resolved_a
 -- migration 8: inline monitor notifications are marked failing like shared channels
 ALTER TABLE monitor_notifications ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE monitor_notifications ADD COLUMN last_error TEXT;
+
+-- migration 9: objects `statusapp apply` manages (only these may be pruned)
+ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE status_pages ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

@@ -1018,6 +1018,8 @@ def check_notifications(value: list[Any], record: dict[str, Any],
 
 
 ALL_TYPES = tuple(MONITOR_TYPES)
+MANAGED_FIELD = Field("managed", "boolean", default=False,
+                      doc="Set by `statusapp apply`: its `--prune` may delete the object")
 HTTP_TYPES = ("WEBSITE", "API")
 
 MONITOR_FIELDS = (
@@ -1070,6 +1072,7 @@ MONITOR_FIELDS = (
     Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
     Field("notifications", "array", check=check_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
+    MANAGED_FIELD,
 )
 
 # The monitor fields that are not monitor columns.
@@ -5207,6 +5210,7 @@ CHANNEL_FIELDS = (
     Field("config", "object", True, check=check_channel_config,
           doc="Type-specific configuration (see the channel types)"),
     Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
+    MANAGED_FIELD,
 )
 
 
@@ -5214,7 +5218,8 @@ def channel_json(row: sqlite3.Row) -> dict[str, Any]:
     """A channel as the API shows it, secrets masked, with its delivery health."""
     return {"id": row["id"], "name": row["name"], "type": row["type"],
             "config": masked_channel_config(row["type"], json.loads(row["config"])),
-            "isActive": bool(row["is_active"]), "failing": bool(row["failing"]),
+            "isActive": bool(row["is_active"]), "managed": bool(row["managed"]),
+            "failing": bool(row["failing"]),
             "lastError": row["last_error"], "createdAt": iso(row["created_at"]),
             "updatedAt": iso(row["updated_at"])}
 
@@ -5431,6 +5436,7 @@ STATUS_PAGE_FIELDS = (
           doc="Hostname that serves the page at / (unique; 409 when taken)"),
     Field("monitorGroups", "array", default=[], maximum=100, check=each(MONITOR_GROUP_FIELDS),
           doc="Groups of monitors, in display order"),
+    MANAGED_FIELD,
 )
 _PAGE_COLUMNS = tuple(f for f in STATUS_PAGE_FIELDS if f.name != "monitorGroups")
 
@@ -7002,6 +7008,454 @@ _storage_command("backup", backup_database,
 _storage_command("restore", restore_database,
                  "Replace the database with the backup FILE (stop the server first).",
                  "restored {file} to {database} (schema version {version}); start the server")
+
+# Monitors as code.  ``statusapp apply FILE`` makes the team of an API key match a TOML (or
+# JSON) file through the running server's own API, so the server's validation, storage and
+# schedule updates are the ones that run.  The file is validated here first with the same Field
+# tables, so every error is reported with its place before anything changes.  Objects match by
+# name within their kind; those apply creates or adopts are marked ``managed``, and ``--prune``
+# deletes only managed objects the file no longer names.  ``export`` writes the same format,
+# every secret as a ``${NAME}`` reference to the environment (the API never shows secrets).
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HIDDEN = "(sensitive)"
+
+
+@dataclass(frozen=True)
+class SetupKind:
+    """One kind of object a setup file holds; apply creates them in this order."""
+
+    key: str
+    noun: str
+    path: str
+    fields: tuple[Field, ...]
+
+
+SETUP_KINDS = (SetupKind("channels", "channel", "/notifications", CHANNEL_FIELDS),
+               SetupKind("monitors", "monitor", "/monitors", MONITOR_FIELDS),
+               SetupKind("statusPages", "status page", "/status-pages", STATUS_PAGE_FIELDS))
+
+
+class SetupError(Exception):
+    """A setup file that cannot be applied: every problem, each with its place."""
+
+
+def _place(parts: Sequence[Any]) -> str:
+    """``monitors[3].interval`` from ``("monitors", 3, "interval")``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _issue_lines(where: tuple[Any, ...], exc: ApiError) -> list[str]:
+    """An API error as lines naming places in the file."""
+    if isinstance(exc, ValidationFailed):
+        return [f"{_place((*where, *i['path']))}: {i['message']}" for i in exc.issues]
+    return [f"{_place(where)}: {exc.message}"]
+
+
+def _expand(value: Any, where: tuple[Any, ...], problems: list[str],
+            sensitive: set[tuple[Any, ...]]) -> Any:
+    """``value`` with each ``${NAME}`` taken from the environment; the places that held one go
+    into ``sensitive``, so the plan never prints them."""
+    if isinstance(value, dict):
+        return {k: _expand(v, (*where, k), problems, sensitive) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*where, i), problems, sensitive) for i, v in enumerate(value)]
+    if not isinstance(value, str) or not _ENV_REF.search(value):
+        return value
+    sensitive.add(where)
+    missing = [name for name in _ENV_REF.findall(value) if name not in os.environ]
+    problems += [f"{_place(where)}: environment variable {name} is not set" for name in missing]
+    return _ENV_REF.sub(lambda match: os.environ.get(match[1], ""), value)
+
+
+def read_setup(path: str) -> tuple[dict[str, list[dict[str, Any]]], set[tuple[Any, ...]]]:
+    """A setup file's entries per kind, environment references filled in, and the places that
+    held secrets from the environment; SetupError lists every problem of shape."""
+    try:
+        text = Path(path).read_text()
+        data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"{path}: {exc}") from None
+    known = {kind.key for kind in SETUP_KINDS}
+    problems = [f"{key}: unknown section (use {', '.join(sorted(known))})"
+                for key in data if key not in known]
+    for key in known & set(data):
+        if not isinstance(data[key], list) or not all(isinstance(e, dict) for e in data[key]):
+            problems.append(f"{key}: must be an array of tables ([[{key}]])")
+    if problems:
+        raise SetupError("\n".join(problems))
+    sensitive: set[tuple[Any, ...]] = set()
+    setup = {key: _expand(data.get(key, []), (key,), problems, sensitive) for key in known}
+    if problems:
+        raise SetupError("\n".join(problems))
+    return setup, sensitive
+
+
+class SetupApi:
+    """The running server's API, as apply and export use it."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.http = httpx.Client(base_url=url.rstrip("/") + API_PREFIX, timeout=30,
+                                 headers={"X-API-Key": key})
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; an API error comes back as the ApiError it was."""
+        try:
+            response = self.http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise SetupError(f"{self.http.base_url}: {exc}") from None
+        data = response.json() if response.content else {}
+        if response.status_code < 400:
+            return data
+        if isinstance(data.get("error"), list):
+            raise ValidationFailed(data["error"])
+        raise ApiError(str(data.get("error", response.reason_phrase)), status=response.status_code)
+
+    def objects(self, kind: SetupKind) -> list[dict[str, Any]]:
+        """Every object of ``kind`` the team has, oldest first, as the API shows one."""
+        if kind.key == "monitors":
+            rows, page, pages = [], 1, 1
+            while page <= pages:
+                data = self.call("GET", f"/monitors?limit=100&page={page}&sort=createdAt&order=asc")
+                rows += data["monitors"]
+                page, pages = page + 1, data["pagination"]["totalPages"]
+            return rows
+        if kind.key == "channels":
+            return self.call("GET", kind.path)["channels"]
+        return [self.call("GET", f"{kind.path}/{page['id']}")
+                for page in self.call("GET", kind.path)["statusPages"]]
+
+
+def _record(kind: SetupKind, obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as the API shows it, reduced to its kind's fields (in the API's terms)."""
+    record = {f.name: obj.get(f.name) for f in kind.fields}
+    if kind.key == "monitors":
+        record["notifications"] = [
+            {"channelId": n["channelId"], "type": None if n["channelId"] else n["type"],
+             "enabled": n["enabled"], "config": None if n["channelId"] else n["config"]}
+            for n in obj["monitorNotifications"]]
+    if kind.key == "statusPages":
+        record["monitorGroups"] = [{"name": g["name"], "monitorIds": g["monitorIds"]}
+                                   for g in obj["monitorGroups"]]
+    return record
+
+
+def _to_api(kind: SetupKind, entry: dict[str, Any], ids: dict[str, dict[str, str]]
+            ) -> dict[str, Any]:
+    """A file entry in the API's terms: channels and monitors named by name get their ids."""
+    body = {**entry, "managed": True}
+    if kind.key == "monitors" and isinstance(body.get("notifications"), list):
+        body["notifications"] = [
+            {**{k: v for k, v in n.items() if k != "channel"},
+             "channelId": ids["channels"].get(str(n["channel"]), f"(unknown: {n['channel']})")}
+            if isinstance(n, dict) and "channel" in n else n for n in body["notifications"]]
+    if kind.key == "statusPages" and isinstance(body.get("monitorGroups"), list):
+        body["monitorGroups"] = [
+            {**{k: v for k, v in g.items() if k != "monitors"},
+             "monitorIds": [ids["monitors"].get(str(m), f"(unknown: {m})") for m in g["monitors"]]}
+            if isinstance(g, dict) and isinstance(g.get("monitors"), list) else g
+            for g in body["monitorGroups"]]
+    return body
+
+
+def _shown(name: str, value: Any, record: dict[str, Any]) -> Any:
+    """A value as the API would show it back: secrets masked."""
+    if name == "config":
+        return masked_channel_config(record.get("type"), value)
+    if name == "apiAuthConfig":
+        return masked_auth(value)
+    if name == "notifications":
+        return [{**n, "config": masked_channel_config(n["type"], n["config"])}
+                for n in value or []]
+    return value
+
+
+def _changed(kind: SetupKind, clean: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields whose wanted value differs from the stored one (a secret by its masked form;
+    a CRON monitor's url left out is the server's heartbeat URL, not a change)."""
+    def same(name: str) -> bool:
+        want, have = clean[name] or None, current[name] or None  # [] and null alike
+        return want == have or (_shown(name, want, clean) or None) == have or (
+            name == "url" and want is None and clean.get("type") == "CRON")
+    return [f.name for f in kind.fields if not same(f.name)]
+
+
+def _shown_change(where: tuple[Any, ...], old: Any, new: Any,
+                  sensitive: set[tuple[Any, ...]]) -> list[str]:
+    """Plan lines for one changed value: objects key by key, secrets never printed."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in dict.fromkeys([*old, *new]) if old.get(key) != new.get(key)
+                for line in _shown_change((*where, key), old.get(key), new.get(key), sensitive)]
+    hidden = any(place[:len(where)] == where for place in sensitive) or any(
+        isinstance(value, str) and value.startswith("****") for value in (old, new))
+    if hidden:
+        return [f"    {_place(where[2:])}: {_HIDDEN}"]
+    if isinstance(new, list) and any(isinstance(v, dict) for v in [*new, *(old or [])]):
+        return [f"    {_place(where[2:])}: {len(old or [])} -> {len(new)} entries, changed"]
+    return [f"    {_place(where[2:])}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+@dataclass
+class Step:
+    """One change of the plan: ``+`` create, ``~`` update (these fields), ``-`` delete."""
+
+    sign: str
+    kind: SetupKind
+    name: str
+    ident: str | None = None
+    index: int = 0
+    entry: dict[str, Any] | None = None
+    fields: tuple[str, ...] = ()
+    lines: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        verb = {"+": "create", "~": "update", "-": "delete"}[self.sign]
+        return "\n".join([f"{self.sign} {verb} {self.kind.noun} {self.name!r}", *self.lines])
+
+
+def _matches(kind: SetupKind, entries: list[dict[str, Any]], objects: list[dict[str, Any]]
+             ) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """Each entry's stored object: the managed one of its name, else an unmanaged one to adopt;
+    and the problems (a name given twice)."""
+    taken: dict[str, dict[str, Any]] = {}
+    for obj in sorted(objects, key=lambda o: not o.get("managed")):
+        taken.setdefault(obj["name"], obj)
+    found, problems, seen = {}, [], set()
+    for i, entry in enumerate(entries):
+        name = entry.get("name")
+        if name in seen:
+            problems.append(f"{kind.key}[{i}].name: {name!r} is named twice in the file")
+        seen.add(name)
+        if isinstance(name, str) and name in taken:
+            found[i] = taken[name]
+    return found, problems
+
+
+def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
+               sensitive: set[tuple[Any, ...]], cfg: dict[str, dict[str, Any]],
+               prune: bool) -> tuple[list[Step], dict[str, dict[str, str]]]:
+    """The steps that make the team match ``setup``, validated in full first, and the ids
+    the file's names stand for (placeholders for objects still to create)."""
+    stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
+    ids = {key: {o["name"]: o["id"] for o in objects} for key, objects in stored.items()}
+    matched, problems = {}, []
+    for kind in SETUP_KINDS:
+        matched[kind.key], found_problems = _matches(kind, setup[kind.key], stored[kind.key])
+        problems += found_problems
+        for i, entry in enumerate(setup[kind.key]):
+            if i in matched[kind.key]:
+                ids[kind.key][entry["name"]] = matched[kind.key][i]["id"]
+            elif isinstance(entry.get("name"), str):
+                ids[kind.key][entry["name"]] = f"(new: {entry['name']})"
+    env = {"cfg": cfg, "channels": set(ids["channels"].values()),
+           "monitors": set(ids["monitors"].values()),
+           "regions": {r["id"] for r in api.call("GET", "/worker-regions")["regions"]}}
+    steps: list[Step] = []
+    for kind in SETUP_KINDS:
+        for i, entry in enumerate(setup[kind.key]):
+            try:
+                clean = validate(kind.fields, _to_api(kind, entry, ids), env)
+            except ValidationFailed as exc:
+                problems += _issue_lines((kind.key, i), exc)
+                continue
+            steps += _entry_step(kind, i, entry, clean, matched[kind.key].get(i), sensitive)
+    if problems:
+        raise SetupError("\n".join(problems))
+    if prune:
+        named = {kind.key: {o["id"] for o in matched[kind.key].values()} for kind in SETUP_KINDS}
+        steps += [Step("-", kind, o["name"], o["id"]) for kind in reversed(SETUP_KINDS)
+                  for o in stored[kind.key] if o.get("managed") and o["id"] not in named[kind.key]]
+    return steps, ids
+
+
+def _entry_step(kind: SetupKind, i: int, entry: dict[str, Any], clean: dict[str, Any],
+                obj: dict[str, Any] | None, sensitive: set[tuple[Any, ...]]) -> list[Step]:
+    """The step one valid file entry needs: create, update, or none."""
+    if obj is None:
+        return [Step("+", kind, entry["name"], index=i, entry=entry)]
+    current = _record(kind, obj)
+    fields = _changed(kind, clean, current)
+    if not fields:
+        return []
+    lines = [line for name in fields for line in _shown_change(
+        (kind.key, i, name), current[name], _shown(name, clean[name], clean), sensitive)]
+    return [Step("~", kind, entry["name"], obj["id"], i, entry, tuple(fields), tuple(lines))]
+
+
+def apply_steps(api: SetupApi, steps: list[Step], ids: dict[str, dict[str, str]]) -> None:
+    """Carry out the plan: creates and updates in kind order (channels, monitors, pages, so
+    names resolve to the ids just made), then deletes."""
+    for step in [s for s in steps if s.sign != "-"]:
+        assert step.entry is not None
+        body = _to_api(step.kind, step.entry, ids)
+        where = (step.kind.key, step.index)
+        try:
+            if step.sign == "+":
+                ids[step.kind.key][step.name] = api.call("POST", step.kind.path, body)["id"]
+            else:
+                api.call("PUT", f"{step.kind.path}/{step.ident}",
+                         {name: body.get(name) for name in step.fields})
+        except ApiError as exc:
+            raise SetupError("\n".join(_issue_lines(where, exc))) from None
+    for step in [s for s in steps if s.sign == "-"]:
+        api.call("DELETE", f"{step.kind.path}/{step.ident}")
+
+
+# Export: the stored objects in the file's terms, defaults left out, secrets as ${NAME}.
+
+
+def _env_name(*parts: Any) -> str:
+    words = [re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(p)) for p in parts]
+    return re.sub(r"[^A-Z0-9]+", "_", "_".join(words).upper()).strip("_")
+
+
+def _secret_refs(value: Any, secret: Sequence[str], parts: tuple[Any, ...]) -> Any:
+    """A config with each secret value (every value of a secret object) as ``${NAME}``."""
+    def ref(item: Any, where: tuple[Any, ...]) -> Any:
+        if isinstance(item, dict):
+            return {k: ref(v, (*where, k)) for k, v in item.items()}
+        return f"${{{_env_name(*where)}}}" if isinstance(item, str) else item
+    return {k: ref(v, (*parts, k)) if k in secret else v for k, v in (value or {}).items()}
+
+
+def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, str]]
+              ) -> dict[str, Any]:
+    """One stored object as a file entry."""
+    record = _record(kind, obj)
+    label = (kind.noun.split()[-1], obj["name"])
+    if kind.key == "channels":
+        record["config"] = _secret_refs(record["config"], CHANNEL_SECRETS.get(obj["type"], ()),
+                                        label)
+    if kind.key == "monitors":
+        auth = record["apiAuthConfig"] or {}
+        record["apiAuthConfig"] = _secret_refs(
+            auth, [f.name for f in AUTH_FIELDS if auth.get("type") in f.secret], label) or None
+        record["notifications"] = [_exported_link(n, names, (*label, i))
+                                   for i, n in enumerate(record["notifications"])]
+        if record["type"] == "CRON" and record["url"] == obj.get("heartbeatUrl"):
+            record["url"] = None
+    if kind.key == "statusPages":
+        record["monitorGroups"] = [{"name": g["name"], "monitors": [
+            names["monitors"][m] for m in g["monitorIds"]]} for g in record["monitorGroups"]]
+    defaults = {f.name: f.default for f in kind.fields}
+    return {k: v for k, v in record.items()
+            if v not in (None, []) and v != defaults[k] and k != "managed"}
+
+
+def _exported_link(link: dict[str, Any], names: dict[str, dict[str, str]],
+                   label: tuple[Any, ...]) -> dict[str, Any]:
+    """A monitor's notification as a file entry: a channel by name, or inline."""
+    out = ({"channel": names["channels"][link["channelId"]]} if link["channelId"] else
+           {"type": link["type"], "config": _secret_refs(
+               link["config"], CHANNEL_SECRETS.get(link["type"], ()), label)})
+    return out if link["enabled"] else {**out, "enabled": False}
+
+
+def export_setup(api: SetupApi) -> dict[str, list[dict[str, Any]]]:
+    """The team's channels, monitors and status pages in the setup file's terms."""
+    stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
+    names = {key: {o["id"]: o["name"] for o in objects} for key, objects in stored.items()}
+    return {kind.key: [_exported(kind, o, names) for o in stored[kind.key]]
+            for kind in SETUP_KINDS}
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    """A value in TOML (the subset export writes: no dates, tables inline)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    pairs = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+    return "{ " + pairs + " }" if pairs else "{}"
+
+
+def to_toml(setup: dict[str, list[dict[str, Any]]]) -> str:
+    """A setup as a TOML document of ``[[kind]]`` tables."""
+    return "\n".join(f"[[{key}]]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n"
+                                              for k, v in entry.items())
+                     for key, entries in setup.items() for entry in entries)
+
+
+
+def _setup_api(cfg: dict[str, dict[str, Any]], url: str | None, api_key: str | None
+               ) -> SetupApi:
+    """The server to talk to: ``--url`` (default: this config's server) and an API key."""
+    if not api_key:
+        raise click.UsageError("give --api-key or set STATUSAPP_API_KEY")
+    server = cfg["server"]
+    host = "127.0.0.1" if server["host"] in ("0.0.0.0", "::", "") else server["host"]
+    return SetupApi(url or server["base_url"] or f"http://{host}:{server['port']}", api_key)
+
+
+def _remote(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--url`` and ``--api-key``: the running server apply and export talk to."""
+    command = click.option("--api-key", envvar="STATUSAPP_API_KEY",
+                           help="An API key of the team (or STATUSAPP_API_KEY).")(command)
+    return click.option("--url", help="The server (default: server.base_url, else "
+                                      "http://server.host:server.port).")(command)
+
+
+@cli.command("apply")
+@_options
+@_remote
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--prune", is_flag=True, help="Delete managed objects the file no longer names.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+def apply_command(config_path: str | None, db: str | None, url: str | None,
+                  api_key: str | None, file: str, prune: bool, dry_run: bool) -> None:
+    """Make the team's channels, monitors and status pages match the TOML (or .json) FILE."""
+    cfg = _config(config_path, db)
+    api = _setup_api(cfg, url, api_key)
+    try:
+        setup, sensitive = read_setup(file)
+        steps, ids = plan_setup(api, setup, sensitive, cfg, prune)
+        for step in steps:
+            click.echo(step.text())
+        if not steps:
+            click.echo(f"No changes: the team matches {file}.")
+            return
+        counts = collections.Counter(step.sign for step in steps)
+        click.echo(f"Plan: {counts['+']} to create, {counts['~']} to update, "
+                   f"{counts['-']} to delete.")
+        if dry_run:
+            click.echo("Dry run: nothing changed.")
+            return
+        apply_steps(api, steps, ids)
+    except (SetupError, ApiError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("Applied.")
+
+
+@cli.command("export")
+@_options
+@_remote
+@click.option("--format", "form", type=click.Choice(("toml", "json")), default="toml",
+              show_default=True, help="The file format.")
+def export_command(config_path: str | None, db: str | None, url: str | None,
+                   api_key: str | None, form: str) -> None:
+    """Write the team's channels, monitors and status pages in apply's format to stdout."""
+    api = _setup_api(_config(config_path, db), url, api_key)
+    try:
+        setup = export_setup(api)
+    except (SetupError, ApiError) as exc:
+        raise click.ClickException(str(exc)) from None
+    text = to_toml(setup) if form == "toml" else json.dumps(setup, indent=2) + "\n"
+    click.echo(text, nl=False)
+    needed = sorted(set(_ENV_REF.findall(json.dumps(setup))))
+    if needed:
+        click.echo(f"Secrets are written as ${{NAME}}: set {', '.join(needed)} before applying.",
+                   err=True)
 
 if __name__ == "__main__":
     cli()

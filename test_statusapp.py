@@ -4162,6 +4162,151 @@ def test_cli_errors_are_one_clear_line(cfg, args, message):
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+SETUP = """
+[[channels]]
+name = "phone"
+type = "TELEGRAM"
+config = { botToken = "${TG_TOKEN}", chatId = "42" }
+
+[[monitors]]
+name = "NAS"
+url = "http://127.0.0.1:9/"
+interval = 120
+notifications = [{ channel = "phone" }]
+
+[[monitors]]
+name = "backup job"
+type = "CRON"
+interval = 3600
+
+[[statusPages]]
+name = "Home"
+slug = "home"
+monitorGroups = [{ name = "Core", monitors = ["NAS", "backup job"] }]
+"""
+TG_TOKEN = "123456:secret-token-one"
+
+
+@pytest.fixture(scope="module")
+def untouched_server(tmp_path_factory):
+    """One server for the tests that must leave it unchanged."""
+    srv = Server(tmp_path_factory.mktemp("untouched")).start()
+    yield srv
+    srv.stop()
+
+
+def setup_cli(srv: Server, key: str, *args: str, code: int = 0, **env: str) -> str:
+    """`statusapp apply|export ...` against the served team; asserts the exit code."""
+    result = CliRunner().invoke(statusapp.cli, [*args, "--url", srv.url],
+                                env={"STATUSAPP_API_KEY": key, "TG_TOKEN": TG_TOKEN, **env})
+    assert result.exit_code == code, result.output
+    return result.stdout if code == 0 else result.output
+
+
+def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
+    key = _owner_key(server)
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key})
+    file = tmp_path / "statusapp.toml"
+    file.write_text(SETUP)
+    dry = setup_cli(server, key, "apply", str(file), "--dry-run")
+    assert "+ create channel 'phone'" in dry and "+ create status page 'Home'" in dry
+    assert "Plan: 4 to create, 0 to update, 0 to delete." in dry and TG_TOKEN not in dry
+    assert api.get("/monitors").json()["monitors"] == []
+    assert "Applied." in setup_cli(server, key, "apply", str(file))
+    monitors = {m["name"]: m for m in api.get("/monitors").json()["monitors"]}
+    channel = api.get("/notifications").json()["channels"][0]
+    assert monitors["NAS"]["interval"] == 120 and monitors["NAS"]["managed"] is True
+    assert monitors["NAS"]["monitorNotifications"][0]["channelId"] == channel["id"]
+    assert channel["config"] == {"botToken": statusapp.mask(TG_TOKEN), "chatId": "42"}
+    page = api.get("/status-pages").json()["statusPages"][0]
+    groups = api.get(f"/status-pages/{page['id']}").json()["monitorGroups"]
+    assert groups[0]["monitorIds"] == [monitors["NAS"]["id"], monitors["backup job"]["id"]]
+    assert setup_cli(server, key, "apply", str(file)).strip() == f"No changes: the team matches {file}."
+
+    by_hand = api.post("/monitors", json={"name": "by hand", "url": "http://127.0.0.1:9/"}).json()
+    file.write_text(SETUP.replace("interval = 120", "interval = 600").replace(
+        ', "backup job"', "").split("[[monitors]]\nname = \"backup job\"")[0] + SETUP.split(
+        "interval = 3600\n")[1].replace(', "backup job"', ""))
+    new_token = "999999:another-secret-token"
+    kept = setup_cli(server, key, "apply", str(file), TG_TOKEN=new_token)
+    assert "~ update channel 'phone'\n    config.botToken: (sensitive)" in kept
+    assert "~ update monitor 'NAS'\n    interval: 120 -> 600" in kept
+    assert "~ update status page 'Home'" in kept and "- delete" not in kept
+    assert new_token not in kept and TG_TOKEN not in kept
+    pruned = setup_cli(server, key, "apply", str(file), "--prune", TG_TOKEN=new_token)
+    assert pruned.splitlines()[0] == "- delete monitor 'backup job'"
+    names = {m["name"] for m in api.get("/monitors").json()["monitors"]}
+    assert names == {"NAS", "by hand"} and by_hand["managed"] is False
+    assert api.get("/notifications").json()["channels"][0]["config"]["botToken"] == \
+        statusapp.mask(new_token)
+    api.post("/status-pages", json={"name": "by hand", "slug": "taken"})
+    file.write_text(file.read_text() + '[[statusPages]]\nname = "Lab"\nslug = "taken"\n')
+    failed = setup_cli(server, key, "apply", str(file), code=1, TG_TOKEN=new_token)
+    assert "statusPages[1]: This slug is already in use" in failed
+
+
+@pytest.mark.parametrize("text, lines", [
+    (SETUP.replace("interval = 120", "interval = 5").replace('url = "http://127.0.0.1:9/"\n', "")
+     .replace('"42"', "42.5"),
+     ["channels[0].config.chatId: Expected string, received number",
+      "monitors[0].url: Required",
+      "monitors[0].interval: Number must be greater than or equal to 60"]),
+    (SETUP.replace("${TG_TOKEN}", "${NOT_SET_ANYWHERE}") + "[[statusPages]]\nname = \"Home\"\n",
+     ["channels[0].config.botToken: environment variable NOT_SET_ANYWHERE is not set"]),
+    (SETUP.replace('name = "Home"', 'name = "NAS"').replace('"Core", monitors = ["NAS"',
+                                                            '"Core", monitors = ["nope"'),
+     ["statusPages[0].monitorGroups[0].monitorIds: Unknown monitor id(s): (unknown: nope)"]),
+    (SETUP + "[[monitors]]\nname = \"NAS\"\nurl = \"http://127.0.0.1:9/\"\n",
+     ["monitors[2].name: 'NAS' is named twice in the file"]),
+    ("[monitors]\nname = 1\n[alerts]\n", ["alerts: unknown section", "monitors: must be an array"]),
+])
+def test_apply_reports_every_error_with_its_place_and_changes_nothing(untouched_server, tmp_path,
+                                                                      text, lines):
+    key = _owner_key(untouched_server)
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    output = setup_cli(untouched_server, key, "apply", str(file), code=1)
+    for line in lines:
+        assert line in output
+    assert httpx.get(untouched_server.url + "/api/v1/monitors", headers={"X-API-Key": key}).json()[
+        "monitors"] == []
+
+
+def test_export_round_trips_through_apply_in_toml_and_json(server, tmp_path):
+    key = _owner_key(server)
+    file = tmp_path / "statusapp.toml"
+    file.write_text(SETUP + """
+[[monitors]]
+name = "API \\"quoted\\" ✓"
+type = "API"
+url = "http://127.0.0.1:9/health"
+httpMethod = "POST"
+requestHeaders = '{"X-Env": "lab"}'
+apiAuthConfig = { type = "bearer", token = "${API_TOKEN}" }
+notifications = [{ type = "WEBHOOK", config = { url = "http://127.0.0.1:9/hook" }, enabled = false }]
+""")
+    setup_cli(server, key, "apply", str(file), API_TOKEN="bearer-token-abcdef")
+    exported = setup_cli(server, key, "export")
+    as_json = json.loads(setup_cli(server, key, "export", "--format", "json"))
+    assert tomllib.loads(exported) == as_json
+    assert as_json["channels"][0]["config"]["botToken"] == "${CHANNEL_PHONE_BOT_TOKEN}"
+    assert as_json["monitors"][2]["apiAuthConfig"]["token"] == "${MONITOR_API_QUOTED_TOKEN}"
+    assert as_json["statusPages"][0]["monitorGroups"][0]["monitors"] == ["NAS", "backup job"]
+    secrets = {"CHANNEL_PHONE_BOT_TOKEN": TG_TOKEN, "MONITOR_API_QUOTED_TOKEN": "bearer-token-abcdef"}
+    (tmp_path / "exported.toml").write_text(exported)
+    (tmp_path / "exported.json").write_text(json.dumps(as_json))
+    for name in ("exported.toml", "exported.json"):
+        again = setup_cli(server, key, "apply", str(tmp_path / name), **secrets)
+        assert again.startswith("No changes"), again
+    (tmp_path / "other").mkdir()
+    other = Server(tmp_path / "other").start()
+    try:
+        other_key = _owner_key(other)
+        setup_cli(other, other_key, "apply", str(tmp_path / "exported.toml"), **secrets)
+        assert json.loads(setup_cli(other, other_key, "export", "--format", "json")) == as_json
+    finally:
+        other.stop()
+
 def test_pip_install_gives_a_statusapp_command_that_finds_its_schema(tmp_path):
     """`pip install .` into a venv; the installed command works from another directory."""
     venv = tmp_path / "venv"
