@@ -7388,21 +7388,45 @@ def to_toml(setup: dict[str, list[dict[str, Any]]]) -> str:
 
 
 
-def _setup_api(cfg: dict[str, dict[str, Any]], url: str | None, api_key: str | None
-               ) -> SetupApi:
-    """The server to talk to: ``--url`` (default: this config's server) and an API key."""
-    if not api_key:
-        raise click.UsageError("give --api-key or set STATUSAPP_API_KEY")
+def _server_url(cfg: dict[str, dict[str, Any]], url: str | None) -> str:
+    """``--url``, else the configured server on this machine: ``http://host:port`` (a
+    wildcard host meaning loopback)."""
     server = cfg["server"]
     host = "127.0.0.1" if server["host"] in ("0.0.0.0", "::", "") else server["host"]
-    return SetupApi(url or server["base_url"] or f"http://{host}:{server['port']}", api_key)
+    host = f"[{host}]" if ":" in host else host
+    return url or f"http://{host}:{server['port']}"
+
+
+def _setup_api(cfg: dict[str, dict[str, Any]], url: str | None, api_key: str | None
+               ) -> SetupApi:
+    """The server to talk to, with an API key of the team."""
+    if not api_key:
+        raise click.UsageError("give --api-key or set STATUSAPP_API_KEY")
+    return SetupApi(_server_url(cfg, url), api_key)
+
+
+@cli.command()
+@_options
+@click.option("--url", help="The server (default: http://server.host:server.port).")
+def healthcheck(config_path: str | None, db: str | None, url: str | None) -> None:
+    """Exit 0 when the server's /api/v1/health answers 200 (healthy or degraded), else 1:
+    the Docker HEALTHCHECK, needing nothing but StatusApp itself."""
+    target = _server_url(_config(config_path, db), url).rstrip("/") + API_PREFIX + "/health"
+    try:
+        response = httpx.get(target, timeout=10)
+        status = response.json().get("status")
+    except (httpx.HTTPError, ValueError) as exc:
+        raise click.ClickException(f"{target}: {exc}") from None
+    if response.status_code != 200:
+        raise click.ClickException(f"{target}: {response.status_code} {status}")
+    click.echo(f"{target}: {status}")
 
 
 def _remote(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--url`` and ``--api-key``: the running server apply and export talk to."""
     command = click.option("--api-key", envvar="STATUSAPP_API_KEY",
                            help="An API key of the team (or STATUSAPP_API_KEY).")(command)
-    return click.option("--url", help="The server (default: server.base_url, else "
+    return click.option("--url", help="The server (default: "
                                       "http://server.host:server.port).")(command)
 
 

@@ -4307,6 +4307,39 @@ notifications = [{ type = "WEBHOOK", config = { url = "http://127.0.0.1:9/hook" 
     finally:
         other.stop()
 
+def _dockerfile(instruction: str) -> str:
+    """The rest of the Dockerfile's (one-line) ``instruction`` line."""
+    lines = (HERE / "Dockerfile").read_text().splitlines()
+    return next(line.split(" ", 1)[1] for line in lines if line.startswith(instruction + " "))
+
+
+def test_docker_healthcheck_command_passes_on_a_live_server_and_fails_without(server):
+    """The Dockerfile's HEALTHCHECK, run as the image runs it: its ENV, the served port."""
+    command = json.loads(_dockerfile("HEALTHCHECK").split(" CMD ", 1)[1])
+    assert command[0] == "statusapp"
+    env = dict(pair.split("=", 1) for pair in _dockerfile("ENV").split())
+    env["STATUSAPP_SERVER_PORT"] = str(server.port)
+    assert env["STATUSAPP_SERVER_HOST"] == "0.0.0.0"
+    ok = CliRunner().invoke(statusapp.cli, command[1:], env=env)
+    assert ok.exit_code == 0 and "/api/v1/health: healthy" in ok.output
+    server.stop()
+    down = CliRunner().invoke(statusapp.cli, command[1:], env=env)
+    assert down.exit_code == 1 and f"127.0.0.1:{server.port}/api/v1/health" in down.output
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    unit = (HERE / "statusapp.service").read_text()
+    assert "ExecStart=/usr/local/bin/statusapp serve" in unit
+    for option in ("DynamicUser=yes", "StateDirectory=statusapp", "ProtectSystem=strict",
+                   "NoNewPrivileges=yes", "PrivateTmp=yes"):
+        assert option in unit.splitlines()
+    (tmp_path / "statusapp.service").write_text(
+        unit.replace("/usr/local/bin/statusapp", shutil.which("true") or "/bin/true"))
+    verify = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "statusapp.service")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and "statusapp.service" not in verify.stderr, verify.stderr
+
 def test_pip_install_gives_a_statusapp_command_that_finds_its_schema(tmp_path):
     """`pip install .` into a venv; the installed command works from another directory."""
     venv = tmp_path / "venv"
