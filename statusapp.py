@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import importlib
 import heapq
 import hmac
 import html
@@ -139,6 +140,7 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "pagerduty_url": "https://events.pagerduty.com/v2/enqueue",
         "opsgenie_url": "https://api.opsgenie.com",
         "twilio_api_url": "https://api.twilio.com",
+        "pushover_url": "https://api.pushover.net",
         "twilio_account_sid": "",
         "twilio_auth_token": "",
         "twilio_from": "",
@@ -963,7 +965,7 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 CHANNEL_TYPES = ("EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM", "PAGERDUTY", "OPSGENIE",
-                 "MICROSOFT_TEAMS", "WEBHOOK")
+                 "MICROSOFT_TEAMS", "WEBHOOK", "NTFY", "GOTIFY", "PUSHOVER", "MATRIX", "APPRISE")
 
 
 def check_channel_config(value: dict[str, Any], record: dict[str, Any],
@@ -3208,6 +3210,11 @@ CHANNEL_REQUIRED: dict[str, tuple[str, ...]] = {
     "OPSGENIE": ("apiKey",),
     "MICROSOFT_TEAMS": ("webhookUrl",),
     "WEBHOOK": ("url",),
+    "NTFY": ("serverUrl", "topic"),
+    "GOTIFY": ("serverUrl", "appToken"),
+    "PUSHOVER": ("userKey", "appToken"),
+    "MATRIX": ("homeserver", "accessToken", "roomId"),
+    "APPRISE": ("urls",),
 }
 CHANNEL_SECRETS: dict[str, tuple[str, ...]] = {
     "EMAIL": (),
@@ -3219,6 +3226,11 @@ CHANNEL_SECRETS: dict[str, tuple[str, ...]] = {
     "OPSGENIE": ("apiKey",),
     "MICROSOFT_TEAMS": ("webhookUrl",),
     "WEBHOOK": ("headers", "secret"),
+    "NTFY": ("token", "password"),
+    "GOTIFY": ("appToken",),
+    "PUSHOVER": ("userKey", "appToken"),
+    "MATRIX": ("accessToken",),
+    "APPRISE": ("urls",),
 }
 
 # 4xx means the request or the credentials are wrong and a retry cannot help, except these.
@@ -3243,6 +3255,9 @@ _HEADLINES = {
 _EMOJI = {"bad": "\U0001f534", "warn": "\U0001f7e0", "good": "\u2705", "info": "\u2139\ufe0f"}
 _DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info": 0x3498DB}
 _TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
+_NTFY_TAGS = {"bad": "rotating_light", "warn": "warning", "good": "white_check_mark",
+              "info": "information_source"}
+APPRISE_MISSING = "the Apprise library is not installed: pip install 'statusapp[apprise]'"
 
 
 @dataclass
@@ -3402,11 +3417,21 @@ def _facts(alert: Alert) -> list[tuple[str, str]]:
     return [(label, value) for label, value in facts if value]
 
 
+def _details(alert: Alert) -> str:
+    """One "Label: value" line per fact (the body under a separate title)."""
+    return "\n".join(f"{label}: {value}" for label, value in _facts(alert))
+
+
 def _text(alert: Alert) -> str:
-    """Plain text: the headline, then one "Label: value" line per fact."""
-    lines = [f"{label}: {value}" for label, value in _facts(alert)]
+    """Plain text: the headline, then the facts."""
     footer = f"Sent by StatusApp at {_human_time(alert.timestamp)}"
-    return "\n".join([_headline(alert), "", *lines, "", footer])
+    return "\n".join([_headline(alert), "", _details(alert), "", footer])
+
+
+def _urgency(alert: Alert, high: int, normal: int, low: int) -> int:
+    """A service's priority for the alert: ``high`` for trouble, ``normal`` for degraded,
+    ``low`` for recoveries and tests."""
+    return {"bad": high, "warn": normal}.get(_TONES[alert.event], low)
 
 
 def _web_url(alert: Alert) -> str | None:
@@ -3559,12 +3584,12 @@ async def _excerpt(response: httpx.Response) -> str:
 
 
 async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = False,
-                **request: Any) -> int:
-    """POST and map the outcome onto DeliveryError; return the 2xx status."""
+                method: str = "POST", **request: Any) -> int:
+    """POST (or ``method``) and map the outcome onto DeliveryError; return the 2xx status."""
     if user_url:
         await check_target(url, ctx.cfg)
     try:
-        async with ctx.client.stream("POST", url, **request) as response:
+        async with ctx.client.stream(method, url, **request) as response:
             if response.is_success:
                 return response.status_code
             detail = await _excerpt(response)
@@ -3581,10 +3606,10 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
 
 async def _post_json(ctx: NotifyContext, service: str, url: str, payload: Any, *,
                      user_url: bool = False, headers: dict[str, str] | None = None,
-                     params: dict[str, str] | None = None) -> int:
+                     **request: Any) -> int:
     body_headers = {**(headers or {}), "Content-Type": "application/json"}
     return await _post(ctx, service, url, user_url=user_url, content=js_json(payload),
-                       headers=body_headers, params=params)
+                       headers=body_headers, **request)
 
 
 def _user_headers(headers: Any) -> dict[str, str]:
@@ -3871,6 +3896,111 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
     """
     return await post_webhook(config["url"], webhook_payload(alert), config.get("secret"),
                               config.get("headers"), ctx)
+
+
+
+# The homelab channels: push services people run themselves or keep on their phones.
+
+
+@_channel("NTFY")
+async def send_ntfy(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """ntfy's JSON publishing: POST to the server root, the topic in the body; the priority
+    (``priority`` for trouble, default 5) and an emoji tag follow the event; a click opens
+    the monitored URL.  ``token`` is sent as a Bearer token, else ``username``/``password``."""
+    top = config.get("priority", 5)
+    payload: dict[str, Any] = {
+        "topic": config["topic"], "title": _cut(_headline(alert), 250),
+        "message": _cut(_details(alert), 4096),
+        "priority": _urgency(alert, top, min(top, 4), min(top, 3)),
+        "tags": [_NTFY_TAGS[_TONES[alert.event]]]}
+    if _web_url(alert):
+        payload["click"] = _web_url(alert)
+    request: dict[str, Any] = {}
+    if config.get("token"):
+        request["headers"] = {"Authorization": f"Bearer {config['token']}"}
+    elif config.get("username"):
+        request["auth"] = (config["username"], config.get("password", ""))
+    return await _post_json(ctx, "ntfy", config["serverUrl"].rstrip("/") + "/", payload,
+                            user_url=True, **request)
+
+
+@_channel("GOTIFY")
+async def send_gotify(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Gotify's POST /message with the application token in X-Gotify-Key; ``priority`` for
+    trouble (default 8), at most 5 when degraded and 2 for recoveries and tests."""
+    top = config.get("priority", 8)
+    payload: dict[str, Any] = {
+        "title": _cut(_headline(alert), 250), "message": _details(alert),
+        "priority": _urgency(alert, top, min(top, 5), min(top, 2)),
+        "extras": {"client::display": {"contentType": "text/plain"}}}
+    if _web_url(alert):
+        payload["extras"]["client::notification"] = {"click": {"url": _web_url(alert)}}
+    return await _post_json(ctx, "Gotify", config["serverUrl"].rstrip("/") + "/message",
+                            payload, user_url=True, headers={"X-Gotify-Key": config["appToken"]})
+
+
+@_channel("PUSHOVER")
+async def send_pushover(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Pushover's POST /1/messages.json (form-encoded): ``priority`` for trouble (default 2,
+    emergency: repeated every ``retry`` seconds until acknowledged or ``expire`` passes),
+    normal priority 0 for degraded, -1 (quiet) for recoveries and tests."""
+    top = config.get("priority", 2)
+    priority = _urgency(alert, top, min(top, 0), min(top, -1))
+    when = _parse_time(alert.timestamp)
+    form = {"token": config["appToken"], "user": config["userKey"],
+            "title": _cut(_headline(alert), 250), "message": _cut(_details(alert), 1024),
+            "priority": str(priority)}
+    if when is not None:
+        form["timestamp"] = str(int(when.timestamp()))
+    if _web_url(alert):
+        form |= {"url": _web_url(alert) or "", "url_title": "Monitored URL"}
+    if priority == 2:
+        form |= {"retry": str(config.get("retry", 60)), "expire": str(config.get("expire", 3600))}
+    url = ctx.cfg["notifications"]["pushover_url"].rstrip("/") + "/1/messages.json"
+    return await _post(ctx, "Pushover", url, data=form)
+
+
+@_channel("MATRIX")
+async def send_matrix(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """A Matrix room message (client-server API v3): a plain ``body`` and an HTML
+    ``formatted_body``.  The transaction id comes from the alert, so a retry of the same alert
+    is one message even when the homeserver had accepted the first try."""
+    facts = "".join(f"<br><b>{_esc(label)}</b>: {_esc(value)}" for label, value in _facts(alert))
+    html_body = f"<b>{_esc(_EMOJI[_TONES[alert.event]] + ' ' + _headline(alert))}</b>{facts}"
+    txn = hashlib.sha256(f"{alert.event}|{alert.monitor.get('id')}|{alert.timestamp}"
+                         .encode()).hexdigest()[:32]
+    room = urllib.parse.quote(config["roomId"], safe="")
+    url = (f"{config['homeserver'].rstrip('/')}/_matrix/client/v3/rooms/{room}"
+           f"/send/m.room.message/{txn}")
+    payload = {"msgtype": "m.text", "body": _text(alert), "format": "org.matrix.custom.html",
+               "formatted_body": html_body}
+    return await _post_json(ctx, "Matrix", url, payload, user_url=True, method="PUT",
+                            headers={"Authorization": f"Bearer {config['accessToken']}"})
+
+
+def apprise_module() -> Any:
+    """The optional Apprise library, or None when the ``apprise`` extra is not installed."""
+    try:
+        return importlib.import_module("apprise")
+    except ImportError:
+        return None
+
+
+@_channel("APPRISE")
+async def send_apprise(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
+    """Every Apprise URL in ``urls`` (Apprise speaks to each service itself, in a thread)."""
+    library = apprise_module()
+    if library is None:
+        raise DeliveryError(APPRISE_MISSING, permanent=True)
+    notifier = library.Apprise()
+    for url in config["urls"]:
+        notifier.add(url)
+    kind = {"bad": library.NotifyType.FAILURE, "warn": library.NotifyType.WARNING,
+            "good": library.NotifyType.SUCCESS}.get(_TONES[alert.event], library.NotifyType.INFO)
+    if not await asyncio.to_thread(notifier.notify, body=_details(alert),
+                                   title=_headline(alert), notify_type=kind):
+        raise DeliveryError(f"Apprise could not deliver to every one of its "
+                            f"{len(config['urls'])} URL(s)")
 
 
 async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
@@ -4665,6 +4795,8 @@ def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> An
 def _masked_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _masked_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked_value(v) for v in value]
     return mask(value) if isinstance(value, str) else value
 
 
@@ -5144,6 +5276,20 @@ def _check_headers(value: dict[str, Any], record: dict[str, Any],
     return value
 
 
+def check_apprise_urls(value: list[Any], record: dict[str, Any],
+                       env: dict[str, Any]) -> list[str]:
+    """URLs the installed Apprise understands (never echoed: they hold tokens); without the
+    library, a 400 naming the extra to install."""
+    library = apprise_module()
+    if library is None:
+        raise _Issue(APPRISE_MISSING)
+    bad = [str(i) for i, url in enumerate(value)
+           if not isinstance(url, str) or not library.Apprise().add(url)]
+    if bad:
+        raise _Issue(f"Not an Apprise URL Apprise supports: entry {', '.join(bad)}")
+    return value
+
+
 CHAT_URL_TYPES = ("SLACK", "DISCORD", "MICROSOFT_TEAMS")
 CHANNEL_CONFIG_FIELDS = (
     Field("emails", "array", _needed_by("emails"), minimum=1, maximum=50, kinds=("EMAIL",),
@@ -5174,6 +5320,40 @@ CHANNEL_CONFIG_FIELDS = (
           doc="Extra request headers (values are secret)"),
     Field("secret", "string", minimum=1, maximum=255, kinds=("WEBHOOK",),
           doc="Signs the body as X-Webhook-Signature (secret)"),
+    Field("serverUrl", "string", _needed_by("serverUrl"), maximum=2048, check=check_url,
+          kinds=("NTFY", "GOTIFY"), doc="Server URL, e.g. https://ntfy.sh"),
+    Field("topic", "string", _needed_by("topic"), kinds=("NTFY",),
+          check=_pattern(r"[-_A-Za-z0-9]{1,64}", "ntfy topic (1-64 of A-Z, a-z, 0-9, _, -)"),
+          doc="Topic"),
+    Field("token", "string", minimum=1, maximum=255, kinds=("NTFY",),
+          doc="Access token (secret)"),
+    Field("username", "string", minimum=1, maximum=255, kinds=("NTFY",),
+          doc="User name, with password (when no token)"),
+    Field("password", "string", maximum=255, kinds=("NTFY",), doc="Password (secret)"),
+    Field("priority", "integer", minimum=1, maximum=5, kinds=("NTFY",),
+          doc="Priority of trouble alerts, 1-5 (default 5)"),
+    Field("appToken", "string", _needed_by("appToken"), minimum=1, maximum=255,
+          kinds=("GOTIFY", "PUSHOVER"), doc="Application token (secret)"),
+    Field("priority", "integer", minimum=0, maximum=10, kinds=("GOTIFY",),
+          doc="Priority of trouble alerts, 0-10 (default 8)"),
+    Field("userKey", "string", _needed_by("userKey"), kinds=("PUSHOVER",),
+          check=_pattern(r"[A-Za-z0-9]{30}", "Pushover user or group key (30 letters/digits)"),
+          doc="User or group key (secret)"),
+    Field("priority", "integer", minimum=-2, maximum=2, kinds=("PUSHOVER",),
+          doc="Priority of trouble alerts, -2 to 2 (default 2: emergency)"),
+    Field("retry", "integer", minimum=30, maximum=10_800, kinds=("PUSHOVER",),
+          doc="Emergency: seconds between repeats (default 60)"),
+    Field("expire", "integer", minimum=30, maximum=10_800, kinds=("PUSHOVER",),
+          doc="Emergency: seconds until repeats stop (default 3600)"),
+    Field("homeserver", "string", _needed_by("homeserver"), maximum=2048, check=check_url,
+          kinds=("MATRIX",), doc="Homeserver URL, e.g. https://matrix.org"),
+    Field("accessToken", "string", _needed_by("accessToken"), minimum=1, maximum=1024,
+          kinds=("MATRIX",), doc="Access token of the sending user (secret)"),
+    Field("roomId", "string", _needed_by("roomId"), kinds=("MATRIX",),
+          check=_pattern(r"![^:\s]+:\S+", "room id (expected !abc:example.org)"),
+          doc="Room id (not an alias)"),
+    Field("urls", "array", _needed_by("urls"), minimum=1, maximum=20, kinds=("APPRISE",),
+          check=check_apprise_urls, doc="Apprise URLs (secret)"),
 )
 
 
@@ -5182,6 +5362,8 @@ def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dic
     def keep(new: Any, old: Any) -> Any:
         if isinstance(new, dict) and isinstance(old, dict):
             return {k: keep(v, old.get(k)) for k, v in new.items()}
+        if isinstance(new, list) and isinstance(old, list):
+            return [keep(v, old[i] if i < len(old) else None) for i, v in enumerate(new)]
         return old if isinstance(old, str) and new == mask(old) else new
     return {k: keep(v, previous.get(k)) if k in CHANNEL_SECRETS[kind] else v
             for k, v in value.items()}

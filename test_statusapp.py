@@ -2240,6 +2240,15 @@ _INC_VALID_CONFIGS = {
     "MICROSOFT_TEAMS": {"webhookUrl": "https://outlook.office.com/webhook/abcdefghijkl"},
     "WEBHOOK": {"url": "https://api.home.test/webhook",
                 "headers": {"Authorization": "Bearer token-abcdefghijkl"}},
+    "NTFY": {"serverUrl": "https://ntfy.sh", "topic": "homelab-alerts",
+             "token": "tk_abcdefghijklmnop", "priority": 4},
+    "GOTIFY": {"serverUrl": "https://gotify.home.test", "appToken": "AvKcy9o-yvVhyKd",
+               "priority": 6},
+    "PUSHOVER": {"userKey": "uQiRzpo4DXghDmr9QzzfQu27cmVRsG",
+                 "appToken": "azGDORePK8gMaC0QOYAMyEEuzJnyUi", "retry": 120, "expire": 7200},
+    "MATRIX": {"homeserver": "https://matrix.home.test", "accessToken": "syt_abcdefghijklmnop",
+               "roomId": "!homelab:matrix.home.test"},
+    "APPRISE": {"urls": ["json://127.0.0.1:9/hook", "ntfys://tk_abcdefghijklmnop@ntfy.sh/x"]},
 }
 
 
@@ -2255,7 +2264,8 @@ def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
         elif isinstance(value, str):
             assert shown[name] != value and shown[name].startswith("****")
         else:
-            assert all(v.startswith("****") for v in shown[name].values())
+            values = shown[name].values() if isinstance(shown[name], dict) else shown[name]
+            assert all(v.startswith("****") for v in values)
     assert client.get("/api/v1/notifications").json()["channels"][0]["id"] == created["id"]
     # Echoing the masked config back keeps the stored secrets.
     updated = client.put(f"/api/v1/notifications/{created['id']}",
@@ -2451,22 +2461,25 @@ class _NotifyReceiver:
     """A loopback HTTP server that records every request and answers from a script.
 
     ``script`` holds ``(status, body, delay_seconds)`` answers used in order; after that it
-    answers 200.  Each recorded request has method, path, lower-cased headers and raw body bytes.
+    answers 200, or what ``answer(request)`` says when set (a fake service's checks).  Each
+    recorded request has method, path, lower-cased headers and raw body bytes.
     """
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.script: list[tuple[int, bytes, float]] = []
+        self.answer = None
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append({
-                    "method": self.command, "path": self.path, "body": body,
-                    "headers": {k.lower(): v for k, v in self.headers.items()}})
-                status, answer, delay = (receiver.script.pop(0) if receiver.script
-                                         else (200, b'{"ok":true}', 0))
+                request = {"method": self.command, "path": self.path, "body": body,
+                           "headers": {k.lower(): v for k, v in self.headers.items()}}
+                receiver.requests.append(request)
+                status, answer, delay = (
+                    receiver.script.pop(0) if receiver.script else
+                    (*receiver.answer(request), 0) if receiver.answer else (200, b'{"ok":true}', 0))
                 time.sleep(delay)
                 try:
                     self.send_response(status)
@@ -2476,6 +2489,8 @@ class _NotifyReceiver:
                     self.wfile.write(answer)
                 except OSError:
                     pass  # the client gave up (timeout tests)
+
+            do_PUT = do_POST
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -2523,6 +2538,7 @@ def notify_cfg(notify_http):
         "twilio_account_sid": "AC123",
         "twilio_auth_token": "twilio-token",
         "twilio_from": "+15550001111",
+        "pushover_url": url,
         "timeout": 2,
     }})
 
@@ -2939,6 +2955,251 @@ async def test_notify_webhook_signature_node_verifier(notify_http, notify_ctx):
     # The check has teeth: Python's default json.dumps of the same payload does not verify.
     naive = json.dumps(payload).encode()
     assert verify(naive, statusapp.sign_body(naive, "s3cret")).returncode == 1
+
+
+# Fakes of the homelab push services: each checks what the real one checks (method, path,
+# credentials, required fields and their ranges) and answers as it does.
+
+NTFY_TOKEN, GOTIFY_TOKEN, MATRIX_TOKEN = "tk_ntfytoken0123456789abc", "AvKcy9o-yvVhyKd", "syt_mx_token"
+PUSHOVER_APP, PUSHOVER_USER = "azGDORePK8gMaC0QOYAMyEEuzJnyUi", "uQiRzpo4DXghDmr9QzzfQu27cmVRsG"
+MATRIX_ROOM = "!homelab:matrix.home.test"
+
+
+def _refuse(status: int, body: dict) -> tuple[int, bytes]:
+    return status, json.dumps(body).encode()
+
+
+def _fake_ntfy(request: dict, body: dict) -> tuple[int, bytes]:
+    basic = "Basic " + base64.b64encode(b"phone:hunter2-pass").decode()
+    if request["headers"].get("authorization") not in (f"Bearer {NTFY_TOKEN}", basic):
+        return _refuse(403, {"code": 40301, "http": 403, "error": "forbidden"})
+    if not (re.fullmatch(r"[-_A-Za-z0-9]{1,64}", str(body.get("topic")))
+            and body.get("priority") in range(1, 6) and isinstance(body.get("message"), str)
+            and all(isinstance(tag, str) for tag in body.get("tags", []))):
+        return _refuse(400, {"code": 40001, "http": 400, "error": "invalid request"})
+    return 200, json.dumps({"id": "k1", "event": "message", "topic": body["topic"]}).encode()
+
+
+def _fake_gotify(request: dict, body: dict) -> tuple[int, bytes]:
+    if request["headers"].get("x-gotify-key") != GOTIFY_TOKEN:
+        return _refuse(401, {"error": "Unauthorized", "errorCode": 401,
+                             "errorDescription": "you need to provide a valid access token"})
+    if not isinstance(body.get("message"), str) or body.get("priority") not in range(0, 11):
+        return _refuse(400, {"error": "Bad Request", "errorCode": 400,
+                             "errorDescription": "Field 'message' is required"})
+    return 200, json.dumps({"id": 1, "appid": 1, **body}).encode()
+
+
+def _fake_pushover(request: dict, form: dict) -> tuple[int, bytes]:
+    if request["headers"].get("content-type") != "application/x-www-form-urlencoded":
+        return _refuse(400, {"status": 0, "errors": ["message cannot be blank"]})
+    if form.get("token") != PUSHOVER_APP or form.get("user") != PUSHOVER_USER:
+        return _refuse(400, {"status": 0, "errors": ["application token is invalid"]})
+    priority = int(form.get("priority", "0"))
+    emergency_ok = priority < 2 or (30 <= int(form.get("retry", 0)) and
+                                    0 < int(form.get("expire", 0)) <= 10800)
+    if not form.get("message") or priority not in range(-2, 3) or not emergency_ok:
+        return _refuse(400, {"status": 0, "errors": ["retry and expire are required"]})
+    return 200, b'{"status":1,"request":"5042853c-402d-4a18-abcb-168734a801de"}'
+
+
+def _fake_matrix(request: dict, body: dict) -> tuple[int, bytes]:
+    room = urllib.parse.quote(MATRIX_ROOM, safe="")
+    if request["headers"].get("authorization") != f"Bearer {MATRIX_TOKEN}":
+        return _refuse(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unrecognised access token"})
+    prefix = f"/_matrix/client/v3/rooms/{room}/send/m.room.message/"
+    if request["method"] != "PUT" or not request["path"].startswith(prefix):
+        return _refuse(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
+    if body.get("msgtype") != "m.text" or not isinstance(body.get("body"), str) or (
+            "formatted_body" in body and body.get("format") != "org.matrix.custom.html"):
+        return _refuse(400, {"errcode": "M_BAD_JSON", "error": "bad message"})
+    txn = request["path"][len(prefix):]
+    return 200, json.dumps({"event_id": f"$event-{txn}"}).encode()
+
+
+def _fake_apprise_json(request: dict, body: dict) -> tuple[int, bytes]:
+    if set(body) != {"version", "title", "message", "attachments", "type"}:
+        return _refuse(400, {"error": "not an Apprise JSON notification"})
+    return 200, b"{}"
+
+
+def _fake_homelab(request: dict) -> tuple[int, bytes]:
+    """Every homelab service the receiver stands in for, told apart by path."""
+    path = request["path"].split("?")[0]
+    if path == "/1/messages.json":
+        return _fake_pushover(request, dict(urllib.parse.parse_qsl(request["body"].decode())))
+    if request["headers"].get("content-type", "").split(";")[0] != "application/json":
+        return _refuse(415, {"error": "expected JSON"})
+    body = json.loads(request["body"])
+    fake = {"/": _fake_ntfy, "/message": _fake_gotify, "/apprise": _fake_apprise_json}.get(path)
+    return (fake or _fake_matrix)(request, body)
+
+
+def _homelab_configs(url: str) -> dict:
+    """A valid config of each homelab channel type, pointing at the loopback fakes."""
+    return {
+        "NTFY": {"serverUrl": url, "topic": "homelab", "token": NTFY_TOKEN},
+        "GOTIFY": {"serverUrl": url, "appToken": GOTIFY_TOKEN},
+        "PUSHOVER": {"userKey": PUSHOVER_USER, "appToken": PUSHOVER_APP},
+        "MATRIX": {"homeserver": url, "accessToken": MATRIX_TOKEN, "roomId": MATRIX_ROOM},
+        "APPRISE": {"urls": [url.replace("http://", "json://") + "/apprise"]},
+    }
+
+
+@pytest.fixture
+def homelab(notify_http):
+    """The receiver acting as every homelab service; a valid config of each type for it."""
+    notify_http.answer = _fake_homelab
+    return _homelab_configs(notify_http.url)
+
+
+async def _refused_once(send, config: dict, ctx) -> dict:
+    """The one attempt a delivery refused for bad credentials makes: permanent, no retry."""
+    records = await statusapp.deliver(send, config, _notify_down(), ctx, base_delay=0)
+    assert len(records) == 1 and records[0]["permanent"]
+    return records[0]
+
+
+@pytest.mark.asyncio
+async def test_notify_ntfy_publishes_json_with_priority_tags_and_click(notify_http, notify_ctx,
+                                                                       homelab):
+    config = homelab["NTFY"]
+    assert await statusapp.send_ntfy(config, _notify_down(), notify_ctx) == 200
+    down = notify_http.json()
+    assert {k: down[k] for k in ("topic", "title", "priority", "tags", "click")} == {
+        "topic": "homelab", "title": "Café ✓ is DOWN", "priority": 5,
+        "tags": ["rotating_light"], "click": "https://api.home.test"}
+    assert "Error: HTTP 500 Internal Server Error" in down["message"]
+    basic = {"serverUrl": notify_http.url, "topic": "homelab", "username": "phone",
+             "password": "hunter2-pass", "priority": 4}
+    assert await statusapp.send_ntfy(basic, _notify_up(), notify_ctx) == 200
+    assert (notify_http.json()["priority"], notify_http.json()["tags"]) == (3, ["white_check_mark"])
+    wrong = await _refused_once(statusapp.send_ntfy, {**config, "token": "tk_wrong"}, notify_ctx)
+    assert wrong["statusCode"] == 403 and "tk_wrong" not in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_gotify_message_with_app_token_and_priority(notify_http, notify_ctx,
+                                                                 homelab):
+    config = homelab["GOTIFY"]
+    assert await statusapp.send_gotify(config, _notify_down(), notify_ctx) == 200
+    down = notify_http.json()
+    assert (down["title"], down["priority"]) == ("Café ✓ is DOWN", 8)
+    assert down["extras"]["client::notification"]["click"]["url"] == "https://api.home.test"
+    assert notify_http.requests[-1]["path"] == "/message"
+    await statusapp.send_gotify({**config, "priority": 3}, _notify_up(), notify_ctx)
+    assert notify_http.json()["priority"] == 2 and "Down for: 12m 5s" in notify_http.json()["message"]
+    wrong = await _refused_once(statusapp.send_gotify, {**config, "appToken": "no"}, notify_ctx)
+    assert "valid access token" in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_pushover_emergency_for_down_quiet_for_recovery(notify_http, notify_ctx,
+                                                                     homelab):
+    config = homelab["PUSHOVER"]
+    assert await statusapp.send_pushover(config, _notify_down(), notify_ctx) == 200
+    down = dict(urllib.parse.parse_qsl(notify_http.requests[-1]["body"].decode()))
+    assert {k: down[k] for k in ("priority", "retry", "expire", "title", "url")} == {
+        "priority": "2", "retry": "60", "expire": "3600", "title": "Café ✓ is DOWN",
+        "url": "https://api.home.test"}
+    assert down["timestamp"] == str(int(dt.datetime(2025, 1, 21, 10, 30, tzinfo=dt.timezone.utc)
+                                        .timestamp()))
+    await statusapp.send_pushover({**config, "retry": 30, "expire": 600}, _notify_up(), notify_ctx)
+    up = dict(urllib.parse.parse_qsl(notify_http.requests[-1]["body"].decode()))
+    assert up["priority"] == "-1" and "retry" not in up
+    wrong = await _refused_once(statusapp.send_pushover, {**config, "appToken": "x" * 30},
+                                notify_ctx)
+    assert "token is invalid" in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_matrix_room_message_plain_and_html_one_txn_per_alert(notify_http,
+                                                                          notify_ctx, homelab):
+    config = homelab["MATRIX"]
+    notify_http.script = [(502, b"bad gateway", 0)]
+    records = await statusapp.deliver(statusapp.send_matrix, config,
+                                      _notify_down(monitor={"id": "m", "name": "<b>NAS</b>"}),
+                                      notify_ctx, base_delay=0)
+    assert [r["statusCode"] for r in records] == [502, 200]
+    first, retry = notify_http.requests[-2:]
+    assert first["path"] == retry["path"] and first["method"] == "PUT"  # same transaction id
+    body = notify_http.json()
+    assert body["body"].startswith("<b>NAS</b> is DOWN\n")
+    assert body["formatted_body"].startswith("<b>🔴 &lt;b&gt;NAS&lt;/b&gt; is DOWN</b><br>")
+    await statusapp.send_matrix(config, _notify_up(), notify_ctx)
+    assert notify_http.requests[-1]["path"] != first["path"]
+    wrong = await _refused_once(statusapp.send_matrix, {**config, "accessToken": "syt_no"},
+                                notify_ctx)
+    assert "M_UNKNOWN_TOKEN" in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_apprise_json_url_reaches_a_loopback_receiver(notify_http, notify_ctx,
+                                                                   homelab):
+    config = homelab["APPRISE"]
+    assert await statusapp.send_apprise(config, _notify_down(), notify_ctx) is None
+    sent = notify_http.json()
+    assert (sent["title"], sent["type"]) == ("Café ✓ is DOWN", "failure")
+    assert "Region: us-east-1" in sent["message"]
+    notify_http.script = [(500, b"", 0)] * 2
+    records = await statusapp.deliver(statusapp.send_apprise, config, _notify_up(), notify_ctx,
+                                      attempts=3, base_delay=0)
+    assert [r["ok"] for r in records] == [False, False, True] and not records[0]["permanent"]
+    assert notify_http.json()["type"] == "success"
+
+
+def test_homelab_channels_validate_mask_and_get_marked_failing(tmp_path, notify_http):
+    """Each new type through the API and the outbox: created with its secrets masked, then an
+    alert the fake refuses for bad credentials leaves it failing (Apprise, which cannot tell a
+    bad credential from an outage, after its retries, with the error noted)."""
+    notify_http.answer = _fake_homelab
+    cfg = _inc_cfg(tmp_path, notify_http.url, pushover_url=notify_http.url)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": new_key(cfg)}) as client:
+        wrong = {"NTFY": {"token": "tk_revoked"}, "GOTIFY": {"appToken": "revoked-token"},
+                 "PUSHOVER": {"userKey": "x" * 30}, "MATRIX": {"accessToken": "syt_revoked"},
+                 "APPRISE": {"urls": [f"json://127.0.0.1:{free_port()}/down"]}}
+        channels = {}
+        for kind, config in _homelab_configs(notify_http.url).items():
+            created = _inc_channel(client, kind, {**config, **wrong[kind]}, name=kind)
+            secret = statusapp.CHANNEL_SECRETS[kind][0]
+            assert created["config"][secret] != {**config, **wrong[kind]}[secret]
+            channels[kind] = created["id"]
+        monitor = _inc_monitor(client, notifications=[{"channelId": c} for c in channels.values()])
+        _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom", _INC_DOWN)
+        eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE done_at IS NULL")
+                   == [(0,)] and sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(5,)])
+        state = {c["name"]: c for c in client.get("/api/v1/notifications").json()["channels"]}
+    for kind in ("NTFY", "GOTIFY", "PUSHOVER", "MATRIX"):
+        assert state[kind]["failing"] and state[kind]["lastError"], kind
+        assert "revoked" not in state[kind]["lastError"]
+    assert not state["APPRISE"]["failing"] and "Apprise could not deliver" in state["APPRISE"][
+        "lastError"]
+    attempts = dict(sql(cfg, "SELECT channel_type, attempts FROM alert_outbox"))
+    assert attempts == {"NTFY": 1, "GOTIFY": 1, "PUSHOVER": 1, "MATRIX": 1, "APPRISE": 3}
+
+
+@pytest.mark.parametrize("kind, config, path", [
+    ("NTFY", {"serverUrl": "http://127.0.0.1", "topic": "no spaces"}, "config.topic"),
+    ("GOTIFY", {"serverUrl": "ftp://x"}, "config.serverUrl"),
+    ("PUSHOVER", {"userKey": "short", "appToken": "a"}, "config.userKey"),
+    ("PUSHOVER", {"userKey": PUSHOVER_USER, "appToken": "a", "retry": 5}, "config.retry"),
+    ("MATRIX", {"homeserver": "http://127.0.0.1", "accessToken": "t", "roomId": "#alias:x"},
+     "config.roomId"),
+    ("APPRISE", {"urls": ["nosuchscheme://x"]}, "config.urls"),
+])
+def test_homelab_channel_configs_are_validated(client, kind, config, path):
+    response = client.post("/api/v1/notifications", json={"name": "x", "type": kind,
+                                                          "config": config})
+    assert response.status_code == 400
+    assert path in {".".join(map(str, issue["path"])) for issue in response.json()["error"]}
+
+
+def test_apprise_channel_without_the_library_is_a_400_naming_the_extra(client, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apprise", None)  # what an install without the extra has
+    response = client.post("/api/v1/notifications", json={
+        "name": "x", "type": "APPRISE", "config": {"urls": ["json://127.0.0.1:9/x"]}})
+    assert response.status_code == 400
+    assert "pip install 'statusapp[apprise]'" in response.json()["error"][0]["message"]
 
 # --- Page tests ---
 
