@@ -3060,12 +3060,17 @@ async def _refused_once(send, config: dict, ctx) -> dict:
     return records[0]
 
 
+async def _accepted(send, config: dict, receiver, ctx) -> dict:
+    """The JSON a fake service accepted (200) for a DOWN alert."""
+    assert await send(config, _notify_down(), ctx) == 200
+    return receiver.json()
+
+
 @pytest.mark.asyncio
 async def test_notify_ntfy_publishes_json_with_priority_tags_and_click(notify_http, notify_ctx,
                                                                        homelab):
     config = homelab["NTFY"]
-    assert await statusapp.send_ntfy(config, _notify_down(), notify_ctx) == 200
-    down = notify_http.json()
+    down = await _accepted(statusapp.send_ntfy, config, notify_http, notify_ctx)
     assert {k: down[k] for k in ("topic", "title", "priority", "tags", "click")} == {
         "topic": "homelab", "title": "Café ✓ is DOWN", "priority": 5,
         "tags": ["rotating_light"], "click": "https://api.home.test"}
@@ -3082,8 +3087,7 @@ async def test_notify_ntfy_publishes_json_with_priority_tags_and_click(notify_ht
 async def test_notify_gotify_message_with_app_token_and_priority(notify_http, notify_ctx,
                                                                  homelab):
     config = homelab["GOTIFY"]
-    assert await statusapp.send_gotify(config, _notify_down(), notify_ctx) == 200
-    down = notify_http.json()
+    down = await _accepted(statusapp.send_gotify, config, notify_http, notify_ctx)
     assert (down["title"], down["priority"]) == ("Café ✓ is DOWN", 8)
     assert down["extras"]["client::notification"]["click"]["url"] == "https://api.home.test"
     assert notify_http.requests[-1]["path"] == "/message"
