@@ -7261,6 +7261,8 @@ def read_setup(path: str) -> tuple[dict[str, list[dict[str, Any]]], set[tuple[An
         data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
     except (OSError, ValueError) as exc:
         raise SetupError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SetupError(f"{path}: expected a table (a JSON object) of arrays")
     known = {kind.key for kind in SETUP_KINDS}
     problems = [f"{key}: unknown section (use {', '.join(sorted(known))})"
                 for key in data if key not in known]
@@ -7408,10 +7410,12 @@ def _matches(kind: SetupKind, entries: list[dict[str, Any]], objects: list[dict[
     found, problems, seen = {}, [], set()
     for i, entry in enumerate(entries):
         name = entry.get("name")
+        if not isinstance(name, str):
+            continue  # validation reports it
         if name in seen:
             problems.append(f"{kind.key}[{i}].name: {name!r} is named twice in the file")
         seen.add(name)
-        if isinstance(name, str) and name in taken:
+        if name in taken:
             found[i] = taken[name]
     return found, problems
 
@@ -7481,7 +7485,8 @@ def apply_steps(api: SetupApi, steps: list[Step], ids: dict[str, dict[str, str]]
                 api.call("PUT", f"{step.kind.path}/{step.ident}",
                          {name: body.get(name) for name in step.fields})
         except ApiError as exc:
-            raise SetupError("\n".join(_issue_lines(where, exc))) from None
+            problems = "\n".join(_issue_lines(where, exc))
+            raise SetupError(f"{problems}\n(the steps before this one were applied)") from None
     for step in [s for s in steps if s.sign == "-"]:
         api.call("DELETE", f"{step.kind.path}/{step.ident}")
 

@@ -4524,6 +4524,8 @@ def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
     (SETUP + "[[monitors]]\nname = \"NAS\"\nurl = \"http://127.0.0.1:9/\"\n",
      ["monitors[2].name: 'NAS' is named twice in the file"]),
     ("[monitors]\nname = 1\n[alerts]\n", ["alerts: unknown section", "monitors: must be an array"]),
+    ('[[monitors]]\nname = ["a"]\n', ["monitors[0].name: Expected string, received array"]),
+    ("[[monitors]\n", ["bad.toml: "]),
 ])
 def test_apply_reports_every_error_with_its_place_and_changes_nothing(untouched_server, tmp_path,
                                                                       text, lines):
