@@ -11,10 +11,10 @@ Contents, in the order data flows through the program:
                    group-committing writer, separate readers.
 4. Validation   -- declarative field tables that validate, default and document resources.
 5. Auth         -- API keys, roles and permissions, rate limits, usage counters.
-6. Probes       -- one coroutine per monitor type, registered in ``PROBES``.
+6. Probes       -- one coroutine per monitor type, declared in ``MONITOR_TYPES``.
 7. Scheduler    -- the asyncio loop that runs probes on their intervals.
 8. Incidents    -- status transitions become incidents and alerts.
-9. Notifiers    -- one coroutine per channel type, registered in ``NOTIFIERS``.
+9. Notifiers    -- one sender per channel type, declared in ``CHANNEL_TYPES``.
 10. Analytics   -- rollups, retention, regression detection and the figures behind them.
 11. API routes  -- the ``/api/v1`` handlers.
 12. Pages       -- the public status pages and badges.
@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import enum
 import functools
 import gzip
 import hashlib
@@ -57,13 +58,14 @@ import time
 import tomllib
 import urllib.parse
 import zoneinfo
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
+                             Sequence)
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -220,7 +222,7 @@ def _coerce(section: str, key: str, value: Any, from_text: bool) -> Any:
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                environ: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Merge defaults, a TOML file, ``STATUSAPP_<SECTION>_<KEY>`` variables and overrides."""
     environ = os.environ if environ is None else environ
     cfg = {section: dict(keys) for section, keys in CONFIG_DEFAULTS.items()}
@@ -393,6 +395,13 @@ def load_migrations(text: str | None = None) -> dict[int, str]:
     return blocks
 
 
+def present(row: sqlite3.Row | None) -> sqlite3.Row:
+    """A row the query cannot miss; a missing one is a bug, raised as such."""
+    if row is None:
+        raise LookupError("a query that always returns a row returned none")
+    return row
+
+
 class Database:
     """The SQLite file: migrations on open, a group-committing writer and read connections."""
 
@@ -445,7 +454,7 @@ class Database:
         assert self._writer is not None
         await self._writer.execute(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        rows = await self._writer.execute_fetchall("SELECT version FROM schema_version")
+        rows = list(await self._writer.execute_fetchall("SELECT version FROM schema_version"))
         return rows[0][0] if rows else 0
 
     async def migrate(self, upto: int | None = None) -> int:
@@ -481,6 +490,10 @@ class Database:
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row:
+        """The first row of a query that always has one (an aggregate, or a row just written)."""
+        return present(await self.fetchone(sql, params))
 
     async def fetchval(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = await self.fetchone(sql, params)
@@ -689,26 +702,39 @@ class Field:
     """One field of a resource: its JSON kind, presence rules, default, bounds and use.
 
     ``required`` is True, or the values of the resource's kind field (a monitor's ``type``)
-    that require it.  ``minimum``/``maximum`` bound integers, and string lengths; either may
-    name a config key ("probes.min_interval").  ``check(value, record, env)`` validates what
-    bounds cannot, and returns the clean value.  ``kinds`` says which resource kinds use it.
+    that require it.  ``secret`` is True, or the kinds for which the value is secret.
+    ``minimum``/``maximum`` bound integers, and string lengths; either may name a config key
+    ("probes.min_interval").  ``check(value, record, env)`` validates what bounds cannot, and
+    returns the clean value.  ``kinds`` says which resource kinds use it.
     """
 
     name: str
     kind: str
-    required: bool | tuple[str, ...] = False
+    required: bool | Collection[str] = False
     default: Any = None
     minimum: int | str | None = None
     maximum: int | str | None = None
-    choices: tuple[str, ...] | None = None
+    choices: Collection[str] | None = None
     check: Callable[[Any, dict[str, Any], dict[str, Any]], Any] | None = None
     kinds: tuple[str, ...] | None = None
     doc: str = ""
-    secret: tuple[str, ...] = ()
+    secret: bool | tuple[str, ...] = ()
 
     @property
     def column(self) -> str:
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+    def required_for(self, kind: str | None) -> bool:
+        """Whether a resource of ``kind`` must give this field."""
+        if isinstance(self.required, bool):
+            return self.required
+        return kind is not None and kind in self.required
+
+    def secret_for(self, kind: str | None) -> bool:
+        """Whether this field's value is secret in a resource of ``kind``."""
+        if isinstance(self.secret, bool):
+            return self.secret
+        return kind in self.secret
 
 
 def _kind(value: Any) -> str:
@@ -722,7 +748,7 @@ def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
     return bound
 
 
-def _check_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
     """Validate one present value against its field; return the clean value or raise _Issue."""
     if value is None:
         return None
@@ -781,9 +807,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         kind = record.get(kind_field) if isinstance(record.get(kind_field), str) else None
     for spec in fields:
         value = record.get(spec.name)
-        needed = spec.required is True or (kind is not None and isinstance(spec.required, tuple)
-                                            and kind in spec.required)
-        if value is None and needed:
+        if value is None and spec.required_for(kind):
             received = "null" if spec.name in data else "undefined"
             issues.append({"code": "invalid_type", "expected": spec.kind, "received": received,
                            "path": [*path, spec.name], "message": "Required"})
@@ -792,7 +816,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         if not given and not (spec.check and value is not None):
             continue  # unchanged, and nothing else it depends on can have changed its validity
         try:
-            checked = _check_one(spec, value, record, {**env, "path": (*path, spec.name)})
+            checked = _validate_one(spec, value, record, {**env, "path": (*path, spec.name)})
         except _Issue as exc:
             issues.append({**exc.issue, "path": [*path, spec.name]})
         except ValidationFailed as exc:
@@ -830,7 +854,7 @@ def _url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
     return value
 
 
-def check_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An absolute http(s) URL."""
     return _url(value)
 
@@ -848,9 +872,11 @@ def _hostname(value: str) -> str:
     return host
 
 
-def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
-    rule = MONITOR_TYPES.get(record.get("type") or "", "http")
+    kind = record.get("type")
+    declared = MONITOR_TYPES.get(kind) if isinstance(kind, str) else None
+    rule = declared.url_rule if declared else "http"
     if rule == "http":
         return _url(value)
     if rule == "https":
@@ -860,7 +886,7 @@ def check_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value.strip()
 
 
-def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """``requestHeaders`` is a JSON string of an object of string values."""
     try:
         headers = parse_json(value)
@@ -871,7 +897,7 @@ def check_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) 
     return value
 
 
-def check_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An IP address for A/AAAA records; any answer text for the other record types."""
     if record.get("dnsRecord") in ("A", "AAAA"):
         try:
@@ -885,7 +911,7 @@ def check_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value
 
 
-def check_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+def valid_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
     """Every id must name a known worker region."""
     unknown = [v for v in value if v not in env["regions"]]
     if unknown:
@@ -909,9 +935,74 @@ def each(fields: Sequence[Field]) -> Callable[..., Any]:
     return check
 
 
-# How each monitor type reads ``url``: an http(s) URL, an https URL, a host, or free text.
-MONITOR_TYPES = {"WEBSITE": "http", "API": "http", "CRON": "text", "PING": "host",
-                 "PORT": "host", "DNS": "host", "SSL_CERT": "https", "DOMAIN": "host"}
+class Names(Collection[str]):
+    """The names in a registry whose entry passes ``test``, read at each use: the registries
+    below fill up later in the module (where each type's probe or sender is), after the Field
+    tables that name them are built."""
+
+    def __init__(self, registry: dict[str, Any], test: Callable[[Any], bool] = bool) -> None:
+        self.registry, self.test = registry, test
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.registry and self.test(self.registry[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, entry in self.registry.items() if self.test(entry))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@dataclass(frozen=True)
+class MonitorType:
+    """One monitor type: how it reads ``url`` (``http``: an http(s) URL, ``https``, ``host``: a
+    hostname/IP/URL, ``text``: free text) and its probe; None for a type that is never probed
+    (CRON: its checks are the heartbeats it receives).  Its fields are the MONITOR_FIELDS whose
+    ``kinds`` name it (or that have none)."""
+
+    name: str
+    url_rule: str
+    probe: Probe | None
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        """The MONITOR_FIELDS a monitor of this type uses."""
+        return tuple(f for f in MONITOR_FIELDS if f.kinds is None or self.name in f.kinds)
+
+
+# Every monitor type by name, in declaration order; declared next to the probes.
+MONITOR_TYPES: dict[str, MonitorType] = {}
+
+
+@dataclass(frozen=True)
+class ChannelType:
+    """One notification channel type: its config fields (which validate, mask and document a
+    channel's ``config``), its sender, and whether it reaches a person (email, SMS, chat, push)
+    rather than a machine (webhook, PagerDuty, Opsgenie)."""
+
+    name: str
+    fields: tuple[Field, ...]
+    send: Sender
+    person_facing: bool
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.required is True)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.secret_for(self.name))
+
+
+# Every channel type by name, in declaration order; declared on the senders (``@channel_type``).
+CHANNEL_TYPES: dict[str, ChannelType] = {}
+
+
+def channel_secrets(kind: Any) -> tuple[str, ...]:
+    """The config keys a channel of ``kind`` keeps secret (none for an unknown kind)."""
+    return CHANNEL_TYPES[kind].secrets if kind in CHANNEL_TYPES else ()
+
+
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 AUTH_TYPES = ("none", "bearer", "basic", "api_key", "oauth2", "jwt")
 
@@ -924,7 +1015,7 @@ AUTH_FIELDS = (
     Field("apiKeyHeader", "string", minimum=1),
     Field("apiKeyName", "string", minimum=1),
     Field("apiKeyLocation", "string", choices=("header", "query")),
-    Field("oauth2TokenUrl", "string", ("oauth2",), check=check_url),
+    Field("oauth2TokenUrl", "string", ("oauth2",), check=valid_url),
     Field("oauth2ClientId", "string", ("oauth2",), minimum=1),
     Field("oauth2ClientSecret", "string", ("oauth2",), secret=("oauth2",)),
     Field("oauth2Scope", "string"),
@@ -935,7 +1026,7 @@ AUTH_FIELDS = (
 )
 
 
-def check_auth_config(value: dict[str, Any], record: dict[str, Any],
+def valid_auth_config(value: dict[str, Any], record: dict[str, Any],
                       env: dict[str, Any]) -> dict[str, Any]:
     """Validate ``apiAuthConfig`` by its own type; keep secrets a client echoed back masked."""
     previous = (env.get("existing") or {}).get("apiAuthConfig") or {}
@@ -960,15 +1051,11 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """``apiAuthConfig`` as responses show it: every secret field masked."""
     if not config:
         return config
-    secret = {f.name for f in AUTH_FIELDS if config.get("type") in f.secret}
+    secret = {f.name for f in AUTH_FIELDS if f.secret_for(config.get("type"))}
     return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
 
 
-CHANNEL_TYPES = ("EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM", "PAGERDUTY", "OPSGENIE",
-                 "MICROSOFT_TEAMS", "WEBHOOK", "NTFY", "GOTIFY", "PUSHOVER", "MATRIX", "APPRISE")
-
-
-def check_channel_config(value: dict[str, Any], record: dict[str, Any],
+def valid_channel_config(value: dict[str, Any], record: dict[str, Any],
                          env: dict[str, Any]) -> dict[str, Any]:
     """A channel ``config`` checked by the rules of its ``type`` (``channel_config``)."""
     return channel_config(record.get("type"), value, env)
@@ -976,14 +1063,14 @@ def check_channel_config(value: dict[str, Any], record: dict[str, Any],
 
 INLINE_NOTIFICATION_FIELDS = (
     Field("channelId", "string", doc="An existing notification channel to link"),
-    Field("type", "string", choices=CHANNEL_TYPES),
+    Field("type", "string", choices=Names(CHANNEL_TYPES)),
     Field("enabled", "boolean", default=True),
-    Field("config", "object", check=check_channel_config,
+    Field("config", "object", check=valid_channel_config,
           doc="The channel configuration, as for /notifications"),
 )
 
 
-def check_notifications(value: list[Any], record: dict[str, Any],
+def valid_notifications(value: list[Any], record: dict[str, Any],
                         env: dict[str, Any]) -> list[dict[str, Any]]:
     """Each entry links a channel by ``channelId`` or defines one inline by type and config.
 
@@ -992,9 +1079,10 @@ def check_notifications(value: list[Any], record: dict[str, Any],
     stored: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for previous in env.get("inline", ()):
         stored[previous["type"]].append(previous["config"])
-    entries, issues, seen = [], [], collections.Counter()
+    entries, issues, seen = [], [], collections.Counter[str]()
     for i, item in enumerate(value):
         kind = item.get("type") if isinstance(item, dict) else None
+        kind = kind if isinstance(kind, str) else ""
         previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
@@ -1019,15 +1107,16 @@ def check_notifications(value: list[Any], record: dict[str, Any],
     return entries
 
 
-ALL_TYPES = tuple(MONITOR_TYPES)
+ALL_TYPES = Names(MONITOR_TYPES)
 MANAGED_FIELD = Field("managed", "boolean", default=False,
                       doc="Set by `statusapp apply`: its `--prune` may delete the object")
 HTTP_TYPES = ("WEBSITE", "API")
 
 MONITOR_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Monitor name"),
-    Field("url", "string", tuple(t for t in ALL_TYPES if t != "CRON"), minimum=1, maximum=2048,
-          check=check_monitor_url,
+    Field("url", "string", Names(MONITOR_TYPES, lambda t: t.url_rule != "text"), minimum=1,
+          maximum=2048,
+          check=valid_monitor_url,
           doc="URL, hostname or IP (CRON: optional, defaults to the heartbeat URL)"),
     Field("type", "string", default="WEBSITE", choices=ALL_TYPES, doc="Monitor type"),
     Field("interval", "integer", default=300, minimum="probes.min_interval", maximum=2_678_400,
@@ -1041,18 +1130,18 @@ MONITOR_FIELDS = (
           doc="Expected HTTP status (absent: any 2xx/3xx)"),
     Field("httpMethod", "string", default="GET", choices=HTTP_METHODS, kinds=HTTP_TYPES,
           doc="HTTP method"),
-    Field("requestHeaders", "string", maximum=16_384, check=check_json_headers, kinds=HTTP_TYPES,
+    Field("requestHeaders", "string", maximum=16_384, check=valid_json_headers, kinds=HTTP_TYPES,
           doc="JSON string of custom headers"),
     Field("requestBody", "string", maximum=65_536, kinds=HTTP_TYPES, doc="Request body"),
     Field("dnsRecord", "string", ("DNS",), choices=("A", "AAAA", "CNAME", "MX", "TXT"),
           kinds=("DNS",), doc="DNS record type"),
-    Field("expectedIp", "string", maximum=255, check=check_expected_ip, kinds=("DNS",),
+    Field("expectedIp", "string", maximum=255, check=valid_expected_ip, kinds=("DNS",),
           doc="Expected answer (an IP for A/AAAA)"),
     Field("gracePeriod", "integer", default=300, minimum="probes.min_interval", maximum=86_400,
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
           kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
-    Field("enabledWorkerRegionIds", "array", check=check_regions,
+    Field("enabledWorkerRegionIds", "array", check=valid_regions,
           doc="Worker regions to probe from (absent: the local region)"),
     Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
     Field("regressionThreshold", "integer", default=50, minimum=25, maximum=200,
@@ -1061,7 +1150,7 @@ MONITOR_FIELDS = (
           doc="Baseline period in days"),
     Field("performanceTimings", "boolean", default=False, kinds=HTTP_TYPES,
           doc="Record dns/connect/tls/ttfb/transfer timings"),
-    Field("apiAuthConfig", "object", check=check_auth_config, kinds=HTTP_TYPES,
+    Field("apiAuthConfig", "object", check=valid_auth_config, kinds=HTTP_TYPES,
           doc="API authentication (secrets are masked in responses)"),
     Field("domainExpiryDays", "integer", default=30, minimum=1, maximum=365, kinds=("DOMAIN",),
           doc="Days before domain expiry to warn"),
@@ -1072,7 +1161,7 @@ MONITOR_FIELDS = (
     Field("domainMonitorWhois", "boolean", default=True, kinds=("DOMAIN",),
           doc="Report registrar/status/nameserver changes"),
     Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
-    Field("notifications", "array", check=check_notifications,
+    Field("notifications", "array", check=valid_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
     MANAGED_FIELD,
 )
@@ -1109,7 +1198,7 @@ def field_reference(fields: Sequence[Field]) -> str:
     return "\n".join(rows)
 
 
-def page_fields(sorts: Sequence[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
+def page_fields(sorts: Collection[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
     """The query parameters of a paged listing: page, limit, sort, order and filters."""
     return (
         Field("page", "integer", default=1, minimum=1, maximum=1_000_000),
@@ -1131,7 +1220,16 @@ def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
 # (an account); the person acts within one team with one role.  The method decides the
 # permission a key needs (read, write, delete); the route decides the least role.
 
-ROLES = ("VIEWER", "MEMBER", "ADMIN", "OWNER")
+class Role(enum.StrEnum):
+    """A person's role in a team, least to most (str-valued: JSON and SQL see the name)."""
+
+    VIEWER = "VIEWER"
+    MEMBER = "MEMBER"
+    ADMIN = "ADMIN"
+    OWNER = "OWNER"
+
+
+ROLES = tuple(Role)
 PERMISSIONS = ("read", "write", "delete")
 _METHOD_PERMISSION = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write",
                       "PATCH": "write", "DELETE": "delete"}
@@ -1252,9 +1350,9 @@ class UsageCounter:
         or missed while it is being written.
         """
         async with self._flushing:
-            totals = collections.Counter(dict(await db.fetchall(
+            totals = collections.Counter({endpoint: n for endpoint, n in await db.fetchall(
                 "SELECT endpoint, SUM(count) FROM api_usage WHERE account_id = ? AND hour >= ?"
-                " GROUP BY endpoint", (team_id, since_hour))))
+                " GROUP BY endpoint", (team_id, since_hour))})
             for (team, endpoint, hour), n in self._counts.items():
                 if team == team_id and hour >= since_hour:
                     totals[endpoint] += n
@@ -1317,11 +1415,21 @@ ROOT_CAUSES = ("DNS_FAILURE", "NETWORK_TIMEOUT", "SERVER_ERROR", "APPLICATION_ER
                "THIRD_PARTY_SERVICE", "INFRASTRUCTURE", "DDOS_ATTACK", "MAINTENANCE", "UNKNOWN")
 
 
+class Status(enum.StrEnum):
+    """A check's or a monitor's status (str-valued: JSON and SQL see the name).  A check is
+    UP, DEGRADED or DOWN; a monitor is PENDING until its first check."""
+
+    PENDING = "PENDING"
+    UP = "UP"
+    DOWN = "DOWN"
+    DEGRADED = "DEGRADED"
+
+
 @dataclass
 class CheckResult:
     """What one probe saw.  ``details`` is type-specific (certificate, domain data...)."""
 
-    status: str                       # UP, DOWN or DEGRADED
+    status: str                       # a Status: UP, DOWN or DEGRADED
     response_time: int | None = None  # milliseconds
     status_code: int | None = None
     error: str | None = None
@@ -1332,7 +1440,7 @@ class CheckResult:
 _USER_AGENT = f"StatusApp/{VERSION} (uptime monitor)"
 _DEFAULT_TIMEOUT = 30.0
 _DEFAULT_EXPIRY_DAYS = 30  # sslCertExpiryDays / domainExpiryDays when the monitor leaves them out
-_SEVERITY = {"UP": 0, "DEGRADED": 1, "DOWN": 2}
+_SEVERITY: dict[str, int] = {Status.UP: 0, Status.DEGRADED: 1, Status.DOWN: 2}
 
 
 class _ProbeError(Exception):
@@ -1344,7 +1452,7 @@ class _ProbeError(Exception):
 
 
 def _down(error: str, category: str, **fields: Any) -> CheckResult:
-    return CheckResult(status="DOWN", error=error, category=category, **fields)
+    return CheckResult(status=Status.DOWN, error=error, category=category, **fields)
 
 
 def _elapsed_ms(started: float) -> int:
@@ -1358,7 +1466,7 @@ def _timeout(monitor: dict[str, Any]) -> float:
 def _verdict(problems: list[tuple[str, str, str]]) -> tuple[str, str | None, str | None]:
     """Status, joined error and the worst problem's category from (status, message, category)."""
     if not problems:
-        return "UP", None, None
+        return Status.UP, None, None
     worst = max(problems, key=lambda p: _SEVERITY[p[0]])
     return worst[0], "; ".join(p[1] for p in problems), worst[2]
 
@@ -1487,7 +1595,8 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         error: Exception | None = None
         for address in dict.fromkeys(info[4][0] for info in infos):
             try:
-                stream = await self._inner.connect_tcp(address, port, remaining, local_address,
+                stream = await self._inner.connect_tcp(str(address), port, remaining,
+                                                       local_address,
                                                        socket_options)
             except httpcore.ConnectError as exc:
                 error = exc
@@ -1542,28 +1651,29 @@ def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
 
 class ProbeContext:
     """What all probes share, built once per process from the config: one HTTP client, the TLS
-    trust store, one DNS resolver and the OAuth2 token cache.  Close it with ``aclose``."""
+    trust store, one DNS resolver and the OAuth2 token cache.  ``settings`` is the ``[probes]``
+    config section (elsewhere ``cfg`` is always the whole config).  Close it with ``aclose``."""
 
     def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
-        self.cfg = cfg["probes"]
+        self.settings = cfg["probes"]
         # OpenSSL's default paths, so SSL_CERT_FILE / SSL_CERT_DIR work, plus our own CA file.
         self.ssl_context = ssl.create_default_context()
-        if self.cfg["ca_bundle"]:
+        if self.settings["ca_bundle"]:
             try:
-                self.ssl_context.load_verify_locations(cafile=self.cfg["ca_bundle"])
+                self.ssl_context.load_verify_locations(cafile=self.settings["ca_bundle"])
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"config: probes.ca_bundle: cannot load "
-                                  f"{self.cfg['ca_bundle']}: {exc}") from None
+                                  f"{self.settings['ca_bundle']}: {exc}") from None
         # For reading a certificate that does not verify (SSL_CERT says why it fails).
         self.unverified_ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.unverified_ssl_context.check_hostname = False
         self.unverified_ssl_context.verify_mode = ssl.CERT_NONE
         try:
-            self.resolver = _make_resolver(self.cfg["dns_nameservers"])
+            self.resolver = _make_resolver(self.settings["dns_nameservers"])
         except ValueError as exc:
             raise ConfigError(f"config: probes.dns_nameservers: {exc}") from None
         try:
-            whois = self.cfg["whois_server"]
+            whois = self.settings["whois_server"]
             self.whois_server = _split_host_port(whois, 43) if whois else _IANA_WHOIS
         except ValueError as exc:
             raise ConfigError(f"config: probes.whois_server: {exc}") from None
@@ -1613,12 +1723,14 @@ async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
     form = {"grant_type": auth.get("oauth2GrantType") or "client_credentials"}
     if auth.get("oauth2Scope"):
         form["scope"] = auth["oauth2Scope"]
-    attempts = [({**form, "client_id": client_id, "client_secret": secret}, None),
-                (form, httpx.BasicAuth(client_id, secret))]
+    attempts: list[tuple[dict[str, str], httpx.BasicAuth | None]] = [
+        ({**form, "client_id": client_id, "client_secret": secret}, None),
+        (form, httpx.BasicAuth(client_id, secret))]
     try:
         for data, basic in attempts:
             async with asyncio.timeout(timeout):
-                response = await client.post(url, data=data, auth=basic, timeout=timeout)
+                response = await client.post(url, data=data, auth=basic or httpx.USE_CLIENT_DEFAULT,
+                                             timeout=timeout)
             if response.status_code not in (400, 401) or basic is not None:
                 break
             if "invalid_client" not in response.text:
@@ -1720,14 +1832,14 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     finally:
         _HTTP_TIMINGS.reset(token)
     code = response.status_code
-    result = CheckResult(status="UP", response_time=_elapsed_ms(started), status_code=code)
+    result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started), status_code=code)
     if timings is not None:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
         ctx.forget_oauth2_token(auth)
     if (code == expected) if expected else (200 <= code < 400):
         return result
-    result.status = "DOWN"
+    result.status = Status.DOWN
     result.error = f"HTTP {code}, expected {expected or '2xx or 3xx'}"
     result.category = "SERVER_ERROR" if code >= 500 else "APPLICATION_ERROR"
     return result
@@ -1784,7 +1896,7 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     try:
         if (monitor.get("protocol") or "TCP").upper() == "UDP":
             state = await _udp_check(host, port, timeout)
-            return CheckResult(status="UP", response_time=_elapsed_ms(started),
+            return CheckResult(status=Status.UP, response_time=_elapsed_ms(started),
                                details={"udp": state})
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port)
@@ -1795,7 +1907,7 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     except (TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started))
-    return CheckResult(status="UP", response_time=_elapsed_ms(started))
+    return CheckResult(status=Status.UP, response_time=_elapsed_ms(started))
 
 
 _PING_COUNT = 3
@@ -1827,9 +1939,9 @@ async def probe_ping(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     if not reply.is_alive:
         return _down(f"no reply to {reply.packets_sent} pings", "NETWORK_TIMEOUT",
                      details=details)
-    result = CheckResult(status="UP", response_time=round(reply.avg_rtt), details=details)
+    result = CheckResult(status=Status.UP, response_time=round(reply.avg_rtt), details=details)
     if reply.packet_loss:
-        result.status, result.category = "DEGRADED", "NETWORK_TIMEOUT"
+        result.status, result.category = Status.DEGRADED, "NETWORK_TIMEOUT"
         result.error = f"{details['packetLoss']:g}% packet loss"
     return result
 
@@ -1898,11 +2010,11 @@ async def probe_dns(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
         answers = await _resolve(ctx, name, rdtype, timeout)
     except dns.exception.DNSException as exc:
         return _down(*_dns_error(exc, name, rdtype), response_time=_elapsed_ms(started))
-    result = CheckResult(status="UP", response_time=_elapsed_ms(started),
+    result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started),
                          details={"record": rdtype, "answers": answers})
     expected = monitor.get("expectedIp")
     if expected and not _dns_matches(expected, answers, rdtype):
-        result.status, result.category = "DOWN", "DNS_FAILURE"
+        result.status, result.category = Status.DOWN, "DNS_FAILURE"
         result.error = f"expected {expected} in {rdtype} answers, got {', '.join(answers)}"
     return result
 
@@ -2010,7 +2122,7 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     days = (cert["notAfter"] - now) // timedelta(days=1)
     details = {"daysRemaining": days, "issuer": cert["issuer"], "subject": cert["subject"],
                "validFrom": cert["notBefore"].isoformat(), "validTo": cert["notAfter"].isoformat()}
-    result = CheckResult(status="DOWN", response_time=_elapsed_ms(started),
+    result = CheckResult(status=Status.DOWN, response_time=_elapsed_ms(started),
                          category="SSL_CERTIFICATE", details=details)
     if now >= cert["notAfter"]:
         result.error = f"certificate expired on {cert['notAfter']:%Y-%m-%d}"
@@ -2021,9 +2133,9 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     elif rejected is not None:
         result.error = f"certificate is not trusted: {rejected.verify_message}"
     elif days < (monitor.get("sslCertExpiryDays") or _DEFAULT_EXPIRY_DAYS):
-        result.status, result.error = "DEGRADED", f"certificate expires in {days} days"
+        result.status, result.error = Status.DEGRADED, f"certificate expires in {days} days"
     else:
-        result.status, result.category = "UP", None
+        result.status, result.category = Status.UP, None
     return result
 
 
@@ -2082,7 +2194,7 @@ def _rdap_registrar(data: dict[str, Any]) -> str | None:
 
 
 async def _rdap_lookup(name: str, ctx: ProbeContext, timeout: float) -> dict[str, Any]:
-    url = f"{ctx.cfg['rdap_url'].rstrip('/')}/domain/{name}"
+    url = f"{ctx.settings['rdap_url'].rstrip('/')}/domain/{name}"
     try:
         async with asyncio.timeout(timeout):
             response = await ctx.http.get(url, follow_redirects=True, timeout=timeout,
@@ -2215,7 +2327,7 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
     timeout = _timeout(monitor)
     last = monitor.get("lastDetails") or {}
     started = time.perf_counter()
-    registration = _cached_registration(last, name, ctx.cfg["domain_check_hours"])
+    registration = _cached_registration(last, name, ctx.settings["domain_check_hours"])
     errors: list[str] = []
     if registration is None:
         registration, errors = await _fetch_registration(name, ctx, timeout)
@@ -2224,16 +2336,17 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
     changes: list[str] = []
     expires = _parse_date(details.get("expiresAt"))
     if registration is None:
-        problems.append(("DOWN", "; ".join(errors) or "no registration data",
+        problems.append((Status.DOWN, "; ".join(errors) or "no registration data",
                          "THIRD_PARTY_SERVICE"))
     elif expires is not None:
         days = (expires - datetime.now(timezone.utc)) // timedelta(days=1)
         details["daysRemaining"] = days
         if days < 0:
-            problems.append(("DOWN", f"domain expired on {expires:%Y-%m-%d}",
+            problems.append((Status.DOWN, f"domain expired on {expires:%Y-%m-%d}",
                              "CONFIGURATION_ERROR"))
         elif days < (monitor.get("domainExpiryDays") or _DEFAULT_EXPIRY_DAYS):
-            problems.append(("DEGRADED", f"domain expires in {days} days", "CONFIGURATION_ERROR"))
+            problems.append((Status.DEGRADED, f"domain expires in {days} days",
+                             "CONFIGURATION_ERROR"))
     if registration is not None and monitor.get("domainMonitorWhois") is not False:
         for key in ("registrar", "status", "nameservers"):
             changes += _change(key, last.get(key), registration[key])
@@ -2244,12 +2357,12 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
         for rdtype, answers in details["dns"].items():
             changes += _change(f"{rdtype} records", (last.get("dns") or {}).get(rdtype), answers)
     if monitor.get("domainMonitorBlacklist") is not False:
-        zones = ctx.cfg["blocklists"]
+        zones = ctx.settings["blocklists"]
         answers = await asyncio.gather(*(_dns_answers(ctx, f"{name}.{zone}", "A", timeout)
                                          for zone in zones))
         details["blocklists"] = {zone: _blocklist_state(found)
                                  for zone, found in zip(zones, answers, strict=True)}
-        problems += [("DEGRADED", f"listed on {zone}", "THIRD_PARTY_SERVICE")
+        problems += [(Status.DEGRADED, f"listed on {zone}", "THIRD_PARTY_SERVICE")
                      for zone, state in details["blocklists"].items() if state == "listed"]
     details["changes"] = changes
     status, error, category = _verdict(problems)
@@ -2257,10 +2370,30 @@ async def probe_domain(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResul
                        category=category, details=details)
 
 
-PROBES: dict[str, Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult]]] = {
-    "WEBSITE": probe_http, "API": probe_http, "PING": probe_ping, "PORT": probe_port,
-    "DNS": probe_dns, "SSL_CERT": probe_ssl, "DOMAIN": probe_domain,
-}
+Probe = Callable[[dict[str, Any], ProbeContext], Awaitable[CheckResult]]
+
+
+def declare_monitor_types(*types: MonitorType) -> None:
+    """Register monitor types in MONITOR_TYPES (validation, scheduling and docs read it)."""
+    MONITOR_TYPES.update((t.name, t) for t in types)
+
+
+declare_monitor_types(
+    MonitorType("WEBSITE", "http", probe_http),
+    MonitorType("API", "http", probe_http),
+    MonitorType("CRON", "text", None),
+    MonitorType("PING", "host", probe_ping),
+    MonitorType("PORT", "host", probe_port),
+    MonitorType("DNS", "host", probe_dns),
+    MonitorType("SSL_CERT", "https", probe_ssl),
+    MonitorType("DOMAIN", "host", probe_domain),
+)
+
+
+def probe_of(kind: str) -> Probe | None:
+    """The probe of a monitor type; None for an unknown type or one that is never probed."""
+    declared = MONITOR_TYPES.get(kind)
+    return declared.probe if declared else None
 
 # --- Scheduler ---
 
@@ -2314,20 +2447,20 @@ class _Scheduled:
     @property
     def confirming(self) -> bool:
         """A failure (or a recovery) seen but not yet confirmed: re-check after retry_delay."""
-        return bool(self.successes if self.status == "DOWN" else self.failures)
+        return bool(self.successes if self.status == Status.DOWN else self.failures)
 
     def judge(self, result: CheckResult, probes: dict[str, Any]) -> str:
         """The status after ``result``: DOWN only after ``confirmations`` failures in a row (from
         PENDING too), back up after ``recoveries`` good ones, UP/DEGRADED otherwise at once."""
-        if result.status == "DOWN":
+        if result.status == Status.DOWN:
             self.failures, self.successes = self.failures + 1, 0
-            return "DOWN" if self.failures >= probes["confirmations"] else self.status
+            return Status.DOWN if self.failures >= probes["confirmations"] else self.status
         self.failures = 0
-        if self.status != "DOWN":
+        if self.status != Status.DOWN:
             return result.status
         self.successes += 1
         if self.successes < probes["recoveries"]:
-            return "DOWN"
+            return Status.DOWN
         self.successes = 0
         return result.status
 
@@ -2392,7 +2525,7 @@ class Scheduler:
 
     def _eligible(self, record: dict[str, Any]) -> bool:
         regions = record.get("enabledWorkerRegionIds")
-        return record["type"] in PROBES and (not regions or self.region in regions)
+        return probe_of(record["type"]) is not None and (not regions or self.region in regions)
 
     async def reload(self, ids: set[str] | None) -> None:
         """Bring the schedule in line with the database: every monitor (``None``, at start) or
@@ -2448,9 +2581,9 @@ class Scheduler:
         entry.failures = entry.successes = 0
         if row["last_at"] is not None:
             entry.last_at = row["last_at"] / 1000
-            failed = row["last_status"] == "DOWN"
-            entry.failures = int(failed and entry.status != "DOWN")
-            entry.successes = int(not failed and entry.status == "DOWN")
+            failed = row["last_status"] == Status.DOWN
+            entry.failures = int(failed and entry.status != Status.DOWN)
+            entry.successes = int(not failed and entry.status == Status.DOWN)
         if not entry.running:
             self._schedule(entry, self._planned(entry, now) if initial else now)
 
@@ -2529,7 +2662,9 @@ class Scheduler:
     async def _check(self, entry: _Scheduled) -> None:
         started = time.time()
         try:
-            result = await PROBES[entry.record["type"]](entry.record, self.ctx)
+            probe = probe_of(entry.record["type"])
+            assert probe is not None, "only probed types are scheduled"
+            result = await probe(entry.record, self.ctx)
         except Exception as exc:  # a probe bug must not stop the scheduler
             log.exception("probe of monitor %s failed", entry.record["id"])
             result = _down(f"internal error: {exc}", "UNKNOWN")
@@ -2547,8 +2682,8 @@ class Scheduler:
         monitor_id, at = entry.record["id"], int(started * 1000)
         statements = check_statements(monitor_id, self.region, result, at)
         status = entry.judge(result, self.probes)
-        if status == "UP" and entry.regression:
-            status = "DEGRADED"  # worst of the probe's verdict and the regression detector's
+        if status == Status.UP and entry.regression:
+            status = Status.DEGRADED  # worst of the probe's verdict and the regression detector's
         if status != entry.status:
             statements += transition_statements(monitor_id, entry.status, status,
                                                 _reason(result), at)
@@ -2644,7 +2779,7 @@ class _Beat:
 
     monitor_id: str
     token: str | None = None
-    status: str = "PENDING"
+    status: str = Status.PENDING
     quiet: bool = True  # paused or inactive: pings are logged, the status never changes
     period_ms: int = 0
     grace_ms: int = 0
@@ -2669,7 +2804,7 @@ class _Beat:
         Editing or resuming a monitor restarts both clocks (``edited_at``), so a deadline that
         passed while it was paused does not fire the moment it is resumed.
         """
-        if self.quiet or self.status == "DOWN":
+        if self.quiet or self.status == Status.DOWN:
             return None
         dues = []
         if self.job_started_at is not None:
@@ -2826,17 +2961,18 @@ class Heartbeats:
     async def _miss(self, beat: _Beat, due_at: int, what: str) -> None:
         """Record a missed deadline: a DOWN check and transition, at the deadline's time."""
         reason = beat.reason(what)
-        result = CheckResult("DOWN", error=reason, category="UNKNOWN",
+        result = CheckResult(Status.DOWN, error=reason, category="UNKNOWN",
                              details={"heartbeat": what})
         statements = check_statements(beat.monitor_id, self.rt.cfg["region"]["id"], result,
                                       due_at)
-        statements += transition_statements(beat.monitor_id, beat.status, "DOWN", reason, due_at)
+        statements += transition_statements(beat.monitor_id, beat.status, Status.DOWN, reason,
+                                            due_at)
         if what == JOB_NOT_COMPLETE:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
         log.info("heartbeat monitor %s is DOWN: %s", beat.monitor_id, reason)
-        beat.status = "DOWN"
+        beat.status = Status.DOWN
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
 
@@ -2907,22 +3043,22 @@ def transition_events(old: str, new: str, opened: bool, resolved: bool
     webhooks: list[str] = []
     if old == new and not opened:
         return channels, webhooks  # a repeated status is no crossing
-    recovered = old == "DOWN" or resolved
-    if new == "DOWN":
+    recovered = old == Status.DOWN or resolved
+    if new == Status.DOWN:
         channels.append("monitor.down")
         webhooks += ["monitor.down", *(["incident.created"] if opened else [])]
-    elif new == "UP" and (recovered or old == "DEGRADED"):
+    elif new == Status.UP and (recovered or old == Status.DEGRADED):
         channels.append("monitor.up")
-    elif new == "DEGRADED":
+    elif new == Status.DEGRADED:
         channels += [*(["incident.resolved"] if resolved else []), "monitor.degraded"]
-    if new in ("UP", "DEGRADED"):
+    if new in (Status.UP, Status.DEGRADED):
         webhooks += [*(["monitor.up"] if recovered else []),
                      *(["incident.resolved"] if resolved else [])]
     return channels, webhooks
 
 
 async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
-    rows = await conn.execute_fetchall(sql, params)
+    rows = list(await conn.execute_fetchall(sql, params))
     return rows[0] if rows else None
 
 
@@ -2942,26 +3078,26 @@ def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any]
         return None if error is None else {"statusCode": None, "responseTime": None,
                                            "error": error, "region": None}
     return {"statusCode": check["status_code"], "responseTime": check["response_time"],
-            "error": check["error"] or (error if check["status"] != "UP" else None),
+            "error": check["error"] or (error if check["status"] != Status.UP else None),
             "region": check["region_id"]}
 
 
 async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
                          transition: sqlite3.Row) -> sqlite3.Row:
     """A new incident: severity from how many regions are down, cause from the failing check."""
-    latest = await conn.execute_fetchall(
+    latest = list(await conn.execute_fetchall(
         "SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
-        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],))
-    down = [c for c in latest if c["status"] == "DOWN"]
+        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
+    down = [c for c in latest if c["status"] == Status.DOWN]
     severity = "high" if len(down) == len(latest) else "medium" if down else "low"
     cause = down[0] if down else None
     category = cause["category"] if cause and cause["category"] in ROOT_CAUSES else "UNKNOWN"
     root_cause = transition["reason"] or (cause and cause["error"]) or "Monitor is down"
     at = transition["created_at"]
     year = datetime.fromtimestamp(at / 1000, timezone.utc).year
-    number = (await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
-                               " WHERE account_id = ? AND year = ?",
-                         (monitor["account_id"], year)))[0]
+    number = present(await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
+                                      " WHERE account_id = ? AND year = ?",
+                                (monitor["account_id"], year)))[0]
     incident_id = new_id("inc")
     await conn.execute(
         "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at, severity,"
@@ -2971,7 +3107,7 @@ async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
          root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
     await add_incident_update(conn, incident_id, "investigating",
                               f"{monitor['name']} is down: {root_cause}", at)
-    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,))
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,)))
 
 
 async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
@@ -2984,8 +3120,8 @@ async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, stat
 async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at: int,
                            message: str) -> sqlite3.Row:
     """Close an incident, freezing its check counts and affected regions."""
-    stats = await _row(conn, _INCIDENT_STATS_SQL,
-                       (incident["monitor_id"], incident["started_at"], at))
+    stats = present(await _row(conn, _INCIDENT_STATS_SQL,
+                               (incident["monitor_id"], incident["started_at"], at)))
     regions = set(json.loads(incident["affected_regions"]))
     regions.update((stats["regions"] or "").split(",") if stats["regions"] else ())
     await conn.execute(
@@ -2993,7 +3129,7 @@ async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at
         " checks_total = ?, affected_regions = ? WHERE id = ?",
         (at, stats["failed"], stats["total"], json.dumps(sorted(regions)), incident["id"]))
     await add_incident_update(conn, incident["id"], "resolved", message, at)
-    return await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],))
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],)))
 
 
 async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
@@ -3003,7 +3139,8 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     or linked active channels) and the account's active webhooks subscribed to the event."""
     alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
                         "type": monitor["type"], "status": status}
-    stamp, rows = now_ms(), []
+    stamp = now_ms()
+    rows: list[tuple[str, str | None, str | None, str | None, str, str, str]] = []
     targets = await conn.execute_fetchall(
         "SELECT n.id, n.channel_id, COALESCE(n.type, c.type) AS type,"
         " COALESCE(n.config, c.config) AS config FROM monitor_notifications n"
@@ -3052,9 +3189,9 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
     incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
                                 " AND resolved_at IS NULL", (monitor["id"],))
     opened = resolved = False
-    if new == "DOWN" and incident is None:
+    if new == Status.DOWN and incident is None:
         incident, opened = await _open_incident(conn, monitor, transition), True
-    elif new in ("UP", "DEGRADED") and incident is not None:
+    elif new in (Status.UP, Status.DEGRADED) and incident is not None:
         took = human_duration((at - incident["started_at"]) / 1000)
         incident = await resolve_incident(conn, incident, at,
                                           f"{monitor['name']} is {new} again after {took}")
@@ -3064,7 +3201,8 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
     await enqueue_alerts(
         conn, monitor, new, channel_events, webhook_events, timestamp=iso(at),
-        incident=incident_alert(incident) if incident and (new == "DOWN" or resolved) else None,
+        incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
+                  else None),
         check=_check_alert(check, transition["reason"]))
 
 
@@ -3079,7 +3217,7 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
 
 
 def webhook_result_statements(webhook_id: str, delivery_id: str | None,
-                              records: list[dict[str, Any]], at: int) -> list[Statement]:
+                              records: list[DeliveryAttempt], at: int) -> list[Statement]:
     """Record a webhook delivery's outcome: its delivery row, lastStatus and lastTriggeredAt."""
     last = records[-1]
     statements: list[Statement] = [(
@@ -3094,7 +3232,7 @@ def webhook_result_statements(webhook_id: str, delivery_id: str | None,
     return statements
 
 
-def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
+def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt],
                         at: int) -> list[Statement]:
     """Close an outbox row; mark its channel (shared, or a monitor's inline one) failing after a
     permanent error or healthy after a success."""
@@ -3121,7 +3259,8 @@ def _outcome_statements(row: sqlite3.Row, records: list[dict[str, Any]],
 async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> None:
     """Deliver one outbox row with retries, log every attempt, then record the outcome."""
     alert = Alert(**json.loads(row["alert"]))
-    records = await deliver(NOTIFIERS[row["channel_type"]], json.loads(row["config"]), alert, ctx,
+    send = CHANNEL_TYPES[row["channel_type"]].send
+    records = await deliver(send, json.loads(row["config"]), alert, ctx,
                             base_delay=rt.cfg["notifications"]["retry_delay"])
     for record in records:
         log.log(logging.INFO if record["ok"] else logging.WARNING,
@@ -3189,49 +3328,15 @@ async def run_incidents(rt: Runtime) -> None:
 # --- Notifiers ---
 #
 # The delivery layer: an ``Alert`` (what happened) becomes one request in each service's own wire
-# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, registered in
-# ``NOTIFIERS``; it raises ``DeliveryError`` on failure and ``deliver`` turns that into retries and
-# per-attempt records.  Senders never put a channel URL or token into an error message: webhook
-# URLs and Telegram's path carry the secret.
+# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, declared with its
+# config fields by ``@channel_type`` in ``CHANNEL_TYPES``; it raises ``DeliveryError`` on failure
+# and ``deliver`` turns that into retries and per-attempt records.  Senders never put a channel
+# URL or token into an error message: webhook URLs and Telegram's path carry the secret.
 
 ALERT_EVENTS = ("monitor.down", "monitor.up", "monitor.degraded", "incident.created",
                 "incident.resolved", "test")
 PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
 OPSGENIE_PRIORITIES = ("P1", "P2", "P3", "P4", "P5")
-
-# Config keys each channel type needs, and the ones API responses must mask.
-CHANNEL_REQUIRED: dict[str, tuple[str, ...]] = {
-    "EMAIL": ("emails",),
-    "SMS": ("phoneNumbers",),
-    "SLACK": ("webhookUrl",),
-    "DISCORD": ("webhookUrl",),
-    "TELEGRAM": ("botToken", "chatId"),
-    "PAGERDUTY": ("integrationKey",),
-    "OPSGENIE": ("apiKey",),
-    "MICROSOFT_TEAMS": ("webhookUrl",),
-    "WEBHOOK": ("url",),
-    "NTFY": ("serverUrl", "topic"),
-    "GOTIFY": ("serverUrl", "appToken"),
-    "PUSHOVER": ("userKey", "appToken"),
-    "MATRIX": ("homeserver", "accessToken", "roomId"),
-    "APPRISE": ("urls",),
-}
-CHANNEL_SECRETS: dict[str, tuple[str, ...]] = {
-    "EMAIL": (),
-    "SMS": (),
-    "SLACK": ("webhookUrl",),
-    "DISCORD": ("webhookUrl",),
-    "TELEGRAM": ("botToken",),
-    "PAGERDUTY": ("integrationKey",),
-    "OPSGENIE": ("apiKey",),
-    "MICROSOFT_TEAMS": ("webhookUrl",),
-    "WEBHOOK": ("headers", "secret"),
-    "NTFY": ("token", "password"),
-    "GOTIFY": ("appToken",),
-    "PUSHOVER": ("userKey", "appToken"),
-    "MATRIX": ("accessToken",),
-    "APPRISE": ("urls",),
-}
 
 # 4xx means the request or the credentials are wrong and a retry cannot help, except these.
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -3273,7 +3378,7 @@ class Alert:
     monitor: dict[str, Any]
     incident: dict[str, Any] | None = None
     check: dict[str, Any] | None = None
-    timestamp: str = dataclasses.field(default_factory=lambda: iso(now_ms()))
+    timestamp: str = dataclasses.field(default_factory=lambda: str(iso(now_ms())))
     note: str | None = None
 
     def __post_init__(self) -> None:
@@ -3561,7 +3666,7 @@ async def check_target(url: str, cfg: dict[str, dict[str, Any]]) -> None:
     except socket.gaierror as exc:
         raise DeliveryError(f"cannot resolve {host}: {exc.strerror}") from None
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].partition("%")[0])
+        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
         address = getattr(address, "ipv4_mapped", None) or address
         if not address.is_global or address.is_multicast:
             raise DeliveryError(f"{host} resolves to non-public address {address}; "
@@ -3654,25 +3759,63 @@ def _recipients(config: dict[str, Any], key: str) -> list[str]:
 
 
 Sender = Callable[[dict[str, Any], Alert, NotifyContext], Awaitable[int | None]]
-NOTIFIERS: dict[str, Sender] = {}  # channel type -> sender, filled by @_channel
+def channel_type(name: str, *fields: Field, person_facing: bool) -> Callable[[Sender], Sender]:
+    """Declare a channel type on its sender: its config ``fields`` (``required=True`` for the
+    keys it needs, ``secret=True`` for those responses mask) and whether it reaches a person.
 
-
-def _channel(kind: str) -> Callable[[Sender], Sender]:
-    """Register the sender for ``kind`` in NOTIFIERS, so a type is named once.
-
-    The registered sender refuses, permanently, a config that lacks the keys its type requires.
+    The registered sender refuses, permanently, a config that lacks a required key.
     """
     def wrap(send: Sender) -> Sender:
         @functools.wraps(send)
         async def checked(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int | None:
-            missing = [key for key in CHANNEL_REQUIRED[kind] if not config.get(key)]
+            missing = [key for key in declared.required if not config.get(key)]
             if missing:
-                raise DeliveryError(f"{kind} channel config lacks {', '.join(missing)}",
+                raise DeliveryError(f"{name} channel config lacks {', '.join(missing)}",
                                     permanent=True)
             return await send(config, alert, ctx)
-        NOTIFIERS[kind] = checked
+        declared = ChannelType(name, fields, checked, person_facing)
+        CHANNEL_TYPES[name] = declared
         return checked
     return wrap
+
+
+# What the channel types' config fields check beyond kinds and bounds.
+
+
+def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
+    """A ``check`` for an array of strings that must each match ``pattern``."""
+    regex = re.compile(pattern)
+
+    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
+        if bad:
+            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
+        return list(dict.fromkeys(v.strip() for v in value))
+    return check
+
+
+def _pattern(pattern: str, what: str) -> Callable[..., str]:
+    regex = re.compile(pattern)
+
+    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+        if not regex.fullmatch(value):
+            raise _Issue(f"Invalid {what}")
+        return value
+    return check
+
+
+def _valid_headers(value: dict[str, Any], record: dict[str, Any],
+                   env: dict[str, Any]) -> dict[str, Any]:
+    """Header names must be tokens and values single-line strings, as post_webhook requires."""
+    try:
+        _user_headers(value)
+    except DeliveryError as exc:
+        raise _Issue(exc.message) from None
+    return value
+
+
+_CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=valid_url,
+                          secret=True, doc="Incoming webhook URL (secret)")
 
 
 # The senders, one per channel type.
@@ -3683,11 +3826,14 @@ def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str
     """Blocking SMTP conversation (run in a thread), with SMTP replies mapped to DeliveryError."""
     security = smtp["security"]
     context = ssl.create_default_context()
+    # typeshed says float, but smtplib passes the timeout to socket, where None means no limit.
+    limit: Any = timeout
+    client: smtplib.SMTP
     try:
         if security == "tls":
-            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=timeout, context=context)
+            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=limit, context=context)
         else:
-            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=timeout)
+            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=limit)
         with client:
             if security == "starttls":
                 client.starttls(context=context)
@@ -3717,7 +3863,9 @@ def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str
                             f"{len(recipients)}; refused {sorted(refused)}", permanent=True)
 
 
-@_channel("EMAIL")
+@channel_type("EMAIL", Field("emails", "array", True, minimum=1, maximum=50,
+                             check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"),
+                             doc="Recipients"), person_facing=True)
 async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
     """One plain-text message to every address in ``emails``, through the configured SMTP relay."""
     smtp = ctx.cfg["smtp"]
@@ -3734,7 +3882,9 @@ async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     await asyncio.to_thread(_smtp_send, smtp, message, recipients, ctx.timeout)
 
 
-@_channel("SMS")
+@channel_type("SMS", Field("phoneNumbers", "array", True, minimum=1, maximum=20,
+                           check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
+                           doc="Recipients in E.164 form (+15551234567)"), person_facing=True)
 async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Twilio Messages API, one message per number; every number is tried even if one fails."""
     notify = ctx.cfg["notifications"]
@@ -3762,7 +3912,10 @@ async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> 
     return statuses[-1]
 
 
-@_channel("SLACK")
+@channel_type("SLACK", _CHAT_WEBHOOK_URL,
+              Field("channel", "string", minimum=1, maximum=80,
+                    doc="Channel override, e.g. #alerts"),
+              person_facing=True)
 async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Slack incoming webhook: ``text`` for notifications, ``blocks`` for the message itself."""
     def mrkdwn(text: str) -> str:
@@ -3786,7 +3939,7 @@ async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     return await _post_json(ctx, "Slack", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("DISCORD")
+@channel_type("DISCORD", _CHAT_WEBHOOK_URL, person_facing=True)
 async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Discord webhook with one embed, coloured red, amber, green or blue by the event."""
     embed: dict[str, Any] = {
@@ -3803,7 +3956,12 @@ async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
     return await _post_json(ctx, "Discord", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("TELEGRAM")
+@channel_type(
+    "TELEGRAM",
+    Field("botToken", "string", True, secret=True, doc="Bot API token (secret)",
+          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)")),
+    Field("chatId", "string", True, minimum=1, maximum=64, doc="Chat, group or channel id"),
+    person_facing=True)
 async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Bot API sendMessage in plain text (no parse_mode, so names need no escaping)."""
     base = ctx.cfg["notifications"]["telegram_api_url"].rstrip("/")
@@ -3814,7 +3972,13 @@ async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext
     return await _post_json(ctx, "Telegram", url, payload)
 
 
-@_channel("PAGERDUTY")
+@channel_type(
+    "PAGERDUTY",
+    Field("integrationKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="Events API v2 routing key (secret)"),
+    Field("severity", "string", choices=PAGERDUTY_SEVERITIES,
+          doc="Trigger severity (default critical)"),
+    person_facing=False)
 async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Events API v2: trigger on trouble, resolve on recovery, both with the monitor's dedup_key."""
     event: dict[str, Any] = {"routing_key": config["integrationKey"]}
@@ -3840,7 +4004,12 @@ async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContex
     return await _post_json(ctx, "PagerDuty", ctx.cfg["notifications"]["pagerduty_url"], event)
 
 
-@_channel("OPSGENIE")
+@channel_type(
+    "OPSGENIE",
+    Field("apiKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="API integration key (secret)"),
+    Field("priority", "string", choices=OPSGENIE_PRIORITIES, doc="Alert priority (default P3)"),
+    person_facing=False)
 async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Alert API: create on trouble, close by alias on recovery (the alias deduplicates)."""
     base = ctx.cfg["notifications"]["opsgenie_url"].rstrip("/") + "/v2/alerts"
@@ -3864,7 +4033,7 @@ async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext
     return await _post_json(ctx, "OpsGenie", base, payload, headers=auth)
 
 
-@_channel("MICROSOFT_TEAMS")
+@channel_type("MICROSOFT_TEAMS", _CHAT_WEBHOOK_URL, person_facing=True)
 async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """An Adaptive Card message: accepted by Teams Workflows webhooks and classic connectors."""
     card: dict[str, Any] = {
@@ -3888,7 +4057,15 @@ async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     return await _post_json(ctx, "Teams", config["webhookUrl"], payload, user_url=True)
 
 
-@_channel("WEBHOOK")
+@channel_type(
+    "WEBHOOK",
+    Field("url", "string", True, maximum=2048, check=valid_url,
+          doc="Endpoint that receives the webhook payload"),
+    Field("headers", "object", check=_valid_headers, secret=True,
+          doc="Extra request headers (values are secret)"),
+    Field("secret", "string", minimum=1, maximum=255, secret=True,
+          doc="Signs the body as X-Webhook-Signature (secret)"),
+    person_facing=False)
 async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """The spec's webhook payload to ``url`` with the configured ``headers`` (signed if ``secret``).
 
@@ -3901,8 +4078,23 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
 
 # The homelab channels: push services people run themselves or keep on their phones.
 
+_SERVER_URL = Field("serverUrl", "string", True, maximum=2048, check=valid_url,
+                    doc="Server URL, e.g. https://ntfy.sh")
+_APP_TOKEN = Field("appToken", "string", True, minimum=1, maximum=255, secret=True,
+                   doc="Application token (secret)")
 
-@_channel("NTFY")
+
+@channel_type(
+    "NTFY", _SERVER_URL,
+    Field("topic", "string", True, doc="Topic",
+          check=_pattern(r"[-_A-Za-z0-9]{1,64}", "ntfy topic (1-64 of A-Z, a-z, 0-9, _, -)")),
+    Field("token", "string", minimum=1, maximum=255, secret=True, doc="Access token (secret)"),
+    Field("username", "string", minimum=1, maximum=255,
+          doc="User name, with password (when no token)"),
+    Field("password", "string", maximum=255, secret=True, doc="Password (secret)"),
+    Field("priority", "integer", minimum=1, maximum=5,
+          doc="Priority of trouble alerts, 1-5 (default 5)"),
+    person_facing=True)
 async def send_ntfy(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """ntfy's JSON publishing: POST to the server root, the topic in the body; the priority
     (``priority`` for trouble, default 5) and an emoji tag follow the event; a click opens
@@ -3924,7 +4116,11 @@ async def send_ntfy(config: dict[str, Any], alert: Alert, ctx: NotifyContext) ->
                             user_url=True, **request)
 
 
-@_channel("GOTIFY")
+@channel_type(
+    "GOTIFY", _SERVER_URL, _APP_TOKEN,
+    Field("priority", "integer", minimum=0, maximum=10,
+          doc="Priority of trouble alerts, 0-10 (default 8)"),
+    person_facing=True)
 async def send_gotify(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Gotify's POST /message with the application token in X-Gotify-Key; ``priority`` for
     trouble (default 8), at most 5 when degraded and 2 for recoveries and tests."""
@@ -3939,7 +4135,18 @@ async def send_gotify(config: dict[str, Any], alert: Alert, ctx: NotifyContext) 
                             payload, user_url=True, headers={"X-Gotify-Key": config["appToken"]})
 
 
-@_channel("PUSHOVER")
+@channel_type(
+    "PUSHOVER",
+    Field("userKey", "string", True, secret=True, doc="User or group key (secret)",
+          check=_pattern(r"[A-Za-z0-9]{30}", "Pushover user or group key (30 letters/digits)")),
+    _APP_TOKEN,
+    Field("priority", "integer", minimum=-2, maximum=2,
+          doc="Priority of trouble alerts, -2 to 2 (default 2: emergency)"),
+    Field("retry", "integer", minimum=30, maximum=10_800,
+          doc="Emergency: seconds between repeats (default 60)"),
+    Field("expire", "integer", minimum=30, maximum=10_800,
+          doc="Emergency: seconds until repeats stop (default 3600)"),
+    person_facing=True)
 async def send_pushover(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """Pushover's POST /1/messages.json (form-encoded): ``priority`` for trouble (default 2,
     emergency: repeated every ``retry`` seconds until acknowledged or ``expire`` passes),
@@ -3960,7 +4167,15 @@ async def send_pushover(config: dict[str, Any], alert: Alert, ctx: NotifyContext
     return await _post(ctx, "Pushover", url, data=form)
 
 
-@_channel("MATRIX")
+@channel_type(
+    "MATRIX",
+    Field("homeserver", "string", True, maximum=2048, check=valid_url,
+          doc="Homeserver URL, e.g. https://matrix.org"),
+    Field("accessToken", "string", True, minimum=1, maximum=1024, secret=True,
+          doc="Access token of the sending user (secret)"),
+    Field("roomId", "string", True, doc="Room id (not an alias)",
+          check=_pattern(r"![^:\s]+:\S+", "room id (expected !abc:example.org)")),
+    person_facing=True)
 async def send_matrix(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
     """A Matrix room message (client-server API v3): a plain ``body`` and an HTML
     ``formatted_body``.  The transaction id comes from the alert, so a retry of the same alert
@@ -3986,7 +4201,25 @@ def apprise_module() -> Any:
         return None
 
 
-@_channel("APPRISE")
+def valid_apprise_urls(value: list[Any], record: dict[str, Any],
+                       env: dict[str, Any]) -> list[str]:
+    """URLs the installed Apprise understands (never echoed: they hold tokens); without the
+    library, a 400 naming the extra to install."""
+    library = apprise_module()
+    if library is None:
+        raise _Issue(APPRISE_MISSING)
+    bad = [str(i) for i, url in enumerate(value)
+           if not isinstance(url, str) or not library.Apprise().add(url)]
+    if bad:
+        raise _Issue(f"Not an Apprise URL Apprise supports: entry {', '.join(bad)}")
+    return value
+
+
+@channel_type(
+    "APPRISE",
+    Field("urls", "array", True, minimum=1, maximum=20, check=valid_apprise_urls, secret=True,
+          doc="Apprise URLs (secret)"),
+    person_facing=True)
 async def send_apprise(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
     """Every Apprise URL in ``urls`` (Apprise speaks to each service itself, in a thread)."""
     library = apprise_module()
@@ -4003,8 +4236,20 @@ async def send_apprise(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
                             f"{len(config['urls'])} URL(s)")
 
 
+class DeliveryAttempt(TypedDict):
+    """One try at delivering one alert to one target, as ``deliver`` reports and the outbox,
+    the delivery logs and the webhook delivery history record it."""
+
+    attempt: int
+    ok: bool
+    statusCode: int | None
+    error: str | None
+    permanent: bool
+    durationMs: int
+
+
 async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
-                  attempts: int | None = None, base_delay: float = 1.0) -> list[dict[str, Any]]:
+                  attempts: int | None = None, base_delay: float = 1.0) -> list[DeliveryAttempt]:
     """Run ``send`` with retries and report every attempt; never raises, so callers can record.
 
     Each attempt is bounded by ``notifications.timeout``.  Transient failures are retried after
@@ -4012,7 +4257,7 @@ async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: Notif
     An unexpected exception is a bug a retry will not fix, so it counts as permanent too.
     """
     total = max(1, ctx.cfg["notifications"]["attempts"] if attempts is None else attempts)
-    records: list[dict[str, Any]] = []
+    records: list[DeliveryAttempt] = []
     for attempt in range(1, total + 1):
         started = time.monotonic()
         status, error, permanent = None, None, False
@@ -4122,7 +4367,8 @@ def plan_window(lo: int, hi: int, hours_done: int, days_done: int) -> list[tuple
 
 async def rollup_progress(db: Database) -> tuple[int, int]:
     """Where hourly and daily rollups end (0 before the first roll-up)."""
-    done = dict(await db.fetchall("SELECT bucket, done_until FROM rollup_progress"))
+    done: dict[str, int] = {bucket: until for bucket, until in await db.fetchall(
+        "SELECT bucket, done_until FROM rollup_progress")}
     return done.get("h", 0), done.get("d", 0)
 
 
@@ -4209,16 +4455,17 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
     """
     regions: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     if hi - lo <= DAY_MS if exact is None else exact:
-        stats = WindowStats(values=[])
+        values: list[int] = []
+        stats = WindowStats(values=values)
         marks = ",".join("?" * len(ids))
         for region, status, rt in await db.fetchall(
                 f"SELECT region_id, status, response_time FROM checks WHERE monitor_id IN"
                 f" ({marks}) AND checked_at >= ? AND checked_at < ?", [*ids, lo, hi]):
-            timed = status != "DOWN" and rt is not None
-            stats.add((status == "UP", status == "DOWN", status == "DEGRADED",
+            timed = status != Status.DOWN and rt is not None
+            stats.add((status == Status.UP, status == Status.DOWN, status == Status.DEGRADED,
                        rt if timed else 0, timed))
             if timed:
-                stats.values.append(rt)
+                values.append(rt)
                 regions[region][0] += rt
                 regions[region][1] += 1
         return stats, regions
@@ -4369,7 +4616,7 @@ def _regression_reason(current: int, baseline: int, threshold: int, slow: bool) 
 
 
 async def _up_average(db: Database, monitor_id: str, lo: int, hi: int) -> sqlite3.Row:
-    return await db.fetchone(
+    return await db.fetchrow(
         "SELECT AVG(response_time) AS avg, COUNT(*) AS n, MIN(checked_at) AS first,"
         " MAX(checked_at) AS last FROM checks WHERE monitor_id = ? AND checked_at >= ?"
         " AND checked_at < ? AND status = 'UP' AND response_time IS NOT NULL",
@@ -4431,8 +4678,8 @@ async def _set_regression(db: Database, monitor_id: str, slow: bool, reason: str
         latest = {r[0] for r in await (await conn.execute(
             "SELECT c.status FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
             " WHERE l.monitor_id = ?", (monitor_id,))).fetchall()}
-        old, new = ("UP", "DEGRADED") if slow else ("DEGRADED", "UP")
-        if status == old and (slow or latest <= {"UP"}):
+        old, new = (Status.UP, Status.DEGRADED) if slow else (Status.DEGRADED, Status.UP)
+        if status == old and (slow or latest <= {Status.UP}):
             for sql, params in transition_statements(monitor_id, old, new, reason, now):
                 await conn.execute(sql, params)
 
@@ -4453,7 +4700,7 @@ async def run_regression(rt: Runtime) -> None:
 API_PREFIX = "/api/v1"
 MAX_BODY = 1_048_576
 ROUTES: list[Route] = []
-MONITOR_STATUSES = ("PENDING", "UP", "DOWN", "DEGRADED")
+MONITOR_STATUSES = tuple(Status)
 
 
 # Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
@@ -4476,6 +4723,7 @@ class Runtime:
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.heartbeats = Heartbeats(self)
         self.scheduler: Scheduler | None = None
+        self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -4611,7 +4859,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
                 if needed not in who.permissions:
                     raise Forbidden(f"This API key lacks the '{needed}' permission",
                                     f"key permissions: {','.join(sorted(who.permissions))}")
-                who.require_role(role or ("VIEWER" if needed == "read" else "MEMBER"))
+                who.require_role(role or (Role.VIEWER if needed == "read" else Role.MEMBER))
             try:
                 result = await handler(Call(request, rt, who))
             except (ApiError, asyncio.CancelledError):
@@ -4625,7 +4873,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
         API_DOCS.extend(RouteDoc(path, method, summary, None if public else role or (
-            "VIEWER" if _METHOD_PERMISSION[method] == "read" else "MEMBER"), tuple(body),
+            Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER), tuple(body),
             tuple(query)) for method in methods)
         return handler
     return register
@@ -4745,9 +4993,9 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for check in await latest_checks(rt.db, ids):
         latest[check["monitor_id"]].append(check_json(check, rt.regions))
-    incidents = dict(await rt.db.fetchall(
+    incidents: dict[str, int] = {monitor_id: n for monitor_id, n in await rt.db.fetchall(
         f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
-        f" GROUP BY monitor_id", ids))
+        f" GROUP BY monitor_id", ids)}
     links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for link in await rt.db.fetchall(
             f"SELECT n.*, c.name AS channel_name, c.type AS channel_type,"
@@ -4788,7 +5036,7 @@ def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> An
     """A channel config as responses show it: its secret keys masked (each header's value)."""
     if not config:
         return config
-    secret = CHANNEL_SECRETS.get(kind or "", ())
+    secret = channel_secrets(kind)
     return {k: _masked_value(v) if k in secret else v for k, v in config.items()}
 
 
@@ -5008,10 +5256,11 @@ class PingKind:
 
 
 PING_KINDS = {
-    "success": PingKind("UP", ("message", "error"),
+    "success": PingKind(Status.UP, ("message", "error"),
                         {"last_success_at": _AT, "job_started_at": None}),
     "start": PingKind(None, ("message", "error"), {"job_started_at": _AT}),
-    "fail": PingKind("DOWN", ("error", "message"), {"job_started_at": None}, "APPLICATION_ERROR"),
+    "fail": PingKind(Status.DOWN, ("error", "message"), {"job_started_at": None},
+                     "APPLICATION_ERROR"),
     "log": PingKind(None, ("message", "error"), {}),
 }
 _FAIL_TEXT = "job reported failure"
@@ -5055,7 +5304,7 @@ def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str 
             f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in spec.clocks)} WHERE id = ?",
             (*(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
     if spec.status and not beat.quiet:
-        error = (message or _FAIL_TEXT) if spec.status == "DOWN" else None
+        error = (message or _FAIL_TEXT) if spec.status == Status.DOWN else None
         details = {"heartbeat": kind, "duration": duration}
         statements += check_statements(
             beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
@@ -5159,7 +5408,7 @@ async def incident_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
     regions = json.loads(row["affected_regions"])
     failed, total = row["checks_failed"], row["checks_total"]
     if resolved is None:
-        stats = await rt.db.fetchone(_INCIDENT_STATS_SQL,
+        stats = await rt.db.fetchrow(_INCIDENT_STATS_SQL,
                                      (row["monitor_id"], row["started_at"], now_ms()))
         failed, total = stats["failed"], stats["total"]
         regions = sorted({*regions, *((stats["regions"] or "").split(",") if stats["regions"]
@@ -5221,12 +5470,13 @@ async def post_incident_update(call: Call) -> Response:
     row = await load_owned(call, "incidents")
     clean = validate(INCIDENT_UPDATE_FIELDS, await call.json(), call.env())
     async with call.rt.db.transaction() as conn:
-        current = await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],))
+        current = present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (row["id"],)))
         if current["resolved_at"] is not None:
             raise Conflict("Incident is already resolved", "updates go to open incidents only")
         if clean["status"] == "resolved":
             resolved = await resolve_incident(conn, current, now_ms(), clean["message"])
-            monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (row["monitor_id"],))
+            monitor = present(await _row(conn, "SELECT * FROM monitors WHERE id = ?",
+                                         (row["monitor_id"],)))
             await enqueue_alerts(conn, monitor, monitor["status"], ["incident.resolved"],
                                  ["incident.resolved"], incident=incident_alert(resolved),
                                  check=None, timestamp=iso(resolved["resolved_at"]),
@@ -5239,124 +5489,6 @@ async def post_incident_update(call: Call) -> Response:
 # Notification channels
 
 
-def _needed_by(key: str) -> tuple[str, ...]:
-    """The channel types whose config requires ``key`` (from the notifiers' CHANNEL_REQUIRED)."""
-    return tuple(kind for kind, keys in CHANNEL_REQUIRED.items() if key in keys)
-
-
-def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
-    """A ``check`` for an array of strings that must each match ``pattern``."""
-    regex = re.compile(pattern)
-
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
-        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
-        if bad:
-            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
-        return list(dict.fromkeys(v.strip() for v in value))
-    return check
-
-
-def _pattern(pattern: str, what: str) -> Callable[..., str]:
-    regex = re.compile(pattern)
-
-    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-        if not regex.fullmatch(value):
-            raise _Issue(f"Invalid {what}")
-        return value
-    return check
-
-
-def _check_headers(value: dict[str, Any], record: dict[str, Any],
-                   env: dict[str, Any]) -> dict[str, Any]:
-    """Header names must be tokens and values single-line strings, as post_webhook requires."""
-    try:
-        _user_headers(value)
-    except DeliveryError as exc:
-        raise _Issue(exc.message) from None
-    return value
-
-
-def check_apprise_urls(value: list[Any], record: dict[str, Any],
-                       env: dict[str, Any]) -> list[str]:
-    """URLs the installed Apprise understands (never echoed: they hold tokens); without the
-    library, a 400 naming the extra to install."""
-    library = apprise_module()
-    if library is None:
-        raise _Issue(APPRISE_MISSING)
-    bad = [str(i) for i, url in enumerate(value)
-           if not isinstance(url, str) or not library.Apprise().add(url)]
-    if bad:
-        raise _Issue(f"Not an Apprise URL Apprise supports: entry {', '.join(bad)}")
-    return value
-
-
-CHAT_URL_TYPES = ("SLACK", "DISCORD", "MICROSOFT_TEAMS")
-CHANNEL_CONFIG_FIELDS = (
-    Field("emails", "array", _needed_by("emails"), minimum=1, maximum=50, kinds=("EMAIL",),
-          check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"), doc="Recipients"),
-    Field("phoneNumbers", "array", _needed_by("phoneNumbers"), minimum=1, maximum=20,
-          kinds=("SMS",), check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
-          doc="Recipients in E.164 form (+15551234567)"),
-    Field("webhookUrl", "string", _needed_by("webhookUrl"), maximum=2048, check=check_url,
-          kinds=CHAT_URL_TYPES, doc="Incoming webhook URL (secret)"),
-    Field("channel", "string", minimum=1, maximum=80, kinds=("SLACK",),
-          doc="Channel override, e.g. #alerts"),
-    Field("botToken", "string", _needed_by("botToken"), kinds=("TELEGRAM",),
-          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)"),
-          doc="Bot API token (secret)"),
-    Field("chatId", "string", _needed_by("chatId"), minimum=1, maximum=64, kinds=("TELEGRAM",),
-          doc="Chat, group or channel id"),
-    Field("integrationKey", "string", _needed_by("integrationKey"), minimum=1, maximum=128,
-          kinds=("PAGERDUTY",), doc="Events API v2 routing key (secret)"),
-    Field("severity", "string", choices=PAGERDUTY_SEVERITIES, kinds=("PAGERDUTY",),
-          doc="Trigger severity (default critical)"),
-    Field("apiKey", "string", _needed_by("apiKey"), minimum=1, maximum=128, kinds=("OPSGENIE",),
-          doc="API integration key (secret)"),
-    Field("priority", "string", choices=OPSGENIE_PRIORITIES, kinds=("OPSGENIE",),
-          doc="Alert priority (default P3)"),
-    Field("url", "string", _needed_by("url"), maximum=2048, check=check_url, kinds=("WEBHOOK",),
-          doc="Endpoint that receives the webhook payload"),
-    Field("headers", "object", check=_check_headers, kinds=("WEBHOOK",),
-          doc="Extra request headers (values are secret)"),
-    Field("secret", "string", minimum=1, maximum=255, kinds=("WEBHOOK",),
-          doc="Signs the body as X-Webhook-Signature (secret)"),
-    Field("serverUrl", "string", _needed_by("serverUrl"), maximum=2048, check=check_url,
-          kinds=("NTFY", "GOTIFY"), doc="Server URL, e.g. https://ntfy.sh"),
-    Field("topic", "string", _needed_by("topic"), kinds=("NTFY",),
-          check=_pattern(r"[-_A-Za-z0-9]{1,64}", "ntfy topic (1-64 of A-Z, a-z, 0-9, _, -)"),
-          doc="Topic"),
-    Field("token", "string", minimum=1, maximum=255, kinds=("NTFY",),
-          doc="Access token (secret)"),
-    Field("username", "string", minimum=1, maximum=255, kinds=("NTFY",),
-          doc="User name, with password (when no token)"),
-    Field("password", "string", maximum=255, kinds=("NTFY",), doc="Password (secret)"),
-    Field("priority", "integer", minimum=1, maximum=5, kinds=("NTFY",),
-          doc="Priority of trouble alerts, 1-5 (default 5)"),
-    Field("appToken", "string", _needed_by("appToken"), minimum=1, maximum=255,
-          kinds=("GOTIFY", "PUSHOVER"), doc="Application token (secret)"),
-    Field("priority", "integer", minimum=0, maximum=10, kinds=("GOTIFY",),
-          doc="Priority of trouble alerts, 0-10 (default 8)"),
-    Field("userKey", "string", _needed_by("userKey"), kinds=("PUSHOVER",),
-          check=_pattern(r"[A-Za-z0-9]{30}", "Pushover user or group key (30 letters/digits)"),
-          doc="User or group key (secret)"),
-    Field("priority", "integer", minimum=-2, maximum=2, kinds=("PUSHOVER",),
-          doc="Priority of trouble alerts, -2 to 2 (default 2: emergency)"),
-    Field("retry", "integer", minimum=30, maximum=10_800, kinds=("PUSHOVER",),
-          doc="Emergency: seconds between repeats (default 60)"),
-    Field("expire", "integer", minimum=30, maximum=10_800, kinds=("PUSHOVER",),
-          doc="Emergency: seconds until repeats stop (default 3600)"),
-    Field("homeserver", "string", _needed_by("homeserver"), maximum=2048, check=check_url,
-          kinds=("MATRIX",), doc="Homeserver URL, e.g. https://matrix.org"),
-    Field("accessToken", "string", _needed_by("accessToken"), minimum=1, maximum=1024,
-          kinds=("MATRIX",), doc="Access token of the sending user (secret)"),
-    Field("roomId", "string", _needed_by("roomId"), kinds=("MATRIX",),
-          check=_pattern(r"![^:\s]+:\S+", "room id (expected !abc:example.org)"),
-          doc="Room id (not an alias)"),
-    Field("urls", "array", _needed_by("urls"), minimum=1, maximum=20, kinds=("APPRISE",),
-          check=check_apprise_urls, doc="Apprise URLs (secret)"),
-)
-
-
 def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
     """Swap masked secrets a client echoed back for the stored values."""
     def keep(new: Any, old: Any) -> Any:
@@ -5365,7 +5497,7 @@ def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dic
         if isinstance(new, list) and isinstance(old, list):
             return [keep(v, old[i] if i < len(old) else None) for i, v in enumerate(new)]
         return old if isinstance(old, str) and new == mask(old) else new
-    return {k: keep(v, previous.get(k)) if k in CHANNEL_SECRETS[kind] else v
+    return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
             for k, v in value.items()}
 
 
@@ -5374,22 +5506,21 @@ def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dic
 
     When updating a stored channel of the same type (``env["existing"]``), masked secrets
     echoed back keep the stored ones, as ``apiAuthConfig`` does."""
-    if kind not in CHANNEL_TYPES:
+    if not isinstance(kind, str) or kind not in CHANNEL_TYPES:
         return value  # the type field reports the problem
     existing = env.get("existing") or {}
     if existing.get("type") == kind and isinstance(existing.get("config"), dict):
         value = _unmasked(kind, value, existing["config"])
     if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
         value = {**value, "chatId": str(value["chatId"])}
-    fields = tuple(f for f in CHANNEL_CONFIG_FIELDS if kind in (f.kinds or ()))
-    clean = validate(fields, value, env, kind=kind, path=env["path"])
+    clean = validate(CHANNEL_TYPES[kind].fields, value, env, kind=kind, path=env["path"])
     return {k: v for k, v in clean.items() if v is not None}
 
 
 CHANNEL_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Channel name"),
-    Field("type", "string", True, choices=CHANNEL_TYPES, doc="Channel type"),
-    Field("config", "object", True, check=check_channel_config,
+    Field("type", "string", True, choices=Names(CHANNEL_TYPES), doc="Channel type"),
+    Field("config", "object", True, check=valid_channel_config,
           doc="Type-specific configuration (see the channel types)"),
     Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
     MANAGED_FIELD,
@@ -5454,7 +5585,7 @@ async def delete_channel(call: Call) -> dict[str, Any]:
 # Webhooks
 
 
-def check_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A comma-separated list of WEBHOOK_EVENTS, returned normalised (no spaces, no repeats)."""
     events = [e.strip() for e in value.split(",") if e.strip()]
     unknown = [e for e in events if e not in WEBHOOK_EVENTS]
@@ -5467,8 +5598,8 @@ def check_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str
 
 WEBHOOK_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Webhook name"),
-    Field("url", "string", True, maximum=2048, check=check_url, doc="Endpoint URL"),
-    Field("events", "string", True, maximum=255, check=check_events,
+    Field("url", "string", True, maximum=2048, check=valid_url, doc="Endpoint URL"),
+    Field("events", "string", True, maximum=255, check=valid_events,
           doc="Comma-separated event types"),
     Field("secret", "string", minimum=1, maximum=255,
           doc="Signs each body as X-Webhook-Signature; never returned (see hasSecret)"),
@@ -5532,7 +5663,8 @@ async def test_webhook(call: Call) -> dict[str, Any]:
                                          "url": call.rt.cfg["server"]["base_url"],
                                          "type": "WEBSITE", "status": "UP"})
     async with NotifyContext(call.rt.cfg) as ctx:
-        records = await deliver(NOTIFIERS["WEBHOOK"], {"url": row["url"], "secret": row["secret"]},
+        send = CHANNEL_TYPES["WEBHOOK"].send
+        records = await deliver(send, {"url": row["url"], "secret": row["secret"]},
                                 alert, ctx, attempts=1)
     stamp, delivery = now_ms(), new_id("wd")
     await call.rt.db.write([
@@ -5564,7 +5696,7 @@ _HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
-def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """Lowercase letters, digits and inner hyphens: safe in a URL path as it is."""
     if not _SLUG.fullmatch(value):
         raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
@@ -5572,7 +5704,7 @@ def check_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
     if not _HEX_COLOR.fullmatch(value):
         raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
@@ -5580,7 +5712,7 @@ def check_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> 
     return value.lower()
 
 
-def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """A DNS hostname (no scheme, port or path; not an IP address), stored lowercase."""
     host = value.strip().lower().rstrip(".")
     labels = host.split(".")
@@ -5590,7 +5722,7 @@ def check_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any])
     return host
 
 
-def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
+def valid_page_monitor_ids(value: list[Any], record: dict[str, Any],
                            env: dict[str, Any]) -> list[str]:
     """Every id must name one of the team's monitors; duplicates are dropped, order kept."""
     unknown = [str(v) for v in value if not isinstance(v, str) or v not in env["monitors"]]
@@ -5601,20 +5733,20 @@ def check_page_monitor_ids(value: list[Any], record: dict[str, Any],
 
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
-    Field("monitorIds", "array", default=[], maximum=500, check=check_page_monitor_ids,
+    Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
           doc="The team's monitors in display order"),
 )
 
 STATUS_PAGE_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Status page name"),
-    Field("slug", "string", True, minimum=1, maximum=64, check=check_slug,
+    Field("slug", "string", True, minimum=1, maximum=64, check=valid_slug,
           doc="URL slug, unique across the server (409 when taken)"),
     Field("description", "string", maximum=2000, doc="Page description"),
     Field("isPublic", "boolean", default=True, doc="Private pages are 404 to the public"),
-    Field("brandColor", "string", check=check_hex_color, doc="Hex colour, #rgb or #rrggbb"),
-    Field("logoUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the logo"),
-    Field("faviconUrl", "string", maximum=2048, check=check_url, doc="http(s) URL of the favicon"),
-    Field("customDomain", "string", maximum=253, check=check_custom_domain,
+    Field("brandColor", "string", check=valid_hex_color, doc="Hex colour, #rgb or #rrggbb"),
+    Field("logoUrl", "string", maximum=2048, check=valid_url, doc="http(s) URL of the logo"),
+    Field("faviconUrl", "string", maximum=2048, check=valid_url, doc="http(s) URL of the favicon"),
+    Field("customDomain", "string", maximum=253, check=valid_custom_domain,
           doc="Hostname that serves the page at / (unique; 409 when taken)"),
     Field("monitorGroups", "array", default=[], maximum=100, check=each(MONITOR_GROUP_FIELDS),
           doc="Groups of monitors, in display order"),
@@ -5710,7 +5842,7 @@ async def create_status_page(call: Call) -> Response:
                            " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (page_id, call.team, page_id, page_id, stamp, stamp))
         await _save_page(conn, page_id, clean)
-    row = await call.rt.db.fetchone("SELECT * FROM status_pages WHERE id = ?", (page_id,))
+    row = await call.rt.db.fetchrow("SELECT * FROM status_pages WHERE id = ?", (page_id,))
     return JSONResponse(await _status_page_response(call, row), 201)
 
 
@@ -5749,11 +5881,11 @@ def _seconds(ms: float | None) -> int | None:
 async def dashboard_analytics(call: Call) -> dict[str, Any]:
     """Team-wide counts now, incidents, and check performance over the last 24 hours."""
     db, now = call.rt.db, now_ms()
-    counts = await db.fetchone(
+    counts = await db.fetchrow(
         "SELECT COUNT(*), SUM(is_paused = 0), SUM(is_paused = 1), SUM(status = 'UP'),"
         " SUM(status = 'DOWN'), SUM(status = 'DEGRADED') FROM monitors WHERE account_id = ?",
         (call.team,))
-    incidents = await db.fetchone(
+    incidents = await db.fetchrow(
         "SELECT SUM(resolved_at IS NULL), SUM(resolved_at >= ?), SUM(resolved_at >= ?),"
         " AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at END)"
         " FROM incidents WHERE account_id = ?",
@@ -5763,25 +5895,25 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
             "incidents": {"open": incidents[0] or 0, "resolvedToday": incidents[1] or 0,
                           "resolvedThisWeek": incidents[2] or 0,
                           "avgMttr": _seconds(incidents[3])},
-            "performance": await _team_performance(db, call.team, now)}
+            "performance": await _team_performance(call.rt, call.team, now)}
 
 
 # Team performance merges every monitor's histograms (about 0.4 s for 1,000 monitors), so it
-# is computed at most once a minute per team: checks arrive at most once a minute anyway.
+# is computed at most once a minute per team (kept in ``Runtime.performance``): checks arrive at
+# most once a minute anyway.
 _PERFORMANCE_TTL_MS = 60_000
-_performance_cache: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
 
 
-async def _team_performance(db: Database, team: str, now: int) -> dict[str, Any]:
-    cached = _performance_cache.get((db.path, team))
+async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
+    cached = rt.performance.get(team)
     if cached and now - cached[0] < _PERFORMANCE_TTL_MS:
         return cached[1]
-    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                           (team,))]
-    stats, _ = await window_stats(db, ids, now - DAY_MS, now, exact=False)
+    ids = [r[0] for r in await rt.db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                              (team,))]
+    stats, _ = await window_stats(rt.db, ids, now - DAY_MS, now, exact=False)
     figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
                "overallUptime": stats.uptime()}
-    _performance_cache[(db.path, team)] = (now, figures)
+    rt.performance[team] = (now, figures)
     return figures
 
 
@@ -5792,7 +5924,7 @@ async def monitor_analytics(call: Call) -> dict[str, Any]:
     hi = now_ms()
     lo = hi - ANALYTICS_PERIODS[query["period"]]
     stats, regions = await window_stats(call.rt.db, [row["id"]], lo, hi)
-    incidents = await call.rt.db.fetchone(
+    incidents = await call.rt.db.fetchrow(
         "SELECT SUM(started_at >= ?), AVG(CASE WHEN resolved_at >= ? THEN resolved_at - started_at"
         " END) FROM incidents WHERE monitor_id = ? AND (started_at >= ? OR resolved_at >= ?)",
         (lo, lo, row["id"], lo, lo))
@@ -5902,10 +6034,11 @@ METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
 # token; accepting it makes the row ACCEPTED, creates (or reuses) the invitee's account and
 # hands out a first key.  A person belongs to one team only, and a team has one OWNER.
 
-TEAM_ROLES = ("ADMIN", "MEMBER", "VIEWER")  # the roles an invitation or a role change can give
+# The roles an invitation or a role change can give.
+TEAM_ROLES = (Role.ADMIN, Role.MEMBER, Role.VIEWER)
 
 
-def check_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """``local@domain`` without spaces; compared without case (the columns are NOCASE)."""
     value = value.strip()
     if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
@@ -5914,7 +6047,7 @@ def check_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
 
 
 MEMBER_FIELDS = (
-    Field("email", "string", True, minimum=3, maximum=254, check=check_email,
+    Field("email", "string", True, minimum=3, maximum=254, check=valid_email,
           doc="The invitee's email address"),
     Field("name", "string", maximum=255, doc="The invitee's name"),
     Field("role", "string", True, choices=TEAM_ROLES,
@@ -5928,7 +6061,7 @@ _MEMBER_SELECT = ("SELECT m.*, COALESCE(a.name, m.name) AS shown_name FROM team_
 
 def role_permissions(role: str) -> tuple[str, ...]:
     """The most a key of someone with ``role`` may hold: a VIEWER's keys only read."""
-    return ("read",) if role == "VIEWER" else PERMISSIONS
+    return ("read",) if role == Role.VIEWER else PERMISSIONS
 
 
 def member_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -5953,7 +6086,7 @@ async def _member(call: Call, member_id: str) -> sqlite3.Row:
 
 
 def _not_owner(row: sqlite3.Row, action: str) -> None:
-    if row["role"] == "OWNER":
+    if row["role"] == Role.OWNER:
         raise Forbidden(f"The team owner cannot be {action}", "a team always has exactly one OWNER")
 
 
@@ -5987,7 +6120,7 @@ async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool
     smtp = call.rt.cfg["smtp"]
     if not smtp["host"]:
         return False
-    owner = await call.rt.db.fetchone("SELECT email, name FROM accounts WHERE id = ?",
+    owner = await call.rt.db.fetchrow("SELECT email, name FROM accounts WHERE id = ?",
                                       (call.team,))
     url = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/team/invitations/{token}/accept"
     message = EmailMessage()
@@ -6102,7 +6235,7 @@ async def accept_invitation(call: Call) -> Response:
             " invitation_hash = NULL WHERE id = ?", (account_id, stamp, invite["id"]))
         key_id, key = await create_api_key(conn, account_id, "first key",
                                            ",".join(role_permissions(invite["role"])))
-    member = await call.rt.db.fetchone(f"{_MEMBER_SELECT} WHERE m.id = ?", (invite["id"],))
+    member = await call.rt.db.fetchrow(f"{_MEMBER_SELECT} WHERE m.id = ?", (invite["id"],))
     return JSONResponse({"member": member_json(member),
                          "apiKey": {**await _key(call.rt, key_id), "key": key}}, 201)
 
@@ -6128,14 +6261,14 @@ def _timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
-def check_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """An IANA zone name, as the system's tz database knows them."""
     if value not in _timezones():
         raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
     return value
 
 
-def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     """E.164: a plus, a non-zero digit, at most 15 digits in all."""
     if not re.fullmatch(r"\+[1-9]\d{1,14}", value):
         raise _Issue("Invalid phone number: expected E.164 such as +14155550123",
@@ -6143,20 +6276,20 @@ def check_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def check_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     if value not in LANGUAGES:
         raise _Issue("Invalid language: expected an ISO 639-1 code such as 'en'")
     return value
 
 
-def check_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
+def valid_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
     """SMS notifications need somewhere to go."""
     if value and not record.get("phoneNumber"):
         raise _Issue("smsNotificationsEnabled needs a phoneNumber")
     return value
 
 
-def check_unchanged(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def valid_read_only(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
     """Read-only through the API: a value sent back unchanged passes, a change is refused."""
     name = env["path"][-1]
     if value != env["existing"][name]:
@@ -6167,21 +6300,21 @@ def check_unchanged(value: Any, record: dict[str, Any], env: dict[str, Any]) -> 
 
 ACCOUNT_FIELDS = (
     Field("name", "string", minimum=1, maximum=255, doc="Display name"),
-    Field("image", "string", maximum=2048, check=check_url, doc="Avatar URL (http or https)"),
-    Field("phoneNumber", "string", check=check_phone, doc="E.164 phone number"),
-    Field("smsNotificationsEnabled", "boolean", True, check=check_sms,
+    Field("image", "string", maximum=2048, check=valid_url, doc="Avatar URL (http or https)"),
+    Field("phoneNumber", "string", check=valid_phone, doc="E.164 phone number"),
+    Field("smsNotificationsEnabled", "boolean", True, check=valid_sms,
           doc="SMS notifications (needs phoneNumber)"),
-    Field("language", "string", True, check=check_language, doc="ISO 639-1 language code"),
-    Field("timezone", "string", True, check=check_timezone, doc="IANA time zone"),
+    Field("language", "string", True, check=valid_language, doc="ISO 639-1 language code"),
+    Field("timezone", "string", True, check=valid_timezone, doc="IANA time zone"),
 )
-_ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=check_unchanged)
+_ACCOUNT_READ_ONLY = tuple(Field(name, "string", check=valid_read_only)
                            for name in ("email", "plan", "accountStatus"))
 
 
 async def _account(call: Call) -> dict[str, Any]:
     """The calling person, with their team's plan and status, in the spec's field order."""
     assert call.who is not None
-    row = await call.rt.db.fetchone(
+    row = await call.rt.db.fetchrow(
         "SELECT a.*, t.plan AS team_plan, t.account_status AS team_status FROM accounts a"
         " JOIN accounts t ON t.id = ? WHERE a.id = ?", (call.team, call.who.account_id))
     fields = {f.name: bool(row[f.column]) if f.kind == "boolean" else row[f.column]
@@ -6249,7 +6382,7 @@ def key_json(row: sqlite3.Row, last_used: int | None = None) -> dict[str, Any]:
 
 
 async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
-    row = await rt.db.fetchone("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+    row = await rt.db.fetchrow("SELECT * FROM api_keys WHERE id = ?", (key_id,))
     return key_json(row, rt.usage.last_used(key_id))
 
 
@@ -6261,7 +6394,7 @@ async def list_api_keys(call: Call) -> dict[str, Any]:
     if query["memberId"]:
         member = await _member(call, query["memberId"])
         if member["account_id"] != account:
-            call.who.require_role("ADMIN")
+            call.who.require_role(Role.ADMIN)
         account = member["account_id"]
     rows = await call.rt.db.fetchall(
         "SELECT * FROM api_keys WHERE account_id = ? ORDER BY created_at DESC, id", (account,))
@@ -6298,7 +6431,7 @@ async def revoke_account_api_key(call: Call) -> dict[str, Any]:
     if row is None:
         raise NotFound("API key not found", f"no API key with id {call.param('keyId')}")
     if row["account_id"] != call.who.account_id:
-        call.who.require_role("ADMIN")
+        call.who.require_role(Role.ADMIN)
         call.who.require_role(row["role"])
     await call.rt.db.write([("UPDATE api_keys SET is_active = 0 WHERE id = ?", (row["id"],))])
     return {"success": True, "message": "API key revoked successfully"}
@@ -6363,7 +6496,7 @@ def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if spec.default is not None:
         out["default"] = spec.default
     doc = spec.doc
-    if isinstance(spec.required, tuple):
+    if not isinstance(spec.required, bool):
         doc = f"{doc} (required for {', '.join(spec.required)})".strip()
     if doc:
         out["description"] = doc
@@ -6914,7 +7047,7 @@ async def badge_uptime(request: Request) -> Response:
     row = await _badge_monitor(request)
     period = parse_query(BADGE_QUERY, request, {"cfg": rt.cfg, "regions": rt.regions})["period"]
     if period in _BADGE_HOURS:
-        counts = await rt.db.fetchone(
+        counts = await rt.db.fetchrow(
             "SELECT COALESCE(SUM(status IN ('UP', 'DEGRADED')), 0), COUNT(*) FROM checks"
             " WHERE monitor_id = ? AND checked_at >= ?",
             (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
@@ -7514,12 +7647,12 @@ def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, s
     record = _record(kind, obj)
     label = (kind.noun.split()[-1], obj["name"])
     if kind.key == "channels":
-        record["config"] = _secret_refs(record["config"], CHANNEL_SECRETS.get(obj["type"], ()),
+        record["config"] = _secret_refs(record["config"], channel_secrets(obj["type"]),
                                         label)
     if kind.key == "monitors":
         auth = record["apiAuthConfig"] or {}
         record["apiAuthConfig"] = _secret_refs(
-            auth, [f.name for f in AUTH_FIELDS if auth.get("type") in f.secret], label) or None
+            auth, [f.name for f in AUTH_FIELDS if f.secret_for(auth.get("type"))], label) or None
         record["notifications"] = [_exported_link(n, names, (*label, i))
                                    for i, n in enumerate(record["notifications"])]
         if record["type"] == "CRON" and record["url"] == obj.get("heartbeatUrl"):
@@ -7537,7 +7670,7 @@ def _exported_link(link: dict[str, Any], names: dict[str, dict[str, str]],
     """A monitor's notification as a file entry: a channel by name, or inline."""
     out = ({"channel": names["channels"][link["channelId"]]} if link["channelId"] else
            {"type": link["type"], "config": _secret_refs(
-               link["config"], CHANNEL_SECRETS.get(link["type"], ()), label)})
+               link["config"], channel_secrets(link["type"]), label)})
     return out if link["enabled"] else {**out, "enabled": False}
 
 

@@ -994,10 +994,27 @@ def _monitor(url: str, kind: str = "WEBSITE", **fields) -> dict:
     return {"url": url, "type": kind, "timeout": 5, "lastDetails": None, **fields}
 
 
-def test_probes_registry_covers_every_type_but_cron():
-    assert set(statusapp.PROBES) == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT",
-                                     "DOMAIN"}
-    assert statusapp.PROBES["API"] is statusapp.probe_http
+def test_every_monitor_type_but_cron_declares_a_probe():
+    probed = {name for name, t in statusapp.MONITOR_TYPES.items() if t.probe is not None}
+    assert probed == {"WEBSITE", "API", "PING", "PORT", "DNS", "SSL_CERT", "DOMAIN"}
+    assert statusapp.MONITOR_TYPES["API"].probe is statusapp.probe_http
+    assert statusapp.probe_of("CRON") is None and statusapp.probe_of("NOPE") is None
+    port_fields = {f.name for f in statusapp.MONITOR_TYPES["PORT"].fields}
+    assert {"name", "url", "port", "protocol"} <= port_fields and "httpMethod" not in port_fields
+
+
+def test_channel_types_declare_fields_secrets_and_audience():
+    assert list(statusapp.CHANNEL_TYPES) == ["EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM",
+                                             "PAGERDUTY", "OPSGENIE", "MICROSOFT_TEAMS", "WEBHOOK",
+                                             "NTFY", "GOTIFY", "PUSHOVER", "MATRIX", "APPRISE"]
+    telegram = statusapp.CHANNEL_TYPES["TELEGRAM"]
+    assert telegram.required == ("botToken", "chatId") and telegram.secrets == ("botToken",)
+    assert statusapp.CHANNEL_TYPES["WEBHOOK"].secrets == ("headers", "secret")
+    ntfy, pushover = statusapp.CHANNEL_TYPES["NTFY"], statusapp.CHANNEL_TYPES["PUSHOVER"]
+    assert ntfy.required == ("serverUrl", "topic") and ntfy.secrets == ("token", "password")
+    assert pushover.secrets == ("userKey", "appToken")
+    machines = {n for n, t in statusapp.CHANNEL_TYPES.items() if not t.person_facing}
+    assert machines == {"WEBHOOK", "PAGERDUTY", "OPSGENIE"}
 
 
 @pytest.mark.asyncio
@@ -2256,7 +2273,7 @@ _INC_VALID_CONFIGS = {
 def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
     config = _INC_VALID_CONFIGS[kind]
     created = _inc_channel(client, kind, config, name=f"{kind} channel")
-    secrets_ = statusapp.CHANNEL_SECRETS[kind]
+    secrets_ = statusapp.CHANNEL_TYPES[kind].secrets
     shown = created["config"]
     for name, value in config.items():
         if name not in secrets_:
@@ -2273,7 +2290,7 @@ def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
     assert updated.status_code == 200 and updated.json()["name"] == "renamed"
     rows = sql(client.app.state.statusapp.cfg, "SELECT config FROM notification_channels")
     assert json.loads(rows[0][0]) == config
-    for required in statusapp.CHANNEL_REQUIRED[kind]:
+    for required in statusapp.CHANNEL_TYPES[kind].required:
         bad = {k: v for k, v in config.items() if k != required}
         response = client.post("/api/v1/notifications",
                                json={"name": "x", "type": kind, "config": bad})
@@ -3165,7 +3182,7 @@ def test_homelab_channels_validate_mask_and_get_marked_failing(tmp_path, notify_
         channels = {}
         for kind, config in _homelab_configs(notify_http.url).items():
             created = _inc_channel(client, kind, {**config, **wrong[kind]}, name=kind)
-            secret = statusapp.CHANNEL_SECRETS[kind][0]
+            secret = statusapp.CHANNEL_TYPES[kind].secrets[0]
             assert created["config"][secret] != {**config, **wrong[kind]}[secret]
             channels[kind] = created["id"]
         monitor = _inc_monitor(client, notifications=[{"channelId": c} for c in channels.values()])
