@@ -4556,6 +4556,15 @@ def test_apply_reports_every_error_with_its_place_and_changes_nothing(untouched_
         "monitors"] == []
 
 
+def test_toml_writer_output_reads_back_as_the_same_data():
+    tricky = "quote \" backslash \\ newline \n tab \t bell \x07 del \x7f ✓ 🙂"
+    setup = {"monitors": [{"name": tricky, "interval": 60, "ratio": 0.5, "on": False,
+                           "list": [1, "two", {"x y": {}}], "obj": {"a-b": [], "c.d": tricky}}],
+             "channels": []}
+    text = statusapp.to_toml(setup)
+    assert tomllib.loads(text) == {"monitors": setup["monitors"]}
+    assert "\x07" not in text and "\x7f" not in text  # control characters escaped
+
 def test_export_round_trips_through_apply_in_toml_and_json(server, tmp_path):
     key = _owner_key(server)
     file = tmp_path / "statusapp.toml"
