@@ -350,7 +350,10 @@ CREATE UNIQUE INDEX incidents_one_open ON incidents(monitor_id) WHERE resolved_a
 ALTER TABLE monitor_notifications ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE monitor_notifications ADD COLUMN last_error TEXT;
 
--- migration 9: objects `statusapp apply` manages (only these may be pruned)
+-- migration 9: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- of the secrets it applied to each (masked secrets alone cannot show that one changed)
 ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE status_pages ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE monitors ADD COLUMN secrets_digest TEXT;
+ALTER TABLE notification_channels ADD COLUMN secrets_digest TEXT;

@@ -1110,6 +1110,9 @@ def valid_notifications(value: list[Any], record: dict[str, Any],
 ALL_TYPES = Names(MONITOR_TYPES)
 MANAGED_FIELD = Field("managed", "boolean", default=False,
                       doc="Set by `statusapp apply`: its `--prune` may delete the object")
+DIGEST_FIELD = Field("secretsDigest", "string", maximum=64,
+                     doc="Set by `statusapp apply`: a digest of the secrets it applied, keyed "
+                         "by its API key, so it notices a changed secret")
 HTTP_TYPES = ("WEBSITE", "API")
 
 MONITOR_FIELDS = (
@@ -1164,6 +1167,7 @@ MONITOR_FIELDS = (
     Field("notifications", "array", check=valid_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
     MANAGED_FIELD,
+    DIGEST_FIELD,
 )
 
 # The monitor fields that are not monitor columns.
@@ -5524,6 +5528,7 @@ CHANNEL_FIELDS = (
           doc="Type-specific configuration (see the channel types)"),
     Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
     MANAGED_FIELD,
+    DIGEST_FIELD,
 )
 
 
@@ -5532,6 +5537,7 @@ def channel_json(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"], "type": row["type"],
             "config": masked_channel_config(row["type"], json.loads(row["config"])),
             "isActive": bool(row["is_active"]), "managed": bool(row["managed"]),
+            "secretsDigest": row["secrets_digest"],
             "failing": bool(row["failing"]),
             "lastError": row["last_error"], "createdAt": iso(row["created_at"]),
             "updatedAt": iso(row["updated_at"])}
@@ -7415,6 +7421,7 @@ class SetupApi:
     """The running server's API, as apply and export use it."""
 
     def __init__(self, url: str, key: str) -> None:
+        self.key = key
         self.http = httpx.Client(base_url=url.rstrip("/") + API_PREFIX, timeout=30,
                                  headers={"X-API-Key": key})
 
@@ -7490,6 +7497,28 @@ def _shown(name: str, value: Any, record: dict[str, Any]) -> Any:
     return value
 
 
+_SECRET_HOLDERS = ("config", "apiAuthConfig", "notifications")  # the fields _shown masks
+
+
+def _secret_values(raw: Any, shown: Any) -> list[Any]:
+    """The values masking hides: where ``raw`` differs from how the API shows it."""
+    if isinstance(raw, dict) and isinstance(shown, dict):
+        return [v for k in raw for v in _secret_values(raw[k], shown.get(k))]
+    if isinstance(raw, list) and isinstance(shown, list) and len(raw) == len(shown):
+        return [v for r, s in zip(raw, shown) for v in _secret_values(r, s)]
+    return [] if raw == shown else [raw]
+
+
+def secrets_digest(clean: dict[str, Any], key: str) -> str | None:
+    """A digest of the secrets in ``clean``, keyed by the API key so that the stored digest
+    tells a team member nothing about them; None when there are none."""
+    hidden = [v for name in _SECRET_HOLDERS if clean.get(name)
+              for v in _secret_values(clean[name], _shown(name, clean[name], clean))]
+    if not hidden:
+        return None
+    return hmac.new(key.encode(), json.dumps(hidden).encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def _changed(kind: SetupKind, clean: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The fields whose wanted value differs from the stored one (a secret by its masked form;
     a CRON monitor's url left out is the server's heartbeat URL, not a change)."""
@@ -7527,6 +7556,7 @@ class Step:
     entry: dict[str, Any] | None = None
     fields: tuple[str, ...] = ()
     lines: tuple[str, ...] = ()
+    digest: str | None = None
 
     def text(self) -> str:
         verb = {"+": "create", "~": "update", "-": "delete"}[self.sign]
@@ -7580,6 +7610,8 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
             except ValidationFailed as exc:
                 problems += _issue_lines((kind.key, i), exc)
                 continue
+            if DIGEST_FIELD in kind.fields:
+                clean[DIGEST_FIELD.name] = secrets_digest(clean, api.key)
             steps += _entry_step(kind, i, entry, clean, matched[kind.key].get(i), sensitive)
     if problems:
         raise SetupError("\n".join(problems))
@@ -7593,15 +7625,21 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
 def _entry_step(kind: SetupKind, i: int, entry: dict[str, Any], clean: dict[str, Any],
                 obj: dict[str, Any] | None, sensitive: set[tuple[Any, ...]]) -> list[Step]:
     """The step one valid file entry needs: create, update, or none."""
+    digest = clean.get(DIGEST_FIELD.name)
     if obj is None:
-        return [Step("+", kind, entry["name"], index=i, entry=entry)]
+        return [Step("+", kind, entry["name"], index=i, entry=entry, digest=digest)]
     current = _record(kind, obj)
     fields = _changed(kind, clean, current)
+    if DIGEST_FIELD.name in fields:  # a secret changed, though its masked form may not show it
+        fields += [name for name in _SECRET_HOLDERS if clean.get(name) and name not in fields]
     if not fields:
         return []
-    lines = [line for name in fields for line in _shown_change(
-        (kind.key, i, name), current[name], _shown(name, clean[name], clean), sensitive)]
-    return [Step("~", kind, entry["name"], obj["id"], i, entry, tuple(fields), tuple(lines))]
+    lines = [line for name in fields if name != DIGEST_FIELD.name
+             for line in _shown_change((kind.key, i, name), current[name],
+                                       _shown(name, clean[name], clean), sensitive)
+             or [f"    {name}: {_HIDDEN}"]]
+    return [Step("~", kind, entry["name"], obj["id"], i, entry, tuple(fields), tuple(lines),
+                 digest)]
 
 
 def apply_steps(api: SetupApi, steps: list[Step], ids: dict[str, dict[str, str]]) -> None:
@@ -7610,6 +7648,8 @@ def apply_steps(api: SetupApi, steps: list[Step], ids: dict[str, dict[str, str]]
     for step in [s for s in steps if s.sign != "-"]:
         assert step.entry is not None
         body = _to_api(step.kind, step.entry, ids)
+        if DIGEST_FIELD in step.kind.fields:
+            body[DIGEST_FIELD.name] = step.digest
         where = (step.kind.key, step.index)
         try:
             if step.sign == "+":
@@ -7661,8 +7701,8 @@ def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, s
         record["monitorGroups"] = [{"name": g["name"], "monitors": [
             names["monitors"][m] for m in g["monitorIds"]]} for g in record["monitorGroups"]]
     defaults = {f.name: f.default for f in kind.fields}
-    return {k: v for k, v in record.items()
-            if v not in (None, []) and v != defaults[k] and k != "managed"}
+    return {k: v for k, v in record.items() if v not in (None, []) and v != defaults[k]
+            and k not in (MANAGED_FIELD.name, DIGEST_FIELD.name)}
 
 
 def _exported_link(link: dict[str, Any], names: dict[str, dict[str, str]],

@@ -4521,6 +4521,12 @@ def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
     assert names == {"NAS", "by hand"} and by_hand["managed"] is False
     assert api.get("/notifications").json()["channels"][0]["config"]["botToken"] == \
         statusapp.mask(new_token)
+    same_tail = "555555:rotated-again-token"  # masked, it looks like new_token
+    rotated = setup_cli(server, key, "apply", str(file), TG_TOKEN=same_tail)
+    assert rotated.startswith("~ update channel 'phone'\n    config: (sensitive)\nPlan: 0 to")
+    assert sql({"server": {"database": server.db}}, "SELECT config FROM notification_channels"
+               )[0][0] == json.dumps({"botToken": same_tail, "chatId": "42"})
+    assert setup_cli(server, key, "apply", str(file), TG_TOKEN=same_tail).startswith("No changes")
     api.post("/status-pages", json={"name": "by hand", "slug": "taken"})
     file.write_text(file.read_text() + '[[statusPages]]\nname = "Lab"\nslug = "taken"\n')
     failed = setup_cli(server, key, "apply", str(file), code=1, TG_TOKEN=new_token)
