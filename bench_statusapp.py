@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 import httpx
+import uvicorn
 import uvloop
 
 HERE = Path(__file__).resolve().parent
@@ -148,7 +149,8 @@ def _start_target() -> tuple[subprocess.Popen, str]:
     raise SystemExit("the HTTP target did not start")
 
 
-async def _create_monitors(server: Server, target_url: str, count: int, interval: int) -> None:
+async def _create_monitors(server: Server, target_url: str, count: int, interval: int,
+                           workers: int = 8) -> None:
     """Create the monitors through the API, a few requests at a time."""
     async with httpx.AsyncClient(base_url=server.url + "/api/v1", timeout=30,
                                  headers={"X-API-Key": server.key}) as client:
@@ -161,7 +163,45 @@ async def _create_monitors(server: Server, target_url: str, count: int, interval
                     "interval": interval, "timeout": 10})
                 if response.status_code != 201:
                     raise SystemExit(f"creating a monitor failed: {response.text}")
-        await asyncio.gather(*(worker() for _ in range(8)))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+async def _empty_check(host: str, port: int, path: str) -> None:
+    """The least an HTTP check can do: connect, send a GET, read the answer, close."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        await reader.read()
+    finally:
+        writer.close()
+
+
+@bench.command(name="empty-probe", hidden=True)
+@click.option("--url", required=True)
+@click.option("--rate", type=float, required=True, help="Checks per second.")
+@click.option("--seconds", type=float, required=True)
+def empty_probe(url: str, rate: float, seconds: float) -> None:
+    """The check path's ceiling: bare asyncio HTTP GETs at ``rate`` on uvloop, no framework."""
+    host, port = url.split("//")[1].split(":")
+
+    async def run() -> None:
+        tasks, started = set(), time.perf_counter()
+        for n in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+            task = asyncio.create_task(_empty_check(host, int(port), f"/m/{n}"))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+    uvloop.run(run())
+
+
+def _empty_probe_cpu_ms(url: str, rate: float, seconds: float) -> float:
+    """CPU-ms per check of the empty probe at ``rate`` for ``seconds`` (the child's rusage)."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "bench_statusapp.py"), "empty-probe",
+                             "--url", url, "--rate", str(rate), "--seconds", str(seconds)])
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return (usage.ru_utime + usage.ru_stime) * 1000 / (rate * seconds)
 
 
 def _lags(db: str, interval: int, since_ms: int, until_ms: int) -> tuple[int, list[float]]:
@@ -223,13 +263,22 @@ def probe(monitors: int, interval: int, duration: int, warmup: int | None, concu
         target_proc.terminate()
         target_proc.wait(timeout=10)
     lag = percentiles(lags)
+    target_proc, target_url = _start_target()
+    try:
+        ceiling = _empty_probe_cpu_ms(target_url, monitors / interval, min(duration, 30))
+    finally:
+        target_proc.terminate()
+        target_proc.wait(timeout=10)
+    cpu_ms = (after["cpu_s"] - before["cpu_s"]) / max(count, 1) * 1000
     report(f"probe: {monitors} HTTP monitors every {interval} s, "
            f"{'uvloop+httptools' if standard else 'asyncio+h11'}, max_concurrency {concurrency}", {
                "monitors created/s": monitors / created,
                "checks/s completed": count / (t1 - t0),
                "checks/s expected": monitors / interval,
                "lag p50 (s)": lag["p50"], "lag p99 (s)": lag["p99"], "lag max (s)": lag["max"],
-               "CPU s per 1,000 checks": (after["cpu_s"] - before["cpu_s"]) / max(count, 1) * 1000,
+               "CPU-ms per check": cpu_ms,
+               "empty probe CPU-ms per check (ceiling)": ceiling,
+               "CPU per check / empty probe's": cpu_ms / ceiling,
                "CPU use (% of one core)": (after["cpu_s"] - before["cpu_s"]) / (t1 - t0) * 100,
                "peak RSS (MB)": after["peak_rss_mb"],
                "health status": health["status"],
@@ -237,22 +286,44 @@ def probe(monitors: int, interval: int, duration: int, warmup: int | None, concu
                    str(health["scheduler"]["lag"][k]) for k in ("p50", "p99", "max")),
            })
 
+@bench.command()
+@click.option("--monitors", default=1000, show_default=True, help="Monitors to create.")
+@click.option("--workers", default=8, show_default=True, help="Concurrent API clients.")
+def create(monitors: int, workers: int) -> None:
+    """Creating monitors through the API from a Python client: rate and server CPU-ms each."""
+    target_proc, target_url = _start_target()
+    server = Server().start()
+    try:
+        before, started = server.stats(), time.perf_counter()
+        asyncio.run(_create_monitors(server, target_url, monitors, 60, workers))
+        elapsed, after = time.perf_counter() - started, server.stats()
+    finally:
+        server.stop()
+        target_proc.terminate()
+        target_proc.wait(timeout=10)
+    report(f"create: {monitors} WEBSITE monitors, {workers} concurrent clients", {
+        "monitors created/s": monitors / elapsed,
+        "server CPU ms per create": (after["cpu_s"] - before["cpu_s"]) * 1000 / monitors,
+    })
+
+
 # --- heartbeat scenario ---
 
 
-async def _ping_connection(host: str, port: int, paths: list[str], stop_at: float,
-                           latencies: list[float], errors: list[int]) -> None:
-    """One keep-alive connection sending pings back to back until ``stop_at``."""
+async def _connection(host: str, port: int, requests: list[tuple[str, str, bytes]],
+                      headers: str, stop_at: float, latencies: list[float],
+                      errors: list[int]) -> None:
+    """One keep-alive connection sending ``(method, path, body)`` requests back to back, in
+    turn, until ``stop_at``; 2xx/3xx latencies and other statuses are recorded."""
     reader, writer = await asyncio.open_connection(host, port)
     n = 0
     try:
         while time.perf_counter() < stop_at:
-            body = f"run {n}".encode()
-            path = paths[n % len(paths)]
+            method, path, body = requests[n % len(requests)]
             n += 1
-            request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench\r\n"
-                       f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
-                       ).encode() + body
+            request = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench\r\n"
+                       f"{headers}Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                       f"\r\n").encode() + body
             started = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -262,7 +333,7 @@ async def _ping_connection(host: str, port: int, paths: list[str], stop_at: floa
                 if name.strip().lower() == b"content-length":
                     length = int(value)
             await reader.readexactly(length)
-            if head.startswith(b"HTTP/1.1 200"):
+            if head[9:10] in (b"2", b"3"):
                 latencies.append(time.perf_counter() - started)
             else:
                 errors.append(int(head[9:12]))
@@ -270,22 +341,93 @@ async def _ping_connection(host: str, port: int, paths: list[str], stop_at: floa
         writer.close()
 
 
-def _ping_load(url: str, paths: list[str], connections: int, seconds: float
-               ) -> tuple[list[float], list[int], float]:
-    """Drive ``connections`` concurrent keep-alive pingers for ``seconds`` on uvloop."""
+def load(url: str, requests: list[tuple[str, str, bytes]], connections: int, seconds: float,
+         headers: dict[str, str] | None = None) -> tuple[list[float], list[int], float]:
+    """Drive ``connections`` concurrent keep-alive clients for ``seconds`` on uvloop; each
+    connection takes every ``connections``-th request of the list in turn."""
     host, port = url.split("//")[1].split(":")
+    head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     latencies: list[float] = []
     errors: list[int] = []
 
     async def run() -> float:
         started = time.perf_counter()
         stop_at = started + seconds
-        await asyncio.gather(*(_ping_connection(host, int(port), paths[i::connections] or paths,
-                                                stop_at, latencies, errors)
+        await asyncio.gather(*(_connection(host, int(port), requests[i::connections] or requests,
+                                           head, stop_at, latencies, errors)
                                for i in range(connections)))
         return time.perf_counter() - started
     elapsed = uvloop.run(run())
     return latencies, errors, elapsed
+
+
+def measure(pid: int, url: str, requests: list[tuple[str, str, bytes]], connections: int,
+            seconds: float, headers: dict[str, str] | None = None) -> dict[str, float]:
+    """Requests/s, latency p50/p99 (ms) and the server's CPU-ms per answered request."""
+    load(url, requests, connections, min(1.0, seconds))  # warm-up
+    before = proc_stats(pid)["cpu_s"]
+    latencies, errors, elapsed = load(url, requests, connections, seconds, headers)
+    cpu = proc_stats(pid)["cpu_s"] - before
+    ms = percentiles([v * 1000 for v in latencies])
+    return {"per_s": len(latencies) / elapsed, "p50": ms["p50"], "p99": ms["p99"],
+            "cpu_ms": cpu * 1000 / max(1, len(latencies)), "answered": len(latencies),
+            "errors": len(errors)}
+
+
+# The ceiling for request paths: a no-op Starlette route served by uvicorn with the settings
+# `statusapp serve` uses, measured by the same load in the same run.
+
+@bench.command(hidden=True)
+@click.option("--port", type=int, required=True)
+def noop(port: int) -> None:
+    """A Starlette app whose routes do nothing: GET and POST /noop answer a small JSON."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def answer(request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse({"ok": True})
+    app = Starlette(routes=[Route("/noop", answer, methods=["GET", "POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                server_header=False, lifespan="off")
+
+
+def _ceiling(method: str, connections: int, seconds: float,
+             env: dict[str, str] | None = None) -> dict[str, float]:
+    """The no-op route's figures under the given load."""
+    server = Noop(env)
+    try:
+        return server.measure(method, connections, seconds)
+    finally:
+        server.stop()
+
+
+class Noop:
+    """The no-op server in a subprocess."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "bench_statusapp.py"), "noop",
+                                      "--port", str(self.port)], env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/noop", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise SystemExit("the no-op server did not start")
+
+    def measure(self, method: str, connections: int, seconds: float) -> dict[str, float]:
+        return measure(self.proc.pid, self.url, [(method, "/noop", b"run 0")], connections,
+                       seconds)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 @bench.command()
@@ -294,8 +436,10 @@ def _ping_load(url: str, paths: list[str], connections: int, seconds: float
 @click.option("--seconds", default=10.0, show_default=True, help="Measured duration.")
 @STANDARD
 def heartbeat(monitors: int, connections: int, seconds: float, standard: bool) -> None:
-    """Concurrent pings against one server: acknowledged (committed) pings/s, latency."""
-    srv = Server(env={"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0", **_plain_env(standard)}).start()
+    """Concurrent pings against one server: acknowledged (committed) pings/s, latency, CPU-ms
+    per ping, beside a no-op POST route under the same load."""
+    env = {"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0", **_plain_env(standard)}
+    srv = Server(env=env).start()
     try:
         api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": srv.key})
         paths = []
@@ -303,26 +447,27 @@ def heartbeat(monitors: int, connections: int, seconds: float, standard: bool) -
             monitor = api.post("/monitors", json={"name": f"job {i}", "type": "CRON",
                                                   "interval": 3600, "gracePeriod": 3600}).json()
             paths.append(monitor["heartbeatUrl"].split(srv.url, 1)[1])
-        _ping_load(srv.url, paths, connections, 1.0)  # warm-up
-        before = srv.stats()
         with sqlite3.connect(srv.db) as conn:
             rows_before = conn.execute("SELECT COUNT(*) FROM heartbeats").fetchone()[0]
-        latencies, errors, elapsed = _ping_load(srv.url, paths, connections, seconds)
-        after = srv.stats()
+        pings = measure(srv.proc.pid, srv.url, [("POST", p, b"run") for p in paths],
+                        connections, seconds)
         with sqlite3.connect(srv.db) as conn:
             stored = conn.execute("SELECT COUNT(*) FROM heartbeats").fetchone()[0] - rows_before
+        rss = srv.stats()["peak_rss_mb"]
     finally:
         srv.stop()
-    ms = percentiles([v * 1000 for v in latencies])
+    ceiling = _ceiling("POST", connections, seconds, env)
     report(f"heartbeat ({'uvloop+httptools' if standard else 'asyncio+h11'})", {
         "monitors": monitors, "connections": connections,
-        "acknowledged pings": len(latencies), "stored pings": stored,
-        "non-200 answers": len(errors),
-        "acknowledged pings/s": len(latencies) / elapsed,
-        "latency p50 ms": ms["p50"], "latency p99 ms": ms["p99"], "latency max ms": ms["max"],
-        "server CPU s per 1000 pings": (after["cpu_s"] - before["cpu_s"]) * 1000
-        / max(1, len(latencies)),
-        "server peak RSS MB": after["peak_rss_mb"],
+        "acknowledged pings": pings["answered"],
+        "stored pings (measured run + warm-up)": stored, "non-200 answers": pings["errors"],
+        "acknowledged pings/s": pings["per_s"],
+        "no-op POST route req/s (ceiling)": ceiling["per_s"],
+        "pings/s as % of the ceiling": pings["per_s"] / ceiling["per_s"] * 100,
+        "latency p50 / p99 ms": f"{pings['p50']:.1f} / {pings['p99']:.1f}",
+        "server CPU-ms per ping": pings["cpu_ms"],
+        "no-op CPU-ms per request": ceiling["cpu_ms"],
+        "server peak RSS MB": rss,
     })
 
 
@@ -413,15 +558,18 @@ def _fill_api_db(path: str, monitors: int, days: int, raw_days: int) -> dict[str
             "KB per monitor-month, raw 30 d kept": (raw_bytes + rollup_bytes) * 30 / 1024}
 
 
-def _latencies(client: httpx.Client, path: str, requests: int) -> dict[str, float]:
-    for _ in range(10):
-        client.get(path).raise_for_status()
-    times = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        client.get(path).raise_for_status()
-        times.append((time.perf_counter() - started) * 1000)
-    return percentiles(times)
+def _cold_cpu_ms(server: Server, path: str, key: str, clients: int) -> dict[str, float]:
+    """``clients`` simultaneous first requests of ``path``: wall ms and server CPU-ms in all."""
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-Key": key},
+                                     timeout=60) as client:
+            answers = await asyncio.gather(*(client.get(path) for _ in range(clients)))
+            for answer in answers:
+                answer.raise_for_status()
+    before, started = server.stats()["cpu_s"], time.perf_counter()
+    asyncio.run(burst())
+    return {"wall_ms": (time.perf_counter() - started) * 1000,
+            "cpu_ms": (server.stats()["cpu_s"] - before) * 1000}
 
 
 @bench.command()
@@ -429,37 +577,50 @@ def _latencies(client: httpx.Client, path: str, requests: int) -> dict[str, floa
 @click.option("--days", default=30, show_default=True, help="Days of history.")
 @click.option("--raw-days", default=1, show_default=True,
               help="Complete days kept as raw checks (plus today); older days are rollups.")
-@click.option("--requests", default=200, show_default=True, help="Timed requests per route.")
-def api(monitors: int, days: int, raw_days: int, requests: int) -> None:
-    """API latency on a database with a month of history for every monitor."""
+@click.option("--clients", default=8, show_default=True, help="Concurrent keep-alive clients.")
+@click.option("--seconds", default=8.0, show_default=True, help="Measured seconds per route.")
+def api(monitors: int, days: int, raw_days: int, clients: int, seconds: float) -> None:
+    """Request paths on a database with a month of history for every monitor: requests/s,
+    p50/p99 and server CPU-ms per request, beside a no-op GET route under the same load."""
     server = Server()
     key = _init_db(server.db)
     started = time.monotonic()
     figures: dict[str, object] = {"monitors": monitors, "days of history": days,
-                                  "raw days (+ today)": raw_days}
+                                  "raw days (+ today)": raw_days, "clients": clients}
     figures.update(_fill_api_db(server.db, monitors, days, raw_days))
     figures["build s"] = time.monotonic() - started
+    ceiling = _ceiling("GET", clients, seconds)
+    figures["no-op GET route: req/s, CPU-ms (ceiling)"] = (
+        f"{ceiling['per_s']:.0f}, {ceiling['cpu_ms']:.3f}")
     server.start()
     try:
+        cold = _cold_cpu_ms(server, "/api/v1/analytics", key, clients)
+        figures[f"GET /analytics cold, {clients} at once: wall ms, CPU-ms in all"] = (
+            f"{cold['wall_ms']:.0f}, {cold['cpu_ms']:.0f}")
         with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=30) as client:
-            paths = {"GET /monitors?limit=100": "/api/v1/monitors?limit=100",
-                     "GET /analytics": "/api/v1/analytics",
-                     "GET /analytics/monitors/{id}?30d":
-                         "/api/v1/analytics/monitors/mon_0000000000000011?period=30d"}
-            started = time.perf_counter()
-            client.get("/api/v1/analytics").raise_for_status()
-            figures["GET /analytics uncached ms"] = (time.perf_counter() - started) * 1000
-            page = client.post("/api/v1/status-pages", json={
+            client.post("/api/v1/status-pages", json={
                 "name": "Bench", "slug": "bench", "monitorGroups": [
-                    {"name": "All", "monitorIds": [f"mon_{i:016x}" for i in range(50)]}]})
-            if page.status_code == 201:
-                paths["GET /status/bench (50 monitors)"] = "/status/bench"
-            else:
-                figures["status page"] = f"skipped (POST /status-pages gave {page.status_code})"
-            for name, path in paths.items():
-                ms = _latencies(client, path, requests)
-                figures[f"{name} p50 ms"] = ms["p50"]
-                figures[f"{name} p99 ms"] = ms["p99"]
+                    {"name": "All", "monitorIds": [f"mon_{i:016x}" for i in range(50)]}]}
+                        ).raise_for_status()
+            plain = client.get("/status/bench", headers={"Accept-Encoding": "identity"})
+            zipped = client.get("/status/bench", headers={"Accept-Encoding": "gzip"})
+        figures["status page KB (plain, gzip)"] = (
+            f"{len(plain.content) / 1024:.0f}, {int(zipped.headers['content-length']) / 1024:.0f}")
+        routes = {
+            "GET /status/bench cached": ["/status/bench"],
+            "GET /status/bench uncached": [f"/status/bench?n={n}" for n in range(50_000)],
+            "GET /status/bench.json cached": ["/status/bench.json"],
+            "GET /monitors?limit=100": ["/api/v1/monitors?limit=100"],
+            "GET /analytics": ["/api/v1/analytics"],
+            "GET /analytics/monitors/{id}?30d":
+                ["/api/v1/analytics/monitors/mon_0000000000000011?period=30d"]}
+        for name, paths in routes.items():
+            got = measure(server.proc.pid, server.url, [("GET", p, b"") for p in paths], clients,
+                          seconds, {"X-API-Key": key, "Accept-Encoding": "gzip"})
+            figures[f"{name}: req/s (% of no-op), p99 ms, CPU-ms"] = (
+                f"{got['per_s']:.0f} ({got['per_s'] / ceiling['per_s'] * 100:.0f} %), "
+                f"{got['p99']:.1f}, {got['cpu_ms']:.2f}" + (
+                    f" [{got['errors']} errors]" if got["errors"] else ""))
         figures.update(server.stats())
     finally:
         server.stop()

@@ -350,7 +350,22 @@ CREATE UNIQUE INDEX incidents_one_open ON incidents(monitor_id) WHERE resolved_a
 ALTER TABLE monitor_notifications ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE monitor_notifications ADD COLUMN last_error TEXT;
 
--- migration 9: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- migration 9: team-wide hourly rollups, so team figures read 24 rows instead of every monitor's
+-- One row per team (the owner's account) and UTC hour, summed from that hour's monitor rollups;
+-- rollup_progress bucket 't' says how far they go.
+CREATE TABLE team_rollups (
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    start INTEGER NOT NULL,
+    up INTEGER NOT NULL,
+    down INTEGER NOT NULL,
+    degraded INTEGER NOT NULL,
+    rt_sum INTEGER NOT NULL,
+    rt_count INTEGER NOT NULL,
+    rt_hist TEXT NOT NULL,
+    PRIMARY KEY (account_id, start)
+) WITHOUT ROWID;
+
+-- migration 10: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
 -- of the secrets it applied to each (masked secrets alone cannot show that one changed)
 ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

@@ -65,7 +65,7 @@ from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -87,6 +87,7 @@ from starlette.routing import Route
 
 VERSION = "1.0.0"
 API_VERSION = "v1"
+_T = TypeVar("_T")
 log = logging.getLogger("statusapp")
 
 # --- Config ---
@@ -348,9 +349,13 @@ def now_ms() -> int:
 
 def iso(ms: int | None) -> str | None:
     """Unix milliseconds as the API's ISO-8601 UTC form, e.g. ``2025-01-21T10:30:00Z``."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if ms is None else _iso_second(ms // 1000)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _iso_second(second: int) -> str:
+    """A Unix second as ISO-8601 UTC (cached: listings repeat the same times)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def new_id(prefix: str) -> str:
@@ -369,6 +374,35 @@ async def repeat(seconds: float, job: Callable[[], Awaitable[Any]], *, first: bo
         except Exception:
             log.exception("background job %s failed", getattr(job, "__name__", job))
         await asyncio.sleep(seconds)
+
+
+class SingleFlight:
+    """Concurrent callers asking for one key share one computation (and its error)."""
+
+    def __init__(self) -> None:
+        self._flights: dict[Any, asyncio.Future[Any]] = {}
+
+    def running(self, key: Any) -> bool:
+        return key in self._flights
+
+    async def run(self, key: Any, compute: Callable[[], Awaitable[_T]]) -> _T:
+        if key in self._flights:
+            result: _T = await asyncio.shield(self._flights[key])
+            return result
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            value = await compute()
+        except asyncio.CancelledError:
+            flight.cancel()
+            raise
+        except Exception as exc:
+            flight.set_exception(exc)
+            flight.exception()  # retrieved: waiters re-raise it, and none need not
+            raise
+        finally:
+            del self._flights[key]
+        flight.set_result(value)
+        return value
 
 
 def schema_path() -> Path:
@@ -720,8 +754,9 @@ class Field:
     doc: str = ""
     secret: bool | tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def column(self) -> str:
+        """The field's SQL column: ``camelCase`` -> ``camel_case`` (computed once per field)."""
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
 
     def required_for(self, kind: str | None) -> bool:
@@ -3321,6 +3356,7 @@ async def run_incidents(rt: Runtime) -> None:
         while True:
             try:
                 if await process_transitions(rt):
+                    rt.public_cache.invalidate()
                     wake.set()
                     continue
             except Exception:
@@ -4484,23 +4520,46 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
     return stats, regions
 
 
-async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int
-                      ) -> dict[str, list[dict[str, Any]]]:
+# Daily counts of days the daily rollups cover never change, so callers may keep them in a
+# ``SettledDays`` memo: keyed by the monitors, the first day and where the rollups end.
+SettledDays = dict[tuple[tuple[str, ...], int, int], dict[tuple[Any, ...], list[int]]]
+_SETTLED_MEMO_SIZE = 256
+
+
+async def _day_counts(db: Database, ids: list[str], first: int, now: int,
+                      memo: SettledDays | None) -> dict[tuple[Any, ...], list[int]]:
+    """Counts per (monitor, day) from ``first`` to now; the rolled-up days from ``memo``."""
+    settled = max(first, min(now // DAY_MS * DAY_MS, (await rollup_progress(db))[1]))
+    key = (tuple(ids), first, settled)
+    past = memo.get(key) if memo is not None else None
+    if past is None:
+        past = await collect(db, ids, first, settled, ("monitor", "day"))
+        if memo is not None:
+            if len(memo) >= _SETTLED_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[key] = past
+    return {**past, **await collect(db, ids, settled, now + 1, ("monitor", "day"))}
+
+
+async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int,
+                      memo: SettledDays | None = None) -> dict[str, list[dict[str, Any]]]:
     """Per monitor, one entry per UTC day of the last ``days`` days (today last), from
     daily rollups plus hourly and raw rows for the days not rolled up yet."""
     now = now_ms()
     first = now // DAY_MS * DAY_MS - (days - 1) * DAY_MS
-    counts = await collect(db, list(monitor_ids), first, now + 1, ("monitor", "day"))
+    counts = await _day_counts(db, list(monitor_ids), first, now, memo)
+    starts = range(first, now + 1, DAY_MS)
+    labels = [datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d")
+              for day in starts]
+    empty = [0] * 5
     out: dict[str, list[dict[str, Any]]] = {}
     for monitor_id in monitor_ids:
-        out[monitor_id] = []
-        for day in range(first, now + 1, DAY_MS):
-            stats = WindowStats()
-            stats.add(counts.get((monitor_id, day), [0] * 5))
-            out[monitor_id].append({
-                "day": datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d"),
-                "up": stats.up, "down": stats.down, "degraded": stats.degraded,
-                "total": stats.total, "uptime": stats.uptime()})
+        out[monitor_id] = days_out = []
+        for day, label in zip(starts, labels, strict=True):
+            up, down, degraded = counts.get((monitor_id, day), empty)[:3]
+            total = up + down + degraded
+            days_out.append({"day": label, "up": up, "down": down, "degraded": degraded,
+                             "total": total, "uptime": uptime_percent(up + degraded, total)})
     return out
 
 
@@ -4524,17 +4583,46 @@ async def _roll(db: Database, source: str, bucket: str, ids: Sequence[str], lo: 
             (r[0], bucket, lo, r[1], *(v or 0 for v in tuple(r)[2:]),
              json.dumps(hists[(r[0], r[1])], separators=(",", ":")))) for r in rows]
         if position == len(chunks) - 1:
-            statements.append(("INSERT INTO rollup_progress (bucket, done_until) VALUES (?, ?)"
-                               " ON CONFLICT (bucket)"
-                               " DO UPDATE SET done_until = excluded.done_until",
-                               (bucket, lo + span)))
+            statements.append(_progress_statement(bucket, lo + span))
         await db.write(statements)
         await asyncio.sleep(_RETENTION_PAUSE)
 
 
+# A team's hourly row: the sums of its monitors' hourly rows, histograms merged by bucket.
+_TEAM_ROLLUP = (
+    "INSERT OR REPLACE INTO team_rollups (account_id, start, up, down, degraded, rt_sum,"
+    " rt_count, rt_hist) SELECT t.account_id, t.start, t.up, t.down, t.degraded, t.rt_sum,"
+    " t.rt_count, COALESCE((SELECT json_group_object(k, n) FROM (SELECT j.key AS k,"
+    " SUM(j.value) AS n FROM monitors m2 JOIN check_rollups r2 ON r2.monitor_id = m2.id"
+    " AND r2.bucket = 'h' AND r2.start = t.start, json_each(r2.rt_hist) AS j"
+    " WHERE m2.account_id = t.account_id GROUP BY j.key)), '{}')"
+    " FROM (SELECT m.account_id, r.start, SUM(r.up) AS up, SUM(r.down) AS down,"
+    " SUM(r.degraded) AS degraded, SUM(r.rt_sum) AS rt_sum, SUM(r.rt_count) AS rt_count"
+    " FROM monitors m JOIN check_rollups r ON r.monitor_id = m.id AND r.bucket = 'h'"
+    " AND r.start >= ? AND r.start < ? GROUP BY m.account_id, r.start) AS t")
+
+
+def _progress_statement(bucket: str, done_until: int) -> Statement:
+    return ("INSERT INTO rollup_progress (bucket, done_until) VALUES (?, ?) ON CONFLICT (bucket)"
+            " DO UPDATE SET done_until = excluded.done_until", (bucket, done_until))
+
+
+async def _roll_teams(db: Database, hours_done: int) -> None:
+    """Sum the hourly rows not yet summed per team (a day per transaction)."""
+    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
+    if teams_done is None:
+        teams_done = await db.fetchval("SELECT MIN(start) FROM check_rollups WHERE bucket = 'h'"
+                                       ) or hours_done
+    while teams_done < hours_done:
+        until = min(hours_done, teams_done + DAY_MS)
+        await db.write([(_TEAM_ROLLUP, (teams_done, until)), _progress_statement("t", until)])
+        teams_done = until
+        await asyncio.sleep(_RETENTION_PAUSE)
+
+
 async def roll_up(db: Database, now: int | None = None) -> tuple[int, int]:
-    """Roll every complete hour into hourly rows and every complete day into daily rows
-    (built from the hourly ones); return the new progress marks."""
+    """Roll every complete hour into hourly rows (per monitor, then per team) and every
+    complete day into daily rows (built from the hourly ones); return the progress marks."""
     now = now_ms() if now is None else now
     hours_done, days_done = await rollup_progress(db)
     if not hours_done:
@@ -4548,6 +4636,7 @@ async def roll_up(db: Database, now: int | None = None) -> tuple[int, int]:
         while days_done + DAY_MS <= hours_done:
             await _roll(db, "h", "d", ids, days_done)
             days_done += DAY_MS
+    await _roll_teams(db, hours_done)
     return hours_done, days_done
 
 
@@ -4582,6 +4671,10 @@ async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = 
     deleted["alerts"] = await _delete_in_batches(
         db, "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE done_at < ?"
             " ORDER BY id LIMIT ?)", (now - keep["raw_days"] * DAY_MS, RETENTION_BATCH))
+    deleted["teams"] = await _delete_in_batches(
+        db, "DELETE FROM team_rollups WHERE (account_id, start) IN (SELECT account_id, start"
+            " FROM team_rollups WHERE start < ? LIMIT ?)",
+        (now - keep["hourly_days"] * DAY_MS, RETENTION_BATCH))
     ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors ORDER BY id")]
     per_chunk = max(1, RETENTION_BATCH // 25)  # about a day of hourly rows per monitor
     for bucket, days in (("h", keep["hourly_days"]), ("d", keep["rollup_days"])):
@@ -4725,6 +4818,10 @@ class Runtime:
         self.started = time.monotonic()
         self.regions: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
+        self.public_cache = PublicCache()
+        self.flights = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.settled_days: SettledDays = {}
         self.heartbeats = Heartbeats(self)
         self.scheduler: Scheduler | None = None
         self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
@@ -4767,6 +4864,17 @@ class Runtime:
                               _SERVICE_RESTART_DELAY)
                 await asyncio.sleep(_SERVICE_RESTART_DELAY)
 
+    def background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` without waiting for it; a failure is logged."""
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("background work failed")
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def monitor_changed(self, monitor_id: str) -> None:
         """Tell the background services that a monitor was created, edited or deleted."""
         for listener in self.listeners:
@@ -4774,9 +4882,9 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop background work, write what is pending and close the database."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.usage.flush(self.db)
         await self.db.close()
 
@@ -4871,6 +4979,8 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             except Exception as exc:
                 log.exception("unhandled error in %s %s", request.method, request.url.path)
                 raise ApiError("Internal server error", "the error has been logged") from exc
+            if request.method != "GET" and not public:
+                rt.public_cache.invalidate()
             response = result if isinstance(result, Response) else JSONResponse(result)
             response.headers.update(getattr(request.state, "headers", {}))
             return response
@@ -4947,16 +5057,22 @@ def _like(text: str) -> str:
 _JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
 
 
+def _json_column(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+# Each monitor column as (field name, column, how its stored value is read back).
+_MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tuple(
+    (spec.name, spec.column, _json_column if spec.kind in _JSON_KINDS
+     else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
+
+
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
     out: dict[str, Any] = {"id": row["id"]}
-    for spec in MONITOR_COLUMNS:
-        value = row[spec.column]
-        if spec.kind in _JSON_KINDS and value is not None:
-            value = json.loads(value)
-        elif spec.kind == "boolean":
-            value = bool(value)
-        out[spec.name] = value
+    for name, column, read in _MONITOR_READERS:
+        value = row[column]
+        out[name] = value if read is None else read(value)
     out["status"] = row["status"]
     out["isPaused"] = bool(row["is_paused"])
     out["heartbeatId"] = row["heartbeat_id"]
@@ -5107,17 +5223,16 @@ async def create_owned(call: Call, table: str, prefix: str,
     return await load_owned(call, table, row_id)
 
 
-async def _save_notifications(conn: aiosqlite.Connection, monitor_id: str,
-                              entries: list[dict[str, Any]]) -> None:
+def notification_statements(monitor_id: str, entries: list[dict[str, Any]]) -> list[Statement]:
     """Replace a monitor's notification targets with ``entries``."""
-    await conn.execute("DELETE FROM monitor_notifications WHERE monitor_id = ?", (monitor_id,))
     stamp = now_ms()
-    await conn.executemany(
-        "INSERT INTO monitor_notifications (id, monitor_id, channel_id, type, enabled, config,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(new_id("mn"), monitor_id, e.get("channelId"), None if e.get("channelId") else e["type"],
-          int(e["enabled"]), None if e.get("channelId") else json.dumps(e["config"]), stamp + i)
-         for i, e in enumerate(entries)])
+    return [("DELETE FROM monitor_notifications WHERE monitor_id = ?", (monitor_id,)),
+            *(("INSERT INTO monitor_notifications (id, monitor_id, channel_id, type, enabled,"
+               " config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (new_id("mn"), monitor_id, e.get("channelId"),
+                None if e.get("channelId") else e["type"], int(e["enabled"]),
+                None if e.get("channelId") else json.dumps(e["config"]), stamp + i))
+              for i, e in enumerate(entries))]
 
 
 async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
@@ -5159,12 +5274,11 @@ async def create_monitor(call: Call) -> Response:
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
     if clean["type"] == "CRON" and not clean["url"]:
         clean["url"] = f"{call.rt.cfg['server']['base_url']}{API_PREFIX}/heartbeat/{heartbeat}"
-    async with call.rt.db.transaction() as conn:
-        await conn.execute(*insert_statement("monitors", {
+    await call.rt.db.write([  # group commit: concurrent creates share one transaction
+        insert_statement("monitors", {
             "id": monitor_id, "account_id": call.team, "heartbeat_id": heartbeat,
-            "created_at": stamp, "updated_at": stamp,
-            **column_values(MONITOR_COLUMNS, clean)}))
-        await _save_notifications(conn, monitor_id, clean["notifications"] or [])
+            "created_at": stamp, "updated_at": stamp, **column_values(MONITOR_COLUMNS, clean)}),
+        *notification_statements(monitor_id, clean["notifications"] or [])])
     call.rt.monitor_changed(monitor_id)
     return JSONResponse(await _monitor_response(call, monitor_id), 201)
 
@@ -5186,10 +5300,9 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
         columns["heartbeat_id"] = secrets.token_urlsafe(18)
     elif kind != "CRON" and row["heartbeat_id"]:
         columns["heartbeat_id"] = None
-    async with call.rt.db.transaction() as conn:
-        await conn.execute(*update_statement("monitors", row["id"], columns))
-        if "notifications" in clean:
-            await _save_notifications(conn, row["id"], clean["notifications"] or [])
+    await call.rt.db.write([update_statement("monitors", row["id"], columns), *(
+        notification_statements(row["id"], clean["notifications"] or [])
+        if "notifications" in clean else ())])
     call.rt.monitor_changed(row["id"])
     return row
 
@@ -5904,23 +6017,52 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
             "performance": await _team_performance(call.rt, call.team, now)}
 
 
-# Team performance merges every monitor's histograms (about 0.4 s for 1,000 monitors), so it
-# is computed at most once a minute per team (kept in ``Runtime.performance``): checks arrive at
-# most once a minute anyway.
+# Team performance over the last 24 hours reads the team's hourly rollups (24 rows) plus the raw
+# checks since they end.  The figures are kept a minute in ``Runtime.performance``; after that
+# the kept figures are still answered while one background computation refreshes them, and
+# concurrent first requests share one computation.
 _PERFORMANCE_TTL_MS = 60_000
+_TEAM_SUMS = ("SELECT COALESCE(SUM(up), 0), COALESCE(SUM(down), 0), COALESCE(SUM(degraded), 0),"
+              " COALESCE(SUM(rt_sum), 0), COALESCE(SUM(rt_count), 0) FROM team_rollups"
+              " WHERE account_id = ? AND start >= ? AND start < ?")
+_TEAM_HIST = ("SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM team_rollups,"
+              " json_each(team_rollups.rt_hist) AS j WHERE account_id = ? AND start >= ?"
+              " AND start < ? GROUP BY 1")
 
 
-async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
-    cached = rt.performance.get(team)
-    if cached and now - cached[0] < _PERFORMANCE_TTL_MS:
-        return cached[1]
-    ids = [r[0] for r in await rt.db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                              (team,))]
-    stats, _ = await window_stats(rt.db, ids, now - DAY_MS, now, exact=False)
+async def _team_window(db: Database, team: str, lo: int, hi: int) -> WindowStats:
+    """The team's figures over [lo, hi): team rollups as far as they go, then raw checks."""
+    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
+    split = min(max(lo, teams_done or lo), hi)
+    stats = WindowStats()
+    stats.add(tuple(await db.fetchrow(_TEAM_SUMS, (team, lo, split))))
+    stats.hist = {index: count for index, count in await db.fetchall(_TEAM_HIST, (team, lo, split))}
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                           (team,))]
+    tail, _ = await window_stats(db, ids, split, hi, exact=False)
+    stats.add((tail.up, tail.down, tail.degraded, tail.rt_sum, tail.rt_count))
+    for index, count in tail.hist.items():
+        stats.hist[index] = stats.hist.get(index, 0) + count
+    return stats
+
+
+async def _compute_performance(rt: Runtime, team: str) -> dict[str, Any]:
+    now = now_ms()
+    stats = await _team_window(rt.db, team, _ceil_hour(now - DAY_MS), now)
     figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
                "overallUptime": stats.uptime()}
     rt.performance[team] = (now, figures)
     return figures
+
+
+async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
+    key = ("performance", team)
+    cached = rt.performance.get(team)
+    if cached is None:
+        return await rt.flights.run(key, lambda: _compute_performance(rt, team))
+    if now - cached[0] >= _PERFORMANCE_TTL_MS and not rt.flights.running(key):
+        rt.background(rt.flights.run(key, lambda: _compute_performance(rt, team)))
+    return cached[1]
 
 
 @api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY)
@@ -6697,7 +6839,7 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
     """Everything the page and its JSON show, read once: groups with 90-day days, incidents."""
     groups = await page_groups(rt.db, page["id"])
     monitors = {m["id"]: m for g in groups for m in g["monitors"]}
-    stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS)
+    stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS, rt.settled_days)
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
         monitor["days"] = days
@@ -6792,21 +6934,39 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsaf
                 "Cache-Control": "no-cache"}
 
 
+def _day_text(day: dict[str, Any]) -> str:
+    """One day's hover text: its uptime, level and failed checks."""
+    if day["uptime"] is None:
+        return f"{day['day']}: no data"
+    return (f"{day['day']}: {day['uptime']:.2f}% uptime, {day_level(day['uptime'])[2]} "
+            f"({day['down']} of {day['total']} checks down)")
+
+
+def _day_runs(days: Sequence[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
+    """The bar's cells as ``(first index, day count, level, hover text)``: each day with
+    downtime on its own, runs of days without downtime (or without data) merged into one."""
+    runs: list[tuple[int, int, str, str]] = []
+    for i, day in enumerate(days):
+        level, _, label = day_level(day["uptime"])
+        if level in ("ok", NO_DATA[0]) and runs and runs[-1][2] == level:
+            first, count, _, _ = runs[-1]
+            runs[-1] = (first, count + 1, level, f"{days[first]['day']} to {day['day']}: {label}")
+        else:
+            runs.append((i, 1, level, _day_text(day)))
+    return runs
+
+
 def _bars(monitor: dict[str, Any]) -> str:
-    """The 90-day bar: one SVG cell per UTC day with its uptime as hover text."""
-    cells = []
-    for i, day in enumerate(monitor["days"]):
-        uptime = _days_uptime([day])
-        level, _, label = day_level(uptime)
-        text = (f"{day['day']}: no data" if uptime is None else
-                f"{day['day']}: {uptime:.2f}% uptime, {label} "
-                f"({day['down']} of {day['total']} checks down)")
-        cells.append(f'<rect x="{i * 10}" width="8" height="34" class="d-{level}">'
-                     f'<title>{text}</title></rect>')  # our own text: nothing to escape
-    summary = (f"{len(cells)}-day uptime bar of {monitor['name']}: " +
+    """The 90-day bar as one small SVG: a cell per day with downtime and one per run of days
+    without, each with its hover text (about 1 KB per monitor instead of 9)."""
+    days = monitor["days"]
+    cells = "".join(f'<rect x="{first * 10}" width="{count * 10 - 2}" height="34" '
+                    f'class="d-{level}"><title>{text}</title></rect>'  # our own text
+                    for first, count, level, text in _day_runs(days))
+    summary = (f"{len(days)}-day uptime bar of {monitor['name']}: " +
                ("no data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}%"))
-    return (f'<svg class="bars" viewBox="0 0 {len(cells) * 10 - 2} 34" preserveAspectRatio="none"'
-            f' role="img" aria-label="{_esc(summary)}">{"".join(cells)}</svg>')
+    return (f'<svg class="bars" viewBox="0 0 {len(days) * 10 - 2} 34" preserveAspectRatio="none"'
+            f' role="img" aria-label="{_esc(summary)}">{cells}</svg>')
 
 
 def _monitor_html(monitor: dict[str, Any]) -> str:
@@ -6897,12 +7057,103 @@ _NOT_FOUND_HTML = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
                    ' at this address.</p></main></body></html>')
 
 
-def _html_response(request: Request, text: str, status: int) -> Response:
-    """HTML with the page headers, gzipped when the client accepts it (the bars repeat a lot)."""
-    body, headers = text.encode(), {**PAGE_HEADERS, "Vary": "Accept-Encoding"}
-    if len(body) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
-        body, headers["Content-Encoding"] = gzip.compress(body, 6), "gzip"
-    return Response(body, status, headers, "text/html; charset=utf-8")
+# Public responses are rendered once and then served from memory until the data behind them
+# changes (any API write or status change calls ``invalidate``) or PUBLIC_CACHE_SECONDS pass
+# (new checks only move the uptime figures), with an ETag for 304s and gzip when accepted.
+# Concurrent first requests for one address wait for a single render.
+PUBLIC_CACHE_SECONDS = 30.0
+PUBLIC_CACHE_ENTRIES = 1000
+_GZIP_MIN_BYTES = 1024
+
+
+@dataclass
+class CachedResponse:
+    """One rendered public response, with its gzip form made on first demand."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    etag: str
+    born: float
+    generation: int
+    gzipped: bytes | None = None
+
+    def gzip_body(self) -> bytes:
+        if self.gzipped is None:
+            self.gzipped = gzip.compress(self.body, 6)
+        return self.gzipped
+
+
+class PublicCache:
+    """Rendered public responses by full URL, valid for one data generation and a TTL."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.renders = 0
+        self._entries: dict[str, CachedResponse] = {}
+        self._flights = SingleFlight()
+
+    def invalidate(self) -> None:
+        """The data changed: every entry is stale from now on."""
+        self.generation += 1
+
+    def _fresh(self, key: str) -> CachedResponse | None:
+        entry = self._entries.get(key)
+        if entry and entry.generation == self.generation and (
+                time.monotonic() - entry.born < PUBLIC_CACHE_SECONDS):
+            return entry
+        return None
+
+    async def get(self, key: str, render: Callable[[], Awaitable[Response]]) -> CachedResponse:
+        """The fresh entry for ``key``, rendering it once however many requests wait for it."""
+        entry = self._fresh(key)
+        if entry is not None:
+            return entry
+        return await self._flights.run(key, lambda: self._render(key, render))
+
+    async def _render(self, key: str, render: Callable[[], Awaitable[Response]]
+                      ) -> CachedResponse:
+        generation = self.generation
+        response = await render()
+        self.renders += 1
+        body = bytes(response.body)
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        entry = CachedResponse(response.status_code, body, headers,
+                               f'"{hashlib.sha256(body).hexdigest()[:20]}"', time.monotonic(),
+                               generation)
+        if entry.status == 200:
+            self._entries.pop(key, None)
+            self._entries[key] = entry
+            if len(self._entries) > PUBLIC_CACHE_ENTRIES:
+                del self._entries[next(iter(self._entries))]
+        return entry
+
+
+def _cached_answer(request: Request, entry: CachedResponse) -> Response:
+    """A cached response as this client gets it: 304 for its ETag, gzip if it accepts it."""
+    headers = {**entry.headers, "ETag": entry.etag, "Vary": "Accept-Encoding"}
+    if entry.status == 200 and entry.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers={k: v for k, v in headers.items()
+                                                  if k != "content-type"})
+    body = entry.body
+    if len(body) >= _GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = entry.gzip_body(), "gzip"
+    return Response(body, entry.status, headers)
+
+
+def cached_public(handler: Callable[[Request], Awaitable[Response]]
+                  ) -> Callable[[Request], Awaitable[Response]]:
+    """Serve a public route from the runtime's PublicCache."""
+    @functools.wraps(handler)
+    async def serve(request: Request) -> Response:
+        rt: Runtime = request.app.state.statusapp
+        entry = await rt.public_cache.get(str(request.url), lambda: handler(request))
+        return _cached_answer(request, entry)
+    return serve
+
+
+def _html_response(text: str, status: int) -> Response:
+    return Response(text, status, PAGE_HEADERS, "text/html; charset=utf-8")
 
 
 async def _html_page(request: Request, column: str, value: str) -> Response:
@@ -6910,8 +7161,8 @@ async def _html_page(request: Request, column: str, value: str) -> Response:
     try:
         page = await _public_page(rt, column, value)
     except NotFound:
-        return _html_response(request, _NOT_FOUND_HTML, 404)
-    return _html_response(request, render_page(await page_view(rt, page)), 200)
+        return _html_response(_NOT_FOUND_HTML, 404)
+    return _html_response(render_page(await page_view(rt, page)), 200)
 
 
 async def page_by_slug(request: Request) -> Response:
@@ -7059,7 +7310,7 @@ async def badge_uptime(request: Request) -> Response:
             (row["id"], now_ms() - _BADGE_HOURS[period] * 3_600_000))
         uptime = uptime_percent(counts[0], counts[1])
     else:
-        days = (await daily_stats(rt.db, [row["id"]], int(period[:-1])))[row["id"]]
+        days = (await daily_stats(rt.db, [row["id"]], int(period[:-1]), rt.settled_days))[row["id"]]
         uptime = _days_uptime(days)
     message = "no data" if uptime is None else f"{uptime:.2f}%"
     colour = "#9f9f9f" if uptime is None else next(c for low, c in BADGE_UPTIME if uptime >= low)
@@ -7068,12 +7319,12 @@ async def badge_uptime(request: Request) -> Response:
 
 
 PAGE_ROUTES = [
-    Route("/", page_by_domain, methods=["GET"]),
-    Route("/status/{slug}.json", page_summary, methods=["GET"]),
-    Route("/status/{slug}/feed.atom", page_feed, methods=["GET"]),
-    Route("/status/{slug}", page_by_slug, methods=["GET"]),
-    Route("/badge/{monitorId}/status.svg", badge_status, methods=["GET"]),
-    Route("/badge/{monitorId}/uptime.svg", badge_uptime, methods=["GET"]),
+    Route("/", cached_public(page_by_domain), methods=["GET"]),
+    Route("/status/{slug}.json", cached_public(page_summary), methods=["GET"]),
+    Route("/status/{slug}/feed.atom", cached_public(page_feed), methods=["GET"]),
+    Route("/status/{slug}", cached_public(page_by_slug), methods=["GET"]),
+    Route("/badge/{monitorId}/status.svg", cached_public(badge_status), methods=["GET"]),
+    Route("/badge/{monitorId}/uptime.svg", cached_public(badge_uptime), methods=["GET"]),
 ]
 
 

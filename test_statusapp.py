@@ -3443,10 +3443,18 @@ async def test_page_daily_stats_counts_each_utc_day(cfg):
 
 
 def _bars(page_html: str) -> list[list[tuple[str, str]]]:
-    """Per monitor bar: the (class, hover text) of each day cell."""
-    import re
-    return [re.findall(r'<rect [^>]*class="d-(\w+)"[^>]*><title>([^<]*)</title>', svg)
-            for svg in re.findall(r'<svg class="bars".*?</svg>', page_html)]
+    """Per monitor bar: the (class, hover text) of each day, a cell that spans a run of days
+    giving each of them its own class and text."""
+    bars = []
+    for svg in re.findall(r'<svg class="bars".*?</svg>', page_html):
+        days: list[tuple[str, str]] = []
+        for x, width, level, text in re.findall(
+                r'<rect x="(\d+)" width="(\d+)" [^>]*class="d-(\w+)"[^>]*><title>([^<]*)</title>',
+                svg):
+            assert int(x) == len(days) * 10  # cells abut, in day order
+            days += [(level, text)] * ((int(width) + 2) // 10)
+        bars.append(days)
+    return bars
 
 
 def test_page_html_shows_state_bars_and_incidents(client, seeded):
@@ -3470,6 +3478,8 @@ def test_page_html_shows_state_bars_and_incidents(client, seeded):
     for offset, _, level, text in _HISTORY:
         assert api_bar[89 - offset] == (level, f"{_day_name(offset)}: {text} checks down)")
     assert sum(level == "none" for level, _ in api_bar) == 85
+    assert api_bar[0] == ("none", f"{_day_name(89)} to {_day_name(6)}: no data")  # one cell
+    assert page.count("<rect ") == 7 + 1 + 1  # api: 84 days of no data, 5 seeded, today
     assert f"<strong>{_HISTORY_UPTIME}% uptime</strong>" in page
     assert all(level == "none" for level, _ in evil_bar + cdn_bar)
     assert page.count("<strong>No data</strong>") == 2
@@ -3505,6 +3515,49 @@ def test_page_private_and_unknown_are_404(client, seeded):
                  f"/badge/{seeded['api']}/status.svg"):
         resp = client.get(path)
         assert resp.status_code == 404 and resp.json()["code"] == "NOT_FOUND"
+
+
+def test_public_responses_are_cached_with_etag_gzip_and_invalidated_by_writes(client, seeded):
+    cache = client.app.state.statusapp.public_cache
+    first = client.get("/status/acme")
+    renders = cache.renders
+    again = client.get("/status/acme")
+    assert cache.renders == renders and again.content == first.content  # served from memory
+    etag = first.headers["etag"]
+    assert first.headers["content-encoding"] == "gzip" and first.headers["vary"] == "Accept-Encoding"
+    plain = client.get("/status/acme", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.headers["etag"] == etag
+    unchanged = client.get("/status/acme", headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    for path in ("/status/acme.json", "/status/acme/feed.atom",
+                 f"/badge/{seeded['api']}/status.svg"):
+        tag = client.get(path).headers["etag"]
+        assert client.get(path, headers={"If-None-Match": tag}).status_code == 304
+    resp = client.post(f"/api/v1/monitors/{seeded['api']}/pause")
+    assert resp.status_code == 200, resp.text
+    changed = client.get("/status/acme", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert cache.renders > renders
+    assert client.get(f"/badge/{seeded['api']}/status.svg").text.count(">paused<") == 2
+
+
+@pytest.mark.asyncio
+async def test_a_stampede_of_first_requests_renders_the_page_once(cfg, key):
+    app = statusapp.create_app(cfg)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://status.test",
+                                     headers={"X-API-Key": key}) as http:
+            monitor = (await http.post("/api/v1/monitors", json={
+                "name": "api", "type": "CRON", "interval": 3600})).json()
+            page = await http.post("/api/v1/status-pages", json={
+                "name": "Stampede", "slug": "stampede",
+                "monitorGroups": [{"name": "All", "monitorIds": [monitor["id"]]}]})
+            assert page.status_code == 201
+            cache = app.state.statusapp.public_cache
+            answers = await asyncio.gather(*(http.get("/status/stampede") for _ in range(20)))
+    assert {a.status_code for a in answers} == {200} and cache.renders == 1
+    assert len({a.headers["etag"] for a in answers}) == 1
 
 
 def test_page_custom_domain_serves_root(client, seeded):
@@ -3755,6 +3808,63 @@ def test_rollups_give_the_same_analytics_as_raw_checks(cfg):
                       " GROUP BY bucket ORDER BY bucket")
     assert stored == [("d", sum(1 for r in rows if r[2] < end // day * day)),
                       ("h", len(rows))]
+
+
+def test_team_rollups_give_the_same_team_figures_as_every_monitors_checks(cfg):
+    rnd = random.Random(7)
+    monitors = _monitors(cfg, 3)
+    hour = statusapp.HOUR_MS
+    now = int(time.time() * 1000)
+    start = statusapp._ceil_hour(now - statusapp.DAY_MS)
+    for monitor in monitors:
+        _store_checks(cfg, monitor, [(rnd.choice(["UP"] * 8 + ["DOWN", "DEGRADED"]),
+                                      rnd.randint(20, 3000), t, "local")
+                                     for t in range(start + rnd.randint(0, 60_000), now, 240_000)])
+    team = sql(cfg, "SELECT account_id FROM monitors LIMIT 1")[0][0]
+
+    async def job(db):
+        exact, _ = await statusapp.window_stats(db, monitors, start, now, exact=True)
+        before = await statusapp._team_window(db, team, start, now)  # nothing rolled up yet
+        await statusapp.roll_up(db, now=now)
+        after = await statusapp._team_window(db, team, start, now)
+        return exact, before, after
+    exact, before, after = _on_db(cfg, job)
+    teams_done = sql(cfg, "SELECT done_until FROM rollup_progress WHERE bucket = 't'")[0][0]
+    assert teams_done == (now - statusapp.ROLLUP_GRACE_MS) // hour * hour
+    rolled = sql(cfg, "SELECT COUNT(*), SUM(up + down + degraded) FROM team_rollups"
+                      " WHERE account_id = ?", (team,))[0]
+    assert rolled[0] >= 22 and rolled[1] > 0  # one row per rolled hour, not per monitor
+    for stats in (before, after):
+        assert (stats.up, stats.down, stats.degraded, stats.rt_sum, stats.rt_count) == (
+            exact.up, exact.down, exact.degraded, exact.rt_sum, exact.rt_count)
+        assert sum(stats.hist.values()) == exact.rt_count
+        assert abs(stats.percentile(95) - exact.percentile(95)) <= exact.percentile(95) * 0.025 + 1
+
+
+@pytest.mark.asyncio
+async def test_team_analytics_are_computed_once_for_a_burst_and_refreshed_in_the_background(
+        cfg, key, monkeypatch):
+    computed = []
+    original = statusapp._team_window
+
+    async def counting(db, team, lo, hi):
+        computed.append(team)
+        return await original(db, team, lo, hi)
+    monkeypatch.setattr(statusapp, "_team_window", counting)
+    app = statusapp.create_app(cfg)
+    async with app.router.lifespan_context(app):
+        rt = app.state.statusapp
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t",
+                                     headers={"X-API-Key": key}) as http:
+            answers = await asyncio.gather(*(http.get("/api/v1/analytics") for _ in range(8)))
+            assert {a.status_code for a in answers} == {200} and len(computed) == 1
+            team = computed[0]
+            at, figures = rt.performance[team]
+            rt.performance[team] = (at - statusapp._PERFORMANCE_TTL_MS, figures)  # expired
+            stale = await http.get("/api/v1/analytics")
+            assert stale.json()["performance"] == answers[0].json()["performance"]
+            await asyncio.gather(*list(rt._background))  # the one refresh it started
+            assert len(computed) == 2 and rt.performance[team][0] >= at
 
 
 def test_daily_stats_cover_rolled_up_and_raw_days(cfg):
