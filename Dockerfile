@@ -2,7 +2,9 @@
 FROM python:3.12-slim
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE statusapp.py schema.sql config.example.toml ./
-RUN pip install --no-cache-dir . \
+# --build-arg EXTRAS=[apprise] adds the Apprise channel type.
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".$EXTRAS" \
  && useradd --system --uid 10001 --no-create-home statusapp \
  && mkdir /data && chown statusapp /data
 USER statusapp
