@@ -6770,16 +6770,25 @@ def uptime_percent(up: int, total: int) -> float | None:
     return math.floor(round(up * 10_000 / total, 6)) / 100
 
 
+_LEVELS = tuple((level[0], level[1:]) for level in DAY_LEVELS)
+
+
 def day_level(uptime: float | None) -> tuple[str, str, str]:
     """A day's (class, colour, label) by its uptime %."""
     if uptime is None:
         return NO_DATA
-    return next(level[1:] for level in DAY_LEVELS if uptime >= level[0])
+    for low, level in _LEVELS:
+        if uptime >= low:
+            return level
+    return _LEVELS[-1][1]
 
 
 def _days_uptime(days: Sequence[dict[str, Any]]) -> float | None:
-    return uptime_percent(sum(d["up"] + d["degraded"] for d in days),
-                          sum(d["total"] for d in days))
+    up = total = 0
+    for day in days:
+        up += day["up"] + day["degraded"]
+        total += day["total"]
+    return uptime_percent(up, total)
 
 
 def _when(ms: int) -> str:
