@@ -660,12 +660,21 @@ def backup_database(source: str, target: str) -> int:
     return version
 
 
+def _same_owner(model: str, path: str) -> None:
+    """Give ``path`` the mode and (where we may) the owner of ``model``."""
+    info = os.stat(model)
+    os.chmod(path, info.st_mode & 0o7777)
+    with contextlib.suppress(PermissionError):
+        os.chown(path, info.st_uid, info.st_gid)
+
+
 def restore_database(target: str, backup: str) -> int:
     """Put the checked ``backup`` in place of ``target`` and return its schema version.
 
     Refused while anything (a running server) has ``target`` open: an exclusive lock needs
     every other connection closed.  The copy goes through the backup API into a ``.part``
-    file beside ``target``, then one rename replaces the database."""
+    file beside ``target`` that takes the database file's owner and mode (a restore run as
+    root must leave a file the service user can write), then one rename replaces it."""
     version = check_database(backup)
     part = f"{target}.part"
     with contextlib.closing(sqlite3.connect(target, timeout=0, isolation_level=None)) as lock:
@@ -677,6 +686,7 @@ def restore_database(target: str, backup: str) -> int:
         with contextlib.closing(sqlite3.connect(backup)) as src, \
                 contextlib.closing(sqlite3.connect(part)) as dst:
             src.backup(dst)
+        _same_owner(target, part)
         lock.execute("ROLLBACK")
     for stale in (f"{target}-wal", f"{target}-shm"):
         with contextlib.suppress(FileNotFoundError):

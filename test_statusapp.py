@@ -330,6 +330,20 @@ def test_restore_refuses_a_damaged_or_newer_backup_and_keeps_the_database(tmp_pa
         assert result.exit_code == 1 and message in result.output
     assert sql(cfg, "SELECT COUNT(*) FROM accounts") == [(1,)]
 
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_restore_as_root_keeps_the_database_files_owner_and_mode(tmp_path):
+    """`sudo statusapp restore` must leave a file the service's own user can still write."""
+    cfg = make_cfg(tmp_path)
+    new_key(cfg)
+    backup = tmp_path / "backup.db"
+    cli(cfg, "backup", str(backup))
+    os.chown(cfg["server"]["database"], 4321, 4321)
+    os.chmod(cfg["server"]["database"], 0o600)
+    cli(cfg, "restore", str(backup))
+    restored = os.stat(cfg["server"]["database"])
+    assert (restored.st_uid, restored.st_gid, restored.st_mode & 0o777) == (4321, 4321, 0o600)
+
 # --- API tests ---
 
 FULL_MONITOR = {
