@@ -7853,12 +7853,12 @@ def _matches(kind: SetupKind, entries: list[dict[str, Any]], objects: list[dict[
     return found, problems
 
 
-def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
-               sensitive: set[tuple[Any, ...]], cfg: dict[str, dict[str, Any]],
-               prune: bool) -> tuple[list[Step], dict[str, dict[str, str]]]:
-    """The steps that make the team match ``setup``, validated in full first, and the ids
-    the file's names stand for (placeholders for objects still to create)."""
-    stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
+def _resolve_names(setup: dict[str, list[dict[str, Any]]],
+                   stored: dict[str, list[dict[str, Any]]]
+                   ) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[str, str]],
+                              list[str]]:
+    """Per kind: each entry's stored object, the id each name stands for (a placeholder for
+    an object still to create), and the problems (names given twice)."""
     ids = {key: {o["name"]: o["id"] for o in objects} for key, objects in stored.items()}
     matched, problems = {}, []
     for kind in SETUP_KINDS:
@@ -7869,6 +7869,16 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
                 ids[kind.key][entry["name"]] = matched[kind.key][i]["id"]
             elif isinstance(entry.get("name"), str):
                 ids[kind.key][entry["name"]] = f"(new: {entry['name']})"
+    return matched, ids, problems
+
+
+def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
+               sensitive: set[tuple[Any, ...]], cfg: dict[str, dict[str, Any]],
+               prune: bool) -> tuple[list[Step], dict[str, dict[str, str]]]:
+    """The steps that make the team match ``setup``, validated in full first, and the ids
+    the file's names stand for (placeholders for objects still to create)."""
+    stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
+    matched, ids, problems = _resolve_names(setup, stored)
     env = {"cfg": cfg, "channels": set(ids["channels"].values()),
            "monitors": set(ids["monitors"].values()),
            "regions": {r["id"] for r in api.call("GET", "/worker-regions")["regions"]}}
