@@ -7732,7 +7732,7 @@ def _record(kind: SetupKind, obj: dict[str, Any]) -> dict[str, Any]:
              "enabled": n["enabled"], "config": None if n["channelId"] else n["config"]}
             for n in obj["monitorNotifications"]]
     if kind.key == "statusPages":
-        record["monitorGroups"] = [{"name": g["name"], "monitorIds": g["monitorIds"]}
+        record["monitorGroups"] = [{f.name: g.get(f.name) for f in MONITOR_GROUP_FIELDS}
                                    for g in obj["monitorGroups"]]
     return record
 
@@ -7978,11 +7978,18 @@ def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, s
         if record["type"] == "CRON" and record["url"] == obj.get("heartbeatUrl"):
             record["url"] = None
     if kind.key == "statusPages":
-        record["monitorGroups"] = [{"name": g["name"], "monitors": [
-            names["monitors"][m] for m in g["monitorIds"]]} for g in record["monitorGroups"]]
+        record["monitorGroups"] = [_exported_group(g, names) for g in record["monitorGroups"]]
     defaults = {f.name: f.default for f in kind.fields}
     return {k: v for k, v in record.items() if v not in (None, []) and v != defaults[k]
             and k not in (MANAGED_FIELD.name, DIGEST_FIELD.name)}
+
+
+def _exported_group(group: dict[str, Any], names: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """A status page group as a file entry: its monitors by name (other ways of choosing
+    them, if any, as they are)."""
+    out = {k: v for k, v in group.items() if k != "monitorIds" and v is not None}
+    monitors = [names["monitors"][m] for m in group.get("monitorIds") or []]
+    return {**out, "monitors": monitors} if monitors else out
 
 
 def _exported_link(link: dict[str, Any], names: dict[str, dict[str, str]],
