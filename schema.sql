@@ -365,7 +365,10 @@ CREATE TABLE team_rollups (
     PRIMARY KEY (account_id, start)
 ) WITHOUT ROWID;
 
--- migration 10: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
+ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
+
+-- migration 11: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
 -- of the secrets it applied to each (masked secrets alone cannot show that one changed)
 ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
@@ -763,6 +764,7 @@ class Field:
     kinds: tuple[str, ...] | None = None
     doc: str = ""
     secret: bool | tuple[str, ...] = ()
+    items: str | None = None  # an array's element kind
 
     @functools.cached_property
     def column(self) -> str:
@@ -786,6 +788,31 @@ def _kind(value: Any) -> str:
     return _KIND_OF.get(type(value), "unknown")
 
 
+def _fits(kind: str, value: Any) -> bool:
+    """Whether a value is of a Field kind (an integer is a number too)."""
+    return _kind(value) == kind or (kind == "number" and _kind(value) == "integer")
+
+
+def zod_type(kind: str) -> str:
+    """A kind as zod names it in issues: zod has no integer type, integers are numbers."""
+    return "number" if kind == "integer" else kind
+
+
+def type_issue(kind: str, value: Any) -> dict[str, Any]:
+    """zod's invalid_type issue (without its path) for a value that is not of ``kind``."""
+    expected, received = zod_type(kind), zod_type(_kind(value))
+    return {"code": "invalid_type", "expected": expected, "received": received,
+            "message": f"Expected {expected}, received {received}"}
+
+
+def _valid_items(field: Field, value: list[Any], env: dict[str, Any]) -> None:
+    """An array's elements must each be of the field's ``items`` kind."""
+    issues = [{**type_issue(field.items, item), "path": [*env["path"], i]}
+              for i, item in enumerate(value) if field.items and not _fits(field.items, item)]
+    if issues:
+        raise ValidationFailed(issues)
+
+
 def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
     if isinstance(bound, str):
         section, key = bound.split(".")
@@ -797,15 +824,14 @@ def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[st
     """Validate one present value against its field; return the clean value or raise _Issue."""
     if value is None:
         return None
-    got = _kind(value)
-    if field.kind == "number" and got == "integer":
-        got = "number"
-    if got != field.kind:
-        if field.kind == "integer" and got == "number":
+    if not _fits(field.kind, value):
+        if field.kind == "integer" and _kind(value) == "number":
             raise _Issue("Expected integer, received float", "invalid_type",
                          expected="integer", received="float")
-        raise _Issue(f"Expected {field.kind}, received {got}", "invalid_type",
-                     expected=field.kind, received=got)
+        issue = type_issue(field.kind, value)
+        raise _Issue(issue.pop("message"), **issue)
+    if field.kind == "array":
+        _valid_items(field, value, env)
     if field.choices is not None and value not in field.choices:
         options = " | ".join(f"'{c}'" for c in field.choices)
         raise _Issue(f"Invalid enum value. Expected {options}, received '{value}'",
@@ -837,9 +863,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     checked on the merged record.  Unknown keys are ignored.
     """
     if not isinstance(data, dict):
-        raise ValidationFailed([{"code": "invalid_type", "expected": "object",
-                                 "received": _kind(data), "path": list(path),
-                                 "message": f"Expected object, received {_kind(data)}"}])
+        raise ValidationFailed([{**type_issue("object", data), "path": list(path)}])
     issues: list[dict[str, Any]] = []
     clean: dict[str, Any] = {}
     for spec in fields:
@@ -848,20 +872,24 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
         elif spec.name in data or existing is None:  # null for a field with a default: that default
             clean[spec.name] = copy.deepcopy(spec.default)
     record = {**(existing or {}), **clean}
+    # What checks see of the other fields: values of the wrong kind are absent (None).
+    sound = {**record, **dict.fromkeys(spec.name for spec in fields if record.get(
+        spec.name) is not None and not _fits(spec.kind, record[spec.name]))}
     if kind is None:
-        kind = record.get(kind_field) if isinstance(record.get(kind_field), str) else None
+        kind = sound.get(kind_field) if isinstance(sound.get(kind_field), str) else None
     for spec in fields:
         value = record.get(spec.name)
         if value is None and spec.required_for(kind):
             received = "null" if spec.name in data else "undefined"
-            issues.append({"code": "invalid_type", "expected": spec.kind, "received": received,
+            issues.append({"code": "invalid_type", "expected": zod_type(spec.kind),
+                           "received": received,
                            "path": [*path, spec.name], "message": "Required"})
             continue
         given = spec.name in clean
         if not given and not (spec.check and value is not None):
             continue  # unchanged, and nothing else it depends on can have changed its validity
         try:
-            checked = _validate_one(spec, value, record, {**env, "path": (*path, spec.name)})
+            checked = _validate_one(spec, value, sound, {**env, "path": (*path, spec.name)})
         except _Issue as exc:
             issues.append({**exc.issue, "path": [*path, spec.name]})
         except ValidationFailed as exc:
@@ -879,7 +907,7 @@ def parse_query(fields: Sequence[Field], request: Request, env: dict[str, Any]) 
     data: dict[str, Any] = {}
     for spec in fields:
         raw = request.query_params.get(spec.name)
-        if raw is None or raw == "":
+        if raw is None:
             continue
         if spec.kind == "integer":
             try:
@@ -1189,7 +1217,7 @@ MONITOR_FIELDS = (
           kinds=("CRON",), doc="Grace period in seconds after a missed ping"),
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
           kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
-    Field("enabledWorkerRegionIds", "array", check=valid_regions,
+    Field("enabledWorkerRegionIds", "array", check=valid_regions, items="string",
           doc="Worker regions to probe from (absent: the local region)"),
     Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
     Field("regressionThreshold", "integer", default=50, minimum=25, maximum=200,
@@ -1247,6 +1275,50 @@ def field_reference(fields: Sequence[Field]) -> str:
     return "\n".join(rows)
 
 
+# Response shapes.  Each function that shapes a JSON response has its shape declared beside it,
+# as JSON Schema built by ``shape``; ``@api(response=...)`` hands it to the OpenAPI document.
+
+def _prop(spec: Any) -> dict[str, Any]:
+    if isinstance(spec, dict):
+        return spec
+    if isinstance(spec, list):
+        return {"type": "array", "items": _prop(spec[0])}
+    name = spec.rstrip("?")
+    out: dict[str, Any] = ({} if name == "any" else {"type": "string", "format": "date-time"}
+                           if name == "date-time" else {"type": name})
+    return nullable(out) if spec.endswith("?") else out
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema that also admits null."""
+    if "type" not in schema:
+        return schema
+    out = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in out:
+        out["enum"] = [*out["enum"], None]
+    return out
+
+
+def shape(*bases: dict[str, Any], **props: Any) -> dict[str, Any]:
+    """An object's JSON Schema, every property required, from ``bases`` (object schemas) and a
+    compact form: a JSON type name (or "any", or "date-time" for ``iso`` times) with a trailing
+    "?" when it may be null, a schema, or ``[item]`` for an array of item."""
+    properties = {k: v for base in bases for k, v in base["properties"].items()}
+    properties.update({name: _prop(spec) for name, spec in props.items()})
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+def fields_shape(fields: Sequence[Field]) -> dict[str, Any]:
+    """How a Field table's values come back: its kind and choices, null when it has no
+    default (absent values are null)."""
+    def one(f: Field) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": f.kind, **({"enum": list(f.choices)} if f.choices else {})}
+        if f.kind == "array" and f.items:
+            out["items"] = {"type": f.items}
+        return nullable(out) if f.default is None else out
+    return shape(**{f.name: one(f) for f in fields})
+
+
 def page_fields(sorts: Collection[str], default_sort: str, **filters: Field) -> tuple[Field, ...]:
     """The query parameters of a paged listing: page, limit, sort, order and filters."""
     return (
@@ -1256,6 +1328,10 @@ def page_fields(sorts: Collection[str], default_sort: str, **filters: Field) -> 
         Field("order", "string", default="desc", choices=("asc", "desc")),
         *filters.values(),
     )
+
+
+PAGINATION = shape(total="integer", page="integer", limit="integer", totalPages="integer")
+DELETED = shape(success="boolean", message="string")
 
 
 def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
@@ -1341,31 +1417,37 @@ async def authenticate(db: Database, key: str | None) -> Principal:
 
 
 class RateLimiter:
-    """Requests per key per clock hour, by the team's plan; in memory, reset on restart."""
+    """Requests per window per clock hour; in memory, reset on restart.  A window is a team
+    (whose plan sets the limit, shared by every key of every member) or, for requests without
+    a valid key, the client's address at the default plan's limit."""
 
     def __init__(self) -> None:
         self._windows: dict[str, tuple[int, int]] = {}
 
-    def hit(self, key_id: str, limit: int) -> dict[str, str]:
-        """Count one request and return the X-RateLimit headers; raise 429 past the limit."""
+    def hit(self, window: str, limit: int, enforce: bool = True) -> dict[str, str]:
+        """Count one request and return the X-RateLimit headers; past the limit raise 429, or
+        with ``enforce`` off count it anyway (what must answer even while limited)."""
         now = time.time()
         hour = int(now // 3600)
-        start, used = self._windows.get(key_id, (hour, 0))
+        start, used = self._windows.get(window, (hour, 0))
         if start != hour:
             used = 0
+        refused = enforce and used >= limit
+        if not refused:
+            used += 1
+            self._windows[window] = (hour, used)
         reset = (hour + 1) * 3600
-        if used >= limit:
-            headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": "0",
-                       "X-RateLimit-Reset": str(reset),
-                       "Retry-After": str(max(1, math.ceil(reset - now)))}
+        headers = {"X-RateLimit-Limit": str(limit),
+                   "X-RateLimit-Remaining": str(max(0, limit - used)),
+                   "X-RateLimit-Reset": str(reset)}
+        if refused:
+            headers["Retry-After"] = str(max(1, math.ceil(reset - now)))
             raise RateLimited("Rate limit exceeded", f"{limit} requests per hour for this plan",
                               headers=headers)
-        self._windows[key_id] = (hour, used + 1)
-        return {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(limit - used - 1),
-                "X-RateLimit-Reset": str(reset)}
+        return headers
 
-    def used(self, key_id: str) -> int:
-        start, used = self._windows.get(key_id, (0, 0))
+    def used(self, window: str) -> int:
+        start, used = self._windows.get(window, (0, 0))
         return used if start == int(time.time() // 3600) else 0
 
 
@@ -2941,20 +3023,24 @@ class Heartbeats:
             if beat.stale and not beat.lock.locked():
                 self._load(beat, row)
 
-    def admit(self, beat: _Beat) -> None:
-        """Count a ping in its monitor's one-minute sliding window; 429 past the limit."""
+    def admit(self, beat: _Beat) -> tuple[bool, dict[str, str]]:
+        """Count a ping in its monitor's one-minute sliding window: whether it goes into the
+        ping log (the limit throttles the log, never what the monitor learns) and the
+        X-RateLimit headers that say so."""
         limit = self.rt.cfg["heartbeat"]["pings_per_minute"]
         if not limit:
-            return
+            return True, {}
         now, window = self.clock(), beat.window
         while window and now - window[0] >= 60:
             window.popleft()
-        if len(window) >= limit:
-            retry = max(1, math.ceil(60 - (now - window[0])))
-            raise RateLimited("Rate limit exceeded",
-                              f"at most {limit} pings per minute per monitor",
-                              headers={"Retry-After": str(retry)})
-        window.append(now)
+        logged = len(window) < limit
+        if logged:
+            window.append(now)
+        wait = 60 - (now - window[0])
+        return logged, {"X-RateLimit-Limit": str(limit),
+                        "X-RateLimit-Remaining": str(limit - len(window)),
+                        "X-RateLimit-Reset": str(math.ceil(time.time() + wait)),
+                        **({} if logged else {"Retry-After": str(max(1, math.ceil(wait)))})}
 
     def source_ip(self, request: Request) -> str | None:
         """The pinging host: the peer, or X-Forwarded-For's last hop not a trusted proxy."""
@@ -4009,7 +4095,7 @@ async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
 @channel_type(
     "TELEGRAM",
     Field("botToken", "string", True, secret=True, doc="Bot API token (secret)",
-          check=_pattern(r"[0-9]+:[A-Za-z0-9_-]+", "bot token (expected 123456:ABC...)")),
+          check=_pattern(r"[0-9]+:\S+", "bot token (expected 123456:ABC...)")),
     Field("chatId", "string", True, minimum=1, maximum=64, doc="Chat, group or channel id"),
     person_facing=True)
 async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
@@ -4906,6 +4992,7 @@ class Call:
     request: Request
     rt: Runtime
     who: Principal | None
+    query: dict[str, Any] = dataclasses.field(default_factory=dict)  # the route's query table
 
     @property
     def team(self) -> str:
@@ -4919,7 +5006,7 @@ class Call:
         """The JSON body; 413 past ``limit``, 400 for another content type or bad JSON."""
         body = await read_body(self.request, limit)
         if not body.strip():
-            return {}
+            raise BadRequest("Request body required", "send a JSON object")
         ctype = self.request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise BadRequest("Content-Type must be application/json",
@@ -4959,31 +5046,59 @@ class RouteDoc:
     role: str | None
     body: tuple[Field, ...]
     query: tuple[Field, ...]
+    operation_id: str
+    response: dict[str, Any] | Callable[[], dict[str, Any]]  # a callable: shapes defined later
+    status: tuple[int, ...]
 
 
 API_DOCS: list[RouteDoc] = []
 
 
+def rate_limit(request: Request, who: Principal | None, enforce: bool = True) -> None:
+    """Count a request in its window and keep the X-RateLimit headers for the response (a 429
+    carries them itself): the team's window, or without a valid key the client address's, at
+    the server's default plan."""
+    rt: Runtime = request.app.state.statusapp
+    if who is not None:
+        window, limit = who.team_id, PLANS[who.plan]
+    else:
+        window = "ip:" + (request.client.host if request.client else "")
+        limit = PLANS[rt.cfg["account"]["plan"]]
+    request.state.headers = {}  # counted (a refusal carries its own headers)
+    request.state.headers = rt.limiter.hit(window, limit, enforce)
+
+
 def api(path: str, *methods: str, public: bool = False, role: str | None = None,
-        body: Sequence[Field] = (), query: Sequence[Field] = ()
+        body: Sequence[Field] = (), query: Sequence[Field] = (), limit: bool | None = True,
+        response: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+        status: tuple[int, ...] = (200,)
         ) -> Callable[[Callable[[Call], Awaitable[Any]]], Callable[[Call], Awaitable[Any]]]:
     """Register an ``/api/v1`` route.  Writes need MEMBER and reads VIEWER unless ``role``.
-    ``body`` and ``query`` name the Field tables the handler validates, for the OpenAPI document."""
+    ``body`` and ``query`` name the Field tables the handler validates, ``response`` the shape
+    of what it answers with a ``status``, for the OpenAPI document.  ``limit``: True refuses
+    requests past the rate limit, False counts them but answers, None leaves the window to the
+    handler (heartbeats have their own)."""
     def register(handler: Callable[[Call], Awaitable[Any]]) -> Callable[[Call], Awaitable[Any]]:
         async def endpoint(request: Request) -> Response:
             rt: Runtime = request.app.state.statusapp
             who = None
-            if not public:
-                who = await authenticate(rt.db, request_key(request))
-                request.state.headers = rt.limiter.hit(who.key_id, PLANS[who.plan])
+            try:
+                if not public:
+                    who = await authenticate(rt.db, request_key(request))
+            finally:  # a request with a bad key counts in its address's window
+                if limit is not None:
+                    rate_limit(request, who, limit)
+            if who is not None:
                 rt.usage.count(who, API_PREFIX + path)
                 needed = _METHOD_PERMISSION[request.method]
                 if needed not in who.permissions:
                     raise Forbidden(f"This API key lacks the '{needed}' permission",
                                     f"key permissions: {','.join(sorted(who.permissions))}")
                 who.require_role(role or (Role.VIEWER if needed == "read" else Role.MEMBER))
+            call = Call(request, rt, who)
+            call.query = parse_query(query, request, call.env())
             try:
-                result = await handler(Call(request, rt, who))
+                result = await handler(call)
             except (ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -4996,15 +5111,27 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             return response
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
-        API_DOCS.extend(RouteDoc(path, method, summary, None if public else role or (
-            Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER), tuple(body),
-            tuple(query)) for method in methods)
+        API_DOCS.extend(RouteDoc(
+            re.sub(r":\w+}", "}", path), method, summary, None if public else role or (
+                Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER),
+            tuple(body), tuple(query), handler.__name__ + (
+                f"_{method.lower()}" if len(methods) > 1 else ""), response or shape(), status)
+            for method in methods)
         return handler
     return register
 
 
 # Starlette's routing errors as our ApiError classes (any other HTTPException: BadRequest's code).
 _ROUTING_ERRORS = {404: (NotFound, "Not found"), 405: (MethodNotAllowed, "Method not allowed")}
+
+
+async def _routing_rate_limit(request: Request) -> None:
+    """An API request that reached no route (404, 405) is counted like any other: in its key's
+    team window when the key is valid, else its address's; it is answered all the same."""
+    who = None
+    with contextlib.suppress(ApiError, sqlite3.Error):
+        who = await authenticate(request.app.state.statusapp.db, request_key(request))
+    rate_limit(request, who, enforce=False)
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
@@ -5016,6 +5143,8 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
     elif not isinstance(exc, ApiError):
         log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         exc = ApiError("Internal server error", "the error has been logged")
+    if request.url.path.startswith(API_PREFIX) and not hasattr(request.state, "headers"):
+        await _routing_rate_limit(request)
     headers = {**getattr(request.state, "headers", {}), **exc.headers}
     return JSONResponse(exc.body(), exc.status, headers=headers)
 
@@ -5105,6 +5234,12 @@ def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str
     return out
 
 
+CHECK_SHAPE = shape(
+    id="string", status="string", responseTime="integer?", statusCode="integer?",
+    checkedAt="date-time", error="string?", rootCauseCategory="string?",
+    workerRegion=shape(id="string", country="string?", countryCode="string?", city="string?"))
+
+
 async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
     """Each monitor's latest check per region (the monitor_latest trigger keeps them), by region."""
     if not ids:
@@ -5160,6 +5295,17 @@ def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
             "enabled": bool(row["enabled"]), "config": masked_channel_config(row["type"], config),
             "failing": bool(row["target_failing"]), "lastError": row["target_error"],
             "createdAt": iso(row["created_at"])}
+
+
+LINK_SHAPE = shape(id="string", channelId="string?", name="string?", type="string?",
+                   enabled="boolean", config="object?", failing="boolean", lastError="string?",
+                   createdAt="date-time")
+
+
+MONITOR_SHAPE = shape(
+    fields_shape(MONITOR_COLUMNS), id="string", status="string", isPaused="boolean",
+    heartbeatUrl="string?", createdAt="date-time", updatedAt="date-time", checks=[CHECK_SHAPE],
+    _count=shape(checks="integer", incidents="integer"), monitorNotifications=[LINK_SHAPE])
 
 
 def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> Any:
@@ -5249,9 +5395,12 @@ async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
     return (await monitors_json(call.rt, [await load_owned(call, "monitors", monitor_id)]))[0]
 
 
-@api("/monitors", "GET", query=MONITOR_QUERY)
+MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
+
+
+@api("/monitors", "GET", query=MONITOR_QUERY, response=MONITOR_LIST_SHAPE)
 async def list_monitors(call: Call) -> dict[str, Any]:
-    query = parse_query(MONITOR_QUERY, call.request, call.env())
+    query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["status"]:
         where.append("status = ?")
@@ -5271,12 +5420,12 @@ async def list_monitors(call: Call) -> dict[str, Any]:
     return {"monitors": await monitors_json(call.rt, rows), "pagination": paginate(total, query)}
 
 
-@api("/monitors/{monitorId}", "GET")
+@api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
 async def get_monitor(call: Call) -> dict[str, Any]:
     return (await monitors_json(call.rt, [await load_owned(call, "monitors")]))[0]
 
 
-@api("/monitors", "POST", body=MONITOR_FIELDS)
+@api("/monitors", "POST", body=MONITOR_FIELDS, response=MONITOR_SHAPE, status=(201,))
 async def create_monitor(call: Call) -> Response:
     body = await call.json()
     clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
@@ -5317,13 +5466,13 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
     return row
 
 
-@api("/monitors/{monitorId}", "PUT", body=MONITOR_FIELDS)
+@api("/monitors/{monitorId}", "PUT", body=MONITOR_FIELDS, response=MONITOR_SHAPE)
 async def update_monitor(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, MONITOR_FIELDS)
     return await _monitor_response(call, row["id"])
 
 
-@api("/monitors/{monitorId}", "DELETE")
+@api("/monitors/{monitorId}", "DELETE", response=DELETED)
 async def delete_monitor(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "monitors")
     async with call.rt.db.transaction() as conn:
@@ -5332,7 +5481,7 @@ async def delete_monitor(call: Call) -> dict[str, Any]:
     return {"success": True, "message": "Monitor deleted successfully"}
 
 
-@api("/monitors/{monitorId}/pause", "POST")
+@api("/monitors/{monitorId}/pause", "POST", response=shape(id="string", isPaused="boolean"))
 async def pause_monitor(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "monitors")
     async with call.rt.db.transaction() as conn:
@@ -5350,12 +5499,17 @@ def regression_json(row: sqlite3.Row) -> dict[str, Any]:
             "baselineCalculatedAt": iso(row["baseline_calculated_at"])}
 
 
-@api("/monitors/{monitorId}/regression", "GET")
+REGRESSION_SHAPE = shape(regressionEnabled="boolean", regressionThreshold="integer",
+                         regressionPeriod="integer", baselineResponseTime="number?",
+                         baselineCalculatedAt="date-time?")
+
+
+@api("/monitors/{monitorId}/regression", "GET", response=REGRESSION_SHAPE)
 async def get_regression(call: Call) -> dict[str, Any]:
     return regression_json(await load_owned(call, "monitors"))
 
 
-@api("/monitors/{monitorId}/regression", "PUT", body=REGRESSION_FIELDS)
+@api("/monitors/{monitorId}/regression", "PUT", body=REGRESSION_FIELDS, response=REGRESSION_SHAPE)
 async def update_regression(call: Call) -> dict[str, Any]:
     row = await update_monitor_fields(call, REGRESSION_FIELDS)
     return regression_json(await load_owned(call, "monitors", row["id"]))
@@ -5370,6 +5524,8 @@ HEARTBEAT_MAX_BODY = 10_240
 _AGENT_MAX = 200
 _AT = object()  # in a ping's clock updates: "the ping's time"
 _OK = b'{"message":"OK"}'
+_OK_NOT_LOGGED = b'{"message":"OK","logged":false}'
+PING_SHAPE = shape(message="string")
 
 
 @dataclass(frozen=True)
@@ -5415,31 +5571,52 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
     return text
 
 
-def ping_statements(beat: _Beat, kind: str, message: str | None, source_ip: str | None,
-                    agent: str | None, at: int, region: str) -> list[Statement]:
-    """The writes of one ping: its log row, the monitor's clocks, and unless the monitor is
-    paused, a check and (when the status changes) a transition."""
-    spec = PING_KINDS[kind]
+@dataclass(frozen=True)
+class Ping:
+    """One received ping: its kind, text, exit code, sender, time, and whether it is logged."""
+
+    kind: str
+    message: str | None
+    exit_code: int | None
+    source_ip: str | None
+    agent: str | None
+    at: int
+    logged: bool
+
+
+def ping_statements(beat: _Beat, ping: Ping, region: str) -> list[Statement]:
+    """The writes of one ping: its log row (unless throttled), the monitor's clocks, and unless
+    the monitor is paused, a check (when logged, or when the status changes) and a transition."""
+    spec, at = PING_KINDS[ping.kind], ping.at
     duration = (at - beat.job_started_at
                 if spec.status and beat.job_started_at is not None else None)
     statements: list[Statement] = [(
         "INSERT INTO heartbeats (monitor_id, kind, message, duration, source_ip, user_agent,"
-        " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (beat.monitor_id, kind, message, duration, source_ip, agent, at))]
+        " received_at, exit_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (beat.monitor_id, ping.kind, ping.message, duration, ping.source_ip, ping.agent, at,
+         ping.exit_code))] if ping.logged else []
     if spec.clocks:
         statements.append((
             f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in spec.clocks)} WHERE id = ?",
             (*(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
-    if spec.status and not beat.quiet:
-        error = (message or _FAIL_TEXT) if spec.status == Status.DOWN else None
-        details = {"heartbeat": kind, "duration": duration}
+    changes = beat.status != spec.status
+    if spec.status and not beat.quiet and (ping.logged or changes):
+        error = _fail_text(ping) if spec.status == Status.DOWN else None
+        details = {"heartbeat": ping.kind, "duration": duration, "exitCode": ping.exit_code}
         statements += check_statements(
             beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
                                                  details=details), at)
-        if beat.status != spec.status:
+        if changes:
             statements += transition_statements(beat.monitor_id, beat.status, spec.status,
                                                 error, at)
     return statements
+
+
+def _fail_text(ping: Ping) -> str:
+    """What a failure records: the job's own text, else its exit code, else a plain phrase."""
+    if ping.message:
+        return ping.message
+    return f"job exited with code {ping.exit_code}" if ping.exit_code else _FAIL_TEXT
 
 
 def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
@@ -5451,34 +5628,38 @@ def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
         beat.status = spec.status
 
 
-async def _ping(call: Call, kind: str) -> Response:
-    """Record one ping once it is committed; 404 unknown id, 413 big body, 429 past the limit."""
+async def _ping(call: Call, kind: str, exit_code: int | None = None) -> Response:
+    """Record one ping once it is committed; 404 unknown id, 413 big body.  Past the rate limit
+    a success, start or fail still updates the monitor (status, clocks, deadline) but is not
+    logged (answered ``"logged": false``); a throttled log message is refused with 429."""
     rt, token = call.rt, call.param("heartbeatId")
     hb = rt.heartbeats
     beat = await hb.find(token)
     message = ping_message(await read_body(call.request, HEARTBEAT_MAX_BODY),
                            PING_KINDS[kind].keys)
-    hb.admit(beat)
+    logged, headers = hb.admit(beat)
+    call.request.state.headers = headers
+    if not logged and kind == "log":
+        raise RateLimited("Rate limit exceeded", f"at most {headers['X-RateLimit-Limit']} pings"
+                          " per minute per monitor are logged", headers=headers)
     agent = call.request.headers.get("user-agent", "")[:_AGENT_MAX] or None
-    source_ip = hb.source_ip(call.request)
     async with beat.lock:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
-        at = now_ms()
-        await rt.db.write(ping_statements(beat, kind, message, source_ip, agent, at,
-                                          rt.cfg["region"]["id"]))
-        _apply_ping(beat, kind, at)
+        ping = Ping(kind, message, exit_code, hb.source_ip(call.request), agent, now_ms(), logged)
+        await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
+        _apply_ping(beat, kind, ping.at)
     hb.schedule(beat)
     if call.request.method == "HEAD":
         return Response(status_code=200, headers={"content-type": "application/json"})
-    return Response(_OK, media_type="application/json")
+    return Response(_OK if logged else _OK_NOT_LOGGED, media_type="application/json")
 
 
 def _ping_route(path: str, kind: str, *methods: str) -> None:
     async def handler(call: Call) -> Response:
         return await _ping(call, kind)
     handler.__name__ = f"heartbeat_{kind}"
-    api(path, *methods, public=True)(handler)
+    api(path, *methods, public=True, limit=None, response=PING_SHAPE)(handler)
 
 
 _ping_route("/heartbeat/{heartbeatId}", "success", "GET", "POST", "HEAD")
@@ -5486,21 +5667,41 @@ _ping_route("/heartbeat/{heartbeatId}/start", "start", "GET", "POST")
 _ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
 _ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
 
+
+@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True, limit=None,
+      response=PING_SHAPE)
+async def heartbeat_exit_code(call: Call) -> Response:
+    """Report a job's exit status: 0 is a success, 1-255 a failure (``curl .../$?``)."""
+    code = call.request.path_params["exitCode"]
+    if code > 255:
+        raise NotFound("Not found", "an exit code is 0-255")
+    return await _ping(call, "success" if code == 0 else "fail", code)
+
+
 HEARTBEAT_QUERY = page_fields(("receivedAt",), "receivedAt",
                               kind=Field("kind", "string", choices=HEARTBEAT_KINDS))
 
 
 def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": f"hb_{row['id']}", "kind": row["kind"], "message": row["message"],
-            "duration": row["duration"], "sourceIp": row["source_ip"],
+            "exitCode": row["exit_code"], "duration": row["duration"],
+            "sourceIp": row["source_ip"],
             "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
 
 
-@api("/monitors/{monitorId}/heartbeats", "GET", query=HEARTBEAT_QUERY)
+HEARTBEAT_SHAPE = shape(id="string", kind="string", message="string?", exitCode="integer?",
+                        duration="integer?", sourceIp="string?", userAgent="string?",
+                        receivedAt="date-time")
+
+
+HEARTBEATS_SHAPE = shape(heartbeats=[HEARTBEAT_SHAPE], pagination=PAGINATION)
+
+
+@api("/monitors/{monitorId}/heartbeats", "GET", query=HEARTBEAT_QUERY, response=HEARTBEATS_SHAPE)
 async def list_heartbeats(call: Call) -> dict[str, Any]:
     """A monitor's pings, newest first (our addition to the spec)."""
     monitor = await load_owned(call, "monitors")
-    query = parse_query(HEARTBEAT_QUERY, call.request, call.env())
+    query = call.query
     where, params = "monitor_id = ?", [monitor["id"]]
     if query["kind"]:
         where += " AND kind = ?"
@@ -5549,6 +5750,13 @@ async def incident_json(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
             "checksFailed": failed, "checksTotal": total, "mttr": alert["mttr"]}
 
 
+INCIDENT_SHAPE = shape(
+    id="string", incidentNumber="string", monitorId="string?", startedAt="date-time",
+    resolvedAt="date-time?", isResolved="boolean", severity="string", status="string",
+    rootCause="string?", rootCauseCategory="string?", affectedRegions=["string"],
+    checksFailed="integer", checksTotal="integer", mttr="integer?")
+
+
 async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
     """The incident with its monitor, status history and newest INCIDENT_CHECKS checks."""
     monitor = await rt.db.fetchone("SELECT id, name, url, type, status FROM monitors WHERE id = ?",
@@ -5565,9 +5773,19 @@ async def _incident_detail(rt: Runtime, row: sqlite3.Row) -> dict[str, Any]:
             "checks": [check_json(c, rt.regions) for c in checks]}
 
 
-@api("/incidents", "GET", query=INCIDENT_QUERY)
+INCIDENT_DETAIL_SHAPE = shape(
+    INCIDENT_SHAPE, checks=[CHECK_SHAPE],
+    monitor=nullable(shape(id="string", name="string", url="string?", type="string",
+                           status="string")),
+    updates=[shape(id="string", status="string", message="string", createdAt="date-time")])
+
+
+INCIDENTS_SHAPE = shape(incidents=[INCIDENT_SHAPE], pagination=PAGINATION)
+
+
+@api("/incidents", "GET", query=INCIDENT_QUERY, response=INCIDENTS_SHAPE)
 async def list_incidents(call: Call) -> dict[str, Any]:
-    query = parse_query(INCIDENT_QUERY, call.request, call.env())
+    query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["monitorId"]:
         where.append("monitor_id = ?")
@@ -5586,12 +5804,13 @@ async def list_incidents(call: Call) -> dict[str, Any]:
             "pagination": paginate(total, query)}
 
 
-@api("/incidents/{incidentId}", "GET")
+@api("/incidents/{incidentId}", "GET", response=INCIDENT_DETAIL_SHAPE)
 async def get_incident(call: Call) -> dict[str, Any]:
     return await _incident_detail(call.rt, await load_owned(call, "incidents"))
 
 
-@api("/incidents/{incidentId}/updates", "POST", body=INCIDENT_UPDATE_FIELDS)
+@api("/incidents/{incidentId}/updates", "POST", body=INCIDENT_UPDATE_FIELDS,
+      response=INCIDENT_DETAIL_SHAPE, status=(201,))
 async def post_incident_update(call: Call) -> Response:
     """A person's status update; ``resolved`` closes the incident and sends its alerts."""
     row = await load_owned(call, "incidents")
@@ -5666,19 +5885,24 @@ def channel_json(row: sqlite3.Row) -> dict[str, Any]:
             "updatedAt": iso(row["updated_at"])}
 
 
-@api("/notifications", "GET")
+CHANNEL_SHAPE = shape(id="string", name="string", type="string", config="object",
+                      isActive="boolean", failing="boolean", lastError="string?",
+                      createdAt="date-time", updatedAt="date-time")
+
+
+@api("/notifications", "GET", response=shape(channels=[CHANNEL_SHAPE]))
 async def list_channels(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM notification_channels WHERE account_id = ?"
                                      " ORDER BY created_at, id", (call.team,))
     return {"channels": [channel_json(row) for row in rows]}
 
 
-@api("/notifications/{channelId}", "GET")
+@api("/notifications/{channelId}", "GET", response=CHANNEL_SHAPE)
 async def get_channel(call: Call) -> dict[str, Any]:
     return channel_json(await load_owned(call, "notification_channels"))
 
 
-@api("/notifications", "POST", body=CHANNEL_FIELDS)
+@api("/notifications", "POST", body=CHANNEL_FIELDS, response=CHANNEL_SHAPE, status=(201,))
 async def create_channel(call: Call) -> Response:
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env())
     row = await create_owned(call, "notification_channels", "nc",
@@ -5686,7 +5910,7 @@ async def create_channel(call: Call) -> Response:
     return JSONResponse(channel_json(row), 201)
 
 
-@api("/notifications/{channelId}", "PUT", body=CHANNEL_FIELDS)
+@api("/notifications/{channelId}", "PUT", body=CHANNEL_FIELDS, response=CHANNEL_SHAPE)
 async def update_channel(call: Call) -> dict[str, Any]:
     """A partial update; a new config clears the failing mark (it may fix the channel)."""
     row = await load_owned(call, "notification_channels")
@@ -5701,7 +5925,7 @@ async def update_channel(call: Call) -> dict[str, Any]:
     return channel_json(await load_owned(call, "notification_channels"))
 
 
-@api("/notifications/{channelId}", "DELETE")
+@api("/notifications/{channelId}", "DELETE", response=DELETED)
 async def delete_channel(call: Call) -> dict[str, Any]:
     """Delete a channel, its links to monitors and the alerts still queued for it."""
     row = await load_owned(call, "notification_channels")
@@ -5744,26 +5968,31 @@ def webhook_json(row: sqlite3.Row) -> dict[str, Any]:
             "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"])}
 
 
-@api("/webhooks", "GET")
+WEBHOOK_SHAPE = shape(id="string", name="string", url="string", events="string",
+                      isActive="boolean", hasSecret="boolean", lastStatus="integer?",
+                      lastTriggeredAt="date-time?", createdAt="date-time", updatedAt="date-time")
+
+
+@api("/webhooks", "GET", response=shape(webhooks=[WEBHOOK_SHAPE]))
 async def list_webhooks(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM webhooks WHERE account_id = ?"
                                      " ORDER BY created_at, id", (call.team,))
     return {"webhooks": [webhook_json(row) for row in rows]}
 
 
-@api("/webhooks/{webhookId}", "GET")
+@api("/webhooks/{webhookId}", "GET", response=WEBHOOK_SHAPE)
 async def get_webhook(call: Call) -> dict[str, Any]:
     return webhook_json(await load_owned(call, "webhooks"))
 
 
-@api("/webhooks", "POST", body=WEBHOOK_FIELDS)
+@api("/webhooks", "POST", body=WEBHOOK_FIELDS, response=WEBHOOK_SHAPE, status=(201,))
 async def create_webhook(call: Call) -> Response:
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env())
     row = await create_owned(call, "webhooks", "wh", column_values(WEBHOOK_FIELDS, clean))
     return JSONResponse(webhook_json(row), 201)
 
 
-@api("/webhooks/{webhookId}", "PUT", body=WEBHOOK_FIELDS)
+@api("/webhooks/{webhookId}", "PUT", body=WEBHOOK_FIELDS, response=WEBHOOK_SHAPE)
 async def update_webhook(call: Call) -> dict[str, Any]:
     """A partial update; ``"secret": null`` removes the secret, leaving it out keeps it."""
     row = await load_owned(call, "webhooks")
@@ -5775,7 +6004,7 @@ async def update_webhook(call: Call) -> dict[str, Any]:
     return webhook_json(await load_owned(call, "webhooks"))
 
 
-@api("/webhooks/{webhookId}", "DELETE")
+@api("/webhooks/{webhookId}", "DELETE", response=DELETED)
 async def delete_webhook(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "webhooks")
     await call.rt.db.write([
@@ -5784,7 +6013,11 @@ async def delete_webhook(call: Call) -> dict[str, Any]:
     return {"success": True, "message": "Webhook deleted successfully"}
 
 
-@api("/webhooks/{webhookId}/test", "POST")
+TEST_WEBHOOK_SHAPE = shape(
+    success="boolean", statusCode="integer?", responseTime="integer?", error="string?")
+
+
+@api("/webhooks/{webhookId}/test", "POST", response=TEST_WEBHOOK_SHAPE)
 async def test_webhook(call: Call) -> dict[str, Any]:
     """Send one ``test`` event now (a single attempt) and report how the endpoint answered."""
     row = await load_owned(call, "webhooks")
@@ -5805,7 +6038,12 @@ async def test_webhook(call: Call) -> dict[str, Any]:
             "responseTime": result["durationMs"], "error": result["error"]}
 
 
-@api("/webhooks/{webhookId}/deliveries", "GET")
+WEBHOOK_DELIVERIES_SHAPE = shape(
+    deliveries=[shape(id="string", event="string", statusCode="integer?", attempts="integer",
+                      deliveredAt="date-time?", error="string?", createdAt="date-time")])
+
+
+@api("/webhooks/{webhookId}/deliveries", "GET", response=WEBHOOK_DELIVERIES_SHAPE)
 async def list_webhook_deliveries(call: Call) -> dict[str, Any]:
     """The newest 100 deliveries; ``deliveredAt`` is null while queued or after failing."""
     row = await load_owned(call, "webhooks")
@@ -5863,6 +6101,7 @@ def valid_page_monitor_ids(value: list[Any], record: dict[str, Any],
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
     Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
+          items="string",
           doc="The team's monitors in display order"),
 )
 
@@ -5895,6 +6134,10 @@ def status_page_json(row: sqlite3.Row, base_url: str) -> dict[str, Any]:
     return out
 
 
+PAGE_ROW_SHAPE = shape(fields_shape(_PAGE_COLUMNS), id="string", url="string",
+                       createdAt="date-time", updatedAt="date-time")
+
+
 async def page_groups(db: Database, page_id: str) -> list[dict[str, Any]]:
     """A page's groups in order, each with its monitors (id, name, type, state) in order."""
     groups: dict[str, dict[str, Any]] = {}
@@ -5919,6 +6162,11 @@ async def _status_page_response(call: Call, row: sqlite3.Row) -> dict[str, Any]:
          "monitors": [{k: m[k] for k in ("id", "name", "type", "status")} for m in g["monitors"]]}
         for g in await page_groups(call.rt.db, row["id"])]
     return out
+
+
+PAGE_SHAPE = shape(PAGE_ROW_SHAPE, monitorGroups=[shape(
+    name="string", monitorIds=["string"],
+    monitors=[shape(id="string", name="string", type="string", status="string")])])
 
 
 async def _page_env(call: Call, **extra: Any) -> dict[str, Any]:
@@ -5948,7 +6196,7 @@ async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, 
             [(group_id, monitor_id, i) for i, monitor_id in enumerate(group["monitorIds"] or [])])
 
 
-@api("/status-pages", "GET")
+@api("/status-pages", "GET", response=shape(statusPages=[PAGE_ROW_SHAPE]))
 async def list_status_pages(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         "SELECT * FROM status_pages WHERE account_id = ? ORDER BY created_at, id", (call.team,))
@@ -5956,12 +6204,12 @@ async def list_status_pages(call: Call) -> dict[str, Any]:
     return {"statusPages": [status_page_json(row, base) for row in rows]}
 
 
-@api("/status-pages/{statusPageId}", "GET")
+@api("/status-pages/{statusPageId}", "GET", response=PAGE_SHAPE)
 async def get_status_page(call: Call) -> dict[str, Any]:
     return await _status_page_response(call, await load_owned(call, "status_pages"))
 
 
-@api("/status-pages", "POST", body=STATUS_PAGE_FIELDS)
+@api("/status-pages", "POST", body=STATUS_PAGE_FIELDS, response=PAGE_SHAPE, status=(201,))
 async def create_status_page(call: Call) -> Response:
     body = await call.json()
     clean = validate(STATUS_PAGE_FIELDS, body, await _page_env(call))
@@ -5975,7 +6223,7 @@ async def create_status_page(call: Call) -> Response:
     return JSONResponse(await _status_page_response(call, row), 201)
 
 
-@api("/status-pages/{statusPageId}", "PUT", body=STATUS_PAGE_FIELDS)
+@api("/status-pages/{statusPageId}", "PUT", body=STATUS_PAGE_FIELDS, response=PAGE_SHAPE)
 async def update_status_page(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "status_pages")
     existing = status_page_json(row, "")
@@ -5988,7 +6236,7 @@ async def update_status_page(call: Call) -> dict[str, Any]:
     return await _status_page_response(call, await load_owned(call, "status_pages"))
 
 
-@api("/status-pages/{statusPageId}", "DELETE")
+@api("/status-pages/{statusPageId}", "DELETE", response=DELETED)
 async def delete_status_page(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "status_pages")
     async with call.rt.db.transaction() as conn:
@@ -6002,16 +6250,34 @@ ANALYTICS_PERIODS = {"1h": HOUR_MS, "24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 *
 ANALYTICS_QUERY = (Field("period", "string", default="24h", choices=tuple(ANALYTICS_PERIODS)),)
 
 
+DASHBOARD_SHAPE = shape(
+    monitors=shape(total="integer", active="integer", paused="integer", up="integer",
+                   down="integer", degraded="integer"),
+    incidents=shape(open="integer", resolvedToday="integer", resolvedThisWeek="integer",
+                    avgMttr="integer?"),
+    performance=shape(avgResponseTime="integer?", p95ResponseTime="integer?",
+                      overallUptime="number?"))
+MONITOR_ANALYTICS_SHAPE = shape(
+    monitorId="string", period="string", uptime="number?", avgResponseTime="integer?",
+    p50ResponseTime="integer?", p95ResponseTime="integer?", p99ResponseTime="integer?",
+    totalChecks="integer", checksUp="integer", checksDown="integer", checksDegraded="integer",
+    incidents="integer", mttr="integer?", responseTimeByRegion="object")
+
+
 def _seconds(ms: float | None) -> int | None:
     return None if ms is None else round(ms / 1000)
 
 
-@api("/analytics", "GET")
+@api("/analytics", "GET", response=DASHBOARD_SHAPE)
 async def dashboard_analytics(call: Call) -> dict[str, Any]:
-    """Team-wide counts now, incidents, and check performance over the last 24 hours."""
+    """Team-wide counts now, incidents, and check performance over the last 24 hours.
+
+    ``active`` monitors are the ones being checked; ``paused`` counts paused and inactive
+    (``isActive: false``) ones, so the two add up to ``total``."""
     db, now = call.rt.db, now_ms()
     counts = await db.fetchrow(
-        "SELECT COUNT(*), SUM(is_paused = 0), SUM(is_paused = 1), SUM(status = 'UP'),"
+        "SELECT COUNT(*), SUM(is_paused = 0 AND is_active = 1),"
+        " SUM(is_paused = 1 OR is_active = 0), SUM(status = 'UP'),"
         " SUM(status = 'DOWN'), SUM(status = 'DEGRADED') FROM monitors WHERE account_id = ?",
         (call.team,))
     incidents = await db.fetchrow(
@@ -6075,9 +6341,10 @@ async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
     return cached[1]
 
 
-@api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY)
+@api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY,
+      response=MONITOR_ANALYTICS_SHAPE)
 async def monitor_analytics(call: Call) -> dict[str, Any]:
-    query = parse_query(ANALYTICS_QUERY, call.request, call.env())
+    query = call.query
     row = await load_owned(call, "monitors")
     hi = now_ms()
     lo = hi - ANALYTICS_PERIODS[query["period"]]
@@ -6229,9 +6496,16 @@ def member_json(row: sqlite3.Row) -> dict[str, Any]:
             "invitedAt": iso(row["invited_at"])}
 
 
+MEMBER_SHAPE = shape(id="string", email="string", name="string?", role="string",
+                     status="string", acceptedAt="date-time?", invitedAt="date-time?")
+
+
 def invitation_json(row: sqlite3.Row) -> dict[str, Any]:
     return {**member_json(row), "expiresAt": iso(row["expires_at"]),
             "isExpired": row["expires_at"] <= now_ms()}
+
+
+INVITATION_SHAPE = shape(MEMBER_SHAPE, expiresAt="date-time?", isExpired="boolean")
 
 
 async def _member(call: Call, member_id: str) -> sqlite3.Row:
@@ -6301,19 +6575,23 @@ async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool
     return True
 
 
-@api("/team/members", "GET")
+@api("/team/members", "GET", response=shape(members=[MEMBER_SHAPE]))
 async def list_team_members(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         f"{_MEMBER_SELECT} WHERE m.team_id = ? ORDER BY m.invited_at, m.id", (call.team,))
     return {"members": [member_json(row) for row in rows]}
 
 
-@api("/team/members/{memberId}", "GET")
+@api("/team/members/{memberId}", "GET", response=MEMBER_SHAPE)
 async def get_team_member(call: Call) -> dict[str, Any]:
     return member_json(await _member(call, call.param("memberId")))
 
 
-@api("/team/members", "POST", role="ADMIN", body=MEMBER_FIELDS)
+INVITE_TEAM_MEMBER_SHAPE = shape(INVITATION_SHAPE, invitationToken="string", emailSent="boolean")
+
+
+@api("/team/members", "POST", role="ADMIN", body=MEMBER_FIELDS,
+      response=INVITE_TEAM_MEMBER_SHAPE, status=(201,))
 async def invite_team_member(call: Call) -> Response:
     """A PENDING invitation, answered with its one-time token (only the SHA256 is kept)."""
     clean = validate(MEMBER_FIELDS, await call.json(), call.env())
@@ -6333,7 +6611,7 @@ async def invite_team_member(call: Call) -> Response:
 
 
 @api("/team/members/{memberId}", "PUT", role="ADMIN",
-     body=MEMBER_UPDATE_FIELDS)
+     body=MEMBER_UPDATE_FIELDS, response=MEMBER_SHAPE)
 async def update_team_member(call: Call) -> dict[str, Any]:
     """Change a member's role (or an invitation's); the owner is never demoted."""
     row = await _member(call, call.param("memberId"))
@@ -6346,7 +6624,7 @@ async def update_team_member(call: Call) -> dict[str, Any]:
     return member_json(await _member(call, row["id"]))
 
 
-@api("/team/members/{memberId}", "DELETE", role="ADMIN")
+@api("/team/members/{memberId}", "DELETE", role="ADMIN", response=DELETED)
 async def remove_team_member(call: Call) -> dict[str, Any]:
     """Remove a member (or cancel an invitation); their keys stop working at once."""
     row = await _member(call, call.param("memberId"))
@@ -6359,7 +6637,7 @@ async def remove_team_member(call: Call) -> dict[str, Any]:
     return {"success": True, "message": "Team member removed successfully"}
 
 
-@api("/team/invitations", "GET")
+@api("/team/invitations", "GET", response=shape(invitations=[INVITATION_SHAPE]))
 async def list_invitations(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         f"{_MEMBER_SELECT} WHERE m.team_id = ? AND m.status = 'PENDING'"
@@ -6367,7 +6645,9 @@ async def list_invitations(call: Call) -> dict[str, Any]:
     return {"invitations": [invitation_json(row) for row in rows]}
 
 
-@api("/team/invitations/{token}/accept", "POST", public=True)
+@api("/team/invitations/{token}/accept", "POST", public=True,
+      response=lambda: shape(member=MEMBER_SHAPE, apiKey=shape(KEY_SHAPE, key="string")),
+      status=(201,))
 async def accept_invitation(call: Call) -> Response:
     """Join the team: the token is the credential, used once; the answer holds a first key."""
     stamp = now_ms()
@@ -6485,12 +6765,17 @@ async def _account(call: Call) -> dict[str, Any]:
             "createdAt": iso(row["created_at"]), "role": call.who.role, "teamId": call.team}
 
 
-@api("/account", "GET")
+ACCOUNT_SHAPE = shape(fields_shape(ACCOUNT_FIELDS), id="string", email="string",
+                      accountStatus="string", plan="string", createdAt="date-time", role="string",
+                      teamId="string")
+
+
+@api("/account", "GET", response=ACCOUNT_SHAPE)
 async def get_account(call: Call) -> dict[str, Any]:
     return await _account(call)
 
 
-@api("/account", "PUT", body=ACCOUNT_FIELDS)
+@api("/account", "PUT", body=ACCOUNT_FIELDS, response=ACCOUNT_SHAPE)
 async def update_account(call: Call) -> dict[str, Any]:
     existing = await _account(call)
     clean = validate((*ACCOUNT_FIELDS, *_ACCOUNT_READ_ONLY), await call.json(),
@@ -6539,15 +6824,20 @@ def key_json(row: sqlite3.Row, last_used: int | None = None) -> dict[str, Any]:
             "createdAt": iso(row["created_at"])}
 
 
+KEY_SHAPE: dict[str, Any] = shape(
+    id="string", name="string", prefix="string", permissions="string", lastUsedAt="date-time?",
+    expiresAt="date-time?", isActive="boolean", createdAt="date-time")
+
+
 async def _key(rt: Runtime, key_id: str) -> dict[str, Any]:
     row = await rt.db.fetchrow("SELECT * FROM api_keys WHERE id = ?", (key_id,))
     return key_json(row, rt.usage.last_used(key_id))
 
 
-@api("/account/api-keys", "GET", query=KEY_QUERY)
+@api("/account/api-keys", "GET", query=KEY_QUERY, response=shape(apiKeys=[KEY_SHAPE]))
 async def list_api_keys(call: Call) -> dict[str, Any]:
     assert call.who is not None
-    query = parse_query(KEY_QUERY, call.request, call.env())
+    query = call.query
     account = call.who.account_id
     if query["memberId"]:
         member = await _member(call, query["memberId"])
@@ -6559,7 +6849,11 @@ async def list_api_keys(call: Call) -> dict[str, Any]:
     return {"apiKeys": [key_json(row, call.rt.usage.last_used(row["id"])) for row in rows]}
 
 
-@api("/account/api-keys", "POST", body=KEY_FIELDS)
+CREATE_ACCOUNT_API_KEY_SHAPE = shape(KEY_SHAPE, key="string")
+
+
+@api("/account/api-keys", "POST", body=KEY_FIELDS,
+      response=CREATE_ACCOUNT_API_KEY_SHAPE, status=(201,))
 async def create_account_api_key(call: Call) -> Response:
     """A key for the caller, shown once; never more than the role and the creating key allow."""
     assert call.who is not None
@@ -6578,7 +6872,7 @@ async def create_account_api_key(call: Call) -> Response:
     return JSONResponse({**await _key(call.rt, key_id), "key": key}, 201)
 
 
-@api("/account/api-keys/{keyId}", "DELETE")
+@api("/account/api-keys/{keyId}", "DELETE", response=DELETED)
 async def revoke_account_api_key(call: Call) -> dict[str, Any]:
     """Revoke one's own key; ADMIN+ also a team member's (only the OWNER the owner's)."""
     assert call.who is not None
@@ -6602,14 +6896,20 @@ USAGE_QUERY = (Field("period", "string", default="24h", choices=tuple(USAGE_HOUR
                      doc="Clock hours counted, the current one included"),)
 
 
-@api("/account/usage", "GET", query=USAGE_QUERY)
+ACCOUNT_USAGE_SHAPE = shape(
+    period="string", totalRequests="integer", requestsByEndpoint="object",
+    rateLimit=shape(limit="integer", used="integer", remaining="integer"))
+
+
+@api("/account/usage", "GET", query=USAGE_QUERY, limit=False, response=ACCOUNT_USAGE_SHAPE)
 async def account_usage(call: Call) -> dict[str, Any]:
-    """The team's requests per endpoint template, and the calling key's rate-limit window."""
+    """The team's requests per endpoint template and its rate-limit window (answered even
+    while the team is over its limit)."""
     assert call.who is not None
-    query = parse_query(USAGE_QUERY, call.request, call.env())
+    query = call.query
     since = now_ms() // 3_600_000 - USAGE_HOURS[query["period"]] + 1
     counts = await call.rt.usage.totals(call.rt.db, call.team, since)
-    limit, used = PLANS[call.who.plan], call.rt.limiter.used(call.who.key_id)
+    limit, used = PLANS[call.who.plan], call.rt.limiter.used(call.team)
     return {"period": query["period"], "totalRequests": sum(counts.values()),
             "requestsByEndpoint": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
             "rateLimit": {"limit": limit, "used": used, "remaining": max(0, limit - used)}}
@@ -6617,7 +6917,11 @@ async def account_usage(call: Call) -> dict[str, Any]:
 
 # Server
 
-@api("/health", "GET", public=True)
+HEALTH_SHAPE = shape(
+    status="string", version="string", uptime="integer", checks="object", timestamp="date-time")
+
+
+@api("/health", "GET", public=True, response=HEALTH_SHAPE, status=(200, 503), limit=False)
 async def health(call: Call) -> Response:
     """Check the database for real (a read and a commit through the writer) and report how
     far behind its plan the scheduler is; far behind makes the status degraded."""
@@ -6661,19 +6965,60 @@ def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_API_TAGS = {"health": "server", "openapi.json": "server", "worker-regions": "server",
+             "heartbeat": "heartbeats"}
+
+
+def _path_schema(name: str) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0} if name == "exitCode" else {"type": "string"}
+
+
+def _responses(doc: RouteDoc) -> dict[str, Any]:
+    """An operation's success statuses with their shape, then the errors it can answer."""
+    schema = doc.response() if callable(doc.response) else doc.response
+    content = {} if doc.method == "HEAD" else {
+        "content": {"application/json": {"schema": schema}}}
+    out: dict[str, Any] = {str(code): {"description": HTTPStatus(code).phrase, **content}
+                           for code in doc.status}
+    errors = [400, *((401, 403) if doc.role else ()), *((404,) if "{" in doc.path else ()),
+              *((413,) if doc.body else ()), 429]
+    out.update({str(code): {"$ref": "#/components/responses/Error"} for code in errors})
+    out["default"] = {"$ref": "#/components/responses/Error"}
+    return out
+
+
+def _link_creations(paths: dict[str, dict[str, Any]]) -> None:
+    """OpenAPI links from each creation (``POST /things`` answering 201) to the operations on
+    what it created (``/things/{thingId}...``), whose id is the new resource's ``id``: clients
+    and stateful fuzzers can follow them."""
+    for path, item in paths.items():
+        created = item.get("post", {}).get("responses", {}).get("201")
+        if created is None or "{" in path:
+            continue
+        links: dict[str, Any] = {}
+        for other, ops in paths.items():
+            found = re.fullmatch(rf"{re.escape(path)}/{{(\w+)}}(/[\w-]+)?", other)
+            if found:
+                links.update({op["operationId"]: {
+                    "operationId": op["operationId"],
+                    "parameters": {found.group(1): "$response.body#/id"}} for op in ops.values()})
+        created["links"] = links
+
+
 def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The OpenAPI 3.1 description of /api/v1, generated from the routes and the same Field
     tables that validate requests, so it cannot drift from what the server accepts."""
     paths: dict[str, dict[str, Any]] = {}
     for doc in API_DOCS:
         operation: dict[str, Any] = {
+            "operationId": doc.operation_id,
             "summary": doc.summary,
+            "tags": [_API_TAGS.get(doc.path.split("/")[1], doc.path.split("/")[1])],
             "parameters": [
-                *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                *({"name": name, "in": "path", "required": True, "schema": _path_schema(name)}
                   for name in re.findall(r"{(\w+)}", doc.path)),
                 *({"name": f.name, "in": "query", "schema": _schema(f, cfg)} for f in doc.query)],
-            "responses": {"2XX": {"description": "Success"},
-                          "default": {"$ref": "#/components/responses/Error"}}}
+            "responses": _responses(doc)}
         if doc.body:
             operation["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"type": "object",
@@ -6685,6 +7030,7 @@ def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:
             operation["security"] = []
         paths.setdefault(doc.path, {})[doc.method.lower()] = operation
+    _link_creations(paths)
     error = {"type": "object", "required": ["error", "code"], "properties": {
         "error": {"description": "A message, or for validation errors the list of issues"},
         "code": {"type": "string"}, "details": {}}}
@@ -6701,18 +7047,26 @@ def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-@api("/openapi.json", "GET", public=True)
+OPENAPI_SHAPE = shape(openapi="string", info="object", paths="object")
+
+
+@api("/openapi.json", "GET", public=True, response=OPENAPI_SHAPE)
 async def openapi(call: Call) -> dict[str, Any]:
     """This API's OpenAPI 3.1 document."""
     return openapi_document(call.rt.cfg)
 
 
-@api("/server/version", "GET", public=True)
+@api("/server/version", "GET", public=True, response=shape(version="string", apiVersion="string"))
 async def server_version(call: Call) -> dict[str, Any]:
     return {"version": VERSION, "apiVersion": API_VERSION}
 
 
-@api("/worker-regions", "GET")
+WORKER_REGIONS_SHAPE = shape(
+    regions=[shape(id="string", city="string?", country="string?", countryCode="string?",
+    latitude="number?", longitude="number?", isActive="boolean")])
+
+
+@api("/worker-regions", "GET", response=WORKER_REGIONS_SHAPE)
 async def worker_regions(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall("SELECT * FROM worker_regions ORDER BY id")
     return {"regions": [{"id": r["id"], "city": r["city"], "country": r["country"],

@@ -28,6 +28,7 @@ import socketserver
 import sqlite3
 import ssl
 import subprocess
+import sysconfig
 import sys
 import threading
 import time
@@ -38,6 +39,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dns.message
+import hypothesis
+import schemathesis
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance,
+                                               negative_data_rejection,
+                                               response_schema_conformance,
+                                               status_code_conformance)
 import dns.rcode
 import dns.rrset
 import httpx
@@ -655,9 +663,42 @@ def test_rate_limit_headers_and_429(tmp_path):
         assert limited.json()["code"] == "RATE_LIMIT_EXCEEDED"
         assert limited.headers["X-RateLimit-Remaining"] == "0"
         assert 0 < int(limited.headers["Retry-After"]) <= 3600
+        # The window is the team's, whose plan it is: another key of it is limited too ...
         other = {"X-API-Key": cli(cfg, "apikey", "create", "--email", "owner@example.test",
                                   "--name", "second").strip().splitlines()[-1]}
-        assert client.get("/api/v1/worker-regions", headers=other).status_code == 200
+        assert client.get("/api/v1/worker-regions", headers=other).status_code == 429
+        # ... and the usage endpoint still answers, saying so.
+        usage = client.get("/api/v1/account/usage", headers=other)
+        assert usage.status_code == 200, usage.text
+        assert usage.json()["rateLimit"] == {"limit": 1000, "used": 1001, "remaining": 0}
+        assert usage.headers["X-RateLimit-Remaining"] == "0"
+        # Another team has its own window.
+        stranger = {"X-API-Key": new_key(cfg, "stranger@example.test")}
+        assert client.get("/api/v1/worker-regions", headers=stranger).status_code == 200
+
+
+def test_every_api_response_carries_rate_limit_headers(cfg, client):
+    """Successes, validation failures, 401s, unknown routes, wrong methods, public routes."""
+    anonymous = {"X-API-Key": ""}
+    responses = {
+        "ok": client.get("/api/v1/monitors"),
+        "validation": client.post("/api/v1/monitors", json={}),
+        "bad query": client.get("/api/v1/monitors?sort="),
+        "not found": client.get("/api/v1/monitors/mon_nope"),
+        "no route": client.get("/api/v1/nowhere"),
+        "no route, no key": client.get("/api/v1/nowhere", headers=anonymous),
+        "wrong method": client.patch("/api/v1/monitors"),
+        "no key": client.get("/api/v1/monitors", headers=anonymous),
+        "bad key": client.get("/api/v1/monitors", headers={"X-API-Key": "sk_live_nope"}),
+        "public": client.get("/api/v1/health", headers=anonymous),
+        "no body": client.put("/api/v1/account"),
+    }
+    for name, response in responses.items():
+        for header in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"):
+            assert header in response.headers, (name, response.status_code, dict(response.headers))
+    keyed = [int(responses[n].headers["X-RateLimit-Remaining"]) for n in
+             ("ok", "validation", "bad query", "not found", "no route")]
+    assert keyed == sorted(keyed, reverse=True) and len(set(keyed)) == 5  # one window, counted
 
 
 def test_cors_preflight_and_headers(client):
@@ -698,7 +739,7 @@ def test_openapi_document_is_valid_and_follows_the_validation_tables(cfg, client
     doc = client.get("/api/v1/openapi.json", headers={"X-API-Key": ""}).json()
     openapi_spec_validator.validate(doc)
     for route in statusapp.ROUTES:
-        path = route.path.removeprefix("/api/v1")
+        path = re.sub(r":\w+}", "}", route.path.removeprefix("/api/v1"))
         assert set(doc["paths"][path]) >= {m.lower() for m in route.methods if m != "HEAD"}
     body = doc["paths"]["/monitors"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["name"]
@@ -712,6 +753,101 @@ def test_openapi_document_is_valid_and_follows_the_validation_tables(cfg, client
     assert doc["paths"]["/team/members"]["post"]["x-statusapp-least-role"] == "ADMIN"
     assert doc["paths"]["/monitors/{monitorId}"]["get"]["x-statusapp-least-role"] == "VIEWER"
     assert doc["paths"]["/health"]["get"]["security"] == []
+
+
+def test_every_operation_has_an_id_tags_and_its_success_shape(client):
+    doc = client.get("/api/v1/openapi.json").json()
+    operations = [op for item in doc["paths"].values() for op in item.values()]
+    assert len({op["operationId"] for op in operations}) == len(operations) == len(statusapp.API_DOCS)
+    for op in operations:
+        assert op["tags"] and op["operationId"]
+        success = [code for code in op["responses"] if code.startswith("2")]
+        assert success and "2XX" not in success, op["operationId"]
+        for code in success:
+            schema = op["responses"][code].get("content", {}).get("application/json", {}).get("schema")
+            assert schema is not None or op["operationId"].endswith("_head"), op["operationId"]
+    monitor = doc["paths"]["/monitors/{monitorId}"]["get"]["responses"]["200"]
+    shown = monitor["content"]["application/json"]["schema"]["properties"]
+    assert set(shown) >= {f.name for f in statusapp.MONITOR_COLUMNS} | {"id", "checks", "_count"}
+    assert doc["paths"]["/monitors"]["post"]["responses"]["201"]
+
+
+SCHEMATHESIS_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+                       response_schema_conformance, negative_data_rejection]
+
+
+def _schemathesis_ids(srv: Server, api: httpx.Client) -> dict[str, str]:
+    """Real ids for the path parameters, so generated requests reach the handlers."""
+    monitor = api.post("/monitors", json={"name": "m", "url": "http://127.0.0.1:9/"}).json()
+    cron = api.post("/monitors", json={"name": "c", "type": "CRON"}).json()
+    sql({"server": {"database": srv.db}}, "INSERT INTO incidents (id, account_id, monitor_id,"
+        " year, number, started_at, severity, status) SELECT 'inc_st', account_id, id, 2024, 1,"
+        " 0, 'critical', 'open' FROM monitors WHERE id = ?", (monitor["id"],))
+    channel = api.post("/notifications", json={"name": "c", "type": "WEBHOOK",
+                                               "config": {"url": "http://127.0.0.1:9/"}}).json()
+    webhook = api.post("/webhooks", json={"name": "w", "url": "http://127.0.0.1:9/",
+                                          "events": "monitor.down"}).json()
+    page = api.post("/status-pages", json={"name": "p", "slug": "st-page"}).json()
+    invite = api.post("/team/members", json={"email": "st@example.test", "role": "MEMBER"}).json()
+    key = api.post("/account/api-keys", json={"name": "k"}).json()
+    return {"monitorId": monitor["id"], "heartbeatId": cron["heartbeatUrl"].rsplit("/", 1)[1],
+            "incidentId": "inc_st", "channelId": channel["id"], "webhookId": webhook["id"],
+            "statusPageId": page["id"], "memberId": invite["id"], "keyId": key["id"],
+            "token": invite["invitationToken"]}
+
+
+def test_schemathesis_finds_no_5xx_and_answers_match_the_document(server):
+    """Schemathesis over every operation of the served OpenAPI document (a few examples each,
+    path ids mostly real): no 5xx, and every status, content type and body as documented."""
+    api = _hb_api(server)
+    key = api.headers["X-API-Key"]
+    ids = _schemathesis_ids(server, api)
+    schema = schemathesis.openapi.from_url(server.url + "/api/v1/openapi.json")
+    operations = sorted((result.ok() for result in schema.get_all_operations()),
+                        key=lambda op: (op.method.upper() == "DELETE", op.path))
+    assert len(operations) == sum(doc.method != "HEAD" for doc in statusapp.API_DOCS)
+    failures = []
+    for operation in operations:
+        @hypothesis.settings(max_examples=6, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck),
+                             phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+        @hypothesis.given(case=hypothesis.strategies.one_of(
+            operation.as_strategy(), operation.as_strategy(
+                generation_mode=schemathesis.GenerationMode.NEGATIVE)),
+            real=hypothesis.strategies.booleans())
+        def run(case, real):
+            if real or operation.method.upper() == "DELETE":
+                for name in case.path_parameters or {}:
+                    case.path_parameters[name] = ids.get(name, case.path_parameters[name])
+            case.call_and_validate(base_url=server.url + "/api/v1", headers={"X-API-Key": key},
+                                   checks=SCHEMATHESIS_CHECKS, timeout=10)
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 -- collect every operation's failure, then fail
+            failures.append(f"{operation.label}: {str(exc)[:1500]}")
+    assert not failures, "\n\n".join(failures)
+    _stateful_run(schema, server.url + "/api/v1", key)
+    assert "Traceback" not in server.output()
+
+
+def _stateful_run(schema, base_url: str, key: str) -> None:
+    """Schemathesis's stateful run: it creates resources and follows the document's links from
+    each creation to the operations on what it created, with the same checks."""
+    workflow = schema.as_state_machine()
+    followed = Counter()
+
+    class Flow(workflow):
+        def get_call_kwargs(self, case):
+            followed[case.operation.method.upper() == "POST" and "{" not in case.operation.path] += 1
+            return {"base_url": base_url, "headers": {"X-API-Key": key}, "timeout": 10}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, checks=SCHEMATHESIS_CHECKS)
+
+    Flow.run(settings=hypothesis.settings(
+        max_examples=8, stateful_step_count=6, deadline=None, database=None, derandomize=True,
+        suppress_health_check=list(hypothesis.HealthCheck)))
+    assert followed[True] and followed[False], followed  # creations, then linked operations
 
 
 def test_health_version_and_regions(cfg, client):
@@ -1875,12 +2011,54 @@ def test_heartbeat_rate_window_slides(client):
     url = "/api/v1/heartbeat/" + client.post("/api/v1/monitors", json={
         "name": "j", "type": "CRON"}).json()["heartbeatUrl"].rsplit("/", 1)[1]
     for step in range(5):
-        assert client.get(url).status_code == 200
+        assert client.post(url + "/log", content="x").status_code == 200
         now[0] += 10
-    assert client.get(url).status_code == 429  # 5 pings in the last 50 s
+    assert client.post(url + "/log", content="x").status_code == 429  # 5 in the last 50 s
     now[0] = 1060.0  # the first ping has left the window, the others have not
-    assert client.get(url).status_code == 200
-    assert client.get(url).status_code == 429
+    assert client.post(url + "/log", content="x").status_code == 200
+    assert client.post(url + "/log", content="x").status_code == 429
+
+
+def test_heartbeat_state_pings_past_the_limit_still_change_the_monitor(client):
+    """The spec's three examples (start, success; start, fail) back to back and more: past the
+    log limit a success or fail is not logged but is never lost; only log messages get 429."""
+    monitor = client.post("/api/v1/monitors", json={"name": "j", "type": "CRON"}).json()
+    url = "/api/v1/heartbeat/" + monitor["heartbeatUrl"].rsplit("/", 1)[1]
+    answers = [client.get(url + suffix) for suffix in ("/start", "", "/start", "", "/start")]
+    assert [a.json() for a in answers] == [{"message": "OK"}] * 5
+    assert [a.headers["X-RateLimit-Remaining"] for a in answers] == ["4", "3", "2", "1", "0"]
+    failed = client.post(url + "/fail", json={"error": "Backup script failed"})
+    assert (failed.status_code, failed.json()) == (200, {"message": "OK", "logged": False})
+    assert failed.headers["X-RateLimit-Remaining"] == "0" and "Retry-After" in failed.headers
+    body = client.get(f"/api/v1/monitors/{monitor['id']}").json()
+    assert body["status"] == "DOWN" and body["checks"][0]["error"] == "Backup script failed"
+    assert client.get(url).json() == {"message": "OK", "logged": False}
+    assert client.get(f"/api/v1/monitors/{monitor['id']}").json()["status"] == "UP"
+    refused = client.post(url + "/log", content="progress")
+    assert refused.status_code == 429 and refused.headers["X-RateLimit-Remaining"] == "0"
+    logged = client.get(f"/api/v1/monitors/{monitor['id']}/heartbeats").json()["heartbeats"]
+    assert len(logged) == 5
+    row = sql(client.app.state.statusapp.cfg, "SELECT last_success_at, job_started_at FROM"
+              " monitors WHERE id = ?", (monitor["id"],))[0]
+    assert row[0] is not None and row[1] is None  # the unlogged success still set the clocks
+
+
+def test_heartbeat_exit_code_pings(client):
+    monitor = client.post("/api/v1/monitors", json={"name": "j", "type": "CRON"}).json()
+    url = "/api/v1/heartbeat/" + monitor["heartbeatUrl"].rsplit("/", 1)[1]
+    status = lambda: client.get(f"/api/v1/monitors/{monitor['id']}").json()
+    assert client.get(url + "/0").json() == {"message": "OK"}
+    assert status()["status"] == "UP"
+    assert client.post(url + "/3").status_code == 200
+    assert status()["status"] == "DOWN" and status()["checks"][0]["error"] == "job exited with code 3"
+    assert client.post(url + "/255", content="disk full").status_code == 200
+    assert status()["checks"][0]["error"] == "disk full"
+    beats = client.get(f"/api/v1/monitors/{monitor['id']}/heartbeats").json()["heartbeats"]
+    assert [(b["kind"], b["exitCode"]) for b in beats] == [("fail", 255), ("fail", 3),
+                                                           ("success", 0)]
+    for bad in ("/256", "/-1", "/x1"):
+        assert client.get(url + bad).status_code == 404
+    assert client.get(url + "/log").status_code == 405
 
 
 def test_heartbeat_source_ip_trusts_forwarded_for_only_from_proxies(tmp_path):
@@ -2310,6 +2488,19 @@ def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
                                json={"name": "x", "type": kind, "config": bad})
         assert response.status_code == 400
         assert response.json()["error"][0]["path"] == ["config", required]
+
+
+def test_telegram_token_shaped_like_the_specs_example_is_accepted(client):
+    for token in ("123456:ABC...", "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"):
+        created = client.post("/api/v1/notifications", json={
+            "name": "Telegram Bot", "type": "TELEGRAM",
+            "config": {"botToken": token, "chatId": "-1001234567890"}})
+        assert created.status_code == 201, created.text
+    for token in ("ABC", "123456", ":ABC", "12a:ABC", "123456:AB C"):
+        refused = client.post("/api/v1/notifications", json={
+            "name": "t", "type": "TELEGRAM", "config": {"botToken": token, "chatId": "1"}})
+        assert refused.status_code == 400 and refused.json()["error"][0]["path"] == [
+            "config", "botToken"], token
 
 
 def test_channel_crud_and_inline_monitor_configs_share_the_rules(client):
@@ -3755,10 +3946,12 @@ def test_dashboard_counts_agree_with_the_monitors_api(cfg, client):
             (f"inc_{number}", team, ids[2], number, started, resolved,
              "resolved" if resolved else "open"))
     _store_checks(cfg, ids[0], [("UP", 100, now - 60_000), ("DOWN", None, now - 120_000)])
+    inactive = _cron_monitor(client, "off")
+    assert client.put(f"/api/v1/monitors/{inactive}", json={"isActive": False}).status_code == 200
     body = client.get("/api/v1/analytics").json()
     listed = {s: client.get(f"/api/v1/monitors?status={s}").json()["pagination"]["total"]
               for s in ("UP", "DOWN", "DEGRADED")}
-    assert body["monitors"] == {"total": 5, "active": 4, "paused": 1, "up": listed["UP"],
+    assert body["monitors"] == {"total": 6, "active": 4, "paused": 2, "up": listed["UP"],
                                 "down": listed["DOWN"], "degraded": listed["DEGRADED"]}
     assert listed == {"UP": 2, "DOWN": 1, "DEGRADED": 1}
     resolved_today = 1 if (now - 100_000) // 86_400_000 == now // 86_400_000 else 0
@@ -4424,7 +4617,8 @@ def _real_ids(cfg, client) -> dict[str, str]:
            "webhookId": webhook.get("id"), "statusPageId": page.get("id"),
            "memberId": invite.get("id"), "keyId": api_key.get("id"),
            "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
-           "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz"}
+           "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz",
+           "exitCode": "3"}
     assert all(ids.values()), ids
     assert client.get("/api/v1/incidents/inc_fuzz").status_code == 200
     assert client.get(f"/badge/{monitor['id']}/status.svg").status_code == 200
@@ -4487,6 +4681,114 @@ def test_hostile_input_never_gets_a_500_or_a_traceback(cfg, client, caplog):
     assert (monitor.json()["interval"], monitor.json()["timeout"]) == (300, 30), monitor.text
 
 
+# One value of each JSON type; a field gets every one its kind does not accept.
+JSON_TYPES = {"string": "x", "integer": 7, "number": 1.5, "boolean": True, "array": [], "object": {}}
+
+
+def _field_tables() -> dict[int, tuple]:
+    """Every Field table of the module (and of each channel type), by identity."""
+    tables = [value for value in vars(statusapp).values() if isinstance(value, tuple)
+              and value and all(isinstance(item, statusapp.Field) for item in value)]
+    tables += [kind.fields for kind in statusapp.CHANNEL_TYPES.values()]
+    return {id(table): table for table in tables}
+
+
+def _wrong_values(field: statusapp.Field) -> list:
+    """The JSON values a field refuses (Telegram's numeric chat ids are taken as strings)."""
+    return [value for kind, value in JSON_TYPES.items()
+            if kind != field.kind and not (field.kind == "number" and kind == "integer")
+            and (field.name, kind) != ("chatId", "integer")]
+
+
+def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
+    """(method, url, Field table, body maker) for every route body table and every nested table:
+    a body maker puts one value into one field and says the issue path to expect."""
+    cases = []
+    for doc in statusapp.API_DOCS:
+        url = statusapp.API_PREFIX + re.sub(r"{(\w+)}", lambda m: real[m.group(1)], doc.path)
+        if doc.body:
+            cases.append((doc.method, url, doc.body, lambda f, v: ({f.name: v}, [f.name])))
+    monitors, pages = statusapp.API_PREFIX + "/monitors", statusapp.API_PREFIX + "/status-pages"
+    cases += [
+        ("POST", monitors, statusapp.AUTH_FIELDS, lambda f, v: (
+            {"apiAuthConfig": {"type": "bearer", f.name: v}}, ["apiAuthConfig", f.name])),
+        ("POST", monitors, statusapp.INLINE_NOTIFICATION_FIELDS, lambda f, v: (
+            {"notifications": [{f.name: v}]}, ["notifications", 0, f.name])),
+        ("POST", pages, statusapp.MONITOR_GROUP_FIELDS, lambda f, v: (
+            {"monitorGroups": [{f.name: v}]}, ["monitorGroups", 0, f.name])),
+        *(("POST", statusapp.API_PREFIX + "/notifications", kind.fields,
+           lambda f, v, kind=kind: ({"type": kind.name, "config": {f.name: v}}, ["config", f.name]))
+          for kind in statusapp.CHANNEL_TYPES.values()),
+        ("PUT", statusapp.API_PREFIX + "/account", statusapp._ACCOUNT_READ_ONLY,
+         lambda f, v: ({f.name: v}, [f.name]))]
+    return cases
+
+
+def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg, client):
+    """Generated from the Field tables: each field, each JSON type it does not take, on every
+    route (and nested object) it belongs to, is a 400 naming that field, never a 500."""
+    cases = _typed_cases(_real_ids(cfg, client))
+    covered = {id(table) for _, _, table, _ in cases} | {id(statusapp.BADGE_QUERY)} | {
+        id(doc.query) for doc in statusapp.API_DOCS}  # query tables: the next tests
+    covered_fields = {id(f) for _, _, table, _ in cases for f in table}
+    for table in _field_tables().values():  # the rest are parts of covered tables
+        assert id(table) in covered or all(id(f) in covered_fields for f in table), table
+    failures = []
+    for method, url, table, body_for in cases:
+        for field in table:
+            for value in _wrong_values(field):
+                body, path = body_for(field, value)
+                response = client.request(method, url, json=body)
+                issues = response.json()["error"] if response.status_code == 400 else []
+                typed = [i for i in issues if isinstance(issues, list) and i["path"] == path]
+                expected = "integer" if value == 1.5 and field.kind == "integer" else (
+                    "number" if field.kind == "integer" else field.kind)  # as zod names them
+                if not typed or (typed[0]["code"], typed[0]["expected"]) != ("invalid_type", expected):
+                    failures.append((method, url, body, response.status_code, response.text[:200]))
+    assert not failures, "\n".join(map(str, failures[:20])) + f"\n({len(failures)} in all)"
+
+
+def test_issues_name_types_as_zod_does(client):
+    issues = client.post("/api/v1/monitors", json={"name": 5, "url": "http://127.0.0.1:9/",
+                                                   "interval": "60", "timeout": 1.5}).json()["error"]
+    by_path = {issue["path"][0]: issue for issue in issues}
+    assert (by_path["name"]["expected"], by_path["name"]["received"]) == ("string", "number")
+    assert (by_path["interval"]["expected"], by_path["interval"]["received"]) == ("number", "string")
+    assert (by_path["timeout"]["expected"], by_path["timeout"]["received"]) == ("integer", "float")
+    required = client.post("/api/v1/monitors", json={"url": "http://127.0.0.1:9/"}).json()["error"]
+    assert required == [{"code": "invalid_type", "expected": "string", "received": "undefined",
+                         "path": ["name"], "message": "Required"}]
+
+
+def test_put_without_a_body_is_a_400(cfg, client):
+    real = _real_ids(cfg, client)
+    for doc in statusapp.API_DOCS:
+        if doc.method == "PUT":
+            url = statusapp.API_PREFIX + re.sub(r"{(\w+)}", lambda m: real[m.group(1)], doc.path)
+            response = client.put(url)
+            assert (response.status_code, response.json()["error"]) == (
+                400, "Request body required"), url
+
+
+def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, client):
+    real = _real_ids(cfg, client)
+    checked = 0
+    for doc in statusapp.API_DOCS:
+        url = statusapp.API_PREFIX + re.sub(r"{(\w+)}", lambda m: real[m.group(1)], doc.path)
+        for field in doc.query:
+            bad = ["", "bogus"] if field.choices or field.kind == "integer" else []
+            for value in bad:
+                response = client.get(url, params={field.name: value})
+                assert response.status_code == 400, (url, field.name, value, response.text)
+                assert response.json()["error"][0]["path"] == [field.name]
+                checked += 1
+    assert checked >= 20
+    monitor = real["monitorId"]
+    for value in ("", "bogus"):
+        assert client.get(f"/badge/{monitor}/uptime.svg", params={"period": value}).status_code == 400
+    assert client.get("/api/v1/monitors", params={"search": ""}).status_code == 200
+
+
 # --- CLI tests ---
 
 
@@ -4514,6 +4816,31 @@ def test_serve_end_to_end_first_run_key_and_client_flow(server):
     with sqlite3.connect(server.db) as conn:  # the shutdown flushed the in-memory usage counters
         counted = dict(conn.execute("SELECT endpoint, SUM(count) FROM api_usage GROUP BY endpoint"))
     assert counted["/api/v1/monitors/{monitorId}"] == 4  # GET, PUT, DELETE, GET
+
+
+def test_readme_first_monitor_curl_line_works_when_pasted(server):
+    """The README's first-run lines, run by bash as written: only the key is pasted in, and the
+    port and the target are pointed at loopback."""
+    readme = (HERE / "README.md").read_text()
+    block = re.search(r"```bash\n(STATUSAPP_KEY=.*?\n(?:curl .*?\n)+)```", readme).group(1)
+    key = next(line for line in server.output().splitlines() if line.startswith("sk_live_"))
+    script = (block.replace("sk_live_paste_the_key_here", key)
+              .replace("http://127.0.0.1:8080", server.url)
+              .replace("https://example.com", "http://127.0.0.1:9/"))
+    result = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+    assert created["name"] == "Example" and created["id"].startswith("mon_"), created
+
+
+def test_readme_contents_list_every_section():
+    readme = (HERE / "README.md").read_text()
+    contents = readme[readme.index("**Contents**"):readme.index("\n## ")]
+    for title in re.findall(r"^## (.+)$", readme, re.M):
+        assert f"[{title}](#" in contents, title
+    command = "pip install '.[test]' && python -m mypy statusapp.py && python -m pytest -q"
+    assert f"python3 -m venv .venv && . .venv/bin/activate\n{command}\n" in readme
+    assert command in (HERE / ".ci" / "run").read_text().splitlines()  # CI runs it exactly
 
 
 def test_serve_does_not_print_a_key_on_later_starts(tmp_path):
@@ -4766,7 +5093,15 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
 def test_pip_install_gives_a_statusapp_command_that_finds_its_schema(tmp_path):
     """`pip install .` into a venv; the installed command works from another directory."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # The dependencies come from the environment running this suite, a venv or the system's:
+    # a .pth file puts its site-packages after the new venv's own (a venv made from inside a
+    # venv would otherwise see only the base interpreter's, --system-site-packages or not).
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print("
+                            "sysconfig.get_path('purelib'))"], capture_output=True, text=True)
+    outer = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib"),
+             *(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))}
+    Path(inner.stdout.strip(), "outer-env.pth").write_text("\n".join(sorted(outer)) + "\n")
     install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps",
                               str(HERE)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
