@@ -368,7 +368,20 @@ CREATE TABLE team_rollups (
 -- migration 10: exit-code pings (/heartbeat/{id}/{code}) keep the job's exit status
 ALTER TABLE heartbeats ADD COLUMN exit_code INTEGER;
 
--- migration 11: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- migration 11: durable retries and grouped alerts
+-- A failed attempt that may succeed later leaves its row pending with next_attempt_at set by the
+-- backoff schedule; every row has a delivery_id receivers see on every attempt.  group_key joins
+-- the rows a person-facing channel sends as one message (same channel config and event).
+ALTER TABLE alert_outbox ADD COLUMN next_attempt_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE alert_outbox ADD COLUMN group_key TEXT;
+UPDATE alert_outbox SET delivery_id = 'dlv_' || id WHERE delivery_id IS NULL;
+DROP INDEX alert_outbox_pending;
+CREATE INDEX alert_outbox_pending ON alert_outbox(next_attempt_at, id) WHERE done_at IS NULL;
+CREATE INDEX alert_outbox_target ON alert_outbox(target_key, id) WHERE done_at IS NULL;
+CREATE INDEX alert_outbox_group ON alert_outbox(group_key, next_attempt_at) WHERE done_at IS NULL;
+CREATE INDEX alert_outbox_channel ON alert_outbox(channel_id, created_at);
+
+-- migration 12: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
 -- of the secrets it applied to each (masked secrets alone cannot show that one changed)
 ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

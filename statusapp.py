@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import site
@@ -54,6 +55,7 @@ import sqlite3
 import ssl
 import sys
 import sysconfig
+import textwrap
 import time
 import tomllib
 import urllib.parse
@@ -82,7 +84,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -93,134 +95,256 @@ log = logging.getLogger("statusapp")
 
 # --- Config ---
 #
-# Every key has a default here; config.example.toml documents the same keys.  The type of
-# each default is the type of the key.  Precedence: CLI flag > environment > file > default.
+# ``CONFIG`` is the one table of settings: each key's default (whose type is the key's type),
+# its range or choices, and the line that documents it.  config.example.toml and the README's
+# configuration reference are generated from it (tests keep them equal).  Precedence: CLI
+# flag > environment > file > default.
 
-CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "server": {
-        "host": "127.0.0.1",
-        "port": 8080,
-        "database": "statusapp.db",
-        "base_url": "",
-        "trusted_proxies": [],
-        "log_level": "info",
-        "metrics_token": "",
-    },
-    "account": {
-        "plan": "ENTERPRISE",
-    },
-    "team": {
-        "invitation_days": 7,
-    },
-    "probes": {
-        "min_interval": 60,
-        "max_concurrency": 200,
-        "confirmations": 2,
-        "recoveries": 1,
-        "retry_delay": 5,
-        "ca_bundle": "",
-        "dns_nameservers": [],
-        "domain_check_hours": 6,
-        "rdap_url": "https://rdap.org",
-        "whois_server": "",
-        "blocklists": ["dbl.spamhaus.org"],
-    },
-    "region": {
-        "id": "local",
-        "city": "Local",
-        "country": "Local",
-        "country_code": "ZZ",
-        "latitude": 0.0,
-        "longitude": 0.0,
-    },
-    "heartbeat": {
-        "pings_per_minute": 5,
-    },
-    "notifications": {
-        "timeout": 10,
-        "attempts": 3,
-        "allow_private_targets": True,
-        "telegram_api_url": "https://api.telegram.org",
-        "pagerduty_url": "https://events.pagerduty.com/v2/enqueue",
-        "opsgenie_url": "https://api.opsgenie.com",
-        "twilio_api_url": "https://api.twilio.com",
-        "pushover_url": "https://api.pushover.net",
-        "twilio_account_sid": "",
-        "twilio_auth_token": "",
-        "twilio_from": "",
-        "retry_delay": 1.0,
-    },
-    "smtp": {
-        "host": "",
-        "port": 587,
-        "security": "starttls",
-        "username": "",
-        "password": "",
-        "sender": "statusapp@localhost",
-    },
-    "retention": {
-        "raw_days": 30,
-        "rollup_days": 400,
-        "hourly_days": 35,
-    },
-    "regression": {
-        "min_baseline_checks": 30,
-        "min_current_checks": 5,
-        "current_window_minutes": 15,
-        "baseline_refresh_minutes": 60,
-    },
-}
+
+@dataclass(frozen=True)
+class Setting:
+    """One config key: default (its type is the key's type), bounds or choices, and its doc."""
+
+    default: Any
+    doc: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
 
 PLANS = {"STARTER": 1_000, "PROFESSIONAL": 5_000, "BUSINESS": 10_000, "ENTERPRISE": 100_000}
+_DAY = 24 * 3600
 
-_CONFIG_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("account", "plan"): tuple(PLANS),
-    ("smtp", "security"): ("starttls", "tls", "none"),
-    ("server", "log_level"): ("critical", "error", "warning", "info", "debug"),
+CONFIG_SECTIONS: dict[str, str] = {
+    "region": "the worker region this process probes from",
+    "smtp": 'EMAIL channels; host "" disables email',
+    "regression": "response-time regression detection (monitors with regressionEnabled)",
 }
+
+CONFIG: dict[str, dict[str, Setting]] = {
+    "server": {
+        "host": Setting("127.0.0.1", 'address to listen on; "0.0.0.0" to serve the network'),
+        "port": Setting(8080, "TCP port to listen on", 1, 65535),
+        "database": Setting("statusapp.db", "the SQLite file; created on first start"),
+        "base_url": Setting("", 'public URL, used in heartbeatUrl; "" = http://host:port'),
+        "trusted_proxies": Setting([], "proxy IPs whose X-Forwarded-For is believed "
+                                       "(heartbeat source IP)"),
+        "log_level": Setting("info", "how much the server logs",
+                             choices=("critical", "error", "warning", "info", "debug")),
+        "metrics_token": Setting("", 'GET /metrics also accepts "Authorization: Bearer <this>" '
+                                     "when set"),
+    },
+    "account": {
+        "plan": Setting("ENTERPRISE", "rate-limit plan of new accounts (API requests an hour: "
+                                      "1,000, 5,000, 10,000, 100,000)", choices=tuple(PLANS)),
+    },
+    "team": {
+        "invitation_days": Setting(7, "days an invitation token (POST /team/members) can be "
+                                      "accepted", 1, 365),
+    },
+    "probes": {
+        "min_interval": Setting(60, "smallest allowed monitor interval and gracePeriod, "
+                                    "in seconds", 1, _DAY),
+        "max_concurrency": Setting(200, "checks running at once, across all monitors", 1, 100_000),
+        "confirmations": Setting(2, "consecutive failed checks before a monitor goes DOWN", 1, 100),
+        "recoveries": Setting(1, "consecutive good checks before a DOWN monitor is UP again",
+                              1, 100),
+        "retry_delay": Setting(5, "seconds before re-checking after a failure", 0, 3600),
+        "ca_bundle": Setting("", "extra CA file (PEM) trusted besides the system store"),
+        "dns_nameservers": Setting([], '"host:port" resolvers for DNS checks; '
+                                       "[] = the system resolver"),
+        "domain_check_hours": Setting(6, "DOMAIN monitors query registries at most this often",
+                                      1, 24 * 365),
+        "rdap_url": Setting("https://rdap.org", "RDAP service: GET {rdap_url}/domain/{name}"),
+        "whois_server": Setting("", 'WHOIS fallback, "host" or "host:port"; "" = none'),
+        "blocklists": Setting(["dbl.spamhaus.org"], "domain-name DNS blocklists for DOMAIN "
+                                                    "monitors"),
+    },
+    "region": {
+        "id": Setting("local", "region id shown with checks"),
+        "city": Setting("Local"),
+        "country": Setting("Local"),
+        "country_code": Setting("ZZ"),
+        "latitude": Setting(0.0, "", -90, 90),
+        "longitude": Setting(0.0, "", -180, 180),
+    },
+    "heartbeat": {
+        "pings_per_minute": Setting(5, "per CRON monitor (sliding minute); more get 429; "
+                                       "0 = no limit", 0, 1_000_000),
+    },
+    "notifications": {
+        "timeout": Setting(10.0, "seconds per delivery attempt", 0.1, 600),
+        "connect_timeout": Setting(3.0, "seconds to connect to a receiver, within timeout",
+                                   0.1, 600),
+        "attempts": Setting(12, "tries per alert; with the delays below, 12 span about an hour",
+                            1, 1000),
+        "retry_delay": Setting(10.0, "seconds before the first retry; doubles after each failure,"
+                                     " plus up to 25% random jitter", 0, _DAY),
+        "retry_max_delay": Setting(600.0, "the longest wait between two tries, in seconds",
+                                   0, _DAY),
+        "concurrency": Setting(128, "deliveries in flight at once, across all receivers",
+                               1, 10_000),
+        "per_host": Setting(4, "deliveries in flight at once to one host, so a hung receiver "
+                               "holds few slots", 1, 10_000),
+        "storm_window": Setting(5.0, "a person-facing channel's alerts are sent as one grouped "
+                                     "message once this many seconds pass without another "
+                                     "(at most 10 times this after the first); 0 = one message "
+                                     "per alert", 0, 3600),
+        "storm_names": Setting(20, "monitor names listed in a grouped message", 1, 1000),
+        "allow_private_targets": Setting(True, "false refuses channel/webhook URLs on private "
+                                               "or loopback IPs"),
+        "telegram_api_url": Setting("https://api.telegram.org"),
+        "pagerduty_url": Setting("https://events.pagerduty.com/v2/enqueue"),
+        "opsgenie_url": Setting("https://api.opsgenie.com"),
+        "twilio_api_url": Setting("https://api.twilio.com", "SMS goes through a "
+                                                            "Twilio-compatible API"),
+        "pushover_url": Setting("https://api.pushover.net", "PUSHOVER channels post to "
+                                                            "{pushover_url}/1/messages.json"),
+        "twilio_account_sid": Setting(""),
+        "twilio_auth_token": Setting(""),
+        "twilio_from": Setting(""),
+    },
+    "smtp": {
+        "host": Setting(""),
+        "port": Setting(587, "", 1, 65535),
+        "security": Setting("starttls", "", choices=("starttls", "tls", "none")),
+        "username": Setting(""),
+        "password": Setting(""),
+        "sender": Setting("statusapp@localhost"),
+    },
+    "retention": {
+        "raw_days": Setting(30, "raw checks kept this long, then rolled up", 1, 100_000),
+        "rollup_days": Setting(400, "daily rollups kept this long (90-day bars, long analytics)",
+                               1, 100_000),
+        "hourly_days": Setting(35, "hourly rollups kept this long (30d analytics need at "
+                                   "least 31)", 1, 100_000),
+    },
+    "regression": {
+        "min_baseline_checks": Setting(30, "no verdict before the baseline has this many UP "
+                                           "checks...", 1, 1_000_000),
+        "min_current_checks": Setting(5, "...and the current window this many", 1, 1_000_000),
+        "current_window_minutes": Setting(15, "the current response time is the average UP "
+                                              "check over this window", 1, 100_000),
+        "baseline_refresh_minutes": Setting(60, "how often the baseline is recomputed",
+                                            1, 100_000),
+    },
+}
+
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    section: {key: spec.default for key, spec in keys.items()} for section, keys in CONFIG.items()}
 
 
 class ConfigError(Exception):
     """A bad configuration value; its message is one line that names the key."""
 
 
+def _typed(default: Any, value: Any, from_text: bool) -> Any:
+    """``value`` as the type of ``default``; ValueError when it is not one."""
+    if isinstance(default, bool):
+        low = str(value).strip().lower()
+        if from_text and low in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            return low in ("1", "true", "yes", "on")
+        if from_text or not isinstance(value, bool):
+            raise ValueError
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or (not from_text and not isinstance(value, int)):
+            raise ValueError
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not math.isfinite(float(value)):
+            raise ValueError
+        return float(value)
+    if isinstance(default, list):
+        if from_text:
+            return [v.strip() for v in str(value).split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError
+        return value
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
 def _coerce(section: str, key: str, value: Any, from_text: bool) -> Any:
-    """Turn ``value`` into the type of the default, or raise ConfigError naming the key."""
-    default = CONFIG_DEFAULTS[section][key]
+    """Turn ``value`` into the key's type and range, or raise ConfigError naming the key."""
+    spec = CONFIG[section][key]
     name = f"{section}.{key}"
     try:
-        if isinstance(default, bool):
-            if from_text:
-                low = str(value).strip().lower()
-                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError
-                value = low in ("1", "true", "yes", "on")
-            elif not isinstance(value, bool):
-                raise ValueError
-        elif isinstance(default, int):
-            if isinstance(value, bool) or (not from_text and not isinstance(value, int)):
-                raise ValueError
-            value = int(value)
-        elif isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        elif isinstance(default, list):
-            if from_text:
-                value = [v.strip() for v in str(value).split(",") if v.strip()]
-            elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError
-        elif not isinstance(value, str):
-            raise ValueError
-    except ValueError:
-        kind = type(default).__name__
+        value = _typed(spec.default, value, from_text)
+    except (ValueError, TypeError, OverflowError):
+        kind = type(spec.default).__name__
         raise ConfigError(f"config: {name} must be a {kind}, got {value!r}") from None
-    choices = _CONFIG_CHOICES.get((section, key))
-    if choices and value not in choices:
-        raise ConfigError(f"config: {name} must be one of {', '.join(choices)}, got {value!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"config: {name} must not be negative, got {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"config: {name} must be one of {', '.join(spec.choices)}, "
+                          f"got {value!r}")
+    if (spec.low is not None and value < spec.low) or (spec.high is not None
+                                                       and value > spec.high):
+        raise ConfigError(f"config: {name} must be between {_num(spec.low)} and "
+                          f"{_num(spec.high)}, got {value!r}")
     return value
+
+
+def _num(value: float | None) -> str:
+    return f"{value:,}" if value is None or value != int(value) else f"{int(value):,}"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    """A value in TOML (the subset config.example.toml and export use: no dates, tables
+    inline)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    pairs = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+    return "{ " + pairs + " }" if pairs else "{}"
+
+
+def _setting_note(spec: Setting) -> str:
+    """A key's doc with its range or choices, as the example file and README show it."""
+    limits = (", ".join(spec.choices) if spec.choices else
+              f"{_num(spec.low)} to {_num(spec.high)}" if spec.low is not None else "")
+    return f"{spec.doc} ({limits})".strip() if limits else spec.doc
+
+
+def example_config() -> str:
+    """config.example.toml, generated from CONFIG."""
+    lines = ["# StatusApp configuration.  Every key is optional: the values below are the "
+             "defaults.",
+             "# Each key can also be set from the environment as STATUSAPP_<SECTION>_<KEY>, "
+             "for example",
+             "# STATUSAPP_SERVER_PORT=9000; lists are comma-separated there.  Precedence:",
+             "# command-line flag > environment variable > this file > default.  A value of "
+             "the wrong",
+             "# type or out of range stops start-up with one line naming the key.",
+             "# Use it with:  statusapp serve --config config.toml   "
+             "(or STATUSAPP_CONFIG=config.toml)"]
+    for section, keys in CONFIG.items():
+        doc = CONFIG_SECTIONS.get(section)
+        lines += ["", f"[{section}]" + (f"  # {doc}" if doc else "")]
+        for key, spec in keys.items():
+            line, notes = f"{key} = {_toml_value(spec.default)}", _setting_note(spec)
+            first, *more = textwrap.wrap(notes, 68) or [""]
+            lines.append(f"{line:<29} # {first}".rstrip(" #") if len(line) < 30 or not first
+                         else f"{line}  # {first}")
+            lines += [f"{'':<29} # {note}" for note in more]
+    return "\n".join(lines) + "\n"
+
+
+def config_reference() -> str:
+    """The README's configuration table, generated from CONFIG."""
+    rows = ["| Key | Default | Meaning and range |", "|---|---|---|"]
+    rows += [f"| `{section}.{key}` | `{_toml_value(spec.default)}` | {_setting_note(spec)} |"
+             for section, keys in CONFIG.items() for key, spec in keys.items()]
+    return "\n".join(rows)
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
@@ -253,8 +377,6 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | 
         for key, value in keys.items():
             if value is not None:
                 cfg[section][key] = _coerce(section, key, value, from_text=False)
-    if cfg["probes"]["min_interval"] < 1:
-        raise ConfigError("config: probes.min_interval must be at least 1")
     if not cfg["server"]["base_url"]:
         cfg["server"]["base_url"] = f"http://{cfg['server']['host']}:{cfg['server']['port']}"
     cfg["server"]["base_url"] = cfg["server"]["base_url"].rstrip("/")
@@ -332,6 +454,10 @@ class PayloadTooLarge(ApiError):
 class RateLimited(ApiError):
     status, code = 429, "RATE_LIMIT_EXCEEDED"
 
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "SERVICE_UNAVAILABLE"
+
 # --- Storage ---
 #
 # One writer connection, guarded by a lock, takes every write.  Small writes from hot paths
@@ -364,6 +490,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
+def log_failure(message: str, *args: Any) -> None:
+    """Log the exception being handled, with its traceback, unless it is a storage failure:
+    the Database logs those itself, one line per cause a minute."""
+    if storage_cause(sys.exc_info()[1] or Exception()) is None:
+        log.exception(message, *args)
+
+
 async def repeat(seconds: float, job: Callable[[], Awaitable[Any]], *, first: bool = False) -> None:
     """Run ``job`` every ``seconds`` until cancelled (at once too when ``first``); a failure is
     logged and the next round goes ahead, so one bad round never stops background work."""
@@ -373,7 +506,7 @@ async def repeat(seconds: float, job: Callable[[], Awaitable[Any]], *, first: bo
         try:
             await job()
         except Exception:
-            log.exception("background job %s failed", getattr(job, "__name__", job))
+            log_failure("background job %s failed", getattr(job, "__name__", job))
         await asyncio.sleep(seconds)
 
 
@@ -430,6 +563,26 @@ def load_migrations(text: str | None = None) -> dict[int, str]:
     return blocks
 
 
+# SQLite failures that are the storage's state, not a bug: clients get 503 with Retry-After,
+# the log one line per cause and minute, /health "unhealthy" until a write succeeds again.
+STORAGE_CAUSES = {"SQLITE_FULL": "the disk is full", "SQLITE_BUSY": "the database is locked",
+                  "SQLITE_LOCKED": "the database is locked",
+                  "SQLITE_READONLY": "the database is read-only",
+                  "SQLITE_IOERR": "disk I/O error", "SQLITE_CANTOPEN": "cannot open the database"}
+STORAGE_LOG_EVERY = 60.0
+STORAGE_RETRY_AFTER = "5"
+
+
+def storage_cause(exc: BaseException) -> str | None:
+    """What is wrong with the storage when ``exc`` (or its cause) says so, else None."""
+    for error in _exception_chain(exc):
+        name = getattr(error, "sqlite_errorname", "") or ""
+        for prefix, cause in STORAGE_CAUSES.items():
+            if name == prefix or name.startswith(prefix + "_"):
+                return cause
+    return None
+
+
 def present(row: sqlite3.Row | None) -> sqlite3.Row:
     """A row the query cannot miss; a missing one is a bug, raised as such."""
     if row is None:
@@ -450,13 +603,32 @@ class Database:
         self._queue: list[tuple[list[Statement], asyncio.Future[None] | None]] = []
         self._queue_event = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self.failing: str | None = None  # why the last commit failed, until one succeeds
+        self._logged: dict[str, float] = {}
+
+    def storage_error(self, exc: BaseException) -> ServiceUnavailable | None:
+        """A storage failure as the 503 clients get, logged once a minute per cause."""
+        cause = storage_cause(exc)
+        if cause is None:
+            return None
+        now = time.monotonic()
+        if now - self._logged.get(cause, -STORAGE_LOG_EVERY) >= STORAGE_LOG_EVERY:
+            self._logged[cause] = now
+            log.error("storage: %s (%s: %s); answering 503 meanwhile", cause,
+                      os.path.abspath(self.path), exc)
+        return ServiceUnavailable(f"Storage unavailable: {cause}", "retry later",
+                                  headers={"Retry-After": STORAGE_RETRY_AFTER})
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
-                       "foreign_keys=ON"):
-            await conn.execute(f"PRAGMA {pragma}")
+        try:
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
+                           "foreign_keys=ON"):
+                await conn.execute(f"PRAGMA {pragma}")
+        except BaseException:
+            await conn.close()  # its thread would otherwise keep the process alive
+            raise
         return conn
 
     async def open(self, upto: int | None = None) -> None:
@@ -464,13 +636,12 @@ class Database:
         self._writer = await self._connect()
         try:
             await self.migrate(upto)
+            for _ in range(self._reader_count):
+                self._readers.append(await self._connect())
+                await self._readers[-1].execute("PRAGMA query_only=ON")
         except BaseException:
             await self.close()
             raise
-        for _ in range(self._reader_count):
-            reader = await self._connect()
-            await reader.execute("PRAGMA query_only=ON")
-            self._readers.append(reader)
         self._writer_task = asyncio.create_task(self._write_loop())
 
     async def close(self) -> None:
@@ -541,15 +712,20 @@ class Database:
         """Exclusive use of the writer for a multi-step write: BEGIN IMMEDIATE ... COMMIT."""
         assert self._writer is not None
         async with self._lock:
+            changes = self._writer.total_changes
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
-            except BaseException:
+                await self._writer.execute("COMMIT")
+            except BaseException as exc:
                 # Also when cancelled while BEGIN was still running on the connection's thread.
                 with contextlib.suppress(sqlite3.Error):
                     await self._writer.execute("ROLLBACK")
+                if self.storage_error(exc):
+                    self.failing = storage_cause(exc)
                 raise
-            await self._writer.execute("COMMIT")
+            if self._writer.total_changes > changes:
+                self.failing = None
 
     async def write(self, statements: list[Statement]) -> None:
         """Queue statements for the next group commit and wait until they are durable."""
@@ -587,7 +763,8 @@ class Database:
                     async with self.transaction() as conn:
                         await _run_grouped(conn, [stmts])
                 except Exception as exc:
-                    log.warning("dropped a queued write: %s", exc)
+                    if not self.storage_error(exc):
+                        log.warning("dropped a queued write: %s", exc)
                     if future and not future.done():
                         future.set_exception(exc)
                 else:
@@ -1332,6 +1509,23 @@ def page_fields(sorts: Collection[str], default_sort: str, **filters: Field) -> 
 
 PAGINATION = shape(total="integer", page="integer", limit="integer", totalPages="integer")
 DELETED = shape(success="boolean", message="string")
+
+
+async def paged_rows(call: Call, table: str, query: dict[str, Any], filters: Sequence[str],
+                     order: str) -> tuple[int, list[sqlite3.Row]]:
+    """The count of the team's rows of ``table`` matching the query's ``filters`` (named as
+    the API names the columns) and the query's page of them, in ``order`` ({d}: asc/desc)."""
+    where, params = ["account_id = ?"], [call.team]
+    for name in filters:
+        if query[name]:
+            where.append(f"{Field(name, 'string').column} = ?")
+            params.append(query[name])
+    clause = " AND ".join(where)
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM {table} WHERE {clause}", params)
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM {table} WHERE {clause} ORDER BY {order.format(d=query['order'].upper())}"
+        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return total, rows
 
 
 def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
@@ -2779,7 +2973,7 @@ class Scheduler:
             try:
                 await self.reload(ids)
             except Exception:  # keep following changes; the next edit retries the monitor
-                log.exception("scheduler: reloading %d changed monitors failed", len(ids))
+                log_failure("scheduler: reloading %d changed monitors failed", len(ids))
 
     # Running checks
 
@@ -3128,7 +3322,7 @@ async def run_heartbeats(rt: Runtime) -> None:
             await hb.reload_changed()
             await hb.expire_due()
         except Exception:
-            log.exception("heartbeat deadlines failed; retrying in 1 s")
+            log_failure("heartbeat deadlines failed; retrying in 1 s")
             await asyncio.sleep(1)
             hb.wake.set()
         await hb.sleep()
@@ -3152,7 +3346,7 @@ def transition_statements(monitor_id: str, old: str, new: str, reason: str | Non
 
 INCIDENT_POLL = 0.25       # seconds between looks for new transitions and queued alerts
 INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
-_DELIVERY_CONCURRENCY = 32
+STORM_HOLD_LIMIT = 10      # a storm's grouped message waits at most this many storm windows
 WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
 INCIDENT_STATUSES = ("investigating", "identified", "monitoring", "resolved")
 
@@ -3267,11 +3461,38 @@ async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at
     return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],)))
 
 
+def _group_key(kind: str, config: str, event: str) -> str | None:
+    """Rows a person-facing channel may send as one message: same type, config and event."""
+    if kind not in CHANNEL_TYPES or not CHANNEL_TYPES[kind].person_facing:
+        return None
+    return hashlib.sha256(f"{kind}\n{config}\n{event}".encode()).hexdigest()[:32]
+
+
+async def _first_attempt_at(conn: aiosqlite.Connection, group: str | None, stamp: int,
+                            hold_ms: int) -> int:
+    """When a new row is first tried: at once, or with the group a storm is gathering.  A
+    group is sent once ``hold_ms`` passes without a new alert joining, at most
+    STORM_HOLD_LIMIT windows after its first alert."""
+    if group is None or hold_ms <= 0:
+        return stamp
+    first = present(await _row(conn, "SELECT MIN(created_at) FROM alert_outbox WHERE"
+                                     " group_key = ? AND done_at IS NULL AND attempts = 0"
+                                     " AND next_attempt_at > ?", (group, stamp)))[0]
+    if first is None:
+        return stamp + hold_ms
+    due = min(stamp + hold_ms, first + STORM_HOLD_LIMIT * hold_ms)
+    await conn.execute("UPDATE alert_outbox SET next_attempt_at = ? WHERE group_key = ?"
+                       " AND done_at IS NULL AND attempts = 0 AND next_attempt_at > ?",
+                       (due, group, stamp))
+    return due
+
+
 async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
                          channel_events: Sequence[str], webhook_events: Sequence[str],
-                         **alert: Any) -> int:
+                         hold_ms: int = 0, **alert: Any) -> int:
     """Queue one outbox row per event and target: the monitor's enabled notifications (inline,
-    or linked active channels) and the account's active webhooks subscribed to the event."""
+    or linked active channels) and the account's active webhooks subscribed to the event.
+    Person-facing channels wait ``hold_ms`` for other monitors' alerts to group with."""
     alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
                         "type": monitor["type"], "status": status}
     stamp = now_ms()
@@ -3285,7 +3506,8 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     for event in channel_events:
         for target in targets:
             rows.append((f"{target['channel_id'] or target['id']}:{monitor['id']}",
-                         target["channel_id"], None, None, target["type"], target["config"], event))
+                         target["channel_id"], None, new_id("dlv"), target["type"],
+                         target["config"], event))
     hooks = await conn.execute_fetchall(
         "SELECT id, url, secret, events FROM webhooks WHERE account_id = ? AND is_active = 1"
         " ORDER BY created_at, id", (monitor["account_id"],))
@@ -3299,17 +3521,20 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
                 config = json.dumps({"url": hook["url"], "secret": hook["secret"]})
                 rows.append((f"{hook['id']}:{monitor['id']}", None, hook["id"], delivery,
                              "WEBHOOK", config, event))
-    await conn.executemany(
-        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, webhook_id,"
-        " delivery_id, channel_type, config, event, alert, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(monitor["account_id"], monitor["id"], key, channel, hook, delivery, kind, config,
-          event, json.dumps({"event": event, **alert}), stamp)
-         for key, channel, hook, delivery, kind, config, event in rows])
+    for key, channel_id, hook_id, delivery_id, kind, config_text, event in rows:
+        group = _group_key(kind, config_text, event)
+        await conn.execute(
+            "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, webhook_id,"
+            " delivery_id, channel_type, config, event, alert, created_at, next_attempt_at,"
+            " group_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (monitor["account_id"], monitor["id"], key, channel_id, hook_id, delivery_id, kind,
+             config_text, event, json.dumps({"event": event, **alert}), stamp,
+             await _first_attempt_at(conn, group, stamp, hold_ms), group))
     return len(rows)
 
 
-async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) -> None:
+async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
+                              hold_ms: int) -> None:
     """Act on one status transition, exactly once (see the comment above INCIDENT_POLL)."""
     transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
                                   " AND processed_at IS NULL", (transition_id,))
@@ -3335,7 +3560,7 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int) ->
                              " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
     await enqueue_alerts(
-        conn, monitor, new, channel_events, webhook_events, timestamp=iso(at),
+        conn, monitor, new, channel_events, webhook_events, hold_ms, timestamp=iso(at),
         incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
                   else None),
         check=_check_alert(check, transition["reason"]))
@@ -3345,9 +3570,10 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
     """Consume pending status transitions in order, one transaction each; return the count."""
     pending = await rt.db.fetchall("SELECT id FROM status_transitions WHERE processed_at IS NULL"
                                    " ORDER BY id LIMIT ?", (limit,))
+    hold_ms = round(rt.cfg["notifications"]["storm_window"] * 1000)
     for row in pending:
         async with rt.db.transaction() as conn:
-            await _consume_transition(conn, row["id"])
+            await _consume_transition(conn, row["id"], hold_ms)
     return len(pending)
 
 
@@ -3367,16 +3593,27 @@ def webhook_result_statements(webhook_id: str, delivery_id: str | None,
     return statements
 
 
-def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt],
-                        at: int) -> list[Statement]:
-    """Close an outbox row; mark its channel (shared, or a monitor's inline one) failing after a
-    permanent error or healthy after a success."""
+def retry_delay(attempt: int, cfg: dict[str, dict[str, Any]]) -> float:
+    """Seconds to wait after failed attempt number ``attempt``: ``retry_delay`` doubling up to
+    ``retry_max_delay``, plus up to 25% jitter so receivers that come back are not stampeded."""
+    notify = cfg["notifications"]
+    delay = min(notify["retry_delay"] * 2 ** min(attempt - 1, 60), notify["retry_max_delay"])
+    return delay * (1 + random.random() / 4)
+
+
+def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt], at: int,
+                        retry_at: int, cfg: dict[str, dict[str, Any]]) -> list[Statement]:
+    """Record an attempt on its outbox row: done (delivered, permanently failed or out of
+    attempts) or pending until the next attempt's time.  Mark the channel (shared, or a
+    monitor's inline one) failing after a permanent error or healthy after a success."""
     last = records[-1]
+    done = last["ok"] or last["permanent"] or len(records) >= cfg["notifications"]["attempts"]
     statements: list[Statement] = [(
         "UPDATE alert_outbox SET done_at = ?, status = ?, attempts = ?, status_code = ?,"
-        " last_error = ?, attempt_log = ? WHERE id = ?",
-        (at, "delivered" if last["ok"] else "failed", len(records), last["statusCode"],
-         last["error"], json.dumps(records), row["id"]))]
+        " last_error = ?, attempt_log = ?, next_attempt_at = ? WHERE id = ?",
+        (at if done else None, ("delivered" if last["ok"] else "failed") if done else "pending",
+         len(records), last["statusCode"], last["error"], json.dumps(records),
+         at if done else retry_at, row["id"]))]
     if row["webhook_id"]:
         return statements + webhook_result_statements(row["webhook_id"], row["delivery_id"],
                                                       records, at)
@@ -3391,54 +3628,158 @@ def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt],
     return statements
 
 
-async def _deliver_queued(rt: Runtime, ctx: NotifyContext, row: sqlite3.Row) -> None:
-    """Deliver one outbox row with retries, log every attempt, then record the outcome."""
-    alert = Alert(**json.loads(row["alert"]))
-    send = CHANNEL_TYPES[row["channel_type"]].send
-    records = await deliver(send, json.loads(row["config"]), alert, ctx,
-                            base_delay=rt.cfg["notifications"]["retry_delay"])
-    for record in records:
-        log.log(logging.INFO if record["ok"] else logging.WARNING,
-                "alert %s %s via %s (%s) attempt %d: %s", row["id"], row["event"],
-                row["channel_type"], row["channel_id"] or row["webhook_id"] or "inline",
-                record["attempt"], "delivered" if record["ok"] else record["error"])
-    await rt.db.write(_outcome_statements(row, records, now_ms()))
+def grouped_alert(alerts: Sequence[Alert], names: int) -> Alert:
+    """One alert standing for several monitors' alerts of the same event (an alert storm)."""
+    first = alerts[0]
+    listed = [str(a.monitor.get("name") or a.monitor.get("id")) for a in alerts]
+    return Alert(event=first.event, timestamp=first.timestamp,
+                 monitor={"name": f"{len(alerts)} monitors", "status": first.monitor.get("status")},
+                 group={"count": len(alerts), "names": listed[:names]})
+
+
+async def _deliver_queued(rt: Runtime, ctx: NotifyContext,
+                          rows: list[sqlite3.Row]) -> DeliveryAttempt:
+    """One attempt at one outbox row, or at a group of rows as one message; log and record it."""
+    head = rows[0]
+    alerts = [Alert(**json.loads(row["alert"])) for row in rows]
+    alert = alerts[0] if len(rows) == 1 else grouped_alert(
+        alerts, rt.cfg["notifications"]["storm_names"])
+    send = CHANNEL_TYPES[head["channel_type"]].send
+    record = await attempt_delivery(send, json.loads(head["config"]), alert, ctx,
+                                    head["delivery_id"], head["attempts"] + 1)
+    log.log(logging.INFO if record["ok"] else logging.WARNING,
+            "alert %s %s via %s (%s) attempt %d%s: %s", head["delivery_id"], head["event"],
+            head["channel_type"], head["channel_id"] or head["webhook_id"] or "inline",
+            record["attempt"], f" for {len(rows)} monitors" if len(rows) > 1 else "",
+            "delivered" if record["ok"] else record["error"])
+    at = now_ms()
+    retry_at = at + round(retry_delay(record["attempt"], rt.cfg) * 1000)  # a group stays one
+    await rt.db.write([statement for row in rows for statement in _outcome_statements(
+        row, [*json.loads(row["attempt_log"] or "[]"), record], at, retry_at, rt.cfg)])
+    return record
+
+
+_SERVICE_URL_KEYS = {"TELEGRAM": "telegram_api_url", "PAGERDUTY": "pagerduty_url",
+                     "OPSGENIE": "opsgenie_url", "SMS": "twilio_api_url",
+                     "PUSHOVER": "pushover_url"}
+_TARGET_URL_KEYS = ("url", "webhookUrl", "serverUrl", "homeserver")  # in a channel's config
+
+
+def delivery_host(row: sqlite3.Row, cfg: dict[str, dict[str, Any]]) -> str:
+    """The host and port a delivery talks to: the unit of the per-host limit on slots."""
+    if row["channel_type"] == "EMAIL":
+        return f"smtp:{cfg['smtp']['host']}"
+    config = json.loads(row["config"])
+    key = _SERVICE_URL_KEYS.get(row["channel_type"])
+    url = cfg["notifications"][key] if key else next(
+        (config[k] for k in _TARGET_URL_KEYS if config.get(k)), None)
+    try:
+        parts = urlsplit(str(url))
+        return f"{(parts.hostname or '').lower()}:{parts.port or parts.scheme}"
+    except ValueError:
+        return ""
+
+
+class _Slots:
+    """Delivery slots in use, in all and per host, and the lanes (targets, groups) busy.
+
+    A host whose last attempt got no answer (timed out, refused, unreachable) is a suspect:
+    it gets one slot at a time, and all suspects together a quarter of the slots, so hung
+    receivers retrying for an hour never crowd out the healthy ones."""
+
+    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
+        self.total, self.per_host = (cfg["notifications"][key] for key in ("concurrency",
+                                                                          "per_host"))
+        self.hosts: collections.Counter[str] = collections.Counter()
+        self.lanes: set[str] = set()
+        self.suspects: set[str] = set()
+
+    def free(self, host: str, lanes: set[str]) -> bool:
+        if host in self.suspects and (self.hosts[host] or sum(
+                self.hosts[h] for h in self.suspects) >= max(1, self.total // 4)):
+            return False
+        return (self.hosts.total() < self.total and self.hosts[host] < self.per_host
+                and not lanes & self.lanes)
+
+    def judge(self, host: str, record: DeliveryAttempt) -> None:
+        """Note whether ``host`` answered its latest attempt."""
+        if record["ok"] or record["statusCode"] is not None or record["permanent"]:
+            self.suspects.discard(host)
+        else:
+            self.suspects.add(host)
+
+    def take(self, host: str, lanes: set[str]) -> None:
+        self.hosts[host] += 1
+        self.lanes |= lanes
+
+    def give_back(self, host: str, lanes: set[str]) -> None:
+        self.hosts[host] -= 1
+        if not self.hosts[host]:
+            del self.hosts[host]
+        self.lanes -= lanes
+
+
+# Due rows that are the oldest undone row of their target (a target's alerts go in order).
+_DUE_SQL = ("SELECT * FROM alert_outbox o WHERE done_at IS NULL AND next_attempt_at <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM alert_outbox p WHERE p.target_key = o.target_key"
+            " AND p.done_at IS NULL AND p.id < o.id) ORDER BY next_attempt_at, id LIMIT 1000")
+
+
+def _batches(rows: list[sqlite3.Row]) -> list[list[sqlite3.Row]]:
+    """Due rows as delivery units: a person-facing group's rows together, others alone."""
+    groups: dict[str, list[sqlite3.Row]] = {}
+    units: list[list[sqlite3.Row]] = []
+    for row in rows:
+        if row["group_key"] in groups:
+            groups[row["group_key"]].append(row)
+            continue
+        units.append([row])
+        if row["group_key"]:
+            groups[row["group_key"]] = units[-1]
+    return units
 
 
 async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
-    """Drain the outbox: targets in parallel, each target's alerts in order, one at a time.
+    """Drain the outbox: targets in parallel within the slot limits (in all and per host), each
+    target's alerts in order, one attempt at a time; failed attempts wait in the outbox.
 
     The outbox is read on a reader connection, whose answer can predate the commit of a
-    delivery that finished meanwhile; ``started`` (row ids taken in hand and not yet seen done)
-    keeps such a stale answer from sending an alert twice."""
-    running: dict[str, asyncio.Task[None]] = {}
-    started: set[int] = set()
+    delivery that finished meanwhile; ``started`` (row ids and attempt counts taken in hand,
+    until seen changed) keeps such a stale answer from sending an attempt twice."""
+    slots, started = _Slots(rt.cfg), set[tuple[int, int]]()
+    running: set[asyncio.Task[DeliveryAttempt]] = set()
 
-    def finished(key: str, task: asyncio.Task[None]) -> None:
-        running.pop(key, None)
-        if not task.cancelled() and task.exception():
-            log.error("alert delivery failed", exc_info=task.exception())
+    def finished(host: str, lanes: set[str], task: asyncio.Task[DeliveryAttempt]) -> None:
+        slots.give_back(host, lanes)
+        running.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error and storage_cause(error) is None:  # storage failures: the Database logs them
+            log.error("alert delivery failed", exc_info=error)
+        elif not task.cancelled() and not error:
+            slots.judge(host, task.result())
         wake.set()
 
     async with NotifyContext(rt.cfg) as ctx:
         try:
             while True:
                 wake.clear()
-                rows = await rt.db.fetchall("SELECT * FROM alert_outbox WHERE done_at IS NULL"
-                                            " ORDER BY id LIMIT 1000")
-                started &= {row["id"] for row in rows}  # the others are done, for good
-                for row in rows:
-                    key = row["target_key"]
-                    if (key in running or row["id"] in started
-                            or len(running) >= _DELIVERY_CONCURRENCY):
+                rows = await rt.db.fetchall(_DUE_SQL, (now_ms(),))
+                state = {(row["id"], row["attempts"]): row for row in rows}
+                started &= set(state)  # the others are done or were tried again
+                for unit in _batches([row for at, row in state.items() if at not in started]):
+                    host = delivery_host(unit[0], rt.cfg)
+                    lanes = {unit[0]["group_key"] or "", *(row["target_key"] for row in unit)}
+                    if not slots.free(host, lanes - {""}):
                         continue
-                    started.add(row["id"])
-                    running[key] = asyncio.create_task(_deliver_queued(rt, ctx, row))
-                    running[key].add_done_callback(functools.partial(finished, key))
+                    slots.take(host, lanes - {""})
+                    started.update((row["id"], row["attempts"]) for row in unit)
+                    task = asyncio.create_task(_deliver_queued(rt, ctx, unit))
+                    running.add(task)
+                    task.add_done_callback(functools.partial(finished, host, lanes - {""}))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), INCIDENT_POLL)
         finally:
-            tasks = list(running.values())
+            tasks = list(running)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -3456,7 +3797,7 @@ async def run_incidents(rt: Runtime) -> None:
                     wake.set()
                     continue
             except Exception:
-                log.exception("incident engine failed; retrying")
+                log_failure("incident engine failed; retrying")
             await asyncio.sleep(INCIDENT_POLL)
 
     await asyncio.gather(engine(), _delivery_loop(rt, wake))
@@ -3493,6 +3834,10 @@ _HEADLINES = {
     "incident.resolved": "Incident{number} resolved: {name}",
     "test": "Test notification for {name}",
 }
+_GROUP_HEADLINES = {"monitor.down": "{count} monitors DOWN", "monitor.up": "{count} monitors back UP",
+                    "monitor.degraded": "{count} monitors DEGRADED",
+                    "incident.created": "{count} incidents opened",
+                    "incident.resolved": "{count} incidents resolved"}
 _EMOJI = {"bad": "\U0001f534", "warn": "\U0001f7e0", "good": "\u2705", "info": "\u2139\ufe0f"}
 _DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info": 0x3498DB}
 _TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
@@ -3508,6 +3853,7 @@ class Alert:
     ``monitor`` has id, name, url, type, status; ``incident`` id, incidentNumber, startedAt,
     resolvedAt, severity, mttr (seconds); ``check`` statusCode, responseTime (ms), error, region.
     ``note`` explains what the numbers cannot (e.g. the regression detector's baseline).
+    ``group`` makes it stand for ``count`` monitors' alerts (``names`` lists the first ones).
     """
 
     event: str
@@ -3516,6 +3862,7 @@ class Alert:
     check: dict[str, Any] | None = None
     timestamp: str = dataclasses.field(default_factory=lambda: str(iso(now_ms())))
     note: str | None = None
+    group: dict[str, Any] | None = None  # {"count", "names"}: a storm's alerts as one message
 
     def __post_init__(self) -> None:
         if self.event not in ALERT_EVENTS:
@@ -3538,8 +3885,13 @@ class NotifyContext:
 
     def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
         self.cfg = cfg
-        self.timeout: float | None = cfg["notifications"]["timeout"] or None
-        self.client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False,
+        notify = cfg["notifications"]
+        self.timeout: float = notify["timeout"]
+        timeout = httpx.Timeout(self.timeout, connect=min(notify["connect_timeout"], self.timeout))
+        # The delivery loop's slots bound connections (httpx's own pool of 100 would be a
+        # second, shared limit that hung receivers could fill).
+        self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
+                                        limits=httpx.Limits(max_connections=None),
                                         headers={"User-Agent": f"StatusApp/{VERSION}"})
 
     async def aclose(self) -> None:
@@ -3610,7 +3962,14 @@ def _check_result(check: dict[str, Any]) -> str:
     return " ".join(part for part in parts if part)
 
 
+def _group_names(group: dict[str, Any]) -> str:
+    more = group["count"] - len(group["names"])
+    return ", ".join(group["names"]) + (f" and {more} more" if more > 0 else "")
+
+
 def _headline(alert: Alert) -> str:
+    if alert.group:
+        return _GROUP_HEADLINES[alert.event].format(count=alert.group["count"])
     incident = alert.incident or {}
     number = incident.get("incidentNumber") or incident.get("id")
     name = alert.monitor.get("name") or alert.monitor.get("id") or "monitor"
@@ -3621,6 +3980,8 @@ def _headline(alert: Alert) -> str:
 def _summary(alert: Alert) -> str:
     """One ASCII-punctuated line (SMS, subjects, PagerDuty): the headline and what matters most."""
     check = alert.check or {}
+    if alert.group:
+        return _one_line(f"{_headline(alert)}: {_group_names(alert.group)}")
     if _recovered(alert):
         downtime = _downtime(alert)
         detail = f"down for {human_duration(downtime)}" if downtime is not None else ""
@@ -3636,6 +3997,8 @@ def _summary(alert: Alert) -> str:
 def _facts(alert: Alert) -> list[tuple[str, str]]:
     """Labelled details for a person on call: what, where, how it failed, since when, how long."""
     monitor, check, incident = alert.monitor, alert.check or {}, alert.incident or {}
+    if alert.group:
+        return [("Monitors", _group_names(alert.group)), ("Since", _human_time(alert.timestamp))]
     facts = [("Monitor", str(monitor.get("name") or monitor.get("id") or "")),
              ("URL", str(monitor.get("url") or "")),
              ("Status", str(monitor.get("status") or "")),
@@ -3774,7 +4137,26 @@ def webhook_payload(alert: Alert) -> dict[str, Any]:
             key: incident.get(key) for key in ("id", "incidentNumber", "startedAt", "severity")},
         "check": None if check is None else {
             key: check.get(key) for key in ("statusCode", "responseTime", "error", "region")},
+        **_delivery_fields(),
     }
+
+
+# The delivery being attempted: (delivery id, send time in ms).  Every HTTP request carries them
+# as X-StatusApp-Delivery and X-StatusApp-Timestamp, webhook payloads as deliveryId and sentAt,
+# so a receiver can drop a repeat (the same id arrives again only as a retry).
+_DELIVERY: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "delivery", default=None)
+
+
+def _delivery_fields() -> dict[str, Any]:
+    current = _DELIVERY.get()
+    return {} if current is None else {"deliveryId": current[0], "sentAt": current[1]}
+
+
+def _delivery_headers() -> dict[str, str]:
+    current = _DELIVERY.get()
+    return {} if current is None else {"X-StatusApp-Delivery": current[0],
+                                       "X-StatusApp-Timestamp": str(current[1])}
 
 
 # HTTP plumbing shared by every sender.
@@ -3829,6 +4211,7 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
     """POST (or ``method``) and map the outcome onto DeliveryError; return the 2xx status."""
     if user_url:
         await check_target(url, ctx.cfg)
+    request["headers"] = {**request.get("headers", {}), **_delivery_headers()}
     try:
         async with ctx.client.stream(method, url, **request) as response:
             if response.is_success:
@@ -4014,6 +4397,8 @@ async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -
     message["To"] = ", ".join(recipients)
     message["Date"] = formatdate(usegmt=True)
     message["Message-ID"] = make_msgid(domain=smtp["sender"].rpartition("@")[2] or "statusapp")
+    for name, value in _delivery_headers().items():
+        message[name] = value
     message.set_content(_text(alert))
     await asyncio.to_thread(_smtp_send, smtp, message, recipients, ctx.timeout)
 
@@ -4384,31 +4769,41 @@ class DeliveryAttempt(TypedDict):
     durationMs: int
 
 
-async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
-                  attempts: int | None = None, base_delay: float = 1.0) -> list[DeliveryAttempt]:
-    """Run ``send`` with retries and report every attempt; never raises, so callers can record.
+async def attempt_delivery(send: Sender, config: dict[str, Any], alert: Alert,
+                           ctx: NotifyContext, delivery_id: str, attempt: int) -> DeliveryAttempt:
+    """One attempt of ``send``, bounded by ``notifications.timeout``; never raises, it reports.
 
-    Each attempt is bounded by ``notifications.timeout``.  Transient failures are retried after
+    An unexpected exception is a bug a retry will not fix, so it counts as permanent."""
+    started = time.monotonic()
+    status, error, permanent = None, None, False
+    token = _DELIVERY.set((delivery_id, now_ms()))
+    try:
+        status = await asyncio.wait_for(send(config, alert, ctx), ctx.timeout)
+    except DeliveryError as exc:
+        status, error, permanent = exc.status_code, exc.message, exc.permanent
+    except asyncio.TimeoutError:
+        error = f"timed out after {ctx.timeout:g}s"
+    except Exception as exc:  # noqa: BLE001 -- deliver must report, not raise
+        error, permanent = f"internal error: {type(exc).__name__}: {exc}", True
+    finally:
+        _DELIVERY.reset(token)
+    return {"attempt": attempt, "ok": error is None, "statusCode": status, "error": error,
+            "permanent": permanent, "durationMs": round((time.monotonic() - started) * 1000)}
+
+
+async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
+                  attempts: int | None = None, base_delay: float = 1.0,
+                  delivery_id: str | None = None) -> list[DeliveryAttempt]:
+    """Run ``send`` with in-process retries (the outbox retries durably instead) and report
+    every attempt, all under one delivery id.  Transient failures are retried after
     base_delay, 2x, 4x...; a permanent one (bad credentials, gone, bad config) stops at once.
-    An unexpected exception is a bug a retry will not fix, so it counts as permanent too.
     """
     total = max(1, ctx.cfg["notifications"]["attempts"] if attempts is None else attempts)
+    delivery_id = delivery_id or new_id("dlv")
     records: list[DeliveryAttempt] = []
     for attempt in range(1, total + 1):
-        started = time.monotonic()
-        status, error, permanent = None, None, False
-        try:
-            status = await asyncio.wait_for(send(config, alert, ctx), ctx.timeout)
-        except DeliveryError as exc:
-            status, error, permanent = exc.status_code, exc.message, exc.permanent
-        except asyncio.TimeoutError:
-            error = f"timed out after {ctx.timeout:g}s"
-        except Exception as exc:  # noqa: BLE001 -- deliver must report, not raise
-            error, permanent = f"internal error: {type(exc).__name__}: {exc}", True
-        records.append({"attempt": attempt, "ok": error is None, "statusCode": status,
-                        "error": error, "permanent": permanent,
-                        "durationMs": round((time.monotonic() - started) * 1000)})
-        if error is None or permanent:
+        records.append(await attempt_delivery(send, config, alert, ctx, delivery_id, attempt))
+        if records[-1]["ok"] or records[-1]["permanent"]:
             break
         if attempt < total:
             await asyncio.sleep(base_delay * 2 ** (attempt - 1))
@@ -4926,23 +5321,7 @@ class Runtime:
     async def start(self) -> None:
         """Open the database, register the local region, create the owner on first run."""
         await self.db.open()
-        region = self.cfg["region"]
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET city = excluded.city,"
-                " country = excluded.country, country_code = excluded.country_code,"
-                " latitude = excluded.latitude, longitude = excluded.longitude",
-                (region["id"], region["city"], region["country"], region["country_code"],
-                 region["latitude"], region["longitude"]))
-            first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
-            if first_run:
-                account = await create_account(conn, "admin@localhost", "Admin",
-                                               self.cfg["account"]["plan"])
-                _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
-        if first_run:
-            print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
-                  f"only this once:\n{key}", file=sys.stderr, flush=True)
+        await prepare_database(self.db, self.cfg)
         self.regions = {r["id"]: dict(r) for r in await self.db.fetchall(
             "SELECT * FROM worker_regions WHERE is_active = 1")}
         self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
@@ -4956,7 +5335,7 @@ class Runtime:
                 await service(self)
                 return
             except Exception:
-                log.exception("service %s crashed; restarting it in %s s", service.__name__,
+                log_failure("service %s crashed; restarting it in %s s", service.__name__,
                               _SERVICE_RESTART_DELAY)
                 await asyncio.sleep(_SERVICE_RESTART_DELAY)
 
@@ -4983,6 +5362,28 @@ class Runtime:
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.usage.flush(self.db)
         await self.db.close()
+
+
+async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None:
+    """Register the local region (a real write) and, on first run, create the owner and print
+    its key once."""
+    region = cfg["region"]
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET city = excluded.city,"
+            " country = excluded.country, country_code = excluded.country_code,"
+            " latitude = excluded.latitude, longitude = excluded.longitude",
+            (region["id"], region["city"], region["country"], region["country_code"],
+             region["latitude"], region["longitude"]))
+        first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
+        if first_run:
+            account = await create_account(conn, "admin@localhost", "Admin",
+                                           cfg["account"]["plan"])
+            _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
+    if first_run:
+        print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
+              f"only this once:\n{key}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -5028,11 +5429,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: no error worth a log line
+        raise BadRequest("Client disconnected", "the body ended early") from None
     return b"".join(chunks)
 
 
@@ -5102,6 +5506,8 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             except (ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if unavailable := rt.db.storage_error(exc):
+                    raise unavailable from None
                 log.exception("unhandled error in %s %s", request.method, request.url.path)
                 raise ApiError("Internal server error", "the error has been logged") from exc
             if request.method != "GET" and not public:
@@ -5141,12 +5547,21 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
         exc = kind(text, f"{request.method} {request.url.path}", status=exc.status_code,
                    headers=dict(exc.headers or {}))
     elif not isinstance(exc, ApiError):
-        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        exc = ApiError("Internal server error", "the error has been logged")
+        exc = _unhandled(request, exc)
     if request.url.path.startswith(API_PREFIX) and not hasattr(request.state, "headers"):
         await _routing_rate_limit(request)
     headers = {**getattr(request.state, "headers", {}), **exc.headers}
     return JSONResponse(exc.body(), exc.status, headers=headers)
+
+
+def _unhandled(request: Request, exc: Exception) -> ApiError:
+    """An exception no handler turned into an ApiError: a storage failure's 503, else a 500."""
+    rt: Runtime | None = getattr(request.app.state, "statusapp", None)
+    unavailable = rt.db.storage_error(exc) if rt else None
+    if unavailable:
+        return unavailable
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError("Internal server error", "the error has been logged")
 
 
 class Cors:
@@ -5786,20 +6201,8 @@ INCIDENTS_SHAPE = shape(incidents=[INCIDENT_SHAPE], pagination=PAGINATION)
 @api("/incidents", "GET", query=INCIDENT_QUERY, response=INCIDENTS_SHAPE)
 async def list_incidents(call: Call) -> dict[str, Any]:
     query = call.query
-    where, params = ["account_id = ?"], [call.team]
-    if query["monitorId"]:
-        where.append("monitor_id = ?")
-        params.append(query["monitorId"])
-    if query["status"]:
-        where.append("status = ?")
-        params.append(query["status"])
-    clause = " AND ".join(where)
-    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM incidents WHERE {clause}", params)
-    direction = query["order"].upper()
-    rows = await call.rt.db.fetchall(
-        f"SELECT * FROM incidents WHERE {clause} ORDER BY {INCIDENT_SORTS[query['sort']]}"
-        f" {direction}, started_at {direction}, id {direction} LIMIT ? OFFSET ?",
-        [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    order = INCIDENT_SORTS[query["sort"]] + " {d}, started_at {d}, id {d}"
+    total, rows = await paged_rows(call, "incidents", query, ("monitorId", "status"), order)
     return {"incidents": [await incident_json(call.rt, row) for row in rows],
             "pagination": paginate(total, query)}
 
@@ -6024,11 +6427,12 @@ async def test_webhook(call: Call) -> dict[str, Any]:
     alert = Alert(event="test", monitor={"id": "mon_test", "name": "StatusApp test",
                                          "url": call.rt.cfg["server"]["base_url"],
                                          "type": "WEBSITE", "status": "UP"})
+    delivery = new_id("wd")
     async with NotifyContext(call.rt.cfg) as ctx:
         send = CHANNEL_TYPES["WEBHOOK"].send
         records = await deliver(send, {"url": row["url"], "secret": row["secret"]},
-                                alert, ctx, attempts=1)
-    stamp, delivery = now_ms(), new_id("wd")
+                                alert, ctx, attempts=1, delivery_id=delivery)
+    stamp = now_ms()
     await call.rt.db.write([
         ("INSERT INTO webhook_deliveries (id, webhook_id, event, created_at) VALUES (?, ?, ?, ?)",
          (delivery, row["id"], "test", stamp)),
@@ -6054,6 +6458,59 @@ async def list_webhook_deliveries(call: Call) -> dict[str, Any]:
                             "attempts": d["attempts"], "deliveredAt": iso(d["delivered_at"]),
                             "error": d["error"], "createdAt": iso(d["created_at"])}
                            for d in rows]}
+
+
+
+# Alert deliveries (the outbox): pending ones with their next attempt, delivered, failed
+
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+DELIVERY_QUERY = page_fields(
+    {"createdAt": "created_at"}, "createdAt",
+    status=Field("status", "string", choices=DELIVERY_STATUSES),
+    monitorId=Field("monitorId", "string", maximum=100),
+    webhookId=Field("webhookId", "string", maximum=100),
+    channelId=Field("channelId", "string", maximum=100))
+
+
+def delivery_json(row: sqlite3.Row) -> dict[str, Any]:
+    pending = row["done_at"] is None
+    return {"id": row["delivery_id"], "event": row["event"], "channelType": row["channel_type"],
+            "channelId": row["channel_id"], "webhookId": row["webhook_id"],
+            "monitorId": row["monitor_id"], "status": row["status"], "attempts": row["attempts"],
+            "statusCode": row["status_code"], "lastError": row["last_error"],
+            "nextAttemptAt": iso(row["next_attempt_at"]) if pending else None,
+            "createdAt": iso(row["created_at"]), "finishedAt": iso(row["done_at"])}
+
+
+async def _deliveries(call: Call, **fixed: str) -> dict[str, Any]:
+    query = {**call.query, **fixed}
+    total, rows = await paged_rows(call, "alert_outbox", query,
+                                   ("status", "monitorId", "webhookId", "channelId"),
+                                   "created_at {d}, id {d}")
+    return {"deliveries": [delivery_json(row) for row in rows],
+            "pagination": paginate(total, query)}
+
+
+DELIVERIES_SHAPE = shape(pagination=PAGINATION, deliveries=[shape(
+    id="string", event="string", channelType="string", channelId="string?", webhookId="string?",
+    monitorId="string?", status={"type": "string", "enum": list(DELIVERY_STATUSES)},
+    attempts="integer", statusCode="integer?", lastError="string?", nextAttemptAt="date-time?",
+    createdAt="date-time", finishedAt="date-time?")])
+
+
+@api("/deliveries", "GET", query=DELIVERY_QUERY, response=DELIVERIES_SHAPE)
+async def list_deliveries(call: Call) -> dict[str, Any]:
+    """Alert deliveries to channels and webhooks: pending (with the next attempt's time),
+    delivered or failed."""
+    return await _deliveries(call)
+
+
+@api("/notifications/{channelId}/deliveries", "GET", query=DELIVERY_QUERY,
+     response=DELIVERIES_SHAPE)
+async def list_channel_deliveries(call: Call) -> dict[str, Any]:
+    """One channel's alert deliveries, newest first."""
+    row = await load_owned(call, "notification_channels")
+    return await _deliveries(call, channelId=row["id"])
 
 
 # Status pages
@@ -6923,13 +7380,14 @@ HEALTH_SHAPE = shape(
 
 @api("/health", "GET", public=True, response=HEALTH_SHAPE, status=(200, 503), limit=False)
 async def health(call: Call) -> Response:
-    """Check the database for real (a read and a commit through the writer) and report how
-    far behind its plan the scheduler is; far behind makes the status degraded."""
+    """Check the database for real (a read and a commit through the writer; unhealthy while
+    the last real write failed, e.g. disk full) and report how far behind its plan the
+    scheduler is; far behind makes the status degraded."""
     checks = {}
     try:
         await asyncio.wait_for(call.rt.db.fetchval("SELECT COUNT(*) FROM schema_version"), 2)
         await asyncio.wait_for(call.rt.db.write([]), 2)
-        checks["database"] = "healthy"
+        checks["database"] = "unhealthy" if call.rt.db.failing else "healthy"
     except Exception:  # whatever broke, the answer is the same: the database is not usable
         checks["database"] = "unhealthy"
     scheduler = call.rt.scheduler.stats() if call.rt.scheduler else None
@@ -7709,11 +8167,11 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         rt = Runtime(cfg)
-        await rt.start()
-        app.state.statusapp = rt
         try:
+            await rt.start()
+            app.state.statusapp = rt
             yield
-        finally:
+        finally:  # after a failed start too: open connections would keep the process alive
             await rt.stop()
 
     return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES], lifespan=lifespan,
@@ -7765,13 +8223,66 @@ def cli() -> None:
 @click.option("--host", help="Address to listen on (server.host).")
 @click.option("--port", type=int, help="Port to listen on (server.port).")
 def serve(config_path: str | None, db: str | None, host: str | None, port: int | None) -> None:
-    """Run the API, the prober and the notifiers in one process."""
+    """Run the API, the prober and the notifiers in one process.
+
+    The port is bound and the database opened and written to before anything else happens
+    (before the first-run key is printed), so a start that cannot work stops at once, with
+    one line naming the cause."""
     cfg = _config(config_path, db, host=host, port=port)
-    logging.basicConfig(level=cfg["server"]["log_level"].upper(),
+    server = cfg["server"]
+    sock = _listen(server["host"], server["port"])
+    try:
+        _preflight(cfg)
+    except click.ClickException:
+        sock.close()
+        raise
+    logging.basicConfig(level=server["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(cfg), host=cfg["server"]["host"], port=cfg["server"]["port"],
-                log_level=cfg["server"]["log_level"], lifespan="on", access_log=False,
-                server_header=False)
+    runner = uvicorn.Server(uvicorn.Config(
+        create_app(cfg), host=server["host"], port=server["port"], log_level=server["log_level"],
+        lifespan="on", access_log=False, server_header=False))
+    runner.run(sockets=[sock])
+    if not runner.started:
+        raise click.ClickException("start-up failed (see the log above)")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a port in use is one line, before any other work."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _database_problem(path: Path) -> str | None:
+    """What is wrong with a --db path that SQLite would report less clearly, if anything."""
+    if path.is_dir():
+        return "is a directory, not a database file"
+    if not path.parent.is_dir():
+        return f"cannot be created: the folder {path.parent} does not exist"
+    if path.exists() and not os.access(path, os.R_OK):
+        return "cannot be read: permission denied"
+    return None
+
+
+def _preflight(cfg: dict[str, dict[str, Any]]) -> None:
+    """Open, migrate and write to the database as the server will, printing its absolute path
+    (and the first-run key); any failure is a ClickException naming the path and the cause."""
+    path = Path(cfg["server"]["database"]).absolute()
+    problem = _database_problem(path)
+    if problem:
+        raise click.ClickException(f"database {path} {problem}")
+    print(f"StatusApp: database {path}", file=sys.stderr, flush=True)
+    log.disabled = True  # the one line below says it; no storage log line besides
+    try:
+        asyncio.run(_with_db(cfg, lambda db: prepare_database(db, cfg)))
+    except (sqlite3.Error, OSError, RuntimeError) as exc:
+        cause = storage_cause(exc) or (exc.strerror if isinstance(exc, OSError) else str(exc))
+        raise click.ClickException(f"database {path}: {cause}") from None
+    finally:
+        log.disabled = False
 
 
 @cli.command()
@@ -8361,24 +8872,6 @@ def export_setup(api: SetupApi) -> dict[str, list[dict[str, Any]]]:
     names = {key: {o["id"]: o["name"] for o in objects} for key, objects in stored.items()}
     return {kind.key: [_exported(kind, o, names) for o in stored[kind.key]]
             for kind in SETUP_KINDS}
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
-
-
-def _toml_value(value: Any) -> str:
-    """A value in TOML (the subset export writes: no dates, tables inline)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    pairs = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-    return "{ " + pairs + " }" if pairs else "{}"
 
 
 def to_toml(setup: dict[str, list[dict[str, Any]]]) -> str:

@@ -204,6 +204,10 @@ def test_config_precedence_flag_over_env_over_file_over_default(tmp_path):
     ("[server\n", {}, "is not valid TOML"),
     ("", {"STATUSAPP_ACCOUNT_PLAN": "GOLD"}, "account.plan must be one of"),
     ("", {"STATUSAPP_PROBES_CONFIRMATIONS": "two"}, "probes.confirmations must be a int"),
+    ("[server]\nport = 99999\n", {}, "server.port must be between 1 and 65,535, got 99999"),
+    ("[probes]\nmax_concurrency = 0\n", {}, "probes.max_concurrency must be between 1 and"),
+    ("", {"STATUSAPP_NOTIFICATIONS_TIMEOUT": "nan"}, "notifications.timeout must be a float"),
+    ("[server]\nlog_level = \"loud\"\n", {}, "server.log_level must be one of critical"),
 ])
 def test_bad_config_stops_start_up_with_one_line(tmp_path, text, env, message):
     path = tmp_path / "bad.toml"
@@ -222,9 +226,15 @@ def test_readme_field_reference_matches_the_validation_table():
     assert statusapp.field_reference(statusapp.MONITOR_FIELDS) in (HERE / "README.md").read_text()
 
 
-def test_example_config_documents_every_key_with_its_default():
-    example = tomllib.loads((HERE / "config.example.toml").read_text())
-    assert example == statusapp.CONFIG_DEFAULTS
+def test_example_config_and_readme_are_generated_from_the_config_table():
+    text = (HERE / "config.example.toml").read_text()
+    assert text == statusapp.example_config()
+    assert tomllib.loads(text) == statusapp.CONFIG_DEFAULTS
+    assert statusapp.config_reference() in (HERE / "README.md").read_text()
+    for section, keys in statusapp.CONFIG.items():  # every key has a type and a range or choices
+        for key, spec in keys.items():
+            bounded = spec.low is not None and spec.high is not None
+            assert isinstance(spec.default, (str, list, bool)) or bounded, f"{section}.{key}"
 
 # --- Storage tests ---
 
@@ -886,6 +896,98 @@ def test_health_reports_a_broken_database(cfg, client):
     assert response.status_code == 503
     assert response.json()["status"] == "unhealthy"
     assert response.json()["checks"]["database"] == "unhealthy"
+
+
+async def _on_writer(db: statusapp.Database, *statements: str) -> None:
+    """Run statements on the server's own writer connection, between its transactions."""
+    async with db._lock:
+        for statement in statements:
+            await db._writer.execute(statement)
+
+
+@contextlib.contextmanager
+def _storage_fault(cfg: dict, client, cause: str):
+    """Make the server's writes fail for real: disk full (no page may be added), the database
+    locked by another process past the busy timeout, or read-only."""
+    db = client.app.state.statusapp.db
+    if cause == "full":
+        pages = sql(cfg, "PRAGMA page_count")[0][0]
+        client.portal.call(_on_writer, db, f"PRAGMA max_page_count = {pages}")
+        yield
+        client.portal.call(_on_writer, db, "PRAGMA max_page_count = 1073741823")
+    elif cause == "locked":
+        other = sqlite3.connect(cfg["server"]["database"], isolation_level=None)
+        client.portal.call(_on_writer, db, "PRAGMA busy_timeout = 50")
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+        other.close()
+    else:
+        client.portal.call(_on_writer, db, "PRAGMA query_only = ON")
+        yield
+        client.portal.call(_on_writer, db, "PRAGMA query_only = OFF")
+
+
+@pytest.mark.parametrize("cause, text", [("full", "the disk is full"),
+                                         ("locked", "the database is locked"),
+                                         ("read-only", "the database is read-only")])
+def test_storage_failures_answer_503_log_one_line_and_make_health_unhealthy(cfg, client, caplog,
+                                                                            cause, text):
+    def create(index: int):
+        return client.post("/api/v1/monitors", json={
+            "name": f"m{index} " + "x" * 200, "url": "https://api.home.test", "type": "API",
+            "isActive": False, "description": "d" * 2000})
+
+    assert client.get("/api/v1/health").status_code == 200
+    cron = client.post("/api/v1/monitors", json={"name": "backup", "type": "CRON",
+                                                  "interval": 60, "gracePeriod": 60}).json()
+    ping = urllib.parse.urlsplit(cron["heartbeatUrl"]).path
+    caplog.clear()
+    with _storage_fault(cfg, client, cause):
+        if cause != "full":  # a ping row may still fit in a page when only growth fails
+            assert client.post(ping).status_code == 503
+        failed = []
+        for index in range(60):  # "full" needs writes that take new pages before one fails
+            answer = create(index)
+            failed += [answer] if answer.status_code != 201 else []
+            if len(failed) == 3:
+                break
+        assert failed and {r.status_code for r in failed} == {503}
+        assert failed[0].json() == {"error": f"Storage unavailable: {text}",
+                                    "code": "SERVICE_UNAVAILABLE", "details": "retry later"}
+        assert failed[0].headers["retry-after"] == "5"
+        health = client.get("/api/v1/health")
+        assert health.status_code == 503 and health.json()["checks"]["database"] == "unhealthy"
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(failed) >= 2 and len(lines) == 1  # one line per cause, however many requests
+    assert text in lines[0].getMessage() and lines[0].exc_info is None
+    assert create(99).status_code == 201  # writes work again...
+    assert client.get("/api/v1/health").status_code == 200  # ...and health says so
+
+
+def test_a_client_that_disconnects_mid_body_is_no_error(client, key, caplog):
+    """Drive the app as a server does when the client hangs up after part of the body."""
+    messages = [{"type": "http.request", "body": b'{"na', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/api/v1/monitors", "raw_path": b"/api/v1/monitors",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 80), "headers": [
+                 (b"host", b"x"), (b"x-api-key", key.encode()), (b"content-length", b"1000"),
+                 (b"content-type", b"application/json")]}
+    caplog.clear()
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
 
 # --- Probe tests ---
 #
@@ -2193,7 +2295,7 @@ def test_heartbeat_acknowledged_pings_survive_kill_9(tmp_path):
 def _inc_cfg(tmp_path, url: str, **notifications) -> dict:
     return make_cfg(tmp_path, notifications={
         "pagerduty_url": f"{url}/pagerduty", "telegram_api_url": f"{url}/telegram",
-        "retry_delay": 0.01, "timeout": 2, **notifications})
+        "retry_delay": 0.01, "timeout": 2, "attempts": 3, "storm_window": 0, **notifications})
 
 
 def _inc_monitor(client, name: str = "Café ✓", **fields) -> dict:
@@ -2279,7 +2381,12 @@ def test_incident_opens_alerts_once_and_resolves_with_mttr(tmp_path, notify_http
         assert created["incident"]["incidentNumber"] == f"INC-{year}-0001"
         assert created["check"] == {"statusCode": 500, "responseTime": 1250,
                                     "error": "Internal Server Error", "region": "local"}
-        assert list(created) == ["event", "timestamp", "monitor", "incident", "check"]
+        assert list(created) == ["event", "timestamp", "monitor", "incident", "check",
+                                 "deliveryId", "sentAt"]  # the spec's keys, then ours
+        for request in hooks:  # each delivery's id and send time, in the header and the body
+            sent = json.loads(request["body"])
+            assert request["headers"]["x-statusapp-delivery"] == sent["deliveryId"]
+            assert request["headers"]["x-statusapp-timestamp"] == str(sent["sentAt"])
         assert "INC-" in mailbox.envelopes[0].content.decode()
 
         up_at = down_at + 725_000
@@ -2435,6 +2542,159 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
     finally:
         for receiver in (slow, flaky, refused):
             receiver.close()
+
+
+class _HangingReceivers:
+    """Loopback ports that accept connections and never answer, counting connections per port
+    and the most open at once (``peak``, since ``peak`` was last set to 0)."""
+
+    def __init__(self, count: int) -> None:
+        self.listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+        self.urls = [f"http://127.0.0.1:{s.getsockname()[1]}/hang" for s in self.listeners]
+        self.accepted: dict[int, list[socket.socket]] = {i: [] for i in range(count)}
+        self.open = self.peak = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import selectors
+        with selectors.DefaultSelector() as selector:
+            for index, listener in enumerate(self.listeners):
+                selector.register(listener, selectors.EVENT_READ, index)
+            while not self.stop.is_set():
+                ready = sorted(selector.select(0.05), key=lambda event: event[0].data is not None)
+                for key, _ in ready:  # hang-ups first, then new connections
+                    if key.data is None:  # a request arriving, or the client hanging up
+                        if not key.fileobj.recv(65536):
+                            selector.unregister(key.fileobj)
+                            self.open -= 1
+                        continue
+                    conn = key.fileobj.accept()[0]
+                    self.accepted[key.data].append(conn)
+                    selector.register(conn, selectors.EVENT_READ, None)
+                    self.open += 1
+                    self.peak = max(self.peak, self.open)
+
+    def close(self) -> None:
+        self.stop.set()
+        for sock in [*self.listeners, *itertools.chain(*self.accepted.values())]:
+            sock.close()
+
+
+def test_hung_receivers_hold_few_slots_and_a_healthy_channel_is_not_delayed(tmp_path,
+                                                                             notify_http):
+    hung = _HangingReceivers(100)
+    try:
+        cfg = _inc_cfg(tmp_path, notify_http.url, timeout=60)
+        key = new_key(cfg)
+        with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+            crowd = [*hung.urls, *[hung.urls[0]] * 10]  # the first host has 11 targets
+            monitor = _inc_monitor(client, notifications=[
+                *({"type": "WEBHOOK", "config": {"url": url}} for url in crowd),
+                {"type": "SLACK", "config": {"webhookUrl": f"{notify_http.url}/healthy"}}])
+            _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom",
+                            _INC_DOWN)
+            eventually(lambda: _inc_paths(notify_http, "/healthy"), 10.0)
+            # It arrived while every hung delivery was still waiting on its 60 s timeout...
+            assert sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE channel_type = 'WEBHOOK'"
+                            " AND done_at IS NULL AND attempts = 0") == [(110,)]
+            # ...and the host with 11 targets holds only notifications.per_host slots.
+            eventually(lambda: len(hung.accepted[0]) == cfg["notifications"]["per_host"])
+            assert max(len(conns) for conns in hung.accepted.values()) == 4
+    finally:
+        hung.close()
+
+
+def test_receivers_that_never_answer_share_a_quarter_of_the_slots_while_retrying(tmp_path):
+    hung = _HangingReceivers(10)
+    try:
+        cfg = _inc_cfg(tmp_path, "http://127.0.0.1:9", timeout=0.2, attempts=1000,
+                       retry_delay=0.01, retry_max_delay=0.01, concurrency=8)
+        key = new_key(cfg)
+        with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+            monitor = _inc_monitor(client, notifications=[
+                {"type": "WEBHOOK", "config": {"url": url}} for url in hung.urls])
+            _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom")
+
+            def attempts() -> int:
+                return sql(cfg, "SELECT SUM(attempts) FROM alert_outbox")[0][0] or 0
+            eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE attempts > 0")
+                       == [(10,)])  # every host has failed once
+            assert hung.peak > 2  # unknown hosts got every slot they needed at first...
+            hung.peak, seen = hung.open, attempts()
+            eventually(lambda: attempts() >= seen + 20)
+            assert hung.peak <= 2  # ...hosts that never answer then share 8 // 4 slots
+    finally:
+        hung.close()
+
+
+def test_retries_back_off_durably_across_a_restart_with_one_delivery_id(tmp_path):
+    port = free_port()
+    cfg = _inc_cfg(tmp_path, f"http://127.0.0.1:{port}", attempts=50, retry_delay=0.05,
+                   retry_max_delay=0.2)
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        hook = client.post("/api/v1/webhooks", json={
+            "name": "w", "url": f"http://127.0.0.1:{port}/hook", "events": "monitor.down"}).json()
+        monitor = _inc_monitor(client)
+        _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom")
+        pending = eventually(lambda: [d for d in client.get(
+            "/api/v1/deliveries?status=pending").json()["deliveries"] if d["attempts"] >= 2])
+        assert pending[0]["webhookId"] == hook["id"] and pending[0]["nextAttemptAt"]
+        assert "ConnectError" in pending[0]["lastError"] and pending[0]["finishedAt"] is None
+    receiver = _NotifyReceiver(port)  # the receiver comes back, answering 503 twice first
+    receiver.script = [(503, b"restarting", 0)] * 2
+    try:
+        with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+            delivered = eventually(lambda: client.get(
+                "/api/v1/deliveries?status=delivered").json()["deliveries"])
+            assert len(receiver.requests) == 3
+            ids = {r["headers"]["x-statusapp-delivery"] for r in receiver.requests}
+            assert ids == {json.loads(r["body"])["deliveryId"] for r in receiver.requests} == \
+                {delivered[0]["id"]}
+            assert delivered[0]["attempts"] >= 5 and delivered[0]["statusCode"] == 200
+            log = json.loads(sql(cfg, "SELECT attempt_log FROM alert_outbox")[0][0])
+            assert [r["statusCode"] for r in log[-3:]] == [503, 503, 200]
+            assert client.get("/api/v1/deliveries?status=pending").json()["deliveries"] == []
+    finally:
+        receiver.close()
+
+
+def test_default_retry_schedule_spans_an_hour_with_jitter():
+    cfg = statusapp.load_config(environ={})
+    attempts = cfg["notifications"]["attempts"]
+    waits = [statusapp.retry_delay(n, cfg) for n in range(1, attempts)]
+    assert sum(waits) >= 3600
+    assert len({statusapp.retry_delay(1, cfg) for _ in range(20)}) > 1  # jittered
+
+
+def test_alert_storm_groups_person_facing_channels_and_keeps_webhook_events(tmp_path,
+                                                                          notify_http):
+    url = notify_http.url
+    cfg = _inc_cfg(tmp_path, url, storm_window=1.0)
+    key = new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{url}/slack"})
+        client.post("/api/v1/webhooks", json={"name": "w", "url": f"{url}/hook",
+                                              "events": "monitor.down"})
+        monitors = [_inc_monitor(client, name=f"host-{i:03d}",
+                                 notifications=[{"channelId": slack["id"]}]) for i in range(200)]
+        at = statusapp.now_ms()
+        statements = [statement for m in monitors for statement in statusapp.transition_statements(
+            m["id"], "UP", "DOWN", "connection refused", at)]
+        client.portal.call(client.app.state.statusapp.db.write, statements)
+        eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE done_at IS NULL")
+                   == [(0,)] and sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(400,)])
+        assert len(_inc_paths(notify_http, "/hook")) == 200  # machines: one event each
+        assert {json.loads(r["body"])["monitor"]["name"]
+                for r in _inc_paths(notify_http, "/hook")} == {m["name"] for m in monitors}
+        grouped = _inc_paths(notify_http, "/slack")
+        assert len(grouped) == 1  # people: one message
+        text = json.loads(grouped[0]["body"])["text"]
+        assert text.startswith("200 monitors DOWN: host-000, host-001") and "and 180 more" in text
+        listed = client.get(f"/api/v1/notifications/{slack['id']}/deliveries?limit=100").json()
+        assert listed["pagination"]["total"] == 200  # every alert is still recorded
+        assert {d["status"] for d in listed["deliveries"]} == {"delivered"}
 
 
 _INC_VALID_CONFIGS = {
@@ -2687,7 +2947,7 @@ class _NotifyReceiver:
     recorded request has method, path, lower-cased headers and raw body bytes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[dict] = []
         self.script: list[tuple[int, bytes, float]] = []
         self.answer = None
@@ -2717,7 +2977,7 @@ class _NotifyReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -4795,6 +5055,8 @@ def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, clien
 def test_serve_end_to_end_first_run_key_and_client_flow(server):
     """The spec's client flow over real HTTP against `statusapp serve`, then a clean SIGTERM."""
     output = server.output()
+    assert f"StatusApp: database {server.db}\n" in output  # the absolute path, before the key
+    assert output.index("StatusApp: database") < output.index("created the owner account")
     assert "created the owner account admin@localhost" in output
     key = [line for line in output.splitlines() if line.startswith("sk_live_")][0]
     api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key}, timeout=10)
@@ -4851,6 +5113,65 @@ def test_serve_does_not_print_a_key_on_later_starts(tmp_path):
     again.start()
     assert "sk_live_" not in again.output()
     again.stop()
+
+
+def _serve_fails(tmp_path, db: str, port: int | None = None) -> str:
+    """Run `serve` expecting it to stop by itself: non-zero, one line, no traceback."""
+    result = subprocess.run(
+        [sys.executable, str(HERE / "statusapp.py"), "serve", "--db", db,
+         "--port", str(port or free_port())],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("StatusApp: ")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_serve_on_a_port_in_use_stops_before_creating_the_owner(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        line = _serve_fails(tmp_path, str(tmp_path / "new.db"), port)
+    assert line == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not (tmp_path / "new.db").exists()  # no owner created, no key printed and lost
+
+
+def _unwritable(path: Path) -> None:
+    """Make a file read-only even for root (immutable), or skip where that is not possible."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        if os.geteuid() == 0:
+            pytest.skip("chattr +i is not available")
+        path.chmod(0o444)
+        path.parent.chmod(0o555)
+
+
+@pytest.mark.parametrize("case", ["missing folder", "directory", "not a database", "read-only",
+                                  "unreadable"])
+def test_serve_with_a_bad_database_exits_with_one_line_naming_it(tmp_path, case):
+    db = tmp_path / "sub" / "statusapp.db"
+    expected = {"missing folder": f"the folder {db.parent} does not exist",
+                "directory": "is a directory", "not a database": "file is not a database",
+                "read-only": "the database is read-only", "unreadable": "cannot be read"}[case]
+    if case != "missing folder":
+        db.parent.mkdir()
+    if case == "directory":
+        db.mkdir()
+    elif case == "not a database":
+        db.write_text("not sqlite at all " * 100)
+    elif case in ("read-only", "unreadable"):
+        cli(make_cfg(tmp_path, server={"database": str(db)}), "init", "--email", "a@home.test")
+        if case == "unreadable":
+            if os.geteuid() == 0:
+                pytest.skip("root reads every file")
+            db.chmod(0)
+        else:
+            _unwritable(db)
+    try:
+        line = _serve_fails(tmp_path, str(db))
+    finally:
+        if db.exists():
+            subprocess.run(["chattr", "-i", str(db)], capture_output=True)
+            db.parent.chmod(0o755)
+    assert line.startswith(f"Error: database {db}") and expected in line
 
 
 def test_init_creates_the_owner_once_and_prints_a_key_last(cfg):
