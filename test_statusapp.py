@@ -3664,6 +3664,15 @@ def test_homelab_channels_validate_mask_and_get_marked_failing(tmp_path, notify_
     assert attempts == {"NTFY": 1, "GOTIFY": 1, "PUSHOVER": 1, "MATRIX": 1, "APPRISE": 3}
 
 
+def test_homelab_deliveries_count_against_the_host_they_talk_to(tmp_path):
+    cfg = make_cfg(tmp_path, notifications={"pushover_url": "http://push.home.test:8443"})
+    hosts = {kind: statusapp.delivery_host({"channel_type": kind, "config": json.dumps(config)},
+                                           cfg)
+             for kind, config in _homelab_configs("http://lab.home.test:8080").items()}
+    assert hosts == {"NTFY": "lab.home.test:8080", "GOTIFY": "lab.home.test:8080",
+                     "PUSHOVER": "push.home.test:8443", "MATRIX": "lab.home.test:8080",
+                     "APPRISE": ":"}  # Apprise picks its hosts itself: one shared lane
+
 @pytest.mark.parametrize("kind, config, path", [
     ("NTFY", {"serverUrl": "http://127.0.0.1", "topic": "no spaces"}, "config.topic"),
     ("GOTIFY", {"serverUrl": "ftp://x"}, "config.serverUrl"),
