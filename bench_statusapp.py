@@ -1,6 +1,7 @@
 """StatusApp benchmarks: each scenario runs a real server on loopback and prints figures.
 
     python bench_statusapp.py probe --monitors 10000 --interval 60
+    python bench_statusapp.py agents --agents 4 --monitors 2500 --interval 60
     python bench_statusapp.py heartbeat
     python bench_statusapp.py api
 
@@ -308,6 +309,123 @@ def create(monitors: int, workers: int) -> None:
 
 
 # --- heartbeat scenario ---
+
+
+# --- agents scenario ---
+
+
+def _proc_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines()
+                if line.startswith("VmRSS:")) / 1024
+
+
+def _add_region(db: str, region: str) -> str:
+    out = subprocess.run([sys.executable, str(HERE / "statusapp.py"), "region", "add", region,
+                          "--name", region, "--db", db], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _installed_copy(workdir: str) -> dict[str, str]:
+    """An environment in which ``statusapp`` runs as after ``pip install .``: imported from a
+    directory with its bytecode compiled (compiling the 300 KB module at start-up alone peaks
+    at about 25 MB), and without ``rich`` and ``trio``, which this development environment has
+    for other tools and which httpx/httpcore import when present, but StatusApp does not need."""
+    site = Path(workdir) / "installed"
+    site.mkdir()
+    for name in ("statusapp.py", "schema.sql"):
+        (site / name).write_bytes((HERE / name).read_bytes())
+    subprocess.run([sys.executable, "-m", "py_compile", str(site / "statusapp.py")], check=True)
+    for name in ("rich", "trio"):
+        (site / name).mkdir()
+        (site / name / "__init__.py").write_text("raise ImportError('not a StatusApp dependency')\n")
+    return {"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _start_agent(server: Server, env: dict[str, str], token: str,
+                 region: str) -> subprocess.Popen:
+    state = Path(server.dir) / f"agent-{region}"
+    return subprocess.Popen(
+        [sys.executable, "-m", "statusapp", "agent", "--server", server.url,
+         "--state", str(state)], stdout=subprocess.DEVNULL,
+        stderr=open(Path(server.dir) / f"agent-{region}.err", "w"),
+        env={**os.environ, **env, "STATUSAPP_AGENT_TOKEN": token,
+             "STATUSAPP_SERVER_LOG_LEVEL": "warning"}, cwd=server.dir)
+
+
+def _agent_window(db: str, since_ms: int, until_ms: int) -> dict[str, list[tuple[int, int]]]:
+    """Per region, (checked_at, received_at) of the checks stored in the window."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        for region, at, received in conn.execute(
+                "SELECT region_id, checked_at, received_at FROM checks"
+                " WHERE received_at >= ? AND received_at < ?", (since_ms, until_ms)):
+            out.setdefault(region, []).append((at, received))
+    return out
+
+
+@bench.command()
+@click.option("--agents", "count", default=4, show_default=True, help="Agents (regions).")
+@click.option("--monitors", default=2500, show_default=True,
+              help="HTTP monitors, each probed by every agent.")
+@click.option("--interval", default=60, show_default=True, help="Their interval, in seconds.")
+@click.option("--duration", default=120, show_default=True, help="Seconds measured.")
+def agents(count: int, monitors: int, interval: int, duration: int) -> None:
+    """Remote agents: server ingest CPU per check, delivery lag, agent CPU per check and RSS.
+
+    The server probes nothing itself; ``count`` agents probe every monitor, and one more agent
+    whose region no monitor names shows an idle agent's memory."""
+    server = Server(env={"STATUSAPP_PROBES_LOCAL": "false"})
+    key = _init_db(server.db)
+    regions = [f"r{n}" for n in range(count)]
+    tokens = {r: _add_region(server.db, r) for r in [*regions, "idle"]}
+    target, target_url = _start_target()
+    server.start()
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        with httpx.Client(base_url=server.url + "/api/v1", timeout=30,
+                          headers={"X-API-Key": key}) as client:
+            for n in range(monitors):
+                client.post("/monitors", json={
+                    "name": f"bench {n}", "url": f"{target_url}/m/{n}", "interval": interval,
+                    "timeout": 10, "enabledWorkerRegionIds": regions}).raise_for_status()
+        installed = _installed_copy(server.dir)
+        procs = {r: _start_agent(server, installed, t, r) for r, t in tokens.items()}
+        time.sleep(interval + 10)  # every monitor checked once; steady state from here
+        before = {r: proc_stats(p.pid)["cpu_s"] for r, p in procs.items()}
+        server_before = server.stats()["cpu_s"]
+        since = int(time.time() * 1000)
+        time.sleep(duration)
+        until = int(time.time() * 1000)
+        server_cpu = server.stats()["cpu_s"] - server_before
+        agent_cpu = {r: proc_stats(p.pid)["cpu_s"] - before[r] for r, p in procs.items()}
+        rss = {r: _proc_rss_mb(p.pid) for r, p in procs.items()}
+        window = _agent_window(server.db, since, until)
+        _, lags = _lags(server.db, interval, since, until - 5000)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+        server.stop()
+        target.terminate()
+    stored = sum(len(v) for v in window.values())
+    delays = [(received - at) / 1000 for rows in window.values() for at, received in rows]
+    expected = count * monitors * duration / interval
+    figures: dict[str, object] = {
+        "agents x monitors": f"{count} x {monitors} at {interval} s",
+        "checks stored / expected": f"{stored} / {expected:.0f}",
+        "server CPU ms per check (ingest)": server_cpu * 1000 / max(1, stored),
+        "server CPU % of one core": server_cpu * 100 / duration}
+    figures.update({f"start lag s {k}": v for k, v in percentiles(lags).items()})
+    figures.update({f"check to stored s {k}": v for k, v in percentiles(delays).items()})
+    for region in regions:
+        checks = len(window.get(region, []))
+        figures[f"agent {region} CPU ms per check"] = agent_cpu[region] * 1000 / max(1, checks)
+        figures[f"agent {region} RSS MB"] = rss[region]
+    figures["idle agent RSS MB"] = rss["idle"]
+    figures["idle agent CPU s"] = agent_cpu["idle"]
+    report("agents", figures)
 
 
 async def _connection(host: str, port: int, requests: list[tuple[str, str, bytes]],

@@ -381,7 +381,40 @@ CREATE INDEX alert_outbox_target ON alert_outbox(target_key, id) WHERE done_at I
 CREATE INDEX alert_outbox_group ON alert_outbox(group_key, next_attempt_at) WHERE done_at IS NULL;
 CREATE INDEX alert_outbox_channel ON alert_outbox(channel_id, created_at);
 
--- migration 12: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- migration 12: worker regions run by remote agents; per-region verdicts; agent batches
+-- A region with a token_hash is probed by an agent (``statusapp region add``); is_active is its
+-- liveness, kept by the server from last_seen_at; gone_at is set once its "gone" alert is sent.
+ALTER TABLE worker_regions ADD COLUMN name TEXT;
+ALTER TABLE worker_regions ADD COLUMN token_hash TEXT;
+ALTER TABLE worker_regions ADD COLUMN last_seen_at INTEGER;
+ALTER TABLE worker_regions ADD COLUMN gone_at INTEGER;
+ALTER TABLE worker_regions ADD COLUMN created_at INTEGER;
+CREATE UNIQUE INDEX worker_regions_token ON worker_regions(token_hash);
+-- Each monitor's confirmed status in each region; the monitor's status combines them.
+CREATE TABLE monitor_regions (
+    monitor_id TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
+    region_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    changed_at INTEGER NOT NULL,
+    PRIMARY KEY (monitor_id, region_id)
+);
+INSERT INTO monitor_regions (monitor_id, region_id, status, changed_at)
+    SELECT m.id, w.id, m.status, m.updated_at FROM monitors m, worker_regions w
+    WHERE m.status != 'PENDING' AND m.type != 'CRON';
+-- How many active enabled regions must fail for DOWN (NULL: all of them).
+ALTER TABLE monitors ADD COLUMN down_quorum INTEGER;
+-- When the server received a check, and the agent's own clock reading for it.
+ALTER TABLE checks ADD COLUMN received_at INTEGER;
+ALTER TABLE checks ADD COLUMN agent_checked_at INTEGER;
+-- Result batches already stored, so a batch an agent sends again is stored once.
+CREATE TABLE agent_batches (
+    region_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (region_id, batch_id)
+);
+
+-- migration 13: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
 -- of the secrets it applied to each (masked secrets alone cannot show that one changed)
 ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

@@ -12,8 +12,10 @@ Contents, in the order data flows through the program:
 4. Validation   -- declarative field tables that validate, default and document resources.
 5. Auth         -- API keys, roles and permissions, rate limits, usage counters.
 6. Probes       -- one coroutine per monitor type, declared in ``MONITOR_TYPES``.
-7. Scheduler    -- the asyncio loop that runs probes on their intervals.
-8. Incidents    -- status transitions become incidents and alerts.
+7. Scheduler    -- the asyncio loop that runs probes on their intervals, in the server for
+                   its own region and in ``statusapp agent`` for a remote one.
+8. Incidents    -- regions' verdicts combine into statuses; transitions become incidents
+                   and alerts.
 9. Notifiers    -- one sender per channel type, declared in ``CHANNEL_TYPES``.
 10. Analytics   -- rollups, retention, regression detection and the figures behind them.
 11. API routes  -- the ``/api/v1`` handlers.
@@ -48,6 +50,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import site
 import smtplib
 import socket
@@ -80,7 +83,6 @@ import dns.resolver
 import httpcore
 import httpx
 import icmplib
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -117,6 +119,7 @@ _DAY = 24 * 3600
 
 CONFIG_SECTIONS: dict[str, str] = {
     "region": "the worker region this process probes from",
+    "agents": "remote agents (statusapp agent), one per worker region",
     "smtp": 'EMAIL channels; host "" disables email',
     "regression": "response-time regression detection (monitors with regressionEnabled)",
 }
@@ -159,6 +162,7 @@ CONFIG: dict[str, dict[str, Setting]] = {
         "whois_server": Setting("", 'WHOIS fallback, "host" or "host:port"; "" = none'),
         "blocklists": Setting(["dbl.spamhaus.org"], "domain-name DNS blocklists for DOMAIN "
                                                     "monitors"),
+        "local": Setting(True, "false: this server probes nothing itself, only agents do"),
     },
     "region": {
         "id": Setting("local", "region id shown with checks"),
@@ -167,6 +171,10 @@ CONFIG: dict[str, dict[str, Setting]] = {
         "country_code": Setting("ZZ"),
         "latitude": Setting(0.0, "", -90, 90),
         "longitude": Setting(0.0, "", -180, 180),
+    },
+    "agents": {
+        "inactive_after": Setting(30, "seconds without contact before an agent's region is "
+                                      "inactive", 1, _DAY),
     },
     "heartbeat": {
         "pings_per_minute": Setting(5, "per CRON monitor (sliding minute); more get 429; "
@@ -1162,7 +1170,7 @@ def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -
 
 
 def valid_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
-    """Every id must name a known worker region."""
+    """Every id must name an existing worker region (active or not)."""
     unknown = [v for v in value if v not in env["regions"]]
     if unknown:
         raise _Issue(f"Unknown worker region id(s): {', '.join(map(str, unknown))}",
@@ -1395,7 +1403,9 @@ MONITOR_FIELDS = (
     Field("sslCertExpiryDays", "integer", default=30, minimum=1, maximum=90,
           kinds=("SSL_CERT",), doc="Days before certificate expiry to warn"),
     Field("enabledWorkerRegionIds", "array", check=valid_regions, items="string",
-          doc="Worker regions to probe from (absent: the local region)"),
+          doc="Worker regions to probe from (absent or empty: every active region)"),
+    Field("downQuorum", "integer", minimum=1, maximum=1000,
+          doc="Regions that must fail for DOWN (absent: every active enabled region)"),
     Field("regressionEnabled", "boolean", default=False, doc="Performance regression detection"),
     Field("regressionThreshold", "integer", default=50, minimum=25, maximum=200,
           doc="Regression threshold in percent"),
@@ -1763,6 +1773,7 @@ class CheckResult:
     details: dict[str, Any] | None = None
 
 _USER_AGENT = f"StatusApp/{VERSION} (uptime monitor)"
+REGION_HEADER = "X-StatusApp-Region"  # HTTP checks name the region they run from
 _DEFAULT_TIMEOUT = 30.0
 _DEFAULT_EXPIRY_DAYS = 30  # sslCertExpiryDays / domainExpiryDays when the monitor leaves them out
 _SEVERITY: dict[str, int] = {Status.UP: 0, Status.DEGRADED: 1, Status.DOWN: 2}
@@ -2006,7 +2017,8 @@ class ProbeContext:
         # monitor on the same site.  No proxy from the environment: checks measure the path
         # from this host to the target.
         self.http = httpx.AsyncClient(
-            transport=_ProbeTransport(self.ssl_context), headers={"User-Agent": _USER_AGENT},
+            transport=_ProbeTransport(self.ssl_context),
+            headers={"User-Agent": _USER_AGENT, REGION_HEADER: cfg["region"]["id"]},
             cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(
                 allowed_domains=[])), trust_env=False)
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
@@ -2763,7 +2775,6 @@ class _Scheduled:
     token: int = 0                # the heap item with this token is the live one
     running: bool = False
     removed: bool = False
-    regression: bool = False      # the regression detector holds it DEGRADED
 
     @property
     def interval(self) -> float:
@@ -2802,13 +2813,38 @@ def _probe_view(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("name", "status", "lastDetails")}
 
 
-class Scheduler:
-    """Runs every active, unpaused probing monitor of this region on its interval."""
+# Where the scheduler's monitors come from and where its results go.  The server's own region
+# uses ``LocalFeed`` (the database, the Monitors API's change notices, ``Verdicts``); an agent
+# uses ``AgentFeed`` (the server's agent routes).  A feed row is a dict: ``record`` (the
+# monitor), ``status`` (its confirmed status in this region), ``lastAt`` (ms) / ``lastStatus`` /
+# ``lastDetails`` of its latest check in this region, or None.
+FeedRecorder = Callable[[str, CheckResult, int, str, str | None], None]
 
-    def __init__(self, rt: Runtime, ctx: ProbeContext) -> None:
-        self.rt, self.ctx = rt, ctx
-        self.probes = rt.cfg["probes"]
-        self.region = rt.cfg["region"]["id"]
+
+class Feed:
+    """The interface the Scheduler uses; see the comment above."""
+
+    region: str
+    listeners: list[Callable[[str], None]]
+
+    async def rows(self, ids: list[str] | None) -> list[dict[str, Any]]:
+        """The schedulable monitors (``None``: all of them) among ``ids``."""
+        raise NotImplementedError
+
+    def record(self, monitor_id: str, result: CheckResult, at: int, status: str,
+               reason: str | None) -> None:
+        """Keep one check and the region's confirmed status after it (``reason``: why it
+        changed, or None when it did not)."""
+        raise NotImplementedError
+
+
+class Scheduler:
+    """Runs every active, unpaused probing monitor of one region on its interval."""
+
+    def __init__(self, feed: Feed, probes: dict[str, Any], ctx: ProbeContext) -> None:
+        self.feed, self.ctx = feed, ctx
+        self.probes = probes
+        self.region = feed.region
         self.entries: dict[str, _Scheduled] = {}
         self.completed = 0
         self._heap: list[tuple[float, int, int, _Scheduled]] = []  # (due, seq, token, entry)
@@ -2828,7 +2864,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """Load the monitors, then dispatch checks and follow changes until cancelled."""
-        self.rt.listeners.append(self._note_change)
+        self.feed.listeners.append(self._note_change)
         watcher = asyncio.create_task(self._watch())
         try:
             await self.reload(None)
@@ -2841,7 +2877,7 @@ class Scheduler:
                     raise
                 self._start(entry, planned)
         finally:
-            self.rt.listeners.remove(self._note_change)
+            self.feed.listeners.remove(self._note_change)
             for task in [watcher, *self._tasks]:
                 task.cancel()
             await asyncio.gather(watcher, *self._tasks, return_exceptions=True)
@@ -2856,41 +2892,31 @@ class Scheduler:
         """Bring the schedule in line with the database: every monitor (``None``, at start) or
         the ``ids`` the API changed, which are added, updated, or dropped when deleted/paused."""
         if ids is None:
-            await self._load_rows("", [], initial=True)
+            await self._load_rows(None, initial=True)
             return
         ordered = sorted(ids)
         for start in range(0, len(ordered), _RELOAD_CHUNK):
             part = ordered[start:start + _RELOAD_CHUNK]
-            seen = await self._load_rows(f" AND m.id IN ({','.join('?' * len(part))})", part,
-                                         initial=False)
+            seen = await self._load_rows(part, initial=False)
             for monitor_id in set(part) - seen:
                 self._drop(monitor_id)
 
-    async def _load_rows(self, where: str, params: list[str], initial: bool) -> set[str]:
-        rows = await self.rt.db.fetchall(
-            f"SELECT m.*, c.status AS last_status, c.checked_at AS last_at,"
-            f" c.details AS last_details FROM monitors m"
-            f" LEFT JOIN monitor_latest l ON l.monitor_id = m.id AND l.region_id = ?"
-            f" LEFT JOIN checks c ON c.id = l.check_id"
-            f" WHERE m.is_active = 1 AND m.is_paused = 0{where}", [self.region, *params])
+    async def _load_rows(self, ids: list[str] | None, initial: bool) -> set[str]:
         seen = set()
         now = time.time()
-        for row in rows:
-            record = monitor_record(row)
+        for row in await self.feed.rows(ids):
+            record = row["record"]
             if self._eligible(record):
                 seen.add(record["id"])
                 self._admit(record, row, now, initial)
         return seen
 
-    def _admit(self, record: dict[str, Any], row: sqlite3.Row, now: float,
+    def _admit(self, record: dict[str, Any], row: dict[str, Any], now: float,
                initial: bool) -> None:
         """Add or update one monitor.  A monitor seen at start-up resumes from its last stored
         check; one created, resumed or re-targeted while running is checked at once."""
         entry = self.entries.get(record["id"])
-        regression = bool(row["regression_active"])
         if entry is not None and not entry.removed:
-            if regression != entry.regression:  # the detector just moved the status itself
-                entry.regression, entry.status = regression, row["status"]
             record["lastDetails"] = entry.record.get("lastDetails")
             retarget = _probe_view(entry.record) != _probe_view(record)
             regrid = entry.interval != max(1, record["interval"])
@@ -2898,15 +2924,14 @@ class Scheduler:
             if not entry.running and (retarget or regrid):
                 self._schedule(entry, now if retarget else self._planned(entry, now))
             return
-        record["lastDetails"] = json.loads(row["last_details"]) if row["last_details"] else None
+        record["lastDetails"] = row["lastDetails"]
         if entry is None:
             entry = self.entries[record["id"]] = _Scheduled(record, row["status"])
         entry.record, entry.status, entry.removed = record, row["status"], False
-        entry.regression = regression
         entry.failures = entry.successes = 0
-        if row["last_at"] is not None:
-            entry.last_at = row["last_at"] / 1000
-            failed = row["last_status"] == Status.DOWN
+        if row["lastAt"] is not None:
+            entry.last_at = row["lastAt"] / 1000
+            failed = row["lastStatus"] == Status.DOWN
             entry.failures = int(failed and entry.status != Status.DOWN)
             entry.successes = int(not failed and entry.status == Status.DOWN)
         if not entry.running:
@@ -3003,17 +3028,11 @@ class Scheduler:
         self._record(entry, result, started)
 
     def _record(self, entry: _Scheduled, result: CheckResult, started: float) -> None:
-        """Queue the check, and the transition it causes, as one write; plan the next check."""
-        monitor_id, at = entry.record["id"], int(started * 1000)
-        statements = check_statements(monitor_id, self.region, result, at)
+        """Hand the check and the region's verdict after it to the feed; plan the next check."""
         status = entry.judge(result, self.probes)
-        if status == Status.UP and entry.regression:
-            status = Status.DEGRADED  # worst of the probe's verdict and the regression detector's
-        if status != entry.status:
-            statements += transition_statements(monitor_id, entry.status, status,
-                                                _reason(result), at)
-            entry.status = status
-        self.rt.db.write_later(statements)
+        reason = _reason(result) if status != entry.status else None
+        self.feed.record(entry.record["id"], result, int(started * 1000), status, reason)
+        entry.status = status
         entry.record["lastDetails"] = result.details
         entry.last_at = started
         self._schedule(entry, self._planned(entry, time.time()))
@@ -3060,25 +3079,238 @@ def _percentile(ordered: list[float], point: int) -> float:
 
 
 async def run_scheduler(rt: Runtime) -> None:
-    """The prober service: one ProbeContext and one Scheduler for the life of the server."""
+    """The prober service: one ProbeContext and one Scheduler for the life of the server
+    (none with ``[probes] local = false``: then only agents probe)."""
+    if not rt.cfg["probes"]["local"]:
+        return
     ctx = ProbeContext(rt.cfg)
-    rt.scheduler = Scheduler(rt, ctx)
+    rt.scheduler = Scheduler(LocalFeed(rt), rt.cfg["probes"], ctx)
     try:
         await rt.scheduler.run()
     finally:
         await ctx.aclose()
 
 
+class LocalFeed(Feed):
+    """The server's own region: monitors from the database, results through ``Verdicts``."""
+
+    def __init__(self, rt: Runtime, region: str | None = None) -> None:
+        self.rt, self.region = rt, region or rt.cfg["region"]["id"]
+        self.listeners = rt.listeners
+
+    async def rows(self, ids: list[str] | None) -> list[dict[str, Any]]:
+        where = " AND m.id IN (SELECT value FROM json_each(?))" if ids is not None else ""
+        return [feed_row(row) for row in await self.rt.db.fetchall(
+            f"{_FEED_SELECT} WHERE m.is_active = 1 AND m.is_paused = 0{where}",
+            [self.region, self.region, *([json.dumps(ids)] if ids is not None else [])])]
+
+    def record(self, monitor_id: str, result: CheckResult, at: int, status: str,
+               reason: str | None) -> None:
+        self.rt.db.write_later(self.rt.verdicts.statements(
+            self.region, monitor_id, result, at, status, reason))
+
+
+_FEED_SELECT = (
+    "SELECT m.*, COALESCE(r.status, 'PENDING') AS region_status, c.status AS last_status,"
+    " c.checked_at AS last_at, c.details AS last_details FROM monitors m"
+    " LEFT JOIN monitor_regions r ON r.monitor_id = m.id AND r.region_id = ?"
+    " LEFT JOIN monitor_latest l ON l.monitor_id = m.id AND l.region_id = ?"
+    " LEFT JOIN checks c ON c.id = l.check_id")
+
+
+def feed_row(row: sqlite3.Row) -> dict[str, Any]:
+    """A monitor with its latest state in one region, as a Feed hands it to the Scheduler."""
+    return {"record": monitor_record(row), "status": row["region_status"],
+            "lastAt": row["last_at"], "lastStatus": row["last_status"],
+            "lastDetails": json.loads(row["last_details"]) if row["last_details"] else None}
+
+
+# Agents
+#
+# ``statusapp agent`` runs the same Scheduler and probes for one region on another machine,
+# with an ``AgentFeed``: monitors come from the server's long-poll (GET /agent/monitors), and
+# results go first to an on-disk buffer (``AgentBuffer``), then to POST /agent/results, oldest
+# batch first, each removed only once the server acknowledged it.  A batch keeps its id when
+# sent again (after a failure or a restart), and the server stores a batch id once, so every
+# result arrives once.  The agent only ever dials out to the server.
+
+_AGENT_FLUSH = 1.0          # seconds between two batches
+_AGENT_RETRY_MAX = 2.0      # longest pause between attempts to reach the server
+_AGENT_TIMEOUT = 60.0       # seconds for one request (a long-poll waits up to 30)
+
+
+class AgentBuffer:
+    """Batches not yet acknowledged, in ``buffer.db`` under the agent's state directory; past
+    ``limit`` results the oldest batches are dropped (and logged), so the disk use is bounded."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.limit = limit
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS batches (seq INTEGER PRIMARY KEY,"
+                          " batch_id TEXT NOT NULL, size INTEGER NOT NULL, body TEXT NOT NULL)")
+
+    def add(self, results: list[dict[str, Any]]) -> None:
+        for start in range(0, len(results), _AGENT_BATCH_MAX):
+            part = results[start:start + _AGENT_BATCH_MAX]
+            self.conn.execute("INSERT INTO batches (batch_id, size, body) VALUES (?, ?, ?)",
+                              (secrets.token_hex(12), len(part), json.dumps(part)))
+        while self.pending() > self.limit:
+            seq, size = self.conn.execute("SELECT seq, size FROM batches ORDER BY seq").fetchone()
+            self.conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+            log.error("agent buffer full (%d results): dropped the oldest %d results",
+                      self.limit, size)
+
+    def pending(self) -> int:
+        return self.conn.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+
+    def oldest(self) -> tuple[int, str, list[dict[str, Any]]] | None:
+        row = self.conn.execute("SELECT seq, batch_id, body FROM batches ORDER BY seq").fetchone()
+        return None if row is None else (row[0], row[1], json.loads(row[2]))
+
+    def done(self, seq: int) -> None:
+        self.conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class AgentFeed(Feed):
+    """Monitors from the server's agent routes; results buffered, then sent in batches."""
+
+    def __init__(self, client: httpx.AsyncClient, buffer: AgentBuffer) -> None:
+        self.client, self.buffer = client, buffer
+        self.region = ""
+        self.listeners: list[Callable[[str], None]] = []
+        self.monitors: dict[str, dict[str, Any]] = {}
+        self.version: str | None = None
+        self.heartbeat = 5.0
+        self.probes: dict[str, Any] = {}
+        self.results: list[dict[str, Any]] = []
+
+    async def rows(self, ids: list[str] | None) -> list[dict[str, Any]]:
+        if ids is None:
+            return list(self.monitors.values())
+        return [self.monitors[i] for i in ids if i in self.monitors]
+
+    def record(self, monitor_id: str, result: CheckResult, at: int, status: str,
+               reason: str | None) -> None:
+        self.results.append({
+            "monitorId": monitor_id, "checkedAt": at, "status": result.status,
+            "regionStatus": status, "reason": reason, "responseTime": result.response_time,
+            "statusCode": result.status_code, "error": result.error,
+            "category": result.category, "timings": result.timings, "details": result.details})
+
+    async def sync(self, wait: int) -> None:
+        """One GET /agent/monitors: apply what changed and tell the scheduler."""
+        response = await self.client.get("/agent/monitors", params={
+            "since": self.version or "", "wait": wait})
+        response.raise_for_status()
+        body = response.json()
+        rows = {r["record"]["id"]: r for r in body["monitors"]}
+        gone = set(self.monitors) - set(rows) if body["full"] else set(body["removed"])
+        for monitor_id in gone:
+            self.monitors.pop(monitor_id, None)
+        self.monitors.update(rows)
+        self.region, self.version = body["region"]["id"], body["version"]
+        self.heartbeat, self.probes = body["heartbeat"], body["probes"]
+        for monitor_id in [*rows, *gone]:
+            for listener in self.listeners:
+                listener(monitor_id)
+
+    async def follow(self) -> None:
+        """Long-poll for monitor changes until cancelled, retrying while the server is away."""
+        while True:
+            wait = int(self.heartbeat)
+            try:
+                await self.sync(wait)
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                log.warning("agent: cannot sync monitors: %s", _describe_agent_error(exc))
+                await asyncio.sleep(_AGENT_RETRY_MAX)
+                continue
+            if not wait:
+                await asyncio.sleep(self.heartbeat)
+
+    async def deliver(self) -> None:
+        """Every second: buffer what was checked, then send the buffer oldest first."""
+        while True:
+            await asyncio.sleep(_AGENT_FLUSH)
+            self.keep()
+            try:
+                await self.send_buffered()
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("agent: %d results wait to be sent: %s", self.buffer.pending(),
+                            _describe_agent_error(exc))
+
+    def keep(self) -> None:
+        """Move the checks done since the last batch into the on-disk buffer."""
+        if self.results:
+            self.buffer.add(self.results)
+            self.results = []
+
+    async def send_buffered(self) -> None:
+        while (batch := self.buffer.oldest()) is not None:
+            seq, batch_id, results = batch
+            response = await self.client.post("/agent/results", json={
+                "batchId": batch_id, "sentAt": now_ms(), "results": results})
+            if response.status_code == 400:  # never acceptable; do not block the rest
+                log.error("agent: server refused batch %s: %s", batch_id, response.text[:300])
+            else:
+                response.raise_for_status()
+            self.buffer.done(seq)
+
+
+def _describe_agent_error(exc: Exception) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} {exc.response.text[:200]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def run_agent(cfg: dict[str, dict[str, Any]], server: str, token: str, state: Path,
+                    buffer_limit: int) -> None:
+    """The agent process: first sync (retried until the server answers), then the shared
+    Scheduler, the long-poll and the batch sender, until cancelled."""
+    buffer = AgentBuffer(state / "buffer.db", buffer_limit)
+    ctx = ProbeContext(cfg)  # its trust store serves the server connection too (less memory)
+    try:
+        async with httpx.AsyncClient(
+                base_url=server.rstrip("/") + API_PREFIX, timeout=_AGENT_TIMEOUT,
+                verify=ctx.ssl_context,
+                headers={"Authorization": f"Bearer {token}", "User-Agent": _USER_AGENT}) as client:
+            feed = AgentFeed(client, buffer)
+            while feed.version is None:
+                try:
+                    await feed.sync(0)
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    log.warning("agent: cannot reach %s: %s", server, _describe_agent_error(exc))
+                    await asyncio.sleep(_AGENT_RETRY_MAX)
+            log.info("agent for region %s: %d monitors", feed.region, len(feed.monitors))
+            ctx.http.headers[REGION_HEADER] = feed.region
+            scheduler = Scheduler(feed, {**cfg["probes"], **feed.probes}, ctx)
+            try:
+                await asyncio.gather(scheduler.run(), feed.follow(), feed.deliver())
+            finally:
+                feed.keep()  # stopped (SIGTERM): the last second's checks go out next time
+    finally:
+        await ctx.aclose()
+        buffer.close()
+
+
 
 def check_statements(monitor_id: str, region_id: str, result: CheckResult,
-                     checked_at: int) -> list[Statement]:
-    """The writes that store one check (schema triggers keep monitor_latest and counts)."""
+                     checked_at: int, received_at: int | None = None,
+                     agent_at: int | None = None) -> list[Statement]:
+    """The writes that store one check (schema triggers keep monitor_latest and counts);
+    an agent's check also carries when the server received it and the agent's own stamp."""
     return [(
         "INSERT INTO checks (monitor_id, region_id, status, response_time, status_code, error,"
-        " category, timings, details, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " category, timings, details, checked_at, received_at, agent_checked_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (monitor_id, region_id, result.status, result.response_time, result.status_code,
          result.error, result.category, json.dumps(result.timings) if result.timings else None,
-         json.dumps(result.details) if result.details else None, checked_at))]
+         json.dumps(result.details) if result.details else None, checked_at,
+         checked_at if received_at is None else received_at, agent_at))]
 
 # Heartbeat deadlines
 #
@@ -3339,6 +3571,184 @@ def transition_statements(monitor_id: str, old: str, new: str, reason: str | Non
              " created_at) VALUES (?, ?, ?, ?, ?)", (monitor_id, old, new, reason, at))]
 
 
+# Regions.  Each region's scheduler (the server's own, or an agent's) confirms a status per
+# monitor; ``Verdicts`` keeps those in monitor_regions and combines them into the monitor's
+# status: DOWN when at least ``downQuorum`` (default: all) of its active enabled regions are
+# DOWN, DEGRADED while fewer are (or one is DEGRADED), else UP.  A region that stopped reporting
+# is inactive and left out, so its silence never makes a monitor DOWN.  Only a change of a
+# region's verdict (or of the regions) leads to a combine, which runs in its own transaction.
+
+
+def combined_status(statuses: Sequence[str], regions: int, quorum: int | None) -> str | None:
+    """The monitor's status from its active enabled regions' verdicts (``regions`` of them,
+    some maybe without one yet); None while no region has a verdict."""
+    known = [s for s in statuses if s != Status.PENDING]
+    if not known:
+        return None
+    down = known.count(Status.DOWN)
+    if down and down >= min(quorum or regions, regions):
+        return Status.DOWN
+    return Status.DEGRADED if down or Status.DEGRADED in known else Status.UP
+
+
+class Verdicts:
+    """Per-region verdicts in memory and in monitor_regions; see the comment above."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.statuses: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        self.changes: dict[str, tuple[int, str]] = {}  # each monitor's latest verdict change
+        self.pending: dict[str, tuple[int, str | None]] = {}
+        self.wake = asyncio.Event()
+        rt.listeners.append(lambda monitor_id: self.touch(monitor_id, now_ms(), None))
+
+    async def load(self) -> None:
+        for monitor_id, region, status in await self.rt.db.fetchall(
+                "SELECT monitor_id, region_id, status FROM monitor_regions"):
+            self.statuses[monitor_id][region] = status
+
+    def touch(self, monitor_id: str, at: int, reason: str | None) -> None:
+        """Combine this monitor's verdicts again soon."""
+        self.pending[monitor_id] = (at, reason)
+        self.wake.set()
+
+    def statements(self, region: str, monitor_id: str, result: CheckResult, at: int,
+                   status: str, reason: str | None, received_at: int | None = None,
+                   agent_at: int | None = None) -> list[Statement]:
+        """The writes for one check of ``region`` whose verdict is then ``status``."""
+        statements = check_statements(monitor_id, region, result, at, received_at, agent_at)
+        if self.statuses[monitor_id].get(region, Status.PENDING) != status:
+            self.statuses[monitor_id][region] = status
+            statements.append((
+                "INSERT INTO monitor_regions (monitor_id, region_id, status, changed_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (monitor_id, region_id) DO UPDATE SET"
+                " status = excluded.status, changed_at = excluded.changed_at",
+                (monitor_id, region, status, at)))
+            self.changes[monitor_id] = (at, reason or status)
+            self.touch(monitor_id, at, reason)
+        return statements
+
+    async def combine_pending(self) -> None:
+        """Combine every touched monitor, once the writes queued before are committed."""
+        self.wake.clear()
+        pending, self.pending = self.pending, {}
+        try:
+            if pending:
+                await self.rt.db.write([])
+            async with self.rt.db.transaction() as conn:
+                for monitor_id, (at, reason) in pending.items():
+                    await self._combine(conn, monitor_id, at, reason)
+        except BaseException:
+            self.pending = {**pending, **self.pending}  # nothing was written: retry them all
+            self.wake.set()
+            raise
+
+    async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
+                       reason: str | None) -> None:
+        monitor = await _row(conn, "SELECT status, enabled_worker_region_ids AS regions,"
+                                   " down_quorum, regression_active, is_active, is_paused"
+                                   " FROM monitors WHERE id = ?", (monitor_id,))
+        if monitor is None:
+            self.statuses.pop(monitor_id, None)
+            self.changes.pop(monitor_id, None)
+            return
+        if monitor["is_paused"] or not monitor["is_active"]:
+            return
+        enabled = set(json.loads(monitor["regions"] or "[]"))
+        regions = [r for r, info in self.rt.regions.items()
+                   if info["is_active"] and (not enabled or r in enabled)]
+        mine = self.statuses.get(monitor_id, {})
+        new = combined_status([mine.get(r, Status.PENDING) for r in regions], len(regions),
+                              monitor["down_quorum"])
+        if new == Status.UP and monitor["regression_active"]:
+            new = Status.DEGRADED  # the worse of the probes' verdict and the regression detector's
+        if reason is None:  # touched by an edit: the status follows the latest verdict change
+            at, reason = self.changes.get(monitor_id, (at, "monitor settings changed"))
+        if new is not None and new != monitor["status"]:
+            for sql, params in transition_statements(monitor_id, monitor["status"], new,
+                                                     reason, at):
+                await conn.execute(sql, params)
+
+
+async def run_verdicts(rt: Runtime) -> None:
+    """Combine regions' verdicts into monitor statuses as they change."""
+    while True:
+        await rt.verdicts.wake.wait()
+        try:
+            await rt.verdicts.combine_pending()
+        except Exception:
+            log.exception("combining region verdicts failed; retrying in 1 s")
+            await asyncio.sleep(1)
+
+
+# Region liveness.  An agent's region is active while the agent has been in touch within
+# ``[agents] inactive_after`` seconds.  Going silent and coming back each alert once, on the
+# default channels: every active shared notification channel of every team (inline monitor
+# notifications are about one monitor, so they are left out).  ``gone_at`` makes the pair
+# exactly-once: the alert and the flag are written in one transaction.
+
+
+def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
+    seconds = region["inactive_after"]
+    return {"event": "monitor.up" if alive else "monitor.down",
+            "monitor": {"id": region["id"], "url": "", "type": "REGION",
+                        "name": f"Worker region {region['name'] or region['id']}",
+                        "status": Status.UP if alive else Status.DOWN},
+            "timestamp": iso(at),
+            "note": "Its agent reports again." if alive else
+                    f"Its agent has not reported for {seconds} s; its monitors are judged by the"
+                    " other regions until it is back."}
+
+
+async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], alive: bool,
+                        at: int) -> None:
+    """Flip a region's liveness; alert on the default channels when it goes and comes back."""
+    alert = (not alive and region["gone_at"] is None) or (alive and region["gone_at"] is not None)
+    await conn.execute("UPDATE worker_regions SET is_active = ?, gone_at = ? WHERE id = ?",
+                       (int(alive), None if alive else region["gone_at"] or at, region["id"]))
+    if not alert:
+        return
+    body = _region_alert(region, alive, at)
+    channels = await conn.execute_fetchall(
+        "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
+        " ORDER BY created_at, id")
+    await conn.executemany(
+        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, delivery_id,"
+        " channel_type, config, event, alert, created_at, next_attempt_at)"
+        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(c["account_id"], f"{c['id']}:{region['id']}", c["id"], new_id("dlv"), c["type"],
+          c["config"], body["event"], json.dumps(body), at, at) for c in channels])
+
+
+async def sweep_regions(rt: Runtime) -> None:
+    """Mark agents' regions active or inactive from when they last reported (an active one
+    counts as heard when this server started, so a server restart is no agent outage)."""
+    now, limit = now_ms(), rt.cfg["agents"]["inactive_after"]
+    flipped = []
+    for region in await rt.load_regions():
+        seen = region["last_seen_at"]
+        if seen is not None and region["is_active"]:
+            seen = max(seen, rt.started_at)
+        alive = seen is not None and now - seen < limit * 1000
+        if region["token_hash"] is not None and alive != bool(region["is_active"]):
+            flipped.append((region, alive))
+    for region, alive in flipped:
+        async with rt.db.transaction() as conn:
+            await _set_liveness(conn, {**region, "inactive_after": limit}, alive, now)
+        log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
+    if flipped:
+        await rt.load_regions()
+        reason = ", ".join(f"worker region {r['id']} {'is back' if a else 'went silent'}"
+                           for r, a in flipped)
+        for monitor_id in list(rt.verdicts.statuses):
+            rt.verdicts.touch(monitor_id, now, reason)
+
+
+async def run_regions(rt: Runtime) -> None:
+    """The liveness sweep, a few times per ``inactive_after``."""
+    await repeat(min(1.0, rt.cfg["agents"]["inactive_after"] / 4), lambda: sweep_regions(rt))
+
+
 # The engine.  Each status transition is consumed in one transaction that opens or resolves the
 # monitor's incident, writes its status update, queues every alert in alert_outbox and sets
 # processed_at: a crash leaves all of that or none of it, so no alert is lost or queued twice.
@@ -3413,11 +3823,17 @@ def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any]
 
 async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
                          transition: sqlite3.Row) -> sqlite3.Row:
-    """A new incident: severity from how many regions are down, cause from the failing check."""
+    """A new incident: severity high when every active enabled region is down (medium when
+    some are), affected regions those down, cause from the newest failing check."""
     latest = list(await conn.execute_fetchall(
-        "SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
-        " WHERE l.monitor_id = ? ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
-    down = [c for c in latest if c["status"] == Status.DOWN]
+        "SELECT c.*, COALESCE(r.status, c.status) AS verdict FROM monitor_latest l"
+        " JOIN checks c ON c.id = l.check_id JOIN worker_regions w ON w.id = l.region_id"
+        " LEFT JOIN monitor_regions r ON r.monitor_id = l.monitor_id AND r.region_id = l.region_id"
+        " WHERE l.monitor_id = ? AND (w.is_active = 1 OR w.token_hash IS NULL)"
+        " ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
+    enabled = set(json.loads(monitor["enabled_worker_region_ids"] or "[]"))
+    latest = [c for c in latest if not enabled or c["region_id"] in enabled]
+    down = [c for c in latest if c["verdict"] == Status.DOWN]
     severity = "high" if len(down) == len(latest) else "medium" if down else "low"
     cause = down[0] if down else None
     category = cause["category"] if cause and cause["category"] in ROOT_CAUSES else "UNKNOWN"
@@ -5145,9 +5561,9 @@ async def _delete_in_batches(db: Database, sql: str, params: Sequence[Any]) -> i
 
 async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = None
                 ) -> dict[str, int]:
-    """Delete raw checks, heartbeat pings and delivered alerts past ``raw_days`` (never checks
-    not rolled up yet, nor a monitor's latest check), hourly rollups past ``hourly_days`` and
-    daily ones past ``rollup_days``."""
+    """Delete raw checks, heartbeat pings, delivered alerts and agents' batch ids past
+    ``raw_days`` (never checks not rolled up yet, nor a monitor's latest check), hourly rollups
+    past ``hourly_days`` and daily ones past ``rollup_days``."""
     now = now_ms() if now is None else now
     keep = cfg["retention"]
     hours_done, _ = await rollup_progress(db)
@@ -5162,6 +5578,9 @@ async def prune(db: Database, cfg: dict[str, dict[str, Any]], now: int | None = 
     deleted["alerts"] = await _delete_in_batches(
         db, "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE done_at < ?"
             " ORDER BY id LIMIT ?)", (now - keep["raw_days"] * DAY_MS, RETENTION_BATCH))
+    deleted["batches"] = await _delete_in_batches(  # agents' batch ids, as long as raw checks
+        db, "DELETE FROM agent_batches WHERE rowid IN (SELECT rowid FROM agent_batches"
+            " WHERE received_at < ? LIMIT ?)", (now - keep["raw_days"] * DAY_MS, RETENTION_BATCH))
     deleted["teams"] = await _delete_in_batches(
         db, "DELETE FROM team_rollups WHERE (account_id, start) IN (SELECT account_id, start"
             " FROM team_rollups WHERE start < ? LIMIT ?)",
@@ -5295,7 +5714,8 @@ MONITOR_STATUSES = tuple(Status)
 # with the server and cancelled at shutdown.
 _SERVICE_RESTART_DELAY = 5.0
 SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
-    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression)
+    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression, run_verdicts,
+    run_regions)
 
 
 class Runtime:
@@ -5307,6 +5727,7 @@ class Runtime:
         self.limiter = RateLimiter()
         self.usage = UsageCounter()
         self.started = time.monotonic()
+        self.started_at = now_ms()
         self.regions: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.public_cache = PublicCache()
@@ -5314,6 +5735,10 @@ class Runtime:
         self._background: set[asyncio.Task[Any]] = set()
         self.settled_days: SettledDays = {}
         self.heartbeats = Heartbeats(self)
+        self.verdicts = Verdicts(self)
+        self.agent_sync = AgentSync(self)
+        self.agent_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock)
         self.scheduler: Scheduler | None = None
         self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
         self._tasks: list[asyncio.Task[None]] = []
@@ -5322,8 +5747,8 @@ class Runtime:
         """Open the database, register the local region, create the owner on first run."""
         await self.db.open()
         await prepare_database(self.db, self.cfg)
-        self.regions = {r["id"]: dict(r) for r in await self.db.fetchall(
-            "SELECT * FROM worker_regions WHERE is_active = 1")}
+        await self.load_regions()
+        await self.verdicts.load()
         self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
         self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
 
@@ -5338,6 +5763,12 @@ class Runtime:
                 log_failure("service %s crashed; restarting it in %s s", service.__name__,
                               _SERVICE_RESTART_DELAY)
                 await asyncio.sleep(_SERVICE_RESTART_DELAY)
+
+    async def load_regions(self) -> list[dict[str, Any]]:
+        """Every worker region (active or not), as ``regions`` keeps them."""
+        rows = [dict(r) for r in await self.db.fetchall("SELECT * FROM worker_regions")]
+        self.regions = {r["id"]: r for r in rows}
+        return rows
 
     def background(self, work: Awaitable[Any]) -> None:
         """Run ``work`` without waiting for it; a failure is logged."""
@@ -5370,12 +5801,13 @@ async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None
     region = cfg["region"]
     async with db.transaction() as conn:
         await conn.execute(
-            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET city = excluded.city,"
-            " country = excluded.country, country_code = excluded.country_code,"
-            " latitude = excluded.latitude, longitude = excluded.longitude",
+            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude,"
+            " is_active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
+            " SET city = excluded.city, country = excluded.country,"
+            " country_code = excluded.country_code, latitude = excluded.latitude,"
+            " longitude = excluded.longitude, is_active = excluded.is_active",
             (region["id"], region["city"], region["country"], region["country_code"],
-             region["latitude"], region["longitude"]))
+             region["latitude"], region["longitude"], int(cfg["probes"]["local"]), now_ms()))
         first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
         if first_run:
             account = await create_account(conn, "admin@localhost", "Admin",
@@ -5393,6 +5825,7 @@ class Call:
     request: Request
     rt: Runtime
     who: Principal | None
+    region: dict[str, Any] | None = None  # the calling agent's region, on agent routes
     query: dict[str, Any] = dataclasses.field(default_factory=dict)  # the route's query table
 
     @property
@@ -5475,23 +5908,27 @@ def rate_limit(request: Request, who: Principal | None, enforce: bool = True) ->
 def api(path: str, *methods: str, public: bool = False, role: str | None = None,
         body: Sequence[Field] = (), query: Sequence[Field] = (), limit: bool | None = True,
         response: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
-        status: tuple[int, ...] = (200,)
+        status: tuple[int, ...] = (200,), agent: bool = False
         ) -> Callable[[Callable[[Call], Awaitable[Any]]], Callable[[Call], Awaitable[Any]]]:
     """Register an ``/api/v1`` route.  Writes need MEMBER and reads VIEWER unless ``role``.
     ``body`` and ``query`` name the Field tables the handler validates, ``response`` the shape
     of what it answers with a ``status``, for the OpenAPI document.  ``limit``: True refuses
     requests past the rate limit, False counts them but answers, None leaves the window to the
-    handler (heartbeats have their own)."""
+    handler (heartbeats have their own).  An ``agent`` route takes an agent token instead of an
+    API key (and only that), outside the plans' rate limits."""
     def register(handler: Callable[[Call], Awaitable[Any]]) -> Callable[[Call], Awaitable[Any]]:
         async def endpoint(request: Request) -> Response:
             rt: Runtime = request.app.state.statusapp
-            who = None
-            try:
-                if not public:
-                    who = await authenticate(rt.db, request_key(request))
-            finally:  # a request with a bad key counts in its address's window
-                if limit is not None:
-                    rate_limit(request, who, limit)
+            who = region = None
+            if agent:
+                region = await authenticate_agent(rt, request_key(request))
+            else:
+                try:
+                    if not public:
+                        who = await authenticate(rt.db, request_key(request))
+                finally:  # a request with a bad key counts in its address's window
+                    if limit is not None:
+                        rate_limit(request, who, limit)
             if who is not None:
                 rt.usage.count(who, API_PREFIX + path)
                 needed = _METHOD_PERMISSION[request.method]
@@ -5499,7 +5936,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
                     raise Forbidden(f"This API key lacks the '{needed}' permission",
                                     f"key permissions: {','.join(sorted(who.permissions))}")
                 who.require_role(role or (Role.VIEWER if needed == "read" else Role.MEMBER))
-            call = Call(request, rt, who)
+            call = Call(request, rt, who, region)
             call.query = parse_query(query, request, call.env())
             try:
                 result = await handler(call)
@@ -5519,6 +5956,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
         API_DOCS.extend(RouteDoc(
             re.sub(r":\w+}", "}", path), method, summary, None if public else role or (
+                "AGENT" if agent else
                 Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER),
             tuple(body), tuple(query), handler.__name__ + (
                 f"_{method.lower()}" if len(methods) > 1 else ""), response or shape(), status)
@@ -5639,7 +6077,8 @@ def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str
                                                "country_code": None, "city": None}
     out = {"id": f"chk_{row['id']}", "status": row["status"], "responseTime": row["response_time"],
            "statusCode": row["status_code"], "checkedAt": iso(row["checked_at"]),
-           "error": row["error"], "rootCauseCategory": row["category"],
+           "receivedAt": iso(row["received_at"]), "error": row["error"],
+           "rootCauseCategory": row["category"],
            "workerRegion": {"id": row["region_id"], "country": region["country"],
                             "countryCode": region["country_code"], "city": region["city"]}}
     if row["timings"]:
@@ -5651,7 +6090,7 @@ def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str
 
 CHECK_SHAPE = shape(
     id="string", status="string", responseTime="integer?", statusCode="integer?",
-    checkedAt="date-time", error="string?", rootCauseCategory="string?",
+    checkedAt="date-time", receivedAt="date-time?", error="string?", rootCauseCategory="string?",
     workerRegion=shape(id="string", country="string?", countryCode="string?", city="string?"))
 
 
@@ -7482,8 +7921,9 @@ def openapi_document(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "schema": {"type": "object",
                            "properties": {f.name: _schema(f, cfg) for f in doc.body},
                            "required": [f.name for f in doc.body if f.required is True]}}}}
-        if doc.role:
-            operation["security"] = [{"apiKey": []}, {"bearer": []}]
+        if doc.role:  # agent routes take only a bearer agent token
+            operation["security"] = [{"bearer": []}] if doc.role == "AGENT" else [
+                {"apiKey": []}, {"bearer": []}]
             operation["x-statusapp-least-role"] = doc.role
         else:
             operation["security"] = []
@@ -7519,18 +7959,190 @@ async def server_version(call: Call) -> dict[str, Any]:
     return {"version": VERSION, "apiVersion": API_VERSION}
 
 
-WORKER_REGIONS_SHAPE = shape(
-    regions=[shape(id="string", city="string?", country="string?", countryCode="string?",
-    latitude="number?", longitude="number?", isActive="boolean")])
+def region_json(row: dict[str, Any] | sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"] or row["city"], "city": row["city"],
+            "country": row["country"], "countryCode": row["country_code"],
+            "latitude": row["latitude"], "longitude": row["longitude"],
+            "isActive": bool(row["is_active"]), "isAgent": row["token_hash"] is not None,
+            "lastSeenAt": iso(row["last_seen_at"])}
+
+
+REGION_SHAPE = shape(id="string", name="string?", city="string?", country="string?",
+                     countryCode="string?", latitude="number?", longitude="number?",
+                     isActive="boolean", isAgent="boolean", lastSeenAt="date-time?")
+WORKER_REGIONS_SHAPE = shape(regions=[REGION_SHAPE])
 
 
 @api("/worker-regions", "GET", response=WORKER_REGIONS_SHAPE)
 async def worker_regions(call: Call) -> dict[str, Any]:
+    """Every worker region: the server's own and the agents', with liveness."""
     rows = await call.rt.db.fetchall("SELECT * FROM worker_regions ORDER BY id")
-    return {"regions": [{"id": r["id"], "city": r["city"], "country": r["country"],
-                         "countryCode": r["country_code"], "latitude": r["latitude"],
-                         "longitude": r["longitude"], "isActive": bool(r["is_active"])}
-                        for r in rows]}
+    return {"regions": [region_json(r) for r in rows]}
+
+
+# Agents
+#
+# An agent (``statusapp agent``) probes for one region.  It authenticates with its region's
+# token (``statusapp region add``), which is stored hashed and is no API key: agent routes
+# take only agent tokens and the API only API keys.  It follows its monitors with a long-poll
+# on a version (an epoch for this server process, then a change counter) and posts results
+# in batches with ids the server remembers, so a batch sent twice is stored once.
+
+AGENT_TOKEN_PREFIX = "sa_agent_"
+_AGENT_WAIT_MAX = 30   # seconds a long-poll may wait for a change
+_AGENT_BATCH_MAX = 5000
+
+
+def generate_agent_token() -> tuple[str, str]:
+    """A new agent token and its SHA256."""
+    token = AGENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return token, hash_key(token)
+
+
+async def authenticate_agent(rt: Runtime, token: str | None) -> dict[str, Any]:
+    """The region whose agent holds ``token``, noting the contact; 401 otherwise."""
+    if not token:
+        raise Unauthorized("Missing agent token", "send Authorization: Bearer <agent token>")
+    row = await rt.db.fetchone("SELECT * FROM worker_regions WHERE token_hash = ?",
+                               (hash_key(token),))
+    if row is None:
+        raise Unauthorized("Invalid agent token",
+                           "the token is unknown, rotated, or its region was removed")
+    rt.db.write_later([("UPDATE worker_regions SET last_seen_at = ? WHERE id = ?",
+                        (now_ms(), row["id"]))])
+    return dict(row)
+
+
+class AgentSync:
+    """Monitor change versions that agents long-poll on."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.epoch = secrets.token_hex(4)
+        self.version = 0
+        self.changed: dict[str, int] = {}
+        self.event = asyncio.Event()
+        rt.listeners.append(self._note)
+
+    def _note(self, monitor_id: str) -> None:
+        self.version += 1
+        self.changed[monitor_id] = self.version
+        self.event.set()
+        self.event = asyncio.Event()
+
+    def since(self, version: str | None) -> list[str] | None:
+        """Monitors changed after ``version`` (None: the agent must take everything)."""
+        epoch, _, number = (version or "").partition(".")
+        if epoch != self.epoch or not number.isdigit() or int(number) > self.version:
+            return None
+        return [m for m, v in self.changed.items() if v > int(number)]
+
+    async def wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), seconds)
+
+
+AGENT_SYNC_QUERY = (
+    Field("since", "string", maximum=64, doc="The version of the agent's last sync"),
+    Field("wait", "integer", default=0, minimum=0, maximum=_AGENT_WAIT_MAX,
+          doc="Seconds to wait for a change before answering"),
+)
+
+
+def _for_region(record: dict[str, Any], region: str) -> bool:
+    regions = record.get("enabledWorkerRegionIds")
+    return probe_of(record["type"]) is not None and (not regions or region in regions)
+
+
+AGENT_MONITORS_SHAPE = shape(
+    version="string", full="boolean", region=REGION_SHAPE,
+    monitors=[shape(record="object", status="string", lastAt="integer?", lastStatus="string?",
+                    lastDetails="object?")],
+    removed=["string"], heartbeat="number", probes="object")
+
+
+@api("/agent/monitors", "GET", agent=True, query=AGENT_SYNC_QUERY, response=AGENT_MONITORS_SHAPE)
+async def agent_monitors(call: Call) -> dict[str, Any]:
+    """The monitors this agent's region probes: all of them, or those changed since a version."""
+    assert call.region is not None
+    query, sync = call.query, call.rt.agent_sync
+    changed = sync.since(query["since"])
+    if changed == [] and query["wait"]:
+        await sync.wait(query["wait"])
+        changed = sync.since(query["since"])
+    version = f"{sync.epoch}.{sync.version}"
+    feed = LocalFeed(call.rt, call.region["id"])
+    rows = [r for r in await feed.rows(changed) if _for_region(r["record"], feed.region)]
+    probes = call.rt.cfg["probes"]
+    return {"version": version, "full": changed is None, "region": region_json(call.region),
+            "monitors": rows,
+            "removed": sorted(set(changed or ()) - {r["record"]["id"] for r in rows}),
+            "heartbeat": call.rt.cfg["agents"]["inactive_after"] / 4,
+            "probes": {k: probes[k] for k in ("confirmations", "recoveries", "retry_delay")}}
+
+
+AGENT_RESULT_FIELDS = (
+    Field("monitorId", "string", True, minimum=1, maximum=100),
+    Field("checkedAt", "integer", True, minimum=0, doc="When the check started (agent clock, ms)"),
+    Field("status", "string", True, choices=(Status.UP, Status.DOWN, Status.DEGRADED)),
+    Field("regionStatus", "string", True, choices=MONITOR_STATUSES,
+          doc="The region's confirmed status after this check"),
+    Field("reason", "string", maximum=10_000, doc="Why the region's status changed"),
+    Field("responseTime", "integer", minimum=0),
+    Field("statusCode", "integer", minimum=0, maximum=999),
+    Field("error", "string", maximum=10_000),
+    Field("category", "string", maximum=64),
+    Field("timings", "object"),
+    Field("details", "object"),
+)
+AGENT_BATCH_FIELDS = (
+    Field("batchId", "string", True, minimum=8, maximum=100),
+    Field("sentAt", "integer", True, minimum=0, doc="When the agent sent it (agent clock, ms)"),
+    Field("results", "array", default=[], maximum=_AGENT_BATCH_MAX,
+          check=each(AGENT_RESULT_FIELDS)),
+)
+
+
+def agent_check_time(checked_at: int, sent_at: int, received_at: int) -> int:
+    """An agent's check time on the server's clock: the agent's own reading moved by the
+    offset this batch shows (server receipt minus agent send time), never after receipt.  A
+    skewed agent clock shifts both readings alike, so it neither misdates nor reorders."""
+    return min(checked_at + received_at - sent_at, received_at)
+
+
+async def ingest_batch(rt: Runtime, region: str, batch: dict[str, Any], received: int) -> int:
+    """Store one batch once (its id is remembered in the same transaction); the count stored."""
+    async with rt.agent_locks[region]:
+        if await rt.db.fetchval("SELECT 1 FROM agent_batches WHERE region_id = ? AND"
+                                " batch_id = ?", (region, batch["batchId"])):
+            return 0
+        ids = sorted({r["monitorId"] for r in batch["results"]})
+        known = {row[0] for row in await rt.db.fetchall(
+            "SELECT id FROM monitors WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),))}
+        statements: list[Statement] = [(
+            "INSERT INTO agent_batches (region_id, batch_id, received_at) VALUES (?, ?, ?)",
+            (region, batch["batchId"], received))] if batch["results"] else []
+        stored = [r for r in batch["results"] if r["monitorId"] in known]
+        for r in stored:
+            result = CheckResult(r["status"], r["responseTime"], r["statusCode"], r["error"],
+                                 r["category"], r["timings"], r["details"])
+            at = agent_check_time(r["checkedAt"], batch["sentAt"], received)
+            statements += rt.verdicts.statements(region, r["monitorId"], result, at,
+                                                 r["regionStatus"], r["reason"], received,
+                                                 r["checkedAt"])
+        await rt.db.write(statements)
+        return len(stored)
+
+
+@api("/agent/results", "POST", agent=True, body=AGENT_BATCH_FIELDS,
+     response=shape(batchId="string", stored="integer"))
+async def agent_results(call: Call) -> dict[str, Any]:
+    """Store a batch of this agent's check results, once per batch id."""
+    assert call.region is not None
+    received = now_ms()
+    batch = validate(AGENT_BATCH_FIELDS, await call.json(8 * MAX_BODY), call.env())
+    stored = await ingest_batch(call.rt, call.region["id"], batch, received)
+    return {"batchId": batch["batchId"], "stored": stored}
 
 # --- Pages ---
 #
@@ -7671,16 +8283,31 @@ async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
     groups = await page_groups(rt.db, page["id"])
     monitors = {m["id"]: m for g in groups for m in g["monitors"]}
     stats = await daily_stats(rt.db, list(monitors), UPTIME_DAYS, rt.settled_days)
+    regions = await region_verdicts(rt.db, list(monitors))
     for monitor in (m for g in groups for m in g["monitors"]):
         days = stats[monitor["id"]]
         monitor["days"] = days
         monitor["uptime"] = _days_uptime(days)
+        monitor["regions"] = regions.get(monitor["id"], [])
     incidents = await page_incidents(rt.db, list(monitors),
                                      "i.resolved_at IS NULL OR i.resolved_at >= ?",
                                      [now_ms() - PAST_INCIDENT_DAYS * DAY_MS])
     return {"page": page, "groups": groups, "status": overall_status(list(monitors.values())),
             "active": [i for i in incidents if i["resolvedAt"] is None],
             "past": [i for i in incidents if i["resolvedAt"] is not None]}
+
+
+async def region_verdicts(db: Database, monitor_ids: Sequence[str]
+                         ) -> dict[str, list[dict[str, str]]]:
+    """Each monitor's status in each active region, by region name (no address or error)."""
+    out: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
+    for row in await db.fetchall(
+            "SELECT r.monitor_id, COALESCE(w.name, w.city) AS name, r.status"
+            " FROM monitor_regions r JOIN worker_regions w ON w.id = r.region_id"
+            " WHERE w.is_active = 1 AND r.monitor_id IN (SELECT value FROM json_each(?))"
+            " ORDER BY name", (json.dumps(list(monitor_ids)),)):
+        out[row["monitor_id"]].append({"region": row["name"], "status": row["status"]})
+    return out
 
 
 def _page_base(request: Request) -> str:
@@ -7740,6 +8367,7 @@ svg.bars{display:block;width:100%;height:2.125rem;margin:.5rem 0 .25rem}
 svg.bars rect:hover{opacity:.7}
 .axis{display:flex;justify-content:space-between;gap:.5rem;font-size:.75rem;color:#4b5563}
 .axis strong{color:#111827}
+.regions{font-size:.75rem;color:#4b5563;margin:.25rem 0}
 .legend{display:flex;flex-wrap:wrap;gap:.25rem 1rem;font-size:.875rem;list-style:none;
 padding:0;margin:0 0 .75rem;color:#374151}
 .sw{display:inline-block;width:.75rem;height:.75rem;border-radius:2px;margin-right:.375rem;
@@ -7805,8 +8433,17 @@ def _monitor_html(monitor: dict[str, Any]) -> str:
     uptime = "No data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}% uptime"
     return (f'<li><div class="mrow"><span class="mname">{_esc(monitor["name"])}</span>'
             f'<span class="state s-{level}"><span class="dot" aria-hidden="true"></span>{label}'
-            f'</span></div>{_bars(monitor)}<div class="axis"><span>{UPTIME_DAYS} days ago</span>'
-            f'<strong>{uptime}</strong><span>Today</span></div></li>')
+            f'</span></div>{_regions_html(monitor)}{_bars(monitor)}<div class="axis"><span>'
+            f'{UPTIME_DAYS} days ago</span><strong>{uptime}</strong><span>Today</span></div></li>')
+
+
+def _regions_html(monitor: dict[str, Any]) -> str:
+    """Per-region status under a monitor probed from more than one region."""
+    if len(monitor["regions"]) < 2:
+        return ""
+    parts = [f'{_esc(r["region"])}: {_esc(MONITOR_STATES[r["status"]][0])}'
+             for r in monitor["regions"]]
+    return f'<div class="regions">{" &middot; ".join(parts)}</div>'
 
 
 def _incident_html(incident: dict[str, Any]) -> str:
@@ -8021,7 +8658,8 @@ async def page_summary(request: Request) -> Response:
         "status": {"indicator": indicator, "description": BANNERS[indicator][0]},
         "groups": [{"name": g["name"], "monitors": [
             {"id": m["id"], "name": m["name"], "status": monitor_state(m),
-             "uptime90d": m["uptime"]} for m in g["monitors"]]} for g in view["groups"]],
+             "uptime90d": m["uptime"], "regions": m["regions"]}
+            for m in g["monitors"]]} for g in view["groups"]],
         "activeIncidents": [_incident_json(i) for i in view["active"]],
         "recentIncidents": [_incident_json(i) for i in view["past"]],
         "updatedAt": iso(now_ms())})
@@ -8212,6 +8850,14 @@ def _run(cfg: dict[str, dict[str, Any]], job: Callable[[Database], Awaitable[Any
         raise click.ClickException(f"database {cfg['server']['database']}: {exc}") from None
 
 
+def _write_one(cfg: dict[str, dict[str, Any]], sql: str, params: Sequence[Any]) -> int:
+    """Run one write statement; the rows it changed."""
+    async def job(database: Database) -> int:
+        async with database.transaction() as conn:
+            return (await conn.execute(sql, params)).rowcount
+    return _run(cfg, job)
+
+
 @click.group()
 @click.version_option(VERSION, prog_name="statusapp")
 def cli() -> None:
@@ -8228,6 +8874,7 @@ def serve(config_path: str | None, db: str | None, host: str | None, port: int |
     The port is bound and the database opened and written to before anything else happens
     (before the first-run key is printed), so a start that cannot work stops at once, with
     one line naming the cause."""
+    import uvicorn  # here, not at the top: an agent never serves, and saves its memory
     cfg = _config(config_path, db, host=host, port=port)
     server = cfg["server"]
     sock = _listen(server["host"], server["port"])
@@ -8381,15 +9028,115 @@ def apikey_list(config_path: str | None, db: str | None) -> None:
 def apikey_revoke(config_path: str | None, db: str | None, key_id: str) -> None:
     """Revoke a key by id; it stops working at once."""
     cfg = _config(config_path, db)
-
-    async def job(database: Database) -> int:
-        async with database.transaction() as conn:
-            cursor = await conn.execute("UPDATE api_keys SET is_active = 0 WHERE id = ?", (key_id,))
-            return cursor.rowcount
-
-    if not _run(cfg, job):
+    if not _write_one(cfg, "UPDATE api_keys SET is_active = 0 WHERE id = ?", (key_id,)):
         raise click.ClickException(f"no API key with id {key_id}")
     click.echo(f"revoked {key_id}")
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config file for probe settings ([probes]); optional.")
+@click.option("--server", required=True, help="The StatusApp server's base URL (https://...).")
+@click.option("--token", required=True, envvar="STATUSAPP_AGENT_TOKEN",
+              help="The region's agent token (or STATUSAPP_AGENT_TOKEN).")
+@click.option("--state", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the unsent-results buffer.")
+@click.option("--buffer-limit", default=200_000, show_default=True, type=click.IntRange(1),
+              help="Results kept on disk while the server is unreachable.")
+def agent(config_path: str | None, server: str, token: str, state: str,
+          buffer_limit: int) -> None:
+    """Probe one worker region's monitors for a StatusApp server (dials out only)."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.basicConfig(level=cfg["server"]["log_level"].upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per long-poll and batch
+    asyncio.run(_until_signalled(run_agent(cfg, server, token, Path(state), buffer_limit)))
+
+
+async def _until_signalled(job: Awaitable[None]) -> None:
+    """Run ``job`` until SIGTERM or SIGINT cancels it (so its clean-up runs)."""
+    task = asyncio.ensure_future(job)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@cli.group()
+def region() -> None:
+    """Register worker regions for agents; list, remove them and rotate their tokens."""
+
+
+@region.command("add")
+@_options
+@click.argument("region_id")
+@click.option("--name", required=True, help="A display name, e.g. 'Home (Berlin)'.")
+@click.option("--city", help="City (default: the name).")
+@click.option("--country", default="", help="Country name.")
+@click.option("--country-code", default="ZZ", show_default=True, help="ISO 3166 alpha-2 code.")
+@click.option("--lat", type=float, default=0.0, help="Latitude.")
+@click.option("--lon", type=float, default=0.0, help="Longitude.")
+def region_add(config_path: str | None, db: str | None, region_id: str, name: str,
+               city: str | None, country: str, country_code: str, lat: float, lon: float) -> None:
+    """Register a region probed by an agent; its token is printed once, as the last line."""
+    cfg = _config(config_path, db)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", region_id):
+        raise click.BadParameter("letters, digits, '_', '.', '-' (at most 64)",
+                                 param_hint="REGION_ID")
+    token, digest = generate_agent_token()
+    try:
+        _write_one(cfg, "INSERT INTO worker_regions (id, name, city, country, country_code,"
+                           " latitude, longitude, is_active, token_hash, created_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                      (region_id, name, city or name, country, country_code.upper(), lat, lon,
+                       digest, now_ms()))
+    except click.ClickException:
+        raise click.ClickException(f"region {region_id} already exists") from None
+    click.echo(f"Region {region_id} ({name}) added. Run its agent with\n  STATUSAPP_AGENT_TOKEN="
+               f"<token> statusapp agent --server {cfg['server']['base_url']}\nIts token:\n{token}")
+
+
+@region.command("list")
+@_options
+def region_list(config_path: str | None, db: str | None) -> None:
+    """List every region with its liveness (never a token)."""
+    cfg = _config(config_path, db)
+    for row in _run(cfg, lambda d: d.fetchall("SELECT * FROM worker_regions ORDER BY id")):
+        r = region_json(row)
+        kind = "agent" if r["isAgent"] else "server"
+        state = "active" if r["isActive"] else "inactive"
+        click.echo(f"{r['id']}  {r['name']!r}  {r['city']}, {r['countryCode']}  {kind}  {state}"
+                   f"  last_seen={r['lastSeenAt'] or 'never'}")
+
+
+@region.command("remove")
+@_options
+@click.argument("region_id")
+def region_remove(config_path: str | None, db: str | None, region_id: str) -> None:
+    """Remove an agent's region: its token stops working at once; its checks are kept."""
+    cfg = _config(config_path, db)
+    if not _write_one(cfg, "DELETE FROM worker_regions WHERE id = ? AND token_hash IS NOT NULL",
+                         (region_id,)):
+        raise click.ClickException(f"no agent region with id {region_id}")
+    click.echo(f"removed {region_id}")
+
+
+@region.command("rotate-token")
+@_options
+@click.argument("region_id")
+def region_rotate_token(config_path: str | None, db: str | None, region_id: str) -> None:
+    """Give a region a new agent token (printed as the last line); the old one stops working."""
+    cfg = _config(config_path, db)
+    token, digest = generate_agent_token()
+    if not _write_one(cfg, "UPDATE worker_regions SET token_hash = ? WHERE id = ? AND"
+                              " token_hash IS NOT NULL", (digest, region_id)):
+        raise click.ClickException(f"no agent region with id {region_id}")
+    click.echo(f"New agent token for {region_id}:")
+    click.echo(token)
 
 
 @cli.group()

@@ -866,8 +866,9 @@ def test_health_version_and_regions(cfg, client):
     assert health["version"] == statusapp.VERSION and health["timestamp"].endswith("Z")
     assert client.get("/api/v1/server/version", headers={"X-API-Key": ""}).json() == {"version": statusapp.VERSION, "apiVersion": "v1"}
     regions = client.get("/api/v1/worker-regions").json()["regions"]
-    assert regions == [{"id": "local", "city": "Local", "country": "Local", "countryCode": "ZZ",
-                        "latitude": 0.0, "longitude": 0.0, "isActive": True}]
+    assert regions == [{"id": "local", "name": "Local", "city": "Local", "country": "Local",
+                        "countryCode": "ZZ", "latitude": 0.0, "longitude": 0.0, "isActive": True,
+                        "isAgent": False, "lastSeenAt": None}]
 
 
 def test_a_crashed_service_is_logged_and_restarted(cfg, key, monkeypatch, caplog):
@@ -2002,6 +2003,399 @@ def test_a_regression_verdict_holds_degraded_across_good_checks(sched, target):
     assert _transitions(cfg, monitor_id) == [("PENDING", "UP", "HTTP 200"),
                                              ("UP", "DEGRADED", "slow=True"),
                                              ("DEGRADED", "UP", "slow=False")]
+
+
+# --- Agent tests ---
+#
+# One server that probes nothing itself (``[probes] local = false``) and two `statusapp agent`
+# subprocesses, regions "east" and "west", share a module: the target refuses what a path
+# blocks for the region header a check carries, so one region can fail while the other works.
+
+
+class _RegionTarget(http.server.BaseHTTPRequestHandler):
+    """``blocked[path]`` is the set of regions refused (403) on that path; hits are recorded
+    per (path, region)."""
+
+    blocked: dict[str, set[str]]
+    hits: Counter
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        region = self.headers.get(statusapp.REGION_HEADER, "")
+        self.hits[(self.path, region)] += 1
+        refused = region in self.blocked.get(self.path, ())
+        self.send_response(403 if refused else 200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+class Agent:
+    """`statusapp agent` as a subprocess with its own state directory."""
+
+    def __init__(self, tmp_path: Path, server: Server, token: str, name: str) -> None:
+        self.server, self.token, self.name = server, token, name
+        self.state = tmp_path / f"agent-{name}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Agent":
+        self.log = open(self.state.parent / f"agent-{self.name}-{time.monotonic_ns()}.err", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "statusapp.py"), "agent", "--server", self.server.url,
+             "--state", str(self.state)], env={**os.environ, "STATUSAPP_AGENT_TOKEN": self.token},
+            stderr=self.log, stdout=subprocess.DEVNULL)
+        return self
+
+    def buffered(self) -> list[str]:
+        """Batch ids in the agent's on-disk buffer."""
+        path = self.state / "buffer.db"
+        if not path.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return [r[0] for r in conn.execute("SELECT batch_id FROM batches ORDER BY seq")]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+        self.log.close()
+
+
+def _add_region(db: str, region_id: str, *options: str) -> str:
+    """`statusapp region add`; the token is the last line it prints."""
+    result = CliRunner().invoke(statusapp.cli, ["region", "add", region_id, "--name",
+                                                region_id.title(), *options, "--db", db])
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+class Fleet:
+    """The server, its API, the two agents, the target and a webhook channel's receiver."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false",
+                                            "STATUSAPP_PROBES_RETRY_DELAY": "1",
+                                            "STATUSAPP_AGENTS_INACTIVE_AFTER": "2"})
+        self.tokens = {r: _add_region(self.server.db, r, "--city", r.title(), "--country-code",
+                                      "US" if r == "east" else "IE") for r in ("east", "west")}
+        key = new_key({"server": {"database": self.server.db}})
+        self.server.start()
+        self.api = httpx.Client(base_url=self.server.url + "/api/v1", headers={"X-API-Key": key})
+        handler = type("T", (_RegionTarget,), {"blocked": {}, "hits": Counter()})
+        self.http = _serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler))
+        self.target = handler
+        self.receiver = _NotifyReceiver()
+        channel = self.api.post("/notifications", json={
+            "name": "ops", "type": "WEBHOOK", "config": {"url": self.receiver.url}})
+        assert channel.status_code == 201, channel.text
+        self.agents = {r: Agent(tmp_path, self.server, t, r).start()
+                       for r, t in self.tokens.items()}
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}{path}"
+
+    def monitor(self, path: str, blocked: tuple[str, ...] = (), **fields) -> str:
+        self.target.blocked[path] = set(blocked)
+        response = self.api.post("/monitors", json={"name": path, "url": self.url(path),
+                                                    "interval": 1, "timeout": 5, **fields})
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def get(self, monitor_id: str) -> dict:
+        return self.api.get(f"/monitors/{monitor_id}").json()
+
+    def regions(self) -> dict:
+        return {r["id"]: r for r in self.api.get("/worker-regions").json()["regions"]}
+
+    def region_alerts(self, region: str) -> list[str]:
+        bodies = [json.loads(r["body"]) for r in list(self.receiver.requests)]
+        return [b["event"] for b in bodies if b.get("monitor", {}).get("id") == region]
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.server.proc and self.server.proc.poll() is None:
+            self.server.stop()
+        self.api.close()
+        _stop(self.http)
+        self.receiver.close()
+
+
+@pytest.fixture(scope="class")
+def fleet(tmp_path_factory):
+    """The fleet, shared by the tests of one class and stopped after them."""
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"))
+    eventually(lambda: all(r["isActive"] for r in fleet.regions().values()
+                           if r["isAgent"]), 20)
+    yield fleet
+    fleet.close()
+
+
+def _incident(fleet: Fleet, monitor_id: str) -> dict:
+    incidents = fleet.api.get("/incidents", params={"monitorId": monitor_id}).json()["incidents"]
+    return incidents[0] if incidents else {}
+
+
+class TestAgentFleet:
+    """End to end: the server probes nothing; agents east and west do."""
+
+    def test_agents_probe_from_their_regions_and_status_combines_them(self, fleet):
+        both = fleet.monitor("/both")
+        west_blocked = fleet.monitor("/west-blocked", blocked=("west",))
+        all_blocked = fleet.monitor("/all-blocked", blocked=("east", "west"))
+        eventually(lambda: fleet.get(both)["status"] == "UP", 15)
+        eventually(lambda: fleet.get(all_blocked)["status"] == "DOWN", 15)
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        # Only agents probed (the server's own region probes nothing), each naming its region.
+        regions = {(c["workerRegion"]["id"], c["workerRegion"]["countryCode"])
+                   for c in fleet.get(both)["checks"]}
+        assert regions == {("east", "US"), ("west", "IE")}
+        assert {region for _, region in fleet.target.hits} == {"east", "west"}
+        assert _incident(fleet, west_blocked) == {}  # DEGRADED opens no incident
+        incident = eventually(lambda: _incident(fleet, all_blocked))
+        assert incident["severity"] == "high" and incident["affectedRegions"] == ["east", "west"]
+        analytics = fleet.api.get(f"/analytics/monitors/{both}", params={"period": "1h"}).json()
+        assert set(analytics["responseTimeByRegion"]) == {"east", "west"}
+        page = fleet.api.post("/status-pages", json={"name": "P", "slug": "regions",
+                                                     "monitorGroups": [
+                                                         {"name": "G", "monitorIds": [west_blocked]}]})
+        assert page.status_code == 201, page.text
+        summary = httpx.get(fleet.server.url + "/status/regions.json").json()
+        assert summary["groups"][0]["monitors"][0]["regions"] == [
+            {"region": "East", "status": "UP"}, {"region": "West", "status": "DOWN"}]
+        html = httpx.get(fleet.server.url + "/status/regions").text
+        assert "East: Operational &middot; West: Outage" in html and "127.0.0.1" not in html
+        assert {r: fleet.regions()[r]["isActive"] for r in ("east", "west", "local")} == {
+            "east": True, "west": True, "local": False}
+
+
+    def test_quorum_of_one_region_makes_a_monitor_down_with_medium_severity(self, fleet):
+        quorum = fleet.monitor("/quorum", blocked=("west",), downQuorum=1,
+                               enabledWorkerRegionIds=["east", "west"])
+        assert fleet.get(quorum)["downQuorum"] == 1
+        eventually(lambda: fleet.get(quorum)["status"] == "DOWN", 15)
+        incident = eventually(lambda: _incident(fleet, quorum))
+        assert incident["severity"] == "medium" and incident["affectedRegions"] == ["west"]
+
+
+    def test_monitors_follow_enabled_regions_and_edits_reach_agents(self, fleet):
+        east_only = fleet.monitor("/east-only", enabledWorkerRegionIds=["east"])
+        eventually(lambda: fleet.target.hits[("/east-only", "east")] >= 2, 15)
+        edited = fleet.api.put(f"/monitors/{east_only}",
+                                 json={"url": fleet.url("/edited"), "enabledWorkerRegionIds": []})
+        assert edited.status_code == 200, edited.text
+        eventually(lambda: fleet.target.hits[("/edited", "west")] >= 1
+                   and fleet.target.hits[("/edited", "east")] >= 1, 10)
+        assert fleet.target.hits[("/east-only", "west")] == 0
+        unknown = fleet.api.post("/monitors", json={"name": "x", "url": fleet.url("/x"),
+                                                    "enabledWorkerRegionIds": ["mars"]})
+        assert unknown.status_code == 400 and "mars" in unknown.text
+
+
+    def test_wrong_rotated_and_removed_tokens_and_keys_are_refused(self, fleet):
+        def sync(token: str, path: str = "/agent/monitors") -> int:
+            return httpx.get(fleet.server.url + "/api/v1" + path,
+                             headers={"Authorization": f"Bearer {token}"}).status_code
+
+        def region(*args: str) -> str:
+            result = CliRunner().invoke(statusapp.cli, ["region", *args, "--db", fleet.server.db])
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        token = _add_region(fleet.server.db, "spare")
+        key = fleet.api.headers["X-API-Key"]
+        assert sync(token) == 200
+        assert sync("sa_agent_wrong") == sync(key) == 401  # an API key is no agent token
+        for headers in ({}, {"X-API-Key": key}):
+            assert httpx.get(fleet.server.url + "/api/v1/agent/monitors",
+                             headers=headers).status_code == 401
+        assert sync(token, "/monitors") == 401  # and an agent token is no API key
+        rotated = region("rotate-token", "spare").strip().splitlines()[-1]
+        assert (sync(token), sync(rotated)) == (401, 200)
+        listing = region("list")
+        assert "spare" in listing and token not in listing and rotated not in listing
+        region("remove", "spare")
+        assert sync(rotated) == 401
+
+
+    def test_a_silent_region_goes_inactive_and_back_alerting_once_each_way(self, fleet):
+        west_blocked = fleet.monitor("/silent-west", blocked=("west",))
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        west = fleet.agents["west"].proc
+        west.send_signal(signal.SIGSTOP)
+        try:
+            eventually(lambda: not fleet.regions()["west"]["isActive"], 10)
+            # Only east counts now: the monitor is UP, and nothing went DOWN for west's silence.
+            eventually(lambda: fleet.get(west_blocked)["status"] == "UP", 10)
+            eventually(lambda: fleet.region_alerts("west") == ["monitor.down"], 10)
+        finally:
+            west.send_signal(signal.SIGCONT)
+        eventually(lambda: fleet.regions()["west"]["isActive"], 10)
+        eventually(lambda: fleet.get(west_blocked)["status"] == "DEGRADED", 15)
+        eventually(lambda: fleet.region_alerts("west") == ["monitor.down", "monitor.up"], 10)
+        transitions = [t[1] for t in sql({"server": {"database": fleet.server.db}},
+                                         "SELECT old_status, new_status FROM status_transitions"
+                                         " WHERE monitor_id = ?", (west_blocked,))]
+        assert "DOWN" not in transitions
+        assert fleet.region_alerts("east") == []
+
+
+    def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(self, fleet):
+        monitor_id = fleet.monitor("/buffered")
+        eventually(lambda: min(fleet.target.hits[("/buffered", r)] for r in ("east", "west")), 15)
+        db = {"server": {"database": fleet.server.db}}
+        fleet.server.stop()
+        down_at = statusapp.now_ms()
+        east = fleet.agents["east"]
+        eventually(lambda: len(east.buffered()) >= 3, 15)  # probing on, results kept on disk
+        east.stop(signal.SIGKILL)
+        kept = east.buffered()
+        assert len(kept) >= 3
+        east.start()
+        up_at = statusapp.now_ms()
+        fleet.server.start()
+        eventually(lambda: not east.buffered() and not fleet.agents["west"].buffered(), 20)
+        stored = [r[0] for r in sql(db, "SELECT batch_id FROM agent_batches WHERE region_id ="
+                                        " 'east' AND batch_id IN (SELECT value FROM json_each(?))",
+                                    (json.dumps(kept),))]
+        assert sorted(stored) == sorted(kept)  # every buffered batch arrived
+        duplicates = sql(db, "SELECT region_id, agent_checked_at, COUNT(*) FROM checks"
+                             " WHERE monitor_id = ? GROUP BY 1, 2 HAVING COUNT(*) > 1",
+                             (monitor_id,))
+        assert duplicates == []  # and none twice
+        probed_while_down = sql(db, "SELECT COUNT(*) FROM checks WHERE monitor_id = ? AND"
+                                    " region_id = 'west' AND checked_at BETWEEN ? AND ?",
+                                (monitor_id, down_at, up_at))[0][0]
+        assert probed_while_down >= 2  # west kept probing; its results came after the restart
+        west = fleet.agents["west"]
+        west.stop()  # SIGTERM: a clean stop that keeps its last checks in the buffer
+        assert west.proc.returncode == 0
+        west.start()
+        eventually(lambda: fleet.regions()["east"]["isActive"], 10)
+
+
+def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor_reorder(
+        tmp_path):
+    cfg = make_cfg(tmp_path, probes={"local": False})
+    key = new_key(cfg)
+    tokens = {r: _add_region(cfg["server"]["database"], r) for r in ("fast", "slow")}
+    with _app(cfg, key) as client:
+        monitor_id = client.post("/api/v1/monitors", json={
+            "name": "m", "url": "http://127.0.0.1:9/"}).json()["id"]
+        now = statusapp.now_ms()
+
+        def post(region: str, skew: int, batch: str, ago: int) -> dict:
+            result = {"monitorId": monitor_id, "checkedAt": now - ago + skew, "status": "UP",
+                      "regionStatus": "UP", "responseTime": 5}
+            response = client.post("/api/v1/agent/results", headers={
+                "Authorization": f"Bearer {tokens[region]}", "X-API-Key": ""}, json={
+                "batchId": batch, "sentAt": statusapp.now_ms() + skew, "results": [result]})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        # "fast" runs 5 minutes ahead and checked first; "slow" 5 minutes behind, 1 s later.
+        assert post("fast", 300_000, "batch-fast-1", 2_000)["stored"] == 1
+        assert post("slow", -300_000, "batch-slow-1", 1_000)["stored"] == 1
+        assert post("fast", 300_000, "batch-fast-1", 2_000)["stored"] == 0
+        rows = sql(cfg, "SELECT region_id, checked_at, received_at, agent_checked_at FROM checks"
+                        " WHERE monitor_id = ? ORDER BY checked_at", (monitor_id,))
+        assert [r[0] for r in rows] == ["fast", "slow"]
+        for region, checked_at, received_at, agent_at in rows:
+            expected = now - (2_000 if region == "fast" else 1_000)
+            assert abs(checked_at - expected) < 1_000 and checked_at <= received_at
+            assert abs(agent_at - checked_at) > 250_000  # the agent's own (skewed) stamp
+        check = client.get(f"/api/v1/monitors/{monitor_id}").json()["checks"][0]
+        assert check["receivedAt"] is not None
+
+
+def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key):
+    for region in ("region_us_east", "region_eu_west"):
+        _add_region(cfg["server"]["database"], region)
+    with _app(cfg, key) as client:
+        response = client.post("/api/v1/monitors", json={
+            "name": "My API Monitor", "url": "https://api.example.com/health", "type": "API",
+            "interval": 300, "timeout": 30, "expectedStatusCode": 200, "httpMethod": "GET",
+            "enabledWorkerRegionIds": ["region_us_east", "region_eu_west"],
+            "regressionEnabled": True, "regressionThreshold": 50,
+            "notifications": [{"type": "EMAIL", "enabled": True,
+                               "config": {"emails": ["alerts@example.com"]}}]})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["enabledWorkerRegionIds"] == ["region_us_east", "region_eu_west"]
+        assert body["downQuorum"] is None
+        regions = {r["id"]: r for r in client.get("/api/v1/worker-regions").json()["regions"]}
+        assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
+
+
+def test_agents_with_clocks_5_minutes_off_neither_misdate_nor_reorder(tmp_path, monkeypatch):
+    """The agent's own feed, buffer and sender, with its clock moved by +-5 minutes, against
+    a served StatusApp whose clock is right."""
+    server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false"})
+    tokens = {r: _add_region(server.db, r) for r in ("ahead", "behind")}
+    key = new_key({"server": {"database": server.db}})
+    server.start()
+    real_now = statusapp.now_ms
+    try:
+        monitor_id = httpx.post(server.url + "/api/v1/monitors", headers={"X-API-Key": key},
+                                json={"name": "m", "url": "http://127.0.0.1:9/"}).json()["id"]
+
+        async def agent(region: str, skew: int, ago: int) -> None:
+            buffer = statusapp.AgentBuffer(tmp_path / region / "buffer.db", 100)
+            async with httpx.AsyncClient(base_url=server.url + "/api/v1", headers={
+                    "Authorization": f"Bearer {tokens[region]}"}) as client:
+                feed = statusapp.AgentFeed(client, buffer)
+                await feed.sync(0)
+                assert list(feed.monitors) == [monitor_id]
+                monkeypatch.setattr(statusapp, "now_ms", lambda: real_now() + skew)
+                feed.record(monitor_id, statusapp.CheckResult("UP", 5), real_now() + skew - ago,
+                            "UP", "HTTP 200")
+                feed.keep()
+                await feed.send_buffered()
+            assert buffer.oldest() is None
+            buffer.close()
+
+        started = real_now()
+        asyncio.run(agent("ahead", 300_000, 2_000))    # checked first, clock 5 min ahead
+        asyncio.run(agent("behind", -300_000, 1_000))  # checked 1 s later, clock 5 min behind
+        rows = sql({"server": {"database": server.db}},
+                   "SELECT region_id, checked_at, received_at, agent_checked_at FROM checks"
+                   " WHERE monitor_id = ? ORDER BY checked_at", (monitor_id,))
+        assert [r[0] for r in rows] == ["ahead", "behind"]
+        for region, checked_at, received_at, agent_at in rows:
+            assert started - 2_500 <= checked_at <= received_at <= real_now()
+            assert abs(agent_at - checked_at) > 250_000  # the agent's own reading, kept
+    finally:
+        server.stop()
+
+
+def test_agent_buffer_is_bounded_ordered_and_survives_reopening(tmp_path):
+    buffer = statusapp.AgentBuffer(tmp_path / "state" / "buffer.db", limit=5)
+    for n in range(3):
+        buffer.add([{"n": n, "i": i} for i in range(2)])
+    assert buffer.pending() == 4  # the oldest batch was dropped to stay within 5 results
+    buffer.close()
+    reopened = statusapp.AgentBuffer(tmp_path / "state" / "buffer.db", limit=5)
+    seq, batch_id, results = reopened.oldest()
+    assert [r["n"] for r in results] == [1, 1]
+    reopened.done(seq)
+    assert reopened.oldest()[2][0]["n"] == 2 and reopened.oldest()[1] != batch_id
+    reopened.close()
+
+
+@pytest.mark.parametrize("statuses, regions, quorum, expected", [
+    (["DOWN", "DOWN"], 2, None, "DOWN"),
+    (["DOWN", "UP"], 2, None, "DEGRADED"),
+    (["DOWN", "UP"], 2, 1, "DOWN"),
+    (["DOWN", "PENDING"], 2, None, "DEGRADED"),
+    (["DOWN"], 1, 3, "DOWN"),
+    (["UP", "DEGRADED"], 2, None, "DEGRADED"),
+    (["UP", "UP", "DOWN"], 3, 2, "DEGRADED"),
+    (["PENDING"], 1, None, None),
+])
+def test_combined_status_follows_the_quorum(statuses, regions, quorum, expected):
+    assert statusapp.combined_status(statuses, regions, quorum) == expected
 
 
 # --- Heartbeat tests ---
@@ -4380,6 +4774,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
             "INSERT INTO alert_outbox (account_id, target_key, channel_type, config, event, alert,"
             " created_at, done_at) VALUES (?, 't', 'SLACK', '{}', 'monitor.down', '{}', ?, ?)",
             [(account, now - 5 * day, now - 4 * day), (account, now - 5 * day, None)])
+        conn.executemany("INSERT INTO agent_batches VALUES ('east', ?, ?)",
+                         [("old-batch", now - 4 * day), ("new-batch", now - day)])
     transactions = []
 
     async def job(db):
@@ -4389,7 +4785,8 @@ def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
         return await statusapp.prune(db, cfg)
     deleted = _on_db(cfg, job)
     assert deleted["raw"] == 1000 and len(transactions) >= 10
-    assert deleted["pings"] == 1 and deleted["alerts"] == 1
+    assert deleted["pings"] == 1 and deleted["alerts"] == 1 and deleted["batches"] == 1
+    assert sql(cfg, "SELECT batch_id FROM agent_batches") == [("new-batch",)]
     assert sql(cfg, "SELECT done_at FROM alert_outbox") == [(None,)]  # undelivered ones stay
     assert sql(cfg, "SELECT received_at FROM heartbeats") == [(now - 2 * day,)]
     assert sql(cfg, "SELECT response_time FROM checks ORDER BY checked_at") == [(70,), (60,)]
@@ -4887,7 +5284,7 @@ def _real_ids(cfg, client) -> dict[str, str]:
            "memberId": invite.get("id"), "keyId": api_key.get("id"),
            "heartbeatId": (cron.get("heartbeatUrl") or "x").rstrip("/").rsplit("/", 1)[-1],
            "slug": "fuzz-page", "token": invite.get("invitationToken"), "incidentId": "inc_fuzz",
-           "exitCode": "3"}
+           "exitCode": "3", "agentToken": _add_region(cfg["server"]["database"], "fuzz")}
     assert all(ids.values()), ids
     assert client.get("/api/v1/incidents/inc_fuzz").status_code == 200
     assert client.get(f"/badge/{monitor['id']}/status.svg").status_code == 200
@@ -4989,14 +5386,23 @@ def _typed_cases(real: dict) -> list[tuple[str, str, tuple, object]]:
            lambda f, v, kind=kind: ({"type": kind.name, "config": {f.name: v}}, ["config", f.name]))
           for kind in statusapp.CHANNEL_TYPES.values()),
         ("PUT", statusapp.API_PREFIX + "/account", statusapp._ACCOUNT_READ_ONLY,
-         lambda f, v: ({f.name: v}, [f.name]))]
+         lambda f, v: ({f.name: v}, [f.name])),
+        ("POST", statusapp.API_PREFIX + "/agent/results", statusapp.AGENT_RESULT_FIELDS,
+         lambda f, v: ({"results": [{f.name: v}]}, ["results", 0, f.name]))]
     return cases
+
+
+def _auth_for(url: str, real: dict) -> dict:
+    """Agent routes take the agent token (and no API key); the rest the client's API key."""
+    return ({"Authorization": f"Bearer {real['agentToken']}", "X-API-Key": ""}
+            if "/agent/" in url else {})
 
 
 def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg, client):
     """Generated from the Field tables: each field, each JSON type it does not take, on every
     route (and nested object) it belongs to, is a 400 naming that field, never a 500."""
-    cases = _typed_cases(_real_ids(cfg, client))
+    real = _real_ids(cfg, client)
+    cases = _typed_cases(real)
     covered = {id(table) for _, _, table, _ in cases} | {id(statusapp.BADGE_QUERY)} | {
         id(doc.query) for doc in statusapp.API_DOCS}  # query tables: the next tests
     covered_fields = {id(f) for _, _, table, _ in cases for f in table}
@@ -5007,7 +5413,7 @@ def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg,
         for field in table:
             for value in _wrong_values(field):
                 body, path = body_for(field, value)
-                response = client.request(method, url, json=body)
+                response = client.request(method, url, json=body, headers=_auth_for(url, real))
                 issues = response.json()["error"] if response.status_code == 400 else []
                 typed = [i for i in issues if isinstance(issues, list) and i["path"] == path]
                 expected = "integer" if value == 1.5 and field.kind == "integer" else (
@@ -5047,7 +5453,8 @@ def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, clien
         for field in doc.query:
             bad = ["", "bogus"] if field.choices or field.kind == "integer" else []
             for value in bad:
-                response = client.get(url, params={field.name: value})
+                response = client.get(url, params={field.name: value},
+                                      headers=_auth_for(url, real))
                 assert response.status_code == 400, (url, field.name, value, response.text)
                 assert response.json()["error"][0]["path"] == [field.name]
                 checked += 1
