@@ -4,6 +4,7 @@
     python bench_statusapp.py agents --agents 4 --monitors 2500 --interval 60
     python bench_statusapp.py heartbeat
     python bench_statusapp.py api
+    python bench_statusapp.py dashboard --monitors 500
 
 Shared helpers first, then one section per scenario.  Everything stays on 127.0.0.1.
 """
@@ -743,6 +744,62 @@ def api(monitors: int, days: int, raw_days: int, clients: int, seconds: float) -
     finally:
         server.stop()
     report("api", figures)
+
+
+# --- dashboard scenario ---
+
+
+def _signed_in(server: Server, email: str, password: str) -> httpx.Client:
+    """A client signed in to the dashboard the way a browser is (form, CSRF token, cookie)."""
+    import re
+    client = httpx.Client(base_url=server.url, timeout=60)
+    page = client.get("/signin").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    client.post("/signin", data={"csrf": csrf, "email": email, "password": password})
+    if "statusapp_session" not in client.cookies:
+        raise SystemExit("signing in failed")
+    return client
+
+
+@bench.command()
+@click.option("--monitors", default=500, show_default=True)
+@click.option("--days", default=30, show_default=True, help="Days of history.")
+@click.option("--requests", default=50, show_default=True, help="Timed requests per page.")
+def dashboard(monitors: int, days: int, requests: int) -> None:
+    """Server CPU per render of each dashboard page, with a month of history per monitor."""
+    server = Server()
+    _init_db(server.db)
+    figures: dict[str, object] = {"monitors": monitors, "days of history": days}
+    _fill_api_db(server.db, monitors, days, 1)
+    subprocess.run([sys.executable, str(HERE / "statusapp.py"), "passwd", "--email",
+                    "bench@localhost", "--db", server.db], input="bench password\n", text=True,
+                   check=True, capture_output=True)
+    server.start()
+    monitor = "mon_0000000000000011"
+    pages = {"overview (100 per page)": "/", "overview page 5": "/?page=5",
+             "overview search": "/?search=site+1", "monitor 24h": f"/monitors/{monitor}",
+             "monitor 7d": f"/monitors/{monitor}?period=7d",
+             "monitor 30d": f"/monitors/{monitor}?period=30d",
+             "monitor edit form": f"/monitors/{monitor}/edit", "new monitor form": "/monitors/new",
+             "incidents": "/incidents", "channels": "/channels", "team": "/team",
+             "API keys": "/keys", "account": "/account"}
+    try:
+        client = _signed_in(server, "bench@localhost", "bench password")
+        for name, path in pages.items():
+            client.get(path).raise_for_status()
+            before = server.stats()["cpu_s"]
+            started = time.perf_counter()
+            for _ in range(requests):
+                client.get(path).raise_for_status()
+            wall = (time.perf_counter() - started) / requests
+            cpu = (server.stats()["cpu_s"] - before) / requests
+            figures[f"{name} CPU ms"] = cpu * 1000
+            figures[f"{name} wall ms"] = wall * 1000
+        client.close()
+        figures.update(server.stats())
+    finally:
+        server.stop()
+    report("dashboard", figures)
 
 
 if __name__ == "__main__":

@@ -414,7 +414,40 @@ CREATE TABLE agent_batches (
     PRIMARY KEY (region_id, batch_id)
 );
 
--- migration 13: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- migration 13: dashboard sign-in: password hashes, sessions, setup links, sign-in attempts
+-- password_hash is "scrypt$n$r$p$salt$hash" (base64); NULL: the person cannot sign in yet.
+ALTER TABLE accounts ADD COLUMN password_hash TEXT;
+-- The secret that signs session cookies, made on first start.
+CREATE TABLE server_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+-- A signed-in browser: id is the SHA256 of the cookie's token; deleting the row signs it out.
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    csrf TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX sessions_account ON sessions(account_id);
+-- One-time links that let a person choose a password (the first owner's /setup link).
+CREATE TABLE setup_tokens (
+    token_hash TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    expires_at INTEGER NOT NULL
+);
+-- Failed sign-ins, counted per email and per client address over a sliding window.
+CREATE TABLE signin_failures (
+    id INTEGER PRIMARY KEY,
+    email TEXT NOT NULL COLLATE NOCASE,
+    ip TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX signin_failures_email ON signin_failures(email, at);
+CREATE INDEX signin_failures_ip ON signin_failures(ip, at);
+
+-- migration 14: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
 -- of the secrets it applied to each (masked secrets alone cannot show that one changed)
 ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

@@ -20,7 +20,9 @@ Contents, in the order data flows through the program:
 10. Analytics   -- rollups, retention, regression detection and the figures behind them.
 11. API routes  -- the ``/api/v1`` handlers.
 12. Pages       -- the public status pages and badges.
-13. CLI         -- the click entrypoint that runs everything in one process.
+13. Dashboard   -- the team's web UI at ``/``: sign-in, sessions, pages and forms generated
+                   from the field tables, acting through the API handlers.
+14. CLI         -- the click entrypoint that runs everything in one process.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 VERSION = "1.0.0"
@@ -122,6 +124,7 @@ CONFIG_SECTIONS: dict[str, str] = {
     "agents": "remote agents (statusapp agent), one per worker region",
     "smtp": 'EMAIL channels; host "" disables email',
     "regression": "response-time regression detection (monitors with regressionEnabled)",
+    "dashboard": "the web dashboard at /",
 }
 
 CONFIG: dict[str, dict[str, Setting]] = {
@@ -226,6 +229,18 @@ CONFIG: dict[str, dict[str, Setting]] = {
                                1, 100_000),
         "hourly_days": Setting(35, "hourly rollups kept this long (30d analytics need at "
                                    "least 31)", 1, 100_000),
+    },
+    "dashboard": {
+        "session_days": Setting(14, "a sign-in lasts this long (signing out ends it sooner)",
+                                1, 3650),
+        "signin_window_minutes": Setting(15, "failed sign-ins are counted over this window...",
+                                         1, 100_000),
+        "signin_failures_per_account": Setting(5, "...and refused past this many for one "
+                                                  "email...", 1, 1_000_000),
+        "signin_failures_per_ip": Setting(20, "...or this many from one client address",
+                                          1, 1_000_000),
+        "refresh_seconds": Setting(30, "the overview and monitor pages refresh this often "
+                                       "(JavaScript on)", 1, 86_400),
     },
     "regression": {
         "min_baseline_checks": Setting(30, "no verdict before the baseline has this many UP "
@@ -954,7 +969,7 @@ class Field:
     @functools.cached_property
     def column(self) -> str:
         """The field's SQL column: ``camelCase`` -> ``camel_case`` (computed once per field)."""
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+        return _snake_case(self.name)
 
     def required_for(self, kind: str | None) -> bool:
         """Whether a resource of ``kind`` must give this field."""
@@ -967,6 +982,11 @@ class Field:
         if isinstance(self.secret, bool):
             return self.secret
         return kind in self.secret
+
+
+@functools.cache
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _kind(value: Any) -> str:
@@ -5240,7 +5260,8 @@ ROLLUP_GRACE_MS = 300_000  # an hour is rolled up 5 minutes after it ends, for l
 RETENTION_BATCH = 500      # rows per write transaction when rolling up or pruning
 _RETENTION_PAUSE = 0.02    # seconds between batches, so probes and the API get the writer
 _HIST_INDEX = "CAST(ceil(ln(max(response_time, 1)) / ln(1.05)) AS INTEGER)"
-_GROUPS = {"monitor": "monitor_id", "region": "region_id", "day": "{t} - {t} % 86400000"}
+_GROUPS = {"monitor": "monitor_id", "region": "region_id", "day": "{t} - {t} % 86400000",
+           "hour": "{t} - {t} % 3600000"}
 
 
 @dataclass(frozen=True)
@@ -5741,12 +5762,14 @@ class Runtime:
             asyncio.Lock)
         self.scheduler: Scheduler | None = None
         self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
+        self.secret = ""  # signs dashboard session cookies (server_secrets)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Open the database, register the local region, create the owner on first run."""
         await self.db.open()
         await prepare_database(self.db, self.cfg)
+        self.secret = await server_secret(self.db)
         await self.load_regions()
         await self.verdicts.load()
         self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
@@ -5813,9 +5836,12 @@ async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None
             account = await create_account(conn, "admin@localhost", "Admin",
                                            cfg["account"]["plan"])
             _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
+            setup = await create_setup_token(conn, account)
     if first_run:
         print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
-              f"only this once:\n{key}", file=sys.stderr, flush=True)
+              f"only this once:\n{key}\nOpen this link within an hour to choose its "
+              f"dashboard password:\n{cfg['server']['base_url']}/setup?token={setup}",
+              file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -5826,6 +5852,7 @@ class Call:
     rt: Runtime
     who: Principal | None
     region: dict[str, Any] | None = None  # the calling agent's region, on agent routes
+    body: Any = None  # a body already parsed (the dashboard's forms), else read from request
     query: dict[str, Any] = dataclasses.field(default_factory=dict)  # the route's query table
 
     @property
@@ -5838,6 +5865,8 @@ class Call:
 
     async def json(self, limit: int = MAX_BODY) -> Any:
         """The JSON body; 413 past ``limit``, 400 for another content type or bad JSON."""
+        if self.body is not None:
+            return self.body
         body = await read_body(self.request, limit)
         if not body.strip():
             raise BadRequest("Request body required", "send a JSON object")
@@ -5889,6 +5918,24 @@ class RouteDoc:
 
 
 API_DOCS: list[RouteDoc] = []
+# (method, path) -> (handler, public, role, query table): the routes for callers other than HTTP
+# (the dashboard)
+API_HANDLERS: dict[tuple[str, str], tuple[Callable[[Call], Awaitable[Any]], bool, str | None,
+                                          tuple[Field, ...]]] = {}
+
+
+def least_role(method: str, role: str | None) -> str:
+    """The role a route needs: its own, else VIEWER to read and MEMBER to change."""
+    return role or (Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER)
+
+
+def authorize(who: Principal, method: str, role: str | None) -> None:
+    """The one permission check: the key's permission for the method, then the route's role."""
+    needed = _METHOD_PERMISSION[method]
+    if needed not in who.permissions:
+        raise Forbidden(f"This API key lacks the '{needed}' permission",
+                        f"key permissions: {','.join(sorted(who.permissions))}")
+    who.require_role(least_role(method, role))
 
 
 def rate_limit(request: Request, who: Principal | None, enforce: bool = True) -> None:
@@ -5931,11 +5978,7 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
                         rate_limit(request, who, limit)
             if who is not None:
                 rt.usage.count(who, API_PREFIX + path)
-                needed = _METHOD_PERMISSION[request.method]
-                if needed not in who.permissions:
-                    raise Forbidden(f"This API key lacks the '{needed}' permission",
-                                    f"key permissions: {','.join(sorted(who.permissions))}")
-                who.require_role(role or (Role.VIEWER if needed == "read" else Role.MEMBER))
+                authorize(who, request.method, role)
             call = Call(request, rt, who, region)
             call.query = parse_query(query, request, call.env())
             try:
@@ -5954,13 +5997,15 @@ def api(path: str, *methods: str, public: bool = False, role: str | None = None,
             return response
         ROUTES.append(Route(API_PREFIX + path, endpoint, methods=list(methods)))
         summary = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
+        plain = re.sub(r":\w+}", "}", path)
         API_DOCS.extend(RouteDoc(
-            re.sub(r":\w+}", "}", path), method, summary, None if public else role or (
-                "AGENT" if agent else
-                Role.VIEWER if _METHOD_PERMISSION[method] == "read" else Role.MEMBER),
+            plain, method, summary,
+            None if public else "AGENT" if agent else least_role(method, role),
             tuple(body), tuple(query), handler.__name__ + (
                 f"_{method.lower()}" if len(methods) > 1 else ""), response or shape(), status)
             for method in methods)
+        API_HANDLERS.update({(method, plain): (handler, public, role, tuple(query))
+                             for method in methods})
         return handler
     return register
 
@@ -6036,9 +6081,9 @@ MONITOR_SORTS = {"createdAt": "created_at", "updatedAt": "updated_at", "name": "
                  "status": "status", "type": "type", "interval": "interval", "url": "url"}
 MONITOR_QUERY = page_fields(
     MONITOR_SORTS, "createdAt",
-    status=Field("status", "string", choices=MONITOR_STATUSES),
-    type=Field("type", "string", choices=ALL_TYPES),
-    search=Field("search", "string", maximum=200))
+    status=Field("status", "string", choices=MONITOR_STATUSES, doc="Status"),
+    type=Field("type", "string", choices=ALL_TYPES, doc="Type"),
+    search=Field("search", "string", maximum=200, doc="Search names and URLs"))
 
 
 def _like(text: str) -> str:
@@ -6543,6 +6588,46 @@ def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
             "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
 
 
+def check_time(value: str, record: dict[str, Any], env: dict[str, Any]) -> int:
+    """An ISO 8601 time, as Unix milliseconds (no zone: UTC)."""
+    when = _parse_time(value)
+    if when is None:
+        raise _Issue("Invalid datetime: expected ISO 8601", "invalid_string", validation="datetime")
+    return int(when.timestamp() * 1000)
+
+
+CHECK_QUERY = page_fields(
+    ("checkedAt",), "checkedAt",
+    **{"from": Field("from", "string", check=check_time, doc="Checks at or after this time"),
+       "to": Field("to", "string", check=check_time, doc="Checks before this time"),
+       "region": Field("region", "string", maximum=100, doc="Worker region id"),
+       "status": Field("status", "string", choices=MONITOR_STATUSES[1:], doc="Check status")})
+
+
+CHECKS_SHAPE = shape(checks=[CHECK_SHAPE], pagination=PAGINATION)
+
+
+@api("/monitors/{monitorId}/checks", "GET", query=CHECK_QUERY, response=CHECKS_SHAPE)
+async def list_checks(call: Call) -> dict[str, Any]:
+    """A monitor's raw checks, newest first, filtered by time, region and status."""
+    monitor = await load_owned(call, "monitors")
+    query = call.query
+    where, params = ["monitor_id = ?"], [monitor["id"]]
+    for name, condition in (("from", "checked_at >= ?"), ("to", "checked_at < ?"),
+                            ("region", "region_id = ?"), ("status", "status = ?")):
+        if query[name] is not None:
+            where.append(condition)
+            params.append(query[name])
+    clause = " AND ".join(where)
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM checks WHERE {clause}", params)
+    order = "ASC" if query["order"] == "asc" else "DESC"
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM checks WHERE {clause} ORDER BY checked_at {order}, id {order}"
+        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return {"checks": [check_json(r, call.rt.regions) for r in rows],
+            "pagination": paginate(total, query)}
+
+
 HEARTBEAT_SHAPE = shape(id="string", kind="string", message="string?", exitCode="integer?",
                         duration="integer?", sourceIp="string?", userAgent="string?",
                         receivedAt="date-time")
@@ -6859,26 +6944,44 @@ TEST_WEBHOOK_SHAPE = shape(
     success="boolean", statusCode="integer?", responseTime="integer?", error="string?")
 
 
+async def send_test(rt: Runtime, kind: str, config: dict[str, Any],
+                    delivery_id: str | None = None) -> list[DeliveryAttempt]:
+    """Deliver one ``test`` alert through a channel type now (a single attempt)."""
+    alert = Alert(event="test", monitor={"id": "mon_test", "name": "StatusApp test",
+                                         "url": rt.cfg["server"]["base_url"],
+                                         "type": "WEBSITE", "status": "UP"})
+    async with NotifyContext(rt.cfg) as ctx:
+        return await deliver(CHANNEL_TYPES[kind].send, config, alert, ctx, attempts=1,
+                             delivery_id=delivery_id)
+
+
+def delivery_answer(records: list[DeliveryAttempt]) -> dict[str, Any]:
+    """How the receiver answered the last attempt of a test delivery."""
+    result = records[-1]
+    return {"success": result["ok"], "statusCode": result["statusCode"],
+            "responseTime": result["durationMs"], "error": result["error"]}
+
+
+@api("/notifications/{channelId}/test", "POST", response=TEST_WEBHOOK_SHAPE)
+async def test_channel(call: Call) -> dict[str, Any]:
+    """Send one ``test`` alert through the channel now and report how the receiver answered."""
+    row = await load_owned(call, "notification_channels")
+    return delivery_answer(await send_test(call.rt, row["type"], json.loads(row["config"])))
+
+
 @api("/webhooks/{webhookId}/test", "POST", response=TEST_WEBHOOK_SHAPE)
 async def test_webhook(call: Call) -> dict[str, Any]:
     """Send one ``test`` event now (a single attempt) and report how the endpoint answered."""
     row = await load_owned(call, "webhooks")
-    alert = Alert(event="test", monitor={"id": "mon_test", "name": "StatusApp test",
-                                         "url": call.rt.cfg["server"]["base_url"],
-                                         "type": "WEBSITE", "status": "UP"})
     delivery = new_id("wd")
-    async with NotifyContext(call.rt.cfg) as ctx:
-        send = CHANNEL_TYPES["WEBHOOK"].send
-        records = await deliver(send, {"url": row["url"], "secret": row["secret"]},
-                                alert, ctx, attempts=1, delivery_id=delivery)
+    records = await send_test(call.rt, "WEBHOOK", {"url": row["url"], "secret": row["secret"]},
+                              delivery)
     stamp = now_ms()
     await call.rt.db.write([
         ("INSERT INTO webhook_deliveries (id, webhook_id, event, created_at) VALUES (?, ?, ?, ?)",
          (delivery, row["id"], "test", stamp)),
         *webhook_result_statements(row["id"], delivery, records, stamp)])
-    result = records[-1]
-    return {"success": result["ok"], "statusCode": result["statusCode"],
-            "responseTime": result["durationMs"], "error": result["error"]}
+    return delivery_answer(records)
 
 
 WEBHOOK_DELIVERIES_SHAPE = shape(
@@ -7461,7 +7564,9 @@ async def _email_invitation(call: Call, invite: sqlite3.Row, token: str) -> bool
     message.set_content(
         f"You are invited to join the StatusApp team of {owner['email']} as {invite['role']}.\n\n"
         f"Invitation token: {token}\n\nAccept it before {iso(invite['expires_at'])} with:\n\n"
-        f"    curl -X POST {url}\n\nThe answer holds your API key, shown only once.\n")
+        f"    curl -X POST {url}\n\nThe answer holds your API key, shown only once.\n\n"
+        f"Or open {call.rt.cfg['server']['base_url']}/invite?token={token} in a browser to"
+        f" choose a password and use the dashboard.\n")
     try:
         await asyncio.to_thread(_smtp_send, smtp, message, [invite["email"]],
                                 call.rt.cfg["notifications"]["timeout"])
@@ -8341,7 +8446,7 @@ _PAGE_CSS = """
 body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
 color:#111827;background:#f3f4f6}
 .wrap{max-width:56rem;margin:0 auto;padding:0 1rem}
-.skip{position:absolute;left:-999rem}.skip:focus{left:1rem;top:1rem;background:#fff;padding:.5rem}
+.skip,.sr{position:absolute;left:-999rem}.skip:focus{left:1rem;top:1rem;background:#fff;padding:.5rem}
 header.top{background:var(--brand);color:var(--on-brand);padding:1.5rem 0}
 header.top .wrap{display:flex;align-items:center;gap:1rem;flex-wrap:wrap}
 header.top img{height:2.5rem;width:auto;max-width:12rem}
@@ -8637,11 +8742,26 @@ async def page_by_slug(request: Request) -> Response:
     return await _html_page(request, "slug", request.path_params["slug"])
 
 
-async def page_by_domain(request: Request) -> Response:
-    """``/`` on a page's customDomain (the Host header, port and trailing dot ignored)."""
+def _host(request: Request) -> str:
+    """The Host header without port, trailing dot or case."""
     host = request.headers.get("host", "").lower()
     host = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
-    return await _html_page(request, "custom_domain", host.rstrip("."))
+    return host.rstrip(".")
+
+
+async def page_by_domain(request: Request) -> Response:
+    """``/`` on a page's customDomain (the Host header, port and trailing dot ignored)."""
+    return await _html_page(request, "custom_domain", _host(request))
+
+
+async def root(request: Request) -> Response:
+    """``/``: a host that is a status page's customDomain gets that page (from the public
+    cache); any other host, the dashboard (never cached: it is a person's view)."""
+    rt: Runtime = request.app.state.statusapp
+    if await rt.db.fetchval("SELECT 1 FROM status_pages WHERE custom_domain = ?",
+                            (_host(request),)) is None:
+        return await DASHBOARD_PAGES["/"](request)
+    return await _page_by_domain_cached(request)
 
 
 async def page_summary(request: Request) -> Response:
@@ -8787,14 +8907,1430 @@ async def badge_uptime(request: Request) -> Response:
                                      f"{row['name']}: {message} uptime over {period}"))
 
 
+_page_by_domain_cached = cached_public(page_by_domain)
+
 PAGE_ROUTES = [
-    Route("/", cached_public(page_by_domain), methods=["GET"]),
+    Route("/", root, methods=["GET"]),
     Route("/status/{slug}.json", cached_public(page_summary), methods=["GET"]),
     Route("/status/{slug}/feed.atom", cached_public(page_feed), methods=["GET"]),
     Route("/status/{slug}", cached_public(page_by_slug), methods=["GET"]),
     Route("/badge/{monitorId}/status.svg", cached_public(badge_status), methods=["GET"]),
     Route("/badge/{monitorId}/uptime.svg", cached_public(badge_uptime), methods=["GET"]),
 ]
+
+
+# --- Dashboard ---
+#
+# The team's web UI at ``/``: server-rendered HTML through ``_esc``, one cached stylesheet and
+# a few lines of progressive JavaScript that the CSP allows by hash (everything works without
+# it).  People sign in with email and password (scrypt, per-user salt); the session cookie is
+# a random token signed with the server's secret and names a ``sessions`` row, so deleting rows
+# signs browsers out.  Every change goes through the API's own handlers via ``act`` (the same
+# ``authorize``, validation and role checks), and every form carries a CSRF token.
+
+SESSION_COOKIE = "statusapp_session"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
+SETUP_LINK_MS = HOUR_MS
+SIGNIN_FORM_MS = 2 * HOUR_MS  # how long a sign-in form's CSRF token stays valid
+OVERVIEW_LIMIT = 100
+PASSWORD_FIELDS = (
+    Field("password", "string", True, minimum=10, maximum=1024, doc="New password"),
+    Field("confirm", "string", True, maximum=1024, doc="The same password again",
+          check=lambda v, r, e: _same_password(v, r)),
+)
+SIGNIN_FIELDS = (
+    Field("email", "string", True, minimum=3, maximum=254, check=valid_email, doc="Email"),
+    Field("password", "string", True, minimum=1, maximum=1024, doc="Password"),
+)
+
+
+def _same_password(value: str, record: dict[str, Any]) -> str:
+    if value != record.get("password"):
+        raise _Issue("The two passwords differ")
+    return value
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
+                          maxmem=256 * n * r * p)
+
+
+def hash_password(password: str) -> str:
+    """``scrypt$n$r$p$salt$hash`` with a fresh 16-byte salt."""
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_password(password: str, stored: str | None) -> bool:
+    """Whether ``password`` matches; without a stored hash it costs the same and fails."""
+    if not stored:
+        hash_password(password)
+        return False
+    _, n, r, p, salt, digest = stored.split("$")
+    return hmac.compare_digest(_scrypt(password, _unb64(salt), int(n), int(r), int(p)),
+                               _unb64(digest))
+
+
+def sign(secret: str, token: str) -> str:
+    """``token.signature``: the HMAC-SHA256 of the token under the server's secret."""
+    return f"{token}.{hmac.new(secret.encode(), token.encode(), 'sha256').hexdigest()}"
+
+
+def unsign(secret: str, value: str) -> str | None:
+    """The token of a signed value, or None when the signature does not match."""
+    token = value.rpartition(".")[0]
+    return token if token and hmac.compare_digest(sign(secret, token), value) else None
+
+
+async def server_secret(db: Database) -> str:
+    """The secret that signs cookies and sign-in forms, made on first start."""
+    await db.write([("INSERT OR IGNORE INTO server_secrets (name, value) VALUES ('session', ?)",
+                     (secrets.token_urlsafe(32),))])
+    return await db.fetchval("SELECT value FROM server_secrets WHERE name = 'session'")
+
+
+async def create_setup_token(conn: aiosqlite.Connection, account_id: str) -> str:
+    """A one-time token that lets the account choose a password within SETUP_LINK_MS."""
+    token = "setup_" + secrets.token_urlsafe(24)
+    await conn.execute("INSERT INTO setup_tokens (token_hash, account_id, expires_at)"
+                       " VALUES (?, ?, ?)", (hash_key(token), account_id, now_ms() + SETUP_LINK_MS))
+    return token
+
+
+async def set_password(db: Database, account_id: str, password: str) -> None:
+    """Store a new password hash and end every session of the account."""
+    digest = await asyncio.to_thread(hash_password, password)
+    await db.write([("UPDATE accounts SET password_hash = ?, updated_at = ? WHERE id = ?",
+                     (digest, now_ms(), account_id)),
+                    ("DELETE FROM sessions WHERE account_id = ?", (account_id,))])
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in browser: its row id, CSRF token, the person and their team role."""
+
+    id: str
+    csrf: str
+    who: Principal
+    email: str
+    name: str | None
+
+
+async def create_session(rt: Runtime, account_id: str) -> str:
+    """A new session row; returns the signed cookie value."""
+    token, stamp = secrets.token_urlsafe(32), now_ms()
+    await rt.db.write([
+        ("DELETE FROM sessions WHERE expires_at <= ?", (stamp,)),
+        ("INSERT INTO sessions (id, account_id, csrf, created_at, expires_at)"
+         " VALUES (?, ?, ?, ?, ?)", (hash_key(token), account_id, secrets.token_urlsafe(24),
+                                     stamp, stamp + rt.cfg["dashboard"]["session_days"] * DAY_MS))])
+    return sign(rt.secret, token)
+
+
+async def session_of(rt: Runtime, request: Request) -> Session | None:
+    """The request's session: a correctly signed, unexpired cookie of an enabled member."""
+    token = unsign(rt.secret, request.cookies.get(SESSION_COOKIE, ""))
+    if token is None:
+        return None
+    row = await rt.db.fetchone(
+        "SELECT s.id, s.csrf, s.account_id, a.email, a.name, m.team_id, m.role, t.plan"
+        " FROM sessions s JOIN accounts a ON a.id = s.account_id"
+        " JOIN team_members m ON m.account_id = a.id AND m.status = 'ACCEPTED'"
+        " JOIN accounts t ON t.id = m.team_id WHERE s.id = ? AND s.expires_at > ?"
+        " AND a.account_status = 'ENABLED' AND t.account_status = 'ENABLED'",
+        (hash_key(token), now_ms()))
+    if row is None:
+        return None
+    who = Principal("session", row["account_id"], row["team_id"], row["role"],
+                    frozenset(PERMISSIONS), row["plan"])
+    return Session(row["id"], row["csrf"], who, row["email"], row["name"])
+
+
+def session_cookie(rt: Runtime, request: Request, response: Response, value: str) -> None:
+    """Set (or with ``value`` "" clear) the session cookie: HttpOnly, SameSite=Lax, and
+    Secure when the dashboard is reached over HTTPS."""
+    secure = request.url.scheme == "https" or rt.cfg["server"]["base_url"].startswith("https:")
+    response.set_cookie(SESSION_COOKIE, value, max_age=rt.cfg["dashboard"]["session_days"] * 86400
+                        if value else 0, httponly=True, samesite="lax", secure=secure, path="/")
+
+
+def signin_token(secret: str, stamp: int | None = None) -> str:
+    """The CSRF token of the forms used before signing in: a signed timestamp."""
+    return sign(secret, f"pre{now_ms() if stamp is None else stamp}")
+
+
+def _signin_token_ok(secret: str, value: str) -> bool:
+    token = unsign(secret, value) or ""
+    return token[3:].isdigit() and now_ms() - int(token[3:]) < SIGNIN_FORM_MS
+
+
+async def signin_allowed(rt: Runtime, email: str, ip: str) -> None:
+    """Refuse with 429 while the account or the address has too many recent failures."""
+    limits = rt.cfg["dashboard"]
+    since = now_ms() - limits["signin_window_minutes"] * 60_000
+    for column, value, limit, whom in (("email", email, limits["signin_failures_per_account"],
+                                        "this account"),
+                                       ("ip", ip, limits["signin_failures_per_ip"],
+                                        "your address")):
+        failures = await rt.db.fetchval(
+            f"SELECT COUNT(*) FROM signin_failures WHERE {column} = ? AND at >= ?", (value, since))
+        if failures >= limit:
+            raise RateLimited(f"Too many failed sign-ins for {whom}; try again in "
+                              f"{limits['signin_window_minutes']} minutes",
+                              f"{failures} failures in {limits['signin_window_minutes']} min")
+
+
+async def signin_failed(rt: Runtime, email: str, ip: str) -> None:
+    window = rt.cfg["dashboard"]["signin_window_minutes"] * 60_000
+    await rt.db.write([("DELETE FROM signin_failures WHERE at < ?", (now_ms() - window,)),
+                       ("INSERT INTO signin_failures (email, ip, at) VALUES (?, ?, ?)",
+                        (email, ip, now_ms()))])
+
+
+# Requests: ``@dash`` registers a page; ``Visit`` is what a page handler sees; ``act`` calls an
+# API handler as the signed-in person.
+
+DASHBOARD_ROUTES: list[Route] = []
+DASHBOARD_PAGES: dict[str, Callable[[Request], Awaitable[Response]]] = {}  # path -> endpoint
+
+
+@dataclass
+class Visit:
+    """One dashboard request: the runtime, the session (None before signing in), the form."""
+
+    request: Request
+    rt: Runtime
+    session: Session | None
+    form: dict[str, str]
+
+    @property
+    def who(self) -> Principal:
+        if self.session is None:
+            raise Unauthorized("Sign in first", "no session")
+        return self.session.who
+
+    def may(self, method: str, path: str) -> bool:
+        """Whether the person may call an API route (what decides which buttons show)."""
+        _, public, role, _ = API_HANDLERS[(method, path)]
+        try:
+            if not public:
+                authorize(self.who, method, role)
+        except ApiError:
+            return False
+        return True
+
+    def query(self, name: str, default: str = "") -> str:
+        return self.request.query_params.get(name, default)
+
+
+async def act(v: Visit, method: str, path: str, params: dict[str, str] | None = None,
+              body: Any = None, query: dict[str, Any] | None = None) -> Any:
+    """Call the API handler of ``method path`` as the signed-in person (public routes as
+    anyone), with the API's own permission check; returns its JSON answer."""
+    handler, public, role, table = API_HANDLERS[(method, path)]
+    who = None if public else v.who
+    if who is not None:
+        authorize(who, method, role)
+    query_string = urllib.parse.urlencode({k: val for k, val in (query or {}).items()
+                                           if val not in (None, "")})
+    scope = {**v.request.scope, "method": method, "path_params": params or {},
+             "query_string": query_string.encode()}
+    call = Call(Request(scope), v.rt, who, body={} if body is None else body)
+    call.query = parse_query(table, call.request, call.env())
+    result = await handler(call)
+    if method != "GET" and not public:
+        v.rt.public_cache.invalidate()
+    return json.loads(bytes(result.body)) if isinstance(result, Response) else result
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+async def _visit(request: Request) -> Visit:
+    """Read the session and, for a POST, the form, refusing a missing or wrong CSRF token."""
+    rt: Runtime = request.app.state.statusapp
+    session = await session_of(rt, request)
+    form: dict[str, str] = {}
+    if request.method == "POST":
+        body = await read_body(request, MAX_BODY)
+        form = {k: v for k, v in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
+                                                         keep_blank_values=True)}
+        token = form.pop("csrf", "")
+        valid = (hmac.compare_digest(token, session.csrf) if session
+                 else _signin_token_ok(rt.secret, token))
+        if not valid or not _same_origin(request):
+            raise Forbidden("This form has expired or did not come from this dashboard",
+                            "missing or wrong CSRF token; reload the page and try again")
+    return Visit(request, rt, session, form)
+
+
+def dash(path: str, *methods: str, signed_in: bool = True
+         ) -> Callable[[Callable[[Visit], Awaitable[Response]]],
+                       Callable[[Visit], Awaitable[Response]]]:
+    """Register a dashboard page.  Errors become an HTML page with the error's status; a
+    signed-out GET of a private page is sent to the sign-in form."""
+    def register(handler: Callable[[Visit], Awaitable[Response]]
+                 ) -> Callable[[Visit], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                v = await _visit(request)
+                if signed_in and v.session is None and request.method == "GET":
+                    target = urllib.parse.quote(request.url.path + (
+                        f"?{request.url.query}" if request.url.query else ""))
+                    return RedirectResponse(f"/signin?next={target}", 303)
+                return await handler(v)
+            except ApiError as exc:
+                return error_page(request, exc)
+        DASHBOARD_ROUTES.append(Route(path, endpoint, methods=list(methods)))
+        DASHBOARD_PAGES[path] = endpoint
+        return handler
+    return register
+
+
+def redirect(to: str) -> Response:
+    return RedirectResponse(to, 303)
+
+
+# Rendering: one document shape, one stylesheet, one script.
+
+DASHBOARD_CSS = """
+:root{--bg:#f3f4f6;--card:#fff;--text:#111827;--muted:#4b5563;--line:#d1d5db;--link:#1d4ed8;
+--up:#15803d;--down:#b91c1c;--warn:#a16207;--none:#4b5563;--accent:#1d4ed8;--on-accent:#fff;
+--p50:#1d4ed8;--p95:#c2410c;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0f172a;--card:#1e293b;--text:#f1f5f9;
+--muted:#cbd5e1;--line:#475569;--link:#93c5fd;--up:#4ade80;--down:#fca5a5;--warn:#fcd34d;
+--none:#cbd5e1;--accent:#93c5fd;--on-accent:#0f172a;--p50:#93c5fd;--p95:#fdba74}}
+*{box-sizing:border-box}
+body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+color:var(--text);background:var(--bg)}
+a{color:var(--link)}
+:focus-visible{outline:3px solid var(--accent);outline-offset:2px}
+.skip,.sr{position:absolute;left:-999rem}.skip:focus{left:1rem;top:1rem;background:var(--card);
+padding:.5rem;z-index:2}
+header.bar{background:var(--card);border-bottom:1px solid var(--line)}
+header.bar nav{max-width:72rem;margin:0 auto;padding:.5rem 1rem;display:flex;flex-wrap:wrap;
+gap:.25rem 1rem;align-items:center}
+header.bar .brand{font-weight:700;text-decoration:none;color:var(--text);margin-right:auto}
+header.bar a{text-decoration:none;padding:.25rem 0}
+header.bar a[aria-current]{font-weight:700;text-decoration:underline}
+main a[aria-current]{font-weight:700;color:var(--text);text-decoration:none}
+main{max-width:72rem;margin:0 auto;padding:1rem}
+h1{font-size:1.5rem;margin:.5rem 0 1rem;overflow-wrap:anywhere}
+h2{font-size:1.2rem;margin:1.5rem 0 .5rem}
+.card{background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:1rem;
+margin:0 0 1rem;overflow-x:auto}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.4rem .5rem;border-bottom:1px solid var(--line);
+vertical-align:middle}
+th{font-size:.875rem;color:var(--muted)}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.st{font-weight:600;white-space:nowrap}
+.st-up{color:var(--up)}.st-down{color:var(--down)}.st-degraded{color:var(--warn)}
+.st-none{color:var(--none)}
+.muted,.hint{color:var(--muted);font-size:.875rem}
+.row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:end;margin:0 0 1rem}
+form.inline{display:inline}
+button,.button{font:inherit;border:1px solid var(--accent);background:var(--accent);
+color:var(--on-accent);border-radius:.375rem;padding:.35rem .8rem;cursor:pointer;
+text-decoration:none;display:inline-block}
+button.quiet{background:transparent;color:var(--link)}
+button.danger{background:var(--down);border-color:var(--down);color:#fff}
+label{display:block;font-weight:600;margin:.75rem 0 .25rem}
+input,select,textarea{font:inherit;color:var(--text);background:var(--bg);
+border:1px solid var(--line);border-radius:.375rem;padding:.4rem;width:100%;max-width:36rem}
+input[type=checkbox]{width:auto;margin-right:.5rem}
+label.check{display:flex;align-items:center;font-weight:600}
+.row label{margin:0}.row input,.row select{width:auto}
+fieldset{border:1px solid var(--line);border-radius:.5rem;margin:1rem 0;max-width:38rem}
+.err{color:var(--down);font-weight:600;margin:.25rem 0}
+[aria-invalid=true]{border-color:var(--down);border-width:2px}
+.notice{border-left:.3rem solid var(--accent);padding:.5rem 1rem;background:var(--card);
+margin:0 0 1rem}
+.notice.bad{border-left-color:var(--down)}
+.incident{border-left:.3rem solid var(--down)}
+svg.spark{width:8rem;height:1.75rem;display:block}
+svg.spark polyline,svg.chart polyline{fill:none;stroke-width:2;vector-effect:non-scaling-stroke}
+svg.chart{width:100%;height:auto;display:block}
+.p50{stroke:var(--p50)}.p95{stroke:var(--p95);stroke-dasharray:6 3}
+circle.p50{fill:var(--p50)}circle.p95{fill:var(--p95)}
+svg text{fill:var(--muted);font-size:11px}
+svg line{stroke:var(--line)}
+code,pre{font-family:ui-monospace,monospace;overflow-wrap:anywhere}
+pre{white-space:pre-wrap;background:var(--bg);padding:.5rem;border-radius:.375rem}
+.keys{display:grid;grid-template-columns:repeat(auto-fit,minmax(10rem,1fr));gap:.5rem}
+.keys div{background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:.5rem}
+.keys dt{font-size:.875rem;color:var(--muted)}.keys dd{margin:0;font-weight:600}
+@media (max-width:40rem){.wide{display:none}main{padding:.5rem}h1{font-size:1.25rem}
+th,td{padding:.3rem}}
+"""
+DASHBOARD_CSS_URL = f"/dashboard.css?v={hashlib.sha256(DASHBOARD_CSS.encode()).hexdigest()[:12]}"
+# Copy buttons, the form's type switch and live refresh; the page works without it.
+DASHBOARD_JS = """
+function wire(root){root.querySelectorAll("[data-copy]").forEach(function(b){b.hidden=false;
+b.onclick=function(){navigator.clipboard.writeText(document.getElementById(b.dataset.copy)
+.textContent.trim());b.textContent="Copied";};});}
+wire(document);
+var kind=document.querySelector("[data-kind-select]");
+function showKinds(){document.querySelectorAll("[data-kinds]").forEach(function(e){
+e.hidden=e.dataset.kinds.split(" ").indexOf(kind.value)<0;});}
+if(kind){kind.addEventListener("change",showKinds);showKinds();}
+var every=document.body.dataset.refresh;
+if(every){setInterval(function(){fetch(location.href,{credentials:"same-origin"})
+.then(function(r){return r.text();}).then(function(t){var d=new DOMParser()
+.parseFromString(t,"text/html").getElementById("live"),o=document.getElementById("live");
+if(d&&o){o.replaceWith(d);wire(d);}});},every*1000);}
+"""
+_JS_HASH = base64.b64encode(hashlib.sha256(DASHBOARD_JS.encode()).digest()).decode()
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; style-src 'self'; script-src "
+                               f"'sha256-{_JS_HASH}'; connect-src 'self'; img-src 'self' data:;"
+                               f" form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store", "X-Frame-Options": "DENY"}
+
+# A state as text and an icon (never colour alone): state -> (icon, label, class)
+STATE_LOOK = {"UP": ("\u2714", "Up", "up"), "DOWN": ("\u2716", "Down", "down"),
+              "DEGRADED": ("\u26a0", "Degraded", "degraded"), "PENDING": ("\u2026", "Pending", "none"),
+              "PAUSED": ("\u23f8", "Paused", "none")}
+NAV = (("/", "Overview"), ("/incidents", "Incidents"), ("/channels", "Channels"),
+       ("/webhooks", "Webhooks"), ("/pages", "Status pages"), ("/team", "Team"),
+       ("/keys", "API keys"), ("/account", "Account"))
+
+
+def state_html(state: str) -> str:
+    icon, label, level = STATE_LOOK[state]
+    return f'<span class="st st-{level}"><span aria-hidden="true">{icon}</span> {label}</span>'
+
+
+def csrf_input(v: Visit) -> str:
+    token = v.session.csrf if v.session else signin_token(v.rt.secret)
+    return f'<input type="hidden" name="csrf" value="{_esc(token)}">'
+
+
+def button(v: Visit, action: str, text: str, style: str = "", **hidden: str) -> str:
+    """A one-button POST form (with the CSRF token)."""
+    fields = "".join(f'<input type="hidden" name="{_esc(k)}" value="{_esc(val)}">'
+                     for k, val in hidden.items())
+    return (f'<form class="inline" method="post" action="{_esc(action)}">{csrf_input(v)}'
+            f'{fields}<button class="{style}">{_esc(text)}</button></form>')
+
+
+def copyable(ident: str, text: str) -> str:
+    """Text with a copy button (shown by the script; select the text without it)."""
+    return (f'<pre id="{ident}">{_esc(text)}</pre>'
+            f'<button type="button" class="quiet" data-copy="{ident}" hidden>Copy</button>')
+
+
+def document(v: Visit, title: str, body: str, status: int = 200, refresh: bool = False
+             ) -> HTMLResponse:
+    """A dashboard page: navigation (when signed in), the body, the stylesheet and script."""
+    nav = ""
+    if v.session:
+        here = v.request.url.path
+        links = "".join(
+            f'<a href="{href}"{" aria-current=page" if here == href else ""}>{text}</a>'
+            for href, text in NAV[1:])
+        nav = (f'<header class="bar"><nav aria-label="Main"><a class="brand" href="/">StatusApp'
+               f'</a>{links}{button(v, "/signout", "Sign out", "quiet")}</nav></header>')
+    every = f' data-refresh="{v.rt.cfg["dashboard"]["refresh_seconds"]}"' if refresh else ""
+    html_text = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                 f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+                 f'<title>{_esc(title)} - StatusApp</title>'
+                 f'<link rel="stylesheet" href="{DASHBOARD_CSS_URL}"></head><body{every}>'
+                 f'<a class="skip" href="#main">Skip to content</a>{nav}<main id="main">'
+                 f'<h1>{_esc(title)}</h1>{body}</main><script>{DASHBOARD_JS}</script>'
+                 f'</body></html>')
+    return HTMLResponse(html_text, status, headers=DASHBOARD_HEADERS)
+
+
+def error_page(request: Request, exc: ApiError) -> Response:
+    rt: Runtime = request.app.state.statusapp
+    v = Visit(request, rt, None, {})
+    detail = exc.details if isinstance(exc.details, str) else ""
+    body = (f'<p class="notice bad" role="alert">{_esc(exc.message)}'
+            f'{"<br>" + _esc(detail) if detail else ""}</p><p><a href="/">Back to the overview'
+            f'</a></p>')
+    return document(v, f"Error {exc.status}", body, exc.status)
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str:
+    """An HTML table of cells already escaped; ``empty`` when there are no rows."""
+    if not rows:
+        return f'<p class="muted">{_esc(empty)}</p>'
+    cells = "".join(f"<th scope=col>{_esc(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<div class="card"><table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def pager(v: Visit, pagination: dict[str, int]) -> str:
+    """Previous/next links keeping the other query parameters."""
+    links = []
+    for page, text in ((pagination["page"] - 1, "Previous"), (pagination["page"] + 1, "Next")):
+        if 1 <= page <= pagination["totalPages"]:
+            query = urllib.parse.urlencode({**v.request.query_params, "page": page})
+            links.append(f'<a href="?{_esc(query)}">{text}</a>')
+    return (f'<p class="row"><span class="muted">Page {pagination["page"]} of '
+            f'{pagination["totalPages"]} ({pagination["total"]} in all)</span>'
+            f'{" ".join(links)}</p>')
+
+
+def _ms(value: Any) -> str:
+    return "&ndash;" if value is None else f"{value} ms"
+
+
+def _pct(value: float | None) -> str:
+    return "&ndash;" if value is None else f"{value:.2f}%"
+
+
+def _line(values: Sequence[int | None], width: float, height: float, top: float,
+          name: str, dot: int = 2) -> str:
+    """A line through the known values scaled so ``top`` is the chart's top, with a dot at
+    each value when some are missing (so lone values show too)."""
+    step = width / max(len(values) - 1, 1)
+    points = [(i * step, height - value / top * height)
+              for i, value in enumerate(values) if value is not None]
+    dots = "".join(f'<circle class="{name}" cx="{x:.0f}" cy="{y:.0f}" r="{dot}"/>'
+                   for x, y in points) if len(points) < len(values) or len(points) == 1 else ""
+    line = " ".join(f"{x:.0f},{y:.0f}" for x, y in points)
+    return f'<polyline class="{name}" points="{line}"/>{dots}'
+
+
+
+def sparkline(values: Sequence[int | None], name: str) -> str:
+    """A 24-hour response-time sparkline, hourly averages, drawn on the server."""
+    known = [x for x in values if x is not None]
+    if not known:
+        return '<span class="muted">No data</span>'
+    label = f"{name}: hourly average response time, {min(known)} to {max(known)} ms"
+    return (f'<svg class="spark" viewBox="-8 -8 416 120" role="img" aria-label="{_esc(label)}">'
+            f'{_line(values, 400, 104, max(known) * 1.1, "p50", 8)}</svg>')
+
+
+def chart(series: dict[str, list[int | None]], labels: Sequence[str], title: str) -> str:
+    """A response-time chart of p50 and p95 lines with a scale, as server-side SVG."""
+    known = [x for values in series.values() for x in values if x is not None]
+    if not known:
+        return '<p class="muted">No response times in this period yet.</p>'
+    top = max(known) * 1.1
+    grid = "".join(f'<line x1="50" x2="610" y1="{y + 10}" y2="{y + 10}"/>'
+                   f'<text x="0" y="{y + 14}">{round(top * (1 - y / 200))} ms</text>'
+                   for y in (0, 100, 200))
+    lines = "".join(f'<g transform="translate(50 10)">{_line(values, 560, 200, top, name)}</g>'
+                    for name, values in series.items())
+    ticks = "".join(f'<text x="{50 + i * 560 / max(len(labels) - 1, 1):.0f}" y="230"'
+                    f' text-anchor="middle">{_esc(text)}</text>'
+                    for i, text in enumerate(labels) if text)
+    return (f'<svg class="chart" viewBox="0 0 640 236" role="img" aria-label="{_esc(title)}">'
+            f'{grid}{lines}{ticks}</svg><p class="hint">Solid line: p50 (median); dashed line:'
+            f' p95.</p>')
+
+
+# Forms, generated from the API's Field tables: a field's kind picks the input, its bounds
+# and choices become attributes, ``kinds`` shows it only for the resource types that use it,
+# and ``validate`` (through the API handler) judges what was typed.
+
+_PASSWORD_NAMES = ("password", "confirm", "current")
+
+
+def form_text(field: Field, value: Any) -> str:
+    """A stored value as an input shows it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if field.kind == "array" and field.items in (None, "string") and all(
+            isinstance(x, str) for x in value):
+        return "\n".join(value)
+    if field.kind in _JSON_KINDS:
+        return json.dumps(value, indent=1)
+    return str(value)
+
+
+def form_value(field: Field, raw: str) -> Any:
+    """What was typed as the field's JSON kind; left as typed when it does not parse, so
+    ``validate`` reports it next to the field."""
+    raw = raw.replace("\r\n", "\n")
+    if field.kind == "boolean":
+        return raw == "true"
+    if not raw.strip():
+        return None
+    kinds: dict[str, Callable[[str], Any]] = {"integer": int, "number": float,
+                                              "object": parse_json}
+    if field.kind == "array":
+        if field.items in (None, "string") and not raw.lstrip().startswith("["):
+            return [line.strip() for line in raw.split("\n") if line.strip()]
+        kinds["array"] = parse_json
+    try:
+        return kinds[field.kind](raw) if field.kind in kinds else raw
+    except ValueError:
+        return raw
+
+
+def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
+              form: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
+    """A request body from a submitted form.  On an edit, an empty input of a field that had
+    no value is left out (a secret the API never shows stays as it is)."""
+    body: dict[str, Any] = {}
+    for field in fields:
+        if field.name in nested:
+            parts = {sub.name: form_value(sub, form.get(f"{field.name}.{sub.name}", ""))
+                     for sub in nested[field.name] if f"{field.name}.{sub.name}" in form}
+            value = {k: x for k, x in parts.items() if x is not None} or None
+        elif field.name in form:
+            value = form_value(field, form[field.name])
+        else:
+            continue
+        if value is None and existing is not None and existing.get(field.name) is None:
+            continue
+        body[field.name] = value
+    return body
+
+
+def _hint(field: Field, cfg: dict[str, Any]) -> str:
+    parts = ["required" if field.required is True else ""]
+    if not isinstance(field.required, bool) and field.required:
+        parts.append(f"required for {', '.join(field.required)}")
+    low, high = _bound(field.minimum, cfg), _bound(field.maximum, cfg)
+    unit = " characters" if field.kind == "string" else " items" if field.kind == "array" else ""
+    if low is not None and high is not None:
+        parts.append(f"{low} to {high}{unit}")
+    elif low is not None:
+        parts.append(f"at least {low}{unit}")
+    elif high is not None and field.kind != "string":
+        parts.append(f"at most {high}{unit}")
+    if field.kind == "boolean":
+        parts.append(field.doc)
+    if field.kind == "array":
+        parts.append("one per line, or a JSON array" if field.items in (None, "string")
+                     else "a JSON array")
+    elif field.kind == "object":
+        parts.append("JSON object")
+    return "; ".join(p for p in parts if p)
+
+
+def _input(field: Field, name: str, ident: str, text: str, extra: str,
+           cfg: dict[str, Any]) -> str:
+    """The control of one field, by its kind, choices and bounds."""
+    attrs = f'id="{ident}" name="{_esc(name)}"{extra}'
+    if field.choices is not None:
+        blank = "" if field.required is True or field.default is not None else \
+            '<option value="">&ndash;</option>'
+        options = "".join(f'<option{" selected" if c == text else ""}>{_esc(c)}</option>'
+                          for c in field.choices)
+        return f"<select {attrs}>{blank}{options}</select>"
+    if field.kind == "boolean":
+        return (f'<input type="hidden" name="{_esc(name)}" value="false"><input type="checkbox"'
+                f' {attrs} value="true"{" checked" if text == "true" else ""}>')
+    if field.kind in ("array", "object") or (
+            field.kind == "string" and (_bound(field.maximum, cfg) or 0) > 2048):
+        return f'<textarea {attrs} rows="4">{_esc(text)}</textarea>'
+    kind = ("number" if field.kind in ("integer", "number") else
+            "password" if field.name in _PASSWORD_NAMES else
+            "email" if field.check is valid_email else "text")
+    bounds = "".join(f' {attr}="{_bound(b, cfg)}"' for attr, b in
+                     (("min", field.minimum), ("max", field.maximum)) if b is not None
+                     ) if kind == "number" else ""
+    step = ' step="any"' if field.kind == "number" else ""
+    return f'<input type="{kind}" {attrs} value="{_esc(text)}"{bounds}{step} autocomplete="off">'
+
+
+def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[str, Any],
+               kinds: tuple[str, ...] | None, kind_select: bool) -> str:
+    """One labelled control with its hint and its error (announced and linked)."""
+    ident = "f-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    described = f"{ident}-hint" + (f" {ident}-err" if error else "")
+    extra = f' aria-describedby="{described}"' + (' aria-invalid="true"' if error else "")
+    if kind_select:
+        extra += " data-kind-select"
+    if field.required is True and field.kind != "boolean":
+        extra += " required"
+    words = _snake_case(field.name).replace("_", " ")
+    label = _esc(words.capitalize() if field.kind == "boolean" or not field.doc else field.doc)
+    control = _input(field, name, ident, text, extra, cfg)
+    head = (f'<label class="check">{control}{label}</label>' if field.kind == "boolean" else
+            f'<label for="{ident}">{label}</label>{control}')
+    shown = f' data-kinds="{" ".join(kinds)}"' if kinds else ""
+    used = f" (for {', '.join(kinds)})" if kinds else ""
+    err = f'<p class="err" id="{ident}-err">{_esc(error)}</p>' if error else ""
+    return (f'<div{shown}>{head}<p class="hint" id="{ident}-hint">{_esc(_hint(field, cfg))}'
+            f'{_esc(used)}</p>{err}</div>')
+
+
+def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
+                values: dict[str, str], errors: dict[str, str], cfg: dict[str, Any]) -> str:
+    """Every field of a table (and of its nested tables) as labelled controls."""
+    switch = any(f.kinds for f in fields) or any(
+        s.kinds for table in nested.values() for s in table)
+    out = []
+    for field in fields:
+        if field.name not in nested:
+            out.append(form_field(field, field.name, values.get(field.name, ""),
+                                  errors.get(field.name), cfg, field.kinds,
+                                  switch and field.name == "type"))
+            continue
+        inner = "".join(form_field(sub, f"{field.name}.{sub.name}",
+                                   values.get(f"{field.name}.{sub.name}", ""),
+                                   errors.get(f"{field.name}.{sub.name}"), cfg, sub.kinds, False)
+                        for sub in nested[field.name])
+        err = errors.get(field.name)
+        shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+        out.append(f'<fieldset{shown}><legend>{_esc(field.doc or field.name)}</legend>'
+                   f'{"<p class=err>" + _esc(err) + "</p>" if err else ""}{inner}</fieldset>')
+    return "".join(out)
+
+
+def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
+                record: dict[str, Any]) -> dict[str, str]:
+    """A record as the texts of the form's inputs (defaults for a new one)."""
+    values = {}
+    for field in fields:
+        value = record.get(field.name, field.default)
+        if field.name in nested:
+            for sub in nested[field.name]:
+                values[f"{field.name}.{sub.name}"] = form_text(sub, (value or {}).get(sub.name))
+        else:
+            values[field.name] = form_text(field, value)
+    return values
+
+
+def issue_errors(exc: ValidationFailed) -> dict[str, str]:
+    """Validation issues by input name (``config.emails``; deeper paths by their field)."""
+    errors: dict[str, str] = {}
+    for issue in exc.issues:
+        path = [str(p) for p in issue["path"]]
+        where = ".".join(path[:2]) if len(path) > 1 and not path[1].isdigit() else \
+            ".".join(path[:1])
+        message = issue["message"] + (f" (at {'.'.join(path[1:])})" if len(path) > 2 else "")
+        errors.setdefault(where or "", message)
+    return errors
+
+
+def render_form(v: Visit, action: str, fields: Sequence[Field],
+                nested: dict[str, tuple[Field, ...]], values: dict[str, str],
+                errors: dict[str, str], submit: str, extra: str = "") -> str:
+    """A whole form: CSRF token, the generated fields, errors no field owns, a button."""
+    names = {f.name for f in fields} | {f"{k}.{s.name}" for k, t in nested.items() for s in t}
+    stray = [f"{k}: {m}" if k else m for k, m in errors.items() if k not in names]
+    summary = ("".join(f'<p class="notice bad" role="alert">{_esc(m)}</p>' for m in stray) +
+               ('<p class="notice bad" role="alert">Please correct the fields marked below.</p>'
+                if len(stray) < len(errors) else ""))
+    return (f'{summary}<form method="post" action="{_esc(action)}" novalidate>{csrf_input(v)}'
+            f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg)}'
+            f'<p><button>{_esc(submit)}</button></p></form>')
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A team resource the dashboard lists and edits through its API routes."""
+
+    noun: str
+    api: str
+    param: str
+    fields: tuple[Field, ...]
+    items: str
+    nested: dict[str, tuple[Field, ...]] = dataclasses.field(default_factory=dict)
+    test: bool = False
+
+
+def channel_config_fields() -> tuple[Field, ...]:
+    """Every channel type's config fields as one table for the channel form: each name once,
+    its ``kinds`` the types that use it and ``required`` the types that need it."""
+    uses: dict[str, list[tuple[str, Field]]] = {}
+    for channel in CHANNEL_TYPES.values():
+        for field in channel.fields:
+            uses.setdefault(field.name, []).append((channel.name, field))
+    return tuple(dataclasses.replace(
+        pairs[0][1], kinds=tuple(kind for kind, _ in pairs),
+        required=tuple(kind for kind, f in pairs if f.required_for(kind)))
+        for pairs in uses.values())
+
+
+RESOURCES = {
+    "monitors": Resource("Monitor", "/monitors", "monitorId", MONITOR_FIELDS, "monitors",
+                         {"apiAuthConfig": AUTH_FIELDS}),
+    "channels": Resource("Notification channel", "/notifications", "channelId", CHANNEL_FIELDS,
+                         "channels", {"config": channel_config_fields()}, test=True),
+    "webhooks": Resource("Webhook", "/webhooks", "webhookId", WEBHOOK_FIELDS, "webhooks",
+                         test=True),
+    "pages": Resource("Status page", "/status-pages", "statusPageId", STATUS_PAGE_FIELDS,
+                      "statusPages"),
+}
+
+
+def _resource(v: Visit) -> tuple[str, Resource]:
+    key = v.request.url.path.split("/")[1]
+    return key, RESOURCES[key]
+
+
+async def _save(v: Visit, res: Resource, method: str, path: str, params: dict[str, str],
+                existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
+    """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
+    body = form_body(res.fields, res.nested, v.form, existing)
+    try:
+        return await act(v, method, path, params, body), {}
+    except ValidationFailed as exc:
+        return None, issue_errors(exc)
+
+
+async def resource_form(v: Visit) -> Response:
+    """``/{kind}/new`` and ``/{kind}/{id}/edit``: the generated form; a POST saves it."""
+    key, res = _resource(v)
+    ident = v.request.path_params.get("ident")
+    params = {res.param: ident} if ident else {}
+    existing = await act(v, "GET", f"{res.api}/{{{res.param}}}", params) if ident else None
+    errors: dict[str, str] = {}
+    if v.request.method == "POST":
+        method, path = ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
+        saved, errors = await _save(v, res, method, path, params, existing)
+        if saved is not None:
+            return redirect(f"/monitors/{saved['id']}" if key == "monitors" else f"/{key}")
+    values = (dict(v.form) if v.request.method == "POST" else
+              form_values(res.fields, res.nested, existing or dict(v.request.query_params)))
+    title = f"Edit {existing['name']}" if existing else f"New {res.noun.lower()}"
+    return document(v, title, render_form(v, v.request.url.path, res.fields, res.nested, values,
+                                          errors, "Save"), 400 if errors else 200)
+
+
+async def resource_delete(v: Visit) -> Response:
+    key, res = _resource(v)
+    await act(v, "DELETE", f"{res.api}/{{{res.param}}}", {res.param: v.request.path_params["ident"]})
+    return redirect("/" if key == "monitors" else f"/{key}")
+
+
+def _answer_text(answer: dict[str, Any]) -> str:
+    code = f"HTTP {answer['statusCode']}" if answer["statusCode"] else "no HTTP answer"
+    took = f" in {answer['responseTime']} ms" if answer["responseTime"] is not None else ""
+    if answer["success"]:
+        return f"Test delivered: the receiver answered {code}{took}."
+    return f"Test failed ({code}{took}): {answer['error']}"
+
+
+async def resource_list(v: Visit, notice: str = "", bad: bool = False) -> Response:
+    """``/channels``, ``/webhooks``, ``/pages``: the team's items with their actions."""
+    key, res = _resource(v)
+    items = (await act(v, "GET", res.api))[res.items]
+    item_path = f"{res.api}/{{{res.param}}}"
+    rows = []
+    for item in items:
+        actions = []
+        if v.may("PUT", item_path):
+            actions.append(f'<a href="/{key}/{_esc(item["id"])}/edit">Edit</a>')
+        if res.test and v.may("POST", f"{item_path}/test"):
+            actions.append(button(v, f"/{key}/{item['id']}/test", "Send a test", "quiet"))
+        if v.may("DELETE", item_path):
+            actions.append(button(v, f"/{key}/{item['id']}/delete", "Delete", "danger"))
+        state = "Failing" if item.get("failing") else "Active" if item.get(
+            "isActive", item.get("isPublic", True)) else "Inactive"
+        detail = item.get("type") or item.get("url") or item.get("slug", "")
+        rows.append([_esc(item["name"]), _esc(detail), _esc(state), " ".join(actions)])
+    add = (f'<p><a class="button" href="/{key}/new">New {_esc(res.noun.lower())}</a></p>'
+           if v.may("POST", res.api) else "")
+    message = (f'<p class="notice{" bad" if bad else ""}" role="status">{_esc(notice)}</p>'
+               if notice else "")
+    return document(v, res.noun + "s", message + add + table(
+        ("Name", "Type" if key == "channels" else "Detail", "State", "Actions"), rows,
+        f"No {res.noun.lower()}s yet."))
+
+
+async def resource_test(v: Visit) -> Response:
+    """Send a test through a channel or webhook and show the receiver's answer."""
+    _, res = _resource(v)
+    answer = await act(v, "POST", f"{res.api}/{{{res.param}}}/test",
+                       {res.param: v.request.path_params["ident"]})
+    return await resource_list(v, _answer_text(answer), not answer["success"])
+
+
+for _segment, _res in RESOURCES.items():
+    dash(f"/{_segment}/new", "GET", "POST")(resource_form)
+    dash(f"/{_segment}/{{ident}}/edit", "GET", "POST")(resource_form)
+    dash(f"/{_segment}/{{ident}}/delete", "POST")(resource_delete)
+    if _segment != "monitors":
+        dash(f"/{_segment}", "GET")(resource_list)
+    if _res.test:
+        dash(f"/{_segment}/{{ident}}/test", "POST")(resource_test)
+
+
+# Overview and monitor pages.
+
+CHART_PERIODS = {"24h": (DAY_MS, HOUR_MS, "hour"), "7d": (7 * DAY_MS, HOUR_MS, "hour"),
+                 "30d": (30 * DAY_MS, DAY_MS, "day")}
+
+
+def _steps(step: int, count: int) -> list[int]:
+    """The starts of the last ``count`` periods of ``step`` ms, the current one last."""
+    last = now_ms() // step * step
+    return [last - (count - 1 - i) * step for i in range(count)]
+
+
+async def overview_figures(db: Database, ids: Sequence[str]
+                           ) -> dict[str, tuple[list[int | None], float | None, float | None]]:
+    """Per monitor: hourly average response times over 24 h, 24 h and 30 d uptime."""
+    hours = _steps(HOUR_MS, 24)
+    hourly = await collect(db, ids, hours[0], now_ms() + 1, ("monitor", "hour"))
+    month = await collect(db, ids, hours[-1] - 30 * DAY_MS + HOUR_MS, now_ms() + 1, ("monitor",))
+    none = [0] * 5
+    out = {}
+    for ident in ids:
+        counts = [hourly.get((ident, hour), none) for hour in hours]
+        spark = [round(c[3] / c[4]) if c[4] else None for c in counts]
+        total = month.get((ident,), none)
+        out[ident] = (spark, uptime_percent(sum(c[0] + c[2] for c in counts),
+                                            sum(c[0] + c[1] + c[2] for c in counts)),
+                      uptime_percent(total[0] + total[2], sum(total[:3])))
+    return out
+
+
+def _state(monitor: dict[str, Any]) -> str:
+    return "PAUSED" if monitor["isPaused"] or not monitor["isActive"] else monitor["status"]
+
+
+def _latest(monitor: dict[str, Any]) -> dict[str, Any] | None:
+    return max(monitor["checks"], key=lambda c: c["checkedAt"], default=None)
+
+
+def _pause_button(v: Visit, monitor: dict[str, Any]) -> str:
+    if not v.may("POST", "/monitors/{monitorId}/pause"):
+        return ""
+    return button(v, f"/monitors/{monitor['id']}/pause",
+                  "Resume" if monitor["isPaused"] else "Pause", "quiet")
+
+
+def _monitor_row(v: Visit, monitor: dict[str, Any],
+                 figures: tuple[list[int | None], float | None, float | None]) -> list[str]:
+    spark, day, month = figures
+    latest = _latest(monitor)
+    return [state_html(_state(monitor)),
+            f'<a href="/monitors/{_esc(monitor["id"])}">{_esc(monitor["name"])}</a>'
+            f'<br><span class="muted">{_esc(monitor["type"])}</span>',
+            f'<span class="num">{_ms(latest and latest["responseTime"])}</span>',
+            sparkline(spark, monitor["name"]), f'<span class="num">{_pct(day)}</span>',
+            f'<span class="num">{_pct(month)}</span>', _pause_button(v, monitor)]
+
+
+def _filters(v: Visit) -> str:
+    """The overview's filter form, generated from the monitor listing's query fields."""
+    wanted = [f for f in MONITOR_QUERY if f.name in ("status", "type", "search")]
+    controls = "".join(form_field(f, f.name, v.query(f.name), None, v.rt.cfg, None, False)
+                       for f in wanted)
+    return (f'<form method="get" action="/" class="row card" role="search">{controls}'
+            f'<p><button>Filter</button> <a href="/">Clear</a></p></form>')
+
+
+async def _open_incidents(v: Visit) -> str:
+    incidents = (await act(v, "GET", "/incidents", query={"status": "open", "limit": 100}))
+    names = await monitor_names(v)
+    items = "".join(
+        f'<li><a href="/incidents/{_esc(i["id"])}">{_esc(i["incidentNumber"])}</a>: '
+        f'{_esc(names.get(i["monitorId"], i["monitorId"]))} &ndash; {_esc(i["severity"])}, '
+        f'since {_when(_ms_of(i["startedAt"]))}</li>' for i in incidents["incidents"])
+    return (f'<section class="card incident" aria-labelledby="open-h"><h2 id="open-h">'
+            f'<span aria-hidden="true">\u2716</span> Open incidents</h2><ul>{items}</ul></section>'
+            if items else "")
+
+
+async def monitor_names(v: Visit) -> dict[str, str]:
+    return {row[0]: row[1] for row in await v.rt.db.fetchall(
+        "SELECT id, name FROM monitors WHERE account_id = ?", (v.who.team_id,))}
+
+
+def _ms_of(text: str) -> int:
+    parsed = _parse_time(text)
+    return int(parsed.timestamp() * 1000) if parsed else 0
+
+
+@dash("/", "GET")
+async def overview(v: Visit) -> Response:
+    """Every monitor with its status, response time, sparkline and uptime; incidents first."""
+    query = {**v.request.query_params, "limit": OVERVIEW_LIMIT, "sort": "name", "order": "asc"}
+    listing = await act(v, "GET", "/monitors", query=query)
+    monitors = listing["monitors"]
+    figures = await overview_figures(v.rt.db, [m["id"] for m in monitors])
+    rows = [_monitor_row(v, m, figures[m["id"]]) for m in monitors]
+    add = ('<p><a class="button" href="/monitors/new">New monitor</a></p>'
+           if v.may("POST", "/monitors") else "")
+    body = (f'<div id="live">{await _open_incidents(v)}' +
+            table(("Status", "Monitor", "Last response", "24 h response time", "24 h uptime",
+                   "30 d uptime", ""), rows,
+                  "No monitors match." if v.request.query_params else "No monitors yet.") +
+            f'{pager(v, listing["pagination"])}</div>')
+    return document(v, "Overview", add + _filters(v) + body, refresh=True)
+
+
+async def percentile_series(db: Database, monitor_id: str, period: str
+                            ) -> tuple[dict[str, list[int | None]], list[str]]:
+    """p50 and p95 response time per hour (24 h, 7 d) or day (30 d), from the rollups."""
+    span, step, group = CHART_PERIODS[period]
+    starts = _steps(step, span // step)
+    buckets: dict[int, dict[int, int]] = collections.defaultdict(dict)
+    for (start, index), (count,) in (await collect(db, [monitor_id], starts[0], now_ms() + 1,
+                                                   (group,), hist=True)).items():
+        buckets[start][index] = count
+    series: dict[str, list[int | None]] = {"p50": [], "p95": []}
+    for start in starts:
+        stats = WindowStats(hist=buckets[start])
+        series["p50"].append(stats.percentile(50))
+        series["p95"].append(stats.percentile(95))
+    fmt = "%H:%M" if period == "24h" else "%m-%d"
+    labels = [datetime.fromtimestamp(s / 1000, timezone.utc).strftime(fmt)
+              if i % max(len(starts) // 6, 1) == 0 else "" for i, s in enumerate(starts)]
+    return series, labels
+
+
+async def status_since(db: Database, monitor: dict[str, Any]) -> int | None:
+    """When the monitor's current status began: its first check since the last other one."""
+    return await db.fetchval(
+        "SELECT MIN(checked_at) FROM checks WHERE monitor_id = ? AND checked_at > COALESCE("
+        "(SELECT MAX(checked_at) FROM checks WHERE monitor_id = ? AND status != ?), 0)",
+        (monitor["id"], monitor["id"], monitor["status"]))
+
+
+def _timings(check: dict[str, Any]) -> str:
+    timings = check.get("timings") or {}
+    return " ".join(f"{_esc(k)} {_esc(val)}" for k, val in timings.items() if val is not None)
+
+
+def _checks_table(checks: Sequence[dict[str, Any]]) -> str:
+    rows = [[state_html(c["status"]), _esc(c["statusCode"] or "&ndash;"),
+             f'<time datetime="{_esc(c["checkedAt"])}">{_when(_ms_of(c["checkedAt"]))}</time>',
+             f'<span class="num">{_ms(c["responseTime"])}</span>', _esc(c["workerRegion"]["id"]),
+             f'<span class="muted">{_timings(c)}</span>', _esc(c["error"] or "")]
+            for c in checks]
+    return table(("Status", "Code", "Time", "Response", "Region", "Timings (ms)", "Error"),
+                 rows, "No checks yet.")
+
+
+async def _cron_section(v: Visit, monitor: dict[str, Any]) -> str:
+    """A CRON monitor's ping URL, a crontab line and its ping log."""
+    url = monitor["heartbeatUrl"]
+    snippet = f"*/5 * * * * /path/to/job.sh && curl -fsS -m 10 --retry 3 {url}"
+    pings = await act(v, "GET", "/monitors/{monitorId}/heartbeats", {"monitorId": monitor["id"]},
+                      query={"limit": 20})
+    rows = [[_esc(p["kind"]), f'<time>{_when(_ms_of(p["receivedAt"]))}</time>',
+             _esc(p["duration"] if p["duration"] is not None else ""),
+             _esc(p["message"] or ""), _esc(p["sourceIp"] or "")] for p in pings["heartbeats"]]
+    return (f'<h2>Heartbeat</h2><p>Ping this URL when the job succeeds (append /start, /fail):'
+            f'</p>{copyable("ping-url", url)}<p>For example, in a crontab:</p>'
+            f'{copyable("cron-line", snippet)}<h3>Recent pings</h3>' +
+            table(("Kind", "Received", "Duration (ms)", "Message", "From"), rows, "No pings yet."))
+
+
+def _regression_text(reg: dict[str, Any], active: bool) -> str:
+    if not reg["regressionEnabled"]:
+        return "Regression detection is off."
+    base = (f"baseline {reg['baselineResponseTime']} ms" if reg["baselineResponseTime"]
+            else "no baseline yet")
+    state = "responses are slower than the baseline" if active else "no regression"
+    return (f"Regression detection on: {state}; {base}, threshold {reg['regressionThreshold']}%"
+            f" over {reg['regressionPeriod']} days.")
+
+
+def _monitor_actions(v: Visit, monitor: dict[str, Any]) -> str:
+    """Edit, pause/resume and delete, each only when the person's role allows it."""
+    actions = [f'<a class="button" href="/monitors/{_esc(monitor["id"])}/edit">Edit</a>'
+               if v.may("PUT", "/monitors/{monitorId}") else "", _pause_button(v, monitor),
+               button(v, f"/monitors/{monitor['id']}/delete", "Delete", "danger")
+               if v.may("DELETE", "/monitors/{monitorId}") else ""]
+    return f'<div class="row">{" ".join(a for a in actions if a)}</div>'
+
+
+async def _chart_section(v: Visit, monitor: dict[str, Any]) -> str:
+    """The p50/p95 chart of the chosen period, with links to the other periods."""
+    period = v.query("period") if v.query("period") in CHART_PERIODS else "24h"
+    series, labels = await percentile_series(v.rt.db, monitor["id"], period)
+    periods = " ".join(f'<a href="?period={p}"{" aria-current=true" if p == period else ""}>'
+                       f'{p}</a>' for p in CHART_PERIODS)
+    return (f'<h2>Response time</h2><p>Period: {periods}</p><div class="card">'
+            f'{chart(series, labels, f"p50 and p95 response time, {period}")}</div>')
+
+
+def _regions_table(monitor: dict[str, Any]) -> str:
+    rows = [[_esc(c["workerRegion"]["city"] or c["workerRegion"]["id"]),
+             state_html(c["status"]), f'<span class="num">{_ms(c["responseTime"])}</span>',
+             f'<time>{_when(_ms_of(c["checkedAt"]))}</time>'] for c in monitor["checks"]]
+    return "<h2>Regions</h2>" + table(("Region", "Status", "Response", "Checked"), rows,
+                                      "No checks yet.")
+
+
+async def _incidents_section(v: Visit, monitor: dict[str, Any]) -> str:
+    incidents = await act(v, "GET", "/incidents", query={"monitorId": monitor["id"], "limit": 10})
+    rows = [[f'<a href="/incidents/{_esc(i["id"])}">{_esc(i["incidentNumber"])}</a>',
+             _esc(i["severity"]), "Resolved" if i["isResolved"] else "Open",
+             f'<time>{_when(_ms_of(i["startedAt"]))}</time>'] for i in incidents["incidents"]]
+    return "<h2>Incidents</h2>" + table(("Incident", "Severity", "State", "Started"), rows,
+                                        "No incidents.")
+
+
+async def _regression_section(v: Visit, monitor: dict[str, Any]) -> str:
+    regression = await act(v, "GET", "/monitors/{monitorId}/regression",
+                           {"monitorId": monitor["id"]})
+    active = await v.rt.db.fetchval("SELECT regression_active FROM monitors WHERE id = ?",
+                                    (monitor["id"],))
+    return (f"<h2>Performance regression</h2>"
+            f"<p>{_esc(_regression_text(regression, active))}</p>")
+
+
+@dash("/monitors/{monitorId}", "GET")
+async def monitor_page(v: Visit) -> Response:
+    """One monitor: status since, p50/p95 chart, regions, checks, incidents, pings, regression."""
+    params = {"monitorId": v.request.path_params["monitorId"]}
+    monitor = await act(v, "GET", "/monitors/{monitorId}", params)
+    since = await status_since(v.rt.db, monitor)
+    checks = await act(v, "GET", "/monitors/{monitorId}/checks", params,
+                       query={"page": v.query("page", "1"), "limit": 20})
+    body = (_monitor_actions(v, monitor) +
+            f'<div id="live"><p class="card">{state_html(_state(monitor))} '
+            f'{"since " + _when(since) if since else ""} &middot; {_esc(monitor["type"])} '
+            f'&middot; <code>{_esc(monitor["url"])}</code> &middot; every '
+            f'{monitor["interval"]} s</p>{await _chart_section(v, monitor)}'
+            f'{_regions_table(monitor)}<h2>Recent checks</h2>{_checks_table(checks["checks"])}'
+            f'{pager(v, checks["pagination"])}</div>{await _incidents_section(v, monitor)}' +
+            (await _cron_section(v, monitor) if monitor["type"] == "CRON" else "") +
+            await _regression_section(v, monitor))
+    return document(v, monitor["name"], body, refresh=True)
+
+
+@dash("/monitors/{monitorId}/pause", "POST")
+async def monitor_pause(v: Visit) -> Response:
+    monitor_id = v.request.path_params["monitorId"]
+    await act(v, "POST", "/monitors/{monitorId}/pause", {"monitorId": monitor_id})
+    back = urlsplit(v.request.headers.get("referer", ""))
+    same = back.netloc == v.request.headers.get("host")
+    return redirect(f"{back.path}?{back.query}" if same and back.path else "/")
+
+
+# Incidents.
+
+@dash("/incidents", "GET")
+async def incidents_page(v: Visit) -> Response:
+    state = v.query("status") if v.query("status") in ("open", "resolved") else ""
+    listing = await act(v, "GET", "/incidents", query={"status": state, "page": v.query("page"),
+                                                       "limit": 50})
+    names = await monitor_names(v)
+    rows = [[f'<a href="/incidents/{_esc(i["id"])}">{_esc(i["incidentNumber"])}</a>',
+             _esc(names.get(i["monitorId"], "")), _esc(i["severity"]),
+             state_html("UP") if i["isResolved"] else state_html("DOWN"),
+             f'<time>{_when(_ms_of(i["startedAt"]))}</time>',
+             f'<time>{_when(_ms_of(i["resolvedAt"]))}</time>' if i["resolvedAt"] else ""]
+            for i in listing["incidents"]]
+    tabs = " ".join(f'<a href="/incidents{"?status=" + s if s else ""}"'
+                    f'{" aria-current=true" if s == state else ""}>{label}</a>'
+                    for s, label in (("", "All"), ("open", "Open"), ("resolved", "Resolved")))
+    return document(v, "Incidents", f'<p class="row">{tabs}</p>' + table(
+        ("Incident", "Monitor", "Severity", "State", "Started", "Resolved"), rows,
+        "No incidents.") + pager(v, listing["pagination"]))
+
+
+@dash("/incidents/{incidentId}", "GET", "POST")
+async def incident_page(v: Visit) -> Response:
+    """An incident with its updates; post an update or resolve it."""
+    params = {"incidentId": v.request.path_params["incidentId"]}
+    errors: dict[str, str] = {}
+    if v.request.method == "POST":
+        body = form_body(INCIDENT_UPDATE_FIELDS, {}, v.form, None)
+        try:
+            await act(v, "POST", "/incidents/{incidentId}/updates", params, body)
+            return redirect(v.request.url.path)
+        except ValidationFailed as exc:
+            errors = issue_errors(exc)
+    incident = await act(v, "GET", "/incidents/{incidentId}", params)
+    monitor = incident["monitor"] or {"id": "", "name": "(deleted)"}
+    updates = "".join(f'<li><strong>{_esc(u["status"])}</strong> &ndash; {_esc(u["message"])} '
+                      f'<time>{_when(_ms_of(u["createdAt"]))}</time></li>'
+                      for u in incident["updates"]) or "<li>No updates yet.</li>"
+    facts = (f'<p class="card">{state_html("UP" if incident["isResolved"] else "DOWN")} '
+             f'{"Resolved" if incident["isResolved"] else "Open"} &middot; '
+             f'<a href="/monitors/{_esc(monitor["id"])}">{_esc(monitor["name"])}</a> &middot; '
+             f'severity {_esc(incident["severity"])} &middot; started '
+             f'{_when(_ms_of(incident["startedAt"]))} &middot; cause '
+             f'{_esc(incident["rootCause"] or _cause(incident["rootCauseCategory"]) or "unknown")}'
+             f'</p>')
+    form = ""
+    if v.may("POST", "/incidents/{incidentId}/updates"):
+        values = dict(v.form) if errors else {"status": "resolved" if v.query("resolve") else ""}
+        form = ("<h2>Post an update</h2>" + render_form(
+            v, v.request.url.path, INCIDENT_UPDATE_FIELDS, {}, values, errors, "Post update"))
+        if not incident["isResolved"]:
+            form += button(v, v.request.url.path, "Resolve now", status="resolved",
+                           message="Resolved from the dashboard.")
+    return document(v, incident["incidentNumber"], facts + f"<h2>Updates</h2><ol>{updates}</ol>" +
+                    _checks_table(incident["checks"]) + form, 400 if errors else 200)
+
+
+# Team, API keys and account.
+
+async def _created(v: Visit, path: str, fields: Sequence[Field],
+                   shown: Callable[[dict[str, Any]], str]) -> tuple[str, dict[str, str]]:
+    """On a POST, create through the API route: (the notice ``shown`` makes of its answer,
+    no errors) or ("", the field errors)."""
+    if v.request.method != "POST":
+        return "", {}
+    try:
+        return shown(await act(v, "POST", path, body=form_body(fields, {}, v.form, None))), {}
+    except ValidationFailed as exc:
+        return "", issue_errors(exc)
+
+@dash("/team", "GET", "POST")
+async def team_page(v: Visit) -> Response:
+    """Members with their roles, pending invitations and the invitation form."""
+    def shown(invite: dict[str, Any]) -> str:
+        link = f"{v.rt.cfg['server']['base_url']}/invite?token={invite['invitationToken']}"
+        return (f'<div class="notice" role="status"><p>Invitation created. Send this link to '
+                f'{_esc(invite["email"])} (shown once):</p>{copyable("invite-link", link)}</div>')
+    notice, errors = await _created(v, "/team/members", MEMBER_FIELDS, shown)
+    members = (await act(v, "GET", "/team/members"))["members"]
+    path = "/team/members/{memberId}"
+    rows = []
+    for m in members:
+        change = ""
+        if v.may("PUT", path) and m["role"] != "OWNER":
+            options = "".join(f'<option{" selected" if r == m["role"] else ""}>{r}</option>'
+                              for r in TEAM_ROLES)
+            change = (f'<form class="inline row" method="post" action="/team/{_esc(m["id"])}/role">'
+                      f'{csrf_input(v)}<label class="sr" for="role-{_esc(m["id"])}">Role of '
+                      f'{_esc(m["email"])}</label><select id="role-{_esc(m["id"])}" name="role">'
+                      f'{options}</select><button class="quiet">Change role</button></form> '
+                      + button(v, f"/team/{m['id']}/remove", "Remove", "danger"))
+        rows.append([_esc(m["email"]), _esc(m["name"] or ""), _esc(m["role"]),
+                     _esc(m["status"]), change])
+    form = ("<h2>Invite someone</h2>" + render_form(
+        v, "/team", MEMBER_FIELDS, {}, dict(v.form) if errors else {"role": "MEMBER"}, errors,
+        "Invite") if v.may("POST", "/team/members") else "")
+    return document(v, "Team", notice + table(("Email", "Name", "Role", "Status", ""), rows,
+                                              "No members.") + form, 400 if errors else 200)
+
+
+@dash("/team/{memberId}/role", "POST")
+async def team_role(v: Visit) -> Response:
+    await act(v, "PUT", "/team/members/{memberId}", dict(v.request.path_params),
+              {"role": v.form.get("role")})
+    return redirect("/team")
+
+
+@dash("/team/{memberId}/remove", "POST")
+async def team_remove(v: Visit) -> Response:
+    await act(v, "DELETE", "/team/members/{memberId}", dict(v.request.path_params))
+    return redirect("/team")
+
+
+@dash("/keys", "GET", "POST")
+async def keys_page(v: Visit) -> Response:
+    """The person's API keys; a new key is shown once, with a copy button."""
+    notice, errors = await _created(
+        v, "/account/api-keys", KEY_FIELDS,
+        lambda key: f'<div class="notice" role="status"><p>Your new key {_esc(key["name"])}, '
+                    f'shown only this once:</p>{copyable("new-key", key["key"])}</div>')
+    keys = (await act(v, "GET", "/account/api-keys"))["apiKeys"]
+    rows = [[_esc(k["name"]), f'<code>{_esc(k["prefix"])}</code>', _esc(k["permissions"]),
+             "Active" if k["isActive"] else "Revoked or expired",
+             _esc(k["lastUsedAt"] or "never"), _esc(k["expiresAt"] or "never"),
+             button(v, f"/keys/{k['id']}/revoke", "Revoke", "danger")
+             if k["isActive"] and v.may("DELETE", "/account/api-keys/{keyId}") else ""]
+            for k in keys]
+    form = "<h2>Create a key</h2>" + render_form(
+        v, "/keys", KEY_FIELDS, {}, dict(v.form) if errors else {}, errors, "Create"
+    ) if v.may("POST", "/account/api-keys") else ""
+    return document(v, "API keys", notice + table(
+        ("Name", "Prefix", "Permissions", "State", "Last used", "Expires", ""), rows,
+        "No keys.") + form, 400 if errors else 200)
+
+
+@dash("/keys/{keyId}/revoke", "POST")
+async def key_revoke(v: Visit) -> Response:
+    await act(v, "DELETE", "/account/api-keys/{keyId}", dict(v.request.path_params))
+    return redirect("/keys")
+
+
+CHANGE_PASSWORD_FIELDS = (Field("current", "string", True, maximum=1024,
+                                doc="Current password"), *PASSWORD_FIELDS)
+
+
+async def _account_forms(v: Visit) -> tuple[dict[str, str], dict[str, str], str]:
+    """Handle a POST of the account page: (settings errors, password errors, notice)."""
+    if v.form.get("form") == "password":
+        try:
+            clean = validate(CHANGE_PASSWORD_FIELDS, form_body(
+                CHANGE_PASSWORD_FIELDS, {}, v.form, None), {"cfg": v.rt.cfg})
+        except ValidationFailed as exc:
+            return {}, issue_errors(exc), ""
+        stored = await v.rt.db.fetchval("SELECT password_hash FROM accounts WHERE id = ?",
+                                        (v.who.account_id,))
+        if not await asyncio.to_thread(verify_password, clean["current"], stored):
+            return {}, {"current": "Wrong password"}, ""
+        await set_password(v.rt.db, v.who.account_id, clean["password"])
+        return {}, {}, "Password changed; every session was signed out."
+    try:
+        await act(v, "PUT", "/account", body=form_body(ACCOUNT_FIELDS, {}, v.form, {}))
+    except ValidationFailed as exc:
+        return issue_errors(exc), {}, ""
+    return {}, {}, "Settings saved."
+
+
+@dash("/account", "GET", "POST")
+async def account_page(v: Visit) -> Response:
+    """Settings, password, signing out everywhere and the team's API usage per endpoint."""
+    errors: dict[str, str] = {}
+    password_errors: dict[str, str] = {}
+    notice = ""
+    if v.request.method == "POST":
+        errors, password_errors, notice = await _account_forms(v)
+        if notice.startswith("Password"):
+            return redirect("/signin")
+    account = await act(v, "GET", "/account")
+    usage = await act(v, "GET", "/account/usage", query={"period": v.query("period", "24h")})
+    values = dict(v.form) if errors else form_values(ACCOUNT_FIELDS, {}, account)
+    rows = [[f"<code>{_esc(endpoint)}</code>", f'<span class="num">{count}</span>']
+            for endpoint, count in usage["requestsByEndpoint"].items()]
+    body = (
+        (f'<p class="notice" role="status">{_esc(notice)}</p>' if notice else "") +
+        f'<p>Signed in as <strong>{_esc(account["email"])}</strong> ({_esc(v.who.role)}).</p>'
+        + (render_form(v, "/account", ACCOUNT_FIELDS, {}, values, errors, "Save settings")
+           if v.may("PUT", "/account") else "") +
+        "<h2>Password</h2>" + render_form(
+            v, "/account", CHANGE_PASSWORD_FIELDS, {}, {}, password_errors, "Change password",
+            '<input type="hidden" name="form" value="password">') +
+        "<h2>Sessions</h2><p>Sign out of every browser, this one included.</p>" +
+        button(v, "/signout-everywhere", "Sign out everywhere", "danger") +
+        f"<h2>API usage ({_esc(usage['period'])})</h2>" +
+        table(("Endpoint", "Requests"), rows, "No API requests in this period."))
+    return document(v, "Account", body, 400 if errors or password_errors else 200)
+
+
+# Signing in, first setup, invitations and signing out.
+
+def _next(v: Visit) -> str:
+    """Where to go after signing in: a path on this site only."""
+    target = v.form.get("next") or v.query("next") or "/"
+    return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
+
+
+def client_ip(v: Visit) -> str:
+    return v.rt.heartbeats.source_ip(v.request) or "unknown"
+
+
+async def _signed_in(v: Visit, account_id: str) -> Response:
+    response = redirect(_next(v))
+    session_cookie(v.rt, v.request, response, await create_session(v.rt, account_id))
+    return response
+
+
+async def _signin(v: Visit) -> tuple[Response | None, dict[str, str]]:
+    try:
+        clean = validate(SIGNIN_FIELDS, form_body(SIGNIN_FIELDS, {}, v.form, None),
+                         {"cfg": v.rt.cfg})
+    except ValidationFailed as exc:
+        return None, issue_errors(exc)
+    await signin_allowed(v.rt, clean["email"], client_ip(v))
+    row = await v.rt.db.fetchone("SELECT id, password_hash FROM accounts WHERE email = ?",
+                                 (clean["email"],))
+    if not await asyncio.to_thread(verify_password, clean["password"],
+                                   row["password_hash"] if row else None) or row is None:
+        await signin_failed(v.rt, clean["email"], client_ip(v))
+        return None, {"": "Wrong email or password."}
+    return await _signed_in(v, row["id"]), {}
+
+
+@dash("/signin", "GET", "POST", signed_in=False)
+async def signin_page(v: Visit) -> Response:
+    errors: dict[str, str] = {}
+    if v.request.method == "POST":
+        response, errors = await _signin(v)
+        if response is not None:
+            return response
+    values = {"email": v.form.get("email", "")}
+    hidden = f'<input type="hidden" name="next" value="{_esc(_next(v))}">'
+    return document(v, "Sign in", render_form(v, "/signin", SIGNIN_FIELDS, {}, values, errors,
+                                              "Sign in", hidden), 401 if errors else 200)
+
+
+async def _choose_password(v: Visit, action: str, title: str, intro: str,
+                           done: Callable[[str], Awaitable[Response]]) -> Response:
+    """The password form of ``/setup`` and ``/invite``; a valid POST calls ``done``."""
+    errors: dict[str, str] = {}
+    if v.request.method == "POST":
+        try:
+            clean = validate(PASSWORD_FIELDS, form_body(PASSWORD_FIELDS, {}, v.form, None),
+                             {"cfg": v.rt.cfg})
+            return await done(clean["password"])
+        except ValidationFailed as exc:
+            errors = issue_errors(exc)
+    token = _esc(v.query("token") or v.form.get("token", ""))
+    hidden = f'<input type="hidden" name="token" value="{token}">'
+    return document(v, title, f"<p>{_esc(intro)}</p>" + render_form(
+        v, action, PASSWORD_FIELDS, {}, {}, errors, "Set password", hidden),
+        400 if errors else 200)
+
+
+@dash("/setup", "GET", "POST", signed_in=False)
+async def setup_page(v: Visit) -> Response:
+    """The first owner's one-time link: choose a password, then you are signed in."""
+    token = v.query("token") or v.form.get("token", "")
+    row = await v.rt.db.fetchone(
+        "SELECT s.account_id, a.email FROM setup_tokens s JOIN accounts a ON a.id = s.account_id"
+        " WHERE s.token_hash = ? AND s.expires_at > ?", (hash_key(token), now_ms()))
+    if row is None:
+        raise NotFound("This setup link is unknown, used or expired",
+                       "run 'statusapp passwd --email EMAIL' to set a password instead")
+
+    async def done(password: str) -> Response:
+        await set_password(v.rt.db, row["account_id"], password)
+        await v.rt.db.write([("DELETE FROM setup_tokens WHERE account_id = ?",
+                              (row["account_id"],))])
+        return await _signed_in(v, row["account_id"])
+    return await _choose_password(v, "/setup", "Welcome to StatusApp",
+                                  f"Choose the password of {row['email']}.", done)
+
+
+@dash("/invite", "GET", "POST", signed_in=False)
+async def invite_page(v: Visit) -> Response:
+    """Accept a team invitation in the browser: choose a password and join."""
+    token = v.query("token") or v.form.get("token", "")
+
+    async def done(password: str) -> Response:
+        joined = await act(v, "POST", "/team/invitations/{token}/accept", {"token": token})
+        account = await v.rt.db.fetchrow("SELECT id, password_hash FROM accounts WHERE email = ?",
+                                         (joined["member"]["email"],))
+        if account["password_hash"]:  # an existing person keeps the password they have
+            return redirect("/signin")
+        await set_password(v.rt.db, account["id"], password)
+        return await _signed_in(v, account["id"])
+    return await _choose_password(v, "/invite", "Join the team",
+                                  "Choose a password to accept the invitation.", done)
+
+
+@dash("/signout", "POST", signed_in=False)
+async def signout(v: Visit) -> Response:
+    if v.session:
+        await v.rt.db.write([("DELETE FROM sessions WHERE id = ?", (v.session.id,))])
+    response = redirect("/signin")
+    session_cookie(v.rt, v.request, response, "")
+    return response
+
+
+@dash("/signout-everywhere", "POST")
+async def signout_everywhere(v: Visit) -> Response:
+    await v.rt.db.write([("DELETE FROM sessions WHERE account_id = ?", (v.who.account_id,))])
+    response = redirect("/signin")
+    session_cookie(v.rt, v.request, response, "")
+    return response
+
+
+async def dashboard_css(request: Request) -> Response:
+    return Response(DASHBOARD_CSS, 200, {"Cache-Control": "public, max-age=31536000, immutable"},
+                    "text/css; charset=utf-8")
+
+
+DASHBOARD_ROUTES.append(Route("/dashboard.css", dashboard_css, methods=["GET"]))
 
 
 # --- CLI ---
@@ -8812,7 +10348,8 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
         finally:  # after a failed start too: open connections would keep the process alive
             await rt.stop()
 
-    return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES], lifespan=lifespan,
+    return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES, *DASHBOARD_ROUTES],
+                     lifespan=lifespan,
                      middleware=[Middleware(Cors)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_api_error,
                                          Exception: on_api_error})
@@ -8952,6 +10489,31 @@ def init(config_path: str | None, db: str | None, email: str, name: str | None) 
     created, key = _run(cfg, job)
     click.echo(f"{'Created' if created else 'Found'} account {email}; new API key:")
     click.echo(key)
+
+
+@cli.command()
+@_options
+@click.option("--email", required=True, help="The account whose password to set.")
+def passwd(config_path: str | None, db: str | None, email: str) -> None:
+    """Set the dashboard password of EMAIL: read from stdin (one line), or prompted on a
+    terminal.  Every session of the account is signed out."""
+    cfg = _config(config_path, db)
+    password = (click.prompt("New password", hide_input=True, confirmation_prompt=True)
+                if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n"))
+    try:
+        validate(PASSWORD_FIELDS[:1], {"password": password}, {"cfg": cfg})
+    except ValidationFailed as exc:
+        raise click.ClickException(f"password: {exc.issues[0]['message']}") from None
+
+    async def job(database: Database) -> bool:
+        account = await database.fetchval("SELECT id FROM accounts WHERE email = ?", (email,))
+        if account is not None:
+            await set_password(database, account, password)
+        return account is not None
+
+    if not _run(cfg, job):
+        raise click.ClickException(f"no account with email {email}")
+    click.echo(f"password set for {email}")
 
 
 @cli.group()

@@ -4432,7 +4432,8 @@ def test_page_custom_domain_serves_root(client, seeded):
     for host in ("status.acme.test", "STATUS.ACME.TEST:8443", "status.acme.test."):
         resp = client.get("/", headers={"Host": host})
         assert resp.status_code == 200 and "<h1>Acme &amp; Co</h1>" in resp.text
-    assert client.get("/", headers={"Host": "other.acme.test"}).status_code == 404
+    other = client.get("/", headers={"Host": "other.acme.test"}, follow_redirects=False)
+    assert other.status_code == 303 and other.headers["location"] == "/signin?next=/"
 
 
 def test_page_json_summary(client, seeded):
@@ -5404,7 +5405,9 @@ def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg,
     real = _real_ids(cfg, client)
     cases = _typed_cases(real)
     covered = {id(table) for _, _, table, _ in cases} | {id(statusapp.BADGE_QUERY)} | {
-        id(doc.query) for doc in statusapp.API_DOCS}  # query tables: the next tests
+        id(doc.query) for doc in statusapp.API_DOCS} | {  # query tables: the next tests
+        id(t) for t in (statusapp.SIGNIN_FIELDS, statusapp.PASSWORD_FIELDS,  # dashboard forms:
+                        statusapp.CHANGE_PASSWORD_FIELDS)}  # form text, see the dashboard tests
     covered_fields = {id(f) for _, _, table, _ in cases for f in table}
     for table in _field_tables().values():  # the rest are parts of covered tables
         assert id(table) in covered or all(id(f) in covered_fields for f in table), table
@@ -5463,6 +5466,537 @@ def test_empty_or_unknown_query_values_are_400s_from_the_query_tables(cfg, clien
     for value in ("", "bogus"):
         assert client.get(f"/badge/{monitor}/uptime.svg", params={"period": value}).status_code == 400
     assert client.get("/api/v1/monitors", params={"search": ""}).status_code == 200
+
+
+# --- Dashboard tests ---
+
+
+def test_password_kdf_is_salted_scrypt_and_verifies():
+    first, second = statusapp.hash_password("a long password"), statusapp.hash_password(
+        "a long password")
+    assert first.startswith("scrypt$16384$8$1$") and first != second  # a fresh salt each time
+    assert statusapp.verify_password("a long password", first)
+    assert not statusapp.verify_password("a long passwore", first)
+    assert not statusapp.verify_password("anything", None)
+    _, n, r, p, salt, digest = first.split("$")
+    assert hashlib.scrypt(b"a long password", salt=statusapp._unb64(salt), n=int(n), r=int(r),
+                          p=int(p), dklen=32) == statusapp._unb64(digest)
+
+
+def test_signed_values_refuse_tampering():
+    value = statusapp.sign("secret", "token")
+    assert statusapp.unsign("secret", value) == "token"
+    assert statusapp.unsign("other", value) is None
+    assert statusapp.unsign("secret", "tokem" + value[5:]) is None
+    assert statusapp.unsign("secret", value[:-1] + ("0" if value[-1] != "0" else "1")) is None
+    assert statusapp.unsign("secret", "") is None
+
+
+def test_form_is_generated_from_the_field_table_and_parsed_back():
+    fields = (*statusapp.WEBHOOK_FIELDS,
+              statusapp.Field("retries", "integer", default=3, minimum=1, maximum=9,
+                              doc="Retries <max>"),
+              statusapp.Field("mode", "string", ("WEBSITE",), choices=("fast", "slow"),
+                              kinds=("WEBSITE",)))
+    cfg = statusapp.load_config(environ={})
+    values = statusapp.form_values(fields, {}, {})
+    html_text = statusapp.form_fields(fields, {}, values, {"retries": "Too <big>"}, cfg)
+    assert re.search(r'<label for="f-retries">Retries &lt;max&gt;</label><input type="number" '
+                     r'id="f-retries" name="retries"[^>]*aria-invalid="true"[^>]*value="3" '
+                     r'min="1" max="9"', html_text)
+    assert '<p class="err" id="f-retries-err">Too &lt;big&gt;</p>' in html_text
+    assert re.search(r'<div data-kinds="WEBSITE"><label for="f-mode">Mode</label><select '
+                     r'id="f-mode" name="mode"[^>]*><option value="">', html_text)
+    assert '<p class="hint" id="f-mode-hint">required for WEBSITE (for WEBSITE)</p>' in html_text
+    assert re.search(r'<label class="check"><input type="hidden" name="isActive" value="false">'
+                     r'<input type="checkbox" id="f-isActive" [^>]*checked>'
+                     r'Is active</label><p class="hint" id="f-isActive-hint">Inactive webhooks'
+                     r' receive nothing</p>', html_text)
+    assert 'name="isActive" value="false"><input type="checkbox"' in html_text
+    form = {"name": "n", "url": "http://x.test", "events": "a", "secret": "", "isActive": "true",
+            "retries": "x7", "mode": "fast"}
+    assert statusapp.form_body(fields, {}, form, None) == {
+        "name": "n", "url": "http://x.test", "events": "a", "secret": None, "isActive": True,
+        "retries": "x7", "mode": "fast"}  # kept as typed, so validate names the field
+    assert "secret" not in statusapp.form_body(fields, {}, form, {"name": "old"})
+
+
+def test_monitor_form_covers_every_monitor_field_and_nested_auth():
+    cfg = statusapp.load_config(environ={})
+    res = statusapp.RESOURCES["monitors"]
+    html_text = statusapp.form_fields(res.fields, res.nested, {}, {}, cfg)
+    for field in statusapp.MONITOR_FIELDS:
+        assert f'name="{field.name}"' in html_text or field.name in res.nested
+    for field in statusapp.AUTH_FIELDS:
+        assert f'name="apiAuthConfig.{field.name}"' in html_text
+    assert 'id="f-type" name="type" aria-describedby="f-type-hint" data-kind-select' in html_text
+    channels = statusapp.RESOURCES["channels"]
+    html_text = statusapp.form_fields(channels.fields, channels.nested, {}, {}, cfg)
+    for channel in statusapp.CHANNEL_TYPES.values():
+        for field in channel.fields:
+            kinds = re.search(rf'<div data-kinds="([^"]*)"><label for="f-config-{field.name}">',
+                              html_text).group(1).split()
+            assert channel.name in kinds
+
+
+class _Browser:
+    """Signed-in HTTP as a browser would do it (cookies, CSRF tokens from pages)."""
+
+    def __init__(self, base: str) -> None:
+        self.http = httpx.Client(base_url=base, timeout=10, follow_redirects=False)
+
+    def csrf(self, path: str) -> str:
+        return re.search(r'name="csrf" value="([^"]+)"', self.http.get(path).text).group(1)
+
+    def post(self, path: str, data: dict, page: str | None = None) -> httpx.Response:
+        return self.http.post(path, data={"csrf": self.csrf(page or path), **data})
+
+    def sign_in(self, email: str, password: str) -> httpx.Response:
+        return self.post("/signin", {"email": email, "password": password}, "/signin")
+
+    def use_cookie(self, value: str) -> None:
+        self.http.cookies.clear()
+        self.http.cookies.set("statusapp_session", value, domain="testserver.local")
+
+
+@pytest.fixture
+def dashboard(cfg, key):
+    """StatusApp under uvicorn-free TestClient with a signed-in owner as a _Browser-like client."""
+    cli_input = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "owner@example.test",
+                                                   "--db", cfg["server"]["database"]],
+                                   input="correct horse battery\n")
+    assert cli_input.exit_code == 0 and "password set" in cli_input.output
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        assert browser.sign_in("owner@example.test", "correct horse battery").status_code == 303
+        yield browser
+
+
+def test_session_cookie_flags_expiry_revocation_and_tampering(cfg, dashboard):
+    cookie = dashboard.http.cookies["statusapp_session"]
+    assert dashboard.http.get("/").status_code == 200
+    response = dashboard.post("/signout", {}, "/")
+    assert "HttpOnly" in response.headers["set-cookie"]
+    assert "SameSite=lax" in response.headers["set-cookie"]
+    dashboard.use_cookie(cookie)
+    assert dashboard.http.get("/").headers["location"] == "/signin?next=/"  # revoked
+    dashboard.sign_in("owner@example.test", "correct horse battery")
+    cookie = dashboard.http.cookies["statusapp_session"]
+    dashboard.use_cookie(cookie[:-2] + ("00" if cookie[-2:] != "00" else "11"))
+    assert dashboard.http.get("/").status_code == 303  # tampered signature
+    dashboard.use_cookie(cookie)
+    assert dashboard.http.get("/").status_code == 200
+    sql(cfg, "UPDATE sessions SET expires_at = 0")
+    assert dashboard.http.get("/").status_code == 303  # expired
+
+
+def test_sign_out_everywhere_and_password_change_end_every_session(cfg, dashboard):
+    other = _Browser.__new__(_Browser)
+    other.http = TestClient(dashboard.http.app, follow_redirects=False)
+    other.use_cookie(dashboard.http.cookies["statusapp_session"])
+    dashboard.sign_in("owner@example.test", "correct horse battery")
+    assert other.http.get("/").status_code == 200
+    dashboard.post("/signout-everywhere", {}, "/account")
+    assert other.http.get("/").status_code == 303 and dashboard.http.get("/").status_code == 303
+    assert sql(cfg, "SELECT COUNT(*) FROM sessions") == [(0,)]
+
+
+def test_sign_in_is_rate_limited_per_account_with_a_clear_message(cfg, dashboard):
+    dashboard.post("/signout", {}, "/")
+    for _ in range(5):
+        wrong = dashboard.sign_in("owner@example.test", "wrong password")
+        assert wrong.status_code == 401 and "Wrong email or password." in wrong.text
+    blocked = dashboard.sign_in("owner@example.test", "correct horse battery")
+    assert blocked.status_code == 429
+    assert "Too many failed sign-ins for this account; try again in 15 minutes" in blocked.text
+    assert dashboard.sign_in("nobody@example.test", "x").status_code == 401  # others still may
+
+
+def test_sign_in_is_rate_limited_per_address(tmp_path):
+    cfg = make_cfg(tmp_path, dashboard={"signin_failures_per_ip": 3})
+    new_key(cfg)
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        for n in range(3):
+            assert browser.sign_in(f"p{n}@example.test", "x").status_code == 401
+        blocked = browser.sign_in("p9@example.test", "x")
+        assert blocked.status_code == 429 and "for your address" in blocked.text
+
+
+def test_forms_refuse_a_missing_or_foreign_csrf_token(dashboard):
+    forged = dashboard.http.post("/monitors/new", data={"name": "x", "url": "http://a.test"})
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    foreign = dashboard.http.post("/monitors/new", headers={"Origin": "http://evil.test"},
+                                  data={"csrf": dashboard.csrf("/"), "name": "x"})
+    assert foreign.status_code == 403
+
+
+def test_validation_errors_show_next_to_their_field_with_the_typed_values(dashboard):
+    response = dashboard.post("/monitors/new", {"name": "", "type": "PORT", "url": "a b",
+                                                "interval": "soon", "port": "70000"}, "/")
+    assert response.status_code == 400
+    text = response.text
+    assert re.search(r'id="f-name-err">Required<', text)
+    assert re.search(r'id="f-interval"[^>]*value="soon"', text)
+    assert re.search(r'id="f-interval-err">Expected [a-z]+, received string<', text)
+    assert re.search(r'id="f-port-err">Number must be less than or equal to 65535<', text)
+    assert re.search(r'<option selected>PORT</option>', text)
+
+
+def test_history_api_pages_and_filters_checks(cfg, client):
+    monitor = client.post("/api/v1/monitors", json={"name": "h", "url": "http://127.0.0.1:9/",
+                                                    "isActive": False}
+                          ).json()
+    rows = [(monitor["id"], "local" if i % 2 else "eu", "UP" if i % 3 else "DOWN",
+             10 + i, 1_700_000_000_000 + i * 60_000) for i in range(7)]
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO checks (monitor_id, region_id, status, response_time,"
+                         " checked_at) VALUES (?, ?, ?, ?, ?)", rows)
+    url = f"/api/v1/monitors/{monitor['id']}/checks"
+    page = client.get(url, params={"limit": 3, "page": 2}).json()
+    assert page["pagination"] == {"total": 7, "page": 2, "limit": 3, "totalPages": 3}
+    assert [c["responseTime"] for c in page["checks"]] == [13, 12, 11]
+    down = client.get(url, params={"status": "DOWN"}).json()["checks"]
+    assert [c["responseTime"] for c in down] == [16, 13, 10]
+    window = client.get(url, params={"from": "2023-11-14T22:15:00Z", "to": "2023-11-14T22:17:00Z",
+                                     "region": "local", "order": "asc"}).json()["checks"]
+    assert [(c["responseTime"], c["workerRegion"]["id"]) for c in window] == [(13, "local")]
+    assert client.get(url, params={"from": "yesterday"}).status_code == 400
+    spec = client.get("/api/v1/openapi.json").json()
+    assert {p["name"] for p in spec["paths"]["/monitors/{monitorId}/checks"]["get"]["parameters"]
+            } >= {"from", "to", "region", "status", "page", "limit"}
+
+
+def test_channel_test_endpoint_reports_the_receivers_answer(client):
+    receiver = _NotifyReceiver()
+    try:
+        receiver.script = [(503, b"busy", 0)]
+        channel = client.post("/api/v1/notifications", json={
+            "name": "hook", "type": "WEBHOOK", "config": {"url": receiver.url + "/in"}}).json()
+        answer = client.post(f"/api/v1/notifications/{channel['id']}/test").json()
+        assert answer["success"] is False and answer["statusCode"] == 503
+        answer = client.post(f"/api/v1/notifications/{channel['id']}/test").json()
+        assert answer["success"] is True and answer["statusCode"] == 200
+        assert receiver.json()["event"] == "test" and len(receiver.requests) == 2
+    finally:
+        receiver.close()
+
+
+def test_passwd_refuses_short_passwords_and_unknown_accounts(cfg, key):
+    short = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "owner@example.test", "--db",
+                                               cfg["server"]["database"]], input="short\n")
+    assert short.exit_code != 0 and "at least 10" in short.output
+    unknown = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "x@example.test", "--db",
+                                                 cfg["server"]["database"]], input="long enough pw\n")
+    assert unknown.exit_code != 0 and "no account with email x@example.test" in unknown.output
+
+
+def test_cron_monitor_page_shows_ping_url_cron_line_and_ping_log(cfg, key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "backup", "type": "CRON", "interval": 3600}).json()
+    ping = dashboard.http.post(urllib.parse.urlsplit(monitor["heartbeatUrl"]).path + "/log",
+                               content=b"42 files <copied>")
+    assert ping.status_code == 200
+    page = dashboard.http.get(f"/monitors/{monitor['id']}").text
+    assert f'<pre id="ping-url">{monitor["heartbeatUrl"]}</pre>' in page
+    assert re.search(r'<pre id="cron-line">\*/5 \* \* \* \* /path/to/job.sh &amp;&amp; curl -fsS'
+                     r' -m 10 --retry 3 ' + re.escape(monitor["heartbeatUrl"]), page)
+    assert "<td>log</td>" in page and "42 files &lt;copied&gt;" in page
+    assert "Regression detection is off." in page
+    for period in ("7d", "30d"):
+        page = dashboard.http.get(f"/monitors/{monitor['id']}", params={"period": period}).text
+        assert f'<a href="?period={period}" aria-current=true>{period}</a>' in page
+
+
+def test_incident_update_and_resolve_from_the_dashboard(cfg, key, dashboard):
+    monitor = dashboard.http.post("/api/v1/monitors", headers={"X-API-Key": key}, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    sql(cfg, "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at,"
+             " severity, status, affected_regions) VALUES ('inc_1', (SELECT account_id FROM"
+             " monitors), ?, 2026, 1, 1764547200000, 'high', 'open', '[]')",
+        (monitor["id"],))
+    assert "INC-2026-0001" in dashboard.http.get("/").text  # open incidents on top
+    bad = dashboard.post("/incidents/inc_1", {"status": "sleeping", "message": "x"})
+    assert bad.status_code == 400 and re.search(r'id="f-status-err">Invalid enum value', bad.text)
+    dashboard.post("/incidents/inc_1", {"status": "identified", "message": "Disk <full>"})
+    page = dashboard.http.get("/incidents/inc_1").text
+    assert "<strong>identified</strong> &ndash; Disk &lt;full&gt;" in page
+    dashboard.post("/incidents/inc_1", {"status": "resolved", "message": "Resolved from the"
+                                        " dashboard."})
+    assert sql(cfg, "SELECT resolved_at IS NOT NULL FROM incidents") == [(1,)]
+    assert "Resolve now" not in dashboard.http.get("/incidents/inc_1").text
+    assert "INC-2026-0001" not in dashboard.http.get("/").text
+
+
+def test_team_keys_and_account_pages_act_through_the_api(cfg, dashboard):
+    invited = dashboard.post("/team", {"email": "ann@example.test", "role": "MEMBER"})
+    link = re.search(r'<pre id="invite-link">([^<]+)</pre>', invited.text).group(1)
+    assert "/invite?token=inv_" in link
+    member = sql(cfg, "SELECT id FROM team_members WHERE email = 'ann@example.test'")[0][0]
+    dashboard.post(f"/team/{member}/role", {"role": "VIEWER"}, "/team")
+    assert sql(cfg, "SELECT role FROM team_members WHERE id = ?", (member,)) == [("VIEWER",)]
+    dashboard.post(f"/team/{member}/remove", {}, "/team")
+    assert sql(cfg, "SELECT COUNT(*) FROM team_members WHERE id = ?", (member,)) == [(0,)]
+    created = dashboard.post("/keys", {"name": "laptop", "permissions": "read"})
+    new_key_text = re.search(r'<pre id="new-key">(sk_live_[^<]+)</pre>', created.text).group(1)
+    assert dashboard.http.get("/api/v1/monitors", headers={"X-API-Key": new_key_text}
+                              ).status_code == 200
+    key_id = sql(cfg, "SELECT id FROM api_keys WHERE name = 'laptop'")[0][0]
+    dashboard.post(f"/keys/{key_id}/revoke", {}, "/keys")
+    assert dashboard.http.get("/api/v1/monitors", headers={"X-API-Key": new_key_text}
+                              ).status_code == 401
+    saved = dashboard.post("/account", {"name": "Olive", "language": "xx", "timezone": "UTC",
+                                        "smsNotificationsEnabled": "false"})
+    assert saved.status_code == 400 and 'id="f-language-err"' in saved.text
+    dashboard.post("/account", {"name": "Olive", "language": "de", "timezone": "Europe/Berlin",
+                                "smsNotificationsEnabled": "false"})
+    assert sql(cfg, "SELECT name, language FROM accounts WHERE email = 'owner@example.test'"
+               ) == [("Olive", "de")]
+    usage = dashboard.http.get("/account").text
+    assert "<code>/api/v1/monitors</code>" in usage
+    changed = dashboard.post("/account", {"form": "password", "current": "correct horse battery",
+                                          "password": "another long one",
+                                          "confirm": "another long one"})
+    assert changed.headers["location"] == "/signin"
+    assert dashboard.http.get("/").status_code == 303  # a new password ends every session
+    assert dashboard.sign_in("owner@example.test", "another long one").status_code == 303
+
+
+def test_first_start_prints_a_one_time_setup_link_valid_for_an_hour(tmp_path, capsys):
+    cfg = make_cfg(tmp_path)
+    with TestClient(statusapp.create_app(cfg), follow_redirects=False) as test_client:
+        printed = capsys.readouterr().err
+        key = re.search(r"^(sk_live_\S+)$", printed, re.M).group(1)
+        token = re.search(r"http://127\.0\.0\.1:8080/setup\?token=(setup_\S+)", printed).group(1)
+        browser = _Browser.__new__(_Browser)
+        browser.http = test_client
+        assert browser.http.get("/setup?token=setup_wrong").status_code == 404
+        short = browser.post("/setup", {"token": token, "password": "short", "confirm": "short"},
+                             f"/setup?token={token}")
+        assert short.status_code == 400 and re.search(r'id="f-password-err">String must contain'
+                                                      r' at least 10', short.text)
+        differ = browser.post("/setup", {"token": token, "password": "long enough 1",
+                                         "confirm": "long enough 2"}, f"/setup?token={token}")
+        assert re.search(r'id="f-confirm-err">The two passwords differ', differ.text)
+        done = browser.post("/setup", {"token": token, "password": "long enough 1",
+                                       "confirm": "long enough 1"}, f"/setup?token={token}")
+        assert done.status_code == 303 and browser.http.get("/").status_code == 200
+        assert browser.http.get(f"/setup?token={token}").status_code == 404  # used once
+        assert browser.http.get("/api/v1/monitors", headers={"X-API-Key": key}).status_code == 200
+    expiry = sql(cfg, "SELECT COUNT(*) FROM setup_tokens")
+    assert expiry == [(0,)]
+
+
+def test_setup_links_expire(cfg, key, dashboard):
+    token = "setup_" + "x" * 32
+    sql(cfg, "INSERT INTO setup_tokens VALUES (?, (SELECT id FROM accounts), ?)",
+        (statusapp.hash_key(token), int(time.time() * 1000) - 1))
+    assert dashboard.http.get(f"/setup?token={token}").status_code == 404
+
+
+def test_sign_in_returns_only_to_a_page_of_this_site(dashboard):
+    dashboard.post("/signout", {}, "/")
+    for target, expected in (("/incidents?status=open", "/incidents?status=open"),
+                             ("//evil.test/", "/"), ("/\\\\evil.test/", "/"),
+                             ("https://evil.test/", "/")):
+        response = dashboard.post("/signin", {"email": "owner@example.test", "next": target,
+                                              "password": "correct horse battery"})
+        assert response.headers["location"] == expected
+
+
+def test_session_cookie_is_secure_behind_https(dashboard):
+    form = {"email": "owner@example.test", "password": "correct horse battery"}
+    cookie = dashboard.post("https://testserver/signin", form, "https://testserver/signin"
+                            ).headers["set-cookie"]
+    assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie
+    assert "Secure" not in dashboard.sign_in(**form).headers["set-cookie"]
+
+
+def test_a_viewer_gets_no_write_controls_on_any_page(cfg, key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    dashboard.http.post("/api/v1/notifications", headers=api, json={
+        "name": "hook", "type": "WEBHOOK", "config": {"url": "http://127.0.0.1:9/"}})
+    invited = dashboard.post("/team", {"email": "vic@example.test", "role": "VIEWER"})
+    token = re.search(r"/invite\?token=(inv_[^<]+)</pre>", invited.text).group(1)
+    dashboard.post("/signout", {}, "/")
+    joined = dashboard.post("/invite", {"token": token, "password": "viewer password",
+                                        "confirm": "viewer password"}, f"/invite?token={token}")
+    assert joined.status_code == 303
+    for path in ("/", f"/monitors/{monitor['id']}", "/channels", "/webhooks", "/pages", "/team",
+                 "/keys", "/incidents"):
+        page = dashboard.http.get(path).text
+        actions = set(re.findall(r'<form[^>]*method="post" action="([^"]+)"', page))
+        assert actions <= {"/signout"}, (path, actions)
+        assert not re.search(r'href="/[a-z]+/(new|[^"]+/edit)"', page), path
+    account = dashboard.http.get("/account").text
+    assert set(re.findall(r'<form[^>]*method="post" action="([^"]+)"', account)) == {
+        "/signout", "/account", "/signout-everywhere"}  # the password form and signing out
+    assert 'name="language"' not in account  # PUT /account needs MEMBER, as on the API
+
+
+def test_dashboard_changes_show_on_public_pages_at_once(key, dashboard):
+    api = {"X-API-Key": key}
+    monitor = dashboard.http.post("/api/v1/monitors", headers=api, json={
+        "name": "old name", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    dashboard.http.post("/api/v1/status-pages", headers=api, json={
+        "name": "Home", "slug": "home", "monitorGroups": [
+            {"name": "All", "monitorIds": [monitor["id"]]}]})
+    assert "old name" in dashboard.http.get("/status/home").text  # now in the public cache
+    edit = f"/monitors/{monitor['id']}/edit"
+    assert dashboard.post(edit, {"name": "new name"}).status_code == 303
+    assert "new name" in dashboard.http.get("/status/home").text
+    form = dashboard.http.get("/pages/new").text
+    assert re.search(r'id="f-monitorGroups-hint">[^<]*a JSON array', form)
+
+
+def test_monitor_chart_and_overview_sparkline_are_drawn_from_the_checks(cfg, key, dashboard):
+    monitor = dashboard.http.post("/api/v1/monitors", headers={"X-API-Key": key}, json={
+        "name": "drawn", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    now = int(time.time() * 1000)
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany("INSERT INTO checks (monitor_id, region_id, status, response_time,"
+                         " checked_at) VALUES (?, 'local', 'UP', ?, ?)",
+                         [(monitor["id"], ms, now - i) for i, ms in enumerate((100, 200, 900))])
+    page = dashboard.http.get(f"/monitors/{monitor['id']}").text
+    chart = re.search(r'<svg class="chart"[^>]*aria-label="p50 and p95 response time, 24h">'
+                      r'(.*?)</svg>', page).group(1)
+    assert '<polyline class="p50"' in chart and '<polyline class="p95"' in chart
+    assert re.search(r"<text [^>]*>\d+ ms</text>", chart)
+    overview = dashboard.http.get("/").text
+    assert 'aria-label="drawn: hourly average response time, 400 to 400 ms"' in overview
+    assert "100.00%" in overview
+
+
+def _chrome(width: int = 1280, height: int = 900):
+    """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
+        pytest.skip("chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options,
+                            service=webdriver.ChromeService("/usr/bin/chromedriver"))
+
+
+class _Site(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_dashboard_in_a_real_browser(tmp_path):
+    """Set up the owner from the printed link, run a monitor and a channel through the forms,
+    see status and incidents live, invite a VIEWER who gets no write controls."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    shots = HERE / "docs" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    site = _serve(ThreadingHTTPServer(("127.0.0.1", 0), _Site))
+    receiver = _NotifyReceiver()
+    srv = Server(tmp_path, env={"STATUSAPP_PROBES_CONFIRMATIONS": "1",
+                                "STATUSAPP_DASHBOARD_REFRESH_SECONDS": "1"}).start()
+    driver = _chrome()
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(NoSuchElementException,
+                                                         StaleElementReferenceException))
+
+    def fill(**values: str) -> None:
+        for ident, value in values.items():
+            element = driver.find_element(By.ID, f"f-{ident}")
+            if element.tag_name == "select":
+                Select(element).select_by_visible_text(value)
+            else:
+                element.clear()
+                element.send_keys(value)
+
+    def submit() -> None:
+        driver.find_element(By.CSS_SELECTOR, "main form[method=post] button").click()
+
+    try:
+        link = re.search(r"(http://\S+/setup\?token=\S+)", srv.output()).group(1)
+        driver.get(link.replace("http://127.0.0.1:8080", srv.url))
+        fill(password="correct horse battery", confirm="correct horse battery")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        driver.get(srv.url + "/monitors/new")
+        fill(name="Home site", url=f"http://127.0.0.1:{site.server_address[1]}/", interval="1",
+             timeout="5")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Home site")
+        monitor_url = driver.current_url
+        driver.get(srv.url + "/")
+        wait.until(lambda d: "Up" in d.find_element(By.ID, "live").text)  # refreshed live
+        driver.save_screenshot(str(shots / "overview-desktop.png"))
+        dark = [{"name": "prefers-color-scheme", "value": "dark"}]
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": dark})
+        driver.save_screenshot(str(shots / "overview-dark.png"))
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        _stop(site)
+        wait.until(lambda d: "Open incidents" in d.find_element(By.ID, "live").text)
+        assert "Down" in driver.find_element(By.ID, "live").text
+        driver.get(monitor_url)
+        driver.save_screenshot(str(shots / "monitor-desktop.png"))
+        driver.set_window_size(390, 844)
+        driver.save_screenshot(str(shots / "monitor-phone.png"))
+        driver.get(srv.url + "/")
+        driver.save_screenshot(str(shots / "overview-phone.png"))
+        driver.set_window_size(1280, 900)
+        driver.get(monitor_url + "/edit")
+        fill(name="Home site (edited)")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Home site (edited)")
+        driver.find_element(By.XPATH, "//button[text()='Pause']").click()
+        wait.until(lambda d: "Paused" in d.find_element(By.ID, "live").text)
+        driver.get(srv.url + "/channels/new")
+        fill(name="Receiver", type="WEBHOOK", **{"config-url": receiver.url + "/hook"})
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Notification channels")
+        driver.find_element(By.XPATH, "//button[text()='Send a test']").click()
+        notice = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "p.notice"))
+        assert "Test delivered: the receiver answered HTTP 200" in notice.text
+        assert receiver.json()["event"] == "test"
+        driver.get(srv.url + "/team")
+        fill(email="viewer@example.test", role="VIEWER")
+        submit()
+        invite = wait.until(lambda d: d.find_element(By.ID, "invite-link")).text
+        driver.find_element(By.XPATH, "//button[text()='Sign out']").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Sign in")
+        driver.get(invite.replace(re.match(r"http://[^/]+", invite).group(0), srv.url))
+        fill(password="viewer password", confirm="viewer password")
+        submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        page = driver.page_source
+        assert "Home site (edited)" in page and "Resume" not in page and "New monitor" not in page
+        driver.get(monitor_url)
+        assert not driver.find_elements(By.XPATH, "//main//button[text()!='Copy']")
+        viewer = httpx.Client(base_url=srv.url, timeout=10, follow_redirects=False,
+                              cookies={"statusapp_session":
+                                       driver.get_cookie("statusapp_session")["value"]})
+        csrf = re.search(r'name="csrf" value="([^"]+)"', viewer.get("/").text).group(1)
+        refused = viewer.post(urllib.parse.urlsplit(monitor_url).path + "/pause",
+                              data={"csrf": csrf})
+        assert refused.status_code == 403 and "needs the MEMBER role" in refused.text
+        forged = viewer.post("/signout-everywhere")
+        assert forged.status_code == 403 and "CSRF" in forged.text
+    finally:
+        driver.quit()
+        receiver.close()
+        srv.stop()
+        with contextlib.suppress(OSError):
+            _stop(site)
 
 
 # --- CLI tests ---
