@@ -447,7 +447,17 @@ CREATE TABLE signin_failures (
 CREATE INDEX signin_failures_email ON signin_failures(email, at);
 CREATE INDEX signin_failures_ip ON signin_failures(ip, at);
 
--- migration 14: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- migration 14: opening incident updates name the cause's category, not the check's error text
+-- Updates are public (status pages, feeds); older ones carried the error, which can hold URLs,
+-- addresses or a heartbeat job's output.  People's updates are never written at started_at.
+UPDATE incident_updates SET message = COALESCE((
+    SELECT m.name || ' is down (cause: ' || lower(replace(i.root_cause_category, '_', ' ')) || ')'
+    FROM incidents i JOIN monitors m ON m.id = i.monitor_id
+    WHERE i.id = incident_updates.incident_id), 'Monitor is down')
+WHERE status = 'investigating' AND message LIKE '% is down: %'
+  AND created_at = (SELECT started_at FROM incidents i WHERE i.id = incident_updates.incident_id);
+
+-- migration 15: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
 -- of the secrets it applied to each (masked secrets alone cannot show that one changed)
 ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

@@ -97,6 +97,26 @@ API_VERSION = "v1"
 _T = TypeVar("_T")
 log = logging.getLogger("statusapp")
 
+# Logs never carry secrets: a URL keeps its scheme, host and path but loses its user:password@,
+# query string and fragment, and a heartbeat id in a path (the CRON monitor's ping secret) is
+# hidden.  ``redact`` is applied to every formatted log line, tracebacks included.
+_URL_PARTS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^/\s?#@\"'<>]*@)?([^\s?#\"'<>]*)"
+                        r"(\?[^\s#\"'<>]*)?(#[^\s\"'<>]*)?")
+_HEARTBEAT_PATH = re.compile(r"(/heartbeat/)[^/\s?#\"'<>]+")
+
+
+def redact(text: str) -> str:
+    """``text`` without URL credentials, query strings, fragments or heartbeat ids."""
+    text = _URL_PARTS.sub(lambda m: m[1] + m[2] + ("?\u2026" if m[3] or m[4] else ""), text)
+    return _HEARTBEAT_PATH.sub("\\1\u2026", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """The log format, with ``redact`` applied to the whole line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
 # --- Config ---
 #
 # ``CONFIG`` is the one table of settings: each key's default (whose type is the key's type),
@@ -139,6 +159,14 @@ CONFIG: dict[str, dict[str, Setting]] = {
                              choices=("critical", "error", "warning", "info", "debug")),
         "metrics_token": Setting("", 'GET /metrics also accepts "Authorization: Bearer <this>" '
                                      "when set"),
+        "keepalive_timeout": Setting(5, "seconds an idle keep-alive connection stays open after "
+                                        "an answer", 1, 3600),
+        "header_timeout": Setting(10.0, "seconds a client has to send a request's headers (from "
+                                        "connecting or from the previous answer), then as long "
+                                        "again for its body; slower or silent clients are closed",
+                                  0.1, 3600),
+        "max_connections": Setting(1000, "open connections at most; requests beyond get 503; "
+                                         "0 = no limit", 0, 1_000_000),
     },
     "account": {
         "plan": Setting("ENTERPRISE", "rate-limit plan of new accounts (API requests an hour: "
@@ -166,6 +194,12 @@ CONFIG: dict[str, dict[str, Setting]] = {
         "blocklists": Setting(["dbl.spamhaus.org"], "domain-name DNS blocklists for DOMAIN "
                                                     "monitors"),
         "local": Setting(True, "false: this server probes nothing itself, only agents do"),
+        "max_body_bytes": Setting(1_048_576, "WEBSITE/API checks (and RDAP answers) read at most "
+                                             "this much of a body, then close the connection",
+                                  1024, 1 << 30),
+        "allow_private_targets": Setting(True, "false refuses monitors whose target is, or "
+                                               "resolves to, a private, loopback or link-local "
+                                               "address (when saved and at every connection)"),
     },
     "region": {
         "id": Setting("local", "region id shown with checks"),
@@ -202,8 +236,9 @@ CONFIG: dict[str, dict[str, Setting]] = {
                                      "(at most 10 times this after the first); 0 = one message "
                                      "per alert", 0, 3600),
         "storm_names": Setting(20, "monitor names listed in a grouped message", 1, 1000),
-        "allow_private_targets": Setting(True, "false refuses channel/webhook URLs on private "
-                                               "or loopback IPs"),
+        "allow_private_targets": Setting(True, "false refuses channel/webhook URLs that are, or "
+                                               "resolve to, private, loopback or link-local "
+                                               "addresses (when saved and at every connection)"),
         "telegram_api_url": Setting("https://api.telegram.org"),
         "pagerduty_url": Setting("https://events.pagerduty.com/v2/enqueue"),
         "opsgenie_url": Setting("https://api.opsgenie.com"),
@@ -1236,11 +1271,13 @@ class MonitorType:
     """One monitor type: how it reads ``url`` (``http``: an http(s) URL, ``https``, ``host``: a
     hostname/IP/URL, ``text``: free text) and its probe; None for a type that is never probed
     (CRON: its checks are the heartbeats it receives).  Its fields are the MONITOR_FIELDS whose
-    ``kinds`` name it (or that have none)."""
+    ``kinds`` name it (or that have none).  ``connects``: its probe connects to the ``url``
+    itself, so ``[probes] allow_private_targets`` rules it (DNS and DOMAIN ask resolvers)."""
 
     name: str
     url_rule: str
     probe: Probe | None
+    connects: bool = True
 
     @property
     def fields(self) -> tuple[Field, ...]:
@@ -1870,6 +1907,8 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
     def find(kind: type[BaseException]) -> Any:
         return next((e for e in chain if isinstance(e, kind)), None)
 
+    if (err := find(PrivateTargetError)) is not None:
+        return str(err), "CONFIGURATION_ERROR"
     if (err := find(socket.gaierror)) is not None:
         return f"DNS resolution failed: {err.strerror or err}", "DNS_FAILURE"
     if find(TimeoutError) or find(httpx.TimeoutException):
@@ -1896,7 +1935,8 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
 # HTTP timings.  httpcore's "trace" extension reports TLS, request and response phases, but
 # DNS happens inside its TCP connect.  So the pool gets a network backend that resolves the
 # name itself and connects to the address, timing both into the check's timings dict, which
-# it finds through a context variable (each check runs in its own task).
+# it finds through a context variable (each check runs in its own task).  Resolving there also
+# lets it refuse private addresses and connect to exactly the address it checked.
 
 _TIMING_PHASES = ("dns", "connect", "tls", "ttfb", "transfer")
 _TRACE_PHASES = {  # phase: (trace step that starts it, trace step whose completion ends it)
@@ -1925,11 +1965,40 @@ def _tracer(timings: dict[str, float]) -> Callable[[str, dict[str, Any]], Awaita
     return trace
 
 
-class _TimedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend with name resolution split out of the TCP connect."""
+class PrivateTargetError(httpcore.ConnectError):
+    """A target that is, or resolves to, a private, loopback or link-local address where
+    ``allow_private_targets`` is false."""
 
-    def __init__(self) -> None:
+
+def is_public_address(text: str) -> bool:
+    """A globally routable unicast address (an IPv4-mapped IPv6 address counts as its IPv4)."""
+    address = ipaddress.ip_address(text.partition("%")[0])
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_global and not address.is_multicast
+
+
+async def resolve_target(host: str, port: int, allow_private: bool) -> list[str]:
+    """The addresses of ``host``, resolved once, for the caller to connect to (so what was
+    checked is what is reached: no second lookup a rebinding DNS server could answer
+    differently).  Unless ``allow_private``, PrivateTargetError if any is not public."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    private = None if allow_private else next(
+        (a for a in addresses if not is_public_address(a)), None)
+    if private is not None:
+        raise PrivateTargetError(f"{host} is or resolves to {private}, a private, loopback or"
+                                 f" link-local address, and allow_private_targets is false")
+    return addresses
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend with name resolution split out of the TCP connect: it
+    resolves once, refuses private addresses unless allowed, and connects to the addresses it
+    checked (TLS still verifies and sends SNI for the URL's host name)."""
+
+    def __init__(self, allow_private: bool) -> None:
         self._inner = httpcore.AnyIOBackend()
+        self._allow_private = allow_private
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
@@ -1939,8 +2008,7 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM)
+                addresses = await resolve_target(host, port, self._allow_private)
         except TimeoutError:
             raise httpcore.ConnectError(f"DNS lookup of {host} timed out") from socket.gaierror(
                 socket.EAI_AGAIN, "lookup timed out")
@@ -1949,7 +2017,7 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         resolved = time.perf_counter()
         remaining = None if timeout is None else max(timeout - (resolved - started), 0.001)
         error: Exception | None = None
-        for address in dict.fromkeys(info[4][0] for info in infos):
+        for address in addresses:
             try:
                 stream = await self._inner.connect_tcp(str(address), port, remaining,
                                                        local_address,
@@ -1971,21 +2039,23 @@ class _TimedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class _ProbeTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a pool that uses _TimedBackend and keeps no idle connection.
+class _PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a pool that uses _PinnedBackend (httpx takes no network
+    backend, so ``_pool`` is replaced).
 
-    No keep-alive: every check opens its own connection, so response times and timings
-    measure what a new visitor sees (DNS, connect, TLS), not a warm socket; and the pool
-    never holds a large idle set, which is what makes the stock pool slow under high
-    concurrency (encode/httpx#3215).  No connection cap either: the scheduler bounds
+    Probes keep no idle connection (``keepalive=0``): every check opens its own connection, so
+    response times and timings measure what a new visitor sees (DNS, connect, TLS), not a warm
+    socket; and the pool never holds a large idle set, which is what makes the stock pool slow
+    under high concurrency (encode/httpx#3215).  No connection cap either: the scheduler bounds
     concurrency with its own semaphore, and a second, smaller cap here would only turn
-    waiting into false timeouts.  httpx takes no network backend, so ``_pool`` is replaced."""
+    waiting into false timeouts."""
 
-    def __init__(self, ssl_context: ssl.SSLContext) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, allow_private: bool,
+                 keepalive: int | None = 0) -> None:
         super().__init__(verify=ssl_context, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context, max_connections=None, max_keepalive_connections=0,
-            network_backend=_TimedBackend())
+            ssl_context=ssl_context, max_connections=None, max_keepalive_connections=keepalive,
+            network_backend=_PinnedBackend(allow_private))
 
 
 def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
@@ -2037,7 +2107,7 @@ class ProbeContext:
         # monitor on the same site.  No proxy from the environment: checks measure the path
         # from this host to the target.
         self.http = httpx.AsyncClient(
-            transport=_ProbeTransport(self.ssl_context),
+            transport=_PinnedTransport(self.ssl_context, self.settings["allow_private_targets"]),
             headers={"User-Agent": _USER_AGENT, REGION_HEADER: cfg["region"]["id"]},
             cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(
                 allowed_domains=[])), trust_env=False)
@@ -2071,6 +2141,18 @@ def _oauth2_key(auth: dict[str, Any]) -> tuple[str, ...]:
         "oauth2GrantType"))
 
 
+_TOKEN_MAX_BYTES = 65_536  # of a token endpoint's answer
+
+
+async def _fetch_capped(client: httpx.AsyncClient, method: str, url: str, limit: int,
+                        **request: Any) -> tuple[int, bytes]:
+    """One request and at most ``limit`` bytes of its answer, asked for uncompressed (so the
+    cap bounds what is parsed): the status code and those bytes."""
+    headers = {**request.pop("headers", {}), "Accept-Encoding": "identity"}
+    async with client.stream(method, url, headers=headers, **request) as response:
+        return response.status_code, await _read_capped(response, limit)
+
+
 async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
                               timeout: float) -> tuple[str, float]:
     """POST the client credentials in the form body; if the server refuses that as
@@ -2086,21 +2168,21 @@ async def _fetch_oauth2_token(client: httpx.AsyncClient, auth: dict[str, Any],
     try:
         for data, basic in attempts:
             async with asyncio.timeout(timeout):
-                response = await client.post(url, data=data, auth=basic or httpx.USE_CLIENT_DEFAULT,
-                                             timeout=timeout)
-            if response.status_code not in (400, 401) or basic is not None:
+                status, answer = await _fetch_capped(
+                    client, "POST", url, _TOKEN_MAX_BYTES, data=data,
+                    auth=basic or httpx.USE_CLIENT_DEFAULT, timeout=timeout)
+            if status not in (400, 401) or basic is not None:
                 break
-            if "invalid_client" not in response.text:
+            if b"invalid_client" not in answer:
                 break
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
         raise _ProbeError(f"OAuth2 token endpoint: {message}", category) from None
-    if response.status_code != 200:
-        raise _ProbeError(f"OAuth2 token endpoint answered HTTP {response.status_code}",
-                          "CONFIGURATION_ERROR" if response.status_code < 500
-                          else "THIRD_PARTY_SERVICE")
+    if status != 200:
+        raise _ProbeError(f"OAuth2 token endpoint answered HTTP {status}",
+                          "CONFIGURATION_ERROR" if status < 500 else "THIRD_PARTY_SERVICE")
     try:
-        body = response.json()
+        body = json.loads(answer)
         return str(body["access_token"]), float(body.get("expires_in") or 300)
     except (ValueError, KeyError, TypeError):
         raise _ProbeError("OAuth2 token endpoint sent no access_token",
@@ -2147,8 +2229,21 @@ def _request_headers(monitor: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of the raw body: reading stops there (the caller closes the
+    connection), so an endless or huge answer costs a check no more than that."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk[:limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
 async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
-    """WEBSITE and API: one request, body read to the end, judged by the final status code.
+    """WEBSITE and API: one request, body read to its end or ``probes.max_body_bytes``, judged
+    by the final status code.
 
     Without ``expectedStatusCode`` any 2xx/3xx after following redirects is UP; an expected
     3xx is checked on the first answer, so redirects are not followed then."""
@@ -2178,8 +2273,7 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
             response = await ctx.http.send(request, stream=True,
                                            follow_redirects=not 300 <= (expected or 0) < 400)
             try:
-                async for _ in response.aiter_raw():
-                    pass
+                await _read_capped(response, ctx.settings["max_body_bytes"])
             finally:
                 await response.aclose()
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
@@ -2243,6 +2337,14 @@ async def _udp_check(host: str, port: int, timeout: float) -> str:
         transport.close()
 
 
+async def checked_host(host: str, port: int, ctx: ProbeContext) -> str:
+    """What a non-HTTP probe connects to: ``host`` itself where private targets are allowed
+    (resolved as usual), else its first address once resolve_target has checked them all."""
+    if ctx.settings["allow_private_targets"]:
+        return host
+    return (await resolve_target(host, port, False))[0]
+
+
 async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """PORT: a completed TCP handshake is UP; UDP follows the rule above."""
     host, port = _target_host(monitor.get("url") or ""), monitor.get("port")
@@ -2251,17 +2353,19 @@ async def probe_port(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     timeout = _timeout(monitor)
     started = time.perf_counter()
     try:
+        async with asyncio.timeout(timeout):
+            address = await checked_host(host, port, ctx)
         if (monitor.get("protocol") or "TCP").upper() == "UDP":
-            state = await _udp_check(host, port, timeout)
+            state = await _udp_check(address, port, timeout)
             return CheckResult(status=Status.UP, response_time=_elapsed_ms(started),
                                details={"udp": state})
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(host, port)
+            _, writer = await asyncio.open_connection(address, port)
         writer.transport.abort()
     except ConnectionRefusedError:
         return _down(f"port {port} is closed", "INFRASTRUCTURE",
                      response_time=_elapsed_ms(started))
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, PrivateTargetError) as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started))
     return CheckResult(status=Status.UP, response_time=_elapsed_ms(started))
@@ -2280,10 +2384,13 @@ async def probe_ping(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     timeout = _timeout(monitor)
     privileged = hasattr(os, "geteuid") and os.geteuid() == 0
     try:
-        reply = await icmplib.async_ping(host, count=_PING_COUNT, interval=_PING_INTERVAL,
+        address = await checked_host(host, 0, ctx)
+        reply = await icmplib.async_ping(address, count=_PING_COUNT, interval=_PING_INTERVAL,
                                          timeout=timeout / _PING_COUNT, privileged=privileged)
-    except icmplib.NameLookupError:
+    except (icmplib.NameLookupError, socket.gaierror):
         return _down(f"cannot resolve {host}", "DNS_FAILURE")
+    except PrivateTargetError as exc:
+        return _down(str(exc), "CONFIGURATION_ERROR")
     except icmplib.SocketPermissionError:
         return _down("ICMP is not permitted: run as root or allow this group in "
                      "net.ipv4.ping_group_range", "CONFIGURATION_ERROR")
@@ -2440,9 +2547,10 @@ def _parse_certificate(der: bytes) -> dict[str, Any]:
         raise ValueError(f"unreadable certificate: {exc}") from None
 
 
-async def _peer_certificate(host: str, port: int, context: ssl.SSLContext) -> bytes:
-    """The DER certificate the server presents; raises if ``context`` rejects it."""
-    _, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=host)
+async def _peer_certificate(host: str, address: str, port: int,
+                            context: ssl.SSLContext) -> bytes:
+    """The DER certificate ``address`` presents for ``host``; raises if ``context`` rejects it."""
+    _, writer = await asyncio.open_connection(address, port, ssl=context, server_hostname=host)
     try:
         return writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     finally:
@@ -2464,13 +2572,14 @@ async def probe_ssl(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     rejected: ssl.SSLCertVerificationError | None = None
     try:
         async with asyncio.timeout(timeout):
+            address = await checked_host(host, port, ctx)
             try:
-                der = await _peer_certificate(host, port, ctx.ssl_context)
+                der = await _peer_certificate(host, address, port, ctx.ssl_context)
             except ssl.SSLCertVerificationError as exc:
                 rejected = exc
-                der = await _peer_certificate(host, port, ctx.unverified_ssl_context)
+                der = await _peer_certificate(host, address, port, ctx.unverified_ssl_context)
         cert = _parse_certificate(der)
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, PrivateTargetError) as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started))
     except ValueError as exc:
@@ -2554,15 +2663,16 @@ async def _rdap_lookup(name: str, ctx: ProbeContext, timeout: float) -> dict[str
     url = f"{ctx.settings['rdap_url'].rstrip('/')}/domain/{name}"
     try:
         async with asyncio.timeout(timeout):
-            response = await ctx.http.get(url, follow_redirects=True, timeout=timeout,
-                                          headers={"Accept": "application/rdap+json"})
+            status, answer = await _fetch_capped(
+                ctx.http, "GET", url, ctx.settings["max_body_bytes"], follow_redirects=True,
+                timeout=timeout, headers={"Accept": "application/rdap+json"})
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
         message, category = _describe_error(exc, timeout)
         raise _ProbeError(f"RDAP: {message}", category) from None
-    if response.status_code != 200:
-        raise _ProbeError(f"RDAP: HTTP {response.status_code}", "THIRD_PARTY_SERVICE")
+    if status != 200:
+        raise _ProbeError(f"RDAP: HTTP {status}", "THIRD_PARTY_SERVICE")
     try:
-        data = response.json()
+        data = json.loads(answer)
         events = {e.get("eventAction"): e.get("eventDate") for e in data.get("events") or []}
         return _registration("rdap", _parse_date(events.get("expiration")),
                              _rdap_registrar(data), list(data.get("status") or []),
@@ -2738,12 +2848,12 @@ def declare_monitor_types(*types: MonitorType) -> None:
 declare_monitor_types(
     MonitorType("WEBSITE", "http", probe_http),
     MonitorType("API", "http", probe_http),
-    MonitorType("CRON", "text", None),
+    MonitorType("CRON", "text", None, connects=False),
     MonitorType("PING", "host", probe_ping),
     MonitorType("PORT", "host", probe_port),
-    MonitorType("DNS", "host", probe_dns),
+    MonitorType("DNS", "host", probe_dns, connects=False),
     MonitorType("SSL_CERT", "https", probe_ssl),
-    MonitorType("DOMAIN", "host", probe_domain),
+    MonitorType("DOMAIN", "host", probe_domain, connects=False),
 )
 
 
@@ -3049,6 +3159,10 @@ class Scheduler:
 
     def _record(self, entry: _Scheduled, result: CheckResult, started: float) -> None:
         """Hand the check and the region's verdict after it to the feed; plan the next check."""
+        if log.isEnabledFor(logging.DEBUG):  # the hot path: no redact() when not logging
+            log.debug("check of %s (%s): %s %s", entry.record["name"],
+                      redact(entry.record["url"] or ""), result.status,
+                      result.error or result.status_code or "")
         status = entry.judge(result, self.probes)
         reason = _reason(result) if status != entry.status else None
         self.feed.record(entry.record["id"], result, int(started * 1000), status, reason)
@@ -3346,6 +3460,7 @@ def check_statements(monitor_id: str, region_id: str, result: CheckResult,
 HEARTBEAT_KINDS = ("success", "start", "fail", "log")
 MISSED_HEARTBEAT = "missed heartbeat"
 JOB_NOT_COMPLETE = "job did not complete"
+HEARTBEAT_DEADLINES = (MISSED_HEARTBEAT, JOB_NOT_COMPLETE)  # the reasons a missed deadline gives
 _BEAT_COLUMNS = ("id, heartbeat_id, status, is_paused, is_active, interval, grace_period,"
                  " last_success_at, job_started_at, updated_at")
 
@@ -3552,7 +3667,6 @@ class Heartbeats:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
-        log.info("heartbeat monitor %s is DOWN: %s", beat.monitor_id, reason)
         beat.status = Status.DOWN
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
@@ -3871,8 +3985,15 @@ async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
         (incident_id, monitor["account_id"], monitor["id"], year, number, at, severity,
          root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
     await add_incident_update(conn, incident_id, "investigating",
-                              f"{monitor['name']} is down: {root_cause}", at)
+                              automatic_update(monitor["name"], category), at)
     return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,)))
+
+
+def automatic_update(name: str, category: str) -> str:
+    """The update an incident opens with.  Updates are public (status pages, feeds), so it
+    names the cause's category only, never the check's error or a heartbeat's text, which can
+    hold URLs, addresses or a job's secrets; ``rootCause`` keeps those for the team."""
+    return f"{name} is down (cause: {_cause(category)})"
 
 
 async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
@@ -3929,7 +4050,9 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     """Queue one outbox row per event and target: the monitor's enabled notifications (inline,
     or linked active channels) and the account's active webhooks subscribed to the event.
     Person-facing channels wait ``hold_ms`` for other monitors' alerts to group with."""
-    alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": monitor["url"],
+    # A CRON monitor's url is its ping URL, whose path is the secret that reports its job.
+    url = None if monitor["type"] == "CRON" else monitor["url"]
+    alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": url,
                         "type": monitor["type"], "status": status}
     stamp = now_ms()
     rows: list[tuple[str, str | None, str | None, str | None, str, str, str]] = []
@@ -3994,12 +4117,22 @@ async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
         resolved = True
     check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
                              " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
+    log.info("monitor %s (%s): %s \u2192 %s (%s)", monitor["name"], monitor["id"], old, new,
+             _logged_reason(monitor, transition["reason"]))
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
     await enqueue_alerts(
         conn, monitor, new, channel_events, webhook_events, hold_ms, timestamp=iso(at),
         incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
                   else None),
         check=_check_alert(check, transition["reason"]))
+
+
+def _logged_reason(monitor: sqlite3.Row, reason: str | None) -> str:
+    """A status change's reason as logged: a heartbeat's text is a job's output, which can hold
+    its secrets, so CRON monitors log only what kind of signal it was."""
+    if monitor["type"] == "CRON" and not (reason or "").startswith(HEARTBEAT_DEADLINES):
+        return "heartbeat ping"
+    return _cut(_one_line(reason or "no reason given"), 300)
 
 
 async def process_transitions(rt: Runtime, limit: int = 100) -> int:
@@ -4043,7 +4176,7 @@ def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt], at: in
     attempts) or pending until the next attempt's time.  Mark the channel (shared, or a
     monitor's inline one) failing after a permanent error or healthy after a success."""
     last = records[-1]
-    done = last["ok"] or last["permanent"] or len(records) >= cfg["notifications"]["attempts"]
+    done = delivery_done(last, len(records), cfg)
     statements: list[Statement] = [(
         "UPDATE alert_outbox SET done_at = ?, status = ?, attempts = ?, status_code = ?,"
         " last_error = ?, attempt_log = ?, next_attempt_at = ? WHERE id = ?",
@@ -4083,11 +4216,7 @@ async def _deliver_queued(rt: Runtime, ctx: NotifyContext,
     send = CHANNEL_TYPES[head["channel_type"]].send
     record = await attempt_delivery(send, json.loads(head["config"]), alert, ctx,
                                     head["delivery_id"], head["attempts"] + 1)
-    log.log(logging.INFO if record["ok"] else logging.WARNING,
-            "alert %s %s via %s (%s) attempt %d%s: %s", head["delivery_id"], head["event"],
-            head["channel_type"], head["channel_id"] or head["webhook_id"] or "inline",
-            record["attempt"], f" for {len(rows)} monitors" if len(rows) > 1 else "",
-            "delivered" if record["ok"] else record["error"])
+    await _log_delivery(rt, head, alert, record, len(rows))
     at = now_ms()
     retry_at = at + round(retry_delay(record["attempt"], rt.cfg) * 1000)  # a group stays one
     await rt.db.write([statement for row in rows for statement in _outcome_statements(
@@ -4173,6 +4302,36 @@ def _batches(rows: list[sqlite3.Row]) -> list[list[sqlite3.Row]]:
         if row["group_key"]:
             groups[row["group_key"]] = units[-1]
     return units
+
+
+def delivery_done(last: DeliveryAttempt, count: int, cfg: dict[str, dict[str, Any]]) -> bool:
+    """Whether an outbox row is finished after its ``count``-th attempt ``last``."""
+    return last["ok"] or last["permanent"] or count >= cfg["notifications"]["attempts"]
+
+
+async def _log_delivery(rt: Runtime, head: sqlite3.Row, alert: Alert, record: DeliveryAttempt,
+                        monitors: int) -> None:
+    """One line per alert outcome (delivered, or failed for good); attempts before at debug."""
+    done = delivery_done(record, record["attempt"], rt.cfg)
+    level = logging.DEBUG if not done else logging.INFO if record["ok"] else logging.WARNING
+    if not log.isEnabledFor(level):
+        return
+    outcome = ("delivered" if record["ok"] else f"failed after {record['attempt']} attempt(s): "
+               f"{record['error']}" if done else f"attempt {record['attempt']} failed, will "
+               f"retry: {record['error']}")
+    log.log(level, "alert %s for %s via %s: %s", head["event"],
+            f"monitor {alert.monitor.get('name')}" if monitors == 1 else alert.monitor["name"],
+            await _target_name(rt, head), outcome)
+
+
+async def _target_name(rt: Runtime, row: sqlite3.Row) -> str:
+    """How a log line names an alert's target: the channel's or webhook's name and type."""
+    table, ident = (("notification_channels", row["channel_id"]) if row["channel_id"] else
+                    ("webhooks", row["webhook_id"]))
+    if not ident:
+        return f"inline {row['channel_type']}"
+    name = await rt.db.fetchval(f"SELECT name FROM {table} WHERE id = ?", (ident,))
+    return f"{row['channel_type']} {name!r}" if name is not None else f"deleted {ident}"
 
 
 async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
@@ -4329,10 +4488,17 @@ class NotifyContext:
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
                                         limits=httpx.Limits(max_connections=None),
                                         headers={"User-Agent": f"StatusApp/{VERSION}"})
+        # URLs from API users (webhooks, chat webhooks) go through a client of their own, which
+        # connects only to addresses it has checked (see _PinnedBackend).
+        self.user_client = httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, headers=self.client.headers,
+            transport=_PinnedTransport(httpx.create_ssl_context(), keepalive=None,
+                                       allow_private=notify["allow_private_targets"]))
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
         await self.client.aclose()
+        await self.user_client.aclose()
 
     async def __aenter__(self) -> NotifyContext:
         return self
@@ -4598,34 +4764,20 @@ def _delivery_headers() -> dict[str, str]:
 # HTTP plumbing shared by every sender.
 
 
-async def check_target(url: str, cfg: dict[str, dict[str, Any]]) -> None:
-    """Refuse a user's URL that is not http(s) or, unless allowed, resolves inside our network.
+def check_target(url: str) -> None:
+    """Refuse a user's URL that is not http(s) with a host and a valid port.
 
-    Channel and webhook URLs come from API users; without this guard StatusApp would POST to
-    internal services for them.  The name is resolved again when connecting, so a DNS server
-    that answers differently the second time can still get past this check.
+    Channel and webhook URLs come from API users; without ``notifications.allow_private_targets``
+    the user client's backend also refuses any that resolve inside our network, at connect
+    time, on the very address it connects to.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise DeliveryError("target URL must be http:// or https:// with a host", permanent=True)
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts.port
     except ValueError:
         raise DeliveryError("target URL has an invalid port", permanent=True) from None
-    if cfg["notifications"]["allow_private_targets"]:
-        return
-    host = parts.hostname
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise DeliveryError(f"cannot resolve {host}: {exc.strerror}") from None
-    for *_, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
-        address = getattr(address, "ipv4_mapped", None) or address
-        if not address.is_global or address.is_multicast:
-            raise DeliveryError(f"{host} resolves to non-public address {address}; "
-                                "set notifications.allow_private_targets to allow it",
-                                permanent=True)
 
 
 def _permanent_status(code: int) -> bool:
@@ -4646,10 +4798,11 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
                 method: str = "POST", **request: Any) -> int:
     """POST (or ``method``) and map the outcome onto DeliveryError; return the 2xx status."""
     if user_url:
-        await check_target(url, ctx.cfg)
+        check_target(url)
     request["headers"] = {**request.get("headers", {}), **_delivery_headers()}
     try:
-        async with ctx.client.stream(method, url, **request) as response:
+        async with (ctx.user_client if user_url else ctx.client).stream(
+                method, url, **request) as response:
             if response.is_success:
                 return response.status_code
             detail = await _excerpt(response)
@@ -4658,6 +4811,8 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
         raise DeliveryError(f"{service}: invalid URL ({exc})", permanent=True) from None
     except httpx.TransportError as exc:
+        if isinstance(exc.__cause__, PrivateTargetError):
+            raise DeliveryError(f"{service}: {exc.__cause__}", permanent=True) from None
         raise DeliveryError(f"{service}: {type(exc).__name__}: {exc}") from None
     code = response.status_code
     raise DeliveryError(f"{service} answered HTTP {code}" + (f": {detail}" if detail else ""),
@@ -6229,6 +6384,68 @@ OWNED = {"monitors": ("monitorId", "Monitor"), "incidents": ("incidentId", "Inci
          "webhooks": ("webhookId", "Webhook"), "status_pages": ("statusPageId", "Status page")}
 
 
+# Private targets.  With ``allow_private_targets = false`` ([probes] for monitors,
+# [notifications] for channels and webhooks) a target that is, or resolves to, a private,
+# loopback or link-local address is refused when it is saved, and again at every connection
+# (resolve_target), so a DNS answer that changes in between cannot get past.
+
+_PRIVATE_CHECK_SECONDS = 5.0  # a name slower to resolve when saved is checked at connect only
+
+
+def url_targets(fields: Sequence[Field], values: Any,
+                path: list[Any]) -> list[tuple[list[Any], str]]:
+    """The URLs among ``values`` (the ``fields`` validated as URLs), with their field paths."""
+    if not isinstance(values, dict):
+        return []
+    return [([*path, f.name], values[f.name]) for f in fields
+            if f.check is valid_url and isinstance(values.get(f.name), str)]
+
+
+def channel_targets(kind: Any, config: Any, path: list[Any]) -> list[tuple[list[Any], str]]:
+    """The URLs a channel of type ``kind`` sends to (chat webhooks, WEBHOOK's url)."""
+    spec = CHANNEL_TYPES.get(kind) if isinstance(kind, str) else None
+    return url_targets(spec.fields, config, path) if spec else []
+
+
+def monitor_targets(clean: dict[str, Any], existing: dict[str, Any] | None
+                    ) -> dict[str, list[tuple[list[Any], str]]]:
+    """A monitor's targets that this change sets, by the config section that rules them."""
+    record = {**(existing or {}), **clean}
+    name = record.get("type")
+    kind = MONITOR_TYPES.get(name) if isinstance(name, str) else None
+    probes = url_targets(AUTH_FIELDS, clean.get("apiAuthConfig"), ["apiAuthConfig"])
+    if ("url" in clean or "type" in clean) and kind is not None and kind.connects:
+        probes.append((["url"], record.get("url") or ""))
+    inline = [target for i, entry in enumerate(clean.get("notifications") or [])
+              for target in channel_targets(entry.get("type"), entry.get("config"),
+                                            ["notifications", i, "config"])]
+    return {"probes": probes, "notifications": inline}
+
+
+async def _private_issue(path: list[Any], target: str, section: str) -> dict[str, Any] | None:
+    host = _target_host(target)
+    if not host:
+        return None
+    try:
+        async with asyncio.timeout(_PRIVATE_CHECK_SECONDS):
+            await resolve_target(host, 0, False)
+    except PrivateTargetError as exc:
+        return {"code": "custom", "path": path, "message": f"{exc} in [{section}]"}
+    except (OSError, TimeoutError):
+        pass  # unresolvable now: the connection is checked when it is made
+    return None
+
+
+async def refuse_private_targets(cfg: dict[str, dict[str, Any]],
+                                 targets: dict[str, list[tuple[list[Any], str]]]) -> None:
+    """400 naming each target that is private where its section does not allow that."""
+    issues = [issue for section, found in targets.items()
+              if not cfg[section]["allow_private_targets"] for path, target in found
+              if (issue := await _private_issue(path, target, section))]
+    if issues:
+        raise ValidationFailed(issues)
+
+
 async def load_owned(call: Call, table: str, ident: str | None = None) -> sqlite3.Row:
     """The team's row of ``table`` named by the path (or ``ident``), or 404: another team's
     resource does not exist for the caller."""
@@ -6328,6 +6545,7 @@ async def get_monitor(call: Call) -> dict[str, Any]:
 async def create_monitor(call: Call) -> Response:
     body = await call.json()
     clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
+    await refuse_private_targets(call.rt.cfg, monitor_targets(clean, None))
     monitor_id, stamp = new_id("mon"), now_ms()
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
     if clean["type"] == "CRON" and not clean["url"]:
@@ -6352,6 +6570,7 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
                   " AND channel_id IS NULL ORDER BY created_at, id", (row["id"],))]
     clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing,
                                             inline=inline), existing=existing)
+    await refuse_private_targets(call.rt.cfg, monitor_targets(clean, existing))
     columns = column_values([f for f in fields if f.name not in _NOT_COLUMNS], clean)
     kind = clean.get("type", existing["type"])
     if kind == "CRON" and not row["heartbeat_id"]:
@@ -6832,6 +7051,8 @@ async def get_channel(call: Call) -> dict[str, Any]:
 @api("/notifications", "POST", body=CHANNEL_FIELDS, response=CHANNEL_SHAPE, status=(201,))
 async def create_channel(call: Call) -> Response:
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env())
+    await refuse_private_targets(call.rt.cfg, {
+        "notifications": channel_targets(clean["type"], clean["config"], ["config"])})
     row = await create_owned(call, "notification_channels", "nc",
                              column_values(CHANNEL_FIELDS, clean))
     return JSONResponse(channel_json(row), 201)
@@ -6845,6 +7066,8 @@ async def update_channel(call: Call) -> dict[str, Any]:
                 "isActive": bool(row["is_active"])}
     clean = validate(CHANNEL_FIELDS, await call.json(), call.env(existing=existing),
                      existing=existing)
+    await refuse_private_targets(call.rt.cfg, {"notifications": channel_targets(
+        clean.get("type", existing["type"]), clean.get("config"), ["config"])})
     columns = column_values(CHANNEL_FIELDS, clean)
     if "config" in clean:
         columns |= {"failing": 0, "last_error": None}
@@ -6915,6 +7138,8 @@ async def get_webhook(call: Call) -> dict[str, Any]:
 @api("/webhooks", "POST", body=WEBHOOK_FIELDS, response=WEBHOOK_SHAPE, status=(201,))
 async def create_webhook(call: Call) -> Response:
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env())
+    await refuse_private_targets(call.rt.cfg, {
+        "notifications": url_targets(WEBHOOK_FIELDS, clean, [])})
     row = await create_owned(call, "webhooks", "wh", column_values(WEBHOOK_FIELDS, clean))
     return JSONResponse(webhook_json(row), 201)
 
@@ -6926,6 +7151,8 @@ async def update_webhook(call: Call) -> dict[str, Any]:
     existing = {"name": row["name"], "url": row["url"], "events": row["events"],
                 "secret": row["secret"], "isActive": bool(row["is_active"])}
     clean = validate(WEBHOOK_FIELDS, await call.json(), call.env(), existing=existing)
+    await refuse_private_targets(call.rt.cfg, {
+        "notifications": url_targets(WEBHOOK_FIELDS, clean, [])})
     await call.rt.db.write([update_statement("webhooks", row["id"],
                                              column_values(WEBHOOK_FIELDS, clean))])
     return webhook_json(await load_owned(call, "webhooks"))
@@ -10355,6 +10582,79 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
                                          Exception: on_api_error})
 
 
+class _Reaping:
+    """Mixed into uvicorn's HTTP protocol (see reaping_http): deadlines for each request's
+    headers and body.
+
+    uvicorn closes a keep-alive connection idle after a response (``timeout_keep_alive``) but
+    gives a new connection, or one sending its headers or body a byte at a time, all the time
+    in the world.  Here, whenever the connection waits for a request (on opening and after each
+    response), the request's headers must be complete within ``header_timeout`` seconds, and
+    then its body within as long again, or the connection is closed."""
+
+    header_timeout = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+    cycle: Any  # uvicorn's request-response cycle of the current request
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._set_deadline(body=False)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()  # type: ignore[misc]
+        self._set_deadline(body=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._set_deadline(body=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _set_deadline(self, body: bool) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.cycle,
+                                                  body)
+
+    def _expire(self, cycle: Any, body: bool) -> None:
+        """Close if what was awaited never came: a new request's headers (``cycle``, the
+        request current when the deadline was set, is still current and answered), or
+        (``body``) the rest of ``cycle``'s request, still unanswered."""
+        if self.cycle is not cycle or self.transport.is_closing():
+            return
+        busy = cycle is not None and not cycle.response_complete
+        if (busy and cycle.more_body) if body else not busy:
+            self.transport.close()
+
+
+def reaping_http(header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with _Reaping's deadlines, for ``uvicorn.Config(http=...)``
+    (uvicorn is imported here, as in serve: an agent never serves)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    return type("ReapingHTTP", (_Reaping, HttpToolsProtocol), {"header_timeout": header_timeout})
+
+
+# Loggers kept at WARNING whatever the level: httpx's per-request INFO line (method and full
+# URL; probes log at debug instead) and aiosqlite's debug lines (every statement with its
+# parameters: key hashes, auth configs, heartbeat bodies).
+_QUIET_LOGGERS = ("httpx", "aiosqlite")
+
+
+def setup_logging(level: str) -> None:
+    """One stderr handler for every logger (uvicorn's too), each line redacted."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--config`` and ``--db``, which every command takes."""
     command = click.option("--db", help="SQLite database file (server.database).")(command)
@@ -10420,11 +10720,12 @@ def serve(config_path: str | None, db: str | None, host: str | None, port: int |
     except click.ClickException:
         sock.close()
         raise
-    logging.basicConfig(level=server["log_level"].upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(server["log_level"])
     runner = uvicorn.Server(uvicorn.Config(
         create_app(cfg), host=server["host"], port=server["port"], log_level=server["log_level"],
-        lifespan="on", access_log=False, server_header=False))
+        lifespan="on", access_log=False, server_header=False, log_config=None,
+        http=reaping_http(server["header_timeout"]), timeout_keep_alive=server["keepalive_timeout"],
+        limit_concurrency=server["max_connections"] or None))
     runner.run(sockets=[sock])
     if not runner.started:
         raise click.ClickException("start-up failed (see the log above)")
@@ -10612,9 +10913,7 @@ def agent(config_path: str | None, server: str, token: str, state: str,
         cfg = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    logging.basicConfig(level=cfg["server"]["log_level"].upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per long-poll and batch
+    setup_logging(cfg["server"]["log_level"])  # redacted; no httpx line per poll and batch
     asyncio.run(_until_signalled(run_agent(cfg, server, token, Path(state), buffer_limit)))
 
 
