@@ -552,3 +552,11 @@ CREATE TRIGGER checks_insert INSTEAD OF INSERT ON checks BEGIN
     WHERE excluded.check_id > monitor_latest.check_id;
     UPDATE monitors SET check_count = check_count + 1 WHERE id = NEW.monitor_id;
 END;
+
+-- migration 17: objects `statusapp apply` manages (only these may be pruned), and a keyed digest
+-- of the secrets it applied to each (masked secrets alone cannot show that one changed)
+ALTER TABLE monitors ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE status_pages ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE monitors ADD COLUMN secrets_digest TEXT;
+ALTER TABLE notification_channels ADD COLUMN secrets_digest TEXT;

@@ -38,6 +38,7 @@ import enum
 import functools
 import gzip
 import hashlib
+import importlib
 import heapq
 import hmac
 import html
@@ -248,6 +249,8 @@ CONFIG: dict[str, dict[str, Setting]] = {
         "opsgenie_url": Setting("https://api.opsgenie.com"),
         "twilio_api_url": Setting("https://api.twilio.com", "SMS goes through a "
                                                             "Twilio-compatible API"),
+        "pushover_url": Setting("https://api.pushover.net", "PUSHOVER channels post to "
+                                                            "{pushover_url}/1/messages.json"),
         "twilio_account_sid": Setting(""),
         "twilio_auth_token": Setting(""),
         "twilio_from": Setting(""),
@@ -349,12 +352,23 @@ def _num(value: float | None) -> str:
     return f"{value:,}" if value is None or value != int(value) else f"{int(value):,}"
 
 
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
 def _toml_value(value: Any) -> str:
+    """A value in TOML (the subset config.example.toml and export use: no dates, tables
+    inline)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    pairs = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+    return "{ " + pairs + " }" if pairs else "{}"
 
 
 def _setting_note(spec: Setting) -> str:
@@ -838,6 +852,90 @@ async def _run_grouped(conn: aiosqlite.Connection, items: list[list[Statement]])
         for position, sql in enumerate(shape):
             await conn.executemany(sql, [item[position][1] for item in group])
 
+
+# Backups.  A backup is one read snapshot written by VACUUM INTO (WAL readers never block the
+# writer, so the server keeps running); a restore replaces the file only while nothing holds
+# the database open, after the copy passes the integrity check and has a schema we know.
+
+
+class StorageError(Exception):
+    """A backup or restore that cannot go ahead; the message says why."""
+
+
+def check_database(path: str) -> int:
+    """The schema version of the database file at ``path`` once it passes ``PRAGMA
+    integrity_check`` and is not newer than this StatusApp; StorageError otherwise."""
+    if not os.path.isfile(path):
+        raise StorageError(f"{path}: no such file")
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            verdict = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+            if verdict != ["ok"]:
+                raise StorageError(f"{path} fails the integrity check: {'; '.join(verdict[:3])}")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{path} is not a StatusApp database: {exc}") from None
+    latest = max(load_migrations())
+    if row is None or not 1 <= row[0] <= latest:
+        raise StorageError(f"{path} has schema version {row and row[0]}; this StatusApp "
+                           f"knows 1 to {latest}")
+    return int(row[0])
+
+
+def backup_database(source: str, target: str) -> int:
+    """Copy the live database at ``source`` to ``target`` (via a checked ``.part`` file renamed
+    into place) and return the copy's schema version."""
+    if not os.path.isfile(source):
+        raise StorageError(f"{source}: no such database")
+    part = f"{target}.part"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part)
+    with contextlib.closing(sqlite3.connect(source, timeout=30)) as conn:
+        conn.execute("VACUUM INTO ?", (part,))
+    try:
+        version = check_database(part)
+    except StorageError:
+        os.unlink(part)
+        raise
+    os.replace(part, target)
+    return version
+
+
+def _same_owner(model: str, path: str) -> None:
+    """Give ``path`` the mode and (where we may) the owner of ``model``."""
+    info = os.stat(model)
+    os.chmod(path, info.st_mode & 0o7777)
+    with contextlib.suppress(PermissionError):
+        os.chown(path, info.st_uid, info.st_gid)
+
+
+def restore_database(target: str, backup: str) -> int:
+    """Put the checked ``backup`` in place of ``target`` and return its schema version.
+
+    Refused while anything (a running server) has ``target`` open: an exclusive lock needs
+    every other connection closed.  The copy goes through the backup API into a ``.part``
+    file beside ``target`` that takes the database file's owner and mode (a restore run as
+    root must leave a file the service user can write), then one rename replaces it."""
+    version = check_database(backup)
+    part = f"{target}.part"
+    with contextlib.closing(sqlite3.connect(target, timeout=0, isolation_level=None)) as lock:
+        try:
+            lock.execute("PRAGMA locking_mode=EXCLUSIVE")
+            lock.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError:
+            raise StorageError(f"{target} is in use: stop the server first") from None
+        with contextlib.closing(sqlite3.connect(backup)) as src, \
+                contextlib.closing(sqlite3.connect(part)) as dst:
+            src.backup(dst)
+        _same_owner(target, part)
+        lock.execute("ROLLBACK")
+    for stale in (f"{target}-wal", f"{target}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    os.replace(part, target)
+    return version
+
+
 # --- Validation ---
 #
 # Each resource is described once, as a tuple of ``Field``s.  ``validate`` turns a request body
@@ -1287,6 +1385,13 @@ class ChannelType:
 
 # Every channel type by name, in declaration order; declared on the senders (``@channel_type``).
 CHANNEL_TYPES: dict[str, ChannelType] = {}
+
+
+def channel_secrets(kind: Any) -> tuple[str, ...]:
+    """The config keys a channel of ``kind`` keeps secret (none for an unknown kind)."""
+    return CHANNEL_TYPES[kind].secrets if kind in CHANNEL_TYPES else ()
+
+
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 AUTH_TYPES = ("none", "bearer", "basic", "api_key", "oauth2", "jwt")
 
@@ -1447,6 +1552,11 @@ def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, A
 
 
 ALL_TYPES = Names(MONITOR_TYPES)
+MANAGED_FIELD = Field("managed", "boolean", default=False,
+                      doc="Set by `statusapp apply`: its `--prune` may delete the object")
+DIGEST_FIELD = Field("secretsDigest", "string", maximum=64,
+                     doc="Set by `statusapp apply`: a digest of the secrets it applied, keyed "
+                         "by its API key, so it notices a changed secret")
 HTTP_TYPES = ("WEBSITE", "API")
 
 MONITOR_FIELDS = (
@@ -1515,6 +1625,8 @@ MONITOR_FIELDS = (
     Field("isActive", "boolean", default=True, doc="Inactive monitors are never checked"),
     Field("notifications", "array", check=valid_notifications,
           doc="Notification channels, inline or by channelId (returned as monitorNotifications)"),
+    MANAGED_FIELD,
+    DIGEST_FIELD,
 )
 
 # The monitor fields that are not monitor columns.
@@ -4467,7 +4579,9 @@ async def _deliver_queued(rt: Runtime, ctx: NotifyContext,
 
 
 _SERVICE_URL_KEYS = {"TELEGRAM": "telegram_api_url", "PAGERDUTY": "pagerduty_url",
-                     "OPSGENIE": "opsgenie_url", "SMS": "twilio_api_url"}
+                     "OPSGENIE": "opsgenie_url", "SMS": "twilio_api_url",
+                     "PUSHOVER": "pushover_url"}
+_TARGET_URL_KEYS = ("url", "webhookUrl", "serverUrl", "homeserver")  # in a channel's config
 
 
 def delivery_host(row: sqlite3.Row, cfg: dict[str, dict[str, Any]]) -> str:
@@ -4476,7 +4590,8 @@ def delivery_host(row: sqlite3.Row, cfg: dict[str, dict[str, Any]]) -> str:
         return f"smtp:{cfg['smtp']['host']}"
     config = json.loads(row["config"])
     key = _SERVICE_URL_KEYS.get(row["channel_type"])
-    url = cfg["notifications"][key] if key else config.get("url") or config.get("webhookUrl")
+    url = cfg["notifications"][key] if key else next(
+        (config[k] for k in _TARGET_URL_KEYS if config.get(k)), None)
     try:
         parts = urlsplit(str(url))
         return f"{(parts.hostname or '').lower()}:{parts.port or parts.scheme}"
@@ -4888,6 +5003,9 @@ _GROUP_HEADLINES = {"monitor.down": "{count} monitors DOWN", "monitor.up": "{cou
 _EMOJI = {"bad": "\U0001f534", "warn": "\U0001f7e0", "good": "\u2705", "info": "\u2139\ufe0f"}
 _DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info": 0x3498DB}
 _TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
+_NTFY_TAGS = {"bad": "rotating_light", "warn": "warning", "good": "white_check_mark",
+              "info": "information_source"}
+APPRISE_MISSING = "the Apprise library is not installed: pip install 'statusapp[apprise]'"
 
 
 @dataclass
@@ -5072,11 +5190,21 @@ def _facts(alert: Alert) -> list[tuple[str, str]]:
     return [(label, value) for label, value in facts if value]
 
 
+def _details(alert: Alert) -> str:
+    """One "Label: value" line per fact (the body under a separate title)."""
+    return "\n".join(f"{label}: {value}" for label, value in _facts(alert))
+
+
 def _text(alert: Alert) -> str:
-    """Plain text: the headline, then one "Label: value" line per fact."""
-    lines = [f"{label}: {value}" for label, value in _facts(alert)]
+    """Plain text: the headline, then the facts."""
     footer = f"Sent by StatusApp at {_human_time(alert.timestamp)}"
-    return "\n".join([_headline(alert), "", *lines, "", footer])
+    return "\n".join([_headline(alert), "", _details(alert), "", footer])
+
+
+def _urgency(alert: Alert, high: int, normal: int, low: int) -> int:
+    """A service's priority for the alert: ``high`` for trouble, ``normal`` for degraded,
+    ``low`` for recoveries and tests."""
+    return {"bad": high, "warn": normal}.get(_TONES[alert.event], low)
 
 
 def _web_url(alert: Alert) -> str | None:
@@ -5234,14 +5362,14 @@ async def _excerpt(response: httpx.Response) -> str:
 
 
 async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = False,
-                **request: Any) -> int:
-    """POST and map the outcome onto DeliveryError; return the 2xx status."""
+                method: str = "POST", **request: Any) -> int:
+    """POST (or ``method``) and map the outcome onto DeliveryError; return the 2xx status."""
     if user_url:
         check_target(url)
     request["headers"] = {**request.get("headers", {}), **_delivery_headers()}
     try:
         async with (ctx.user_client if user_url else ctx.client).stream(
-                "POST", url, **request) as response:
+                method, url, **request) as response:
             if response.is_success:
                 return response.status_code
             detail = await _excerpt(response)
@@ -5260,10 +5388,10 @@ async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = 
 
 async def _post_json(ctx: NotifyContext, service: str, url: str, payload: Any, *,
                      user_url: bool = False, headers: dict[str, str] | None = None,
-                     params: dict[str, str] | None = None) -> int:
+                     **request: Any) -> int:
     body_headers = {**(headers or {}), "Content-Type": "application/json"}
     return await _post(ctx, service, url, user_url=user_url, content=js_json(payload),
-                       headers=body_headers, params=params)
+                       headers=body_headers, **request)
 
 
 def _user_headers(headers: Any) -> dict[str, str]:
@@ -5624,6 +5752,167 @@ async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext)
     """
     return await post_webhook(config["url"], webhook_payload(alert), config.get("secret"),
                               config.get("headers"), ctx)
+
+
+
+# The homelab channels: push services people run themselves or keep on their phones.
+
+_SERVER_URL = Field("serverUrl", "string", True, maximum=2048, check=valid_url,
+                    doc="Server URL, e.g. https://ntfy.sh")
+_APP_TOKEN = Field("appToken", "string", True, minimum=1, maximum=255, secret=True,
+                   doc="Application token (secret)")
+
+
+@channel_type(
+    "NTFY", _SERVER_URL,
+    Field("topic", "string", True, doc="Topic",
+          check=_pattern(r"[-_A-Za-z0-9]{1,64}", "ntfy topic (1-64 of A-Z, a-z, 0-9, _, -)")),
+    Field("token", "string", minimum=1, maximum=255, secret=True, doc="Access token (secret)"),
+    Field("username", "string", minimum=1, maximum=255,
+          doc="User name, with password (when no token)"),
+    Field("password", "string", maximum=255, secret=True, doc="Password (secret)"),
+    Field("priority", "integer", minimum=1, maximum=5,
+          doc="Priority of trouble alerts, 1-5 (default 5)"),
+    person_facing=True)
+async def send_ntfy(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """ntfy's JSON publishing: POST to the server root, the topic in the body; the priority
+    (``priority`` for trouble, default 5) and an emoji tag follow the event; a click opens
+    the monitored URL.  ``token`` is sent as a Bearer token, else ``username``/``password``."""
+    top = config.get("priority", 5)
+    payload: dict[str, Any] = {
+        "topic": config["topic"], "title": _cut(_headline(alert), 250),
+        "message": _cut(_details(alert), 4096),
+        "priority": _urgency(alert, top, min(top, 4), min(top, 3)),
+        "tags": [_NTFY_TAGS[_TONES[alert.event]]]}
+    if _web_url(alert):
+        payload["click"] = _web_url(alert)
+    request: dict[str, Any] = {}
+    if config.get("token"):
+        request["headers"] = {"Authorization": f"Bearer {config['token']}"}
+    elif config.get("username"):
+        request["auth"] = (config["username"], config.get("password", ""))
+    return await _post_json(ctx, "ntfy", config["serverUrl"].rstrip("/") + "/", payload,
+                            user_url=True, **request)
+
+
+@channel_type(
+    "GOTIFY", _SERVER_URL, _APP_TOKEN,
+    Field("priority", "integer", minimum=0, maximum=10,
+          doc="Priority of trouble alerts, 0-10 (default 8)"),
+    person_facing=True)
+async def send_gotify(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Gotify's POST /message with the application token in X-Gotify-Key; ``priority`` for
+    trouble (default 8), at most 5 when degraded and 2 for recoveries and tests."""
+    top = config.get("priority", 8)
+    payload: dict[str, Any] = {
+        "title": _cut(_headline(alert), 250), "message": _details(alert),
+        "priority": _urgency(alert, top, min(top, 5), min(top, 2)),
+        "extras": {"client::display": {"contentType": "text/plain"}}}
+    if _web_url(alert):
+        payload["extras"]["client::notification"] = {"click": {"url": _web_url(alert)}}
+    return await _post_json(ctx, "Gotify", config["serverUrl"].rstrip("/") + "/message",
+                            payload, user_url=True, headers={"X-Gotify-Key": config["appToken"]})
+
+
+@channel_type(
+    "PUSHOVER",
+    Field("userKey", "string", True, secret=True, doc="User or group key (secret)",
+          check=_pattern(r"[A-Za-z0-9]{30}", "Pushover user or group key (30 letters/digits)")),
+    _APP_TOKEN,
+    Field("priority", "integer", minimum=-2, maximum=2,
+          doc="Priority of trouble alerts, -2 to 2 (default 2: emergency)"),
+    Field("retry", "integer", minimum=30, maximum=10_800,
+          doc="Emergency: seconds between repeats (default 60)"),
+    Field("expire", "integer", minimum=30, maximum=10_800,
+          doc="Emergency: seconds until repeats stop (default 3600)"),
+    person_facing=True)
+async def send_pushover(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Pushover's POST /1/messages.json (form-encoded): ``priority`` for trouble (default 2,
+    emergency: repeated every ``retry`` seconds until acknowledged or ``expire`` passes),
+    normal priority 0 for degraded, -1 (quiet) for recoveries and tests."""
+    top = config.get("priority", 2)
+    priority = _urgency(alert, top, min(top, 0), min(top, -1))
+    when = _parse_time(alert.timestamp)
+    form = {"token": config["appToken"], "user": config["userKey"],
+            "title": _cut(_headline(alert), 250), "message": _cut(_details(alert), 1024),
+            "priority": str(priority)}
+    if when is not None:
+        form["timestamp"] = str(int(when.timestamp()))
+    if _web_url(alert):
+        form |= {"url": _web_url(alert) or "", "url_title": "Monitored URL"}
+    if priority == 2:
+        form |= {"retry": str(config.get("retry", 60)), "expire": str(config.get("expire", 3600))}
+    url = ctx.cfg["notifications"]["pushover_url"].rstrip("/") + "/1/messages.json"
+    return await _post(ctx, "Pushover", url, data=form)
+
+
+@channel_type(
+    "MATRIX",
+    Field("homeserver", "string", True, maximum=2048, check=valid_url,
+          doc="Homeserver URL, e.g. https://matrix.org"),
+    Field("accessToken", "string", True, minimum=1, maximum=1024, secret=True,
+          doc="Access token of the sending user (secret)"),
+    Field("roomId", "string", True, doc="Room id (not an alias)",
+          check=_pattern(r"![^:\s]+:\S+", "room id (expected !abc:example.org)")),
+    person_facing=True)
+async def send_matrix(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """A Matrix room message (client-server API v3): a plain ``body`` and an HTML
+    ``formatted_body``.  The transaction id comes from the alert, so a retry of the same alert
+    is one message even when the homeserver had accepted the first try."""
+    facts = "".join(f"<br><b>{_esc(label)}</b>: {_esc(value)}" for label, value in _facts(alert))
+    html_body = f"<b>{_esc(_EMOJI[_TONES[alert.event]] + ' ' + _headline(alert))}</b>{facts}"
+    txn = hashlib.sha256(f"{alert.event}|{alert.monitor.get('id')}|{alert.timestamp}"
+                         .encode()).hexdigest()[:32]
+    room = urllib.parse.quote(config["roomId"], safe="")
+    url = (f"{config['homeserver'].rstrip('/')}/_matrix/client/v3/rooms/{room}"
+           f"/send/m.room.message/{txn}")
+    payload = {"msgtype": "m.text", "body": _text(alert), "format": "org.matrix.custom.html",
+               "formatted_body": html_body}
+    return await _post_json(ctx, "Matrix", url, payload, user_url=True, method="PUT",
+                            headers={"Authorization": f"Bearer {config['accessToken']}"})
+
+
+def apprise_module() -> Any:
+    """The optional Apprise library, or None when the ``apprise`` extra is not installed."""
+    try:
+        return importlib.import_module("apprise")
+    except ImportError:
+        return None
+
+
+def valid_apprise_urls(value: list[Any], record: dict[str, Any],
+                       env: dict[str, Any]) -> list[str]:
+    """URLs the installed Apprise understands (never echoed: they hold tokens); without the
+    library, a 400 naming the extra to install."""
+    library = apprise_module()
+    if library is None:
+        raise _Issue(APPRISE_MISSING)
+    bad = [str(i) for i, url in enumerate(value)
+           if not isinstance(url, str) or not library.Apprise().add(url)]
+    if bad:
+        raise _Issue(f"Not an Apprise URL Apprise supports: entry {', '.join(bad)}")
+    return value
+
+
+@channel_type(
+    "APPRISE",
+    Field("urls", "array", True, minimum=1, maximum=20, check=valid_apprise_urls, secret=True,
+          doc="Apprise URLs (secret)"),
+    person_facing=True)
+async def send_apprise(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
+    """Every Apprise URL in ``urls`` (Apprise speaks to each service itself, in a thread)."""
+    library = apprise_module()
+    if library is None:
+        raise DeliveryError(APPRISE_MISSING, permanent=True)
+    notifier = library.Apprise()
+    for url in config["urls"]:
+        notifier.add(url)
+    kind = {"bad": library.NotifyType.FAILURE, "warn": library.NotifyType.WARNING,
+            "good": library.NotifyType.SUCCESS}.get(_TONES[alert.event], library.NotifyType.INFO)
+    if not await asyncio.to_thread(notifier.notify, body=_details(alert),
+                                   title=_headline(alert), notify_type=kind):
+        raise DeliveryError(f"Apprise could not deliver to every one of its "
+                            f"{len(config['urls'])} URL(s)")
 
 
 class DeliveryAttempt(TypedDict):
@@ -6668,13 +6957,15 @@ def masked_channel_config(kind: str | None, config: dict[str, Any] | None) -> An
     """A channel config as responses show it: its secret keys masked (each header's value)."""
     if not config:
         return config
-    secret = CHANNEL_TYPES[kind].secrets if kind in CHANNEL_TYPES else ()
+    secret = channel_secrets(kind)
     return {k: _masked_value(v) if k in secret else v for k, v in config.items()}
 
 
 def _masked_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _masked_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked_value(v) for v in value]
     return mask(value) if isinstance(value, str) else value
 
 
@@ -7342,6 +7633,8 @@ def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dic
     def keep(new: Any, old: Any) -> Any:
         if isinstance(new, dict) and isinstance(old, dict):
             return {k: keep(v, old.get(k)) for k, v in new.items()}
+        if isinstance(new, list) and isinstance(old, list):
+            return [keep(v, old[i] if i < len(old) else None) for i, v in enumerate(new)]
         return old if isinstance(old, str) and new == mask(old) else new
     return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
             for k, v in value.items()}
@@ -7369,6 +7662,8 @@ CHANNEL_FIELDS = (
     Field("config", "object", True, check=valid_channel_config,
           doc="Type-specific configuration (see the channel types)"),
     Field("isActive", "boolean", default=True, doc="Inactive channels receive nothing"),
+    MANAGED_FIELD,
+    DIGEST_FIELD,
 )
 
 
@@ -7376,7 +7671,9 @@ def channel_json(row: sqlite3.Row) -> dict[str, Any]:
     """A channel as the API shows it, secrets masked, with its delivery health."""
     return {"id": row["id"], "name": row["name"], "type": row["type"],
             "config": masked_channel_config(row["type"], json.loads(row["config"])),
-            "isActive": bool(row["is_active"]), "failing": bool(row["failing"]),
+            "isActive": bool(row["is_active"]), "managed": bool(row["managed"]),
+            "secretsDigest": row["secrets_digest"],
+            "failing": bool(row["failing"]),
             "lastError": row["last_error"], "createdAt": iso(row["created_at"]),
             "updatedAt": iso(row["updated_at"])}
 
@@ -7699,6 +7996,7 @@ STATUS_PAGE_FIELDS = (
     Field("monitorGroups", "array", default=[], maximum=100,
           check=each(MONITOR_GROUP_FIELDS, then=valid_page_selector),
           doc="Groups of monitors, in display order"),
+    MANAGED_FIELD,
 )
 _PAGE_COLUMNS = tuple(f for f in STATUS_PAGE_FIELDS if f.name != "monitorGroups")
 
@@ -11615,6 +11913,538 @@ _status_command("disable", "DISABLED", "Refuse EMAIL's keys with 403; disabling 
                                        "stops the whole team.")
 _status_command("enable", "ENABLED", "Let EMAIL's keys work again.")
 
+
+
+def _storage_command(name: str, job: Callable[[str, str], int], doc: str, done: str) -> None:
+    """``statusapp backup|restore FILE``: ``job(database, FILE)`` and one line saying so."""
+    @cli.command(name, help=doc)
+    @_options
+    @click.argument("file", type=click.Path(dir_okay=False))
+    def command(config_path: str | None, db: str | None, file: str) -> None:
+        database = _config(config_path, db)["server"]["database"]
+        try:
+            version = job(database, file)
+        except (StorageError, sqlite3.Error, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(done.format(database=database, file=file, version=version))
+
+
+_storage_command("backup", backup_database,
+                 "Copy the database to FILE while the server runs (a consistent, checked copy).",
+                 "backed up {database} to {file} (schema version {version}, integrity ok)")
+_storage_command("restore", restore_database,
+                 "Replace the database with the backup FILE (stop the server first).",
+                 "restored {file} to {database} (schema version {version}); start the server")
+
+# Monitors as code.  ``statusapp apply FILE`` makes the team of an API key match a TOML (or
+# JSON) file through the running server's own API, so the server's validation, storage and
+# schedule updates are the ones that run.  The file is validated here first with the same Field
+# tables, so every error is reported with its place before anything changes.  Objects match by
+# name within their kind; those apply creates or adopts are marked ``managed``, and ``--prune``
+# deletes only managed objects the file no longer names.  ``export`` writes the same format,
+# every secret as a ``${NAME}`` reference to the environment (the API never shows secrets).
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HIDDEN = "(sensitive)"
+
+
+@dataclass(frozen=True)
+class SetupKind:
+    """One kind of object a setup file holds; apply creates them in this order."""
+
+    key: str
+    noun: str
+    path: str
+    fields: tuple[Field, ...]
+
+
+SETUP_KINDS = (SetupKind("channels", "channel", "/notifications", CHANNEL_FIELDS),
+               SetupKind("monitors", "monitor", "/monitors", MONITOR_FIELDS),
+               SetupKind("statusPages", "status page", "/status-pages", STATUS_PAGE_FIELDS))
+
+
+class SetupError(Exception):
+    """A setup file that cannot be applied: every problem, each with its place."""
+
+
+def _place(parts: Sequence[Any]) -> str:
+    """``monitors[3].interval`` from ``("monitors", 3, "interval")``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _issue_lines(where: tuple[Any, ...], exc: ApiError) -> list[str]:
+    """An API error as lines naming places in the file."""
+    if isinstance(exc, ValidationFailed):
+        return [f"{_place((*where, *i['path']))}: {i['message']}" for i in exc.issues]
+    return [f"{_place(where)}: {exc.message}"]
+
+
+def _expand(value: Any, where: tuple[Any, ...], problems: list[str],
+            sensitive: set[tuple[Any, ...]]) -> Any:
+    """``value`` with each ``${NAME}`` taken from the environment; the places that held one go
+    into ``sensitive``, so the plan never prints them."""
+    if isinstance(value, dict):
+        return {k: _expand(v, (*where, k), problems, sensitive) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*where, i), problems, sensitive) for i, v in enumerate(value)]
+    if not isinstance(value, str) or not _ENV_REF.search(value):
+        return value
+    sensitive.add(where)
+    missing = [name for name in _ENV_REF.findall(value) if name not in os.environ]
+    problems += [f"{_place(where)}: environment variable {name} is not set" for name in missing]
+    return _ENV_REF.sub(lambda match: os.environ.get(match[1], ""), value)
+
+
+def read_setup(path: str) -> tuple[dict[str, list[dict[str, Any]]], set[tuple[Any, ...]]]:
+    """A setup file's entries per kind, environment references filled in, and the places that
+    held secrets from the environment; SetupError lists every problem of shape."""
+    try:
+        text = Path(path).read_text()
+        data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SetupError(f"{path}: expected a table (a JSON object) of arrays")
+    known = {kind.key for kind in SETUP_KINDS}
+    problems = [f"{key}: unknown section (use {', '.join(sorted(known))})"
+                for key in data if key not in known]
+    for key in known & set(data):
+        if not isinstance(data[key], list) or not all(isinstance(e, dict) for e in data[key]):
+            problems.append(f"{key}: must be an array of tables ([[{key}]])")
+    if problems:
+        raise SetupError("\n".join(problems))
+    sensitive: set[tuple[Any, ...]] = set()
+    setup = {key: _expand(data.get(key, []), (key,), problems, sensitive) for key in known}
+    if problems:
+        raise SetupError("\n".join(problems))
+    return setup, sensitive
+
+
+class SetupApi:
+    """The running server's API, as apply and export use it."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.key = key
+        self.http = httpx.Client(base_url=url.rstrip("/") + API_PREFIX, timeout=30,
+                                 headers={"X-API-Key": key})
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; an API error comes back as the ApiError it was."""
+        try:
+            response = self.http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise SetupError(f"{self.http.base_url}: {exc}") from None
+        data = response.json() if response.content else {}
+        if response.status_code < 400:
+            return data
+        if isinstance(data.get("error"), list):
+            raise ValidationFailed(data["error"])
+        raise ApiError(str(data.get("error", response.reason_phrase)), status=response.status_code)
+
+    def objects(self, kind: SetupKind) -> list[dict[str, Any]]:
+        """Every object of ``kind`` the team has, oldest first, as the API shows one."""
+        if kind.key == "monitors":
+            rows, page, pages = [], 1, 1
+            while page <= pages:
+                data = self.call("GET", f"/monitors?limit=100&page={page}&sort=createdAt&order=asc")
+                rows += data["monitors"]
+                page, pages = page + 1, data["pagination"]["totalPages"]
+            return rows
+        if kind.key == "channels":
+            return self.call("GET", kind.path)["channels"]
+        return [self.call("GET", f"{kind.path}/{page['id']}")
+                for page in self.call("GET", kind.path)["statusPages"]]
+
+
+def _record(kind: SetupKind, obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as the API shows it, reduced to its kind's fields (in the API's terms)."""
+    record = {f.name: obj.get(f.name) for f in kind.fields}
+    if kind.key == "monitors":
+        record["notifications"] = [
+            {"channelId": n["channelId"], "type": None if n["channelId"] else n["type"],
+             "enabled": n["enabled"], "config": None if n["channelId"] else n["config"]}
+            for n in obj["monitorNotifications"]]
+    if kind.key == "statusPages":
+        record["monitorGroups"] = [{f.name: g.get(f.name) for f in MONITOR_GROUP_FIELDS}
+                                   for g in obj["monitorGroups"]]
+    return record
+
+
+def _to_api(kind: SetupKind, entry: dict[str, Any], ids: dict[str, dict[str, str]]
+            ) -> dict[str, Any]:
+    """A file entry in the API's terms: channels and monitors named by name get their ids."""
+    body = {**entry, "managed": True}
+    if kind.key == "monitors" and isinstance(body.get("notifications"), list):
+        body["notifications"] = [
+            {**{k: v for k, v in n.items() if k != "channel"},
+             "channelId": ids["channels"].get(str(n["channel"]), f"(unknown: {n['channel']})")}
+            if isinstance(n, dict) and "channel" in n else n for n in body["notifications"]]
+    if kind.key == "statusPages" and isinstance(body.get("monitorGroups"), list):
+        body["monitorGroups"] = [
+            {**{k: v for k, v in g.items() if k != "monitors"},
+             "monitorIds": [ids["monitors"].get(str(m), f"(unknown: {m})") for m in g["monitors"]]}
+            if isinstance(g, dict) and isinstance(g.get("monitors"), list) else g
+            for g in body["monitorGroups"]]
+    return body
+
+
+def _shown(name: str, value: Any, record: dict[str, Any]) -> Any:
+    """A value as the API would show it back: secrets masked."""
+    if name == "config":
+        return masked_channel_config(record.get("type"), value)
+    if name == "apiAuthConfig":
+        return masked_auth(value)
+    if name == "notifications":
+        return [{**n, "config": masked_channel_config(n["type"], n["config"])}
+                for n in value or []]
+    return value
+
+
+_SECRET_HOLDERS = ("config", "apiAuthConfig", "notifications")  # the fields _shown masks
+
+
+def _secret_values(raw: Any, shown: Any) -> list[Any]:
+    """The values masking hides: where ``raw`` differs from how the API shows it."""
+    if isinstance(raw, dict) and isinstance(shown, dict):
+        return [v for k in raw for v in _secret_values(raw[k], shown.get(k))]
+    if isinstance(raw, list) and isinstance(shown, list) and len(raw) == len(shown):
+        return [v for r, s in zip(raw, shown) for v in _secret_values(r, s)]
+    return [] if raw == shown else [raw]
+
+
+def secrets_digest(clean: dict[str, Any], key: str) -> str | None:
+    """A digest of the secrets in ``clean``, keyed by the API key so that the stored digest
+    tells a team member nothing about them; None when there are none."""
+    hidden = [v for name in _SECRET_HOLDERS if clean.get(name)
+              for v in _secret_values(clean[name], _shown(name, clean[name], clean))]
+    if not hidden:
+        return None
+    return hmac.new(key.encode(), json.dumps(hidden).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _changed(kind: SetupKind, clean: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields whose wanted value differs from the stored one (a secret by its masked form;
+    a CRON monitor's url left out is the server's heartbeat URL, not a change)."""
+    def same(name: str) -> bool:
+        want, have = clean[name] or None, current[name] or None  # [] and null alike
+        return want == have or (_shown(name, want, clean) or None) == have or (
+            name == "url" and want is None and clean.get("type") == "CRON")
+    return [f.name for f in kind.fields if not same(f.name)]
+
+
+def _shown_change(where: tuple[Any, ...], old: Any, new: Any,
+                  sensitive: set[tuple[Any, ...]]) -> list[str]:
+    """Plan lines for one changed value: objects key by key, secrets never printed."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in dict.fromkeys([*old, *new]) if old.get(key) != new.get(key)
+                for line in _shown_change((*where, key), old.get(key), new.get(key), sensitive)]
+    hidden = any(place[:len(where)] == where for place in sensitive) or any(
+        isinstance(value, str) and value.startswith("****") for value in (old, new))
+    if hidden:
+        return [f"    {_place(where[2:])}: {_HIDDEN}"]
+    if isinstance(new, list) and any(isinstance(v, dict) for v in [*new, *(old or [])]):
+        return [f"    {_place(where[2:])}: {len(old or [])} -> {len(new)} entries, changed"]
+    return [f"    {_place(where[2:])}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+@dataclass
+class Step:
+    """One change of the plan: ``+`` create, ``~`` update (these fields), ``-`` delete."""
+
+    sign: str
+    kind: SetupKind
+    name: str
+    ident: str | None = None
+    index: int = 0
+    entry: dict[str, Any] | None = None
+    fields: tuple[str, ...] = ()
+    lines: tuple[str, ...] = ()
+    digest: str | None = None
+
+    def text(self) -> str:
+        verb = {"+": "create", "~": "update", "-": "delete"}[self.sign]
+        return "\n".join([f"{self.sign} {verb} {self.kind.noun} {self.name!r}", *self.lines])
+
+
+def _matches(kind: SetupKind, entries: list[dict[str, Any]], objects: list[dict[str, Any]]
+             ) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """Each entry's stored object: the managed one of its name, else an unmanaged one to adopt;
+    and the problems (a name given twice)."""
+    taken: dict[str, dict[str, Any]] = {}
+    for obj in sorted(objects, key=lambda o: not o.get("managed")):
+        taken.setdefault(obj["name"], obj)
+    found, problems, seen = {}, [], set()
+    for i, entry in enumerate(entries):
+        name = entry.get("name")
+        if not isinstance(name, str):
+            continue  # validation reports it
+        if name in seen:
+            problems.append(f"{kind.key}[{i}].name: {name!r} is named twice in the file")
+        seen.add(name)
+        if name in taken:
+            found[i] = taken[name]
+    return found, problems
+
+
+def _resolve_names(setup: dict[str, list[dict[str, Any]]],
+                   stored: dict[str, list[dict[str, Any]]]
+                   ) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[str, str]],
+                              list[str]]:
+    """Per kind: each entry's stored object, the id each name stands for (a placeholder for
+    an object still to create), and the problems (names given twice)."""
+    ids = {key: {o["name"]: o["id"] for o in objects} for key, objects in stored.items()}
+    matched, problems = {}, []
+    for kind in SETUP_KINDS:
+        matched[kind.key], found_problems = _matches(kind, setup[kind.key], stored[kind.key])
+        problems += found_problems
+        for i, entry in enumerate(setup[kind.key]):
+            if i in matched[kind.key]:
+                ids[kind.key][entry["name"]] = matched[kind.key][i]["id"]
+            elif isinstance(entry.get("name"), str):
+                ids[kind.key][entry["name"]] = f"(new: {entry['name']})"
+    return matched, ids, problems
+
+
+def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
+               sensitive: set[tuple[Any, ...]], cfg: dict[str, dict[str, Any]],
+               prune: bool) -> tuple[list[Step], dict[str, dict[str, str]]]:
+    """The steps that make the team match ``setup``, validated in full first, and the ids
+    the file's names stand for (placeholders for objects still to create)."""
+    stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
+    matched, ids, problems = _resolve_names(setup, stored)
+    env = {"cfg": cfg, "channels": set(ids["channels"].values()),
+           "monitors": set(ids["monitors"].values()),
+           "regions": {r["id"] for r in api.call("GET", "/worker-regions")["regions"]}}
+    steps: list[Step] = []
+    for kind in SETUP_KINDS:
+        for i, entry in enumerate(setup[kind.key]):
+            try:
+                clean = validate(kind.fields, _to_api(kind, entry, ids), env)
+            except ValidationFailed as exc:
+                problems += _issue_lines((kind.key, i), exc)
+                continue
+            if DIGEST_FIELD in kind.fields:
+                clean[DIGEST_FIELD.name] = secrets_digest(clean, api.key)
+            steps += _entry_step(kind, i, entry, clean, matched[kind.key].get(i), sensitive)
+    if problems:
+        raise SetupError("\n".join(problems))
+    if prune:
+        named = {kind.key: {o["id"] for o in matched[kind.key].values()} for kind in SETUP_KINDS}
+        steps += [Step("-", kind, o["name"], o["id"]) for kind in reversed(SETUP_KINDS)
+                  for o in stored[kind.key] if o.get("managed") and o["id"] not in named[kind.key]]
+    return steps, ids
+
+
+def _entry_step(kind: SetupKind, i: int, entry: dict[str, Any], clean: dict[str, Any],
+                obj: dict[str, Any] | None, sensitive: set[tuple[Any, ...]]) -> list[Step]:
+    """The step one valid file entry needs: create, update, or none."""
+    digest = clean.get(DIGEST_FIELD.name)
+    if obj is None:
+        return [Step("+", kind, entry["name"], index=i, entry=entry, digest=digest)]
+    current = _record(kind, obj)
+    fields = _changed(kind, clean, current)
+    if DIGEST_FIELD.name in fields:  # a secret changed, though its masked form may not show it
+        fields += [name for name in _SECRET_HOLDERS if clean.get(name) and name not in fields]
+    if not fields:
+        return []
+    lines = [line for name in fields if name != DIGEST_FIELD.name
+             for line in _shown_change((kind.key, i, name), current[name],
+                                       _shown(name, clean[name], clean), sensitive)
+             or [f"    {name}: {_HIDDEN}"]]
+    return [Step("~", kind, entry["name"], obj["id"], i, entry, tuple(fields), tuple(lines),
+                 digest)]
+
+
+def apply_steps(api: SetupApi, steps: list[Step], ids: dict[str, dict[str, str]]) -> None:
+    """Carry out the plan: creates and updates in kind order (channels, monitors, pages, so
+    names resolve to the ids just made), then deletes."""
+    for step in [s for s in steps if s.sign != "-"]:
+        assert step.entry is not None
+        body = _to_api(step.kind, step.entry, ids)
+        if DIGEST_FIELD in step.kind.fields:
+            body[DIGEST_FIELD.name] = step.digest
+        where = (step.kind.key, step.index)
+        try:
+            if step.sign == "+":
+                ids[step.kind.key][step.name] = api.call("POST", step.kind.path, body)["id"]
+            else:
+                api.call("PUT", f"{step.kind.path}/{step.ident}",
+                         {name: body.get(name) for name in step.fields})
+        except ApiError as exc:
+            problems = "\n".join(_issue_lines(where, exc))
+            raise SetupError(f"{problems}\n(the steps before this one were applied)") from None
+    for step in [s for s in steps if s.sign == "-"]:
+        api.call("DELETE", f"{step.kind.path}/{step.ident}")
+
+
+# Export: the stored objects in the file's terms, defaults left out, secrets as ${NAME}.
+
+
+def _env_name(*parts: Any) -> str:
+    words = [re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(p)) for p in parts]
+    return re.sub(r"[^A-Z0-9]+", "_", "_".join(words).upper()).strip("_")
+
+
+def _secret_refs(value: Any, secret: Sequence[str], parts: tuple[Any, ...]) -> Any:
+    """A config with each secret value (every value of a secret object) as ``${NAME}``."""
+    def ref(item: Any, where: tuple[Any, ...]) -> Any:
+        if isinstance(item, dict):
+            return {k: ref(v, (*where, k)) for k, v in item.items()}
+        return f"${{{_env_name(*where)}}}" if isinstance(item, str) else item
+    return {k: ref(v, (*parts, k)) if k in secret else v for k, v in (value or {}).items()}
+
+
+def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, str]]
+              ) -> dict[str, Any]:
+    """One stored object as a file entry."""
+    record = _record(kind, obj)
+    label = (kind.noun.split()[-1], obj["name"])
+    if kind.key == "channels":
+        record["config"] = _secret_refs(record["config"], channel_secrets(obj["type"]),
+                                        label)
+    if kind.key == "monitors":
+        auth = record["apiAuthConfig"] or {}
+        record["apiAuthConfig"] = _secret_refs(
+            auth, [f.name for f in AUTH_FIELDS if f.secret_for(auth.get("type"))], label) or None
+        record["notifications"] = [_exported_link(n, names, (*label, i))
+                                   for i, n in enumerate(record["notifications"])]
+        if record["type"] == "CRON" and record["url"] == obj.get("heartbeatUrl"):
+            record["url"] = None
+    if kind.key == "statusPages":
+        record["monitorGroups"] = [_exported_group(g, names) for g in record["monitorGroups"]]
+    defaults = {f.name: f.default for f in kind.fields}
+    return {k: v for k, v in record.items() if v not in (None, []) and v != defaults[k]
+            and k not in (MANAGED_FIELD.name, DIGEST_FIELD.name)}
+
+
+def _exported_group(group: dict[str, Any], names: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """A status page group as a file entry: its monitors by name (other ways of choosing
+    them, if any, as they are)."""
+    out = {k: v for k, v in group.items() if k != "monitorIds" and v is not None}
+    monitors = [names["monitors"][m] for m in group.get("monitorIds") or []]
+    return {**out, "monitors": monitors} if monitors else out
+
+
+def _exported_link(link: dict[str, Any], names: dict[str, dict[str, str]],
+                   label: tuple[Any, ...]) -> dict[str, Any]:
+    """A monitor's notification as a file entry: a channel by name, or inline."""
+    out = ({"channel": names["channels"][link["channelId"]]} if link["channelId"] else
+           {"type": link["type"], "config": _secret_refs(
+               link["config"], channel_secrets(link["type"]), label)})
+    return out if link["enabled"] else {**out, "enabled": False}
+
+
+def export_setup(api: SetupApi) -> dict[str, list[dict[str, Any]]]:
+    """The team's channels, monitors and status pages in the setup file's terms."""
+    stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
+    names = {key: {o["id"]: o["name"] for o in objects} for key, objects in stored.items()}
+    return {kind.key: [_exported(kind, o, names) for o in stored[kind.key]]
+            for kind in SETUP_KINDS}
+
+
+def to_toml(setup: dict[str, list[dict[str, Any]]]) -> str:
+    """A setup as a TOML document of ``[[kind]]`` tables."""
+    return "\n".join(f"[[{key}]]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n"
+                                              for k, v in entry.items())
+                     for key, entries in setup.items() for entry in entries)
+
+
+
+def _server_url(cfg: dict[str, dict[str, Any]], url: str | None) -> str:
+    """``--url``, else the configured server on this machine: ``http://host:port`` (a
+    wildcard host meaning loopback)."""
+    server = cfg["server"]
+    host = "127.0.0.1" if server["host"] in ("0.0.0.0", "::", "") else server["host"]
+    host = f"[{host}]" if ":" in host else host
+    return url or f"http://{host}:{server['port']}"
+
+
+def _setup_api(cfg: dict[str, dict[str, Any]], url: str | None, api_key: str | None
+               ) -> SetupApi:
+    """The server to talk to, with an API key of the team."""
+    if not api_key:
+        raise click.UsageError("give --api-key or set STATUSAPP_API_KEY")
+    return SetupApi(_server_url(cfg, url), api_key)
+
+
+@cli.command()
+@_options
+@click.option("--url", help="The server (default: http://server.host:server.port).")
+def healthcheck(config_path: str | None, db: str | None, url: str | None) -> None:
+    """Exit 0 when the server's /api/v1/health answers 200 (healthy or degraded), else 1:
+    the Docker HEALTHCHECK, needing nothing but StatusApp itself."""
+    target = _server_url(_config(config_path, db), url).rstrip("/") + API_PREFIX + "/health"
+    try:
+        response = httpx.get(target, timeout=10)
+        status = response.json().get("status")
+    except (httpx.HTTPError, ValueError) as exc:
+        raise click.ClickException(f"{target}: {exc}") from None
+    if response.status_code != 200:
+        raise click.ClickException(f"{target}: {response.status_code} {status}")
+    click.echo(f"{target}: {status}")
+
+
+def _remote(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--url`` and ``--api-key``: the running server apply and export talk to."""
+    command = click.option("--api-key", envvar="STATUSAPP_API_KEY",
+                           help="An API key of the team (or STATUSAPP_API_KEY).")(command)
+    return click.option("--url", help="The server (default: "
+                                      "http://server.host:server.port).")(command)
+
+
+@cli.command("apply")
+@_options
+@_remote
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--prune", is_flag=True, help="Delete managed objects the file no longer names.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+def apply_command(config_path: str | None, db: str | None, url: str | None,
+                  api_key: str | None, file: str, prune: bool, dry_run: bool) -> None:
+    """Make the team's channels, monitors and status pages match the TOML (or .json) FILE."""
+    cfg = _config(config_path, db)
+    api = _setup_api(cfg, url, api_key)
+    try:
+        setup, sensitive = read_setup(file)
+        steps, ids = plan_setup(api, setup, sensitive, cfg, prune)
+        for step in steps:
+            click.echo(step.text())
+        if not steps:
+            click.echo(f"No changes: the team matches {file}.")
+            return
+        counts = collections.Counter(step.sign for step in steps)
+        click.echo(f"Plan: {counts['+']} to create, {counts['~']} to update, "
+                   f"{counts['-']} to delete.")
+        if dry_run:
+            click.echo("Dry run: nothing changed.")
+            return
+        apply_steps(api, steps, ids)
+    except (SetupError, ApiError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("Applied.")
+
+
+@cli.command("export")
+@_options
+@_remote
+@click.option("--format", "form", type=click.Choice(("toml", "json")), default="toml",
+              show_default=True, help="The file format.")
+def export_command(config_path: str | None, db: str | None, url: str | None,
+                   api_key: str | None, form: str) -> None:
+    """Write the team's channels, monitors and status pages in apply's format to stdout."""
+    api = _setup_api(_config(config_path, db), url, api_key)
+    try:
+        setup = export_setup(api)
+    except (SetupError, ApiError) as exc:
+        raise click.ClickException(str(exc)) from None
+    text = to_toml(setup) if form == "toml" else json.dumps(setup, indent=2) + "\n"
+    click.echo(text, nl=False)
+    needed = sorted(set(_ENV_REF.findall(json.dumps(setup))))
+    if needed:
+        click.echo(f"Secrets are written as ${{NAME}}: set {', '.join(needed)} before applying.",
+                   err=True)
 
 if __name__ == "__main__":
     cli()

@@ -424,6 +424,74 @@ def test_group_commit_writes_many_items_in_one_transaction_and_isolates_a_bad_on
     assert isinstance(results[-1], sqlite3.IntegrityError)
     assert all(r is None for r in results[:-1])
 
+
+def test_backup_under_write_load_restores_every_row_committed_before_it(tmp_path):
+    """A real server takes monitor creates nonstop while `statusapp backup` runs; the backup
+    passes the integrity check and holds every monitor whose 201 came before it started."""
+    srv = Server(tmp_path).start()
+    key = _owner_key(srv)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def write_load() -> None:
+        with httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": key}) as api:
+            while not stop.is_set():
+                created = api.post("/monitors", json={"name": f"m{len(acknowledged)}",
+                                                      "url": "http://127.0.0.1:9/"})
+                acknowledged.append(created.json()["id"])
+    writer = threading.Thread(target=write_load)
+    writer.start()
+    try:
+        eventually(lambda: len(acknowledged) >= 20)
+        before = list(acknowledged)
+        copy = tmp_path / "copy.db"
+        assert "integrity ok" in cli({"server": {"database": srv.db}}, "backup", str(copy))
+        eventually(lambda: len(acknowledged) > len(before) + 5)  # the load went on meanwhile
+        refused = CliRunner().invoke(statusapp.cli, ["restore", str(copy), "--db", srv.db])
+        assert refused.exit_code == 1 and "in use: stop the server first" in refused.output
+    finally:
+        stop.set()
+        writer.join()
+    srv.stop()
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        saved = {row[0] for row in conn.execute("SELECT id FROM monitors")}
+    assert set(before) <= saved and len(saved) < len(acknowledged)
+    restored = cli({"server": {"database": srv.db}}, "restore", str(copy))
+    assert "restored" in restored and not Path(srv.db + "-wal").exists()
+    with sqlite3.connect(srv.db) as conn:
+        assert {row[0] for row in conn.execute("SELECT id FROM monitors")} == saved
+
+
+def test_restore_refuses_a_damaged_or_newer_backup_and_keeps_the_database(tmp_path):
+    cfg = make_cfg(tmp_path)
+    new_key(cfg)
+    garbage, newer = tmp_path / "garbage.db", tmp_path / "newer.db"
+    garbage.write_bytes(b"not a database" * 100)
+    cli(cfg, "backup", str(newer))
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE schema_version SET version = 999")
+    for file, message in ((garbage, "is not a StatusApp database"),
+                          (newer, "has schema version 999"), (tmp_path / "nope.db", "no such")):
+        result = CliRunner().invoke(statusapp.cli, ["restore", str(file), "--db",
+                                                    cfg["server"]["database"]])
+        assert result.exit_code == 1 and message in result.output
+    assert sql(cfg, "SELECT COUNT(*) FROM accounts") == [(1,)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_restore_as_root_keeps_the_database_files_owner_and_mode(tmp_path):
+    """`sudo statusapp restore` must leave a file the service's own user can still write."""
+    cfg = make_cfg(tmp_path)
+    new_key(cfg)
+    backup = tmp_path / "backup.db"
+    cli(cfg, "backup", str(backup))
+    os.chown(cfg["server"]["database"], 4321, 4321)
+    os.chmod(cfg["server"]["database"], 0o600)
+    cli(cfg, "restore", str(backup))
+    restored = os.stat(cfg["server"]["database"])
+    assert (restored.st_uid, restored.st_gid, restored.st_mode & 0o777) == (4321, 4321, 0o600)
+
 # --- API tests ---
 
 FULL_MONITOR = {
@@ -1436,10 +1504,14 @@ def test_every_monitor_type_but_cron_declares_a_probe():
 
 def test_channel_types_declare_fields_secrets_and_audience():
     assert list(statusapp.CHANNEL_TYPES) == ["EMAIL", "SMS", "SLACK", "DISCORD", "TELEGRAM",
-                                             "PAGERDUTY", "OPSGENIE", "MICROSOFT_TEAMS", "WEBHOOK"]
+                                             "PAGERDUTY", "OPSGENIE", "MICROSOFT_TEAMS", "WEBHOOK",
+                                             "NTFY", "GOTIFY", "PUSHOVER", "MATRIX", "APPRISE"]
     telegram = statusapp.CHANNEL_TYPES["TELEGRAM"]
     assert telegram.required == ("botToken", "chatId") and telegram.secrets == ("botToken",)
     assert statusapp.CHANNEL_TYPES["WEBHOOK"].secrets == ("headers", "secret")
+    ntfy, pushover = statusapp.CHANNEL_TYPES["NTFY"], statusapp.CHANNEL_TYPES["PUSHOVER"]
+    assert ntfy.required == ("serverUrl", "topic") and ntfy.secrets == ("token", "password")
+    assert pushover.secrets == ("userKey", "appToken")
     machines = {n for n, t in statusapp.CHANNEL_TYPES.items() if not t.person_facing}
     assert machines == {"WEBHOOK", "PAGERDUTY", "OPSGENIE"}
 
@@ -3683,6 +3755,15 @@ _INC_VALID_CONFIGS = {
     "MICROSOFT_TEAMS": {"webhookUrl": "https://outlook.office.com/webhook/abcdefghijkl"},
     "WEBHOOK": {"url": "https://api.home.test/webhook",
                 "headers": {"Authorization": "Bearer token-abcdefghijkl"}},
+    "NTFY": {"serverUrl": "https://ntfy.sh", "topic": "homelab-alerts",
+             "token": "tk_abcdefghijklmnop", "priority": 4},
+    "GOTIFY": {"serverUrl": "https://gotify.home.test", "appToken": "AvKcy9o-yvVhyKd",
+               "priority": 6},
+    "PUSHOVER": {"userKey": "uQiRzpo4DXghDmr9QzzfQu27cmVRsG",
+                 "appToken": "azGDORePK8gMaC0QOYAMyEEuzJnyUi", "retry": 120, "expire": 7200},
+    "MATRIX": {"homeserver": "https://matrix.home.test", "accessToken": "syt_abcdefghijklmnop",
+               "roomId": "!homelab:matrix.home.test"},
+    "APPRISE": {"urls": ["json://127.0.0.1:9/hook", "ntfys://tk_abcdefghijklmnop@ntfy.sh/x"]},
 }
 
 
@@ -3698,7 +3779,8 @@ def test_channel_config_is_validated_per_type_and_secrets_masked(client, kind):
         elif isinstance(value, str):
             assert shown[name] != value and shown[name].startswith("****")
         else:
-            assert all(v.startswith("****") for v in shown[name].values())
+            values = shown[name].values() if isinstance(shown[name], dict) else shown[name]
+            assert all(v.startswith("****") for v in values)
     assert client.get("/api/v1/notifications").json()["channels"][0]["id"] == created["id"]
     # Echoing the masked config back keeps the stored secrets.
     updated = client.put(f"/api/v1/notifications/{created['id']}",
@@ -4097,22 +4179,25 @@ class _NotifyReceiver:
     """A loopback HTTP server that records every request and answers from a script.
 
     ``script`` holds ``(status, body, delay_seconds)`` answers used in order; after that it
-    answers 200.  Each recorded request has method, path, lower-cased headers and raw body bytes.
+    answers 200, or what ``answer(request)`` says when set (a fake service's checks).  Each
+    recorded request has method, path, lower-cased headers and raw body bytes.
     """
 
     def __init__(self, port: int = 0) -> None:
         self.requests: list[dict] = []
         self.script: list[tuple[int, bytes, float]] = []
+        self.answer = None
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append({
-                    "method": self.command, "path": self.path, "body": body,
-                    "headers": {k.lower(): v for k, v in self.headers.items()}})
-                status, answer, delay = (receiver.script.pop(0) if receiver.script
-                                         else (200, b'{"ok":true}', 0))
+                request = {"method": self.command, "path": self.path, "body": body,
+                           "headers": {k.lower(): v for k, v in self.headers.items()}}
+                receiver.requests.append(request)
+                status, answer, delay = (
+                    receiver.script.pop(0) if receiver.script else
+                    (*receiver.answer(request), 0) if receiver.answer else (200, b'{"ok":true}', 0))
                 time.sleep(delay)
                 try:
                     self.send_response(status)
@@ -4122,6 +4207,8 @@ class _NotifyReceiver:
                     self.wfile.write(answer)
                 except OSError:
                     pass  # the client gave up (timeout tests)
+
+            do_PUT = do_POST
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -4169,6 +4256,7 @@ def notify_cfg(notify_http):
         "twilio_account_sid": "AC123",
         "twilio_auth_token": "twilio-token",
         "twilio_from": "+15550001111",
+        "pushover_url": url,
         "timeout": 2,
     }})
 
@@ -4585,6 +4673,264 @@ async def test_notify_webhook_signature_node_verifier(notify_http, notify_ctx):
     # The check has teeth: Python's default json.dumps of the same payload does not verify.
     naive = json.dumps(payload).encode()
     assert verify(naive, statusapp.sign_body(naive, "s3cret")).returncode == 1
+
+
+# Fakes of the homelab push services: each checks what the real one checks (method, path,
+# credentials, required fields and their ranges) and answers as it does.
+
+NTFY_TOKEN, GOTIFY_TOKEN, MATRIX_TOKEN = "tk_ntfytoken0123456789abc", "AvKcy9o-yvVhyKd", "syt_mx_token"
+PUSHOVER_APP, PUSHOVER_USER = "azGDORePK8gMaC0QOYAMyEEuzJnyUi", "uQiRzpo4DXghDmr9QzzfQu27cmVRsG"
+MATRIX_ROOM = "!homelab:matrix.home.test"
+
+
+def _refuse(status: int, body: dict) -> tuple[int, bytes]:
+    return status, json.dumps(body).encode()
+
+
+def _fake_ntfy(request: dict, body: dict) -> tuple[int, bytes]:
+    basic = "Basic " + base64.b64encode(b"phone:hunter2-pass").decode()
+    if request["headers"].get("authorization") not in (f"Bearer {NTFY_TOKEN}", basic):
+        return _refuse(403, {"code": 40301, "http": 403, "error": "forbidden"})
+    if not (re.fullmatch(r"[-_A-Za-z0-9]{1,64}", str(body.get("topic")))
+            and body.get("priority") in range(1, 6) and isinstance(body.get("message"), str)
+            and all(isinstance(tag, str) for tag in body.get("tags", []))):
+        return _refuse(400, {"code": 40001, "http": 400, "error": "invalid request"})
+    return 200, json.dumps({"id": "k1", "event": "message", "topic": body["topic"]}).encode()
+
+
+def _fake_gotify(request: dict, body: dict) -> tuple[int, bytes]:
+    if request["headers"].get("x-gotify-key") != GOTIFY_TOKEN:
+        return _refuse(401, {"error": "Unauthorized", "errorCode": 401,
+                             "errorDescription": "you need to provide a valid access token"})
+    if not isinstance(body.get("message"), str) or body.get("priority") not in range(0, 11):
+        return _refuse(400, {"error": "Bad Request", "errorCode": 400,
+                             "errorDescription": "Field 'message' is required"})
+    return 200, json.dumps({"id": 1, "appid": 1, **body}).encode()
+
+
+def _fake_pushover(request: dict, form: dict) -> tuple[int, bytes]:
+    if request["headers"].get("content-type") != "application/x-www-form-urlencoded":
+        return _refuse(400, {"status": 0, "errors": ["message cannot be blank"]})
+    if form.get("token") != PUSHOVER_APP or form.get("user") != PUSHOVER_USER:
+        return _refuse(400, {"status": 0, "errors": ["application token is invalid"]})
+    priority = int(form.get("priority", "0"))
+    emergency_ok = priority < 2 or (30 <= int(form.get("retry", 0)) and
+                                    0 < int(form.get("expire", 0)) <= 10800)
+    if not form.get("message") or priority not in range(-2, 3) or not emergency_ok:
+        return _refuse(400, {"status": 0, "errors": ["retry and expire are required"]})
+    return 200, b'{"status":1,"request":"5042853c-402d-4a18-abcb-168734a801de"}'
+
+
+def _fake_matrix(request: dict, body: dict) -> tuple[int, bytes]:
+    room = urllib.parse.quote(MATRIX_ROOM, safe="")
+    if request["headers"].get("authorization") != f"Bearer {MATRIX_TOKEN}":
+        return _refuse(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unrecognised access token"})
+    prefix = f"/_matrix/client/v3/rooms/{room}/send/m.room.message/"
+    if request["method"] != "PUT" or not request["path"].startswith(prefix):
+        return _refuse(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
+    if body.get("msgtype") != "m.text" or not isinstance(body.get("body"), str) or (
+            "formatted_body" in body and body.get("format") != "org.matrix.custom.html"):
+        return _refuse(400, {"errcode": "M_BAD_JSON", "error": "bad message"})
+    txn = request["path"][len(prefix):]
+    return 200, json.dumps({"event_id": f"$event-{txn}"}).encode()
+
+
+def _fake_apprise_json(request: dict, body: dict) -> tuple[int, bytes]:
+    if set(body) != {"version", "title", "message", "attachments", "type"}:
+        return _refuse(400, {"error": "not an Apprise JSON notification"})
+    return 200, b"{}"
+
+
+def _fake_homelab(request: dict) -> tuple[int, bytes]:
+    """Every homelab service the receiver stands in for, told apart by path."""
+    path = request["path"].split("?")[0]
+    if path == "/1/messages.json":
+        return _fake_pushover(request, dict(urllib.parse.parse_qsl(request["body"].decode())))
+    if request["headers"].get("content-type", "").split(";")[0] != "application/json":
+        return _refuse(415, {"error": "expected JSON"})
+    body = json.loads(request["body"])
+    fake = {"/": _fake_ntfy, "/message": _fake_gotify, "/apprise": _fake_apprise_json}.get(path)
+    return (fake or _fake_matrix)(request, body)
+
+
+def _homelab_configs(url: str) -> dict:
+    """A valid config of each homelab channel type, pointing at the loopback fakes."""
+    return {
+        "NTFY": {"serverUrl": url, "topic": "homelab", "token": NTFY_TOKEN},
+        "GOTIFY": {"serverUrl": url, "appToken": GOTIFY_TOKEN},
+        "PUSHOVER": {"userKey": PUSHOVER_USER, "appToken": PUSHOVER_APP},
+        "MATRIX": {"homeserver": url, "accessToken": MATRIX_TOKEN, "roomId": MATRIX_ROOM},
+        "APPRISE": {"urls": [url.replace("http://", "json://") + "/apprise"]},
+    }
+
+
+@pytest.fixture
+def homelab(notify_http):
+    """The receiver acting as every homelab service; a valid config of each type for it."""
+    notify_http.answer = _fake_homelab
+    return _homelab_configs(notify_http.url)
+
+
+async def _refused_once(send, config: dict, ctx) -> dict:
+    """The one attempt a delivery refused for bad credentials makes: permanent, no retry."""
+    records = await statusapp.deliver(send, config, _notify_down(), ctx, base_delay=0)
+    assert len(records) == 1 and records[0]["permanent"]
+    return records[0]
+
+
+async def _accepted(send, config: dict, receiver, ctx) -> dict:
+    """The JSON a fake service accepted (200) for a DOWN alert."""
+    assert await send(config, _notify_down(), ctx) == 200
+    return receiver.json()
+
+
+@pytest.mark.asyncio
+async def test_notify_ntfy_publishes_json_with_priority_tags_and_click(notify_http, notify_ctx,
+                                                                       homelab):
+    config = homelab["NTFY"]
+    down = await _accepted(statusapp.send_ntfy, config, notify_http, notify_ctx)
+    assert {k: down[k] for k in ("topic", "title", "priority", "tags", "click")} == {
+        "topic": "homelab", "title": "Café ✓ is DOWN", "priority": 5,
+        "tags": ["rotating_light"], "click": "https://api.home.test"}
+    assert "Error: HTTP 500 Internal Server Error" in down["message"]
+    basic = {"serverUrl": notify_http.url, "topic": "homelab", "username": "phone",
+             "password": "hunter2-pass", "priority": 4}
+    assert await statusapp.send_ntfy(basic, _notify_up(), notify_ctx) == 200
+    assert (notify_http.json()["priority"], notify_http.json()["tags"]) == (3, ["white_check_mark"])
+    wrong = await _refused_once(statusapp.send_ntfy, {**config, "token": "tk_wrong"}, notify_ctx)
+    assert wrong["statusCode"] == 403 and "tk_wrong" not in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_gotify_message_with_app_token_and_priority(notify_http, notify_ctx,
+                                                                 homelab):
+    config = homelab["GOTIFY"]
+    down = await _accepted(statusapp.send_gotify, config, notify_http, notify_ctx)
+    assert (down["title"], down["priority"]) == ("Café ✓ is DOWN", 8)
+    assert down["extras"]["client::notification"]["click"]["url"] == "https://api.home.test"
+    assert notify_http.requests[-1]["path"] == "/message"
+    await statusapp.send_gotify({**config, "priority": 3}, _notify_up(), notify_ctx)
+    assert notify_http.json()["priority"] == 2 and "Down for: 12m 5s" in notify_http.json()["message"]
+    wrong = await _refused_once(statusapp.send_gotify, {**config, "appToken": "no"}, notify_ctx)
+    assert "valid access token" in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_pushover_emergency_for_down_quiet_for_recovery(notify_http, notify_ctx,
+                                                                     homelab):
+    config = homelab["PUSHOVER"]
+    assert await statusapp.send_pushover(config, _notify_down(), notify_ctx) == 200
+    down = dict(urllib.parse.parse_qsl(notify_http.requests[-1]["body"].decode()))
+    assert {k: down[k] for k in ("priority", "retry", "expire", "title", "url")} == {
+        "priority": "2", "retry": "60", "expire": "3600", "title": "Café ✓ is DOWN",
+        "url": "https://api.home.test"}
+    assert down["timestamp"] == str(int(dt.datetime(2025, 1, 21, 10, 30, tzinfo=dt.timezone.utc)
+                                        .timestamp()))
+    await statusapp.send_pushover({**config, "retry": 30, "expire": 600}, _notify_up(), notify_ctx)
+    up = dict(urllib.parse.parse_qsl(notify_http.requests[-1]["body"].decode()))
+    assert up["priority"] == "-1" and "retry" not in up
+    wrong = await _refused_once(statusapp.send_pushover, {**config, "appToken": "x" * 30},
+                                notify_ctx)
+    assert "token is invalid" in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_matrix_room_message_plain_and_html_one_txn_per_alert(notify_http,
+                                                                          notify_ctx, homelab):
+    config = homelab["MATRIX"]
+    notify_http.script = [(502, b"bad gateway", 0)]
+    records = await statusapp.deliver(statusapp.send_matrix, config,
+                                      _notify_down(monitor={"id": "m", "name": "<b>NAS</b>"}),
+                                      notify_ctx, base_delay=0)
+    assert [r["statusCode"] for r in records] == [502, 200]
+    first, retry = notify_http.requests[-2:]
+    assert first["path"] == retry["path"] and first["method"] == "PUT"  # same transaction id
+    body = notify_http.json()
+    assert body["body"].startswith("<b>NAS</b> is DOWN\n")
+    assert body["formatted_body"].startswith("<b>🔴 &lt;b&gt;NAS&lt;/b&gt; is DOWN</b><br>")
+    await statusapp.send_matrix(config, _notify_up(), notify_ctx)
+    assert notify_http.requests[-1]["path"] != first["path"]
+    wrong = await _refused_once(statusapp.send_matrix, {**config, "accessToken": "syt_no"},
+                                notify_ctx)
+    assert "M_UNKNOWN_TOKEN" in wrong["error"]
+
+
+@pytest.mark.asyncio
+async def test_notify_apprise_json_url_reaches_a_loopback_receiver(notify_http, notify_ctx,
+                                                                   homelab):
+    config = homelab["APPRISE"]
+    assert await statusapp.send_apprise(config, _notify_down(), notify_ctx) is None
+    sent = notify_http.json()
+    assert (sent["title"], sent["type"]) == ("Café ✓ is DOWN", "failure")
+    assert "Region: us-east-1" in sent["message"]
+    notify_http.script = [(500, b"", 0)] * 2
+    records = await statusapp.deliver(statusapp.send_apprise, config, _notify_up(), notify_ctx,
+                                      attempts=3, base_delay=0)
+    assert [r["ok"] for r in records] == [False, False, True] and not records[0]["permanent"]
+    assert notify_http.json()["type"] == "success"
+
+
+def test_homelab_channels_validate_mask_and_get_marked_failing(tmp_path, notify_http):
+    """Each new type through the API and the outbox: created with its secrets masked, then an
+    alert the fake refuses for bad credentials leaves it failing (Apprise, which cannot tell a
+    bad credential from an outage, after its retries, with the error noted)."""
+    notify_http.answer = _fake_homelab
+    cfg = _inc_cfg(tmp_path, notify_http.url, pushover_url=notify_http.url)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": new_key(cfg)}) as client:
+        wrong = {"NTFY": {"token": "tk_revoked"}, "GOTIFY": {"appToken": "revoked-token"},
+                 "PUSHOVER": {"userKey": "x" * 30}, "MATRIX": {"accessToken": "syt_revoked"},
+                 "APPRISE": {"urls": [f"json://127.0.0.1:{free_port()}/down"]}}
+        channels = {}
+        for kind, config in _homelab_configs(notify_http.url).items():
+            created = _inc_channel(client, kind, {**config, **wrong[kind]}, name=kind)
+            secret = statusapp.CHANNEL_TYPES[kind].secrets[0]
+            assert created["config"][secret] != {**config, **wrong[kind]}[secret]
+            channels[kind] = created["id"]
+        monitor = _inc_monitor(client, notifications=[{"channelId": c} for c in channels.values()])
+        _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom", _INC_DOWN)
+        eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE done_at IS NULL")
+                   == [(0,)] and sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(5,)])
+        state = {c["name"]: c for c in client.get("/api/v1/notifications").json()["channels"]}
+    for kind in ("NTFY", "GOTIFY", "PUSHOVER", "MATRIX"):
+        assert state[kind]["failing"] and state[kind]["lastError"], kind
+        assert "revoked" not in state[kind]["lastError"]
+    assert not state["APPRISE"]["failing"] and "Apprise could not deliver" in state["APPRISE"][
+        "lastError"]
+    attempts = dict(sql(cfg, "SELECT channel_type, attempts FROM alert_outbox"))
+    assert attempts == {"NTFY": 1, "GOTIFY": 1, "PUSHOVER": 1, "MATRIX": 1, "APPRISE": 3}
+
+
+def test_homelab_deliveries_count_against_the_host_they_talk_to(tmp_path):
+    cfg = make_cfg(tmp_path, notifications={"pushover_url": "http://push.home.test:8443"})
+    hosts = {kind: statusapp.delivery_host({"channel_type": kind, "config": json.dumps(config)},
+                                           cfg)
+             for kind, config in _homelab_configs("http://lab.home.test:8080").items()}
+    assert hosts == {"NTFY": "lab.home.test:8080", "GOTIFY": "lab.home.test:8080",
+                     "PUSHOVER": "push.home.test:8443", "MATRIX": "lab.home.test:8080",
+                     "APPRISE": ":"}  # Apprise picks its hosts itself: one shared lane
+
+@pytest.mark.parametrize("kind, config, path", [
+    ("NTFY", {"serverUrl": "http://127.0.0.1", "topic": "no spaces"}, "config.topic"),
+    ("GOTIFY", {"serverUrl": "ftp://x"}, "config.serverUrl"),
+    ("PUSHOVER", {"userKey": "short", "appToken": "a"}, "config.userKey"),
+    ("PUSHOVER", {"userKey": PUSHOVER_USER, "appToken": "a", "retry": 5}, "config.retry"),
+    ("MATRIX", {"homeserver": "http://127.0.0.1", "accessToken": "t", "roomId": "#alias:x"},
+     "config.roomId"),
+    ("APPRISE", {"urls": ["nosuchscheme://x"]}, "config.urls"),
+])
+def test_homelab_channel_configs_are_validated(client, kind, config, path):
+    response = client.post("/api/v1/notifications", json={"name": "x", "type": kind,
+                                                          "config": config})
+    assert response.status_code == 400
+    assert path in {".".join(map(str, issue["path"])) for issue in response.json()["error"]}
+
+
+def test_apprise_channel_without_the_library_is_a_400_naming_the_extra(client, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apprise", None)  # what an install without the extra has
+    response = client.post("/api/v1/notifications", json={
+        "name": "x", "type": "APPRISE", "config": {"urls": ["json://127.0.0.1:9/x"]}})
+    assert response.status_code == 400
+    assert "pip install 'statusapp[apprise]'" in response.json()["error"][0]["message"]
 
 # --- Page tests ---
 
@@ -6851,6 +7197,201 @@ def test_cli_errors_are_one_clear_line(cfg, args, message):
     assert result.exit_code != 0 and message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
+
+SETUP = """
+[[channels]]
+name = "phone"
+type = "TELEGRAM"
+config = { botToken = "${TG_TOKEN}", chatId = "42" }
+
+[[monitors]]
+name = "NAS"
+url = "http://127.0.0.1:9/"
+interval = 120
+notifications = [{ channel = "phone" }]
+
+[[monitors]]
+name = "backup job"
+type = "CRON"
+interval = 3600
+
+[[statusPages]]
+name = "Home"
+slug = "home"
+monitorGroups = [{ name = "Core", monitors = ["NAS", "backup job"] }]
+"""
+TG_TOKEN = "123456:secret-token-one"
+
+
+@pytest.fixture(scope="module")
+def untouched_server(tmp_path_factory):
+    """One server for the tests that must leave it unchanged."""
+    srv = Server(tmp_path_factory.mktemp("untouched")).start()
+    yield srv
+    srv.stop()
+
+
+def setup_cli(srv: Server, key: str, *args: str, code: int = 0, **env: str) -> str:
+    """`statusapp apply|export ...` against the served team; asserts the exit code."""
+    result = CliRunner().invoke(statusapp.cli, [*args, "--url", srv.url],
+                                env={"STATUSAPP_API_KEY": key, "TG_TOKEN": TG_TOKEN, **env})
+    assert result.exit_code == code, result.output
+    return result.stdout if code == 0 else result.output
+
+
+def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
+    key = _owner_key(server)
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key})
+    file = tmp_path / "statusapp.toml"
+    file.write_text(SETUP)
+    dry = setup_cli(server, key, "apply", str(file), "--dry-run")
+    assert "+ create channel 'phone'" in dry and "+ create status page 'Home'" in dry
+    assert "Plan: 4 to create, 0 to update, 0 to delete." in dry and TG_TOKEN not in dry
+    assert api.get("/monitors").json()["monitors"] == []
+    assert "Applied." in setup_cli(server, key, "apply", str(file))
+    monitors = {m["name"]: m for m in api.get("/monitors").json()["monitors"]}
+    channel = api.get("/notifications").json()["channels"][0]
+    assert monitors["NAS"]["interval"] == 120 and monitors["NAS"]["managed"] is True
+    assert monitors["NAS"]["monitorNotifications"][0]["channelId"] == channel["id"]
+    assert channel["config"] == {"botToken": statusapp.mask(TG_TOKEN), "chatId": "42"}
+    page = api.get("/status-pages").json()["statusPages"][0]
+    groups = api.get(f"/status-pages/{page['id']}").json()["monitorGroups"]
+    assert groups[0]["monitorIds"] == [monitors["NAS"]["id"], monitors["backup job"]["id"]]
+    assert setup_cli(server, key, "apply", str(file)).strip() == f"No changes: the team matches {file}."
+
+    by_hand = api.post("/monitors", json={"name": "by hand", "url": "http://127.0.0.1:9/"}).json()
+    file.write_text(SETUP.replace("interval = 120", "interval = 600").replace(
+        ', "backup job"', "").split("[[monitors]]\nname = \"backup job\"")[0] + SETUP.split(
+        "interval = 3600\n")[1].replace(', "backup job"', ""))
+    new_token = "999999:another-secret-token"
+    kept = setup_cli(server, key, "apply", str(file), TG_TOKEN=new_token)
+    assert "~ update channel 'phone'\n    config.botToken: (sensitive)" in kept
+    assert "~ update monitor 'NAS'\n    interval: 120 -> 600" in kept
+    assert "~ update status page 'Home'" in kept and "- delete" not in kept
+    assert new_token not in kept and TG_TOKEN not in kept
+    pruned = setup_cli(server, key, "apply", str(file), "--prune", TG_TOKEN=new_token)
+    assert pruned.splitlines()[0] == "- delete monitor 'backup job'"
+    names = {m["name"] for m in api.get("/monitors").json()["monitors"]}
+    assert names == {"NAS", "by hand"} and by_hand["managed"] is False
+    assert api.get("/notifications").json()["channels"][0]["config"]["botToken"] == \
+        statusapp.mask(new_token)
+    same_tail = "555555:rotated-again-token"  # masked, it looks like new_token
+    rotated = setup_cli(server, key, "apply", str(file), TG_TOKEN=same_tail)
+    assert rotated.startswith("~ update channel 'phone'\n    config: (sensitive)\nPlan: 0 to")
+    assert sql({"server": {"database": server.db}}, "SELECT config FROM notification_channels"
+               )[0][0] == json.dumps({"botToken": same_tail, "chatId": "42"})
+    assert setup_cli(server, key, "apply", str(file), TG_TOKEN=same_tail).startswith("No changes")
+    api.post("/status-pages", json={"name": "by hand", "slug": "taken"})
+    file.write_text(file.read_text() + '[[statusPages]]\nname = "Lab"\nslug = "taken"\n')
+    failed = setup_cli(server, key, "apply", str(file), code=1, TG_TOKEN=new_token)
+    assert "statusPages[1]: This slug is already in use" in failed
+
+
+@pytest.mark.parametrize("text, lines", [
+    (SETUP.replace("interval = 120", "interval = 5").replace('url = "http://127.0.0.1:9/"\n', "")
+     .replace('"42"', "42.5"),
+     ["channels[0].config.chatId: Expected string, received number",
+      "monitors[0].url: Required",
+      "monitors[0].interval: Number must be greater than or equal to 60"]),
+    (SETUP.replace("${TG_TOKEN}", "${NOT_SET_ANYWHERE}") + "[[statusPages]]\nname = \"Home\"\n",
+     ["channels[0].config.botToken: environment variable NOT_SET_ANYWHERE is not set"]),
+    (SETUP.replace('name = "Home"', 'name = "NAS"').replace('"Core", monitors = ["NAS"',
+                                                            '"Core", monitors = ["nope"'),
+     ["statusPages[0].monitorGroups[0].monitorIds: Unknown monitor id(s): (unknown: nope)"]),
+    (SETUP + "[[monitors]]\nname = \"NAS\"\nurl = \"http://127.0.0.1:9/\"\n",
+     ["monitors[2].name: 'NAS' is named twice in the file"]),
+    ("[monitors]\nname = 1\n[alerts]\n", ["alerts: unknown section", "monitors: must be an array"]),
+    ('[[monitors]]\nname = ["a"]\n', ["monitors[0].name: Expected string, received array"]),
+    ("[[monitors]\n", ["bad.toml: "]),
+])
+def test_apply_reports_every_error_with_its_place_and_changes_nothing(untouched_server, tmp_path,
+                                                                      text, lines):
+    key = _owner_key(untouched_server)
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    output = setup_cli(untouched_server, key, "apply", str(file), code=1)
+    for line in lines:
+        assert line in output
+    assert httpx.get(untouched_server.url + "/api/v1/monitors", headers={"X-API-Key": key}).json()[
+        "monitors"] == []
+
+
+def test_toml_writer_output_reads_back_as_the_same_data():
+    tricky = "quote \" backslash \\ newline \n tab \t bell \x07 del \x7f ✓ 🙂"
+    setup = {"monitors": [{"name": tricky, "interval": 60, "ratio": 0.5, "on": False,
+                           "list": [1, "two", {"x y": {}}], "obj": {"a-b": [], "c.d": tricky}}],
+             "channels": []}
+    text = statusapp.to_toml(setup)
+    assert tomllib.loads(text) == {"monitors": setup["monitors"]}
+    assert "\x07" not in text and "\x7f" not in text  # control characters escaped
+
+def test_export_round_trips_through_apply_in_toml_and_json(server, tmp_path):
+    key = _owner_key(server)
+    file = tmp_path / "statusapp.toml"
+    file.write_text(SETUP + """
+[[monitors]]
+name = "API \\"quoted\\" ✓"
+type = "API"
+url = "http://127.0.0.1:9/health"
+httpMethod = "POST"
+requestHeaders = '{"X-Env": "lab"}'
+apiAuthConfig = { type = "bearer", token = "${API_TOKEN}" }
+notifications = [{ type = "WEBHOOK", config = { url = "http://127.0.0.1:9/hook" }, enabled = false }]
+""")
+    setup_cli(server, key, "apply", str(file), API_TOKEN="bearer-token-abcdef")
+    exported = setup_cli(server, key, "export")
+    as_json = json.loads(setup_cli(server, key, "export", "--format", "json"))
+    assert tomllib.loads(exported) == as_json
+    assert as_json["channels"][0]["config"]["botToken"] == "${CHANNEL_PHONE_BOT_TOKEN}"
+    assert as_json["monitors"][2]["apiAuthConfig"]["token"] == "${MONITOR_API_QUOTED_TOKEN}"
+    assert as_json["statusPages"][0]["monitorGroups"][0]["monitors"] == ["NAS", "backup job"]
+    secrets = {"CHANNEL_PHONE_BOT_TOKEN": TG_TOKEN, "MONITOR_API_QUOTED_TOKEN": "bearer-token-abcdef"}
+    (tmp_path / "exported.toml").write_text(exported)
+    (tmp_path / "exported.json").write_text(json.dumps(as_json))
+    for name in ("exported.toml", "exported.json"):
+        again = setup_cli(server, key, "apply", str(tmp_path / name), **secrets)
+        assert again.startswith("No changes"), again
+    (tmp_path / "other").mkdir()
+    other = Server(tmp_path / "other").start()
+    try:
+        other_key = _owner_key(other)
+        setup_cli(other, other_key, "apply", str(tmp_path / "exported.toml"), **secrets)
+        assert json.loads(setup_cli(other, other_key, "export", "--format", "json")) == as_json
+    finally:
+        other.stop()
+
+def _dockerfile(instruction: str) -> str:
+    """The rest of the Dockerfile's (one-line) ``instruction`` line."""
+    lines = (HERE / "Dockerfile").read_text().splitlines()
+    return next(line.split(" ", 1)[1] for line in lines if line.startswith(instruction + " "))
+
+
+def test_docker_healthcheck_command_passes_on_a_live_server_and_fails_without(server):
+    """The Dockerfile's HEALTHCHECK, run as the image runs it: its ENV, the served port."""
+    command = json.loads(_dockerfile("HEALTHCHECK").split(" CMD ", 1)[1])
+    assert command[0] == "statusapp"
+    env = dict(pair.split("=", 1) for pair in _dockerfile("ENV").split())
+    env["STATUSAPP_SERVER_PORT"] = str(server.port)
+    assert env["STATUSAPP_SERVER_HOST"] == "0.0.0.0"
+    ok = CliRunner().invoke(statusapp.cli, command[1:], env=env)
+    assert ok.exit_code == 0 and "/api/v1/health: healthy" in ok.output
+    server.stop()
+    down = CliRunner().invoke(statusapp.cli, command[1:], env=env)
+    assert down.exit_code == 1 and f"127.0.0.1:{server.port}/api/v1/health" in down.output
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    unit = (HERE / "statusapp.service").read_text()
+    assert "ExecStart=/usr/local/bin/statusapp serve" in unit
+    for option in ("DynamicUser=yes", "StateDirectory=statusapp", "ProtectSystem=strict",
+                   "NoNewPrivileges=yes", "PrivateTmp=yes"):
+        assert option in unit.splitlines()
+    (tmp_path / "statusapp.service").write_text(
+        unit.replace("/usr/local/bin/statusapp", shutil.which("true") or "/bin/true"))
+    verify = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "statusapp.service")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and "statusapp.service" not in verify.stderr, verify.stderr
 
 def test_pip_install_gives_a_statusapp_command_that_finds_its_schema(tmp_path):
     """`pip install .` into a venv; the installed command works from another directory."""
