@@ -12169,7 +12169,7 @@ class Step:
         return "\n".join([f"{self.sign} {verb} {self.kind.noun} {self.name!r}", *self.lines])
 
 
-def _matches(kind: SetupKind, entries: list[dict[str, Any]], objects: list[dict[str, Any]]
+def _stored_matches(kind: SetupKind, entries: list[dict[str, Any]], objects: list[dict[str, Any]]
              ) -> tuple[dict[int, dict[str, Any]], list[str]]:
     """Each entry's stored object: the managed one of its name, else an unmanaged one to adopt;
     and the problems (a name given twice)."""
@@ -12198,7 +12198,7 @@ def _resolve_names(setup: dict[str, list[dict[str, Any]]],
     ids = {key: {o["name"]: o["id"] for o in objects} for key, objects in stored.items()}
     matched, problems = {}, []
     for kind in SETUP_KINDS:
-        matched[kind.key], found_problems = _matches(kind, setup[kind.key], stored[kind.key])
+        matched[kind.key], found_problems = _stored_matches(kind, setup[kind.key], stored[kind.key])
         problems += found_problems
         for i, entry in enumerate(setup[kind.key]):
             if i in matched[kind.key]:
