@@ -2805,6 +2805,7 @@ class TestAgentFleet:
         down_at = statusapp.now_ms()
         east = fleet.agents["east"]
         eventually(lambda: len(east.buffered()) >= 3, 15)  # probing on, results kept on disk
+        eventually(lambda: len(fleet.agents["west"].buffered()) >= 3, 15)  # west too
         east.stop(signal.SIGKILL)
         kept = east.buffered()
         assert len(kept) >= 3
