@@ -634,6 +634,7 @@ STORAGE_CAUSES = {"SQLITE_FULL": "the disk is full", "SQLITE_BUSY": "the databas
                   "SQLITE_IOERR": "disk I/O error", "SQLITE_CANTOPEN": "cannot open the database"}
 STORAGE_LOG_EVERY = 60.0
 STORAGE_RETRY_AFTER = "5"
+WRITE_LINGER = 0.5  # seconds queued check results wait for company before their commit
 
 
 def storage_cause(exc: BaseException) -> str | None:
@@ -665,6 +666,7 @@ class Database:
         self._lock = asyncio.Lock()
         self._queue: list[tuple[list[Statement], asyncio.Future[None] | None]] = []
         self._queue_event = asyncio.Event()
+        self._waited_on = asyncio.Event()  # a write() is queued: commit now
         self._writer_task: asyncio.Task[None] | None = None
         self.failing: str | None = None  # why the last commit failed, until one succeeds
         self._logged: dict[str, float] = {}
@@ -795,6 +797,7 @@ class Database:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((statements, future))
         self._queue_event.set()
+        self._waited_on.set()
         await future
 
     def write_later(self, statements: list[Statement]) -> None:
@@ -807,9 +810,15 @@ class Database:
         return len(self._queue)
 
     async def _write_loop(self) -> None:
+        """Commit what is queued: at once for a write() someone waits on, else after
+        WRITE_LINGER, so the checks of that half second share one transaction."""
         while True:
             await self._queue_event.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WRITE_LINGER):
+                    await self._waited_on.wait()
             self._queue_event.clear()
+            self._waited_on.clear()
             await self._flush()
 
     async def _flush(self) -> None:
@@ -2138,13 +2147,79 @@ async def resolve_target(host: str, port: int, allow_private: bool) -> list[str]
     return addresses
 
 
+@contextlib.contextmanager
+def _mapped(timeout_error: type[Exception], error: type[Exception]) -> Iterator[None]:
+    """OS, TLS and timeout errors as the httpcore errors httpx expects, the original kept as
+    the cause (``_describe_error`` reads the chain)."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise timeout_error(str(exc) or "timed out") from exc
+    except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
+        raise error(str(exc) or type(exc).__name__) from exc
+
+
+class _AsyncioStream(httpcore.AsyncNetworkStream):
+    """One connection as an asyncio stream pair: httpcore's stream interface without anyio's
+    task groups, cancel scopes and attribute lookups, which were most of a check's CPU."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        with _mapped(httpcore.ReadTimeout, httpcore.ReadError):
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        with _mapped(httpcore.WriteTimeout, httpcore.WriteError):
+            self._writer.write(buffer)
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+
+    async def aclose(self) -> None:
+        """Close now, as anyio does: the socket is gone when this returns, even with a body
+        left unread (the loop would otherwise close it only on a later iteration)."""
+        self._writer.close()
+        await asyncio.sleep(0)
+        self._writer.transport.abort()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
+                async with asyncio.timeout(timeout):
+                    await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except httpcore.ConnectError:
+            self._writer.transport.abort()
+            raise
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "client_addr":
+            return self._writer.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._writer.get_extra_info("peername")
+        if info == "is_readable":  # an idle pooled connection the server closed or reset
+            return self._reader.at_eof() or self._reader.exception() is not None
+        return self._writer.get_extra_info({"ssl_object": "ssl_object", "socket": "socket"}.get(
+            info, ""))
+
+
+async def _open_stream(address: str, port: int, timeout: float | None) -> _AsyncioStream:
+    with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(address, port)
+    return _AsyncioStream(reader, writer)
+
+
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with name resolution split out of the TCP connect: it
     resolves once, refuses private addresses unless allowed, and connects to the addresses it
-    checked (TLS still verifies and sends SNI for the URL's host name)."""
+    checked (TLS still verifies and sends SNI for the URL's host name).  Its streams are plain
+    asyncio streams (``_AsyncioStream``)."""
 
     def __init__(self, allow_private: bool) -> None:
-        self._inner = httpcore.AnyIOBackend()
         self._allow_private = allow_private
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
@@ -2166,9 +2241,7 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         error: Exception | None = None
         for address in addresses:
             try:
-                stream = await self._inner.connect_tcp(str(address), port, remaining,
-                                                       local_address,
-                                                       socket_options)
+                stream = await _open_stream(address, port, remaining)
             except httpcore.ConnectError as exc:
                 error = exc
                 continue
@@ -2180,10 +2253,10 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        return await self._inner.connect_unix_socket(path, timeout, socket_options)
+        raise httpcore.ConnectError("unix sockets are not probed")
 
     async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+        await asyncio.sleep(seconds)
 
 
 class _PinnedTransport(httpx.AsyncHTTPTransport):
