@@ -3,26 +3,32 @@
 Run it with ``python statusapp.py serve`` (or ``statusapp serve`` once installed).
 The REST API follows the StatusApp API reference under ``/api/v1``.
 
-Contents, in the order data flows through the program:
+Contents, in the order data flows through the program (a section uses only the ones above it,
+except through the registries and the ``Runtime`` it is handed):
 
-1. Config       -- defaults, TOML file, ``STATUSAPP_<SECTION>_<KEY>`` variables, flags.
-2. Errors       -- ``ApiError`` and its subclasses, the one error shape clients see.
-3. Storage      -- SQLite via aiosqlite: numbered migrations from schema.sql, one
+1. Basics       -- the version, logging that never carries secrets, shared small helpers.
+2. Config       -- defaults, TOML file, ``STATUSAPP_<SECTION>_<KEY>`` variables, flags.
+3. Errors       -- ``ApiError`` and its subclasses, the one error shape clients see.
+4. Storage      -- SQLite via aiosqlite: numbered migrations from schema.sql, one
                    group-committing writer, separate readers.
-4. Validation   -- declarative field tables that validate, default and document resources.
-5. Auth         -- API keys, roles and permissions, rate limits, usage counters.
-6. Probes       -- one coroutine per monitor type, declared in ``MONITOR_TYPES``.
-7. Scheduler    -- the asyncio loop that runs probes on their intervals, in the server for
-                   its own region and in ``statusapp agent`` for a remote one.
-8. Incidents    -- regions' verdicts combine into statuses; transitions become incidents
-                   and alerts.
-9. Notifiers    -- one sender per channel type, declared in ``CHANNEL_TYPES``.
-10. Analytics   -- rollups, retention, regression detection and the figures behind them.
-11. API routes  -- the ``/api/v1`` handlers.
-12. Pages       -- the public status pages and badges.
-13. Dashboard   -- the team's web UI at ``/``: sign-in, sessions, pages and forms generated
+5. Validation   -- declarative field tables that validate, default and document resources;
+                   the ``MonitorType`` and ``ChannelType`` registries; monitor records.
+6. Auth         -- API keys, roles and permissions, rate limits, usage counters.
+7. Probes       -- one coroutine per monitor type, each declared as a ``MonitorType``.
+8. Scheduler    -- the asyncio loop that runs probes on their intervals, in the server for
+                   its own region and in ``statusapp agent`` for a remote one; heartbeats.
+9. Notifiers    -- one sender per channel type, declared with ``channel_type``.
+10. Incidents   -- regions' verdicts combine into statuses; transitions become incidents
+                   and alerts, delivered through the notifiers; maintenance windows.
+11. Analytics   -- rollups, retention, regression detection, uptime and the figures behind them.
+12. API routes  -- the ``/api/v1`` handlers.
+13. Metrics     -- ``/metrics`` in the Prometheus text format.
+14. Pages       -- the public status pages and badges.
+15. Dashboard   -- the team's web UI at ``/``: sign-in, sessions, pages and forms generated
                    from the field tables, acting through the API handlers.
-14. CLI         -- the click entrypoint that runs everything in one process.
+16. Application -- ``Runtime``, the background ``SERVICES`` and ``create_app``, which wires
+                   every section's routes into one ASGI application.
+17. CLI         -- the click entrypoint that runs everything in one process.
 """
 
 from __future__ import annotations
@@ -97,8 +103,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+
+# --- Basics ---
+#
+# The version, logging that never carries secrets, and small helpers every section shares:
+# times in Unix milliseconds, percentile ranks, HTML escaping.
+
+
 VERSION = "1.0.0"
 API_VERSION = "v1"
+API_PREFIX = "/api/v1"
 _T = TypeVar("_T")
 log = logging.getLogger("statusapp")
 
@@ -121,6 +135,27 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+
+
+def unix_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def nearest_rank(count: int, p: float) -> int:
+    """The 1-based rank of the p-th percentile among ``count`` sorted values (nearest-rank)."""
+    return max(1, math.ceil(p / 100 * count))
+
+
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _esc(text: Any) -> str:
+    """Text for HTML or XML: escaped, without the control characters XML forbids."""
+    return html.escape(_XML_FORBIDDEN.sub("", str(text)))
+
 
 # --- Config ---
 #
@@ -520,6 +555,16 @@ class RateLimited(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, code = 503, "SERVICE_UNAVAILABLE"
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
 
 # --- Storage ---
 #
@@ -1444,6 +1489,34 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
 
 
+def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """Swap masked secrets a client echoed back for the stored values."""
+    def keep(new: Any, old: Any) -> Any:
+        if isinstance(new, dict) and isinstance(old, dict):
+            return {k: keep(v, old.get(k)) for k, v in new.items()}
+        if isinstance(new, list) and isinstance(old, list):
+            return [keep(v, old[i] if i < len(old) else None) for i, v in enumerate(new)]
+        return old if isinstance(old, str) and new == mask(old) else new
+    return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
+            for k, v in value.items()}
+
+
+def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Validate a config by its channel type's fields; unknown keys are dropped.
+
+    When updating a stored channel of the same type (``env["existing"]``), masked secrets
+    echoed back keep the stored ones, as ``apiAuthConfig`` does."""
+    if not isinstance(kind, str) or kind not in CHANNEL_TYPES:
+        return value  # the type field reports the problem
+    existing = env.get("existing") or {}
+    if existing.get("type") == kind and isinstance(existing.get("config"), dict):
+        value = _unmasked(kind, value, existing["config"])
+    if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
+        value = {**value, "chatId": str(value["chatId"])}
+    clean = validate(CHANNEL_TYPES[kind].fields, value, env, kind=kind, path=env["path"])
+    return {k: v for k, v in clean.items() if v is not None}
+
+
 def valid_channel_config(value: dict[str, Any], record: dict[str, Any],
                          env: dict[str, Any]) -> dict[str, Any]:
     """A channel ``config`` checked by the rules of its ``type`` (``channel_config``)."""
@@ -1720,27 +1793,36 @@ PAGINATION = shape(total="integer", page="integer", limit="integer", totalPages=
 DELETED = shape(success="boolean", message="string")
 
 
-async def paged_rows(call: Call, table: str, query: dict[str, Any], filters: Sequence[str],
-                     order: str) -> tuple[int, list[sqlite3.Row]]:
-    """The count of the team's rows of ``table`` matching the query's ``filters`` (named as
-    the API names the columns) and the query's page of them, in ``order`` ({d}: asc/desc)."""
-    where, params = ["account_id = ?"], [call.team]
-    for name in filters:
-        if query[name]:
-            where.append(f"{Field(name, 'string').column} = ?")
-            params.append(query[name])
-    clause = " AND ".join(where)
-    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM {table} WHERE {clause}", params)
-    rows = await call.rt.db.fetchall(
-        f"SELECT * FROM {table} WHERE {clause} ORDER BY {order.format(d=query['order'].upper())}"
-        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
-    return total, rows
-
-
 def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
     """The spec's pagination object."""
     return {"total": total, "page": query["page"], "limit": query["limit"],
             "totalPages": max(1, -(-total // query["limit"]))}
+
+
+_JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
+
+
+def _json_column(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+# Each monitor column as (field name, column, how its stored value is read back).
+_MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tuple(
+    (spec.name, spec.column, _json_column if spec.kind in _JSON_KINDS
+     else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
+
+
+def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
+    """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
+    out: dict[str, Any] = {"id": row["id"]}
+    for name, column, read in _MONITOR_READERS:
+        value = row[column]
+        out[name] = value if read is None else read(value)
+    out["status"] = row["status"]
+    out["isPaused"] = bool(row["is_paused"])
+    out["heartbeatId"] = row["heartbeat_id"]
+    return out
+
 
 # --- Auth ---
 #
@@ -1937,6 +2019,7 @@ async def create_api_key(conn: aiosqlite.Connection, account_id: str, name: str,
         (key_id, account_id, name, prefix, digest, permissions, expires_at, now_ms()))
     return key_id, key
 
+
 # --- Probes ---
 #
 # A probe is ``async def probe_x(monitor: dict, ctx: ProbeContext) -> CheckResult``.  It never
@@ -2034,15 +2117,6 @@ def _target_host(url: str) -> str:
     except ValueError:
         pass
     return urlsplit(text if "://" in text else f"//{text}").hostname or ""
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
@@ -3181,6 +3255,14 @@ def probe_of(kind: str) -> Probe | None:
     declared = MONITOR_TYPES.get(kind)
     return declared.probe if declared else None
 
+
+def _cause(category: str | None) -> str:
+    """``DNS_FAILURE`` -> ``DNS failure``."""
+    words = [w if w in ("DNS", "SSL", "DDOS") else w.lower() for w in (category or "").split("_")]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
 # --- Scheduler ---
 
 # Probing
@@ -3522,11 +3604,6 @@ class Scheduler:
         return max(stats["lag"]["p99"], stats["backlog"]) > _LAG_DEGRADED
 
 
-def nearest_rank(count: int, p: float) -> int:
-    """The 1-based rank of the p-th percentile among ``count`` sorted values (nearest-rank)."""
-    return max(1, math.ceil(p / 100 * count))
-
-
 def _percentile(ordered: list[float], point: int) -> float:
     return round(ordered[nearest_rank(len(ordered), point) - 1], 3) if ordered else 0.0
 
@@ -3590,6 +3667,9 @@ def feed_row(row: sqlite3.Row) -> dict[str, Any]:
 _AGENT_FLUSH = 1.0          # seconds between two batches
 _AGENT_RETRY_MAX = 2.0      # longest pause between attempts to reach the server
 _AGENT_TIMEOUT = 60.0       # seconds for one request (a long-poll waits up to 30)
+
+
+_AGENT_BATCH_MAX = 5000
 
 
 class AgentBuffer:
@@ -3765,6 +3845,15 @@ def check_statements(monitor_id: str, region_id: str, result: CheckResult,
          result.error, result.category, json.dumps(result.timings) if result.timings else None,
          json.dumps(result.details) if result.details else None, checked_at, int(maintenance),
          checked_at if received_at is None else received_at, agent_at))]
+
+
+def transition_statements(monitor_id: str, old: str, new: str, reason: str | None,
+                          at: int) -> list[Statement]:
+    """Set a monitor's status and record the change, for incident logic to consume once."""
+    return [("UPDATE monitors SET status = ? WHERE id = ?", (new, monitor_id)),
+            ("INSERT INTO status_transitions (monitor_id, old_status, new_status, reason,"
+             " created_at) VALUES (?, ?, ?, ?, ?)", (monitor_id, old, new, reason, at))]
+
 
 # Heartbeat deadlines
 #
@@ -4038,931 +4127,6 @@ async def run_heartbeats(rt: Runtime) -> None:
             hb.wake.set()
         await hb.sleep()
 
-
-# --- Incidents ---
-
-
-def transition_statements(monitor_id: str, old: str, new: str, reason: str | None,
-                          at: int) -> list[Statement]:
-    """Set a monitor's status and record the change, for incident logic to consume once."""
-    return [("UPDATE monitors SET status = ? WHERE id = ?", (new, monitor_id)),
-            ("INSERT INTO status_transitions (monitor_id, old_status, new_status, reason,"
-             " created_at) VALUES (?, ?, ?, ?, ?)", (monitor_id, old, new, reason, at))]
-
-
-# Regions.  Each region's scheduler (the server's own, or an agent's) confirms a status per
-# monitor; ``Verdicts`` keeps those in monitor_regions and combines them into the monitor's
-# status: DOWN when at least ``downQuorum`` (default: all) of its active enabled regions are
-# DOWN, DEGRADED while fewer are (or one is DEGRADED), else UP.  A region that stopped reporting
-# is inactive and left out, so its silence never makes a monitor DOWN.  Only a change of a
-# region's verdict (or of the regions) leads to a combine, which runs in its own transaction.
-
-
-def combined_status(statuses: Sequence[str], regions: int, quorum: int | None) -> str | None:
-    """The monitor's status from its active enabled regions' verdicts (``regions`` of them,
-    some maybe without one yet); None while no region has a verdict."""
-    known = [s for s in statuses if s != Status.PENDING]
-    if not known:
-        return None
-    down = known.count(Status.DOWN)
-    if down and down >= min(quorum or regions, regions):
-        return Status.DOWN
-    return Status.DEGRADED if down or Status.DEGRADED in known else Status.UP
-
-
-class Verdicts:
-    """Per-region verdicts in memory and in monitor_regions; see the comment above."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.statuses: dict[str, dict[str, str]] = collections.defaultdict(dict)
-        self.changes: dict[str, tuple[int, str]] = {}  # each monitor's latest verdict change
-        self.pending: dict[str, tuple[int, str | None]] = {}
-        self.wake = asyncio.Event()
-        rt.listeners.append(lambda monitor_id: self.touch(monitor_id, now_ms(), None))
-
-    async def load(self) -> None:
-        for monitor_id, region, status in await self.rt.db.fetchall(
-                "SELECT monitor_id, region_id, status FROM monitor_regions"):
-            self.statuses[monitor_id][region] = status
-
-    def touch(self, monitor_id: str, at: int, reason: str | None) -> None:
-        """Combine this monitor's verdicts again soon."""
-        self.pending[monitor_id] = (at, reason)
-        self.wake.set()
-
-    def statements(self, region: str, monitor_id: str, result: CheckResult, at: int,
-                   status: str, reason: str | None, received_at: int | None = None,
-                   agent_at: int | None = None) -> list[Statement]:
-        """The writes for one check of ``region`` whose verdict is then ``status``."""
-        statements = check_statements(monitor_id, region, result, at,
-                                      self.rt.maintenance.active_monitor(monitor_id, at),
-                                      received_at, agent_at)
-        if self.statuses[monitor_id].get(region, Status.PENDING) != status:
-            self.statuses[monitor_id][region] = status
-            statements.append((
-                "INSERT INTO monitor_regions (monitor_id, region_id, status, changed_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (monitor_id, region_id) DO UPDATE SET"
-                " status = excluded.status, changed_at = excluded.changed_at",
-                (monitor_id, region, status, at)))
-            self.changes[monitor_id] = (at, reason or status)
-            self.touch(monitor_id, at, reason)
-        return statements
-
-    async def combine_pending(self) -> None:
-        """Combine every touched monitor, once the writes queued before are committed."""
-        self.wake.clear()
-        pending, self.pending = self.pending, {}
-        try:
-            if pending:
-                await self.rt.db.write([])
-            async with self.rt.db.transaction() as conn:
-                for monitor_id, (at, reason) in pending.items():
-                    await self._combine(conn, monitor_id, at, reason)
-        except BaseException:
-            self.pending = {**pending, **self.pending}  # nothing was written: retry them all
-            self.wake.set()
-            raise
-
-    async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
-                       reason: str | None) -> None:
-        monitor = await _row(conn, "SELECT status, enabled_worker_region_ids AS regions,"
-                                   " down_quorum, regression_active, is_active, is_paused"
-                                   " FROM monitors WHERE id = ?", (monitor_id,))
-        if monitor is None:
-            self.statuses.pop(monitor_id, None)
-            self.changes.pop(monitor_id, None)
-            return
-        if monitor["is_paused"] or not monitor["is_active"]:
-            return
-        enabled = set(json.loads(monitor["regions"] or "[]"))
-        regions = [r for r, info in self.rt.regions.items()
-                   if info["is_active"] and (not enabled or r in enabled)]
-        mine = self.statuses.get(monitor_id, {})
-        new = combined_status([mine.get(r, Status.PENDING) for r in regions], len(regions),
-                              monitor["down_quorum"])
-        if new == Status.UP and monitor["regression_active"]:
-            new = Status.DEGRADED  # the worse of the probes' verdict and the regression detector's
-        if reason is None:  # touched by an edit: the status follows the latest verdict change
-            at, reason = self.changes.get(monitor_id, (at, "monitor settings changed"))
-        if new is not None and new != monitor["status"]:
-            for sql, params in transition_statements(monitor_id, monitor["status"], new,
-                                                     reason, at):
-                await conn.execute(sql, params)
-
-
-async def run_verdicts(rt: Runtime) -> None:
-    """Combine regions' verdicts into monitor statuses as they change."""
-    while True:
-        await rt.verdicts.wake.wait()
-        try:
-            await rt.verdicts.combine_pending()
-        except Exception:
-            log_failure("combining region verdicts failed; retrying in 1 s")
-            await asyncio.sleep(1)
-
-
-# Region liveness.  An agent's region is active while the agent has been in touch within
-# ``[agents] inactive_after`` seconds.  Going silent and coming back each alert once, on the
-# default channels: every active shared notification channel of every team (inline monitor
-# notifications are about one monitor, so they are left out).  ``gone_at`` makes the pair
-# exactly-once: the alert and the flag are written in one transaction.
-
-
-def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
-    seconds = region["inactive_after"]
-    return {"event": "monitor.up" if alive else "monitor.down",
-            "monitor": {"id": region["id"], "url": "", "type": "REGION",
-                        "name": f"Worker region {region['name'] or region['id']}",
-                        "status": Status.UP if alive else Status.DOWN},
-            "timestamp": iso(at),
-            "note": "Its agent reports again." if alive else
-                    f"Its agent has not reported for {seconds} s; its monitors are judged by the"
-                    " other regions until it is back."}
-
-
-async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], alive: bool,
-                        at: int) -> None:
-    """Flip a region's liveness; alert on the default channels when it goes and comes back."""
-    alert = (not alive and region["gone_at"] is None) or (alive and region["gone_at"] is not None)
-    await conn.execute("UPDATE worker_regions SET is_active = ?, gone_at = ? WHERE id = ?",
-                       (int(alive), None if alive else region["gone_at"] or at, region["id"]))
-    if not alert:
-        return
-    body = _region_alert(region, alive, at)
-    channels = await conn.execute_fetchall(
-        "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
-        " ORDER BY created_at, id")
-    await conn.executemany(
-        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, delivery_id,"
-        " channel_type, config, event, alert, created_at, next_attempt_at)"
-        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(c["account_id"], f"{c['id']}:{region['id']}", c["id"], new_id("dlv"), c["type"],
-          c["config"], body["event"], json.dumps(body), at, at) for c in channels])
-
-
-async def sweep_regions(rt: Runtime) -> None:
-    """Mark agents' regions active or inactive from when they last reported (an active one
-    counts as heard when this server started, so a server restart is no agent outage)."""
-    now, limit = now_ms(), rt.cfg["agents"]["inactive_after"]
-    flipped = []
-    for region in await rt.load_regions():
-        seen = region["last_seen_at"]
-        if seen is not None and region["is_active"]:
-            seen = max(seen, rt.started_at)
-        alive = seen is not None and now - seen < limit * 1000
-        if region["token_hash"] is not None and alive != bool(region["is_active"]):
-            flipped.append((region, alive))
-    for region, alive in flipped:
-        async with rt.db.transaction() as conn:
-            await _set_liveness(conn, {**region, "inactive_after": limit}, alive, now)
-        log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
-    if flipped:
-        await rt.load_regions()
-        reason = ", ".join(f"worker region {r['id']} {'is back' if a else 'went silent'}"
-                           for r, a in flipped)
-        for monitor_id in list(rt.verdicts.statuses):
-            rt.verdicts.touch(monitor_id, now, reason)
-
-
-async def run_regions(rt: Runtime) -> None:
-    """The liveness sweep, a few times per ``inactive_after``."""
-    await repeat(min(1.0, rt.cfg["agents"]["inactive_after"] / 4), lambda: sweep_regions(rt))
-
-
-# The engine.  Each status transition is consumed in one transaction that opens or resolves the
-# monitor's incident, writes its status update, queues every alert in alert_outbox and sets
-# processed_at: a crash leaves all of that or none of it, so no alert is lost or queued twice.
-# Delivery workers then drain the outbox off the probe path, one task per target.
-
-INCIDENT_POLL = 0.25       # seconds between looks for new transitions and queued alerts
-INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
-STORM_HOLD_LIMIT = 10      # a storm's grouped message waits at most this many storm windows
-WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
-INCIDENT_STATUSES = ("investigating", "identified", "monitoring", "resolved")
-
-_INCIDENT_STATS_SQL = (
-    "SELECT COUNT(*) AS total, COALESCE(SUM(status = 'DOWN'), 0) AS failed,"
-    " group_concat(DISTINCT CASE WHEN status = 'DOWN' THEN region_id END) AS regions"
-    " FROM checks WHERE monitor_id = ? AND checked_at BETWEEN ? AND ?")
-
-
-def incident_number(year: int, number: int) -> str:
-    """``INC-2025-0042``: the sequence restarts each year for each account."""
-    return f"INC-{year}-{number:04d}"
-
-
-def transition_events(old: str, new: str, opened: bool, resolved: bool
-                      ) -> tuple[list[str], list[str]]:
-    """The alerts one transition sends: (events for channels, events for webhooks).
-
-    Channels get one message per crossing (a DOWN carries its incident); webhooks get each
-    event they subscribe to.  DEGRADED warns channels only and never opens an incident.
-    """
-    channels: list[str] = []
-    webhooks: list[str] = []
-    if old == new and not opened:
-        return channels, webhooks  # a repeated status is no crossing
-    recovered = old == Status.DOWN or resolved
-    if new == Status.DOWN:
-        channels.append("monitor.down")
-        webhooks += ["monitor.down", *(["incident.created"] if opened else [])]
-    elif new == Status.UP and (recovered or old == Status.DEGRADED):
-        channels.append("monitor.up")
-    elif new == Status.DEGRADED:
-        channels += [*(["incident.resolved"] if resolved else []), "monitor.degraded"]
-    if new in (Status.UP, Status.DEGRADED):
-        webhooks += [*(["monitor.up"] if recovered else []),
-                     *(["incident.resolved"] if resolved else [])]
-    return channels, webhooks
-
-
-async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
-    rows = list(await conn.execute_fetchall(sql, params))
-    return rows[0] if rows else None
-
-
-def incident_alert(incident: sqlite3.Row) -> dict[str, Any]:
-    """An incident as an Alert carries it."""
-    resolved = incident["resolved_at"]
-    return {"id": incident["id"],
-            "incidentNumber": incident_number(incident["year"], incident["number"]),
-            "startedAt": iso(incident["started_at"]), "resolvedAt": iso(resolved),
-            "severity": incident["severity"],
-            "mttr": None if resolved is None else (resolved - incident["started_at"]) // 1000}
-
-
-def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any] | None:
-    """The check an alert reports; ``error`` (the transition's reason) fills in a missing one."""
-    if check is None:
-        return None if error is None else {"statusCode": None, "responseTime": None,
-                                           "error": error, "region": None}
-    return {"statusCode": check["status_code"], "responseTime": check["response_time"],
-            "error": check["error"] or (error if check["status"] != Status.UP else None),
-            "region": check["region_id"]}
-
-
-async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
-                         transition: sqlite3.Row) -> sqlite3.Row:
-    """A new incident: severity high when every active enabled region is down (medium when
-    some are), affected regions those down, cause from the newest failing check."""
-    latest = list(await conn.execute_fetchall(
-        "SELECT c.*, COALESCE(r.status, c.status) AS verdict FROM monitor_latest l"
-        " JOIN checks c ON c.id = l.check_id JOIN worker_regions w ON w.id = l.region_id"
-        " LEFT JOIN monitor_regions r ON r.monitor_id = l.monitor_id AND r.region_id = l.region_id"
-        " WHERE l.monitor_id = ? AND (w.is_active = 1 OR w.token_hash IS NULL)"
-        " ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
-    enabled = set(json.loads(monitor["enabled_worker_region_ids"] or "[]"))
-    latest = [c for c in latest if not enabled or c["region_id"] in enabled]
-    down = [c for c in latest if c["verdict"] == Status.DOWN]
-    severity = "high" if len(down) == len(latest) else "medium" if down else "low"
-    cause = down[0] if down else None
-    category = cause["category"] if cause and cause["category"] in ROOT_CAUSES else "UNKNOWN"
-    root_cause = transition["reason"] or (cause and cause["error"]) or "Monitor is down"
-    at = transition["created_at"]
-    year = datetime.fromtimestamp(at / 1000, timezone.utc).year
-    number = present(await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
-                                      " WHERE account_id = ? AND year = ?",
-                                (monitor["account_id"], year)))[0]
-    incident_id = new_id("inc")
-    await conn.execute(
-        "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at, severity,"
-        " status, root_cause, root_cause_category, affected_regions)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
-        (incident_id, monitor["account_id"], monitor["id"], year, number, at, severity,
-         root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
-    await add_incident_update(conn, incident_id, "investigating",
-                              automatic_update(monitor["name"], category), at)
-    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,)))
-
-
-def automatic_update(name: str, category: str) -> str:
-    """The update an incident opens with.  Updates are public (status pages, feeds), so it
-    names the cause's category only, never the check's error or a heartbeat's text, which can
-    hold URLs, addresses or a job's secrets; ``rootCause`` keeps those for the team."""
-    return f"{name} is down (cause: {_cause(category)})"
-
-
-async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
-                              message: str, at: int) -> None:
-    """One entry of an incident's status history."""
-    await conn.execute("INSERT INTO incident_updates (id, incident_id, status, message, created_at)"
-                       " VALUES (?, ?, ?, ?, ?)", (new_id("iu"), incident_id, status, message, at))
-
-
-async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at: int,
-                           message: str) -> sqlite3.Row:
-    """Close an incident, freezing its check counts and affected regions."""
-    stats = present(await _row(conn, _INCIDENT_STATS_SQL,
-                               (incident["monitor_id"], incident["started_at"], at)))
-    regions = set(json.loads(incident["affected_regions"]))
-    regions.update((stats["regions"] or "").split(",") if stats["regions"] else ())
-    await conn.execute(
-        "UPDATE incidents SET resolved_at = ?, status = 'resolved', checks_failed = ?,"
-        " checks_total = ?, affected_regions = ? WHERE id = ?",
-        (at, stats["failed"], stats["total"], json.dumps(sorted(regions)), incident["id"]))
-    await add_incident_update(conn, incident["id"], "resolved", message, at)
-    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],)))
-
-
-def _group_key(kind: str, config: str, event: str) -> str | None:
-    """Rows a person-facing channel may send as one message: same type, config and event."""
-    if kind not in CHANNEL_TYPES or not CHANNEL_TYPES[kind].person_facing:
-        return None
-    return hashlib.sha256(f"{kind}\n{config}\n{event}".encode()).hexdigest()[:32]
-
-
-async def _first_attempt_at(conn: aiosqlite.Connection, group: str | None, stamp: int,
-                            hold_ms: int) -> int:
-    """When a new row is first tried: at once, or with the group a storm is gathering.  A
-    group is sent once ``hold_ms`` passes without a new alert joining, at most
-    STORM_HOLD_LIMIT windows after its first alert."""
-    if group is None or hold_ms <= 0:
-        return stamp
-    first = present(await _row(conn, "SELECT MIN(created_at) FROM alert_outbox WHERE"
-                                     " group_key = ? AND done_at IS NULL AND attempts = 0"
-                                     " AND next_attempt_at > ?", (group, stamp)))[0]
-    if first is None:
-        return stamp + hold_ms
-    due = min(stamp + hold_ms, first + STORM_HOLD_LIMIT * hold_ms)
-    await conn.execute("UPDATE alert_outbox SET next_attempt_at = ? WHERE group_key = ?"
-                       " AND done_at IS NULL AND attempts = 0 AND next_attempt_at > ?",
-                       (due, group, stamp))
-    return due
-
-
-async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
-                         channel_events: Sequence[str], webhook_events: Sequence[str],
-                         hold_ms: int = 0, **alert: Any) -> int:
-    """Queue one outbox row per event and target: the monitor's enabled notifications (inline,
-    or linked active channels) and the account's active webhooks subscribed to the event.
-    Person-facing channels wait ``hold_ms`` for other monitors' alerts to group with."""
-    # A CRON monitor's url is its ping URL, whose path is the secret that reports its job.
-    url = None if monitor["type"] == "CRON" else monitor["url"]
-    alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": url,
-                        "type": monitor["type"], "status": status}
-    stamp = now_ms()
-    rows: list[tuple[str, str | None, str | None, str | None, str, str, str]] = []
-    targets = await conn.execute_fetchall(
-        "SELECT n.id, n.channel_id, COALESCE(n.type, c.type) AS type,"
-        " COALESCE(n.config, c.config) AS config FROM monitor_notifications n"
-        " LEFT JOIN notification_channels c ON c.id = n.channel_id"
-        " WHERE n.monitor_id = ? AND n.enabled = 1 AND (n.channel_id IS NULL OR c.is_active = 1)"
-        " ORDER BY n.created_at, n.id", (monitor["id"],))
-    for event in channel_events:
-        for target in targets:
-            rows.append((f"{target['channel_id'] or target['id']}:{monitor['id']}",
-                         target["channel_id"], None, new_id("dlv"), target["type"],
-                         target["config"], event))
-    hooks = await conn.execute_fetchall(
-        "SELECT id, url, secret, events FROM webhooks WHERE account_id = ? AND is_active = 1"
-        " ORDER BY created_at, id", (monitor["account_id"],))
-    for event in webhook_events:
-        for hook in hooks:
-            if event in hook["events"].split(","):
-                delivery = new_id("wd")
-                await conn.execute("INSERT INTO webhook_deliveries (id, webhook_id, event,"
-                                   " created_at) VALUES (?, ?, ?, ?)",
-                                   (delivery, hook["id"], event, stamp))
-                config = json.dumps({"url": hook["url"], "secret": hook["secret"]})
-                rows.append((f"{hook['id']}:{monitor['id']}", None, hook["id"], delivery,
-                             "WEBHOOK", config, event))
-    for key, channel_id, hook_id, delivery_id, kind, config_text, event in rows:
-        group = _group_key(kind, config_text, event)
-        await conn.execute(
-            "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, webhook_id,"
-            " delivery_id, channel_type, config, event, alert, created_at, next_attempt_at,"
-            " group_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (monitor["account_id"], monitor["id"], key, channel_id, hook_id, delivery_id, kind,
-             config_text, event, json.dumps({"event": event, **alert}), stamp,
-             await _first_attempt_at(conn, group, stamp, hold_ms), group))
-    return len(rows)
-
-
-async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
-                              hold_ms: int, calendar: Maintenance | None = None) -> None:
-    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL).
-    Inside a suppressing maintenance window no incident opens and no alert is queued (an open
-    one may still resolve, silently)."""
-    transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
-                                  " AND processed_at IS NULL", (transition_id,))
-    if transition is None:
-        return
-    await conn.execute("UPDATE status_transitions SET processed_at = ? WHERE id = ?",
-                       (now_ms(), transition_id))
-    monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (transition["monitor_id"],))
-    if monitor is None:
-        return
-    old, new, at = transition["old_status"], transition["new_status"], transition["created_at"]
-    incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
-                                " AND resolved_at IS NULL", (monitor["id"],))
-    opened = resolved = False
-    quiet = calendar is not None and calendar.suppressing(monitor["account_id"], monitor["id"], at)
-    if new == Status.DOWN and incident is None:
-        if quiet:
-            return
-        incident, opened = await _open_incident(conn, monitor, transition), True
-    elif new in (Status.UP, Status.DEGRADED) and incident is not None:
-        took = human_duration((at - incident["started_at"]) / 1000)
-        incident = await resolve_incident(conn, incident, at,
-                                          f"{monitor['name']} is {new} again after {took}")
-        resolved = True
-    if quiet:
-        return
-    check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
-                             " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
-    log.info("monitor %s (%s): %s \u2192 %s (%s)", monitor["name"], monitor["id"], old, new,
-             _logged_reason(monitor, transition["reason"]))
-    channel_events, webhook_events = transition_events(old, new, opened, resolved)
-    await enqueue_alerts(
-        conn, monitor, new, channel_events, webhook_events, hold_ms, timestamp=iso(at),
-        incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
-                  else None),
-        check=_check_alert(check, transition["reason"]))
-
-
-def _logged_reason(monitor: sqlite3.Row, reason: str | None) -> str:
-    """A status change's reason as logged: a heartbeat's text is a job's output, which can hold
-    its secrets, so CRON monitors log only what kind of signal it was."""
-    if monitor["type"] == "CRON" and not (reason or "").startswith(HEARTBEAT_DEADLINES):
-        return "heartbeat ping"
-    return _cut(_one_line(reason or "no reason given"), 300)
-
-
-async def process_transitions(rt: Runtime, limit: int = 100) -> int:
-    """Consume pending status transitions in order, one transaction each; return the count."""
-    pending = await rt.db.fetchall("SELECT id FROM status_transitions WHERE processed_at IS NULL"
-                                   " ORDER BY id LIMIT ?", (limit,))
-    hold_ms = round(rt.cfg["notifications"]["storm_window"] * 1000)
-    for row in pending:
-        async with rt.db.transaction() as conn:
-            await _consume_transition(conn, row["id"], hold_ms, rt.maintenance)
-    return len(pending)
-
-
-def webhook_result_statements(webhook_id: str, delivery_id: str | None,
-                              records: list[DeliveryAttempt], at: int) -> list[Statement]:
-    """Record a webhook delivery's outcome: its delivery row, lastStatus and lastTriggeredAt."""
-    last = records[-1]
-    statements: list[Statement] = [(
-        "UPDATE webhooks SET last_status = ?, last_triggered_at = ? WHERE id = ?",
-        (last["statusCode"], at, webhook_id))]
-    if delivery_id:
-        statements.append((
-            "UPDATE webhook_deliveries SET status_code = ?, attempts = ?, error = ?,"
-            " delivered_at = ? WHERE id = ?",
-            (last["statusCode"], len(records), last["error"], at if last["ok"] else None,
-             delivery_id)))
-    return statements
-
-
-def retry_delay(attempt: int, cfg: dict[str, dict[str, Any]]) -> float:
-    """Seconds to wait after failed attempt number ``attempt``: ``retry_delay`` doubling up to
-    ``retry_max_delay``, plus up to 25% jitter so receivers that come back are not stampeded."""
-    notify = cfg["notifications"]
-    delay = min(notify["retry_delay"] * 2 ** min(attempt - 1, 60), notify["retry_max_delay"])
-    return delay * (1 + random.random() / 4)
-
-
-def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt], at: int,
-                        retry_at: int, cfg: dict[str, dict[str, Any]]) -> list[Statement]:
-    """Record an attempt on its outbox row: done (delivered, permanently failed or out of
-    attempts) or pending until the next attempt's time.  Mark the channel (shared, or a
-    monitor's inline one) failing after a permanent error or healthy after a success."""
-    last = records[-1]
-    done = delivery_done(last, len(records), cfg)
-    statements: list[Statement] = [(
-        "UPDATE alert_outbox SET done_at = ?, status = ?, attempts = ?, status_code = ?,"
-        " last_error = ?, attempt_log = ?, next_attempt_at = ? WHERE id = ?",
-        (at if done else None, ("delivered" if last["ok"] else "failed") if done else "pending",
-         len(records), last["statusCode"], last["error"], json.dumps(records),
-         at if done else retry_at, row["id"]))]
-    if row["webhook_id"]:
-        return statements + webhook_result_statements(row["webhook_id"], row["delivery_id"],
-                                                      records, at)
-    table, target = (("notification_channels", row["channel_id"]) if row["channel_id"] else
-                     ("monitor_notifications", row["target_key"].split(":")[0]))
-    if last["ok"] or last["permanent"]:
-        statements.append((f"UPDATE {table} SET failing = ?, last_error = ? WHERE id = ?",
-                           (int(not last["ok"]), last["error"], target)))
-    else:
-        statements.append((f"UPDATE {table} SET last_error = ? WHERE id = ?",
-                           (last["error"], target)))
-    return statements
-
-
-def grouped_alert(alerts: Sequence[Alert], names: int) -> Alert:
-    """One alert standing for several monitors' alerts of the same event (an alert storm)."""
-    first = alerts[0]
-    listed = [str(a.monitor.get("name") or a.monitor.get("id")) for a in alerts]
-    return Alert(event=first.event, timestamp=first.timestamp,
-                 monitor={"name": f"{len(alerts)} monitors", "status": first.monitor.get("status")},
-                 group={"count": len(alerts), "names": listed[:names]})
-
-
-async def _deliver_queued(rt: Runtime, ctx: NotifyContext,
-                          rows: list[sqlite3.Row]) -> DeliveryAttempt:
-    """One attempt at one outbox row, or at a group of rows as one message; log and record it."""
-    head = rows[0]
-    alerts = [Alert(**json.loads(row["alert"])) for row in rows]
-    alert = alerts[0] if len(rows) == 1 else grouped_alert(
-        alerts, rt.cfg["notifications"]["storm_names"])
-    send = CHANNEL_TYPES[head["channel_type"]].send
-    record = await attempt_delivery(send, json.loads(head["config"]), alert, ctx,
-                                    head["delivery_id"], head["attempts"] + 1)
-    await _log_delivery(rt, head, alert, record, len(rows))
-    at = now_ms()
-    retry_at = at + round(retry_delay(record["attempt"], rt.cfg) * 1000)  # a group stays one
-    await rt.db.write([statement for row in rows for statement in _outcome_statements(
-        row, [*json.loads(row["attempt_log"] or "[]"), record], at, retry_at, rt.cfg)])
-    return record
-
-
-_SERVICE_URL_KEYS = {"TELEGRAM": "telegram_api_url", "PAGERDUTY": "pagerduty_url",
-                     "OPSGENIE": "opsgenie_url", "SMS": "twilio_api_url",
-                     "PUSHOVER": "pushover_url"}
-_TARGET_URL_KEYS = ("url", "webhookUrl", "serverUrl", "homeserver")  # in a channel's config
-
-
-def delivery_host(row: sqlite3.Row, cfg: dict[str, dict[str, Any]]) -> str:
-    """The host and port a delivery talks to: the unit of the per-host limit on slots."""
-    if row["channel_type"] == "EMAIL":
-        return f"smtp:{cfg['smtp']['host']}"
-    config = json.loads(row["config"])
-    key = _SERVICE_URL_KEYS.get(row["channel_type"])
-    url = cfg["notifications"][key] if key else next(
-        (config[k] for k in _TARGET_URL_KEYS if config.get(k)), None)
-    try:
-        parts = urlsplit(str(url))
-        return f"{(parts.hostname or '').lower()}:{parts.port or parts.scheme}"
-    except ValueError:
-        return ""
-
-
-class _Slots:
-    """Delivery slots in use, in all and per host, and the lanes (targets, groups) busy.
-
-    A host whose last attempt got no answer (timed out, refused, unreachable) is a suspect:
-    it gets one slot at a time, and all suspects together a quarter of the slots, so hung
-    receivers retrying for an hour never crowd out the healthy ones."""
-
-    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
-        self.total, self.per_host = (cfg["notifications"][key] for key in ("concurrency",
-                                                                          "per_host"))
-        self.hosts: collections.Counter[str] = collections.Counter()
-        self.lanes: set[str] = set()
-        self.suspects: set[str] = set()
-
-    def free(self, host: str, lanes: set[str]) -> bool:
-        if host in self.suspects and (self.hosts[host] or sum(
-                self.hosts[h] for h in self.suspects) >= max(1, self.total // 4)):
-            return False
-        return (self.hosts.total() < self.total and self.hosts[host] < self.per_host
-                and not lanes & self.lanes)
-
-    def judge(self, host: str, record: DeliveryAttempt) -> None:
-        """Note whether ``host`` answered its latest attempt."""
-        if record["ok"] or record["statusCode"] is not None or record["permanent"]:
-            self.suspects.discard(host)
-        else:
-            self.suspects.add(host)
-
-    def take(self, host: str, lanes: set[str]) -> None:
-        self.hosts[host] += 1
-        self.lanes |= lanes
-
-    def give_back(self, host: str, lanes: set[str]) -> None:
-        self.hosts[host] -= 1
-        if not self.hosts[host]:
-            del self.hosts[host]
-        self.lanes -= lanes
-
-
-# Due rows that are the oldest undone row of their target (a target's alerts go in order).
-_DUE_SQL = ("SELECT * FROM alert_outbox o WHERE done_at IS NULL AND next_attempt_at <= ?"
-            " AND NOT EXISTS (SELECT 1 FROM alert_outbox p WHERE p.target_key = o.target_key"
-            " AND p.done_at IS NULL AND p.id < o.id) ORDER BY next_attempt_at, id LIMIT 1000")
-
-
-def _batches(rows: list[sqlite3.Row]) -> list[list[sqlite3.Row]]:
-    """Due rows as delivery units: a person-facing group's rows together, others alone."""
-    groups: dict[str, list[sqlite3.Row]] = {}
-    units: list[list[sqlite3.Row]] = []
-    for row in rows:
-        if row["group_key"] in groups:
-            groups[row["group_key"]].append(row)
-            continue
-        units.append([row])
-        if row["group_key"]:
-            groups[row["group_key"]] = units[-1]
-    return units
-
-
-def delivery_done(last: DeliveryAttempt, count: int, cfg: dict[str, dict[str, Any]]) -> bool:
-    """Whether an outbox row is finished after its ``count``-th attempt ``last``."""
-    return last["ok"] or last["permanent"] or count >= cfg["notifications"]["attempts"]
-
-
-async def _log_delivery(rt: Runtime, head: sqlite3.Row, alert: Alert, record: DeliveryAttempt,
-                        monitors: int) -> None:
-    """One line per alert outcome (delivered, or failed for good); attempts before at debug."""
-    done = delivery_done(record, record["attempt"], rt.cfg)
-    level = logging.DEBUG if not done else logging.INFO if record["ok"] else logging.WARNING
-    if not log.isEnabledFor(level):
-        return
-    outcome = ("delivered" if record["ok"] else f"failed after {record['attempt']} attempt(s): "
-               f"{record['error']}" if done else f"attempt {record['attempt']} failed, will "
-               f"retry: {record['error']}")
-    log.log(level, "alert %s for %s via %s: %s", head["event"],
-            f"monitor {alert.monitor.get('name')}" if monitors == 1 else alert.monitor["name"],
-            await _target_name(rt, head), outcome)
-
-
-async def _target_name(rt: Runtime, row: sqlite3.Row) -> str:
-    """How a log line names an alert's target: the channel's or webhook's name and type."""
-    table, ident = (("notification_channels", row["channel_id"]) if row["channel_id"] else
-                    ("webhooks", row["webhook_id"]))
-    if not ident:
-        return f"inline {row['channel_type']}"
-    name = await rt.db.fetchval(f"SELECT name FROM {table} WHERE id = ?", (ident,))
-    return f"{row['channel_type']} {name!r}" if name is not None else f"deleted {ident}"
-
-
-async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
-    """Drain the outbox: targets in parallel within the slot limits (in all and per host), each
-    target's alerts in order, one attempt at a time; failed attempts wait in the outbox.
-
-    The outbox is read on a reader connection, whose answer can predate the commit of a
-    delivery that finished meanwhile; ``started`` (row ids and attempt counts taken in hand,
-    until seen changed) keeps such a stale answer from sending an attempt twice."""
-    slots, started = _Slots(rt.cfg), set[tuple[int, int]]()
-    running: set[asyncio.Task[DeliveryAttempt]] = set()
-
-    def finished(host: str, lanes: set[str], task: asyncio.Task[DeliveryAttempt]) -> None:
-        slots.give_back(host, lanes)
-        running.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if error and storage_cause(error) is None:  # storage failures: the Database logs them
-            log.error("alert delivery failed", exc_info=error)
-        elif not task.cancelled() and not error:
-            slots.judge(host, task.result())
-        wake.set()
-
-    async with NotifyContext(rt.cfg) as ctx:
-        try:
-            while True:
-                wake.clear()
-                rows = await rt.db.fetchall(_DUE_SQL, (now_ms(),))
-                state = {(row["id"], row["attempts"]): row for row in rows}
-                started &= set(state)  # the others are done or were tried again
-                for unit in _batches([row for at, row in state.items() if at not in started]):
-                    host = delivery_host(unit[0], rt.cfg)
-                    lanes = {unit[0]["group_key"] or "", *(row["target_key"] for row in unit)}
-                    if not slots.free(host, lanes - {""}):
-                        continue
-                    slots.take(host, lanes - {""})
-                    started.update((row["id"], row["attempts"]) for row in unit)
-                    task = asyncio.create_task(_deliver_queued(rt, ctx, unit))
-                    running.add(task)
-                    task.add_done_callback(functools.partial(finished, host, lanes - {""}))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), INCIDENT_POLL)
-        finally:
-            tasks = list(running)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def run_incidents(rt: Runtime) -> None:
-    """The incident engine and the alert delivery workers, until cancelled."""
-    wake = asyncio.Event()
-
-    async def engine() -> None:
-        while True:
-            try:
-                if await process_transitions(rt):
-                    rt.public_cache.invalidate()
-                    wake.set()
-                    continue
-            except Exception:
-                log_failure("incident engine failed; retrying")
-            await asyncio.sleep(INCIDENT_POLL)
-
-    await asyncio.gather(engine(), _delivery_loop(rt, wake))
-
-
-# Maintenance windows
-#
-# A window is one-off (startsAt..endsAt) or recurring: an RFC 5545 RRULE, evaluated by
-# python-dateutil, whose occurrences start at startsAt's wall-clock time in ``timezone`` and
-# last durationMinutes, so "every Sunday 03:00" stays 03:00 local across daylight-saving
-# changes.  Every window lives in memory (``Maintenance``), reloaded when the API changes one.
-# The prober and heartbeats ask it whether a check falls in a window (stored with
-# checks.maintenance = 1 and left out of uptime), the incident engine whether a transition's
-# incident and alerts are suppressed, and the window-end service opens, once, the incident of a
-# monitor still DOWN when a suppressing window ends (ends_handled_at makes "once" durable).
-
-MAINTENANCE_LOOKAHEAD_DAYS = 7  # status pages show windows starting this soon as scheduled
-_MAINTENANCE_IDLE = 60.0        # seconds the window-end service sleeps at most
-_RRULE_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
-
-
-def parse_moment(text: str, zone: zoneinfo.ZoneInfo) -> datetime:
-    """An ISO 8601 time, as a time in ``zone``; one without an offset is wall-clock time there."""
-    moment = datetime.fromisoformat(text)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(zone)
-
-
-def unix_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
-def _wall(ms: int, zone: zoneinfo.ZoneInfo) -> datetime:
-    """Naive wall-clock time in ``zone`` of a Unix ms time (what the rrule iterates over)."""
-    return datetime.fromtimestamp(ms / 1000, zone).replace(tzinfo=None)
-
-
-def parse_rrule(text: str, start: datetime) -> dateutil.rrule.rrule:
-    """An RRULE whose occurrences begin at ``start`` (aware), iterated in its wall-clock time;
-    ValueError for anything but DAILY/WEEKLY/MONTHLY/YEARLY rules dateutil accepts."""
-    body = text.strip().removeprefix("RRULE:")
-    freq = re.search(r"(?:^|;)FREQ=([A-Z]+)", body.upper())
-    if not freq or freq.group(1) not in _RRULE_FREQS:
-        raise ValueError(f"FREQ must be one of {', '.join(_RRULE_FREQS)}")
-    until = re.search(r"UNTIL=(\d{8}T\d{6})Z", body, re.IGNORECASE)
-    if until:  # RFC 5545: UNTIL is UTC when DTSTART has a zone; the rule runs on wall-clock time
-        utc = datetime.strptime(until.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
-        body = body.replace(until.group(0), f"UNTIL={utc.astimezone(start.tzinfo):%Y%m%dT%H%M%S}")
-    rule = dateutil.rrule.rrulestr(body, dtstart=start.replace(tzinfo=None), forceset=False)
-    if not isinstance(rule, dateutil.rrule.rrule):
-        raise ValueError("expected one RRULE")
-    return rule
-
-
-@dataclass
-class Window:
-    """One maintenance window, ready to answer "does it cover this monitor at this time"."""
-
-    id: str
-    account_id: str
-    title: str
-    description: str | None
-    monitor_ids: frozenset[str] | None  # None: all the team's monitors
-    suppress: bool
-    start: datetime
-    end: datetime | None
-    rule: dateutil.rrule.rrule | None
-    duration: timedelta
-    zone: zoneinfo.ZoneInfo
-    handled: int
-    updated_at: int
-    _day: tuple[int, int, list[tuple[int, int]]] = (0, 0, [])  # [lo, hi) and its occurrences
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Window:
-        zone = zoneinfo.ZoneInfo(row["timezone"])
-        start = parse_moment(row["starts_at"], zone)
-        end = parse_moment(row["ends_at"], zone) if row["ends_at"] else None
-        rule = parse_rrule(row["recurrence"], start) if row["recurrence"] else None
-        duration = (timedelta(minutes=row["duration_minutes"]) if rule is not None
-                    else (end or start) - start)
-        ids = json.loads(row["monitor_ids"]) if row["monitor_ids"] else None
-        return cls(row["id"], row["account_id"], row["title"], row["description"],
-                   None if ids is None else frozenset(ids), bool(row["suppress_alerts"]),
-                   start, end, rule, duration, zone, row["ends_handled_at"], row["updated_at"])
-
-    def covers(self, account_id: str, monitor_id: str) -> bool:
-        return account_id == self.account_id and (self.monitor_ids is None
-                                                  or monitor_id in self.monitor_ids)
-
-    def occurrences(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """(start, end) in Unix ms of each occurrence overlapping [lo, hi), in order."""
-        if self.rule is None:
-            starts = [self.start]
-        else:  # a day's margin on each side absorbs any UTC offset; then filtered exactly
-            span = self.duration + timedelta(days=1)
-            starts = [t.replace(tzinfo=self.zone) for t in self.rule.between(
-                _wall(lo, self.zone) - span, _wall(hi, self.zone) + timedelta(days=1), inc=True)]
-        width = int(self.duration.total_seconds() * 1000)
-        spans = [(unix_ms(t), unix_ms(t) + width) for t in starts]
-        return [(a, b) for a, b in spans if a < hi and b > lo]
-
-    def running(self, at: int) -> bool:
-        """Whether an occurrence runs at ``at``; a day of occurrences is kept, so the prober's
-        many questions do not each walk the rule from its start."""
-        lo, hi, spans = self._day
-        if not lo <= at < hi:
-            lo, hi = at, at + DAY_MS
-            spans = self.occurrences(lo, hi)
-            self._day = (lo, hi, spans)
-        return any(a <= at < b for a, b in spans)
-
-
-class Maintenance:
-    """All maintenance windows in memory, and the clock they are judged by (tests move it)."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.clock: Callable[[], int] = now_ms
-        self.windows: dict[str, Window] = {}
-        self.owners: dict[str, str] = {}  # monitor id -> its team, for checks that name none
-        self.owners_stale = False
-        self.wake = asyncio.Event()
-        rt.listeners.append(self._monitor_changed)
-
-    def _monitor_changed(self, monitor_id: str) -> None:
-        self.owners_stale = True
-        self.wake.set()
-
-    async def reload(self) -> None:
-        rows = await self.rt.db.fetchall("SELECT * FROM maintenance_windows")
-        self.windows = {row["id"]: Window.from_row(row) for row in rows}
-        await self.reload_owners()
-        self.wake.set()
-
-    async def reload_owners(self) -> None:
-        self.owners_stale = False
-        self.owners = {row[0]: row[1] for row in await self.rt.db.fetchall(
-            "SELECT id, account_id FROM monitors")}
-
-    def active_monitor(self, monitor_id: str, at: int) -> bool:
-        """Whether a window covers the monitor at ``at``, by its id alone (probes, agents)."""
-        account = self.owners.get(monitor_id)
-        return account is not None and self.active(account, monitor_id, at)
-
-    def covering(self, account_id: str, monitor_id: str, at: int) -> list[Window]:
-        """The windows covering the monitor at ``at``."""
-        return [w for w in self.windows.values()
-                if w.covers(account_id, monitor_id) and w.running(at)]
-
-    def active(self, account_id: str, monitor_id: str, at: int | None = None) -> bool:
-        return bool(self.covering(account_id, monitor_id, self.clock() if at is None else at))
-
-    def suppressing(self, account_id: str, monitor_id: str, at: int) -> bool:
-        return any(w.suppress for w in self.covering(account_id, monitor_id, at))
-
-    async def settle_ends(self) -> None:
-        """Act once on each occurrence that ended since its window was last looked at."""
-        now = self.clock()
-        for window in list(self.windows.values()):
-            ends = [b for _, b in window.occurrences(window.handled, now)
-                    if window.handled < b <= now]
-            if ends:
-                await self.ended(window, ends[-1], now)
-
-    async def ended(self, window: Window, end: int, now: int) -> None:
-        """Open the incident of every covered monitor still DOWN with none open (as a DOWN ->
-        DOWN transition at the window's end, for the incident engine); mark the end handled."""
-        statements: list[Statement] = []
-        if window.suppress:
-            rows = await self.rt.db.fetchall(
-                "SELECT id FROM monitors m WHERE account_id = ? AND status = 'DOWN'"
-                " AND is_paused = 0 AND NOT EXISTS (SELECT 1 FROM incidents i"
-                " WHERE i.monitor_id = m.id AND i.resolved_at IS NULL)", (window.account_id,))
-            reason = f"still down when maintenance window {window.title!r} ended"
-            statements = [("INSERT INTO status_transitions (monitor_id, old_status, new_status,"
-                           " reason, created_at) VALUES (?, 'DOWN', 'DOWN', ?, ?)",
-                           (row["id"], reason, end)) for row in rows
-                          if window.covers(window.account_id, row["id"])
-                          and not self._held(window, row["id"], end)]
-        statements.append(("UPDATE maintenance_windows SET ends_handled_at = ? WHERE id = ?",
-                           (now, window.id)))
-        await self.rt.db.write(statements)
-        window.handled = now
-
-    def _held(self, ending: Window, monitor_id: str, at: int) -> bool:
-        """Whether another suppressing window still covers the monitor (its end will act)."""
-        return any(w.suppress and w is not ending
-                   for w in self.covering(ending.account_id, monitor_id, at))
-
-    def next_boundary(self, now: int) -> int | None:
-        """The earliest start or end, after now, of an occurrence running now or starting soon."""
-        times = [t for w in self.windows.values()
-                 for span in w.occurrences(now, now + int(_MAINTENANCE_IDLE * 1000))
-                 for t in span if t > now]
-        return min(times, default=None)
-
-
-async def run_maintenance(rt: Runtime) -> None:
-    """The window service: wakes when a window starts or ends (or is edited), acts on ends, and
-    lets public pages show the change (their cache is dropped)."""
-    calendar = rt.maintenance
-    while True:
-        calendar.wake.clear()
-        try:
-            if calendar.owners_stale:
-                await calendar.reload_owners()
-            await calendar.settle_ends()
-        except Exception:
-            log.exception("maintenance window ends failed; retrying")
-        rt.public_cache.invalidate()
-        now = calendar.clock()
-        end = calendar.next_boundary(now)
-        timeout = _MAINTENANCE_IDLE if end is None else min(_MAINTENANCE_IDLE,
-                                                            (end - now) / 1000 + 0.01)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(calendar.wake.wait(), timeout)
 
 # --- Notifiers ---
 #
@@ -5967,6 +5131,921 @@ async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: Notif
             await asyncio.sleep(base_delay * 2 ** (attempt - 1))
     return records
 
+
+# --- Incidents ---
+
+
+# Regions.  Each region's scheduler (the server's own, or an agent's) confirms a status per
+# monitor; ``Verdicts`` keeps those in monitor_regions and combines them into the monitor's
+# status: DOWN when at least ``downQuorum`` (default: all) of its active enabled regions are
+# DOWN, DEGRADED while fewer are (or one is DEGRADED), else UP.  A region that stopped reporting
+# is inactive and left out, so its silence never makes a monitor DOWN.  Only a change of a
+# region's verdict (or of the regions) leads to a combine, which runs in its own transaction.
+
+
+def combined_status(statuses: Sequence[str], regions: int, quorum: int | None) -> str | None:
+    """The monitor's status from its active enabled regions' verdicts (``regions`` of them,
+    some maybe without one yet); None while no region has a verdict."""
+    known = [s for s in statuses if s != Status.PENDING]
+    if not known:
+        return None
+    down = known.count(Status.DOWN)
+    if down and down >= min(quorum or regions, regions):
+        return Status.DOWN
+    return Status.DEGRADED if down or Status.DEGRADED in known else Status.UP
+
+
+class Verdicts:
+    """Per-region verdicts in memory and in monitor_regions; see the comment above."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.statuses: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        self.changes: dict[str, tuple[int, str]] = {}  # each monitor's latest verdict change
+        self.pending: dict[str, tuple[int, str | None]] = {}
+        self.wake = asyncio.Event()
+        rt.listeners.append(lambda monitor_id: self.touch(monitor_id, now_ms(), None))
+
+    async def load(self) -> None:
+        for monitor_id, region, status in await self.rt.db.fetchall(
+                "SELECT monitor_id, region_id, status FROM monitor_regions"):
+            self.statuses[monitor_id][region] = status
+
+    def touch(self, monitor_id: str, at: int, reason: str | None) -> None:
+        """Combine this monitor's verdicts again soon."""
+        self.pending[monitor_id] = (at, reason)
+        self.wake.set()
+
+    def statements(self, region: str, monitor_id: str, result: CheckResult, at: int,
+                   status: str, reason: str | None, received_at: int | None = None,
+                   agent_at: int | None = None) -> list[Statement]:
+        """The writes for one check of ``region`` whose verdict is then ``status``."""
+        statements = check_statements(monitor_id, region, result, at,
+                                      self.rt.maintenance.active_monitor(monitor_id, at),
+                                      received_at, agent_at)
+        if self.statuses[monitor_id].get(region, Status.PENDING) != status:
+            self.statuses[monitor_id][region] = status
+            statements.append((
+                "INSERT INTO monitor_regions (monitor_id, region_id, status, changed_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (monitor_id, region_id) DO UPDATE SET"
+                " status = excluded.status, changed_at = excluded.changed_at",
+                (monitor_id, region, status, at)))
+            self.changes[monitor_id] = (at, reason or status)
+            self.touch(monitor_id, at, reason)
+        return statements
+
+    async def combine_pending(self) -> None:
+        """Combine every touched monitor, once the writes queued before are committed."""
+        self.wake.clear()
+        pending, self.pending = self.pending, {}
+        try:
+            if pending:
+                await self.rt.db.write([])
+            async with self.rt.db.transaction() as conn:
+                for monitor_id, (at, reason) in pending.items():
+                    await self._combine(conn, monitor_id, at, reason)
+        except BaseException:
+            self.pending = {**pending, **self.pending}  # nothing was written: retry them all
+            self.wake.set()
+            raise
+
+    async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
+                       reason: str | None) -> None:
+        monitor = await _row(conn, "SELECT status, enabled_worker_region_ids AS regions,"
+                                   " down_quorum, regression_active, is_active, is_paused"
+                                   " FROM monitors WHERE id = ?", (monitor_id,))
+        if monitor is None:
+            self.statuses.pop(monitor_id, None)
+            self.changes.pop(monitor_id, None)
+            return
+        if monitor["is_paused"] or not monitor["is_active"]:
+            return
+        enabled = set(json.loads(monitor["regions"] or "[]"))
+        regions = [r for r, info in self.rt.regions.items()
+                   if info["is_active"] and (not enabled or r in enabled)]
+        mine = self.statuses.get(monitor_id, {})
+        new = combined_status([mine.get(r, Status.PENDING) for r in regions], len(regions),
+                              monitor["down_quorum"])
+        if new == Status.UP and monitor["regression_active"]:
+            new = Status.DEGRADED  # the worse of the probes' verdict and the regression detector's
+        if reason is None:  # touched by an edit: the status follows the latest verdict change
+            at, reason = self.changes.get(monitor_id, (at, "monitor settings changed"))
+        if new is not None and new != monitor["status"]:
+            for sql, params in transition_statements(monitor_id, monitor["status"], new,
+                                                     reason, at):
+                await conn.execute(sql, params)
+
+
+async def run_verdicts(rt: Runtime) -> None:
+    """Combine regions' verdicts into monitor statuses as they change."""
+    while True:
+        await rt.verdicts.wake.wait()
+        try:
+            await rt.verdicts.combine_pending()
+        except Exception:
+            log_failure("combining region verdicts failed; retrying in 1 s")
+            await asyncio.sleep(1)
+
+
+# Region liveness.  An agent's region is active while the agent has been in touch within
+# ``[agents] inactive_after`` seconds.  Going silent and coming back each alert once, on the
+# default channels: every active shared notification channel of every team (inline monitor
+# notifications are about one monitor, so they are left out).  ``gone_at`` makes the pair
+# exactly-once: the alert and the flag are written in one transaction.
+
+
+def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
+    seconds = region["inactive_after"]
+    return {"event": "monitor.up" if alive else "monitor.down",
+            "monitor": {"id": region["id"], "url": "", "type": "REGION",
+                        "name": f"Worker region {region['name'] or region['id']}",
+                        "status": Status.UP if alive else Status.DOWN},
+            "timestamp": iso(at),
+            "note": "Its agent reports again." if alive else
+                    f"Its agent has not reported for {seconds} s; its monitors are judged by the"
+                    " other regions until it is back."}
+
+
+async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], alive: bool,
+                        at: int) -> None:
+    """Flip a region's liveness; alert on the default channels when it goes and comes back."""
+    alert = (not alive and region["gone_at"] is None) or (alive and region["gone_at"] is not None)
+    await conn.execute("UPDATE worker_regions SET is_active = ?, gone_at = ? WHERE id = ?",
+                       (int(alive), None if alive else region["gone_at"] or at, region["id"]))
+    if not alert:
+        return
+    body = _region_alert(region, alive, at)
+    channels = await conn.execute_fetchall(
+        "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
+        " ORDER BY created_at, id")
+    await conn.executemany(
+        "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, delivery_id,"
+        " channel_type, config, event, alert, created_at, next_attempt_at)"
+        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(c["account_id"], f"{c['id']}:{region['id']}", c["id"], new_id("dlv"), c["type"],
+          c["config"], body["event"], json.dumps(body), at, at) for c in channels])
+
+
+async def sweep_regions(rt: Runtime) -> None:
+    """Mark agents' regions active or inactive from when they last reported (an active one
+    counts as heard when this server started, so a server restart is no agent outage)."""
+    now, limit = now_ms(), rt.cfg["agents"]["inactive_after"]
+    flipped = []
+    for region in await rt.load_regions():
+        seen = region["last_seen_at"]
+        if seen is not None and region["is_active"]:
+            seen = max(seen, rt.started_at)
+        alive = seen is not None and now - seen < limit * 1000
+        if region["token_hash"] is not None and alive != bool(region["is_active"]):
+            flipped.append((region, alive))
+    for region, alive in flipped:
+        async with rt.db.transaction() as conn:
+            await _set_liveness(conn, {**region, "inactive_after": limit}, alive, now)
+        log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
+    if flipped:
+        await rt.load_regions()
+        reason = ", ".join(f"worker region {r['id']} {'is back' if a else 'went silent'}"
+                           for r, a in flipped)
+        for monitor_id in list(rt.verdicts.statuses):
+            rt.verdicts.touch(monitor_id, now, reason)
+
+
+async def run_regions(rt: Runtime) -> None:
+    """The liveness sweep, a few times per ``inactive_after``."""
+    await repeat(min(1.0, rt.cfg["agents"]["inactive_after"] / 4), lambda: sweep_regions(rt))
+
+
+# The engine.  Each status transition is consumed in one transaction that opens or resolves the
+# monitor's incident, writes its status update, queues every alert in alert_outbox and sets
+# processed_at: a crash leaves all of that or none of it, so no alert is lost or queued twice.
+# Delivery workers then drain the outbox off the probe path, one task per target.
+
+INCIDENT_POLL = 0.25       # seconds between looks for new transitions and queued alerts
+INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
+STORM_HOLD_LIMIT = 10      # a storm's grouped message waits at most this many storm windows
+WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
+INCIDENT_STATUSES = ("investigating", "identified", "monitoring", "resolved")
+
+_INCIDENT_STATS_SQL = (
+    "SELECT COUNT(*) AS total, COALESCE(SUM(status = 'DOWN'), 0) AS failed,"
+    " group_concat(DISTINCT CASE WHEN status = 'DOWN' THEN region_id END) AS regions"
+    " FROM checks WHERE monitor_id = ? AND checked_at BETWEEN ? AND ?")
+
+
+def incident_number(year: int, number: int) -> str:
+    """``INC-2025-0042``: the sequence restarts each year for each account."""
+    return f"INC-{year}-{number:04d}"
+
+
+def transition_events(old: str, new: str, opened: bool, resolved: bool
+                      ) -> tuple[list[str], list[str]]:
+    """The alerts one transition sends: (events for channels, events for webhooks).
+
+    Channels get one message per crossing (a DOWN carries its incident); webhooks get each
+    event they subscribe to.  DEGRADED warns channels only and never opens an incident.
+    """
+    channels: list[str] = []
+    webhooks: list[str] = []
+    if old == new and not opened:
+        return channels, webhooks  # a repeated status is no crossing
+    recovered = old == Status.DOWN or resolved
+    if new == Status.DOWN:
+        channels.append("monitor.down")
+        webhooks += ["monitor.down", *(["incident.created"] if opened else [])]
+    elif new == Status.UP and (recovered or old == Status.DEGRADED):
+        channels.append("monitor.up")
+    elif new == Status.DEGRADED:
+        channels += [*(["incident.resolved"] if resolved else []), "monitor.degraded"]
+    if new in (Status.UP, Status.DEGRADED):
+        webhooks += [*(["monitor.up"] if recovered else []),
+                     *(["incident.resolved"] if resolved else [])]
+    return channels, webhooks
+
+
+async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+    rows = list(await conn.execute_fetchall(sql, params))
+    return rows[0] if rows else None
+
+
+def incident_alert(incident: sqlite3.Row) -> dict[str, Any]:
+    """An incident as an Alert carries it."""
+    resolved = incident["resolved_at"]
+    return {"id": incident["id"],
+            "incidentNumber": incident_number(incident["year"], incident["number"]),
+            "startedAt": iso(incident["started_at"]), "resolvedAt": iso(resolved),
+            "severity": incident["severity"],
+            "mttr": None if resolved is None else (resolved - incident["started_at"]) // 1000}
+
+
+def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any] | None:
+    """The check an alert reports; ``error`` (the transition's reason) fills in a missing one."""
+    if check is None:
+        return None if error is None else {"statusCode": None, "responseTime": None,
+                                           "error": error, "region": None}
+    return {"statusCode": check["status_code"], "responseTime": check["response_time"],
+            "error": check["error"] or (error if check["status"] != Status.UP else None),
+            "region": check["region_id"]}
+
+
+async def _open_incident(conn: aiosqlite.Connection, monitor: sqlite3.Row,
+                         transition: sqlite3.Row) -> sqlite3.Row:
+    """A new incident: severity high when every active enabled region is down (medium when
+    some are), affected regions those down, cause from the newest failing check."""
+    latest = list(await conn.execute_fetchall(
+        "SELECT c.*, COALESCE(r.status, c.status) AS verdict FROM monitor_latest l"
+        " JOIN checks c ON c.id = l.check_id JOIN worker_regions w ON w.id = l.region_id"
+        " LEFT JOIN monitor_regions r ON r.monitor_id = l.monitor_id AND r.region_id = l.region_id"
+        " WHERE l.monitor_id = ? AND (w.is_active = 1 OR w.token_hash IS NULL)"
+        " ORDER BY c.checked_at DESC, c.id DESC", (monitor["id"],)))
+    enabled = set(json.loads(monitor["enabled_worker_region_ids"] or "[]"))
+    latest = [c for c in latest if not enabled or c["region_id"] in enabled]
+    down = [c for c in latest if c["verdict"] == Status.DOWN]
+    severity = "high" if len(down) == len(latest) else "medium" if down else "low"
+    cause = down[0] if down else None
+    category = cause["category"] if cause and cause["category"] in ROOT_CAUSES else "UNKNOWN"
+    root_cause = transition["reason"] or (cause and cause["error"]) or "Monitor is down"
+    at = transition["created_at"]
+    year = datetime.fromtimestamp(at / 1000, timezone.utc).year
+    number = present(await _row(conn, "SELECT COALESCE(MAX(number), 0) + 1 FROM incidents"
+                                      " WHERE account_id = ? AND year = ?",
+                                (monitor["account_id"], year)))[0]
+    incident_id = new_id("inc")
+    await conn.execute(
+        "INSERT INTO incidents (id, account_id, monitor_id, year, number, started_at, severity,"
+        " status, root_cause, root_cause_category, affected_regions)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+        (incident_id, monitor["account_id"], monitor["id"], year, number, at, severity,
+         root_cause, category, json.dumps(sorted(c["region_id"] for c in down))))
+    await add_incident_update(conn, incident_id, "investigating",
+                              automatic_update(monitor["name"], category), at)
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident_id,)))
+
+
+def automatic_update(name: str, category: str) -> str:
+    """The update an incident opens with.  Updates are public (status pages, feeds), so it
+    names the cause's category only, never the check's error or a heartbeat's text, which can
+    hold URLs, addresses or a job's secrets; ``rootCause`` keeps those for the team."""
+    return f"{name} is down (cause: {_cause(category)})"
+
+
+async def add_incident_update(conn: aiosqlite.Connection, incident_id: str, status: str,
+                              message: str, at: int) -> None:
+    """One entry of an incident's status history."""
+    await conn.execute("INSERT INTO incident_updates (id, incident_id, status, message, created_at)"
+                       " VALUES (?, ?, ?, ?, ?)", (new_id("iu"), incident_id, status, message, at))
+
+
+async def resolve_incident(conn: aiosqlite.Connection, incident: sqlite3.Row, at: int,
+                           message: str) -> sqlite3.Row:
+    """Close an incident, freezing its check counts and affected regions."""
+    stats = present(await _row(conn, _INCIDENT_STATS_SQL,
+                               (incident["monitor_id"], incident["started_at"], at)))
+    regions = set(json.loads(incident["affected_regions"]))
+    regions.update((stats["regions"] or "").split(",") if stats["regions"] else ())
+    await conn.execute(
+        "UPDATE incidents SET resolved_at = ?, status = 'resolved', checks_failed = ?,"
+        " checks_total = ?, affected_regions = ? WHERE id = ?",
+        (at, stats["failed"], stats["total"], json.dumps(sorted(regions)), incident["id"]))
+    await add_incident_update(conn, incident["id"], "resolved", message, at)
+    return present(await _row(conn, "SELECT * FROM incidents WHERE id = ?", (incident["id"],)))
+
+
+def _group_key(kind: str, config: str, event: str) -> str | None:
+    """Rows a person-facing channel may send as one message: same type, config and event."""
+    if kind not in CHANNEL_TYPES or not CHANNEL_TYPES[kind].person_facing:
+        return None
+    return hashlib.sha256(f"{kind}\n{config}\n{event}".encode()).hexdigest()[:32]
+
+
+async def _first_attempt_at(conn: aiosqlite.Connection, group: str | None, stamp: int,
+                            hold_ms: int) -> int:
+    """When a new row is first tried: at once, or with the group a storm is gathering.  A
+    group is sent once ``hold_ms`` passes without a new alert joining, at most
+    STORM_HOLD_LIMIT windows after its first alert."""
+    if group is None or hold_ms <= 0:
+        return stamp
+    first = present(await _row(conn, "SELECT MIN(created_at) FROM alert_outbox WHERE"
+                                     " group_key = ? AND done_at IS NULL AND attempts = 0"
+                                     " AND next_attempt_at > ?", (group, stamp)))[0]
+    if first is None:
+        return stamp + hold_ms
+    due = min(stamp + hold_ms, first + STORM_HOLD_LIMIT * hold_ms)
+    await conn.execute("UPDATE alert_outbox SET next_attempt_at = ? WHERE group_key = ?"
+                       " AND done_at IS NULL AND attempts = 0 AND next_attempt_at > ?",
+                       (due, group, stamp))
+    return due
+
+
+async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, status: str,
+                         channel_events: Sequence[str], webhook_events: Sequence[str],
+                         hold_ms: int = 0, **alert: Any) -> int:
+    """Queue one outbox row per event and target: the monitor's enabled notifications (inline,
+    or linked active channels) and the account's active webhooks subscribed to the event.
+    Person-facing channels wait ``hold_ms`` for other monitors' alerts to group with."""
+    # A CRON monitor's url is its ping URL, whose path is the secret that reports its job.
+    url = None if monitor["type"] == "CRON" else monitor["url"]
+    alert["monitor"] = {"id": monitor["id"], "name": monitor["name"], "url": url,
+                        "type": monitor["type"], "status": status}
+    stamp = now_ms()
+    rows: list[tuple[str, str | None, str | None, str | None, str, str, str]] = []
+    targets = await conn.execute_fetchall(
+        "SELECT n.id, n.channel_id, COALESCE(n.type, c.type) AS type,"
+        " COALESCE(n.config, c.config) AS config FROM monitor_notifications n"
+        " LEFT JOIN notification_channels c ON c.id = n.channel_id"
+        " WHERE n.monitor_id = ? AND n.enabled = 1 AND (n.channel_id IS NULL OR c.is_active = 1)"
+        " ORDER BY n.created_at, n.id", (monitor["id"],))
+    for event in channel_events:
+        for target in targets:
+            rows.append((f"{target['channel_id'] or target['id']}:{monitor['id']}",
+                         target["channel_id"], None, new_id("dlv"), target["type"],
+                         target["config"], event))
+    hooks = await conn.execute_fetchall(
+        "SELECT id, url, secret, events FROM webhooks WHERE account_id = ? AND is_active = 1"
+        " ORDER BY created_at, id", (monitor["account_id"],))
+    for event in webhook_events:
+        for hook in hooks:
+            if event in hook["events"].split(","):
+                delivery = new_id("wd")
+                await conn.execute("INSERT INTO webhook_deliveries (id, webhook_id, event,"
+                                   " created_at) VALUES (?, ?, ?, ?)",
+                                   (delivery, hook["id"], event, stamp))
+                config = json.dumps({"url": hook["url"], "secret": hook["secret"]})
+                rows.append((f"{hook['id']}:{monitor['id']}", None, hook["id"], delivery,
+                             "WEBHOOK", config, event))
+    for key, channel_id, hook_id, delivery_id, kind, config_text, event in rows:
+        group = _group_key(kind, config_text, event)
+        await conn.execute(
+            "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, webhook_id,"
+            " delivery_id, channel_type, config, event, alert, created_at, next_attempt_at,"
+            " group_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (monitor["account_id"], monitor["id"], key, channel_id, hook_id, delivery_id, kind,
+             config_text, event, json.dumps({"event": event, **alert}), stamp,
+             await _first_attempt_at(conn, group, stamp, hold_ms), group))
+    return len(rows)
+
+
+async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
+                              hold_ms: int, calendar: Maintenance | None = None) -> None:
+    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL).
+    Inside a suppressing maintenance window no incident opens and no alert is queued (an open
+    one may still resolve, silently)."""
+    transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
+                                  " AND processed_at IS NULL", (transition_id,))
+    if transition is None:
+        return
+    await conn.execute("UPDATE status_transitions SET processed_at = ? WHERE id = ?",
+                       (now_ms(), transition_id))
+    monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (transition["monitor_id"],))
+    if monitor is None:
+        return
+    old, new, at = transition["old_status"], transition["new_status"], transition["created_at"]
+    incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
+                                " AND resolved_at IS NULL", (monitor["id"],))
+    opened = resolved = False
+    quiet = calendar is not None and calendar.suppressing(monitor["account_id"], monitor["id"], at)
+    if new == Status.DOWN and incident is None:
+        if quiet:
+            return
+        incident, opened = await _open_incident(conn, monitor, transition), True
+    elif new in (Status.UP, Status.DEGRADED) and incident is not None:
+        took = human_duration((at - incident["started_at"]) / 1000)
+        incident = await resolve_incident(conn, incident, at,
+                                          f"{monitor['name']} is {new} again after {took}")
+        resolved = True
+    if quiet:
+        return
+    check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
+                             " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
+    log.info("monitor %s (%s): %s \u2192 %s (%s)", monitor["name"], monitor["id"], old, new,
+             _logged_reason(monitor, transition["reason"]))
+    channel_events, webhook_events = transition_events(old, new, opened, resolved)
+    await enqueue_alerts(
+        conn, monitor, new, channel_events, webhook_events, hold_ms, timestamp=iso(at),
+        incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
+                  else None),
+        check=_check_alert(check, transition["reason"]))
+
+
+def _logged_reason(monitor: sqlite3.Row, reason: str | None) -> str:
+    """A status change's reason as logged: a heartbeat's text is a job's output, which can hold
+    its secrets, so CRON monitors log only what kind of signal it was."""
+    if monitor["type"] == "CRON" and not (reason or "").startswith(HEARTBEAT_DEADLINES):
+        return "heartbeat ping"
+    return _cut(_one_line(reason or "no reason given"), 300)
+
+
+async def process_transitions(rt: Runtime, limit: int = 100) -> int:
+    """Consume pending status transitions in order, one transaction each; return the count."""
+    pending = await rt.db.fetchall("SELECT id FROM status_transitions WHERE processed_at IS NULL"
+                                   " ORDER BY id LIMIT ?", (limit,))
+    hold_ms = round(rt.cfg["notifications"]["storm_window"] * 1000)
+    for row in pending:
+        async with rt.db.transaction() as conn:
+            await _consume_transition(conn, row["id"], hold_ms, rt.maintenance)
+    return len(pending)
+
+
+def webhook_result_statements(webhook_id: str, delivery_id: str | None,
+                              records: list[DeliveryAttempt], at: int) -> list[Statement]:
+    """Record a webhook delivery's outcome: its delivery row, lastStatus and lastTriggeredAt."""
+    last = records[-1]
+    statements: list[Statement] = [(
+        "UPDATE webhooks SET last_status = ?, last_triggered_at = ? WHERE id = ?",
+        (last["statusCode"], at, webhook_id))]
+    if delivery_id:
+        statements.append((
+            "UPDATE webhook_deliveries SET status_code = ?, attempts = ?, error = ?,"
+            " delivered_at = ? WHERE id = ?",
+            (last["statusCode"], len(records), last["error"], at if last["ok"] else None,
+             delivery_id)))
+    return statements
+
+
+def retry_delay(attempt: int, cfg: dict[str, dict[str, Any]]) -> float:
+    """Seconds to wait after failed attempt number ``attempt``: ``retry_delay`` doubling up to
+    ``retry_max_delay``, plus up to 25% jitter so receivers that come back are not stampeded."""
+    notify = cfg["notifications"]
+    delay = min(notify["retry_delay"] * 2 ** min(attempt - 1, 60), notify["retry_max_delay"])
+    return delay * (1 + random.random() / 4)
+
+
+def _outcome_statements(row: sqlite3.Row, records: list[DeliveryAttempt], at: int,
+                        retry_at: int, cfg: dict[str, dict[str, Any]]) -> list[Statement]:
+    """Record an attempt on its outbox row: done (delivered, permanently failed or out of
+    attempts) or pending until the next attempt's time.  Mark the channel (shared, or a
+    monitor's inline one) failing after a permanent error or healthy after a success."""
+    last = records[-1]
+    done = delivery_done(last, len(records), cfg)
+    statements: list[Statement] = [(
+        "UPDATE alert_outbox SET done_at = ?, status = ?, attempts = ?, status_code = ?,"
+        " last_error = ?, attempt_log = ?, next_attempt_at = ? WHERE id = ?",
+        (at if done else None, ("delivered" if last["ok"] else "failed") if done else "pending",
+         len(records), last["statusCode"], last["error"], json.dumps(records),
+         at if done else retry_at, row["id"]))]
+    if row["webhook_id"]:
+        return statements + webhook_result_statements(row["webhook_id"], row["delivery_id"],
+                                                      records, at)
+    table, target = (("notification_channels", row["channel_id"]) if row["channel_id"] else
+                     ("monitor_notifications", row["target_key"].split(":")[0]))
+    if last["ok"] or last["permanent"]:
+        statements.append((f"UPDATE {table} SET failing = ?, last_error = ? WHERE id = ?",
+                           (int(not last["ok"]), last["error"], target)))
+    else:
+        statements.append((f"UPDATE {table} SET last_error = ? WHERE id = ?",
+                           (last["error"], target)))
+    return statements
+
+
+def grouped_alert(alerts: Sequence[Alert], names: int) -> Alert:
+    """One alert standing for several monitors' alerts of the same event (an alert storm)."""
+    first = alerts[0]
+    listed = [str(a.monitor.get("name") or a.monitor.get("id")) for a in alerts]
+    return Alert(event=first.event, timestamp=first.timestamp,
+                 monitor={"name": f"{len(alerts)} monitors", "status": first.monitor.get("status")},
+                 group={"count": len(alerts), "names": listed[:names]})
+
+
+async def _deliver_queued(rt: Runtime, ctx: NotifyContext,
+                          rows: list[sqlite3.Row]) -> DeliveryAttempt:
+    """One attempt at one outbox row, or at a group of rows as one message; log and record it."""
+    head = rows[0]
+    alerts = [Alert(**json.loads(row["alert"])) for row in rows]
+    alert = alerts[0] if len(rows) == 1 else grouped_alert(
+        alerts, rt.cfg["notifications"]["storm_names"])
+    send = CHANNEL_TYPES[head["channel_type"]].send
+    record = await attempt_delivery(send, json.loads(head["config"]), alert, ctx,
+                                    head["delivery_id"], head["attempts"] + 1)
+    await _log_delivery(rt, head, alert, record, len(rows))
+    at = now_ms()
+    retry_at = at + round(retry_delay(record["attempt"], rt.cfg) * 1000)  # a group stays one
+    await rt.db.write([statement for row in rows for statement in _outcome_statements(
+        row, [*json.loads(row["attempt_log"] or "[]"), record], at, retry_at, rt.cfg)])
+    return record
+
+
+_SERVICE_URL_KEYS = {"TELEGRAM": "telegram_api_url", "PAGERDUTY": "pagerduty_url",
+                     "OPSGENIE": "opsgenie_url", "SMS": "twilio_api_url",
+                     "PUSHOVER": "pushover_url"}
+_TARGET_URL_KEYS = ("url", "webhookUrl", "serverUrl", "homeserver")  # in a channel's config
+
+
+def delivery_host(row: sqlite3.Row, cfg: dict[str, dict[str, Any]]) -> str:
+    """The host and port a delivery talks to: the unit of the per-host limit on slots."""
+    if row["channel_type"] == "EMAIL":
+        return f"smtp:{cfg['smtp']['host']}"
+    config = json.loads(row["config"])
+    key = _SERVICE_URL_KEYS.get(row["channel_type"])
+    url = cfg["notifications"][key] if key else next(
+        (config[k] for k in _TARGET_URL_KEYS if config.get(k)), None)
+    try:
+        parts = urlsplit(str(url))
+        return f"{(parts.hostname or '').lower()}:{parts.port or parts.scheme}"
+    except ValueError:
+        return ""
+
+
+class _Slots:
+    """Delivery slots in use, in all and per host, and the lanes (targets, groups) busy.
+
+    A host whose last attempt got no answer (timed out, refused, unreachable) is a suspect:
+    it gets one slot at a time, and all suspects together a quarter of the slots, so hung
+    receivers retrying for an hour never crowd out the healthy ones."""
+
+    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
+        self.total, self.per_host = (cfg["notifications"][key] for key in ("concurrency",
+                                                                          "per_host"))
+        self.hosts: collections.Counter[str] = collections.Counter()
+        self.lanes: set[str] = set()
+        self.suspects: set[str] = set()
+
+    def free(self, host: str, lanes: set[str]) -> bool:
+        if host in self.suspects and (self.hosts[host] or sum(
+                self.hosts[h] for h in self.suspects) >= max(1, self.total // 4)):
+            return False
+        return (self.hosts.total() < self.total and self.hosts[host] < self.per_host
+                and not lanes & self.lanes)
+
+    def judge(self, host: str, record: DeliveryAttempt) -> None:
+        """Note whether ``host`` answered its latest attempt."""
+        if record["ok"] or record["statusCode"] is not None or record["permanent"]:
+            self.suspects.discard(host)
+        else:
+            self.suspects.add(host)
+
+    def take(self, host: str, lanes: set[str]) -> None:
+        self.hosts[host] += 1
+        self.lanes |= lanes
+
+    def give_back(self, host: str, lanes: set[str]) -> None:
+        self.hosts[host] -= 1
+        if not self.hosts[host]:
+            del self.hosts[host]
+        self.lanes -= lanes
+
+
+# Due rows that are the oldest undone row of their target (a target's alerts go in order).
+_DUE_SQL = ("SELECT * FROM alert_outbox o WHERE done_at IS NULL AND next_attempt_at <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM alert_outbox p WHERE p.target_key = o.target_key"
+            " AND p.done_at IS NULL AND p.id < o.id) ORDER BY next_attempt_at, id LIMIT 1000")
+
+
+def _batches(rows: list[sqlite3.Row]) -> list[list[sqlite3.Row]]:
+    """Due rows as delivery units: a person-facing group's rows together, others alone."""
+    groups: dict[str, list[sqlite3.Row]] = {}
+    units: list[list[sqlite3.Row]] = []
+    for row in rows:
+        if row["group_key"] in groups:
+            groups[row["group_key"]].append(row)
+            continue
+        units.append([row])
+        if row["group_key"]:
+            groups[row["group_key"]] = units[-1]
+    return units
+
+
+def delivery_done(last: DeliveryAttempt, count: int, cfg: dict[str, dict[str, Any]]) -> bool:
+    """Whether an outbox row is finished after its ``count``-th attempt ``last``."""
+    return last["ok"] or last["permanent"] or count >= cfg["notifications"]["attempts"]
+
+
+async def _log_delivery(rt: Runtime, head: sqlite3.Row, alert: Alert, record: DeliveryAttempt,
+                        monitors: int) -> None:
+    """One line per alert outcome (delivered, or failed for good); attempts before at debug."""
+    done = delivery_done(record, record["attempt"], rt.cfg)
+    level = logging.DEBUG if not done else logging.INFO if record["ok"] else logging.WARNING
+    if not log.isEnabledFor(level):
+        return
+    outcome = ("delivered" if record["ok"] else f"failed after {record['attempt']} attempt(s): "
+               f"{record['error']}" if done else f"attempt {record['attempt']} failed, will "
+               f"retry: {record['error']}")
+    log.log(level, "alert %s for %s via %s: %s", head["event"],
+            f"monitor {alert.monitor.get('name')}" if monitors == 1 else alert.monitor["name"],
+            await _target_name(rt, head), outcome)
+
+
+async def _target_name(rt: Runtime, row: sqlite3.Row) -> str:
+    """How a log line names an alert's target: the channel's or webhook's name and type."""
+    table, ident = (("notification_channels", row["channel_id"]) if row["channel_id"] else
+                    ("webhooks", row["webhook_id"]))
+    if not ident:
+        return f"inline {row['channel_type']}"
+    name = await rt.db.fetchval(f"SELECT name FROM {table} WHERE id = ?", (ident,))
+    return f"{row['channel_type']} {name!r}" if name is not None else f"deleted {ident}"
+
+
+async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
+    """Drain the outbox: targets in parallel within the slot limits (in all and per host), each
+    target's alerts in order, one attempt at a time; failed attempts wait in the outbox.
+
+    The outbox is read on a reader connection, whose answer can predate the commit of a
+    delivery that finished meanwhile; ``started`` (row ids and attempt counts taken in hand,
+    until seen changed) keeps such a stale answer from sending an attempt twice."""
+    slots, started = _Slots(rt.cfg), set[tuple[int, int]]()
+    running: set[asyncio.Task[DeliveryAttempt]] = set()
+
+    def finished(host: str, lanes: set[str], task: asyncio.Task[DeliveryAttempt]) -> None:
+        slots.give_back(host, lanes)
+        running.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error and storage_cause(error) is None:  # storage failures: the Database logs them
+            log.error("alert delivery failed", exc_info=error)
+        elif not task.cancelled() and not error:
+            slots.judge(host, task.result())
+        wake.set()
+
+    async with NotifyContext(rt.cfg) as ctx:
+        try:
+            while True:
+                wake.clear()
+                rows = await rt.db.fetchall(_DUE_SQL, (now_ms(),))
+                state = {(row["id"], row["attempts"]): row for row in rows}
+                started &= set(state)  # the others are done or were tried again
+                for unit in _batches([row for at, row in state.items() if at not in started]):
+                    host = delivery_host(unit[0], rt.cfg)
+                    lanes = {unit[0]["group_key"] or "", *(row["target_key"] for row in unit)}
+                    if not slots.free(host, lanes - {""}):
+                        continue
+                    slots.take(host, lanes - {""})
+                    started.update((row["id"], row["attempts"]) for row in unit)
+                    task = asyncio.create_task(_deliver_queued(rt, ctx, unit))
+                    running.add(task)
+                    task.add_done_callback(functools.partial(finished, host, lanes - {""}))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), INCIDENT_POLL)
+        finally:
+            tasks = list(running)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_incidents(rt: Runtime) -> None:
+    """The incident engine and the alert delivery workers, until cancelled."""
+    wake = asyncio.Event()
+
+    async def engine() -> None:
+        while True:
+            try:
+                if await process_transitions(rt):
+                    rt.public_cache.invalidate()
+                    wake.set()
+                    continue
+            except Exception:
+                log_failure("incident engine failed; retrying")
+            await asyncio.sleep(INCIDENT_POLL)
+
+    await asyncio.gather(engine(), _delivery_loop(rt, wake))
+
+
+# Maintenance windows
+#
+# A window is one-off (startsAt..endsAt) or recurring: an RFC 5545 RRULE, evaluated by
+# python-dateutil, whose occurrences start at startsAt's wall-clock time in ``timezone`` and
+# last durationMinutes, so "every Sunday 03:00" stays 03:00 local across daylight-saving
+# changes.  Every window lives in memory (``Maintenance``), reloaded when the API changes one.
+# The prober and heartbeats ask it whether a check falls in a window (stored with
+# checks.maintenance = 1 and left out of uptime), the incident engine whether a transition's
+# incident and alerts are suppressed, and the window-end service opens, once, the incident of a
+# monitor still DOWN when a suppressing window ends (ends_handled_at makes "once" durable).
+
+MAINTENANCE_LOOKAHEAD_DAYS = 7  # status pages show windows starting this soon as scheduled
+_MAINTENANCE_IDLE = 60.0        # seconds the window-end service sleeps at most
+_RRULE_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
+
+
+def parse_moment(text: str, zone: zoneinfo.ZoneInfo) -> datetime:
+    """An ISO 8601 time, as a time in ``zone``; one without an offset is wall-clock time there."""
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(zone)
+
+
+def _wall(ms: int, zone: zoneinfo.ZoneInfo) -> datetime:
+    """Naive wall-clock time in ``zone`` of a Unix ms time (what the rrule iterates over)."""
+    return datetime.fromtimestamp(ms / 1000, zone).replace(tzinfo=None)
+
+
+def parse_rrule(text: str, start: datetime) -> dateutil.rrule.rrule:
+    """An RRULE whose occurrences begin at ``start`` (aware), iterated in its wall-clock time;
+    ValueError for anything but DAILY/WEEKLY/MONTHLY/YEARLY rules dateutil accepts."""
+    body = text.strip().removeprefix("RRULE:")
+    freq = re.search(r"(?:^|;)FREQ=([A-Z]+)", body.upper())
+    if not freq or freq.group(1) not in _RRULE_FREQS:
+        raise ValueError(f"FREQ must be one of {', '.join(_RRULE_FREQS)}")
+    until = re.search(r"UNTIL=(\d{8}T\d{6})Z", body, re.IGNORECASE)
+    if until:  # RFC 5545: UNTIL is UTC when DTSTART has a zone; the rule runs on wall-clock time
+        utc = datetime.strptime(until.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+        body = body.replace(until.group(0), f"UNTIL={utc.astimezone(start.tzinfo):%Y%m%dT%H%M%S}")
+    rule = dateutil.rrule.rrulestr(body, dtstart=start.replace(tzinfo=None), forceset=False)
+    if not isinstance(rule, dateutil.rrule.rrule):
+        raise ValueError("expected one RRULE")
+    return rule
+
+
+@dataclass
+class Window:
+    """One maintenance window, ready to answer "does it cover this monitor at this time"."""
+
+    id: str
+    account_id: str
+    title: str
+    description: str | None
+    monitor_ids: frozenset[str] | None  # None: all the team's monitors
+    suppress: bool
+    start: datetime
+    end: datetime | None
+    rule: dateutil.rrule.rrule | None
+    duration: timedelta
+    zone: zoneinfo.ZoneInfo
+    handled: int
+    updated_at: int
+    _day: tuple[int, int, list[tuple[int, int]]] = (0, 0, [])  # [lo, hi) and its occurrences
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Window:
+        zone = zoneinfo.ZoneInfo(row["timezone"])
+        start = parse_moment(row["starts_at"], zone)
+        end = parse_moment(row["ends_at"], zone) if row["ends_at"] else None
+        rule = parse_rrule(row["recurrence"], start) if row["recurrence"] else None
+        duration = (timedelta(minutes=row["duration_minutes"]) if rule is not None
+                    else (end or start) - start)
+        ids = json.loads(row["monitor_ids"]) if row["monitor_ids"] else None
+        return cls(row["id"], row["account_id"], row["title"], row["description"],
+                   None if ids is None else frozenset(ids), bool(row["suppress_alerts"]),
+                   start, end, rule, duration, zone, row["ends_handled_at"], row["updated_at"])
+
+    def covers(self, account_id: str, monitor_id: str) -> bool:
+        return account_id == self.account_id and (self.monitor_ids is None
+                                                  or monitor_id in self.monitor_ids)
+
+    def occurrences(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(start, end) in Unix ms of each occurrence overlapping [lo, hi), in order."""
+        if self.rule is None:
+            starts = [self.start]
+        else:  # a day's margin on each side absorbs any UTC offset; then filtered exactly
+            span = self.duration + timedelta(days=1)
+            starts = [t.replace(tzinfo=self.zone) for t in self.rule.between(
+                _wall(lo, self.zone) - span, _wall(hi, self.zone) + timedelta(days=1), inc=True)]
+        width = int(self.duration.total_seconds() * 1000)
+        spans = [(unix_ms(t), unix_ms(t) + width) for t in starts]
+        return [(a, b) for a, b in spans if a < hi and b > lo]
+
+    def running(self, at: int) -> bool:
+        """Whether an occurrence runs at ``at``; a day of occurrences is kept, so the prober's
+        many questions do not each walk the rule from its start."""
+        lo, hi, spans = self._day
+        if not lo <= at < hi:
+            lo, hi = at, at + DAY_MS
+            spans = self.occurrences(lo, hi)
+            self._day = (lo, hi, spans)
+        return any(a <= at < b for a, b in spans)
+
+
+class Maintenance:
+    """All maintenance windows in memory, and the clock they are judged by (tests move it)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.clock: Callable[[], int] = now_ms
+        self.windows: dict[str, Window] = {}
+        self.owners: dict[str, str] = {}  # monitor id -> its team, for checks that name none
+        self.owners_stale = False
+        self.wake = asyncio.Event()
+        rt.listeners.append(self._monitor_changed)
+
+    def _monitor_changed(self, monitor_id: str) -> None:
+        self.owners_stale = True
+        self.wake.set()
+
+    async def reload(self) -> None:
+        rows = await self.rt.db.fetchall("SELECT * FROM maintenance_windows")
+        self.windows = {row["id"]: Window.from_row(row) for row in rows}
+        await self.reload_owners()
+        self.wake.set()
+
+    async def reload_owners(self) -> None:
+        self.owners_stale = False
+        self.owners = {row[0]: row[1] for row in await self.rt.db.fetchall(
+            "SELECT id, account_id FROM monitors")}
+
+    def active_monitor(self, monitor_id: str, at: int) -> bool:
+        """Whether a window covers the monitor at ``at``, by its id alone (probes, agents)."""
+        account = self.owners.get(monitor_id)
+        return account is not None and self.active(account, monitor_id, at)
+
+    def covering(self, account_id: str, monitor_id: str, at: int) -> list[Window]:
+        """The windows covering the monitor at ``at``."""
+        return [w for w in self.windows.values()
+                if w.covers(account_id, monitor_id) and w.running(at)]
+
+    def active(self, account_id: str, monitor_id: str, at: int | None = None) -> bool:
+        return bool(self.covering(account_id, monitor_id, self.clock() if at is None else at))
+
+    def suppressing(self, account_id: str, monitor_id: str, at: int) -> bool:
+        return any(w.suppress for w in self.covering(account_id, monitor_id, at))
+
+    async def settle_ends(self) -> None:
+        """Act once on each occurrence that ended since its window was last looked at."""
+        now = self.clock()
+        for window in list(self.windows.values()):
+            ends = [b for _, b in window.occurrences(window.handled, now)
+                    if window.handled < b <= now]
+            if ends:
+                await self.ended(window, ends[-1], now)
+
+    async def ended(self, window: Window, end: int, now: int) -> None:
+        """Open the incident of every covered monitor still DOWN with none open (as a DOWN ->
+        DOWN transition at the window's end, for the incident engine); mark the end handled."""
+        statements: list[Statement] = []
+        if window.suppress:
+            rows = await self.rt.db.fetchall(
+                "SELECT id FROM monitors m WHERE account_id = ? AND status = 'DOWN'"
+                " AND is_paused = 0 AND NOT EXISTS (SELECT 1 FROM incidents i"
+                " WHERE i.monitor_id = m.id AND i.resolved_at IS NULL)", (window.account_id,))
+            reason = f"still down when maintenance window {window.title!r} ended"
+            statements = [("INSERT INTO status_transitions (monitor_id, old_status, new_status,"
+                           " reason, created_at) VALUES (?, 'DOWN', 'DOWN', ?, ?)",
+                           (row["id"], reason, end)) for row in rows
+                          if window.covers(window.account_id, row["id"])
+                          and not self._held(window, row["id"], end)]
+        statements.append(("UPDATE maintenance_windows SET ends_handled_at = ? WHERE id = ?",
+                           (now, window.id)))
+        await self.rt.db.write(statements)
+        window.handled = now
+
+    def _held(self, ending: Window, monitor_id: str, at: int) -> bool:
+        """Whether another suppressing window still covers the monitor (its end will act)."""
+        return any(w.suppress and w is not ending
+                   for w in self.covering(ending.account_id, monitor_id, at))
+
+    def next_boundary(self, now: int) -> int | None:
+        """The earliest start or end, after now, of an occurrence running now or starting soon."""
+        times = [t for w in self.windows.values()
+                 for span in w.occurrences(now, now + int(_MAINTENANCE_IDLE * 1000))
+                 for t in span if t > now]
+        return min(times, default=None)
+
+
+async def run_maintenance(rt: Runtime) -> None:
+    """The window service: wakes when a window starts or ends (or is edited), acts on ends, and
+    lets public pages show the change (their cache is dropped)."""
+    calendar = rt.maintenance
+    while True:
+        calendar.wake.clear()
+        try:
+            if calendar.owners_stale:
+                await calendar.reload_owners()
+            await calendar.settle_ends()
+        except Exception:
+            log.exception("maintenance window ends failed; retrying")
+        rt.public_cache.invalidate()
+        now = calendar.clock()
+        end = calendar.next_boundary(now)
+        timeout = _MAINTENANCE_IDLE if end is None else min(_MAINTENANCE_IDLE,
+                                                            (end - now) / 1000 + 0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(calendar.wake.wait(), timeout)
+
+
 # --- Analytics ---
 #
 # Check figures have three sources with one meaning: raw checks, hourly rollups ('h') and daily
@@ -5976,7 +6055,6 @@ async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: Notif
 # time.  Rollups keep a log-scale histogram (buckets 5% wide), so a percentile read from
 # rollups is within 2.5% (plus 1 ms of rounding) of the exact nearest-rank value.
 
-HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 HIST_RATIO = 1.05
 ROLLUP_GRACE_MS = 300_000  # an hour is rolled up 5 minutes after it ends, for late writes
 RETENTION_BATCH = 500      # rows per write transaction when rolling up or pruning
@@ -6084,6 +6162,12 @@ def hist_value(index: int) -> int:
     """The value a histogram bucket stands for: its geometric middle, in ms."""
     return max(1, round(HIST_RATIO ** (index - 0.5)))
 
+
+def uptime_percent(up: int, total: int) -> float | None:
+    """Uptime % rounded DOWN to 2 decimals, so any downtime never shows as 100%."""
+    if not total:
+        return None
+    return math.floor(round(up * 10_000 / total, 6)) / 100
 
 
 @dataclass
@@ -6444,131 +6528,68 @@ async def run_regression(rt: Runtime) -> None:
             rt.monitor_changed(monitor_id)
     await repeat(60, regressions)
 
+
+# Team performance over the last 24 hours reads the team's hourly rollups (24 rows) plus the raw
+# checks since they end.  The figures are kept a minute in ``Runtime.performance``; after that
+# the kept figures are still answered while one background computation refreshes them, and
+# concurrent first requests share one computation.
+_PERFORMANCE_TTL_MS = 60_000
+
+
+_TEAM_SUMS = ("SELECT COALESCE(SUM(up), 0), COALESCE(SUM(down), 0), COALESCE(SUM(degraded), 0),"
+              " COALESCE(SUM(rt_sum), 0), COALESCE(SUM(rt_count), 0) FROM team_rollups"
+              " WHERE account_id = ? AND start >= ? AND start < ?")
+
+
+_TEAM_HIST = ("SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM team_rollups,"
+              " json_each(team_rollups.rt_hist) AS j WHERE account_id = ? AND start >= ?"
+              " AND start < ? GROUP BY 1")
+
+
+async def _team_window(db: Database, team: str, lo: int, hi: int) -> WindowStats:
+    """The team's figures over [lo, hi): team rollups as far as they go, then raw checks."""
+    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
+    split = min(max(lo, teams_done or lo), hi)
+    stats = WindowStats()
+    stats.add(tuple(await db.fetchrow(_TEAM_SUMS, (team, lo, split))))
+    stats.hist = {index: count for index, count in await db.fetchall(_TEAM_HIST, (team, lo, split))}
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                           (team,))]
+    tail, _ = await window_stats(db, ids, split, hi, exact=False)
+    stats.add((tail.up, tail.down, tail.degraded, tail.rt_sum, tail.rt_count))
+    for index, count in tail.hist.items():
+        stats.hist[index] = stats.hist.get(index, 0) + count
+    return stats
+
+
+async def _compute_performance(rt: Runtime, team: str) -> dict[str, Any]:
+    now = now_ms()
+    stats = await _team_window(rt.db, team, _ceil_hour(now - DAY_MS), now)
+    figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
+               "overallUptime": stats.uptime()}
+    rt.performance[team] = (now, figures)
+    return figures
+
+
+async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
+    key = ("performance", team)
+    cached = rt.performance.get(team)
+    if cached is None:
+        return await rt.flights.run(key, lambda: _compute_performance(rt, team))
+    if now - cached[0] >= _PERFORMANCE_TTL_MS and not rt.flights.running(key):
+        rt.background(rt.flights.run(key, lambda: _compute_performance(rt, team)))
+    return cached[1]
+
+
 # --- API routes ---
 #
 # Handlers are ``async def handler(call: Call) -> dict | Response``, registered with ``@api``,
 # which authenticates, checks permission and role, applies the rate limit and counts usage.
 # Handlers raise ApiError subclasses; ``on_api_error`` is the one place errors become JSON.
 
-API_PREFIX = "/api/v1"
 MAX_BODY = 1_048_576
 ROUTES: list[Route] = []
 MONITOR_STATUSES = tuple(Status)
-
-
-# Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
-# with the server and cancelled at shutdown.
-_SERVICE_RESTART_DELAY = 5.0
-SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
-    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression, run_verdicts,
-    run_regions, run_maintenance)
-
-
-class Runtime:
-    """Everything one running StatusApp holds: config, database, limiter, counters, tasks."""
-
-    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
-        self.cfg = cfg
-        self.db = Database(cfg["server"]["database"])
-        self.limiter = RateLimiter()
-        self.usage = UsageCounter()
-        self.started = time.monotonic()
-        self.started_at = now_ms()
-        self.regions: dict[str, dict[str, Any]] = {}
-        self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
-        self.public_cache = PublicCache()
-        self.flights = SingleFlight()
-        self._background: set[asyncio.Task[Any]] = set()
-        self.settled_days: SettledDays = {}
-        self.heartbeats = Heartbeats(self)
-        self.maintenance = Maintenance(self)
-        self.verdicts = Verdicts(self)
-        self.agent_sync = AgentSync(self)
-        self.agent_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
-            asyncio.Lock)
-        self.scheduler: Scheduler | None = None
-        self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
-        self.secret = ""  # signs dashboard session cookies (server_secrets)
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        """Open the database, register the local region, create the owner on first run."""
-        await self.db.open()
-        await prepare_database(self.db, self.cfg)
-        self.secret = await server_secret(self.db)
-        await self.load_regions()
-        await self.verdicts.load()
-        await self.maintenance.reload()
-        self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
-        self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
-
-    async def _supervise(self, service: Callable[[Runtime], Awaitable[None]]) -> None:
-        """Run a background service for the server's life; if it crashes, log why and start
-        it again, so no failure silently stops probing, deadlines or alerts."""
-        while True:
-            try:
-                await service(self)
-                return
-            except Exception:
-                log_failure("service %s crashed; restarting it in %s s", service.__name__,
-                              _SERVICE_RESTART_DELAY)
-                await asyncio.sleep(_SERVICE_RESTART_DELAY)
-
-    async def load_regions(self) -> list[dict[str, Any]]:
-        """Every worker region (active or not), as ``regions`` keeps them."""
-        rows = [dict(r) for r in await self.db.fetchall("SELECT * FROM worker_regions")]
-        self.regions = {r["id"]: r for r in rows}
-        return rows
-
-    def background(self, work: Awaitable[Any]) -> None:
-        """Run ``work`` without waiting for it; a failure is logged."""
-        async def guarded() -> None:
-            try:
-                await work
-            except Exception:
-                log_failure("background work failed")
-        task = asyncio.create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def monitor_changed(self, monitor_id: str) -> None:
-        """Tell the background services that a monitor was created, edited or deleted."""
-        for listener in self.listeners:
-            listener(monitor_id)
-
-    async def stop(self) -> None:
-        """Stop background work, write what is pending and close the database."""
-        for task in [*self._tasks, *self._background]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        await self.usage.flush(self.db)
-        await self.db.close()
-
-
-async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None:
-    """Register the local region (a real write) and, on first run, create the owner and print
-    its key once."""
-    region = cfg["region"]
-    async with db.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude,"
-            " is_active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
-            " SET city = excluded.city, country = excluded.country,"
-            " country_code = excluded.country_code, latitude = excluded.latitude,"
-            " longitude = excluded.longitude, is_active = excluded.is_active",
-            (region["id"], region["city"], region["country"], region["country_code"],
-             region["latitude"], region["longitude"], int(cfg["probes"]["local"]), now_ms()))
-        first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
-        if first_run:
-            account = await create_account(conn, "admin@localhost", "Admin",
-                                           cfg["account"]["plan"])
-            _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
-            setup = await create_setup_token(conn, account)
-    if first_run:
-        print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
-              f"only this once:\n{key}\nOpen this link within an hour to choose its "
-              f"dashboard password:\n{cfg['server']['base_url']}/setup?token={setup}",
-              file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -6609,6 +6630,23 @@ class Call:
     def env(self, **extra: Any) -> dict[str, Any]:
         """What validation checks need to know: config and the known worker regions."""
         return {"cfg": self.rt.cfg, "regions": self.rt.regions, **extra}
+
+
+async def paged_rows(call: Call, table: str, query: dict[str, Any], filters: Sequence[str],
+                     order: str) -> tuple[int, list[sqlite3.Row]]:
+    """The count of the team's rows of ``table`` matching the query's ``filters`` (named as
+    the API names the columns) and the query's page of them, in ``order`` ({d}: asc/desc)."""
+    where, params = ["account_id = ?"], [call.team]
+    for name in filters:
+        if query[name]:
+            where.append(f"{Field(name, 'string').column} = ?")
+            params.append(query[name])
+    clause = " AND ".join(where)
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM {table} WHERE {clause}", params)
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM {table} WHERE {clause} ORDER BY {order.format(d=query['order'].upper())}"
+        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return total, rows
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -6833,31 +6871,6 @@ def selection(query: dict[str, Any]) -> tuple[list[str], list[Any]]:
 def _like(text: str) -> str:
     """A LIKE pattern matching ``text`` anywhere, with its own wildcards escaped."""
     return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
-
-
-_JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
-
-
-def _json_column(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-# Each monitor column as (field name, column, how its stored value is read back).
-_MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tuple(
-    (spec.name, spec.column, _json_column if spec.kind in _JSON_KINDS
-     else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
-
-
-def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
-    """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
-    out: dict[str, Any] = {"id": row["id"]}
-    for name, column, read in _MONITOR_READERS:
-        value = row[column]
-        out[name] = value if read is None else read(value)
-    out["status"] = row["status"]
-    out["isPaused"] = bool(row["is_paused"])
-    out["heartbeatId"] = row["heartbeat_id"]
-    return out
 
 
 def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -7628,34 +7641,6 @@ async def post_incident_update(call: Call) -> Response:
 # Notification channels
 
 
-def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """Swap masked secrets a client echoed back for the stored values."""
-    def keep(new: Any, old: Any) -> Any:
-        if isinstance(new, dict) and isinstance(old, dict):
-            return {k: keep(v, old.get(k)) for k, v in new.items()}
-        if isinstance(new, list) and isinstance(old, list):
-            return [keep(v, old[i] if i < len(old) else None) for i, v in enumerate(new)]
-        return old if isinstance(old, str) and new == mask(old) else new
-    return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
-            for k, v in value.items()}
-
-
-def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    """Validate a config by its channel type's fields; unknown keys are dropped.
-
-    When updating a stored channel of the same type (``env["existing"]``), masked secrets
-    echoed back keep the stored ones, as ``apiAuthConfig`` does."""
-    if not isinstance(kind, str) or kind not in CHANNEL_TYPES:
-        return value  # the type field reports the problem
-    existing = env.get("existing") or {}
-    if existing.get("type") == kind and isinstance(existing.get("config"), dict):
-        value = _unmasked(kind, value, existing["config"])
-    if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
-        value = {**value, "chatId": str(value["chatId"])}
-    clean = validate(CHANNEL_TYPES[kind].fields, value, env, kind=kind, path=env["path"])
-    return {k: v for k, v in clean.items() if v is not None}
-
-
 CHANNEL_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Channel name"),
     Field("type", "string", True, choices=Names(CHANNEL_TYPES), doc="Channel type"),
@@ -8331,54 +8316,6 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
             "performance": await _team_performance(call.rt, call.team, now)}
 
 
-# Team performance over the last 24 hours reads the team's hourly rollups (24 rows) plus the raw
-# checks since they end.  The figures are kept a minute in ``Runtime.performance``; after that
-# the kept figures are still answered while one background computation refreshes them, and
-# concurrent first requests share one computation.
-_PERFORMANCE_TTL_MS = 60_000
-_TEAM_SUMS = ("SELECT COALESCE(SUM(up), 0), COALESCE(SUM(down), 0), COALESCE(SUM(degraded), 0),"
-              " COALESCE(SUM(rt_sum), 0), COALESCE(SUM(rt_count), 0) FROM team_rollups"
-              " WHERE account_id = ? AND start >= ? AND start < ?")
-_TEAM_HIST = ("SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM team_rollups,"
-              " json_each(team_rollups.rt_hist) AS j WHERE account_id = ? AND start >= ?"
-              " AND start < ? GROUP BY 1")
-
-
-async def _team_window(db: Database, team: str, lo: int, hi: int) -> WindowStats:
-    """The team's figures over [lo, hi): team rollups as far as they go, then raw checks."""
-    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
-    split = min(max(lo, teams_done or lo), hi)
-    stats = WindowStats()
-    stats.add(tuple(await db.fetchrow(_TEAM_SUMS, (team, lo, split))))
-    stats.hist = {index: count for index, count in await db.fetchall(_TEAM_HIST, (team, lo, split))}
-    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                           (team,))]
-    tail, _ = await window_stats(db, ids, split, hi, exact=False)
-    stats.add((tail.up, tail.down, tail.degraded, tail.rt_sum, tail.rt_count))
-    for index, count in tail.hist.items():
-        stats.hist[index] = stats.hist.get(index, 0) + count
-    return stats
-
-
-async def _compute_performance(rt: Runtime, team: str) -> dict[str, Any]:
-    now = now_ms()
-    stats = await _team_window(rt.db, team, _ceil_hour(now - DAY_MS), now)
-    figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
-               "overallUptime": stats.uptime()}
-    rt.performance[team] = (now, figures)
-    return figures
-
-
-async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
-    key = ("performance", team)
-    cached = rt.performance.get(team)
-    if cached is None:
-        return await rt.flights.run(key, lambda: _compute_performance(rt, team))
-    if now - cached[0] >= _PERFORMANCE_TTL_MS and not rt.flights.running(key):
-        rt.background(rt.flights.run(key, lambda: _compute_performance(rt, team)))
-    return cached[1]
-
-
 @api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY,
       response=MONITOR_ANALYTICS_SHAPE)
 async def monitor_analytics(call: Call) -> dict[str, Any]:
@@ -8400,95 +8337,6 @@ async def monitor_analytics(call: Call) -> dict[str, Any]:
             "responseTimeByRegion": {region: round(total / count) for region, (total, count)
                                      in sorted(regions.items()) if count}}
 
-
-def _prometheus_label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class Exposition:
-    """Prometheus text format (0.0.4): HELP and TYPE once per metric, then its samples."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def metric(self, name: str, kind: str, help_text: str,
-               samples: Sequence[tuple[dict[str, Any], float | int | None]]) -> None:
-        self.lines += [f"# HELP statusapp_{name} {help_text}", f"# TYPE statusapp_{name} {kind}"]
-        for labels, value in samples:
-            if value is None:
-                continue
-            text = ",".join(f'{k}="{_prometheus_label(v)}"' for k, v in labels.items())
-            self.lines.append(f"statusapp_{name}{{{text}}} {value!r}" if text
-                              else f"statusapp_{name} {value!r}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-async def render_metrics(rt: Runtime, team: str | None) -> str:
-    """Per-monitor figures (the team's, or every monitor's for the metrics token) and
-    process figures."""
-    where, params = ("WHERE account_id = ?", (team,)) if team else ("", ())
-    monitors = await rt.db.fetchall(f"SELECT * FROM monitors {where} ORDER BY id", params)
-    ids = [m["id"] for m in monitors]
-    # The newest check of each monitor, whatever its region.
-    latest = {c["monitor_id"]: c for c in sorted(await latest_checks(rt.db, ids),
-                                                 key=lambda c: c["id"])}
-    now = now_ms()
-    uptime = {window: await collect(rt.db, ids, _ceil_hour(now - span), now, ("monitor",))
-              for window, span in (("24h", DAY_MS), ("30d", 30 * DAY_MS))}
-    out = Exposition()
-    labels = {m["id"]: {"id": m["id"], "name": m["name"], "type": m["type"]} for m in monitors}
-    out.metric("monitor_status", "gauge", "1 for the monitor's current status, 0 for the others.",
-               [({**labels[m["id"]], "status": s}, int(m["status"] == s))
-                for m in monitors for s in MONITOR_STATUSES])
-    out.metric("monitor_paused", "gauge", "1 when the monitor is paused.",
-               [(labels[m["id"]], m["is_paused"]) for m in monitors])
-    out.metric("monitor_response_time_seconds", "gauge", "Response time of the latest check.",
-               [(labels[i], None if c["response_time"] is None else c["response_time"] / 1000)
-                for i, c in latest.items()])
-    ratios = []
-    for window, counts in uptime.items():
-        for monitor_id in ids:
-            stats = WindowStats()
-            stats.add(counts.get((monitor_id,), [0] * 5))
-            ratio = None if not stats.total else (stats.up + stats.degraded) / stats.total
-            ratios.append(({**labels[monitor_id], "window": window}, ratio))
-    out.metric("monitor_uptime_ratio", "gauge", "(UP + DEGRADED checks) / all checks.", ratios)
-    for kind, name, what in (("SSL_CERT", "certificate", "the certificate expires"),
-                             ("DOMAIN", "domain", "the domain registration expires")):
-        days = [(labels[i], json.loads(c["details"]).get("daysRemaining"))
-                for i, c in latest.items() if labels[i]["type"] == kind and c["details"]]
-        out.metric(f"{name}_days_remaining", "gauge", f"Days until {what}.", days)
-    out.metric("monitor_checks_total", "counter", "Checks recorded for the monitor.",
-               [(labels[m["id"]], m["check_count"]) for m in monitors])
-    out.metric("write_queue_depth", "gauge", "Writes queued for the next group commit.",
-               [({}, rt.db.queued)])
-    out.metric("scheduler_lag_seconds", "gauge", "How late the scheduler runs due checks.",
-               [({}, getattr(rt, "scheduler_lag", None))])
-    out.metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
-               [({}, round(time.monotonic() - rt.started, 3))])
-    return out.text()
-
-
-async def metrics(request: Request) -> Response:
-    """GET /metrics: an API key with read permission, or ``Bearer <server.metrics_token>``."""
-    rt: Runtime = request.app.state.statusapp
-    token = rt.cfg["server"]["metrics_token"]
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    team = None
-    if not (token and scheme.lower() == "bearer"
-            and hmac.compare_digest(given.strip().encode(), token.encode())):
-        who = await authenticate(rt.db, request_key(request))
-        if "read" not in who.permissions:
-            raise Forbidden("This API key lacks the 'read' permission",
-                            f"key permissions: {','.join(sorted(who.permissions))}")
-        team = who.team_id
-    return Response(await render_metrics(rt, team),
-                    media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
 
 # Team
 #
@@ -9122,7 +8970,6 @@ async def worker_regions(call: Call) -> dict[str, Any]:
 
 AGENT_TOKEN_PREFIX = "sa_agent_"
 _AGENT_WAIT_MAX = 30   # seconds a long-poll may wait for a change
-_AGENT_BATCH_MAX = 5000
 
 
 def generate_agent_token() -> tuple[str, str]:
@@ -9276,6 +9123,102 @@ async def agent_results(call: Call) -> dict[str, Any]:
     stored = await ingest_batch(call.rt, call.region["id"], batch, received)
     return {"batchId": batch["batchId"], "stored": stored}
 
+
+# --- Metrics ---
+#
+# ``/metrics``: the team's monitors in the Prometheus text format.
+
+
+def _prometheus_label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Exposition:
+    """Prometheus text format (0.0.4): HELP and TYPE once per metric, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str,
+               samples: Sequence[tuple[dict[str, Any], float | int | None]]) -> None:
+        self.lines += [f"# HELP statusapp_{name} {help_text}", f"# TYPE statusapp_{name} {kind}"]
+        for labels, value in samples:
+            if value is None:
+                continue
+            text = ",".join(f'{k}="{_prometheus_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"statusapp_{name}{{{text}}} {value!r}" if text
+                              else f"statusapp_{name} {value!r}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+async def render_metrics(rt: Runtime, team: str | None) -> str:
+    """Per-monitor figures (the team's, or every monitor's for the metrics token) and
+    process figures."""
+    where, params = ("WHERE account_id = ?", (team,)) if team else ("", ())
+    monitors = await rt.db.fetchall(f"SELECT * FROM monitors {where} ORDER BY id", params)
+    ids = [m["id"] for m in monitors]
+    # The newest check of each monitor, whatever its region.
+    latest = {c["monitor_id"]: c for c in sorted(await latest_checks(rt.db, ids),
+                                                 key=lambda c: c["id"])}
+    now = now_ms()
+    uptime = {window: await collect(rt.db, ids, _ceil_hour(now - span), now, ("monitor",))
+              for window, span in (("24h", DAY_MS), ("30d", 30 * DAY_MS))}
+    out = Exposition()
+    labels = {m["id"]: {"id": m["id"], "name": m["name"], "type": m["type"]} for m in monitors}
+    out.metric("monitor_status", "gauge", "1 for the monitor's current status, 0 for the others.",
+               [({**labels[m["id"]], "status": s}, int(m["status"] == s))
+                for m in monitors for s in MONITOR_STATUSES])
+    out.metric("monitor_paused", "gauge", "1 when the monitor is paused.",
+               [(labels[m["id"]], m["is_paused"]) for m in monitors])
+    out.metric("monitor_response_time_seconds", "gauge", "Response time of the latest check.",
+               [(labels[i], None if c["response_time"] is None else c["response_time"] / 1000)
+                for i, c in latest.items()])
+    ratios = []
+    for window, counts in uptime.items():
+        for monitor_id in ids:
+            stats = WindowStats()
+            stats.add(counts.get((monitor_id,), [0] * 5))
+            ratio = None if not stats.total else (stats.up + stats.degraded) / stats.total
+            ratios.append(({**labels[monitor_id], "window": window}, ratio))
+    out.metric("monitor_uptime_ratio", "gauge", "(UP + DEGRADED checks) / all checks.", ratios)
+    for kind, name, what in (("SSL_CERT", "certificate", "the certificate expires"),
+                             ("DOMAIN", "domain", "the domain registration expires")):
+        days = [(labels[i], json.loads(c["details"]).get("daysRemaining"))
+                for i, c in latest.items() if labels[i]["type"] == kind and c["details"]]
+        out.metric(f"{name}_days_remaining", "gauge", f"Days until {what}.", days)
+    out.metric("monitor_checks_total", "counter", "Checks recorded for the monitor.",
+               [(labels[m["id"]], m["check_count"]) for m in monitors])
+    out.metric("write_queue_depth", "gauge", "Writes queued for the next group commit.",
+               [({}, rt.db.queued)])
+    out.metric("scheduler_lag_seconds", "gauge", "How late the scheduler runs due checks.",
+               [({}, getattr(rt, "scheduler_lag", None))])
+    out.metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
+               [({}, round(time.monotonic() - rt.started, 3))])
+    return out.text()
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: an API key with read permission, or ``Bearer <server.metrics_token>``."""
+    rt: Runtime = request.app.state.statusapp
+    token = rt.cfg["server"]["metrics_token"]
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    team = None
+    if not (token and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), token.encode())):
+        who = await authenticate(rt.db, request_key(request))
+        if "read" not in who.permissions:
+            raise Forbidden("This API key lacks the 'read' permission",
+                            f"key permissions: {','.join(sorted(who.permissions))}")
+        team = who.team_id
+    return Response(await render_metrics(rt, team),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
+
+
 # --- Pages ---
 #
 # The public face of a team: a server-rendered page (no JavaScript; nothing loaded from elsewhere
@@ -9305,13 +9248,6 @@ DAY_LEVELS = ((100.0, "ok", "#16a34a", "no downtime"),
               (0.0, "major", "#dc2626", "major outage"))
 NO_DATA = ("none", "#cbd5e1", "no data")
 
-_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def _esc(text: Any) -> str:
-    """Text for HTML or XML: escaped, without the control characters XML forbids."""
-    return html.escape(_XML_FORBIDDEN.sub("", str(text)))
-
 
 def monitor_state(monitor: dict[str, Any]) -> str:
     return "PAUSED" if monitor["paused"] else monitor["status"]
@@ -9329,13 +9265,6 @@ def overall_status(monitors: Sequence[dict[str, Any]]) -> str:
     if down:
         return "partial_outage"
     return "degraded" if "DEGRADED" in states else "operational"
-
-
-def uptime_percent(up: int, total: int) -> float | None:
-    """Uptime % rounded DOWN to 2 decimals, so any downtime never shows as 100%."""
-    if not total:
-        return None
-    return math.floor(round(up * 10_000 / total, 6)) / 100
 
 
 _LEVELS = tuple((level[0], level[1:]) for level in DAY_LEVELS)
@@ -9369,13 +9298,6 @@ def _duration(ms: int) -> str:
     parts = [f"{days} d" if days else "", f"{hours} h" if hours else "",
              f"{minutes} min" if minutes and not days else ""]
     return " ".join(p for p in parts if p)
-
-
-def _cause(category: str | None) -> str:
-    """``DNS_FAILURE`` -> ``DNS failure``."""
-    words = [w if w in ("DNS", "SSL", "DDOS") else w.lower() for w in (category or "").split("_")]
-    text = " ".join(words)
-    return text[:1].upper() + text[1:]
 
 
 async def _public_page(rt: Runtime, column: str, value: str) -> sqlite3.Row:
@@ -11423,7 +11345,127 @@ async def dashboard_css(request: Request) -> Response:
 DASHBOARD_ROUTES.append(Route("/dashboard.css", dashboard_css, methods=["GET"]))
 
 
-# --- CLI ---
+# --- Application ---
+#
+# The application object: ``Runtime`` holds one running StatusApp, ``SERVICES`` are its
+# background loops and ``create_app`` wires the routes of every section together.
+
+
+# Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
+# with the server and cancelled at shutdown.
+_SERVICE_RESTART_DELAY = 5.0
+
+
+SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
+    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression, run_verdicts,
+    run_regions, run_maintenance)
+
+
+class Runtime:
+    """Everything one running StatusApp holds: config, database, limiter, counters, tasks."""
+
+    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
+        self.cfg = cfg
+        self.db = Database(cfg["server"]["database"])
+        self.limiter = RateLimiter()
+        self.usage = UsageCounter()
+        self.started = time.monotonic()
+        self.started_at = now_ms()
+        self.regions: dict[str, dict[str, Any]] = {}
+        self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
+        self.public_cache = PublicCache()
+        self.flights = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.settled_days: SettledDays = {}
+        self.heartbeats = Heartbeats(self)
+        self.maintenance = Maintenance(self)
+        self.verdicts = Verdicts(self)
+        self.agent_sync = AgentSync(self)
+        self.agent_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock)
+        self.scheduler: Scheduler | None = None
+        self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
+        self.secret = ""  # signs dashboard session cookies (server_secrets)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the database, register the local region, create the owner on first run."""
+        await self.db.open()
+        await prepare_database(self.db, self.cfg)
+        self.secret = await server_secret(self.db)
+        await self.load_regions()
+        await self.verdicts.load()
+        await self.maintenance.reload()
+        self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
+        self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
+
+    async def _supervise(self, service: Callable[[Runtime], Awaitable[None]]) -> None:
+        """Run a background service for the server's life; if it crashes, log why and start
+        it again, so no failure silently stops probing, deadlines or alerts."""
+        while True:
+            try:
+                await service(self)
+                return
+            except Exception:
+                log_failure("service %s crashed; restarting it in %s s", service.__name__,
+                              _SERVICE_RESTART_DELAY)
+                await asyncio.sleep(_SERVICE_RESTART_DELAY)
+
+    async def load_regions(self) -> list[dict[str, Any]]:
+        """Every worker region (active or not), as ``regions`` keeps them."""
+        rows = [dict(r) for r in await self.db.fetchall("SELECT * FROM worker_regions")]
+        self.regions = {r["id"]: r for r in rows}
+        return rows
+
+    def background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` without waiting for it; a failure is logged."""
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log_failure("background work failed")
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def monitor_changed(self, monitor_id: str) -> None:
+        """Tell the background services that a monitor was created, edited or deleted."""
+        for listener in self.listeners:
+            listener(monitor_id)
+
+    async def stop(self) -> None:
+        """Stop background work, write what is pending and close the database."""
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        await self.usage.flush(self.db)
+        await self.db.close()
+
+
+async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None:
+    """Register the local region (a real write) and, on first run, create the owner and print
+    its key once."""
+    region = cfg["region"]
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude,"
+            " is_active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
+            " SET city = excluded.city, country = excluded.country,"
+            " country_code = excluded.country_code, latitude = excluded.latitude,"
+            " longitude = excluded.longitude, is_active = excluded.is_active",
+            (region["id"], region["city"], region["country"], region["country_code"],
+             region["latitude"], region["longitude"], int(cfg["probes"]["local"]), now_ms()))
+        first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
+        if first_run:
+            account = await create_account(conn, "admin@localhost", "Admin",
+                                           cfg["account"]["plan"])
+            _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
+            setup = await create_setup_token(conn, account)
+    if first_run:
+        print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
+              f"only this once:\n{key}\nOpen this link within an hour to choose its "
+              f"dashboard password:\n{cfg['server']['base_url']}/setup?token={setup}",
+              file=sys.stderr, flush=True)
 
 
 def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
@@ -11501,6 +11543,9 @@ def reaping_http(header_timeout: float) -> type[asyncio.Protocol]:
     (uvicorn is imported here, as in serve: an agent never serves)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     return type("ReapingHTTP", (_Reaping, HttpToolsProtocol), {"header_timeout": header_timeout})
+
+
+# --- CLI ---
 
 
 # Loggers kept at WARNING whatever the level: httpx's per-request INFO line (method and full
