@@ -80,7 +80,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -991,6 +991,20 @@ _KIND_OF = {bool: "boolean", int: "integer", float: "number", str: "string", lis
             dict: "object", type(None): "null"}
 
 
+class ValidationEnv(TypedDict, total=False):
+    """What a Field's ``check`` may consult besides the record: the config, the worker regions
+    and channel and monitor ids it may name, the JSON path of the value being checked, the
+    stored resource an update merges into, and a monitor's stored inline channels."""
+
+    cfg: dict[str, dict[str, Any]]
+    regions: Collection[str]
+    channels: Collection[str]
+    monitors: Collection[str]
+    path: tuple[Any, ...]
+    existing: dict[str, Any]
+    inline: list[dict[str, Any]]
+
+
 class _Issue(Exception):
     """One problem with one value, raised by a Field's ``check``."""
 
@@ -1045,7 +1059,7 @@ class Field:
     minimum: int | str | None = None
     maximum: int | str | None = None
     choices: Collection[str] | None = None
-    check: Callable[[Any, dict[str, Any], dict[str, Any]], Any] | None = None
+    check: Callable[[Any, dict[str, Any], ValidationEnv], Any] | None = None
     kinds: tuple[str, ...] | None = None
     doc: str = ""
     secret: bool | tuple[str, ...] = ()
@@ -1095,7 +1109,7 @@ def type_issue(kind: str, value: Any) -> dict[str, Any]:
             "message": f"Expected {expected}, received {received}"}
 
 
-def _valid_items(field: Field, value: list[Any], env: dict[str, Any]) -> None:
+def _valid_items(field: Field, value: list[Any], env: ValidationEnv) -> None:
     """An array's elements must each be of the field's ``items`` kind."""
     issues = [{**type_issue(field.items, item), "path": [*env["path"], i]}
               for i, item in enumerate(value) if field.items and not _fits(field.items, item)]
@@ -1110,7 +1124,7 @@ def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
     return bound
 
 
-def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def _validate_one(field: Field, value: Any, record: dict[str, Any], env: ValidationEnv) -> Any:
     """Validate one present value against its field; return the clean value or raise _Issue."""
     if value is None:
         return None
@@ -1142,7 +1156,7 @@ def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[st
     return field.check(value, record, env) if field.check else value
 
 
-def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
+def validate(fields: Sequence[Field], data: Any, env: ValidationEnv, *,
              existing: dict[str, Any] | None = None, kind_field: str = "type",
              kind: str | None = None, path: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Validate ``data`` against ``fields`` and return the clean values.
@@ -1192,7 +1206,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     return clean
 
 
-def parse_query(fields: Sequence[Field], request: Request, env: dict[str, Any]) -> dict[str, Any]:
+def parse_query(fields: Sequence[Field], request: Request, env: ValidationEnv) -> dict[str, Any]:
     """Validate query-string parameters with the same Field tables (integers parsed first)."""
     data: dict[str, Any] = {}
     for spec in fields:
@@ -1217,7 +1231,7 @@ def _url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
     return value
 
 
-def valid_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_url(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An absolute http(s) URL."""
     return _url(value)
 
@@ -1235,7 +1249,7 @@ def _hostname(value: str) -> str:
     return host
 
 
-def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_monitor_url(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
     kind = record.get("type")
     declared = MONITOR_TYPES.get(kind) if isinstance(kind, str) else None
@@ -1249,7 +1263,7 @@ def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value.strip()
 
 
-def valid_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_json_headers(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """``requestHeaders`` is a JSON string of an object of string values."""
     try:
         headers = parse_json(value)
@@ -1260,7 +1274,7 @@ def valid_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) 
     return value
 
 
-def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_expected_ip(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An IP address for A/AAAA records; any answer text for the other record types."""
     if record.get("dnsRecord") in ("A", "AAAA"):
         try:
@@ -1274,7 +1288,7 @@ def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value
 
 
-def valid_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+def valid_regions(value: list[Any], record: dict[str, Any], env: ValidationEnv) -> list[str]:
     """Every id must name an existing worker region (active or not)."""
     unknown = [v for v in value if v not in env["regions"]]
     if unknown:
@@ -1288,7 +1302,7 @@ def _timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
-def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_timezone(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An IANA zone name, as the system's tz database knows them."""
     if value not in _timezones():
         raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
@@ -1298,7 +1312,7 @@ def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
 _HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
-def valid_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_hex_color(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
     if not _HEX_COLOR.fullmatch(value):
         raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
@@ -1314,7 +1328,7 @@ TAG_FIELDS = (
 )
 
 
-def valid_tags(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+def valid_tags(value: list[Any], record: dict[str, Any], env: ValidationEnv) -> list[Any]:
     """Tags as objects (a string is a tag's name), each name once."""
     objects = [{"name": v} if isinstance(v, str) else v for v in value]
     clean = each(TAG_FIELDS)(objects, record, env)
@@ -1338,7 +1352,7 @@ def cron_times(schedule: str, zone: str | None, after: int,
     return iter(cronsim.CronSim(_CRON_ALIASES.get(text.lower(), text), start, reverse))
 
 
-def valid_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_schedule(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A cron expression cronsim accepts, or @yearly/@monthly/@weekly/@daily/@hourly."""
     try:
         next(cron_times(value, None, now_ms()))
@@ -1352,7 +1366,7 @@ def each(fields: Sequence[Field], kind_field: str = "type",
          ) -> Callable[..., Any]:
     """A ``check`` that validates every element of an array against a Field table (and
     ``then(clean, path)``, for rules across an element's fields)."""
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
+    def check(value: list[Any], record: dict[str, Any], env: ValidationEnv) -> Any:
         out, issues = [], []
         for i, item in enumerate(value):
             where = (*env["path"], i)
@@ -1461,7 +1475,7 @@ AUTH_FIELDS = (
 
 
 def valid_auth_config(value: dict[str, Any], record: dict[str, Any],
-                      env: dict[str, Any]) -> dict[str, Any]:
+                      env: ValidationEnv) -> dict[str, Any]:
     """Validate ``apiAuthConfig`` by its own type; keep secrets a client echoed back masked."""
     previous = (env.get("existing") or {}).get("apiAuthConfig") or {}
     value = {k: (previous[k] if previous.get(k) is not None and v == mask(previous[k]) else v)
@@ -1501,7 +1515,7 @@ def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dic
             for k, v in value.items()}
 
 
-def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+def channel_config(kind: Any, value: dict[str, Any], env: ValidationEnv) -> dict[str, Any]:
     """Validate a config by its channel type's fields; unknown keys are dropped.
 
     When updating a stored channel of the same type (``env["existing"]``), masked secrets
@@ -1518,7 +1532,7 @@ def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dic
 
 
 def valid_channel_config(value: dict[str, Any], record: dict[str, Any],
-                         env: dict[str, Any]) -> dict[str, Any]:
+                         env: ValidationEnv) -> dict[str, Any]:
     """A channel ``config`` checked by the rules of its ``type`` (``channel_config``)."""
     return channel_config(record.get("type"), value, env)
 
@@ -1533,7 +1547,7 @@ INLINE_NOTIFICATION_FIELDS = (
 
 
 def valid_notifications(value: list[Any], record: dict[str, Any],
-                        env: dict[str, Any]) -> list[dict[str, Any]]:
+                        env: ValidationEnv) -> list[dict[str, Any]]:
     """Each entry links a channel by ``channelId`` or defines one inline by type and config.
 
     On an update, the n-th inline entry of a type is matched with the n-th stored one of that
@@ -1545,11 +1559,11 @@ def valid_notifications(value: list[Any], record: dict[str, Any],
     for i, item in enumerate(value):
         kind = item.get("type") if isinstance(item, dict) else None
         kind = kind if isinstance(kind, str) else ""
-        previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
+        config = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
             entries.append(validate(INLINE_NOTIFICATION_FIELDS, item,
-                                    {**env, "existing": {"type": kind, "config": previous}},
+                                    {**env, "existing": {"type": kind, "config": config}},
                                     path=(*env["path"], i)))
         except ValidationFailed as exc:
             issues.extend(exc.issues)
@@ -4627,7 +4641,7 @@ def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
     """A ``check`` for an array of strings that must each match ``pattern``."""
     regex = re.compile(pattern)
 
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+    def check(value: list[Any], record: dict[str, Any], env: ValidationEnv) -> list[str]:
         bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
         if bad:
             raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
@@ -4638,7 +4652,7 @@ def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
 def _pattern(pattern: str, what: str) -> Callable[..., str]:
     regex = re.compile(pattern)
 
-    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+    def check(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
         if not regex.fullmatch(value):
             raise _Issue(f"Invalid {what}")
         return value
@@ -4646,7 +4660,7 @@ def _pattern(pattern: str, what: str) -> Callable[..., str]:
 
 
 def _valid_headers(value: dict[str, Any], record: dict[str, Any],
-                   env: dict[str, Any]) -> dict[str, Any]:
+                   env: ValidationEnv) -> dict[str, Any]:
     """Header names must be tokens and values single-line strings, as post_webhook requires."""
     try:
         _user_headers(value)
@@ -5045,7 +5059,7 @@ def apprise_module() -> Any:
 
 
 def valid_apprise_urls(value: list[Any], record: dict[str, Any],
-                       env: dict[str, Any]) -> list[str]:
+                       env: ValidationEnv) -> list[str]:
     """URLs the installed Apprise understands (never echoed: they hold tokens); without the
     library, a 400 naming the extra to install."""
     library = apprise_module()
@@ -6627,7 +6641,7 @@ class Call:
         except ValueError as exc:
             raise BadRequest("Malformed JSON body", str(exc)) from None
 
-    def env(self, **extra: Any) -> dict[str, Any]:
+    def env(self, **extra: Unpack[ValidationEnv]) -> ValidationEnv:
         """What validation checks need to know: config and the known worker regions."""
         return {"cfg": self.rt.cfg, "regions": self.rt.regions, **extra}
 
@@ -7467,7 +7481,7 @@ def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
             "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
 
 
-def check_time(value: str, record: dict[str, Any], env: dict[str, Any]) -> int:
+def check_time(value: str, record: dict[str, Any], env: ValidationEnv) -> int:
     """An ISO 8601 time, as Unix milliseconds (no zone: UTC)."""
     when = _parse_time(value)
     if when is None:
@@ -7720,7 +7734,7 @@ async def delete_channel(call: Call) -> dict[str, Any]:
 # Webhooks
 
 
-def valid_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_events(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A comma-separated list of WEBHOOK_EVENTS, returned normalised (no spaces, no repeats)."""
     events = [e.strip() for e in value.split(",") if e.strip()]
     unknown = [e for e in events if e not in WEBHOOK_EVENTS]
@@ -7920,7 +7934,7 @@ _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
-def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_slug(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """Lowercase letters, digits and inner hyphens: safe in a URL path as it is."""
     if not _SLUG.fullmatch(value):
         raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
@@ -7928,7 +7942,7 @@ def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_custom_domain(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A DNS hostname (no scheme, port or path; not an IP address), stored lowercase."""
     host = value.strip().lower().rstrip(".")
     labels = host.split(".")
@@ -7939,7 +7953,7 @@ def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any])
 
 
 def valid_page_monitor_ids(value: list[Any], record: dict[str, Any],
-                           env: dict[str, Any]) -> list[str]:
+                           env: ValidationEnv) -> list[str]:
     """Every id must name one of the team's monitors; duplicates are dropped, order kept."""
     unknown = [str(v) for v in value if not isinstance(v, str) or v not in env["monitors"]]
     if unknown:
@@ -8055,10 +8069,10 @@ PAGE_SHAPE = shape(PAGE_ROW_SHAPE, monitorGroups=[shape(
     monitors=[shape(id="string", name="string", type="string", status="string")])])
 
 
-async def _page_env(call: Call, **extra: Any) -> dict[str, Any]:
+async def _page_env(call: Call) -> ValidationEnv:
     monitors = {r[0] for r in await call.rt.db.fetchall(
         "SELECT id FROM monitors WHERE account_id = ?", (call.team,))}
-    return call.env(monitors=monitors, **extra)
+    return call.env(monitors=monitors)
 
 
 async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, Any]) -> None:
@@ -8134,7 +8148,7 @@ async def delete_status_page(call: Call) -> dict[str, Any]:
 
 # Maintenance windows (see "Maintenance windows" under Incidents for what they do)
 
-def valid_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_moment(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An ISO 8601 date-time; one without an offset is wall-clock time in ``timezone``."""
     try:
         datetime.fromisoformat(value)
@@ -8144,7 +8158,7 @@ def valid_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str
     return value
 
 
-def valid_recurrence(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_recurrence(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An RFC 5545 RRULE (DAILY, WEEKLY, MONTHLY or YEARLY) that python-dateutil accepts."""
     try:
         zone = zoneinfo.ZoneInfo(record.get("timezone") or "UTC")
@@ -8349,7 +8363,7 @@ async def monitor_analytics(call: Call) -> dict[str, Any]:
 TEAM_ROLES = (Role.ADMIN, Role.MEMBER, Role.VIEWER)
 
 
-def valid_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_email(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """``local@domain`` without spaces; compared without case (the columns are NOCASE)."""
     value = value.strip()
     if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
@@ -8582,7 +8596,7 @@ LANGUAGES = tuple(
     "za zh zu".split())  # ISO 639-1
 
 
-def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_phone(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """E.164: a plus, a non-zero digit, at most 15 digits in all."""
     if not re.fullmatch(r"\+[1-9]\d{1,14}", value):
         raise _Issue("Invalid phone number: expected E.164 such as +14155550123",
@@ -8590,20 +8604,20 @@ def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def valid_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_language(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     if value not in LANGUAGES:
         raise _Issue("Invalid language: expected an ISO 639-1 code such as 'en'")
     return value
 
 
-def valid_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
+def valid_sms(value: bool, record: dict[str, Any], env: ValidationEnv) -> bool:
     """SMS notifications need somewhere to go."""
     if value and not record.get("phoneNumber"):
         raise _Issue("smsNotificationsEnabled needs a phoneNumber")
     return value
 
 
-def valid_read_only(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def valid_read_only(value: Any, record: dict[str, Any], env: ValidationEnv) -> Any:
     """Read-only through the API: a value sent back unchanged passes, a change is refused."""
     name = env["path"][-1]
     if value != env["existing"][name]:
@@ -12260,7 +12274,7 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
     the file's names stand for (placeholders for objects still to create)."""
     stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
     matched, ids, problems = _resolve_names(setup, stored)
-    env = {"cfg": cfg, "channels": set(ids["channels"].values()),
+    env: ValidationEnv = {"cfg": cfg, "channels": set(ids["channels"].values()),
            "monitors": set(ids["monitors"].values()),
            "regions": {r["id"] for r in api.call("GET", "/worker-regions")["regions"]}}
     steps: list[Step] = []
