@@ -80,7 +80,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, TypedDict, TypeVar, Unpack, cast
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -896,6 +896,27 @@ async def _run_grouped(conn: aiosqlite.Connection, items: list[list[Statement]])
     for shape, group in shapes.items():
         for position, sql in enumerate(shape):
             await conn.executemany(sql, [item[position][1] for item in group])
+
+
+class WorkerRegion(TypedDict):
+    """A worker_regions row: a place checks run from (the server's own region or an agent's)."""
+
+    id: str
+    city: str
+    country: str
+    country_code: str
+    latitude: float
+    longitude: float
+    is_active: int
+    name: str | None
+    token_hash: str | None  # an agent's; None for the server's own region
+    last_seen_at: int | None
+    gone_at: int | None
+    created_at: int | None
+
+
+def worker_region(row: sqlite3.Row) -> WorkerRegion:
+    return cast(WorkerRegion, dict(row))
 
 
 # Backups.  A backup is one read snapshot written by VACUUM INTO (WAL readers never block the
@@ -5268,8 +5289,7 @@ async def run_verdicts(rt: Runtime) -> None:
 # exactly-once: the alert and the flag are written in one transaction.
 
 
-def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
-    seconds = region["inactive_after"]
+def _region_alert(region: WorkerRegion, alive: bool, at: int, seconds: int) -> dict[str, Any]:
     return {"event": "monitor.up" if alive else "monitor.down",
             "monitor": {"id": region["id"], "url": "", "type": "REGION",
                         "name": f"Worker region {region['name'] or region['id']}",
@@ -5280,15 +5300,15 @@ def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any
                     " other regions until it is back."}
 
 
-async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], alive: bool,
-                        at: int) -> None:
+async def _set_liveness(conn: aiosqlite.Connection, region: WorkerRegion, alive: bool,
+                        at: int, inactive_after: int) -> None:
     """Flip a region's liveness; alert on the default channels when it goes and comes back."""
     alert = (not alive and region["gone_at"] is None) or (alive and region["gone_at"] is not None)
     await conn.execute("UPDATE worker_regions SET is_active = ?, gone_at = ? WHERE id = ?",
                        (int(alive), None if alive else region["gone_at"] or at, region["id"]))
     if not alert:
         return
-    body = _region_alert(region, alive, at)
+    body = _region_alert(region, alive, at, inactive_after)
     channels = await conn.execute_fetchall(
         "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
         " ORDER BY created_at, id")
@@ -5314,7 +5334,7 @@ async def sweep_regions(rt: Runtime) -> None:
             flipped.append((region, alive))
     for region, alive in flipped:
         async with rt.db.transaction() as conn:
-            await _set_liveness(conn, {**region, "inactive_after": limit}, alive, now)
+            await _set_liveness(conn, region, alive, now, limit)
         log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
     if flipped:
         await rt.load_regions()
@@ -6613,7 +6633,7 @@ class Call:
     request: Request
     rt: Runtime
     who: Principal | None
-    region: dict[str, Any] | None = None  # the calling agent's region, on agent routes
+    region: WorkerRegion | None = None  # the calling agent's region, on agent routes
     body: Any = None  # a body already parsed (the dashboard's forms), else read from request
     query: dict[str, Any] = dataclasses.field(default_factory=dict)  # the route's query table
 
@@ -6887,7 +6907,7 @@ def _like(text: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
 
 
-def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def check_json(row: sqlite3.Row, regions: dict[str, WorkerRegion]) -> dict[str, Any]:
     """A stored check as the API shows it, with its worker region."""
     region = regions.get(row["region_id"]) or {"id": row["region_id"], "country": None,
                                                "country_code": None, "city": None}
@@ -8953,7 +8973,7 @@ async def server_version(call: Call) -> dict[str, Any]:
     return {"version": VERSION, "apiVersion": API_VERSION}
 
 
-def region_json(row: dict[str, Any] | sqlite3.Row) -> dict[str, Any]:
+def region_json(row: WorkerRegion) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"] or row["city"], "city": row["city"],
             "country": row["country"], "countryCode": row["country_code"],
             "latitude": row["latitude"], "longitude": row["longitude"],
@@ -8971,7 +8991,7 @@ WORKER_REGIONS_SHAPE = shape(regions=[REGION_SHAPE])
 async def worker_regions(call: Call) -> dict[str, Any]:
     """Every worker region: the server's own and the agents', with liveness."""
     rows = await call.rt.db.fetchall("SELECT * FROM worker_regions ORDER BY id")
-    return {"regions": [region_json(r) for r in rows]}
+    return {"regions": [region_json(worker_region(r)) for r in rows]}
 
 
 # Agents
@@ -8992,7 +9012,7 @@ def generate_agent_token() -> tuple[str, str]:
     return token, hash_key(token)
 
 
-async def authenticate_agent(rt: Runtime, token: str | None) -> dict[str, Any]:
+async def authenticate_agent(rt: Runtime, token: str | None) -> WorkerRegion:
     """The region whose agent holds ``token``, noting the contact; 401 otherwise."""
     if not token:
         raise Unauthorized("Missing agent token", "send Authorization: Bearer <agent token>")
@@ -9003,7 +9023,7 @@ async def authenticate_agent(rt: Runtime, token: str | None) -> dict[str, Any]:
                            "the token is unknown, rotated, or its region was removed")
     rt.db.write_later([("UPDATE worker_regions SET last_seen_at = ? WHERE id = ?",
                         (now_ms(), row["id"]))])
-    return dict(row)
+    return worker_region(row)
 
 
 class AgentSync:
@@ -11385,7 +11405,7 @@ class Runtime:
         self.usage = UsageCounter()
         self.started = time.monotonic()
         self.started_at = now_ms()
-        self.regions: dict[str, dict[str, Any]] = {}
+        self.regions: dict[str, WorkerRegion] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.public_cache = PublicCache()
         self.flights = SingleFlight()
@@ -11425,9 +11445,9 @@ class Runtime:
                               _SERVICE_RESTART_DELAY)
                 await asyncio.sleep(_SERVICE_RESTART_DELAY)
 
-    async def load_regions(self) -> list[dict[str, Any]]:
+    async def load_regions(self) -> list[WorkerRegion]:
         """Every worker region (active or not), as ``regions`` keeps them."""
-        rows = [dict(r) for r in await self.db.fetchall("SELECT * FROM worker_regions")]
+        rows = [worker_region(r) for r in await self.db.fetchall("SELECT * FROM worker_regions")]
         self.regions = {r["id"]: r for r in rows}
         return rows
 
@@ -11889,7 +11909,7 @@ def region_list(config_path: str | None, db: str | None) -> None:
     """List every region with its liveness (never a token)."""
     cfg = _config(config_path, db)
     for row in _run(cfg, lambda d: d.fetchall("SELECT * FROM worker_regions ORDER BY id")):
-        r = region_json(row)
+        r = region_json(worker_region(row))
         kind = "agent" if r["isAgent"] else "server"
         state = "active" if r["isActive"] else "inactive"
         click.echo(f"{r['id']}  {r['name']!r}  {r['city']}, {r['countryCode']}  {kind}  {state}"
