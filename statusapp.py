@@ -4207,23 +4207,58 @@ _NTFY_TAGS = {"bad": "rotating_light", "warn": "warning", "good": "white_check_m
 APPRISE_MISSING = "the Apprise library is not installed: pip install 'statusapp[apprise]'"
 
 
+class AlertMonitor(TypedDict, total=False):
+    """The monitor an alert is about (a grouped alert's has only name and status)."""
+
+    id: str
+    name: str
+    url: str | None  # None for CRON: its ping URL is a secret
+    type: str
+    status: str | None
+
+
+class AlertIncident(TypedDict, total=False):
+    """The incident an alert reports; ``mttr`` in seconds once resolved."""
+
+    id: str
+    incidentNumber: str
+    startedAt: str | None
+    resolvedAt: str | None
+    severity: str
+    mttr: int | None
+
+
+class AlertCheck(TypedDict, total=False):
+    """The check an alert reports: HTTP status, response time (ms), error, region."""
+
+    statusCode: int | None
+    responseTime: int | None
+    error: str | None
+    region: str | None
+
+
+class AlertGroup(TypedDict):
+    """A storm's alerts as one: how many, and the first monitors' names."""
+
+    count: int
+    names: list[str]
+
+
 @dataclass
 class Alert:
     """What happened, independent of any channel: every sender renders its message from this.
 
-    ``monitor`` has id, name, url, type, status; ``incident`` id, incidentNumber, startedAt,
-    resolvedAt, severity, mttr (seconds); ``check`` statusCode, responseTime (ms), error, region.
     ``note`` explains what the numbers cannot (e.g. the regression detector's baseline).
     ``group`` makes it stand for ``count`` monitors' alerts (``names`` lists the first ones).
     """
 
     event: str
-    monitor: dict[str, Any]
-    incident: dict[str, Any] | None = None
-    check: dict[str, Any] | None = None
+    monitor: AlertMonitor
+    incident: AlertIncident | None = None
+    check: AlertCheck | None = None
     timestamp: str = dataclasses.field(default_factory=lambda: str(iso(now_ms())))
     note: str | None = None
-    group: dict[str, Any] | None = None  # {"count", "names"}: a storm's alerts as one message
+    group: AlertGroup | None = None  # a storm's alerts as one message
 
     def __post_init__(self) -> None:
         if self.event not in ALERT_EVENTS:
@@ -4315,22 +4350,22 @@ def _recovered(alert: Alert) -> bool:
 
 def _downtime(alert: Alert) -> int | None:
     """Seconds down: the incident's mttr, else resolvedAt (or the alert's time) minus startedAt."""
-    incident = alert.incident or {}
-    if incident.get("mttr") is not None:
-        return int(incident["mttr"])
+    incident: AlertIncident = alert.incident or {}
+    if (mttr := incident.get("mttr")) is not None:
+        return int(mttr)
     start = _parse_time(incident.get("startedAt"))
     end = _parse_time(incident.get("resolvedAt") or alert.timestamp)
     return max(0, int((end - start).total_seconds())) if start and end else None
 
 
-def _check_result(check: dict[str, Any]) -> str:
+def _check_result(check: AlertCheck) -> str:
     """Render a check as "HTTP 500 Internal Server Error", "connection refused" or "HTTP 200"."""
     code, error = check.get("statusCode"), check.get("error")
     parts = (f"HTTP {code}" if code else "", _one_line(error or ""))
     return " ".join(part for part in parts if part)
 
 
-def _group_names(group: dict[str, Any]) -> str:
+def _group_names(group: AlertGroup) -> str:
     more = group["count"] - len(group["names"])
     return ", ".join(group["names"]) + (f" and {more} more" if more > 0 else "")
 
@@ -4338,7 +4373,7 @@ def _group_names(group: dict[str, Any]) -> str:
 def _headline(alert: Alert) -> str:
     if alert.group:
         return _GROUP_HEADLINES[alert.event].format(count=alert.group["count"])
-    incident = alert.incident or {}
+    incident: AlertIncident = alert.incident or {}
     number = incident.get("incidentNumber") or incident.get("id")
     name = alert.monitor.get("name") or alert.monitor.get("id") or "monitor"
     headline = _HEADLINES[alert.event].format(name=name, number=f" {number}" if number else "")
@@ -4347,7 +4382,7 @@ def _headline(alert: Alert) -> str:
 
 def _summary(alert: Alert) -> str:
     """One ASCII-punctuated line (SMS, subjects, PagerDuty): the headline and what matters most."""
-    check = alert.check or {}
+    check: AlertCheck = alert.check or {}
     if alert.group:
         return _one_line(f"{_headline(alert)}: {_group_names(alert.group)}")
     if _recovered(alert):
@@ -4364,7 +4399,9 @@ def _summary(alert: Alert) -> str:
 
 def _facts(alert: Alert) -> list[tuple[str, str]]:
     """Labelled details for a person on call: what, where, how it failed, since when, how long."""
-    monitor, check, incident = alert.monitor, alert.check or {}, alert.incident or {}
+    monitor = alert.monitor
+    check: AlertCheck = alert.check or {}
+    incident: AlertIncident = alert.incident or {}
     if alert.group:
         return [("Monitors", _group_names(alert.group)), ("Since", _human_time(alert.timestamp))]
     facts = [("Monitor", str(monitor.get("name") or monitor.get("id") or "")),
@@ -4372,8 +4409,8 @@ def _facts(alert: Alert) -> list[tuple[str, str]]:
              ("Status", str(monitor.get("status") or "")),
              ("Error" if check.get("error") else "Check", _check_result(check)),
              ("Region", str(check.get("region") or ""))]
-    if check.get("responseTime") is not None:
-        facts.append(("Response time", f"{round(check['responseTime'])} ms"))
+    if (took := check.get("responseTime")) is not None:
+        facts.append(("Response time", f"{round(took)} ms"))
     if _recovered(alert):
         downtime = _downtime(alert)
         facts.append(("Down for", human_duration(downtime) if downtime is not None else ""))
@@ -5401,7 +5438,7 @@ async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> s
     return rows[0] if rows else None
 
 
-def incident_alert(incident: sqlite3.Row) -> dict[str, Any]:
+def incident_alert(incident: sqlite3.Row) -> AlertIncident:
     """An incident as an Alert carries it."""
     resolved = incident["resolved_at"]
     return {"id": incident["id"],
@@ -5411,7 +5448,7 @@ def incident_alert(incident: sqlite3.Row) -> dict[str, Any]:
             "mttr": None if resolved is None else (resolved - incident["started_at"]) // 1000}
 
 
-def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any] | None:
+def _check_alert(check: sqlite3.Row | None, error: str | None) -> AlertCheck | None:
     """The check an alert reports; ``error`` (the transition's reason) fills in a missing one."""
     if check is None:
         return None if error is None else {"statusCode": None, "responseTime": None,
