@@ -54,7 +54,6 @@ import re
 import secrets
 import signal
 import site
-import smtplib
 import socket
 import sqlite3
 import ssl
@@ -74,28 +73,29 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import aiosqlite
 import click
 import cronsim
 import dateutil.rrule
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 import httpcore
 import httpx
 import icmplib
-import jsonpath_rfc9535 as jsonpath
-import regex
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+# Imported where they are used: dnspython (DNS and DOMAIN checks), regex and the JSONPath
+# package (assertions) and smtplib (EMAIL channels) are not needed by an agent that does not
+# run such checks, and importing them would cost it some 7 MB of memory.
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import jsonpath_rfc9535
 
 VERSION = "1.0.0"
 API_VERSION = "v1"
@@ -1515,18 +1515,16 @@ ASSERTION_FIELDS = (
 )
 
 
-class _BoundedJSONPath(jsonpath.JSONPathEnvironment):
+@functools.cache
+def bounded_jsonpath() -> jsonpath_rfc9535.JSONPathEnvironment:
     """RFC 9535 JSONPath without the match() and search() filter functions: they run a regular
     expression with no time limit, so a runaway pattern there could hang the server.  (A
     MATCHES assertion has a limit.)  Queries using them are refused when the monitor is saved."""
-
-    def setup_function_extensions(self) -> None:
-        super().setup_function_extensions()
-        for name in ("match", "search"):
-            del self.function_extensions[name]
-
-
-JSONPATH = _BoundedJSONPath()
+    import jsonpath_rfc9535
+    environment = jsonpath_rfc9535.JSONPathEnvironment()
+    for name in ("match", "search"):
+        del environment.function_extensions[name]
+    return environment
 
 
 def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> ValidationFailed:
@@ -1536,10 +1534,12 @@ def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> Validati
 def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
     """Rules across one assertion's fields: a JSONPath that parses, a regex that compiles and
     a target for every comparison but IS_EMPTY / NOT_EMPTY."""
+    import jsonpath_rfc9535
+    import regex
     if clean["source"] == "JSON_BODY":
         try:
-            JSONPATH.compile(clean["property"])
-        except jsonpath.JSONPathError as exc:
+            bounded_jsonpath().compile(clean["property"])
+        except jsonpath_rfc9535.JSONPathError as exc:
             raise _assertion_issue(path, "property", f"Invalid JSONPath: {exc}") from None
     if clean["comparison"] == "MATCHES":
         try:
@@ -2205,14 +2205,22 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
             network_backend=_PinnedBackend(allow_private))
 
 
-def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
+def _nameservers(configured: list[str]) -> list[tuple[str, int]]:
+    """``[probes] dns_nameservers`` as (IP address, port); ValueError for anything else."""
+    addresses = [_split_host_port(ns, 53) for ns in configured]
+    return [(str(ipaddress.ip_address(host)), port) for host, port in addresses]
+
+
+def _make_resolver(nameservers: list[tuple[str, int]]) -> dns.asyncresolver.Resolver:
     """dnspython's resolver on the configured servers, else on /etc/resolv.conf; with neither,
     127.0.0.1, which is what the C library does.  No cache: each check asks afresh."""
+    import dns.asyncresolver
+    import dns.nameserver
+    import dns.resolver
     if nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
-        addresses = [_split_host_port(ns, 53) for ns in nameservers]
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(str(ipaddress.ip_address(host)),
-                                                              port) for host, port in addresses]
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                for host, port in nameservers]
         return resolver
     try:
         return dns.asyncresolver.Resolver()
@@ -2242,7 +2250,7 @@ class ProbeContext:
         self.unverified_ssl_context.check_hostname = False
         self.unverified_ssl_context.verify_mode = ssl.CERT_NONE
         try:
-            self.resolver = _make_resolver(self.settings["dns_nameservers"])
+            self.nameservers = _nameservers(self.settings["dns_nameservers"])
         except ValueError as exc:
             raise ConfigError(f"config: probes.dns_nameservers: {exc}") from None
         try:
@@ -2260,6 +2268,11 @@ class ProbeContext:
                 allowed_domains=[])), trust_env=False)
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._token_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    @functools.cached_property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """The DNS resolver, made for the first DNS or DOMAIN check."""
+        return _make_resolver(self.nameservers)
 
     async def aclose(self) -> None:
         """Close the shared HTTP client's connections."""
@@ -2428,7 +2441,7 @@ def _actual(assertion: dict[str, Any], seen: _Seen) -> Any:
         return seen.headers.get(assertion["property"])
     if source == "TEXT_BODY":
         return seen.text
-    values = JSONPATH.find(assertion["property"], seen.data).values()
+    values = bounded_jsonpath().find(assertion["property"], seen.data).values()
     return values[0] if len(values) == 1 else (values or None)
 
 
@@ -2446,6 +2459,8 @@ def _number(value: Any) -> float | None:
 
 
 async def _matches(pattern: str, text: str) -> bool:
+    import regex
+
     def search() -> bool:
         return regex.search(pattern, text, timeout=_REGEX_TIMEOUT, concurrent=True) is not None
     try:
@@ -2753,6 +2768,8 @@ async def _resolve(ctx: ProbeContext, name: str, rdtype: str, timeout: float) ->
 
 
 def _dns_error(exc: Exception, name: str, rdtype: str) -> tuple[str, str]:
+    import dns.exception
+    import dns.resolver
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return f"{name} does not exist (NXDOMAIN)", "DNS_FAILURE"
     if isinstance(exc, dns.resolver.NoAnswer):
@@ -2782,6 +2799,7 @@ def _dns_matches(expected: str, answers: list[str], rdtype: str) -> bool:
 
 async def probe_dns(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """DNS: resolve one record type; with ``expectedIp``, that value must be in the answer."""
+    import dns.exception
     name = _target_host(monitor.get("url") or "")
     rdtype = (monitor.get("dnsRecord") or "A").upper()
     if not name:
@@ -3081,6 +3099,8 @@ def _show(value: Any) -> str:
 async def _dns_answers(ctx: ProbeContext, name: str, rdtype: str,
                        timeout: float) -> list[str] | None:
     """Sorted answers; [] when the name or record does not exist; None when unknown."""
+    import dns.exception
+    import dns.resolver
     try:
         return sorted(_canonical(a) for a in await _resolve(ctx, name, rdtype, timeout))
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
@@ -5501,6 +5521,7 @@ _CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=vali
 def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str],
                timeout: float | None) -> None:
     """Blocking SMTP conversation (run in a thread), with SMTP replies mapped to DeliveryError."""
+    import smtplib
     security = smtp["security"]
     context = ssl.create_default_context()
     # typeshed says float, but smtplib passes the timeout to socket, where None means no limit.

@@ -2940,6 +2940,20 @@ def test_agent_buffer_is_bounded_ordered_and_survives_reopening(tmp_path):
     reopened.close()
 
 
+def test_an_agent_loads_neither_dnspython_nor_assertion_or_email_packages_until_used(tmp_path):
+    """What an idle agent holds in memory: the module and its ProbeContext leave dnspython,
+    regex, the JSONPath package and smtplib unimported (some 7 MB) until a check needs them."""
+    code = ("import sys, statusapp\n"
+            "cfg = statusapp.load_config(None, {})\n"
+            "ctx = statusapp.ProbeContext(cfg)\n"
+            "heavy = ('dns', 'regex', 'jsonpath_rfc9535', 'smtplib')\n"
+            "print(' '.join(m for m in heavy if m in sys.modules))\n"
+            "ctx.resolver\n"
+            "print('dns' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == ["", "True"]
+
 @pytest.mark.parametrize("statuses, regions, quorum, expected", [
     (["DOWN", "DOWN"], 2, None, "DOWN"),
     (["DOWN", "UP"], 2, None, "DEGRADED"),
