@@ -4184,9 +4184,16 @@ async def run_verdicts(rt: Runtime) -> None:
 
 # Region liveness.  An agent's region is active while the agent has been in touch within
 # ``[agents] inactive_after`` seconds.  Going silent and coming back each alert once, on the
-# default channels: every active shared notification channel of every team (inline monitor
-# notifications are about one monitor, so they are left out).  ``gone_at`` makes the pair
-# exactly-once: the alert and the flag are written in one transaction.
+# server owner's default channels.  Regions belong to the server, not to a team, so their owner
+# is the server's: the account owning the first team (made on the first run or by the first
+# ``statusapp init``); its default channels are its team's active shared notification channels
+# (inline monitor notifications are about one monitor, so they are left out).  Other teams'
+# channels never hear of regions.  ``gone_at`` makes the pair exactly-once: the alert and the
+# flag are written in one transaction.
+
+_SERVER_OWNER = ("SELECT a.id FROM accounts a JOIN team_members m ON m.team_id = a.id"
+                 " AND m.account_id = a.id AND m.role = 'OWNER' ORDER BY a.created_at, a.id"
+                 " LIMIT 1")
 
 
 def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
@@ -4203,7 +4210,8 @@ def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any
 
 async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], alive: bool,
                         at: int) -> None:
-    """Flip a region's liveness; alert on the default channels when it goes and comes back."""
+    """Flip a region's liveness; alert on the owner's default channels when it goes and
+    comes back."""
     alert = (not alive and region["gone_at"] is None) or (alive and region["gone_at"] is not None)
     await conn.execute("UPDATE worker_regions SET is_active = ?, gone_at = ? WHERE id = ?",
                        (int(alive), None if alive else region["gone_at"] or at, region["id"]))
@@ -4212,7 +4220,7 @@ async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], aliv
     body = _region_alert(region, alive, at)
     channels = await conn.execute_fetchall(
         "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
-        " ORDER BY created_at, id")
+        f" AND account_id = ({_SERVER_OWNER}) ORDER BY created_at, id")
     await conn.executemany(
         "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, delivery_id,"
         " channel_type, config, event, alert, created_at, next_attempt_at)"

@@ -2627,7 +2627,8 @@ def _add_region(db: str, region_id: str, *options: str) -> str:
 
 
 class Fleet:
-    """The server, its API, the two agents, the target and a webhook channel's receiver."""
+    """The server, its API, the two agents, the target and a webhook channel's receiver; and
+    a second team (not the server's owner) with a webhook channel of its own."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false",
@@ -2636,6 +2637,7 @@ class Fleet:
         self.tokens = {r: _add_region(self.server.db, r, "--city", r.title(), "--country-code",
                                       "US" if r == "east" else "IE") for r in ("east", "west")}
         key = new_key({"server": {"database": self.server.db}})
+        stranger = new_key({"server": {"database": self.server.db}}, "stranger@example.test")
         self.server.start()
         self.api = httpx.Client(base_url=self.server.url + "/api/v1", headers={"X-API-Key": key})
         handler = type("T", (_RegionTarget,), {"blocked": {}, "hits": Counter()})
@@ -2645,6 +2647,11 @@ class Fleet:
         channel = self.api.post("/notifications", json={
             "name": "ops", "type": "WEBHOOK", "config": {"url": self.receiver.url}})
         assert channel.status_code == 201, channel.text
+        self.owner_channel = channel.json()["id"]
+        self.stranger = _NotifyReceiver()
+        assert self.api.post("/notifications", headers={"X-API-Key": stranger}, json={
+            "name": "theirs", "type": "WEBHOOK", "config": {"url": self.stranger.url},
+        }).status_code == 201
         self.agents = {r: Agent(tmp_path, self.server, t, r).start()
                        for r, t in self.tokens.items()}
 
@@ -2676,6 +2683,7 @@ class Fleet:
         self.api.close()
         _stop(self.http)
         self.receiver.close()
+        self.stranger.close()
 
 
 @pytest.fixture(scope="class")
@@ -2795,6 +2803,11 @@ class TestAgentFleet:
                                          " WHERE monitor_id = ?", (west_blocked,))]
         assert "DOWN" not in transitions
         assert fleet.region_alerts("east") == []
+        # Only the server owner's channels were told: the other team's never were.
+        targets = sql({"server": {"database": fleet.server.db}},
+                      "SELECT DISTINCT channel_id FROM alert_outbox WHERE monitor_id IS NULL")
+        assert targets == [(fleet.owner_channel,)]
+        assert fleet.stranger.requests == []
 
 
     def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(self, fleet):
