@@ -11870,12 +11870,36 @@ def region_list(config_path: str | None, db: str | None) -> None:
 @_options
 @click.argument("region_id")
 def region_remove(config_path: str | None, db: str | None, region_id: str) -> None:
-    """Remove an agent's region: its token stops working at once; its checks are kept."""
+    """Remove an agent's region: its token stops working at once; its checks are kept, and
+    monitors naming it in enabledWorkerRegionIds no longer do.  Refused while a monitor names
+    it as its only region (removing it there would mean every region): edit those first."""
     cfg = _config(config_path, db)
-    if not _write_one(cfg, "DELETE FROM worker_regions WHERE id = ? AND token_hash IS NOT NULL",
-                         (region_id,)):
-        raise click.ClickException(f"no agent region with id {region_id}")
-    click.echo(f"removed {region_id}")
+
+    async def job(database: Database) -> list[str]:
+        async with database.transaction() as conn:
+            naming = await conn.execute_fetchall(
+                "SELECT id, name, enabled_worker_region_ids AS ids FROM monitors WHERE ? IN"
+                " (SELECT value FROM json_each(enabled_worker_region_ids)) ORDER BY id",
+                (region_id,))
+            if not (await conn.execute("DELETE FROM worker_regions WHERE id = ? AND token_hash"
+                                       " IS NOT NULL", (region_id,))).rowcount:
+                raise click.ClickException(f"no agent region with id {region_id}")
+            only = [f"{m['id']} ({m['name']})" for m in naming
+                    if json.loads(m["ids"]) == [region_id]]
+            if only:
+                raise click.ClickException(
+                    f"region {region_id} is the only enabled region of {len(only)} monitor(s):"
+                    f" {', '.join(only)}. Give them other enabledWorkerRegionIds (or [] for"
+                    " every region) first; nothing was removed.")
+            await conn.executemany(
+                "UPDATE monitors SET enabled_worker_region_ids = ? WHERE id = ?",
+                [(json.dumps([r for r in json.loads(m["ids"]) if r != region_id]), m["id"])
+                 for m in naming])
+        return [m["id"] for m in naming]
+
+    edited = _run(cfg, job)
+    click.echo(f"removed {region_id}" + (f"; dropped from the enabledWorkerRegionIds of"
+                                         f" {', '.join(edited)}" if edited else ""))
 
 
 @region.command("rotate-token")

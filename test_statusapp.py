@@ -2898,6 +2898,40 @@ def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key
         assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
 
 
+def test_removing_a_region_drops_it_from_monitors_but_not_from_their_only_region(cfg, key):
+    db = cfg["server"]["database"]
+    for region in ("home", "vps"):
+        _add_region(db, region)
+    with _app(cfg, key) as client:
+        def create(regions: list[str]) -> str:
+            response = client.post("/api/v1/monitors", json={
+                "name": f"m {regions}", "url": "http://127.0.0.1:9/",
+                "enabledWorkerRegionIds": regions})
+            assert response.status_code == 201, response.text
+            return response.json()["id"]
+
+        both, home_only, everywhere = create(["home", "vps"]), create(["home"]), create([])
+
+        def regions_of(monitor_id: str) -> list[str]:
+            return client.get(f"/api/v1/monitors/{monitor_id}").json()["enabledWorkerRegionIds"]
+
+        refused = CliRunner().invoke(statusapp.cli, ["region", "remove", "home", "--db", db])
+        assert refused.exit_code == 1 and home_only in refused.output
+        assert "only enabled region" in refused.output and both not in refused.output
+        assert regions_of(both) == ["home", "vps"]  # nothing was removed
+        assert "home" in cli(cfg, "region", "list")
+        assert client.put(f"/api/v1/monitors/{home_only}", json={
+            "enabledWorkerRegionIds": ["vps"]}).status_code == 200
+        removed = cli(cfg, "region", "remove", "home")
+        assert both in removed and home_only not in removed and everywhere not in removed
+        assert "home" not in cli(cfg, "region", "list")
+        assert [regions_of(m) for m in (both, home_only, everywhere)] == [["vps"], ["vps"], []]
+        edited = client.put(f"/api/v1/monitors/{both}", json={"name": "still editable"})
+        assert edited.status_code == 200, edited.text
+    missing = CliRunner().invoke(statusapp.cli, ["region", "remove", "home", "--db", db])
+    assert missing.exit_code == 1 and "no agent region with id home" in missing.output
+
+
 def test_agents_with_clocks_5_minutes_off_neither_misdate_nor_reorder(tmp_path, monkeypatch):
     """The agent's own feed, buffer and sender, with its clock moved by +-5 minutes, against
     a served StatusApp whose clock is right."""
