@@ -2588,17 +2588,20 @@ class _RegionTarget(http.server.BaseHTTPRequestHandler):
 
 
 class Agent:
-    """`statusapp agent` as a subprocess with its own state directory."""
+    """`statusapp agent` as a subprocess with its own state directory; ``url``: where it finds
+    the server (default: the server's own URL)."""
 
-    def __init__(self, tmp_path: Path, server: Server, token: str, name: str) -> None:
+    def __init__(self, tmp_path: Path, server: Server, token: str, name: str,
+                 url: str | None = None) -> None:
         self.server, self.token, self.name = server, token, name
+        self.url = url or server.url
         self.state = tmp_path / f"agent-{name}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Agent":
         self.log = open(self.state.parent / f"agent-{self.name}-{time.monotonic_ns()}.err", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "statusapp.py"), "agent", "--server", self.server.url,
+            [sys.executable, str(HERE / "statusapp.py"), "agent", "--server", self.url,
              "--state", str(self.state)], env={**os.environ, "STATUSAPP_AGENT_TOKEN": self.token},
             stderr=self.log, stdout=subprocess.DEVNULL)
         return self
@@ -2616,6 +2619,52 @@ class Agent:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=15)
         self.log.close()
+
+
+class _HoldingProxy:
+    """An HTTP relay on loopback between an agent and the server.  While ``hold`` is set, the
+    first batch (POST /agent/results) is passed on and stored by the server, but its answer
+    never goes back: ``held`` gets (batch, the server's answer) and the agent keeps waiting.
+    Every batch passed on is recorded in ``relayed`` as (batch id, the server's answer)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.hold = True
+        self.held: list[tuple[dict, dict]] = []
+        self.relayed: list[tuple[str, dict]] = []
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                answer = httpx.request(self.command, upstream + self.path, headers=headers,
+                                       content=body, timeout=60)
+                if self.path.endswith("/agent/results"):
+                    batch = json.loads(body)
+                    proxy.relayed.append((batch["batchId"], answer.json()))
+                    if proxy.hold and not proxy.held:
+                        proxy.held.append((batch, answer.json()))
+                        proxy.release.wait()  # no answer: the agent is killed meanwhile
+                        return
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("content-type", ""))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = relay
+
+        self.http = _serve(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        _stop(self.http)
 
 
 def _add_region(db: str, region_id: str, *options: str) -> str:
@@ -2843,6 +2892,48 @@ class TestAgentFleet:
         assert west.proc.returncode == 0
         west.start()
         eventually(lambda: fleet.regions()["east"]["isActive"], 10)
+
+
+def test_an_agent_killed_while_its_batch_is_in_flight_sends_it_again_stored_once(tmp_path):
+    """The server stores a batch, the agent is killed with `kill -9` before the answer reaches
+    it (a relay holds it back), and the restarted agent sends the same batch again: the server
+    acknowledges it without storing anything twice."""
+    server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false",
+                                   "STATUSAPP_AGENTS_INACTIVE_AFTER": "2"})  # no long-polls
+    token = _add_region(server.db, "relay")
+    key = new_key({"server": {"database": server.db}})
+    server.start()
+    handler = type("T", (_RegionTarget,), {"blocked": {}, "hits": Counter()})
+    target = _serve(ThreadingHTTPServer(("127.0.0.1", 0), handler))
+    proxy = _HoldingProxy(server.url)
+    agent = Agent(tmp_path, server, token, "relay", url=proxy.url).start()
+    db = {"server": {"database": server.db}}
+    try:
+        created = httpx.post(server.url + "/api/v1/monitors", headers={"X-API-Key": key}, json={
+            "name": "m", "url": f"http://127.0.0.1:{target.server_address[1]}/", "interval": 1})
+        assert created.status_code == 201, created.text
+        batch, answer = eventually(lambda: proxy.held and proxy.held[0], 20)
+        assert answer["stored"] == len(batch["results"]) >= 1  # the server has it
+        assert sql(db, "SELECT COUNT(*) FROM agent_batches WHERE batch_id = ?",
+                   (batch["batchId"],)) == [(1,)]
+        agent.stop(signal.SIGKILL)
+        assert agent.buffered()[0] == batch["batchId"]  # the agent never heard it arrived
+        proxy.hold = False
+        agent = Agent(tmp_path, server, token, "relay", url=proxy.url).start()
+        eventually(lambda: batch["batchId"] not in agent.buffered(), 20)
+        again = [a for b, a in proxy.relayed if b == batch["batchId"]]
+        assert again == [answer, {**answer, "stored": 0}]  # sent again, stored once
+        stamps = [r["checkedAt"] for r in batch["results"]]
+        rows = sql(db, "SELECT agent_checked_at, COUNT(*) FROM checks WHERE region_id = 'relay'"
+                       " AND agent_checked_at IN (SELECT value FROM json_each(?))"
+                       " GROUP BY 1", (json.dumps(stamps),))
+        assert sorted(rows) == sorted((at, 1) for at in stamps)
+        assert sql(db, "SELECT agent_checked_at FROM checks GROUP BY 1 HAVING COUNT(*) > 1") == []
+    finally:
+        agent.stop()
+        proxy.close()
+        _stop(target)
+        server.stop()
 
 
 def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor_reorder(
