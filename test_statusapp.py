@@ -2971,8 +2971,8 @@ def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor
 
 
 def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key):
-    for region in ("region_us_east", "region_eu_west"):
-        _add_region(cfg["server"]["database"], region)
+    tokens = {r: _add_region(cfg["server"]["database"], r)
+              for r in ("region_us_east", "region_eu_west", "region_ap_south")}
     with _app(cfg, key) as client:
         response = client.post("/api/v1/monitors", json={
             "name": "My API Monitor", "url": "https://api.example.com/health", "type": "API",
@@ -2985,8 +2985,21 @@ def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key
         body = response.json()
         assert body["enabledWorkerRegionIds"] == ["region_us_east", "region_eu_west"]
         assert body["downQuorum"] is None
+        assert {"id", "name", "url", "type", "status", "createdAt", "heartbeatUrl",
+                "monitorNotifications"} <= set(body)
+        assert [n["type"] for n in body["monitorNotifications"]] == ["EMAIL"]
         regions = {r["id"]: r for r in client.get("/api/v1/worker-regions").json()["regions"]}
         assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
+
+        def given_to(region: str) -> list[str]:
+            sync = client.get("/api/v1/agent/monitors", headers={
+                "Authorization": f"Bearer {tokens[region]}", "X-API-Key": ""})
+            assert sync.status_code == 200, sync.text
+            return [m["record"]["id"] for m in sync.json()["monitors"]]
+
+        # The agents of the two named regions probe it; a third region's agent does not.
+        assert given_to("region_us_east") == given_to("region_eu_west") == [body["id"]]
+        assert given_to("region_ap_south") == []
 
 
 def test_removing_a_region_drops_it_from_monitors_but_not_from_their_only_region(cfg, key):
