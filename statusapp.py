@@ -11973,13 +11973,14 @@ class SetupKind:
     fields: tuple[Field, ...]
     title: str = "name"  # the field that names an object of this kind
     rules: Callable[[dict[str, Any]], None] | None = None  # checks across fields, after validate
+    empty_differs: tuple[str, ...] = ()  # fields where [] is not null (elsewhere they are alike)
 
 
 SETUP_KINDS = (SetupKind("channels", "channel", "/notifications", CHANNEL_FIELDS),
                SetupKind("monitors", "monitor", "/monitors", MONITOR_FIELDS),
                SetupKind("statusPages", "status page", "/status-pages", STATUS_PAGE_FIELDS),
                SetupKind("maintenanceWindows", "maintenance window", "/maintenance-windows",
-                         MAINTENANCE_FIELDS, "title", window_rules))
+                         MAINTENANCE_FIELDS, "title", window_rules, ("monitorIds",)))
 
 
 class SetupError(Exception):
@@ -12167,6 +12168,8 @@ def _changed(kind: SetupKind, clean: dict[str, Any], current: dict[str, Any]) ->
     """The fields whose wanted value differs from the stored one (a secret by its masked form;
     a CRON monitor's url left out is the server's heartbeat URL, not a change)."""
     def same(name: str) -> bool:
+        if name in kind.empty_differs:
+            return bool(clean[name] == current[name])
         want, have = clean[name] or None, current[name] or None  # [] and null alike
         return want == have or (_shown(name, want, clean) or None) == have or (
             name == "url" and want is None and clean.get("type") == "CRON")

@@ -7355,6 +7355,13 @@ def test_apply_manages_maintenance_windows_by_title_with_monitors_by_name(server
     assert set(windows) == {"Sunday reboot", "by hand"}
     assert windows["Sunday reboot"]["monitorIds"] == [monitors["NAS"], monitors["backup job"]]
     assert setup_cli(server, key, "apply", str(file), "--prune").startswith("No changes")
+    file.write_text(file.read_text().replace('monitors = ["NAS", "backup job"]\n',
+                                             "monitors = []\n"))
+    emptied = setup_cli(server, key, "apply", str(file))
+    assert '    monitorIds: ["NAS", "backup job"] -> []\n' in emptied
+    file.write_text(file.read_text().replace("monitors = []\n", ""))
+    assert "    monitorIds: [] -> null\n" in setup_cli(server, key, "apply", str(file))
+    assert api.get(f"/maintenance-windows/{reboot['id']}").json()["monitorIds"] is None
 
 
 @pytest.mark.parametrize("text, lines", [
