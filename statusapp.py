@@ -12097,10 +12097,12 @@ def _record(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, str
 
 def _window_monitor_names(kind: SetupKind, record: dict[str, Any],
                           names: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """A maintenance window's record with its monitorIds as the names they stand for."""
+    """A maintenance window's record with its monitorIds as the names they stand for (the ids
+    of monitors deleted since, which cover nothing, left out)."""
     if kind.key != "maintenanceWindows" or record.get("monitorIds") is None:
         return record
-    return {**record, "monitorIds": [names["monitors"].get(m, m) for m in record["monitorIds"]]}
+    return {**record, "monitorIds": [names["monitors"][m] for m in record["monitorIds"]
+                                     if m in names["monitors"]]}
 
 
 def _to_api(kind: SetupKind, entry: dict[str, Any], ids: dict[str, dict[str, str]]

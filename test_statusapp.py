@@ -7431,6 +7431,14 @@ endsAt = "2030-06-01T09:00:00Z"
 monitors = []
 """)
     setup_cli(server, key, "apply", str(file), API_TOKEN="bearer-token-abcdef")
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key})
+    gone = api.post("/monitors", json={"name": "gone", "url": "http://127.0.0.1:9/"}).json()["id"]
+    window = api.get("/maintenance-windows").json()["maintenanceWindows"][0]
+    covered = api.put(f"/maintenance-windows/{window['id']}",
+                      json={"monitorIds": [*window["monitorIds"], gone]}).json()["monitorIds"]
+    api.delete(f"/monitors/{gone}")  # the window keeps its id, which covers nothing now
+    assert covered[-1] == gone == api.get("/maintenance-windows").json()[
+        "maintenanceWindows"][0]["monitorIds"][-1]
     exported = setup_cli(server, key, "export")
     as_json = json.loads(setup_cli(server, key, "export", "--format", "json"))
     assert tomllib.loads(exported) == as_json
