@@ -263,7 +263,9 @@ def test_bad_config_stops_start_up_with_one_line(tmp_path, text, env, message):
 
 
 def test_readme_field_reference_matches_the_validation_table():
-    assert statusapp.field_reference(statusapp.MONITOR_FIELDS) in (HERE / "README.md").read_text()
+    readme = (HERE / "README.md").read_text()
+    for fields in (statusapp.MONITOR_FIELDS, statusapp.MAINTENANCE_FIELDS):
+        assert statusapp.field_reference(fields) in readme
 
 
 def test_example_config_and_readme_are_generated_from_the_config_table():
@@ -555,6 +557,23 @@ def test_echoed_masked_inline_channel_secrets_keep_the_stored_ones(cfg, client):
     assert updated.status_code == 200, updated.text
     stored = sql(cfg, "SELECT config FROM monitor_notifications ORDER BY created_at")
     assert [json.loads(c)["webhookUrl"] for (c,) in stored] == hooks
+
+
+def test_apply_markers_are_read_only_except_to_statusapp_apply(client):
+    window = {"title": "Reboot", "startsAt": "2030-01-01T03:00:00Z",
+              "endsAt": "2030-01-01T04:00:00Z", "managed": True}
+    made = client.post("/api/v1/maintenance-windows", json=window).json()
+    monitor = create(client, managed=True, secretsDigest="forged")
+    assert made["managed"] is False and monitor["managed"] is False
+    assert monitor["secretsDigest"] is None
+    url = f"/api/v1/monitors/{monitor['id']}"
+    assert client.put(url, json={"managed": True}).json()["managed"] is False
+    marked = client.put(url, json={"managed": True}, headers={statusapp.APPLY_HEADER: "1"})
+    assert marked.json()["managed"] is True
+    doc = client.get("/api/v1/openapi.json").json()
+    for path in ("/monitors", "/notifications", "/status-pages", "/maintenance-windows"):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["properties"]["managed"]["readOnly"] is True
 
 
 def test_missing_name_gives_the_spec_issue_exactly(client):
@@ -6562,7 +6581,9 @@ def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg,
         for field in table:
             for value in _wrong_values(field):
                 body, path = body_for(field, value)
-                response = client.request(method, url, json=body, headers=_auth_for(url, real))
+                marker = {statusapp.APPLY_HEADER: "1"} if field.read_only else {}  # else ignored
+                response = client.request(method, url, json=body,
+                                          headers={**_auth_for(url, real), **marker})
                 issues = response.json()["error"] if response.status_code == 400 else []
                 typed = [i for i in issues if isinstance(issues, list) and i["path"] == path]
                 expected = "integer" if value == 1.5 and field.kind == "integer" else (
@@ -7387,6 +7408,22 @@ slug = "home"
 monitorGroups = [{ name = "Core", monitors = ["NAS", "backup job"] }]
 """
 TG_TOKEN = "123456:secret-token-one"
+WINDOWS = """
+[[maintenanceWindows]]
+title = "Sunday reboot"
+startsAt = "2026-01-04T03:00:00"
+recurrence = "FREQ=WEEKLY;BYDAY=SU"
+timezone = "Europe/Berlin"
+durationMinutes = 30
+monitors = ["NAS"]
+
+[[maintenanceWindows]]
+title = "Moving house"
+description = "Everything is off"
+startsAt = "2030-05-01T08:00:00Z"
+endsAt = "2030-05-01T18:00:00Z"
+suppressAlerts = false
+"""
 
 
 @pytest.fixture(scope="module")
@@ -7453,6 +7490,47 @@ def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
     assert "statusPages[1]: This slug is already in use" in failed
 
 
+def test_apply_manages_maintenance_windows_by_title_with_monitors_by_name(server, tmp_path):
+    key = _owner_key(server)
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key})
+    file = tmp_path / "statusapp.toml"
+    file.write_text(SETUP + WINDOWS)
+    dry = setup_cli(server, key, "apply", str(file), "--dry-run")
+    assert "+ create maintenance window 'Sunday reboot'" in dry
+    assert "Plan: 6 to create, 0 to update, 0 to delete." in dry
+    assert api.get("/maintenance-windows").json()["maintenanceWindows"] == []
+    setup_cli(server, key, "apply", str(file))
+    monitors = {m["name"]: m["id"] for m in api.get("/monitors").json()["monitors"]}
+    windows = {w["title"]: w for w in api.get("/maintenance-windows").json()["maintenanceWindows"]}
+    reboot, moving = windows["Sunday reboot"], windows["Moving house"]
+    assert reboot["monitorIds"] == [monitors["NAS"]] and reboot["managed"] is True
+    assert (reboot["timezone"], reboot["durationMinutes"]) == ("Europe/Berlin", 30)
+    assert moving["monitorIds"] is None and moving["suppressAlerts"] is False
+    assert setup_cli(server, key, "apply", str(file)).startswith("No changes")
+
+    by_hand = api.post("/maintenance-windows", json={
+        "title": "by hand", "startsAt": "2030-01-01T00:00:00Z", "endsAt": "2030-01-02T00:00:00Z"})
+    assert by_hand.json()["managed"] is False
+    file.write_text(SETUP + WINDOWS.split("[[maintenanceWindows]]\ntitle = \"Moving")[0].replace(
+        "durationMinutes = 30", "durationMinutes = 45").replace('["NAS"]', '["NAS", "backup job"]'))
+    pruned = setup_cli(server, key, "apply", str(file), "--prune")
+    assert pruned.splitlines()[:4] == [
+        "~ update maintenance window 'Sunday reboot'", "    durationMinutes: 30 -> 45",
+        '    monitorIds: ["NAS"] -> ["NAS", "backup job"]',
+        "- delete maintenance window 'Moving house'"]
+    windows = {w["title"]: w for w in api.get("/maintenance-windows").json()["maintenanceWindows"]}
+    assert set(windows) == {"Sunday reboot", "by hand"}
+    assert windows["Sunday reboot"]["monitorIds"] == [monitors["NAS"], monitors["backup job"]]
+    assert setup_cli(server, key, "apply", str(file), "--prune").startswith("No changes")
+    file.write_text(file.read_text().replace('monitors = ["NAS", "backup job"]\n',
+                                             "monitors = []\n"))
+    emptied = setup_cli(server, key, "apply", str(file))
+    assert '    monitorIds: ["NAS", "backup job"] -> []\n' in emptied
+    file.write_text(file.read_text().replace("monitors = []\n", ""))
+    assert "    monitorIds: [] -> null\n" in setup_cli(server, key, "apply", str(file))
+    assert api.get(f"/maintenance-windows/{reboot['id']}").json()["monitorIds"] is None
+
+
 @pytest.mark.parametrize("text, lines", [
     (SETUP.replace("interval = 120", "interval = 5").replace('url = "http://127.0.0.1:9/"\n', "")
      .replace('"42"', "42.5"),
@@ -7469,6 +7547,13 @@ def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
     ("[monitors]\nname = 1\n[alerts]\n", ["alerts: unknown section", "monitors: must be an array"]),
     ('[[monitors]]\nname = ["a"]\n', ["monitors[0].name: Expected string, received array"]),
     ("[[monitors]\n", ["bad.toml: "]),
+    (SETUP + WINDOWS.replace('"2030-05-01T18:00:00Z"', '"2030-05-01T07:00:00Z"').replace(
+        'durationMinutes = 30\nmonitors = ["NAS"]', 'monitors = ["nope"]'),
+     ["maintenanceWindows[0].monitorIds: Unknown monitor id(s): (unknown: nope)",
+      "maintenanceWindows[1].endsAt: endsAt must be after startsAt"]),
+    (SETUP + WINDOWS.replace('durationMinutes = 30\n', "").replace("Moving house", "Sunday reboot"),
+     ["maintenanceWindows[1].title: 'Sunday reboot' is named twice in the file",
+      "maintenanceWindows[0].durationMinutes: A recurring window needs durationMinutes"]),
 ])
 def test_apply_reports_every_error_with_its_place_and_changes_nothing(untouched_server, tmp_path,
                                                                       text, lines):
@@ -7503,14 +7588,30 @@ httpMethod = "POST"
 requestHeaders = '{"X-Env": "lab"}'
 apiAuthConfig = { type = "bearer", token = "${API_TOKEN}" }
 notifications = [{ type = "WEBHOOK", config = { url = "http://127.0.0.1:9/hook" }, enabled = false }]
+""" + WINDOWS + """
+[[maintenanceWindows]]
+title = "covers no monitor"
+startsAt = "2030-06-01T08:00:00Z"
+endsAt = "2030-06-01T09:00:00Z"
+monitors = []
 """)
     setup_cli(server, key, "apply", str(file), API_TOKEN="bearer-token-abcdef")
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key})
+    gone = api.post("/monitors", json={"name": "gone", "url": "http://127.0.0.1:9/"}).json()["id"]
+    window = api.get("/maintenance-windows").json()["maintenanceWindows"][0]
+    covered = api.put(f"/maintenance-windows/{window['id']}",
+                      json={"monitorIds": [*window["monitorIds"], gone]}).json()["monitorIds"]
+    api.delete(f"/monitors/{gone}")  # the window keeps its id, which covers nothing now
+    assert covered[-1] == gone == api.get("/maintenance-windows").json()[
+        "maintenanceWindows"][0]["monitorIds"][-1]
     exported = setup_cli(server, key, "export")
     as_json = json.loads(setup_cli(server, key, "export", "--format", "json"))
     assert tomllib.loads(exported) == as_json
     assert as_json["channels"][0]["config"]["botToken"] == "${CHANNEL_PHONE_BOT_TOKEN}"
     assert as_json["monitors"][2]["apiAuthConfig"]["token"] == "${MONITOR_API_QUOTED_TOKEN}"
     assert as_json["statusPages"][0]["monitorGroups"][0]["monitors"] == ["NAS", "backup job"]
+    assert [w.get("monitors") for w in as_json["maintenanceWindows"]] == [["NAS"], None, []]
+    assert as_json["maintenanceWindows"][1]["suppressAlerts"] is False
     secrets = {"CHANNEL_PHONE_BOT_TOKEN": TG_TOKEN, "MONITOR_API_QUOTED_TOKEN": "bearer-token-abcdef"}
     (tmp_path / "exported.toml").write_text(exported)
     (tmp_path / "exported.json").write_text(json.dumps(as_json))
