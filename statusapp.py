@@ -9424,8 +9424,51 @@ async def _public_page(rt: Runtime, column: str, value: str) -> sqlite3.Row:
     return row
 
 
+class PageIncidentUpdate(TypedDict):
+    status: str
+    message: str
+    createdAt: int
+
+
+class PageIncident(TypedDict):
+    """An incident as a status page, its JSON and its feed show it (times in Unix ms)."""
+
+    id: str
+    incidentNumber: str
+    monitorId: str
+    monitorName: str
+    severity: str
+    startedAt: int
+    resolvedAt: int | None
+    rootCauseCategory: str | None
+    updates: list[PageIncidentUpdate]
+
+
+class PageMaintenance(TypedDict):
+    """A maintenance window's next occurrence as a page shows it (times in Unix ms)."""
+
+    id: str
+    title: str
+    description: str | None
+    startsAt: int
+    endsAt: int
+    state: str  # "in_progress" or "scheduled"
+    updatedAt: int
+
+
+class PageView(TypedDict):
+    """Everything a public page and its JSON show, read once by ``page_view``."""
+
+    page: sqlite3.Row
+    groups: list[dict[str, Any]]
+    status: str
+    maintenance: list[PageMaintenance]
+    active: list[PageIncident]
+    past: list[PageIncident]
+
+
 async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: str,
-                         params: Sequence[Any], limit: int = -1) -> list[dict[str, Any]]:
+                         params: Sequence[Any], limit: int = -1) -> list[PageIncident]:
     """The monitors' incidents matching ``condition``, newest first, each with its updates."""
     if not monitor_ids:
         return []
@@ -9434,7 +9477,7 @@ async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: st
         f"SELECT i.*, m.name AS monitor_name FROM incidents i JOIN monitors m"
         f" ON m.id = i.monitor_id WHERE i.monitor_id IN ({marks}) AND ({condition})"
         f" ORDER BY i.started_at DESC, i.id LIMIT ?", [*monitor_ids, *params, limit])
-    updates: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    updates: dict[str, list[PageIncidentUpdate]] = collections.defaultdict(list)
     ids = [row["id"] for row in rows]
     for update in await db.fetchall(
             f"SELECT * FROM incident_updates WHERE incident_id IN ({','.join('?' * len(ids))})"
@@ -9450,10 +9493,10 @@ async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: st
 
 
 def page_maintenance(rt: Runtime, account_id: str, monitor_ids: Sequence[str]
-                     ) -> list[dict[str, Any]]:
+                     ) -> list[PageMaintenance]:
     """The maintenance windows covering any of ``monitor_ids`` that run now or start within
     MAINTENANCE_LOOKAHEAD_DAYS (their next occurrence), soonest first."""
-    now, out = rt.maintenance.clock(), []
+    now, out = rt.maintenance.clock(), list[PageMaintenance]()
     for window in rt.maintenance.windows.values():
         if not any(window.covers(account_id, m) for m in monitor_ids):
             continue
@@ -9465,7 +9508,7 @@ def page_maintenance(rt: Runtime, account_id: str, monitor_ids: Sequence[str]
     return sorted(out, key=lambda w: (w["startsAt"], w["id"]))
 
 
-async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
+async def page_view(rt: Runtime, page: sqlite3.Row) -> PageView:
     """Everything the page and its JSON show, read once: groups with 90-day days, incidents,
     maintenance."""
     groups = await page_groups(rt.db, page["id"])
@@ -9506,12 +9549,12 @@ def _page_base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def _maintenance_json(window: dict[str, Any]) -> dict[str, Any]:
+def _maintenance_json(window: PageMaintenance) -> dict[str, Any]:
     return {**window, "startsAt": iso(window["startsAt"]), "endsAt": iso(window["endsAt"]),
             "updatedAt": iso(window["updatedAt"])}
 
 
-def _incident_json(incident: dict[str, Any]) -> dict[str, Any]:
+def _incident_json(incident: PageIncident) -> dict[str, Any]:
     return {**incident, "status": "open" if incident["resolvedAt"] is None else "resolved",
             "startedAt": iso(incident["startedAt"]), "resolvedAt": iso(incident["resolvedAt"]),
             "updates": [{**u, "createdAt": iso(u["createdAt"])} for u in incident["updates"]]}
@@ -9643,7 +9686,7 @@ def _regions_html(monitor: dict[str, Any]) -> str:
     return f'<div class="regions">{" &middot; ".join(parts)}</div>'
 
 
-def _incident_html(incident: dict[str, Any]) -> str:
+def _incident_html(incident: PageIncident) -> str:
     now = now_ms()
     started, resolved = incident["startedAt"], incident["resolvedAt"]
     meta = [f"{_esc(str(incident['severity']).capitalize())} severity",
@@ -9663,7 +9706,7 @@ def _incident_html(incident: dict[str, Any]) -> str:
             (f'<ol class="updates">{updates}</ol>' if updates else "") + "</article>")
 
 
-def _maintenance_html(window: dict[str, Any]) -> str:
+def _maintenance_html(window: PageMaintenance) -> str:
     state = "In progress" if window["state"] == "in_progress" else "Scheduled"
     description = f'<p>{_esc(window["description"])}</p>' if window["description"] else ""
     return (f'<article class="card maintenance"><h3>{_esc(window["title"])} ({state.lower()})'
@@ -9671,7 +9714,7 @@ def _maintenance_html(window: dict[str, Any]) -> str:
             f'{_when(window["endsAt"])}</p>{description}</article>')
 
 
-def render_page(view: dict[str, Any]) -> str:
+def render_page(view: PageView) -> str:
     """The public status page as one HTML document (inline CSS, no scripts)."""
     page = view["page"]
     brand = page["brand_color"] or DEFAULT_BRAND
@@ -9890,7 +9933,7 @@ async def page_summary(request: Request) -> Response:
         "updatedAt": iso(now_ms())})
 
 
-def _maintenance_entry(window: dict[str, Any], url: str) -> str:
+def _maintenance_entry(window: PageMaintenance, url: str) -> str:
     """A maintenance window's occurrence as an Atom entry (scheduled, or in progress)."""
     state = "in progress" if window["state"] == "in_progress" else "scheduled"
     lines = [f"Maintenance {state}: {_when(window['startsAt'])} to {_when(window['endsAt'])}.",
