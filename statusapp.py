@@ -10365,7 +10365,8 @@ pre{white-space:pre-wrap;background:var(--bg);padding:.5rem;border-radius:.375re
 th,td{padding:.3rem}}
 """
 DASHBOARD_CSS_URL = f"/dashboard.css?v={hashlib.sha256(DASHBOARD_CSS.encode()).hexdigest()[:12]}"
-# Copy buttons, the form's type switch and live refresh; the page works without it.
+# Copy buttons, the form's type switch, submitting a type chooser on change and live
+# refresh; the page works without it.
 DASHBOARD_JS = """
 function wire(root){root.querySelectorAll("[data-copy]").forEach(function(b){b.hidden=false;
 b.onclick=function(){navigator.clipboard.writeText(document.getElementById(b.dataset.copy)
@@ -10375,6 +10376,8 @@ var kind=document.querySelector("[data-kind-select]");
 function showKinds(){document.querySelectorAll("[data-kinds]").forEach(function(e){
 e.hidden=e.dataset.kinds.split(" ").indexOf(kind.value)<0;});}
 if(kind){kind.addEventListener("change",showKinds);showKinds();}
+document.querySelectorAll("form[data-autosubmit] select").forEach(function(s){
+s.addEventListener("change",function(){s.form.submit();});});
 var every=document.body.dataset.refresh;
 if(every){setInterval(function(){fetch(location.href,{credentials:"same-origin"})
 .then(function(r){return r.text();}).then(function(t){var d=new DOMParser()
@@ -10392,10 +10395,11 @@ DASHBOARD_HEADERS = {
 # A state as text and an icon (never colour alone): state -> (icon, label, class)
 STATE_LOOK = {"UP": ("\u2714", "Up", "up"), "DOWN": ("\u2716", "Down", "down"),
               "DEGRADED": ("\u26a0", "Degraded", "degraded"), "PENDING": ("\u2026", "Pending", "none"),
-              "PAUSED": ("\u23f8", "Paused", "none")}
+              "PAUSED": ("\u23f8", "Paused", "none"),
+              MAINTENANCE: ("\u2692", "Maintenance", "none")}
 NAV = (("/", "Overview"), ("/incidents", "Incidents"), ("/channels", "Channels"),
-       ("/webhooks", "Webhooks"), ("/pages", "Status pages"), ("/team", "Team"),
-       ("/keys", "API keys"), ("/account", "Account"))
+       ("/webhooks", "Webhooks"), ("/pages", "Status pages"), ("/maintenance", "Maintenance"),
+       ("/team", "Team"), ("/keys", "API keys"), ("/account", "Account"))
 
 
 def state_html(state: str) -> str:
@@ -10466,10 +10470,11 @@ def table(head: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str
 def pager(v: Visit, pagination: dict[str, int]) -> str:
     """Previous/next links keeping the other query parameters."""
     links = []
-    for page, text in ((pagination["page"] - 1, "Previous"), (pagination["page"] + 1, "Next")):
+    for page, text, rel in ((pagination["page"] - 1, "Previous", "prev"),
+                            (pagination["page"] + 1, "Next", "next")):
         if 1 <= page <= pagination["totalPages"]:
             query = urllib.parse.urlencode({**v.request.query_params, "page": page})
-            links.append(f'<a href="?{_esc(query)}">{text}</a>')
+            links.append(f'<a href="?{_esc(query)}" rel="{rel}">{text}</a>')
     return (f'<p class="row"><span class="muted">Page {pagination["page"]} of '
             f'{pagination["totalPages"]} ({pagination["total"]} in all)</span>'
             f'{" ".join(links)}</p>')
@@ -10720,9 +10725,22 @@ def render_form(v: Visit, action: str, fields: Sequence[Field],
             f'<p><button>{_esc(submit)}</button></p></form>')
 
 
+# Set by `statusapp apply` and never typed by a person: no form shows them (a note does).
+APPLY_MARKERS = (MANAGED_FIELD.name, DIGEST_FIELD.name)
+
+
+def editable(fields: Sequence[Field]) -> tuple[Field, ...]:
+    """A resource's Field table without apply's markers: what its form lets a person edit."""
+    return tuple(f for f in fields if f.name not in APPLY_MARKERS)
+
+
 @dataclass(frozen=True)
 class Resource:
-    """A team resource the dashboard lists and edits through its API routes."""
+    """A team resource the dashboard lists and edits through its API routes.
+
+    ``by_type`` gives, per value of the ``type`` field, the nested tables of that type (a
+    channel's ``config`` fields from its ChannelType): the form is then one per type, the type
+    chosen first.  ``title`` is the key of an item's name."""
 
     noun: str
     api: str
@@ -10731,30 +10749,23 @@ class Resource:
     items: str
     nested: dict[str, tuple[Field, ...]] = dataclasses.field(default_factory=dict)
     test: bool = False
-
-
-def channel_config_fields() -> tuple[Field, ...]:
-    """Every channel type's config fields as one table for the channel form: each name once,
-    its ``kinds`` the types that use it and ``required`` the types that need it."""
-    uses: dict[str, list[tuple[str, Field]]] = {}
-    for channel in CHANNEL_TYPES.values():
-        for field in channel.fields:
-            uses.setdefault(field.name, []).append((channel.name, field))
-    return tuple(dataclasses.replace(
-        pairs[0][1], kinds=tuple(kind for kind, _ in pairs),
-        required=tuple(kind for kind, f in pairs if f.required_for(kind)))
-        for pairs in uses.values())
+    by_type: dict[str, dict[str, tuple[Field, ...]]] | None = None
+    title: str = "name"
 
 
 RESOURCES = {
-    "monitors": Resource("Monitor", "/monitors", "monitorId", MONITOR_FIELDS, "monitors",
-                         {"apiAuthConfig": AUTH_FIELDS}),
-    "channels": Resource("Notification channel", "/notifications", "channelId", CHANNEL_FIELDS,
-                         "channels", {"config": channel_config_fields()}, test=True),
-    "webhooks": Resource("Webhook", "/webhooks", "webhookId", WEBHOOK_FIELDS, "webhooks",
-                         test=True),
-    "pages": Resource("Status page", "/status-pages", "statusPageId", STATUS_PAGE_FIELDS,
-                      "statusPages"),
+    "monitors": Resource("Monitor", "/monitors", "monitorId", editable(MONITOR_FIELDS),
+                         "monitors", {"apiAuthConfig": AUTH_FIELDS}),
+    "channels": Resource("Notification channel", "/notifications", "channelId",
+                         editable(CHANNEL_FIELDS), "channels", test=True,
+                         by_type={name: {"config": channel.fields}
+                                  for name, channel in CHANNEL_TYPES.items()}),
+    "webhooks": Resource("Webhook", "/webhooks", "webhookId", editable(WEBHOOK_FIELDS),
+                         "webhooks", test=True),
+    "pages": Resource("Status page", "/status-pages", "statusPageId",
+                      editable(STATUS_PAGE_FIELDS), "statusPages"),
+    "maintenance": Resource("Maintenance window", "/maintenance-windows", "windowId",
+                            MAINTENANCE_FIELDS, "maintenanceWindows", title="title"),
 }
 
 
@@ -10763,33 +10774,78 @@ def _resource(v: Visit) -> tuple[str, Resource]:
     return key, RESOURCES[key]
 
 
-async def _save(v: Visit, res: Resource, method: str, path: str, params: dict[str, str],
+@dataclass(frozen=True)
+class FormShape:
+    """What one resource form shows: its fields, nested tables, and for a per-type form the
+    chosen type (sent as a hidden input) with the form that changes it."""
+
+    fields: tuple[Field, ...]
+    nested: dict[str, tuple[Field, ...]]
+    hidden: str = ""
+    chooser: str = ""
+
+
+def _type_chooser(v: Visit, res: Resource, chosen: str | None) -> str:
+    """A GET form choosing the type of a per-type form (the script submits it on change)."""
+    field = next(f for f in res.fields if f.name == "type")
+    control = form_field(field, "type", chosen or "", None, v.rt.cfg, None, False)
+    return (f'<form method="get" action="{_esc(v.request.url.path)}" class="card" '
+            f'data-autosubmit>{control}<p><button>{"Change type" if chosen else "Continue"}'
+            f'</button></p></form>')
+
+
+def form_shape(v: Visit, res: Resource, existing: dict[str, Any] | None) -> FormShape | None:
+    """The form of ``res`` for this visit; None while a per-type form has no type chosen
+    (posted, asked for with ``?type=``, or the stored item's own)."""
+    if res.by_type is None:
+        return FormShape(res.fields, res.nested)
+    chosen = v.form.get("type") or v.query("type") or (existing or {}).get("type")
+    if chosen not in res.by_type:
+        return None
+    return FormShape(tuple(f for f in res.fields if f.name != "type"), res.by_type[chosen],
+                     f'<input type="hidden" name="type" value="{_esc(chosen)}">'
+                     f'<p>Type: <strong>{_esc(chosen)}</strong></p>',
+                     _type_chooser(v, res, chosen))
+
+
+async def _save(v: Visit, res: Resource, form: FormShape, ident: str | None,
                 existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
-    body = form_body(res.fields, res.nested, v.form, existing)
+    method, path = ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
+    body = form_body(res.fields, form.nested, v.form, existing)
     try:
-        return await act(v, method, path, params, body), {}
+        return await act(v, method, path, {res.param: ident} if ident else {}, body), {}
     except ValidationFailed as exc:
         return None, issue_errors(exc)
+
+
+def managed_note(res: Resource, item: dict[str, Any] | None) -> str:
+    if not (item or {}).get(MANAGED_FIELD.name):
+        return ""
+    return (f'<p class="notice" role="note">This {_esc(res.noun.lower())} is managed by '
+            f'<code>statusapp apply</code>: the next apply puts back what its file says.</p>')
 
 
 async def resource_form(v: Visit) -> Response:
     """``/{kind}/new`` and ``/{kind}/{id}/edit``: the generated form; a POST saves it."""
     key, res = _resource(v)
     ident = v.request.path_params.get("ident")
-    params = {res.param: ident} if ident else {}
-    existing = await act(v, "GET", f"{res.api}/{{{res.param}}}", params) if ident else None
+    existing = (await act(v, "GET", f"{res.api}/{{{res.param}}}", {res.param: ident})
+                if ident else None)
+    title = f"Edit {existing[res.title]}" if existing else f"New {res.noun.lower()}"
+    form = form_shape(v, res, existing)
+    if form is None:
+        return document(v, title, managed_note(res, existing) + _type_chooser(v, res, None))
     errors: dict[str, str] = {}
     if v.request.method == "POST":
-        method, path = ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
-        saved, errors = await _save(v, res, method, path, params, existing)
+        saved, errors = await _save(v, res, form, ident, existing)
         if saved is not None:
             return redirect(f"/monitors/{saved['id']}" if key == "monitors" else f"/{key}")
     values = (dict(v.form) if v.request.method == "POST" else
-              form_values(res.fields, res.nested, existing or dict(v.request.query_params)))
-    title = f"Edit {existing['name']}" if existing else f"New {res.noun.lower()}"
-    return document(v, title, render_form(v, v.request.url.path, res.fields, res.nested, values,
-                                          errors, "Save"), 400 if errors else 200)
+              form_values(res.fields, form.nested, existing or dict(v.request.query_params)))
+    return document(v, title, managed_note(res, existing) + form.chooser + render_form(
+        v, v.request.url.path, form.fields, form.nested, values, errors, "Save", form.hidden),
+        400 if errors else 200)
 
 
 async def resource_delete(v: Visit) -> Response:
@@ -10806,8 +10862,23 @@ def _answer_text(answer: dict[str, Any]) -> str:
     return f"Test failed ({code}{took}): {answer['error']}"
 
 
+def item_facts(item: dict[str, Any]) -> tuple[str, str]:
+    """An item's detail and state in its list: a channel's type, a webhook's URL, a page's
+    slug, a maintenance window's current or next occurrence."""
+    if "nextOccurrence" in item:
+        span = item["nextOccurrence"]
+        detail = (f"{span['startsAt']} to {span['endsAt']}" if span else "none ahead") + (
+            f" ({item['recurrence']}, {item['timezone']})" if item["recurrence"] else "")
+        return detail, ("Running" if item["active"] else "Scheduled" if span else
+                        "No occurrence within a year")
+    state = "Failing" if item.get("failing") else "Active" if item.get(
+        "isActive", item.get("isPublic", True)) else "Inactive"
+    return item.get("type") or item.get("url") or item.get("slug", ""), state
+
+
 async def resource_list(v: Visit, notice: str = "", bad: bool = False) -> Response:
-    """``/channels``, ``/webhooks``, ``/pages``: the team's items with their actions."""
+    """``/channels``, ``/webhooks``, ``/pages``, ``/maintenance``: the team's items with their
+    actions."""
     key, res = _resource(v)
     items = (await act(v, "GET", res.api))[res.items]
     item_path = f"{res.api}/{{{res.param}}}"
@@ -10820,16 +10891,18 @@ async def resource_list(v: Visit, notice: str = "", bad: bool = False) -> Respon
             actions.append(button(v, f"/{key}/{item['id']}/test", "Send a test", "quiet"))
         if v.may("DELETE", item_path):
             actions.append(button(v, f"/{key}/{item['id']}/delete", "Delete", "danger"))
-        state = "Failing" if item.get("failing") else "Active" if item.get(
-            "isActive", item.get("isPublic", True)) else "Inactive"
-        detail = item.get("type") or item.get("url") or item.get("slug", "")
-        rows.append([_esc(item["name"]), _esc(detail), _esc(state), " ".join(actions)])
+        detail, state = item_facts(item)
+        managed = (' <span class="muted">(managed by statusapp apply)</span>'
+                   if item.get(MANAGED_FIELD.name) else "")
+        rows.append([_esc(item[res.title]) + managed, _esc(detail), _esc(state),
+                     " ".join(actions)])
     add = (f'<p><a class="button" href="/{key}/new">New {_esc(res.noun.lower())}</a></p>'
            if v.may("POST", res.api) else "")
     message = (f'<p class="notice{" bad" if bad else ""}" role="status">{_esc(notice)}</p>'
                if notice else "")
     return document(v, res.noun + "s", message + add + table(
-        ("Name", "Type" if key == "channels" else "Detail", "State", "Actions"), rows,
+        ("Name", {"channels": "Type", "maintenance": "When"}.get(key, "Detail"), "State",
+         "Actions"), rows,
         f"No {res.noun.lower()}s yet."))
 
 

@@ -6507,17 +6507,15 @@ def test_monitor_form_covers_every_monitor_field_and_nested_auth():
     res = statusapp.RESOURCES["monitors"]
     html_text = statusapp.form_fields(res.fields, res.nested, {}, {}, cfg)
     for field in statusapp.MONITOR_FIELDS:
-        assert f'name="{field.name}"' in html_text or field.name in res.nested
+        shown = f'name="{field.name}"' in html_text or field.name in res.nested
+        assert shown is (field.name not in statusapp.APPLY_MARKERS), field.name
     for field in statusapp.AUTH_FIELDS:
         assert f'name="apiAuthConfig.{field.name}"' in html_text
     assert 'id="f-type" name="type" aria-describedby="f-type-hint" data-kind-select' in html_text
-    channels = statusapp.RESOURCES["channels"]
-    html_text = statusapp.form_fields(channels.fields, channels.nested, {}, {}, cfg)
+    channels = statusapp.RESOURCES["channels"]  # one form per type, its declaration's fields
+    assert channels.by_type is not None and set(channels.by_type) == set(statusapp.CHANNEL_TYPES)
     for channel in statusapp.CHANNEL_TYPES.values():
-        for field in channel.fields:
-            kinds = re.search(rf'<div data-kinds="([^"]*)"><label for="f-config-{field.name}">',
-                              html_text).group(1).split()
-            assert channel.name in kinds
+        assert channels.by_type[channel.name]["config"] is channel.fields
 
 
 class _Browser:
@@ -6851,6 +6849,181 @@ def test_monitor_chart_and_overview_sparkline_are_drawn_from_the_checks(cfg, key
     overview = dashboard.http.get("/").text
     assert 'aria-label="drawn: hourly average response time, 400 to 400 ms"' in overview
     assert "100.00%" in overview
+
+
+@pytest.fixture
+def live(tmp_path):
+    """A real `statusapp serve` with its owner signed in as a _Browser, and the owner's key."""
+    srv = Server(tmp_path).start()
+    result = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "admin@localhost", "--db",
+                                                srv.db], input="correct horse battery\n")
+    assert result.exit_code == 0, result.output
+    browser = _Browser(srv.url)
+    try:
+        assert browser.sign_in("admin@localhost", "correct horse battery").status_code == 303
+        yield browser, _owner_key(srv)
+    finally:
+        browser.http.close()
+        srv.stop()
+
+
+def _form_inputs(page: str) -> set[str]:
+    """The names of the inputs, selects and text areas of a page's POST forms."""
+    forms = re.findall(r'<form[^>]*method="post".*?</form>', page, re.S)
+    return {name for form in forms
+            for name in re.findall(r'<(?:input|select|textarea)[^>]*name="([^"]+)"', form)}
+
+
+def test_channel_forms_are_one_per_type_from_its_declaration(live):
+    browser, key = live
+    chooser = browser.http.get("/channels/new").text
+    assert re.search(r'<form method="get" action="/channels/new"[^>]*data-autosubmit>', chooser)
+    assert not any(n.startswith("config.") for n in _form_inputs(chooser))  # a type first
+    for kind, channel in statusapp.CHANNEL_TYPES.items():
+        page = browser.http.get("/channels/new", params={"type": kind}).text
+        assert {n for n in _form_inputs(page) if n.startswith("config.")} == {
+            f"config.{f.name}" for f in channel.fields}, kind
+        assert '<input type="hidden" name="type" value="%s">' % kind in page
+    ntfy = browser.http.get("/channels/new?type=NTFY").text
+    assert re.search(r'<input type="number" id="f-config-priority" name="config.priority"'
+                     r'[^>]*min="1" max="5"', ntfy)
+    opsgenie = browser.http.get("/channels/new?type=OPSGENIE").text
+    assert re.search(r'<select id="f-config-priority" name="config.priority"[^>]*>'
+                     r'<option value="">&ndash;</option><option>P1</option>', opsgenie)
+    gotify = browser.http.get("/channels/new?type=GOTIFY").text
+    assert re.search(r'name="config.priority"[^>]*min="0" max="10"', gotify)
+    saved = browser.post("/channels/new", {"type": "NTFY", "name": "phone", "isActive": "true",
+                                           "config.serverUrl": "http://127.0.0.1:9",
+                                           "config.topic": "alerts", "config.priority": "4"},
+                         "/channels/new?type=NTFY")
+    assert saved.status_code == 303
+    api = {"X-API-Key": key}
+    channel = browser.http.get("/api/v1/notifications", headers=api).json()["channels"][0]
+    assert (channel["type"], channel["config"]["priority"]) == ("NTFY", 4)
+    bad = browser.post("/channels/new", {"type": "NTFY", "name": "x", "config.serverUrl": "",
+                                         "config.topic": "t", "config.priority": "9"},
+                       "/channels/new?type=NTFY")
+    assert bad.status_code == 400 and 'id="f-config-priority-err"' in bad.text
+    assert re.search(r'name="config.priority"[^>]*value="9"', bad.text)  # typed value kept
+    retyped = browser.http.get(f"/channels/{channel['id']}/edit?type=GOTIFY").text
+    assert "config.appToken" in _form_inputs(retyped) and "config.topic" not in _form_inputs(
+        retyped)
+
+
+def test_apply_markers_are_a_note_not_form_fields(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    channel = browser.http.post("/api/v1/notifications", headers=api, json={
+        "name": "hook", "type": "WEBHOOK", "config": {"url": "http://127.0.0.1:9/"},
+        "managed": True, "secretsDigest": "abc"}).json()
+    monitor = browser.http.post("/api/v1/monitors", headers=api, json={
+        "name": "m", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    for path in ("/monitors/new", "/channels/new?type=WEBHOOK", "/webhooks/new", "/pages/new",
+                 f"/monitors/{monitor['id']}/edit", f"/channels/{channel['id']}/edit"):
+        names = _form_inputs(browser.http.get(path).text)
+        assert "name" in names and not names & {"managed", "secretsDigest"}, path
+    edit = browser.http.get(f"/channels/{channel['id']}/edit").text
+    assert "managed by <code>statusapp apply</code>" in edit
+    assert "managed by" not in browser.http.get(f"/monitors/{monitor['id']}/edit").text
+    assert "(managed by statusapp apply)" in browser.http.get("/channels").text
+    saved = browser.post(f"/channels/{channel['id']}/edit", {
+        "type": "WEBHOOK", "name": "hook 2", "config.url": "http://127.0.0.1:9/x"})
+    assert saved.status_code == 303
+    after = browser.http.get(f"/api/v1/notifications/{channel['id']}", headers=api).json()
+    assert (after["name"], after["managed"], after["secretsDigest"]) == ("hook 2", True, "abc")
+
+
+def _window_form(**fields: str) -> dict:
+    return {"title": "Reboot", "description": "", "startsAt": "2020-01-01T00:00:00Z",
+            "endsAt": "2099-01-01T00:00:00Z", "recurrence": "", "timezone": "UTC",
+            "durationMinutes": "", "monitorIds": "", "suppressAlerts": "true", **fields}
+
+
+def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    monitor = browser.http.post("/api/v1/monitors", headers=api, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "interval": 3600}).json()
+    assert "No maintenance windows yet." in browser.http.get("/maintenance").text
+    form = browser.http.get("/maintenance/new").text
+    assert {f"{f.name}" for f in statusapp.MAINTENANCE_FIELDS} <= _form_inputs(form)
+    bad = browser.post("/maintenance/new", _window_form(endsAt="2019-01-01T00:00:00Z"))
+    assert bad.status_code == 400 and re.search(r'id="f-endsAt-err">endsAt must be after', bad.text)
+    assert browser.post("/maintenance/new", _window_form(monitorIds=monitor["id"])
+                        ).status_code == 303
+    window = browser.http.get("/api/v1/maintenance-windows", headers=api).json()[
+        "maintenanceWindows"][0]
+    assert window["monitorIds"] == [monitor["id"]] and window["active"] is True
+    listing = browser.http.get("/maintenance").text
+    assert "Reboot" in listing and "Running" in listing
+    overview = browser.http.get("/").text  # the overview shows the window's status
+    assert re.search(r'<span class="st st-none"><span aria-hidden="true">[^<]+</span> '
+                     r'Maintenance</span>', overview)
+    edit = f"/maintenance/{window['id']}/edit"
+    assert re.search(r'id="f-monitorIds"[^>]*>' + monitor["id"], browser.http.get(edit).text)
+    assert browser.post(edit, _window_form(title="Recurring", startsAt="2026-01-04T03:00:00",
+                                           endsAt="", recurrence="FREQ=WEEKLY;BYDAY=SU",
+                                           durationMinutes="30", timezone="Europe/Berlin")
+                        ).status_code == 303
+    listing = browser.http.get("/maintenance").text
+    window = browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api).json()
+    span = window["nextOccurrence"]
+    assert f"{span['startsAt']} to {span['endsAt']} (FREQ=WEEKLY;BYDAY=SU, Europe/Berlin)" in listing
+    assert ("Running" if window["active"] else "Scheduled") in listing and "Recurring" in listing
+    assert browser.post(f"/maintenance/{window['id']}/delete", {}, "/maintenance"
+                        ).status_code == 303
+    assert browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api
+                            ).status_code == 404
+
+
+def test_a_viewer_cannot_see_or_post_maintenance_and_channel_forms(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    window = browser.http.post("/api/v1/maintenance-windows", headers=api, json={
+        "title": "Reboot", "startsAt": "2099-01-01T00:00:00Z",
+        "endsAt": "2099-01-02T00:00:00Z"}).json()
+    invited = browser.post("/team", {"email": "vic@example.test", "role": "VIEWER"})
+    token = re.search(r"/invite\?token=(inv_[^<]+)</pre>", invited.text).group(1)
+    browser.post("/signout", {}, "/")
+    assert browser.post("/invite", {"token": token, "password": "viewer password",
+                                    "confirm": "viewer password"}, f"/invite?token={token}"
+                        ).status_code == 303
+    page = browser.http.get("/maintenance").text
+    assert "Reboot" in page and _form_inputs(page) <= {"csrf"}  # only signing out
+    assert "/maintenance/new" not in page and "/edit" not in page
+    for path, form in (("/maintenance/new", _window_form()),
+                       (f"/maintenance/{window['id']}/edit", _window_form(title="Hacked")),
+                       (f"/maintenance/{window['id']}/delete", {}),
+                       ("/channels/new", {"type": "WEBHOOK", "name": "x",
+                                          "config.url": "http://127.0.0.1:9/"})):
+        refused = browser.post(path, form, "/maintenance")
+        assert refused.status_code == 403 and "needs the MEMBER role" in refused.text, path
+    assert browser.http.post("/maintenance/new", data=_window_form()).status_code == 403  # CSRF
+    assert browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api
+                            ).json()["title"] == "Reboot"
+
+
+def test_overview_pages_reach_every_one_of_300_monitors(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    for i in range(300):
+        assert browser.http.post("/api/v1/monitors", headers=api, json={
+            "name": f"site {i:03d}", "url": "http://127.0.0.1:9/", "isActive": False}
+                                 ).status_code == 201
+    seen: list[str] = []
+    path = "/"
+    while path:
+        page = browser.http.get(path).text
+        names = re.findall(r'<a href="/monitors/mon_[^"]+">(site \d+)</a>', page)
+        assert len(names) <= 100
+        seen += names
+        following = re.search(r'<a href="(\?[^"]*)" rel="next">', page)
+        path = "/" + following.group(1).replace("&amp;", "&") if following else ""
+    assert seen == [f"site {i:03d}" for i in range(300)]
+    last = browser.http.get("/?page=3").text
+    assert "Page 3 of 3 (300 in all)" in last and 'rel="prev"' in last
+    searched = browser.http.get("/", params={"search": "site 29", "page": 1}).text
+    assert re.findall(r">(site \d+)</a>", searched) == [f"site {i}" for i in range(290, 300)]
 
 
 def _chrome(width: int = 1280, height: int = 900):
