@@ -7051,12 +7051,47 @@ class _Site(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _waiter(driver):
+    """A 30 s wait for which a lookup racing a page load (no such element yet, a stale one,
+    or Chromium's "node does not belong to the document", a plain WebDriverException) means
+    "look again"."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,))
+
+
+def _fill(driver, **values: str) -> None:
+    """Type into the inputs ``f-<name>``, or choose a select's option by its text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    for ident, value in values.items():
+        element = driver.find_element(By.ID, f"f-{ident}")
+        if element.tag_name == "select":
+            Select(element).select_by_visible_text(value)
+        else:
+            element.clear()
+            element.send_keys(value)
+
+
+def _submit(driver) -> None:
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.CSS_SELECTOR, "main form[method=post] button").click()
+
+
+def _set_up_owner(driver, srv: Server, wait) -> None:
+    """Open the link the first `serve` printed and choose the owner's password."""
+    from selenium.webdriver.common.by import By
+    link = re.search(r"(http://\S+/setup\?token=\S+)", srv.output()).group(1)
+    driver.get(link.replace("http://127.0.0.1:8080", srv.url))
+    _fill(driver, password="correct horse battery", confirm="correct horse battery")
+    _submit(driver)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+
+
 def test_dashboard_in_a_real_browser(tmp_path):
     """Set up the owner from the printed link, run a monitor and a channel through the forms,
     see status and incidents live, invite a VIEWER who gets no write controls."""
-    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
     shots = HERE / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     site = _serve(ThreadingHTTPServer(("127.0.0.1", 0), _Site))
@@ -7064,28 +7099,16 @@ def test_dashboard_in_a_real_browser(tmp_path):
     srv = Server(tmp_path, env={"STATUSAPP_PROBES_CONFIRMATIONS": "1",
                                 "STATUSAPP_DASHBOARD_REFRESH_SECONDS": "1"}).start()
     driver = _chrome()
-    # A lookup can race a page load: no such element yet, a stale one, or Chromium's "node
-    # does not belong to the document" (a plain WebDriverException): each means "look again".
-    wait = WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,))
+    wait = _waiter(driver)
 
     def fill(**values: str) -> None:
-        for ident, value in values.items():
-            element = driver.find_element(By.ID, f"f-{ident}")
-            if element.tag_name == "select":
-                Select(element).select_by_visible_text(value)
-            else:
-                element.clear()
-                element.send_keys(value)
+        _fill(driver, **values)
 
     def submit() -> None:
-        driver.find_element(By.CSS_SELECTOR, "main form[method=post] button").click()
+        _submit(driver)
 
     try:
-        link = re.search(r"(http://\S+/setup\?token=\S+)", srv.output()).group(1)
-        driver.get(link.replace("http://127.0.0.1:8080", srv.url))
-        fill(password="correct horse battery", confirm="correct horse battery")
-        submit()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        _set_up_owner(driver, srv, wait)
         driver.get(srv.url + "/monitors/new")
         fill(name="Home site", url=f"http://127.0.0.1:{site.server_address[1]}/", interval="1",
              timeout="5")
@@ -7116,7 +7139,9 @@ def test_dashboard_in_a_real_browser(tmp_path):
         driver.find_element(By.XPATH, "//button[text()='Pause']").click()
         wait.until(lambda d: "Paused" in d.find_element(By.ID, "live").text)
         driver.get(srv.url + "/channels/new")
-        fill(name="Receiver", type="WEBHOOK", **{"config-url": receiver.url + "/hook"})
+        fill(type="WEBHOOK")  # the type chooser submits itself; the WEBHOOK form follows
+        wait.until(lambda d: d.find_element(By.ID, "f-config-url"))
+        fill(name="Receiver", **{"config-url": receiver.url + "/hook"})
         submit()
         wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Notification channels")
         driver.find_element(By.XPATH, "//button[text()='Send a test']").click()
@@ -7152,6 +7177,49 @@ def test_dashboard_in_a_real_browser(tmp_path):
         srv.stop()
         with contextlib.suppress(OSError):
             _stop(site)
+
+
+def test_dashboard_channel_types_and_maintenance_in_a_real_browser(tmp_path):
+    """Choosing a channel type swaps in that type's fields (NTFY's priority is a number 1-5,
+    OPSGENIE's a choice of P1-P5); a maintenance window made through its form puts a monitor
+    in MAINTENANCE on the overview."""
+    from selenium.webdriver.common.by import By
+    srv = Server(tmp_path).start()
+    driver = _chrome()
+    wait = _waiter(driver)
+    try:
+        _set_up_owner(driver, srv, wait)
+        monitor = httpx.post(srv.url + "/api/v1/monitors", headers=_as(_owner_key(srv)), json={
+            "name": "Database", "url": "http://127.0.0.1:9/", "interval": 3600}).json()
+        driver.get(srv.url + "/channels/new")
+        assert not driver.find_elements(By.CSS_SELECTOR, "[name^='config.']")
+        _fill(driver, type="NTFY")
+        priority = wait.until(lambda d: d.find_element(By.ID, "f-config-priority"))
+        assert (priority.tag_name, priority.get_attribute("type"),
+                priority.get_attribute("max")) == ("input", "number", "5")
+        _fill(driver, type="OPSGENIE")
+        wait.until(lambda d: d.find_element(By.ID, "f-config-priority").tag_name == "select")
+        options = driver.find_elements(By.CSS_SELECTOR, "#f-config-priority option")
+        assert [o.text for o in options][1:] == ["P1", "P2", "P3", "P4", "P5"]
+        _fill(driver, name="On call", **{"config-apiKey": "genie", "config-priority": "P2"})
+        _submit(driver)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Notification channels")
+        assert "OPSGENIE" in driver.find_element(By.TAG_NAME, "main").text
+        driver.find_element(By.LINK_TEXT, "Maintenance").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Maintenance windows")
+        driver.find_element(By.LINK_TEXT, "New maintenance window").click()
+        wait.until(lambda d: d.find_element(By.ID, "f-title"))
+        _fill(driver, title="Disk swap", startsAt="2020-01-01T00:00:00Z",
+              endsAt="2099-01-01T00:00:00Z", monitorIds=monitor["id"])
+        _submit(driver)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Maintenance windows")
+        assert "Disk swap" in driver.page_source and "Running" in driver.page_source
+        driver.get(srv.url + "/")
+        row = wait.until(lambda d: d.find_element(By.XPATH, "//tr[.//a[text()='Database']]"))
+        assert row.text.startswith("\u2692 Maintenance")
+    finally:
+        driver.quit()
+        srv.stop()
 
 
 # --- CLI tests ---
