@@ -1302,24 +1302,34 @@ def valid_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
     return value
 
 
-def each(fields: Sequence[Field], kind_field: str = "type",
-         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
-         ) -> Callable[..., Any]:
+@dataclass(frozen=True)
+class Each:
     """A ``check`` that validates every element of an array against a Field table (and
-    ``then(clean, path)``, for rules across an element's fields)."""
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
+    ``then(clean, path)``, for rules across an element's fields).  The table stays readable,
+    so the dashboard can edit such an array as rows of inputs."""
+
+    fields: tuple[Field, ...]
+    kind_field: str = "type"
+    then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+
+    def __call__(self, value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
         out, issues = [], []
         for i, item in enumerate(value):
             where = (*env["path"], i)
             try:
-                clean = validate(fields, item, env, kind_field=kind_field, path=where)
-                out.append(then(clean, where) if then else clean)
+                clean = validate(self.fields, item, env, kind_field=self.kind_field, path=where)
+                out.append(self.then(clean, where) if self.then else clean)
             except ValidationFailed as exc:
                 issues.extend(exc.issues)
         if issues:
             raise ValidationFailed(issues)
         return out
-    return check
+
+
+def each(fields: Sequence[Field], kind_field: str = "type",
+         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+         ) -> Each:
+    return Each(tuple(fields), kind_field, then)
 
 
 class Names(Collection[str]):
@@ -10343,6 +10353,8 @@ input[type=checkbox]{width:auto;margin-right:.5rem}
 label.check{display:flex;align-items:center;font-weight:600}
 .row label{margin:0}.row input,.row select{width:auto}
 fieldset{border:1px solid var(--line);border-radius:.5rem;margin:1rem 0;max-width:38rem}
+fieldset.rows{max-width:60rem}.scroll{overflow-x:auto}.rows td{padding:.2rem}
+.rows input,.rows select{min-width:7rem}
 .err{color:var(--down);font-weight:600;margin:.25rem 0}
 [aria-invalid=true]{border-color:var(--down);border-width:2px}
 .notice{border-left:.3rem solid var(--accent);padding:.5rem 1rem;background:var(--card);
@@ -10572,13 +10584,72 @@ def form_value(field: Field, raw: str) -> Any:
         return raw
 
 
+# An array of flat objects (an Each check over fields of these kinds, such as a monitor's
+# assertions) is edited as rows of inputs, ROW_SPARE empty rows below to add to it.
+_ROW_KINDS = ("string", "integer", "number")
+ROW_SPARE = 3
+
+
+def row_fields(field: Field) -> tuple[Field, ...] | None:
+    """The element table of an array edited as rows; None for other fields."""
+    check = field.check
+    if field.kind == "array" and isinstance(check, Each) and all(
+            f.kind in _ROW_KINDS for f in check.fields):
+        return check.fields
+    return None
+
+
+def _row_numbers(name: str, form: dict[str, str]) -> list[int]:
+    """The row numbers of the inputs ``name.N.sub`` that hold text."""
+    return [int(parts[1]) for key, text in form.items()
+            if text.strip() and len(parts := key.split(".")) == 3 and parts[0] == name
+            and parts[1].isdigit()]
+
+
+def rows_value(name: str, subs: Sequence[Field], form: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows typed for an array of objects; a row left blank is no element."""
+    out = []
+    for i in sorted(set(_row_numbers(name, form))):
+        row = {sub.name: form_value(sub, form.get(f"{name}.{i}.{sub.name}", "")) for sub in subs}
+        out.append({k: x for k, x in row.items() if x is not None})
+    return out
+
+
+def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str], error: str | None,
+              cfg: dict[str, Any]) -> str:
+    """An array of objects as a table: a row of inputs per element, then empty rows."""
+    words = {sub.name: _snake_case(sub.name).replace("_", " ").capitalize() for sub in subs}
+    head = "".join(f"<th scope=col>{_esc(words[sub.name])}</th>" for sub in subs)
+    rows = []
+    for i in range(max(_row_numbers(field.name, values), default=-1) + 1 + ROW_SPARE):
+        cells = []
+        for sub in subs:  # any input may be left blank: a blank row is no element
+            name = f"{field.name}.{i}.{sub.name}"
+            control = _input(dataclasses.replace(sub, required=False), name, _ident(name),
+                             values.get(name, ""), "", cfg)
+            cells.append(f'<td><label class="sr" for="{_ident(name)}">{_esc(words[sub.name])}'
+                         f' of row {i + 1}</label>{control}</td>')
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    notes = "".join(f"<li>{_esc(words[sub.name])}: {_esc(sub.doc)}</li>" for sub in subs)
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    err = f'<p class="err">{_esc(error)}</p>' if error else ""
+    return (f'<fieldset class="rows"{shown}><legend>{_esc(field.doc or field.name)}</legend>'
+            f'{err}<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
+            f'{"".join(rows)}</tbody></table></div><ul class="hint">{notes}<li>Leave a row '
+            f'blank to remove it; save to get more empty rows.</li></ul></fieldset>')
+
+
 def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
               form: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
     """A request body from a submitted form.  On an edit, an empty input of a field that had
     no value is left out (a secret the API never shows stays as it is)."""
     body: dict[str, Any] = {}
     for field in fields:
-        if field.name in nested:
+        subs = row_fields(field)
+        value: Any
+        if subs is not None and any(k.startswith(f"{field.name}.") for k in form):
+            value = rows_value(field.name, subs, form)
+        elif field.name in nested:
             parts = {sub.name: form_value(sub, form.get(f"{field.name}.{sub.name}", ""))
                      for sub in nested[field.name] if f"{field.name}.{sub.name}" in form}
             value = {k: x for k, x in parts.items() if x is not None} or None
@@ -10640,10 +10711,15 @@ def _input(field: Field, name: str, ident: str, text: str, extra: str,
     return f'<input type="{kind}" {attrs} value="{_esc(text)}"{bounds}{step} autocomplete="off">'
 
 
+def _ident(name: str) -> str:
+    """The element id of an input name."""
+    return "f-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
 def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[str, Any],
                kinds: tuple[str, ...] | None, kind_select: bool) -> str:
     """One labelled control with its hint and its error (announced and linked)."""
-    ident = "f-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    ident = _ident(name)
     described = f"{ident}-hint" + (f" {ident}-err" if error else "")
     extra = f' aria-describedby="{described}"' + (' aria-invalid="true"' if error else "")
     if kind_select:
@@ -10669,6 +10745,10 @@ def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
         s.kinds for table in nested.values() for s in table)
     out = []
     for field in fields:
+        subs = row_fields(field)
+        if subs is not None:
+            out.append(form_rows(field, subs, values, errors.get(field.name), cfg))
+            continue
         if field.name not in nested:
             out.append(form_field(field, field.name, values.get(field.name, ""),
                                   errors.get(field.name), cfg, field.kinds,
@@ -10691,7 +10771,11 @@ def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
     values = {}
     for field in fields:
         value = record.get(field.name, field.default)
-        if field.name in nested:
+        subs = row_fields(field)
+        if subs is not None:
+            values.update({f"{field.name}.{i}.{sub.name}": form_text(sub, item.get(sub.name))
+                           for i, item in enumerate(value or []) for sub in subs})
+        elif field.name in nested:
             for sub in nested[field.name]:
                 values[f"{field.name}.{sub.name}"] = form_text(sub, (value or {}).get(sub.name))
         else:

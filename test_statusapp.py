@@ -6507,7 +6507,8 @@ def test_monitor_form_covers_every_monitor_field_and_nested_auth():
     res = statusapp.RESOURCES["monitors"]
     html_text = statusapp.form_fields(res.fields, res.nested, {}, {}, cfg)
     for field in statusapp.MONITOR_FIELDS:
-        shown = f'name="{field.name}"' in html_text or field.name in res.nested
+        shown = (f'name="{field.name}"' in html_text or f'name="{field.name}.0.' in html_text
+                 or field.name in res.nested)
         assert shown is (field.name not in statusapp.APPLY_MARKERS), field.name
     for field in statusapp.AUTH_FIELDS:
         assert f'name="apiAuthConfig.{field.name}"' in html_text
@@ -7003,6 +7004,49 @@ def test_a_viewer_cannot_see_or_post_maintenance_and_channel_forms(live):
                             ).json()["title"] == "Reboot"
 
 
+def test_assertions_are_edited_as_rows_of_inputs_from_their_field_table(live):
+    browser, key = live
+    form = browser.http.get("/monitors/new").text
+    rows = re.search(r'<fieldset class="rows" data-kinds="WEBSITE API">(.*?)</fieldset>', form,
+                     re.S).group(1)
+    assert len(re.findall(r"<tr><td>", rows)) == statusapp.ROW_SPARE  # empty rows to fill
+    sources = re.search(r'<select id="f-assertions-0-source" name="assertions.0.source">(.*?)'
+                        r'</select>', rows).group(1)
+    assert re.findall(r"<option>([A-Z_]+)</option>", sources) == list(
+        statusapp.ASSERTION_SOURCES) and '<option value="">' in sources  # a row may stay blank
+    assert re.search(r'<select id="f-assertions-2-comparison" name="assertions.2.comparison">'
+                     r'<option value="">&ndash;</option><option>EQUALS</option>', rows)
+    assert '<label class="sr" for="f-assertions-1-target">Target of row 2</label>' in rows
+    typed = {"name": "api", "url": "http://127.0.0.1:9/", "type": "API", "isActive": "false",
+             "assertions.0.source": "JSON_BODY", "assertions.0.property": "$.ok",
+             "assertions.0.comparison": "EQUALS", "assertions.0.target": "true",
+             "assertions.1.source": "", "assertions.1.comparison": "",
+             "assertions.2.source": "STATUS_CODE", "assertions.2.comparison": "LESS_THAN",
+             "assertions.2.target": "400"}
+    bad = browser.post("/monitors/new", {**typed, "assertions.0.property": "$[?"}, "/")
+    assert bad.status_code == 400 and "Invalid JSONPath" in bad.text
+    assert re.search(r'name="assertions.0.property"[^>]*value="\$\[\?"', bad.text)  # kept
+    sources = re.findall(r'name="assertions\.\d+\.source"', bad.text)
+    assert len(sources) == 3 + statusapp.ROW_SPARE
+    saved = browser.post("/monitors/new", typed, "/")
+    assert saved.status_code == 303
+    monitor_id = saved.headers["location"].rsplit("/", 1)[1]
+    api = {"X-API-Key": key}
+    monitor = browser.http.get(f"/api/v1/monitors/{monitor_id}", headers=api).json()
+    assert monitor["assertions"] == [
+        {"source": "JSON_BODY", "property": "$.ok", "comparison": "EQUALS", "target": "true"},
+        {"source": "STATUS_CODE", "property": None, "comparison": "LESS_THAN", "target": "400"}]
+    edit = browser.http.get(f"/monitors/{monitor_id}/edit").text
+    assert re.search(r'name="assertions.1.target"[^>]*value="400"', edit)
+    assert len(re.findall(r'name="assertions\.\d+\.source"', edit)) == 2 + statusapp.ROW_SPARE
+    cleared = browser.post(f"/monitors/{monitor_id}/edit", {
+        "assertions.0.source": "", "assertions.0.comparison": "", "assertions.0.target": "",
+        "assertions.0.property": ""})
+    assert cleared.status_code == 303
+    assert browser.http.get(f"/api/v1/monitors/{monitor_id}", headers=api
+                            ).json()["assertions"] == []
+
+
 def test_overview_pages_reach_every_one_of_300_monitors(live):
     browser, key = live
     api = {"X-API-Key": key}
@@ -7181,16 +7225,27 @@ def test_dashboard_in_a_real_browser(tmp_path):
 
 def test_dashboard_channel_types_and_maintenance_in_a_real_browser(tmp_path):
     """Choosing a channel type swaps in that type's fields (NTFY's priority is a number 1-5,
-    OPSGENIE's a choice of P1-P5); a maintenance window made through its form puts a monitor
-    in MAINTENANCE on the overview."""
+    OPSGENIE's a choice of P1-P5); an assertion is chosen in a row of selects; a maintenance
+    window made through its form puts a monitor in MAINTENANCE on the overview."""
     from selenium.webdriver.common.by import By
     srv = Server(tmp_path).start()
     driver = _chrome()
     wait = _waiter(driver)
     try:
         _set_up_owner(driver, srv, wait)
-        monitor = httpx.post(srv.url + "/api/v1/monitors", headers=_as(_owner_key(srv)), json={
-            "name": "Database", "url": "http://127.0.0.1:9/", "interval": 3600}).json()
+        driver.get(srv.url + "/monitors/new")
+        assert driver.find_element(By.ID, "f-assertions-0-source").is_displayed()  # WEBSITE
+        _fill(driver, type="DNS")
+        assert not driver.find_element(By.ID, "f-assertions-0-source").is_displayed()
+        _fill(driver, type="API", name="Database", url="http://127.0.0.1:9/", interval="3600",
+              **{"assertions-0-source": "HEADERS", "assertions-0-property": "content-type",
+                 "assertions-0-comparison": "CONTAINS", "assertions-0-target": "json"})
+        _submit(driver)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Database")
+        monitor = httpx.get(srv.url + "/api/v1/monitors", headers=_as(_owner_key(srv))).json()[
+            "monitors"][0]
+        assert monitor["assertions"] == [{"source": "HEADERS", "property": "content-type",
+                                          "comparison": "CONTAINS", "target": "json"}]
         driver.get(srv.url + "/channels/new")
         assert not driver.find_elements(By.CSS_SELECTOR, "[name^='config.']")
         _fill(driver, type="NTFY")
