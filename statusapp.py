@@ -10218,12 +10218,17 @@ class Visit:
             raise Unauthorized("Sign in first", "no session")
         return self.session.who
 
+    def require(self, method: str, path: str) -> None:
+        """Refuse, with the API's own check and message, a person who may not call the API
+        route ``method path``."""
+        _, public, role, _ = API_HANDLERS[(method, path)]
+        if not public:
+            authorize(self.who, method, role)
+
     def may(self, method: str, path: str) -> bool:
         """Whether the person may call an API route (what decides which buttons show)."""
-        _, public, role, _ = API_HANDLERS[(method, path)]
         try:
-            if not public:
-                authorize(self.who, method, role)
+            self.require(method, path)
         except ApiError:
             return False
         return True
@@ -10236,10 +10241,9 @@ async def act(v: Visit, method: str, path: str, params: dict[str, str] | None = 
               body: Any = None, query: dict[str, Any] | None = None) -> Any:
     """Call the API handler of ``method path`` as the signed-in person (public routes as
     anyone), with the API's own permission check; returns its JSON answer."""
-    handler, public, role, table = API_HANDLERS[(method, path)]
+    handler, public, _, table = API_HANDLERS[(method, path)]
+    v.require(method, path)
     who = None if public else v.who
-    if who is not None:
-        authorize(who, method, role)
     query_string = urllib.parse.urlencode({k: val for k, val in (query or {}).items()
                                            if val not in (None, "")})
     scope = {**v.request.scope, "method": method, "path_params": params or {},
@@ -10892,10 +10896,15 @@ def form_shape(v: Visit, res: Resource, existing: dict[str, Any] | None) -> Form
                      _type_chooser(v, res, chosen))
 
 
+def _write_route(res: Resource, ident: str | None) -> tuple[str, str]:
+    """The API route a form saves through: PUT of the item, or POST of a new one."""
+    return ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
+
+
 async def _save(v: Visit, res: Resource, form: FormShape, ident: str | None,
                 existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
-    method, path = ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
+    method, path = _write_route(res, ident)
     body = form_body(res.fields, form.nested, v.form, existing)
     try:
         return await act(v, method, path, {res.param: ident} if ident else {}, body), {}
@@ -10914,6 +10923,7 @@ async def resource_form(v: Visit) -> Response:
     """``/{kind}/new`` and ``/{kind}/{id}/edit``: the generated form; a POST saves it."""
     key, res = _resource(v)
     ident = v.request.path_params.get("ident")
+    v.require(*_write_route(res, ident))  # a person who may not save gets no form
     existing = (await act(v, "GET", f"{res.api}/{{{res.param}}}", {res.param: ident})
                 if ident else None)
     title = f"Edit {existing[res.title]}" if existing else f"New {res.noun.lower()}"

@@ -6999,6 +6999,9 @@ def test_a_viewer_cannot_see_or_post_maintenance_and_channel_forms(live):
                                           "config.url": "http://127.0.0.1:9/"})):
         refused = browser.post(path, form, "/maintenance")
         assert refused.status_code == 403 and "needs the MEMBER role" in refused.text, path
+    for path in ("/maintenance/new", f"/maintenance/{window['id']}/edit", "/channels/new"):
+        refused = browser.http.get(path)  # no form to fill for nothing
+        assert refused.status_code == 403 and "needs the MEMBER role" in refused.text, path
     assert browser.http.post("/maintenance/new", data=_window_form()).status_code == 403  # CSRF
     assert browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api
                             ).json()["title"] == "Reboot"
