@@ -10619,9 +10619,10 @@ def rows_value(name: str, subs: Sequence[Field], form: dict[str, str]) -> list[d
     return out
 
 
-def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str], error: str | None,
-              cfg: dict[str, Any]) -> str:
-    """An array of objects as a table: a row of inputs per element, then empty rows."""
+def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str],
+              errors: dict[str, str], cfg: dict[str, Any]) -> str:
+    """An array of objects as a table: a row of inputs per element (each with its error),
+    then empty rows."""
     words = {sub.name: _snake_case(sub.name).replace("_", " ").capitalize() for sub in subs}
     head = "".join(f"<th scope=col>{_esc(words[sub.name])}</th>" for sub in subs)
     rows = []
@@ -10629,14 +10630,20 @@ def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str], error
         cells = []
         for sub in subs:  # any input may be left blank: a blank row is no element
             name = f"{field.name}.{i}.{sub.name}"
-            control = _input(dataclasses.replace(sub, required=False), name, _ident(name),
-                             values.get(name, ""), "", cfg)
-            cells.append(f'<td><label class="sr" for="{_ident(name)}">{_esc(words[sub.name])}'
-                         f' of row {i + 1}</label>{control}</td>')
+            ident, wrong = _ident(name), errors.get(name)
+            extra = f' aria-invalid="true" aria-describedby="{ident}-err"' if wrong else ""
+            control = _input(dataclasses.replace(sub, required=False), name, ident,
+                             values.get(name, ""), extra, cfg)
+            cells.append(f'<td><label class="sr" for="{ident}">{_esc(words[sub.name])} of row '
+                         f'{i + 1}</label>{control}' + (f'<p class="err" id="{ident}-err">'
+                                                        f'{_esc(wrong)}</p>' if wrong else "")
+                         + "</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     notes = "".join(f"<li>{_esc(words[sub.name])}: {_esc(sub.doc)}</li>" for sub in subs)
     shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
-    err = f'<p class="err">{_esc(error)}</p>' if error else ""
+    error = errors.get(field.name)  # said in its row's cell when it is an element's
+    cells_say = any(k.startswith(f"{field.name}.") for k in errors)
+    err = f'<p class="err">{_esc(error)}</p>' if error and not cells_say else ""
     return (f'<fieldset class="rows"{shown}><legend>{_esc(field.doc or field.name)}</legend>'
             f'{err}<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
             f'{"".join(rows)}</tbody></table></div><ul class="hint">{notes}<li>Leave a row '
@@ -10751,7 +10758,7 @@ def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
     for field in fields:
         subs = row_fields(field)
         if subs is not None:
-            out.append(form_rows(field, subs, values, errors.get(field.name), cfg))
+            out.append(form_rows(field, subs, values, errors, cfg))
             continue
         if field.name not in nested:
             out.append(form_field(field, field.name, values.get(field.name, ""),
@@ -10788,7 +10795,8 @@ def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
 
 
 def issue_errors(exc: ValidationFailed) -> dict[str, str]:
-    """Validation issues by input name (``config.emails``; deeper paths by their field)."""
+    """Validation issues by input name (``config.emails``; deeper paths by their field, and
+    an element's field also by its row input's name, ``assertions.0.target``)."""
     errors: dict[str, str] = {}
     for issue in exc.issues:
         path = [str(p) for p in issue["path"]]
@@ -10796,7 +10804,14 @@ def issue_errors(exc: ValidationFailed) -> dict[str, str]:
             ".".join(path[:1])
         message = issue["message"] + (f" (at {'.'.join(path[1:])})" if len(path) > 2 else "")
         errors.setdefault(where or "", message)
+        if _is_cell(path):
+            errors.setdefault(".".join(path), issue["message"])
     return errors
+
+
+def _is_cell(path: Sequence[str]) -> bool:
+    """Whether a path names a field of an array's element: ``[array, N, field]``."""
+    return len(path) == 3 and path[1].isdigit()
 
 
 def render_form(v: Visit, action: str, fields: Sequence[Field],
@@ -10804,10 +10819,11 @@ def render_form(v: Visit, action: str, fields: Sequence[Field],
                 errors: dict[str, str], submit: str, extra: str = "") -> str:
     """A whole form: CSRF token, the generated fields, errors no field owns, a button."""
     names = {f.name for f in fields} | {f"{k}.{s.name}" for k, t in nested.items() for s in t}
-    stray = [f"{k}: {m}" if k else m for k, m in errors.items() if k not in names]
+    stray = [f"{k}: {m}" if k else m for k, m in errors.items()
+             if k not in names and not _is_cell(k.split("."))]
     summary = ("".join(f'<p class="notice bad" role="alert">{_esc(m)}</p>' for m in stray) +
                ('<p class="notice bad" role="alert">Please correct the fields marked below.</p>'
-                if len(stray) < len(errors) else ""))
+                if any(k in names for k in errors) else ""))
     return (f'{summary}<form method="post" action="{_esc(action)}" novalidate>{csrf_input(v)}'
             f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg)}'
             f'<p><button>{_esc(submit)}</button></p></form>')

@@ -7027,7 +7027,10 @@ def test_assertions_are_edited_as_rows_of_inputs_from_their_field_table(live):
              "assertions.2.source": "STATUS_CODE", "assertions.2.comparison": "LESS_THAN",
              "assertions.2.target": "400"}
     bad = browser.post("/monitors/new", {**typed, "assertions.0.property": "$[?"}, "/")
-    assert bad.status_code == 400 and "Invalid JSONPath" in bad.text
+    assert bad.status_code == 400 and re.search(
+        r'id="f-assertions-0-property" name="assertions.0.property" aria-invalid="true"[^>]*>'
+        r'<p class="err" id="f-assertions-0-property-err">Invalid JSONPath', bad.text)
+    assert "(at 0.property)" not in bad.text  # said once, in its row
     assert re.search(r'name="assertions.0.property"[^>]*value="\$\[\?"', bad.text)  # kept
     sources = re.findall(r'name="assertions\.\d+\.source"', bad.text)
     assert len(sources) == 3 + statusapp.ROW_SPARE
