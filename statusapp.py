@@ -10872,13 +10872,10 @@ def render_form(v: Visit, action: str, fields: Sequence[Field],
             f'<p><button>{_esc(submit)}</button></p></form>')
 
 
-# Set by `statusapp apply` and never typed by a person: no form shows them (a note does).
-APPLY_MARKERS = (MANAGED_FIELD.name, DIGEST_FIELD.name)
-
-
 def editable(fields: Sequence[Field]) -> tuple[Field, ...]:
-    """A resource's Field table without apply's markers: what its form lets a person edit."""
-    return tuple(f for f in fields if f.name not in APPLY_MARKERS)
+    """A resource's Field table without its read-only markers (``managed``, ``secretsDigest``:
+    only `statusapp apply` writes them; a note says so): what its form lets a person edit."""
+    return tuple(f for f in fields if not f.read_only)
 
 
 @dataclass(frozen=True)
@@ -10912,7 +10909,7 @@ RESOURCES = {
     "pages": Resource("Status page", "/status-pages", "statusPageId",
                       editable(STATUS_PAGE_FIELDS), "statusPages"),
     "maintenance": Resource("Maintenance window", "/maintenance-windows", "windowId",
-                            MAINTENANCE_FIELDS, "maintenanceWindows", title="title"),
+                            editable(MAINTENANCE_FIELDS), "maintenanceWindows", title="title"),
 }
 
 

@@ -6695,7 +6695,7 @@ def test_monitor_form_covers_every_monitor_field_and_nested_auth():
     for field in statusapp.MONITOR_FIELDS:
         shown = (f'name="{field.name}"' in html_text or f'name="{field.name}.0.' in html_text
                  or field.name in res.nested)
-        assert shown is (field.name not in statusapp.APPLY_MARKERS), field.name
+        assert shown is not field.read_only, field.name
     for field in statusapp.AUTH_FIELDS:
         assert f'name="apiAuthConfig.{field.name}"' in html_text
     assert 'id="f-type" name="type" aria-describedby="f-type-hint" data-kind-select' in html_text
@@ -7100,15 +7100,17 @@ def test_channel_forms_are_one_per_type_from_its_declaration(live):
 def test_apply_markers_are_a_note_not_form_fields(live):
     browser, key = live
     api = {"X-API-Key": key}
-    channel = browser.http.post("/api/v1/notifications", headers=api, json={
+    channel = browser.http.post("/api/v1/notifications", headers={
+        **api, statusapp.APPLY_HEADER: "1"}, json={  # as `statusapp apply` makes it
         "name": "hook", "type": "WEBHOOK", "config": {"url": "http://127.0.0.1:9/"},
         "managed": True, "secretsDigest": "abc"}).json()
     monitor = browser.http.post("/api/v1/monitors", headers=api, json={
         "name": "m", "url": "http://127.0.0.1:9/", "isActive": False}).json()
     for path in ("/monitors/new", "/channels/new?type=WEBHOOK", "/webhooks/new", "/pages/new",
-                 f"/monitors/{monitor['id']}/edit", f"/channels/{channel['id']}/edit"):
+                 "/maintenance/new", f"/monitors/{monitor['id']}/edit",
+                 f"/channels/{channel['id']}/edit"):
         names = _form_inputs(browser.http.get(path).text)
-        assert "name" in names and not names & {"managed", "secretsDigest"}, path
+        assert names & {"name", "title"} and not names & {"managed", "secretsDigest"}, path
     edit = browser.http.get(f"/channels/{channel['id']}/edit").text
     assert "managed by <code>statusapp apply</code>" in edit
     assert "managed by" not in browser.http.get(f"/monitors/{monitor['id']}/edit").text
@@ -7133,7 +7135,8 @@ def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
         "name": "db", "url": "http://127.0.0.1:9/", "interval": 3600}).json()
     assert "No maintenance windows yet." in browser.http.get("/maintenance").text
     form = browser.http.get("/maintenance/new").text
-    assert {f"{f.name}" for f in statusapp.MAINTENANCE_FIELDS} <= _form_inputs(form)
+    assert {f.name for f in statusapp.MAINTENANCE_FIELDS if not f.read_only} == _form_inputs(
+        form) - {"csrf"}
     bad = browser.post("/maintenance/new", _window_form(endsAt="2019-01-01T00:00:00Z"))
     assert bad.status_code == 400 and re.search(r'id="f-endsAt-err">endsAt must be after', bad.text)
     assert browser.post("/maintenance/new", _window_form(monitorIds=monitor["id"])
