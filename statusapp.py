@@ -1073,6 +1073,8 @@ class Field:
     ("probes.min_interval").  ``check(value, record, env)`` validates what bounds cannot, and
     returns the clean value.  ``kinds`` says which resource kinds use it.  A ``read_only`` field
     is a marker only ``statusapp apply`` writes: other requests' values for it are ignored.
+    ``ids_of`` says an array holds ids of the team's ``"monitors"`` (the dashboard offers them
+    by name); ``unset`` says, in words, what a null or absent value means.
     """
 
     name: str
@@ -1088,6 +1090,8 @@ class Field:
     secret: bool | tuple[str, ...] = ()
     items: str | None = None  # an array's element kind
     read_only: bool = False
+    ids_of: str | None = None
+    unset: str = ""
 
     @functools.cached_property
     def column(self) -> str:
@@ -8081,7 +8085,7 @@ def valid_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[st
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
     Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
-          items="string",
+          items="string", ids_of="monitors",
           doc="The team's monitors in display order"),
     Field("monitorGroup", "string", minimum=1, maximum=100,
           doc="Instead of monitorIds: every monitor of this group, by name, as it is when shown"),
@@ -8290,7 +8294,8 @@ MAINTENANCE_FIELDS = (
     Field("durationMinutes", "integer", minimum=1, maximum=10_080,
           doc="Length of each occurrence of a recurring window"),
     Field("monitorIds", "array", maximum=1000, check=valid_page_monitor_ids, items="string",
-          doc="Monitors it covers (null or absent: all the team's monitors)"),
+          doc="Monitors it covers (null or absent: all the team's monitors)", ids_of="monitors",
+          unset="all the team's monitors"),
     Field("suppressAlerts", "boolean", default=True,
           doc="No incident and no alert while it runs (false: only status and uptime change)"),
     MANAGED_FIELD,
@@ -10285,12 +10290,14 @@ DASHBOARD_PAGES: dict[str, Callable[[Request], Awaitable[Response]]] = {}  # pat
 
 @dataclass
 class Visit:
-    """One dashboard request: the runtime, the session (None before signing in), the form."""
+    """One dashboard request: the runtime, the session (None before signing in), the form (a
+    name's last value) and every value of each name (a list of checkboxes sends one each)."""
 
     request: Request
     rt: Runtime
     session: Session | None
     form: dict[str, str]
+    every: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def who(self) -> Principal:
@@ -10346,17 +10353,20 @@ async def _visit(request: Request) -> Visit:
     rt: Runtime = request.app.state.statusapp
     session = await session_of(rt, request)
     form: dict[str, str] = {}
+    every: dict[str, list[str]] = collections.defaultdict(list)
     if request.method == "POST":
         body = await read_body(request, MAX_BODY)
-        form = {k: v for k, v in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
-                                                         keep_blank_values=True)}
+        for name, value in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
+                                                  keep_blank_values=True):
+            form[name] = value
+            every[name].append(value)
         token = form.pop("csrf", "")
         valid = (hmac.compare_digest(token, session.csrf) if session
                  else _signin_token_ok(rt.secret, token))
         if not valid or not _same_origin(request):
             raise Forbidden("This form has expired or did not come from this dashboard",
                             "missing or wrong CSRF token; reload the page and try again")
-    return Visit(request, rt, session, form)
+    return Visit(request, rt, session, form, dict(every))
 
 
 def dash(path: str, *methods: str, signed_in: bool = True
@@ -10434,6 +10444,9 @@ label{display:block;font-weight:600;margin:.75rem 0 .25rem}
 input,select,textarea{font:inherit;color:var(--text);background:var(--bg);
 border:1px solid var(--line);border-radius:.375rem;padding:.4rem;width:100%;max-width:36rem}
 input[type=checkbox]{width:auto;margin-right:.5rem}
+.picks{max-height:16rem;overflow-y:auto;border:1px solid var(--line);border-radius:.375rem;
+padding:.25rem .5rem}label.pick{display:flex;align-items:center;font-weight:400;margin:.2rem 0;
+overflow-wrap:anywhere}
 label.check{display:flex;align-items:center;font-weight:600}
 .row label{margin:0}.row input,.row select{width:auto}
 fieldset{border:1px solid var(--line);border-radius:.5rem;margin:1rem 0;max-width:38rem}
@@ -10730,6 +10743,50 @@ def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str],
             f'blank to remove it; save to get more empty rows.</li></ul></fieldset>')
 
 
+# An array of the team's ids (``Field.ids_of``, such as a maintenance window's monitorIds) is a
+# checkbox per item, labelled with its name and type, in a box that scrolls when the list is
+# long; the browser sends one value of the field's name per checked box.
+ID_CHOICES = {"monitors": "SELECT id, name || ' (' || type || ')' FROM monitors"
+                          " WHERE account_id = ? ORDER BY name COLLATE NOCASE, id"}
+
+
+async def id_choices(v: Visit, fields: Sequence[Field]) -> dict[str, list[tuple[str, str]]]:
+    """(id, label) of every item of the team that the form's ``ids_of`` fields offer."""
+    kinds = {f.ids_of for f in fields if f.ids_of}
+    return {kind: [(row[0], row[1]) for row in await v.rt.db.fetchall(
+        ID_CHOICES[kind], (v.who.team_id,))] for kind in kinds}
+
+
+def picked_form(v: Visit, fields: Sequence[Field]) -> dict[str, str]:
+    """The posted form, each ``ids_of`` field's checked values one per line (as ``form_text``
+    shows a stored list, and ``form_value`` reads it)."""
+    return {**v.form, **{f.name: "\n".join(v.every[f.name]) for f in fields
+                         if f.ids_of and f.name in v.every}}
+
+
+def form_ids(field: Field, choices: Sequence[tuple[str, str]], text: str,
+             error: str | None) -> str:
+    """A fieldset of checkboxes, one per choice, those in ``text`` checked.  A checked id that
+    is no choice (a deleted monitor) stays shown, so saving never drops it unseen; the hidden
+    empty value makes "none checked" a value too."""
+    ident, name = _ident(field.name), _esc(field.name)
+    checked = {line for line in text.split("\n") if line}
+    known = {value for value, _ in choices}
+    rows = [*choices, *((x, f"{x} (unknown id)") for x in sorted(checked - known))]
+    boxes = "".join(f'<label class="pick"><input type="checkbox" id="{ident}-{i}" name="{name}" '
+                    f'value="{_esc(value)}"{" checked" if value in checked else ""}>'
+                    f'{_esc(label)}</label>' for i, (value, label) in enumerate(rows))
+    hint = ("" if rows else f"No {field.ids_of} yet. ") + (
+        f"None checked: {field.unset}." if field.unset else "Check any number.")
+    described = f"{ident}-hint" + (f" {ident}-err" if error else "")
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    err = f'<p class="err" id="{ident}-err">{_esc(error)}</p>' if error else ""
+    return (f'<fieldset id="{ident}" aria-describedby="{described}"{shown}><legend>'
+            f'{_esc(field.doc or field.name)}</legend><p class="hint" id="{ident}-hint">'
+            f'{_esc(hint)}</p>{err}<input type="hidden" name="{name}" value="">'
+            f'<div class="picks">{boxes}</div></fieldset>')
+
+
 def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
               form: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
     """A request body from a submitted form.  On an edit, an empty input of a field that had
@@ -10830,30 +10887,41 @@ def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[
 
 
 def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
-                values: dict[str, str], errors: dict[str, str], cfg: dict[str, Any]) -> str:
-    """Every field of a table (and of its nested tables) as labelled controls."""
+                values: dict[str, str], errors: dict[str, str], cfg: dict[str, Any],
+                choices: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> str:
+    """Every field of a table (and of its nested tables) as labelled controls; ``choices``
+    are the items (id, label) ``ids_of`` fields offer, by kind (``id_choices``)."""
     switch = any(f.kinds for f in fields) or any(
         s.kinds for table in nested.values() for s in table)
     out = []
     for field in fields:
         subs = row_fields(field)
-        if subs is not None:
+        if field.ids_of:
+            out.append(form_ids(field, (choices or {}).get(field.ids_of, ()),
+                                values.get(field.name, ""), errors.get(field.name)))
+        elif subs is not None:
             out.append(form_rows(field, subs, values, errors, cfg))
-            continue
-        if field.name not in nested:
+        elif field.name not in nested:
             out.append(form_field(field, field.name, values.get(field.name, ""),
                                   errors.get(field.name), cfg, field.kinds,
                                   switch and field.name == "type"))
-            continue
-        inner = "".join(form_field(sub, f"{field.name}.{sub.name}",
-                                   values.get(f"{field.name}.{sub.name}", ""),
-                                   errors.get(f"{field.name}.{sub.name}"), cfg, sub.kinds, False)
-                        for sub in nested[field.name])
-        err = errors.get(field.name)
-        shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
-        out.append(f'<fieldset{shown}><legend>{_esc(field.doc or field.name)}</legend>'
-                   f'{"<p class=err>" + _esc(err) + "</p>" if err else ""}{inner}</fieldset>')
+        else:
+            out.append(form_nested(field, nested[field.name], values, errors, cfg))
     return "".join(out)
+
+
+def form_nested(field: Field, subs: Sequence[Field], values: dict[str, str],
+                errors: dict[str, str], cfg: dict[str, Any]) -> str:
+    """An object field (``apiAuthConfig``, a channel's ``config``) as a fieldset of its own
+    table's controls."""
+    inner = "".join(form_field(sub, f"{field.name}.{sub.name}",
+                               values.get(f"{field.name}.{sub.name}", ""),
+                               errors.get(f"{field.name}.{sub.name}"), cfg, sub.kinds, False)
+                    for sub in subs)
+    err = errors.get(field.name)
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    return (f'<fieldset{shown}><legend>{_esc(field.doc or field.name)}</legend>'
+            f'{"<p class=err>" + _esc(err) + "</p>" if err else ""}{inner}</fieldset>')
 
 
 def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
@@ -10896,7 +10964,8 @@ def _is_cell(path: Sequence[str]) -> bool:
 
 def render_form(v: Visit, action: str, fields: Sequence[Field],
                 nested: dict[str, tuple[Field, ...]], values: dict[str, str],
-                errors: dict[str, str], submit: str, extra: str = "") -> str:
+                errors: dict[str, str], submit: str, extra: str = "",
+                choices: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> str:
     """A whole form: CSRF token, the generated fields, errors no field owns, a button."""
     names = {f.name for f in fields} | {f"{k}.{s.name}" for k, t in nested.items() for s in t}
     stray = [f"{k}: {m}" if k else m for k, m in errors.items()
@@ -10905,7 +10974,7 @@ def render_form(v: Visit, action: str, fields: Sequence[Field],
                ('<p class="notice bad" role="alert">Please correct the fields marked below.</p>'
                 if any(k in names for k in errors) else ""))
     return (f'{summary}<form method="post" action="{_esc(action)}" novalidate>{csrf_input(v)}'
-            f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg)}'
+            f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg, choices)}'
             f'<p><button>{_esc(submit)}</button></p></form>')
 
 
@@ -10998,7 +11067,7 @@ async def _save(v: Visit, res: Resource, form: FormShape, ident: str | None,
                 existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
     method, path = _write_route(res, ident)
-    body = form_body(res.fields, form.nested, v.form, existing)
+    body = form_body(res.fields, form.nested, picked_form(v, res.fields), existing)
     try:
         return await act(v, method, path, {res.param: ident} if ident else {}, body), {}
     except ValidationFailed as exc:
@@ -11028,11 +11097,11 @@ async def resource_form(v: Visit) -> Response:
         saved, errors = await _save(v, res, form, ident, existing)
         if saved is not None:
             return redirect(f"/monitors/{saved['id']}" if key == "monitors" else f"/{key}")
-    values = (dict(v.form) if v.request.method == "POST" else
+    values = (picked_form(v, res.fields) if v.request.method == "POST" else
               form_values(res.fields, form.nested, existing or dict(v.request.query_params)))
     return document(v, title, managed_note(res, existing) + form.chooser + render_form(
-        v, v.request.url.path, form.fields, form.nested, values, errors, "Save", form.hidden),
-        400 if errors else 200)
+        v, v.request.url.path, form.fields, form.nested, values, errors, "Save", form.hidden,
+        await id_choices(v, form.fields)), 400 if errors else 200)
 
 
 async def resource_delete(v: Visit) -> Response:

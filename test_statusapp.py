@@ -7177,7 +7177,8 @@ def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
     assert re.search(r'<span class="st st-none"><span aria-hidden="true">[^<]+</span> '
                      r'Maintenance</span>', overview)
     edit = f"/maintenance/{window['id']}/edit"
-    assert re.search(r'id="f-monitorIds"[^>]*>' + monitor["id"], browser.http.get(edit).text)
+    assert re.search(r'<input type="checkbox" id="f-monitorIds-0" name="monitorIds" value="%s" '
+                     r'checked>db \(WEBSITE\)</label>' % monitor["id"], browser.http.get(edit).text)
     assert browser.post(edit, _window_form(title="Recurring", startsAt="2026-01-04T03:00:00",
                                            endsAt="", recurrence="FREQ=WEEKLY;BYDAY=SU",
                                            durationMinutes="30", timezone="Europe/Berlin")
@@ -7191,6 +7192,49 @@ def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
                         ).status_code == 303
     assert browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api
                             ).status_code == 404
+
+
+def test_a_window_covers_the_monitors_checked_by_name(live):
+    """A list of monitor ids is a checkbox per monitor, by name; the checked ones come back as
+    the list, stay checked when the form is redrawn with an error, and none checked is all."""
+    browser, key = live
+    api = {"X-API-Key": key}
+    made = {name: browser.http.post("/api/v1/monitors", headers=api, json={
+        "name": name, "url": "http://127.0.0.1:9/", "isActive": False, **extra}).json()["id"]
+        for name, extra in (("router", {}), ("NAS", {"type": "PING", "url": "127.0.0.1"}),
+                            ("backup <job>", {}))}
+    form = browser.http.get("/maintenance/new").text
+    picks = re.search(r'<fieldset id="f-monitorIds" [^>]*><legend>Monitors it covers[^<]*'
+                      r'</legend>(.*?)</fieldset>', form, re.S).group(1)
+    assert "None checked: all the team&#x27;s monitors." in picks
+    assert re.findall(r'value="(mon_[^"]+)">([^<]+)</label>', picks) == [
+        (made["backup <job>"], "backup &lt;job&gt; (WEBSITE)"), (made["NAS"], "NAS (PING)"),
+        (made["router"], "router (WEBSITE)")]  # by name, labelled with name and type
+    chosen = [made["NAS"], made["router"]]
+    assert browser.post("/maintenance/new", {**_window_form(), "monitorIds": ["", *chosen]}
+                        ).status_code == 303
+    window = browser.http.get("/api/v1/maintenance-windows", headers=api).json()[
+        "maintenanceWindows"][0]
+    assert sorted(window["monitorIds"]) == sorted(chosen)
+    edit = f"/maintenance/{window['id']}/edit"
+    checked = re.findall(r'value="(mon_[^"]+)" checked>', browser.http.get(edit).text)
+    assert sorted(checked) == sorted(chosen)
+    bad = browser.post(edit, {**_window_form(endsAt="2019-01-01T00:00:00Z"),
+                              "monitorIds": ["", made["router"], made["backup <job>"]]})
+    assert bad.status_code == 400 and 'id="f-endsAt-err"' in bad.text
+    assert sorted(re.findall(r'value="(mon_[^"]+)" checked>', bad.text)) == sorted(
+        [made["router"], made["backup <job>"]])  # what was checked stays checked
+    assert browser.post(edit, {**_window_form(), "monitorIds": ["", made["router"]]}
+                        ).status_code == 303  # NAS unchecked
+    url = f"/api/v1/maintenance-windows/{window['id']}"
+    assert browser.http.get(url, headers=api).json()["monitorIds"] == [made["router"]]
+    assert browser.post(edit, _window_form()).status_code == 303  # none checked
+    assert browser.http.get(url, headers=api).json()["monitorIds"] is None  # all monitors
+    browser.http.put(url, headers=api, json={"monitorIds": [made["router"]]})
+    browser.http.delete(f"/api/v1/monitors/{made['router']}", headers=api)
+    gone = browser.http.get(edit).text  # a deleted monitor's id is shown, not dropped unseen
+    assert re.search(r'value="%s" checked>%s \(unknown id\)</label>' % ((made["router"],) * 2),
+                     gone)
 
 
 def test_a_viewer_cannot_see_or_post_maintenance_and_channel_forms(live):
@@ -7487,13 +7531,17 @@ def test_dashboard_channel_types_and_maintenance_in_a_real_browser(tmp_path):
         driver.find_element(By.LINK_TEXT, "New maintenance window").click()
         wait.until(lambda d: d.find_element(By.ID, "f-title"))
         _fill(driver, title="Disk swap", startsAt="2020-01-01T00:00:00Z",
-              endsAt="2099-01-01T00:00:00Z", monitorIds=monitor["id"])
+              endsAt="2099-01-01T00:00:00Z")
+        driver.find_element(By.XPATH, "//label[.='Database (API)']/input").click()  # by name
         _submit(driver)
         wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Maintenance windows")
         assert "Disk swap" in driver.page_source and "Running" in driver.page_source
         driver.get(srv.url + "/")
         row = wait.until(lambda d: d.find_element(By.XPATH, "//tr[.//a[text()='Database']]"))
         assert row.text.startswith("\u2692 Maintenance")
+        window = httpx.get(srv.url + "/api/v1/maintenance-windows", headers=_as(_owner_key(srv))
+                           ).json()["maintenanceWindows"][0]
+        assert window["monitorIds"] == [monitor["id"]]
     finally:
         driver.quit()
         srv.stop()
