@@ -3919,6 +3919,11 @@ class Heartbeats:
             beat = self._beat(monitor_id)
         return beat
 
+    def known(self, token: str) -> _Beat | None:
+        """The beat a heartbeat id names when it is in memory and current, else None."""
+        beat = self._by_token.get(token)
+        return None if beat is None or beat.stale else beat
+
     async def preload(self) -> None:
         """Load every CRON monitor at start-up, so deadlines missed while down are found."""
         for row in await self.rt.db.fetchall(
@@ -7317,8 +7322,8 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
     is ignored and malformed JSON is kept as text rather than refused.
     """
     text = body.decode("utf-8", "replace").strip()
-    if not text:
-        return None
+    if not text.startswith("{"):  # not a JSON object: kept as it is (None if empty)
+        return text or None
     try:
         data = parse_json(text)
     except ValueError:
@@ -7392,48 +7397,107 @@ def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
 
 
 async def _ping(call: Call, kind: str, exit_code: int | None = None) -> Response:
-    """Record one ping once it is committed; 404 unknown id, 413 big body.  Past the rate limit
-    a success, start or fail still updates the monitor (status, clocks, deadline) but is not
-    logged (answered ``"logged": false``); a throttled log message is refused with 429."""
-    rt, token = call.rt, call.param("heartbeatId")
+    """The heartbeat routes: record one ping once it is committed; 404 unknown id (pings of
+    the monitors already in memory are answered by ``answer_ping`` before routing)."""
+    token = call.param("heartbeatId")
+    beat = await call.rt.heartbeats.find(token)
+    body = await record_ping(call.rt, call.request, beat, token, kind, exit_code)
+    if call.request.method == "HEAD":
+        return Response(status_code=200, headers={"content-type": "application/json"})
+    return Response(body, media_type="application/json")
+
+
+async def record_ping(rt: Runtime, request: Request, beat: _Beat, token: str, kind: str,
+                      exit_code: int | None) -> bytes:
+    """Record one ping once it is committed and return the answer's body; 404 if the beat is
+    no longer this heartbeat id's, 413 big body.  Past the rate limit a success, start or fail
+    still updates the monitor (status, clocks, deadline) but is not logged (answered
+    ``"logged": false``); a throttled log message is refused with 429.  The X-RateLimit
+    headers are left in ``request.state.headers``."""
     hb = rt.heartbeats
-    beat = await hb.find(token)
-    message = ping_message(await read_body(call.request, HEARTBEAT_MAX_BODY),
-                           PING_KINDS[kind].keys)
+    message = ping_message(await read_body(request, HEARTBEAT_MAX_BODY), PING_KINDS[kind].keys)
     logged, headers = hb.admit(beat)
-    call.request.state.headers = headers
+    request.state.headers = headers
     if not logged and kind == "log":
         raise RateLimited("Rate limit exceeded", f"at most {headers['X-RateLimit-Limit']} pings"
                           " per minute per monitor are logged", headers=headers)
-    agent = call.request.headers.get("user-agent", "")[:_AGENT_MAX] or None
+    agent = request.headers.get("user-agent", "")[:_AGENT_MAX] or None
     async with beat.lock:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
         at = now_ms()
-        ping = Ping(kind, message, exit_code, hb.source_ip(call.request), agent, at, logged,
+        ping = Ping(kind, message, exit_code, hb.source_ip(request), agent, at, logged,
                     rt.maintenance.active(beat.account_id, beat.monitor_id, at))
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
     hb.schedule(beat)
-    if call.request.method == "HEAD":
-        return Response(status_code=200, headers={"content-type": "application/json"})
-    return Response(_OK if logged else _OK_NOT_LOGGED, media_type="application/json")
+    return _OK if logged else _OK_NOT_LOGGED
 
 
-def _ping_route(path: str, kind: str, *methods: str) -> None:
+# The heartbeat routes' path suffixes, each with its kind of ping and methods; a suffix of
+# digits is an exit code.
+PING_ROUTES = {"": ("success", ("GET", "POST", "HEAD")), "start": ("start", ("GET", "POST")),
+               "fail": ("fail", ("GET", "POST")), "log": ("log", ("POST",))}
+_EXIT_CODE_METHODS = ("GET", "POST")
+_PING_PREFIX = API_PREFIX + "/heartbeat/"
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+def ping_target(path: str, method: str) -> tuple[str, str, int | None] | None:
+    """The heartbeat id, kind and exit code of a ping the direct path answers (a GET or POST
+    naming a route and an exit code 0-255), else None."""
+    token, slash, suffix = path[len(_PING_PREFIX):].partition("/")
+    if slash and not suffix:
+        return None
+    if suffix.isascii() and suffix.isdigit() and len(suffix) < 4 and method in _EXIT_CODE_METHODS:
+        code = int(suffix)
+        return (token, "success" if code == 0 else "fail", code) if code <= 255 else None
+    kind, methods = PING_ROUTES.get(suffix, ("", ()))
+    return (token, kind, None) if token and method in methods and method != "HEAD" else None
+
+
+async def answer_ping(app: Starlette, scope: dict[str, Any], receive: Any, send: Any) -> bool:
+    """Answer a ping of a heartbeat monitor already in memory without routing or middleware
+    (the heartbeat routes' work and answers, CORS headers included); False (nothing sent) for
+    every other request, which goes through the application as usual."""
+    target = ping_target(scope["path"], scope["method"])
+    rt: Runtime | None = getattr(app.state, "statusapp", None)
+    beat = rt.heartbeats.known(target[0]) if target and rt else None
+    if beat is None or target is None or rt is None:
+        return False
+    scope["app"] = app
+    request = Request(scope, receive)
+    try:
+        body = await record_ping(rt, request, beat, *target)
+    except Exception as exc:
+        response = await on_api_error(request, exc)
+        response.raw_headers.extend(Cors.HEADERS)
+        await response(scope, receive, send)
+        return True
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        _JSON_TYPE, (b"content-length", b"%d" % len(body)), *Cors.HEADERS,
+        *((name.lower().encode(), value.encode()) for name, value in request.state.headers.items())]})
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
+def _ping_route(suffix: str, kind: str, methods: tuple[str, ...]) -> None:
     async def handler(call: Call) -> Response:
         return await _ping(call, kind)
     handler.__name__ = f"heartbeat_{kind}"
-    api(path, *methods, public=True, limit=None, response=PING_SHAPE)(handler)
+    api("/heartbeat/{heartbeatId}" + (suffix and "/" + suffix), *methods, public=True,
+        limit=None, response=PING_SHAPE)(handler)
 
 
-_ping_route("/heartbeat/{heartbeatId}", "success", "GET", "POST", "HEAD")
-_ping_route("/heartbeat/{heartbeatId}/start", "start", "GET", "POST")
-_ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
-_ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
+def _ping_routes() -> None:
+    for suffix, (kind, methods) in PING_ROUTES.items():
+        _ping_route(suffix, kind, methods)
 
 
-@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True, limit=None,
+_ping_routes()
+
+
+@api("/heartbeat/{heartbeatId}/{exitCode:int}", *_EXIT_CODE_METHODS, public=True, limit=None,
       response=PING_SHAPE)
 async def heartbeat_exit_code(call: Call) -> Response:
     """Report a job's exit status: 0 is a success, 1-255 a failure (``curl .../$?``)."""
@@ -11426,6 +11490,16 @@ DASHBOARD_ROUTES.append(Route("/dashboard.css", dashboard_css, methods=["GET"]))
 # --- CLI ---
 
 
+class StatusApp(Starlette):
+    """The ASGI application: heartbeat pings of known monitors are answered first (see
+    answer_ping), everything else by Starlette's middleware and routes."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not (scope["type"] == "http" and scope["path"].startswith(_PING_PREFIX)
+                and await answer_ping(self, scope, receive, send)):
+            await super().__call__(scope, receive, send)
+
+
 def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
     """The ASGI application: every route, the error handler, CORS and the runtime's lifespan."""
     @contextlib.asynccontextmanager
@@ -11438,7 +11512,7 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
         finally:  # after a failed start too: open connections would keep the process alive
             await rt.stop()
 
-    return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES, *DASHBOARD_ROUTES],
+    return StatusApp(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES, *DASHBOARD_ROUTES],
                      lifespan=lifespan,
                      middleware=[Middleware(Cors)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_api_error,
@@ -11453,10 +11527,14 @@ class _Reaping:
     gives a new connection, or one sending its headers or body a byte at a time, all the time
     in the world.  Here, whenever the connection waits for a request (on opening and after each
     response), the request's headers must be complete within ``header_timeout`` seconds, and
-    then its body within as long again, or the connection is closed."""
+    then its body within as long again, or the connection is closed.  One timer per connection
+    follows the latest deadline (re-armed when it fires early), rather than a new timer for each
+    request."""
 
     header_timeout = 10.0
     _deadline: asyncio.TimerHandle | None = None
+    _due = 0.0  # loop time of the latest deadline
+    _awaited: tuple[Any, bool] = (None, False)  # its (cycle, body), as _expire takes them
     cycle: Any  # uvicorn's request-response cycle of the current request
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
@@ -11479,11 +11557,16 @@ class _Reaping:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _set_deadline(self, body: bool) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.cycle,
-                                                  body)
+        self._due, self._awaited = self.loop.time() + self.header_timeout, (self.cycle, body)
+        if self._deadline is None and not self.transport.is_closing():
+            self._deadline = self.loop.call_at(self._due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._deadline = None
+        if self.loop.time() < self._due:
+            self._deadline = self.loop.call_at(self._due, self._on_timer)
+        else:
+            self._expire(*self._awaited)
 
     def _expire(self, cycle: Any, body: bool) -> None:
         """Close if what was awaited never came: a new request's headers (``cycle``, the

@@ -3114,6 +3114,65 @@ def test_heartbeat_exit_code_pings(client):
     assert client.get(url + "/log").status_code == 405
 
 
+def test_heartbeat_pings_of_known_monitors_skip_routing_and_answer_alike(client, monkeypatch):
+    """A ping of a monitor already in memory is answered before routing (answer_ping), with
+    the route's answer: body, content type, CORS and rate-limit headers, and its errors."""
+    routed: list[bool] = []  # a True in turn sends the next ping through the routes
+    answered: list[bool] = []
+    answer = statusapp.answer_ping
+
+    async def switch(*args):
+        answered.append(not routed.pop(0) and await answer(*args))
+        return answered[-1]
+    monkeypatch.setattr(statusapp, "answer_ping", switch)
+    monitor = client.post("/api/v1/monitors", json={"name": "j", "type": "CRON"}).json()
+    url = "/api/v1/heartbeat/" + monitor["heartbeatUrl"].rsplit("/", 1)[1]
+    routed.append(True)
+    assert client.get(url + "/start").status_code == 200  # the route loads the monitor
+
+    def twice(method: str, path: str, body: str) -> list[httpx.Response]:
+        """The same ping through the routes, then answered directly."""
+        routed[:], answered[:] = [True, False], []
+        answers = [client.request(method, path, content=body) for _ in range(2)]
+        assert answered == [False, True]
+        return answers
+
+    def same(answers: list[httpx.Response]) -> None:
+        first, second = ({k: v for k, v in a.headers.items()
+                          if k not in ("x-ratelimit-remaining", "x-ratelimit-reset",
+                                       "retry-after")}
+                         for a in answers)
+        assert first == second and answers[0].content == answers[1].content
+        assert first["access-control-allow-origin"] == "*"
+
+    ok = twice("POST", url, "done")
+    same(ok)
+    assert ok[0].json() == {"message": "OK"} and "x-ratelimit-limit" in ok[0].headers
+    assert [a.headers["x-ratelimit-remaining"] for a in ok] == ["3", "2"]
+    too_big = twice("POST", url + "/log", "x" * 10_241)
+    same(too_big)
+    assert too_big[0].status_code == 413
+    routed[:] = [False, False]
+    assert all(client.post(url + "/log", content="fill").status_code == 200 for _ in "12")
+    throttled = twice("POST", url + "/log", "six")
+    same(throttled)
+    assert throttled[0].status_code == 429
+    beats = client.get(f"/api/v1/monitors/{monitor['id']}/heartbeats").json()["heartbeats"]
+    assert [(b["kind"], b["message"]) for b in beats] == [("log", "fill")] * 2 + [
+        ("success", "done")] * 2 + [("start", None)]
+
+
+@pytest.mark.parametrize("path, method, target", [
+    ("abc", "POST", ("abc", "success", None)), ("abc", "HEAD", None),
+    ("abc/start", "GET", ("abc", "start", None)), ("abc/log", "GET", None),
+    ("abc/log", "POST", ("abc", "log", None)), ("abc/0", "GET", ("abc", "success", 0)),
+    ("abc/255", "POST", ("abc", "fail", 255)), ("abc/256", "GET", None),
+    ("abc/\u00b2", "GET", None), ("abc/", "GET", None), ("abc/start/x", "GET", None),
+    ("", "GET", None), ("abc/other", "GET", None)])
+def test_heartbeat_direct_path_takes_exactly_the_ping_routes(path, method, target):
+    assert statusapp.ping_target("/api/v1/heartbeat/" + path, method) == target
+
+
 def test_heartbeat_source_ip_trusts_forwarded_for_only_from_proxies(tmp_path):
     cfg = make_cfg(tmp_path, server={"trusted_proxies": ["10.0.0.0/8"]})
 
