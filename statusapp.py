@@ -6853,16 +6853,22 @@ _MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tup
      else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
 
 
+@functools.lru_cache(maxsize=64)
+def _monitor_reader(columns: tuple[str, ...]) -> tuple[tuple[str, int, Callable[[Any], Any]
+                                                            | None], ...]:
+    """_MONITOR_READERS with each column's position in rows of these ``columns`` (a Row looks
+    a name up by comparing it with every column name in turn)."""
+    position = {name: n for n, name in enumerate(columns)}
+    return tuple((name, position[column], read) for name, column, read in (
+        ("id", "id", None), *_MONITOR_READERS, ("status", "status", None),
+        ("isPaused", "is_paused", bool), ("heartbeatId", "heartbeat_id", None)))
+
+
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
-    out: dict[str, Any] = {"id": row["id"]}
-    for name, column, read in _MONITOR_READERS:
-        value = row[column]
-        out[name] = value if read is None else read(value)
-    out["status"] = row["status"]
-    out["isPaused"] = bool(row["is_paused"])
-    out["heartbeatId"] = row["heartbeat_id"]
-    return out
+    values = tuple(row)
+    return {name: values[n] if read is None else read(values[n])
+            for name, n, read in _monitor_reader(tuple(row.keys()))}
 
 
 def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str, Any]:
