@@ -5044,11 +5044,11 @@ def _seed_incident(db: str, monitor_id: str, number: int, started: int, resolved
 
 
 # The seeded history of the "api" monitor: (days ago, statuses) -> expected class and hover text.
-_HISTORY = [(1, ["UP", "UP", "DEGRADED", "DOWN"], "major", "75.00% uptime, major outage (1 of 4"),
-            (2, ["DOWN"] + ["UP"] * 199, "minor", "99.50% uptime, minor downtime (1 of 200"),
-            (3, ["UP"] * 3, "ok", "100.00% uptime, no downtime (0 of 3"),
-            (4, ["DOWN"] * 3 + ["UP"] * 97, "partial", "97.00% uptime, partial outage (3 of 100"),
-            (5, ["UP", "DOWN", "DEGRADED"], "major", "66.66% uptime, major outage (1 of 3")]
+_HISTORY = [(1, ["UP", "UP", "DEGRADED", "DOWN"], "major", "75.00% uptime"),
+            (2, ["DOWN"] + ["UP"] * 199, "minor", "99.50% uptime"),
+            (3, ["UP"] * 3, "ok", "100.00% uptime"),
+            (4, ["DOWN"] * 3 + ["UP"] * 97, "partial", "97.00% uptime"),
+            (5, ["UP", "DOWN", "DEGRADED"], "major", "66.66% uptime")]
 _HISTORY_UPTIME = "98.06"  # (3 + 199 + 3 + 97 + 2) / 310 = 98.0645...%, rounded down
 
 
@@ -5214,15 +5214,18 @@ async def test_page_daily_stats_counts_each_utc_day(cfg):
 
 def _bars(page_html: str) -> list[list[tuple[str, str]]]:
     """Per monitor bar: the (class, hover text) of each day, a cell that spans a run of days
-    giving each of them its own class and text."""
+    giving each of them its own class and text (cells are grouped by class)."""
     bars = []
     for svg in re.findall(r'<svg class="bars".*?</svg>', page_html):
+        cells = sorted(
+            (int(x), int(width), level, text)
+            for level, group in re.findall(r'<g class="d-(\w+)">(.*?)</g>', svg)
+            for x, width, text in re.findall(
+                r'<path d="M(\d+) 0h(\d+)v34h-\2"><title>([^<]*)</title></path>', group))
         days: list[tuple[str, str]] = []
-        for x, width, level, text in re.findall(
-                r'<rect x="(\d+)" width="(\d+)" [^>]*class="d-(\w+)"[^>]*><title>([^<]*)</title>',
-                svg):
-            assert int(x) == len(days) * 10  # cells abut, in day order
-            days += [(level, text)] * ((int(width) + 2) // 10)
+        for x, width, level, text in cells:
+            assert x == len(days) * 10  # cells abut, in day order
+            days += [(level, text)] * ((width + 2) // 10)
         bars.append(days)
     return bars
 
@@ -5246,10 +5249,10 @@ def test_page_html_shows_state_bars_and_incidents(client, seeded):
     api_bar, evil_bar, cdn_bar = _bars(page)
     assert len(api_bar) == 90 and api_bar[-1] == ("none", f"{_day_name(0)}: no data")
     for offset, _, level, text in _HISTORY:
-        assert api_bar[89 - offset] == (level, f"{_day_name(offset)}: {text} checks down)")
+        assert api_bar[89 - offset] == (level, f"{_day_name(offset)}: {text}")
     assert sum(level == "none" for level, _ in api_bar) == 85
     assert api_bar[0] == ("none", f"{_day_name(89)} to {_day_name(6)}: no data")  # one cell
-    assert page.count("<rect ") == 7 + 1 + 1  # api: 84 days of no data, 5 seeded, today
+    assert page.count("<path ") == 7 + 1 + 1  # api: 84 days of no data, 5 seeded, today
     assert f"<strong>{_HISTORY_UPTIME}% uptime</strong>" in page
     assert all(level == "none" for level, _ in evil_bar + cdn_bar)
     assert page.count("<strong>No data</strong>") == 2
@@ -5263,6 +5266,18 @@ def test_page_html_shows_state_bars_and_incidents(client, seeded):
     assert "INC-2025-0002: &lt;script&gt;alert(1)&lt;/script&gt; (resolved)" in past
     assert "after 15 min" in past and "Fixed &amp; verified" in past
     assert "INC-2025-0001" not in page and "INC-2025-0004" not in page  # too old; not on page
+
+
+def test_page_bar_cells_are_runs_of_days_at_one_level():
+    def day(name: str, up: int, down: int) -> dict:
+        return {"day": name, "up": up, "down": down, "degraded": 0, "total": up + down,
+                "uptime": statusapp.uptime_percent(up, up + down)}
+    days = [day("d1", 99, 1), day("d2", 199, 1), day("d3", 5, 0), day("d4", 7, 0),
+            day("d5", 0, 0), day("d6", 9, 1), day("d7", 3, 0)]
+    assert statusapp._day_runs(days) == [
+        (0, 2, "minor", "d1 to d2: 99.33% uptime"), (2, 2, "ok", "d3 to d4: no downtime"),
+        (4, 1, "none", "d5: no data"), (5, 1, "major", "d6: 90.00% uptime"),
+        (6, 1, "ok", "d7: 100.00% uptime")]
 
 
 def test_page_escapes_user_text(client, seeded):
