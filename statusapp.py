@@ -48,6 +48,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -6853,22 +6854,27 @@ _MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tup
      else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
 
 
+_MONITOR_FIELDS = (("id", "id", None), *_MONITOR_READERS, ("status", "status", None),
+                   ("isPaused", "is_paused", bool), ("heartbeatId", "heartbeat_id", None))
+
+
 @functools.lru_cache(maxsize=64)
-def _monitor_reader(columns: tuple[str, ...]) -> tuple[tuple[str, int, Callable[[Any], Any]
-                                                            | None], ...]:
-    """_MONITOR_READERS with each column's position in rows of these ``columns`` (a Row looks
-    a name up by comparing it with every column name in turn)."""
+def _monitor_values(columns: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """For rows of these ``columns``: their _MONITOR_FIELDS values, then created_at and
+    updated_at, by position (a Row looks a name up by comparing it with each column name)."""
     position = {name: n for n, name in enumerate(columns)}
-    return tuple((name, position[column], read) for name, column, read in (
-        ("id", "id", None), *_MONITOR_READERS, ("status", "status", None),
-        ("isPaused", "is_paused", bool), ("heartbeatId", "heartbeat_id", None)))
+    return operator.itemgetter(*(position[column] for _, column, _ in _MONITOR_FIELDS),
+                               position["created_at"], position["updated_at"])
+
+
+def _monitor_fields(values: tuple[Any, ...]) -> dict[str, Any]:
+    return {name: value if read is None else read(value)
+            for (name, _, read), value in zip(_MONITOR_FIELDS, values[:-2], strict=True)}
 
 
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
-    values = tuple(row)
-    return {name: values[n] if read is None else read(values[n])
-            for name, n, read in _monitor_reader(tuple(row.keys()))}
+    return _monitor_fields(_monitor_values(tuple(row.keys()))(row))
 
 
 def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -6904,9 +6910,16 @@ async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
 
 
 async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
-    """Monitors as the API returns them: latest check per region, counts, notifications."""
+    """Monitors as the API returns them (see monitors_body)."""
+    return list(json.loads(await monitors_body(rt, rows)))
+
+
+async def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
+    """Monitors as the API returns them, as a JSON array: each one's own fields (encoded once
+    per version of its row, see _monitor_fields_json), latest check per region, counts and
+    notifications."""
     if not rows:
-        return []
+        return "[]"
     ids = [row["id"] for row in rows]
     marks = ",".join("?" * len(ids))
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
@@ -6924,23 +6937,35 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
             f" LEFT JOIN notification_channels c ON c.id = n.channel_id"
             f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
         links[link["monitor_id"]].append(notification_link_json(link))
-    base = rt.cfg["server"]["base_url"]
+    base, values = rt.cfg["server"]["base_url"], _monitor_values(tuple(rows[0].keys()))
     out = []
-    for row in rows:
-        record = monitor_record(row)
-        if rt.maintenance.active(row["account_id"], row["id"]):
-            record["status"] = MAINTENANCE
-        heartbeat = record.pop("heartbeatId")
-        record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
-        record.update({
-            "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
-            "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"]),
-            "checks": latest[row["id"]],
-            "_count": {"checks": row["check_count"], "incidents": incidents.get(row["id"], 0)},
-            "monitorNotifications": links[row["id"]],
-        })
-        out.append(record)
-    return out
+    for row, monitor_id in zip(rows, ids, strict=True):
+        fields = _monitor_fields_json(values(row), base,
+                                      rt.maintenance.active(row["account_id"], monitor_id))
+        out.append(f'{fields},"checks":{json_text(latest[monitor_id])},"_count":{{"checks":'
+                   f'{row["check_count"]},"incidents":{incidents.get(monitor_id, 0)}}},'
+                   f'"monitorNotifications":{json_text(links[monitor_id])}}}')
+    return f"[{','.join(out)}]"
+
+
+def json_text(value: Any) -> str:
+    """JSON as responses carry it (as Starlette's JSONResponse encodes it)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=2048)
+def _monitor_fields_json(values: tuple[Any, ...], base: str, maintenance: bool) -> str:
+    """A monitor's own fields as the API shows them (secrets masked), as a JSON object left
+    open for the rest, from its _monitor_values; cached, as list pages repeat the same rows."""
+    record = _monitor_fields(values)
+    if maintenance:
+        record["status"] = MAINTENANCE
+    heartbeat = record.pop("heartbeatId")
+    record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
+    record.update({
+        "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
+        "createdAt": iso(values[-2]), "updatedAt": iso(values[-1])})
+    return json_text(record)[:-1]
 
 
 def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -7123,7 +7148,7 @@ MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
 
 
 @api("/monitors", "GET", query=MONITOR_QUERY, response=MONITOR_LIST_SHAPE)
-async def list_monitors(call: Call) -> dict[str, Any]:
+async def list_monitors(call: Call) -> Response:
     query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["status"]:
@@ -7143,7 +7168,8 @@ async def list_monitors(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         f"SELECT * FROM monitors WHERE {clause} ORDER BY {order} LIMIT ? OFFSET ?",
         [*params, query["limit"], (query["page"] - 1) * query["limit"]])
-    return {"monitors": await monitors_json(call.rt, rows), "pagination": paginate(total, query)}
+    return Response(f'{{"monitors":{await monitors_body(call.rt, rows)},"pagination":'
+                    f'{json_text(paginate(total, query))}}}', media_type="application/json")
 
 
 @api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)

@@ -714,6 +714,33 @@ def test_pause_toggles_and_delete_cascades(cfg, client):
     assert sql(cfg, "SELECT COUNT(*) FROM monitor_notifications") == [(0,)]
 
 
+def test_list_entries_follow_every_change_and_match_the_single_monitor(cfg, client):
+    """The list encodes a monitor's own fields once per version of its row: an edit, a pause,
+    a maintenance window and a new check each show at once, as GET of the one monitor shows."""
+    monitor = client.post("/api/v1/monitors", json={
+        "name": "a", "url": "http://127.0.0.1:9/", "apiAuthConfig": {
+            "type": "bearer", "token": "tok-0123456789abcdef"}}).json()
+    listed = lambda: client.get("/api/v1/monitors").json()["monitors"][0]
+    assert listed() == listed() == client.get(f"/api/v1/monitors/{monitor['id']}").json()
+    assert listed()["apiAuthConfig"] == {"type": "bearer", "token": "****cdef"}
+    client.put(f"/api/v1/monitors/{monitor['id']}", json={"name": "b"})
+    client.post(f"/api/v1/monitors/{monitor['id']}/pause")
+    assert (listed()["name"], listed()["isPaused"]) == ("b", True)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert client.post("/api/v1/maintenance-windows", json={
+        "title": "w", "startsAt": (now - dt.timedelta(minutes=1)).isoformat(),
+        "endsAt": (now + dt.timedelta(hours=1)).isoformat(),
+        "monitorIds": [monitor["id"]]}).status_code == 201
+    assert listed()["status"] == "MAINTENANCE"
+    counted = listed()["_count"]["checks"]
+    statements = statusapp.check_statements(monitor["id"], "elsewhere",
+                                            statusapp.CheckResult("UP"), statusapp.now_ms())
+    client.portal.call(client.app.state.statusapp.db.write, statements)
+    assert listed()["_count"]["checks"] >= counted + 1
+    assert "elsewhere" in [c["workerRegion"]["id"] for c in listed()["checks"]]
+    assert listed() == client.get(f"/api/v1/monitors/{monitor['id']}").json()
+
+
 def test_tags_and_groups_filter_the_list_and_pause_resume_in_bulk(cfg, client):
     web = create(client, name="web", tags=["prod", {"name": "edge", "color": "#FF0000"}],
                  group="Frontend")
