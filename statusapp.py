@@ -55,7 +55,6 @@ import re
 import secrets
 import signal
 import site
-import smtplib
 import socket
 import sqlite3
 import ssl
@@ -75,28 +74,29 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import aiosqlite
 import click
 import cronsim
 import dateutil.rrule
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 import httpcore
 import httpx
 import icmplib
-import jsonpath_rfc9535 as jsonpath
-import regex
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+# Imported where they are used: dnspython (DNS and DOMAIN checks), regex and the JSONPath
+# package (assertions) and smtplib (EMAIL channels) are not needed by an agent that does not
+# run such checks, and importing them would cost it some 7 MB of memory.
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import jsonpath_rfc9535
 
 VERSION = "1.0.0"
 API_VERSION = "v1"
@@ -991,7 +991,8 @@ class Field:
     that require it.  ``secret`` is True, or the kinds for which the value is secret.
     ``minimum``/``maximum`` bound integers, and string lengths; either may name a config key
     ("probes.min_interval").  ``check(value, record, env)`` validates what bounds cannot, and
-    returns the clean value.  ``kinds`` says which resource kinds use it.
+    returns the clean value.  ``kinds`` says which resource kinds use it.  A ``read_only`` field
+    is a marker only ``statusapp apply`` writes: other requests' values for it are ignored.
     """
 
     name: str
@@ -1006,6 +1007,7 @@ class Field:
     doc: str = ""
     secret: bool | tuple[str, ...] = ()
     items: str | None = None  # an array's element kind
+    read_only: bool = False
 
     @functools.cached_property
     def column(self) -> str:
@@ -1106,10 +1108,14 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     Without ``existing`` this is a create: absent fields take their defaults and required
     fields must be present.  A null sets a field to its default (None when it has none).  With
     ``existing`` (the stored record) only the given fields are returned, but presence rules are
-    checked on the merged record.  Unknown keys are ignored.
+    checked on the merged record.  Unknown keys are ignored, and so are read-only fields unless
+    ``env["markers"]`` (a request from ``statusapp apply``).
     """
     if not isinstance(data, dict):
         raise ValidationFailed([{**type_issue("object", data), "path": list(path)}])
+    if not env.get("markers"):  # read-only markers come only from `statusapp apply`
+        ignored = {spec.name for spec in fields if spec.read_only}
+        data = {k: v for k, v in data.items() if k not in ignored}
     issues: list[dict[str, Any]] = []
     clean: dict[str, Any] = {}
     for spec in fields:
@@ -1516,18 +1522,16 @@ ASSERTION_FIELDS = (
 )
 
 
-class _BoundedJSONPath(jsonpath.JSONPathEnvironment):
+@functools.cache
+def bounded_jsonpath() -> jsonpath_rfc9535.JSONPathEnvironment:
     """RFC 9535 JSONPath without the match() and search() filter functions: they run a regular
     expression with no time limit, so a runaway pattern there could hang the server.  (A
     MATCHES assertion has a limit.)  Queries using them are refused when the monitor is saved."""
-
-    def setup_function_extensions(self) -> None:
-        super().setup_function_extensions()
-        for name in ("match", "search"):
-            del self.function_extensions[name]
-
-
-JSONPATH = _BoundedJSONPath()
+    import jsonpath_rfc9535
+    environment = jsonpath_rfc9535.JSONPathEnvironment()
+    for name in ("match", "search"):
+        del environment.function_extensions[name]
+    return environment
 
 
 def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> ValidationFailed:
@@ -1537,10 +1541,12 @@ def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> Validati
 def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
     """Rules across one assertion's fields: a JSONPath that parses, a regex that compiles and
     a target for every comparison but IS_EMPTY / NOT_EMPTY."""
+    import jsonpath_rfc9535
+    import regex
     if clean["source"] == "JSON_BODY":
         try:
-            JSONPATH.compile(clean["property"])
-        except jsonpath.JSONPathError as exc:
+            bounded_jsonpath().compile(clean["property"])
+        except jsonpath_rfc9535.JSONPathError as exc:
             raise _assertion_issue(path, "property", f"Invalid JSONPath: {exc}") from None
     if clean["comparison"] == "MATCHES":
         try:
@@ -1553,9 +1559,10 @@ def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, A
 
 
 ALL_TYPES = Names(MONITOR_TYPES)
-MANAGED_FIELD = Field("managed", "boolean", default=False,
+APPLY_HEADER = "X-StatusApp-Apply"  # sent by `statusapp apply`: it may write read-only markers
+MANAGED_FIELD = Field("managed", "boolean", default=False, read_only=True,
                       doc="Set by `statusapp apply`: its `--prune` may delete the object")
-DIGEST_FIELD = Field("secretsDigest", "string", maximum=64,
+DIGEST_FIELD = Field("secretsDigest", "string", maximum=64, read_only=True,
                      doc="Set by `statusapp apply`: a digest of the secrets it applied, keyed "
                          "by its API key, so it notices a changed secret")
 HTTP_TYPES = ("WEBSITE", "API")
@@ -1646,6 +1653,8 @@ def field_reference(fields: Sequence[Field]) -> str:
             parts.append(f"min {low}{unit}")
         if f.maximum is not None:
             parts.append(f"max {f.maximum}{unit}")
+        if f.read_only:
+            parts.append(f"read-only (written only with the `{APPLY_HEADER}` header)")
         return "; ".join(parts)
 
     def required(f: Field) -> str:
@@ -2206,14 +2215,22 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
             network_backend=_PinnedBackend(allow_private))
 
 
-def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
+def _nameservers(configured: list[str]) -> list[tuple[str, int]]:
+    """``[probes] dns_nameservers`` as (IP address, port); ValueError for anything else."""
+    addresses = [_split_host_port(ns, 53) for ns in configured]
+    return [(str(ipaddress.ip_address(host)), port) for host, port in addresses]
+
+
+def _make_resolver(nameservers: list[tuple[str, int]]) -> dns.asyncresolver.Resolver:
     """dnspython's resolver on the configured servers, else on /etc/resolv.conf; with neither,
     127.0.0.1, which is what the C library does.  No cache: each check asks afresh."""
+    import dns.asyncresolver
+    import dns.nameserver
+    import dns.resolver
     if nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
-        addresses = [_split_host_port(ns, 53) for ns in nameservers]
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(str(ipaddress.ip_address(host)),
-                                                              port) for host, port in addresses]
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                for host, port in nameservers]
         return resolver
     try:
         return dns.asyncresolver.Resolver()
@@ -2243,7 +2260,7 @@ class ProbeContext:
         self.unverified_ssl_context.check_hostname = False
         self.unverified_ssl_context.verify_mode = ssl.CERT_NONE
         try:
-            self.resolver = _make_resolver(self.settings["dns_nameservers"])
+            self.nameservers = _nameservers(self.settings["dns_nameservers"])
         except ValueError as exc:
             raise ConfigError(f"config: probes.dns_nameservers: {exc}") from None
         try:
@@ -2261,6 +2278,11 @@ class ProbeContext:
                 allowed_domains=[])), trust_env=False)
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._token_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    @functools.cached_property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """The DNS resolver, made for the first DNS or DOMAIN check."""
+        return _make_resolver(self.nameservers)
 
     async def aclose(self) -> None:
         """Close the shared HTTP client's connections."""
@@ -2429,7 +2451,7 @@ def _actual(assertion: dict[str, Any], seen: _Seen) -> Any:
         return seen.headers.get(assertion["property"])
     if source == "TEXT_BODY":
         return seen.text
-    values = JSONPATH.find(assertion["property"], seen.data).values()
+    values = bounded_jsonpath().find(assertion["property"], seen.data).values()
     return values[0] if len(values) == 1 else (values or None)
 
 
@@ -2447,6 +2469,8 @@ def _number(value: Any) -> float | None:
 
 
 async def _matches(pattern: str, text: str) -> bool:
+    import regex
+
     def search() -> bool:
         return regex.search(pattern, text, timeout=_REGEX_TIMEOUT, concurrent=True) is not None
     try:
@@ -2754,6 +2778,8 @@ async def _resolve(ctx: ProbeContext, name: str, rdtype: str, timeout: float) ->
 
 
 def _dns_error(exc: Exception, name: str, rdtype: str) -> tuple[str, str]:
+    import dns.exception
+    import dns.resolver
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return f"{name} does not exist (NXDOMAIN)", "DNS_FAILURE"
     if isinstance(exc, dns.resolver.NoAnswer):
@@ -2783,6 +2809,7 @@ def _dns_matches(expected: str, answers: list[str], rdtype: str) -> bool:
 
 async def probe_dns(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """DNS: resolve one record type; with ``expectedIp``, that value must be in the answer."""
+    import dns.exception
     name = _target_host(monitor.get("url") or "")
     rdtype = (monitor.get("dnsRecord") or "A").upper()
     if not name:
@@ -3082,6 +3109,8 @@ def _show(value: Any) -> str:
 async def _dns_answers(ctx: ProbeContext, name: str, rdtype: str,
                        timeout: float) -> list[str] | None:
     """Sorted answers; [] when the name or record does not exist; None when unknown."""
+    import dns.exception
+    import dns.resolver
     try:
         return sorted(_canonical(a) for a in await _resolve(ctx, name, rdtype, timeout))
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
@@ -4170,9 +4199,16 @@ async def run_verdicts(rt: Runtime) -> None:
 
 # Region liveness.  An agent's region is active while the agent has been in touch within
 # ``[agents] inactive_after`` seconds.  Going silent and coming back each alert once, on the
-# default channels: every active shared notification channel of every team (inline monitor
-# notifications are about one monitor, so they are left out).  ``gone_at`` makes the pair
-# exactly-once: the alert and the flag are written in one transaction.
+# server owner's default channels.  Regions belong to the server, not to a team, so their owner
+# is the server's: the account owning the first team (made on the first run or by the first
+# ``statusapp init``); its default channels are its team's active shared notification channels
+# (inline monitor notifications are about one monitor, so they are left out).  Other teams'
+# channels never hear of regions.  ``gone_at`` makes the pair exactly-once: the alert and the
+# flag are written in one transaction.
+
+_SERVER_OWNER = ("SELECT a.id FROM accounts a JOIN team_members m ON m.team_id = a.id"
+                 " AND m.account_id = a.id AND m.role = 'OWNER' ORDER BY a.created_at, a.id"
+                 " LIMIT 1")
 
 
 def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
@@ -4189,7 +4225,8 @@ def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any
 
 async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], alive: bool,
                         at: int) -> None:
-    """Flip a region's liveness; alert on the default channels when it goes and comes back."""
+    """Flip a region's liveness; alert on the owner's default channels when it goes and
+    comes back."""
     alert = (not alive and region["gone_at"] is None) or (alive and region["gone_at"] is not None)
     await conn.execute("UPDATE worker_regions SET is_active = ?, gone_at = ? WHERE id = ?",
                        (int(alive), None if alive else region["gone_at"] or at, region["id"]))
@@ -4198,7 +4235,7 @@ async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], aliv
     body = _region_alert(region, alive, at)
     channels = await conn.execute_fetchall(
         "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
-        " ORDER BY created_at, id")
+        f" AND account_id = ({_SERVER_OWNER}) ORDER BY created_at, id")
     await conn.executemany(
         "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, delivery_id,"
         " channel_type, config, event, alert, created_at, next_attempt_at)"
@@ -5507,6 +5544,7 @@ _CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=vali
 def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str],
                timeout: float | None) -> None:
     """Blocking SMTP conversation (run in a thread), with SMTP replies mapped to DeliveryError."""
+    import smtplib
     security = smtp["security"]
     context = ssl.create_default_context()
     # typeshed says float, but smtplib passes the timeout to socket, where None means no limit.
@@ -6613,8 +6651,10 @@ class Call:
             raise BadRequest("Malformed JSON body", str(exc)) from None
 
     def env(self, **extra: Any) -> dict[str, Any]:
-        """What validation checks need to know: config and the known worker regions."""
-        return {"cfg": self.rt.cfg, "regions": self.rt.regions, **extra}
+        """What validation checks need to know: config, the known worker regions, and whether
+        read-only markers may be written (a request from ``statusapp apply``)."""
+        return {"cfg": self.rt.cfg, "regions": self.rt.regions,
+                "markers": self.request.headers.get(APPLY_HEADER) == "1", **extra}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -8282,10 +8322,11 @@ MAINTENANCE_FIELDS = (
           doc="Monitors it covers (null or absent: all the team's monitors)"),
     Field("suppressAlerts", "boolean", default=True,
           doc="No incident and no alert while it runs (false: only status and uptime change)"),
+    MANAGED_FIELD,
 )
 
 
-def _window_rules(record: dict[str, Any]) -> None:
+def window_rules(record: dict[str, Any]) -> None:
     """One-off windows need an end after their start; recurring ones a duration."""
     problem = None
     if record.get("recurrence"):
@@ -8345,7 +8386,7 @@ async def get_maintenance_window(call: Call) -> dict[str, Any]:
      status=(201,))
 async def create_maintenance_window(call: Call) -> Response:
     clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call))
-    _window_rules(clean)
+    window_rules(clean)
     row = await create_owned(call, "maintenance_windows", "mw", {
         **column_values(MAINTENANCE_FIELDS, clean), "ends_handled_at": call.rt.maintenance.clock()})
     await call.rt.maintenance.reload()
@@ -8359,7 +8400,7 @@ async def update_maintenance_window(call: Call) -> dict[str, Any]:
                 if k in {f.name for f in MAINTENANCE_FIELDS}}
     clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call),
                      existing=existing)
-    _window_rules({**existing, **clean})
+    window_rules({**existing, **clean})
     await call.rt.db.write([update_statement("maintenance_windows", row["id"],
                                              column_values(MAINTENANCE_FIELDS, clean))])
     await call.rt.maintenance.reload()
@@ -9082,6 +9123,8 @@ def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out[key] = _bound(bound, cfg)
     if spec.default is not None:
         out["default"] = spec.default
+    if spec.read_only:
+        out["readOnly"] = True
     doc = spec.doc
     if not isinstance(spec.required, bool):
         doc = f"{doc} (required for {', '.join(spec.required)})".strip()
@@ -11963,12 +12006,36 @@ def region_list(config_path: str | None, db: str | None) -> None:
 @_options
 @click.argument("region_id")
 def region_remove(config_path: str | None, db: str | None, region_id: str) -> None:
-    """Remove an agent's region: its token stops working at once; its checks are kept."""
+    """Remove an agent's region: its token stops working at once; its checks are kept, and
+    monitors naming it in enabledWorkerRegionIds no longer do.  Refused while a monitor names
+    it as its only region (removing it there would mean every region): edit those first."""
     cfg = _config(config_path, db)
-    if not _write_one(cfg, "DELETE FROM worker_regions WHERE id = ? AND token_hash IS NOT NULL",
-                         (region_id,)):
-        raise click.ClickException(f"no agent region with id {region_id}")
-    click.echo(f"removed {region_id}")
+
+    async def job(database: Database) -> list[str]:
+        async with database.transaction() as conn:
+            naming = await conn.execute_fetchall(
+                "SELECT id, name, enabled_worker_region_ids AS ids FROM monitors WHERE ? IN"
+                " (SELECT value FROM json_each(enabled_worker_region_ids)) ORDER BY id",
+                (region_id,))
+            if not (await conn.execute("DELETE FROM worker_regions WHERE id = ? AND token_hash"
+                                       " IS NOT NULL", (region_id,))).rowcount:
+                raise click.ClickException(f"no agent region with id {region_id}")
+            only = [f"{m['id']} ({m['name']})" for m in naming
+                    if json.loads(m["ids"]) == [region_id]]
+            if only:
+                raise click.ClickException(
+                    f"region {region_id} is the only enabled region of {len(only)} monitor(s):"
+                    f" {', '.join(only)}. Give them other enabledWorkerRegionIds (or [] for"
+                    " every region) first; nothing was removed.")
+            await conn.executemany(
+                "UPDATE monitors SET enabled_worker_region_ids = ? WHERE id = ?",
+                [(json.dumps([r for r in json.loads(m["ids"]) if r != region_id]), m["id"])
+                 for m in naming])
+        return [m["id"] for m in naming]
+
+    edited = _run(cfg, job)
+    click.echo(f"removed {region_id}" + (f"; dropped from the enabledWorkerRegionIds of"
+                                         f" {', '.join(edited)}" if edited else ""))
 
 
 @region.command("rotate-token")
@@ -12062,7 +12129,8 @@ _storage_command("restore", restore_database,
 # JSON) file through the running server's own API, so the server's validation, storage and
 # schedule updates are the ones that run.  The file is validated here first with the same Field
 # tables, so every error is reported with its place before anything changes.  Objects match by
-# name within their kind; those apply creates or adopts are marked ``managed``, and ``--prune``
+# name (a maintenance window by title) within their kind, and refer to monitors and channels by
+# name; those apply creates or adopts are marked ``managed``, and ``--prune``
 # deletes only managed objects the file no longer names.  ``export`` writes the same format,
 # every secret as a ``${NAME}`` reference to the environment (the API never shows secrets).
 
@@ -12078,11 +12146,16 @@ class SetupKind:
     noun: str
     path: str
     fields: tuple[Field, ...]
+    title: str = "name"  # the field that names an object of this kind
+    rules: Callable[[dict[str, Any]], None] | None = None  # checks across fields, after validate
+    empty_differs: tuple[str, ...] = ()  # fields where [] is not null (elsewhere they are alike)
 
 
 SETUP_KINDS = (SetupKind("channels", "channel", "/notifications", CHANNEL_FIELDS),
                SetupKind("monitors", "monitor", "/monitors", MONITOR_FIELDS),
-               SetupKind("statusPages", "status page", "/status-pages", STATUS_PAGE_FIELDS))
+               SetupKind("statusPages", "status page", "/status-pages", STATUS_PAGE_FIELDS),
+               SetupKind("maintenanceWindows", "maintenance window", "/maintenance-windows",
+                         MAINTENANCE_FIELDS, "title", window_rules, ("monitorIds",)))
 
 
 class SetupError(Exception):
@@ -12151,7 +12224,7 @@ class SetupApi:
     def __init__(self, url: str, key: str) -> None:
         self.key = key
         self.http = httpx.Client(base_url=url.rstrip("/") + API_PREFIX, timeout=30,
-                                 headers={"X-API-Key": key})
+                                 headers={"X-API-Key": key, APPLY_HEADER: "1"})
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; an API error comes back as the ApiError it was."""
@@ -12175,15 +12248,17 @@ class SetupApi:
                 rows += data["monitors"]
                 page, pages = page + 1, data["pagination"]["totalPages"]
             return rows
-        if kind.key == "channels":
-            return self.call("GET", kind.path)["channels"]
-        return [self.call("GET", f"{kind.path}/{page['id']}")
-                for page in self.call("GET", kind.path)["statusPages"]]
+        if kind.key == "statusPages":
+            return [self.call("GET", f"{kind.path}/{page['id']}")
+                    for page in self.call("GET", kind.path)["statusPages"]]
+        return self.call("GET", kind.path)[kind.key]
 
 
-def _record(kind: SetupKind, obj: dict[str, Any]) -> dict[str, Any]:
-    """An object as the API shows it, reduced to its kind's fields (in the API's terms)."""
-    record = {f.name: obj.get(f.name) for f in kind.fields}
+def _record(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, str]]
+            ) -> dict[str, Any]:
+    """An object as the API shows it, reduced to its kind's fields (in the API's terms, but a
+    maintenance window's monitors by name, as ``names`` has them)."""
+    record = _window_monitor_names(kind, {f.name: obj.get(f.name) for f in kind.fields}, names)
     if kind.key == "monitors":
         record["notifications"] = [
             {"channelId": n["channelId"], "type": None if n["channelId"] else n["type"],
@@ -12195,22 +12270,41 @@ def _record(kind: SetupKind, obj: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _window_monitor_names(kind: SetupKind, record: dict[str, Any],
+                          names: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """A maintenance window's record with its monitorIds as the names they stand for (the ids
+    of monitors deleted since, which cover nothing, left out)."""
+    if kind.key != "maintenanceWindows" or record.get("monitorIds") is None:
+        return record
+    return {**record, "monitorIds": [names["monitors"][m] for m in record["monitorIds"]
+                                     if m in names["monitors"]]}
+
+
 def _to_api(kind: SetupKind, entry: dict[str, Any], ids: dict[str, dict[str, str]]
             ) -> dict[str, Any]:
     """A file entry in the API's terms: channels and monitors named by name get their ids."""
     body = {**entry, "managed": True}
+    if kind.key == "maintenanceWindows":
+        body = _monitors_by_id(body, ids)
     if kind.key == "monitors" and isinstance(body.get("notifications"), list):
         body["notifications"] = [
             {**{k: v for k, v in n.items() if k != "channel"},
              "channelId": ids["channels"].get(str(n["channel"]), f"(unknown: {n['channel']})")}
             if isinstance(n, dict) and "channel" in n else n for n in body["notifications"]]
     if kind.key == "statusPages" and isinstance(body.get("monitorGroups"), list):
-        body["monitorGroups"] = [
-            {**{k: v for k, v in g.items() if k != "monitors"},
-             "monitorIds": [ids["monitors"].get(str(m), f"(unknown: {m})") for m in g["monitors"]]}
-            if isinstance(g, dict) and isinstance(g.get("monitors"), list) else g
-            for g in body["monitorGroups"]]
+        body["monitorGroups"] = [_monitors_by_id(g, ids) for g in body["monitorGroups"]]
     return body
+
+
+def _monitors_by_id(holder: Any, ids: dict[str, dict[str, str]]) -> Any:
+    """A page group or window naming its ``monitors`` by name, as ``monitorIds`` (anything
+    but a list of names passed on, for validation to report)."""
+    if not isinstance(holder, dict) or "monitors" not in holder:
+        return holder
+    names = holder["monitors"]
+    return {**{k: v for k, v in holder.items() if k != "monitors"}, "monitorIds": [
+        ids["monitors"].get(str(m), f"(unknown: {m})") for m in names]
+        if isinstance(names, list) else names}
 
 
 def _shown(name: str, value: Any, record: dict[str, Any]) -> Any:
@@ -12251,6 +12345,8 @@ def _changed(kind: SetupKind, clean: dict[str, Any], current: dict[str, Any]) ->
     """The fields whose wanted value differs from the stored one (a secret by its masked form;
     a CRON monitor's url left out is the server's heartbeat URL, not a change)."""
     def same(name: str) -> bool:
+        if name in kind.empty_differs:
+            return bool(clean[name] == current[name])
         want, have = clean[name] or None, current[name] or None  # [] and null alike
         return want == have or (_shown(name, want, clean) or None) == have or (
             name == "url" and want is None and clean.get("type") == "CRON")
@@ -12297,14 +12393,14 @@ def _stored_matches(kind: SetupKind, entries: list[dict[str, Any]], objects: lis
     and the problems (a name given twice)."""
     taken: dict[str, dict[str, Any]] = {}
     for obj in sorted(objects, key=lambda o: not o.get("managed")):
-        taken.setdefault(obj["name"], obj)
+        taken.setdefault(obj[kind.title], obj)
     found, problems, seen = {}, [], set()
     for i, entry in enumerate(entries):
-        name = entry.get("name")
+        name = entry.get(kind.title)
         if not isinstance(name, str):
             continue  # validation reports it
         if name in seen:
-            problems.append(f"{kind.key}[{i}].name: {name!r} is named twice in the file")
+            problems.append(f"{kind.key}[{i}].{kind.title}: {name!r} is named twice in the file")
         seen.add(name)
         if name in taken:
             found[i] = taken[name]
@@ -12317,17 +12413,27 @@ def _resolve_names(setup: dict[str, list[dict[str, Any]]],
                               list[str]]:
     """Per kind: each entry's stored object, the id each name stands for (a placeholder for
     an object still to create), and the problems (names given twice)."""
-    ids = {key: {o["name"]: o["id"] for o in objects} for key, objects in stored.items()}
+    ids = {kind.key: {o[kind.title]: o["id"] for o in stored[kind.key]} for kind in SETUP_KINDS}
     matched, problems = {}, []
     for kind in SETUP_KINDS:
         matched[kind.key], found_problems = _stored_matches(kind, setup[kind.key], stored[kind.key])
         problems += found_problems
         for i, entry in enumerate(setup[kind.key]):
+            name = entry.get(kind.title)
             if i in matched[kind.key]:
-                ids[kind.key][entry["name"]] = matched[kind.key][i]["id"]
-            elif isinstance(entry.get("name"), str):
-                ids[kind.key][entry["name"]] = f"(new: {entry['name']})"
+                ids[kind.key][name] = matched[kind.key][i]["id"]
+            elif isinstance(name, str):
+                ids[kind.key][name] = f"(new: {name})"
     return matched, ids, problems
+
+
+def _names(stored: dict[str, list[dict[str, Any]]], ids: dict[str, dict[str, str]]
+           ) -> dict[str, dict[str, str]]:
+    """Per kind, the name each id (or placeholder of an object to create) stands for."""
+    names = {kind.key: {o["id"]: o[kind.title] for o in stored[kind.key]} for kind in SETUP_KINDS}
+    for key, by_name in ids.items():
+        names[key].update({ident: name for name, ident in by_name.items()})
+    return names
 
 
 def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
@@ -12337,7 +12443,8 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
     the file's names stand for (placeholders for objects still to create)."""
     stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
     matched, ids, problems = _resolve_names(setup, stored)
-    env = {"cfg": cfg, "channels": set(ids["channels"].values()),
+    names = _names(stored, ids)
+    env = {"cfg": cfg, "markers": True, "channels": set(ids["channels"].values()),
            "monitors": set(ids["monitors"].values()),
            "regions": {r["id"] for r in api.call("GET", "/worker-regions")["regions"]}}
     steps: list[Step] = []
@@ -12345,28 +12452,34 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
         for i, entry in enumerate(setup[kind.key]):
             try:
                 clean = validate(kind.fields, _to_api(kind, entry, ids), env)
+                if kind.rules:
+                    kind.rules(clean)
             except ValidationFailed as exc:
                 problems += _issue_lines((kind.key, i), exc)
                 continue
             if DIGEST_FIELD in kind.fields:
                 clean[DIGEST_FIELD.name] = secrets_digest(clean, api.key)
-            steps += _entry_step(kind, i, entry, clean, matched[kind.key].get(i), sensitive)
+            steps += _entry_step(kind, i, entry, clean, matched[kind.key].get(i), sensitive,
+                                 names)
     if problems:
         raise SetupError("\n".join(problems))
     if prune:
         named = {kind.key: {o["id"] for o in matched[kind.key].values()} for kind in SETUP_KINDS}
-        steps += [Step("-", kind, o["name"], o["id"]) for kind in reversed(SETUP_KINDS)
+        steps += [Step("-", kind, o[kind.title], o["id"]) for kind in reversed(SETUP_KINDS)
                   for o in stored[kind.key] if o.get("managed") and o["id"] not in named[kind.key]]
     return steps, ids
 
 
 def _entry_step(kind: SetupKind, i: int, entry: dict[str, Any], clean: dict[str, Any],
-                obj: dict[str, Any] | None, sensitive: set[tuple[Any, ...]]) -> list[Step]:
-    """The step one valid file entry needs: create, update, or none."""
+                obj: dict[str, Any] | None, sensitive: set[tuple[Any, ...]],
+                names: dict[str, dict[str, str]]) -> list[Step]:
+    """The step one valid file entry needs: create, update, or none (compared, and shown, with
+    a window's monitors by name)."""
     digest = clean.get(DIGEST_FIELD.name)
     if obj is None:
-        return [Step("+", kind, entry["name"], index=i, entry=entry, digest=digest)]
-    current = _record(kind, obj)
+        return [Step("+", kind, entry[kind.title], index=i, entry=entry, digest=digest)]
+    current = _record(kind, obj, names)
+    clean = _window_monitor_names(kind, clean, names)
     fields = _changed(kind, clean, current)
     if DIGEST_FIELD.name in fields:  # a secret changed, though its masked form may not show it
         fields += [name for name in _SECRET_HOLDERS if clean.get(name) and name not in fields]
@@ -12376,13 +12489,13 @@ def _entry_step(kind: SetupKind, i: int, entry: dict[str, Any], clean: dict[str,
              for line in _shown_change((kind.key, i, name), current[name],
                                        _shown(name, clean[name], clean), sensitive)
              or [f"    {name}: {_HIDDEN}"]]
-    return [Step("~", kind, entry["name"], obj["id"], i, entry, tuple(fields), tuple(lines),
+    return [Step("~", kind, entry[kind.title], obj["id"], i, entry, tuple(fields), tuple(lines),
                  digest)]
 
 
 def apply_steps(api: SetupApi, steps: list[Step], ids: dict[str, dict[str, str]]) -> None:
-    """Carry out the plan: creates and updates in kind order (channels, monitors, pages, so
-    names resolve to the ids just made), then deletes."""
+    """Carry out the plan: creates and updates in kind order (channels, monitors, pages,
+    windows, so names resolve to the ids just made), then deletes."""
     for step in [s for s in steps if s.sign != "-"]:
         assert step.entry is not None
         body = _to_api(step.kind, step.entry, ids)
@@ -12422,8 +12535,8 @@ def _secret_refs(value: Any, secret: Sequence[str], parts: tuple[Any, ...]) -> A
 def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, str]]
               ) -> dict[str, Any]:
     """One stored object as a file entry."""
-    record = _record(kind, obj)
-    label = (kind.noun.split()[-1], obj["name"])
+    record = _record(kind, obj, names)
+    label = (kind.noun.split()[-1], obj[kind.title])
     if kind.key == "channels":
         record["config"] = _secret_refs(record["config"], channel_secrets(obj["type"]),
                                         label)
@@ -12438,8 +12551,12 @@ def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, s
     if kind.key == "statusPages":
         record["monitorGroups"] = [_exported_group(g, names) for g in record["monitorGroups"]]
     defaults = {f.name: f.default for f in kind.fields}
-    return {k: v for k, v in record.items() if v not in (None, []) and v != defaults[k]
-            and k not in (MANAGED_FIELD.name, DIGEST_FIELD.name)}
+    entry = {k: v for k, v in record.items() if v not in (None, []) and v != defaults[k]
+             and k not in (MANAGED_FIELD.name, DIGEST_FIELD.name)}
+    if kind.key == "maintenanceWindows" and record["monitorIds"] is not None:
+        entry = {("monitors" if k == "monitorIds" else k): v for k, v in entry.items()}
+        entry["monitors"] = record["monitorIds"]  # [] (no monitor) differs from absent (all)
+    return entry
 
 
 def _exported_group(group: dict[str, Any], names: dict[str, dict[str, str]]) -> dict[str, Any]:
@@ -12460,9 +12577,10 @@ def _exported_link(link: dict[str, Any], names: dict[str, dict[str, str]],
 
 
 def export_setup(api: SetupApi) -> dict[str, list[dict[str, Any]]]:
-    """The team's channels, monitors and status pages in the setup file's terms."""
+    """The team's channels, monitors, status pages and maintenance windows in the setup file's
+    terms."""
     stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
-    names = {key: {o["id"]: o["name"] for o in objects} for key, objects in stored.items()}
+    names = _names(stored, {})
     return {kind.key: [_exported(kind, o, names) for o in stored[kind.key]]
             for kind in SETUP_KINDS}
 
@@ -12525,7 +12643,8 @@ def _remote(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 def apply_command(config_path: str | None, db: str | None, url: str | None,
                   api_key: str | None, file: str, prune: bool, dry_run: bool) -> None:
-    """Make the team's channels, monitors and status pages match the TOML (or .json) FILE."""
+    """Make the team's channels, monitors, status pages and maintenance windows match the TOML
+    (or .json) FILE."""
     cfg = _config(config_path, db)
     api = _setup_api(cfg, url, api_key)
     try:
@@ -12555,7 +12674,8 @@ def apply_command(config_path: str | None, db: str | None, url: str | None,
               show_default=True, help="The file format.")
 def export_command(config_path: str | None, db: str | None, url: str | None,
                    api_key: str | None, form: str) -> None:
-    """Write the team's channels, monitors and status pages in apply's format to stdout."""
+    """Write the team's channels, monitors, status pages and maintenance windows in apply's
+    format to stdout."""
     api = _setup_api(_config(config_path, db), url, api_key)
     try:
         setup = export_setup(api)

@@ -263,7 +263,9 @@ def test_bad_config_stops_start_up_with_one_line(tmp_path, text, env, message):
 
 
 def test_readme_field_reference_matches_the_validation_table():
-    assert statusapp.field_reference(statusapp.MONITOR_FIELDS) in (HERE / "README.md").read_text()
+    readme = (HERE / "README.md").read_text()
+    for fields in (statusapp.MONITOR_FIELDS, statusapp.MAINTENANCE_FIELDS):
+        assert statusapp.field_reference(fields) in readme
 
 
 def test_example_config_and_readme_are_generated_from_the_config_table():
@@ -555,6 +557,23 @@ def test_echoed_masked_inline_channel_secrets_keep_the_stored_ones(cfg, client):
     assert updated.status_code == 200, updated.text
     stored = sql(cfg, "SELECT config FROM monitor_notifications ORDER BY created_at")
     assert [json.loads(c)["webhookUrl"] for (c,) in stored] == hooks
+
+
+def test_apply_markers_are_read_only_except_to_statusapp_apply(client):
+    window = {"title": "Reboot", "startsAt": "2030-01-01T03:00:00Z",
+              "endsAt": "2030-01-01T04:00:00Z", "managed": True}
+    made = client.post("/api/v1/maintenance-windows", json=window).json()
+    monitor = create(client, managed=True, secretsDigest="forged")
+    assert made["managed"] is False and monitor["managed"] is False
+    assert monitor["secretsDigest"] is None
+    url = f"/api/v1/monitors/{monitor['id']}"
+    assert client.put(url, json={"managed": True}).json()["managed"] is False
+    marked = client.put(url, json={"managed": True}, headers={statusapp.APPLY_HEADER: "1"})
+    assert marked.json()["managed"] is True
+    doc = client.get("/api/v1/openapi.json").json()
+    for path in ("/monitors", "/notifications", "/status-pages", "/maintenance-windows"):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["properties"]["managed"]["readOnly"] is True
 
 
 def test_missing_name_gives_the_spec_issue_exactly(client):
@@ -2615,17 +2634,20 @@ class _RegionTarget(http.server.BaseHTTPRequestHandler):
 
 
 class Agent:
-    """`statusapp agent` as a subprocess with its own state directory."""
+    """`statusapp agent` as a subprocess with its own state directory; ``url``: where it finds
+    the server (default: the server's own URL)."""
 
-    def __init__(self, tmp_path: Path, server: Server, token: str, name: str) -> None:
+    def __init__(self, tmp_path: Path, server: Server, token: str, name: str,
+                 url: str | None = None) -> None:
         self.server, self.token, self.name = server, token, name
+        self.url = url or server.url
         self.state = tmp_path / f"agent-{name}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Agent":
         self.log = open(self.state.parent / f"agent-{self.name}-{time.monotonic_ns()}.err", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "statusapp.py"), "agent", "--server", self.server.url,
+            [sys.executable, str(HERE / "statusapp.py"), "agent", "--server", self.url,
              "--state", str(self.state)], env={**os.environ, "STATUSAPP_AGENT_TOKEN": self.token},
             stderr=self.log, stdout=subprocess.DEVNULL)
         return self
@@ -2645,6 +2667,52 @@ class Agent:
         self.log.close()
 
 
+class _HoldingProxy:
+    """An HTTP relay on loopback between an agent and the server.  While ``hold`` is set, the
+    first batch (POST /agent/results) is passed on and stored by the server, but its answer
+    never goes back: ``held`` gets (batch, the server's answer) and the agent keeps waiting.
+    Every batch passed on is recorded in ``relayed`` as (batch id, the server's answer)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.hold = True
+        self.held: list[tuple[dict, dict]] = []
+        self.relayed: list[tuple[str, dict]] = []
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                answer = httpx.request(self.command, upstream + self.path, headers=headers,
+                                       content=body, timeout=60)
+                if self.path.endswith("/agent/results"):
+                    batch = json.loads(body)
+                    proxy.relayed.append((batch["batchId"], answer.json()))
+                    if proxy.hold and not proxy.held:
+                        proxy.held.append((batch, answer.json()))
+                        proxy.release.wait()  # no answer: the agent is killed meanwhile
+                        return
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("content-type", ""))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = relay
+
+        self.http = _serve(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        _stop(self.http)
+
+
 def _add_region(db: str, region_id: str, *options: str) -> str:
     """`statusapp region add`; the token is the last line it prints."""
     result = CliRunner().invoke(statusapp.cli, ["region", "add", region_id, "--name",
@@ -2654,7 +2722,8 @@ def _add_region(db: str, region_id: str, *options: str) -> str:
 
 
 class Fleet:
-    """The server, its API, the two agents, the target and a webhook channel's receiver."""
+    """The server, its API, the two agents, the target and a webhook channel's receiver; and
+    a second team (not the server's owner) with a webhook channel of its own."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false",
@@ -2663,6 +2732,7 @@ class Fleet:
         self.tokens = {r: _add_region(self.server.db, r, "--city", r.title(), "--country-code",
                                       "US" if r == "east" else "IE") for r in ("east", "west")}
         key = new_key({"server": {"database": self.server.db}})
+        stranger = new_key({"server": {"database": self.server.db}}, "stranger@example.test")
         self.server.start()
         self.api = httpx.Client(base_url=self.server.url + "/api/v1", headers={"X-API-Key": key})
         handler = type("T", (_RegionTarget,), {"blocked": {}, "hits": Counter()})
@@ -2672,6 +2742,11 @@ class Fleet:
         channel = self.api.post("/notifications", json={
             "name": "ops", "type": "WEBHOOK", "config": {"url": self.receiver.url}})
         assert channel.status_code == 201, channel.text
+        self.owner_channel = channel.json()["id"]
+        self.stranger = _NotifyReceiver()
+        assert self.api.post("/notifications", headers={"X-API-Key": stranger}, json={
+            "name": "theirs", "type": "WEBHOOK", "config": {"url": self.stranger.url},
+        }).status_code == 201
         self.agents = {r: Agent(tmp_path, self.server, t, r).start()
                        for r, t in self.tokens.items()}
 
@@ -2703,6 +2778,7 @@ class Fleet:
         self.api.close()
         _stop(self.http)
         self.receiver.close()
+        self.stranger.close()
 
 
 @pytest.fixture(scope="class")
@@ -2822,6 +2898,11 @@ class TestAgentFleet:
                                          " WHERE monitor_id = ?", (west_blocked,))]
         assert "DOWN" not in transitions
         assert fleet.region_alerts("east") == []
+        # Only the server owner's channels were told: the other team's never were.
+        targets = sql({"server": {"database": fleet.server.db}},
+                      "SELECT DISTINCT channel_id FROM alert_outbox WHERE monitor_id IS NULL")
+        assert targets == [(fleet.owner_channel,)]
+        assert fleet.stranger.requests == []
 
 
     def test_buffered_results_survive_server_downtime_and_agent_kill_9_exactly_once(self, fleet):
@@ -2859,6 +2940,48 @@ class TestAgentFleet:
         eventually(lambda: fleet.regions()["east"]["isActive"], 10)
 
 
+def test_an_agent_killed_while_its_batch_is_in_flight_sends_it_again_stored_once(tmp_path):
+    """The server stores a batch, the agent is killed with `kill -9` before the answer reaches
+    it (a relay holds it back), and the restarted agent sends the same batch again: the server
+    acknowledges it without storing anything twice."""
+    server = Server(tmp_path, env={"STATUSAPP_PROBES_LOCAL": "false",
+                                   "STATUSAPP_AGENTS_INACTIVE_AFTER": "2"})  # no long-polls
+    token = _add_region(server.db, "relay")
+    key = new_key({"server": {"database": server.db}})
+    server.start()
+    handler = type("T", (_RegionTarget,), {"blocked": {}, "hits": Counter()})
+    target = _serve(ThreadingHTTPServer(("127.0.0.1", 0), handler))
+    proxy = _HoldingProxy(server.url)
+    agent = Agent(tmp_path, server, token, "relay", url=proxy.url).start()
+    db = {"server": {"database": server.db}}
+    try:
+        created = httpx.post(server.url + "/api/v1/monitors", headers={"X-API-Key": key}, json={
+            "name": "m", "url": f"http://127.0.0.1:{target.server_address[1]}/", "interval": 1})
+        assert created.status_code == 201, created.text
+        batch, answer = eventually(lambda: proxy.held and proxy.held[0], 20)
+        assert answer["stored"] == len(batch["results"]) >= 1  # the server has it
+        assert sql(db, "SELECT COUNT(*) FROM agent_batches WHERE batch_id = ?",
+                   (batch["batchId"],)) == [(1,)]
+        agent.stop(signal.SIGKILL)
+        assert agent.buffered()[0] == batch["batchId"]  # the agent never heard it arrived
+        proxy.hold = False
+        agent = Agent(tmp_path, server, token, "relay", url=proxy.url).start()
+        eventually(lambda: batch["batchId"] not in agent.buffered(), 20)
+        again = [a for b, a in proxy.relayed if b == batch["batchId"]]
+        assert again == [answer, {**answer, "stored": 0}]  # sent again, stored once
+        stamps = [r["checkedAt"] for r in batch["results"]]
+        rows = sql(db, "SELECT agent_checked_at, COUNT(*) FROM checks WHERE region_id = 'relay'"
+                       " AND agent_checked_at IN (SELECT value FROM json_each(?))"
+                       " GROUP BY 1", (json.dumps(stamps),))
+        assert sorted(rows) == sorted((at, 1) for at in stamps)
+        assert sql(db, "SELECT agent_checked_at FROM checks GROUP BY 1 HAVING COUNT(*) > 1") == []
+    finally:
+        agent.stop()
+        proxy.close()
+        _stop(target)
+        server.stop()
+
+
 def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor_reorder(
         tmp_path):
     cfg = make_cfg(tmp_path, probes={"local": False})
@@ -2894,8 +3017,8 @@ def test_a_batch_sent_twice_is_stored_once_and_skewed_clocks_neither_misdate_nor
 
 
 def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key):
-    for region in ("region_us_east", "region_eu_west"):
-        _add_region(cfg["server"]["database"], region)
+    tokens = {r: _add_region(cfg["server"]["database"], r)
+              for r in ("region_us_east", "region_eu_west", "region_ap_south")}
     with _app(cfg, key) as client:
         response = client.post("/api/v1/monitors", json={
             "name": "My API Monitor", "url": "https://api.example.com/health", "type": "API",
@@ -2908,8 +3031,55 @@ def test_the_specs_create_monitor_example_works_with_regions_that_exist(cfg, key
         body = response.json()
         assert body["enabledWorkerRegionIds"] == ["region_us_east", "region_eu_west"]
         assert body["downQuorum"] is None
+        assert {"id", "name", "url", "type", "status", "createdAt", "heartbeatUrl",
+                "monitorNotifications"} <= set(body)
+        assert [n["type"] for n in body["monitorNotifications"]] == ["EMAIL"]
         regions = {r["id"]: r for r in client.get("/api/v1/worker-regions").json()["regions"]}
         assert regions["region_us_east"]["isAgent"] and not regions["region_us_east"]["isActive"]
+
+        def given_to(region: str) -> list[str]:
+            sync = client.get("/api/v1/agent/monitors", headers={
+                "Authorization": f"Bearer {tokens[region]}", "X-API-Key": ""})
+            assert sync.status_code == 200, sync.text
+            return [m["record"]["id"] for m in sync.json()["monitors"]]
+
+        # The agents of the two named regions probe it; a third region's agent does not.
+        assert given_to("region_us_east") == given_to("region_eu_west") == [body["id"]]
+        assert given_to("region_ap_south") == []
+
+
+def test_removing_a_region_drops_it_from_monitors_but_not_from_their_only_region(cfg, key):
+    db = cfg["server"]["database"]
+    for region in ("home", "vps"):
+        _add_region(db, region)
+    with _app(cfg, key) as client:
+        def create(regions: list[str]) -> str:
+            response = client.post("/api/v1/monitors", json={
+                "name": f"m {regions}", "url": "http://127.0.0.1:9/",
+                "enabledWorkerRegionIds": regions})
+            assert response.status_code == 201, response.text
+            return response.json()["id"]
+
+        both, home_only, everywhere = create(["home", "vps"]), create(["home"]), create([])
+
+        def regions_of(monitor_id: str) -> list[str]:
+            return client.get(f"/api/v1/monitors/{monitor_id}").json()["enabledWorkerRegionIds"]
+
+        refused = CliRunner().invoke(statusapp.cli, ["region", "remove", "home", "--db", db])
+        assert refused.exit_code == 1 and home_only in refused.output
+        assert "only enabled region" in refused.output and both not in refused.output
+        assert regions_of(both) == ["home", "vps"]  # nothing was removed
+        assert "home" in cli(cfg, "region", "list")
+        assert client.put(f"/api/v1/monitors/{home_only}", json={
+            "enabledWorkerRegionIds": ["vps"]}).status_code == 200
+        removed = cli(cfg, "region", "remove", "home")
+        assert both in removed and home_only not in removed and everywhere not in removed
+        assert "home" not in cli(cfg, "region", "list")
+        assert [regions_of(m) for m in (both, home_only, everywhere)] == [["vps"], ["vps"], []]
+        edited = client.put(f"/api/v1/monitors/{both}", json={"name": "still editable"})
+        assert edited.status_code == 200, edited.text
+    missing = CliRunner().invoke(statusapp.cli, ["region", "remove", "home", "--db", db])
+    assert missing.exit_code == 1 and "no agent region with id home" in missing.output
 
 
 def test_agents_with_clocks_5_minutes_off_neither_misdate_nor_reorder(tmp_path, monkeypatch):
@@ -2966,6 +3136,20 @@ def test_agent_buffer_is_bounded_ordered_and_survives_reopening(tmp_path):
     assert reopened.oldest()[2][0]["n"] == 2 and reopened.oldest()[1] != batch_id
     reopened.close()
 
+
+def test_an_agent_loads_neither_dnspython_nor_assertion_or_email_packages_until_used(tmp_path):
+    """What an idle agent holds in memory: the module and its ProbeContext leave dnspython,
+    regex, the JSONPath package and smtplib unimported (some 7 MB) until a check needs them."""
+    code = ("import sys, statusapp\n"
+            "cfg = statusapp.load_config(None, {})\n"
+            "ctx = statusapp.ProbeContext(cfg)\n"
+            "heavy = ('dns', 'regex', 'jsonpath_rfc9535', 'smtplib')\n"
+            "print(' '.join(m for m in heavy if m in sys.modules))\n"
+            "ctx.resolver\n"
+            "print('dns' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == ["", "True"]
 
 @pytest.mark.parametrize("statuses, regions, quorum, expected", [
     (["DOWN", "DOWN"], 2, None, "DOWN"),
@@ -6498,7 +6682,9 @@ def test_every_field_of_every_table_refuses_each_wrong_json_type_with_a_400(cfg,
         for field in table:
             for value in _wrong_values(field):
                 body, path = body_for(field, value)
-                response = client.request(method, url, json=body, headers=_auth_for(url, real))
+                marker = {statusapp.APPLY_HEADER: "1"} if field.read_only else {}  # else ignored
+                response = client.request(method, url, json=body,
+                                          headers={**_auth_for(url, real), **marker})
                 issues = response.json()["error"] if response.status_code == 400 else []
                 typed = [i for i in issues if isinstance(issues, list) and i["path"] == path]
                 expected = "integer" if value == 1.5 and field.kind == "integer" else (
@@ -7323,6 +7509,22 @@ slug = "home"
 monitorGroups = [{ name = "Core", monitors = ["NAS", "backup job"] }]
 """
 TG_TOKEN = "123456:secret-token-one"
+WINDOWS = """
+[[maintenanceWindows]]
+title = "Sunday reboot"
+startsAt = "2026-01-04T03:00:00"
+recurrence = "FREQ=WEEKLY;BYDAY=SU"
+timezone = "Europe/Berlin"
+durationMinutes = 30
+monitors = ["NAS"]
+
+[[maintenanceWindows]]
+title = "Moving house"
+description = "Everything is off"
+startsAt = "2030-05-01T08:00:00Z"
+endsAt = "2030-05-01T18:00:00Z"
+suppressAlerts = false
+"""
 
 
 @pytest.fixture(scope="module")
@@ -7389,6 +7591,47 @@ def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
     assert "statusPages[1]: This slug is already in use" in failed
 
 
+def test_apply_manages_maintenance_windows_by_title_with_monitors_by_name(server, tmp_path):
+    key = _owner_key(server)
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key})
+    file = tmp_path / "statusapp.toml"
+    file.write_text(SETUP + WINDOWS)
+    dry = setup_cli(server, key, "apply", str(file), "--dry-run")
+    assert "+ create maintenance window 'Sunday reboot'" in dry
+    assert "Plan: 6 to create, 0 to update, 0 to delete." in dry
+    assert api.get("/maintenance-windows").json()["maintenanceWindows"] == []
+    setup_cli(server, key, "apply", str(file))
+    monitors = {m["name"]: m["id"] for m in api.get("/monitors").json()["monitors"]}
+    windows = {w["title"]: w for w in api.get("/maintenance-windows").json()["maintenanceWindows"]}
+    reboot, moving = windows["Sunday reboot"], windows["Moving house"]
+    assert reboot["monitorIds"] == [monitors["NAS"]] and reboot["managed"] is True
+    assert (reboot["timezone"], reboot["durationMinutes"]) == ("Europe/Berlin", 30)
+    assert moving["monitorIds"] is None and moving["suppressAlerts"] is False
+    assert setup_cli(server, key, "apply", str(file)).startswith("No changes")
+
+    by_hand = api.post("/maintenance-windows", json={
+        "title": "by hand", "startsAt": "2030-01-01T00:00:00Z", "endsAt": "2030-01-02T00:00:00Z"})
+    assert by_hand.json()["managed"] is False
+    file.write_text(SETUP + WINDOWS.split("[[maintenanceWindows]]\ntitle = \"Moving")[0].replace(
+        "durationMinutes = 30", "durationMinutes = 45").replace('["NAS"]', '["NAS", "backup job"]'))
+    pruned = setup_cli(server, key, "apply", str(file), "--prune")
+    assert pruned.splitlines()[:4] == [
+        "~ update maintenance window 'Sunday reboot'", "    durationMinutes: 30 -> 45",
+        '    monitorIds: ["NAS"] -> ["NAS", "backup job"]',
+        "- delete maintenance window 'Moving house'"]
+    windows = {w["title"]: w for w in api.get("/maintenance-windows").json()["maintenanceWindows"]}
+    assert set(windows) == {"Sunday reboot", "by hand"}
+    assert windows["Sunday reboot"]["monitorIds"] == [monitors["NAS"], monitors["backup job"]]
+    assert setup_cli(server, key, "apply", str(file), "--prune").startswith("No changes")
+    file.write_text(file.read_text().replace('monitors = ["NAS", "backup job"]\n',
+                                             "monitors = []\n"))
+    emptied = setup_cli(server, key, "apply", str(file))
+    assert '    monitorIds: ["NAS", "backup job"] -> []\n' in emptied
+    file.write_text(file.read_text().replace("monitors = []\n", ""))
+    assert "    monitorIds: [] -> null\n" in setup_cli(server, key, "apply", str(file))
+    assert api.get(f"/maintenance-windows/{reboot['id']}").json()["monitorIds"] is None
+
+
 @pytest.mark.parametrize("text, lines", [
     (SETUP.replace("interval = 120", "interval = 5").replace('url = "http://127.0.0.1:9/"\n', "")
      .replace('"42"', "42.5"),
@@ -7405,6 +7648,13 @@ def test_apply_plans_creates_updates_prunes_and_is_idempotent(server, tmp_path):
     ("[monitors]\nname = 1\n[alerts]\n", ["alerts: unknown section", "monitors: must be an array"]),
     ('[[monitors]]\nname = ["a"]\n', ["monitors[0].name: Expected string, received array"]),
     ("[[monitors]\n", ["bad.toml: "]),
+    (SETUP + WINDOWS.replace('"2030-05-01T18:00:00Z"', '"2030-05-01T07:00:00Z"').replace(
+        'durationMinutes = 30\nmonitors = ["NAS"]', 'monitors = ["nope"]'),
+     ["maintenanceWindows[0].monitorIds: Unknown monitor id(s): (unknown: nope)",
+      "maintenanceWindows[1].endsAt: endsAt must be after startsAt"]),
+    (SETUP + WINDOWS.replace('durationMinutes = 30\n', "").replace("Moving house", "Sunday reboot"),
+     ["maintenanceWindows[1].title: 'Sunday reboot' is named twice in the file",
+      "maintenanceWindows[0].durationMinutes: A recurring window needs durationMinutes"]),
 ])
 def test_apply_reports_every_error_with_its_place_and_changes_nothing(untouched_server, tmp_path,
                                                                       text, lines):
@@ -7439,14 +7689,30 @@ httpMethod = "POST"
 requestHeaders = '{"X-Env": "lab"}'
 apiAuthConfig = { type = "bearer", token = "${API_TOKEN}" }
 notifications = [{ type = "WEBHOOK", config = { url = "http://127.0.0.1:9/hook" }, enabled = false }]
+""" + WINDOWS + """
+[[maintenanceWindows]]
+title = "covers no monitor"
+startsAt = "2030-06-01T08:00:00Z"
+endsAt = "2030-06-01T09:00:00Z"
+monitors = []
 """)
     setup_cli(server, key, "apply", str(file), API_TOKEN="bearer-token-abcdef")
+    api = httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": key})
+    gone = api.post("/monitors", json={"name": "gone", "url": "http://127.0.0.1:9/"}).json()["id"]
+    window = api.get("/maintenance-windows").json()["maintenanceWindows"][0]
+    covered = api.put(f"/maintenance-windows/{window['id']}",
+                      json={"monitorIds": [*window["monitorIds"], gone]}).json()["monitorIds"]
+    api.delete(f"/monitors/{gone}")  # the window keeps its id, which covers nothing now
+    assert covered[-1] == gone == api.get("/maintenance-windows").json()[
+        "maintenanceWindows"][0]["monitorIds"][-1]
     exported = setup_cli(server, key, "export")
     as_json = json.loads(setup_cli(server, key, "export", "--format", "json"))
     assert tomllib.loads(exported) == as_json
     assert as_json["channels"][0]["config"]["botToken"] == "${CHANNEL_PHONE_BOT_TOKEN}"
     assert as_json["monitors"][2]["apiAuthConfig"]["token"] == "${MONITOR_API_QUOTED_TOKEN}"
     assert as_json["statusPages"][0]["monitorGroups"][0]["monitors"] == ["NAS", "backup job"]
+    assert [w.get("monitors") for w in as_json["maintenanceWindows"]] == [["NAS"], None, []]
+    assert as_json["maintenanceWindows"][1]["suppressAlerts"] is False
     secrets = {"CHANNEL_PHONE_BOT_TOKEN": TG_TOKEN, "MONITOR_API_QUOTED_TOKEN": "bearer-token-abcdef"}
     (tmp_path / "exported.toml").write_text(exported)
     (tmp_path / "exported.json").write_text(json.dumps(as_json))
