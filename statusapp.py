@@ -6988,9 +6988,13 @@ async def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
     return f"[{','.join(out)}]"
 
 
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def json_text(value: Any) -> str:
-    """JSON as responses carry it (as Starlette's JSONResponse encodes it)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """JSON as responses carry it (as Starlette's JSONResponse encodes it), by one encoder
+    (``json.dumps`` with options makes a new one each call)."""
+    return _JSON_ENCODER.encode(value)
 
 
 @functools.lru_cache(maxsize=2048)
