@@ -1309,24 +1309,34 @@ def valid_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
     return value
 
 
-def each(fields: Sequence[Field], kind_field: str = "type",
-         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
-         ) -> Callable[..., Any]:
+@dataclass(frozen=True)
+class Each:
     """A ``check`` that validates every element of an array against a Field table (and
-    ``then(clean, path)``, for rules across an element's fields)."""
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
+    ``then(clean, path)``, for rules across an element's fields).  The table stays readable,
+    so the dashboard can edit such an array as rows of inputs."""
+
+    fields: tuple[Field, ...]
+    kind_field: str = "type"
+    then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+
+    def __call__(self, value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
         out, issues = [], []
         for i, item in enumerate(value):
             where = (*env["path"], i)
             try:
-                clean = validate(fields, item, env, kind_field=kind_field, path=where)
-                out.append(then(clean, where) if then else clean)
+                clean = validate(self.fields, item, env, kind_field=self.kind_field, path=where)
+                out.append(self.then(clean, where) if self.then else clean)
             except ValidationFailed as exc:
                 issues.extend(exc.issues)
         if issues:
             raise ValidationFailed(issues)
         return out
-    return check
+
+
+def each(fields: Sequence[Field], kind_field: str = "type",
+         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+         ) -> Each:
+    return Each(tuple(fields), kind_field, then)
 
 
 class Names(Collection[str]):
@@ -10370,12 +10380,17 @@ class Visit:
             raise Unauthorized("Sign in first", "no session")
         return self.session.who
 
+    def require(self, method: str, path: str) -> None:
+        """Refuse, with the API's own check and message, a person who may not call the API
+        route ``method path``."""
+        _, public, role, _ = API_HANDLERS[(method, path)]
+        if not public:
+            authorize(self.who, method, role)
+
     def may(self, method: str, path: str) -> bool:
         """Whether the person may call an API route (what decides which buttons show)."""
-        _, public, role, _ = API_HANDLERS[(method, path)]
         try:
-            if not public:
-                authorize(self.who, method, role)
+            self.require(method, path)
         except ApiError:
             return False
         return True
@@ -10388,10 +10403,9 @@ async def act(v: Visit, method: str, path: str, params: dict[str, str] | None = 
               body: Any = None, query: dict[str, Any] | None = None) -> Any:
     """Call the API handler of ``method path`` as the signed-in person (public routes as
     anyone), with the API's own permission check; returns its JSON answer."""
-    handler, public, role, table = API_HANDLERS[(method, path)]
+    handler, public, _, table = API_HANDLERS[(method, path)]
+    v.require(method, path)
     who = None if public else v.who
-    if who is not None:
-        authorize(who, method, role)
     query_string = urllib.parse.urlencode({k: val for k, val in (query or {}).items()
                                            if val not in (None, "")})
     scope = {**v.request.scope, "method": method, "path_params": params or {},
@@ -10505,6 +10519,8 @@ input[type=checkbox]{width:auto;margin-right:.5rem}
 label.check{display:flex;align-items:center;font-weight:600}
 .row label{margin:0}.row input,.row select{width:auto}
 fieldset{border:1px solid var(--line);border-radius:.5rem;margin:1rem 0;max-width:38rem}
+fieldset.rows{max-width:60rem}.scroll{overflow-x:auto}.rows td{padding:.2rem}
+.rows input,.rows select{min-width:7rem}
 .err{color:var(--down);font-weight:600;margin:.25rem 0}
 [aria-invalid=true]{border-color:var(--down);border-width:2px}
 .notice{border-left:.3rem solid var(--accent);padding:.5rem 1rem;background:var(--card);
@@ -10527,7 +10543,8 @@ pre{white-space:pre-wrap;background:var(--bg);padding:.5rem;border-radius:.375re
 th,td{padding:.3rem}}
 """
 DASHBOARD_CSS_URL = f"/dashboard.css?v={hashlib.sha256(DASHBOARD_CSS.encode()).hexdigest()[:12]}"
-# Copy buttons, the form's type switch and live refresh; the page works without it.
+# Copy buttons, the form's type switch, submitting a type chooser on change and live
+# refresh; the page works without it.
 DASHBOARD_JS = """
 function wire(root){root.querySelectorAll("[data-copy]").forEach(function(b){b.hidden=false;
 b.onclick=function(){navigator.clipboard.writeText(document.getElementById(b.dataset.copy)
@@ -10537,6 +10554,8 @@ var kind=document.querySelector("[data-kind-select]");
 function showKinds(){document.querySelectorAll("[data-kinds]").forEach(function(e){
 e.hidden=e.dataset.kinds.split(" ").indexOf(kind.value)<0;});}
 if(kind){kind.addEventListener("change",showKinds);showKinds();}
+document.querySelectorAll("form[data-autosubmit] select").forEach(function(s){
+s.addEventListener("change",function(){s.form.submit();});});
 var every=document.body.dataset.refresh;
 if(every){setInterval(function(){fetch(location.href,{credentials:"same-origin"})
 .then(function(r){return r.text();}).then(function(t){var d=new DOMParser()
@@ -10554,10 +10573,11 @@ DASHBOARD_HEADERS = {
 # A state as text and an icon (never colour alone): state -> (icon, label, class)
 STATE_LOOK = {"UP": ("\u2714", "Up", "up"), "DOWN": ("\u2716", "Down", "down"),
               "DEGRADED": ("\u26a0", "Degraded", "degraded"), "PENDING": ("\u2026", "Pending", "none"),
-              "PAUSED": ("\u23f8", "Paused", "none")}
+              "PAUSED": ("\u23f8", "Paused", "none"),
+              MAINTENANCE: ("\u2692", "Maintenance", "none")}
 NAV = (("/", "Overview"), ("/incidents", "Incidents"), ("/channels", "Channels"),
-       ("/webhooks", "Webhooks"), ("/pages", "Status pages"), ("/team", "Team"),
-       ("/keys", "API keys"), ("/account", "Account"))
+       ("/webhooks", "Webhooks"), ("/pages", "Status pages"), ("/maintenance", "Maintenance"),
+       ("/team", "Team"), ("/keys", "API keys"), ("/account", "Account"))
 
 
 def state_html(state: str) -> str:
@@ -10628,10 +10648,11 @@ def table(head: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str
 def pager(v: Visit, pagination: dict[str, int]) -> str:
     """Previous/next links keeping the other query parameters."""
     links = []
-    for page, text in ((pagination["page"] - 1, "Previous"), (pagination["page"] + 1, "Next")):
+    for page, text, rel in ((pagination["page"] - 1, "Previous", "prev"),
+                            (pagination["page"] + 1, "Next", "next")):
         if 1 <= page <= pagination["totalPages"]:
             query = urllib.parse.urlencode({**v.request.query_params, "page": page})
-            links.append(f'<a href="?{_esc(query)}">{text}</a>')
+            links.append(f'<a href="?{_esc(query)}" rel="{rel}">{text}</a>')
     return (f'<p class="row"><span class="muted">Page {pagination["page"]} of '
             f'{pagination["totalPages"]} ({pagination["total"]} in all)</span>'
             f'{" ".join(links)}</p>')
@@ -10729,13 +10750,79 @@ def form_value(field: Field, raw: str) -> Any:
         return raw
 
 
+# An array of flat objects (an Each check over fields of these kinds, such as a monitor's
+# assertions) is edited as rows of inputs, ROW_SPARE empty rows below to add to it.
+_ROW_KINDS = ("string", "integer", "number")
+ROW_SPARE = 3
+
+
+def row_fields(field: Field) -> tuple[Field, ...] | None:
+    """The element table of an array edited as rows; None for other fields."""
+    check = field.check
+    if field.kind == "array" and isinstance(check, Each) and all(
+            f.kind in _ROW_KINDS for f in check.fields):
+        return check.fields
+    return None
+
+
+def _row_numbers(name: str, form: dict[str, str]) -> list[int]:
+    """The row numbers of the inputs ``name.N.sub`` that hold text."""
+    return [int(parts[1]) for key, text in form.items()
+            if text.strip() and len(parts := key.split(".")) == 3 and parts[0] == name
+            and parts[1].isdigit()]
+
+
+def rows_value(name: str, subs: Sequence[Field], form: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows typed for an array of objects; a row left blank is no element."""
+    out = []
+    for i in sorted(set(_row_numbers(name, form))):
+        row = {sub.name: form_value(sub, form.get(f"{name}.{i}.{sub.name}", "")) for sub in subs}
+        out.append({k: x for k, x in row.items() if x is not None})
+    return out
+
+
+def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str],
+              errors: dict[str, str], cfg: dict[str, Any]) -> str:
+    """An array of objects as a table: a row of inputs per element (each with its error),
+    then empty rows."""
+    words = {sub.name: _snake_case(sub.name).replace("_", " ").capitalize() for sub in subs}
+    head = "".join(f"<th scope=col>{_esc(words[sub.name])}</th>" for sub in subs)
+    rows = []
+    for i in range(max(_row_numbers(field.name, values), default=-1) + 1 + ROW_SPARE):
+        cells = []
+        for sub in subs:  # any input may be left blank: a blank row is no element
+            name = f"{field.name}.{i}.{sub.name}"
+            ident, wrong = _ident(name), errors.get(name)
+            extra = f' aria-invalid="true" aria-describedby="{ident}-err"' if wrong else ""
+            control = _input(dataclasses.replace(sub, required=False), name, ident,
+                             values.get(name, ""), extra, cfg)
+            cells.append(f'<td><label class="sr" for="{ident}">{_esc(words[sub.name])} of row '
+                         f'{i + 1}</label>{control}' + (f'<p class="err" id="{ident}-err">'
+                                                        f'{_esc(wrong)}</p>' if wrong else "")
+                         + "</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    notes = "".join(f"<li>{_esc(words[sub.name])}: {_esc(sub.doc)}</li>" for sub in subs)
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    error = errors.get(field.name)  # said in its row's cell when it is an element's
+    cells_say = any(k.startswith(f"{field.name}.") for k in errors)
+    err = f'<p class="err">{_esc(error)}</p>' if error and not cells_say else ""
+    return (f'<fieldset class="rows"{shown}><legend>{_esc(field.doc or field.name)}</legend>'
+            f'{err}<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
+            f'{"".join(rows)}</tbody></table></div><ul class="hint">{notes}<li>Leave a row '
+            f'blank to remove it; save to get more empty rows.</li></ul></fieldset>')
+
+
 def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
               form: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
     """A request body from a submitted form.  On an edit, an empty input of a field that had
     no value is left out (a secret the API never shows stays as it is)."""
     body: dict[str, Any] = {}
     for field in fields:
-        if field.name in nested:
+        subs = row_fields(field)
+        value: Any
+        if subs is not None and any(k.startswith(f"{field.name}.") for k in form):
+            value = rows_value(field.name, subs, form)
+        elif field.name in nested:
             parts = {sub.name: form_value(sub, form.get(f"{field.name}.{sub.name}", ""))
                      for sub in nested[field.name] if f"{field.name}.{sub.name}" in form}
             value = {k: x for k, x in parts.items() if x is not None} or None
@@ -10797,10 +10884,15 @@ def _input(field: Field, name: str, ident: str, text: str, extra: str,
     return f'<input type="{kind}" {attrs} value="{_esc(text)}"{bounds}{step} autocomplete="off">'
 
 
+def _ident(name: str) -> str:
+    """The element id of an input name."""
+    return "f-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
 def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[str, Any],
                kinds: tuple[str, ...] | None, kind_select: bool) -> str:
     """One labelled control with its hint and its error (announced and linked)."""
-    ident = "f-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    ident = _ident(name)
     described = f"{ident}-hint" + (f" {ident}-err" if error else "")
     extra = f' aria-describedby="{described}"' + (' aria-invalid="true"' if error else "")
     if kind_select:
@@ -10826,6 +10918,10 @@ def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
         s.kinds for table in nested.values() for s in table)
     out = []
     for field in fields:
+        subs = row_fields(field)
+        if subs is not None:
+            out.append(form_rows(field, subs, values, errors, cfg))
+            continue
         if field.name not in nested:
             out.append(form_field(field, field.name, values.get(field.name, ""),
                                   errors.get(field.name), cfg, field.kinds,
@@ -10848,7 +10944,11 @@ def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
     values = {}
     for field in fields:
         value = record.get(field.name, field.default)
-        if field.name in nested:
+        subs = row_fields(field)
+        if subs is not None:
+            values.update({f"{field.name}.{i}.{sub.name}": form_text(sub, item.get(sub.name))
+                           for i, item in enumerate(value or []) for sub in subs})
+        elif field.name in nested:
             for sub in nested[field.name]:
                 values[f"{field.name}.{sub.name}"] = form_text(sub, (value or {}).get(sub.name))
         else:
@@ -10857,7 +10957,8 @@ def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
 
 
 def issue_errors(exc: ValidationFailed) -> dict[str, str]:
-    """Validation issues by input name (``config.emails``; deeper paths by their field)."""
+    """Validation issues by input name (``config.emails``; deeper paths by their field, and
+    an element's field also by its row input's name, ``assertions.0.target``)."""
     errors: dict[str, str] = {}
     for issue in exc.issues:
         path = [str(p) for p in issue["path"]]
@@ -10865,7 +10966,14 @@ def issue_errors(exc: ValidationFailed) -> dict[str, str]:
             ".".join(path[:1])
         message = issue["message"] + (f" (at {'.'.join(path[1:])})" if len(path) > 2 else "")
         errors.setdefault(where or "", message)
+        if _is_cell(path):
+            errors.setdefault(".".join(path), issue["message"])
     return errors
+
+
+def _is_cell(path: Sequence[str]) -> bool:
+    """Whether a path names a field of an array's element: ``[array, N, field]``."""
+    return len(path) == 3 and path[1].isdigit()
 
 
 def render_form(v: Visit, action: str, fields: Sequence[Field],
@@ -10873,18 +10981,29 @@ def render_form(v: Visit, action: str, fields: Sequence[Field],
                 errors: dict[str, str], submit: str, extra: str = "") -> str:
     """A whole form: CSRF token, the generated fields, errors no field owns, a button."""
     names = {f.name for f in fields} | {f"{k}.{s.name}" for k, t in nested.items() for s in t}
-    stray = [f"{k}: {m}" if k else m for k, m in errors.items() if k not in names]
+    stray = [f"{k}: {m}" if k else m for k, m in errors.items()
+             if k not in names and not _is_cell(k.split("."))]
     summary = ("".join(f'<p class="notice bad" role="alert">{_esc(m)}</p>' for m in stray) +
                ('<p class="notice bad" role="alert">Please correct the fields marked below.</p>'
-                if len(stray) < len(errors) else ""))
+                if any(k in names for k in errors) else ""))
     return (f'{summary}<form method="post" action="{_esc(action)}" novalidate>{csrf_input(v)}'
             f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg)}'
             f'<p><button>{_esc(submit)}</button></p></form>')
 
 
+def editable(fields: Sequence[Field]) -> tuple[Field, ...]:
+    """A resource's Field table without its read-only markers (``managed``, ``secretsDigest``:
+    only `statusapp apply` writes them; a note says so): what its form lets a person edit."""
+    return tuple(f for f in fields if not f.read_only)
+
+
 @dataclass(frozen=True)
 class Resource:
-    """A team resource the dashboard lists and edits through its API routes."""
+    """A team resource the dashboard lists and edits through its API routes.
+
+    ``by_type`` gives, per value of the ``type`` field, the nested tables of that type (a
+    channel's ``config`` fields from its ChannelType): the form is then one per type, the type
+    chosen first.  ``title`` is the key of an item's name."""
 
     noun: str
     api: str
@@ -10893,30 +11012,23 @@ class Resource:
     items: str
     nested: dict[str, tuple[Field, ...]] = dataclasses.field(default_factory=dict)
     test: bool = False
-
-
-def channel_config_fields() -> tuple[Field, ...]:
-    """Every channel type's config fields as one table for the channel form: each name once,
-    its ``kinds`` the types that use it and ``required`` the types that need it."""
-    uses: dict[str, list[tuple[str, Field]]] = {}
-    for channel in CHANNEL_TYPES.values():
-        for field in channel.fields:
-            uses.setdefault(field.name, []).append((channel.name, field))
-    return tuple(dataclasses.replace(
-        pairs[0][1], kinds=tuple(kind for kind, _ in pairs),
-        required=tuple(kind for kind, f in pairs if f.required_for(kind)))
-        for pairs in uses.values())
+    by_type: dict[str, dict[str, tuple[Field, ...]]] | None = None
+    title: str = "name"
 
 
 RESOURCES = {
-    "monitors": Resource("Monitor", "/monitors", "monitorId", MONITOR_FIELDS, "monitors",
-                         {"apiAuthConfig": AUTH_FIELDS}),
-    "channels": Resource("Notification channel", "/notifications", "channelId", CHANNEL_FIELDS,
-                         "channels", {"config": channel_config_fields()}, test=True),
-    "webhooks": Resource("Webhook", "/webhooks", "webhookId", WEBHOOK_FIELDS, "webhooks",
-                         test=True),
-    "pages": Resource("Status page", "/status-pages", "statusPageId", STATUS_PAGE_FIELDS,
-                      "statusPages"),
+    "monitors": Resource("Monitor", "/monitors", "monitorId", editable(MONITOR_FIELDS),
+                         "monitors", {"apiAuthConfig": AUTH_FIELDS}),
+    "channels": Resource("Notification channel", "/notifications", "channelId",
+                         editable(CHANNEL_FIELDS), "channels", test=True,
+                         by_type={name: {"config": channel.fields}
+                                  for name, channel in CHANNEL_TYPES.items()}),
+    "webhooks": Resource("Webhook", "/webhooks", "webhookId", editable(WEBHOOK_FIELDS),
+                         "webhooks", test=True),
+    "pages": Resource("Status page", "/status-pages", "statusPageId",
+                      editable(STATUS_PAGE_FIELDS), "statusPages"),
+    "maintenance": Resource("Maintenance window", "/maintenance-windows", "windowId",
+                            editable(MAINTENANCE_FIELDS), "maintenanceWindows", title="title"),
 }
 
 
@@ -10925,33 +11037,84 @@ def _resource(v: Visit) -> tuple[str, Resource]:
     return key, RESOURCES[key]
 
 
-async def _save(v: Visit, res: Resource, method: str, path: str, params: dict[str, str],
+@dataclass(frozen=True)
+class FormShape:
+    """What one resource form shows: its fields, nested tables, and for a per-type form the
+    chosen type (sent as a hidden input) with the form that changes it."""
+
+    fields: tuple[Field, ...]
+    nested: dict[str, tuple[Field, ...]]
+    hidden: str = ""
+    chooser: str = ""
+
+
+def _type_chooser(v: Visit, res: Resource, chosen: str | None) -> str:
+    """A GET form choosing the type of a per-type form (the script submits it on change)."""
+    field = next(f for f in res.fields if f.name == "type")
+    control = form_field(field, "type", chosen or "", None, v.rt.cfg, None, False)
+    return (f'<form method="get" action="{_esc(v.request.url.path)}" class="card" '
+            f'data-autosubmit>{control}<p><button>{"Change type" if chosen else "Continue"}'
+            f'</button></p></form>')
+
+
+def form_shape(v: Visit, res: Resource, existing: dict[str, Any] | None) -> FormShape | None:
+    """The form of ``res`` for this visit; None while a per-type form has no type chosen
+    (posted, asked for with ``?type=``, or the stored item's own)."""
+    if res.by_type is None:
+        return FormShape(res.fields, res.nested)
+    chosen = v.form.get("type") or v.query("type") or (existing or {}).get("type")
+    if chosen not in res.by_type:
+        return None
+    return FormShape(tuple(f for f in res.fields if f.name != "type"), res.by_type[chosen],
+                     f'<input type="hidden" name="type" value="{_esc(chosen)}">'
+                     f'<p>Type: <strong>{_esc(chosen)}</strong></p>',
+                     _type_chooser(v, res, chosen))
+
+
+def _write_route(res: Resource, ident: str | None) -> tuple[str, str]:
+    """The API route a form saves through: PUT of the item, or POST of a new one."""
+    return ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
+
+
+async def _save(v: Visit, res: Resource, form: FormShape, ident: str | None,
                 existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
-    body = form_body(res.fields, res.nested, v.form, existing)
+    method, path = _write_route(res, ident)
+    body = form_body(res.fields, form.nested, v.form, existing)
     try:
-        return await act(v, method, path, params, body), {}
+        return await act(v, method, path, {res.param: ident} if ident else {}, body), {}
     except ValidationFailed as exc:
         return None, issue_errors(exc)
+
+
+def managed_note(res: Resource, item: dict[str, Any] | None) -> str:
+    if not (item or {}).get(MANAGED_FIELD.name):
+        return ""
+    return (f'<p class="notice" role="note">This {_esc(res.noun.lower())} is managed by '
+            f'<code>statusapp apply</code>: the next apply puts back what its file says.</p>')
 
 
 async def resource_form(v: Visit) -> Response:
     """``/{kind}/new`` and ``/{kind}/{id}/edit``: the generated form; a POST saves it."""
     key, res = _resource(v)
     ident = v.request.path_params.get("ident")
-    params = {res.param: ident} if ident else {}
-    existing = await act(v, "GET", f"{res.api}/{{{res.param}}}", params) if ident else None
+    v.require(*_write_route(res, ident))  # a person who may not save gets no form
+    existing = (await act(v, "GET", f"{res.api}/{{{res.param}}}", {res.param: ident})
+                if ident else None)
+    title = f"Edit {existing[res.title]}" if existing else f"New {res.noun.lower()}"
+    form = form_shape(v, res, existing)
+    if form is None:
+        return document(v, title, managed_note(res, existing) + _type_chooser(v, res, None))
     errors: dict[str, str] = {}
     if v.request.method == "POST":
-        method, path = ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
-        saved, errors = await _save(v, res, method, path, params, existing)
+        saved, errors = await _save(v, res, form, ident, existing)
         if saved is not None:
             return redirect(f"/monitors/{saved['id']}" if key == "monitors" else f"/{key}")
     values = (dict(v.form) if v.request.method == "POST" else
-              form_values(res.fields, res.nested, existing or dict(v.request.query_params)))
-    title = f"Edit {existing['name']}" if existing else f"New {res.noun.lower()}"
-    return document(v, title, render_form(v, v.request.url.path, res.fields, res.nested, values,
-                                          errors, "Save"), 400 if errors else 200)
+              form_values(res.fields, form.nested, existing or dict(v.request.query_params)))
+    return document(v, title, managed_note(res, existing) + form.chooser + render_form(
+        v, v.request.url.path, form.fields, form.nested, values, errors, "Save", form.hidden),
+        400 if errors else 200)
 
 
 async def resource_delete(v: Visit) -> Response:
@@ -10968,8 +11131,23 @@ def _answer_text(answer: dict[str, Any]) -> str:
     return f"Test failed ({code}{took}): {answer['error']}"
 
 
+def item_facts(item: dict[str, Any]) -> tuple[str, str]:
+    """An item's detail and state in its list: a channel's type, a webhook's URL, a page's
+    slug, a maintenance window's current or next occurrence."""
+    if "nextOccurrence" in item:
+        span = item["nextOccurrence"]
+        detail = (f"{span['startsAt']} to {span['endsAt']}" if span else "none ahead") + (
+            f" ({item['recurrence']}, {item['timezone']})" if item["recurrence"] else "")
+        return detail, ("Running" if item["active"] else "Scheduled" if span else
+                        "No occurrence within a year")
+    state = "Failing" if item.get("failing") else "Active" if item.get(
+        "isActive", item.get("isPublic", True)) else "Inactive"
+    return item.get("type") or item.get("url") or item.get("slug", ""), state
+
+
 async def resource_list(v: Visit, notice: str = "", bad: bool = False) -> Response:
-    """``/channels``, ``/webhooks``, ``/pages``: the team's items with their actions."""
+    """``/channels``, ``/webhooks``, ``/pages``, ``/maintenance``: the team's items with their
+    actions."""
     key, res = _resource(v)
     items = (await act(v, "GET", res.api))[res.items]
     item_path = f"{res.api}/{{{res.param}}}"
@@ -10982,16 +11160,18 @@ async def resource_list(v: Visit, notice: str = "", bad: bool = False) -> Respon
             actions.append(button(v, f"/{key}/{item['id']}/test", "Send a test", "quiet"))
         if v.may("DELETE", item_path):
             actions.append(button(v, f"/{key}/{item['id']}/delete", "Delete", "danger"))
-        state = "Failing" if item.get("failing") else "Active" if item.get(
-            "isActive", item.get("isPublic", True)) else "Inactive"
-        detail = item.get("type") or item.get("url") or item.get("slug", "")
-        rows.append([_esc(item["name"]), _esc(detail), _esc(state), " ".join(actions)])
+        detail, state = item_facts(item)
+        managed = (' <span class="muted">(managed by statusapp apply)</span>'
+                   if item.get(MANAGED_FIELD.name) else "")
+        rows.append([_esc(item[res.title]) + managed, _esc(detail), _esc(state),
+                     " ".join(actions)])
     add = (f'<p><a class="button" href="/{key}/new">New {_esc(res.noun.lower())}</a></p>'
            if v.may("POST", res.api) else "")
     message = (f'<p class="notice{" bad" if bad else ""}" role="status">{_esc(notice)}</p>'
                if notice else "")
     return document(v, res.noun + "s", message + add + table(
-        ("Name", "Type" if key == "channels" else "Detail", "State", "Actions"), rows,
+        ("Name", {"channels": "Type", "maintenance": "When"}.get(key, "Detail"), "State",
+         "Actions"), rows,
         f"No {res.noun.lower()}s yet."))
 
 

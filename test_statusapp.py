@@ -6794,17 +6794,16 @@ def test_monitor_form_covers_every_monitor_field_and_nested_auth():
     res = statusapp.RESOURCES["monitors"]
     html_text = statusapp.form_fields(res.fields, res.nested, {}, {}, cfg)
     for field in statusapp.MONITOR_FIELDS:
-        assert f'name="{field.name}"' in html_text or field.name in res.nested
+        shown = (f'name="{field.name}"' in html_text or f'name="{field.name}.0.' in html_text
+                 or field.name in res.nested)
+        assert shown is not field.read_only, field.name
     for field in statusapp.AUTH_FIELDS:
         assert f'name="apiAuthConfig.{field.name}"' in html_text
     assert 'id="f-type" name="type" aria-describedby="f-type-hint" data-kind-select' in html_text
-    channels = statusapp.RESOURCES["channels"]
-    html_text = statusapp.form_fields(channels.fields, channels.nested, {}, {}, cfg)
+    channels = statusapp.RESOURCES["channels"]  # one form per type, its declaration's fields
+    assert channels.by_type is not None and set(channels.by_type) == set(statusapp.CHANNEL_TYPES)
     for channel in statusapp.CHANNEL_TYPES.values():
-        for field in channel.fields:
-            kinds = re.search(rf'<div data-kinds="([^"]*)"><label for="f-config-{field.name}">',
-                              html_text).group(1).split()
-            assert channel.name in kinds
+        assert channels.by_type[channel.name]["config"] is channel.fields
 
 
 class _Browser:
@@ -7140,6 +7139,233 @@ def test_monitor_chart_and_overview_sparkline_are_drawn_from_the_checks(cfg, key
     assert "100.00%" in overview
 
 
+@pytest.fixture
+def live(tmp_path):
+    """A real `statusapp serve` with its owner signed in as a _Browser, and the owner's key."""
+    srv = Server(tmp_path).start()
+    result = CliRunner().invoke(statusapp.cli, ["passwd", "--email", "admin@localhost", "--db",
+                                                srv.db], input="correct horse battery\n")
+    assert result.exit_code == 0, result.output
+    browser = _Browser(srv.url)
+    try:
+        assert browser.sign_in("admin@localhost", "correct horse battery").status_code == 303
+        yield browser, _owner_key(srv)
+    finally:
+        browser.http.close()
+        srv.stop()
+
+
+def _form_inputs(page: str) -> set[str]:
+    """The names of the inputs, selects and text areas of a page's POST forms."""
+    forms = re.findall(r'<form[^>]*method="post".*?</form>', page, re.S)
+    return {name for form in forms
+            for name in re.findall(r'<(?:input|select|textarea)[^>]*name="([^"]+)"', form)}
+
+
+def test_channel_forms_are_one_per_type_from_its_declaration(live):
+    browser, key = live
+    chooser = browser.http.get("/channels/new").text
+    assert re.search(r'<form method="get" action="/channels/new"[^>]*data-autosubmit>', chooser)
+    assert not any(n.startswith("config.") for n in _form_inputs(chooser))  # a type first
+    for kind, channel in statusapp.CHANNEL_TYPES.items():
+        page = browser.http.get("/channels/new", params={"type": kind}).text
+        assert {n for n in _form_inputs(page) if n.startswith("config.")} == {
+            f"config.{f.name}" for f in channel.fields}, kind
+        assert '<input type="hidden" name="type" value="%s">' % kind in page
+    ntfy = browser.http.get("/channels/new?type=NTFY").text
+    assert re.search(r'<input type="number" id="f-config-priority" name="config.priority"'
+                     r'[^>]*min="1" max="5"', ntfy)
+    opsgenie = browser.http.get("/channels/new?type=OPSGENIE").text
+    assert re.search(r'<select id="f-config-priority" name="config.priority"[^>]*>'
+                     r'<option value="">&ndash;</option><option>P1</option>', opsgenie)
+    gotify = browser.http.get("/channels/new?type=GOTIFY").text
+    assert re.search(r'name="config.priority"[^>]*min="0" max="10"', gotify)
+    saved = browser.post("/channels/new", {"type": "NTFY", "name": "phone", "isActive": "true",
+                                           "config.serverUrl": "http://127.0.0.1:9",
+                                           "config.topic": "alerts", "config.priority": "4"},
+                         "/channels/new?type=NTFY")
+    assert saved.status_code == 303
+    api = {"X-API-Key": key}
+    channel = browser.http.get("/api/v1/notifications", headers=api).json()["channels"][0]
+    assert (channel["type"], channel["config"]["priority"]) == ("NTFY", 4)
+    bad = browser.post("/channels/new", {"type": "NTFY", "name": "x", "config.serverUrl": "",
+                                         "config.topic": "t", "config.priority": "9"},
+                       "/channels/new?type=NTFY")
+    assert bad.status_code == 400 and 'id="f-config-priority-err"' in bad.text
+    assert re.search(r'name="config.priority"[^>]*value="9"', bad.text)  # typed value kept
+    retyped = browser.http.get(f"/channels/{channel['id']}/edit?type=GOTIFY").text
+    assert "config.appToken" in _form_inputs(retyped) and "config.topic" not in _form_inputs(
+        retyped)
+
+
+def test_apply_markers_are_a_note_not_form_fields(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    channel = browser.http.post("/api/v1/notifications", headers={
+        **api, statusapp.APPLY_HEADER: "1"}, json={  # as `statusapp apply` makes it
+        "name": "hook", "type": "WEBHOOK", "config": {"url": "http://127.0.0.1:9/"},
+        "managed": True, "secretsDigest": "abc"}).json()
+    monitor = browser.http.post("/api/v1/monitors", headers=api, json={
+        "name": "m", "url": "http://127.0.0.1:9/", "isActive": False}).json()
+    for path in ("/monitors/new", "/channels/new?type=WEBHOOK", "/webhooks/new", "/pages/new",
+                 "/maintenance/new", f"/monitors/{monitor['id']}/edit",
+                 f"/channels/{channel['id']}/edit"):
+        names = _form_inputs(browser.http.get(path).text)
+        assert names & {"name", "title"} and not names & {"managed", "secretsDigest"}, path
+    edit = browser.http.get(f"/channels/{channel['id']}/edit").text
+    assert "managed by <code>statusapp apply</code>" in edit
+    assert "managed by" not in browser.http.get(f"/monitors/{monitor['id']}/edit").text
+    assert "(managed by statusapp apply)" in browser.http.get("/channels").text
+    saved = browser.post(f"/channels/{channel['id']}/edit", {
+        "type": "WEBHOOK", "name": "hook 2", "config.url": "http://127.0.0.1:9/x"})
+    assert saved.status_code == 303
+    after = browser.http.get(f"/api/v1/notifications/{channel['id']}", headers=api).json()
+    assert (after["name"], after["managed"], after["secretsDigest"]) == ("hook 2", True, "abc")
+
+
+def _window_form(**fields: str) -> dict:
+    return {"title": "Reboot", "description": "", "startsAt": "2020-01-01T00:00:00Z",
+            "endsAt": "2099-01-01T00:00:00Z", "recurrence": "", "timezone": "UTC",
+            "durationMinutes": "", "monitorIds": "", "suppressAlerts": "true", **fields}
+
+
+def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    monitor = browser.http.post("/api/v1/monitors", headers=api, json={
+        "name": "db", "url": "http://127.0.0.1:9/", "interval": 3600}).json()
+    assert "No maintenance windows yet." in browser.http.get("/maintenance").text
+    form = browser.http.get("/maintenance/new").text
+    assert {f.name for f in statusapp.MAINTENANCE_FIELDS if not f.read_only} == _form_inputs(
+        form) - {"csrf"}
+    bad = browser.post("/maintenance/new", _window_form(endsAt="2019-01-01T00:00:00Z"))
+    assert bad.status_code == 400 and re.search(r'id="f-endsAt-err">endsAt must be after', bad.text)
+    assert browser.post("/maintenance/new", _window_form(monitorIds=monitor["id"])
+                        ).status_code == 303
+    window = browser.http.get("/api/v1/maintenance-windows", headers=api).json()[
+        "maintenanceWindows"][0]
+    assert window["monitorIds"] == [monitor["id"]] and window["active"] is True
+    listing = browser.http.get("/maintenance").text
+    assert "Reboot" in listing and "Running" in listing
+    overview = browser.http.get("/").text  # the overview shows the window's status
+    assert re.search(r'<span class="st st-none"><span aria-hidden="true">[^<]+</span> '
+                     r'Maintenance</span>', overview)
+    edit = f"/maintenance/{window['id']}/edit"
+    assert re.search(r'id="f-monitorIds"[^>]*>' + monitor["id"], browser.http.get(edit).text)
+    assert browser.post(edit, _window_form(title="Recurring", startsAt="2026-01-04T03:00:00",
+                                           endsAt="", recurrence="FREQ=WEEKLY;BYDAY=SU",
+                                           durationMinutes="30", timezone="Europe/Berlin")
+                        ).status_code == 303
+    listing = browser.http.get("/maintenance").text
+    window = browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api).json()
+    span = window["nextOccurrence"]
+    assert f"{span['startsAt']} to {span['endsAt']} (FREQ=WEEKLY;BYDAY=SU, Europe/Berlin)" in listing
+    assert ("Running" if window["active"] else "Scheduled") in listing and "Recurring" in listing
+    assert browser.post(f"/maintenance/{window['id']}/delete", {}, "/maintenance"
+                        ).status_code == 303
+    assert browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api
+                            ).status_code == 404
+
+
+def test_a_viewer_cannot_see_or_post_maintenance_and_channel_forms(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    window = browser.http.post("/api/v1/maintenance-windows", headers=api, json={
+        "title": "Reboot", "startsAt": "2099-01-01T00:00:00Z",
+        "endsAt": "2099-01-02T00:00:00Z"}).json()
+    invited = browser.post("/team", {"email": "vic@example.test", "role": "VIEWER"})
+    token = re.search(r"/invite\?token=(inv_[^<]+)</pre>", invited.text).group(1)
+    browser.post("/signout", {}, "/")
+    assert browser.post("/invite", {"token": token, "password": "viewer password",
+                                    "confirm": "viewer password"}, f"/invite?token={token}"
+                        ).status_code == 303
+    page = browser.http.get("/maintenance").text
+    assert "Reboot" in page and _form_inputs(page) <= {"csrf"}  # only signing out
+    assert "/maintenance/new" not in page and "/edit" not in page
+    for path, form in (("/maintenance/new", _window_form()),
+                       (f"/maintenance/{window['id']}/edit", _window_form(title="Hacked")),
+                       (f"/maintenance/{window['id']}/delete", {}),
+                       ("/channels/new", {"type": "WEBHOOK", "name": "x",
+                                          "config.url": "http://127.0.0.1:9/"})):
+        refused = browser.post(path, form, "/maintenance")
+        assert refused.status_code == 403 and "needs the MEMBER role" in refused.text, path
+    for path in ("/maintenance/new", f"/maintenance/{window['id']}/edit", "/channels/new"):
+        refused = browser.http.get(path)  # no form to fill for nothing
+        assert refused.status_code == 403 and "needs the MEMBER role" in refused.text, path
+    assert browser.http.post("/maintenance/new", data=_window_form()).status_code == 403  # CSRF
+    assert browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api
+                            ).json()["title"] == "Reboot"
+
+
+def test_assertions_are_edited_as_rows_of_inputs_from_their_field_table(live):
+    browser, key = live
+    form = browser.http.get("/monitors/new").text
+    rows = re.search(r'<fieldset class="rows" data-kinds="WEBSITE API">(.*?)</fieldset>', form,
+                     re.S).group(1)
+    assert len(re.findall(r"<tr><td>", rows)) == statusapp.ROW_SPARE  # empty rows to fill
+    sources = re.search(r'<select id="f-assertions-0-source" name="assertions.0.source">(.*?)'
+                        r'</select>', rows).group(1)
+    assert re.findall(r"<option>([A-Z_]+)</option>", sources) == list(
+        statusapp.ASSERTION_SOURCES) and '<option value="">' in sources  # a row may stay blank
+    assert re.search(r'<select id="f-assertions-2-comparison" name="assertions.2.comparison">'
+                     r'<option value="">&ndash;</option><option>EQUALS</option>', rows)
+    assert '<label class="sr" for="f-assertions-1-target">Target of row 2</label>' in rows
+    typed = {"name": "api", "url": "http://127.0.0.1:9/", "type": "API", "isActive": "false",
+             "assertions.0.source": "JSON_BODY", "assertions.0.property": "$.ok",
+             "assertions.0.comparison": "EQUALS", "assertions.0.target": "true",
+             "assertions.1.source": "", "assertions.1.comparison": "",
+             "assertions.2.source": "STATUS_CODE", "assertions.2.comparison": "LESS_THAN",
+             "assertions.2.target": "400"}
+    bad = browser.post("/monitors/new", {**typed, "assertions.0.property": "$[?"}, "/")
+    assert bad.status_code == 400 and re.search(
+        r'id="f-assertions-0-property" name="assertions.0.property" aria-invalid="true"[^>]*>'
+        r'<p class="err" id="f-assertions-0-property-err">Invalid JSONPath', bad.text)
+    assert "(at 0.property)" not in bad.text  # said once, in its row
+    assert re.search(r'name="assertions.0.property"[^>]*value="\$\[\?"', bad.text)  # kept
+    sources = re.findall(r'name="assertions\.\d+\.source"', bad.text)
+    assert len(sources) == 3 + statusapp.ROW_SPARE
+    saved = browser.post("/monitors/new", typed, "/")
+    assert saved.status_code == 303
+    monitor_id = saved.headers["location"].rsplit("/", 1)[1]
+    api = {"X-API-Key": key}
+    monitor = browser.http.get(f"/api/v1/monitors/{monitor_id}", headers=api).json()
+    assert monitor["assertions"] == [
+        {"source": "JSON_BODY", "property": "$.ok", "comparison": "EQUALS", "target": "true"},
+        {"source": "STATUS_CODE", "property": None, "comparison": "LESS_THAN", "target": "400"}]
+    edit = browser.http.get(f"/monitors/{monitor_id}/edit").text
+    assert re.search(r'name="assertions.1.target"[^>]*value="400"', edit)
+    assert len(re.findall(r'name="assertions\.\d+\.source"', edit)) == 2 + statusapp.ROW_SPARE
+    cleared = browser.post(f"/monitors/{monitor_id}/edit", {
+        "assertions.0.source": "", "assertions.0.comparison": "", "assertions.0.target": "",
+        "assertions.0.property": ""})
+    assert cleared.status_code == 303
+    assert browser.http.get(f"/api/v1/monitors/{monitor_id}", headers=api
+                            ).json()["assertions"] == []
+
+
+def test_overview_pages_reach_every_one_of_300_monitors(live):
+    browser, key = live
+    api = {"X-API-Key": key}
+    for i in range(300):
+        assert browser.http.post("/api/v1/monitors", headers=api, json={
+            "name": f"site {i:03d}", "url": "http://127.0.0.1:9/", "isActive": False}
+                                 ).status_code == 201
+    seen: list[str] = []
+    path = "/"
+    while path:
+        page = browser.http.get(path).text
+        names = re.findall(r'<a href="/monitors/mon_[^"]+">(site \d+)</a>', page)
+        assert len(names) <= 100
+        seen += names
+        following = re.search(r'<a href="(\?[^"]*)" rel="next">', page)
+        path = "/" + following.group(1).replace("&amp;", "&") if following else ""
+    assert seen == [f"site {i:03d}" for i in range(300)]
+    last = browser.http.get("/?page=3").text
+    assert "Page 3 of 3 (300 in all)" in last and 'rel="prev"' in last
+    searched = browser.http.get("/", params={"search": "site 29", "page": 1}).text
+    assert re.findall(r">(site \d+)</a>", searched) == [f"site {i}" for i in range(290, 300)]
+
+
 def _chrome(width: int = 1280, height: int = 900):
     """Headless Debian chromium through chromedriver (nothing downloads a browser)."""
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -7165,12 +7391,47 @@ class _Site(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _waiter(driver):
+    """A 30 s wait for which a lookup racing a page load (no such element yet, a stale one,
+    or Chromium's "node does not belong to the document", a plain WebDriverException) means
+    "look again"."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,))
+
+
+def _fill(driver, **values: str) -> None:
+    """Type into the inputs ``f-<name>``, or choose a select's option by its text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    for ident, value in values.items():
+        element = driver.find_element(By.ID, f"f-{ident}")
+        if element.tag_name == "select":
+            Select(element).select_by_visible_text(value)
+        else:
+            element.clear()
+            element.send_keys(value)
+
+
+def _submit(driver) -> None:
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.CSS_SELECTOR, "main form[method=post] button").click()
+
+
+def _set_up_owner(driver, srv: Server, wait) -> None:
+    """Open the link the first `serve` printed and choose the owner's password."""
+    from selenium.webdriver.common.by import By
+    link = re.search(r"(http://\S+/setup\?token=\S+)", srv.output()).group(1)
+    driver.get(link.replace("http://127.0.0.1:8080", srv.url))
+    _fill(driver, password="correct horse battery", confirm="correct horse battery")
+    _submit(driver)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+
+
 def test_dashboard_in_a_real_browser(tmp_path):
     """Set up the owner from the printed link, run a monitor and a channel through the forms,
     see status and incidents live, invite a VIEWER who gets no write controls."""
-    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
     shots = HERE / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     site = _serve(ThreadingHTTPServer(("127.0.0.1", 0), _Site))
@@ -7178,28 +7439,16 @@ def test_dashboard_in_a_real_browser(tmp_path):
     srv = Server(tmp_path, env={"STATUSAPP_PROBES_CONFIRMATIONS": "1",
                                 "STATUSAPP_DASHBOARD_REFRESH_SECONDS": "1"}).start()
     driver = _chrome()
-    # A lookup can race a page load: no such element yet, a stale one, or Chromium's "node
-    # does not belong to the document" (a plain WebDriverException): each means "look again".
-    wait = WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,))
+    wait = _waiter(driver)
 
     def fill(**values: str) -> None:
-        for ident, value in values.items():
-            element = driver.find_element(By.ID, f"f-{ident}")
-            if element.tag_name == "select":
-                Select(element).select_by_visible_text(value)
-            else:
-                element.clear()
-                element.send_keys(value)
+        _fill(driver, **values)
 
     def submit() -> None:
-        driver.find_element(By.CSS_SELECTOR, "main form[method=post] button").click()
+        _submit(driver)
 
     try:
-        link = re.search(r"(http://\S+/setup\?token=\S+)", srv.output()).group(1)
-        driver.get(link.replace("http://127.0.0.1:8080", srv.url))
-        fill(password="correct horse battery", confirm="correct horse battery")
-        submit()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        _set_up_owner(driver, srv, wait)
         driver.get(srv.url + "/monitors/new")
         fill(name="Home site", url=f"http://127.0.0.1:{site.server_address[1]}/", interval="1",
              timeout="5")
@@ -7230,7 +7479,9 @@ def test_dashboard_in_a_real_browser(tmp_path):
         driver.find_element(By.XPATH, "//button[text()='Pause']").click()
         wait.until(lambda d: "Paused" in d.find_element(By.ID, "live").text)
         driver.get(srv.url + "/channels/new")
-        fill(name="Receiver", type="WEBHOOK", **{"config-url": receiver.url + "/hook"})
+        fill(type="WEBHOOK")  # the type chooser submits itself; the WEBHOOK form follows
+        wait.until(lambda d: d.find_element(By.ID, "f-config-url"))
+        fill(name="Receiver", **{"config-url": receiver.url + "/hook"})
         submit()
         wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Notification channels")
         driver.find_element(By.XPATH, "//button[text()='Send a test']").click()
@@ -7266,6 +7517,60 @@ def test_dashboard_in_a_real_browser(tmp_path):
         srv.stop()
         with contextlib.suppress(OSError):
             _stop(site)
+
+
+def test_dashboard_channel_types_and_maintenance_in_a_real_browser(tmp_path):
+    """Choosing a channel type swaps in that type's fields (NTFY's priority is a number 1-5,
+    OPSGENIE's a choice of P1-P5); an assertion is chosen in a row of selects; a maintenance
+    window made through its form puts a monitor in MAINTENANCE on the overview."""
+    from selenium.webdriver.common.by import By
+    srv = Server(tmp_path).start()
+    driver = _chrome()
+    wait = _waiter(driver)
+    try:
+        _set_up_owner(driver, srv, wait)
+        driver.get(srv.url + "/monitors/new")
+        assert driver.find_element(By.ID, "f-assertions-0-source").is_displayed()  # WEBSITE
+        _fill(driver, type="DNS")
+        assert not driver.find_element(By.ID, "f-assertions-0-source").is_displayed()
+        _fill(driver, type="API", name="Database", url="http://127.0.0.1:9/", interval="3600",
+              **{"assertions-0-source": "HEADERS", "assertions-0-property": "content-type",
+                 "assertions-0-comparison": "CONTAINS", "assertions-0-target": "json"})
+        _submit(driver)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Database")
+        monitor = httpx.get(srv.url + "/api/v1/monitors", headers=_as(_owner_key(srv))).json()[
+            "monitors"][0]
+        assert monitor["assertions"] == [{"source": "HEADERS", "property": "content-type",
+                                          "comparison": "CONTAINS", "target": "json"}]
+        driver.get(srv.url + "/channels/new")
+        assert not driver.find_elements(By.CSS_SELECTOR, "[name^='config.']")
+        _fill(driver, type="NTFY")
+        priority = wait.until(lambda d: d.find_element(By.ID, "f-config-priority"))
+        assert (priority.tag_name, priority.get_attribute("type"),
+                priority.get_attribute("max")) == ("input", "number", "5")
+        _fill(driver, type="OPSGENIE")
+        wait.until(lambda d: d.find_element(By.ID, "f-config-priority").tag_name == "select")
+        options = driver.find_elements(By.CSS_SELECTOR, "#f-config-priority option")
+        assert [o.text for o in options][1:] == ["P1", "P2", "P3", "P4", "P5"]
+        _fill(driver, name="On call", **{"config-apiKey": "genie", "config-priority": "P2"})
+        _submit(driver)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Notification channels")
+        assert "OPSGENIE" in driver.find_element(By.TAG_NAME, "main").text
+        driver.find_element(By.LINK_TEXT, "Maintenance").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Maintenance windows")
+        driver.find_element(By.LINK_TEXT, "New maintenance window").click()
+        wait.until(lambda d: d.find_element(By.ID, "f-title"))
+        _fill(driver, title="Disk swap", startsAt="2020-01-01T00:00:00Z",
+              endsAt="2099-01-01T00:00:00Z", monitorIds=monitor["id"])
+        _submit(driver)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Maintenance windows")
+        assert "Disk swap" in driver.page_source and "Running" in driver.page_source
+        driver.get(srv.url + "/")
+        row = wait.until(lambda d: d.find_element(By.XPATH, "//tr[.//a[text()='Database']]"))
+        assert row.text.startswith("\u2692 Maintenance")
+    finally:
+        driver.quit()
+        srv.stop()
 
 
 # --- CLI tests ---
