@@ -850,6 +850,9 @@ def dashboard(monitors: int, days: int, requests: int) -> None:
              "monitor 7d": f"/monitors/{monitor}?period=7d",
              "monitor 30d": f"/monitors/{monitor}?period=30d",
              "monitor edit form": f"/monitors/{monitor}/edit", "new monitor form": "/monitors/new",
+             "new channel form (NTFY)": "/channels/new?type=NTFY",
+             "maintenance windows": "/maintenance",
+             "new maintenance window form": "/maintenance/new",
              "incidents": "/incidents", "channels": "/channels", "team": "/team",
              "API keys": "/keys", "account": "/account"}
     try:

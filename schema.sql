@@ -560,3 +560,6 @@ ALTER TABLE notification_channels ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE status_pages ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE monitors ADD COLUMN secrets_digest TEXT;
 ALTER TABLE notification_channels ADD COLUMN secrets_digest TEXT;
+
+-- migration 18: maintenance windows `statusapp apply` manages (only these may be pruned)
+ALTER TABLE maintenance_windows ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;

@@ -3,26 +3,32 @@
 Run it with ``python statusapp.py serve`` (or ``statusapp serve`` once installed).
 The REST API follows the StatusApp API reference under ``/api/v1``.
 
-Contents, in the order data flows through the program:
+Contents, in the order data flows through the program (a section uses only the ones above it,
+except through the registries and the ``Runtime`` it is handed):
 
-1. Config       -- defaults, TOML file, ``STATUSAPP_<SECTION>_<KEY>`` variables, flags.
-2. Errors       -- ``ApiError`` and its subclasses, the one error shape clients see.
-3. Storage      -- SQLite via aiosqlite: numbered migrations from schema.sql, one
+1. Basics       -- the version, logging that never carries secrets, shared small helpers.
+2. Config       -- defaults, TOML file, ``STATUSAPP_<SECTION>_<KEY>`` variables, flags.
+3. Errors       -- ``ApiError`` and its subclasses, the one error shape clients see.
+4. Storage      -- SQLite via aiosqlite: numbered migrations from schema.sql, one
                    group-committing writer, separate readers.
-4. Validation   -- declarative field tables that validate, default and document resources.
-5. Auth         -- API keys, roles and permissions, rate limits, usage counters.
-6. Probes       -- one coroutine per monitor type, declared in ``MONITOR_TYPES``.
-7. Scheduler    -- the asyncio loop that runs probes on their intervals, in the server for
-                   its own region and in ``statusapp agent`` for a remote one.
-8. Incidents    -- regions' verdicts combine into statuses; transitions become incidents
-                   and alerts.
-9. Notifiers    -- one sender per channel type, declared in ``CHANNEL_TYPES``.
-10. Analytics   -- rollups, retention, regression detection and the figures behind them.
-11. API routes  -- the ``/api/v1`` handlers.
-12. Pages       -- the public status pages and badges.
-13. Dashboard   -- the team's web UI at ``/``: sign-in, sessions, pages and forms generated
+5. Validation   -- declarative field tables that validate, default and document resources;
+                   the ``MonitorType`` and ``ChannelType`` registries; monitor records.
+6. Auth         -- API keys, roles and permissions, rate limits, usage counters.
+7. Probes       -- one coroutine per monitor type, each declared as a ``MonitorType``.
+8. Scheduler    -- the asyncio loop that runs probes on their intervals, in the server for
+                   its own region and in ``statusapp agent`` for a remote one; heartbeats.
+9. Notifiers    -- one sender per channel type, declared with ``channel_type``.
+10. Incidents   -- regions' verdicts combine into statuses; transitions become incidents
+                   and alerts, delivered through the notifiers; maintenance windows.
+11. Analytics   -- rollups, retention, regression detection, uptime and the figures behind them.
+12. API routes  -- the ``/api/v1`` handlers.
+13. Metrics     -- ``/metrics`` in the Prometheus text format.
+14. Pages       -- the public status pages and badges.
+15. Dashboard   -- the team's web UI at ``/``: sign-in, sessions, pages and forms generated
                    from the field tables, acting through the API handlers.
-14. CLI         -- the click entrypoint that runs everything in one process.
+16. Application -- ``Runtime``, the background ``SERVICES`` and ``create_app``, which wires
+                   every section's routes into one ASGI application.
+17. CLI         -- the click entrypoint that runs everything in one process.
 """
 
 from __future__ import annotations
@@ -48,13 +54,13 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
 import secrets
 import signal
 import site
-import smtplib
 import socket
 import sqlite3
 import ssl
@@ -74,22 +80,16 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, cast
 from urllib.parse import urlsplit
 
 import aiosqlite
 import click
 import cronsim
 import dateutil.rrule
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 import httpcore
 import httpx
 import icmplib
-import jsonpath_rfc9535 as jsonpath
-import regex
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -97,8 +97,23 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+# Imported where they are used: dnspython (DNS and DOMAIN checks), regex and the JSONPath
+# package (assertions) and smtplib (EMAIL channels) are not needed by an agent that does not
+# run such checks, and importing them would cost it some 7 MB of memory.
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import jsonpath_rfc9535
+
+
+# --- Basics ---
+#
+# The version, logging that never carries secrets, and small helpers every section shares:
+# times in Unix milliseconds, percentile ranks, HTML escaping.
+
+
 VERSION = "1.0.0"
 API_VERSION = "v1"
+API_PREFIX = "/api/v1"
 _T = TypeVar("_T")
 log = logging.getLogger("statusapp")
 
@@ -121,6 +136,27 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+
+
+def unix_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def nearest_rank(count: int, p: float) -> int:
+    """The 1-based rank of the p-th percentile among ``count`` sorted values (nearest-rank)."""
+    return max(1, math.ceil(p / 100 * count))
+
+
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _esc(text: Any) -> str:
+    """Text for HTML or XML: escaped, without the control characters XML forbids."""
+    return html.escape(_XML_FORBIDDEN.sub("", str(text)))
+
 
 # --- Config ---
 #
@@ -521,6 +557,16 @@ class RateLimited(ApiError):
 class ServiceUnavailable(ApiError):
     status, code = 503, "SERVICE_UNAVAILABLE"
 
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 # --- Storage ---
 #
 # One writer connection, guarded by a lock, takes every write.  Small writes from hot paths
@@ -862,6 +908,27 @@ async def _run_grouped(conn: aiosqlite.Connection, items: list[list[Statement]])
             await conn.executemany(sql, [item[position][1] for item in group])
 
 
+class WorkerRegion(TypedDict):
+    """A worker_regions row: a place checks run from (the server's own region or an agent's)."""
+
+    id: str
+    city: str
+    country: str
+    country_code: str
+    latitude: float
+    longitude: float
+    is_active: int
+    name: str | None
+    token_hash: str | None  # an agent's; None for the server's own region
+    last_seen_at: int | None
+    gone_at: int | None
+    created_at: int | None
+
+
+def worker_region(row: sqlite3.Row) -> WorkerRegion:
+    return cast(WorkerRegion, dict(row))
+
+
 # Backups.  A backup is one read snapshot written by VACUUM INTO (WAL readers never block the
 # writer, so the server keeps running); a restore replaces the file only while nothing holds
 # the database open, after the copy passes the integrity check and has a schema we know.
@@ -955,6 +1022,21 @@ _KIND_OF = {bool: "boolean", int: "integer", float: "number", str: "string", lis
             dict: "object", type(None): "null"}
 
 
+class ValidationEnv(TypedDict, total=False):
+    """What a Field's ``check`` may consult besides the record: the config, the worker regions
+    and channel and monitor ids it may name, the JSON path of the value being checked, the
+    stored resource an update merges into, and a monitor's stored inline channels."""
+
+    cfg: dict[str, dict[str, Any]]
+    regions: Collection[str]
+    channels: Collection[str]
+    monitors: Collection[str]
+    path: tuple[Any, ...]
+    existing: dict[str, Any]
+    inline: list[dict[str, Any]]
+    markers: bool  # read-only markers may be written (a request from ``statusapp apply``)
+
+
 class _Issue(Exception):
     """One problem with one value, raised by a Field's ``check``."""
 
@@ -999,7 +1081,10 @@ class Field:
     that require it.  ``secret`` is True, or the kinds for which the value is secret.
     ``minimum``/``maximum`` bound integers, and string lengths; either may name a config key
     ("probes.min_interval").  ``check(value, record, env)`` validates what bounds cannot, and
-    returns the clean value.  ``kinds`` says which resource kinds use it.
+    returns the clean value.  ``kinds`` says which resource kinds use it.  A ``read_only`` field
+    is a marker only ``statusapp apply`` writes: other requests' values for it are ignored.
+    ``ids_of`` says an array holds ids of the team's ``"monitors"`` (the dashboard offers them
+    by name); ``unset`` says, in words, what a null or absent value means.
     """
 
     name: str
@@ -1009,11 +1094,14 @@ class Field:
     minimum: int | str | None = None
     maximum: int | str | None = None
     choices: Collection[str] | None = None
-    check: Callable[[Any, dict[str, Any], dict[str, Any]], Any] | None = None
+    check: Callable[[Any, dict[str, Any], ValidationEnv], Any] | None = None
     kinds: tuple[str, ...] | None = None
     doc: str = ""
     secret: bool | tuple[str, ...] = ()
     items: str | None = None  # an array's element kind
+    read_only: bool = False
+    ids_of: str | None = None
+    unset: str = ""
 
     @functools.cached_property
     def column(self) -> str:
@@ -1059,7 +1147,7 @@ def type_issue(kind: str, value: Any) -> dict[str, Any]:
             "message": f"Expected {expected}, received {received}"}
 
 
-def _valid_items(field: Field, value: list[Any], env: dict[str, Any]) -> None:
+def _valid_items(field: Field, value: list[Any], env: ValidationEnv) -> None:
     """An array's elements must each be of the field's ``items`` kind."""
     issues = [{**type_issue(field.items, item), "path": [*env["path"], i]}
               for i, item in enumerate(value) if field.items and not _fits(field.items, item)]
@@ -1074,7 +1162,7 @@ def _bound(bound: int | str | None, cfg: dict[str, Any]) -> int | None:
     return bound
 
 
-def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def _validate_one(field: Field, value: Any, record: dict[str, Any], env: ValidationEnv) -> Any:
     """Validate one present value against its field; return the clean value or raise _Issue."""
     if value is None:
         return None
@@ -1106,7 +1194,7 @@ def _validate_one(field: Field, value: Any, record: dict[str, Any], env: dict[st
     return field.check(value, record, env) if field.check else value
 
 
-def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
+def validate(fields: Sequence[Field], data: Any, env: ValidationEnv, *,
              existing: dict[str, Any] | None = None, kind_field: str = "type",
              kind: str | None = None, path: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Validate ``data`` against ``fields`` and return the clean values.
@@ -1114,10 +1202,14 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     Without ``existing`` this is a create: absent fields take their defaults and required
     fields must be present.  A null sets a field to its default (None when it has none).  With
     ``existing`` (the stored record) only the given fields are returned, but presence rules are
-    checked on the merged record.  Unknown keys are ignored.
+    checked on the merged record.  Unknown keys are ignored, and so are read-only fields unless
+    ``env["markers"]`` (a request from ``statusapp apply``).
     """
     if not isinstance(data, dict):
         raise ValidationFailed([{**type_issue("object", data), "path": list(path)}])
+    if not env.get("markers"):  # read-only markers come only from `statusapp apply`
+        ignored = {spec.name for spec in fields if spec.read_only}
+        data = {k: v for k, v in data.items() if k not in ignored}
     issues: list[dict[str, Any]] = []
     clean: dict[str, Any] = {}
     for spec in fields:
@@ -1156,7 +1248,7 @@ def validate(fields: Sequence[Field], data: Any, env: dict[str, Any], *,
     return clean
 
 
-def parse_query(fields: Sequence[Field], request: Request, env: dict[str, Any]) -> dict[str, Any]:
+def parse_query(fields: Sequence[Field], request: Request, env: ValidationEnv) -> dict[str, Any]:
     """Validate query-string parameters with the same Field tables (integers parsed first)."""
     data: dict[str, Any] = {}
     for spec in fields:
@@ -1181,7 +1273,7 @@ def _url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
     return value
 
 
-def valid_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_url(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An absolute http(s) URL."""
     return _url(value)
 
@@ -1199,7 +1291,7 @@ def _hostname(value: str) -> str:
     return host
 
 
-def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_monitor_url(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """What ``url`` must be depends on the monitor type (see MONITOR_TYPES)."""
     kind = record.get("type")
     declared = MONITOR_TYPES.get(kind) if isinstance(kind, str) else None
@@ -1213,7 +1305,7 @@ def valid_monitor_url(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value.strip()
 
 
-def valid_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_json_headers(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """``requestHeaders`` is a JSON string of an object of string values."""
     try:
         headers = parse_json(value)
@@ -1224,7 +1316,7 @@ def valid_json_headers(value: str, record: dict[str, Any], env: dict[str, Any]) 
     return value
 
 
-def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_expected_ip(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An IP address for A/AAAA records; any answer text for the other record types."""
     if record.get("dnsRecord") in ("A", "AAAA"):
         try:
@@ -1238,7 +1330,7 @@ def valid_expected_ip(value: str, record: dict[str, Any], env: dict[str, Any]) -
     return value
 
 
-def valid_regions(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
+def valid_regions(value: list[Any], record: dict[str, Any], env: ValidationEnv) -> list[str]:
     """Every id must name an existing worker region (active or not)."""
     unknown = [v for v in value if v not in env["regions"]]
     if unknown:
@@ -1252,7 +1344,7 @@ def _timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
-def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_timezone(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An IANA zone name, as the system's tz database knows them."""
     if value not in _timezones():
         raise _Issue("Invalid timezone: expected an IANA zone such as 'Europe/London'")
@@ -1262,7 +1354,7 @@ def valid_timezone(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
 _HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
-def valid_hex_color(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_hex_color(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A CSS hex colour, ``#rgb`` or ``#rrggbb``, stored lowercase."""
     if not _HEX_COLOR.fullmatch(value):
         raise _Issue("Invalid colour: expected #rgb or #rrggbb", "invalid_string",
@@ -1278,7 +1370,7 @@ TAG_FIELDS = (
 )
 
 
-def valid_tags(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+def valid_tags(value: list[Any], record: dict[str, Any], env: ValidationEnv) -> list[Any]:
     """Tags as objects (a string is a tag's name), each name once."""
     objects = [{"name": v} if isinstance(v, str) else v for v in value]
     clean = each(TAG_FIELDS)(objects, record, env)
@@ -1302,7 +1394,7 @@ def cron_times(schedule: str, zone: str | None, after: int,
     return iter(cronsim.CronSim(_CRON_ALIASES.get(text.lower(), text), start, reverse))
 
 
-def valid_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_schedule(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A cron expression cronsim accepts, or @yearly/@monthly/@weekly/@daily/@hourly."""
     try:
         next(cron_times(value, None, now_ms()))
@@ -1311,24 +1403,34 @@ def valid_schedule(value: str, record: dict[str, Any], env: dict[str, Any]) -> s
     return value
 
 
-def each(fields: Sequence[Field], kind_field: str = "type",
-         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
-         ) -> Callable[..., Any]:
+@dataclass(frozen=True)
+class Each:
     """A ``check`` that validates every element of an array against a Field table (and
-    ``then(clean, path)``, for rules across an element's fields)."""
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> Any:
+    ``then(clean, path)``, for rules across an element's fields).  The table stays readable,
+    so the dashboard can edit such an array as rows of inputs."""
+
+    fields: tuple[Field, ...]
+    kind_field: str = "type"
+    then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+
+    def __call__(self, value: list[Any], record: dict[str, Any], env: ValidationEnv) -> Any:
         out, issues = [], []
         for i, item in enumerate(value):
             where = (*env["path"], i)
             try:
-                clean = validate(fields, item, env, kind_field=kind_field, path=where)
-                out.append(then(clean, where) if then else clean)
+                clean = validate(self.fields, item, env, kind_field=self.kind_field, path=where)
+                out.append(self.then(clean, where) if self.then else clean)
             except ValidationFailed as exc:
                 issues.extend(exc.issues)
         if issues:
             raise ValidationFailed(issues)
         return out
-    return check
+
+
+def each(fields: Sequence[Field], kind_field: str = "type",
+         then: Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]] | None = None
+         ) -> Each:
+    return Each(tuple(fields), kind_field, then)
 
 
 class Names(Collection[str]):
@@ -1425,7 +1527,7 @@ AUTH_FIELDS = (
 
 
 def valid_auth_config(value: dict[str, Any], record: dict[str, Any],
-                      env: dict[str, Any]) -> dict[str, Any]:
+                      env: ValidationEnv) -> dict[str, Any]:
     """Validate ``apiAuthConfig`` by its own type; keep secrets a client echoed back masked."""
     previous = (env.get("existing") or {}).get("apiAuthConfig") or {}
     value = {k: (previous[k] if previous.get(k) is not None and v == mask(previous[k]) else v)
@@ -1453,8 +1555,36 @@ def masked_auth(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: mask(v) if k in secret and isinstance(v, str) else v for k, v in config.items()}
 
 
+def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """Swap masked secrets a client echoed back for the stored values."""
+    def keep(new: Any, old: Any) -> Any:
+        if isinstance(new, dict) and isinstance(old, dict):
+            return {k: keep(v, old.get(k)) for k, v in new.items()}
+        if isinstance(new, list) and isinstance(old, list):
+            return [keep(v, old[i] if i < len(old) else None) for i, v in enumerate(new)]
+        return old if isinstance(old, str) and new == mask(old) else new
+    return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
+            for k, v in value.items()}
+
+
+def channel_config(kind: Any, value: dict[str, Any], env: ValidationEnv) -> dict[str, Any]:
+    """Validate a config by its channel type's fields; unknown keys are dropped.
+
+    When updating a stored channel of the same type (``env["existing"]``), masked secrets
+    echoed back keep the stored ones, as ``apiAuthConfig`` does."""
+    if not isinstance(kind, str) or kind not in CHANNEL_TYPES:
+        return value  # the type field reports the problem
+    existing = env.get("existing") or {}
+    if existing.get("type") == kind and isinstance(existing.get("config"), dict):
+        value = _unmasked(kind, value, existing["config"])
+    if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
+        value = {**value, "chatId": str(value["chatId"])}
+    clean = validate(CHANNEL_TYPES[kind].fields, value, env, kind=kind, path=env["path"])
+    return {k: v for k, v in clean.items() if v is not None}
+
+
 def valid_channel_config(value: dict[str, Any], record: dict[str, Any],
-                         env: dict[str, Any]) -> dict[str, Any]:
+                         env: ValidationEnv) -> dict[str, Any]:
     """A channel ``config`` checked by the rules of its ``type`` (``channel_config``)."""
     return channel_config(record.get("type"), value, env)
 
@@ -1469,7 +1599,7 @@ INLINE_NOTIFICATION_FIELDS = (
 
 
 def valid_notifications(value: list[Any], record: dict[str, Any],
-                        env: dict[str, Any]) -> list[dict[str, Any]]:
+                        env: ValidationEnv) -> list[dict[str, Any]]:
     """Each entry links a channel by ``channelId`` or defines one inline by type and config.
 
     On an update, the n-th inline entry of a type is matched with the n-th stored one of that
@@ -1481,11 +1611,11 @@ def valid_notifications(value: list[Any], record: dict[str, Any],
     for i, item in enumerate(value):
         kind = item.get("type") if isinstance(item, dict) else None
         kind = kind if isinstance(kind, str) else ""
-        previous = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
+        config = stored[kind][seen[kind]] if seen[kind] < len(stored[kind]) else None
         seen[kind] += 1
         try:
             entries.append(validate(INLINE_NOTIFICATION_FIELDS, item,
-                                    {**env, "existing": {"type": kind, "config": previous}},
+                                    {**env, "existing": {"type": kind, "config": config}},
                                     path=(*env["path"], i)))
         except ValidationFailed as exc:
             issues.extend(exc.issues)
@@ -1524,18 +1654,16 @@ ASSERTION_FIELDS = (
 )
 
 
-class _BoundedJSONPath(jsonpath.JSONPathEnvironment):
+@functools.cache
+def bounded_jsonpath() -> jsonpath_rfc9535.JSONPathEnvironment:
     """RFC 9535 JSONPath without the match() and search() filter functions: they run a regular
     expression with no time limit, so a runaway pattern there could hang the server.  (A
     MATCHES assertion has a limit.)  Queries using them are refused when the monitor is saved."""
-
-    def setup_function_extensions(self) -> None:
-        super().setup_function_extensions()
-        for name in ("match", "search"):
-            del self.function_extensions[name]
-
-
-JSONPATH = _BoundedJSONPath()
+    import jsonpath_rfc9535
+    environment = jsonpath_rfc9535.JSONPathEnvironment()
+    for name in ("match", "search"):
+        del environment.function_extensions[name]
+    return environment
 
 
 def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> ValidationFailed:
@@ -1545,10 +1673,12 @@ def _assertion_issue(path: tuple[Any, ...], name: str, message: str) -> Validati
 def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
     """Rules across one assertion's fields: a JSONPath that parses, a regex that compiles and
     a target for every comparison but IS_EMPTY / NOT_EMPTY."""
+    import jsonpath_rfc9535
+    import regex
     if clean["source"] == "JSON_BODY":
         try:
-            JSONPATH.compile(clean["property"])
-        except jsonpath.JSONPathError as exc:
+            bounded_jsonpath().compile(clean["property"])
+        except jsonpath_rfc9535.JSONPathError as exc:
             raise _assertion_issue(path, "property", f"Invalid JSONPath: {exc}") from None
     if clean["comparison"] == "MATCHES":
         try:
@@ -1561,9 +1691,10 @@ def valid_assertion(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[str, A
 
 
 ALL_TYPES = Names(MONITOR_TYPES)
-MANAGED_FIELD = Field("managed", "boolean", default=False,
+APPLY_HEADER = "X-StatusApp-Apply"  # sent by `statusapp apply`: it may write read-only markers
+MANAGED_FIELD = Field("managed", "boolean", default=False, read_only=True,
                       doc="Set by `statusapp apply`: its `--prune` may delete the object")
-DIGEST_FIELD = Field("secretsDigest", "string", maximum=64,
+DIGEST_FIELD = Field("secretsDigest", "string", maximum=64, read_only=True,
                      doc="Set by `statusapp apply`: a digest of the secrets it applied, keyed "
                          "by its API key, so it notices a changed secret")
 HTTP_TYPES = ("WEBSITE", "API")
@@ -1654,6 +1785,8 @@ def field_reference(fields: Sequence[Field]) -> str:
             parts.append(f"min {low}{unit}")
         if f.maximum is not None:
             parts.append(f"max {f.maximum}{unit}")
+        if f.read_only:
+            parts.append(f"read-only (written only with the `{APPLY_HEADER}` header)")
         return "; ".join(parts)
 
     def required(f: Field) -> str:
@@ -1729,27 +1862,47 @@ PAGINATION = shape(total="integer", page="integer", limit="integer", totalPages=
 DELETED = shape(success="boolean", message="string")
 
 
-async def paged_rows(call: Call, table: str, query: dict[str, Any], filters: Sequence[str],
-                     order: str) -> tuple[int, list[sqlite3.Row]]:
-    """The count of the team's rows of ``table`` matching the query's ``filters`` (named as
-    the API names the columns) and the query's page of them, in ``order`` ({d}: asc/desc)."""
-    where, params = ["account_id = ?"], [call.team]
-    for name in filters:
-        if query[name]:
-            where.append(f"{Field(name, 'string').column} = ?")
-            params.append(query[name])
-    clause = " AND ".join(where)
-    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM {table} WHERE {clause}", params)
-    rows = await call.rt.db.fetchall(
-        f"SELECT * FROM {table} WHERE {clause} ORDER BY {order.format(d=query['order'].upper())}"
-        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
-    return total, rows
-
-
 def paginate(total: int, query: dict[str, Any]) -> dict[str, int]:
     """The spec's pagination object."""
     return {"total": total, "page": query["page"], "limit": query["limit"],
             "totalPages": max(1, -(-total // query["limit"]))}
+
+
+_JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
+
+
+def _json_column(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+# Each monitor column as (field name, column, how its stored value is read back).
+_MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tuple(
+    (spec.name, spec.column, _json_column if spec.kind in _JSON_KINDS
+     else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
+
+
+_MONITOR_FIELDS = (("id", "id", None), *_MONITOR_READERS, ("status", "status", None),
+                   ("isPaused", "is_paused", bool), ("heartbeatId", "heartbeat_id", None))
+
+
+@functools.lru_cache(maxsize=64)
+def _monitor_values(columns: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """For rows of these ``columns``: their _MONITOR_FIELDS values, then created_at and
+    updated_at, by position (a Row looks a name up by comparing it with each column name)."""
+    position = {name: n for n, name in enumerate(columns)}
+    return operator.itemgetter(*(position[column] for _, column, _ in _MONITOR_FIELDS),
+                               position["created_at"], position["updated_at"])
+
+
+def _monitor_fields(values: tuple[Any, ...]) -> dict[str, Any]:
+    return {name: value if read is None else read(value)
+            for (name, _, read), value in zip(_MONITOR_FIELDS, values[:-2], strict=True)}
+
+
+def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
+    """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
+    return _monitor_fields(_monitor_values(tuple(row.keys()))(row))
+
 
 # --- Auth ---
 #
@@ -1946,6 +2099,7 @@ async def create_api_key(conn: aiosqlite.Connection, account_id: str, name: str,
         (key_id, account_id, name, prefix, digest, permissions, expires_at, now_ms()))
     return key_id, key
 
+
 # --- Probes ---
 #
 # A probe is ``async def probe_x(monitor: dict, ctx: ProbeContext) -> CheckResult``.  It never
@@ -2043,15 +2197,6 @@ def _target_host(url: str) -> str:
     except ValueError:
         pass
     return urlsplit(text if "://" in text else f"//{text}").hostname or ""
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
@@ -2278,14 +2423,22 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
             network_backend=_PinnedBackend(allow_private))
 
 
-def _make_resolver(nameservers: list[str]) -> dns.asyncresolver.Resolver:
+def _nameservers(configured: list[str]) -> list[tuple[str, int]]:
+    """``[probes] dns_nameservers`` as (IP address, port); ValueError for anything else."""
+    addresses = [_split_host_port(ns, 53) for ns in configured]
+    return [(str(ipaddress.ip_address(host)), port) for host, port in addresses]
+
+
+def _make_resolver(nameservers: list[tuple[str, int]]) -> dns.asyncresolver.Resolver:
     """dnspython's resolver on the configured servers, else on /etc/resolv.conf; with neither,
     127.0.0.1, which is what the C library does.  No cache: each check asks afresh."""
+    import dns.asyncresolver
+    import dns.nameserver
+    import dns.resolver
     if nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
-        addresses = [_split_host_port(ns, 53) for ns in nameservers]
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(str(ipaddress.ip_address(host)),
-                                                              port) for host, port in addresses]
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                for host, port in nameservers]
         return resolver
     try:
         return dns.asyncresolver.Resolver()
@@ -2315,7 +2468,7 @@ class ProbeContext:
         self.unverified_ssl_context.check_hostname = False
         self.unverified_ssl_context.verify_mode = ssl.CERT_NONE
         try:
-            self.resolver = _make_resolver(self.settings["dns_nameservers"])
+            self.nameservers = _nameservers(self.settings["dns_nameservers"])
         except ValueError as exc:
             raise ConfigError(f"config: probes.dns_nameservers: {exc}") from None
         try:
@@ -2333,6 +2486,11 @@ class ProbeContext:
                 allowed_domains=[])), trust_env=False)
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._token_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    @functools.cached_property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """The DNS resolver, made for the first DNS or DOMAIN check."""
+        return _make_resolver(self.nameservers)
 
     async def aclose(self) -> None:
         """Close the shared HTTP client's connections."""
@@ -2501,7 +2659,7 @@ def _actual(assertion: dict[str, Any], seen: _Seen) -> Any:
         return seen.headers.get(assertion["property"])
     if source == "TEXT_BODY":
         return seen.text
-    values = JSONPATH.find(assertion["property"], seen.data).values()
+    values = bounded_jsonpath().find(assertion["property"], seen.data).values()
     return values[0] if len(values) == 1 else (values or None)
 
 
@@ -2519,6 +2677,8 @@ def _number(value: Any) -> float | None:
 
 
 async def _matches(pattern: str, text: str) -> bool:
+    import regex
+
     def search() -> bool:
         return regex.search(pattern, text, timeout=_REGEX_TIMEOUT, concurrent=True) is not None
     try:
@@ -2826,6 +2986,8 @@ async def _resolve(ctx: ProbeContext, name: str, rdtype: str, timeout: float) ->
 
 
 def _dns_error(exc: Exception, name: str, rdtype: str) -> tuple[str, str]:
+    import dns.exception
+    import dns.resolver
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return f"{name} does not exist (NXDOMAIN)", "DNS_FAILURE"
     if isinstance(exc, dns.resolver.NoAnswer):
@@ -2855,6 +3017,7 @@ def _dns_matches(expected: str, answers: list[str], rdtype: str) -> bool:
 
 async def probe_dns(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """DNS: resolve one record type; with ``expectedIp``, that value must be in the answer."""
+    import dns.exception
     name = _target_host(monitor.get("url") or "")
     rdtype = (monitor.get("dnsRecord") or "A").upper()
     if not name:
@@ -3154,6 +3317,8 @@ def _show(value: Any) -> str:
 async def _dns_answers(ctx: ProbeContext, name: str, rdtype: str,
                        timeout: float) -> list[str] | None:
     """Sorted answers; [] when the name or record does not exist; None when unknown."""
+    import dns.exception
+    import dns.resolver
     try:
         return sorted(_canonical(a) for a in await _resolve(ctx, name, rdtype, timeout))
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
@@ -3253,6 +3418,14 @@ def probe_of(kind: str) -> Probe | None:
     """The probe of a monitor type; None for an unknown type or one that is never probed."""
     declared = MONITOR_TYPES.get(kind)
     return declared.probe if declared else None
+
+
+def _cause(category: str | None) -> str:
+    """``DNS_FAILURE`` -> ``DNS failure``."""
+    words = [w if w in ("DNS", "SSL", "DDOS") else w.lower() for w in (category or "").split("_")]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
 
 # --- Scheduler ---
 
@@ -3595,11 +3768,6 @@ class Scheduler:
         return max(stats["lag"]["p99"], stats["backlog"]) > _LAG_DEGRADED
 
 
-def nearest_rank(count: int, p: float) -> int:
-    """The 1-based rank of the p-th percentile among ``count`` sorted values (nearest-rank)."""
-    return max(1, math.ceil(p / 100 * count))
-
-
 def _percentile(ordered: list[float], point: int) -> float:
     return round(ordered[nearest_rank(len(ordered), point) - 1], 3) if ordered else 0.0
 
@@ -3663,6 +3831,9 @@ def feed_row(row: sqlite3.Row) -> dict[str, Any]:
 _AGENT_FLUSH = 1.0          # seconds between two batches
 _AGENT_RETRY_MAX = 2.0      # longest pause between attempts to reach the server
 _AGENT_TIMEOUT = 60.0       # seconds for one request (a long-poll waits up to 30)
+
+
+_AGENT_BATCH_MAX = 5000
 
 
 class AgentBuffer:
@@ -3839,6 +4010,15 @@ def check_statements(monitor_id: str, region_id: str, result: CheckResult,
          json.dumps(result.details) if result.details else None, checked_at, int(maintenance),
          checked_at if received_at is None else received_at, agent_at))]
 
+
+def transition_statements(monitor_id: str, old: str, new: str, reason: str | None,
+                          at: int) -> list[Statement]:
+    """Set a monitor's status and record the change, for incident logic to consume once."""
+    return [("UPDATE monitors SET status = ? WHERE id = ?", (new, monitor_id)),
+            ("INSERT INTO status_transitions (monitor_id, old_status, new_status, reason,"
+             " created_at) VALUES (?, ?, ?, ?, ?)", (monitor_id, old, new, reason, at))]
+
+
 # Heartbeat deadlines
 #
 # Each CRON monitor lives in memory as a ``_Beat``: its heartbeat id, status and two clocks
@@ -3992,6 +4172,11 @@ class Heartbeats:
             beat = self._beat(monitor_id)
         return beat
 
+    def known(self, token: str) -> _Beat | None:
+        """The beat a heartbeat id names when it is in memory and current, else None."""
+        beat = self._by_token.get(token)
+        return None if beat is None or beat.stale else beat
+
     async def preload(self) -> None:
         """Load every CRON monitor at start-up, so deadlines missed while down are found."""
         for row in await self.rt.db.fetchall(
@@ -4047,12 +4232,24 @@ class Heartbeats:
             self.wake.set()
 
     async def reload_changed(self) -> None:
-        """Reload the monitors edited since last time (a deleted one is forgotten)."""
-        changed, self._dirty = self._dirty, set()
+        """Reload the monitors edited since last time (a deleted one is forgotten).  One query
+        finds the CRON monitors among them; another is read only if it was one, so creating or
+        editing other monitors costs no query each."""
+        if not self._dirty:
+            return
+        changed, self._dirty = self._dirty, set()  # what changes meanwhile is for next time
+        try:
+            cron = {row[0] for row in await self.rt.db.fetchall(
+                "SELECT id FROM monitors WHERE id IN (SELECT value FROM json_each(?))"
+                " AND type = 'CRON'", (json.dumps(sorted(changed)),))}
+        except BaseException:
+            self._dirty |= changed
+            raise
         for monitor_id in changed:
-            beat = self._beat(monitor_id)
-            async with beat.lock:
-                await self.fresh(beat)
+            if monitor_id in cron or monitor_id in self._by_monitor:
+                beat = self._beat(monitor_id)
+                async with beat.lock:
+                    await self.fresh(beat)
 
     async def expire_due(self) -> None:
         """Mark DOWN every monitor whose deadline has passed."""
@@ -4112,15 +4309,1049 @@ async def run_heartbeats(rt: Runtime) -> None:
         await hb.sleep()
 
 
+# --- Notifiers ---
+#
+# The delivery layer: an ``Alert`` (what happened) becomes one request in each service's own wire
+# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, declared with its
+# config fields by ``@channel_type`` in ``CHANNEL_TYPES``; it raises ``DeliveryError`` on failure
+# and ``deliver`` turns that into retries and per-attempt records.  Senders never put a channel
+# URL or token into an error message: webhook URLs and Telegram's path carry the secret.
+
+ALERT_EVENTS = ("monitor.down", "monitor.up", "monitor.degraded", "incident.created",
+                "incident.resolved", "test")
+PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
+OPSGENIE_PRIORITIES = ("P1", "P2", "P3", "P4", "P5")
+
+# 4xx means the request or the credentials are wrong and a retry cannot help, except these.
+_RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# Headers post_webhook sets itself; a user-configured header must not override or corrupt them.
+_MANAGED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding",
+                              "x-webhook-signature"})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+_TONES = {"monitor.down": "bad", "incident.created": "bad", "monitor.degraded": "warn",
+          "monitor.up": "good", "incident.resolved": "good", "test": "info"}
+_HEADLINES = {
+    "monitor.down": "{name} is DOWN",
+    "monitor.up": "{name} is back UP",
+    "monitor.degraded": "{name} is DEGRADED",
+    "incident.created": "Incident{number} opened: {name}",
+    "incident.resolved": "Incident{number} resolved: {name}",
+    "test": "Test notification for {name}",
+}
+_GROUP_HEADLINES = {"monitor.down": "{count} monitors DOWN", "monitor.up": "{count} monitors back UP",
+                    "monitor.degraded": "{count} monitors DEGRADED",
+                    "incident.created": "{count} incidents opened",
+                    "incident.resolved": "{count} incidents resolved"}
+_EMOJI = {"bad": "\U0001f534", "warn": "\U0001f7e0", "good": "\u2705", "info": "\u2139\ufe0f"}
+_DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info": 0x3498DB}
+_TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
+_NTFY_TAGS = {"bad": "rotating_light", "warn": "warning", "good": "white_check_mark",
+              "info": "information_source"}
+APPRISE_MISSING = "the Apprise library is not installed: pip install 'statusapp[apprise]'"
+
+
+class AlertMonitor(TypedDict, total=False):
+    """The monitor an alert is about (a grouped alert's has only name and status)."""
+
+    id: str
+    name: str
+    url: str | None  # None for CRON: its ping URL is a secret
+    type: str
+    status: str | None
+
+
+class AlertIncident(TypedDict, total=False):
+    """The incident an alert reports; ``mttr`` in seconds once resolved."""
+
+    id: str
+    incidentNumber: str
+    startedAt: str | None
+    resolvedAt: str | None
+    severity: str
+    mttr: int | None
+
+
+class AlertCheck(TypedDict, total=False):
+    """The check an alert reports: HTTP status, response time (ms), error, region."""
+
+    statusCode: int | None
+    responseTime: int | None
+    error: str | None
+    region: str | None
+
+
+class AlertGroup(TypedDict):
+    """A storm's alerts as one: how many, and the first monitors' names."""
+
+    count: int
+    names: list[str]
+
+
+@dataclass
+class Alert:
+    """What happened, independent of any channel: every sender renders its message from this.
+
+    ``note`` explains what the numbers cannot (e.g. the regression detector's baseline).
+    ``group`` makes it stand for ``count`` monitors' alerts (``names`` lists the first ones).
+    """
+
+    event: str
+    monitor: AlertMonitor
+    incident: AlertIncident | None = None
+    check: AlertCheck | None = None
+    timestamp: str = dataclasses.field(default_factory=lambda: str(iso(now_ms())))
+    note: str | None = None
+    group: AlertGroup | None = None  # a storm's alerts as one message
+
+    def __post_init__(self) -> None:
+        if self.event not in ALERT_EVENTS:
+            raise ValueError(f"unknown alert event {self.event!r}")
+
+
+class DeliveryError(Exception):
+    """A failed delivery; ``permanent`` tells ``deliver`` that retrying cannot help."""
+
+    def __init__(self, message: str, status_code: int | None = None,
+                 permanent: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.permanent = permanent
+
+
+class NotifyContext:
+    """Shared state for deliveries: the config and one pooled HTTP client for every sender."""
+
+    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
+        self.cfg = cfg
+        notify = cfg["notifications"]
+        self.timeout: float = notify["timeout"]
+        timeout = httpx.Timeout(self.timeout, connect=min(notify["connect_timeout"], self.timeout))
+        # The delivery loop's slots bound connections (httpx's own pool of 100 would be a
+        # second, shared limit that hung receivers could fill).
+        self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
+                                        limits=httpx.Limits(max_connections=None),
+                                        headers={"User-Agent": f"StatusApp/{VERSION}"})
+        # URLs from API users (webhooks, chat webhooks) go through a client of their own, which
+        # connects only to addresses it has checked (see _PinnedBackend).
+        self.user_client = httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, headers=self.client.headers,
+            transport=_PinnedTransport(httpx.create_ssl_context(), keepalive=None,
+                                       allow_private=notify["allow_private_targets"]))
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        await self.client.aclose()
+        await self.user_client.aclose()
+
+    async def __aenter__(self) -> NotifyContext:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+# Message text shared by all channels.
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _human_time(value: Any) -> str:
+    parsed = _parse_time(value)
+    if parsed is None:
+        return str(value)
+    return parsed.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def human_duration(seconds: float) -> str:
+    """The two largest non-zero units ("12m 5s", "3h 4m", "2d 1h"): precise enough for an alert."""
+    remaining, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, remaining = divmod(remaining, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return " ".join(parts[:2]) or "0s"
+
+
+def _recovered(alert: Alert) -> bool:
+    return _TONES[alert.event] == "good"
+
+
+def _downtime(alert: Alert) -> int | None:
+    """Seconds down: the incident's mttr, else resolvedAt (or the alert's time) minus startedAt."""
+    incident: AlertIncident = alert.incident or {}
+    if (mttr := incident.get("mttr")) is not None:
+        return int(mttr)
+    start = _parse_time(incident.get("startedAt"))
+    end = _parse_time(incident.get("resolvedAt") or alert.timestamp)
+    return max(0, int((end - start).total_seconds())) if start and end else None
+
+
+def _check_result(check: AlertCheck) -> str:
+    """Render a check as "HTTP 500 Internal Server Error", "connection refused" or "HTTP 200"."""
+    code, error = check.get("statusCode"), check.get("error")
+    parts = (f"HTTP {code}" if code else "", _one_line(error or ""))
+    return " ".join(part for part in parts if part)
+
+
+def _group_names(group: AlertGroup) -> str:
+    more = group["count"] - len(group["names"])
+    return ", ".join(group["names"]) + (f" and {more} more" if more > 0 else "")
+
+
+def _headline(alert: Alert) -> str:
+    if alert.group:
+        return _GROUP_HEADLINES[alert.event].format(count=alert.group["count"])
+    incident: AlertIncident = alert.incident or {}
+    number = incident.get("incidentNumber") or incident.get("id")
+    name = alert.monitor.get("name") or alert.monitor.get("id") or "monitor"
+    headline = _HEADLINES[alert.event].format(name=name, number=f" {number}" if number else "")
+    return _one_line(headline)
+
+
+def _summary(alert: Alert) -> str:
+    """One ASCII-punctuated line (SMS, subjects, PagerDuty): the headline and what matters most."""
+    check: AlertCheck = alert.check or {}
+    if alert.group:
+        return _one_line(f"{_headline(alert)}: {_group_names(alert.group)}")
+    if _recovered(alert):
+        downtime = _downtime(alert)
+        detail = f"down for {human_duration(downtime)}" if downtime is not None else ""
+    elif alert.event == "test":
+        detail = "StatusApp can deliver to this channel"
+    else:
+        detail = _check_result(check)
+        detail += f" from {check['region']}" if detail and check.get("region") else ""
+        detail = alert.note or detail
+    return _one_line(f"{_headline(alert)} - {detail}" if detail else _headline(alert))
+
+
+def _facts(alert: Alert) -> list[tuple[str, str]]:
+    """Labelled details for a person on call: what, where, how it failed, since when, how long."""
+    monitor = alert.monitor
+    check: AlertCheck = alert.check or {}
+    incident: AlertIncident = alert.incident or {}
+    if alert.group:
+        return [("Monitors", _group_names(alert.group)), ("Since", _human_time(alert.timestamp))]
+    facts = [("Monitor", str(monitor.get("name") or monitor.get("id") or "")),
+             ("URL", str(monitor.get("url") or "")),
+             ("Status", str(monitor.get("status") or "")),
+             ("Error" if check.get("error") else "Check", _check_result(check)),
+             ("Region", str(check.get("region") or ""))]
+    if (took := check.get("responseTime")) is not None:
+        facts.append(("Response time", f"{round(took)} ms"))
+    if _recovered(alert):
+        downtime = _downtime(alert)
+        facts.append(("Down for", human_duration(downtime) if downtime is not None else ""))
+        started = incident.get("startedAt")
+        facts.append(("Down since", _human_time(started) if started else ""))
+    elif alert.event != "test":
+        facts.append(("Since", _human_time(incident.get("startedAt") or alert.timestamp)))
+    if incident:
+        number = str(incident.get("incidentNumber") or incident.get("id") or "")
+        severity = incident.get("severity")
+        facts.append(("Incident", f"{number} (severity {severity})" if severity else number))
+    facts.append(("Note", _one_line(alert.note or "")))
+    return [(label, value) for label, value in facts if value]
+
+
+def _details(alert: Alert) -> str:
+    """One "Label: value" line per fact (the body under a separate title)."""
+    return "\n".join(f"{label}: {value}" for label, value in _facts(alert))
+
+
+def _text(alert: Alert) -> str:
+    """Plain text: the headline, then the facts."""
+    footer = f"Sent by StatusApp at {_human_time(alert.timestamp)}"
+    return "\n".join([_headline(alert), "", _details(alert), "", footer])
+
+
+def _urgency(alert: Alert, high: int, normal: int, low: int) -> int:
+    """A service's priority for the alert: ``high`` for trouble, ``normal`` for degraded,
+    ``low`` for recoveries and tests."""
+    return {"bad": high, "warn": normal}.get(_TONES[alert.event], low)
+
+
+def _web_url(alert: Alert) -> str | None:
+    """The monitor URL when a chat client can link it (DNS and ping monitors have bare hosts)."""
+    url = str(alert.monitor.get("url") or "")
+    return url if url.startswith(("http://", "https://")) else None
+
+
+def _dedup_key(alert: Alert) -> str:
+    """One key per monitor, so "down" and its later "up" (or incident events) hit the same alert."""
+    return f"statusapp-monitor-{alert.monitor.get('id')}"
+
+
+# JSON exactly as JavaScript writes it, so receivers can verify a signature over JSON.stringify.
+
+
+def _js_number(value: float) -> str:
+    """ECMAScript Number::toString: shortest round-trip digits, JS's exponent thresholds."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return "null"
+    if value == 0:
+        return "0"
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits, point = whole + fraction, len(whole) + int(exponent or 0)
+    stripped = digits.lstrip("0")
+    point -= len(digits) - len(stripped)
+    digits = stripped.rstrip("0")
+    k, n = len(digits), point
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = f"{digits[:n]}.{digits[n:]}"
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        fraction = "." + digits[1:] if k > 1 else ""
+        text = f"{digits[0]}{fraction}e{'+' if n > 0 else '-'}{abs(n - 1)}"
+    return "-" + text if value < 0 else text
+
+
+def _js_string(value: str) -> str:
+    paired = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    text = json.dumps(paired, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _js_value(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        if abs(value) <= 2 ** 53:
+            return str(value)
+        try:
+            return _js_number(float(value))
+        except OverflowError:
+            return "null"
+    if isinstance(value, float):
+        return _js_number(value)
+    if isinstance(value, str):
+        return _js_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_js_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("js_json: object keys must be strings")
+        index_keys = sorted((k for k in value if _ARRAY_INDEX.fullmatch(k) and int(k) < 2**32 - 1),
+                            key=int)
+        keys = index_keys + [k for k in value if k not in set(index_keys)]
+        return "{" + ",".join(f"{_js_string(k)}:{_js_value(value[k])}" for k in keys) + "}"
+    raise TypeError(f"js_json: cannot serialise {type(value).__name__}")
+
+
+def js_json(obj: Any) -> bytes:
+    """UTF-8 bytes equal to JSON.stringify(JSON.parse(them)) in JavaScript.
+
+    The spec's verifier recomputes the HMAC over ``JSON.stringify(req.body)``, so the bytes we
+    sign must survive that round trip: compact separators, raw UTF-8 (U+2028 included), lone
+    surrogates as ``\\udxxx``, 1.0 as ``1``, 1e21 as ``1e+21``, NaN as ``null``, integers
+    beyond 2**53 rounded to a double, and integer-like keys first in ascending order as JS
+    objects hold them.  Other keys keep their order.
+    """
+    return _js_value(obj).encode("utf-8")
+
+
+def sign_body(body: bytes, secret: str) -> str:
+    """Hex HMAC-SHA256 of the exact bytes sent, as ``X-Webhook-Signature``."""
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def webhook_payload(alert: Alert) -> dict[str, Any]:
+    """The spec's "Webhook Payload Format", key for key and in its order."""
+    monitor, incident, check = alert.monitor, alert.incident, alert.check
+    return {
+        "event": alert.event,
+        "timestamp": alert.timestamp,
+        "monitor": {key: monitor.get(key) for key in ("id", "name", "url", "type", "status")},
+        "incident": None if incident is None else {
+            key: incident.get(key) for key in ("id", "incidentNumber", "startedAt", "severity")},
+        "check": None if check is None else {
+            key: check.get(key) for key in ("statusCode", "responseTime", "error", "region")},
+        **_delivery_fields(),
+    }
+
+
+# The delivery being attempted: (delivery id, send time in ms).  Every HTTP request carries them
+# as X-StatusApp-Delivery and X-StatusApp-Timestamp, webhook payloads as deliveryId and sentAt,
+# so a receiver can drop a repeat (the same id arrives again only as a retry).
+_DELIVERY: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "delivery", default=None)
+
+
+def _delivery_fields() -> dict[str, Any]:
+    current = _DELIVERY.get()
+    return {} if current is None else {"deliveryId": current[0], "sentAt": current[1]}
+
+
+def _delivery_headers() -> dict[str, str]:
+    current = _DELIVERY.get()
+    return {} if current is None else {"X-StatusApp-Delivery": current[0],
+                                       "X-StatusApp-Timestamp": str(current[1])}
+
+
+# HTTP plumbing shared by every sender.
+
+
+def check_target(url: str) -> None:
+    """Refuse a user's URL that is not http(s) with a host and a valid port.
+
+    Channel and webhook URLs come from API users; without ``notifications.allow_private_targets``
+    the user client's backend also refuses any that resolve inside our network, at connect
+    time, on the very address it connects to.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DeliveryError("target URL must be http:// or https:// with a host", permanent=True)
+    try:
+        parts.port
+    except ValueError:
+        raise DeliveryError("target URL has an invalid port", permanent=True) from None
+
+
+def _permanent_status(code: int) -> bool:
+    return code < 500 and code not in _RETRYABLE_STATUSES
+
+
+async def _excerpt(response: httpx.Response) -> str:
+    """The start of an error body: services explain themselves there ("channel_not_found")."""
+    head = b""
+    async for chunk in response.aiter_bytes():
+        head += chunk
+        if len(head) >= 2048:
+            break
+    return _cut(_one_line(head.decode("utf-8", "replace")), 200)
+
+
+async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = False,
+                method: str = "POST", **request: Any) -> int:
+    """POST (or ``method``) and map the outcome onto DeliveryError; return the 2xx status."""
+    if user_url:
+        check_target(url)
+    request["headers"] = {**request.get("headers", {}), **_delivery_headers()}
+    try:
+        async with (ctx.user_client if user_url else ctx.client).stream(
+                method, url, **request) as response:
+            if response.is_success:
+                return response.status_code
+            detail = await _excerpt(response)
+    except httpx.TimeoutException:
+        raise DeliveryError(f"{service}: timed out") from None
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        raise DeliveryError(f"{service}: invalid URL ({exc})", permanent=True) from None
+    except httpx.TransportError as exc:
+        if isinstance(exc.__cause__, PrivateTargetError):
+            raise DeliveryError(f"{service}: {exc.__cause__}", permanent=True) from None
+        raise DeliveryError(f"{service}: {type(exc).__name__}: {exc}") from None
+    code = response.status_code
+    raise DeliveryError(f"{service} answered HTTP {code}" + (f": {detail}" if detail else ""),
+                        status_code=code, permanent=_permanent_status(code))
+
+
+async def _post_json(ctx: NotifyContext, service: str, url: str, payload: Any, *,
+                     user_url: bool = False, headers: dict[str, str] | None = None,
+                     **request: Any) -> int:
+    body_headers = {**(headers or {}), "Content-Type": "application/json"}
+    return await _post(ctx, service, url, user_url=user_url, content=js_json(payload),
+                       headers=body_headers, **request)
+
+
+def _user_headers(headers: Any) -> dict[str, str]:
+    """Configured webhook headers, checked so a typo fails permanently instead of retrying."""
+    if not headers:
+        return {}
+    if not isinstance(headers, dict):
+        raise DeliveryError("webhook headers must be an object", permanent=True)
+    clean = {}
+    for name, value in headers.items():
+        if not (isinstance(name, str) and _HEADER_NAME.fullmatch(name) and isinstance(value, str)
+                and not set(value) & {"\r", "\n", "\0"}):
+            raise DeliveryError(f"invalid webhook header {name!r}", permanent=True)
+        if name.lower() not in _MANAGED_HEADERS:
+            clean[name] = value
+    return clean
+
+
+async def post_webhook(url: str, payload: dict[str, Any], secret: str | None,
+                       headers: dict[str, str] | None, ctx: NotifyContext) -> int:
+    """POST ``payload`` as JavaScript-compatible JSON, signing exactly the bytes on the wire."""
+    body = js_json(payload)
+    sent = {**_user_headers(headers), "Content-Type": "application/json"}
+    if secret:
+        sent["X-Webhook-Signature"] = sign_body(body, secret)
+    return await _post(ctx, "Webhook", url, user_url=True, content=body, headers=sent)
+
+
+def _choice(config: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = config.get(key) or default
+    if value not in allowed:
+        raise DeliveryError(f"{key} must be one of {', '.join(allowed)}, got {value!r}",
+                            permanent=True)
+    return value
+
+
+def _recipients(config: dict[str, Any], key: str) -> list[str]:
+    values = config[key]
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+        raise DeliveryError(f"{key} must be a list of non-empty strings", permanent=True)
+    return [v.strip() for v in values]
+
+
+Sender = Callable[[dict[str, Any], Alert, NotifyContext], Awaitable[int | None]]
+def channel_type(name: str, *fields: Field, person_facing: bool) -> Callable[[Sender], Sender]:
+    """Declare a channel type on its sender: its config ``fields`` (``required=True`` for the
+    keys it needs, ``secret=True`` for those responses mask) and whether it reaches a person.
+
+    The registered sender refuses, permanently, a config that lacks a required key.
+    """
+    def wrap(send: Sender) -> Sender:
+        @functools.wraps(send)
+        async def checked(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int | None:
+            missing = [key for key in declared.required if not config.get(key)]
+            if missing:
+                raise DeliveryError(f"{name} channel config lacks {', '.join(missing)}",
+                                    permanent=True)
+            return await send(config, alert, ctx)
+        declared = ChannelType(name, fields, checked, person_facing)
+        CHANNEL_TYPES[name] = declared
+        return checked
+    return wrap
+
+
+# What the channel types' config fields check beyond kinds and bounds.
+
+
+def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
+    """A ``check`` for an array of strings that must each match ``pattern``."""
+    regex = re.compile(pattern)
+
+    def check(value: list[Any], record: dict[str, Any], env: ValidationEnv) -> list[str]:
+        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
+        if bad:
+            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
+        return list(dict.fromkeys(v.strip() for v in value))
+    return check
+
+
+def _pattern(pattern: str, what: str) -> Callable[..., str]:
+    regex = re.compile(pattern)
+
+    def check(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
+        if not regex.fullmatch(value):
+            raise _Issue(f"Invalid {what}")
+        return value
+    return check
+
+
+def _valid_headers(value: dict[str, Any], record: dict[str, Any],
+                   env: ValidationEnv) -> dict[str, Any]:
+    """Header names must be tokens and values single-line strings, as post_webhook requires."""
+    try:
+        _user_headers(value)
+    except DeliveryError as exc:
+        raise _Issue(exc.message) from None
+    return value
+
+
+_CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=valid_url,
+                          secret=True, doc="Incoming webhook URL (secret)")
+
+
+# The senders, one per channel type.
+
+
+def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str],
+               timeout: float | None) -> None:
+    """Blocking SMTP conversation (run in a thread), with SMTP replies mapped to DeliveryError."""
+    import smtplib
+    security = smtp["security"]
+    context = ssl.create_default_context()
+    # typeshed says float, but smtplib passes the timeout to socket, where None means no limit.
+    limit: Any = timeout
+    client: smtplib.SMTP
+    try:
+        if security == "tls":
+            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=limit, context=context)
+        else:
+            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=limit)
+        with client:
+            if security == "starttls":
+                client.starttls(context=context)
+            if smtp["username"]:
+                client.login(smtp["username"], smtp["password"])
+            refused = client.send_message(message, smtp["sender"], recipients)
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [code for code, _ in exc.recipients.values()]
+        who = ", ".join(f"{addr} ({code})" for addr, (code, _) in exc.recipients.items())
+        raise DeliveryError(f"SMTP refused every recipient: {who}",
+                            status_code=codes[0], permanent=min(codes) >= 500) from None
+    except smtplib.SMTPResponseException as exc:
+        reply = exc.smtp_error
+        reply = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+        raise DeliveryError(f"SMTP {exc.smtp_code}: {_one_line(reply)}",
+                            status_code=exc.smtp_code, permanent=exc.smtp_code >= 500) from None
+    except smtplib.SMTPNotSupportedError as exc:
+        raise DeliveryError(f"SMTP server: {exc}", permanent=True) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise DeliveryError(f"SMTP TLS certificate rejected: {exc.verify_message}",
+                            permanent=True) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        where = f"{smtp['host']}:{smtp['port']}"
+        raise DeliveryError(f"SMTP {where}: {type(exc).__name__}: {exc}") from None
+    if refused:
+        raise DeliveryError(f"SMTP delivered to {len(recipients) - len(refused)} of "
+                            f"{len(recipients)}; refused {sorted(refused)}", permanent=True)
+
+
+@channel_type("EMAIL", Field("emails", "array", True, minimum=1, maximum=50,
+                             check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"),
+                             doc="Recipients"), person_facing=True)
+async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
+    """One plain-text message to every address in ``emails``, through the configured SMTP relay."""
+    smtp = ctx.cfg["smtp"]
+    if not smtp["host"]:
+        raise DeliveryError("EMAIL needs smtp.host in the server config", permanent=True)
+    recipients = _recipients(config, "emails")
+    message = EmailMessage()
+    message["Subject"] = _cut(f"[StatusApp] {_summary(alert)}", 200)
+    message["From"] = smtp["sender"]
+    message["To"] = ", ".join(recipients)
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = make_msgid(domain=smtp["sender"].rpartition("@")[2] or "statusapp")
+    for name, value in _delivery_headers().items():
+        message[name] = value
+    message.set_content(_text(alert))
+    await asyncio.to_thread(_smtp_send, smtp, message, recipients, ctx.timeout)
+
+
+@channel_type("SMS", Field("phoneNumbers", "array", True, minimum=1, maximum=20,
+                           check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
+                           doc="Recipients in E.164 form (+15551234567)"), person_facing=True)
+async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Twilio Messages API, one message per number; every number is tried even if one fails."""
+    notify = ctx.cfg["notifications"]
+    sid, token, sender = (notify[f"twilio_{key}"] for key in ("account_sid", "auth_token", "from"))
+    if not (sid and token and sender):
+        raise DeliveryError("SMS needs notifications.twilio_account_sid, twilio_auth_token and "
+                            "twilio_from in the server config", permanent=True)
+    url = (f"{notify['twilio_api_url'].rstrip('/')}/2010-04-01/Accounts/"
+           f"{urllib.parse.quote(sid, safe='')}/Messages.json")
+    body = _cut(f"[StatusApp] {_summary(alert)}", 320)
+    numbers = _recipients(config, "phoneNumbers")
+    statuses, failures = [], []
+    for number in numbers:
+        try:
+            statuses.append(await _post(ctx, "Twilio", url, auth=(sid, token),
+                                        data={"To": number, "From": sender, "Body": body}))
+        except DeliveryError as exc:
+            failures.append((number, exc))
+    if failures:
+        raise DeliveryError(
+            f"SMS to {len(failures)} of {len(numbers)} numbers failed: "
+            + "; ".join(f"{number}: {exc.message}" for number, exc in failures),
+            status_code=failures[0][1].status_code,
+            permanent=all(exc.permanent for _, exc in failures))
+    return statuses[-1]
+
+
+@channel_type("SLACK", _CHAT_WEBHOOK_URL,
+              Field("channel", "string", minimum=1, maximum=80,
+                    doc="Channel override, e.g. #alerts"),
+              person_facing=True)
+async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Slack incoming webhook: ``text`` for notifications, ``blocks`` for the message itself."""
+    def mrkdwn(text: str) -> str:
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    tone = _TONES[alert.event]
+    fields = [{"type": "mrkdwn", "text": _cut(f"*{label}*\n{mrkdwn(value)}", 2000)}
+              for label, value in _facts(alert)[:10]]
+    payload: dict[str, Any] = {
+        "text": mrkdwn(_summary(alert)),
+        "blocks": [
+            {"type": "header", "text": {"type": "plain_text", "emoji": True,
+                                        "text": _cut(f"{_EMOJI[tone]} {_headline(alert)}", 150)}},
+            {"type": "section", "fields": fields},
+            {"type": "context", "elements": [
+                {"type": "mrkdwn", "text": f"StatusApp \u00b7 {_human_time(alert.timestamp)}"}]},
+        ],
+    }
+    if config.get("channel"):
+        payload["channel"] = config["channel"]
+    return await _post_json(ctx, "Slack", config["webhookUrl"], payload, user_url=True)
+
+
+@channel_type("DISCORD", _CHAT_WEBHOOK_URL, person_facing=True)
+async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Discord webhook with one embed, coloured red, amber, green or blue by the event."""
+    embed: dict[str, Any] = {
+        "title": _cut(_headline(alert), 256),
+        "color": _DISCORD_COLOURS[_TONES[alert.event]],
+        "fields": [{"name": label, "value": _cut(value, 1024), "inline": len(value) <= 40}
+                   for label, value in _facts(alert)],
+        "timestamp": alert.timestamp,
+        "footer": {"text": "StatusApp"},
+    }
+    if _web_url(alert):
+        embed["url"] = _web_url(alert)
+    payload = {"username": "StatusApp", "embeds": [embed], "allowed_mentions": {"parse": []}}
+    return await _post_json(ctx, "Discord", config["webhookUrl"], payload, user_url=True)
+
+
+@channel_type(
+    "TELEGRAM",
+    Field("botToken", "string", True, secret=True, doc="Bot API token (secret)",
+          check=_pattern(r"[0-9]+:\S+", "bot token (expected 123456:ABC...)")),
+    Field("chatId", "string", True, minimum=1, maximum=64, doc="Chat, group or channel id"),
+    person_facing=True)
+async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Bot API sendMessage in plain text (no parse_mode, so names need no escaping)."""
+    base = ctx.cfg["notifications"]["telegram_api_url"].rstrip("/")
+    url = f"{base}/bot{config['botToken']}/sendMessage"
+    text = f"{_EMOJI[_TONES[alert.event]]} {_text(alert)}"
+    payload = {"chat_id": config["chatId"], "text": _cut(text, 4096),
+               "link_preview_options": {"is_disabled": True}}
+    return await _post_json(ctx, "Telegram", url, payload)
+
+
+@channel_type(
+    "PAGERDUTY",
+    Field("integrationKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="Events API v2 routing key (secret)"),
+    Field("severity", "string", choices=PAGERDUTY_SEVERITIES,
+          doc="Trigger severity (default critical)"),
+    person_facing=False)
+async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Events API v2: trigger on trouble, resolve on recovery, both with the monitor's dedup_key."""
+    event: dict[str, Any] = {"routing_key": config["integrationKey"]}
+    if _recovered(alert):
+        event |= {"event_action": "resolve", "dedup_key": _dedup_key(alert)}
+    else:
+        event |= {
+            "event_action": "trigger",
+            "dedup_key": _dedup_key(alert),
+            "payload": {
+                "summary": _cut(_summary(alert), 1024),
+                "source": str(alert.monitor.get("url") or alert.monitor.get("name")),
+                "severity": _choice(config, "severity", PAGERDUTY_SEVERITIES, "critical"),
+                "timestamp": alert.timestamp,
+                "component": str(alert.monitor.get("name")),
+                "group": str(alert.monitor.get("type")),
+                "custom_details": dict(_facts(alert)),
+            },
+            "client": "StatusApp",
+        }
+        if _web_url(alert):
+            event["links"] = [{"href": _web_url(alert), "text": "Monitored URL"}]
+    return await _post_json(ctx, "PagerDuty", ctx.cfg["notifications"]["pagerduty_url"], event)
+
+
+@channel_type(
+    "OPSGENIE",
+    Field("apiKey", "string", True, minimum=1, maximum=128, secret=True,
+          doc="API integration key (secret)"),
+    Field("priority", "string", choices=OPSGENIE_PRIORITIES, doc="Alert priority (default P3)"),
+    person_facing=False)
+async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Alert API: create on trouble, close by alias on recovery (the alias deduplicates)."""
+    base = ctx.cfg["notifications"]["opsgenie_url"].rstrip("/") + "/v2/alerts"
+    auth = {"Authorization": f"GenieKey {config['apiKey']}"}
+    alias = _dedup_key(alert)
+    if _recovered(alert):
+        url = f"{base}/{urllib.parse.quote(alias, safe='')}/close"
+        note = {"source": "StatusApp", "note": _summary(alert)}
+        return await _post_json(ctx, "OpsGenie", url, note, headers=auth,
+                                params={"identifierType": "alias"})
+    payload = {
+        "message": _cut(_headline(alert), 130),
+        "alias": alias,
+        "description": _cut(_text(alert), 15000),
+        "priority": _choice(config, "priority", OPSGENIE_PRIORITIES, "P3"),
+        "source": "StatusApp",
+        "entity": _cut(str(alert.monitor.get("name")), 512),
+        "tags": ["statusapp"],
+        "details": dict(_facts(alert)),
+    }
+    return await _post_json(ctx, "OpsGenie", base, payload, headers=auth)
+
+
+@channel_type("MICROSOFT_TEAMS", _CHAT_WEBHOOK_URL, person_facing=True)
+async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """An Adaptive Card message: accepted by Teams Workflows webhooks and classic connectors."""
+    card: dict[str, Any] = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "type": "AdaptiveCard",
+        "version": "1.4",
+        "body": [
+            {"type": "TextBlock", "text": _headline(alert), "weight": "Bolder", "size": "Medium",
+             "color": _TEAMS_COLOURS[_TONES[alert.event]], "wrap": True},
+            {"type": "FactSet", "facts": [{"title": label, "value": value}
+                                          for label, value in _facts(alert)]},
+        ],
+        "msteams": {"width": "Full"},
+    }
+    if _web_url(alert):
+        card["actions"] = [{"type": "Action.OpenUrl", "title": "Open monitored URL",
+                            "url": _web_url(alert)}]
+    payload = {"type": "message", "attachments": [
+        {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None,
+         "content": card}]}
+    return await _post_json(ctx, "Teams", config["webhookUrl"], payload, user_url=True)
+
+
+@channel_type(
+    "WEBHOOK",
+    Field("url", "string", True, maximum=2048, check=valid_url,
+          doc="Endpoint that receives the webhook payload"),
+    Field("headers", "object", check=_valid_headers, secret=True,
+          doc="Extra request headers (values are secret)"),
+    Field("secret", "string", minimum=1, maximum=255, secret=True,
+          doc="Signs the body as X-Webhook-Signature (secret)"),
+    person_facing=False)
+async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """The spec's webhook payload to ``url`` with the configured ``headers`` (signed if ``secret``).
+
+    The Webhooks API delivers through this too: ``{"url": ..., "secret": ...}`` as the config.
+    """
+    return await post_webhook(config["url"], webhook_payload(alert), config.get("secret"),
+                              config.get("headers"), ctx)
+
+
+
+# The homelab channels: push services people run themselves or keep on their phones.
+
+_SERVER_URL = Field("serverUrl", "string", True, maximum=2048, check=valid_url,
+                    doc="Server URL, e.g. https://ntfy.sh")
+_APP_TOKEN = Field("appToken", "string", True, minimum=1, maximum=255, secret=True,
+                   doc="Application token (secret)")
+
+
+@channel_type(
+    "NTFY", _SERVER_URL,
+    Field("topic", "string", True, doc="Topic",
+          check=_pattern(r"[-_A-Za-z0-9]{1,64}", "ntfy topic (1-64 of A-Z, a-z, 0-9, _, -)")),
+    Field("token", "string", minimum=1, maximum=255, secret=True, doc="Access token (secret)"),
+    Field("username", "string", minimum=1, maximum=255,
+          doc="User name, with password (when no token)"),
+    Field("password", "string", maximum=255, secret=True, doc="Password (secret)"),
+    Field("priority", "integer", minimum=1, maximum=5,
+          doc="Priority of trouble alerts, 1-5 (default 5)"),
+    person_facing=True)
+async def send_ntfy(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """ntfy's JSON publishing: POST to the server root, the topic in the body; the priority
+    (``priority`` for trouble, default 5) and an emoji tag follow the event; a click opens
+    the monitored URL.  ``token`` is sent as a Bearer token, else ``username``/``password``."""
+    top = config.get("priority", 5)
+    payload: dict[str, Any] = {
+        "topic": config["topic"], "title": _cut(_headline(alert), 250),
+        "message": _cut(_details(alert), 4096),
+        "priority": _urgency(alert, top, min(top, 4), min(top, 3)),
+        "tags": [_NTFY_TAGS[_TONES[alert.event]]]}
+    if _web_url(alert):
+        payload["click"] = _web_url(alert)
+    request: dict[str, Any] = {}
+    if config.get("token"):
+        request["headers"] = {"Authorization": f"Bearer {config['token']}"}
+    elif config.get("username"):
+        request["auth"] = (config["username"], config.get("password", ""))
+    return await _post_json(ctx, "ntfy", config["serverUrl"].rstrip("/") + "/", payload,
+                            user_url=True, **request)
+
+
+@channel_type(
+    "GOTIFY", _SERVER_URL, _APP_TOKEN,
+    Field("priority", "integer", minimum=0, maximum=10,
+          doc="Priority of trouble alerts, 0-10 (default 8)"),
+    person_facing=True)
+async def send_gotify(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Gotify's POST /message with the application token in X-Gotify-Key; ``priority`` for
+    trouble (default 8), at most 5 when degraded and 2 for recoveries and tests."""
+    top = config.get("priority", 8)
+    payload: dict[str, Any] = {
+        "title": _cut(_headline(alert), 250), "message": _details(alert),
+        "priority": _urgency(alert, top, min(top, 5), min(top, 2)),
+        "extras": {"client::display": {"contentType": "text/plain"}}}
+    if _web_url(alert):
+        payload["extras"]["client::notification"] = {"click": {"url": _web_url(alert)}}
+    return await _post_json(ctx, "Gotify", config["serverUrl"].rstrip("/") + "/message",
+                            payload, user_url=True, headers={"X-Gotify-Key": config["appToken"]})
+
+
+@channel_type(
+    "PUSHOVER",
+    Field("userKey", "string", True, secret=True, doc="User or group key (secret)",
+          check=_pattern(r"[A-Za-z0-9]{30}", "Pushover user or group key (30 letters/digits)")),
+    _APP_TOKEN,
+    Field("priority", "integer", minimum=-2, maximum=2,
+          doc="Priority of trouble alerts, -2 to 2 (default 2: emergency)"),
+    Field("retry", "integer", minimum=30, maximum=10_800,
+          doc="Emergency: seconds between repeats (default 60)"),
+    Field("expire", "integer", minimum=30, maximum=10_800,
+          doc="Emergency: seconds until repeats stop (default 3600)"),
+    person_facing=True)
+async def send_pushover(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """Pushover's POST /1/messages.json (form-encoded): ``priority`` for trouble (default 2,
+    emergency: repeated every ``retry`` seconds until acknowledged or ``expire`` passes),
+    normal priority 0 for degraded, -1 (quiet) for recoveries and tests."""
+    top = config.get("priority", 2)
+    priority = _urgency(alert, top, min(top, 0), min(top, -1))
+    when = _parse_time(alert.timestamp)
+    form = {"token": config["appToken"], "user": config["userKey"],
+            "title": _cut(_headline(alert), 250), "message": _cut(_details(alert), 1024),
+            "priority": str(priority)}
+    if when is not None:
+        form["timestamp"] = str(int(when.timestamp()))
+    if _web_url(alert):
+        form |= {"url": _web_url(alert) or "", "url_title": "Monitored URL"}
+    if priority == 2:
+        form |= {"retry": str(config.get("retry", 60)), "expire": str(config.get("expire", 3600))}
+    url = ctx.cfg["notifications"]["pushover_url"].rstrip("/") + "/1/messages.json"
+    return await _post(ctx, "Pushover", url, data=form)
+
+
+@channel_type(
+    "MATRIX",
+    Field("homeserver", "string", True, maximum=2048, check=valid_url,
+          doc="Homeserver URL, e.g. https://matrix.org"),
+    Field("accessToken", "string", True, minimum=1, maximum=1024, secret=True,
+          doc="Access token of the sending user (secret)"),
+    Field("roomId", "string", True, doc="Room id (not an alias)",
+          check=_pattern(r"![^:\s]+:\S+", "room id (expected !abc:example.org)")),
+    person_facing=True)
+async def send_matrix(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
+    """A Matrix room message (client-server API v3): a plain ``body`` and an HTML
+    ``formatted_body``.  The transaction id comes from the alert, so a retry of the same alert
+    is one message even when the homeserver had accepted the first try."""
+    facts = "".join(f"<br><b>{_esc(label)}</b>: {_esc(value)}" for label, value in _facts(alert))
+    html_body = f"<b>{_esc(_EMOJI[_TONES[alert.event]] + ' ' + _headline(alert))}</b>{facts}"
+    txn = hashlib.sha256(f"{alert.event}|{alert.monitor.get('id')}|{alert.timestamp}"
+                         .encode()).hexdigest()[:32]
+    room = urllib.parse.quote(config["roomId"], safe="")
+    url = (f"{config['homeserver'].rstrip('/')}/_matrix/client/v3/rooms/{room}"
+           f"/send/m.room.message/{txn}")
+    payload = {"msgtype": "m.text", "body": _text(alert), "format": "org.matrix.custom.html",
+               "formatted_body": html_body}
+    return await _post_json(ctx, "Matrix", url, payload, user_url=True, method="PUT",
+                            headers={"Authorization": f"Bearer {config['accessToken']}"})
+
+
+def apprise_module() -> Any:
+    """The optional Apprise library, or None when the ``apprise`` extra is not installed."""
+    try:
+        return importlib.import_module("apprise")
+    except ImportError:
+        return None
+
+
+def valid_apprise_urls(value: list[Any], record: dict[str, Any],
+                       env: ValidationEnv) -> list[str]:
+    """URLs the installed Apprise understands (never echoed: they hold tokens); without the
+    library, a 400 naming the extra to install."""
+    library = apprise_module()
+    if library is None:
+        raise _Issue(APPRISE_MISSING)
+    bad = [str(i) for i, url in enumerate(value)
+           if not isinstance(url, str) or not library.Apprise().add(url)]
+    if bad:
+        raise _Issue(f"Not an Apprise URL Apprise supports: entry {', '.join(bad)}")
+    return value
+
+
+@channel_type(
+    "APPRISE",
+    Field("urls", "array", True, minimum=1, maximum=20, check=valid_apprise_urls, secret=True,
+          doc="Apprise URLs (secret)"),
+    person_facing=True)
+async def send_apprise(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
+    """Every Apprise URL in ``urls`` (Apprise speaks to each service itself, in a thread)."""
+    library = apprise_module()
+    if library is None:
+        raise DeliveryError(APPRISE_MISSING, permanent=True)
+    notifier = library.Apprise()
+    for url in config["urls"]:
+        notifier.add(url)
+    kind = {"bad": library.NotifyType.FAILURE, "warn": library.NotifyType.WARNING,
+            "good": library.NotifyType.SUCCESS}.get(_TONES[alert.event], library.NotifyType.INFO)
+    if not await asyncio.to_thread(notifier.notify, body=_details(alert),
+                                   title=_headline(alert), notify_type=kind):
+        raise DeliveryError(f"Apprise could not deliver to every one of its "
+                            f"{len(config['urls'])} URL(s)")
+
+
+class DeliveryAttempt(TypedDict):
+    """One try at delivering one alert to one target, as ``deliver`` reports and the outbox,
+    the delivery logs and the webhook delivery history record it."""
+
+    attempt: int
+    ok: bool
+    statusCode: int | None
+    error: str | None
+    permanent: bool
+    durationMs: int
+
+
+async def attempt_delivery(send: Sender, config: dict[str, Any], alert: Alert,
+                           ctx: NotifyContext, delivery_id: str, attempt: int) -> DeliveryAttempt:
+    """One attempt of ``send``, bounded by ``notifications.timeout``; never raises, it reports.
+
+    An unexpected exception is a bug a retry will not fix, so it counts as permanent."""
+    started = time.monotonic()
+    status, error, permanent = None, None, False
+    token = _DELIVERY.set((delivery_id, now_ms()))
+    try:
+        status = await asyncio.wait_for(send(config, alert, ctx), ctx.timeout)
+    except DeliveryError as exc:
+        status, error, permanent = exc.status_code, exc.message, exc.permanent
+    except asyncio.TimeoutError:
+        error = f"timed out after {ctx.timeout:g}s"
+    except Exception as exc:  # noqa: BLE001 -- deliver must report, not raise
+        error, permanent = f"internal error: {type(exc).__name__}: {exc}", True
+    finally:
+        _DELIVERY.reset(token)
+    return {"attempt": attempt, "ok": error is None, "statusCode": status, "error": error,
+            "permanent": permanent, "durationMs": round((time.monotonic() - started) * 1000)}
+
+
+async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
+                  attempts: int | None = None, base_delay: float = 1.0,
+                  delivery_id: str | None = None) -> list[DeliveryAttempt]:
+    """Run ``send`` with in-process retries (the outbox retries durably instead) and report
+    every attempt, all under one delivery id.  Transient failures are retried after
+    base_delay, 2x, 4x...; a permanent one (bad credentials, gone, bad config) stops at once.
+    """
+    total = max(1, ctx.cfg["notifications"]["attempts"] if attempts is None else attempts)
+    delivery_id = delivery_id or new_id("dlv")
+    records: list[DeliveryAttempt] = []
+    for attempt in range(1, total + 1):
+        records.append(await attempt_delivery(send, config, alert, ctx, delivery_id, attempt))
+        if records[-1]["ok"] or records[-1]["permanent"]:
+            break
+        if attempt < total:
+            await asyncio.sleep(base_delay * 2 ** (attempt - 1))
+    return records
+
+
 # --- Incidents ---
-
-
-def transition_statements(monitor_id: str, old: str, new: str, reason: str | None,
-                          at: int) -> list[Statement]:
-    """Set a monitor's status and record the change, for incident logic to consume once."""
-    return [("UPDATE monitors SET status = ? WHERE id = ?", (new, monitor_id)),
-            ("INSERT INTO status_transitions (monitor_id, old_status, new_status, reason,"
-             " created_at) VALUES (?, ?, ?, ?, ?)", (monitor_id, old, new, reason, at))]
 
 
 # Regions.  Each region's scheduler (the server's own, or an agent's) confirms a status per
@@ -4237,13 +5468,19 @@ async def run_verdicts(rt: Runtime) -> None:
 
 # Region liveness.  An agent's region is active while the agent has been in touch within
 # ``[agents] inactive_after`` seconds.  Going silent and coming back each alert once, on the
-# default channels: every active shared notification channel of every team (inline monitor
-# notifications are about one monitor, so they are left out).  ``gone_at`` makes the pair
-# exactly-once: the alert and the flag are written in one transaction.
+# server owner's default channels.  Regions belong to the server, not to a team, so their owner
+# is the server's: the account owning the first team (made on the first run or by the first
+# ``statusapp init``); its default channels are its team's active shared notification channels
+# (inline monitor notifications are about one monitor, so they are left out).  Other teams'
+# channels never hear of regions.  ``gone_at`` makes the pair exactly-once: the alert and the
+# flag are written in one transaction.
+
+_SERVER_OWNER = ("SELECT a.id FROM accounts a JOIN team_members m ON m.team_id = a.id"
+                 " AND m.account_id = a.id AND m.role = 'OWNER' ORDER BY a.created_at, a.id"
+                 " LIMIT 1")
 
 
-def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any]:
-    seconds = region["inactive_after"]
+def _region_alert(region: WorkerRegion, alive: bool, at: int, seconds: int) -> dict[str, Any]:
     return {"event": "monitor.up" if alive else "monitor.down",
             "monitor": {"id": region["id"], "url": "", "type": "REGION",
                         "name": f"Worker region {region['name'] or region['id']}",
@@ -4254,18 +5491,19 @@ def _region_alert(region: dict[str, Any], alive: bool, at: int) -> dict[str, Any
                     " other regions until it is back."}
 
 
-async def _set_liveness(conn: aiosqlite.Connection, region: dict[str, Any], alive: bool,
-                        at: int) -> None:
-    """Flip a region's liveness; alert on the default channels when it goes and comes back."""
+async def _set_liveness(conn: aiosqlite.Connection, region: WorkerRegion, alive: bool,
+                        at: int, inactive_after: int) -> None:
+    """Flip a region's liveness; alert on the owner's default channels when it goes and
+    comes back."""
     alert = (not alive and region["gone_at"] is None) or (alive and region["gone_at"] is not None)
     await conn.execute("UPDATE worker_regions SET is_active = ?, gone_at = ? WHERE id = ?",
                        (int(alive), None if alive else region["gone_at"] or at, region["id"]))
     if not alert:
         return
-    body = _region_alert(region, alive, at)
+    body = _region_alert(region, alive, at, inactive_after)
     channels = await conn.execute_fetchall(
         "SELECT id, account_id, type, config FROM notification_channels WHERE is_active = 1"
-        " ORDER BY created_at, id")
+        f" AND account_id = ({_SERVER_OWNER}) ORDER BY created_at, id")
     await conn.executemany(
         "INSERT INTO alert_outbox (account_id, monitor_id, target_key, channel_id, delivery_id,"
         " channel_type, config, event, alert, created_at, next_attempt_at)"
@@ -4288,7 +5526,7 @@ async def sweep_regions(rt: Runtime) -> None:
             flipped.append((region, alive))
     for region, alive in flipped:
         async with rt.db.transaction() as conn:
-            await _set_liveness(conn, {**region, "inactive_after": limit}, alive, now)
+            await _set_liveness(conn, region, alive, now, limit)
         log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
     if flipped:
         await rt.load_regions()
@@ -4355,7 +5593,7 @@ async def _row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> s
     return rows[0] if rows else None
 
 
-def incident_alert(incident: sqlite3.Row) -> dict[str, Any]:
+def incident_alert(incident: sqlite3.Row) -> AlertIncident:
     """An incident as an Alert carries it."""
     resolved = incident["resolved_at"]
     return {"id": incident["id"],
@@ -4365,7 +5603,7 @@ def incident_alert(incident: sqlite3.Row) -> dict[str, Any]:
             "mttr": None if resolved is None else (resolved - incident["started_at"]) // 1000}
 
 
-def _check_alert(check: sqlite3.Row | None, error: str | None) -> dict[str, Any] | None:
+def _check_alert(check: sqlite3.Row | None, error: str | None) -> AlertCheck | None:
     """The check an alert reports; ``error`` (the transition's reason) fills in a missing one."""
     if check is None:
         return None if error is None else {"statusCode": None, "responseTime": None,
@@ -4847,10 +6085,6 @@ def parse_moment(text: str, zone: zoneinfo.ZoneInfo) -> datetime:
     return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(zone)
 
 
-def unix_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
 def _wall(ms: int, zone: zoneinfo.ZoneInfo) -> datetime:
     """Naive wall-clock time in ``zone`` of a Unix ms time (what the rrule iterates over)."""
     return datetime.fromtimestamp(ms / 1000, zone).replace(tzinfo=None)
@@ -5037,1008 +6271,6 @@ async def run_maintenance(rt: Runtime) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(calendar.wake.wait(), timeout)
 
-# --- Notifiers ---
-#
-# The delivery layer: an ``Alert`` (what happened) becomes one request in each service's own wire
-# format.  A sender is ``async def send_x(config, alert, ctx) -> int | None``, declared with its
-# config fields by ``@channel_type`` in ``CHANNEL_TYPES``; it raises ``DeliveryError`` on failure
-# and ``deliver`` turns that into retries and per-attempt records.  Senders never put a channel
-# URL or token into an error message: webhook URLs and Telegram's path carry the secret.
-
-ALERT_EVENTS = ("monitor.down", "monitor.up", "monitor.degraded", "incident.created",
-                "incident.resolved", "test")
-PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
-OPSGENIE_PRIORITIES = ("P1", "P2", "P3", "P4", "P5")
-
-# 4xx means the request or the credentials are wrong and a retry cannot help, except these.
-_RETRYABLE_STATUSES = frozenset({408, 425, 429})
-# Headers post_webhook sets itself; a user-configured header must not override or corrupt them.
-_MANAGED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding",
-                              "x-webhook-signature"})
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-_TONES = {"monitor.down": "bad", "incident.created": "bad", "monitor.degraded": "warn",
-          "monitor.up": "good", "incident.resolved": "good", "test": "info"}
-_HEADLINES = {
-    "monitor.down": "{name} is DOWN",
-    "monitor.up": "{name} is back UP",
-    "monitor.degraded": "{name} is DEGRADED",
-    "incident.created": "Incident{number} opened: {name}",
-    "incident.resolved": "Incident{number} resolved: {name}",
-    "test": "Test notification for {name}",
-}
-_GROUP_HEADLINES = {"monitor.down": "{count} monitors DOWN", "monitor.up": "{count} monitors back UP",
-                    "monitor.degraded": "{count} monitors DEGRADED",
-                    "incident.created": "{count} incidents opened",
-                    "incident.resolved": "{count} incidents resolved"}
-_EMOJI = {"bad": "\U0001f534", "warn": "\U0001f7e0", "good": "\u2705", "info": "\u2139\ufe0f"}
-_DISCORD_COLOURS = {"bad": 0xE74C3C, "warn": 0xF1C40F, "good": 0x2ECC71, "info": 0x3498DB}
-_TEAMS_COLOURS = {"bad": "Attention", "warn": "Warning", "good": "Good", "info": "Accent"}
-_NTFY_TAGS = {"bad": "rotating_light", "warn": "warning", "good": "white_check_mark",
-              "info": "information_source"}
-APPRISE_MISSING = "the Apprise library is not installed: pip install 'statusapp[apprise]'"
-
-
-@dataclass
-class Alert:
-    """What happened, independent of any channel: every sender renders its message from this.
-
-    ``monitor`` has id, name, url, type, status; ``incident`` id, incidentNumber, startedAt,
-    resolvedAt, severity, mttr (seconds); ``check`` statusCode, responseTime (ms), error, region.
-    ``note`` explains what the numbers cannot (e.g. the regression detector's baseline).
-    ``group`` makes it stand for ``count`` monitors' alerts (``names`` lists the first ones).
-    """
-
-    event: str
-    monitor: dict[str, Any]
-    incident: dict[str, Any] | None = None
-    check: dict[str, Any] | None = None
-    timestamp: str = dataclasses.field(default_factory=lambda: str(iso(now_ms())))
-    note: str | None = None
-    group: dict[str, Any] | None = None  # {"count", "names"}: a storm's alerts as one message
-
-    def __post_init__(self) -> None:
-        if self.event not in ALERT_EVENTS:
-            raise ValueError(f"unknown alert event {self.event!r}")
-
-
-class DeliveryError(Exception):
-    """A failed delivery; ``permanent`` tells ``deliver`` that retrying cannot help."""
-
-    def __init__(self, message: str, status_code: int | None = None,
-                 permanent: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.permanent = permanent
-
-
-class NotifyContext:
-    """Shared state for deliveries: the config and one pooled HTTP client for every sender."""
-
-    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
-        self.cfg = cfg
-        notify = cfg["notifications"]
-        self.timeout: float = notify["timeout"]
-        timeout = httpx.Timeout(self.timeout, connect=min(notify["connect_timeout"], self.timeout))
-        # The delivery loop's slots bound connections (httpx's own pool of 100 would be a
-        # second, shared limit that hung receivers could fill).
-        self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
-                                        limits=httpx.Limits(max_connections=None),
-                                        headers={"User-Agent": f"StatusApp/{VERSION}"})
-        # URLs from API users (webhooks, chat webhooks) go through a client of their own, which
-        # connects only to addresses it has checked (see _PinnedBackend).
-        self.user_client = httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, headers=self.client.headers,
-            transport=_PinnedTransport(httpx.create_ssl_context(), keepalive=None,
-                                       allow_private=notify["allow_private_targets"]))
-
-    async def aclose(self) -> None:
-        """Close the pooled connections."""
-        await self.client.aclose()
-        await self.user_client.aclose()
-
-    async def __aenter__(self) -> NotifyContext:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-# Message text shared by all channels.
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
-
-
-def _parse_time(value: Any) -> datetime | None:
-    try:
-        parsed = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
-def _human_time(value: Any) -> str:
-    parsed = _parse_time(value)
-    if parsed is None:
-        return str(value)
-    return parsed.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def human_duration(seconds: float) -> str:
-    """The two largest non-zero units ("12m 5s", "3h 4m", "2d 1h"): precise enough for an alert."""
-    remaining, parts = int(seconds), []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, remaining = divmod(remaining, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return " ".join(parts[:2]) or "0s"
-
-
-def _recovered(alert: Alert) -> bool:
-    return _TONES[alert.event] == "good"
-
-
-def _downtime(alert: Alert) -> int | None:
-    """Seconds down: the incident's mttr, else resolvedAt (or the alert's time) minus startedAt."""
-    incident = alert.incident or {}
-    if incident.get("mttr") is not None:
-        return int(incident["mttr"])
-    start = _parse_time(incident.get("startedAt"))
-    end = _parse_time(incident.get("resolvedAt") or alert.timestamp)
-    return max(0, int((end - start).total_seconds())) if start and end else None
-
-
-def _check_result(check: dict[str, Any]) -> str:
-    """Render a check as "HTTP 500 Internal Server Error", "connection refused" or "HTTP 200"."""
-    code, error = check.get("statusCode"), check.get("error")
-    parts = (f"HTTP {code}" if code else "", _one_line(error or ""))
-    return " ".join(part for part in parts if part)
-
-
-def _group_names(group: dict[str, Any]) -> str:
-    more = group["count"] - len(group["names"])
-    return ", ".join(group["names"]) + (f" and {more} more" if more > 0 else "")
-
-
-def _headline(alert: Alert) -> str:
-    if alert.group:
-        return _GROUP_HEADLINES[alert.event].format(count=alert.group["count"])
-    incident = alert.incident or {}
-    number = incident.get("incidentNumber") or incident.get("id")
-    name = alert.monitor.get("name") or alert.monitor.get("id") or "monitor"
-    headline = _HEADLINES[alert.event].format(name=name, number=f" {number}" if number else "")
-    return _one_line(headline)
-
-
-def _summary(alert: Alert) -> str:
-    """One ASCII-punctuated line (SMS, subjects, PagerDuty): the headline and what matters most."""
-    check = alert.check or {}
-    if alert.group:
-        return _one_line(f"{_headline(alert)}: {_group_names(alert.group)}")
-    if _recovered(alert):
-        downtime = _downtime(alert)
-        detail = f"down for {human_duration(downtime)}" if downtime is not None else ""
-    elif alert.event == "test":
-        detail = "StatusApp can deliver to this channel"
-    else:
-        detail = _check_result(check)
-        detail += f" from {check['region']}" if detail and check.get("region") else ""
-        detail = alert.note or detail
-    return _one_line(f"{_headline(alert)} - {detail}" if detail else _headline(alert))
-
-
-def _facts(alert: Alert) -> list[tuple[str, str]]:
-    """Labelled details for a person on call: what, where, how it failed, since when, how long."""
-    monitor, check, incident = alert.monitor, alert.check or {}, alert.incident or {}
-    if alert.group:
-        return [("Monitors", _group_names(alert.group)), ("Since", _human_time(alert.timestamp))]
-    facts = [("Monitor", str(monitor.get("name") or monitor.get("id") or "")),
-             ("URL", str(monitor.get("url") or "")),
-             ("Status", str(monitor.get("status") or "")),
-             ("Error" if check.get("error") else "Check", _check_result(check)),
-             ("Region", str(check.get("region") or ""))]
-    if check.get("responseTime") is not None:
-        facts.append(("Response time", f"{round(check['responseTime'])} ms"))
-    if _recovered(alert):
-        downtime = _downtime(alert)
-        facts.append(("Down for", human_duration(downtime) if downtime is not None else ""))
-        started = incident.get("startedAt")
-        facts.append(("Down since", _human_time(started) if started else ""))
-    elif alert.event != "test":
-        facts.append(("Since", _human_time(incident.get("startedAt") or alert.timestamp)))
-    if incident:
-        number = str(incident.get("incidentNumber") or incident.get("id") or "")
-        severity = incident.get("severity")
-        facts.append(("Incident", f"{number} (severity {severity})" if severity else number))
-    facts.append(("Note", _one_line(alert.note or "")))
-    return [(label, value) for label, value in facts if value]
-
-
-def _details(alert: Alert) -> str:
-    """One "Label: value" line per fact (the body under a separate title)."""
-    return "\n".join(f"{label}: {value}" for label, value in _facts(alert))
-
-
-def _text(alert: Alert) -> str:
-    """Plain text: the headline, then the facts."""
-    footer = f"Sent by StatusApp at {_human_time(alert.timestamp)}"
-    return "\n".join([_headline(alert), "", _details(alert), "", footer])
-
-
-def _urgency(alert: Alert, high: int, normal: int, low: int) -> int:
-    """A service's priority for the alert: ``high`` for trouble, ``normal`` for degraded,
-    ``low`` for recoveries and tests."""
-    return {"bad": high, "warn": normal}.get(_TONES[alert.event], low)
-
-
-def _web_url(alert: Alert) -> str | None:
-    """The monitor URL when a chat client can link it (DNS and ping monitors have bare hosts)."""
-    url = str(alert.monitor.get("url") or "")
-    return url if url.startswith(("http://", "https://")) else None
-
-
-def _dedup_key(alert: Alert) -> str:
-    """One key per monitor, so "down" and its later "up" (or incident events) hit the same alert."""
-    return f"statusapp-monitor-{alert.monitor.get('id')}"
-
-
-# JSON exactly as JavaScript writes it, so receivers can verify a signature over JSON.stringify.
-
-
-def _js_number(value: float) -> str:
-    """ECMAScript Number::toString: shortest round-trip digits, JS's exponent thresholds."""
-    if value != value or value in (float("inf"), float("-inf")):
-        return "null"
-    if value == 0:
-        return "0"
-    mantissa, _, exponent = repr(abs(value)).partition("e")
-    whole, _, fraction = mantissa.partition(".")
-    digits, point = whole + fraction, len(whole) + int(exponent or 0)
-    stripped = digits.lstrip("0")
-    point -= len(digits) - len(stripped)
-    digits = stripped.rstrip("0")
-    k, n = len(digits), point
-    if k <= n <= 21:
-        text = digits + "0" * (n - k)
-    elif 0 < n <= 21:
-        text = f"{digits[:n]}.{digits[n:]}"
-    elif -6 < n <= 0:
-        text = "0." + "0" * -n + digits
-    else:
-        fraction = "." + digits[1:] if k > 1 else ""
-        text = f"{digits[0]}{fraction}e{'+' if n > 0 else '-'}{abs(n - 1)}"
-    return "-" + text if value < 0 else text
-
-
-def _js_string(value: str) -> str:
-    paired = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
-    text = json.dumps(paired, ensure_ascii=False)
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def _js_value(value: Any) -> str:
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, int):
-        if abs(value) <= 2 ** 53:
-            return str(value)
-        try:
-            return _js_number(float(value))
-        except OverflowError:
-            return "null"
-    if isinstance(value, float):
-        return _js_number(value)
-    if isinstance(value, str):
-        return _js_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_js_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        if not all(isinstance(key, str) for key in value):
-            raise TypeError("js_json: object keys must be strings")
-        index_keys = sorted((k for k in value if _ARRAY_INDEX.fullmatch(k) and int(k) < 2**32 - 1),
-                            key=int)
-        keys = index_keys + [k for k in value if k not in set(index_keys)]
-        return "{" + ",".join(f"{_js_string(k)}:{_js_value(value[k])}" for k in keys) + "}"
-    raise TypeError(f"js_json: cannot serialise {type(value).__name__}")
-
-
-def js_json(obj: Any) -> bytes:
-    """UTF-8 bytes equal to JSON.stringify(JSON.parse(them)) in JavaScript.
-
-    The spec's verifier recomputes the HMAC over ``JSON.stringify(req.body)``, so the bytes we
-    sign must survive that round trip: compact separators, raw UTF-8 (U+2028 included), lone
-    surrogates as ``\\udxxx``, 1.0 as ``1``, 1e21 as ``1e+21``, NaN as ``null``, integers
-    beyond 2**53 rounded to a double, and integer-like keys first in ascending order as JS
-    objects hold them.  Other keys keep their order.
-    """
-    return _js_value(obj).encode("utf-8")
-
-
-def sign_body(body: bytes, secret: str) -> str:
-    """Hex HMAC-SHA256 of the exact bytes sent, as ``X-Webhook-Signature``."""
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
-
-
-def webhook_payload(alert: Alert) -> dict[str, Any]:
-    """The spec's "Webhook Payload Format", key for key and in its order."""
-    monitor, incident, check = alert.monitor, alert.incident, alert.check
-    return {
-        "event": alert.event,
-        "timestamp": alert.timestamp,
-        "monitor": {key: monitor.get(key) for key in ("id", "name", "url", "type", "status")},
-        "incident": None if incident is None else {
-            key: incident.get(key) for key in ("id", "incidentNumber", "startedAt", "severity")},
-        "check": None if check is None else {
-            key: check.get(key) for key in ("statusCode", "responseTime", "error", "region")},
-        **_delivery_fields(),
-    }
-
-
-# The delivery being attempted: (delivery id, send time in ms).  Every HTTP request carries them
-# as X-StatusApp-Delivery and X-StatusApp-Timestamp, webhook payloads as deliveryId and sentAt,
-# so a receiver can drop a repeat (the same id arrives again only as a retry).
-_DELIVERY: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
-    "delivery", default=None)
-
-
-def _delivery_fields() -> dict[str, Any]:
-    current = _DELIVERY.get()
-    return {} if current is None else {"deliveryId": current[0], "sentAt": current[1]}
-
-
-def _delivery_headers() -> dict[str, str]:
-    current = _DELIVERY.get()
-    return {} if current is None else {"X-StatusApp-Delivery": current[0],
-                                       "X-StatusApp-Timestamp": str(current[1])}
-
-
-# HTTP plumbing shared by every sender.
-
-
-def check_target(url: str) -> None:
-    """Refuse a user's URL that is not http(s) with a host and a valid port.
-
-    Channel and webhook URLs come from API users; without ``notifications.allow_private_targets``
-    the user client's backend also refuses any that resolve inside our network, at connect
-    time, on the very address it connects to.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DeliveryError("target URL must be http:// or https:// with a host", permanent=True)
-    try:
-        parts.port
-    except ValueError:
-        raise DeliveryError("target URL has an invalid port", permanent=True) from None
-
-
-def _permanent_status(code: int) -> bool:
-    return code < 500 and code not in _RETRYABLE_STATUSES
-
-
-async def _excerpt(response: httpx.Response) -> str:
-    """The start of an error body: services explain themselves there ("channel_not_found")."""
-    head = b""
-    async for chunk in response.aiter_bytes():
-        head += chunk
-        if len(head) >= 2048:
-            break
-    return _cut(_one_line(head.decode("utf-8", "replace")), 200)
-
-
-async def _post(ctx: NotifyContext, service: str, url: str, *, user_url: bool = False,
-                method: str = "POST", **request: Any) -> int:
-    """POST (or ``method``) and map the outcome onto DeliveryError; return the 2xx status."""
-    if user_url:
-        check_target(url)
-    request["headers"] = {**request.get("headers", {}), **_delivery_headers()}
-    try:
-        async with (ctx.user_client if user_url else ctx.client).stream(
-                method, url, **request) as response:
-            if response.is_success:
-                return response.status_code
-            detail = await _excerpt(response)
-    except httpx.TimeoutException:
-        raise DeliveryError(f"{service}: timed out") from None
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-        raise DeliveryError(f"{service}: invalid URL ({exc})", permanent=True) from None
-    except httpx.TransportError as exc:
-        if isinstance(exc.__cause__, PrivateTargetError):
-            raise DeliveryError(f"{service}: {exc.__cause__}", permanent=True) from None
-        raise DeliveryError(f"{service}: {type(exc).__name__}: {exc}") from None
-    code = response.status_code
-    raise DeliveryError(f"{service} answered HTTP {code}" + (f": {detail}" if detail else ""),
-                        status_code=code, permanent=_permanent_status(code))
-
-
-async def _post_json(ctx: NotifyContext, service: str, url: str, payload: Any, *,
-                     user_url: bool = False, headers: dict[str, str] | None = None,
-                     **request: Any) -> int:
-    body_headers = {**(headers or {}), "Content-Type": "application/json"}
-    return await _post(ctx, service, url, user_url=user_url, content=js_json(payload),
-                       headers=body_headers, **request)
-
-
-def _user_headers(headers: Any) -> dict[str, str]:
-    """Configured webhook headers, checked so a typo fails permanently instead of retrying."""
-    if not headers:
-        return {}
-    if not isinstance(headers, dict):
-        raise DeliveryError("webhook headers must be an object", permanent=True)
-    clean = {}
-    for name, value in headers.items():
-        if not (isinstance(name, str) and _HEADER_NAME.fullmatch(name) and isinstance(value, str)
-                and not set(value) & {"\r", "\n", "\0"}):
-            raise DeliveryError(f"invalid webhook header {name!r}", permanent=True)
-        if name.lower() not in _MANAGED_HEADERS:
-            clean[name] = value
-    return clean
-
-
-async def post_webhook(url: str, payload: dict[str, Any], secret: str | None,
-                       headers: dict[str, str] | None, ctx: NotifyContext) -> int:
-    """POST ``payload`` as JavaScript-compatible JSON, signing exactly the bytes on the wire."""
-    body = js_json(payload)
-    sent = {**_user_headers(headers), "Content-Type": "application/json"}
-    if secret:
-        sent["X-Webhook-Signature"] = sign_body(body, secret)
-    return await _post(ctx, "Webhook", url, user_url=True, content=body, headers=sent)
-
-
-def _choice(config: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
-    value = config.get(key) or default
-    if value not in allowed:
-        raise DeliveryError(f"{key} must be one of {', '.join(allowed)}, got {value!r}",
-                            permanent=True)
-    return value
-
-
-def _recipients(config: dict[str, Any], key: str) -> list[str]:
-    values = config[key]
-    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
-        raise DeliveryError(f"{key} must be a list of non-empty strings", permanent=True)
-    return [v.strip() for v in values]
-
-
-Sender = Callable[[dict[str, Any], Alert, NotifyContext], Awaitable[int | None]]
-def channel_type(name: str, *fields: Field, person_facing: bool) -> Callable[[Sender], Sender]:
-    """Declare a channel type on its sender: its config ``fields`` (``required=True`` for the
-    keys it needs, ``secret=True`` for those responses mask) and whether it reaches a person.
-
-    The registered sender refuses, permanently, a config that lacks a required key.
-    """
-    def wrap(send: Sender) -> Sender:
-        @functools.wraps(send)
-        async def checked(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int | None:
-            missing = [key for key in declared.required if not config.get(key)]
-            if missing:
-                raise DeliveryError(f"{name} channel config lacks {', '.join(missing)}",
-                                    permanent=True)
-            return await send(config, alert, ctx)
-        declared = ChannelType(name, fields, checked, person_facing)
-        CHANNEL_TYPES[name] = declared
-        return checked
-    return wrap
-
-
-# What the channel types' config fields check beyond kinds and bounds.
-
-
-def _strings(pattern: str, what: str) -> Callable[..., list[str]]:
-    """A ``check`` for an array of strings that must each match ``pattern``."""
-    regex = re.compile(pattern)
-
-    def check(value: list[Any], record: dict[str, Any], env: dict[str, Any]) -> list[str]:
-        bad = [v for v in value if not isinstance(v, str) or not regex.fullmatch(v.strip())]
-        if bad:
-            raise _Issue(f"Invalid {what}: {', '.join(map(str, bad))}")
-        return list(dict.fromkeys(v.strip() for v in value))
-    return check
-
-
-def _pattern(pattern: str, what: str) -> Callable[..., str]:
-    regex = re.compile(pattern)
-
-    def check(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
-        if not regex.fullmatch(value):
-            raise _Issue(f"Invalid {what}")
-        return value
-    return check
-
-
-def _valid_headers(value: dict[str, Any], record: dict[str, Any],
-                   env: dict[str, Any]) -> dict[str, Any]:
-    """Header names must be tokens and values single-line strings, as post_webhook requires."""
-    try:
-        _user_headers(value)
-    except DeliveryError as exc:
-        raise _Issue(exc.message) from None
-    return value
-
-
-_CHAT_WEBHOOK_URL = Field("webhookUrl", "string", True, maximum=2048, check=valid_url,
-                          secret=True, doc="Incoming webhook URL (secret)")
-
-
-# The senders, one per channel type.
-
-
-def _smtp_send(smtp: dict[str, Any], message: EmailMessage, recipients: list[str],
-               timeout: float | None) -> None:
-    """Blocking SMTP conversation (run in a thread), with SMTP replies mapped to DeliveryError."""
-    security = smtp["security"]
-    context = ssl.create_default_context()
-    # typeshed says float, but smtplib passes the timeout to socket, where None means no limit.
-    limit: Any = timeout
-    client: smtplib.SMTP
-    try:
-        if security == "tls":
-            client = smtplib.SMTP_SSL(smtp["host"], smtp["port"], timeout=limit, context=context)
-        else:
-            client = smtplib.SMTP(smtp["host"], smtp["port"], timeout=limit)
-        with client:
-            if security == "starttls":
-                client.starttls(context=context)
-            if smtp["username"]:
-                client.login(smtp["username"], smtp["password"])
-            refused = client.send_message(message, smtp["sender"], recipients)
-    except smtplib.SMTPRecipientsRefused as exc:
-        codes = [code for code, _ in exc.recipients.values()]
-        who = ", ".join(f"{addr} ({code})" for addr, (code, _) in exc.recipients.items())
-        raise DeliveryError(f"SMTP refused every recipient: {who}",
-                            status_code=codes[0], permanent=min(codes) >= 500) from None
-    except smtplib.SMTPResponseException as exc:
-        reply = exc.smtp_error
-        reply = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-        raise DeliveryError(f"SMTP {exc.smtp_code}: {_one_line(reply)}",
-                            status_code=exc.smtp_code, permanent=exc.smtp_code >= 500) from None
-    except smtplib.SMTPNotSupportedError as exc:
-        raise DeliveryError(f"SMTP server: {exc}", permanent=True) from None
-    except ssl.SSLCertVerificationError as exc:
-        raise DeliveryError(f"SMTP TLS certificate rejected: {exc.verify_message}",
-                            permanent=True) from None
-    except (smtplib.SMTPException, OSError) as exc:
-        where = f"{smtp['host']}:{smtp['port']}"
-        raise DeliveryError(f"SMTP {where}: {type(exc).__name__}: {exc}") from None
-    if refused:
-        raise DeliveryError(f"SMTP delivered to {len(recipients) - len(refused)} of "
-                            f"{len(recipients)}; refused {sorted(refused)}", permanent=True)
-
-
-@channel_type("EMAIL", Field("emails", "array", True, minimum=1, maximum=50,
-                             check=_strings(r"[^@\s]+@[^@\s]+\.[^@\s]+", "email address"),
-                             doc="Recipients"), person_facing=True)
-async def send_email(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
-    """One plain-text message to every address in ``emails``, through the configured SMTP relay."""
-    smtp = ctx.cfg["smtp"]
-    if not smtp["host"]:
-        raise DeliveryError("EMAIL needs smtp.host in the server config", permanent=True)
-    recipients = _recipients(config, "emails")
-    message = EmailMessage()
-    message["Subject"] = _cut(f"[StatusApp] {_summary(alert)}", 200)
-    message["From"] = smtp["sender"]
-    message["To"] = ", ".join(recipients)
-    message["Date"] = formatdate(usegmt=True)
-    message["Message-ID"] = make_msgid(domain=smtp["sender"].rpartition("@")[2] or "statusapp")
-    for name, value in _delivery_headers().items():
-        message[name] = value
-    message.set_content(_text(alert))
-    await asyncio.to_thread(_smtp_send, smtp, message, recipients, ctx.timeout)
-
-
-@channel_type("SMS", Field("phoneNumbers", "array", True, minimum=1, maximum=20,
-                           check=_strings(r"\+[1-9][0-9]{6,14}", "E.164 phone number"),
-                           doc="Recipients in E.164 form (+15551234567)"), person_facing=True)
-async def send_sms(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Twilio Messages API, one message per number; every number is tried even if one fails."""
-    notify = ctx.cfg["notifications"]
-    sid, token, sender = (notify[f"twilio_{key}"] for key in ("account_sid", "auth_token", "from"))
-    if not (sid and token and sender):
-        raise DeliveryError("SMS needs notifications.twilio_account_sid, twilio_auth_token and "
-                            "twilio_from in the server config", permanent=True)
-    url = (f"{notify['twilio_api_url'].rstrip('/')}/2010-04-01/Accounts/"
-           f"{urllib.parse.quote(sid, safe='')}/Messages.json")
-    body = _cut(f"[StatusApp] {_summary(alert)}", 320)
-    numbers = _recipients(config, "phoneNumbers")
-    statuses, failures = [], []
-    for number in numbers:
-        try:
-            statuses.append(await _post(ctx, "Twilio", url, auth=(sid, token),
-                                        data={"To": number, "From": sender, "Body": body}))
-        except DeliveryError as exc:
-            failures.append((number, exc))
-    if failures:
-        raise DeliveryError(
-            f"SMS to {len(failures)} of {len(numbers)} numbers failed: "
-            + "; ".join(f"{number}: {exc.message}" for number, exc in failures),
-            status_code=failures[0][1].status_code,
-            permanent=all(exc.permanent for _, exc in failures))
-    return statuses[-1]
-
-
-@channel_type("SLACK", _CHAT_WEBHOOK_URL,
-              Field("channel", "string", minimum=1, maximum=80,
-                    doc="Channel override, e.g. #alerts"),
-              person_facing=True)
-async def send_slack(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Slack incoming webhook: ``text`` for notifications, ``blocks`` for the message itself."""
-    def mrkdwn(text: str) -> str:
-        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-    tone = _TONES[alert.event]
-    fields = [{"type": "mrkdwn", "text": _cut(f"*{label}*\n{mrkdwn(value)}", 2000)}
-              for label, value in _facts(alert)[:10]]
-    payload: dict[str, Any] = {
-        "text": mrkdwn(_summary(alert)),
-        "blocks": [
-            {"type": "header", "text": {"type": "plain_text", "emoji": True,
-                                        "text": _cut(f"{_EMOJI[tone]} {_headline(alert)}", 150)}},
-            {"type": "section", "fields": fields},
-            {"type": "context", "elements": [
-                {"type": "mrkdwn", "text": f"StatusApp \u00b7 {_human_time(alert.timestamp)}"}]},
-        ],
-    }
-    if config.get("channel"):
-        payload["channel"] = config["channel"]
-    return await _post_json(ctx, "Slack", config["webhookUrl"], payload, user_url=True)
-
-
-@channel_type("DISCORD", _CHAT_WEBHOOK_URL, person_facing=True)
-async def send_discord(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Discord webhook with one embed, coloured red, amber, green or blue by the event."""
-    embed: dict[str, Any] = {
-        "title": _cut(_headline(alert), 256),
-        "color": _DISCORD_COLOURS[_TONES[alert.event]],
-        "fields": [{"name": label, "value": _cut(value, 1024), "inline": len(value) <= 40}
-                   for label, value in _facts(alert)],
-        "timestamp": alert.timestamp,
-        "footer": {"text": "StatusApp"},
-    }
-    if _web_url(alert):
-        embed["url"] = _web_url(alert)
-    payload = {"username": "StatusApp", "embeds": [embed], "allowed_mentions": {"parse": []}}
-    return await _post_json(ctx, "Discord", config["webhookUrl"], payload, user_url=True)
-
-
-@channel_type(
-    "TELEGRAM",
-    Field("botToken", "string", True, secret=True, doc="Bot API token (secret)",
-          check=_pattern(r"[0-9]+:\S+", "bot token (expected 123456:ABC...)")),
-    Field("chatId", "string", True, minimum=1, maximum=64, doc="Chat, group or channel id"),
-    person_facing=True)
-async def send_telegram(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Bot API sendMessage in plain text (no parse_mode, so names need no escaping)."""
-    base = ctx.cfg["notifications"]["telegram_api_url"].rstrip("/")
-    url = f"{base}/bot{config['botToken']}/sendMessage"
-    text = f"{_EMOJI[_TONES[alert.event]]} {_text(alert)}"
-    payload = {"chat_id": config["chatId"], "text": _cut(text, 4096),
-               "link_preview_options": {"is_disabled": True}}
-    return await _post_json(ctx, "Telegram", url, payload)
-
-
-@channel_type(
-    "PAGERDUTY",
-    Field("integrationKey", "string", True, minimum=1, maximum=128, secret=True,
-          doc="Events API v2 routing key (secret)"),
-    Field("severity", "string", choices=PAGERDUTY_SEVERITIES,
-          doc="Trigger severity (default critical)"),
-    person_facing=False)
-async def send_pagerduty(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Events API v2: trigger on trouble, resolve on recovery, both with the monitor's dedup_key."""
-    event: dict[str, Any] = {"routing_key": config["integrationKey"]}
-    if _recovered(alert):
-        event |= {"event_action": "resolve", "dedup_key": _dedup_key(alert)}
-    else:
-        event |= {
-            "event_action": "trigger",
-            "dedup_key": _dedup_key(alert),
-            "payload": {
-                "summary": _cut(_summary(alert), 1024),
-                "source": str(alert.monitor.get("url") or alert.monitor.get("name")),
-                "severity": _choice(config, "severity", PAGERDUTY_SEVERITIES, "critical"),
-                "timestamp": alert.timestamp,
-                "component": str(alert.monitor.get("name")),
-                "group": str(alert.monitor.get("type")),
-                "custom_details": dict(_facts(alert)),
-            },
-            "client": "StatusApp",
-        }
-        if _web_url(alert):
-            event["links"] = [{"href": _web_url(alert), "text": "Monitored URL"}]
-    return await _post_json(ctx, "PagerDuty", ctx.cfg["notifications"]["pagerduty_url"], event)
-
-
-@channel_type(
-    "OPSGENIE",
-    Field("apiKey", "string", True, minimum=1, maximum=128, secret=True,
-          doc="API integration key (secret)"),
-    Field("priority", "string", choices=OPSGENIE_PRIORITIES, doc="Alert priority (default P3)"),
-    person_facing=False)
-async def send_opsgenie(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Alert API: create on trouble, close by alias on recovery (the alias deduplicates)."""
-    base = ctx.cfg["notifications"]["opsgenie_url"].rstrip("/") + "/v2/alerts"
-    auth = {"Authorization": f"GenieKey {config['apiKey']}"}
-    alias = _dedup_key(alert)
-    if _recovered(alert):
-        url = f"{base}/{urllib.parse.quote(alias, safe='')}/close"
-        note = {"source": "StatusApp", "note": _summary(alert)}
-        return await _post_json(ctx, "OpsGenie", url, note, headers=auth,
-                                params={"identifierType": "alias"})
-    payload = {
-        "message": _cut(_headline(alert), 130),
-        "alias": alias,
-        "description": _cut(_text(alert), 15000),
-        "priority": _choice(config, "priority", OPSGENIE_PRIORITIES, "P3"),
-        "source": "StatusApp",
-        "entity": _cut(str(alert.monitor.get("name")), 512),
-        "tags": ["statusapp"],
-        "details": dict(_facts(alert)),
-    }
-    return await _post_json(ctx, "OpsGenie", base, payload, headers=auth)
-
-
-@channel_type("MICROSOFT_TEAMS", _CHAT_WEBHOOK_URL, person_facing=True)
-async def send_teams(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """An Adaptive Card message: accepted by Teams Workflows webhooks and classic connectors."""
-    card: dict[str, Any] = {
-        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
-        "type": "AdaptiveCard",
-        "version": "1.4",
-        "body": [
-            {"type": "TextBlock", "text": _headline(alert), "weight": "Bolder", "size": "Medium",
-             "color": _TEAMS_COLOURS[_TONES[alert.event]], "wrap": True},
-            {"type": "FactSet", "facts": [{"title": label, "value": value}
-                                          for label, value in _facts(alert)]},
-        ],
-        "msteams": {"width": "Full"},
-    }
-    if _web_url(alert):
-        card["actions"] = [{"type": "Action.OpenUrl", "title": "Open monitored URL",
-                            "url": _web_url(alert)}]
-    payload = {"type": "message", "attachments": [
-        {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None,
-         "content": card}]}
-    return await _post_json(ctx, "Teams", config["webhookUrl"], payload, user_url=True)
-
-
-@channel_type(
-    "WEBHOOK",
-    Field("url", "string", True, maximum=2048, check=valid_url,
-          doc="Endpoint that receives the webhook payload"),
-    Field("headers", "object", check=_valid_headers, secret=True,
-          doc="Extra request headers (values are secret)"),
-    Field("secret", "string", minimum=1, maximum=255, secret=True,
-          doc="Signs the body as X-Webhook-Signature (secret)"),
-    person_facing=False)
-async def send_webhook(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """The spec's webhook payload to ``url`` with the configured ``headers`` (signed if ``secret``).
-
-    The Webhooks API delivers through this too: ``{"url": ..., "secret": ...}`` as the config.
-    """
-    return await post_webhook(config["url"], webhook_payload(alert), config.get("secret"),
-                              config.get("headers"), ctx)
-
-
-
-# The homelab channels: push services people run themselves or keep on their phones.
-
-_SERVER_URL = Field("serverUrl", "string", True, maximum=2048, check=valid_url,
-                    doc="Server URL, e.g. https://ntfy.sh")
-_APP_TOKEN = Field("appToken", "string", True, minimum=1, maximum=255, secret=True,
-                   doc="Application token (secret)")
-
-
-@channel_type(
-    "NTFY", _SERVER_URL,
-    Field("topic", "string", True, doc="Topic",
-          check=_pattern(r"[-_A-Za-z0-9]{1,64}", "ntfy topic (1-64 of A-Z, a-z, 0-9, _, -)")),
-    Field("token", "string", minimum=1, maximum=255, secret=True, doc="Access token (secret)"),
-    Field("username", "string", minimum=1, maximum=255,
-          doc="User name, with password (when no token)"),
-    Field("password", "string", maximum=255, secret=True, doc="Password (secret)"),
-    Field("priority", "integer", minimum=1, maximum=5,
-          doc="Priority of trouble alerts, 1-5 (default 5)"),
-    person_facing=True)
-async def send_ntfy(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """ntfy's JSON publishing: POST to the server root, the topic in the body; the priority
-    (``priority`` for trouble, default 5) and an emoji tag follow the event; a click opens
-    the monitored URL.  ``token`` is sent as a Bearer token, else ``username``/``password``."""
-    top = config.get("priority", 5)
-    payload: dict[str, Any] = {
-        "topic": config["topic"], "title": _cut(_headline(alert), 250),
-        "message": _cut(_details(alert), 4096),
-        "priority": _urgency(alert, top, min(top, 4), min(top, 3)),
-        "tags": [_NTFY_TAGS[_TONES[alert.event]]]}
-    if _web_url(alert):
-        payload["click"] = _web_url(alert)
-    request: dict[str, Any] = {}
-    if config.get("token"):
-        request["headers"] = {"Authorization": f"Bearer {config['token']}"}
-    elif config.get("username"):
-        request["auth"] = (config["username"], config.get("password", ""))
-    return await _post_json(ctx, "ntfy", config["serverUrl"].rstrip("/") + "/", payload,
-                            user_url=True, **request)
-
-
-@channel_type(
-    "GOTIFY", _SERVER_URL, _APP_TOKEN,
-    Field("priority", "integer", minimum=0, maximum=10,
-          doc="Priority of trouble alerts, 0-10 (default 8)"),
-    person_facing=True)
-async def send_gotify(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Gotify's POST /message with the application token in X-Gotify-Key; ``priority`` for
-    trouble (default 8), at most 5 when degraded and 2 for recoveries and tests."""
-    top = config.get("priority", 8)
-    payload: dict[str, Any] = {
-        "title": _cut(_headline(alert), 250), "message": _details(alert),
-        "priority": _urgency(alert, top, min(top, 5), min(top, 2)),
-        "extras": {"client::display": {"contentType": "text/plain"}}}
-    if _web_url(alert):
-        payload["extras"]["client::notification"] = {"click": {"url": _web_url(alert)}}
-    return await _post_json(ctx, "Gotify", config["serverUrl"].rstrip("/") + "/message",
-                            payload, user_url=True, headers={"X-Gotify-Key": config["appToken"]})
-
-
-@channel_type(
-    "PUSHOVER",
-    Field("userKey", "string", True, secret=True, doc="User or group key (secret)",
-          check=_pattern(r"[A-Za-z0-9]{30}", "Pushover user or group key (30 letters/digits)")),
-    _APP_TOKEN,
-    Field("priority", "integer", minimum=-2, maximum=2,
-          doc="Priority of trouble alerts, -2 to 2 (default 2: emergency)"),
-    Field("retry", "integer", minimum=30, maximum=10_800,
-          doc="Emergency: seconds between repeats (default 60)"),
-    Field("expire", "integer", minimum=30, maximum=10_800,
-          doc="Emergency: seconds until repeats stop (default 3600)"),
-    person_facing=True)
-async def send_pushover(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """Pushover's POST /1/messages.json (form-encoded): ``priority`` for trouble (default 2,
-    emergency: repeated every ``retry`` seconds until acknowledged or ``expire`` passes),
-    normal priority 0 for degraded, -1 (quiet) for recoveries and tests."""
-    top = config.get("priority", 2)
-    priority = _urgency(alert, top, min(top, 0), min(top, -1))
-    when = _parse_time(alert.timestamp)
-    form = {"token": config["appToken"], "user": config["userKey"],
-            "title": _cut(_headline(alert), 250), "message": _cut(_details(alert), 1024),
-            "priority": str(priority)}
-    if when is not None:
-        form["timestamp"] = str(int(when.timestamp()))
-    if _web_url(alert):
-        form |= {"url": _web_url(alert) or "", "url_title": "Monitored URL"}
-    if priority == 2:
-        form |= {"retry": str(config.get("retry", 60)), "expire": str(config.get("expire", 3600))}
-    url = ctx.cfg["notifications"]["pushover_url"].rstrip("/") + "/1/messages.json"
-    return await _post(ctx, "Pushover", url, data=form)
-
-
-@channel_type(
-    "MATRIX",
-    Field("homeserver", "string", True, maximum=2048, check=valid_url,
-          doc="Homeserver URL, e.g. https://matrix.org"),
-    Field("accessToken", "string", True, minimum=1, maximum=1024, secret=True,
-          doc="Access token of the sending user (secret)"),
-    Field("roomId", "string", True, doc="Room id (not an alias)",
-          check=_pattern(r"![^:\s]+:\S+", "room id (expected !abc:example.org)")),
-    person_facing=True)
-async def send_matrix(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> int:
-    """A Matrix room message (client-server API v3): a plain ``body`` and an HTML
-    ``formatted_body``.  The transaction id comes from the alert, so a retry of the same alert
-    is one message even when the homeserver had accepted the first try."""
-    facts = "".join(f"<br><b>{_esc(label)}</b>: {_esc(value)}" for label, value in _facts(alert))
-    html_body = f"<b>{_esc(_EMOJI[_TONES[alert.event]] + ' ' + _headline(alert))}</b>{facts}"
-    txn = hashlib.sha256(f"{alert.event}|{alert.monitor.get('id')}|{alert.timestamp}"
-                         .encode()).hexdigest()[:32]
-    room = urllib.parse.quote(config["roomId"], safe="")
-    url = (f"{config['homeserver'].rstrip('/')}/_matrix/client/v3/rooms/{room}"
-           f"/send/m.room.message/{txn}")
-    payload = {"msgtype": "m.text", "body": _text(alert), "format": "org.matrix.custom.html",
-               "formatted_body": html_body}
-    return await _post_json(ctx, "Matrix", url, payload, user_url=True, method="PUT",
-                            headers={"Authorization": f"Bearer {config['accessToken']}"})
-
-
-def apprise_module() -> Any:
-    """The optional Apprise library, or None when the ``apprise`` extra is not installed."""
-    try:
-        return importlib.import_module("apprise")
-    except ImportError:
-        return None
-
-
-def valid_apprise_urls(value: list[Any], record: dict[str, Any],
-                       env: dict[str, Any]) -> list[str]:
-    """URLs the installed Apprise understands (never echoed: they hold tokens); without the
-    library, a 400 naming the extra to install."""
-    library = apprise_module()
-    if library is None:
-        raise _Issue(APPRISE_MISSING)
-    bad = [str(i) for i, url in enumerate(value)
-           if not isinstance(url, str) or not library.Apprise().add(url)]
-    if bad:
-        raise _Issue(f"Not an Apprise URL Apprise supports: entry {', '.join(bad)}")
-    return value
-
-
-@channel_type(
-    "APPRISE",
-    Field("urls", "array", True, minimum=1, maximum=20, check=valid_apprise_urls, secret=True,
-          doc="Apprise URLs (secret)"),
-    person_facing=True)
-async def send_apprise(config: dict[str, Any], alert: Alert, ctx: NotifyContext) -> None:
-    """Every Apprise URL in ``urls`` (Apprise speaks to each service itself, in a thread)."""
-    library = apprise_module()
-    if library is None:
-        raise DeliveryError(APPRISE_MISSING, permanent=True)
-    notifier = library.Apprise()
-    for url in config["urls"]:
-        notifier.add(url)
-    kind = {"bad": library.NotifyType.FAILURE, "warn": library.NotifyType.WARNING,
-            "good": library.NotifyType.SUCCESS}.get(_TONES[alert.event], library.NotifyType.INFO)
-    if not await asyncio.to_thread(notifier.notify, body=_details(alert),
-                                   title=_headline(alert), notify_type=kind):
-        raise DeliveryError(f"Apprise could not deliver to every one of its "
-                            f"{len(config['urls'])} URL(s)")
-
-
-class DeliveryAttempt(TypedDict):
-    """One try at delivering one alert to one target, as ``deliver`` reports and the outbox,
-    the delivery logs and the webhook delivery history record it."""
-
-    attempt: int
-    ok: bool
-    statusCode: int | None
-    error: str | None
-    permanent: bool
-    durationMs: int
-
-
-async def attempt_delivery(send: Sender, config: dict[str, Any], alert: Alert,
-                           ctx: NotifyContext, delivery_id: str, attempt: int) -> DeliveryAttempt:
-    """One attempt of ``send``, bounded by ``notifications.timeout``; never raises, it reports.
-
-    An unexpected exception is a bug a retry will not fix, so it counts as permanent."""
-    started = time.monotonic()
-    status, error, permanent = None, None, False
-    token = _DELIVERY.set((delivery_id, now_ms()))
-    try:
-        status = await asyncio.wait_for(send(config, alert, ctx), ctx.timeout)
-    except DeliveryError as exc:
-        status, error, permanent = exc.status_code, exc.message, exc.permanent
-    except asyncio.TimeoutError:
-        error = f"timed out after {ctx.timeout:g}s"
-    except Exception as exc:  # noqa: BLE001 -- deliver must report, not raise
-        error, permanent = f"internal error: {type(exc).__name__}: {exc}", True
-    finally:
-        _DELIVERY.reset(token)
-    return {"attempt": attempt, "ok": error is None, "statusCode": status, "error": error,
-            "permanent": permanent, "durationMs": round((time.monotonic() - started) * 1000)}
-
-
-async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: NotifyContext,
-                  attempts: int | None = None, base_delay: float = 1.0,
-                  delivery_id: str | None = None) -> list[DeliveryAttempt]:
-    """Run ``send`` with in-process retries (the outbox retries durably instead) and report
-    every attempt, all under one delivery id.  Transient failures are retried after
-    base_delay, 2x, 4x...; a permanent one (bad credentials, gone, bad config) stops at once.
-    """
-    total = max(1, ctx.cfg["notifications"]["attempts"] if attempts is None else attempts)
-    delivery_id = delivery_id or new_id("dlv")
-    records: list[DeliveryAttempt] = []
-    for attempt in range(1, total + 1):
-        records.append(await attempt_delivery(send, config, alert, ctx, delivery_id, attempt))
-        if records[-1]["ok"] or records[-1]["permanent"]:
-            break
-        if attempt < total:
-            await asyncio.sleep(base_delay * 2 ** (attempt - 1))
-    return records
 
 # --- Analytics ---
 #
@@ -6049,7 +6281,6 @@ async def deliver(send: Sender, config: dict[str, Any], alert: Alert, ctx: Notif
 # time.  Rollups keep a log-scale histogram (buckets 5% wide), so a percentile read from
 # rollups is within 2.5% (plus 1 ms of rounding) of the exact nearest-rank value.
 
-HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 HIST_RATIO = 1.05
 ROLLUP_GRACE_MS = 300_000  # an hour is rolled up 5 minutes after it ends, for late writes
 RETENTION_BATCH = 500      # rows per write transaction when rolling up or pruning
@@ -6157,6 +6388,12 @@ def hist_value(index: int) -> int:
     """The value a histogram bucket stands for: its geometric middle, in ms."""
     return max(1, round(HIST_RATIO ** (index - 0.5)))
 
+
+def uptime_percent(up: int, total: int) -> float | None:
+    """Uptime % rounded DOWN to 2 decimals, so any downtime never shows as 100%."""
+    if not total:
+        return None
+    return math.floor(round(up * 10_000 / total, 6)) / 100
 
 
 @dataclass
@@ -6517,131 +6754,68 @@ async def run_regression(rt: Runtime) -> None:
             rt.monitor_changed(monitor_id)
     await repeat(60, regressions)
 
+
+# Team performance over the last 24 hours reads the team's hourly rollups (24 rows) plus the raw
+# checks since they end.  The figures are kept a minute in ``Runtime.performance``; after that
+# the kept figures are still answered while one background computation refreshes them, and
+# concurrent first requests share one computation.
+_PERFORMANCE_TTL_MS = 60_000
+
+
+_TEAM_SUMS = ("SELECT COALESCE(SUM(up), 0), COALESCE(SUM(down), 0), COALESCE(SUM(degraded), 0),"
+              " COALESCE(SUM(rt_sum), 0), COALESCE(SUM(rt_count), 0) FROM team_rollups"
+              " WHERE account_id = ? AND start >= ? AND start < ?")
+
+
+_TEAM_HIST = ("SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM team_rollups,"
+              " json_each(team_rollups.rt_hist) AS j WHERE account_id = ? AND start >= ?"
+              " AND start < ? GROUP BY 1")
+
+
+async def _team_window(db: Database, team: str, lo: int, hi: int) -> WindowStats:
+    """The team's figures over [lo, hi): team rollups as far as they go, then raw checks."""
+    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
+    split = min(max(lo, teams_done or lo), hi)
+    stats = WindowStats()
+    stats.add(tuple(await db.fetchrow(_TEAM_SUMS, (team, lo, split))))
+    stats.hist = {index: count for index, count in await db.fetchall(_TEAM_HIST, (team, lo, split))}
+    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
+                                           (team,))]
+    tail, _ = await window_stats(db, ids, split, hi, exact=False)
+    stats.add((tail.up, tail.down, tail.degraded, tail.rt_sum, tail.rt_count))
+    for index, count in tail.hist.items():
+        stats.hist[index] = stats.hist.get(index, 0) + count
+    return stats
+
+
+async def _compute_performance(rt: Runtime, team: str) -> dict[str, Any]:
+    now = now_ms()
+    stats = await _team_window(rt.db, team, _ceil_hour(now - DAY_MS), now)
+    figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
+               "overallUptime": stats.uptime()}
+    rt.performance[team] = (now, figures)
+    return figures
+
+
+async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
+    key = ("performance", team)
+    cached = rt.performance.get(team)
+    if cached is None:
+        return await rt.flights.run(key, lambda: _compute_performance(rt, team))
+    if now - cached[0] >= _PERFORMANCE_TTL_MS and not rt.flights.running(key):
+        rt.background(rt.flights.run(key, lambda: _compute_performance(rt, team)))
+    return cached[1]
+
+
 # --- API routes ---
 #
 # Handlers are ``async def handler(call: Call) -> dict | Response``, registered with ``@api``,
 # which authenticates, checks permission and role, applies the rate limit and counts usage.
 # Handlers raise ApiError subclasses; ``on_api_error`` is the one place errors become JSON.
 
-API_PREFIX = "/api/v1"
 MAX_BODY = 1_048_576
 ROUTES: list[Route] = []
 MONITOR_STATUSES = tuple(Status)
-
-
-# Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
-# with the server and cancelled at shutdown.
-_SERVICE_RESTART_DELAY = 5.0
-SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
-    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression, run_verdicts,
-    run_regions, run_maintenance)
-
-
-class Runtime:
-    """Everything one running StatusApp holds: config, database, limiter, counters, tasks."""
-
-    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
-        self.cfg = cfg
-        self.db = Database(cfg["server"]["database"])
-        self.limiter = RateLimiter()
-        self.usage = UsageCounter()
-        self.started = time.monotonic()
-        self.started_at = now_ms()
-        self.regions: dict[str, dict[str, Any]] = {}
-        self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
-        self.public_cache = PublicCache()
-        self.flights = SingleFlight()
-        self._background: set[asyncio.Task[Any]] = set()
-        self.settled_days: SettledDays = {}
-        self.heartbeats = Heartbeats(self)
-        self.maintenance = Maintenance(self)
-        self.verdicts = Verdicts(self)
-        self.agent_sync = AgentSync(self)
-        self.agent_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
-            asyncio.Lock)
-        self.scheduler: Scheduler | None = None
-        self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
-        self.secret = ""  # signs dashboard session cookies (server_secrets)
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        """Open the database, register the local region, create the owner on first run."""
-        await self.db.open()
-        await prepare_database(self.db, self.cfg)
-        self.secret = await server_secret(self.db)
-        await self.load_regions()
-        await self.verdicts.load()
-        await self.maintenance.reload()
-        self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
-        self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
-
-    async def _supervise(self, service: Callable[[Runtime], Awaitable[None]]) -> None:
-        """Run a background service for the server's life; if it crashes, log why and start
-        it again, so no failure silently stops probing, deadlines or alerts."""
-        while True:
-            try:
-                await service(self)
-                return
-            except Exception:
-                log_failure("service %s crashed; restarting it in %s s", service.__name__,
-                              _SERVICE_RESTART_DELAY)
-                await asyncio.sleep(_SERVICE_RESTART_DELAY)
-
-    async def load_regions(self) -> list[dict[str, Any]]:
-        """Every worker region (active or not), as ``regions`` keeps them."""
-        rows = [dict(r) for r in await self.db.fetchall("SELECT * FROM worker_regions")]
-        self.regions = {r["id"]: r for r in rows}
-        return rows
-
-    def background(self, work: Awaitable[Any]) -> None:
-        """Run ``work`` without waiting for it; a failure is logged."""
-        async def guarded() -> None:
-            try:
-                await work
-            except Exception:
-                log_failure("background work failed")
-        task = asyncio.create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def monitor_changed(self, monitor_id: str) -> None:
-        """Tell the background services that a monitor was created, edited or deleted."""
-        for listener in self.listeners:
-            listener(monitor_id)
-
-    async def stop(self) -> None:
-        """Stop background work, write what is pending and close the database."""
-        for task in [*self._tasks, *self._background]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        await self.usage.flush(self.db)
-        await self.db.close()
-
-
-async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None:
-    """Register the local region (a real write) and, on first run, create the owner and print
-    its key once."""
-    region = cfg["region"]
-    async with db.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude,"
-            " is_active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
-            " SET city = excluded.city, country = excluded.country,"
-            " country_code = excluded.country_code, latitude = excluded.latitude,"
-            " longitude = excluded.longitude, is_active = excluded.is_active",
-            (region["id"], region["city"], region["country"], region["country_code"],
-             region["latitude"], region["longitude"], int(cfg["probes"]["local"]), now_ms()))
-        first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
-        if first_run:
-            account = await create_account(conn, "admin@localhost", "Admin",
-                                           cfg["account"]["plan"])
-            _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
-            setup = await create_setup_token(conn, account)
-    if first_run:
-        print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
-              f"only this once:\n{key}\nOpen this link within an hour to choose its "
-              f"dashboard password:\n{cfg['server']['base_url']}/setup?token={setup}",
-              file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -6651,7 +6825,7 @@ class Call:
     request: Request
     rt: Runtime
     who: Principal | None
-    region: dict[str, Any] | None = None  # the calling agent's region, on agent routes
+    region: WorkerRegion | None = None  # the calling agent's region, on agent routes
     body: Any = None  # a body already parsed (the dashboard's forms), else read from request
     query: dict[str, Any] = dataclasses.field(default_factory=dict)  # the route's query table
 
@@ -6679,9 +6853,28 @@ class Call:
         except ValueError as exc:
             raise BadRequest("Malformed JSON body", str(exc)) from None
 
-    def env(self, **extra: Any) -> dict[str, Any]:
-        """What validation checks need to know: config and the known worker regions."""
-        return {"cfg": self.rt.cfg, "regions": self.rt.regions, **extra}
+    def env(self, **extra: Unpack[ValidationEnv]) -> ValidationEnv:
+        """What validation checks need to know: config, the known worker regions, and whether
+        read-only markers may be written (a request from ``statusapp apply``)."""
+        return {"cfg": self.rt.cfg, "regions": self.rt.regions,
+                "markers": self.request.headers.get(APPLY_HEADER) == "1", **extra}
+
+
+async def paged_rows(call: Call, table: str, query: dict[str, Any], filters: Sequence[str],
+                     order: str) -> tuple[int, list[sqlite3.Row]]:
+    """The count of the team's rows of ``table`` matching the query's ``filters`` (named as
+    the API names the columns) and the query's page of them, in ``order`` ({d}: asc/desc)."""
+    where, params = ["account_id = ?"], [call.team]
+    for name in filters:
+        if query[name]:
+            where.append(f"{Field(name, 'string').column} = ?")
+            params.append(query[name])
+    clause = " AND ".join(where)
+    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM {table} WHERE {clause}", params)
+    rows = await call.rt.db.fetchall(
+        f"SELECT * FROM {table} WHERE {clause} ORDER BY {order.format(d=query['order'].upper())}"
+        " LIMIT ? OFFSET ?", [*params, query["limit"], (query["page"] - 1) * query["limit"]])
+    return total, rows
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -6908,32 +7101,7 @@ def _like(text: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
 
 
-_JSON_KINDS = ("object", "array")  # Field kinds stored as JSON text
-
-
-def _json_column(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-# Each monitor column as (field name, column, how its stored value is read back).
-_MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tuple(
-    (spec.name, spec.column, _json_column if spec.kind in _JSON_KINDS
-     else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
-
-
-def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
-    """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
-    out: dict[str, Any] = {"id": row["id"]}
-    for name, column, read in _MONITOR_READERS:
-        value = row[column]
-        out[name] = value if read is None else read(value)
-    out["status"] = row["status"]
-    out["isPaused"] = bool(row["is_paused"])
-    out["heartbeatId"] = row["heartbeat_id"]
-    return out
-
-
-def check_json(row: sqlite3.Row, regions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def check_json(row: sqlite3.Row, regions: dict[str, WorkerRegion]) -> dict[str, Any]:
     """A stored check as the API shows it, with its worker region."""
     region = regions.get(row["region_id"]) or {"id": row["region_id"], "country": None,
                                                "country_code": None, "city": None}
@@ -6966,9 +7134,16 @@ async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
 
 
 async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
-    """Monitors as the API returns them: latest check per region, counts, notifications."""
+    """Monitors as the API returns them (see monitors_body)."""
+    return list(json.loads(await monitors_body(rt, rows)))
+
+
+async def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
+    """Monitors as the API returns them, as a JSON array: each one's own fields (encoded once
+    per version of its row, see _monitor_fields_json), latest check per region, counts and
+    notifications."""
     if not rows:
-        return []
+        return "[]"
     ids = [row["id"] for row in rows]
     marks = ",".join("?" * len(ids))
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
@@ -6986,23 +7161,39 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
             f" LEFT JOIN notification_channels c ON c.id = n.channel_id"
             f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
         links[link["monitor_id"]].append(notification_link_json(link))
-    base = rt.cfg["server"]["base_url"]
+    base, values = rt.cfg["server"]["base_url"], _monitor_values(tuple(rows[0].keys()))
     out = []
-    for row in rows:
-        record = monitor_record(row)
-        if rt.maintenance.active(row["account_id"], row["id"]):
-            record["status"] = MAINTENANCE
-        heartbeat = record.pop("heartbeatId")
-        record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
-        record.update({
-            "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
-            "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"]),
-            "checks": latest[row["id"]],
-            "_count": {"checks": row["check_count"], "incidents": incidents.get(row["id"], 0)},
-            "monitorNotifications": links[row["id"]],
-        })
-        out.append(record)
-    return out
+    for row, monitor_id in zip(rows, ids, strict=True):
+        fields = _monitor_fields_json(values(row), base,
+                                      rt.maintenance.active(row["account_id"], monitor_id))
+        out.append(f'{fields},"checks":{json_text(latest[monitor_id])},"_count":{{"checks":'
+                   f'{row["check_count"]},"incidents":{incidents.get(monitor_id, 0)}}},'
+                   f'"monitorNotifications":{json_text(links[monitor_id])}}}')
+    return f"[{','.join(out)}]"
+
+
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def json_text(value: Any) -> str:
+    """JSON as responses carry it (as Starlette's JSONResponse encodes it), by one encoder
+    (``json.dumps`` with options makes a new one each call)."""
+    return _JSON_ENCODER.encode(value)
+
+
+@functools.lru_cache(maxsize=2048)
+def _monitor_fields_json(values: tuple[Any, ...], base: str, maintenance: bool) -> str:
+    """A monitor's own fields as the API shows them (secrets masked), as a JSON object left
+    open for the rest, from its _monitor_values; cached, as list pages repeat the same rows."""
+    record = _monitor_fields(values)
+    if maintenance:
+        record["status"] = MAINTENANCE
+    heartbeat = record.pop("heartbeatId")
+    record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
+    record.update({
+        "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
+        "createdAt": iso(values[-2]), "updatedAt": iso(values[-1])})
+    return json_text(record)[:-1]
 
 
 def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -7185,7 +7376,7 @@ MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
 
 
 @api("/monitors", "GET", query=MONITOR_QUERY, response=MONITOR_LIST_SHAPE)
-async def list_monitors(call: Call) -> dict[str, Any]:
+async def list_monitors(call: Call) -> Response:
     query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["status"]:
@@ -7205,7 +7396,8 @@ async def list_monitors(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         f"SELECT * FROM monitors WHERE {clause} ORDER BY {order} LIMIT ? OFFSET ?",
         [*params, query["limit"], (query["page"] - 1) * query["limit"]])
-    return {"monitors": await monitors_json(call.rt, rows), "pagination": paginate(total, query)}
+    return Response(f'{{"monitors":{await monitors_body(call.rt, rows)},"pagination":'
+                    f'{json_text(paginate(total, query))}}}', media_type="application/json")
 
 
 @api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
@@ -7390,8 +7582,8 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
     is ignored and malformed JSON is kept as text rather than refused.
     """
     text = body.decode("utf-8", "replace").strip()
-    if not text:
-        return None
+    if not text.startswith("{"):  # not a JSON object: kept as it is (None if empty)
+        return text or None
     try:
         data = parse_json(text)
     except ValueError:
@@ -7465,48 +7657,107 @@ def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
 
 
 async def _ping(call: Call, kind: str, exit_code: int | None = None) -> Response:
-    """Record one ping once it is committed; 404 unknown id, 413 big body.  Past the rate limit
-    a success, start or fail still updates the monitor (status, clocks, deadline) but is not
-    logged (answered ``"logged": false``); a throttled log message is refused with 429."""
-    rt, token = call.rt, call.param("heartbeatId")
+    """The heartbeat routes: record one ping once it is committed; 404 unknown id (pings of
+    the monitors already in memory are answered by ``answer_ping`` before routing)."""
+    token = call.param("heartbeatId")
+    beat = await call.rt.heartbeats.find(token)
+    body = await record_ping(call.rt, call.request, beat, token, kind, exit_code)
+    if call.request.method == "HEAD":
+        return Response(status_code=200, headers={"content-type": "application/json"})
+    return Response(body, media_type="application/json")
+
+
+async def record_ping(rt: Runtime, request: Request, beat: _Beat, token: str, kind: str,
+                      exit_code: int | None) -> bytes:
+    """Record one ping once it is committed and return the answer's body; 404 if the beat is
+    no longer this heartbeat id's, 413 big body.  Past the rate limit a success, start or fail
+    still updates the monitor (status, clocks, deadline) but is not logged (answered
+    ``"logged": false``); a throttled log message is refused with 429.  The X-RateLimit
+    headers are left in ``request.state.headers``."""
     hb = rt.heartbeats
-    beat = await hb.find(token)
-    message = ping_message(await read_body(call.request, HEARTBEAT_MAX_BODY),
-                           PING_KINDS[kind].keys)
+    message = ping_message(await read_body(request, HEARTBEAT_MAX_BODY), PING_KINDS[kind].keys)
     logged, headers = hb.admit(beat)
-    call.request.state.headers = headers
+    request.state.headers = headers
     if not logged and kind == "log":
         raise RateLimited("Rate limit exceeded", f"at most {headers['X-RateLimit-Limit']} pings"
                           " per minute per monitor are logged", headers=headers)
-    agent = call.request.headers.get("user-agent", "")[:_AGENT_MAX] or None
+    agent = request.headers.get("user-agent", "")[:_AGENT_MAX] or None
     async with beat.lock:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
         at = now_ms()
-        ping = Ping(kind, message, exit_code, hb.source_ip(call.request), agent, at, logged,
+        ping = Ping(kind, message, exit_code, hb.source_ip(request), agent, at, logged,
                     rt.maintenance.active(beat.account_id, beat.monitor_id, at))
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
     hb.schedule(beat)
-    if call.request.method == "HEAD":
-        return Response(status_code=200, headers={"content-type": "application/json"})
-    return Response(_OK if logged else _OK_NOT_LOGGED, media_type="application/json")
+    return _OK if logged else _OK_NOT_LOGGED
 
 
-def _ping_route(path: str, kind: str, *methods: str) -> None:
+# The heartbeat routes' path suffixes, each with its kind of ping and methods; a suffix of
+# digits is an exit code.
+PING_ROUTES = {"": ("success", ("GET", "POST", "HEAD")), "start": ("start", ("GET", "POST")),
+               "fail": ("fail", ("GET", "POST")), "log": ("log", ("POST",))}
+_EXIT_CODE_METHODS = ("GET", "POST")
+_PING_PREFIX = API_PREFIX + "/heartbeat/"
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+def ping_target(path: str, method: str) -> tuple[str, str, int | None] | None:
+    """The heartbeat id, kind and exit code of a ping the direct path answers (a GET or POST
+    naming a route and an exit code 0-255), else None."""
+    token, slash, suffix = path[len(_PING_PREFIX):].partition("/")
+    if slash and not suffix:
+        return None
+    if suffix.isascii() and suffix.isdigit() and len(suffix) < 4 and method in _EXIT_CODE_METHODS:
+        code = int(suffix)
+        return (token, "success" if code == 0 else "fail", code) if code <= 255 else None
+    kind, methods = PING_ROUTES.get(suffix, ("", ()))
+    return (token, kind, None) if token and method in methods and method != "HEAD" else None
+
+
+async def answer_ping(app: Starlette, scope: dict[str, Any], receive: Any, send: Any) -> bool:
+    """Answer a ping of a heartbeat monitor already in memory without routing or middleware
+    (the heartbeat routes' work and answers, CORS headers included); False (nothing sent) for
+    every other request, which goes through the application as usual."""
+    target = ping_target(scope["path"], scope["method"])
+    rt: Runtime | None = getattr(app.state, "statusapp", None)
+    beat = rt.heartbeats.known(target[0]) if target and rt else None
+    if beat is None or target is None or rt is None:
+        return False
+    scope["app"] = app
+    request = Request(scope, receive)
+    try:
+        body = await record_ping(rt, request, beat, *target)
+    except Exception as exc:
+        response = await on_api_error(request, exc)
+        response.raw_headers.extend(Cors.HEADERS)
+        await response(scope, receive, send)
+        return True
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        _JSON_TYPE, (b"content-length", b"%d" % len(body)), *Cors.HEADERS,
+        *((name.lower().encode(), value.encode()) for name, value in request.state.headers.items())]})
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
+def _ping_route(suffix: str, kind: str, methods: tuple[str, ...]) -> None:
     async def handler(call: Call) -> Response:
         return await _ping(call, kind)
     handler.__name__ = f"heartbeat_{kind}"
-    api(path, *methods, public=True, limit=None, response=PING_SHAPE)(handler)
+    api("/heartbeat/{heartbeatId}" + (suffix and "/" + suffix), *methods, public=True,
+        limit=None, response=PING_SHAPE)(handler)
 
 
-_ping_route("/heartbeat/{heartbeatId}", "success", "GET", "POST", "HEAD")
-_ping_route("/heartbeat/{heartbeatId}/start", "start", "GET", "POST")
-_ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
-_ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
+def _ping_routes() -> None:
+    for suffix, (kind, methods) in PING_ROUTES.items():
+        _ping_route(suffix, kind, methods)
 
 
-@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True, limit=None,
+_ping_routes()
+
+
+@api("/heartbeat/{heartbeatId}/{exitCode:int}", *_EXIT_CODE_METHODS, public=True, limit=None,
       response=PING_SHAPE)
 async def heartbeat_exit_code(call: Call) -> Response:
     """Report a job's exit status: 0 is a success, 1-255 a failure (``curl .../$?``)."""
@@ -7527,7 +7778,7 @@ def heartbeat_json(row: sqlite3.Row) -> dict[str, Any]:
             "userAgent": row["user_agent"], "receivedAt": iso(row["received_at"])}
 
 
-def check_time(value: str, record: dict[str, Any], env: dict[str, Any]) -> int:
+def check_time(value: str, record: dict[str, Any], env: ValidationEnv) -> int:
     """An ISO 8601 time, as Unix milliseconds (no zone: UTC)."""
     when = _parse_time(value)
     if when is None:
@@ -7701,34 +7952,6 @@ async def post_incident_update(call: Call) -> Response:
 # Notification channels
 
 
-def _unmasked(kind: str, value: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """Swap masked secrets a client echoed back for the stored values."""
-    def keep(new: Any, old: Any) -> Any:
-        if isinstance(new, dict) and isinstance(old, dict):
-            return {k: keep(v, old.get(k)) for k, v in new.items()}
-        if isinstance(new, list) and isinstance(old, list):
-            return [keep(v, old[i] if i < len(old) else None) for i, v in enumerate(new)]
-        return old if isinstance(old, str) and new == mask(old) else new
-    return {k: keep(v, previous.get(k)) if k in CHANNEL_TYPES[kind].secrets else v
-            for k, v in value.items()}
-
-
-def channel_config(kind: Any, value: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    """Validate a config by its channel type's fields; unknown keys are dropped.
-
-    When updating a stored channel of the same type (``env["existing"]``), masked secrets
-    echoed back keep the stored ones, as ``apiAuthConfig`` does."""
-    if not isinstance(kind, str) or kind not in CHANNEL_TYPES:
-        return value  # the type field reports the problem
-    existing = env.get("existing") or {}
-    if existing.get("type") == kind and isinstance(existing.get("config"), dict):
-        value = _unmasked(kind, value, existing["config"])
-    if isinstance(value.get("chatId"), int) and not isinstance(value["chatId"], bool):
-        value = {**value, "chatId": str(value["chatId"])}
-    clean = validate(CHANNEL_TYPES[kind].fields, value, env, kind=kind, path=env["path"])
-    return {k: v for k, v in clean.items() if v is not None}
-
-
 CHANNEL_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Channel name"),
     Field("type", "string", True, choices=Names(CHANNEL_TYPES), doc="Channel type"),
@@ -7808,7 +8031,7 @@ async def delete_channel(call: Call) -> dict[str, Any]:
 # Webhooks
 
 
-def valid_events(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_events(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A comma-separated list of WEBHOOK_EVENTS, returned normalised (no spaces, no repeats)."""
     events = [e.strip() for e in value.split(",") if e.strip()]
     unknown = [e for e in events if e not in WEBHOOK_EVENTS]
@@ -8008,7 +8231,7 @@ _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
-def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_slug(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """Lowercase letters, digits and inner hyphens: safe in a URL path as it is."""
     if not _SLUG.fullmatch(value):
         raise _Issue("Invalid slug: use 1-64 lowercase letters, digits and hyphens, not starting"
@@ -8016,7 +8239,7 @@ def valid_slug(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_custom_domain(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """A DNS hostname (no scheme, port or path; not an IP address), stored lowercase."""
     host = value.strip().lower().rstrip(".")
     labels = host.split(".")
@@ -8027,7 +8250,7 @@ def valid_custom_domain(value: str, record: dict[str, Any], env: dict[str, Any])
 
 
 def valid_page_monitor_ids(value: list[Any], record: dict[str, Any],
-                           env: dict[str, Any]) -> list[str]:
+                           env: ValidationEnv) -> list[str]:
     """Every id must name one of the team's monitors; duplicates are dropped, order kept."""
     unknown = [str(v) for v in value if not isinstance(v, str) or v not in env["monitors"]]
     if unknown:
@@ -8047,7 +8270,7 @@ def valid_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[st
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
     Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
-          items="string",
+          items="string", ids_of="monitors",
           doc="The team's monitors in display order"),
     Field("monitorGroup", "string", minimum=1, maximum=100,
           doc="Instead of monitorIds: every monitor of this group, by name, as it is when shown"),
@@ -8143,10 +8366,10 @@ PAGE_SHAPE = shape(PAGE_ROW_SHAPE, monitorGroups=[shape(
     monitors=[shape(id="string", name="string", type="string", status="string")])])
 
 
-async def _page_env(call: Call, **extra: Any) -> dict[str, Any]:
+async def _page_env(call: Call) -> ValidationEnv:
     monitors = {r[0] for r in await call.rt.db.fetchall(
         "SELECT id FROM monitors WHERE account_id = ?", (call.team,))}
-    return call.env(monitors=monitors, **extra)
+    return call.env(monitors=monitors)
 
 
 async def _save_page(conn: aiosqlite.Connection, page_id: str, clean: dict[str, Any]) -> None:
@@ -8222,7 +8445,7 @@ async def delete_status_page(call: Call) -> dict[str, Any]:
 
 # Maintenance windows (see "Maintenance windows" under Incidents for what they do)
 
-def valid_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_moment(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An ISO 8601 date-time; one without an offset is wall-clock time in ``timezone``."""
     try:
         datetime.fromisoformat(value)
@@ -8232,7 +8455,7 @@ def valid_moment(value: str, record: dict[str, Any], env: dict[str, Any]) -> str
     return value
 
 
-def valid_recurrence(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_recurrence(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """An RFC 5545 RRULE (DAILY, WEEKLY, MONTHLY or YEARLY) that python-dateutil accepts."""
     try:
         zone = zoneinfo.ZoneInfo(record.get("timezone") or "UTC")
@@ -8256,13 +8479,15 @@ MAINTENANCE_FIELDS = (
     Field("durationMinutes", "integer", minimum=1, maximum=10_080,
           doc="Length of each occurrence of a recurring window"),
     Field("monitorIds", "array", maximum=1000, check=valid_page_monitor_ids, items="string",
-          doc="Monitors it covers (null or absent: all the team's monitors)"),
+          doc="Monitors it covers (null or absent: all the team's monitors)", ids_of="monitors",
+          unset="all the team's monitors"),
     Field("suppressAlerts", "boolean", default=True,
           doc="No incident and no alert while it runs (false: only status and uptime change)"),
+    MANAGED_FIELD,
 )
 
 
-def _window_rules(record: dict[str, Any]) -> None:
+def window_rules(record: dict[str, Any]) -> None:
     """One-off windows need an end after their start; recurring ones a duration."""
     problem = None
     if record.get("recurrence"):
@@ -8322,7 +8547,7 @@ async def get_maintenance_window(call: Call) -> dict[str, Any]:
      status=(201,))
 async def create_maintenance_window(call: Call) -> Response:
     clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call))
-    _window_rules(clean)
+    window_rules(clean)
     row = await create_owned(call, "maintenance_windows", "mw", {
         **column_values(MAINTENANCE_FIELDS, clean), "ends_handled_at": call.rt.maintenance.clock()})
     await call.rt.maintenance.reload()
@@ -8336,7 +8561,7 @@ async def update_maintenance_window(call: Call) -> dict[str, Any]:
                 if k in {f.name for f in MAINTENANCE_FIELDS}}
     clean = validate(MAINTENANCE_FIELDS, await call.json(), await _page_env(call),
                      existing=existing)
-    _window_rules({**existing, **clean})
+    window_rules({**existing, **clean})
     await call.rt.db.write([update_statement("maintenance_windows", row["id"],
                                              column_values(MAINTENANCE_FIELDS, clean))])
     await call.rt.maintenance.reload()
@@ -8404,54 +8629,6 @@ async def dashboard_analytics(call: Call) -> dict[str, Any]:
             "performance": await _team_performance(call.rt, call.team, now)}
 
 
-# Team performance over the last 24 hours reads the team's hourly rollups (24 rows) plus the raw
-# checks since they end.  The figures are kept a minute in ``Runtime.performance``; after that
-# the kept figures are still answered while one background computation refreshes them, and
-# concurrent first requests share one computation.
-_PERFORMANCE_TTL_MS = 60_000
-_TEAM_SUMS = ("SELECT COALESCE(SUM(up), 0), COALESCE(SUM(down), 0), COALESCE(SUM(degraded), 0),"
-              " COALESCE(SUM(rt_sum), 0), COALESCE(SUM(rt_count), 0) FROM team_rollups"
-              " WHERE account_id = ? AND start >= ? AND start < ?")
-_TEAM_HIST = ("SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM team_rollups,"
-              " json_each(team_rollups.rt_hist) AS j WHERE account_id = ? AND start >= ?"
-              " AND start < ? GROUP BY 1")
-
-
-async def _team_window(db: Database, team: str, lo: int, hi: int) -> WindowStats:
-    """The team's figures over [lo, hi): team rollups as far as they go, then raw checks."""
-    teams_done = await db.fetchval("SELECT done_until FROM rollup_progress WHERE bucket = 't'")
-    split = min(max(lo, teams_done or lo), hi)
-    stats = WindowStats()
-    stats.add(tuple(await db.fetchrow(_TEAM_SUMS, (team, lo, split))))
-    stats.hist = {index: count for index, count in await db.fetchall(_TEAM_HIST, (team, lo, split))}
-    ids = [r[0] for r in await db.fetchall("SELECT id FROM monitors WHERE account_id = ?",
-                                           (team,))]
-    tail, _ = await window_stats(db, ids, split, hi, exact=False)
-    stats.add((tail.up, tail.down, tail.degraded, tail.rt_sum, tail.rt_count))
-    for index, count in tail.hist.items():
-        stats.hist[index] = stats.hist.get(index, 0) + count
-    return stats
-
-
-async def _compute_performance(rt: Runtime, team: str) -> dict[str, Any]:
-    now = now_ms()
-    stats = await _team_window(rt.db, team, _ceil_hour(now - DAY_MS), now)
-    figures = {"avgResponseTime": stats.average(), "p95ResponseTime": stats.percentile(95),
-               "overallUptime": stats.uptime()}
-    rt.performance[team] = (now, figures)
-    return figures
-
-
-async def _team_performance(rt: Runtime, team: str, now: int) -> dict[str, Any]:
-    key = ("performance", team)
-    cached = rt.performance.get(team)
-    if cached is None:
-        return await rt.flights.run(key, lambda: _compute_performance(rt, team))
-    if now - cached[0] >= _PERFORMANCE_TTL_MS and not rt.flights.running(key):
-        rt.background(rt.flights.run(key, lambda: _compute_performance(rt, team)))
-    return cached[1]
-
-
 @api("/analytics/monitors/{monitorId}", "GET", query=ANALYTICS_QUERY,
       response=MONITOR_ANALYTICS_SHAPE)
 async def monitor_analytics(call: Call) -> dict[str, Any]:
@@ -8474,95 +8651,6 @@ async def monitor_analytics(call: Call) -> dict[str, Any]:
                                      in sorted(regions.items()) if count}}
 
 
-def _prometheus_label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class Exposition:
-    """Prometheus text format (0.0.4): HELP and TYPE once per metric, then its samples."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def metric(self, name: str, kind: str, help_text: str,
-               samples: Sequence[tuple[dict[str, Any], float | int | None]]) -> None:
-        self.lines += [f"# HELP statusapp_{name} {help_text}", f"# TYPE statusapp_{name} {kind}"]
-        for labels, value in samples:
-            if value is None:
-                continue
-            text = ",".join(f'{k}="{_prometheus_label(v)}"' for k, v in labels.items())
-            self.lines.append(f"statusapp_{name}{{{text}}} {value!r}" if text
-                              else f"statusapp_{name} {value!r}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-async def render_metrics(rt: Runtime, team: str | None) -> str:
-    """Per-monitor figures (the team's, or every monitor's for the metrics token) and
-    process figures."""
-    where, params = ("WHERE account_id = ?", (team,)) if team else ("", ())
-    monitors = await rt.db.fetchall(f"SELECT * FROM monitors {where} ORDER BY id", params)
-    ids = [m["id"] for m in monitors]
-    # The newest check of each monitor, whatever its region.
-    latest = {c["monitor_id"]: c for c in sorted(await latest_checks(rt.db, ids),
-                                                 key=lambda c: c["id"])}
-    now = now_ms()
-    uptime = {window: await collect(rt.db, ids, _ceil_hour(now - span), now, ("monitor",))
-              for window, span in (("24h", DAY_MS), ("30d", 30 * DAY_MS))}
-    out = Exposition()
-    labels = {m["id"]: {"id": m["id"], "name": m["name"], "type": m["type"]} for m in monitors}
-    out.metric("monitor_status", "gauge", "1 for the monitor's current status, 0 for the others.",
-               [({**labels[m["id"]], "status": s}, int(m["status"] == s))
-                for m in monitors for s in MONITOR_STATUSES])
-    out.metric("monitor_paused", "gauge", "1 when the monitor is paused.",
-               [(labels[m["id"]], m["is_paused"]) for m in monitors])
-    out.metric("monitor_response_time_seconds", "gauge", "Response time of the latest check.",
-               [(labels[i], None if c["response_time"] is None else c["response_time"] / 1000)
-                for i, c in latest.items()])
-    ratios = []
-    for window, counts in uptime.items():
-        for monitor_id in ids:
-            stats = WindowStats()
-            stats.add(counts.get((monitor_id,), [0] * 5))
-            ratio = None if not stats.total else (stats.up + stats.degraded) / stats.total
-            ratios.append(({**labels[monitor_id], "window": window}, ratio))
-    out.metric("monitor_uptime_ratio", "gauge", "(UP + DEGRADED checks) / all checks.", ratios)
-    for kind, name, what in (("SSL_CERT", "certificate", "the certificate expires"),
-                             ("DOMAIN", "domain", "the domain registration expires")):
-        days = [(labels[i], json.loads(c["details"]).get("daysRemaining"))
-                for i, c in latest.items() if labels[i]["type"] == kind and c["details"]]
-        out.metric(f"{name}_days_remaining", "gauge", f"Days until {what}.", days)
-    out.metric("monitor_checks_total", "counter", "Checks recorded for the monitor.",
-               [(labels[m["id"]], m["check_count"]) for m in monitors])
-    out.metric("write_queue_depth", "gauge", "Writes queued for the next group commit.",
-               [({}, rt.db.queued)])
-    out.metric("scheduler_lag_seconds", "gauge", "How late the scheduler runs due checks.",
-               [({}, getattr(rt, "scheduler_lag", None))])
-    out.metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
-               [({}, round(time.monotonic() - rt.started, 3))])
-    return out.text()
-
-
-async def metrics(request: Request) -> Response:
-    """GET /metrics: an API key with read permission, or ``Bearer <server.metrics_token>``."""
-    rt: Runtime = request.app.state.statusapp
-    token = rt.cfg["server"]["metrics_token"]
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    team = None
-    if not (token and scheme.lower() == "bearer"
-            and hmac.compare_digest(given.strip().encode(), token.encode())):
-        who = await authenticate(rt.db, request_key(request))
-        if "read" not in who.permissions:
-            raise Forbidden("This API key lacks the 'read' permission",
-                            f"key permissions: {','.join(sorted(who.permissions))}")
-        team = who.team_id
-    return Response(await render_metrics(rt, team),
-                    media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
-
 # Team
 #
 # The team is its owner's account: ``call.team`` is the owner's id, and every member's row in
@@ -8574,7 +8662,7 @@ METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
 TEAM_ROLES = (Role.ADMIN, Role.MEMBER, Role.VIEWER)
 
 
-def valid_email(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_email(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """``local@domain`` without spaces; compared without case (the columns are NOCASE)."""
     value = value.strip()
     if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
@@ -8807,7 +8895,7 @@ LANGUAGES = tuple(
     "za zh zu".split())  # ISO 639-1
 
 
-def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_phone(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     """E.164: a plus, a non-zero digit, at most 15 digits in all."""
     if not re.fullmatch(r"\+[1-9]\d{1,14}", value):
         raise _Issue("Invalid phone number: expected E.164 such as +14155550123",
@@ -8815,20 +8903,20 @@ def valid_phone(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
     return value
 
 
-def valid_language(value: str, record: dict[str, Any], env: dict[str, Any]) -> str:
+def valid_language(value: str, record: dict[str, Any], env: ValidationEnv) -> str:
     if value not in LANGUAGES:
         raise _Issue("Invalid language: expected an ISO 639-1 code such as 'en'")
     return value
 
 
-def valid_sms(value: bool, record: dict[str, Any], env: dict[str, Any]) -> bool:
+def valid_sms(value: bool, record: dict[str, Any], env: ValidationEnv) -> bool:
     """SMS notifications need somewhere to go."""
     if value and not record.get("phoneNumber"):
         raise _Issue("smsNotificationsEnabled needs a phoneNumber")
     return value
 
 
-def valid_read_only(value: Any, record: dict[str, Any], env: dict[str, Any]) -> Any:
+def valid_read_only(value: Any, record: dict[str, Any], env: ValidationEnv) -> Any:
     """Read-only through the API: a value sent back unchanged passes, a change is refused."""
     name = env["path"][-1]
     if value != env["existing"][name]:
@@ -9059,6 +9147,8 @@ def _schema(spec: Field, cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out[key] = _bound(bound, cfg)
     if spec.default is not None:
         out["default"] = spec.default
+    if spec.read_only:
+        out["readOnly"] = True
     doc = spec.doc
     if not isinstance(spec.required, bool):
         doc = f"{doc} (required for {', '.join(spec.required)})".strip()
@@ -9164,7 +9254,7 @@ async def server_version(call: Call) -> dict[str, Any]:
     return {"version": VERSION, "apiVersion": API_VERSION}
 
 
-def region_json(row: dict[str, Any] | sqlite3.Row) -> dict[str, Any]:
+def region_json(row: WorkerRegion) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"] or row["city"], "city": row["city"],
             "country": row["country"], "countryCode": row["country_code"],
             "latitude": row["latitude"], "longitude": row["longitude"],
@@ -9182,7 +9272,7 @@ WORKER_REGIONS_SHAPE = shape(regions=[REGION_SHAPE])
 async def worker_regions(call: Call) -> dict[str, Any]:
     """Every worker region: the server's own and the agents', with liveness."""
     rows = await call.rt.db.fetchall("SELECT * FROM worker_regions ORDER BY id")
-    return {"regions": [region_json(r) for r in rows]}
+    return {"regions": [region_json(worker_region(r)) for r in rows]}
 
 
 # Agents
@@ -9195,7 +9285,6 @@ async def worker_regions(call: Call) -> dict[str, Any]:
 
 AGENT_TOKEN_PREFIX = "sa_agent_"
 _AGENT_WAIT_MAX = 30   # seconds a long-poll may wait for a change
-_AGENT_BATCH_MAX = 5000
 
 
 def generate_agent_token() -> tuple[str, str]:
@@ -9204,7 +9293,7 @@ def generate_agent_token() -> tuple[str, str]:
     return token, hash_key(token)
 
 
-async def authenticate_agent(rt: Runtime, token: str | None) -> dict[str, Any]:
+async def authenticate_agent(rt: Runtime, token: str | None) -> WorkerRegion:
     """The region whose agent holds ``token``, noting the contact; 401 otherwise."""
     if not token:
         raise Unauthorized("Missing agent token", "send Authorization: Bearer <agent token>")
@@ -9215,7 +9304,7 @@ async def authenticate_agent(rt: Runtime, token: str | None) -> dict[str, Any]:
                            "the token is unknown, rotated, or its region was removed")
     rt.db.write_later([("UPDATE worker_regions SET last_seen_at = ? WHERE id = ?",
                         (now_ms(), row["id"]))])
-    return dict(row)
+    return worker_region(row)
 
 
 class AgentSync:
@@ -9349,6 +9438,102 @@ async def agent_results(call: Call) -> dict[str, Any]:
     stored = await ingest_batch(call.rt, call.region["id"], batch, received)
     return {"batchId": batch["batchId"], "stored": stored}
 
+
+# --- Metrics ---
+#
+# ``/metrics``: the team's monitors in the Prometheus text format.
+
+
+def _prometheus_label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Exposition:
+    """Prometheus text format (0.0.4): HELP and TYPE once per metric, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str,
+               samples: Sequence[tuple[dict[str, Any], float | int | None]]) -> None:
+        self.lines += [f"# HELP statusapp_{name} {help_text}", f"# TYPE statusapp_{name} {kind}"]
+        for labels, value in samples:
+            if value is None:
+                continue
+            text = ",".join(f'{k}="{_prometheus_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"statusapp_{name}{{{text}}} {value!r}" if text
+                              else f"statusapp_{name} {value!r}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+async def render_metrics(rt: Runtime, team: str | None) -> str:
+    """Per-monitor figures (the team's, or every monitor's for the metrics token) and
+    process figures."""
+    where, params = ("WHERE account_id = ?", (team,)) if team else ("", ())
+    monitors = await rt.db.fetchall(f"SELECT * FROM monitors {where} ORDER BY id", params)
+    ids = [m["id"] for m in monitors]
+    # The newest check of each monitor, whatever its region.
+    latest = {c["monitor_id"]: c for c in sorted(await latest_checks(rt.db, ids),
+                                                 key=lambda c: c["id"])}
+    now = now_ms()
+    uptime = {window: await collect(rt.db, ids, _ceil_hour(now - span), now, ("monitor",))
+              for window, span in (("24h", DAY_MS), ("30d", 30 * DAY_MS))}
+    out = Exposition()
+    labels = {m["id"]: {"id": m["id"], "name": m["name"], "type": m["type"]} for m in monitors}
+    out.metric("monitor_status", "gauge", "1 for the monitor's current status, 0 for the others.",
+               [({**labels[m["id"]], "status": s}, int(m["status"] == s))
+                for m in monitors for s in MONITOR_STATUSES])
+    out.metric("monitor_paused", "gauge", "1 when the monitor is paused.",
+               [(labels[m["id"]], m["is_paused"]) for m in monitors])
+    out.metric("monitor_response_time_seconds", "gauge", "Response time of the latest check.",
+               [(labels[i], None if c["response_time"] is None else c["response_time"] / 1000)
+                for i, c in latest.items()])
+    ratios = []
+    for window, counts in uptime.items():
+        for monitor_id in ids:
+            stats = WindowStats()
+            stats.add(counts.get((monitor_id,), [0] * 5))
+            ratio = None if not stats.total else (stats.up + stats.degraded) / stats.total
+            ratios.append(({**labels[monitor_id], "window": window}, ratio))
+    out.metric("monitor_uptime_ratio", "gauge", "(UP + DEGRADED checks) / all checks.", ratios)
+    for kind, name, what in (("SSL_CERT", "certificate", "the certificate expires"),
+                             ("DOMAIN", "domain", "the domain registration expires")):
+        days = [(labels[i], json.loads(c["details"]).get("daysRemaining"))
+                for i, c in latest.items() if labels[i]["type"] == kind and c["details"]]
+        out.metric(f"{name}_days_remaining", "gauge", f"Days until {what}.", days)
+    out.metric("monitor_checks_total", "counter", "Checks recorded for the monitor.",
+               [(labels[m["id"]], m["check_count"]) for m in monitors])
+    out.metric("write_queue_depth", "gauge", "Writes queued for the next group commit.",
+               [({}, rt.db.queued)])
+    out.metric("scheduler_lag_seconds", "gauge", "How late the scheduler runs due checks.",
+               [({}, getattr(rt, "scheduler_lag", None))])
+    out.metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
+               [({}, round(time.monotonic() - rt.started, 3))])
+    return out.text()
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: an API key with read permission, or ``Bearer <server.metrics_token>``."""
+    rt: Runtime = request.app.state.statusapp
+    token = rt.cfg["server"]["metrics_token"]
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    team = None
+    if not (token and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), token.encode())):
+        who = await authenticate(rt.db, request_key(request))
+        if "read" not in who.permissions:
+            raise Forbidden("This API key lacks the 'read' permission",
+                            f"key permissions: {','.join(sorted(who.permissions))}")
+        team = who.team_id
+    return Response(await render_metrics(rt, team),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+METRICS_ROUTES = [Route("/metrics", metrics, methods=["GET"])]
+
+
 # --- Pages ---
 #
 # The public face of a team: a server-rendered page (no JavaScript; nothing loaded from elsewhere
@@ -9378,13 +9563,6 @@ DAY_LEVELS = ((100.0, "ok", "#16a34a", "no downtime"),
               (0.0, "major", "#dc2626", "major outage"))
 NO_DATA = ("none", "#cbd5e1", "no data")
 
-_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def _esc(text: Any) -> str:
-    """Text for HTML or XML: escaped, without the control characters XML forbids."""
-    return html.escape(_XML_FORBIDDEN.sub("", str(text)))
-
 
 def monitor_state(monitor: dict[str, Any]) -> str:
     return "PAUSED" if monitor["paused"] else monitor["status"]
@@ -9402,13 +9580,6 @@ def overall_status(monitors: Sequence[dict[str, Any]]) -> str:
     if down:
         return "partial_outage"
     return "degraded" if "DEGRADED" in states else "operational"
-
-
-def uptime_percent(up: int, total: int) -> float | None:
-    """Uptime % rounded DOWN to 2 decimals, so any downtime never shows as 100%."""
-    if not total:
-        return None
-    return math.floor(round(up * 10_000 / total, 6)) / 100
 
 
 _LEVELS = tuple((level[0], level[1:]) for level in DAY_LEVELS)
@@ -9444,13 +9615,6 @@ def _duration(ms: int) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _cause(category: str | None) -> str:
-    """``DNS_FAILURE`` -> ``DNS failure``."""
-    words = [w if w in ("DNS", "SSL", "DDOS") else w.lower() for w in (category or "").split("_")]
-    text = " ".join(words)
-    return text[:1].upper() + text[1:]
-
-
 async def _public_page(rt: Runtime, column: str, value: str) -> sqlite3.Row:
     """A public page by slug or custom_domain; private and unknown pages are both 404."""
     row = await rt.db.fetchone(f"SELECT * FROM status_pages WHERE {column} = ? AND is_public = 1",
@@ -9460,8 +9624,51 @@ async def _public_page(rt: Runtime, column: str, value: str) -> sqlite3.Row:
     return row
 
 
+class PageIncidentUpdate(TypedDict):
+    status: str
+    message: str
+    createdAt: int
+
+
+class PageIncident(TypedDict):
+    """An incident as a status page, its JSON and its feed show it (times in Unix ms)."""
+
+    id: str
+    incidentNumber: str
+    monitorId: str
+    monitorName: str
+    severity: str
+    startedAt: int
+    resolvedAt: int | None
+    rootCauseCategory: str | None
+    updates: list[PageIncidentUpdate]
+
+
+class PageMaintenance(TypedDict):
+    """A maintenance window's next occurrence as a page shows it (times in Unix ms)."""
+
+    id: str
+    title: str
+    description: str | None
+    startsAt: int
+    endsAt: int
+    state: str  # "in_progress" or "scheduled"
+    updatedAt: int
+
+
+class PageView(TypedDict):
+    """Everything a public page and its JSON show, read once by ``page_view``."""
+
+    page: sqlite3.Row
+    groups: list[dict[str, Any]]
+    status: str
+    maintenance: list[PageMaintenance]
+    active: list[PageIncident]
+    past: list[PageIncident]
+
+
 async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: str,
-                         params: Sequence[Any], limit: int = -1) -> list[dict[str, Any]]:
+                         params: Sequence[Any], limit: int = -1) -> list[PageIncident]:
     """The monitors' incidents matching ``condition``, newest first, each with its updates."""
     if not monitor_ids:
         return []
@@ -9470,7 +9677,7 @@ async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: st
         f"SELECT i.*, m.name AS monitor_name FROM incidents i JOIN monitors m"
         f" ON m.id = i.monitor_id WHERE i.monitor_id IN ({marks}) AND ({condition})"
         f" ORDER BY i.started_at DESC, i.id LIMIT ?", [*monitor_ids, *params, limit])
-    updates: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    updates: dict[str, list[PageIncidentUpdate]] = collections.defaultdict(list)
     ids = [row["id"] for row in rows]
     for update in await db.fetchall(
             f"SELECT * FROM incident_updates WHERE incident_id IN ({','.join('?' * len(ids))})"
@@ -9486,10 +9693,10 @@ async def page_incidents(db: Database, monitor_ids: Sequence[str], condition: st
 
 
 def page_maintenance(rt: Runtime, account_id: str, monitor_ids: Sequence[str]
-                     ) -> list[dict[str, Any]]:
+                     ) -> list[PageMaintenance]:
     """The maintenance windows covering any of ``monitor_ids`` that run now or start within
     MAINTENANCE_LOOKAHEAD_DAYS (their next occurrence), soonest first."""
-    now, out = rt.maintenance.clock(), []
+    now, out = rt.maintenance.clock(), list[PageMaintenance]()
     for window in rt.maintenance.windows.values():
         if not any(window.covers(account_id, m) for m in monitor_ids):
             continue
@@ -9501,7 +9708,7 @@ def page_maintenance(rt: Runtime, account_id: str, monitor_ids: Sequence[str]
     return sorted(out, key=lambda w: (w["startsAt"], w["id"]))
 
 
-async def page_view(rt: Runtime, page: sqlite3.Row) -> dict[str, Any]:
+async def page_view(rt: Runtime, page: sqlite3.Row) -> PageView:
     """Everything the page and its JSON show, read once: groups with 90-day days, incidents,
     maintenance."""
     groups = await page_groups(rt.db, page["id"])
@@ -9542,12 +9749,12 @@ def _page_base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def _maintenance_json(window: dict[str, Any]) -> dict[str, Any]:
+def _maintenance_json(window: PageMaintenance) -> dict[str, Any]:
     return {**window, "startsAt": iso(window["startsAt"]), "endsAt": iso(window["endsAt"]),
             "updatedAt": iso(window["updatedAt"])}
 
 
-def _incident_json(incident: dict[str, Any]) -> dict[str, Any]:
+def _incident_json(incident: PageIncident) -> dict[str, Any]:
     return {**incident, "status": "open" if incident["resolvedAt"] is None else "resolved",
             "startedAt": iso(incident["startedAt"]), "resolvedAt": iso(incident["resolvedAt"]),
             "updates": [{**u, "createdAt": iso(u["createdAt"])} for u in incident["updates"]]}
@@ -9597,7 +9804,7 @@ overflow-wrap:anywhere}
 background:currentColor}
 .s-up{color:#15803d}.s-degraded{color:#a16207}.s-down{color:#b91c1c}.s-none{color:#4b5563}
 svg.bars{display:block;width:100%;height:2.125rem;margin:.5rem 0 .25rem}
-svg.bars rect:hover{opacity:.7}
+svg.bars path:hover{opacity:.7}
 .axis{display:flex;justify-content:space-between;gap:.5rem;font-size:.75rem;color:#4b5563}
 .axis strong{color:#111827}
 .regions{font-size:.75rem;color:#4b5563;margin:.25rem 0}
@@ -9626,35 +9833,42 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsaf
                 "Cache-Control": "no-cache"}
 
 
-def _day_text(day: dict[str, Any]) -> str:
-    """One day's hover text: its uptime, level and failed checks."""
-    if day["uptime"] is None:
-        return f"{day['day']}: no data"
-    return (f"{day['day']}: {day['uptime']:.2f}% uptime, {day_level(day['uptime'])[2]} "
-            f"({day['down']} of {day['total']} checks down)")
+def _day_text(days: Sequence[dict[str, Any]]) -> str:
+    """The hover text of a day, or of a run of days at one level: its uptime (the level is the
+    cell's colour, named in the legend); a run of days without downtime or without data says
+    just that."""
+    span = days[0]["day"] if len(days) == 1 else f"{days[0]['day']} to {days[-1]['day']}"
+    uptime = _days_uptime(days)
+    level, _, label = day_level(uptime)
+    if uptime is None or (level == "ok" and len(days) > 1):
+        return f"{span}: {label}"
+    return f"{span}: {uptime:.2f}% uptime"
 
 
 def _day_runs(days: Sequence[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
-    """The bar's cells as ``(first index, day count, level, hover text)``: each day with
-    downtime on its own, runs of days without downtime (or without data) merged into one."""
+    """The bar's cells as ``(first index, day count, level, hover text)``: one per run of days
+    at the same level (with downtime: the run's uptime and failed checks in all)."""
     runs: list[tuple[int, int, str, str]] = []
-    for i, day in enumerate(days):
-        level, _, label = day_level(day["uptime"])
-        if level in ("ok", NO_DATA[0]) and runs and runs[-1][2] == level:
-            first, count, _, _ = runs[-1]
-            runs[-1] = (first, count + 1, level, f"{days[first]['day']} to {day['day']}: {label}")
-        else:
-            runs.append((i, 1, level, _day_text(day)))
+    first = 0
+    for level, run in itertools.groupby(days, key=lambda day: day_level(day["uptime"])[0]):
+        members = list(run)
+        runs.append((first, len(members), level, _day_text(members)))
+        first += len(members)
     return runs
 
 
 def _bars(monitor: dict[str, Any]) -> str:
-    """The 90-day bar as one small SVG: a cell per day with downtime and one per run of days
-    without, each with its hover text (about 1 KB per monitor instead of 9)."""
+    """The 90-day bar as one small SVG: a cell per run of days at the same level, each with
+    its hover text, the cells of a level in one group that gives their colour (50 monitors
+    that had downtime every other day: under 100 KB)."""
     days = monitor["days"]
-    cells = "".join(f'<rect x="{first * 10}" width="{count * 10 - 2}" height="34" '
-                    f'class="d-{level}"><title>{text}</title></rect>'  # our own text
-                    for first, count, level, text in _day_runs(days))
+    levels: dict[str, list[str]] = {}
+    for first, count, level, text in _day_runs(days):
+        width = count * 10 - 2
+        levels.setdefault(level, []).append(  # our own text
+            f'<path d="M{first * 10} 0h{width}v34h-{width}"><title>{text}</title></path>')
+    cells = "".join(f'<g class="d-{level}">{"".join(rects)}</g>'
+                    for level, rects in levels.items())
     summary = (f"{len(days)}-day uptime bar of {monitor['name']}: " +
                ("no data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}%"))
     return (f'<svg class="bars" viewBox="0 0 {len(days) * 10 - 2} 34" preserveAspectRatio="none"'
@@ -9679,7 +9893,7 @@ def _regions_html(monitor: dict[str, Any]) -> str:
     return f'<div class="regions">{" &middot; ".join(parts)}</div>'
 
 
-def _incident_html(incident: dict[str, Any]) -> str:
+def _incident_html(incident: PageIncident) -> str:
     now = now_ms()
     started, resolved = incident["startedAt"], incident["resolvedAt"]
     meta = [f"{_esc(str(incident['severity']).capitalize())} severity",
@@ -9699,7 +9913,7 @@ def _incident_html(incident: dict[str, Any]) -> str:
             (f'<ol class="updates">{updates}</ol>' if updates else "") + "</article>")
 
 
-def _maintenance_html(window: dict[str, Any]) -> str:
+def _maintenance_html(window: PageMaintenance) -> str:
     state = "In progress" if window["state"] == "in_progress" else "Scheduled"
     description = f'<p>{_esc(window["description"])}</p>' if window["description"] else ""
     return (f'<article class="card maintenance"><h3>{_esc(window["title"])} ({state.lower()})'
@@ -9707,7 +9921,7 @@ def _maintenance_html(window: dict[str, Any]) -> str:
             f'{_when(window["endsAt"])}</p>{description}</article>')
 
 
-def render_page(view: dict[str, Any]) -> str:
+def render_page(view: PageView) -> str:
     """The public status page as one HTML document (inline CSS, no scripts)."""
     page = view["page"]
     brand = page["brand_color"] or DEFAULT_BRAND
@@ -9926,7 +10140,7 @@ async def page_summary(request: Request) -> Response:
         "updatedAt": iso(now_ms())})
 
 
-def _maintenance_entry(window: dict[str, Any], url: str) -> str:
+def _maintenance_entry(window: PageMaintenance, url: str) -> str:
     """A maintenance window's occurrence as an Atom entry (scheduled, or in progress)."""
     state = "in progress" if window["state"] == "in_progress" else "scheduled"
     lines = [f"Maintenance {state}: {_when(window['startsAt'])} to {_when(window['endsAt'])}.",
@@ -10268,12 +10482,14 @@ DASHBOARD_PAGES: dict[str, Callable[[Request], Awaitable[Response]]] = {}  # pat
 
 @dataclass
 class Visit:
-    """One dashboard request: the runtime, the session (None before signing in), the form."""
+    """One dashboard request: the runtime, the session (None before signing in), the form (a
+    name's last value) and every value of each name (a list of checkboxes sends one each)."""
 
     request: Request
     rt: Runtime
     session: Session | None
     form: dict[str, str]
+    every: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def who(self) -> Principal:
@@ -10281,12 +10497,17 @@ class Visit:
             raise Unauthorized("Sign in first", "no session")
         return self.session.who
 
+    def require(self, method: str, path: str) -> None:
+        """Refuse, with the API's own check and message, a person who may not call the API
+        route ``method path``."""
+        _, public, role, _ = API_HANDLERS[(method, path)]
+        if not public:
+            authorize(self.who, method, role)
+
     def may(self, method: str, path: str) -> bool:
         """Whether the person may call an API route (what decides which buttons show)."""
-        _, public, role, _ = API_HANDLERS[(method, path)]
         try:
-            if not public:
-                authorize(self.who, method, role)
+            self.require(method, path)
         except ApiError:
             return False
         return True
@@ -10299,10 +10520,9 @@ async def act(v: Visit, method: str, path: str, params: dict[str, str] | None = 
               body: Any = None, query: dict[str, Any] | None = None) -> Any:
     """Call the API handler of ``method path`` as the signed-in person (public routes as
     anyone), with the API's own permission check; returns its JSON answer."""
-    handler, public, role, table = API_HANDLERS[(method, path)]
+    handler, public, _, table = API_HANDLERS[(method, path)]
+    v.require(method, path)
     who = None if public else v.who
-    if who is not None:
-        authorize(who, method, role)
     query_string = urllib.parse.urlencode({k: val for k, val in (query or {}).items()
                                            if val not in (None, "")})
     scope = {**v.request.scope, "method": method, "path_params": params or {},
@@ -10325,17 +10545,20 @@ async def _visit(request: Request) -> Visit:
     rt: Runtime = request.app.state.statusapp
     session = await session_of(rt, request)
     form: dict[str, str] = {}
+    every: dict[str, list[str]] = collections.defaultdict(list)
     if request.method == "POST":
         body = await read_body(request, MAX_BODY)
-        form = {k: v for k, v in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
-                                                         keep_blank_values=True)}
+        for name, value in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
+                                                  keep_blank_values=True):
+            form[name] = value
+            every[name].append(value)
         token = form.pop("csrf", "")
         valid = (hmac.compare_digest(token, session.csrf) if session
                  else _signin_token_ok(rt.secret, token))
         if not valid or not _same_origin(request):
             raise Forbidden("This form has expired or did not come from this dashboard",
                             "missing or wrong CSRF token; reload the page and try again")
-    return Visit(request, rt, session, form)
+    return Visit(request, rt, session, form, dict(every))
 
 
 def dash(path: str, *methods: str, signed_in: bool = True
@@ -10413,9 +10636,14 @@ label{display:block;font-weight:600;margin:.75rem 0 .25rem}
 input,select,textarea{font:inherit;color:var(--text);background:var(--bg);
 border:1px solid var(--line);border-radius:.375rem;padding:.4rem;width:100%;max-width:36rem}
 input[type=checkbox]{width:auto;margin-right:.5rem}
+.picks{max-height:16rem;overflow-y:auto;border:1px solid var(--line);border-radius:.375rem;
+padding:.25rem .5rem}label.pick{display:flex;align-items:center;font-weight:400;margin:.2rem 0;
+overflow-wrap:anywhere}
 label.check{display:flex;align-items:center;font-weight:600}
 .row label{margin:0}.row input,.row select{width:auto}
 fieldset{border:1px solid var(--line);border-radius:.5rem;margin:1rem 0;max-width:38rem}
+fieldset.rows{max-width:60rem}.scroll{overflow-x:auto}.rows td{padding:.2rem}
+.rows input,.rows select{min-width:7rem}
 .err{color:var(--down);font-weight:600;margin:.25rem 0}
 [aria-invalid=true]{border-color:var(--down);border-width:2px}
 .notice{border-left:.3rem solid var(--accent);padding:.5rem 1rem;background:var(--card);
@@ -10438,7 +10666,8 @@ pre{white-space:pre-wrap;background:var(--bg);padding:.5rem;border-radius:.375re
 th,td{padding:.3rem}}
 """
 DASHBOARD_CSS_URL = f"/dashboard.css?v={hashlib.sha256(DASHBOARD_CSS.encode()).hexdigest()[:12]}"
-# Copy buttons, the form's type switch and live refresh; the page works without it.
+# Copy buttons, the form's type switch, submitting a type chooser on change and live
+# refresh; the page works without it.
 DASHBOARD_JS = """
 function wire(root){root.querySelectorAll("[data-copy]").forEach(function(b){b.hidden=false;
 b.onclick=function(){navigator.clipboard.writeText(document.getElementById(b.dataset.copy)
@@ -10448,6 +10677,8 @@ var kind=document.querySelector("[data-kind-select]");
 function showKinds(){document.querySelectorAll("[data-kinds]").forEach(function(e){
 e.hidden=e.dataset.kinds.split(" ").indexOf(kind.value)<0;});}
 if(kind){kind.addEventListener("change",showKinds);showKinds();}
+document.querySelectorAll("form[data-autosubmit] select").forEach(function(s){
+s.addEventListener("change",function(){s.form.submit();});});
 var every=document.body.dataset.refresh;
 if(every){setInterval(function(){fetch(location.href,{credentials:"same-origin"})
 .then(function(r){return r.text();}).then(function(t){var d=new DOMParser()
@@ -10465,10 +10696,11 @@ DASHBOARD_HEADERS = {
 # A state as text and an icon (never colour alone): state -> (icon, label, class)
 STATE_LOOK = {"UP": ("\u2714", "Up", "up"), "DOWN": ("\u2716", "Down", "down"),
               "DEGRADED": ("\u26a0", "Degraded", "degraded"), "PENDING": ("\u2026", "Pending", "none"),
-              "PAUSED": ("\u23f8", "Paused", "none")}
+              "PAUSED": ("\u23f8", "Paused", "none"),
+              MAINTENANCE: ("\u2692", "Maintenance", "none")}
 NAV = (("/", "Overview"), ("/incidents", "Incidents"), ("/channels", "Channels"),
-       ("/webhooks", "Webhooks"), ("/pages", "Status pages"), ("/team", "Team"),
-       ("/keys", "API keys"), ("/account", "Account"))
+       ("/webhooks", "Webhooks"), ("/pages", "Status pages"), ("/maintenance", "Maintenance"),
+       ("/team", "Team"), ("/keys", "API keys"), ("/account", "Account"))
 
 
 def state_html(state: str) -> str:
@@ -10539,10 +10771,11 @@ def table(head: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str
 def pager(v: Visit, pagination: dict[str, int]) -> str:
     """Previous/next links keeping the other query parameters."""
     links = []
-    for page, text in ((pagination["page"] - 1, "Previous"), (pagination["page"] + 1, "Next")):
+    for page, text, rel in ((pagination["page"] - 1, "Previous", "prev"),
+                            (pagination["page"] + 1, "Next", "next")):
         if 1 <= page <= pagination["totalPages"]:
             query = urllib.parse.urlencode({**v.request.query_params, "page": page})
-            links.append(f'<a href="?{_esc(query)}">{text}</a>')
+            links.append(f'<a href="?{_esc(query)}" rel="{rel}">{text}</a>')
     return (f'<p class="row"><span class="muted">Page {pagination["page"]} of '
             f'{pagination["totalPages"]} ({pagination["total"]} in all)</span>'
             f'{" ".join(links)}</p>')
@@ -10640,13 +10873,123 @@ def form_value(field: Field, raw: str) -> Any:
         return raw
 
 
+# An array of flat objects (an Each check over fields of these kinds, such as a monitor's
+# assertions) is edited as rows of inputs, ROW_SPARE empty rows below to add to it.
+_ROW_KINDS = ("string", "integer", "number")
+ROW_SPARE = 3
+
+
+def row_fields(field: Field) -> tuple[Field, ...] | None:
+    """The element table of an array edited as rows; None for other fields."""
+    check = field.check
+    if field.kind == "array" and isinstance(check, Each) and all(
+            f.kind in _ROW_KINDS for f in check.fields):
+        return check.fields
+    return None
+
+
+def _row_numbers(name: str, form: dict[str, str]) -> list[int]:
+    """The row numbers of the inputs ``name.N.sub`` that hold text."""
+    return [int(parts[1]) for key, text in form.items()
+            if text.strip() and len(parts := key.split(".")) == 3 and parts[0] == name
+            and parts[1].isdigit()]
+
+
+def rows_value(name: str, subs: Sequence[Field], form: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows typed for an array of objects; a row left blank is no element."""
+    out = []
+    for i in sorted(set(_row_numbers(name, form))):
+        row = {sub.name: form_value(sub, form.get(f"{name}.{i}.{sub.name}", "")) for sub in subs}
+        out.append({k: x for k, x in row.items() if x is not None})
+    return out
+
+
+def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str],
+              errors: dict[str, str], cfg: dict[str, Any]) -> str:
+    """An array of objects as a table: a row of inputs per element (each with its error),
+    then empty rows."""
+    words = {sub.name: _snake_case(sub.name).replace("_", " ").capitalize() for sub in subs}
+    head = "".join(f"<th scope=col>{_esc(words[sub.name])}</th>" for sub in subs)
+    rows = []
+    for i in range(max(_row_numbers(field.name, values), default=-1) + 1 + ROW_SPARE):
+        cells = []
+        for sub in subs:  # any input may be left blank: a blank row is no element
+            name = f"{field.name}.{i}.{sub.name}"
+            ident, wrong = _ident(name), errors.get(name)
+            extra = f' aria-invalid="true" aria-describedby="{ident}-err"' if wrong else ""
+            control = _input(dataclasses.replace(sub, required=False), name, ident,
+                             values.get(name, ""), extra, cfg)
+            cells.append(f'<td><label class="sr" for="{ident}">{_esc(words[sub.name])} of row '
+                         f'{i + 1}</label>{control}' + (f'<p class="err" id="{ident}-err">'
+                                                        f'{_esc(wrong)}</p>' if wrong else "")
+                         + "</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    notes = "".join(f"<li>{_esc(words[sub.name])}: {_esc(sub.doc)}</li>" for sub in subs)
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    error = errors.get(field.name)  # said in its row's cell when it is an element's
+    cells_say = any(k.startswith(f"{field.name}.") for k in errors)
+    err = f'<p class="err">{_esc(error)}</p>' if error and not cells_say else ""
+    return (f'<fieldset class="rows"{shown}><legend>{_esc(field.doc or field.name)}</legend>'
+            f'{err}<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
+            f'{"".join(rows)}</tbody></table></div><ul class="hint">{notes}<li>Leave a row '
+            f'blank to remove it; save to get more empty rows.</li></ul></fieldset>')
+
+
+# An array of the team's ids (``Field.ids_of``, such as a maintenance window's monitorIds) is a
+# checkbox per item, labelled with its name and type, in a box that scrolls when the list is
+# long; the browser sends one value of the field's name per checked box.
+ID_CHOICES = {"monitors": "SELECT id, name || ' (' || type || ')' FROM monitors"
+                          " WHERE account_id = ? ORDER BY name COLLATE NOCASE, id"}
+
+
+async def id_choices(v: Visit, fields: Sequence[Field]) -> dict[str, list[tuple[str, str]]]:
+    """(id, label) of every item of the team that the form's ``ids_of`` fields offer."""
+    kinds = {f.ids_of for f in fields if f.ids_of}
+    return {kind: [(row[0], row[1]) for row in await v.rt.db.fetchall(
+        ID_CHOICES[kind], (v.who.team_id,))] for kind in kinds}
+
+
+def picked_form(v: Visit, fields: Sequence[Field]) -> dict[str, str]:
+    """The posted form, each ``ids_of`` field's checked values one per line (as ``form_text``
+    shows a stored list, and ``form_value`` reads it)."""
+    return {**v.form, **{f.name: "\n".join(v.every[f.name]) for f in fields
+                         if f.ids_of and f.name in v.every}}
+
+
+def form_ids(field: Field, choices: Sequence[tuple[str, str]], text: str,
+             error: str | None) -> str:
+    """A fieldset of checkboxes, one per choice, those in ``text`` checked.  A checked id that
+    is no choice (a deleted monitor) stays shown, so saving never drops it unseen; the hidden
+    empty value makes "none checked" a value too."""
+    ident, name = _ident(field.name), _esc(field.name)
+    checked = {line for line in text.split("\n") if line}
+    known = {value for value, _ in choices}
+    rows = [*choices, *((x, f"{x} (unknown id)") for x in sorted(checked - known))]
+    boxes = "".join(f'<label class="pick"><input type="checkbox" id="{ident}-{i}" name="{name}" '
+                    f'value="{_esc(value)}"{" checked" if value in checked else ""}>'
+                    f'{_esc(label)}</label>' for i, (value, label) in enumerate(rows))
+    hint = ("" if rows else f"No {field.ids_of} yet. ") + (
+        f"None checked: {field.unset}." if field.unset else "Check any number.")
+    described = f"{ident}-hint" + (f" {ident}-err" if error else "")
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    err = f'<p class="err" id="{ident}-err">{_esc(error)}</p>' if error else ""
+    return (f'<fieldset id="{ident}" aria-describedby="{described}"{shown}><legend>'
+            f'{_esc(field.doc or field.name)}</legend><p class="hint" id="{ident}-hint">'
+            f'{_esc(hint)}</p>{err}<input type="hidden" name="{name}" value="">'
+            f'<div class="picks">{boxes}</div></fieldset>')
+
+
 def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
               form: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
     """A request body from a submitted form.  On an edit, an empty input of a field that had
     no value is left out (a secret the API never shows stays as it is)."""
     body: dict[str, Any] = {}
     for field in fields:
-        if field.name in nested:
+        subs = row_fields(field)
+        value: Any
+        if subs is not None and any(k.startswith(f"{field.name}.") for k in form):
+            value = rows_value(field.name, subs, form)
+        elif field.name in nested:
             parts = {sub.name: form_value(sub, form.get(f"{field.name}.{sub.name}", ""))
                      for sub in nested[field.name] if f"{field.name}.{sub.name}" in form}
             value = {k: x for k, x in parts.items() if x is not None} or None
@@ -10708,10 +11051,15 @@ def _input(field: Field, name: str, ident: str, text: str, extra: str,
     return f'<input type="{kind}" {attrs} value="{_esc(text)}"{bounds}{step} autocomplete="off">'
 
 
+def _ident(name: str) -> str:
+    """The element id of an input name."""
+    return "f-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
 def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[str, Any],
                kinds: tuple[str, ...] | None, kind_select: bool) -> str:
     """One labelled control with its hint and its error (announced and linked)."""
-    ident = "f-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    ident = _ident(name)
     described = f"{ident}-hint" + (f" {ident}-err" if error else "")
     extra = f' aria-describedby="{described}"' + (' aria-invalid="true"' if error else "")
     if kind_select:
@@ -10731,26 +11079,41 @@ def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[
 
 
 def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
-                values: dict[str, str], errors: dict[str, str], cfg: dict[str, Any]) -> str:
-    """Every field of a table (and of its nested tables) as labelled controls."""
+                values: dict[str, str], errors: dict[str, str], cfg: dict[str, Any],
+                choices: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> str:
+    """Every field of a table (and of its nested tables) as labelled controls; ``choices``
+    are the items (id, label) ``ids_of`` fields offer, by kind (``id_choices``)."""
     switch = any(f.kinds for f in fields) or any(
         s.kinds for table in nested.values() for s in table)
     out = []
     for field in fields:
-        if field.name not in nested:
+        subs = row_fields(field)
+        if field.ids_of:
+            out.append(form_ids(field, (choices or {}).get(field.ids_of, ()),
+                                values.get(field.name, ""), errors.get(field.name)))
+        elif subs is not None:
+            out.append(form_rows(field, subs, values, errors, cfg))
+        elif field.name not in nested:
             out.append(form_field(field, field.name, values.get(field.name, ""),
                                   errors.get(field.name), cfg, field.kinds,
                                   switch and field.name == "type"))
-            continue
-        inner = "".join(form_field(sub, f"{field.name}.{sub.name}",
-                                   values.get(f"{field.name}.{sub.name}", ""),
-                                   errors.get(f"{field.name}.{sub.name}"), cfg, sub.kinds, False)
-                        for sub in nested[field.name])
-        err = errors.get(field.name)
-        shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
-        out.append(f'<fieldset{shown}><legend>{_esc(field.doc or field.name)}</legend>'
-                   f'{"<p class=err>" + _esc(err) + "</p>" if err else ""}{inner}</fieldset>')
+        else:
+            out.append(form_nested(field, nested[field.name], values, errors, cfg))
     return "".join(out)
+
+
+def form_nested(field: Field, subs: Sequence[Field], values: dict[str, str],
+                errors: dict[str, str], cfg: dict[str, Any]) -> str:
+    """An object field (``apiAuthConfig``, a channel's ``config``) as a fieldset of its own
+    table's controls."""
+    inner = "".join(form_field(sub, f"{field.name}.{sub.name}",
+                               values.get(f"{field.name}.{sub.name}", ""),
+                               errors.get(f"{field.name}.{sub.name}"), cfg, sub.kinds, False)
+                    for sub in subs)
+    err = errors.get(field.name)
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    return (f'<fieldset{shown}><legend>{_esc(field.doc or field.name)}</legend>'
+            f'{"<p class=err>" + _esc(err) + "</p>" if err else ""}{inner}</fieldset>')
 
 
 def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
@@ -10759,7 +11122,11 @@ def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
     values = {}
     for field in fields:
         value = record.get(field.name, field.default)
-        if field.name in nested:
+        subs = row_fields(field)
+        if subs is not None:
+            values.update({f"{field.name}.{i}.{sub.name}": form_text(sub, item.get(sub.name))
+                           for i, item in enumerate(value or []) for sub in subs})
+        elif field.name in nested:
             for sub in nested[field.name]:
                 values[f"{field.name}.{sub.name}"] = form_text(sub, (value or {}).get(sub.name))
         else:
@@ -10768,7 +11135,8 @@ def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
 
 
 def issue_errors(exc: ValidationFailed) -> dict[str, str]:
-    """Validation issues by input name (``config.emails``; deeper paths by their field)."""
+    """Validation issues by input name (``config.emails``; deeper paths by their field, and
+    an element's field also by its row input's name, ``assertions.0.target``)."""
     errors: dict[str, str] = {}
     for issue in exc.issues:
         path = [str(p) for p in issue["path"]]
@@ -10776,26 +11144,45 @@ def issue_errors(exc: ValidationFailed) -> dict[str, str]:
             ".".join(path[:1])
         message = issue["message"] + (f" (at {'.'.join(path[1:])})" if len(path) > 2 else "")
         errors.setdefault(where or "", message)
+        if _is_cell(path):
+            errors.setdefault(".".join(path), issue["message"])
     return errors
+
+
+def _is_cell(path: Sequence[str]) -> bool:
+    """Whether a path names a field of an array's element: ``[array, N, field]``."""
+    return len(path) == 3 and path[1].isdigit()
 
 
 def render_form(v: Visit, action: str, fields: Sequence[Field],
                 nested: dict[str, tuple[Field, ...]], values: dict[str, str],
-                errors: dict[str, str], submit: str, extra: str = "") -> str:
+                errors: dict[str, str], submit: str, extra: str = "",
+                choices: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> str:
     """A whole form: CSRF token, the generated fields, errors no field owns, a button."""
     names = {f.name for f in fields} | {f"{k}.{s.name}" for k, t in nested.items() for s in t}
-    stray = [f"{k}: {m}" if k else m for k, m in errors.items() if k not in names]
+    stray = [f"{k}: {m}" if k else m for k, m in errors.items()
+             if k not in names and not _is_cell(k.split("."))]
     summary = ("".join(f'<p class="notice bad" role="alert">{_esc(m)}</p>' for m in stray) +
                ('<p class="notice bad" role="alert">Please correct the fields marked below.</p>'
-                if len(stray) < len(errors) else ""))
+                if any(k in names for k in errors) else ""))
     return (f'{summary}<form method="post" action="{_esc(action)}" novalidate>{csrf_input(v)}'
-            f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg)}'
+            f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg, choices)}'
             f'<p><button>{_esc(submit)}</button></p></form>')
+
+
+def editable(fields: Sequence[Field]) -> tuple[Field, ...]:
+    """A resource's Field table without its read-only markers (``managed``, ``secretsDigest``:
+    only `statusapp apply` writes them; a note says so): what its form lets a person edit."""
+    return tuple(f for f in fields if not f.read_only)
 
 
 @dataclass(frozen=True)
 class Resource:
-    """A team resource the dashboard lists and edits through its API routes."""
+    """A team resource the dashboard lists and edits through its API routes.
+
+    ``by_type`` gives, per value of the ``type`` field, the nested tables of that type (a
+    channel's ``config`` fields from its ChannelType): the form is then one per type, the type
+    chosen first.  ``title`` is the key of an item's name."""
 
     noun: str
     api: str
@@ -10804,30 +11191,23 @@ class Resource:
     items: str
     nested: dict[str, tuple[Field, ...]] = dataclasses.field(default_factory=dict)
     test: bool = False
-
-
-def channel_config_fields() -> tuple[Field, ...]:
-    """Every channel type's config fields as one table for the channel form: each name once,
-    its ``kinds`` the types that use it and ``required`` the types that need it."""
-    uses: dict[str, list[tuple[str, Field]]] = {}
-    for channel in CHANNEL_TYPES.values():
-        for field in channel.fields:
-            uses.setdefault(field.name, []).append((channel.name, field))
-    return tuple(dataclasses.replace(
-        pairs[0][1], kinds=tuple(kind for kind, _ in pairs),
-        required=tuple(kind for kind, f in pairs if f.required_for(kind)))
-        for pairs in uses.values())
+    by_type: dict[str, dict[str, tuple[Field, ...]]] | None = None
+    title: str = "name"
 
 
 RESOURCES = {
-    "monitors": Resource("Monitor", "/monitors", "monitorId", MONITOR_FIELDS, "monitors",
-                         {"apiAuthConfig": AUTH_FIELDS}),
-    "channels": Resource("Notification channel", "/notifications", "channelId", CHANNEL_FIELDS,
-                         "channels", {"config": channel_config_fields()}, test=True),
-    "webhooks": Resource("Webhook", "/webhooks", "webhookId", WEBHOOK_FIELDS, "webhooks",
-                         test=True),
-    "pages": Resource("Status page", "/status-pages", "statusPageId", STATUS_PAGE_FIELDS,
-                      "statusPages"),
+    "monitors": Resource("Monitor", "/monitors", "monitorId", editable(MONITOR_FIELDS),
+                         "monitors", {"apiAuthConfig": AUTH_FIELDS}),
+    "channels": Resource("Notification channel", "/notifications", "channelId",
+                         editable(CHANNEL_FIELDS), "channels", test=True,
+                         by_type={name: {"config": channel.fields}
+                                  for name, channel in CHANNEL_TYPES.items()}),
+    "webhooks": Resource("Webhook", "/webhooks", "webhookId", editable(WEBHOOK_FIELDS),
+                         "webhooks", test=True),
+    "pages": Resource("Status page", "/status-pages", "statusPageId",
+                      editable(STATUS_PAGE_FIELDS), "statusPages"),
+    "maintenance": Resource("Maintenance window", "/maintenance-windows", "windowId",
+                            editable(MAINTENANCE_FIELDS), "maintenanceWindows", title="title"),
 }
 
 
@@ -10836,33 +11216,84 @@ def _resource(v: Visit) -> tuple[str, Resource]:
     return key, RESOURCES[key]
 
 
-async def _save(v: Visit, res: Resource, method: str, path: str, params: dict[str, str],
+@dataclass(frozen=True)
+class FormShape:
+    """What one resource form shows: its fields, nested tables, and for a per-type form the
+    chosen type (sent as a hidden input) with the form that changes it."""
+
+    fields: tuple[Field, ...]
+    nested: dict[str, tuple[Field, ...]]
+    hidden: str = ""
+    chooser: str = ""
+
+
+def _type_chooser(v: Visit, res: Resource, chosen: str | None) -> str:
+    """A GET form choosing the type of a per-type form (the script submits it on change)."""
+    field = next(f for f in res.fields if f.name == "type")
+    control = form_field(field, "type", chosen or "", None, v.rt.cfg, None, False)
+    return (f'<form method="get" action="{_esc(v.request.url.path)}" class="card" '
+            f'data-autosubmit>{control}<p><button>{"Change type" if chosen else "Continue"}'
+            f'</button></p></form>')
+
+
+def form_shape(v: Visit, res: Resource, existing: dict[str, Any] | None) -> FormShape | None:
+    """The form of ``res`` for this visit; None while a per-type form has no type chosen
+    (posted, asked for with ``?type=``, or the stored item's own)."""
+    if res.by_type is None:
+        return FormShape(res.fields, res.nested)
+    chosen = v.form.get("type") or v.query("type") or (existing or {}).get("type")
+    if chosen not in res.by_type:
+        return None
+    return FormShape(tuple(f for f in res.fields if f.name != "type"), res.by_type[chosen],
+                     f'<input type="hidden" name="type" value="{_esc(chosen)}">'
+                     f'<p>Type: <strong>{_esc(chosen)}</strong></p>',
+                     _type_chooser(v, res, chosen))
+
+
+def _write_route(res: Resource, ident: str | None) -> tuple[str, str]:
+    """The API route a form saves through: PUT of the item, or POST of a new one."""
+    return ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
+
+
+async def _save(v: Visit, res: Resource, form: FormShape, ident: str | None,
                 existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
-    body = form_body(res.fields, res.nested, v.form, existing)
+    method, path = _write_route(res, ident)
+    body = form_body(res.fields, form.nested, picked_form(v, res.fields), existing)
     try:
-        return await act(v, method, path, params, body), {}
+        return await act(v, method, path, {res.param: ident} if ident else {}, body), {}
     except ValidationFailed as exc:
         return None, issue_errors(exc)
+
+
+def managed_note(res: Resource, item: dict[str, Any] | None) -> str:
+    if not (item or {}).get(MANAGED_FIELD.name):
+        return ""
+    return (f'<p class="notice" role="note">This {_esc(res.noun.lower())} is managed by '
+            f'<code>statusapp apply</code>: the next apply puts back what its file says.</p>')
 
 
 async def resource_form(v: Visit) -> Response:
     """``/{kind}/new`` and ``/{kind}/{id}/edit``: the generated form; a POST saves it."""
     key, res = _resource(v)
     ident = v.request.path_params.get("ident")
-    params = {res.param: ident} if ident else {}
-    existing = await act(v, "GET", f"{res.api}/{{{res.param}}}", params) if ident else None
+    v.require(*_write_route(res, ident))  # a person who may not save gets no form
+    existing = (await act(v, "GET", f"{res.api}/{{{res.param}}}", {res.param: ident})
+                if ident else None)
+    title = f"Edit {existing[res.title]}" if existing else f"New {res.noun.lower()}"
+    form = form_shape(v, res, existing)
+    if form is None:
+        return document(v, title, managed_note(res, existing) + _type_chooser(v, res, None))
     errors: dict[str, str] = {}
     if v.request.method == "POST":
-        method, path = ("PUT", f"{res.api}/{{{res.param}}}") if ident else ("POST", res.api)
-        saved, errors = await _save(v, res, method, path, params, existing)
+        saved, errors = await _save(v, res, form, ident, existing)
         if saved is not None:
             return redirect(f"/monitors/{saved['id']}" if key == "monitors" else f"/{key}")
-    values = (dict(v.form) if v.request.method == "POST" else
-              form_values(res.fields, res.nested, existing or dict(v.request.query_params)))
-    title = f"Edit {existing['name']}" if existing else f"New {res.noun.lower()}"
-    return document(v, title, render_form(v, v.request.url.path, res.fields, res.nested, values,
-                                          errors, "Save"), 400 if errors else 200)
+    values = (picked_form(v, res.fields) if v.request.method == "POST" else
+              form_values(res.fields, form.nested, existing or dict(v.request.query_params)))
+    return document(v, title, managed_note(res, existing) + form.chooser + render_form(
+        v, v.request.url.path, form.fields, form.nested, values, errors, "Save", form.hidden,
+        await id_choices(v, form.fields)), 400 if errors else 200)
 
 
 async def resource_delete(v: Visit) -> Response:
@@ -10879,8 +11310,23 @@ def _answer_text(answer: dict[str, Any]) -> str:
     return f"Test failed ({code}{took}): {answer['error']}"
 
 
+def item_facts(item: dict[str, Any]) -> tuple[str, str]:
+    """An item's detail and state in its list: a channel's type, a webhook's URL, a page's
+    slug, a maintenance window's current or next occurrence."""
+    if "nextOccurrence" in item:
+        span = item["nextOccurrence"]
+        detail = (f"{span['startsAt']} to {span['endsAt']}" if span else "none ahead") + (
+            f" ({item['recurrence']}, {item['timezone']})" if item["recurrence"] else "")
+        return detail, ("Running" if item["active"] else "Scheduled" if span else
+                        "No occurrence within a year")
+    state = "Failing" if item.get("failing") else "Active" if item.get(
+        "isActive", item.get("isPublic", True)) else "Inactive"
+    return item.get("type") or item.get("url") or item.get("slug", ""), state
+
+
 async def resource_list(v: Visit, notice: str = "", bad: bool = False) -> Response:
-    """``/channels``, ``/webhooks``, ``/pages``: the team's items with their actions."""
+    """``/channels``, ``/webhooks``, ``/pages``, ``/maintenance``: the team's items with their
+    actions."""
     key, res = _resource(v)
     items = (await act(v, "GET", res.api))[res.items]
     item_path = f"{res.api}/{{{res.param}}}"
@@ -10893,16 +11339,18 @@ async def resource_list(v: Visit, notice: str = "", bad: bool = False) -> Respon
             actions.append(button(v, f"/{key}/{item['id']}/test", "Send a test", "quiet"))
         if v.may("DELETE", item_path):
             actions.append(button(v, f"/{key}/{item['id']}/delete", "Delete", "danger"))
-        state = "Failing" if item.get("failing") else "Active" if item.get(
-            "isActive", item.get("isPublic", True)) else "Inactive"
-        detail = item.get("type") or item.get("url") or item.get("slug", "")
-        rows.append([_esc(item["name"]), _esc(detail), _esc(state), " ".join(actions)])
+        detail, state = item_facts(item)
+        managed = (' <span class="muted">(managed by statusapp apply)</span>'
+                   if item.get(MANAGED_FIELD.name) else "")
+        rows.append([_esc(item[res.title]) + managed, _esc(detail), _esc(state),
+                     " ".join(actions)])
     add = (f'<p><a class="button" href="/{key}/new">New {_esc(res.noun.lower())}</a></p>'
            if v.may("POST", res.api) else "")
     message = (f'<p class="notice{" bad" if bad else ""}" role="status">{_esc(notice)}</p>'
                if notice else "")
     return document(v, res.noun + "s", message + add + table(
-        ("Name", "Type" if key == "channels" else "Detail", "State", "Actions"), rows,
+        ("Name", {"channels": "Type", "maintenance": "When"}.get(key, "Detail"), "State",
+         "Actions"), rows,
         f"No {res.noun.lower()}s yet."))
 
 
@@ -11496,7 +11944,137 @@ async def dashboard_css(request: Request) -> Response:
 DASHBOARD_ROUTES.append(Route("/dashboard.css", dashboard_css, methods=["GET"]))
 
 
-# --- CLI ---
+# --- Application ---
+#
+# The application object: ``Runtime`` holds one running StatusApp, ``SERVICES`` are its
+# background loops and ``create_app`` wires the routes of every section together.
+
+
+# Long-running background coroutines, each ``async def run_x(rt: Runtime) -> None``, started
+# with the server and cancelled at shutdown.
+_SERVICE_RESTART_DELAY = 5.0
+
+
+SERVICES: tuple[Callable[[Runtime], Awaitable[None]], ...] = (
+    run_scheduler, run_heartbeats, run_incidents, run_retention, run_regression, run_verdicts,
+    run_regions, run_maintenance)
+
+
+class Runtime:
+    """Everything one running StatusApp holds: config, database, limiter, counters, tasks."""
+
+    def __init__(self, cfg: dict[str, dict[str, Any]]) -> None:
+        self.cfg = cfg
+        self.db = Database(cfg["server"]["database"])
+        self.limiter = RateLimiter()
+        self.usage = UsageCounter()
+        self.started = time.monotonic()
+        self.started_at = now_ms()
+        self.regions: dict[str, WorkerRegion] = {}
+        self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
+        self.public_cache = PublicCache()
+        self.flights = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.settled_days: SettledDays = {}
+        self.heartbeats = Heartbeats(self)
+        self.maintenance = Maintenance(self)
+        self.verdicts = Verdicts(self)
+        self.agent_sync = AgentSync(self)
+        self.agent_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock)
+        self.scheduler: Scheduler | None = None
+        self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
+        self.secret = ""  # signs dashboard session cookies (server_secrets)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the database, register the local region, create the owner on first run."""
+        await self.db.open()
+        await prepare_database(self.db, self.cfg)
+        self.secret = await server_secret(self.db)
+        await self.load_regions()
+        await self.verdicts.load()
+        await self.maintenance.reload()
+        self._tasks.append(asyncio.create_task(repeat(5.0, lambda: self.usage.flush(self.db))))
+        self._tasks += [asyncio.create_task(self._supervise(service)) for service in SERVICES]
+
+    async def _supervise(self, service: Callable[[Runtime], Awaitable[None]]) -> None:
+        """Run a background service for the server's life; if it crashes, log why and start
+        it again, so no failure silently stops probing, deadlines or alerts."""
+        while True:
+            try:
+                await service(self)
+                return
+            except Exception:
+                log_failure("service %s crashed; restarting it in %s s", service.__name__,
+                              _SERVICE_RESTART_DELAY)
+                await asyncio.sleep(_SERVICE_RESTART_DELAY)
+
+    async def load_regions(self) -> list[WorkerRegion]:
+        """Every worker region (active or not), as ``regions`` keeps them."""
+        rows = [worker_region(r) for r in await self.db.fetchall("SELECT * FROM worker_regions")]
+        self.regions = {r["id"]: r for r in rows}
+        return rows
+
+    def background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` without waiting for it; a failure is logged."""
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log_failure("background work failed")
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def monitor_changed(self, monitor_id: str) -> None:
+        """Tell the background services that a monitor was created, edited or deleted."""
+        for listener in self.listeners:
+            listener(monitor_id)
+
+    async def stop(self) -> None:
+        """Stop background work, write what is pending and close the database."""
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        await self.usage.flush(self.db)
+        await self.db.close()
+
+
+async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None:
+    """Register the local region (a real write) and, on first run, create the owner and print
+    its key once."""
+    region = cfg["region"]
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude,"
+            " is_active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
+            " SET city = excluded.city, country = excluded.country,"
+            " country_code = excluded.country_code, latitude = excluded.latitude,"
+            " longitude = excluded.longitude, is_active = excluded.is_active",
+            (region["id"], region["city"], region["country"], region["country_code"],
+             region["latitude"], region["longitude"], int(cfg["probes"]["local"]), now_ms()))
+        first_run = not await (await conn.execute("SELECT 1 FROM accounts")).fetchone()
+        if first_run:
+            account = await create_account(conn, "admin@localhost", "Admin",
+                                           cfg["account"]["plan"])
+            _, key = await create_api_key(conn, account, "first-run key", "read,write,delete")
+            setup = await create_setup_token(conn, account)
+    if first_run:
+        print(f"StatusApp: created the owner account admin@localhost. Its API key, shown "
+              f"only this once:\n{key}\nOpen this link within an hour to choose its "
+              f"dashboard password:\n{cfg['server']['base_url']}/setup?token={setup}",
+              file=sys.stderr, flush=True)
+
+
+class StatusApp(Starlette):
+    """The ASGI application: heartbeat pings of known monitors are answered first (see
+    answer_ping), everything else by Starlette's middleware and routes."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not (scope["type"] == "http" and scope["path"].startswith(_PING_PREFIX)
+                and await answer_ping(self, scope, receive, send)):
+            await super().__call__(scope, receive, send)
 
 
 def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
@@ -11511,7 +12089,7 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
         finally:  # after a failed start too: open connections would keep the process alive
             await rt.stop()
 
-    return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES, *DASHBOARD_ROUTES],
+    return StatusApp(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES, *DASHBOARD_ROUTES],
                      lifespan=lifespan,
                      middleware=[Middleware(Cors)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_api_error,
@@ -11526,10 +12104,14 @@ class _Reaping:
     gives a new connection, or one sending its headers or body a byte at a time, all the time
     in the world.  Here, whenever the connection waits for a request (on opening and after each
     response), the request's headers must be complete within ``header_timeout`` seconds, and
-    then its body within as long again, or the connection is closed."""
+    then its body within as long again, or the connection is closed.  One timer per connection
+    follows the latest deadline (re-armed when it fires early), rather than a new timer for each
+    request."""
 
     header_timeout = 10.0
     _deadline: asyncio.TimerHandle | None = None
+    _due = 0.0  # loop time of the latest deadline
+    _awaited: tuple[Any, bool] = (None, False)  # its (cycle, body), as _expire takes them
     cycle: Any  # uvicorn's request-response cycle of the current request
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
@@ -11552,11 +12134,16 @@ class _Reaping:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _set_deadline(self, body: bool) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.cycle,
-                                                  body)
+        self._due, self._awaited = self.loop.time() + self.header_timeout, (self.cycle, body)
+        if self._deadline is None and not self.transport.is_closing():
+            self._deadline = self.loop.call_at(self._due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._deadline = None
+        if self.loop.time() < self._due:
+            self._deadline = self.loop.call_at(self._due, self._on_timer)
+        else:
+            self._expire(*self._awaited)
 
     def _expire(self, cycle: Any, body: bool) -> None:
         """Close if what was awaited never came: a new request's headers (``cycle``, the
@@ -11574,6 +12161,9 @@ def reaping_http(header_timeout: float) -> type[asyncio.Protocol]:
     (uvicorn is imported here, as in serve: an agent never serves)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     return type("ReapingHTTP", (_Reaping, HttpToolsProtocol), {"header_timeout": header_timeout})
+
+
+# --- CLI ---
 
 
 # Loggers kept at WARNING whatever the level: httpx's per-request INFO line (method and full
@@ -11903,7 +12493,7 @@ def region_list(config_path: str | None, db: str | None) -> None:
     """List every region with its liveness (never a token)."""
     cfg = _config(config_path, db)
     for row in _run(cfg, lambda d: d.fetchall("SELECT * FROM worker_regions ORDER BY id")):
-        r = region_json(row)
+        r = region_json(worker_region(row))
         kind = "agent" if r["isAgent"] else "server"
         state = "active" if r["isActive"] else "inactive"
         click.echo(f"{r['id']}  {r['name']!r}  {r['city']}, {r['countryCode']}  {kind}  {state}"
@@ -11914,12 +12504,36 @@ def region_list(config_path: str | None, db: str | None) -> None:
 @_options
 @click.argument("region_id")
 def region_remove(config_path: str | None, db: str | None, region_id: str) -> None:
-    """Remove an agent's region: its token stops working at once; its checks are kept."""
+    """Remove an agent's region: its token stops working at once; its checks are kept, and
+    monitors naming it in enabledWorkerRegionIds no longer do.  Refused while a monitor names
+    it as its only region (removing it there would mean every region): edit those first."""
     cfg = _config(config_path, db)
-    if not _write_one(cfg, "DELETE FROM worker_regions WHERE id = ? AND token_hash IS NOT NULL",
-                         (region_id,)):
-        raise click.ClickException(f"no agent region with id {region_id}")
-    click.echo(f"removed {region_id}")
+
+    async def job(database: Database) -> list[str]:
+        async with database.transaction() as conn:
+            naming = await conn.execute_fetchall(
+                "SELECT id, name, enabled_worker_region_ids AS ids FROM monitors WHERE ? IN"
+                " (SELECT value FROM json_each(enabled_worker_region_ids)) ORDER BY id",
+                (region_id,))
+            if not (await conn.execute("DELETE FROM worker_regions WHERE id = ? AND token_hash"
+                                       " IS NOT NULL", (region_id,))).rowcount:
+                raise click.ClickException(f"no agent region with id {region_id}")
+            only = [f"{m['id']} ({m['name']})" for m in naming
+                    if json.loads(m["ids"]) == [region_id]]
+            if only:
+                raise click.ClickException(
+                    f"region {region_id} is the only enabled region of {len(only)} monitor(s):"
+                    f" {', '.join(only)}. Give them other enabledWorkerRegionIds (or [] for"
+                    " every region) first; nothing was removed.")
+            await conn.executemany(
+                "UPDATE monitors SET enabled_worker_region_ids = ? WHERE id = ?",
+                [(json.dumps([r for r in json.loads(m["ids"]) if r != region_id]), m["id"])
+                 for m in naming])
+        return [m["id"] for m in naming]
+
+    edited = _run(cfg, job)
+    click.echo(f"removed {region_id}" + (f"; dropped from the enabledWorkerRegionIds of"
+                                         f" {', '.join(edited)}" if edited else ""))
 
 
 @region.command("rotate-token")
@@ -12013,7 +12627,8 @@ _storage_command("restore", restore_database,
 # JSON) file through the running server's own API, so the server's validation, storage and
 # schedule updates are the ones that run.  The file is validated here first with the same Field
 # tables, so every error is reported with its place before anything changes.  Objects match by
-# name within their kind; those apply creates or adopts are marked ``managed``, and ``--prune``
+# name (a maintenance window by title) within their kind, and refer to monitors and channels by
+# name; those apply creates or adopts are marked ``managed``, and ``--prune``
 # deletes only managed objects the file no longer names.  ``export`` writes the same format,
 # every secret as a ``${NAME}`` reference to the environment (the API never shows secrets).
 
@@ -12029,11 +12644,16 @@ class SetupKind:
     noun: str
     path: str
     fields: tuple[Field, ...]
+    title: str = "name"  # the field that names an object of this kind
+    rules: Callable[[dict[str, Any]], None] | None = None  # checks across fields, after validate
+    empty_differs: tuple[str, ...] = ()  # fields where [] is not null (elsewhere they are alike)
 
 
 SETUP_KINDS = (SetupKind("channels", "channel", "/notifications", CHANNEL_FIELDS),
                SetupKind("monitors", "monitor", "/monitors", MONITOR_FIELDS),
-               SetupKind("statusPages", "status page", "/status-pages", STATUS_PAGE_FIELDS))
+               SetupKind("statusPages", "status page", "/status-pages", STATUS_PAGE_FIELDS),
+               SetupKind("maintenanceWindows", "maintenance window", "/maintenance-windows",
+                         MAINTENANCE_FIELDS, "title", window_rules, ("monitorIds",)))
 
 
 class SetupError(Exception):
@@ -12102,7 +12722,7 @@ class SetupApi:
     def __init__(self, url: str, key: str) -> None:
         self.key = key
         self.http = httpx.Client(base_url=url.rstrip("/") + API_PREFIX, timeout=30,
-                                 headers={"X-API-Key": key})
+                                 headers={"X-API-Key": key, APPLY_HEADER: "1"})
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; an API error comes back as the ApiError it was."""
@@ -12126,15 +12746,17 @@ class SetupApi:
                 rows += data["monitors"]
                 page, pages = page + 1, data["pagination"]["totalPages"]
             return rows
-        if kind.key == "channels":
-            return self.call("GET", kind.path)["channels"]
-        return [self.call("GET", f"{kind.path}/{page['id']}")
-                for page in self.call("GET", kind.path)["statusPages"]]
+        if kind.key == "statusPages":
+            return [self.call("GET", f"{kind.path}/{page['id']}")
+                    for page in self.call("GET", kind.path)["statusPages"]]
+        return self.call("GET", kind.path)[kind.key]
 
 
-def _record(kind: SetupKind, obj: dict[str, Any]) -> dict[str, Any]:
-    """An object as the API shows it, reduced to its kind's fields (in the API's terms)."""
-    record = {f.name: obj.get(f.name) for f in kind.fields}
+def _record(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, str]]
+            ) -> dict[str, Any]:
+    """An object as the API shows it, reduced to its kind's fields (in the API's terms, but a
+    maintenance window's monitors by name, as ``names`` has them)."""
+    record = _window_monitor_names(kind, {f.name: obj.get(f.name) for f in kind.fields}, names)
     if kind.key == "monitors":
         record["notifications"] = [
             {"channelId": n["channelId"], "type": None if n["channelId"] else n["type"],
@@ -12146,22 +12768,41 @@ def _record(kind: SetupKind, obj: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _window_monitor_names(kind: SetupKind, record: dict[str, Any],
+                          names: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """A maintenance window's record with its monitorIds as the names they stand for (the ids
+    of monitors deleted since, which cover nothing, left out)."""
+    if kind.key != "maintenanceWindows" or record.get("monitorIds") is None:
+        return record
+    return {**record, "monitorIds": [names["monitors"][m] for m in record["monitorIds"]
+                                     if m in names["monitors"]]}
+
+
 def _to_api(kind: SetupKind, entry: dict[str, Any], ids: dict[str, dict[str, str]]
             ) -> dict[str, Any]:
     """A file entry in the API's terms: channels and monitors named by name get their ids."""
     body = {**entry, "managed": True}
+    if kind.key == "maintenanceWindows":
+        body = _monitors_by_id(body, ids)
     if kind.key == "monitors" and isinstance(body.get("notifications"), list):
         body["notifications"] = [
             {**{k: v for k, v in n.items() if k != "channel"},
              "channelId": ids["channels"].get(str(n["channel"]), f"(unknown: {n['channel']})")}
             if isinstance(n, dict) and "channel" in n else n for n in body["notifications"]]
     if kind.key == "statusPages" and isinstance(body.get("monitorGroups"), list):
-        body["monitorGroups"] = [
-            {**{k: v for k, v in g.items() if k != "monitors"},
-             "monitorIds": [ids["monitors"].get(str(m), f"(unknown: {m})") for m in g["monitors"]]}
-            if isinstance(g, dict) and isinstance(g.get("monitors"), list) else g
-            for g in body["monitorGroups"]]
+        body["monitorGroups"] = [_monitors_by_id(g, ids) for g in body["monitorGroups"]]
     return body
+
+
+def _monitors_by_id(holder: Any, ids: dict[str, dict[str, str]]) -> Any:
+    """A page group or window naming its ``monitors`` by name, as ``monitorIds`` (anything
+    but a list of names passed on, for validation to report)."""
+    if not isinstance(holder, dict) or "monitors" not in holder:
+        return holder
+    names = holder["monitors"]
+    return {**{k: v for k, v in holder.items() if k != "monitors"}, "monitorIds": [
+        ids["monitors"].get(str(m), f"(unknown: {m})") for m in names]
+        if isinstance(names, list) else names}
 
 
 def _shown(name: str, value: Any, record: dict[str, Any]) -> Any:
@@ -12202,6 +12843,8 @@ def _changed(kind: SetupKind, clean: dict[str, Any], current: dict[str, Any]) ->
     """The fields whose wanted value differs from the stored one (a secret by its masked form;
     a CRON monitor's url left out is the server's heartbeat URL, not a change)."""
     def same(name: str) -> bool:
+        if name in kind.empty_differs:
+            return bool(clean[name] == current[name])
         want, have = clean[name] or None, current[name] or None  # [] and null alike
         return want == have or (_shown(name, want, clean) or None) == have or (
             name == "url" and want is None and clean.get("type") == "CRON")
@@ -12248,14 +12891,14 @@ def _stored_matches(kind: SetupKind, entries: list[dict[str, Any]], objects: lis
     and the problems (a name given twice)."""
     taken: dict[str, dict[str, Any]] = {}
     for obj in sorted(objects, key=lambda o: not o.get("managed")):
-        taken.setdefault(obj["name"], obj)
+        taken.setdefault(obj[kind.title], obj)
     found, problems, seen = {}, [], set()
     for i, entry in enumerate(entries):
-        name = entry.get("name")
+        name = entry.get(kind.title)
         if not isinstance(name, str):
             continue  # validation reports it
         if name in seen:
-            problems.append(f"{kind.key}[{i}].name: {name!r} is named twice in the file")
+            problems.append(f"{kind.key}[{i}].{kind.title}: {name!r} is named twice in the file")
         seen.add(name)
         if name in taken:
             found[i] = taken[name]
@@ -12268,17 +12911,27 @@ def _resolve_names(setup: dict[str, list[dict[str, Any]]],
                               list[str]]:
     """Per kind: each entry's stored object, the id each name stands for (a placeholder for
     an object still to create), and the problems (names given twice)."""
-    ids = {key: {o["name"]: o["id"] for o in objects} for key, objects in stored.items()}
+    ids = {kind.key: {o[kind.title]: o["id"] for o in stored[kind.key]} for kind in SETUP_KINDS}
     matched, problems = {}, []
     for kind in SETUP_KINDS:
         matched[kind.key], found_problems = _stored_matches(kind, setup[kind.key], stored[kind.key])
         problems += found_problems
         for i, entry in enumerate(setup[kind.key]):
+            name = entry.get(kind.title)
             if i in matched[kind.key]:
-                ids[kind.key][entry["name"]] = matched[kind.key][i]["id"]
-            elif isinstance(entry.get("name"), str):
-                ids[kind.key][entry["name"]] = f"(new: {entry['name']})"
+                ids[kind.key][name] = matched[kind.key][i]["id"]
+            elif isinstance(name, str):
+                ids[kind.key][name] = f"(new: {name})"
     return matched, ids, problems
+
+
+def _names(stored: dict[str, list[dict[str, Any]]], ids: dict[str, dict[str, str]]
+           ) -> dict[str, dict[str, str]]:
+    """Per kind, the name each id (or placeholder of an object to create) stands for."""
+    names = {kind.key: {o["id"]: o[kind.title] for o in stored[kind.key]} for kind in SETUP_KINDS}
+    for key, by_name in ids.items():
+        names[key].update({ident: name for name, ident in by_name.items()})
+    return names
 
 
 def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
@@ -12288,7 +12941,8 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
     the file's names stand for (placeholders for objects still to create)."""
     stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
     matched, ids, problems = _resolve_names(setup, stored)
-    env = {"cfg": cfg, "channels": set(ids["channels"].values()),
+    names = _names(stored, ids)
+    env: ValidationEnv = {"cfg": cfg, "markers": True, "channels": set(ids["channels"].values()),
            "monitors": set(ids["monitors"].values()),
            "regions": {r["id"] for r in api.call("GET", "/worker-regions")["regions"]}}
     steps: list[Step] = []
@@ -12296,28 +12950,34 @@ def plan_setup(api: SetupApi, setup: dict[str, list[dict[str, Any]]],
         for i, entry in enumerate(setup[kind.key]):
             try:
                 clean = validate(kind.fields, _to_api(kind, entry, ids), env)
+                if kind.rules:
+                    kind.rules(clean)
             except ValidationFailed as exc:
                 problems += _issue_lines((kind.key, i), exc)
                 continue
             if DIGEST_FIELD in kind.fields:
                 clean[DIGEST_FIELD.name] = secrets_digest(clean, api.key)
-            steps += _entry_step(kind, i, entry, clean, matched[kind.key].get(i), sensitive)
+            steps += _entry_step(kind, i, entry, clean, matched[kind.key].get(i), sensitive,
+                                 names)
     if problems:
         raise SetupError("\n".join(problems))
     if prune:
         named = {kind.key: {o["id"] for o in matched[kind.key].values()} for kind in SETUP_KINDS}
-        steps += [Step("-", kind, o["name"], o["id"]) for kind in reversed(SETUP_KINDS)
+        steps += [Step("-", kind, o[kind.title], o["id"]) for kind in reversed(SETUP_KINDS)
                   for o in stored[kind.key] if o.get("managed") and o["id"] not in named[kind.key]]
     return steps, ids
 
 
 def _entry_step(kind: SetupKind, i: int, entry: dict[str, Any], clean: dict[str, Any],
-                obj: dict[str, Any] | None, sensitive: set[tuple[Any, ...]]) -> list[Step]:
-    """The step one valid file entry needs: create, update, or none."""
+                obj: dict[str, Any] | None, sensitive: set[tuple[Any, ...]],
+                names: dict[str, dict[str, str]]) -> list[Step]:
+    """The step one valid file entry needs: create, update, or none (compared, and shown, with
+    a window's monitors by name)."""
     digest = clean.get(DIGEST_FIELD.name)
     if obj is None:
-        return [Step("+", kind, entry["name"], index=i, entry=entry, digest=digest)]
-    current = _record(kind, obj)
+        return [Step("+", kind, entry[kind.title], index=i, entry=entry, digest=digest)]
+    current = _record(kind, obj, names)
+    clean = _window_monitor_names(kind, clean, names)
     fields = _changed(kind, clean, current)
     if DIGEST_FIELD.name in fields:  # a secret changed, though its masked form may not show it
         fields += [name for name in _SECRET_HOLDERS if clean.get(name) and name not in fields]
@@ -12327,13 +12987,13 @@ def _entry_step(kind: SetupKind, i: int, entry: dict[str, Any], clean: dict[str,
              for line in _shown_change((kind.key, i, name), current[name],
                                        _shown(name, clean[name], clean), sensitive)
              or [f"    {name}: {_HIDDEN}"]]
-    return [Step("~", kind, entry["name"], obj["id"], i, entry, tuple(fields), tuple(lines),
+    return [Step("~", kind, entry[kind.title], obj["id"], i, entry, tuple(fields), tuple(lines),
                  digest)]
 
 
 def apply_steps(api: SetupApi, steps: list[Step], ids: dict[str, dict[str, str]]) -> None:
-    """Carry out the plan: creates and updates in kind order (channels, monitors, pages, so
-    names resolve to the ids just made), then deletes."""
+    """Carry out the plan: creates and updates in kind order (channels, monitors, pages,
+    windows, so names resolve to the ids just made), then deletes."""
     for step in [s for s in steps if s.sign != "-"]:
         assert step.entry is not None
         body = _to_api(step.kind, step.entry, ids)
@@ -12373,8 +13033,8 @@ def _secret_refs(value: Any, secret: Sequence[str], parts: tuple[Any, ...]) -> A
 def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, str]]
               ) -> dict[str, Any]:
     """One stored object as a file entry."""
-    record = _record(kind, obj)
-    label = (kind.noun.split()[-1], obj["name"])
+    record = _record(kind, obj, names)
+    label = (kind.noun.split()[-1], obj[kind.title])
     if kind.key == "channels":
         record["config"] = _secret_refs(record["config"], channel_secrets(obj["type"]),
                                         label)
@@ -12389,8 +13049,12 @@ def _exported(kind: SetupKind, obj: dict[str, Any], names: dict[str, dict[str, s
     if kind.key == "statusPages":
         record["monitorGroups"] = [_exported_group(g, names) for g in record["monitorGroups"]]
     defaults = {f.name: f.default for f in kind.fields}
-    return {k: v for k, v in record.items() if v not in (None, []) and v != defaults[k]
-            and k not in (MANAGED_FIELD.name, DIGEST_FIELD.name)}
+    entry = {k: v for k, v in record.items() if v not in (None, []) and v != defaults[k]
+             and k not in (MANAGED_FIELD.name, DIGEST_FIELD.name)}
+    if kind.key == "maintenanceWindows" and record["monitorIds"] is not None:
+        entry = {("monitors" if k == "monitorIds" else k): v for k, v in entry.items()}
+        entry["monitors"] = record["monitorIds"]  # [] (no monitor) differs from absent (all)
+    return entry
 
 
 def _exported_group(group: dict[str, Any], names: dict[str, dict[str, str]]) -> dict[str, Any]:
@@ -12411,9 +13075,10 @@ def _exported_link(link: dict[str, Any], names: dict[str, dict[str, str]],
 
 
 def export_setup(api: SetupApi) -> dict[str, list[dict[str, Any]]]:
-    """The team's channels, monitors and status pages in the setup file's terms."""
+    """The team's channels, monitors, status pages and maintenance windows in the setup file's
+    terms."""
     stored = {kind.key: api.objects(kind) for kind in SETUP_KINDS}
-    names = {key: {o["id"]: o["name"] for o in objects} for key, objects in stored.items()}
+    names = _names(stored, {})
     return {kind.key: [_exported(kind, o, names) for o in stored[kind.key]]
             for kind in SETUP_KINDS}
 
@@ -12476,7 +13141,8 @@ def _remote(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 def apply_command(config_path: str | None, db: str | None, url: str | None,
                   api_key: str | None, file: str, prune: bool, dry_run: bool) -> None:
-    """Make the team's channels, monitors and status pages match the TOML (or .json) FILE."""
+    """Make the team's channels, monitors, status pages and maintenance windows match the TOML
+    (or .json) FILE."""
     cfg = _config(config_path, db)
     api = _setup_api(cfg, url, api_key)
     try:
@@ -12506,7 +13172,8 @@ def apply_command(config_path: str | None, db: str | None, url: str | None,
               show_default=True, help="The file format.")
 def export_command(config_path: str | None, db: str | None, url: str | None,
                    api_key: str | None, form: str) -> None:
-    """Write the team's channels, monitors and status pages in apply's format to stdout."""
+    """Write the team's channels, monitors, status pages and maintenance windows in apply's
+    format to stdout."""
     api = _setup_api(_config(config_path, db), url, api_key)
     try:
         setup = export_setup(api)
