@@ -81,6 +81,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
                                                status_code_conformance)
 import dns.rcode
 import dns.rrset
+import httpcore
 import httpx
 import openapi_spec_validator
 import pytest
@@ -1158,6 +1159,49 @@ class _EndlessBody(socketserver.BaseRequestHandler):
         except OSError:
             pass
         self.sent.append(total)
+
+
+@pytest.mark.asyncio
+async def test_probe_streams_map_errors_and_see_a_closed_idle_connection():
+    """The probes' asyncio network backend: a refused connect and a silent server become the
+    httpcore errors httpx expects with the OS cause kept, and a connection the server closed
+    is reported readable, so a pool drops it instead of reusing it."""
+    closed = asyncio.Event()
+
+    async def answer_then_close(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        closed.set()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    backend = statusapp._PinnedBackend(allow_private=True)
+    with pytest.raises(httpcore.ConnectError) as refused:
+        await backend.connect_tcp("127.0.0.1", free_port(), timeout=5)
+    assert any(isinstance(e, ConnectionRefusedError)
+               for e in statusapp._exception_chain(refused.value))
+    servers = [await asyncio.start_server(handler, "127.0.0.1", 0)
+               for handler in (answer_then_close, silent)]
+    try:
+        ports = [server.sockets[0].getsockname()[1] for server in servers]
+        stream = await backend.connect_tcp("127.0.0.1", ports[0], timeout=5)
+        assert stream.get_extra_info("server_addr")[1] == ports[0]
+        assert not stream.get_extra_info("is_readable")
+        await stream.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        await closed.wait()
+        assert await stream.read(100, timeout=5) == b""
+        assert stream.get_extra_info("is_readable")
+        await stream.aclose()
+        quiet = await backend.connect_tcp("127.0.0.1", ports[1], timeout=5)
+        with pytest.raises(httpcore.ReadTimeout) as timed_out:
+            await quiet.read(100, timeout=0.05)
+        assert isinstance(timed_out.value.__cause__, TimeoutError)
+        await quiet.aclose()
+    finally:
+        for server in servers:
+            server.close()
 
 
 @pytest.mark.asyncio
