@@ -2669,9 +2669,9 @@ def _beats(api: httpx.Client, monitor: dict, **query) -> dict:
     return response.json()
 
 
-def _status_after(api: httpx.Client, monitor: dict, status: str, seconds: float = 6) -> float:
+def _status_after(api: httpx.Client, monitor: dict, status: str) -> float:
     """Wait until the monitor has ``status``; return when that was seen (monotonic)."""
-    eventually(lambda: api.get(f"/monitors/{monitor['id']}").json()["status"] == status, seconds)
+    eventually(lambda: api.get(f"/monitors/{monitor['id']}").json()["status"] == status)
     return time.monotonic()
 
 
@@ -2694,6 +2694,28 @@ def test_heartbeat_every_route_and_method_answers_ok_after_commit(served):
     kinds = [b["kind"] for b in _beats(api, monitor)["heartbeats"]]
     assert kinds == ["start", "start", "success", "success", "success"]  # newest first
     assert api.get(f"/monitors/{monitor['id']}").json()["status"] == "UP"
+
+
+def test_heartbeat_head_pings_every_route_that_takes_get(served):
+    """Healthchecks takes HEAD on its ping URLs, so monitoring wrappers that only HEAD work:
+    each route that answers GET answers HEAD alike (no body) and the ping counts the same."""
+    api = _hb_api(served)
+    monitor = _cron(api)
+    url, db = monitor["heartbeatUrl"], {"server": {"database": served.db}}
+    for suffix, status in [("/start", "PENDING"), ("/3", "DOWN"), ("/0", "UP"), ("/fail", "DOWN"),
+                           ("", "UP")]:
+        response = httpx.head(url + suffix)
+        assert (response.status_code, response.content) == (200, b""), suffix
+        assert response.headers["content-type"] == "application/json"
+        assert api.get(f"/monitors/{monitor['id']}").json()["status"] == status, suffix
+    assert [(b["kind"], b["exitCode"]) for b in _beats(api, monitor)["heartbeats"]] == [
+        ("success", None), ("fail", None), ("success", 0), ("fail", 3), ("start", None)]
+    assert sql(db, "SELECT new_status, reason FROM status_transitions WHERE monitor_id = ?"
+                   " ORDER BY id", (monitor["id"],)) == [
+        ("DOWN", "job exited with code 3"), ("UP", None), ("DOWN", "job reported failure"),
+        ("UP", None)]
+    for suffix, code in [("/log", 405), ("/256", 404)]:  # as GET answers them
+        assert httpx.head(url + suffix).status_code == httpx.get(url + suffix).status_code == code
 
 
 def test_heartbeat_unknown_and_non_cron_ids_are_404(served):
@@ -7518,7 +7540,7 @@ def test_a_crashed_service_is_logged_and_restarted(cfg, key, monkeypatch, caplog
     monkeypatch.setattr(statusapp, "SERVICES", (flaky,))
     monkeypatch.setattr(statusapp, "_SERVICE_RESTART_DELAY", 0.05)
     with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}):
-        assert up.wait(5)
+        assert up.wait(60)
     assert len(runs) == 3  # the shutdown's cancel was not taken for a crash
     crashes = [r for r in caplog.records if "service flaky crashed" in r.getMessage()]
     assert len(crashes) == 2 and "crash 2" in str(crashes[1].exc_info[1])
