@@ -2069,6 +2069,35 @@ def test_checks_inside_a_maintenance_window_run_and_are_marked(sched, target):
     assert client.get(f"/api/v1/monitors/{monitor_id}").json()["status"] == "MAINTENANCE"
 
 
+def test_a_new_or_activated_monitor_is_in_maintenance_from_its_first_check(tmp_path, monkeypatch,
+                                                                            notify_http):
+    """While a window covering all monitors runs, a monitor is created and an inactive one is
+    edited to active, both with targets that are down: from their first check on, checks are marked,
+    the status is MAINTENANCE, no incident opens and no alert goes out.  The window service is
+    left out: what marks a check must not wait for it to learn of the new monitor."""
+    monkeypatch.setattr(statusapp, "SERVICES", tuple(
+        s for s in statusapp.SERVICES if s is not statusapp.run_maintenance))
+    cfg = _sched_cfg(tmp_path)
+    down = f"http://127.0.0.1:{free_port()}/"  # nothing listens: connection refused
+    alert = [{"type": "SLACK", "config": {"webhookUrl": f"{notify_http.url}/slack"}}]
+    with _app(cfg, new_key(cfg)) as client:
+        edited = _create(client, down + "edited", isActive=False, notifications=alert)
+        now = statusapp.now_ms()
+        _window(client, startsAt=statusapp.iso(now - 60_000), endsAt=statusapp.iso(now + 3_600_000))
+        fresh = _create(client, down + "fresh", notifications=alert)
+        assert client.put(f"/api/v1/monitors/{edited}", json={"isActive": True}).status_code == 200
+        for monitor_id in (fresh, edited):
+            eventually(lambda: _status(cfg, monitor_id) == "DOWN" and len(
+                _checks(cfg, monitor_id)) >= 3)
+            assert client.get(f"/api/v1/monitors/{monitor_id}").json()["status"] == "MAINTENANCE"
+        eventually(lambda: not sql(cfg, "SELECT 1 FROM status_transitions"
+                                        " WHERE processed_at IS NULL"))
+    assert sql(cfg, "SELECT monitor_id, COUNT(*) FROM checks WHERE maintenance = 0"
+                    " GROUP BY monitor_id") == []
+    assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(0,)]
+    assert sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(0,)] and not notify_http.requests
+
+
 def test_https_certificate_expiring_in_5_days_warns_once(tmp_path, tls_certs, tls_servers,
                                                          notify_http):
     cfg = _sched_cfg(tmp_path, ca_bundle=str(tls_certs[0]))
