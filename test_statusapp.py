@@ -205,7 +205,7 @@ class Server:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=15)
+        code = self.proc.wait(timeout=60)
         self.stderr.close()
         return code
 
@@ -1990,7 +1990,7 @@ def test_health_reports_scheduler_lag_and_degrades_when_far_behind(tmp_path, tar
             target.modes[f"/busy/{n}"] = "slow"
             _create(client, target.url(f"/busy/{n}"))
         body = eventually(lambda: (b := client.get("/api/v1/health").json())["scheduler"][
-            "lag"]["max"] > 1 and b, 8)
+            "lag"]["max"] > 1 and b)
         assert body["status"] == "degraded" and body["checks"]["scheduler"] == "degraded"
         assert body["scheduler"]["running"] == 1
         assert target.peak["*"] == 1  # max_concurrency holds
@@ -2174,7 +2174,7 @@ class Agent:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=60)
         self.log.close()
 
 
@@ -2297,7 +2297,7 @@ def fleet(tmp_path_factory):
     """The fleet, shared by the tests of one class and stopped after them."""
     fleet = Fleet(tmp_path_factory.mktemp("fleet"))
     eventually(lambda: all(r["isActive"] for r in fleet.regions().values()
-                           if r["isAgent"]), 20)
+                           if r["isAgent"]))
     yield fleet
     fleet.close()
 
@@ -2356,7 +2356,7 @@ class TestAgentFleet:
                                  json={"url": fleet.url("/edited"), "enabledWorkerRegionIds": []})
         assert edited.status_code == 200, edited.text
         eventually(lambda: fleet.target.hits[("/edited", "west")] >= 1
-                   and fleet.target.hits[("/edited", "east")] >= 1, 10)
+                   and fleet.target.hits[("/edited", "east")] >= 1)
         assert fleet.target.hits[("/east-only", "west")] == 0
         unknown = fleet.api.post("/monitors", json={"name": "x", "url": fleet.url("/x"),
                                                     "enabledWorkerRegionIds": ["mars"]})
@@ -2972,7 +2972,7 @@ def test_heartbeat_deadline_passed_while_stopped_acts_once_at_start(tmp_path):
         again = Server(tmp_path).start()
         try:
             eventually(lambda: sql(cfg, "SELECT status FROM monitors WHERE id = ?",
-                                   (marker["id"],)) == [("DOWN",)], 5)
+                                   (marker["id"],)) == [("DOWN",)])
         finally:
             again.stop()
         assert sql(cfg, "SELECT status FROM monitors WHERE id = ?", (monitor["id"],)) == [("DOWN",)]
@@ -3169,7 +3169,7 @@ def notify_cfg(notify_http):
         "twilio_auth_token": "twilio-token",
         "twilio_from": "+15550001111",
         "pushover_url": url,
-        "timeout": 2,
+        "timeout": 10,  # a loaded machine's loopback answer is never taken for a timeout
     }})
 
 
@@ -3364,7 +3364,7 @@ def _notify_smtp_cfg(port: int, **smtp) -> dict:
     cfg = statusapp.load_config(environ={}, overrides={"smtp": {
         "host": "127.0.0.1", "port": port, "security": "none", "sender": "alerts@status.test",
         **smtp}})
-    cfg["notifications"]["timeout"] = 2
+    cfg["notifications"]["timeout"] = 10
     return cfg
 
 
@@ -3856,7 +3856,7 @@ def test_apprise_channel_without_the_library_is_a_400_naming_the_extra(client, m
 def _inc_cfg(tmp_path, url: str, **notifications) -> dict:
     return make_cfg(tmp_path, notifications={
         "pagerduty_url": f"{url}/pagerduty", "telegram_api_url": f"{url}/telegram",
-        "retry_delay": 0.01, "timeout": 2, "attempts": 3, "storm_window": 0, **notifications})
+        "retry_delay": 0.01, "timeout": 10, "attempts": 3, "storm_window": 0, **notifications})
 
 
 def _inc_monitor(client, name: str = "Café ✓", **fields) -> dict:
@@ -4060,11 +4060,10 @@ def test_queued_alert_survives_restart_and_is_delivered_once(tmp_path, notify_ht
 def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, notify_http):
     slow, flaky, refused = _NotifyReceiver(), _NotifyReceiver(), _NotifyReceiver()
     try:
-        slow.script = [(200, b"{}", 1.5)] * 3
-        flaky.script = [(500, b"try again", 0)]
+        slow.script = [(200, b"{}", 3)] * 3  # longer than the timeout, which is generous
+        flaky.script = [(500, b"try again", 0)]  # enough for any quick answer under load
         refused.script = [(401, b'{"ok":false,"description":"Unauthorized"}', 0)] * 2
-        cfg = _inc_cfg(tmp_path, refused.url)
-        cfg["notifications"]["timeout"] = 0.5
+        cfg = _inc_cfg(tmp_path, refused.url, timeout=2)
         key = new_key(cfg)
         with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
             channels = {
@@ -4094,8 +4093,10 @@ def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, noti
             assert outcome[channels["slow"]["id"]][:2] == ("failed", 3)
             assert outcome[hook["id"]][:3] == ("delivered", 2, 200)
             # The slow channel took its three timeouts; the others did not wait for it.
-            assert outcome[channels["slow"]["id"]][3] >= 1500
-            assert outcome[channels["flaky"]["id"]][3] < 1000
+            assert outcome[channels["slow"]["id"]][3] >= 3 * 2000
+            slow_log = json.loads(sql(cfg, "SELECT attempt_log FROM alert_outbox WHERE"
+                                           " channel_id = ?", (channels["slow"]["id"],))[0][0])
+            assert outcome[channels["flaky"]["id"]][3] < slow_log[0]["durationMs"]  # no queue
             state = {c["id"]: c for c in client.get("/api/v1/notifications").json()["channels"]}
             refused_state = state[channels["refused"]["id"]]
             assert refused_state["failing"] and "401" in refused_state["lastError"]
@@ -4481,7 +4482,7 @@ def test_target_down_opens_one_incident_alerts_once_and_recovery_resolves_it(tmp
         assert incident["rootCauseCategory"] == "SERVER_ERROR" and "500" in incident["rootCause"]
         assert incident["incidentNumber"] == f"INC-{time.gmtime().tm_year}-0001"
         eventually(lambda: len(sent("/slack")) == 1 and len(sent("/pd")) == 1
-                    and len(sent("/hook")) == 2, 10)
+                    and len(sent("/hook")) == 2)
 
         target.modes["/svc"] = "ok"
         resolved = eventually(lambda: api.get(f"/incidents/{incident['id']}").json()["isResolved"])
@@ -4493,7 +4494,7 @@ def test_target_down_opens_one_incident_alerts_once_and_recovery_resolves_it(tmp
         assert abs(detail["mttr"] - span.total_seconds()) <= 1
         assert [u["status"] for u in detail["updates"]] == ["investigating", "resolved"]
         eventually(lambda: len(sent("/slack")) == 2 and len(sent("/pd")) == 2
-                    and len(sent("/hook")) == 4, 10)
+                    and len(sent("/hook")) == 4)
         assert len(api.get("/incidents").json()["incidents"]) == 1
         _inc_marker({"server": {"database": srv.db}}, monitor_id, "UP", "UP")
         assert (len(sent("/slack")), len(sent("/pd")), len(sent("/hook"))) == (2, 2, 4)  # once
@@ -6359,7 +6360,7 @@ def leaky_run(tmp_path_factory):
         assert page.status_code == 201, page.text
         # Per monitor: monitor.down to the channel, monitor.down and incident.created to the hook.
         eventually(lambda: len(receiver.requests) == 6 and
-                   api.get("/incidents").json()["pagination"]["total"] == 2, 15)
+                   api.get("/incidents").json()["pagination"]["total"] == 2)
         incident = api.get("/incidents", params={"monitorId": backup["id"]}).json()["incidents"]
         update = api.post(f"/incidents/{incident[0]['id']}/updates",
                           json={"status": "identified", "message": "Backups paused by Ann"})
