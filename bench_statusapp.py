@@ -852,6 +852,7 @@ def dashboard(monitors: int, days: int, requests: int) -> None:
              "monitor edit form": f"/monitors/{monitor}/edit", "new monitor form": "/monitors/new",
              "new channel form (NTFY)": "/channels/new?type=NTFY",
              "maintenance windows": "/maintenance",
+             "new maintenance window form": "/maintenance/new",
              "incidents": "/incidents", "channels": "/channels", "team": "/team",
              "API keys": "/keys", "account": "/account"}
     try:

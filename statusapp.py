@@ -54,6 +54,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -1073,6 +1074,8 @@ class Field:
     ("probes.min_interval").  ``check(value, record, env)`` validates what bounds cannot, and
     returns the clean value.  ``kinds`` says which resource kinds use it.  A ``read_only`` field
     is a marker only ``statusapp apply`` writes: other requests' values for it are ignored.
+    ``ids_of`` says an array holds ids of the team's ``"monitors"`` (the dashboard offers them
+    by name); ``unset`` says, in words, what a null or absent value means.
     """
 
     name: str
@@ -1088,6 +1091,8 @@ class Field:
     secret: bool | tuple[str, ...] = ()
     items: str | None = None  # an array's element kind
     read_only: bool = False
+    ids_of: str | None = None
+    unset: str = ""
 
     @functools.cached_property
     def column(self) -> str:
@@ -1867,16 +1872,27 @@ _MONITOR_READERS: tuple[tuple[str, str, Callable[[Any], Any] | None], ...] = tup
      else bool if spec.kind == "boolean" else None) for spec in MONITOR_COLUMNS)
 
 
+_MONITOR_FIELDS = (("id", "id", None), *_MONITOR_READERS, ("status", "status", None),
+                   ("isPaused", "is_paused", bool), ("heartbeatId", "heartbeat_id", None))
+
+
+@functools.lru_cache(maxsize=64)
+def _monitor_values(columns: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """For rows of these ``columns``: their _MONITOR_FIELDS values, then created_at and
+    updated_at, by position (a Row looks a name up by comparing it with each column name)."""
+    position = {name: n for n, name in enumerate(columns)}
+    return operator.itemgetter(*(position[column] for _, column, _ in _MONITOR_FIELDS),
+                               position["created_at"], position["updated_at"])
+
+
+def _monitor_fields(values: tuple[Any, ...]) -> dict[str, Any]:
+    return {name: value if read is None else read(value)
+            for (name, _, read), value in zip(_MONITOR_FIELDS, values[:-2], strict=True)}
+
+
 def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     """A monitors row as the API's camelCase fields, secrets in clear (for probes and merges)."""
-    out: dict[str, Any] = {"id": row["id"]}
-    for name, column, read in _MONITOR_READERS:
-        value = row[column]
-        out[name] = value if read is None else read(value)
-    out["status"] = row["status"]
-    out["isPaused"] = bool(row["is_paused"])
-    out["heartbeatId"] = row["heartbeat_id"]
-    return out
+    return _monitor_fields(_monitor_values(tuple(row.keys()))(row))
 
 
 # --- Auth ---
@@ -4085,6 +4101,11 @@ class Heartbeats:
             beat = self._beat(monitor_id)
         return beat
 
+    def known(self, token: str) -> _Beat | None:
+        """The beat a heartbeat id names when it is in memory and current, else None."""
+        beat = self._by_token.get(token)
+        return None if beat is None or beat.stale else beat
+
     async def preload(self) -> None:
         """Load every CRON monitor at start-up, so deadlines missed while down are found."""
         for row in await self.rt.db.fetchall(
@@ -4140,12 +4161,24 @@ class Heartbeats:
             self.wake.set()
 
     async def reload_changed(self) -> None:
-        """Reload the monitors edited since last time (a deleted one is forgotten)."""
-        changed, self._dirty = self._dirty, set()
+        """Reload the monitors edited since last time (a deleted one is forgotten).  One query
+        finds the CRON monitors among them; another is read only if it was one, so creating or
+        editing other monitors costs no query each."""
+        if not self._dirty:
+            return
+        changed, self._dirty = self._dirty, set()  # what changes meanwhile is for next time
+        try:
+            cron = {row[0] for row in await self.rt.db.fetchall(
+                "SELECT id FROM monitors WHERE id IN (SELECT value FROM json_each(?))"
+                " AND type = 'CRON'", (json.dumps(sorted(changed)),))}
+        except BaseException:
+            self._dirty |= changed
+            raise
         for monitor_id in changed:
-            beat = self._beat(monitor_id)
-            async with beat.lock:
-                await self.fresh(beat)
+            if monitor_id in cron or monitor_id in self._by_monitor:
+                beat = self._beat(monitor_id)
+                async with beat.lock:
+                    await self.fresh(beat)
 
     async def expire_due(self) -> None:
         """Mark DOWN every monitor whose deadline has passed."""
@@ -7023,9 +7056,16 @@ async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
 
 
 async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
-    """Monitors as the API returns them: latest check per region, counts, notifications."""
+    """Monitors as the API returns them (see monitors_body)."""
+    return list(json.loads(await monitors_body(rt, rows)))
+
+
+async def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
+    """Monitors as the API returns them, as a JSON array: each one's own fields (encoded once
+    per version of its row, see _monitor_fields_json), latest check per region, counts and
+    notifications."""
     if not rows:
-        return []
+        return "[]"
     ids = [row["id"] for row in rows]
     marks = ",".join("?" * len(ids))
     latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
@@ -7043,23 +7083,39 @@ async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[s
             f" LEFT JOIN notification_channels c ON c.id = n.channel_id"
             f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
         links[link["monitor_id"]].append(notification_link_json(link))
-    base = rt.cfg["server"]["base_url"]
+    base, values = rt.cfg["server"]["base_url"], _monitor_values(tuple(rows[0].keys()))
     out = []
-    for row in rows:
-        record = monitor_record(row)
-        if rt.maintenance.active(row["account_id"], row["id"]):
-            record["status"] = MAINTENANCE
-        heartbeat = record.pop("heartbeatId")
-        record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
-        record.update({
-            "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
-            "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"]),
-            "checks": latest[row["id"]],
-            "_count": {"checks": row["check_count"], "incidents": incidents.get(row["id"], 0)},
-            "monitorNotifications": links[row["id"]],
-        })
-        out.append(record)
-    return out
+    for row, monitor_id in zip(rows, ids, strict=True):
+        fields = _monitor_fields_json(values(row), base,
+                                      rt.maintenance.active(row["account_id"], monitor_id))
+        out.append(f'{fields},"checks":{json_text(latest[monitor_id])},"_count":{{"checks":'
+                   f'{row["check_count"]},"incidents":{incidents.get(monitor_id, 0)}}},'
+                   f'"monitorNotifications":{json_text(links[monitor_id])}}}')
+    return f"[{','.join(out)}]"
+
+
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def json_text(value: Any) -> str:
+    """JSON as responses carry it (as Starlette's JSONResponse encodes it), by one encoder
+    (``json.dumps`` with options makes a new one each call)."""
+    return _JSON_ENCODER.encode(value)
+
+
+@functools.lru_cache(maxsize=2048)
+def _monitor_fields_json(values: tuple[Any, ...], base: str, maintenance: bool) -> str:
+    """A monitor's own fields as the API shows them (secrets masked), as a JSON object left
+    open for the rest, from its _monitor_values; cached, as list pages repeat the same rows."""
+    record = _monitor_fields(values)
+    if maintenance:
+        record["status"] = MAINTENANCE
+    heartbeat = record.pop("heartbeatId")
+    record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
+    record.update({
+        "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
+        "createdAt": iso(values[-2]), "updatedAt": iso(values[-1])})
+    return json_text(record)[:-1]
 
 
 def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -7242,7 +7298,7 @@ MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
 
 
 @api("/monitors", "GET", query=MONITOR_QUERY, response=MONITOR_LIST_SHAPE)
-async def list_monitors(call: Call) -> dict[str, Any]:
+async def list_monitors(call: Call) -> Response:
     query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["status"]:
@@ -7262,7 +7318,8 @@ async def list_monitors(call: Call) -> dict[str, Any]:
     rows = await call.rt.db.fetchall(
         f"SELECT * FROM monitors WHERE {clause} ORDER BY {order} LIMIT ? OFFSET ?",
         [*params, query["limit"], (query["page"] - 1) * query["limit"]])
-    return {"monitors": await monitors_json(call.rt, rows), "pagination": paginate(total, query)}
+    return Response(f'{{"monitors":{await monitors_body(call.rt, rows)},"pagination":'
+                    f'{json_text(paginate(total, query))}}}', media_type="application/json")
 
 
 @api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
@@ -7447,8 +7504,8 @@ def ping_message(body: bytes, keys: tuple[str, ...]) -> str | None:
     is ignored and malformed JSON is kept as text rather than refused.
     """
     text = body.decode("utf-8", "replace").strip()
-    if not text:
-        return None
+    if not text.startswith("{"):  # not a JSON object: kept as it is (None if empty)
+        return text or None
     try:
         data = parse_json(text)
     except ValueError:
@@ -7522,48 +7579,107 @@ def _apply_ping(beat: _Beat, kind: str, at: int) -> None:
 
 
 async def _ping(call: Call, kind: str, exit_code: int | None = None) -> Response:
-    """Record one ping once it is committed; 404 unknown id, 413 big body.  Past the rate limit
-    a success, start or fail still updates the monitor (status, clocks, deadline) but is not
-    logged (answered ``"logged": false``); a throttled log message is refused with 429."""
-    rt, token = call.rt, call.param("heartbeatId")
+    """The heartbeat routes: record one ping once it is committed; 404 unknown id (pings of
+    the monitors already in memory are answered by ``answer_ping`` before routing)."""
+    token = call.param("heartbeatId")
+    beat = await call.rt.heartbeats.find(token)
+    body = await record_ping(call.rt, call.request, beat, token, kind, exit_code)
+    if call.request.method == "HEAD":
+        return Response(status_code=200, headers={"content-type": "application/json"})
+    return Response(body, media_type="application/json")
+
+
+async def record_ping(rt: Runtime, request: Request, beat: _Beat, token: str, kind: str,
+                      exit_code: int | None) -> bytes:
+    """Record one ping once it is committed and return the answer's body; 404 if the beat is
+    no longer this heartbeat id's, 413 big body.  Past the rate limit a success, start or fail
+    still updates the monitor (status, clocks, deadline) but is not logged (answered
+    ``"logged": false``); a throttled log message is refused with 429.  The X-RateLimit
+    headers are left in ``request.state.headers``."""
     hb = rt.heartbeats
-    beat = await hb.find(token)
-    message = ping_message(await read_body(call.request, HEARTBEAT_MAX_BODY),
-                           PING_KINDS[kind].keys)
+    message = ping_message(await read_body(request, HEARTBEAT_MAX_BODY), PING_KINDS[kind].keys)
     logged, headers = hb.admit(beat)
-    call.request.state.headers = headers
+    request.state.headers = headers
     if not logged and kind == "log":
         raise RateLimited("Rate limit exceeded", f"at most {headers['X-RateLimit-Limit']} pings"
                           " per minute per monitor are logged", headers=headers)
-    agent = call.request.headers.get("user-agent", "")[:_AGENT_MAX] or None
+    agent = request.headers.get("user-agent", "")[:_AGENT_MAX] or None
     async with beat.lock:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
         at = now_ms()
-        ping = Ping(kind, message, exit_code, hb.source_ip(call.request), agent, at, logged,
+        ping = Ping(kind, message, exit_code, hb.source_ip(request), agent, at, logged,
                     rt.maintenance.active(beat.account_id, beat.monitor_id, at))
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
     hb.schedule(beat)
-    if call.request.method == "HEAD":
-        return Response(status_code=200, headers={"content-type": "application/json"})
-    return Response(_OK if logged else _OK_NOT_LOGGED, media_type="application/json")
+    return _OK if logged else _OK_NOT_LOGGED
 
 
-def _ping_route(path: str, kind: str, *methods: str) -> None:
+# The heartbeat routes' path suffixes, each with its kind of ping and methods; a suffix of
+# digits is an exit code.
+PING_ROUTES = {"": ("success", ("GET", "POST", "HEAD")), "start": ("start", ("GET", "POST")),
+               "fail": ("fail", ("GET", "POST")), "log": ("log", ("POST",))}
+_EXIT_CODE_METHODS = ("GET", "POST")
+_PING_PREFIX = API_PREFIX + "/heartbeat/"
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+def ping_target(path: str, method: str) -> tuple[str, str, int | None] | None:
+    """The heartbeat id, kind and exit code of a ping the direct path answers (a GET or POST
+    naming a route and an exit code 0-255), else None."""
+    token, slash, suffix = path[len(_PING_PREFIX):].partition("/")
+    if slash and not suffix:
+        return None
+    if suffix.isascii() and suffix.isdigit() and len(suffix) < 4 and method in _EXIT_CODE_METHODS:
+        code = int(suffix)
+        return (token, "success" if code == 0 else "fail", code) if code <= 255 else None
+    kind, methods = PING_ROUTES.get(suffix, ("", ()))
+    return (token, kind, None) if token and method in methods and method != "HEAD" else None
+
+
+async def answer_ping(app: Starlette, scope: dict[str, Any], receive: Any, send: Any) -> bool:
+    """Answer a ping of a heartbeat monitor already in memory without routing or middleware
+    (the heartbeat routes' work and answers, CORS headers included); False (nothing sent) for
+    every other request, which goes through the application as usual."""
+    target = ping_target(scope["path"], scope["method"])
+    rt: Runtime | None = getattr(app.state, "statusapp", None)
+    beat = rt.heartbeats.known(target[0]) if target and rt else None
+    if beat is None or target is None or rt is None:
+        return False
+    scope["app"] = app
+    request = Request(scope, receive)
+    try:
+        body = await record_ping(rt, request, beat, *target)
+    except Exception as exc:
+        response = await on_api_error(request, exc)
+        response.raw_headers.extend(Cors.HEADERS)
+        await response(scope, receive, send)
+        return True
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        _JSON_TYPE, (b"content-length", b"%d" % len(body)), *Cors.HEADERS,
+        *((name.lower().encode(), value.encode()) for name, value in request.state.headers.items())]})
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
+def _ping_route(suffix: str, kind: str, methods: tuple[str, ...]) -> None:
     async def handler(call: Call) -> Response:
         return await _ping(call, kind)
     handler.__name__ = f"heartbeat_{kind}"
-    api(path, *methods, public=True, limit=None, response=PING_SHAPE)(handler)
+    api("/heartbeat/{heartbeatId}" + (suffix and "/" + suffix), *methods, public=True,
+        limit=None, response=PING_SHAPE)(handler)
 
 
-_ping_route("/heartbeat/{heartbeatId}", "success", "GET", "POST", "HEAD")
-_ping_route("/heartbeat/{heartbeatId}/start", "start", "GET", "POST")
-_ping_route("/heartbeat/{heartbeatId}/fail", "fail", "GET", "POST")
-_ping_route("/heartbeat/{heartbeatId}/log", "log", "POST")
+def _ping_routes() -> None:
+    for suffix, (kind, methods) in PING_ROUTES.items():
+        _ping_route(suffix, kind, methods)
 
 
-@api("/heartbeat/{heartbeatId}/{exitCode:int}", "GET", "POST", public=True, limit=None,
+_ping_routes()
+
+
+@api("/heartbeat/{heartbeatId}/{exitCode:int}", *_EXIT_CODE_METHODS, public=True, limit=None,
       response=PING_SHAPE)
 async def heartbeat_exit_code(call: Call) -> Response:
     """Report a job's exit status: 0 is a success, 1-255 a failure (``curl .../$?``)."""
@@ -8076,7 +8192,7 @@ def valid_page_selector(clean: dict[str, Any], path: tuple[Any, ...]) -> dict[st
 MONITOR_GROUP_FIELDS = (
     Field("name", "string", True, minimum=1, maximum=255, doc="Group heading"),
     Field("monitorIds", "array", default=[], maximum=500, check=valid_page_monitor_ids,
-          items="string",
+          items="string", ids_of="monitors",
           doc="The team's monitors in display order"),
     Field("monitorGroup", "string", minimum=1, maximum=100,
           doc="Instead of monitorIds: every monitor of this group, by name, as it is when shown"),
@@ -8285,7 +8401,8 @@ MAINTENANCE_FIELDS = (
     Field("durationMinutes", "integer", minimum=1, maximum=10_080,
           doc="Length of each occurrence of a recurring window"),
     Field("monitorIds", "array", maximum=1000, check=valid_page_monitor_ids, items="string",
-          doc="Monitors it covers (null or absent: all the team's monitors)"),
+          doc="Monitors it covers (null or absent: all the team's monitors)", ids_of="monitors",
+          unset="all the team's monitors"),
     Field("suppressAlerts", "boolean", default=True,
           doc="No incident and no alert while it runs (false: only status and uptime change)"),
     MANAGED_FIELD,
@@ -9609,7 +9726,7 @@ overflow-wrap:anywhere}
 background:currentColor}
 .s-up{color:#15803d}.s-degraded{color:#a16207}.s-down{color:#b91c1c}.s-none{color:#4b5563}
 svg.bars{display:block;width:100%;height:2.125rem;margin:.5rem 0 .25rem}
-svg.bars rect:hover{opacity:.7}
+svg.bars path:hover{opacity:.7}
 .axis{display:flex;justify-content:space-between;gap:.5rem;font-size:.75rem;color:#4b5563}
 .axis strong{color:#111827}
 .regions{font-size:.75rem;color:#4b5563;margin:.25rem 0}
@@ -9638,35 +9755,42 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsaf
                 "Cache-Control": "no-cache"}
 
 
-def _day_text(day: dict[str, Any]) -> str:
-    """One day's hover text: its uptime, level and failed checks."""
-    if day["uptime"] is None:
-        return f"{day['day']}: no data"
-    return (f"{day['day']}: {day['uptime']:.2f}% uptime, {day_level(day['uptime'])[2]} "
-            f"({day['down']} of {day['total']} checks down)")
+def _day_text(days: Sequence[dict[str, Any]]) -> str:
+    """The hover text of a day, or of a run of days at one level: its uptime (the level is the
+    cell's colour, named in the legend); a run of days without downtime or without data says
+    just that."""
+    span = days[0]["day"] if len(days) == 1 else f"{days[0]['day']} to {days[-1]['day']}"
+    uptime = _days_uptime(days)
+    level, _, label = day_level(uptime)
+    if uptime is None or (level == "ok" and len(days) > 1):
+        return f"{span}: {label}"
+    return f"{span}: {uptime:.2f}% uptime"
 
 
 def _day_runs(days: Sequence[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
-    """The bar's cells as ``(first index, day count, level, hover text)``: each day with
-    downtime on its own, runs of days without downtime (or without data) merged into one."""
+    """The bar's cells as ``(first index, day count, level, hover text)``: one per run of days
+    at the same level (with downtime: the run's uptime and failed checks in all)."""
     runs: list[tuple[int, int, str, str]] = []
-    for i, day in enumerate(days):
-        level, _, label = day_level(day["uptime"])
-        if level in ("ok", NO_DATA[0]) and runs and runs[-1][2] == level:
-            first, count, _, _ = runs[-1]
-            runs[-1] = (first, count + 1, level, f"{days[first]['day']} to {day['day']}: {label}")
-        else:
-            runs.append((i, 1, level, _day_text(day)))
+    first = 0
+    for level, run in itertools.groupby(days, key=lambda day: day_level(day["uptime"])[0]):
+        members = list(run)
+        runs.append((first, len(members), level, _day_text(members)))
+        first += len(members)
     return runs
 
 
 def _bars(monitor: dict[str, Any]) -> str:
-    """The 90-day bar as one small SVG: a cell per day with downtime and one per run of days
-    without, each with its hover text (about 1 KB per monitor instead of 9)."""
+    """The 90-day bar as one small SVG: a cell per run of days at the same level, each with
+    its hover text, the cells of a level in one group that gives their colour (50 monitors
+    that had downtime every other day: under 100 KB)."""
     days = monitor["days"]
-    cells = "".join(f'<rect x="{first * 10}" width="{count * 10 - 2}" height="34" '
-                    f'class="d-{level}"><title>{text}</title></rect>'  # our own text
-                    for first, count, level, text in _day_runs(days))
+    levels: dict[str, list[str]] = {}
+    for first, count, level, text in _day_runs(days):
+        width = count * 10 - 2
+        levels.setdefault(level, []).append(  # our own text
+            f'<path d="M{first * 10} 0h{width}v34h-{width}"><title>{text}</title></path>')
+    cells = "".join(f'<g class="d-{level}">{"".join(rects)}</g>'
+                    for level, rects in levels.items())
     summary = (f"{len(days)}-day uptime bar of {monitor['name']}: " +
                ("no data" if monitor["uptime"] is None else f"{monitor['uptime']:.2f}%"))
     return (f'<svg class="bars" viewBox="0 0 {len(days) * 10 - 2} 34" preserveAspectRatio="none"'
@@ -10280,12 +10404,14 @@ DASHBOARD_PAGES: dict[str, Callable[[Request], Awaitable[Response]]] = {}  # pat
 
 @dataclass
 class Visit:
-    """One dashboard request: the runtime, the session (None before signing in), the form."""
+    """One dashboard request: the runtime, the session (None before signing in), the form (a
+    name's last value) and every value of each name (a list of checkboxes sends one each)."""
 
     request: Request
     rt: Runtime
     session: Session | None
     form: dict[str, str]
+    every: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def who(self) -> Principal:
@@ -10341,17 +10467,20 @@ async def _visit(request: Request) -> Visit:
     rt: Runtime = request.app.state.statusapp
     session = await session_of(rt, request)
     form: dict[str, str] = {}
+    every: dict[str, list[str]] = collections.defaultdict(list)
     if request.method == "POST":
         body = await read_body(request, MAX_BODY)
-        form = {k: v for k, v in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
-                                                         keep_blank_values=True)}
+        for name, value in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
+                                                  keep_blank_values=True):
+            form[name] = value
+            every[name].append(value)
         token = form.pop("csrf", "")
         valid = (hmac.compare_digest(token, session.csrf) if session
                  else _signin_token_ok(rt.secret, token))
         if not valid or not _same_origin(request):
             raise Forbidden("This form has expired or did not come from this dashboard",
                             "missing or wrong CSRF token; reload the page and try again")
-    return Visit(request, rt, session, form)
+    return Visit(request, rt, session, form, dict(every))
 
 
 def dash(path: str, *methods: str, signed_in: bool = True
@@ -10429,6 +10558,9 @@ label{display:block;font-weight:600;margin:.75rem 0 .25rem}
 input,select,textarea{font:inherit;color:var(--text);background:var(--bg);
 border:1px solid var(--line);border-radius:.375rem;padding:.4rem;width:100%;max-width:36rem}
 input[type=checkbox]{width:auto;margin-right:.5rem}
+.picks{max-height:16rem;overflow-y:auto;border:1px solid var(--line);border-radius:.375rem;
+padding:.25rem .5rem}label.pick{display:flex;align-items:center;font-weight:400;margin:.2rem 0;
+overflow-wrap:anywhere}
 label.check{display:flex;align-items:center;font-weight:600}
 .row label{margin:0}.row input,.row select{width:auto}
 fieldset{border:1px solid var(--line);border-radius:.5rem;margin:1rem 0;max-width:38rem}
@@ -10725,6 +10857,50 @@ def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str],
             f'blank to remove it; save to get more empty rows.</li></ul></fieldset>')
 
 
+# An array of the team's ids (``Field.ids_of``, such as a maintenance window's monitorIds) is a
+# checkbox per item, labelled with its name and type, in a box that scrolls when the list is
+# long; the browser sends one value of the field's name per checked box.
+ID_CHOICES = {"monitors": "SELECT id, name || ' (' || type || ')' FROM monitors"
+                          " WHERE account_id = ? ORDER BY name COLLATE NOCASE, id"}
+
+
+async def id_choices(v: Visit, fields: Sequence[Field]) -> dict[str, list[tuple[str, str]]]:
+    """(id, label) of every item of the team that the form's ``ids_of`` fields offer."""
+    kinds = {f.ids_of for f in fields if f.ids_of}
+    return {kind: [(row[0], row[1]) for row in await v.rt.db.fetchall(
+        ID_CHOICES[kind], (v.who.team_id,))] for kind in kinds}
+
+
+def picked_form(v: Visit, fields: Sequence[Field]) -> dict[str, str]:
+    """The posted form, each ``ids_of`` field's checked values one per line (as ``form_text``
+    shows a stored list, and ``form_value`` reads it)."""
+    return {**v.form, **{f.name: "\n".join(v.every[f.name]) for f in fields
+                         if f.ids_of and f.name in v.every}}
+
+
+def form_ids(field: Field, choices: Sequence[tuple[str, str]], text: str,
+             error: str | None) -> str:
+    """A fieldset of checkboxes, one per choice, those in ``text`` checked.  A checked id that
+    is no choice (a deleted monitor) stays shown, so saving never drops it unseen; the hidden
+    empty value makes "none checked" a value too."""
+    ident, name = _ident(field.name), _esc(field.name)
+    checked = {line for line in text.split("\n") if line}
+    known = {value for value, _ in choices}
+    rows = [*choices, *((x, f"{x} (unknown id)") for x in sorted(checked - known))]
+    boxes = "".join(f'<label class="pick"><input type="checkbox" id="{ident}-{i}" name="{name}" '
+                    f'value="{_esc(value)}"{" checked" if value in checked else ""}>'
+                    f'{_esc(label)}</label>' for i, (value, label) in enumerate(rows))
+    hint = ("" if rows else f"No {field.ids_of} yet. ") + (
+        f"None checked: {field.unset}." if field.unset else "Check any number.")
+    described = f"{ident}-hint" + (f" {ident}-err" if error else "")
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    err = f'<p class="err" id="{ident}-err">{_esc(error)}</p>' if error else ""
+    return (f'<fieldset id="{ident}" aria-describedby="{described}"{shown}><legend>'
+            f'{_esc(field.doc or field.name)}</legend><p class="hint" id="{ident}-hint">'
+            f'{_esc(hint)}</p>{err}<input type="hidden" name="{name}" value="">'
+            f'<div class="picks">{boxes}</div></fieldset>')
+
+
 def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
               form: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
     """A request body from a submitted form.  On an edit, an empty input of a field that had
@@ -10825,30 +11001,41 @@ def form_field(field: Field, name: str, text: str, error: str | None, cfg: dict[
 
 
 def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
-                values: dict[str, str], errors: dict[str, str], cfg: dict[str, Any]) -> str:
-    """Every field of a table (and of its nested tables) as labelled controls."""
+                values: dict[str, str], errors: dict[str, str], cfg: dict[str, Any],
+                choices: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> str:
+    """Every field of a table (and of its nested tables) as labelled controls; ``choices``
+    are the items (id, label) ``ids_of`` fields offer, by kind (``id_choices``)."""
     switch = any(f.kinds for f in fields) or any(
         s.kinds for table in nested.values() for s in table)
     out = []
     for field in fields:
         subs = row_fields(field)
-        if subs is not None:
+        if field.ids_of:
+            out.append(form_ids(field, (choices or {}).get(field.ids_of, ()),
+                                values.get(field.name, ""), errors.get(field.name)))
+        elif subs is not None:
             out.append(form_rows(field, subs, values, errors, cfg))
-            continue
-        if field.name not in nested:
+        elif field.name not in nested:
             out.append(form_field(field, field.name, values.get(field.name, ""),
                                   errors.get(field.name), cfg, field.kinds,
                                   switch and field.name == "type"))
-            continue
-        inner = "".join(form_field(sub, f"{field.name}.{sub.name}",
-                                   values.get(f"{field.name}.{sub.name}", ""),
-                                   errors.get(f"{field.name}.{sub.name}"), cfg, sub.kinds, False)
-                        for sub in nested[field.name])
-        err = errors.get(field.name)
-        shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
-        out.append(f'<fieldset{shown}><legend>{_esc(field.doc or field.name)}</legend>'
-                   f'{"<p class=err>" + _esc(err) + "</p>" if err else ""}{inner}</fieldset>')
+        else:
+            out.append(form_nested(field, nested[field.name], values, errors, cfg))
     return "".join(out)
+
+
+def form_nested(field: Field, subs: Sequence[Field], values: dict[str, str],
+                errors: dict[str, str], cfg: dict[str, Any]) -> str:
+    """An object field (``apiAuthConfig``, a channel's ``config``) as a fieldset of its own
+    table's controls."""
+    inner = "".join(form_field(sub, f"{field.name}.{sub.name}",
+                               values.get(f"{field.name}.{sub.name}", ""),
+                               errors.get(f"{field.name}.{sub.name}"), cfg, sub.kinds, False)
+                    for sub in subs)
+    err = errors.get(field.name)
+    shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
+    return (f'<fieldset{shown}><legend>{_esc(field.doc or field.name)}</legend>'
+            f'{"<p class=err>" + _esc(err) + "</p>" if err else ""}{inner}</fieldset>')
 
 
 def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
@@ -10891,7 +11078,8 @@ def _is_cell(path: Sequence[str]) -> bool:
 
 def render_form(v: Visit, action: str, fields: Sequence[Field],
                 nested: dict[str, tuple[Field, ...]], values: dict[str, str],
-                errors: dict[str, str], submit: str, extra: str = "") -> str:
+                errors: dict[str, str], submit: str, extra: str = "",
+                choices: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> str:
     """A whole form: CSRF token, the generated fields, errors no field owns, a button."""
     names = {f.name for f in fields} | {f"{k}.{s.name}" for k, t in nested.items() for s in t}
     stray = [f"{k}: {m}" if k else m for k, m in errors.items()
@@ -10900,7 +11088,7 @@ def render_form(v: Visit, action: str, fields: Sequence[Field],
                ('<p class="notice bad" role="alert">Please correct the fields marked below.</p>'
                 if any(k in names for k in errors) else ""))
     return (f'{summary}<form method="post" action="{_esc(action)}" novalidate>{csrf_input(v)}'
-            f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg)}'
+            f'{extra}{form_fields(fields, nested, values, errors, v.rt.cfg, choices)}'
             f'<p><button>{_esc(submit)}</button></p></form>')
 
 
@@ -10993,7 +11181,7 @@ async def _save(v: Visit, res: Resource, form: FormShape, ident: str | None,
                 existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
     method, path = _write_route(res, ident)
-    body = form_body(res.fields, form.nested, v.form, existing)
+    body = form_body(res.fields, form.nested, picked_form(v, res.fields), existing)
     try:
         return await act(v, method, path, {res.param: ident} if ident else {}, body), {}
     except ValidationFailed as exc:
@@ -11023,11 +11211,11 @@ async def resource_form(v: Visit) -> Response:
         saved, errors = await _save(v, res, form, ident, existing)
         if saved is not None:
             return redirect(f"/monitors/{saved['id']}" if key == "monitors" else f"/{key}")
-    values = (dict(v.form) if v.request.method == "POST" else
+    values = (picked_form(v, res.fields) if v.request.method == "POST" else
               form_values(res.fields, form.nested, existing or dict(v.request.query_params)))
     return document(v, title, managed_note(res, existing) + form.chooser + render_form(
-        v, v.request.url.path, form.fields, form.nested, values, errors, "Save", form.hidden),
-        400 if errors else 200)
+        v, v.request.url.path, form.fields, form.nested, values, errors, "Save", form.hidden,
+        await id_choices(v, form.fields)), 400 if errors else 200)
 
 
 async def resource_delete(v: Visit) -> Response:
@@ -11801,6 +11989,16 @@ async def prepare_database(db: Database, cfg: dict[str, dict[str, Any]]) -> None
               file=sys.stderr, flush=True)
 
 
+class StatusApp(Starlette):
+    """The ASGI application: heartbeat pings of known monitors are answered first (see
+    answer_ping), everything else by Starlette's middleware and routes."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not (scope["type"] == "http" and scope["path"].startswith(_PING_PREFIX)
+                and await answer_ping(self, scope, receive, send)):
+            await super().__call__(scope, receive, send)
+
+
 def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
     """The ASGI application: every route, the error handler, CORS and the runtime's lifespan."""
     @contextlib.asynccontextmanager
@@ -11813,7 +12011,7 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
         finally:  # after a failed start too: open connections would keep the process alive
             await rt.stop()
 
-    return Starlette(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES, *DASHBOARD_ROUTES],
+    return StatusApp(routes=[*ROUTES, *PAGE_ROUTES, *METRICS_ROUTES, *DASHBOARD_ROUTES],
                      lifespan=lifespan,
                      middleware=[Middleware(Cors)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_api_error,
@@ -11828,10 +12026,14 @@ class _Reaping:
     gives a new connection, or one sending its headers or body a byte at a time, all the time
     in the world.  Here, whenever the connection waits for a request (on opening and after each
     response), the request's headers must be complete within ``header_timeout`` seconds, and
-    then its body within as long again, or the connection is closed."""
+    then its body within as long again, or the connection is closed.  One timer per connection
+    follows the latest deadline (re-armed when it fires early), rather than a new timer for each
+    request."""
 
     header_timeout = 10.0
     _deadline: asyncio.TimerHandle | None = None
+    _due = 0.0  # loop time of the latest deadline
+    _awaited: tuple[Any, bool] = (None, False)  # its (cycle, body), as _expire takes them
     cycle: Any  # uvicorn's request-response cycle of the current request
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
@@ -11854,11 +12056,16 @@ class _Reaping:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _set_deadline(self, body: bool) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.cycle,
-                                                  body)
+        self._due, self._awaited = self.loop.time() + self.header_timeout, (self.cycle, body)
+        if self._deadline is None and not self.transport.is_closing():
+            self._deadline = self.loop.call_at(self._due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._deadline = None
+        if self.loop.time() < self._due:
+            self._deadline = self.loop.call_at(self._due, self._on_timer)
+        else:
+            self._expire(*self._awaited)
 
     def _expire(self, cycle: Any, body: bool) -> None:
         """Close if what was awaited never came: a new request's headers (``cycle``, the

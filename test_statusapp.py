@@ -2860,6 +2860,65 @@ def test_heartbeat_exit_code_pings(client):
     assert client.get(url + "/log").status_code == 405
 
 
+def test_heartbeat_pings_of_known_monitors_skip_routing_and_answer_alike(client, monkeypatch):
+    """A ping of a monitor already in memory is answered before routing (answer_ping), with
+    the route's answer: body, content type, CORS and rate-limit headers, and its errors."""
+    routed: list[bool] = []  # a True in turn sends the next ping through the routes
+    answered: list[bool] = []
+    answer = statusapp.answer_ping
+
+    async def switch(*args):
+        answered.append(not routed.pop(0) and await answer(*args))
+        return answered[-1]
+    monkeypatch.setattr(statusapp, "answer_ping", switch)
+    monitor = client.post("/api/v1/monitors", json={"name": "j", "type": "CRON"}).json()
+    url = "/api/v1/heartbeat/" + monitor["heartbeatUrl"].rsplit("/", 1)[1]
+    routed.append(True)
+    assert client.get(url + "/start").status_code == 200  # the route loads the monitor
+
+    def twice(method: str, path: str, body: str) -> list[httpx.Response]:
+        """The same ping through the routes, then answered directly."""
+        routed[:], answered[:] = [True, False], []
+        answers = [client.request(method, path, content=body) for _ in range(2)]
+        assert answered == [False, True]
+        return answers
+
+    def same(answers: list[httpx.Response]) -> None:
+        first, second = ({k: v for k, v in a.headers.items()
+                          if k not in ("x-ratelimit-remaining", "x-ratelimit-reset",
+                                       "retry-after")}
+                         for a in answers)
+        assert first == second and answers[0].content == answers[1].content
+        assert first["access-control-allow-origin"] == "*"
+
+    ok = twice("POST", url, "done")
+    same(ok)
+    assert ok[0].json() == {"message": "OK"} and "x-ratelimit-limit" in ok[0].headers
+    assert [a.headers["x-ratelimit-remaining"] for a in ok] == ["3", "2"]
+    too_big = twice("POST", url + "/log", "x" * 10_241)
+    same(too_big)
+    assert too_big[0].status_code == 413
+    routed[:] = [False, False]
+    assert all(client.post(url + "/log", content="fill").status_code == 200 for _ in "12")
+    throttled = twice("POST", url + "/log", "six")
+    same(throttled)
+    assert throttled[0].status_code == 429
+    beats = client.get(f"/api/v1/monitors/{monitor['id']}/heartbeats").json()["heartbeats"]
+    assert [(b["kind"], b["message"]) for b in beats] == [("log", "fill")] * 2 + [
+        ("success", "done")] * 2 + [("start", None)]
+
+
+@pytest.mark.parametrize("path, method, target", [
+    ("abc", "POST", ("abc", "success", None)), ("abc", "HEAD", None),
+    ("abc/start", "GET", ("abc", "start", None)), ("abc/log", "GET", None),
+    ("abc/log", "POST", ("abc", "log", None)), ("abc/0", "GET", ("abc", "success", 0)),
+    ("abc/255", "POST", ("abc", "fail", 255)), ("abc/256", "GET", None),
+    ("abc/\u00b2", "GET", None), ("abc/", "GET", None), ("abc/start/x", "GET", None),
+    ("", "GET", None), ("abc/other", "GET", None)])
+def test_heartbeat_direct_path_takes_exactly_the_ping_routes(path, method, target):
+    assert statusapp.ping_target("/api/v1/heartbeat/" + path, method) == target
+
+
 def test_heartbeat_source_ip_trusts_forwarded_for_only_from_proxies(tmp_path):
     cfg = make_cfg(tmp_path, server={"trusted_proxies": ["10.0.0.0/8"]})
 
@@ -5106,6 +5165,32 @@ def test_pause_toggles_and_delete_cascades(cfg, client):
     assert sql(cfg, "SELECT COUNT(*) FROM monitor_notifications") == [(0,)]
 
 
+def test_list_entries_follow_every_change_and_match_the_single_monitor(cfg, client):
+    """The list encodes a monitor's own fields once per version of its row: an edit, a pause,
+    a maintenance window and a new check each show at once, as GET of the one monitor shows."""
+    monitor = client.post("/api/v1/monitors", json={  # inactive: no check lands meanwhile
+        "name": "a", "url": "http://127.0.0.1:9/", "isActive": False, "apiAuthConfig": {
+            "type": "bearer", "token": "tok-0123456789abcdef"}}).json()
+    listed = lambda: client.get("/api/v1/monitors").json()["monitors"][0]
+    assert listed() == listed() == client.get(f"/api/v1/monitors/{monitor['id']}").json()
+    assert listed()["apiAuthConfig"] == {"type": "bearer", "token": "****cdef"}
+    client.put(f"/api/v1/monitors/{monitor['id']}", json={"name": "b"})
+    client.post(f"/api/v1/monitors/{monitor['id']}/pause")
+    assert (listed()["name"], listed()["isPaused"]) == ("b", True)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert client.post("/api/v1/maintenance-windows", json={
+        "title": "w", "startsAt": (now - dt.timedelta(minutes=1)).isoformat(),
+        "endsAt": (now + dt.timedelta(hours=1)).isoformat(),
+        "monitorIds": [monitor["id"]]}).status_code == 201
+    assert listed()["status"] == "MAINTENANCE"
+    statements = statusapp.check_statements(monitor["id"], "elsewhere",
+                                            statusapp.CheckResult("UP"), statusapp.now_ms())
+    client.portal.call(client.app.state.statusapp.db.write, statements)
+    assert listed()["_count"]["checks"] == 1
+    assert [c["workerRegion"]["id"] for c in listed()["checks"]] == ["elsewhere"]
+    assert listed() == client.get(f"/api/v1/monitors/{monitor['id']}").json()
+
+
 def test_tags_and_groups_filter_the_list_and_pause_resume_in_bulk(cfg, client):
     web = create(client, name="web", tags=["prod", {"name": "edge", "color": "#FF0000"}],
                  group="Frontend")
@@ -5916,11 +6001,11 @@ def _seed_incident(db: str, monitor_id: str, number: int, started: int, resolved
 
 
 # The seeded history of the "api" monitor: (days ago, statuses) -> expected class and hover text.
-_HISTORY = [(1, ["UP", "UP", "DEGRADED", "DOWN"], "major", "75.00% uptime, major outage (1 of 4"),
-            (2, ["DOWN"] + ["UP"] * 199, "minor", "99.50% uptime, minor downtime (1 of 200"),
-            (3, ["UP"] * 3, "ok", "100.00% uptime, no downtime (0 of 3"),
-            (4, ["DOWN"] * 3 + ["UP"] * 97, "partial", "97.00% uptime, partial outage (3 of 100"),
-            (5, ["UP", "DOWN", "DEGRADED"], "major", "66.66% uptime, major outage (1 of 3")]
+_HISTORY = [(1, ["UP", "UP", "DEGRADED", "DOWN"], "major", "75.00% uptime"),
+            (2, ["DOWN"] + ["UP"] * 199, "minor", "99.50% uptime"),
+            (3, ["UP"] * 3, "ok", "100.00% uptime"),
+            (4, ["DOWN"] * 3 + ["UP"] * 97, "partial", "97.00% uptime"),
+            (5, ["UP", "DOWN", "DEGRADED"], "major", "66.66% uptime")]
 _HISTORY_UPTIME = "98.06"  # (3 + 199 + 3 + 97 + 2) / 310 = 98.0645...%, rounded down
 
 
@@ -6086,15 +6171,18 @@ async def test_page_daily_stats_counts_each_utc_day(cfg):
 
 def _bars(page_html: str) -> list[list[tuple[str, str]]]:
     """Per monitor bar: the (class, hover text) of each day, a cell that spans a run of days
-    giving each of them its own class and text."""
+    giving each of them its own class and text (cells are grouped by class)."""
     bars = []
     for svg in re.findall(r'<svg class="bars".*?</svg>', page_html):
+        cells = sorted(
+            (int(x), int(width), level, text)
+            for level, group in re.findall(r'<g class="d-(\w+)">(.*?)</g>', svg)
+            for x, width, text in re.findall(
+                r'<path d="M(\d+) 0h(\d+)v34h-\2"><title>([^<]*)</title></path>', group))
         days: list[tuple[str, str]] = []
-        for x, width, level, text in re.findall(
-                r'<rect x="(\d+)" width="(\d+)" [^>]*class="d-(\w+)"[^>]*><title>([^<]*)</title>',
-                svg):
-            assert int(x) == len(days) * 10  # cells abut, in day order
-            days += [(level, text)] * ((int(width) + 2) // 10)
+        for x, width, level, text in cells:
+            assert x == len(days) * 10  # cells abut, in day order
+            days += [(level, text)] * ((width + 2) // 10)
         bars.append(days)
     return bars
 
@@ -6118,10 +6206,10 @@ def test_page_html_shows_state_bars_and_incidents(client, seeded):
     api_bar, evil_bar, cdn_bar = _bars(page)
     assert len(api_bar) == 90 and api_bar[-1] == ("none", f"{_day_name(0)}: no data")
     for offset, _, level, text in _HISTORY:
-        assert api_bar[89 - offset] == (level, f"{_day_name(offset)}: {text} checks down)")
+        assert api_bar[89 - offset] == (level, f"{_day_name(offset)}: {text}")
     assert sum(level == "none" for level, _ in api_bar) == 85
     assert api_bar[0] == ("none", f"{_day_name(89)} to {_day_name(6)}: no data")  # one cell
-    assert page.count("<rect ") == 7 + 1 + 1  # api: 84 days of no data, 5 seeded, today
+    assert page.count("<path ") == 7 + 1 + 1  # api: 84 days of no data, 5 seeded, today
     assert f"<strong>{_HISTORY_UPTIME}% uptime</strong>" in page
     assert all(level == "none" for level, _ in evil_bar + cdn_bar)
     assert page.count("<strong>No data</strong>") == 2
@@ -6135,6 +6223,18 @@ def test_page_html_shows_state_bars_and_incidents(client, seeded):
     assert "INC-2025-0002: &lt;script&gt;alert(1)&lt;/script&gt; (resolved)" in past
     assert "after 15 min" in past and "Fixed &amp; verified" in past
     assert "INC-2025-0001" not in page and "INC-2025-0004" not in page  # too old; not on page
+
+
+def test_page_bar_cells_are_runs_of_days_at_one_level():
+    def day(name: str, up: int, down: int) -> dict:
+        return {"day": name, "up": up, "down": down, "degraded": 0, "total": up + down,
+                "uptime": statusapp.uptime_percent(up, up + down)}
+    days = [day("d1", 99, 1), day("d2", 199, 1), day("d3", 5, 0), day("d4", 7, 0),
+            day("d5", 0, 0), day("d6", 9, 1), day("d7", 3, 0)]
+    assert statusapp._day_runs(days) == [
+        (0, 2, "minor", "d1 to d2: 99.33% uptime"), (2, 2, "ok", "d3 to d4: no downtime"),
+        (4, 1, "none", "d5: no data"), (5, 1, "major", "d6: 90.00% uptime"),
+        (6, 1, "ok", "d7: 100.00% uptime")]
 
 
 def test_page_escapes_user_text(client, seeded):
@@ -7234,7 +7334,8 @@ def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
     assert re.search(r'<span class="st st-none"><span aria-hidden="true">[^<]+</span> '
                      r'Maintenance</span>', overview)
     edit = f"/maintenance/{window['id']}/edit"
-    assert re.search(r'id="f-monitorIds"[^>]*>' + monitor["id"], browser.http.get(edit).text)
+    assert re.search(r'<input type="checkbox" id="f-monitorIds-0" name="monitorIds" value="%s" '
+                     r'checked>db \(WEBSITE\)</label>' % monitor["id"], browser.http.get(edit).text)
     assert browser.post(edit, _window_form(title="Recurring", startsAt="2026-01-04T03:00:00",
                                            endsAt="", recurrence="FREQ=WEEKLY;BYDAY=SU",
                                            durationMinutes="30", timezone="Europe/Berlin")
@@ -7248,6 +7349,49 @@ def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
                         ).status_code == 303
     assert browser.http.get(f"/api/v1/maintenance-windows/{window['id']}", headers=api
                             ).status_code == 404
+
+
+def test_a_window_covers_the_monitors_checked_by_name(live):
+    """A list of monitor ids is a checkbox per monitor, by name; the checked ones come back as
+    the list, stay checked when the form is redrawn with an error, and none checked is all."""
+    browser, key = live
+    api = {"X-API-Key": key}
+    made = {name: browser.http.post("/api/v1/monitors", headers=api, json={
+        "name": name, "url": "http://127.0.0.1:9/", "isActive": False, **extra}).json()["id"]
+        for name, extra in (("router", {}), ("NAS", {"type": "PING", "url": "127.0.0.1"}),
+                            ("backup <job>", {}))}
+    form = browser.http.get("/maintenance/new").text
+    picks = re.search(r'<fieldset id="f-monitorIds" [^>]*><legend>Monitors it covers[^<]*'
+                      r'</legend>(.*?)</fieldset>', form, re.S).group(1)
+    assert "None checked: all the team&#x27;s monitors." in picks
+    assert re.findall(r'value="(mon_[^"]+)">([^<]+)</label>', picks) == [
+        (made["backup <job>"], "backup &lt;job&gt; (WEBSITE)"), (made["NAS"], "NAS (PING)"),
+        (made["router"], "router (WEBSITE)")]  # by name, labelled with name and type
+    chosen = [made["NAS"], made["router"]]
+    assert browser.post("/maintenance/new", {**_window_form(), "monitorIds": ["", *chosen]}
+                        ).status_code == 303
+    window = browser.http.get("/api/v1/maintenance-windows", headers=api).json()[
+        "maintenanceWindows"][0]
+    assert sorted(window["monitorIds"]) == sorted(chosen)
+    edit = f"/maintenance/{window['id']}/edit"
+    checked = re.findall(r'value="(mon_[^"]+)" checked>', browser.http.get(edit).text)
+    assert sorted(checked) == sorted(chosen)
+    bad = browser.post(edit, {**_window_form(endsAt="2019-01-01T00:00:00Z"),
+                              "monitorIds": ["", made["router"], made["backup <job>"]]})
+    assert bad.status_code == 400 and 'id="f-endsAt-err"' in bad.text
+    assert sorted(re.findall(r'value="(mon_[^"]+)" checked>', bad.text)) == sorted(
+        [made["router"], made["backup <job>"]])  # what was checked stays checked
+    assert browser.post(edit, {**_window_form(), "monitorIds": ["", made["router"]]}
+                        ).status_code == 303  # NAS unchecked
+    url = f"/api/v1/maintenance-windows/{window['id']}"
+    assert browser.http.get(url, headers=api).json()["monitorIds"] == [made["router"]]
+    assert browser.post(edit, _window_form()).status_code == 303  # none checked
+    assert browser.http.get(url, headers=api).json()["monitorIds"] is None  # all monitors
+    browser.http.put(url, headers=api, json={"monitorIds": [made["router"]]})
+    browser.http.delete(f"/api/v1/monitors/{made['router']}", headers=api)
+    gone = browser.http.get(edit).text  # a deleted monitor's id is shown, not dropped unseen
+    assert re.search(r'value="%s" checked>%s \(unknown id\)</label>' % ((made["router"],) * 2),
+                     gone)
 
 
 def test_a_viewer_cannot_see_or_post_maintenance_and_channel_forms(live):
@@ -7544,13 +7688,17 @@ def test_dashboard_channel_types_and_maintenance_in_a_real_browser(tmp_path):
         driver.find_element(By.LINK_TEXT, "New maintenance window").click()
         wait.until(lambda d: d.find_element(By.ID, "f-title"))
         _fill(driver, title="Disk swap", startsAt="2020-01-01T00:00:00Z",
-              endsAt="2099-01-01T00:00:00Z", monitorIds=monitor["id"])
+              endsAt="2099-01-01T00:00:00Z")
+        driver.find_element(By.XPATH, "//label[.='Database (API)']/input").click()  # by name
         _submit(driver)
         wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Maintenance windows")
         assert "Disk swap" in driver.page_source and "Running" in driver.page_source
         driver.get(srv.url + "/")
         row = wait.until(lambda d: d.find_element(By.XPATH, "//tr[.//a[text()='Database']]"))
         assert row.text.startswith("\u2692 Maintenance")
+        window = httpx.get(srv.url + "/api/v1/maintenance-windows", headers=_as(_owner_key(srv))
+                           ).json()["maintenanceWindows"][0]
+        assert window["monitorIds"] == [monitor["id"]]
     finally:
         driver.quit()
         srv.stop()
