@@ -3794,9 +3794,11 @@ class LocalFeed(Feed):
 
     async def rows(self, ids: list[str] | None) -> list[dict[str, Any]]:
         where = " AND m.id IN (SELECT value FROM json_each(?))" if ids is not None else ""
-        return [feed_row(row) for row in await self.rt.db.fetchall(
+        rows = await self.rt.db.fetchall(
             f"{_FEED_SELECT} WHERE m.is_active = 1 AND m.is_paused = 0{where}",
-            [self.region, self.region, *([json.dumps(ids)] if ids is not None else [])])]
+            [self.region, self.region, *([json.dumps(ids)] if ids is not None else [])])
+        self.rt.maintenance.note_owners(rows)  # its checks are marked from the first one on
+        return [feed_row(row) for row in rows]
 
     def record(self, monitor_id: str, result: CheckResult, at: int, status: str,
                reason: str | None) -> None:
@@ -6174,24 +6176,19 @@ class Maintenance:
         self.clock: Callable[[], int] = now_ms
         self.windows: dict[str, Window] = {}
         self.owners: dict[str, str] = {}  # monitor id -> its team, for checks that name none
-        self.owners_stale = False
         self.wake = asyncio.Event()
-        rt.listeners.append(self._monitor_changed)
-
-    def _monitor_changed(self, monitor_id: str) -> None:
-        self.owners_stale = True
-        self.wake.set()
 
     async def reload(self) -> None:
         rows = await self.rt.db.fetchall("SELECT * FROM maintenance_windows")
         self.windows = {row["id"]: Window.from_row(row) for row in rows}
-        await self.reload_owners()
+        self.note_owners(await self.rt.db.fetchall("SELECT id, account_id FROM monitors"))
         self.wake.set()
 
-    async def reload_owners(self) -> None:
-        self.owners_stale = False
-        self.owners = {row[0]: row[1] for row in await self.rt.db.fetchall(
-            "SELECT id, account_id FROM monitors")}
+    def note_owners(self, rows: Collection[sqlite3.Row]) -> None:
+        """Learn the team of each monitor in ``rows`` (a monitor never changes team).  The
+        feeds note the monitors they hand out, so a new monitor's team is known before its
+        first check, with nothing to wait for."""
+        self.owners.update((row["id"], row["account_id"]) for row in rows)
 
     def active_monitor(self, monitor_id: str, at: int) -> bool:
         """Whether a window covers the monitor at ``at``, by its id alone (probes, agents)."""
@@ -6258,8 +6255,6 @@ async def run_maintenance(rt: Runtime) -> None:
     while True:
         calendar.wake.clear()
         try:
-            if calendar.owners_stale:
-                await calendar.reload_owners()
             await calendar.settle_ends()
         except Exception:
             log.exception("maintenance window ends failed; retrying")
