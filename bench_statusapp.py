@@ -3,6 +3,7 @@
     python bench_statusapp.py probe --monitors 10000 --interval 60
     python bench_statusapp.py agents --agents 4 --monitors 2500 --interval 60
     python bench_statusapp.py heartbeat
+    python bench_statusapp.py idle --monitors 100
     python bench_statusapp.py api
     python bench_statusapp.py assertions
     python bench_statusapp.py dashboard --monitors 500
@@ -288,6 +289,41 @@ def probe(monitors: int, interval: int, duration: int, warmup: int | None, concu
                "health lag p50/p99/max (s)": "/".join(
                    str(health["scheduler"]["lag"][k]) for k in ("p50", "p99", "max")),
            })
+
+async def _pause_all(server: Server) -> int:
+    """Pause every monitor of the server's first team; the number paused."""
+    async with httpx.AsyncClient(base_url=server.url + "/api/v1", timeout=30,
+                                 headers={"X-API-Key": server.key}) as client:
+        ids = [m["id"] for m in (await client.get("/monitors?limit=1000")).json()["monitors"]]
+        for monitor_id in ids:
+            (await client.post(f"/monitors/{monitor_id}/pause")).raise_for_status()
+    return len(ids)
+
+
+@bench.command()
+@click.option("--monitors", default=100, show_default=True, help="Paused monitors to create.")
+@click.option("--seconds", default=60, show_default=True, help="Seconds measured.")
+@click.option("--settle", default=10, show_default=True, help="Seconds after pausing, unmeasured.")
+def idle(monitors: int, seconds: int, settle: int) -> None:
+    """An idle server (every monitor paused, no requests): CPU-ms per second of its background
+    services, from /proc."""
+    target_proc, target_url = _start_target()
+    server = Server().start()
+    try:
+        asyncio.run(_create_monitors(server, target_url, monitors, 20))
+        paused = asyncio.run(_pause_all(server))
+        time.sleep(settle)
+        before, t0 = server.stats(), time.monotonic()
+        time.sleep(seconds)
+        after, t1 = server.stats(), time.monotonic()
+    finally:
+        server.stop()
+        target_proc.terminate()
+        target_proc.wait(timeout=10)
+    report(f"idle: {paused} paused monitors, no requests, {seconds} s", {
+        "CPU-ms per second": (after["cpu_s"] - before["cpu_s"]) * 1000 / (t1 - t0),
+        "peak RSS (MB)": after["peak_rss_mb"]})
+
 
 @bench.command()
 @click.option("--monitors", default=1000, show_default=True, help="Monitors to create.")

@@ -4284,6 +4284,7 @@ class Heartbeats:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
+        self.rt.engine_wake.set()
         beat.status = Status.DOWN
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
@@ -5429,6 +5430,8 @@ class Verdicts:
             self.pending = {**pending, **self.pending}  # nothing was written: retry them all
             self.wake.set()
             raise
+        if pending:  # some may have written a status transition
+            self.rt.engine_wake.set()
 
     async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
                        reason: str | None) -> None:
@@ -5531,6 +5534,7 @@ async def sweep_regions(rt: Runtime) -> None:
             await _set_liveness(conn, region, alive, now, limit)
         log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
     if flipped:
+        rt.outbox_wake.set()
         await rt.load_regions()
         reason = ", ".join(f"worker region {r['id']} {'is back' if a else 'went silent'}"
                            for r, a in flipped)
@@ -5547,8 +5551,15 @@ async def run_regions(rt: Runtime) -> None:
 # monitor's incident, writes its status update, queues every alert in alert_outbox and sets
 # processed_at: a crash leaves all of that or none of it, so no alert is lost or queued twice.
 # Delivery workers then drain the outbox off the probe path, one task per target.
+#
+# Both wait for work rather than poll: whoever commits a transition sets
+# ``Runtime.engine_wake``, whoever queues an alert outside the engine ``Runtime.outbox_wake``,
+# and delivery sleeps until the earliest queued retry or storm group is due.  The work is in
+# the database before the wake-up, so a restart finds it; INCIDENT_SAFETY_POLL is the longest
+# either waits anyway, for a wake-up missed (a write by another process: nothing in StatusApp
+# writes transitions or alerts outside the server, but a second server could share the file).
 
-INCIDENT_POLL = 0.25       # seconds between looks for new transitions and queued alerts
+INCIDENT_SAFETY_POLL = 5.0  # seconds: the longest the engine and the outbox wait without a look
 INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
 STORM_HOLD_LIMIT = 10      # a storm's grouped message waits at most this many storm windows
 WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
@@ -5754,7 +5765,7 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
 
 async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
                               hold_ms: int, calendar: Maintenance | None = None) -> None:
-    """Act on one status transition, exactly once (see the comment above INCIDENT_POLL).
+    """Act on one status transition, exactly once (see the comment above INCIDENT_SAFETY_POLL).
     Inside a suppressing maintenance window no incident opens and no alert is queued (an open
     one may still resolve, silently)."""
     transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
@@ -6001,14 +6012,15 @@ async def _target_name(rt: Runtime, row: sqlite3.Row) -> str:
     return f"{row['channel_type']} {name!r}" if name is not None else f"deleted {ident}"
 
 
-async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
+async def _delivery_loop(rt: Runtime) -> None:
     """Drain the outbox: targets in parallel within the slot limits (in all and per host), each
-    target's alerts in order, one attempt at a time; failed attempts wait in the outbox.
+    target's alerts in order, one attempt at a time; failed attempts wait in the outbox.  It
+    sleeps until woken (an alert queued, an attempt finished) or the next row is due.
 
     The outbox is read on a reader connection, whose answer can predate the commit of a
     delivery that finished meanwhile; ``started`` (row ids and attempt counts taken in hand,
     until seen changed) keeps such a stale answer from sending an attempt twice."""
-    slots, started = _Slots(rt.cfg), set[tuple[int, int]]()
+    slots, started, wake = _Slots(rt.cfg), set[tuple[int, int]](), rt.outbox_wake
     running: set[asyncio.Task[DeliveryAttempt]] = set()
 
     def finished(host: str, lanes: set[str], task: asyncio.Task[DeliveryAttempt]) -> None:
@@ -6025,7 +6037,8 @@ async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
         try:
             while True:
                 wake.clear()
-                rows = await rt.db.fetchall(_DUE_SQL, (now_ms(),))
+                now = now_ms()
+                rows = await rt.db.fetchall(_DUE_SQL, (now,))
                 state = {(row["id"], row["attempts"]): row for row in rows}
                 started &= set(state)  # the others are done or were tried again
                 for unit in _batches([row for at, row in state.items() if at not in started]):
@@ -6038,8 +6051,7 @@ async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
                     task = asyncio.create_task(_deliver_queued(rt, ctx, unit))
                     running.add(task)
                     task.add_done_callback(functools.partial(finished, host, lanes - {""}))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), INCIDENT_POLL)
+                await _sleep_until_due(rt, wake, now)
         finally:
             tasks = list(running)
             for task in tasks:
@@ -6047,22 +6059,33 @@ async def _delivery_loop(rt: Runtime, wake: asyncio.Event) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_incidents(rt: Runtime) -> None:
-    """The incident engine and the alert delivery workers, until cancelled."""
-    wake = asyncio.Event()
+async def _sleep_until_due(rt: Runtime, wake: asyncio.Event, now: int) -> None:
+    """Wait for ``wake``, the next outbox row not yet due at ``now``, or the safety poll."""
+    due = await rt.db.fetchval("SELECT MIN(next_attempt_at) FROM alert_outbox"
+                               " WHERE done_at IS NULL AND next_attempt_at > ?", (now,))
+    timeout = INCIDENT_SAFETY_POLL if due is None else min(
+        INCIDENT_SAFETY_POLL, max(0.0, (due - now_ms()) / 1000) + 0.005)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), timeout)
 
+
+async def run_incidents(rt: Runtime) -> None:
+    """The incident engine and the alert delivery workers, until cancelled; both look at
+    start-up, so work queued before a restart is found at once."""
     async def engine() -> None:
         while True:
+            rt.engine_wake.clear()
             try:
                 if await process_transitions(rt):
                     rt.public_cache.invalidate()
-                    wake.set()
+                    rt.outbox_wake.set()
                     continue
             except Exception:
                 log_failure("incident engine failed; retrying")
-            await asyncio.sleep(INCIDENT_POLL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.engine_wake.wait(), INCIDENT_SAFETY_POLL)
 
-    await asyncio.gather(engine(), _delivery_loop(rt, wake))
+    await asyncio.gather(engine(), _delivery_loop(rt))
 
 
 # Maintenance windows
@@ -6233,6 +6256,7 @@ class Maintenance:
         statements.append(("UPDATE maintenance_windows SET ends_handled_at = ? WHERE id = ?",
                            (now, window.id)))
         await self.rt.db.write(statements)
+        self.rt.engine_wake.set()
         window.handled = now
 
     def _held(self, ending: Window, monitor_id: str, at: int) -> bool:
@@ -6746,6 +6770,7 @@ async def run_regression(rt: Runtime) -> None:
     """Evaluate regression detection once a minute."""
     async def regressions() -> None:
         for monitor_id in await detect_regressions(rt.db, rt.cfg):
+            rt.engine_wake.set()
             rt.monitor_changed(monitor_id)
     await repeat(60, regressions)
 
@@ -7683,8 +7708,11 @@ async def record_ping(rt: Runtime, request: Request, beat: _Beat, token: str, ki
         at = now_ms()
         ping = Ping(kind, message, exit_code, hb.source_ip(request), agent, at, logged,
                     rt.maintenance.active(beat.account_id, beat.monitor_id, at))
+        before = beat.status
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
+        if beat.status != before:  # a status transition was committed
+            rt.engine_wake.set()
     hb.schedule(beat)
     return _OK if logged else _OK_NOT_LOGGED
 
@@ -7941,6 +7969,7 @@ async def post_incident_update(call: Call) -> Response:
                                  note=clean["message"])
         else:
             await add_incident_update(conn, row["id"], clean["status"], clean["message"], now_ms())
+    call.rt.outbox_wake.set()
     return JSONResponse(await _incident_detail(call.rt, await load_owned(call, "incidents")), 201)
 
 
@@ -11978,6 +12007,8 @@ class Runtime:
         self.agent_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock)
         self.scheduler: Scheduler | None = None
+        self.engine_wake = asyncio.Event()  # set after a status transition is committed
+        self.outbox_wake = asyncio.Event()  # set after an alert is queued outside the engine
         self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
         self.secret = ""  # signs dashboard session cookies (server_secrets)
         self._tasks: list[asyncio.Task[None]] = []

@@ -3981,23 +3981,34 @@ def _inc_channel(client, kind: str, config: dict, name: str = "chan") -> dict:
 
 def _inc_transition(client, monitor_id: str, old: str, new: str, at: int, reason=None,
                     check: statusapp.CheckResult | None = None) -> None:
-    """Record a check and a status change the way the prober and heartbeats do."""
+    """Record a check and a status change the way the prober and heartbeats do (waking the
+    incident engine once it is committed)."""
     statements = statusapp.transition_statements(monitor_id, old, new, reason, at)
     if check is not None:
         statements = statusapp.check_statements(monitor_id, "local", check, at) + statements
-    client.portal.call(client.app.state.statusapp.db.write, statements)
+    _inc_write(client, statements)
 
 
-def _inc_marker(cfg: dict, monitor_id: str, old: str, new: str) -> None:
+def _inc_write(client, statements: list) -> None:
+    rt = client.app.state.statusapp
+    client.portal.call(rt.db.write, statements)
+    client.portal.call(rt.engine_wake.set)
+
+
+def _inc_marker(cfg: dict, monitor_id: str, old: str, new: str, client=None) -> None:
     """A later transition of the monitor, as a positive sign that nothing more arrives before it.
 
     The engine consumes transitions in order and each target (channel or webhook, per monitor)
     gets its alerts in order, so once the marker is consumed and every queued alert is done,
-    any repeat of an earlier alert would already have been sent."""
-    with sqlite3.connect(cfg["server"]["database"], timeout=10) as conn:
-        for statement, params in statusapp.transition_statements(monitor_id, old, new, "marker",
-                                                                 statusapp.now_ms()):
-            conn.execute(statement, params)
+    any repeat of an earlier alert would already have been sent.  Written through ``client``'s
+    server, or else by another connection, which the engine finds on its safety poll."""
+    if client is not None:
+        _inc_transition(client, monitor_id, old, new, statusapp.now_ms(), "marker")
+    else:
+        with sqlite3.connect(cfg["server"]["database"], timeout=10) as conn:
+            for statement, params in statusapp.transition_statements(
+                    monitor_id, old, new, "marker", statusapp.now_ms()):
+                conn.execute(statement, params)
     eventually(lambda: sql(cfg, "SELECT (SELECT COUNT(*) FROM status_transitions WHERE"
                                 " processed_at IS NULL) + (SELECT COUNT(*) FROM alert_outbox"
                                 " WHERE done_at IS NULL)") == [(0,)])
@@ -4094,7 +4105,7 @@ def test_incident_opens_alerts_once_and_resolves_with_mttr(tmp_path, notify_http
         assert listed["lastStatus"] == 200 and listed["lastTriggeredAt"]
         assert sql(cfg, "SELECT COUNT(*) FROM status_transitions WHERE processed_at IS NULL") \
             == [(0,)]
-        _inc_marker(cfg, monitor["id"], "UP", "DOWN")  # its DOWN: 4 requests and a mail
+        _inc_marker(cfg, monitor["id"], "UP", "DOWN", client)  # its DOWN: 4 requests and a mail
         assert len(notify_http.requests) == 8 + 4 and len(mailbox.envelopes) == 2 + 1  # once
 
 
@@ -4114,7 +4125,7 @@ def test_degraded_warns_without_incident_and_one_open_incident_per_monitor(tmp_p
                                         category="SSL_CERTIFICATE")
         _inc_transition(client, monitor["id"], "UP", "DEGRADED", at, warning.error, warning)
         eventually(lambda: len(notify_http.requests) >= 1)
-        _inc_marker(cfg, monitor["id"], "DEGRADED", "DEGRADED")  # a repeat alerts nobody
+        _inc_marker(cfg, monitor["id"], "DEGRADED", "DEGRADED", client)  # a repeat alerts nobody
         assert [r["path"] for r in notify_http.requests] == ["/slack"]  # webhooks: no event
         assert "DEGRADED" in json.loads(notify_http.requests[0]["body"])["text"]
         assert client.get("/api/v1/incidents").json()["incidents"] == []
@@ -4131,7 +4142,7 @@ def test_degraded_warns_without_incident_and_one_open_incident_per_monitor(tmp_p
         assert incident["rootCause"] == "certificate expired"
         assert client.get("/api/v1/incidents?status=resolved").json()["incidents"] == []
         assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)]
-        _inc_marker(cfg, monitor["id"], "DOWN", "DOWN")
+        _inc_marker(cfg, monitor["id"], "DOWN", "DOWN", client)
         assert len(notify_http.requests) == 4  # the repeated DOWNs alerted nobody
 
 
@@ -4154,11 +4165,48 @@ def test_queued_alert_survives_restart_and_is_delivered_once(tmp_path, notify_ht
         [("monitor.down",)]
     monkeypatch.undo()
     for _ in range(2):
-        with TestClient(statusapp.create_app(cfg)):
+        with TestClient(statusapp.create_app(cfg)) as client:
             eventually(lambda: len(notify_http.requests) >= 1)
-            _inc_marker(cfg, monitor["id"], "DOWN", "DOWN")  # consumed: nothing to send
+            _inc_marker(cfg, monitor["id"], "DOWN", "DOWN", client)  # consumed: nothing to send
     assert len(notify_http.requests) == 1
     assert sql(cfg, "SELECT status, attempts FROM alert_outbox") == [("delivered", 1)]
+
+
+def test_engine_and_outbox_are_woken_by_work_and_never_poll_while_idle(tmp_path, notify_http,
+                                                                       monkeypatch):
+    """With the safety poll an hour away, a committed transition still gets its alert at once
+    (the engine and the outbox were woken), and once it is delivered neither reads the
+    database between two region sweeps: they wait for work instead of polling."""
+    monkeypatch.setattr(statusapp, "INCIDENT_SAFETY_POLL", 3600.0)
+    seen: list[str] = []
+    fetchall, sweep = statusapp.Database.fetchall, statusapp.sweep_regions
+
+    async def counted_fetchall(db, query, params=()):
+        seen.append(query)
+        return await fetchall(db, query, params)
+
+    async def counted_sweep(rt):
+        seen.append("sweep")
+        await sweep(rt)
+    monkeypatch.setattr(statusapp.Database, "fetchall", counted_fetchall)
+    monkeypatch.setattr(statusapp, "sweep_regions", counted_sweep)
+    url = notify_http.url
+    cfg = _inc_cfg(tmp_path, url)
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": new_key(cfg)}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{url}/slack"})
+        monitor = _inc_monitor(client, notifications=[{"channelId": slack["id"]}])
+        _inc_transition(client, monitor["id"], "UP", "DOWN", statusapp.now_ms(), "boom",
+                        _INC_DOWN)
+        eventually(lambda: len(notify_http.requests) == 1)
+        eventually(lambda: sql(cfg, "SELECT COUNT(*) FROM alert_outbox WHERE done_at IS NULL")
+                   == [(0,)])
+        mark = len(seen)
+        eventually(lambda: seen[mark:].count("sweep") >= 3)
+        sweeps = [n for n, query in enumerate(seen) if n >= mark and query == "sweep"]
+        between = seen[sweeps[1]:sweeps[2]]  # after the last delivery's own wake-up settled
+    assert [q for q in between if "alert_outbox" in q or "status_transitions" in q] == []
+    assert "SELECT * FROM worker_regions" in between  # the sweep itself did read
+    assert sql(cfg, "SELECT status FROM alert_outbox") == [("delivered",)]
 
 
 def test_failing_channels_retry_are_marked_and_never_delay_others(tmp_path, notify_http):
@@ -4362,7 +4410,7 @@ def test_alert_storm_groups_person_facing_channels_and_keeps_webhook_events(tmp_
         at = statusapp.now_ms()
         statements = [statement for m in monitors for statement in statusapp.transition_statements(
             m["id"], "UP", "DOWN", "connection refused", at)]
-        client.portal.call(client.app.state.statusapp.db.write, statements)
+        _inc_write(client, statements)
         eventually(lambda: sql(cfg, "SELECT COUNT(*), SUM(done_at IS NULL) FROM alert_outbox")
                    == [(400, 0)])  # one snapshot: all queued and all done
         assert len(_inc_paths(notify_http, "/hook")) == 200  # machines: one event each
