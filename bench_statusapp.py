@@ -300,29 +300,42 @@ async def _pause_all(server: Server) -> int:
     return len(ids)
 
 
+def _thread_cpu_ns(pid: int) -> int:
+    """CPU time (ns) of a process's live threads, from /proc's schedstat: finer than the 10 ms
+    ticks of /proc/PID/stat, which an idle server spends a few of per second."""
+    return sum(int((task / "schedstat").read_text().split()[0])
+               for task in Path(f"/proc/{pid}/task").iterdir())
+
+
 @bench.command()
 @click.option("--monitors", default=100, show_default=True, help="Paused monitors to create.")
 @click.option("--seconds", default=60, show_default=True, help="Seconds measured.")
 @click.option("--settle", default=10, show_default=True, help="Seconds after pausing, unmeasured.")
 def idle(monitors: int, seconds: int, settle: int) -> None:
     """An idle server (every monitor paused, no requests): CPU-ms per second of its background
-    services, from /proc."""
+    services, beside an idle no-op Starlette server (uvicorn's own ticks) in the same window."""
     target_proc, target_url = _start_target()
-    server = Server().start()
+    server, noop = Server().start(), Noop()
     try:
         asyncio.run(_create_monitors(server, target_url, monitors, 20))
         paused = asyncio.run(_pause_all(server))
         time.sleep(settle)
-        before, t0 = server.stats(), time.monotonic()
+        pids = (server.proc.pid, noop.proc.pid)
+        before, t0 = [_thread_cpu_ns(pid) for pid in pids], time.monotonic()
         time.sleep(seconds)
-        after, t1 = server.stats(), time.monotonic()
+        after, t1 = [_thread_cpu_ns(pid) for pid in pids], time.monotonic()
+        rss = server.stats()["peak_rss_mb"]
     finally:
         server.stop()
+        noop.stop()
         target_proc.terminate()
         target_proc.wait(timeout=10)
+    own, floor = ((b - a) / 1e6 / (t1 - t0) for a, b in zip(before, after))
     report(f"idle: {paused} paused monitors, no requests, {seconds} s", {
-        "CPU-ms per second": (after["cpu_s"] - before["cpu_s"]) * 1000 / (t1 - t0),
-        "peak RSS (MB)": after["peak_rss_mb"]})
+        "CPU-ms per second": own,
+        "no-op server CPU-ms per second (floor)": floor,
+        "above the floor (CPU-ms per second)": own - floor,
+        "peak RSS (MB)": rss})
 
 
 @bench.command()
