@@ -3995,20 +3995,19 @@ def _inc_write(client, statements: list) -> None:
     client.portal.call(rt.engine_wake.set)
 
 
-def _inc_marker(cfg: dict, monitor_id: str, old: str, new: str, client=None) -> None:
+def _inc_marker(cfg: dict, monitor_id: str, old: str, new: str, client) -> None:
     """A later transition of the monitor, as a positive sign that nothing more arrives before it.
 
     The engine consumes transitions in order and each target (channel or webhook, per monitor)
     gets its alerts in order, so once the marker is consumed and every queued alert is done,
-    any repeat of an earlier alert would already have been sent.  Written through ``client``'s
-    server, or else by another connection, which the engine finds on its safety poll."""
-    if client is not None:
-        _inc_transition(client, monitor_id, old, new, statusapp.now_ms(), "marker")
-    else:
-        with sqlite3.connect(cfg["server"]["database"], timeout=10) as conn:
-            for statement, params in statusapp.transition_statements(
-                    monitor_id, old, new, "marker", statusapp.now_ms()):
-                conn.execute(statement, params)
+    any repeat of an earlier alert would already have been sent."""
+    _inc_transition(client, monitor_id, old, new, statusapp.now_ms(), "marker")
+    _inc_settled(cfg)
+
+
+def _inc_settled(cfg: dict) -> None:
+    """Wait until every transition is consumed and every queued alert is done (sent, or failed
+    for good): then no alert for what happened so far is still to come."""
     eventually(lambda: sql(cfg, "SELECT (SELECT COUNT(*) FROM status_transitions WHERE"
                                 " processed_at IS NULL) + (SELECT COUNT(*) FROM alert_outbox"
                                 " WHERE done_at IS NULL)") == [(0,)])
@@ -4648,7 +4647,7 @@ def test_target_down_opens_one_incident_alerts_once_and_recovery_resolves_it(tmp
         eventually(lambda: len(sent("/slack")) == 2 and len(sent("/pd")) == 2
                     and len(sent("/hook")) == 4)
         assert len(api.get("/incidents").json()["incidents"]) == 1
-        _inc_marker({"server": {"database": srv.db}}, monitor_id, "UP", "UP")
+        _inc_settled({"server": {"database": srv.db}})
         assert (len(sent("/slack")), len(sent("/pd")), len(sent("/hook"))) == (2, 2, 4)  # once
         trigger, resolve = sent("/pd")
         assert (trigger["event_action"], resolve["event_action"]) == ("trigger", "resolve")
