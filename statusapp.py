@@ -10659,7 +10659,7 @@ button.danger{background:var(--down);border-color:var(--down);color:#fff}
 label{display:block;font-weight:600;margin:.75rem 0 .25rem}
 input,select,textarea{font:inherit;color:var(--text);background:var(--bg);
 border:1px solid var(--line);border-radius:.375rem;padding:.4rem;width:100%;max-width:36rem}
-input[type=checkbox]{width:auto;margin-right:.5rem}
+input[type=checkbox],input[type=radio]{width:auto;margin-right:.5rem}
 .picks{max-height:16rem;overflow-y:auto;border:1px solid var(--line);border-radius:.375rem;
 padding:.25rem .5rem}label.pick{display:flex;align-items:center;font-weight:400;margin:.2rem 0;
 overflow-wrap:anywhere}
@@ -10690,8 +10690,8 @@ pre{white-space:pre-wrap;background:var(--bg);padding:.5rem;border-radius:.375re
 th,td{padding:.3rem}}
 """
 DASHBOARD_CSS_URL = f"/dashboard.css?v={hashlib.sha256(DASHBOARD_CSS.encode()).hexdigest()[:12]}"
-# Copy buttons, the form's type switch, submitting a type chooser on change and live
-# refresh; the page works without it.
+# Copy buttons, the form's type switch, checking a box choosing "only" of its scope choice,
+# submitting a type chooser on change and live refresh; the page works without it.
 DASHBOARD_JS = """
 function wire(root){root.querySelectorAll("[data-copy]").forEach(function(b){b.hidden=false;
 b.onclick=function(){navigator.clipboard.writeText(document.getElementById(b.dataset.copy)
@@ -10701,6 +10701,9 @@ var kind=document.querySelector("[data-kind-select]");
 function showKinds(){document.querySelectorAll("[data-kinds]").forEach(function(e){
 e.hidden=e.dataset.kinds.split(" ").indexOf(kind.value)<0;});}
 if(kind){kind.addEventListener("change",showKinds);showKinds();}
+document.querySelectorAll("[data-only]").forEach(function(r){r.closest("fieldset")
+.querySelectorAll("input[type=checkbox]").forEach(function(c){c.addEventListener("change",
+function(){if(c.checked){r.checked=true;}});});});
 document.querySelectorAll("form[data-autosubmit] select").forEach(function(s){
 s.addEventListener("change",function(){s.form.submit();});});
 var every=document.body.dataset.refresh;
@@ -10961,7 +10964,10 @@ def form_rows(field: Field, subs: Sequence[Field], values: dict[str, str],
 
 # An array of the team's ids (``Field.ids_of``, such as a maintenance window's monitorIds) is a
 # checkbox per item, labelled with its name and type, in a box that scrolls when the list is
-# long; the browser sends one value of the field's name per checked box.
+# long; the browser sends one value of the field's name per checked box.  When null means
+# something of its own (``Field.unset``: all the team's monitors), two radio buttons named
+# ``<field>.scope`` come first: "all" (null) or "only" (the checked ones, possibly none).
+SCOPE = ".scope"
 ID_CHOICES = {"monitors": "SELECT id, name || ' (' || type || ')' FROM monitors"
                           " WHERE account_id = ? ORDER BY name COLLATE NOCASE, id"}
 
@@ -10980,26 +10986,54 @@ def picked_form(v: Visit, fields: Sequence[Field]) -> dict[str, str]:
                          if f.ids_of and f.name in v.every}}
 
 
-def form_ids(field: Field, choices: Sequence[tuple[str, str]], text: str,
+def scoped_ids(field: Field, form: dict[str, str]) -> list[str] | None:
+    """The value of an ``ids_of`` field with a scope choice: "all" is null, "only" the checked
+    ids ([] when none is); "all" with boxes checked is refused rather than guessed."""
+    checked = form_value(field, form.get(field.name, ""))
+    if form[field.name + SCOPE] != "all":
+        return checked or []
+    if checked:
+        raise ValidationFailed([{"path": [field.name], "message": (
+            f'{len(checked)} checked, but "{field.unset}" chosen: choose '
+            f'"{_only_words(field)}" or uncheck them')}])
+    return None
+
+
+def _only_words(field: Field) -> str:
+    return f"Only the {field.ids_of} checked below"
+
+
+def form_scope(field: Field, scope: str) -> str:
+    """The "all" / "only" radio buttons of an ``ids_of`` field with ``unset`` words."""
+    ident, name = _ident(field.name), _esc(field.name + SCOPE)
+    return "".join(
+        f'<label class="pick"><input type="radio" id="{ident}-{value}" name="{name}" '
+        f'value="{value}"{" checked" if value == scope else ""}{extra}>{_esc(words)}</label>'
+        for value, words, extra in (("all", field.unset[:1].upper() + field.unset[1:], ""),
+                                    ("only", _only_words(field), " data-only")))
+
+
+def form_ids(field: Field, choices: Sequence[tuple[str, str]], values: dict[str, str],
              error: str | None) -> str:
-    """A fieldset of checkboxes, one per choice, those in ``text`` checked.  A checked id that
-    is no choice (a deleted monitor) stays shown, so saving never drops it unseen; the hidden
-    empty value makes "none checked" a value too."""
-    ident, name = _ident(field.name), _esc(field.name)
+    """A fieldset of checkboxes, one per choice, those in the values checked (after the scope
+    choice, when the field has one).  A checked id that is no choice (a deleted monitor) stays
+    shown, so saving never drops it unseen; the hidden empty value makes "none checked" a value
+    too."""
+    ident, name, text = _ident(field.name), _esc(field.name), values.get(field.name, "")
     checked = {line for line in text.split("\n") if line}
     known = {value for value, _ in choices}
     rows = [*choices, *((x, f"{x} (unknown id)") for x in sorted(checked - known))]
     boxes = "".join(f'<label class="pick"><input type="checkbox" id="{ident}-{i}" name="{name}" '
                     f'value="{_esc(value)}"{" checked" if value in checked else ""}>'
                     f'{_esc(label)}</label>' for i, (value, label) in enumerate(rows))
-    hint = ("" if rows else f"No {field.ids_of} yet. ") + (
-        f"None checked: {field.unset}." if field.unset else "Check any number.")
+    hint = ("" if rows else f"No {field.ids_of} yet. ") + "Check any number."
+    scope = form_scope(field, values.get(field.name + SCOPE, "all")) if field.unset else ""
     described = f"{ident}-hint" + (f" {ident}-err" if error else "")
     shown = f' data-kinds="{" ".join(field.kinds)}"' if field.kinds else ""
     err = f'<p class="err" id="{ident}-err">{_esc(error)}</p>' if error else ""
     return (f'<fieldset id="{ident}" aria-describedby="{described}"{shown}><legend>'
             f'{_esc(field.doc or field.name)}</legend><p class="hint" id="{ident}-hint">'
-            f'{_esc(hint)}</p>{err}<input type="hidden" name="{name}" value="">'
+            f'{_esc(hint)}</p>{err}{scope}<input type="hidden" name="{name}" value="">'
             f'<div class="picks">{boxes}</div></fieldset>')
 
 
@@ -11017,6 +11051,8 @@ def form_body(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
             parts = {sub.name: form_value(sub, form.get(f"{field.name}.{sub.name}", ""))
                      for sub in nested[field.name] if f"{field.name}.{sub.name}" in form}
             value = {k: x for k, x in parts.items() if x is not None} or None
+        elif field.ids_of and field.unset and field.name + SCOPE in form:
+            value = scoped_ids(field, form)
         elif field.name in form:
             value = form_value(field, form[field.name])
         else:
@@ -11113,8 +11149,8 @@ def form_fields(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
     for field in fields:
         subs = row_fields(field)
         if field.ids_of:
-            out.append(form_ids(field, (choices or {}).get(field.ids_of, ()),
-                                values.get(field.name, ""), errors.get(field.name)))
+            out.append(form_ids(field, (choices or {}).get(field.ids_of, ()), values,
+                                errors.get(field.name)))
         elif subs is not None:
             out.append(form_rows(field, subs, values, errors, cfg))
         elif field.name not in nested:
@@ -11155,6 +11191,8 @@ def form_values(fields: Sequence[Field], nested: dict[str, tuple[Field, ...]],
                 values[f"{field.name}.{sub.name}"] = form_text(sub, (value or {}).get(sub.name))
         else:
             values[field.name] = form_text(field, value)
+        if field.ids_of and field.unset:
+            values[field.name + SCOPE] = "all" if value is None else "only"
     return values
 
 
@@ -11283,8 +11321,8 @@ async def _save(v: Visit, res: Resource, form: FormShape, ident: str | None,
                 existing: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """Submit the form through the API handler: (its answer, {}) or (None, field errors)."""
     method, path = _write_route(res, ident)
-    body = form_body(res.fields, form.nested, picked_form(v, res.fields), existing)
     try:
+        body = form_body(res.fields, form.nested, picked_form(v, res.fields), existing)
         return await act(v, method, path, {res.param: ident} if ident else {}, body), {}
     except ValidationFailed as exc:
         return None, issue_errors(exc)

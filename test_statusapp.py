@@ -47,6 +47,7 @@ import gzip
 import email.policy
 import hashlib
 import hmac
+import html.parser
 import http.server
 import itertools
 import json
@@ -7409,8 +7410,9 @@ def test_maintenance_windows_are_listed_created_edited_and_deleted(live):
         "name": "db", "url": "http://127.0.0.1:9/", "interval": 3600}).json()
     assert "No maintenance windows yet." in browser.http.get("/maintenance").text
     form = browser.http.get("/maintenance/new").text
-    assert {f.name for f in statusapp.MAINTENANCE_FIELDS if not f.read_only} == _form_inputs(
-        form) - {"csrf"}
+    fields = [f for f in statusapp.MAINTENANCE_FIELDS if not f.read_only]
+    assert {f.name for f in fields} | {f.name + statusapp.SCOPE for f in fields if f.unset} == (
+        _form_inputs(form) - {"csrf"})  # and the "all" / "only" choice of monitorIds
     bad = browser.post("/maintenance/new", _window_form(endsAt="2019-01-01T00:00:00Z"))
     assert bad.status_code == 400 and re.search(r'id="f-endsAt-err">endsAt must be after', bad.text)
     assert browser.post("/maintenance/new", _window_form(monitorIds=monitor["id"])
@@ -7453,13 +7455,16 @@ def test_a_window_covers_the_monitors_checked_by_name(live):
     form = browser.http.get("/maintenance/new").text
     picks = re.search(r'<fieldset id="f-monitorIds" [^>]*><legend>Monitors it covers[^<]*'
                       r'</legend>(.*?)</fieldset>', form, re.S).group(1)
-    assert "None checked: all the team&#x27;s monitors." in picks
+    assert re.findall(r'<input type="radio" [^>]*name="monitorIds.scope" value="(\w+)"( checked)?'
+                      r'[^>]*>([^<]+)</label>', picks) == [
+        ("all", " checked", "All the team&#x27;s monitors"),
+        ("only", "", "Only the monitors checked below")]  # a new window covers all
     assert re.findall(r'value="(mon_[^"]+)">([^<]+)</label>', picks) == [
         (made["backup <job>"], "backup &lt;job&gt; (WEBSITE)"), (made["NAS"], "NAS (PING)"),
         (made["router"], "router (WEBSITE)")]  # by name, labelled with name and type
     chosen = [made["NAS"], made["router"]]
-    assert browser.post("/maintenance/new", {**_window_form(), "monitorIds": ["", *chosen]}
-                        ).status_code == 303
+    assert browser.post("/maintenance/new", {**_window_form(), "monitorIds": ["", *chosen],
+                                             "monitorIds.scope": "only"}).status_code == 303
     window = browser.http.get("/api/v1/maintenance-windows", headers=api).json()[
         "maintenanceWindows"][0]
     assert sorted(window["monitorIds"]) == sorted(chosen)
@@ -7482,6 +7487,90 @@ def test_a_window_covers_the_monitors_checked_by_name(live):
     gone = browser.http.get(edit).text  # a deleted monitor's id is shown, not dropped unseen
     assert re.search(r'value="%s" checked>%s \(unknown id\)</label>' % ((made["router"],) * 2),
                      gone)
+
+
+class _Submitted(html.parser.HTMLParser):
+    """What a browser sends for a page's POST form left as drawn: each input's value (a
+    checkbox's or radio button's when checked), each select's chosen option (else its first),
+    each text area's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.form: dict[str, list[str]] = {}
+        self.into: str | None = None  # the select or text area being read
+        self.option: tuple[str | None, bool] | None = None  # value attribute, selected
+        self.text = ""
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        at = dict(attrs)
+        if tag == "input" and (at.get("type") not in ("checkbox", "radio") or "checked" in at):
+            self.form.setdefault(at["name"], []).append(at.get("value") or "")
+        elif tag in ("select", "textarea"):
+            self.into, self.text = at["name"], ""
+        elif tag == "option":
+            self.option, self.text = (at.get("value"), "selected" in at), ""
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "option" and self.option and self.into:
+            value = self.text if self.option[0] is None else self.option[0]
+            if self.option[1] or self.into not in self.form:
+                self.form[self.into] = [value]
+        elif tag == "textarea" and self.into:
+            self.form[self.into] = [self.text]
+        if tag in ("select", "textarea"):
+            self.into = None
+
+
+def _as_submitted(page: str, action: str) -> dict[str, list[str]]:
+    parser = _Submitted()
+    parser.feed(re.search(r'<form method="post" action="%s".*?</form>' % re.escape(action),
+                          page, re.S).group(0))
+    return parser.form
+
+
+def _scope_of(page: str) -> tuple[str, list[str]]:
+    """The scope chosen in a window form, and the monitors checked."""
+    return (re.search(r'name="monitorIds.scope" value="(\w+)" checked', page).group(1),
+            sorted(re.findall(r'value="(mon_[^"]+)" checked>', page)))
+
+
+def test_a_window_of_no_monitors_stays_one_when_saved_from_the_dashboard(live):
+    """null (all the team's monitors) and [] (none) are told apart by an explicit choice drawn
+    before the checkboxes: a window of no monitors saved unchanged keeps [], "all" saves null,
+    "only" the checked ones, and "all" with boxes checked is refused rather than guessed."""
+    browser, key = live
+    api = {"X-API-Key": key}
+    ids = sorted(browser.http.post("/api/v1/monitors", headers=api, json={
+        "name": name, "url": "http://127.0.0.1:9/", "isActive": False}).json()["id"]
+        for name in ("router", "NAS", "mail"))
+    window = browser.http.post("/api/v1/maintenance-windows", headers=api, json={
+        "title": "Reboot", "startsAt": "2020-01-01T00:00:00Z", "endsAt": "2099-01-01T00:00:00Z",
+        "monitorIds": []}).json()
+    url, edit = f"/api/v1/maintenance-windows/{window['id']}", f"/maintenance/{window['id']}/edit"
+    assert window["monitorIds"] == [] and _scope_of(browser.http.get(edit).text) == ("only", [])
+    unchanged = _as_submitted(browser.http.get(edit).text, edit)
+    assert unchanged["monitorIds.scope"] == ["only"] and unchanged["monitorIds"] == [""]
+    assert unchanged["title"] == ["Reboot"] and unchanged["timezone"] == ["UTC"]
+    assert browser.post(edit, unchanged).status_code == 303
+    assert browser.http.get(url, headers=api).json()["monitorIds"] == []  # still none
+    bad = browser.post(edit, {**unchanged, "monitorIds.scope": "all",
+                              "monitorIds": ["", ids[0]]})
+    assert bad.status_code == 400 and 'id="f-monitorIds-err"' in bad.text
+    assert _scope_of(bad.text) == ("all", [ids[0]])  # kept as posted, to be corrected
+    assert browser.http.get(url, headers=api).json()["monitorIds"] == []
+    assert browser.post(edit, {**unchanged, "monitorIds.scope": "all"}).status_code == 303
+    assert browser.http.get(url, headers=api).json()["monitorIds"] is None  # all monitors
+    assert _scope_of(browser.http.get(edit).text) == ("all", [])
+    wrong = browser.post(edit, {**unchanged, "endsAt": "2019-01-01T00:00:00Z",
+                                "monitorIds.scope": "only", "monitorIds": ["", *ids[:2]]})
+    assert wrong.status_code == 400 and _scope_of(wrong.text) == ("only", ids[:2])
+    assert browser.post(edit, {**unchanged, "monitorIds.scope": "only",
+                               "monitorIds": ["", *ids[:2]]}).status_code == 303
+    assert sorted(browser.http.get(url, headers=api).json()["monitorIds"]) == ids[:2]
+    assert _scope_of(browser.http.get(edit).text) == ("only", ids[:2])
 
 
 def test_a_viewer_cannot_see_or_post_maintenance_and_channel_forms(live):
