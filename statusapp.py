@@ -10994,7 +10994,7 @@ def scoped_ids(field: Field, form: dict[str, str]) -> list[str] | None:
         return checked or []
     if checked:
         raise ValidationFailed([{"path": [field.name], "message": (
-            f'{len(checked)} checked, but "{field.unset}" chosen: choose '
+            f'some are checked, but "{field.unset}" is chosen: choose '
             f'"{_only_words(field)}" or uncheck them')}])
     return None
 
