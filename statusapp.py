@@ -6239,6 +6239,13 @@ class Maintenance:
                 await self.ended(window, ends[-1], now)
 
     async def ended(self, window: Window, end: int, now: int) -> None:
+        """Act on the end of an occurrence of ``window`` (``end_statements``), then wake the
+        incident engine."""
+        await self.rt.db.write(await self.end_statements(window, end, now))
+        self.rt.engine_wake.set()
+        window.handled = now
+
+    async def end_statements(self, window: Window, end: int, now: int) -> list[Statement]:
         """Open the incident of every covered monitor still DOWN with none open (as a DOWN ->
         DOWN transition at the window's end, for the incident engine); mark the end handled."""
         statements: list[Statement] = []
@@ -6255,9 +6262,7 @@ class Maintenance:
                           and not self._held(window, row["id"], end)]
         statements.append(("UPDATE maintenance_windows SET ends_handled_at = ? WHERE id = ?",
                            (now, window.id)))
-        await self.rt.db.write(statements)
-        self.rt.engine_wake.set()
-        window.handled = now
+        return statements
 
     def _held(self, ending: Window, monitor_id: str, at: int) -> bool:
         """Whether another suppressing window still covers the monitor (its end will act)."""
@@ -8596,11 +8601,16 @@ async def update_maintenance_window(call: Call) -> dict[str, Any]:
 async def delete_maintenance_window(call: Call) -> dict[str, Any]:
     row = await load_owned(call, "maintenance_windows")
     calendar, now = call.rt.maintenance, call.rt.maintenance.clock()
-    window = calendar.windows.get(row["id"])
-    if window is not None and window.running(now):  # deleting a running window ends it now
-        await calendar.ended(window, now, now)
-    await call.rt.db.write([("DELETE FROM maintenance_windows WHERE id = ?", (row["id"],))])
-    await call.rt.maintenance.reload()
+    # Out of the calendar first, so the engine never sees the window suppress what its end opens.
+    window = calendar.windows.pop(row["id"], None)
+    try:
+        ending = (await calendar.end_statements(window, now, now)  # a running window ends now
+                  if window is not None and window.running(now) else [])
+        await call.rt.db.write([*ending, ("DELETE FROM maintenance_windows WHERE id = ?",
+                                          (row["id"],))])
+        call.rt.engine_wake.set()
+    finally:
+        await calendar.reload()
     return {"success": True, "message": "Maintenance window deleted successfully"}
 
 
