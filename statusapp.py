@@ -6506,7 +6506,7 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
 # monitor's entries of those days. Entries are shared between calls: read-only for callers.
 DayEntries = dict[str, list[dict[str, Any]]]
 SettledDays = dict[tuple[tuple[str, ...], int, int], DayEntries]
-_SETTLED_MEMO_MONITORS = 500  # monitors' entries held in all, about 36 KB each
+_SETTLED_MEMO_MONITORS = 250  # monitors held in all: about 40 KB each with 89 days of data
 
 
 def _day_entries(ids: Sequence[str], starts: range,
