@@ -6506,47 +6506,65 @@ async def window_stats(db: Database, ids: Sequence[str], lo: int, hi: int,
     return stats, regions
 
 
-# Daily counts of days the daily rollups cover never change, so callers may keep them in a
-# ``SettledDays`` memo: keyed by the monitors, the first day and where the rollups end.
-SettledDays = dict[tuple[tuple[str, ...], int, int], dict[tuple[Any, ...], list[int]]]
-_SETTLED_MEMO_SIZE = 256
+# The entries of days the daily rollups cover never change, so callers may keep them in a
+# ``SettledDays`` memo: keyed by the monitors, the first day and where the rollups end, each
+# monitor's entries of those days. Entries are shared between calls: read-only for callers.
+DayEntries = dict[str, list[dict[str, Any]]]
+SettledDays = dict[tuple[tuple[str, ...], int, int], DayEntries]
+_SETTLED_MEMO_MONITORS = 250  # monitors held in all: about 40 KB each with 89 days of data
 
 
-async def _day_counts(db: Database, ids: list[str], first: int, now: int,
-                      memo: SettledDays | None) -> dict[tuple[Any, ...], list[int]]:
-    """Counts per (monitor, day) from ``first`` to now; the rolled-up days from ``memo``."""
-    settled = max(first, min(now // DAY_MS * DAY_MS, (await rollup_progress(db))[1]))
+def _day_entries(ids: Sequence[str], starts: range,
+                 counts: dict[tuple[Any, ...], list[int]]) -> DayEntries:
+    """Per monitor, one entry per day of ``starts``; days without data share one entry."""
+    labels = [datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d")
+              for day in starts]
+    empty: dict[str, dict[str, Any]] = {label: {"day": label, "up": 0, "down": 0, "degraded": 0, "total": 0,
+                                         "uptime": None} for label in labels}
+    out: DayEntries = {}
+    for monitor_id in ids:
+        out[monitor_id] = entries = []
+        for day, label in zip(starts, labels, strict=True):
+            got = counts.get((monitor_id, day))
+            if got is None:
+                entries.append(empty[label])
+                continue
+            up, down, degraded = got[:3]
+            total = up + down + degraded
+            entries.append({"day": label, "up": up, "down": down, "degraded": degraded,
+                            "total": total, "uptime": uptime_percent(up + degraded, total)})
+    return out
+
+
+async def _settled_entries(db: Database, ids: list[str], first: int, settled: int,
+                           memo: SettledDays | None) -> DayEntries:
+    """The entries of [first, settled), from ``memo`` when it has them (least recently used
+    dropped first once it holds more than _SETTLED_MEMO_MONITORS monitors)."""
     key = (tuple(ids), first, settled)
-    past = memo.get(key) if memo is not None else None
+    past = memo.pop(key, None) if memo is not None else None
     if past is None:
-        past = await collect(db, ids, first, settled, ("monitor", "day"))
-        if memo is not None:
-            if len(memo) >= _SETTLED_MEMO_SIZE:
-                del memo[next(iter(memo))]
-            memo[key] = past
-    return {**past, **await collect(db, ids, settled, now + 1, ("monitor", "day"))}
+        past = _day_entries(ids, range(first, settled, DAY_MS),
+                            await collect(db, ids, first, settled, ("monitor", "day")))
+    if memo is not None:
+        while memo and sum(map(len, memo.values())) + len(ids) > _SETTLED_MEMO_MONITORS:
+            del memo[next(iter(memo))]
+        memo[key] = past
+    return past
 
 
 async def daily_stats(db: Database, monitor_ids: Sequence[str], days: int,
-                      memo: SettledDays | None = None) -> dict[str, list[dict[str, Any]]]:
+                      memo: SettledDays | None = None) -> DayEntries:
     """Per monitor, one entry per UTC day of the last ``days`` days (today last), from
     daily rollups plus hourly and raw rows for the days not rolled up yet."""
     now = now_ms()
-    first = now // DAY_MS * DAY_MS - (days - 1) * DAY_MS
-    counts = await _day_counts(db, list(monitor_ids), first, now, memo)
-    starts = range(first, now + 1, DAY_MS)
-    labels = [datetime.fromtimestamp(day / 1000, timezone.utc).strftime("%Y-%m-%d")
-              for day in starts]
-    empty = [0] * 5
-    out: dict[str, list[dict[str, Any]]] = {}
-    for monitor_id in monitor_ids:
-        out[monitor_id] = days_out = []
-        for day, label in zip(starts, labels, strict=True):
-            up, down, degraded = counts.get((monitor_id, day), empty)[:3]
-            total = up + down + degraded
-            days_out.append({"day": label, "up": up, "down": down, "degraded": degraded,
-                             "total": total, "uptime": uptime_percent(up + degraded, total)})
-    return out
+    today = now // DAY_MS * DAY_MS
+    first = today - (days - 1) * DAY_MS
+    ids = list(monitor_ids)
+    settled = max(first, min(today, (await rollup_progress(db))[1]))
+    past = await _settled_entries(db, ids, first, settled, memo)
+    fresh = _day_entries(ids, range(settled, now + 1, DAY_MS),
+                         await collect(db, ids, settled, now + 1, ("monitor", "day")))
+    return {monitor_id: past[monitor_id] + fresh[monitor_id] for monitor_id in ids}
 
 
 # Rollups and pruning

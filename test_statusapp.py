@@ -5069,6 +5069,25 @@ def test_daily_stats_cover_rolled_up_and_raw_days(cfg):
     assert [d["uptime"] for d in stats[monitors[1]]] == [None, None, None]
 
 
+def test_daily_stats_memo_keeps_settled_days_of_recent_monitors(cfg, monkeypatch):
+    monkeypatch.setattr(statusapp, "_SETTLED_MEMO_MONITORS", 2)
+    monitors = _monitors(cfg, 3)
+    day, now = statusapp.DAY_MS, int(time.time() * 1000)
+    _store_checks(cfg, monitors[0], [("DOWN", None, now - 2 * day), ("UP", 100, now - 1000)])
+    memo: statusapp.SettledDays = {}
+
+    async def job(db):
+        await statusapp.roll_up(db)
+        plain = await statusapp.daily_stats(db, monitors[:2], 3)
+        first = await statusapp.daily_stats(db, monitors[:2], 3, memo)
+        again = await statusapp.daily_stats(db, monitors[:2], 3, memo)
+        await statusapp.daily_stats(db, monitors[2:], 3, memo)  # over the bound: drops the pair
+        return plain, first, again
+    plain, first, again = _on_db(cfg, job)
+    assert plain == first == again and first[monitors[0]][0]["down"] == 1
+    assert first[monitors[0]][-1]["up"] == 1 and first[monitors[1]][-1]["uptime"] is None
+    assert [key[0] for key in memo] == [tuple(monitors[2:])]
+
 def test_pruning_runs_in_small_batches_and_keeps_rollups(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, retention={"raw_days": 3, "hourly_days": 2})
     monkeypatch.setattr(statusapp, "RETENTION_BATCH", 100)
