@@ -2052,10 +2052,13 @@ def test_served_website_monitor_goes_up_then_down(served, target):
                                           "interval": 1, "timeout": 5})
     assert created.status_code == 201
     url = f"/monitors/{created.json()['id']}"
-    up = eventually(lambda: (m := api.get(url).json())["status"] == "UP" and m)
+    # The answer is read in two steps (the monitor row, then its latest checks), so wait for
+    # a read that shows the check beside the status.
+    up = eventually(lambda: (m := api.get(url).json())["status"] == "UP" and m["checks"] and m)
     assert up["checks"][0]["statusCode"] == 200
     target.modes["/site"] = "fail"
-    down = eventually(lambda: (m := api.get(url).json())["status"] == "DOWN" and m)
+    down = eventually(lambda: (m := api.get(url).json())["status"] == "DOWN"
+                      and m["checks"][0]["status"] == "DOWN" and m)
     assert down["checks"][0]["rootCauseCategory"] == "SERVER_ERROR"
     assert down["_count"]["checks"] >= 3
     api.delete(url)  # the shared server stops probing it
