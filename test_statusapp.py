@@ -291,19 +291,23 @@ def test_example_config_and_readme_are_generated_from_the_config_table():
 # --- Storage tests ---
 
 
+def _old_database(cfg, version: int) -> None:
+    """A database left at schema ``version``, holding one STARTER account old@example.test."""
+    async def make_old():
+        db = statusapp.Database(cfg["server"]["database"])
+        await db.open(upto=version)
+        async with db.transaction() as conn:
+            await statusapp.create_account(conn, "old@example.test", "Old", "STARTER")
+        await db.close()
+    asyncio.run(make_old())
+
+
 def test_schema_upgrades_an_older_database_in_place(tmp_path):
     """A database left at the previous schema version is migrated and keeps its data."""
     cfg = make_cfg(tmp_path)
     latest = max(statusapp.load_migrations())
     assert latest >= 2
-
-    async def make_old():
-        db = statusapp.Database(cfg["server"]["database"])
-        await db.open(upto=latest - 1)
-        async with db.transaction() as conn:
-            await statusapp.create_account(conn, "old@example.test", "Old", "STARTER")
-        await db.close()
-    asyncio.run(make_old())
+    _old_database(cfg, latest - 1)
     assert sql(cfg, "SELECT version FROM schema_version") == [(latest - 1,)]
     key = new_key(cfg, "old@example.test")
     assert sql(cfg, "SELECT version FROM schema_version") == [(latest,)]
@@ -321,14 +325,7 @@ def test_checks_are_stored_compactly_and_an_older_database_keeps_its_checks(tmp_
     rows = [(f"mon_{i % 3}", ("local", "eu")[i % 2], ("UP", "DOWN", "DEGRADED")[i % 3],
              100 + i % 50, 200, None if i % 7 else "boom", 1_700_000_000_000 + i * 1000)
             for i in range(6000)]
-
-    async def make_old():
-        db = statusapp.Database(cfg["server"]["database"])
-        await db.open(upto=compact - 1)
-        async with db.transaction() as conn:
-            await statusapp.create_account(conn, "old@example.test", "Old", "STARTER")
-        await db.close()
-    asyncio.run(make_old())
+    _old_database(cfg, compact - 1)
     with sqlite3.connect(cfg["server"]["database"]) as conn:
         conn.executemany(
             "INSERT INTO monitors (id, account_id, name, url, type, interval, timeout,"
