@@ -73,7 +73,7 @@ import urllib.parse
 import zlib
 import zoneinfo
 from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
-                             Sequence)
+                             MutableMapping, Sequence)
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -873,13 +873,11 @@ class Database:
         if not batch:
             return
         try:
-            async with self.transaction() as conn:
-                await _run_grouped(conn, [stmts for stmts, _ in batch])
+            await self._commit([stmts for stmts, _ in batch])
         except Exception:
             for stmts, future in batch:
                 try:
-                    async with self.transaction() as conn:
-                        await _run_grouped(conn, [stmts])
+                    await self._commit([stmts])
                 except Exception as exc:
                     if not self.storage_error(exc):
                         log.warning("dropped a queued write: %s", exc)
@@ -893,19 +891,46 @@ class Database:
             if future and not future.done():
                 future.set_result(None)
 
+    async def _commit(self, items: list[list[Statement]]) -> None:
+        """Queued items in one transaction, run by the writer's thread in one hand-off
+        (BEGIN, the statements, COMMIT), not an awaited call per statement."""
+        assert self._writer is not None
+        async with self._lock:
+            try:
+                # _execute: aiosqlite's own way to run a function on the connection's thread
+                changed = await self._writer._execute(_commit_grouped, self._writer._conn,
+                                                      items)
+            except BaseException as exc:
+                if self.storage_error(exc):
+                    self.failing = storage_cause(exc)
+                raise
+            if changed:
+                self.failing = None
 
-async def _run_grouped(conn: aiosqlite.Connection, items: list[list[Statement]]) -> None:
-    """Run queued items, merging items of the same shape into one executemany per statement.
 
-    Items in one batch are independent writes, so items of one shape may run together ahead
-    of a later item of another shape; each item's own statements keep their order.
+def _commit_grouped(conn: sqlite3.Connection, items: list[list[Statement]]) -> bool:
+    """In the writer's thread: BEGIN IMMEDIATE, the items merged by shape, COMMIT (ROLLBACK
+    if anything fails); whether anything changed.
+
+    Items in one batch are independent writes, so items of one shape may run together (one
+    executemany per statement) ahead of a later item of another shape; each item's own
+    statements keep their order.
     """
-    shapes: dict[tuple[str, ...], list[list[Statement]]] = {}
-    for item in items:
-        shapes.setdefault(tuple(sql for sql, _ in item), []).append(item)
-    for shape, group in shapes.items():
-        for position, sql in enumerate(shape):
-            await conn.executemany(sql, [item[position][1] for item in group])
+    changes = conn.total_changes
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        shapes: dict[tuple[str, ...], list[list[Statement]]] = {}
+        for item in items:
+            shapes.setdefault(tuple(sql for sql, _ in item), []).append(item)
+        for shape, group in shapes.items():
+            for position, sql in enumerate(shape):
+                conn.executemany(sql, [item[position][1] for item in group])
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return conn.total_changes > changes
 
 
 class WorkerRegion(TypedDict):
@@ -4036,8 +4061,12 @@ HEARTBEAT_KINDS = ("success", "start", "fail", "log")
 MISSED_HEARTBEAT = "missed heartbeat"
 JOB_NOT_COMPLETE = "job did not complete"
 HEARTBEAT_DEADLINES = (MISSED_HEARTBEAT, JOB_NOT_COMPLETE)  # the reasons a missed deadline gives
+# The columns of a beat, and the integer keys its check rows take (NULL before its first check;
+# the one parameter is the server's region id).
 _BEAT_COLUMNS = ("id, account_id, heartbeat_id, status, is_paused, is_active, interval,"
-                 " grace_period, schedule, timezone, last_success_at, job_started_at, updated_at")
+                 " grace_period, schedule, timezone, last_success_at, job_started_at, updated_at,"
+                 " (SELECT seq FROM monitor_keys k WHERE k.id = monitors.id) AS monitor_key,"
+                 " (SELECT seq FROM region_keys WHERE region_keys.id = ?) AS region_key")
 
 
 @dataclass(eq=False)
@@ -4056,6 +4085,7 @@ class _Beat:
     last_success_at: int | None = None
     job_started_at: int | None = None
     edited_at: int = 0
+    keys: tuple[int, int] | None = None  # its check rows' monitor and region keys, once known
     stale: bool = True
     queued: int | None = None  # the due time of this beat's live heap entry
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -4069,6 +4099,8 @@ class _Beat:
         self.schedule, self.zone = row["schedule"], row["timezone"]
         self.last_success_at, self.job_started_at = row["last_success_at"], row["job_started_at"]
         self.edited_at, self.stale = row["updated_at"], False
+        known = row["monitor_key"] is not None and row["region_key"] is not None
+        self.keys = (row["monitor_key"], row["region_key"]) if known else None
 
     def due(self) -> tuple[int, str] | None:
         """The next deadline and what missing it means.
@@ -4160,7 +4192,7 @@ class Heartbeats:
             return True
         row = await self.rt.db.fetchone(
             f"SELECT {_BEAT_COLUMNS} FROM monitors WHERE id = ? AND type = 'CRON'"
-            " AND heartbeat_id IS NOT NULL", (beat.monitor_id,))
+            " AND heartbeat_id IS NOT NULL", (self.rt.cfg["region"]["id"], beat.monitor_id))
         return self._load(beat, row)
 
     async def find(self, token: str) -> _Beat:
@@ -4174,6 +4206,17 @@ class Heartbeats:
             beat = self._beat(monitor_id)
         return beat
 
+    async def learn_keys(self, beat: _Beat) -> None:
+        """Read the keys a beat's first check made, so later checks go past the view (a failed
+        read leaves them unknown for now: the ping is already stored)."""
+        with contextlib.suppress(sqlite3.Error):
+            row = await self.rt.db.fetchrow(
+                "SELECT (SELECT seq FROM monitor_keys WHERE id = ?),"
+                " (SELECT seq FROM region_keys WHERE id = ?)",
+                (beat.monitor_id, self.rt.cfg["region"]["id"]))
+            if row[0] is not None and row[1] is not None:
+                beat.keys = (row[0], row[1])
+
     def known(self, token: str) -> _Beat | None:
         """The beat a heartbeat id names when it is in memory and current, else None."""
         beat = self._by_token.get(token)
@@ -4183,7 +4226,7 @@ class Heartbeats:
         """Load every CRON monitor at start-up, so deadlines missed while down are found."""
         for row in await self.rt.db.fetchall(
                 f"SELECT {_BEAT_COLUMNS} FROM monitors WHERE type = 'CRON'"
-                " AND heartbeat_id IS NOT NULL"):
+                " AND heartbeat_id IS NOT NULL", (self.rt.cfg["region"]["id"],)):
             beat = self._beat(row["id"])
             if beat.stale and not beat.lock.locked():
                 self._load(beat, row)
@@ -4209,9 +4252,13 @@ class Heartbeats:
 
     def source_ip(self, request: Request) -> str | None:
         """The pinging host: the peer, or X-Forwarded-For's last hop not a trusted proxy."""
-        address = request.client.host if request.client else None
-        hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",")
-                if h.strip()]
+        return self.address(request.scope.get("client"),
+                            request.headers.get("x-forwarded-for", ""))
+
+    def address(self, client: tuple[str, int] | None, forwarded: str) -> str | None:
+        """source_ip from the peer's (host, port) and the X-Forwarded-For header's value."""
+        address = client[0] if client else None
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()] if forwarded else []
         while address and hops and self._is_trusted(address):
             address = hops.pop()
         return address
@@ -6923,19 +6970,26 @@ async def paged_rows(call: Call, table: str, query: dict[str, Any], filters: Seq
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
-    too_large = PayloadTooLarge("Request body too large", f"the limit is {limit} bytes")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise too_large(limit)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:  # nobody is left to answer: no error worth a log line
-        raise BadRequest("Client disconnected", "the body ended early") from None
+        raise _disconnected() from None
     return b"".join(chunks)
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge("Request body too large", f"the limit is {limit} bytes")
+
+
+def _disconnected() -> BadRequest:
+    return BadRequest("Client disconnected", "the body ended early")
 
 
 @dataclass(frozen=True)
@@ -7606,6 +7660,13 @@ class PingKind:
     clocks: dict[str, Any]  # monitors columns it sets: _AT or None
     category: str | None = None
 
+    @functools.cached_property
+    def clock_sql(self) -> tuple[str, str]:
+        """The update of its clocks, and the same counting a check stored past the view."""
+        sets = ", ".join(f"{column} = ?" for column in self.clocks)
+        return (f"UPDATE monitors SET {sets} WHERE id = ?",
+                f"UPDATE monitors SET {sets}, check_count = check_count + 1 WHERE id = ?")
+
 
 PING_KINDS = {
     "success": PingKind(Status.UP, ("message", "error"),
@@ -7662,25 +7723,52 @@ def ping_statements(beat: _Beat, ping: Ping, region: str) -> list[Statement]:
     duration = (at - beat.job_started_at
                 if spec.status and beat.job_started_at is not None else None)
     statements: list[Statement] = [(
-        "INSERT INTO heartbeats (monitor_id, kind, message, duration, source_ip, user_agent,"
-        " received_at, exit_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (beat.monitor_id, ping.kind, ping.message, duration, ping.source_ip, ping.agent, at,
-         ping.exit_code))] if ping.logged else []
+        _PING_LOG, (beat.monitor_id, ping.kind, ping.message, duration, ping.source_ip,
+                    ping.agent, at, ping.exit_code))] if ping.logged else []
+    status, changes = spec.status, beat.status != spec.status
+    check = status is not None and not beat.quiet and (ping.logged or changes)
+    direct = check and beat.keys is not None  # the check row straight into check_rows
     if spec.clocks:
-        statements.append((
-            f"UPDATE monitors SET {', '.join(f'{c} = ?' for c in spec.clocks)} WHERE id = ?",
-            (*(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
-    changes = beat.status != spec.status
-    if spec.status and not beat.quiet and (ping.logged or changes):
-        error = _fail_text(ping) if spec.status == Status.DOWN else None
+        statements.append((spec.clock_sql[direct], (
+            *(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
+    if status is not None and check:
+        error = _fail_text(ping) if status == Status.DOWN else None
         details = {"heartbeat": ping.kind, "duration": duration, "exitCode": ping.exit_code}
-        statements += check_statements(
-            beat.monitor_id, region, CheckResult(spec.status, error=error, category=spec.category,
-                                                 details=details), at, ping.maintenance)
+        if direct:
+            statements += _ping_check(beat, ping, region, error, json.dumps(details))
+        else:  # through the checks view, whose trigger makes the monitor's key
+            statements += check_statements(
+                beat.monitor_id, region, CheckResult(status, error=error,
+                                                     category=spec.category, details=details),
+                at, ping.maintenance)
         if changes:
-            statements += transition_statements(beat.monitor_id, beat.status, spec.status,
-                                                error, at)
+            statements += transition_statements(beat.monitor_id, beat.status, status, error, at)
     return statements
+
+
+_PING_LOG = ("INSERT INTO heartbeats (monitor_id, kind, message, duration, source_ip, user_agent,"
+             " received_at, exit_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_PING_CHECK = ("INSERT INTO check_rows (monitor, region, status, error, category, details,"
+               " checked_at, maintenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+# The check just stored is its monitor's latest in the region (as the checks view's trigger
+# keeps it): found by the monitor and time it was stored with, so that pings of several
+# monitors share one executemany per statement.
+_PING_LATEST = ("INSERT INTO monitor_latest (monitor_id, region_id, check_id)"
+                " SELECT ?, ?, max(id) FROM check_rows WHERE monitor = ? AND checked_at = ?"
+                " ON CONFLICT (monitor_id, region_id) DO UPDATE SET check_id = excluded.check_id"
+                " WHERE excluded.check_id > monitor_latest.check_id")
+
+
+def _ping_check(beat: _Beat, ping: Ping, region: str, error: str | None,
+                details: str) -> list[Statement]:
+    """A ping's check written past the checks view, with the monitor's and region's integer
+    keys (the monitor's check count is kept by its clock update, ``PingKind.clock_sql``)."""
+    spec = PING_KINDS[ping.kind]
+    assert beat.keys is not None
+    monitor_key, region_key = beat.keys
+    return [(_PING_CHECK, (monitor_key, region_key, spec.status, error, spec.category, details,
+                           ping.at, int(ping.maintenance))),
+            (_PING_LATEST, (beat.monitor_id, region, monitor_key, ping.at))]
 
 
 def _fail_text(ping: Ping) -> str:
@@ -7704,40 +7792,59 @@ async def _ping(call: Call, kind: str, exit_code: int | None = None) -> Response
     the monitors already in memory are answered by ``answer_ping`` before routing)."""
     token = call.param("heartbeatId")
     beat = await call.rt.heartbeats.find(token)
-    body = await record_ping(call.rt, call.request, beat, token, kind, exit_code)
+    body = await record_ping(call.rt, call.request.scope,
+                             await read_body(call.request, HEARTBEAT_MAX_BODY), beat,
+                             (token, kind, exit_code))
     if call.request.method == "HEAD":
         return Response(status_code=200, headers={"content-type": "application/json"})
     return Response(body, media_type="application/json")
 
 
-async def record_ping(rt: Runtime, request: Request, beat: _Beat, token: str, kind: str,
-                      exit_code: int | None) -> bytes:
-    """Record one ping once it is committed and return the answer's body; 404 if the beat is
-    no longer this heartbeat id's, 413 big body.  Past the rate limit a success, start or fail
-    still updates the monitor (status, clocks, deadline) but is not logged (answered
-    ``"logged": false``); a throttled log message is refused with 429.  The X-RateLimit
-    headers are left in ``request.state.headers``."""
-    hb = rt.heartbeats
-    message = ping_message(await read_body(request, HEARTBEAT_MAX_BODY), PING_KINDS[kind].keys)
+async def record_ping(rt: Runtime, scope: MutableMapping[str, Any], body: bytes, beat: _Beat,
+                      target: tuple[str, str, int | None]) -> bytes:
+    """Record one ping (``target``: the heartbeat id, kind and exit code; ``body``: what it
+    sent) once it is committed and return the answer's body; 404 if the beat is no longer
+    this heartbeat id's.  Past the rate limit a success, start or fail still updates the
+    monitor (status, clocks, deadline) but is not logged (answered ``"logged": false``); a
+    throttled log message is refused with 429.  The X-RateLimit headers are left in the
+    request's state (``request.state.headers``)."""
+    hb, (token, kind, exit_code) = rt.heartbeats, target
+    message = ping_message(body, PING_KINDS[kind].keys)
     logged, headers = hb.admit(beat)
-    request.state.headers = headers
+    scope.setdefault("state", {})["headers"] = headers
     if not logged and kind == "log":
         raise RateLimited("Rate limit exceeded", f"at most {headers['X-RateLimit-Limit']} pings"
                           " per minute per monitor are logged", headers=headers)
-    agent = request.headers.get("user-agent", "")[:_AGENT_MAX] or None
+    agent, forwarded = _ping_headers(scope["headers"])
     async with beat.lock:
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
         at = now_ms()
-        ping = Ping(kind, message, exit_code, hb.source_ip(request), agent, at, logged,
-                    rt.maintenance.active(beat.account_id, beat.monitor_id, at))
+        ping = Ping(kind, message, exit_code, hb.address(scope.get("client"), forwarded),
+                    agent, at, logged, rt.maintenance.active(beat.account_id, beat.monitor_id, at))
         before = beat.status
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
+        if beat.keys is None and PING_KINDS[kind].status and not beat.quiet:
+            await hb.learn_keys(beat)
         if beat.status != before:  # a status transition was committed
             rt.engine_wake.set()
     hb.schedule(beat)
     return _OK if logged else _OK_NOT_LOGGED
+
+
+def _ping_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
+    """A ping's User-Agent (at most _AGENT_MAX characters; None if empty) and X-Forwarded-For,
+    in one pass over the raw headers (the first of each, as ``request.headers`` reads them)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name in _PING_HEADER_NAMES:
+            found.setdefault(name, value)
+    agent = found.get(b"user-agent", b"")[:_AGENT_MAX].decode("latin-1") or None
+    return agent, found.get(b"x-forwarded-for", b"").decode("latin-1")
+
+
+_PING_HEADER_NAMES = frozenset((b"user-agent", b"x-forwarded-for"))
 
 
 # The heartbeat routes' path suffixes, each with its kind of ping and methods; a suffix of
@@ -7772,19 +7879,41 @@ async def answer_ping(app: Starlette, scope: dict[str, Any], receive: Any, send:
     if beat is None or target is None or rt is None:
         return False
     scope["app"] = app
-    request = Request(scope, receive)
     try:
-        body = await record_ping(rt, request, beat, *target)
+        body = await record_ping(rt, scope, await _ping_body(receive), beat, target)
     except Exception as exc:
+        request = Request(scope, receive)
         response = await on_api_error(request, exc)
         response.raw_headers.extend(Cors.HEADERS)
         await response(scope, receive, send)
         return True
+    limits = scope["state"]["headers"]
     await send({"type": "http.response.start", "status": 200, "headers": [
-        _JSON_TYPE, (b"content-length", b"%d" % len(body)), *Cors.HEADERS,
-        *((name.lower().encode(), value.encode()) for name, value in request.state.headers.items())]})
+        *_PING_ANSWER_HEADERS[body],
+        *((name.lower().encode(), value.encode()) for name, value in limits.items())]
+        if limits else _PING_ANSWER_HEADERS[body]})
     await send({"type": "http.response.body", "body": body})
     return True
+
+
+async def _ping_body(receive: Any) -> bytes:
+    """A ping's body straight from the server's messages (``read_body`` for the direct path):
+    413 once past HEARTBEAT_MAX_BODY, 400 if the client went away."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _disconnected()
+        body += message.get("body", b"")
+        if len(body) > HEARTBEAT_MAX_BODY:
+            raise too_large(HEARTBEAT_MAX_BODY)
+        if not message.get("more_body"):
+            return body
+
+
+# The direct path's answer headers for each body (the rate-limit headers follow, if any).
+_PING_ANSWER_HEADERS = {body: [_JSON_TYPE, (b"content-length", b"%d" % len(body)), *Cors.HEADERS]
+                        for body in (_OK, _OK_NOT_LOGGED)}
 
 
 def _ping_route(suffix: str, kind: str, methods: tuple[str, ...]) -> None:
