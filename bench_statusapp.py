@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -534,13 +535,47 @@ def measure(pid: int, url: str, requests: list[tuple[str, str, bytes]], connecti
             seconds: float, headers: dict[str, str] | None = None) -> dict[str, float]:
     """Requests/s, latency p50/p99 (ms) and the server's CPU-ms per answered request."""
     load(url, requests, connections, min(1.0, seconds))  # warm-up
+    return _measured(pid, url, requests, connections, seconds, headers)
+
+
+def _measured(pid: int, url: str, requests: list[tuple[str, str, bytes]], connections: int,
+              seconds: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """measure's figures, without the warm-up; ``seconds`` and ``cpu_s`` are the totals."""
     before = proc_stats(pid)["cpu_s"]
     latencies, errors, elapsed = load(url, requests, connections, seconds, headers)
     cpu = proc_stats(pid)["cpu_s"] - before
     ms = percentiles([v * 1000 for v in latencies])
     return {"per_s": len(latencies) / elapsed, "p50": ms["p50"], "p99": ms["p99"],
             "cpu_ms": cpu * 1000 / max(1, len(latencies)), "answered": len(latencies),
-            "errors": len(errors)}
+            "errors": len(errors), "seconds": elapsed, "cpu_s": cpu,
+            "latencies": latencies}
+
+
+def interleaved(pid: int, url: str, requests: list[tuple[str, str, bytes]], ceiling: Noop,
+                method: str, connections: int, seconds: float,
+                slices: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The server's figures and the no-op route's, measured in ``slices`` alternating slices
+    (``seconds`` in all for each side; ABBA order), so that both see the same neighbours."""
+    noop = [(method, "/noop", b"run 0")]
+    load(url, requests, connections, 1.0)  # warm-ups
+    load(ceiling.url, noop, connections, 1.0)
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    sides = [(ours, pid, url, requests), (theirs, ceiling.proc.pid, ceiling.url, noop)]
+    for n in range(slices):
+        for out, side_pid, side_url, side_requests in sides if n % 2 == 0 else sides[::-1]:
+            out.append(_measured(side_pid, side_url, side_requests, connections,
+                                 seconds / slices))
+    return ours, theirs
+
+
+def _overall(slices: list[dict[str, Any]]) -> dict[str, float]:
+    """The slices of one side taken together: requests/s, CPU-ms per request, latencies."""
+    answered = sum(s["answered"] for s in slices)
+    ms = percentiles([v * 1000 for s in slices for v in s["latencies"]])
+    return {"per_s": answered / sum(s["seconds"] for s in slices), "answered": answered,
+            "cpu_ms": sum(s["cpu_s"] for s in slices) * 1000 / max(1, answered),
+            "errors": sum(s["errors"] for s in slices), "p50": ms["p50"], "p99": ms["p99"]}
 
 
 # The ceiling for request paths: a no-op Starlette route served by uvicorn with the settings
@@ -602,13 +637,18 @@ class Noop:
 @bench.command()
 @click.option("--monitors", default=500, show_default=True, help="CRON monitors pinged.")
 @click.option("--connections", default=32, show_default=True, help="Concurrent connections.")
-@click.option("--seconds", default=10.0, show_default=True, help="Measured duration.")
+@click.option("--seconds", default=10.0, show_default=True,
+              help="Measured duration of each side (the pings, the no-op route).")
+@click.option("--slices", default=5, show_default=True,
+              help="Alternating slices the two sides' seconds are cut into.")
 @STANDARD
-def heartbeat(monitors: int, connections: int, seconds: float, standard: bool) -> None:
+def heartbeat(monitors: int, connections: int, seconds: float, slices: int,
+              standard: bool) -> None:
     """Concurrent pings against one server: acknowledged (committed) pings/s, latency, CPU-ms
-    per ping, beside a no-op POST route under the same load."""
+    per ping, beside a no-op POST route under the same load, the two measured in alternating
+    slices of the same run (both servers up throughout)."""
     env = {"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0", **_plain_env(standard)}
-    srv = Server(env=env).start()
+    srv, ceiling = Server(env=env).start(), Noop(env)
     try:
         api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": srv.key})
         paths = []
@@ -618,24 +658,29 @@ def heartbeat(monitors: int, connections: int, seconds: float, standard: bool) -
             paths.append(monitor["heartbeatUrl"].split(srv.url, 1)[1])
         with sqlite3.connect(srv.db) as conn:
             rows_before = conn.execute("SELECT COUNT(*) FROM heartbeats").fetchone()[0]
-        pings = measure(srv.proc.pid, srv.url, [("POST", p, b"run") for p in paths],
-                        connections, seconds)
+        ours, theirs = interleaved(srv.proc.pid, srv.url, [("POST", p, b"run") for p in paths],
+                                   ceiling, "POST", connections, seconds, slices)
         with sqlite3.connect(srv.db) as conn:
             stored = conn.execute("SELECT COUNT(*) FROM heartbeats").fetchone()[0] - rows_before
         rss = srv.stats()["peak_rss_mb"]
     finally:
         srv.stop()
-    ceiling = _ceiling("POST", connections, seconds, env)
+        ceiling.stop()
+    pings, noop = _overall(ours), _overall(theirs)
     report(f"heartbeat ({'uvloop+httptools' if standard else 'asyncio+h11'})", {
         "monitors": monitors, "connections": connections,
+        "slices (each side)": f"{slices} of {seconds / slices:.1f} s, alternating",
         "acknowledged pings": pings["answered"],
-        "stored pings (measured run + warm-up)": stored, "non-200 answers": pings["errors"],
+        "stored pings (measured + warm-up)": stored, "non-200 answers": pings["errors"],
         "acknowledged pings/s": pings["per_s"],
-        "no-op POST route req/s (ceiling)": ceiling["per_s"],
-        "pings/s as % of the ceiling": pings["per_s"] / ceiling["per_s"] * 100,
+        "no-op POST route req/s (ceiling)": noop["per_s"],
+        "pings/s as % of the ceiling": pings["per_s"] / noop["per_s"] * 100,
+        "  % of the ceiling, each slice": ", ".join(f"{a['per_s'] / b['per_s'] * 100:.0f}"
+                                                    for a, b in zip(ours, theirs)),
         "latency p50 / p99 ms": f"{pings['p50']:.1f} / {pings['p99']:.1f}",
-        "server CPU-ms per ping": pings["cpu_ms"],
-        "no-op CPU-ms per request": ceiling["cpu_ms"],
+        "server CPU-ms per ping": f"{pings['cpu_ms']:.3f}",
+        "  each slice": ", ".join(f"{a['cpu_ms']:.3f}" for a in ours),
+        "no-op CPU-ms per request": f"{noop['cpu_ms']:.3f}",
         "server peak RSS MB": rss,
     })
 
