@@ -860,9 +860,10 @@ class Database:
         WRITE_LINGER, so the checks of that half second share one transaction."""
         while True:
             await self._queue_event.wait()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(WRITE_LINGER):
-                    await self._waited_on.wait()
+            if not self._waited_on.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WRITE_LINGER):
+                        await self._waited_on.wait()
             self._queue_event.clear()
             self._waited_on.clear()
             await self._flush()
@@ -7733,10 +7734,11 @@ def ping_statements(beat: _Beat, ping: Ping, region: str) -> list[Statement]:
             *(at if v is _AT else v for v in spec.clocks.values()), beat.monitor_id)))
     if status is not None and check:
         error = _fail_text(ping) if status == Status.DOWN else None
-        details = {"heartbeat": ping.kind, "duration": duration, "exitCode": ping.exit_code}
         if direct:
-            statements += _ping_check(beat, ping, region, error, json.dumps(details))
+            statements += _ping_check(beat, ping, region, error,
+                                      _ping_details(ping.kind, duration, ping.exit_code))
         else:  # through the checks view, whose trigger makes the monitor's key
+            details = {"heartbeat": ping.kind, "duration": duration, "exitCode": ping.exit_code}
             statements += check_statements(
                 beat.monitor_id, region, CheckResult(status, error=error,
                                                      category=spec.category, details=details),
@@ -7757,6 +7759,12 @@ _PING_LATEST = ("INSERT INTO monitor_latest (monitor_id, region_id, check_id)"
                 " SELECT ?, ?, max(id) FROM check_rows WHERE monitor = ? AND checked_at = ?"
                 " ON CONFLICT (monitor_id, region_id) DO UPDATE SET check_id = excluded.check_id"
                 " WHERE excluded.check_id > monitor_latest.check_id")
+
+
+@functools.lru_cache(maxsize=256)
+def _ping_details(kind: str, duration: int | None, exit_code: int | None) -> str:
+    """A ping check's details as stored (most pings share a few: no duration, no exit code)."""
+    return json.dumps({"heartbeat": kind, "duration": duration, "exitCode": exit_code})
 
 
 def _ping_check(beat: _Beat, ping: Ping, region: str, error: str | None,
