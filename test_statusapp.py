@@ -2906,6 +2906,35 @@ def test_heartbeat_exit_code_pings(client):
     assert client.get(url + "/log").status_code == 405
 
 
+def test_heartbeat_checks_past_the_view_are_stored_as_through_it(cfg, client, monkeypatch):
+    """A monitor's first ping check goes through the checks view (whose trigger makes the
+    monitor's key); the later ones straight into check_rows by the keys it then knows, and
+    read back the same: the columns, the latest check and the monitor's check count."""
+    through_view = []
+    view = statusapp.check_statements
+    monkeypatch.setattr(statusapp, "check_statements",
+                        lambda *args: through_view.append(args) or view(*args))
+    monitor = client.post("/api/v1/monitors", json={"name": "j", "type": "CRON"}).json()
+    url = "/api/v1/heartbeat/" + monitor["heartbeatUrl"].rsplit("/", 1)[1]
+    for path in ("", "/3", "", ""):  # UP, DOWN with its text, UP again, UP
+        assert client.post(url + path, content="run").status_code == 200
+    assert len(through_view) == 1
+    rows = sql(cfg, "SELECT id, region_id, status, response_time, status_code, error, category,"
+                    " timings, details, received_at = checked_at, agent_checked_at, maintenance"
+                    " FROM checks WHERE monitor_id = ? ORDER BY id", (monitor["id"],))
+    region = cfg["region"]["id"]
+    up = (region, "UP", None, None, None, None, None,
+          '{"heartbeat": "success", "duration": null, "exitCode": null}', 1, None, 0)
+    down = (region, "DOWN", None, None, "run", "APPLICATION_ERROR", None,
+            '{"heartbeat": "fail", "duration": null, "exitCode": 3}', 1, None, 0)
+    assert [row[1:] for row in rows] == [up, down, up, up]
+    assert sql(cfg, "SELECT check_id FROM monitor_latest WHERE monitor_id = ?",
+               (monitor["id"],)) == [(rows[-1][0],)]
+    assert sql(cfg, "SELECT check_count FROM monitors WHERE id = ?", (monitor["id"],)) == [(4,)]
+    answer = client.get(f"/api/v1/monitors/{monitor['id']}").json()
+    assert answer["status"] == "UP" and answer["checks"][0]["id"] == f"chk_{rows[-1][0]}"
+
+
 def test_heartbeat_pings_of_known_monitors_skip_routing_and_answer_alike(client, monkeypatch):
     """A ping of a monitor already in memory is answered before routing (answer_ping), with
     the route's answer: body, content type, CORS and rate-limit headers, and its errors."""
