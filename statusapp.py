@@ -4161,6 +4161,7 @@ class Heartbeats:
         self._by_monitor: dict[str, _Beat] = {}
         self._heap: list[tuple[int, str]] = []
         self._dirty: set[str] = set()
+        self._keyless: set[str] = set()  # beats whose check keys are to be read (want_keys)
         rt.listeners.append(self._changed)
 
     def _changed(self, monitor_id: str) -> None:
@@ -4207,16 +4208,29 @@ class Heartbeats:
             beat = self._beat(monitor_id)
         return beat
 
-    async def learn_keys(self, beat: _Beat) -> None:
-        """Read the keys a beat's first check made, so later checks go past the view (a failed
-        read leaves them unknown for now: the ping is already stored)."""
-        with contextlib.suppress(sqlite3.Error):
-            row = await self.rt.db.fetchrow(
-                "SELECT (SELECT seq FROM monitor_keys WHERE id = ?),"
-                " (SELECT seq FROM region_keys WHERE id = ?)",
-                (beat.monitor_id, self.rt.cfg["region"]["id"]))
-            if row[0] is not None and row[1] is not None:
-                beat.keys = (row[0], row[1])
+    def want_keys(self, beat: _Beat) -> None:
+        """A beat's first check, through the view, made its key: the service reads it (no ping
+        waits for that), and the beat's later checks go past the view."""
+        self._keyless.add(beat.monitor_id)
+        self.wake.set()
+
+    async def learn_keys(self) -> None:
+        """Read the keys of the beats whose first checks made them (see want_keys)."""
+        if not self._keyless:
+            return
+        wanted, self._keyless = self._keyless, set()
+        try:
+            rows = await self.rt.db.fetchall(
+                "SELECT k.id, k.seq, (SELECT seq FROM region_keys WHERE id = ?) FROM monitor_keys k"
+                " WHERE k.id IN (SELECT value FROM json_each(?))",
+                (self.rt.cfg["region"]["id"], json.dumps(sorted(wanted))))
+        except BaseException:
+            self._keyless |= wanted
+            raise
+        for monitor_id, monitor_key, region_key in rows:
+            beat = self._by_monitor.get(monitor_id)
+            if beat is not None and region_key is not None:
+                beat.keys = (monitor_key, region_key)
 
     def known(self, token: str) -> _Beat | None:
         """The beat a heartbeat id names when it is in memory and current, else None."""
@@ -4352,6 +4366,7 @@ async def run_heartbeats(rt: Runtime) -> None:
         hb.wake.clear()
         try:
             await hb.reload_changed()
+            await hb.learn_keys()
             await hb.expire_due()
         except Exception:
             log_failure("heartbeat deadlines failed; retrying in 1 s")
@@ -7834,7 +7849,7 @@ async def record_ping(rt: Runtime, scope: MutableMapping[str, Any], body: bytes,
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
         if beat.keys is None and PING_KINDS[kind].status and not beat.quiet:
-            await hb.learn_keys(beat)
+            hb.want_keys(beat)
         if beat.status != before:  # a status transition was committed
             rt.engine_wake.set()
     hb.schedule(beat)
