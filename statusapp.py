@@ -681,6 +681,8 @@ STORAGE_CAUSES = {"SQLITE_FULL": "the disk is full", "SQLITE_BUSY": "the databas
 STORAGE_LOG_EVERY = 60.0
 STORAGE_RETRY_AFTER = "5"
 WRITE_LINGER = 0.5  # seconds queued check results wait for company before their commit
+CHECKPOINT_ROWS = 1000  # rows written between WAL checkpoints (SQLite's own: 1,000 pages)
+CHECKPOINT_EVERY = 1.0  # seconds: at most one checkpoint
 
 
 def storage_cause(exc: BaseException) -> str | None:
@@ -714,6 +716,9 @@ class Database:
         self._queue_event = asyncio.Event()
         self._waited_on = asyncio.Event()  # a write() is queued: commit now
         self._writer_task: asyncio.Task[None] | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._committed = asyncio.Event()  # rows were written since the checkpointer looked
         self.failing: str | None = None  # why the last commit failed, until one succeeds
         self._logged: dict[str, float] = {}
 
@@ -750,22 +755,29 @@ class Database:
             for _ in range(self._reader_count):
                 self._readers.append(await self._connect())
                 await self._readers[-1].execute("PRAGMA query_only=ON")
+            await self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint_loop
+            self._checkpointer = await self._connect()
         except BaseException:
             await self.close()
             raise
         self._writer_task = asyncio.create_task(self._write_loop())
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop())
 
     async def close(self) -> None:
         """Commit what is queued, then close every connection."""
+        if self._checkpoint_task:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
         if self._writer_task:
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
             await self._flush()
-        for conn in [*self._readers, self._writer]:
+        for conn in [*self._readers, self._checkpointer, self._writer]:
             if conn is not None:
                 await conn.close()
-        self._readers, self._writer = [], None
+        self._readers, self._checkpointer, self._writer = [], None, None
 
     async def version(self) -> int:
         assert self._writer is not None
@@ -837,6 +849,7 @@ class Database:
                 raise
             if self._writer.total_changes > changes:
                 self.failing = None
+                self._committed.set()
 
     async def write(self, statements: list[Statement]) -> None:
         """Queue statements for the next group commit and wait until they are durable."""
@@ -907,6 +920,27 @@ class Database:
                 raise
             if changed:
                 self.failing = None
+                self._committed.set()
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL back into the database file from a connection of its own (the writer's
+        automatic checkpoints are off), so that no commit waits for a checkpoint and its
+        fsyncs: once CHECKPOINT_ROWS rows were written, at most every CHECKPOINT_EVERY seconds;
+        an idle server does nothing.  PASSIVE: it never blocks the writer or the readers."""
+        assert self._writer is not None and self._checkpointer is not None
+        done = self._writer.total_changes
+        while True:
+            await self._committed.wait()
+            self._committed.clear()
+            if self._writer.total_changes - done < CHECKPOINT_ROWS:
+                continue
+            done = self._writer.total_changes
+            try:
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                if not self.storage_error(exc):
+                    log.warning("WAL checkpoint failed: %s", exc)
+            await asyncio.sleep(CHECKPOINT_EVERY)
 
 
 def _commit_grouped(conn: sqlite3.Connection, items: list[list[Statement]]) -> bool:
