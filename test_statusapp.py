@@ -488,6 +488,33 @@ def test_restore_refuses_a_damaged_or_newer_backup_and_keeps_the_database(tmp_pa
     assert sql(cfg, "SELECT COUNT(*) FROM accounts") == [(1,)]
 
 
+def test_wal_is_checkpointed_by_its_own_connection_not_by_commits(cfg, client, monkeypatch):
+    """No commit copies the WAL into the database file (its fsyncs would hold up every write
+    waiting behind it); the checkpointer does, once enough rows were written."""
+    def in_file(name: str) -> bool:
+        """Whether the database file alone, without its WAL, holds the monitor ``name``."""
+        copy = cfg["server"]["database"] + ".copy"
+        shutil.copy(cfg["server"]["database"], copy)
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as conn:
+                return bool(conn.execute("SELECT 1 FROM monitors WHERE name = ?",
+                                         (name,)).fetchall())
+        except sqlite3.DatabaseError:  # copied while a checkpoint was writing it
+            return False
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(copy + suffix).unlink(missing_ok=True)
+
+    monkeypatch.setattr(statusapp, "CHECKPOINT_ROWS", 10**9)
+    monkeypatch.setattr(statusapp, "CHECKPOINT_EVERY", 0.0)
+    assert client.post("/api/v1/monitors", json={"name": "kept", "type": "CRON"}).status_code == 201
+    assert sql(cfg, "SELECT COUNT(*) FROM monitors WHERE name = 'kept'") == [(1,)]
+    assert not in_file("kept")
+    monkeypatch.setattr(statusapp, "CHECKPOINT_ROWS", 1)
+    assert client.post("/api/v1/monitors", json={"name": "next", "type": "CRON"}).status_code == 201
+    eventually(lambda: in_file("next") and in_file("kept"))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
 def test_restore_as_root_keeps_the_database_files_owner_and_mode(tmp_path):
     """`sudo statusapp restore` must leave a file the service's own user can still write."""
