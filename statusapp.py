@@ -42,6 +42,7 @@ import copy
 import dataclasses
 import enum
 import functools
+import gc
 import gzip
 import hashlib
 import importlib
@@ -715,6 +716,7 @@ class Database:
         self._waited_on = asyncio.Event()  # a write() is queued: commit now
         self._writer_task: asyncio.Task[None] | None = None
         self.failing: str | None = None  # why the last commit failed, until one succeeds
+        self.commits = 0  # commits that changed something, by this process (a data version)
         self._logged: dict[str, float] = {}
 
     def storage_error(self, exc: BaseException) -> ServiceUnavailable | None:
@@ -837,6 +839,7 @@ class Database:
                 raise
             if self._writer.total_changes > changes:
                 self.failing = None
+                self.commits += 1
 
     async def write(self, statements: list[Statement]) -> None:
         """Queue statements for the next group commit and wait until they are durable."""
@@ -6226,6 +6229,11 @@ class Maintenance:
     def active(self, account_id: str, monitor_id: str, at: int | None = None) -> bool:
         return bool(self.covering(account_id, monitor_id, self.clock() if at is None else at))
 
+    def running(self, account_id: str) -> list[Window]:
+        """The team's windows running now (whether one covers a monitor: ``covers``)."""
+        now = self.clock()
+        return [w for w in self.windows.values() if w.account_id == account_id and w.running(now)]
+
     def suppressing(self, account_id: str, monitor_id: str, at: int) -> bool:
         return any(w.suppress for w in self.covering(account_id, monitor_id, at))
 
@@ -7176,42 +7184,74 @@ async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
         f" WHERE l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY l.region_id, c.id", ids)
 
 
-async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
-    """Monitors as the API returns them (see monitors_body)."""
-    return list(json.loads(await monitors_body(rt, rows)))
+def _iso_sql(column: str) -> str:
+    """SQL for ``iso`` of a column of Unix milliseconds."""
+    return f"strftime('%Y-%m-%dT%H:%M:%SZ', {column} / 1000, 'unixepoch')"
 
 
-async def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
-    """Monitors as the API returns them, as a JSON array: each one's own fields (encoded once
-    per version of its row, see _monitor_fields_json), latest check per region, counts and
-    notifications."""
+def _with_json_key(obj: str, key: str, column: str) -> str:
+    """SQL adding ``key`` to the JSON object ``obj`` when the JSON text ``column`` is set."""
+    return f"CASE WHEN {column} <> '' THEN json_insert({obj}, '$.{key}', json({column})) ELSE {obj} END"
+
+
+# A check as check_json shows it, built by SQLite (``c`` a checks row, ``w`` its region).
+_CHECK_OBJECT = _with_json_key(_with_json_key(
+    "json_object('id', 'chk_' || c.id, 'status', c.status, 'responseTime', c.response_time,"
+    f" 'statusCode', c.status_code, 'checkedAt', {_iso_sql('c.checked_at')},"
+    f" 'receivedAt', {_iso_sql('c.received_at')}, 'error', c.error,"
+    " 'rootCauseCategory', c.category, 'workerRegion', json_object('id', c.region_id,"
+    " 'country', w.country, 'countryCode', w.country_code, 'city', w.city))",
+    "timings", "c.timings"), "details", "c.details")
+
+# Link rows as notification_link_json reads them, built by SQLite (``n`` a monitor's link).
+_LINK_OBJECT = (
+    "json_object('id', n.id, 'channel_id', n.channel_id, 'type', n.type, 'enabled', n.enabled,"
+    " 'config', n.config, 'created_at', n.created_at, 'channel_name', c.name, 'channel_type',"
+    " c.type, 'target_failing', COALESCE(c.failing, n.failing), 'target_error',"
+    " COALESCE(c.last_error, n.last_error))")
+
+# A monitors row ``m`` with its latest check per region (a JSON array, by region), its number
+# of incidents and its notification links (JSON, as _LINK_OBJECT): read by one statement, so
+# the status and the check that set it come from one snapshot.
+_MONITOR_SELECT = (
+    f"m.*, (SELECT json_group_array(json(j)) FROM (SELECT {_CHECK_OBJECT} AS j"
+    " FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+    " LEFT JOIN worker_regions w ON w.id = c.region_id WHERE l.monitor_id = m.id"
+    " ORDER BY l.region_id, c.id)) AS latest_checks,"
+    " (SELECT COUNT(*) FROM incidents i WHERE i.monitor_id = m.id) AS incident_count,"
+    f" (SELECT json_group_array(json(j)) FROM (SELECT {_LINK_OBJECT} AS j"
+    " FROM monitor_notifications n LEFT JOIN notification_channels c ON c.id = n.channel_id"
+    " WHERE n.monitor_id = m.id ORDER BY n.created_at, n.id)) AS links")
+
+
+async def read_monitor(db: Database, team: str, monitor_id: str) -> sqlite3.Row | None:
+    """The team's monitor as _MONITOR_SELECT reads it, if it exists."""
+    return await db.fetchone(f"SELECT {_MONITOR_SELECT} FROM monitors m"
+                             f" WHERE m.id = ? AND m.account_id = ?", (monitor_id, team))
+
+
+def _links_json(links: str) -> str:
+    """A monitor's links (JSON from _MONITOR_SELECT) as the API shows them, secrets masked."""
+    return links if links == "[]" else json_text(
+        [notification_link_json(link) for link in json.loads(links)])
+
+
+def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
+    """Monitors (of one team, as _MONITOR_SELECT reads them) as the API returns them, as a
+    JSON array: each one's own fields (encoded once per version of its row, see
+    _monitor_fields_json), then what SQLite built: latest check per region, counts and links."""
     if not rows:
         return "[]"
-    ids = [row["id"] for row in rows]
-    marks = ",".join("?" * len(ids))
-    latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for check in await latest_checks(rt.db, ids):
-        latest[check["monitor_id"]].append(check_json(check, rt.regions))
-    incidents: dict[str, int] = {monitor_id: n for monitor_id, n in await rt.db.fetchall(
-        f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
-        f" GROUP BY monitor_id", ids)}
-    links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for link in await rt.db.fetchall(
-            f"SELECT n.*, c.name AS channel_name, c.type AS channel_type,"
-            f" COALESCE(c.failing, n.failing) AS target_failing,"
-            f" COALESCE(c.last_error, n.last_error) AS target_error"
-            f" FROM monitor_notifications n"
-            f" LEFT JOIN notification_channels c ON c.id = n.channel_id"
-            f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids):
-        links[link["monitor_id"]].append(notification_link_json(link))
     base, values = rt.cfg["server"]["base_url"], _monitor_values(tuple(rows[0].keys()))
+    team = rows[0]["account_id"]
+    windows = rt.maintenance.running(team)
     out = []
-    for row, monitor_id in zip(rows, ids, strict=True):
+    for row in rows:
         fields = _monitor_fields_json(values(row), base,
-                                      rt.maintenance.active(row["account_id"], monitor_id))
-        out.append(f'{fields},"checks":{json_text(latest[monitor_id])},"_count":{{"checks":'
-                   f'{row["check_count"]},"incidents":{incidents.get(monitor_id, 0)}}},'
-                   f'"monitorNotifications":{json_text(links[monitor_id])}}}')
+                                      any(w.covers(team, row["id"]) for w in windows))
+        out.append(f'{fields},"checks":{row["latest_checks"]},"_count":{{"checks":'
+                   f'{row["check_count"]},"incidents":{row["incident_count"]}}},'
+                   f'"monitorNotifications":{_links_json(row["links"])}}}')
     return f"[{','.join(out)}]"
 
 
@@ -7239,7 +7279,7 @@ def _monitor_fields_json(values: tuple[Any, ...], base: str, maintenance: bool) 
     return json_text(record)[:-1]
 
 
-def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
+def notification_link_json(row: Mapping[str, Any]) -> dict[str, Any]:
     """One of a monitor's notification targets: an inline channel or a linked one."""
     config = json.loads(row["config"]) if row["config"] else None
     return {"id": row["id"], "channelId": row["channel_id"],
@@ -7348,13 +7388,18 @@ async def refuse_private_targets(cfg: dict[str, dict[str, Any]],
 async def load_owned(call: Call, table: str, ident: str | None = None) -> sqlite3.Row:
     """The team's row of ``table`` named by the path (or ``ident``), or 404: another team's
     resource does not exist for the caller."""
-    param, noun = OWNED[table]
-    ident = ident or call.param(param)
+    ident = ident or call.param(OWNED[table][0])
     row = await call.rt.db.fetchone(f"SELECT * FROM {table} WHERE id = ? AND account_id = ?",
                                     (ident, call.team))
     if row is None:
-        raise NotFound(f"{noun} not found", f"no {noun.lower()} with id {ident}")
+        raise not_found(table, ident)
     return row
+
+
+def not_found(table: str, ident: str) -> NotFound:
+    """The 404 for a missing (or another team's) row of one of the OWNED tables."""
+    noun = OWNED[table][1]
+    return NotFound(f"{noun} not found", f"no {noun.lower()} with id {ident}")
 
 
 async def _channel_ids(call: Call) -> set[str]:
@@ -7411,15 +7456,36 @@ def notification_statements(monitor_id: str, entries: list[dict[str, Any]]) -> l
               for i, e in enumerate(entries))]
 
 
-async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
-    return (await monitors_json(call.rt, [await load_owned(call, "monitors", monitor_id)]))[0]
+async def _monitor_response(call: Call, monitor_id: str | None = None) -> dict[str, Any]:
+    """The team's monitor named by the path (or ``monitor_id``) as the API shows it, or 404."""
+    ident = monitor_id or call.param("monitorId")
+    row = await read_monitor(call.rt.db, call.team, ident)
+    if row is None:
+        raise not_found("monitors", ident)
+    return cast(dict[str, Any], json.loads(monitors_body(call.rt, [row]))[0])
 
 
 MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
 
+# Monitor list pages are kept in memory while nothing changed: keyed by the team, the query,
+# the writer's commits and the public cache's generation (API writes, status changes,
+# maintenance windows starting or ending), for at most LIST_CACHE_SECONDS (changes made by
+# another process, such as `statusapp region remove`, show after that).
+LIST_CACHE_ENTRIES = 32
+LIST_CACHE_SECONDS = 5.0
+
 
 @api("/monitors", "GET", query=MONITOR_QUERY, response=MONITOR_LIST_SHAPE)
 async def list_monitors(call: Call) -> Response:
+    rt = call.rt
+    key = json_text([call.team, rt.db.commits, rt.public_cache.generation, call.query])
+    entry = await rt.list_pages.get(key, lambda: _monitor_page(call))
+    return Response(entry.body, entry.status, media_type="application/json")
+
+
+async def _monitor_page(call: Call) -> Response:
+    """A page of the team's monitors, read by one statement: the page's ids first (sorting only
+    them), then their rows, and the total."""
     query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["status"]:
@@ -7434,18 +7500,22 @@ async def list_monitors(call: Call) -> Response:
     chosen, values = selection(query)
     where, params = where + chosen, params + values
     clause = " AND ".join(where)
-    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
-    order = f"{MONITOR_SORTS[query['sort']]} {query['order'].upper()}, id {query['order'].upper()}"
+    column, way = MONITOR_SORTS[query["sort"]], query["order"].upper()
     rows = await call.rt.db.fetchall(
-        f"SELECT * FROM monitors WHERE {clause} ORDER BY {order} LIMIT ? OFFSET ?",
-        [*params, query["limit"], (query["page"] - 1) * query["limit"]])
-    return Response(f'{{"monitors":{await monitors_body(call.rt, rows)},"pagination":'
+        f"WITH page AS MATERIALIZED (SELECT id FROM monitors WHERE {clause}"
+        f" ORDER BY {column} {way}, id {way} LIMIT ? OFFSET ?)"
+        f" SELECT {_MONITOR_SELECT}, (SELECT COUNT(*) FROM monitors WHERE {clause}) AS total"
+        f" FROM page JOIN monitors m ON m.id = page.id ORDER BY m.{column} {way}, m.id {way}",
+        [*params, query["limit"], (query["page"] - 1) * query["limit"], *params])
+    total = rows[0]["total"] if rows else await call.rt.db.fetchval(
+        f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
+    return Response(f'{{"monitors":{monitors_body(call.rt, rows)},"pagination":'
                     f'{json_text(paginate(total, query))}}}', media_type="application/json")
 
 
 @api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
 async def get_monitor(call: Call) -> dict[str, Any]:
-    return (await monitors_json(call.rt, [await load_owned(call, "monitors")]))[0]
+    return await _monitor_response(call)
 
 
 @api("/monitors", "POST", body=MONITOR_FIELDS, response=MONITOR_SHAPE, status=(201,))
@@ -10052,10 +10122,13 @@ class CachedResponse:
     status: int
     body: bytes
     headers: dict[str, str]
-    etag: str
     born: float
     generation: int
     gzipped: bytes | None = None
+
+    @functools.cached_property
+    def etag(self) -> str:
+        return f'"{hashlib.sha256(self.body).hexdigest()[:20]}"'
 
     def gzip_body(self) -> bytes:
         if self.gzipped is None:
@@ -10066,7 +10139,9 @@ class CachedResponse:
 class PublicCache:
     """Rendered public responses by full URL, valid for one data generation and a TTL."""
 
-    def __init__(self) -> None:
+    def __init__(self, entries: int = PUBLIC_CACHE_ENTRIES,
+                 seconds: float = PUBLIC_CACHE_SECONDS) -> None:
+        self.entries, self.seconds = entries, seconds
         self.generation = 0
         self.renders = 0
         self._entries: dict[str, CachedResponse] = {}
@@ -10079,7 +10154,7 @@ class PublicCache:
     def _fresh(self, key: str) -> CachedResponse | None:
         entry = self._entries.get(key)
         if entry and entry.generation == self.generation and (
-                time.monotonic() - entry.born < PUBLIC_CACHE_SECONDS):
+                time.monotonic() - entry.born < self.seconds):
             return entry
         return None
 
@@ -10097,13 +10172,11 @@ class PublicCache:
         self.renders += 1
         body = bytes(response.body)
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}
-        entry = CachedResponse(response.status_code, body, headers,
-                               f'"{hashlib.sha256(body).hexdigest()[:20]}"', time.monotonic(),
-                               generation)
+        entry = CachedResponse(response.status_code, body, headers, time.monotonic(), generation)
         if entry.status == 200:
             self._entries.pop(key, None)
             self._entries[key] = entry
-            if len(self._entries) > PUBLIC_CACHE_ENTRIES:
+            if len(self._entries) > self.entries:
                 del self._entries[next(iter(self._entries))]
         return entry
 
@@ -12063,6 +12136,7 @@ class Runtime:
         self.regions: dict[str, WorkerRegion] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.public_cache = PublicCache()
+        self.list_pages = PublicCache(LIST_CACHE_ENTRIES, LIST_CACHE_SECONDS)
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[Any]] = set()
         self.settled_days: SettledDays = {}
@@ -12344,6 +12418,7 @@ def serve(config_path: str | None, db: str | None, host: str | None, port: int |
         lifespan="on", access_log=False, server_header=False, log_config=None,
         http=reaping_http(server["header_timeout"]), timeout_keep_alive=server["keepalive_timeout"],
         limit_concurrency=server["max_connections"] or None))
+    gc.freeze()  # what start-up made lives for good: kept out of the collector's full passes
     runner.run(sockets=[sock])
     if not runner.started:
         raise click.ClickException("start-up failed (see the log above)")
