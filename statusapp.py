@@ -1907,6 +1907,22 @@ def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     return _monitor_fields(_monitor_values(tuple(row.keys()))(row))
 
 
+def _field_sql(column: str, read: Callable[[Any], Any] | None) -> str:
+    """SQL for a monitors column (of ``m``) as monitor_record reads it, as a JSON value."""
+    if read is _json_column:
+        return f'json(m."{column}")'
+    if read is bool:
+        return f"""json(CASE WHEN m."{column}" THEN 'true' ELSE 'false' END)"""
+    return f'm."{column}"'
+
+
+# A monitors row's _MONITOR_FIELDS, then createdAt and updatedAt (Unix ms), as a JSON object
+# built by SQLite: the same values as monitor_record, without a Python object per column.
+_MONITOR_OBJECT = ("json_object(" + ", ".join(
+    f"'{name}', {_field_sql(column, read)}" for name, column, read in _MONITOR_FIELDS)
+    + ", 'createdAt', m.created_at, 'updatedAt', m.updated_at)")
+
+
 # --- Auth ---
 #
 # An API key is ``sk_live_<random>``; only its SHA256 is stored.  A key belongs to a person
@@ -7214,7 +7230,7 @@ _LINK_OBJECT = (
 # of incidents and its notification links (JSON, as _LINK_OBJECT): read by one statement, so
 # the status and the check that set it come from one snapshot.
 _MONITOR_SELECT = (
-    f"m.*, (SELECT json_group_array(json(j)) FROM (SELECT {_CHECK_OBJECT} AS j"
+    f"m.id, m.account_id, m.check_count, {_MONITOR_OBJECT} AS fields, (SELECT json_group_array(json(j)) FROM (SELECT {_CHECK_OBJECT} AS j"
     " FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
     " LEFT JOIN worker_regions w ON w.id = c.region_id WHERE l.monitor_id = m.id"
     " ORDER BY l.region_id, c.id)) AS latest_checks,"
@@ -7242,12 +7258,11 @@ def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
     _monitor_fields_json), then what SQLite built: latest check per region, counts and links."""
     if not rows:
         return "[]"
-    base, values = rt.cfg["server"]["base_url"], _monitor_values(tuple(rows[0].keys()))
-    team = rows[0]["account_id"]
+    base, team = rt.cfg["server"]["base_url"], rows[0]["account_id"]
     windows = rt.maintenance.running(team)
     out = []
     for row in rows:
-        fields = _monitor_fields_json(values(row), base,
+        fields = _monitor_fields_json(row["fields"], base,
                                       any(w.covers(team, row["id"]) for w in windows))
         out.append(f'{fields},"checks":{row["latest_checks"]},"_count":{{"checks":'
                    f'{row["check_count"]},"incidents":{row["incident_count"]}}},'
@@ -7265,17 +7280,19 @@ def json_text(value: Any) -> str:
 
 
 @functools.lru_cache(maxsize=2048)
-def _monitor_fields_json(values: tuple[Any, ...], base: str, maintenance: bool) -> str:
+def _monitor_fields_json(fields: str, base: str, maintenance: bool) -> str:
     """A monitor's own fields as the API shows them (secrets masked), as a JSON object left
-    open for the rest, from its _monitor_values; cached, as list pages repeat the same rows."""
-    record = _monitor_fields(values)
+    open for the rest, from its _MONITOR_OBJECT; cached, as list pages repeat the same rows
+    (and any change to a row changes its _MONITOR_OBJECT)."""
+    record = json.loads(fields)
     if maintenance:
         record["status"] = MAINTENANCE
     heartbeat = record.pop("heartbeatId")
     record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
+    created, updated = record.pop("createdAt"), record.pop("updatedAt")
     record.update({
         "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
-        "createdAt": iso(values[-2]), "updatedAt": iso(values[-1])})
+        "createdAt": iso(created), "updatedAt": iso(updated)})
     return json_text(record)[:-1]
 
 
