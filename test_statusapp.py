@@ -5303,6 +5303,55 @@ def test_list_entries_follow_every_change_and_match_the_single_monitor(cfg, clie
     assert listed() == client.get(f"/api/v1/monitors/{monitor['id']}").json()
 
 
+@pytest.mark.parametrize("path", ["/api/v1/monitors/{id}", "/api/v1/monitors"])
+def test_a_monitor_and_its_latest_check_are_read_together(client, monkeypatch, path):
+    """A new check and the status it sets, committed while the request reads: the answer shows
+    both or neither (a status never precedes its check)."""
+    rt = client.app.state.statusapp
+    monitor = _inc_monitor(client)
+
+    def stored(status: str) -> list:
+        return statusapp.check_statements(monitor["id"], "local", statusapp.CheckResult(status),
+                                          statusapp.now_ms()) + [
+            ("UPDATE monitors SET status = ? WHERE id = ?", (status, monitor["id"]))]
+    client.portal.call(rt.db.write, stored("UP"))
+    read, pending = rt.db.fetchall, [stored("DOWN")]
+
+    async def fetchall(sql: str, params=()):  # the write lands just after the monitor's row
+        rows = await read(sql, params)
+        if pending and any(monitor["id"] in tuple(row) for row in rows):
+            await rt.db.write(pending.pop())
+        return rows
+    monkeypatch.setattr(rt.db, "fetchall", fetchall)
+
+    def shown() -> dict:
+        body = client.get(path.format(id=monitor["id"])).json()
+        return body["monitors"][0] if "monitors" in body else body
+    first = shown()
+    assert not pending
+    assert first["status"] == first["checks"][0]["status"]
+    assert shown()["status"] == shown()["checks"][0]["status"] == "DOWN"
+
+
+def test_a_list_page_is_kept_until_something_is_committed(client):
+    """An identical page is answered from memory while nothing was committed; a commit (here
+    a new check) makes the next answer read again and show it."""
+    rt = client.app.state.statusapp
+    monitor = _inc_monitor(client)
+
+    def from_memory() -> bool:
+        commits, renders = rt.db.commits, rt.list_pages.renders
+        page = client.get("/api/v1/monitors?limit=10").json()
+        return (rt.db.commits, rt.list_pages.renders) == (commits, renders) and page == (
+            client.get("/api/v1/monitors?limit=10").json())
+    client.get("/api/v1/monitors?limit=10")
+    eventually(from_memory)
+    client.portal.call(rt.db.write, statusapp.check_statements(
+        monitor["id"], "local", statusapp.CheckResult("UP"), statusapp.now_ms()))
+    listed = client.get("/api/v1/monitors?limit=10").json()["monitors"][0]
+    assert (listed["_count"]["checks"], [c["status"] for c in listed["checks"]]) == (1, ["UP"])
+
+
 def test_tags_and_groups_filter_the_list_and_pause_resume_in_bulk(cfg, client):
     web = create(client, name="web", tags=["prod", {"name": "edge", "color": "#FF0000"}],
                  group="Frontend")
