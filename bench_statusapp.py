@@ -793,8 +793,8 @@ def api(monitors: int, days: int, raw_days: int, down_hours: int, clients: int,
                                                  for page in range(1, 11)],
             "GET /monitors uncached, every sort": [
                 f"/api/v1/monitors?limit={limit}&page={page}&sort={sort}&order={order}"
-                for limit in range(91, 101) for page in range(1, 10) for sort in statusapp.MONITOR_SORTS
-                for order in ("asc", "desc")],
+                for limit in range(91, 101) for page in range(1, 10)
+                for sort in statusapp.MONITOR_SORTS for order in ("asc", "desc")],
             "GET /monitors/{id}": ["/api/v1/monitors/mon_0000000000000011"],
             "GET /analytics": ["/api/v1/analytics"],
             "GET /analytics/monitors/{id}?30d":

@@ -7207,7 +7207,8 @@ def _iso_sql(column: str) -> str:
 
 def _with_json_key(obj: str, key: str, column: str) -> str:
     """SQL adding ``key`` to the JSON object ``obj`` when the JSON text ``column`` is set."""
-    return f"CASE WHEN {column} <> '' THEN json_insert({obj}, '$.{key}', json({column})) ELSE {obj} END"
+    return (f"CASE WHEN {column} <> '' THEN json_insert({obj}, '$.{key}', json({column}))"
+            f" ELSE {obj} END")
 
 
 # A check as check_json shows it, built by SQLite (``c`` a checks row, ``w`` its region).
@@ -7230,7 +7231,8 @@ _LINK_OBJECT = (
 # of incidents and its notification links (JSON, as _LINK_OBJECT): read by one statement, so
 # the status and the check that set it come from one snapshot.
 _MONITOR_SELECT = (
-    f"m.id, m.account_id, m.check_count, {_MONITOR_OBJECT} AS fields, (SELECT json_group_array(json(j)) FROM (SELECT {_CHECK_OBJECT} AS j"
+    f"m.id, m.account_id, m.check_count, {_MONITOR_OBJECT} AS fields,"
+    f" (SELECT json_group_array(json(j)) FROM (SELECT {_CHECK_OBJECT} AS j"
     " FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
     " LEFT JOIN worker_regions w ON w.id = c.region_id WHERE l.monitor_id = m.id"
     " ORDER BY l.region_id, c.id)) AS latest_checks,"
@@ -10154,7 +10156,8 @@ class CachedResponse:
 
 
 class PublicCache:
-    """Rendered public responses by full URL, valid for one data generation and a TTL."""
+    """Rendered responses by key (a public page's full URL; a monitor list's query and data
+    version), valid for one data generation and a TTL."""
 
     def __init__(self, entries: int = PUBLIC_CACHE_ENTRIES,
                  seconds: float = PUBLIC_CACHE_SECONDS) -> None:
