@@ -7932,6 +7932,24 @@ def test_a_crashed_service_is_logged_and_restarted(cfg, key, monkeypatch, caplog
 # --- CLI tests ---
 
 
+@pytest.mark.asyncio
+async def test_served_main_loop_keeps_the_date_and_stops_at_once():
+    """serve's uvicorn main loop, which wakes once a second: the Date header is set before it
+    first waits, and an exit signal ends the loop at once, not at the next second."""
+    import uvicorn
+    server = statusapp.calm_server(uvicorn.Config(app=None, date_header=True))
+    server.config.load()
+    loop_task = asyncio.create_task(server.main_loop())
+    while not server.server_state.default_headers:
+        await asyncio.sleep(0)
+    (name, value), = [h for h in server.server_state.default_headers if h[0] == b"date"]
+    assert email.utils.parsedate_to_datetime(value.decode()).tzinfo is not None
+    server.handle_exit(signal.SIGTERM, None)
+    for _ in range(20):  # a few turns of the loop, no time: the wake-up, not the next second
+        await asyncio.sleep(0)
+    assert loop_task.done() and server.should_exit
+
+
 def test_serve_end_to_end_first_run_key_and_client_flow(server):
     """The spec's client flow over real HTTP against `statusapp serve`, then a clean SIGTERM."""
     _owner_key(server)  # the first-run lines are all out once the key is
