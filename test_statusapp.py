@@ -785,7 +785,8 @@ _GZIP_BOMB = gzip.compress(b"a" * 20_000_000 + b"END")  # 20 MB in about 20 KB
 
 
 class _HTTPHandler(http.server.BaseHTTPRequestHandler):
-    """/ok /error /missing /slow /delay /redirect /echo /protected /token /rdap/domain/NAME,
+    """/ok /error /missing /slow /delay /redirect /see-other /elsewhere /loop /echo /protected
+    /token /rdap/domain/NAME,
     /json (a JSON document with an X-Version header), /html (an error page) and /big."""
 
     protocol_version = "HTTP/1.1"  # keeps connections open, so reuse by the client would show
@@ -839,6 +840,13 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             self._answer(200, b"ok", {"Set-Cookie": "session=1; Path=/"})
         elif path == "/redirect":
             self._answer(302, b"", {"Location": "/ok"})
+        elif path == "/see-other":
+            self._answer(303, b"", {"Location": "echo"})
+        elif path == "/elsewhere":  # another origin: localhost instead of 127.0.0.1
+            self._answer(302, b"", {
+                "Location": f"http://localhost:{self.server.server_address[1]}/echo"})
+        elif path == "/loop":
+            self._answer(302, b"", {"Location": "/loop"})
         elif path == "/protected":
             ok = self.headers.get("Authorization") == "Bearer tok-1"
             self._answer(200 if ok else 401)
@@ -1053,6 +1061,39 @@ async def test_http_status_rules(probe_ctx, http_server, path, expected, status,
         _monitor(http_server + path, expectedStatusCode=expected), probe_ctx)
     assert (result.status, result.status_code, result.category) == (status, code, category)
     assert result.response_time is not None and result.response_time >= 0
+
+
+@pytest.mark.asyncio
+async def test_http_redirects_are_followed_as_httpx_follows_them(probe_ctx, http_server):
+    """A 303 after a POST is a GET without the body; Authorization goes to the same origin
+    only; a loop ends after 20 redirects; a user and password in the URL are Basic auth."""
+    _HTTPHandler.seen.clear()
+    auth = {"type": "bearer", "token": "t0k"}
+    result = await statusapp.probe_http(_monitor(
+        http_server + "/see-other", httpMethod="POST", requestBody="data", apiAuthConfig=auth),
+        probe_ctx)
+    assert (result.status, result.status_code) == ("UP", 200)
+    posted, got = _HTTPHandler.seen
+    assert (posted["method"], posted["body"], got["method"], got["path"], got["body"]) == (
+        "POST", b"data", "GET", "/echo", b"")
+    assert got["headers"]["Authorization"] == "Bearer t0k" and "Content-Length" not in got[
+        "headers"]
+    _HTTPHandler.seen.clear()
+    result = await statusapp.probe_http(_monitor(http_server + "/elsewhere",
+                                                 apiAuthConfig=auth), probe_ctx)
+    assert (result.status, result.status_code) == ("UP", 200)
+    assert [s["headers"].get("Authorization") for s in _HTTPHandler.seen] == ["Bearer t0k", None]
+    assert _HTTPHandler.seen[1]["headers"]["Host"].startswith("localhost:")
+    _HTTPHandler.hits.clear()
+    result = await statusapp.probe_http(_monitor(http_server + "/loop"), probe_ctx)
+    assert (result.status, result.category, result.error) == (
+        "DOWN", "APPLICATION_ERROR", "too many redirects")
+    assert _HTTPHandler.hits["/loop"] == 21
+    _HTTPHandler.seen.clear()
+    result = await statusapp.probe_http(_monitor(
+        http_server.replace("://", "://ann:pw%3A1@") + "/auth"), probe_ctx)
+    assert result.status == "UP" and _HTTPHandler.seen[0]["headers"]["Authorization"] == (
+        "Basic " + base64.b64encode(b"ann:pw:1").decode())
 
 
 @pytest.mark.asyncio
