@@ -2294,6 +2294,8 @@ class _AsyncioStream(httpcore.AsyncNetworkStream):
                 return await self._reader.read(max_bytes)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:  # httpcore writes the empty body and end of a body-less request too
+            return
         with _mapped(httpcore.WriteTimeout, httpcore.WriteError):
             self._writer.write(buffer)
             async with asyncio.timeout(timeout):
@@ -2905,7 +2907,9 @@ class _HttpAnswer:
 @dataclass
 class _HttpExchange:
     """An HTTP check's requests, each on a connection of its own that is closed when its
-    answer is read; ``status`` is the latest answer's, for a failure after it."""
+    answer is read (closing the socket ends httpcore's connection too: the response is not
+    closed first, which would take its anyio lock, a turn of the event loop, once more);
+    ``status`` is the final answer's, for a failure after it."""
 
     ctx: ProbeContext
     timeout: float
@@ -2947,7 +2951,6 @@ class _HttpExchange:
                 answer.der = _peer_der(stream)
                 answer.body = await _capped(cast(AsyncIterable[bytes], response.stream),
                                             self.ctx.settings["max_body_bytes"])
-            await response.aclose()
             if timings is not None:
                 timings["ttfb"] += answered - sending
                 timings["transfer"] += time.perf_counter() - answered
