@@ -72,8 +72,8 @@ import tomllib
 import urllib.parse
 import zlib
 import zoneinfo
-from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
-                             Sequence)
+from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Collection,
+                             Iterator, Mapping, Sequence)
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -2428,7 +2428,8 @@ def _make_resolver(nameservers: list[tuple[str, int]]) -> dns.asyncresolver.Reso
 
 
 class ProbeContext:
-    """What all probes share, built once per process from the config: one HTTP client, the TLS
+    """What all probes share, built once per process from the config: one HTTP client (for
+    token endpoints and registries; HTTP checks use httpcore through ``backend``), the TLS
     trust store, one DNS resolver and the OAuth2 token cache.  ``settings`` is the ``[probes]``
     config section (elsewhere ``cfg`` is always the whole config).  Close it with ``aclose``."""
 
