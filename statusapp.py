@@ -2798,9 +2798,9 @@ _HTTP_ERRORS = (httpx.HTTPError, httpcore.UnsupportedProtocol, httpcore.Protocol
 @functools.lru_cache(maxsize=4096)
 def _probe_url(text: str, params: tuple[tuple[str, str], ...]) -> httpx.URL:
     """A monitor's URL, parsed as httpx parses it (IDNA host names, percent-encoding, the same
-    errors), once per distinct URL; an auth's query parameters replace its query, as httpx
-    does."""
-    return httpx.URL(text, params=params or None)
+    errors), once per distinct URL; an auth's query parameters join the URL's own query."""
+    url = httpx.URL(text)
+    return url.copy_merge_params(params) if params else url
 
 
 def _header_table(headers: dict[str, str]) -> dict[bytes, tuple[bytes, bytes]]:

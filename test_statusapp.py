@@ -1133,13 +1133,17 @@ async def test_http_bad_request_headers_is_a_configuration_error(probe_ctx, http
      "X-Key", "k1", ""),
     ({"type": "api_key", "apiKey": "k 2", "apiKeyName": "key", "apiKeyLocation": "query"},
      "Authorization", None, "key=k+2"),
+    ({"type": "api_key", "apiKey": "k3", "apiKeyName": "key", "apiKeyLocation": "query",
+      "url": "/auth?page=2"}, "Authorization", None, "page=2&key=k3"),
     ({"type": "jwt", "jwtToken": "a.b.c"}, "Authorization", "Bearer a.b.c", ""),
     ({"type": "jwt", "jwtToken": "a.b.c", "jwtHeader": "X-JWT", "jwtPrefix": ""}, "X-JWT",
      "a.b.c", ""),
 ])
 async def test_http_auth_types(probe_ctx, http_server, auth, header, value, query):
     _HTTPHandler.seen.clear()
-    result = await statusapp.probe_http(_monitor(http_server + "/auth", apiAuthConfig=auth),
+    auth = dict(auth)
+    path = auth.pop("url", "/auth")  # a query of the monitor's own stays beside the key's
+    result = await statusapp.probe_http(_monitor(http_server + path, apiAuthConfig=auth),
                                         probe_ctx)
     assert result.status == "UP"
     seen = _HTTPHandler.seen[-1]
