@@ -73,8 +73,8 @@ import tomllib
 import urllib.parse
 import zlib
 import zoneinfo
-from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
-                             Sequence)
+from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Collection,
+                             Iterator, Mapping, Sequence)
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -2231,7 +2231,7 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
         return str(err), "CONFIGURATION_ERROR"
     if (err := find(socket.gaierror)) is not None:
         return f"DNS resolution failed: {err.strerror or err}", "DNS_FAILURE"
-    if find(TimeoutError) or find(httpx.TimeoutException):
+    if find(TimeoutError) or find(httpx.TimeoutException) or find(httpcore.TimeoutException):
         return f"timed out after {timeout:g}s", "NETWORK_TIMEOUT"
     if (err := find(ssl.SSLCertVerificationError)) is not None:
         return f"TLS certificate rejected: {err.verify_message}", "SSL_CERTIFICATE"
@@ -2241,48 +2241,25 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
         return "connection refused", "INFRASTRUCTURE"
     if find(ConnectionResetError):
         return "connection reset by peer", "INFRASTRUCTURE"
-    if isinstance(exc, httpx.UnsupportedProtocol):
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpcore.UnsupportedProtocol)):
         return f"invalid URL: {exc}", "CONFIGURATION_ERROR"
     if isinstance(exc, httpx.TooManyRedirects):
         return "too many redirects", "APPLICATION_ERROR"
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, (httpx.RemoteProtocolError, httpcore.RemoteProtocolError)):
         return f"invalid HTTP answer: {exc}", "SERVER_ERROR"
     if (err := find(OSError)) is not None:
         return err.strerror or str(err) or type(err).__name__, "INFRASTRUCTURE"
     return str(exc) or type(exc).__name__, "UNKNOWN"
 
 
-# HTTP timings.  httpcore's "trace" extension reports TLS, request and response phases, but
-# DNS happens inside its TCP connect.  So the pool gets a network backend that resolves the
-# name itself and connects to the address, timing both into the check's timings dict, which
-# it finds through a context variable (each check runs in its own task).  Resolving there also
-# lets it refuse private addresses and connect to exactly the address it checked.
+# HTTP checks speak HTTP/1.1 through httpcore's connection class directly (no httpx client,
+# pool or models per check: they were most of a check's CPU), one new connection per request.
+# The probe resolves the name itself and connects to the address (see _PinnedBackend), timing
+# each phase into the check's timings: DNS, connect, TLS, then time to the first byte of the
+# answer's headers and the body's transfer (redirects sum).  Resolving there also lets it
+# refuse private addresses and connect to exactly the address it checked.
 
 _TIMING_PHASES = ("dns", "connect", "tls", "ttfb", "transfer")
-_TRACE_PHASES = {  # phase: (trace step that starts it, trace step whose completion ends it)
-    "tls": ("start_tls", "start_tls"),
-    "ttfb": ("send_request_headers", "receive_response_headers"),
-    "transfer": ("receive_response_body", "receive_response_body"),
-}
-_HTTP_TIMINGS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
-    "statusapp_http_timings", default=None)
-
-
-def _tracer(timings: dict[str, float]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
-    """An httpcore trace callback adding each phase's seconds to ``timings`` (redirects sum)."""
-    started: dict[str, float] = {}
-
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        step, _, stage = event.partition(".")[2].rpartition(".")
-        if stage == "started":
-            started[step] = now
-        elif stage == "complete":
-            for phase, (first, last) in _TRACE_PHASES.items():
-                if last == step and first in started:
-                    timings[phase] += now - started.pop(first)
-
-    return trace
 
 
 class PrivateTargetError(httpcore.ConnectError):
@@ -2336,6 +2313,8 @@ class _AsyncioStream(httpcore.AsyncNetworkStream):
                 return await self._reader.read(max_bytes)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:  # httpcore writes the empty body and end of a body-less request too
+            return
         with _mapped(httpcore.WriteTimeout, httpcore.WriteError):
             self._writer.write(buffer)
             async with asyncio.timeout(timeout):
@@ -2387,10 +2366,10 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         self._allow_private = allow_private
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        """Resolve, then try each address in turn (as the stdlib's create_connection does)."""
-        timings = _HTTP_TIMINGS.get()
+                          local_address: str | None = None, socket_options: Any = None, *,
+                          timings: dict[str, float] | None = None) -> _AsyncioStream:
+        """Resolve, then try each address in turn (as the stdlib's create_connection does);
+        with ``timings``, add the seconds spent resolving and connecting to them."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
@@ -2468,7 +2447,8 @@ def _make_resolver(nameservers: list[tuple[str, int]]) -> dns.asyncresolver.Reso
 
 
 class ProbeContext:
-    """What all probes share, built once per process from the config: one HTTP client, the TLS
+    """What all probes share, built once per process from the config: one HTTP client (for
+    token endpoints and registries; HTTP checks use httpcore through ``backend``), the TLS
     trust store, one DNS resolver and the OAuth2 token cache.  ``settings`` is the ``[probes]``
     config section (elsewhere ``cfg`` is always the whole config).  Close it with ``aclose``."""
 
@@ -2500,11 +2480,22 @@ class ProbeContext:
         # from this host to the target.
         self.http = httpx.AsyncClient(
             transport=_PinnedTransport(self.ssl_context, self.settings["allow_private_targets"]),
-            headers={"User-Agent": _USER_AGENT, REGION_HEADER: cfg["region"]["id"]},
-            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(
-                allowed_domains=[])), trust_env=False)
+            headers={"User-Agent": _USER_AGENT}, cookies=http.cookiejar.CookieJar(
+                http.cookiejar.DefaultCookiePolicy(allowed_domains=[])), trust_env=False)
+        self.ssl_context.set_alpn_protocols(["http/1.1"])  # what httpcore sets on each connect
+        self.backend = _PinnedBackend(self.settings["allow_private_targets"])
+        self.http_headers: dict[bytes, tuple[bytes, bytes]] = {}
+        self.set_region(cfg["region"]["id"])
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._token_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    def set_region(self, region: str) -> None:
+        """Name ``region`` in every HTTP request (an agent learns its region from the server).
+        ``http_headers`` are an HTTP check's headers, as httpx's client would send them."""
+        self.http.headers[REGION_HEADER] = region
+        self.http_headers = _header_table({
+            "Accept": "*/*", "Accept-Encoding": "gzip, deflate", "Connection": "keep-alive",
+            "User-Agent": _USER_AGENT, REGION_HEADER: region})
 
     @functools.cached_property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -2646,9 +2637,13 @@ class _Seen:
 
     status_code: int
     response_time: int
-    headers: httpx.Headers
+    raw_headers: list[tuple[bytes, bytes]]
     raw: bytes
     cap: int
+
+    @functools.cached_property
+    def headers(self) -> httpx.Headers:
+        return httpx.Headers(self.raw_headers)
 
     @functools.cached_property
     def text(self) -> str:
@@ -2747,8 +2742,13 @@ def _assertion_error(failed: list[dict[str, Any]]) -> str:
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     """At most ``limit`` bytes of the raw body: reading stops there (the caller closes the
     connection), so an endless or huge answer costs a check no more than that."""
+    return await _capped(response.aiter_raw(), limit)
+
+
+async def _capped(body: AsyncIterable[bytes], limit: int) -> bytes:
+    """At most ``limit`` bytes of ``body`` (see _read_capped)."""
     chunks, size = [], 0
-    async for chunk in response.aiter_raw():
+    async for chunk in body:
         chunks.append(chunk[:limit - size])
         size += len(chunks[-1])
         if size >= limit:
@@ -2770,13 +2770,6 @@ def _decoded(raw: bytes, encoding: str, cap: int) -> bytes:
         except zlib.error:
             raise _AssertionProblem(f"response body is not valid {coding}") from None
     return raw
-
-
-def _peer_der(response: httpx.Response) -> bytes | None:
-    """The server certificate of an https response (None over plain http)."""
-    stream = response.extensions.get("network_stream")
-    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
 
 def _certificate_details(cert: dict[str, Any]) -> dict[str, Any]:
@@ -2815,6 +2808,183 @@ async def _judge_http(monitor: dict[str, Any], result: CheckResult, seen: _Seen,
     return result
 
 
+_MAX_REDIRECTS = 20  # followed by one check, as httpx's default
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HTTP_ERRORS = (httpx.HTTPError, httpcore.UnsupportedProtocol, httpcore.ProtocolError,
+                httpcore.TimeoutException, httpcore.NetworkError, TimeoutError, OSError)
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe_url(text: str, params: tuple[tuple[str, str], ...]) -> httpx.URL:
+    """A monitor's URL, parsed as httpx parses it (IDNA host names, percent-encoding, the same
+    errors), once per distinct URL; an auth's query parameters join the URL's own query."""
+    url = httpx.URL(text)
+    return url.copy_merge_params(params) if params else url
+
+
+def _header_table(headers: dict[str, str]) -> dict[bytes, tuple[bytes, bytes]]:
+    """Headers by lower-case name, encoded as httpx encodes them (ASCII, else ValueError)."""
+    return {name.lower().encode("ascii"): (name.encode("ascii"), value.encode("ascii"))
+            for name, value in headers.items()}
+
+
+@dataclass
+class _HttpRequest:
+    """One request of an HTTP check: redirects make the next from the previous."""
+
+    method: str
+    url: httpx.URL
+    headers: dict[bytes, tuple[bytes, bytes]]  # by lower-case name
+    body: bytes | None
+
+    def target(self) -> httpcore.URL:
+        if self.url.is_relative_url:  # no scheme or no host
+            raise httpcore.UnsupportedProtocol(
+                "Request URL is missing an 'http://' or 'https://' protocol.")
+        if self.url.scheme not in ("http", "https"):
+            raise httpcore.UnsupportedProtocol(
+                f"Request URL has an unsupported protocol '{self.url.scheme}://'.")
+        return httpcore.URL(scheme=self.url.raw_scheme, host=self.url.raw_host,
+                            port=self.url.port, target=self.url.raw_path)
+
+    def redirected(self, code: int, location: str) -> _HttpRequest:
+        """The request a redirect asks for, as httpx makes it: a relative Location resolved,
+        303 (and 302, and 301 after a POST) turned into a body-less GET, Authorization kept
+        only on the same origin (or its https upgrade), no Cookie header."""
+        try:
+            url = httpx.URL(location)
+        except httpx.InvalidURL as exc:
+            raise httpx.RemoteProtocolError(f"Invalid URL in location header: {exc}.") from None
+        if url.scheme and not url.host:
+            url = url.copy_with(host=self.url.host)
+        if url.is_relative_url:
+            url = self.url.join(url)
+        if self.url.fragment and not url.fragment:
+            url = url.copy_with(fragment=self.url.fragment)
+        method = "GET" if (code in (302, 303) and self.method != "HEAD") or (
+            code == 301 and self.method == "POST") else self.method
+        headers = {k: v for k, v in self.headers.items() if k != b"cookie"}
+        if _origin(url) != _origin(self.url):
+            if not (url.host == self.url.host and _origin(self.url)[::2] == ("http", 80)
+                    and _origin(url)[::2] == ("https", 443)):
+                headers.pop(b"authorization", None)
+            headers[b"host"] = (b"Host", url.netloc)
+        changed = method != self.method and method == "GET"
+        if changed:
+            headers.pop(b"content-length", None)
+            headers.pop(b"transfer-encoding", None)
+        return _HttpRequest(method, url, headers, None if changed else self.body)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def _http_request(monitor: dict[str, Any], ctx: ProbeContext, headers: dict[str, str],
+                  params: dict[str, str]) -> _HttpRequest:
+    """The check's first request, with the headers httpx would send: Host, the client's,
+    the monitor's and its auth's, Basic auth from the URL's user and password, and
+    Content-Length with a body (0 for a POST, PUT or PATCH without one)."""
+    url = _probe_url(monitor.get("url") or "", tuple(params.items()))
+    text = monitor.get("requestBody")
+    method, body = (monitor.get("httpMethod") or "GET").upper(), text.encode() if text else None
+    table = {**ctx.http_headers, **_header_table(headers)}
+    if url.username or url.password:
+        pair = base64.b64encode(f"{url.username}:{url.password}".encode())
+        table[b"authorization"] = (b"Authorization", b"Basic " + pair)
+    if url.host and b"host" not in table:
+        table = {b"host": (b"Host", url.netloc), **table}
+    if body:
+        table.setdefault(b"content-length", (b"Content-Length", str(len(body)).encode()))
+    elif method in ("POST", "PUT", "PATCH") and not table.keys() & {b"content-length",
+                                                                     b"transfer-encoding"}:
+        table[b"content-length"] = (b"Content-Length", b"0")
+    return _HttpRequest(method, url, table, body)
+
+
+@dataclass
+class _HttpAnswer:
+    """What one request got back: status, headers, at most the cap of the body (none for a
+    redirect that is followed) and the server certificate (https)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    der: bytes | None = None
+
+    def location(self) -> str | None:
+        """The Location header of a redirect, else None."""
+        values = [v for k, v in self.headers if k.lower() == b"location"]
+        if self.status not in _REDIRECTS or not values:
+            return None
+        raw = b", ".join(values)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+
+@dataclass
+class _HttpExchange:
+    """An HTTP check's requests, each on a connection of its own that is closed when its
+    answer is read (closing the socket ends httpcore's connection too: the response is not
+    closed first, which would take its anyio lock, a turn of the event loop, once more);
+    ``status`` is the final answer's, for a failure after it."""
+
+    ctx: ProbeContext
+    timeout: float
+    follow: bool
+    timings: dict[str, float] | None
+    status: int | None = None
+
+    async def send(self, request: _HttpRequest) -> _HttpAnswer:
+        """The answer, after at most _MAX_REDIRECTS redirects when ``follow``."""
+        for _ in range(_MAX_REDIRECTS + 1):
+            answer = await self._one(request)
+            location = answer.location() if self.follow else None
+            if location is None:
+                return answer
+            request = request.redirected(answer.status, location)
+        raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.")
+
+    async def _one(self, request: _HttpRequest) -> _HttpAnswer:
+        target, timings, timeout = request.target(), self.timings, self.timeout
+        origin = target.origin
+        host = origin.host.decode("ascii")
+        stream = await self.ctx.backend.connect_tcp(host, origin.port, timeout=timeout,
+                                                    timings=timings)
+        try:
+            started = time.perf_counter()
+            if origin.scheme == b"https":
+                await stream.start_tls(self.ctx.ssl_context, host, timeout)
+                if timings is not None:
+                    timings["tls"] += time.perf_counter() - started
+            sending = time.perf_counter()
+            response = await httpcore.AsyncHTTP11Connection(origin, stream).handle_async_request(
+                httpcore.Request(request.method.encode(), target, headers=list(
+                    request.headers.values()), content=request.body, extensions={
+                    "timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)}))
+            answered = time.perf_counter()
+            answer = _HttpAnswer(response.status, response.headers)
+            if not (self.follow and answer.location() is not None):
+                self.status = answer.status
+                answer.der = _peer_der(stream)
+                answer.body = await _capped(cast(AsyncIterable[bytes], response.stream),
+                                            self.ctx.settings["max_body_bytes"])
+            if timings is not None:
+                timings["ttfb"] += answered - sending
+                timings["transfer"] += time.perf_counter() - answered
+            return answer
+        finally:
+            await stream.aclose()
+
+
+def _peer_der(stream: _AsyncioStream) -> bytes | None:
+    """The server certificate of an https connection (None over plain http)."""
+    ssl_object = stream.get_extra_info("ssl_object")
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
 async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """WEBSITE and API: one request, body read up to probes.max_body_bytes, judged by the
     final status code, the monitor's assertions and (https) the certificate's expiry.
@@ -2830,42 +3000,28 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     except _ProbeError as exc:
         return _down(str(exc), exc.category)
     timings = dict.fromkeys(_TIMING_PHASES, 0.0) if monitor.get("performanceTimings") else None
-    body = monitor.get("requestBody")
     try:
-        request = ctx.http.build_request(
-            (monitor.get("httpMethod") or "GET").upper(), monitor.get("url") or "",
-            headers={**headers, **auth_headers}, params=params or None,
-            content=body.encode() if body else None, timeout=timeout,
-            extensions={"trace": _tracer(timings)} if timings is not None else None)
+        request = _http_request(monitor, ctx, {**headers, **auth_headers}, params)
     except (httpx.InvalidURL, ValueError) as exc:
         return _down(f"invalid URL: {exc}", "CONFIGURATION_ERROR")
-    token = _HTTP_TIMINGS.set(timings)
+    exchange = _HttpExchange(ctx, timeout, not 300 <= (expected or 0) < 400, timings)
     started = time.perf_counter()
-    response = None
     try:
         async with asyncio.timeout(timeout):
-            response = await ctx.http.send(request, stream=True,
-                                           follow_redirects=not 300 <= (expected or 0) < 400)
-            try:
-                der = _peer_der(response)
-                content = await _read_capped(response, ctx.settings["max_body_bytes"])
-            finally:
-                await response.aclose()
-    except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            answer = await exchange.send(request)
+    except _HTTP_ERRORS as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started),
-                     status_code=response.status_code if response is not None else None)
-    finally:
-        _HTTP_TIMINGS.reset(token)
-    code = response.status_code
+                     status_code=exchange.status)
+    code = answer.status
     result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started), status_code=code)
     if timings is not None:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
         ctx.forget_oauth2_token(auth)
-    seen = _Seen(code, result.response_time or 0, response.headers, content,
+    seen = _Seen(code, result.response_time or 0, answer.headers, answer.body,
                  ctx.settings["max_body_bytes"])
-    return await _judge_http(monitor, result, seen, der)
+    return await _judge_http(monitor, result, seen, answer.der)
 
 
 # UDP has no handshake, so the rule is nmap's: a reply means open (UP); an ICMP port
@@ -4004,7 +4160,7 @@ async def run_agent(cfg: dict[str, dict[str, Any]], server: str, token: str, sta
                     log.warning("agent: cannot reach %s: %s", server, _describe_agent_error(exc))
                     await asyncio.sleep(_AGENT_RETRY_MAX)
             log.info("agent for region %s: %d monitors", feed.region, len(feed.monitors))
-            ctx.http.headers[REGION_HEADER] = feed.region
+            ctx.set_region(feed.region)
             scheduler = Scheduler(feed, {**cfg["probes"], **feed.probes}, ctx)
             try:
                 await asyncio.gather(scheduler.run(), feed.follow(), feed.deliver())
@@ -12349,6 +12505,37 @@ def reaping_http(header_timeout: float) -> type[asyncio.Protocol]:
     return type("ReapingHTTP", (_Reaping, HttpToolsProtocol), {"header_timeout": header_timeout})
 
 
+class _OnTheSecond:
+    """Mixed into uvicorn.Server (see calm_server): its main loop wakes once a second, just
+    after the second turns, instead of ten times a second, so an idle server costs next to
+    nothing; the Date header it keeps is still right to the second, and a signal to stop wakes
+    it at once, so shutting down stays prompt."""
+
+    should_exit: bool
+    _wake: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        while not await self.on_tick(0):  # type: ignore[attr-defined]  # 0: update the Date
+            now = time.time()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.002 - now % 1):
+                    await self._wake.wait()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)  # type: ignore[misc]
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+
+def calm_server(config: Any) -> Any:
+    """A uvicorn.Server with _OnTheSecond's main loop (uvicorn is imported here, as in serve)."""
+    import uvicorn
+    return type("CalmServer", (_OnTheSecond, uvicorn.Server), {})(config)
+
+
 # --- CLI ---
 
 
@@ -12433,7 +12620,7 @@ def serve(config_path: str | None, db: str | None, host: str | None, port: int |
         sock.close()
         raise
     setup_logging(server["log_level"])
-    runner = uvicorn.Server(uvicorn.Config(
+    runner = calm_server(uvicorn.Config(
         create_app(cfg), host=server["host"], port=server["port"], log_level=server["log_level"],
         lifespan="on", access_log=False, server_header=False, log_config=None,
         http=reaping_http(server["header_timeout"]), timeout_keep_alive=server["keepalive_timeout"],
