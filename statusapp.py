@@ -7205,20 +7205,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
+        raise _too_large(limit)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large(limit)
+                raise _too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:  # nobody is left to answer: no error worth a log line
         raise _disconnected() from None
     return b"".join(chunks)
 
 
-def too_large(limit: int) -> PayloadTooLarge:
+def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge("Request body too large", f"the limit is {limit} bytes")
 
 
@@ -8212,7 +8212,7 @@ async def _ping_body(receive: Any) -> bytes:
             raise _disconnected()
         body += message.get("body", b"")
         if len(body) > HEARTBEAT_MAX_BODY:
-            raise too_large(HEARTBEAT_MAX_BODY)
+            raise _too_large(HEARTBEAT_MAX_BODY)
         if not message.get("more_body"):
             return body
 
