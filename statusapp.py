@@ -572,7 +572,9 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
 # One writer connection, guarded by a lock, takes every write.  Small writes from hot paths
 # (check results, heartbeat pings, usage counters) are queued and group-committed: the writer
 # drains the queue into one transaction, so a thousand pings cost one fsync, not a thousand.
-# Reads use their own connections; in WAL mode they never wait for the writer.
+# Reads use their own connections; in WAL mode they never wait for the writer.  A commit that
+# inserted into a watched table (``wake_on_insert``) sets that table's event, however the row got
+# there, so no writer has to remember to wake the service that consumes it.
 
 _MIGRATION_HEADER = re.compile(r"^-- migration (\d+):.*$", re.MULTILINE)
 Statement = tuple[str, Sequence[Any]]
@@ -716,6 +718,8 @@ class Database:
         self._writer_task: asyncio.Task[None] | None = None
         self.failing: str | None = None  # why the last commit failed, until one succeeds
         self._logged: dict[str, float] = {}
+        self._wakes: dict[str, asyncio.Event] = {}  # table -> set after a commit inserted into it
+        self._inserted: set[str] = set()  # watched tables inserted into by the open transaction
 
     def storage_error(self, exc: BaseException) -> ServiceUnavailable | None:
         """A storage failure as the 503 clients get, logged once a minute per cause."""
@@ -747,6 +751,7 @@ class Database:
         self._writer = await self._connect()
         try:
             await self.migrate(upto)
+            await self._watch_inserts()
             for _ in range(self._reader_count):
                 self._readers.append(await self._connect())
                 await self._readers[-1].execute("PRAGMA query_only=ON")
@@ -766,6 +771,22 @@ class Database:
             if conn is not None:
                 await conn.close()
         self._readers, self._writer = [], None
+
+    def wake_on_insert(self, table: str, event: asyncio.Event) -> None:
+        """Set ``event`` after every commit that inserted a row into ``table`` (before open())."""
+        self._wakes[table] = event
+
+    async def _watch_inserts(self) -> None:
+        """A TEMP trigger per watched table, on the writer connection only (no schema change,
+        other processes unaffected), notes the insert in the writer's thread."""
+        assert self._writer is not None
+        if not self._wakes:
+            return
+        await self._writer.create_function("statusapp_inserted", 1, self._inserted.add)
+        for table in self._wakes:
+            await self._writer.execute(
+                f"CREATE TEMP TRIGGER IF NOT EXISTS inserted_{table} AFTER INSERT ON main.{table}"
+                f" BEGIN SELECT statusapp_inserted('{table}'); END")
 
     async def version(self) -> int:
         assert self._writer is not None
@@ -832,11 +853,15 @@ class Database:
                 # Also when cancelled while BEGIN was still running on the connection's thread.
                 with contextlib.suppress(sqlite3.Error):
                     await self._writer.execute("ROLLBACK")
+                self._inserted.clear()
                 if self.storage_error(exc):
                     self.failing = storage_cause(exc)
                 raise
             if self._writer.total_changes > changes:
                 self.failing = None
+            for table in self._inserted:
+                self._wakes[table].set()
+            self._inserted.clear()
 
     async def write(self, statements: list[Statement]) -> None:
         """Queue statements for the next group commit and wait until they are durable."""
@@ -4284,7 +4309,6 @@ class Heartbeats:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
-        self.rt.engine_wake.set()
         beat.status = Status.DOWN
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
@@ -5430,8 +5454,6 @@ class Verdicts:
             self.pending = {**pending, **self.pending}  # nothing was written: retry them all
             self.wake.set()
             raise
-        if pending:  # some may have written a status transition
-            self.rt.engine_wake.set()
 
     async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
                        reason: str | None) -> None:
@@ -5534,7 +5556,6 @@ async def sweep_regions(rt: Runtime) -> None:
             await _set_liveness(conn, region, alive, now, limit)
         log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
     if flipped:
-        rt.outbox_wake.set()
         await rt.load_regions()
         reason = ", ".join(f"worker region {r['id']} {'is back' if a else 'went silent'}"
                            for r, a in flipped)
@@ -5547,17 +5568,20 @@ async def run_regions(rt: Runtime) -> None:
     await repeat(min(1.0, rt.cfg["agents"]["inactive_after"] / 4), lambda: sweep_regions(rt))
 
 
-# The engine.  Each status transition is consumed in one transaction that opens or resolves the
-# monitor's incident, writes its status update, queues every alert in alert_outbox and sets
-# processed_at: a crash leaves all of that or none of it, so no alert is lost or queued twice.
-# Delivery workers then drain the outbox off the probe path, one task per target.
+# The engine.  Each status transition is consumed in the transaction (one per batch of pending
+# transitions) that opens or resolves the monitor's incident, writes its status update, queues
+# every alert in alert_outbox and sets processed_at: a crash leaves all of that or none of it,
+# so no alert is lost or queued twice.  Delivery workers then drain the outbox off the probe
+# path, one task per target.
 #
-# Both wait for work rather than poll: whoever commits a transition sets
-# ``Runtime.engine_wake``, whoever queues an alert outside the engine ``Runtime.outbox_wake``,
-# and delivery sleeps until the earliest queued retry or storm group is due.  The work is in
-# the database before the wake-up, so a restart finds it; INCIDENT_SAFETY_POLL is the longest
-# either waits anyway, for a wake-up missed (a write by another process: nothing in StatusApp
-# writes transitions or alerts outside the server, but a second server could share the file).
+# Both wait for work rather than poll: a commit that inserted a transition sets
+# ``Runtime.engine_wake``, one that queued an alert ``Runtime.outbox_wake`` (the Database
+# derives both from the tables written, ``Database.wake_on_insert``, so no writer has to
+# remember), and delivery sleeps until the earliest queued retry or storm group is due.  The
+# work is in the database before the wake-up, so a restart finds it; INCIDENT_SAFETY_POLL is the
+# longest either waits anyway, for a wake-up missed (a write by another process: nothing in
+# StatusApp writes transitions or alerts outside the server, but a second server could share
+# the file).
 
 INCIDENT_SAFETY_POLL = 5.0  # seconds: the longest the engine and the outbox wait without a look
 INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
@@ -5763,41 +5787,37 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     return len(rows)
 
 
-async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
+async def _consume_transition(conn: aiosqlite.Connection, transition: sqlite3.Row,
+                              monitor: sqlite3.Row, incidents: dict[str, sqlite3.Row],
                               hold_ms: int, calendar: Maintenance | None = None) -> None:
-    """Act on one status transition, exactly once (see the comment above INCIDENT_SAFETY_POLL).
-    Inside a suppressing maintenance window no incident opens and no alert is queued (an open
-    one may still resolve, silently)."""
-    transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
-                                  " AND processed_at IS NULL", (transition_id,))
-    if transition is None:
-        return
-    await conn.execute("UPDATE status_transitions SET processed_at = ? WHERE id = ?",
-                       (now_ms(), transition_id))
-    monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (transition["monitor_id"],))
-    if monitor is None:
-        return
+    """Act on one status transition (see the comment above INCIDENT_SAFETY_POLL); ``incidents``
+    (open ones, by monitor) is kept current for the batch's next transitions.  Inside a
+    suppressing maintenance window no incident opens and no alert is queued (an open one may
+    still resolve, silently)."""
     old, new, at = transition["old_status"], transition["new_status"], transition["created_at"]
-    incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
-                                " AND resolved_at IS NULL", (monitor["id"],))
+    incident = incidents.get(monitor["id"])
     opened = resolved = False
     quiet = calendar is not None and calendar.suppressing(monitor["account_id"], monitor["id"], at)
     if new == Status.DOWN and incident is None:
         if quiet:
             return
         incident, opened = await _open_incident(conn, monitor, transition), True
+        incidents[monitor["id"]] = incident
     elif new in (Status.UP, Status.DEGRADED) and incident is not None:
         took = human_duration((at - incident["started_at"]) / 1000)
         incident = await resolve_incident(conn, incident, at,
                                           f"{monitor['name']} is {new} again after {took}")
         resolved = True
+        del incidents[monitor["id"]]
     if quiet:
         return
-    check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
-                             " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     log.info("monitor %s (%s): %s \u2192 %s (%s)", monitor["name"], monitor["id"], old, new,
              _logged_reason(monitor, transition["reason"]))
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
+    if not channel_events and not webhook_events:
+        return  # e.g. a new monitor's first PENDING -> UP: nobody to tell
+    check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
+                             " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     await enqueue_alerts(
         conn, monitor, new, channel_events, webhook_events, hold_ms, timestamp=iso(at),
         incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
@@ -5814,14 +5834,49 @@ def _logged_reason(monitor: sqlite3.Row, reason: str | None) -> str:
 
 
 async def process_transitions(rt: Runtime, limit: int = 100) -> int:
-    """Consume pending status transitions in order, one transaction each; return the count."""
-    pending = await rt.db.fetchall("SELECT id FROM status_transitions WHERE processed_at IS NULL"
-                                   " ORDER BY id LIMIT ?", (limit,))
+    """Consume pending status transitions in order, a batch of up to ``limit`` in one
+    transaction (after a failure, one at a time, so those before a bad one still go through);
+    return the count."""
+    pending = [row[0] for row in await rt.db.fetchall(
+        "SELECT id FROM status_transitions WHERE processed_at IS NULL ORDER BY id LIMIT ?",
+        (limit,))]
     hold_ms = round(rt.cfg["notifications"]["storm_window"] * 1000)
-    for row in pending:
-        async with rt.db.transaction() as conn:
-            await _consume_transition(conn, row["id"], hold_ms, rt.maintenance)
+    try:
+        await _consume_transitions(rt, pending, hold_ms)
+    except Exception:
+        if len(pending) == 1:
+            raise
+        for transition_id in pending:
+            await _consume_transitions(rt, [transition_id], hold_ms)
     return len(pending)
+
+
+_IN_IDS = "IN (SELECT value FROM json_each(?))"
+
+
+async def _consume_transitions(rt: Runtime, ids: list[int], hold_ms: int) -> None:
+    """Consume the transitions ``ids`` not yet processed, exactly once, in one transaction:
+    their monitors and open incidents are read once for the batch."""
+    if not ids:
+        return
+    async with rt.db.transaction() as conn:
+        batch = await conn.execute_fetchall(
+            f"SELECT * FROM status_transitions WHERE id {_IN_IDS} AND processed_at IS NULL"
+            " ORDER BY id", (json.dumps(ids),))
+        if not batch:
+            return
+        await conn.execute(f"UPDATE status_transitions SET processed_at = ? WHERE id {_IN_IDS}",
+                           (now_ms(), json.dumps([t["id"] for t in batch])))
+        monitor_ids = json.dumps(sorted({t["monitor_id"] for t in batch}))
+        monitors = {m["id"]: m for m in await conn.execute_fetchall(
+            f"SELECT * FROM monitors WHERE id {_IN_IDS}", (monitor_ids,))}
+        incidents = {i["monitor_id"]: i for i in await conn.execute_fetchall(
+            f"SELECT * FROM incidents WHERE resolved_at IS NULL AND monitor_id {_IN_IDS}",
+            (monitor_ids,))}
+        for transition in batch:
+            if transition["monitor_id"] in monitors:
+                await _consume_transition(conn, transition, monitors[transition["monitor_id"]],
+                                          incidents, hold_ms, rt.maintenance)
 
 
 def webhook_result_statements(webhook_id: str, delivery_id: str | None,
@@ -6078,7 +6133,6 @@ async def run_incidents(rt: Runtime) -> None:
             try:
                 if await process_transitions(rt):
                     rt.public_cache.invalidate()
-                    rt.outbox_wake.set()
                     continue
             except Exception:
                 log_failure("incident engine failed; retrying")
@@ -6239,10 +6293,9 @@ class Maintenance:
                 await self.ended(window, ends[-1], now)
 
     async def ended(self, window: Window, end: int, now: int) -> None:
-        """Act on the end of an occurrence of ``window`` (``end_statements``), then wake the
-        incident engine."""
+        """Act on the end of an occurrence of ``window`` (``end_statements``; the transitions
+        it writes wake the incident engine)."""
         await self.rt.db.write(await self.end_statements(window, end, now))
-        self.rt.engine_wake.set()
         window.handled = now
 
     async def end_statements(self, window: Window, end: int, now: int) -> list[Statement]:
@@ -6793,7 +6846,6 @@ async def run_regression(rt: Runtime) -> None:
     """Evaluate regression detection once a minute."""
     async def regressions() -> None:
         for monitor_id in await detect_regressions(rt.db, rt.cfg):
-            rt.engine_wake.set()
             rt.monitor_changed(monitor_id)
     await repeat(60, regressions)
 
@@ -7731,11 +7783,8 @@ async def record_ping(rt: Runtime, request: Request, beat: _Beat, token: str, ki
         at = now_ms()
         ping = Ping(kind, message, exit_code, hb.source_ip(request), agent, at, logged,
                     rt.maintenance.active(beat.account_id, beat.monitor_id, at))
-        before = beat.status
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
-        if beat.status != before:  # a status transition was committed
-            rt.engine_wake.set()
     hb.schedule(beat)
     return _OK if logged else _OK_NOT_LOGGED
 
@@ -7992,7 +8041,6 @@ async def post_incident_update(call: Call) -> Response:
                                  note=clean["message"])
         else:
             await add_incident_update(conn, row["id"], clean["status"], clean["message"], now_ms())
-    call.rt.outbox_wake.set()
     return JSONResponse(await _incident_detail(call.rt, await load_owned(call, "incidents")), 201)
 
 
@@ -8626,7 +8674,6 @@ async def delete_maintenance_window(call: Call) -> dict[str, Any]:
                   if window is not None and window.running(now) else [])
         await call.rt.db.write([*ending, ("DELETE FROM maintenance_windows WHERE id = ?",
                                           (row["id"],))])
-        call.rt.engine_wake.set()
     finally:
         await calendar.reload()
     return {"success": True, "message": "Maintenance window deleted successfully"}
@@ -12074,7 +12121,9 @@ class Runtime:
             asyncio.Lock)
         self.scheduler: Scheduler | None = None
         self.engine_wake = asyncio.Event()  # set after a status transition is committed
-        self.outbox_wake = asyncio.Event()  # set after an alert is queued outside the engine
+        self.outbox_wake = asyncio.Event()  # set after an alert is queued (or by delivery)
+        self.db.wake_on_insert("status_transitions", self.engine_wake)
+        self.db.wake_on_insert("alert_outbox", self.outbox_wake)
         self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
         self.secret = ""  # signs dashboard session cookies (server_secrets)
         self._tasks: list[asyncio.Task[None]] = []

@@ -3998,6 +3998,40 @@ def _inc_write(client, statements: list) -> None:
     client.portal.call(rt.engine_wake.set)
 
 
+def test_a_commit_that_inserts_a_transition_or_an_alert_wakes_its_consumer(cfg, key,
+                                                                          monkeypatch):
+    """The wake-ups come from the write layer: a transition written by an ordinary write sets
+    engine_wake, an alert queued in a transaction outbox_wake, with no call site setting them;
+    other writes and a rolled-back insert wake nothing."""
+    monkeypatch.setattr(statusapp, "SERVICES", ())  # no engine or delivery clears the events
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        monitor = _inc_monitor(client)
+        rt = client.app.state.statusapp
+        (account,), = sql(cfg, "SELECT id FROM accounts")
+        outbox = ("INSERT INTO alert_outbox (account_id, target_key, channel_type, config, event,"
+                  " alert, created_at, next_attempt_at) VALUES (?, 't', 'WEBHOOK', '{}',"
+                  " 'monitor.up', '{}', 0, 0)", (account,))
+
+        async def queue_alert(fail: bool) -> None:
+            async with rt.db.transaction() as conn:
+                await conn.execute(*outbox)
+                if fail:
+                    raise LookupError("rolled back")
+
+        client.portal.call(rt.db.write, [("UPDATE monitors SET name = 'renamed' WHERE id = ?",
+                                          (monitor["id"],))])
+        assert not rt.engine_wake.is_set() and not rt.outbox_wake.is_set()
+        client.portal.call(rt.db.write, statusapp.transition_statements(
+            monitor["id"], "PENDING", "UP", "first check", statusapp.now_ms()))
+        assert rt.engine_wake.is_set() and not rt.outbox_wake.is_set()
+        with pytest.raises(LookupError):
+            client.portal.call(queue_alert, True)
+        assert not rt.outbox_wake.is_set()
+        client.portal.call(queue_alert, False)
+        assert rt.outbox_wake.is_set()
+        assert sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(1,)]
+
+
 def _inc_marker(cfg: dict, monitor_id: str, old: str, new: str, client) -> None:
     """A later transition of the monitor, as a positive sign that nothing more arrives before it.
 
