@@ -578,6 +578,7 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
 
 _MIGRATION_HEADER = re.compile(r"^-- migration (\d+):.*$", re.MULTILINE)
 Statement = tuple[str, Sequence[Any]]
+_IN_IDS = "IN (SELECT value FROM json_each(?))"  # with a JSON array of ids as the parameter
 
 
 def now_ms() -> int:
@@ -4153,10 +4154,12 @@ class Heartbeats:
         self._by_monitor: dict[str, _Beat] = {}
         self._heap: list[tuple[int, str]] = []
         self._dirty: set[str] = set()
-        rt.listeners.append(self._changed)
 
-    def _changed(self, monitor_id: str) -> None:
-        """A monitor was created, edited or deleted: reload it before its next use."""
+    def changed(self, monitor_id: str, kind: str | None) -> None:
+        """A monitor was created, edited or deleted: reload it before its next use.  One known
+        (``kind``, its type now) to be no CRON monitor, and not one before, needs nothing."""
+        if kind not in (None, "CRON") and monitor_id not in self._by_monitor:
+            return
         beat = self._by_monitor.get(monitor_id)
         if beat is not None:
             beat.stale = True
@@ -5410,7 +5413,13 @@ class Verdicts:
         self.changes: dict[str, tuple[int, str]] = {}  # each monitor's latest verdict change
         self.pending: dict[str, tuple[int, str | None]] = {}
         self.wake = asyncio.Event()
-        rt.listeners.append(lambda monitor_id: self.touch(monitor_id, now_ms(), None))
+        rt.listeners.append(self._changed)
+
+    def _changed(self, monitor_id: str) -> None:
+        """An edit may change a monitor's regions or quorum; one with no verdict yet (a new
+        monitor) has no status to combine."""
+        if self.statuses.get(monitor_id):
+            self.touch(monitor_id, now_ms(), None)
 
     async def load(self) -> None:
         for monitor_id, region, status in await self.rt.db.fetchall(
@@ -5447,25 +5456,29 @@ class Verdicts:
         try:
             if pending:
                 await self.rt.db.write([])
-            async with self.rt.db.transaction() as conn:
-                for monitor_id, (at, reason) in pending.items():
-                    await self._combine(conn, monitor_id, at, reason)
+                async with self.rt.db.transaction() as conn:
+                    monitors = {m["id"]: m for m in await conn.execute_fetchall(
+                        "SELECT id, status, enabled_worker_region_ids AS regions, down_quorum,"
+                        " regression_active, is_active, is_paused FROM monitors"
+                        f" WHERE id {_IN_IDS}",
+                        (json.dumps(sorted(pending)),))}
+                    await _run_grouped(conn, [
+                        self._combined(monitor_id, monitors.get(monitor_id), at, reason)
+                        for monitor_id, (at, reason) in pending.items()])
         except BaseException:
             self.pending = {**pending, **self.pending}  # nothing was written: retry them all
             self.wake.set()
             raise
 
-    async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
-                       reason: str | None) -> None:
-        monitor = await _row(conn, "SELECT status, enabled_worker_region_ids AS regions,"
-                                   " down_quorum, regression_active, is_active, is_paused"
-                                   " FROM monitors WHERE id = ?", (monitor_id,))
+    def _combined(self, monitor_id: str, monitor: sqlite3.Row | None, at: int,
+                  reason: str | None) -> list[Statement]:
+        """The transition (if any) that combining the monitor's verdicts now makes."""
         if monitor is None:
             self.statuses.pop(monitor_id, None)
             self.changes.pop(monitor_id, None)
-            return
+            return []
         if monitor["is_paused"] or not monitor["is_active"]:
-            return
+            return []
         enabled = set(json.loads(monitor["regions"] or "[]"))
         regions = [r for r, info in self.rt.regions.items()
                    if info["is_active"] and (not enabled or r in enabled)]
@@ -5476,10 +5489,9 @@ class Verdicts:
             new = Status.DEGRADED  # the worse of the probes' verdict and the regression detector's
         if reason is None:  # touched by an edit: the status follows the latest verdict change
             at, reason = self.changes.get(monitor_id, (at, "monitor settings changed"))
-        if new is not None and new != monitor["status"]:
-            for sql, params in transition_statements(monitor_id, monitor["status"], new,
-                                                     reason, at):
-                await conn.execute(sql, params)
+        if new is None or new == monitor["status"]:
+            return []
+        return transition_statements(monitor_id, monitor["status"], new, reason, at)
 
 
 async def run_verdicts(rt: Runtime) -> None:
@@ -5584,6 +5596,7 @@ async def run_regions(rt: Runtime) -> None:
 # the file).
 
 INCIDENT_SAFETY_POLL = 5.0  # seconds: the longest the engine and the outbox wait without a look
+_ENGINE_BATCH = 100        # transitions consumed in one transaction
 INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
 STORM_HOLD_LIMIT = 10      # a storm's grouped message waits at most this many storm windows
 WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
@@ -5833,7 +5846,7 @@ def _logged_reason(monitor: sqlite3.Row, reason: str | None) -> str:
     return _cut(_one_line(reason or "no reason given"), 300)
 
 
-async def process_transitions(rt: Runtime, limit: int = 100) -> int:
+async def process_transitions(rt: Runtime, limit: int = _ENGINE_BATCH) -> int:
     """Consume pending status transitions in order, a batch of up to ``limit`` in one
     transaction (after a failure, one at a time, so those before a bad one still go through);
     return the count."""
@@ -5849,9 +5862,6 @@ async def process_transitions(rt: Runtime, limit: int = 100) -> int:
         for transition_id in pending:
             await _consume_transitions(rt, [transition_id], hold_ms)
     return len(pending)
-
-
-_IN_IDS = "IN (SELECT value FROM json_each(?))"
 
 
 async def _consume_transitions(rt: Runtime, ids: list[int], hold_ms: int) -> None:
@@ -6131,9 +6141,11 @@ async def run_incidents(rt: Runtime) -> None:
         while True:
             rt.engine_wake.clear()
             try:
-                if await process_transitions(rt):
+                count = await process_transitions(rt, _ENGINE_BATCH)
+                if count:
                     rt.public_cache.invalidate()
-                    continue
+                if count == _ENGINE_BATCH:
+                    continue  # more may wait; fewer: a later one set engine_wake when committed
             except Exception:
                 log_failure("incident engine failed; retrying")
             with contextlib.suppress(TimeoutError):
@@ -7409,7 +7421,12 @@ async def load_owned(call: Call, table: str, ident: str | None = None) -> sqlite
     return row
 
 
-async def _channel_ids(call: Call) -> set[str]:
+async def _channel_ids(call: Call, body: Any) -> set[str]:
+    """The team's channel ids, for validating the channels ``body`` links (read only if any)."""
+    links = body.get("notifications") if isinstance(body, dict) else None
+    if not isinstance(links, list) or not any(isinstance(n, dict) and n.get("channelId")
+                                               for n in links):
+        return set()
     return {r[0] for r in await call.rt.db.fetchall(
         "SELECT id FROM notification_channels WHERE account_id = ?", (call.team,))}
 
@@ -7503,7 +7520,7 @@ async def get_monitor(call: Call) -> dict[str, Any]:
 @api("/monitors", "POST", body=MONITOR_FIELDS, response=MONITOR_SHAPE, status=(201,))
 async def create_monitor(call: Call) -> Response:
     body = await call.json()
-    clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
+    clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call, body)))
     await refuse_private_targets(call.rt.cfg, monitor_targets(clean, None))
     monitor_id, stamp = new_id("mon"), now_ms()
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
@@ -7514,7 +7531,7 @@ async def create_monitor(call: Call) -> Response:
             "id": monitor_id, "account_id": call.team, "heartbeat_id": heartbeat,
             "created_at": stamp, "updated_at": stamp, **column_values(MONITOR_COLUMNS, clean)}),
         *notification_statements(monitor_id, clean["notifications"] or [])])
-    call.rt.monitor_changed(monitor_id)
+    call.rt.monitor_changed(monitor_id, clean["type"])
     return JSONResponse(await _monitor_response(call, monitor_id), 201)
 
 
@@ -7527,8 +7544,8 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
               for r in await call.rt.db.fetchall(
                   "SELECT type, config FROM monitor_notifications WHERE monitor_id = ?"
                   " AND channel_id IS NULL ORDER BY created_at, id", (row["id"],))]
-    clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing,
-                                            inline=inline), existing=existing)
+    env = call.env(channels=await _channel_ids(call, body), existing=existing, inline=inline)
+    clean = validate(fields, body, env, existing=existing)
     await refuse_private_targets(call.rt.cfg, monitor_targets(clean, existing))
     columns = column_values([f for f in fields if f.name not in _NOT_COLUMNS], clean)
     kind = clean.get("type", existing["type"])
@@ -7539,7 +7556,7 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
     await call.rt.db.write([update_statement("monitors", row["id"], columns), *(
         notification_statements(row["id"], clean["notifications"] or [])
         if "notifications" in clean else ())])
-    call.rt.monitor_changed(row["id"])
+    call.rt.monitor_changed(row["id"], kind)
     return row
 
 
@@ -12168,8 +12185,10 @@ class Runtime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def monitor_changed(self, monitor_id: str) -> None:
-        """Tell the background services that a monitor was created, edited or deleted."""
+    def monitor_changed(self, monitor_id: str, kind: str | None = None) -> None:
+        """Tell the background services that a monitor was created, edited or deleted
+        (``kind``: its type now, when the caller knows it; spares the heartbeat service a read)."""
+        self.heartbeats.changed(monitor_id, kind)
         for listener in self.listeners:
             listener(monitor_id)
 
