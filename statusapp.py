@@ -7480,8 +7480,11 @@ def notification_statements(monitor_id: str, entries: list[dict[str, Any]]) -> l
               for i, e in enumerate(entries))]
 
 
-async def _monitor_response(call: Call, monitor_id: str) -> dict[str, Any]:
-    return (await monitors_json(call.rt, [await load_owned(call, "monitors", monitor_id)]))[0]
+async def _monitor_response(call: Call, monitor_id: str, status: int = 200) -> Response:
+    """One monitor as the API answers with it: monitors_body's text, not decoded and encoded
+    again."""
+    body = await monitors_body(call.rt, [await load_owned(call, "monitors", monitor_id)])
+    return Response(body[1:-1], status, media_type="application/json")
 
 
 MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
@@ -7532,7 +7535,7 @@ async def create_monitor(call: Call) -> Response:
             "created_at": stamp, "updated_at": stamp, **column_values(MONITOR_COLUMNS, clean)}),
         *notification_statements(monitor_id, clean["notifications"] or [])])
     call.rt.monitor_changed(monitor_id, clean["type"])
-    return JSONResponse(await _monitor_response(call, monitor_id), 201)
+    return await _monitor_response(call, monitor_id, 201)
 
 
 async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.Row:
@@ -7561,7 +7564,7 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
 
 
 @api("/monitors/{monitorId}", "PUT", body=MONITOR_FIELDS, response=MONITOR_SHAPE)
-async def update_monitor(call: Call) -> dict[str, Any]:
+async def update_monitor(call: Call) -> Response:
     row = await update_monitor_fields(call, MONITOR_FIELDS)
     return await _monitor_response(call, row["id"])
 
