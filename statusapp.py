@@ -860,9 +860,13 @@ class Database:
                 raise
             if self._writer.total_changes > changes:
                 self.failing = None
-            for table in self._inserted:
-                self._wakes[table].set()
-            self._inserted.clear()
+            self._committed()
+
+    def _committed(self) -> None:
+        """After each COMMIT on the writer: wake the consumers of the tables it inserted into."""
+        for table in self._inserted:
+            self._wakes[table].set()
+        self._inserted.clear()
 
     async def write(self, statements: list[Statement]) -> None:
         """Queue statements for the next group commit and wait until they are durable."""
