@@ -4,6 +4,7 @@
     python bench_statusapp.py agents --agents 4 --monitors 2500 --interval 60
     python bench_statusapp.py heartbeat
     python bench_statusapp.py idle --monitors 100
+    python bench_statusapp.py create --client stdlib
     python bench_statusapp.py api
     python bench_statusapp.py assertions
     python bench_statusapp.py dashboard --monitors 500
