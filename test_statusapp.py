@@ -4182,6 +4182,29 @@ def test_degraded_warns_without_incident_and_one_open_incident_per_monitor(tmp_p
         assert len(notify_http.requests) == 4  # the repeated DOWNs alerted nobody
 
 
+def test_one_engine_batch_opens_and_resolves_an_incident_in_order(tmp_path, notify_http,
+                                                                   monkeypatch):
+    """Transitions consumed together see each other: the DOWN opens the incident the UP after
+    it resolves, each queues its alert, and a new monitor's PENDING -> UP queues none."""
+    cfg = _inc_cfg(tmp_path, notify_http.url)
+    key = new_key(cfg)
+    monkeypatch.setattr(statusapp, "SERVICES", ())  # the test runs the engine itself
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{notify_http.url}/slack"})
+        monitor = _inc_monitor(client, notifications=[{"channelId": slack["id"]}])
+        at = statusapp.now_ms()
+        for old, new, check, step in (("PENDING", "UP", _INC_UP, 0), ("UP", "DOWN", _INC_DOWN, 1),
+                                      ("DOWN", "UP", _INC_UP, 2)):
+            _inc_transition(client, monitor["id"], old, new, at + step * 1000, new, check)
+        rt = client.app.state.statusapp
+        assert client.portal.call(statusapp.process_transitions, rt) == 3
+    assert sql(cfg, "SELECT COUNT(*) FROM status_transitions WHERE processed_at IS NULL") == [(0,)]
+    assert sql(cfg, "SELECT started_at, resolved_at, status FROM incidents") == \
+        [(at + 1000, at + 2000, "resolved")]
+    assert sql(cfg, "SELECT event FROM alert_outbox ORDER BY id") == \
+        [("monitor.down",), ("monitor.up",)]
+
+
 def test_queued_alert_survives_restart_and_is_delivered_once(tmp_path, notify_http,
                                                              monkeypatch):
     url = notify_http.url
