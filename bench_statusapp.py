@@ -377,16 +377,10 @@ def _own_cpu_s() -> float:
     return usage.user + usage.system
 
 
-@bench.command()
-@click.option("--monitors", default=1000, show_default=True, help="Monitors to create.")
-@click.option("--workers", default=8, show_default=True, help="Concurrent API clients.")
-@click.option("--client", "kind", type=click.Choice(["httpx", "stdlib"]), default="httpx",
-              show_default=True, help="httpx.AsyncClient, or http.client connections in threads.")
-def create(monitors: int, workers: int, kind: str) -> None:
-    """Creating monitors through the API from a Python client: rate, server CPU-ms each and
-    the client's own CPU-ms each (this process, on the same cores)."""
-    target_proc, target_url = _start_target()
-    server = Server().start()
+def _create_run(target_url: str, monitors: int, workers: int, kind: str,
+                env: dict[str, str] | None = None) -> dict[str, float]:
+    """One server, ``monitors`` creates: creates/s, server and client CPU-ms per create."""
+    server = Server(env=env).start()
     try:
         before, started, own = server.stats(), time.perf_counter(), _own_cpu_s()
         if kind == "httpx":
@@ -396,12 +390,34 @@ def create(monitors: int, workers: int, kind: str) -> None:
         elapsed, after, own = time.perf_counter() - started, server.stats(), _own_cpu_s() - own
     finally:
         server.stop()
+    return {"per_s": monitors / elapsed,
+            "server_ms": (after["cpu_s"] - before["cpu_s"]) * 1000 / monitors,
+            "client_ms": own * 1000 / monitors}
+
+
+@bench.command()
+@click.option("--monitors", default=1000, show_default=True, help="Monitors to create.")
+@click.option("--workers", default=8, show_default=True, help="Concurrent API clients.")
+@click.option("--client", "kind", type=click.Choice(["httpx", "stdlib"]), default="httpx",
+              show_default=True, help="httpx.AsyncClient, or http.client connections in threads.")
+def create(monitors: int, workers: int, kind: str) -> None:
+    """Creating monitors through the API from a Python client: rate, server CPU-ms each and
+    the client's own CPU-ms each (this process, on the same cores); beside it the same creates
+    on a server that does not probe (no first checks), in the same run."""
+    target_proc, target_url = _start_target()
+    try:
+        run = _create_run(target_url, monitors, workers, kind)
+        bare = _create_run(target_url, monitors, workers, kind, {"STATUSAPP_PROBES_LOCAL": "false"})
+    finally:
         target_proc.terminate()
         target_proc.wait(timeout=10)
     report(f"create: {monitors} WEBSITE monitors, {workers} concurrent {kind} clients", {
-        "monitors created/s": monitors / elapsed,
-        "server CPU ms per create": (after["cpu_s"] - before["cpu_s"]) * 1000 / monitors,
-        "client CPU ms per create": own * 1000 / monitors,
+        "monitors created/s": run["per_s"],
+        "server CPU ms per create": run["server_ms"],
+        "client CPU ms per create": run["client_ms"],
+        "no probing: monitors created/s": bare["per_s"],
+        "no probing: server CPU ms/create": bare["server_ms"],
+        "no probing: client CPU ms/create": bare["client_ms"],
     })
 
 
