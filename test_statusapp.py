@@ -2752,6 +2752,28 @@ def _status_after(api: httpx.Client, monitor: dict, status: str) -> float:
     return time.monotonic()
 
 
+def test_heartbeat_service_is_told_of_cron_monitors_only(cfg, key, monkeypatch):
+    """Creating or editing a monitor the API knows is no CRON monitor gives the deadline service
+    nothing to read; a CRON one, and an edit of one it knows, are queued for it."""
+    monkeypatch.setattr(statusapp, "SERVICES", ())  # nothing consumes the queue meanwhile
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        beats = client.app.state.statusapp.heartbeats
+        site = client.post("/api/v1/monitors", json={"name": "site", "type": "WEBSITE",
+                                                     "url": "https://example.com"}).json()
+        assert client.put(f"/api/v1/monitors/{site['id']}", json={"name": "site 2"}).is_success
+        assert beats._dirty == set()
+        cron = client.post("/api/v1/monitors", json={"name": "job", "type": "CRON",
+                                                     "interval": 60}).json()
+        assert beats._dirty == {cron["id"]}
+        client.portal.call(beats.reload_changed)
+        assert beats.known(cron["heartbeatUrl"].rsplit("/", 1)[1]) is not None
+        assert client.put(f"/api/v1/monitors/{cron['id']}", json={
+            "type": "WEBSITE", "url": "https://example.com"}).is_success
+        assert beats._dirty == {cron["id"]}
+        client.portal.call(beats.reload_changed)
+        assert beats.known(cron["heartbeatUrl"].rsplit("/", 1)[1]) is None
+
+
 def test_heartbeat_every_route_and_method_answers_ok_after_commit(served):
     api = _hb_api(served)
     monitor = _cron(api)
