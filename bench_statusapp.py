@@ -818,6 +818,7 @@ def api(monitors: int, days: int, raw_days: int, down_hours: int, clients: int,
         seconds: float) -> None:
     """Request paths on a database with a month of history for every monitor: requests/s,
     p50/p99 and server CPU-ms per request, beside a no-op GET route under the same load."""
+    import statusapp
     server = Server()
     key = _init_db(server.db)
     started = time.monotonic()
@@ -847,7 +848,16 @@ def api(monitors: int, days: int, raw_days: int, down_hours: int, clients: int,
             "GET /status/bench cached": ["/status/bench"],
             "GET /status/bench uncached": [f"/status/bench?n={n}" for n in range(50_000)],
             "GET /status/bench.json cached": ["/status/bench.json"],
-            "GET /monitors?limit=100": ["/api/v1/monitors?limit=100"],
+            "GET /monitors?limit=100 cached": ["/api/v1/monitors?limit=100"],
+            # never cached: 100 pages of 91-100 monitors, more than the cache keeps
+            "GET /monitors?limit=100 uncached": [f"/api/v1/monitors?limit={limit}&page={page}"
+                                                 for limit in range(91, 101)
+                                                 for page in range(1, 11)],
+            "GET /monitors uncached, every sort": [
+                f"/api/v1/monitors?limit={limit}&page={page}&sort={sort}&order={order}"
+                for limit in range(91, 101) for page in range(1, 10)
+                for sort in statusapp.MONITOR_SORTS for order in ("asc", "desc")],
+            "GET /monitors/{id}": ["/api/v1/monitors/mon_0000000000000011"],
             "GET /analytics": ["/api/v1/analytics"],
             "GET /analytics/monitors/{id}?30d":
                 ["/api/v1/analytics/monitors/mon_0000000000000011?period=30d"]}

@@ -42,6 +42,7 @@ import copy
 import dataclasses
 import enum
 import functools
+import gc
 import gzip
 import hashlib
 import importlib
@@ -72,8 +73,8 @@ import tomllib
 import urllib.parse
 import zlib
 import zoneinfo
-from collections.abc import (AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping,
-                             Sequence)
+from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Collection,
+                             Iterator, Mapping, Sequence)
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -718,6 +719,7 @@ class Database:
         self._waited_on = asyncio.Event()  # a write() is queued: commit now
         self._writer_task: asyncio.Task[None] | None = None
         self.failing: str | None = None  # why the last commit failed, until one succeeds
+        self.commits = 0  # commits that changed something, by this process (a data version)
         self._logged: dict[str, float] = {}
         self._wakes: dict[str, asyncio.Event] = {}  # table -> set after a commit inserted into it
         self._inserted: set[str] = set()  # watched tables inserted into by the open transaction
@@ -838,13 +840,6 @@ class Database:
         row = await self.fetchone(sql, params)
         return None if row is None else row[0]
 
-    async def fetch_many(self, queries: Sequence[Statement]) -> list[list[sqlite3.Row]]:
-        """Several reads in one hand-off to a reader's thread, instead of one each."""
-        reader = self._reader()
-        # _execute: aiosqlite's own way to run a function on the connection's thread
-        rows: list[list[sqlite3.Row]] = await reader._execute(_fetch_many, reader._conn, queries)
-        return rows
-
     # Writes
 
     @contextlib.asynccontextmanager
@@ -867,6 +862,7 @@ class Database:
                 raise
             if self._writer.total_changes > changes:
                 self.failing = None
+                self.commits += 1
             self._committed()
 
     def _committed(self) -> None:
@@ -929,11 +925,6 @@ class Database:
         for _, future in batch:
             if future and not future.done():
                 future.set_result(None)
-
-
-def _fetch_many(conn: sqlite3.Connection, queries: Sequence[Statement]) -> list[list[sqlite3.Row]]:
-    """In a reader's thread: every query's rows."""
-    return [conn.execute(sql, params).fetchall() for sql, params in queries]
 
 
 async def _run_grouped(conn: aiosqlite.Connection, items: list[list[Statement]]) -> None:
@@ -1946,6 +1937,22 @@ def monitor_record(row: sqlite3.Row) -> dict[str, Any]:
     return _monitor_fields(_monitor_values(tuple(row.keys()))(row))
 
 
+def _field_sql(column: str, read: Callable[[Any], Any] | None) -> str:
+    """SQL for a monitors column (of ``m``) as monitor_record reads it, as a JSON value."""
+    if read is _json_column:
+        return f'json(m."{column}")'
+    if read is bool:
+        return f"""json(CASE WHEN m."{column}" THEN 'true' ELSE 'false' END)"""
+    return f'm."{column}"'
+
+
+# A monitors row's _MONITOR_FIELDS, then createdAt and updatedAt (Unix ms), as a JSON object
+# built by SQLite: the same values as monitor_record, without a Python object per column.
+_MONITOR_OBJECT = ("json_object(" + ", ".join(
+    f"'{name}', {_field_sql(column, read)}" for name, column, read in _MONITOR_FIELDS)
+    + ", 'createdAt', m.created_at, 'updatedAt', m.updated_at)")
+
+
 # --- Auth ---
 #
 # An API key is ``sk_live_<random>``; only its SHA256 is stored.  A key belongs to a person
@@ -2254,7 +2261,7 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
         return str(err), "CONFIGURATION_ERROR"
     if (err := find(socket.gaierror)) is not None:
         return f"DNS resolution failed: {err.strerror or err}", "DNS_FAILURE"
-    if find(TimeoutError) or find(httpx.TimeoutException):
+    if find(TimeoutError) or find(httpx.TimeoutException) or find(httpcore.TimeoutException):
         return f"timed out after {timeout:g}s", "NETWORK_TIMEOUT"
     if (err := find(ssl.SSLCertVerificationError)) is not None:
         return f"TLS certificate rejected: {err.verify_message}", "SSL_CERTIFICATE"
@@ -2264,48 +2271,25 @@ def _describe_error(exc: BaseException, timeout: float) -> tuple[str, str]:
         return "connection refused", "INFRASTRUCTURE"
     if find(ConnectionResetError):
         return "connection reset by peer", "INFRASTRUCTURE"
-    if isinstance(exc, httpx.UnsupportedProtocol):
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpcore.UnsupportedProtocol)):
         return f"invalid URL: {exc}", "CONFIGURATION_ERROR"
     if isinstance(exc, httpx.TooManyRedirects):
         return "too many redirects", "APPLICATION_ERROR"
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, (httpx.RemoteProtocolError, httpcore.RemoteProtocolError)):
         return f"invalid HTTP answer: {exc}", "SERVER_ERROR"
     if (err := find(OSError)) is not None:
         return err.strerror or str(err) or type(err).__name__, "INFRASTRUCTURE"
     return str(exc) or type(exc).__name__, "UNKNOWN"
 
 
-# HTTP timings.  httpcore's "trace" extension reports TLS, request and response phases, but
-# DNS happens inside its TCP connect.  So the pool gets a network backend that resolves the
-# name itself and connects to the address, timing both into the check's timings dict, which
-# it finds through a context variable (each check runs in its own task).  Resolving there also
-# lets it refuse private addresses and connect to exactly the address it checked.
+# HTTP checks speak HTTP/1.1 through httpcore's connection class directly (no httpx client,
+# pool or models per check: they were most of a check's CPU), one new connection per request.
+# The probe resolves the name itself and connects to the address (see _PinnedBackend), timing
+# each phase into the check's timings: DNS, connect, TLS, then time to the first byte of the
+# answer's headers and the body's transfer (redirects sum).  Resolving there also lets it
+# refuse private addresses and connect to exactly the address it checked.
 
 _TIMING_PHASES = ("dns", "connect", "tls", "ttfb", "transfer")
-_TRACE_PHASES = {  # phase: (trace step that starts it, trace step whose completion ends it)
-    "tls": ("start_tls", "start_tls"),
-    "ttfb": ("send_request_headers", "receive_response_headers"),
-    "transfer": ("receive_response_body", "receive_response_body"),
-}
-_HTTP_TIMINGS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
-    "statusapp_http_timings", default=None)
-
-
-def _tracer(timings: dict[str, float]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
-    """An httpcore trace callback adding each phase's seconds to ``timings`` (redirects sum)."""
-    started: dict[str, float] = {}
-
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        step, _, stage = event.partition(".")[2].rpartition(".")
-        if stage == "started":
-            started[step] = now
-        elif stage == "complete":
-            for phase, (first, last) in _TRACE_PHASES.items():
-                if last == step and first in started:
-                    timings[phase] += now - started.pop(first)
-
-    return trace
 
 
 class PrivateTargetError(httpcore.ConnectError):
@@ -2359,6 +2343,8 @@ class _AsyncioStream(httpcore.AsyncNetworkStream):
                 return await self._reader.read(max_bytes)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:  # httpcore writes the empty body and end of a body-less request too
+            return
         with _mapped(httpcore.WriteTimeout, httpcore.WriteError):
             self._writer.write(buffer)
             async with asyncio.timeout(timeout):
@@ -2410,10 +2396,10 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         self._allow_private = allow_private
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        """Resolve, then try each address in turn (as the stdlib's create_connection does)."""
-        timings = _HTTP_TIMINGS.get()
+                          local_address: str | None = None, socket_options: Any = None, *,
+                          timings: dict[str, float] | None = None) -> _AsyncioStream:
+        """Resolve, then try each address in turn (as the stdlib's create_connection does);
+        with ``timings``, add the seconds spent resolving and connecting to them."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
@@ -2491,7 +2477,8 @@ def _make_resolver(nameservers: list[tuple[str, int]]) -> dns.asyncresolver.Reso
 
 
 class ProbeContext:
-    """What all probes share, built once per process from the config: one HTTP client, the TLS
+    """What all probes share, built once per process from the config: one HTTP client (for
+    token endpoints and registries; HTTP checks use httpcore through ``backend``), the TLS
     trust store, one DNS resolver and the OAuth2 token cache.  ``settings`` is the ``[probes]``
     config section (elsewhere ``cfg`` is always the whole config).  Close it with ``aclose``."""
 
@@ -2523,11 +2510,22 @@ class ProbeContext:
         # from this host to the target.
         self.http = httpx.AsyncClient(
             transport=_PinnedTransport(self.ssl_context, self.settings["allow_private_targets"]),
-            headers={"User-Agent": _USER_AGENT, REGION_HEADER: cfg["region"]["id"]},
-            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(
-                allowed_domains=[])), trust_env=False)
+            headers={"User-Agent": _USER_AGENT}, cookies=http.cookiejar.CookieJar(
+                http.cookiejar.DefaultCookiePolicy(allowed_domains=[])), trust_env=False)
+        self.ssl_context.set_alpn_protocols(["http/1.1"])  # what httpcore sets on each connect
+        self.backend = _PinnedBackend(self.settings["allow_private_targets"])
+        self.http_headers: dict[bytes, tuple[bytes, bytes]] = {}
+        self.set_region(cfg["region"]["id"])
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._token_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    def set_region(self, region: str) -> None:
+        """Name ``region`` in every HTTP request (an agent learns its region from the server).
+        ``http_headers`` are an HTTP check's headers, as httpx's client would send them."""
+        self.http.headers[REGION_HEADER] = region
+        self.http_headers = _header_table({
+            "Accept": "*/*", "Accept-Encoding": "gzip, deflate", "Connection": "keep-alive",
+            "User-Agent": _USER_AGENT, REGION_HEADER: region})
 
     @functools.cached_property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -2669,9 +2667,13 @@ class _Seen:
 
     status_code: int
     response_time: int
-    headers: httpx.Headers
+    raw_headers: list[tuple[bytes, bytes]]
     raw: bytes
     cap: int
+
+    @functools.cached_property
+    def headers(self) -> httpx.Headers:
+        return httpx.Headers(self.raw_headers)
 
     @functools.cached_property
     def text(self) -> str:
@@ -2770,8 +2772,13 @@ def _assertion_error(failed: list[dict[str, Any]]) -> str:
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     """At most ``limit`` bytes of the raw body: reading stops there (the caller closes the
     connection), so an endless or huge answer costs a check no more than that."""
+    return await _capped(response.aiter_raw(), limit)
+
+
+async def _capped(body: AsyncIterable[bytes], limit: int) -> bytes:
+    """At most ``limit`` bytes of ``body`` (see _read_capped)."""
     chunks, size = [], 0
-    async for chunk in response.aiter_raw():
+    async for chunk in body:
         chunks.append(chunk[:limit - size])
         size += len(chunks[-1])
         if size >= limit:
@@ -2793,13 +2800,6 @@ def _decoded(raw: bytes, encoding: str, cap: int) -> bytes:
         except zlib.error:
             raise _AssertionProblem(f"response body is not valid {coding}") from None
     return raw
-
-
-def _peer_der(response: httpx.Response) -> bytes | None:
-    """The server certificate of an https response (None over plain http)."""
-    stream = response.extensions.get("network_stream")
-    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
 
 def _certificate_details(cert: dict[str, Any]) -> dict[str, Any]:
@@ -2838,6 +2838,183 @@ async def _judge_http(monitor: dict[str, Any], result: CheckResult, seen: _Seen,
     return result
 
 
+_MAX_REDIRECTS = 20  # followed by one check, as httpx's default
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HTTP_ERRORS = (httpx.HTTPError, httpcore.UnsupportedProtocol, httpcore.ProtocolError,
+                httpcore.TimeoutException, httpcore.NetworkError, TimeoutError, OSError)
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe_url(text: str, params: tuple[tuple[str, str], ...]) -> httpx.URL:
+    """A monitor's URL, parsed as httpx parses it (IDNA host names, percent-encoding, the same
+    errors), once per distinct URL; an auth's query parameters join the URL's own query."""
+    url = httpx.URL(text)
+    return url.copy_merge_params(params) if params else url
+
+
+def _header_table(headers: dict[str, str]) -> dict[bytes, tuple[bytes, bytes]]:
+    """Headers by lower-case name, encoded as httpx encodes them (ASCII, else ValueError)."""
+    return {name.lower().encode("ascii"): (name.encode("ascii"), value.encode("ascii"))
+            for name, value in headers.items()}
+
+
+@dataclass
+class _HttpRequest:
+    """One request of an HTTP check: redirects make the next from the previous."""
+
+    method: str
+    url: httpx.URL
+    headers: dict[bytes, tuple[bytes, bytes]]  # by lower-case name
+    body: bytes | None
+
+    def target(self) -> httpcore.URL:
+        if self.url.is_relative_url:  # no scheme or no host
+            raise httpcore.UnsupportedProtocol(
+                "Request URL is missing an 'http://' or 'https://' protocol.")
+        if self.url.scheme not in ("http", "https"):
+            raise httpcore.UnsupportedProtocol(
+                f"Request URL has an unsupported protocol '{self.url.scheme}://'.")
+        return httpcore.URL(scheme=self.url.raw_scheme, host=self.url.raw_host,
+                            port=self.url.port, target=self.url.raw_path)
+
+    def redirected(self, code: int, location: str) -> _HttpRequest:
+        """The request a redirect asks for, as httpx makes it: a relative Location resolved,
+        303 (and 302, and 301 after a POST) turned into a body-less GET, Authorization kept
+        only on the same origin (or its https upgrade), no Cookie header."""
+        try:
+            url = httpx.URL(location)
+        except httpx.InvalidURL as exc:
+            raise httpx.RemoteProtocolError(f"Invalid URL in location header: {exc}.") from None
+        if url.scheme and not url.host:
+            url = url.copy_with(host=self.url.host)
+        if url.is_relative_url:
+            url = self.url.join(url)
+        if self.url.fragment and not url.fragment:
+            url = url.copy_with(fragment=self.url.fragment)
+        method = "GET" if (code in (302, 303) and self.method != "HEAD") or (
+            code == 301 and self.method == "POST") else self.method
+        headers = {k: v for k, v in self.headers.items() if k != b"cookie"}
+        if _origin(url) != _origin(self.url):
+            if not (url.host == self.url.host and _origin(self.url)[::2] == ("http", 80)
+                    and _origin(url)[::2] == ("https", 443)):
+                headers.pop(b"authorization", None)
+            headers[b"host"] = (b"Host", url.netloc)
+        changed = method != self.method and method == "GET"
+        if changed:
+            headers.pop(b"content-length", None)
+            headers.pop(b"transfer-encoding", None)
+        return _HttpRequest(method, url, headers, None if changed else self.body)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def _http_request(monitor: dict[str, Any], ctx: ProbeContext, headers: dict[str, str],
+                  params: dict[str, str]) -> _HttpRequest:
+    """The check's first request, with the headers httpx would send: Host, the client's,
+    the monitor's and its auth's, Basic auth from the URL's user and password, and
+    Content-Length with a body (0 for a POST, PUT or PATCH without one)."""
+    url = _probe_url(monitor.get("url") or "", tuple(params.items()))
+    text = monitor.get("requestBody")
+    method, body = (monitor.get("httpMethod") or "GET").upper(), text.encode() if text else None
+    table = {**ctx.http_headers, **_header_table(headers)}
+    if url.username or url.password:
+        pair = base64.b64encode(f"{url.username}:{url.password}".encode())
+        table[b"authorization"] = (b"Authorization", b"Basic " + pair)
+    if url.host and b"host" not in table:
+        table = {b"host": (b"Host", url.netloc), **table}
+    if body:
+        table.setdefault(b"content-length", (b"Content-Length", str(len(body)).encode()))
+    elif method in ("POST", "PUT", "PATCH") and not table.keys() & {b"content-length",
+                                                                     b"transfer-encoding"}:
+        table[b"content-length"] = (b"Content-Length", b"0")
+    return _HttpRequest(method, url, table, body)
+
+
+@dataclass
+class _HttpAnswer:
+    """What one request got back: status, headers, at most the cap of the body (none for a
+    redirect that is followed) and the server certificate (https)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    der: bytes | None = None
+
+    def location(self) -> str | None:
+        """The Location header of a redirect, else None."""
+        values = [v for k, v in self.headers if k.lower() == b"location"]
+        if self.status not in _REDIRECTS or not values:
+            return None
+        raw = b", ".join(values)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+
+@dataclass
+class _HttpExchange:
+    """An HTTP check's requests, each on a connection of its own that is closed when its
+    answer is read (closing the socket ends httpcore's connection too: the response is not
+    closed first, which would take its anyio lock, a turn of the event loop, once more);
+    ``status`` is the final answer's, for a failure after it."""
+
+    ctx: ProbeContext
+    timeout: float
+    follow: bool
+    timings: dict[str, float] | None
+    status: int | None = None
+
+    async def send(self, request: _HttpRequest) -> _HttpAnswer:
+        """The answer, after at most _MAX_REDIRECTS redirects when ``follow``."""
+        for _ in range(_MAX_REDIRECTS + 1):
+            answer = await self._one(request)
+            location = answer.location() if self.follow else None
+            if location is None:
+                return answer
+            request = request.redirected(answer.status, location)
+        raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.")
+
+    async def _one(self, request: _HttpRequest) -> _HttpAnswer:
+        target, timings, timeout = request.target(), self.timings, self.timeout
+        origin = target.origin
+        host = origin.host.decode("ascii")
+        stream = await self.ctx.backend.connect_tcp(host, origin.port, timeout=timeout,
+                                                    timings=timings)
+        try:
+            started = time.perf_counter()
+            if origin.scheme == b"https":
+                await stream.start_tls(self.ctx.ssl_context, host, timeout)
+                if timings is not None:
+                    timings["tls"] += time.perf_counter() - started
+            sending = time.perf_counter()
+            response = await httpcore.AsyncHTTP11Connection(origin, stream).handle_async_request(
+                httpcore.Request(request.method.encode(), target, headers=list(
+                    request.headers.values()), content=request.body, extensions={
+                    "timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)}))
+            answered = time.perf_counter()
+            answer = _HttpAnswer(response.status, response.headers)
+            if not (self.follow and answer.location() is not None):
+                self.status = answer.status
+                answer.der = _peer_der(stream)
+                answer.body = await _capped(cast(AsyncIterable[bytes], response.stream),
+                                            self.ctx.settings["max_body_bytes"])
+            if timings is not None:
+                timings["ttfb"] += answered - sending
+                timings["transfer"] += time.perf_counter() - answered
+            return answer
+        finally:
+            await stream.aclose()
+
+
+def _peer_der(stream: _AsyncioStream) -> bytes | None:
+    """The server certificate of an https connection (None over plain http)."""
+    ssl_object = stream.get_extra_info("ssl_object")
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
 async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     """WEBSITE and API: one request, body read up to probes.max_body_bytes, judged by the
     final status code, the monitor's assertions and (https) the certificate's expiry.
@@ -2853,42 +3030,28 @@ async def probe_http(monitor: dict[str, Any], ctx: ProbeContext) -> CheckResult:
     except _ProbeError as exc:
         return _down(str(exc), exc.category)
     timings = dict.fromkeys(_TIMING_PHASES, 0.0) if monitor.get("performanceTimings") else None
-    body = monitor.get("requestBody")
     try:
-        request = ctx.http.build_request(
-            (monitor.get("httpMethod") or "GET").upper(), monitor.get("url") or "",
-            headers={**headers, **auth_headers}, params=params or None,
-            content=body.encode() if body else None, timeout=timeout,
-            extensions={"trace": _tracer(timings)} if timings is not None else None)
+        request = _http_request(monitor, ctx, {**headers, **auth_headers}, params)
     except (httpx.InvalidURL, ValueError) as exc:
         return _down(f"invalid URL: {exc}", "CONFIGURATION_ERROR")
-    token = _HTTP_TIMINGS.set(timings)
+    exchange = _HttpExchange(ctx, timeout, not 300 <= (expected or 0) < 400, timings)
     started = time.perf_counter()
-    response = None
     try:
         async with asyncio.timeout(timeout):
-            response = await ctx.http.send(request, stream=True,
-                                           follow_redirects=not 300 <= (expected or 0) < 400)
-            try:
-                der = _peer_der(response)
-                content = await _read_capped(response, ctx.settings["max_body_bytes"])
-            finally:
-                await response.aclose()
-    except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            answer = await exchange.send(request)
+    except _HTTP_ERRORS as exc:
         message, category = _describe_error(exc, timeout)
         return _down(message, category, response_time=_elapsed_ms(started),
-                     status_code=response.status_code if response is not None else None)
-    finally:
-        _HTTP_TIMINGS.reset(token)
-    code = response.status_code
+                     status_code=exchange.status)
+    code = answer.status
     result = CheckResult(status=Status.UP, response_time=_elapsed_ms(started), status_code=code)
     if timings is not None:
         result.timings = {phase: round(seconds * 1000, 3) for phase, seconds in timings.items()}
     if code == 401 and (auth.get("type") or "").lower() == "oauth2":
         ctx.forget_oauth2_token(auth)
-    seen = _Seen(code, result.response_time or 0, response.headers, content,
+    seen = _Seen(code, result.response_time or 0, answer.headers, answer.body,
                  ctx.settings["max_body_bytes"])
-    return await _judge_http(monitor, result, seen, der)
+    return await _judge_http(monitor, result, seen, answer.der)
 
 
 # UDP has no handshake, so the rule is nmap's: a reply means open (UP); an ICMP port
@@ -4027,7 +4190,7 @@ async def run_agent(cfg: dict[str, dict[str, Any]], server: str, token: str, sta
                     log.warning("agent: cannot reach %s: %s", server, _describe_agent_error(exc))
                     await asyncio.sleep(_AGENT_RETRY_MAX)
             log.info("agent for region %s: %d monitors", feed.region, len(feed.monitors))
-            ctx.http.headers[REGION_HEADER] = feed.region
+            ctx.set_region(feed.region)
             scheduler = Scheduler(feed, {**cfg["probes"], **feed.probes}, ctx)
             try:
                 await asyncio.gather(scheduler.run(), feed.follow(), feed.deliver())
@@ -6308,6 +6471,11 @@ class Maintenance:
     def active(self, account_id: str, monitor_id: str, at: int | None = None) -> bool:
         return bool(self.covering(account_id, monitor_id, self.clock() if at is None else at))
 
+    def running(self, account_id: str) -> list[Window]:
+        """The team's windows running now (whether one covers a monitor: ``covers``)."""
+        now = self.clock()
+        return [w for w in self.windows.values() if w.account_id == account_id and w.running(now)]
+
     def suppressing(self, account_id: str, monitor_id: str, at: int) -> bool:
         return any(w.suppress for w in self.covering(account_id, monitor_id, at))
 
@@ -7247,55 +7415,84 @@ CHECK_SHAPE = shape(
     workerRegion=shape(id="string", country="string?", countryCode="string?", city="string?"))
 
 
-def _latest_checks_query(ids: Sequence[str]) -> Statement:
-    """Each monitor's latest check per region (the monitor_latest trigger keeps them), by region."""
-    return (f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
-            f" WHERE l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY l.region_id, c.id", ids)
-
-
 async def latest_checks(db: Database, ids: Sequence[str]) -> list[sqlite3.Row]:
-    """See _latest_checks_query."""
-    return await db.fetchall(*_latest_checks_query(ids)) if ids else []
+    """Each monitor's latest check per region (the monitor_latest trigger keeps them), by region."""
+    if not ids:
+        return []
+    return await db.fetchall(
+        f"SELECT c.* FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+        f" WHERE l.monitor_id IN ({','.join('?' * len(ids))}) ORDER BY l.region_id, c.id", ids)
 
 
-async def monitors_json(rt: Runtime, rows: Sequence[sqlite3.Row]) -> list[dict[str, Any]]:
-    """Monitors as the API returns them (see monitors_body)."""
-    return list(json.loads(await monitors_body(rt, rows)))
+def _iso_sql(column: str) -> str:
+    """SQL for ``iso`` of a column of Unix milliseconds."""
+    return f"strftime('%Y-%m-%dT%H:%M:%SZ', {column} / 1000, 'unixepoch')"
 
 
-async def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
-    """Monitors as the API returns them, as a JSON array: each one's own fields (encoded once
-    per version of its row, see _monitor_fields_json), latest check per region, counts and
-    notifications."""
+def _with_json_key(obj: str, key: str, column: str) -> str:
+    """SQL adding ``key`` to the JSON object ``obj`` when the JSON text ``column`` is set."""
+    return (f"CASE WHEN {column} <> '' THEN json_insert({obj}, '$.{key}', json({column}))"
+            f" ELSE {obj} END")
+
+
+# A check as check_json shows it, built by SQLite (``c`` a checks row, ``w`` its region).
+_CHECK_OBJECT = _with_json_key(_with_json_key(
+    "json_object('id', 'chk_' || c.id, 'status', c.status, 'responseTime', c.response_time,"
+    f" 'statusCode', c.status_code, 'checkedAt', {_iso_sql('c.checked_at')},"
+    f" 'receivedAt', {_iso_sql('c.received_at')}, 'error', c.error,"
+    " 'rootCauseCategory', c.category, 'workerRegion', json_object('id', c.region_id,"
+    " 'country', w.country, 'countryCode', w.country_code, 'city', w.city))",
+    "timings", "c.timings"), "details", "c.details")
+
+# Link rows as notification_link_json reads them, built by SQLite (``n`` a monitor's link).
+_LINK_OBJECT = (
+    "json_object('id', n.id, 'channel_id', n.channel_id, 'type', n.type, 'enabled', n.enabled,"
+    " 'config', n.config, 'created_at', n.created_at, 'channel_name', c.name, 'channel_type',"
+    " c.type, 'target_failing', COALESCE(c.failing, n.failing), 'target_error',"
+    " COALESCE(c.last_error, n.last_error))")
+
+# A monitors row ``m`` with its latest check per region (a JSON array, by region), its number
+# of incidents and its notification links (JSON, as _LINK_OBJECT): read by one statement, so
+# the status and the check that set it come from one snapshot.
+_MONITOR_SELECT = (
+    f"m.id, m.account_id, m.check_count, {_MONITOR_OBJECT} AS fields,"
+    f" (SELECT json_group_array(json(j)) FROM (SELECT {_CHECK_OBJECT} AS j"
+    " FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
+    " LEFT JOIN worker_regions w ON w.id = c.region_id WHERE l.monitor_id = m.id"
+    " ORDER BY l.region_id, c.id)) AS latest_checks,"
+    " (SELECT COUNT(*) FROM incidents i WHERE i.monitor_id = m.id) AS incident_count,"
+    f" (SELECT json_group_array(json(j)) FROM (SELECT {_LINK_OBJECT} AS j"
+    " FROM monitor_notifications n LEFT JOIN notification_channels c ON c.id = n.channel_id"
+    " WHERE n.monitor_id = m.id ORDER BY n.created_at, n.id)) AS links")
+
+
+async def read_monitor(db: Database, team: str, monitor_id: str) -> sqlite3.Row | None:
+    """The team's monitor as _MONITOR_SELECT reads it, if it exists."""
+    return await db.fetchone(f"SELECT {_MONITOR_SELECT} FROM monitors m"
+                             f" WHERE m.id = ? AND m.account_id = ?", (monitor_id, team))
+
+
+def _links_json(links: str) -> str:
+    """A monitor's links (JSON from _MONITOR_SELECT) as the API shows them, secrets masked."""
+    return links if links == "[]" else json_text(
+        [notification_link_json(link) for link in json.loads(links)])
+
+
+def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
+    """Monitors (of one team, as _MONITOR_SELECT reads them) as the API returns them, as a
+    JSON array: each one's own fields (encoded once per version of its row, see
+    _monitor_fields_json), then what SQLite built: latest check per region, counts and links."""
     if not rows:
         return "[]"
-    ids = [row["id"] for row in rows]
-    marks = ",".join("?" * len(ids))
-    checks, counts, targets = await rt.db.fetch_many([  # one hand-off to a reader, not three
-        _latest_checks_query(ids),
-        (f"SELECT monitor_id, COUNT(*) FROM incidents WHERE monitor_id IN ({marks})"
-         f" GROUP BY monitor_id", ids),
-        (f"SELECT n.*, c.name AS channel_name, c.type AS channel_type,"
-         f" COALESCE(c.failing, n.failing) AS target_failing,"
-         f" COALESCE(c.last_error, n.last_error) AS target_error"
-         f" FROM monitor_notifications n"
-         f" LEFT JOIN notification_channels c ON c.id = n.channel_id"
-         f" WHERE n.monitor_id IN ({marks}) ORDER BY n.created_at, n.id", ids)])
-    latest: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for check in checks:
-        latest[check["monitor_id"]].append(check_json(check, rt.regions))
-    incidents: dict[str, int] = {monitor_id: n for monitor_id, n in counts}
-    links: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for link in targets:
-        links[link["monitor_id"]].append(notification_link_json(link))
-    base, values = rt.cfg["server"]["base_url"], _monitor_values(tuple(rows[0].keys()))
+    base, team = rt.cfg["server"]["base_url"], rows[0]["account_id"]
+    windows = rt.maintenance.running(team)
     out = []
-    for row, monitor_id in zip(rows, ids, strict=True):
-        fields = _monitor_fields_json(values(row), base,
-                                      rt.maintenance.active(row["account_id"], monitor_id))
-        out.append(f'{fields},"checks":{json_text(latest[monitor_id])},"_count":{{"checks":'
-                   f'{row["check_count"]},"incidents":{incidents.get(monitor_id, 0)}}},'
-                   f'"monitorNotifications":{json_text(links[monitor_id])}}}')
+    for row in rows:
+        fields = _monitor_fields_json(row["fields"], base,
+                                      any(w.covers(team, row["id"]) for w in windows))
+        out.append(f'{fields},"checks":{row["latest_checks"]},"_count":{{"checks":'
+                   f'{row["check_count"]},"incidents":{row["incident_count"]}}},'
+                   f'"monitorNotifications":{_links_json(row["links"])}}}')
     return f"[{','.join(out)}]"
 
 
@@ -7309,21 +7506,23 @@ def json_text(value: Any) -> str:
 
 
 @functools.lru_cache(maxsize=2048)
-def _monitor_fields_json(values: tuple[Any, ...], base: str, maintenance: bool) -> str:
+def _monitor_fields_json(fields: str, base: str, maintenance: bool) -> str:
     """A monitor's own fields as the API shows them (secrets masked), as a JSON object left
-    open for the rest, from its _monitor_values; cached, as list pages repeat the same rows."""
-    record = _monitor_fields(values)
+    open for the rest, from its _MONITOR_OBJECT; cached, as list pages repeat the same rows
+    (and any change to a row changes its _MONITOR_OBJECT)."""
+    record = json.loads(fields)
     if maintenance:
         record["status"] = MAINTENANCE
     heartbeat = record.pop("heartbeatId")
     record["apiAuthConfig"] = masked_auth(record["apiAuthConfig"])
+    created, updated = record.pop("createdAt"), record.pop("updatedAt")
     record.update({
         "heartbeatUrl": f"{base}{API_PREFIX}/heartbeat/{heartbeat}" if heartbeat else None,
-        "createdAt": iso(values[-2]), "updatedAt": iso(values[-1])})
+        "createdAt": iso(created), "updatedAt": iso(updated)})
     return json_text(record)[:-1]
 
 
-def notification_link_json(row: sqlite3.Row) -> dict[str, Any]:
+def notification_link_json(row: Mapping[str, Any]) -> dict[str, Any]:
     """One of a monitor's notification targets: an inline channel or a linked one."""
     config = json.loads(row["config"]) if row["config"] else None
     return {"id": row["id"], "channelId": row["channel_id"],
@@ -7432,13 +7631,18 @@ async def refuse_private_targets(cfg: dict[str, dict[str, Any]],
 async def load_owned(call: Call, table: str, ident: str | None = None) -> sqlite3.Row:
     """The team's row of ``table`` named by the path (or ``ident``), or 404: another team's
     resource does not exist for the caller."""
-    param, noun = OWNED[table]
-    ident = ident or call.param(param)
+    ident = ident or call.param(OWNED[table][0])
     row = await call.rt.db.fetchone(f"SELECT * FROM {table} WHERE id = ? AND account_id = ?",
                                     (ident, call.team))
     if row is None:
-        raise NotFound(f"{noun} not found", f"no {noun.lower()} with id {ident}")
+        raise not_found(table, ident)
     return row
+
+
+def not_found(table: str, ident: str) -> NotFound:
+    """The 404 for a missing (or another team's) row of one of the OWNED tables."""
+    noun = OWNED[table][1]
+    return NotFound(f"{noun} not found", f"no {noun.lower()} with id {ident}")
 
 
 async def _channel_ids(call: Call, body: Any) -> set[str]:
@@ -7500,18 +7704,38 @@ def notification_statements(monitor_id: str, entries: list[dict[str, Any]]) -> l
               for i, e in enumerate(entries))]
 
 
-async def _monitor_response(call: Call, monitor_id: str, status: int = 200) -> Response:
-    """One monitor as the API answers with it: monitors_body's text, not decoded and encoded
-    again."""
-    body = await monitors_body(call.rt, [await load_owned(call, "monitors", monitor_id)])
-    return Response(body[1:-1], status, media_type="application/json")
+async def _monitor_response(call: Call, monitor_id: str | None = None,
+                            status: int = 200) -> Response:
+    """The team's monitor named by the path (or ``monitor_id``) as the API shows it, or 404:
+    monitors_body's text, not decoded and encoded again."""
+    ident = monitor_id or call.param("monitorId")
+    row = await read_monitor(call.rt.db, call.team, ident)
+    if row is None:
+        raise not_found("monitors", ident)
+    return Response(monitors_body(call.rt, [row])[1:-1], status, media_type="application/json")
 
 
 MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
 
+# Monitor list pages are kept in memory while nothing changed: keyed by the team, the query,
+# the writer's commits and the public cache's generation (API writes, status changes,
+# maintenance windows starting or ending), for at most LIST_CACHE_SECONDS (changes made by
+# another process, such as `statusapp region remove`, show after that).
+LIST_CACHE_ENTRIES = 32
+LIST_CACHE_SECONDS = 5.0
+
 
 @api("/monitors", "GET", query=MONITOR_QUERY, response=MONITOR_LIST_SHAPE)
 async def list_monitors(call: Call) -> Response:
+    rt = call.rt
+    key = json_text([call.team, rt.db.commits, rt.public_cache.generation, call.query])
+    entry = await rt.list_pages.get(key, lambda: _monitor_page(call))
+    return Response(entry.body, entry.status, media_type="application/json")
+
+
+async def _monitor_page(call: Call) -> Response:
+    """A page of the team's monitors, read by one statement: the page's ids first (sorting only
+    them), then their rows, and the total."""
     query = call.query
     where, params = ["account_id = ?"], [call.team]
     if query["status"]:
@@ -7526,18 +7750,22 @@ async def list_monitors(call: Call) -> Response:
     chosen, values = selection(query)
     where, params = where + chosen, params + values
     clause = " AND ".join(where)
-    total = await call.rt.db.fetchval(f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
-    order = f"{MONITOR_SORTS[query['sort']]} {query['order'].upper()}, id {query['order'].upper()}"
+    column, way = MONITOR_SORTS[query["sort"]], query["order"].upper()
     rows = await call.rt.db.fetchall(
-        f"SELECT * FROM monitors WHERE {clause} ORDER BY {order} LIMIT ? OFFSET ?",
-        [*params, query["limit"], (query["page"] - 1) * query["limit"]])
-    return Response(f'{{"monitors":{await monitors_body(call.rt, rows)},"pagination":'
+        f"WITH page AS MATERIALIZED (SELECT id FROM monitors WHERE {clause}"
+        f" ORDER BY {column} {way}, id {way} LIMIT ? OFFSET ?)"
+        f" SELECT {_MONITOR_SELECT}, (SELECT COUNT(*) FROM monitors WHERE {clause}) AS total"
+        f" FROM page JOIN monitors m ON m.id = page.id ORDER BY m.{column} {way}, m.id {way}",
+        [*params, query["limit"], (query["page"] - 1) * query["limit"], *params])
+    total = rows[0]["total"] if rows else await call.rt.db.fetchval(
+        f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
+    return Response(f'{{"monitors":{monitors_body(call.rt, rows)},"pagination":'
                     f'{json_text(paginate(total, query))}}}', media_type="application/json")
 
 
 @api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
-async def get_monitor(call: Call) -> dict[str, Any]:
-    return (await monitors_json(call.rt, [await load_owned(call, "monitors")]))[0]
+async def get_monitor(call: Call) -> Response:
+    return await _monitor_response(call)
 
 
 @api("/monitors", "POST", body=MONITOR_FIELDS, response=MONITOR_SHAPE, status=(201,))
@@ -10139,10 +10367,13 @@ class CachedResponse:
     status: int
     body: bytes
     headers: dict[str, str]
-    etag: str
     born: float
     generation: int
     gzipped: bytes | None = None
+
+    @functools.cached_property
+    def etag(self) -> str:
+        return f'"{hashlib.sha256(self.body).hexdigest()[:20]}"'
 
     def gzip_body(self) -> bytes:
         if self.gzipped is None:
@@ -10151,9 +10382,12 @@ class CachedResponse:
 
 
 class PublicCache:
-    """Rendered public responses by full URL, valid for one data generation and a TTL."""
+    """Rendered responses by key (a public page's full URL; a monitor list's query and data
+    version), valid for one data generation and a TTL."""
 
-    def __init__(self) -> None:
+    def __init__(self, entries: int = PUBLIC_CACHE_ENTRIES,
+                 seconds: float = PUBLIC_CACHE_SECONDS) -> None:
+        self.entries, self.seconds = entries, seconds
         self.generation = 0
         self.renders = 0
         self._entries: dict[str, CachedResponse] = {}
@@ -10166,7 +10400,7 @@ class PublicCache:
     def _fresh(self, key: str) -> CachedResponse | None:
         entry = self._entries.get(key)
         if entry and entry.generation == self.generation and (
-                time.monotonic() - entry.born < PUBLIC_CACHE_SECONDS):
+                time.monotonic() - entry.born < self.seconds):
             return entry
         return None
 
@@ -10184,13 +10418,11 @@ class PublicCache:
         self.renders += 1
         body = bytes(response.body)
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}
-        entry = CachedResponse(response.status_code, body, headers,
-                               f'"{hashlib.sha256(body).hexdigest()[:20]}"', time.monotonic(),
-                               generation)
+        entry = CachedResponse(response.status_code, body, headers, time.monotonic(), generation)
         if entry.status == 200:
             self._entries.pop(key, None)
             self._entries[key] = entry
-            if len(self._entries) > PUBLIC_CACHE_ENTRIES:
+            if len(self._entries) > self.entries:
                 del self._entries[next(iter(self._entries))]
         return entry
 
@@ -12150,6 +12382,7 @@ class Runtime:
         self.regions: dict[str, WorkerRegion] = {}
         self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
         self.public_cache = PublicCache()
+        self.list_pages = PublicCache(LIST_CACHE_ENTRIES, LIST_CACHE_SECONDS)
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[Any]] = set()
         self.settled_days: SettledDays = {}
@@ -12346,6 +12579,37 @@ def reaping_http(header_timeout: float) -> type[asyncio.Protocol]:
     return type("ReapingHTTP", (_Reaping, HttpToolsProtocol), {"header_timeout": header_timeout})
 
 
+class _OnTheSecond:
+    """Mixed into uvicorn.Server (see calm_server): its main loop wakes once a second, just
+    after the second turns, instead of ten times a second, so an idle server costs next to
+    nothing; the Date header it keeps is still right to the second, and a signal to stop wakes
+    it at once, so shutting down stays prompt."""
+
+    should_exit: bool
+    _wake: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        while not await self.on_tick(0):  # type: ignore[attr-defined]  # 0: update the Date
+            now = time.time()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.002 - now % 1):
+                    await self._wake.wait()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)  # type: ignore[misc]
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+
+def calm_server(config: Any) -> Any:
+    """A uvicorn.Server with _OnTheSecond's main loop (uvicorn is imported here, as in serve)."""
+    import uvicorn
+    return type("CalmServer", (_OnTheSecond, uvicorn.Server), {})(config)
+
+
 # --- CLI ---
 
 
@@ -12430,11 +12694,12 @@ def serve(config_path: str | None, db: str | None, host: str | None, port: int |
         sock.close()
         raise
     setup_logging(server["log_level"])
-    runner = uvicorn.Server(uvicorn.Config(
+    runner = calm_server(uvicorn.Config(
         create_app(cfg), host=server["host"], port=server["port"], log_level=server["log_level"],
         lifespan="on", access_log=False, server_header=False, log_config=None,
         http=reaping_http(server["header_timeout"]), timeout_keep_alive=server["keepalive_timeout"],
         limit_concurrency=server["max_connections"] or None))
+    gc.freeze()  # what start-up made lives for good: kept out of the collector's full passes
     runner.run(sockets=[sock])
     if not runner.started:
         raise click.ClickException("start-up failed (see the log above)")

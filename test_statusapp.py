@@ -785,7 +785,8 @@ _GZIP_BOMB = gzip.compress(b"a" * 20_000_000 + b"END")  # 20 MB in about 20 KB
 
 
 class _HTTPHandler(http.server.BaseHTTPRequestHandler):
-    """/ok /error /missing /slow /delay /redirect /echo /protected /token /rdap/domain/NAME,
+    """/ok /error /missing /slow /delay /redirect /see-other /elsewhere /loop /echo /protected
+    /token /rdap/domain/NAME,
     /json (a JSON document with an X-Version header), /html (an error page) and /big."""
 
     protocol_version = "HTTP/1.1"  # keeps connections open, so reuse by the client would show
@@ -839,6 +840,13 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             self._answer(200, b"ok", {"Set-Cookie": "session=1; Path=/"})
         elif path == "/redirect":
             self._answer(302, b"", {"Location": "/ok"})
+        elif path == "/see-other":
+            self._answer(303, b"", {"Location": "echo"})
+        elif path == "/elsewhere":  # another origin: localhost instead of 127.0.0.1
+            self._answer(302, b"", {
+                "Location": f"http://localhost:{self.server.server_address[1]}/echo"})
+        elif path == "/loop":
+            self._answer(302, b"", {"Location": "/loop"})
         elif path == "/protected":
             ok = self.headers.get("Authorization") == "Bearer tok-1"
             self._answer(200 if ok else 401)
@@ -1056,6 +1064,39 @@ async def test_http_status_rules(probe_ctx, http_server, path, expected, status,
 
 
 @pytest.mark.asyncio
+async def test_http_redirects_are_followed_as_httpx_follows_them(probe_ctx, http_server):
+    """A 303 after a POST is a GET without the body; Authorization goes to the same origin
+    only; a loop ends after 20 redirects; a user and password in the URL are Basic auth."""
+    _HTTPHandler.seen.clear()
+    auth = {"type": "bearer", "token": "t0k"}
+    result = await statusapp.probe_http(_monitor(
+        http_server + "/see-other", httpMethod="POST", requestBody="data", apiAuthConfig=auth),
+        probe_ctx)
+    assert (result.status, result.status_code) == ("UP", 200)
+    posted, got = _HTTPHandler.seen
+    assert (posted["method"], posted["body"], got["method"], got["path"], got["body"]) == (
+        "POST", b"data", "GET", "/echo", b"")
+    assert got["headers"]["Authorization"] == "Bearer t0k" and "Content-Length" not in got[
+        "headers"]
+    _HTTPHandler.seen.clear()
+    result = await statusapp.probe_http(_monitor(http_server + "/elsewhere",
+                                                 apiAuthConfig=auth), probe_ctx)
+    assert (result.status, result.status_code) == ("UP", 200)
+    assert [s["headers"].get("Authorization") for s in _HTTPHandler.seen] == ["Bearer t0k", None]
+    assert _HTTPHandler.seen[1]["headers"]["Host"].startswith("localhost:")
+    _HTTPHandler.hits.clear()
+    result = await statusapp.probe_http(_monitor(http_server + "/loop"), probe_ctx)
+    assert (result.status, result.category, result.error) == (
+        "DOWN", "APPLICATION_ERROR", "too many redirects")
+    assert _HTTPHandler.hits["/loop"] == 21
+    _HTTPHandler.seen.clear()
+    result = await statusapp.probe_http(_monitor(
+        http_server.replace("://", "://ann:pw%3A1@") + "/auth"), probe_ctx)
+    assert result.status == "UP" and _HTTPHandler.seen[0]["headers"]["Authorization"] == (
+        "Basic " + base64.b64encode(b"ann:pw:1").decode())
+
+
+@pytest.mark.asyncio
 async def test_http_method_headers_and_body_are_sent(probe_ctx, http_server):
     _HTTPHandler.seen.clear()
     monitor = _monitor(http_server + "/echo", "API", httpMethod="PUT", requestBody='{"a": 1}',
@@ -1092,13 +1133,17 @@ async def test_http_bad_request_headers_is_a_configuration_error(probe_ctx, http
      "X-Key", "k1", ""),
     ({"type": "api_key", "apiKey": "k 2", "apiKeyName": "key", "apiKeyLocation": "query"},
      "Authorization", None, "key=k+2"),
+    ({"type": "api_key", "apiKey": "k3", "apiKeyName": "key", "apiKeyLocation": "query",
+      "url": "/auth?page=2"}, "Authorization", None, "page=2&key=k3"),
     ({"type": "jwt", "jwtToken": "a.b.c"}, "Authorization", "Bearer a.b.c", ""),
     ({"type": "jwt", "jwtToken": "a.b.c", "jwtHeader": "X-JWT", "jwtPrefix": ""}, "X-JWT",
      "a.b.c", ""),
 ])
 async def test_http_auth_types(probe_ctx, http_server, auth, header, value, query):
     _HTTPHandler.seen.clear()
-    result = await statusapp.probe_http(_monitor(http_server + "/auth", apiAuthConfig=auth),
+    auth = dict(auth)
+    path = auth.pop("url", "/auth")  # a query of the monitor's own stays beside the key's
+    result = await statusapp.probe_http(_monitor(http_server + path, apiAuthConfig=auth),
                                         probe_ctx)
     assert result.status == "UP"
     seen = _HTTPHandler.seen[-1]
@@ -2049,8 +2094,8 @@ def test_served_website_monitor_goes_up_then_down(served, target):
                                           "interval": 1, "timeout": 5})
     assert created.status_code == 201
     url = f"/monitors/{created.json()['id']}"
-    # The answer is read in two steps (the monitor row, then its latest checks), so wait for
-    # a read that shows the check beside the status.
+    # A status is committed after the check that set it, and a monitor is read in one snapshot:
+    # a check may show a moment before its status, never after.
     up = eventually(lambda: (m := api.get(url).json())["status"] == "UP" and m["checks"] and m)
     assert up["checks"][0]["statusCode"] == 200
     target.modes["/site"] = "fail"
@@ -5382,6 +5427,55 @@ def test_list_entries_follow_every_change_and_match_the_single_monitor(cfg, clie
     assert listed() == client.get(f"/api/v1/monitors/{monitor['id']}").json()
 
 
+@pytest.mark.parametrize("path", ["/api/v1/monitors/{id}", "/api/v1/monitors"])
+def test_a_monitor_and_its_latest_check_are_read_together(client, monkeypatch, path):
+    """A new check and the status it sets, committed while the request reads: the answer shows
+    both or neither (a status never precedes its check)."""
+    rt = client.app.state.statusapp
+    monitor = _inc_monitor(client)
+
+    def stored(status: str) -> list:
+        return statusapp.check_statements(monitor["id"], "local", statusapp.CheckResult(status),
+                                          statusapp.now_ms()) + [
+            ("UPDATE monitors SET status = ? WHERE id = ?", (status, monitor["id"]))]
+    client.portal.call(rt.db.write, stored("UP"))
+    read, pending = rt.db.fetchall, [stored("DOWN")]
+
+    async def fetchall(sql: str, params=()):  # the write lands just after the monitor's row
+        rows = await read(sql, params)
+        if pending and any(monitor["id"] in tuple(row) for row in rows):
+            await rt.db.write(pending.pop())
+        return rows
+    monkeypatch.setattr(rt.db, "fetchall", fetchall)
+
+    def shown() -> dict:
+        body = client.get(path.format(id=monitor["id"])).json()
+        return body["monitors"][0] if "monitors" in body else body
+    first = shown()
+    assert not pending
+    assert first["status"] == first["checks"][0]["status"]
+    assert shown()["status"] == shown()["checks"][0]["status"] == "DOWN"
+
+
+def test_a_list_page_is_kept_until_something_is_committed(client):
+    """An identical page is answered from memory while nothing was committed; a commit (here
+    a new check) makes the next answer read again and show it."""
+    rt = client.app.state.statusapp
+    monitor = _inc_monitor(client)
+
+    def from_memory() -> bool:
+        commits, renders = rt.db.commits, rt.list_pages.renders
+        page = client.get("/api/v1/monitors?limit=10").json()
+        return (rt.db.commits, rt.list_pages.renders) == (commits, renders) and page == (
+            client.get("/api/v1/monitors?limit=10").json())
+    client.get("/api/v1/monitors?limit=10")
+    eventually(from_memory)
+    client.portal.call(rt.db.write, statusapp.check_statements(
+        monitor["id"], "local", statusapp.CheckResult("UP"), statusapp.now_ms()))
+    listed = client.get("/api/v1/monitors?limit=10").json()["monitors"][0]
+    assert (listed["_count"]["checks"], [c["status"] for c in listed["checks"]]) == (1, ["UP"])
+
+
 def test_tags_and_groups_filter_the_list_and_pause_resume_in_bulk(cfg, client):
     web = create(client, name="web", tags=["prod", {"name": "edge", "color": "#FF0000"}],
                  group="Frontend")
@@ -8009,6 +8103,24 @@ def test_a_crashed_service_is_logged_and_restarted(cfg, key, monkeypatch, caplog
 
 
 # --- CLI tests ---
+
+
+@pytest.mark.asyncio
+async def test_served_main_loop_keeps_the_date_and_stops_at_once():
+    """serve's uvicorn main loop, which wakes once a second: the Date header is set before it
+    first waits, and an exit signal ends the loop at once, not at the next second."""
+    import uvicorn
+    server = statusapp.calm_server(uvicorn.Config(app=None, date_header=True))
+    server.config.load()
+    loop_task = asyncio.create_task(server.main_loop())
+    while not server.server_state.default_headers:
+        await asyncio.sleep(0)
+    (name, value), = [h for h in server.server_state.default_headers if h[0] == b"date"]
+    assert email.utils.parsedate_to_datetime(value.decode()).tzinfo is not None
+    server.handle_exit(signal.SIGTERM, None)
+    for _ in range(20):  # a few turns of the loop, no time: the wake-up, not the next second
+        await asyncio.sleep(0)
+    assert loop_task.done() and server.should_exit
 
 
 def test_serve_end_to_end_first_run_key_and_client_flow(server):
