@@ -7392,20 +7392,34 @@ def _like(text: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
 
 
+# A stored check as the API shows it: (field, column of ``checks``, how it is shown: a prefix
+# for the id, "time" for Unix ms shown as ISO, "" as stored), its region's fields (by
+# worker_regions column), and the JSON text columns shown only when set.  check_json and the
+# SQL of _CHECK_OBJECT both follow these tables.
+_CHECK_API = (("id", "id", "chk_"), ("status", "status", ""),
+              ("responseTime", "response_time", ""), ("statusCode", "status_code", ""),
+              ("checkedAt", "checked_at", "time"), ("receivedAt", "received_at", "time"),
+              ("error", "error", ""), ("rootCauseCategory", "category", ""))
+_CHECK_REGION_API = (("country", "country"), ("countryCode", "country_code"), ("city", "city"))
+_CHECK_JSON_TEXT = ("timings", "details")
+
+
+def _check_value(value: Any, how: str) -> Any:
+    """A check's column value as _CHECK_API shows it."""
+    if how == "time":
+        return iso(value)
+    return f"{how}{value}" if how else value
+
+
 def check_json(row: sqlite3.Row, regions: dict[str, WorkerRegion]) -> dict[str, Any]:
     """A stored check as the API shows it, with its worker region."""
-    region = regions.get(row["region_id"]) or {"id": row["region_id"], "country": None,
-                                               "country_code": None, "city": None}
-    out = {"id": f"chk_{row['id']}", "status": row["status"], "responseTime": row["response_time"],
-           "statusCode": row["status_code"], "checkedAt": iso(row["checked_at"]),
-           "receivedAt": iso(row["received_at"]), "error": row["error"],
-           "rootCauseCategory": row["category"],
-           "workerRegion": {"id": row["region_id"], "country": region["country"],
-                            "countryCode": region["country_code"], "city": region["city"]}}
-    if row["timings"]:
-        out["timings"] = json.loads(row["timings"])
-    if row["details"]:
-        out["details"] = json.loads(row["details"])
+    region: Mapping[str, object] = regions.get(row["region_id"]) or {}
+    out = {name: _check_value(row[column], how) for name, column, how in _CHECK_API}
+    out["workerRegion"] = {"id": row["region_id"], **{
+        name: region.get(column) for name, column in _CHECK_REGION_API}}
+    for column in _CHECK_JSON_TEXT:
+        if row[column]:
+            out[column] = json.loads(row[column])
     return out
 
 
@@ -7435,14 +7449,20 @@ def _with_json_key(obj: str, key: str, column: str) -> str:
             f" ELSE {obj} END")
 
 
+def _check_value_sql(column: str, how: str) -> str:
+    """SQL for a column of the checks row ``c`` as _CHECK_API shows it."""
+    if how == "time":
+        return _iso_sql(f"c.{column}")
+    return f"'{how}' || c.{column}" if how else f"c.{column}"
+
+
 # A check as check_json shows it, built by SQLite (``c`` a checks row, ``w`` its region).
-_CHECK_OBJECT = _with_json_key(_with_json_key(
-    "json_object('id', 'chk_' || c.id, 'status', c.status, 'responseTime', c.response_time,"
-    f" 'statusCode', c.status_code, 'checkedAt', {_iso_sql('c.checked_at')},"
-    f" 'receivedAt', {_iso_sql('c.received_at')}, 'error', c.error,"
-    " 'rootCauseCategory', c.category, 'workerRegion', json_object('id', c.region_id,"
-    " 'country', w.country, 'countryCode', w.country_code, 'city', w.city))",
-    "timings", "c.timings"), "details", "c.details")
+_CHECK_OBJECT = functools.reduce(
+    lambda obj, column: _with_json_key(obj, column, f"c.{column}"), _CHECK_JSON_TEXT,
+    "json_object(" + ", ".join(f"'{name}', {_check_value_sql(column, how)}"
+                               for name, column, how in _CHECK_API)
+    + ", 'workerRegion', json_object('id', c.region_id, "
+    + ", ".join(f"'{name}', w.{column}" for name, column in _CHECK_REGION_API) + "))")
 
 # Link rows as notification_link_json reads them, built by SQLite (``n`` a monitor's link).
 _LINK_OBJECT = (

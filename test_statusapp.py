@@ -7283,6 +7283,28 @@ def test_validation_errors_show_next_to_their_field_with_the_typed_values(dashbo
     assert re.search(r'<option selected>PORT</option>', text)
 
 
+def test_a_monitors_latest_checks_read_as_its_history_shows_them(cfg, client):
+    """The monitor's latest checks are built by SQLite, the history by check_json: one table."""
+    monitor = client.post("/api/v1/monitors", json={"name": "same", "isActive": False,
+                                                    "url": "http://127.0.0.1:9/"}).json()
+    with sqlite3.connect(cfg["server"]["database"]) as conn:
+        conn.executemany(
+            "INSERT INTO checks (monitor_id, region_id, status, response_time, status_code,"
+            " error, category, timings, details, checked_at, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(monitor["id"], "local", "DOWN", 12, 503, "bad <gateway>", "SERVER_ERROR",
+              '{"dns": 1, "total": 12}', '{"certDaysLeft": 9}', 1_700_000_000_123,
+              1_700_000_000_999),
+             (monitor["id"], "eu", "UP", None, None, None, None, None, None,
+              1_700_000_060_000, None)])
+    latest = client.get(f"/api/v1/monitors/{monitor['id']}").json()["checks"]
+    history = client.get(f"/api/v1/monitors/{monitor['id']}/checks").json()["checks"]
+    by_region = {c["workerRegion"]["id"]: c for c in latest}
+    assert by_region["local"]["timings"] == {"dns": 1, "total": 12}
+    assert "timings" not in by_region["eu"] and by_region["eu"]["statusCode"] is None
+    assert sorted(latest, key=lambda c: c["id"]) == sorted(history, key=lambda c: c["id"])
+
+
 def test_history_api_pages_and_filters_checks(cfg, client):
     monitor = client.post("/api/v1/monitors", json={"name": "h", "url": "http://127.0.0.1:9/",
                                                     "isActive": False}
