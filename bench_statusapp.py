@@ -4,6 +4,7 @@
     python bench_statusapp.py agents --agents 4 --monitors 2500 --interval 60
     python bench_statusapp.py heartbeat
     python bench_statusapp.py idle --monitors 100
+    python bench_statusapp.py create --client stdlib
     python bench_statusapp.py api
     python bench_statusapp.py assertions
     python bench_statusapp.py dashboard --monitors 500
@@ -14,6 +15,8 @@ Shared helpers first, then one section per scenario.  Everything stays on 127.0.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import socket
 import sqlite3
@@ -21,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -339,24 +343,82 @@ def idle(monitors: int, seconds: int, settle: int) -> None:
         "peak RSS (MB)": rss})
 
 
+def _create_stdlib(server: Server, target_url: str, count: int, interval: int,
+                   workers: int) -> None:
+    """The same creates from a light client: one keep-alive ``http.client`` connection per
+    thread, so the figure shows the server's capacity rather than httpx's cost."""
+    numbers, failures = iter(range(count)), []
+    headers = {"X-API-Key": server.key or "", "Content-Type": "application/json"}
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            for n in numbers:
+                conn.request("POST", "/api/v1/monitors", headers=headers, body=json.dumps({
+                    "name": f"bench {n}", "url": f"{target_url}/m/{n}", "type": "WEBSITE",
+                    "interval": interval, "timeout": 10}))
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 201:
+                    failures.append(body.decode())
+                    return
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise SystemExit(f"creating a monitor failed: {failures[0]}")
+
+
+def _own_cpu_s() -> float:
+    usage = os.times()
+    return usage.user + usage.system
+
+
+def _create_run(target_url: str, monitors: int, workers: int, kind: str,
+                env: dict[str, str] | None = None) -> dict[str, float]:
+    """One server, ``monitors`` creates: creates/s, server and client CPU-ms per create."""
+    server = Server(env=env).start()
+    try:
+        before, started, own = server.stats(), time.perf_counter(), _own_cpu_s()
+        if kind == "httpx":
+            asyncio.run(_create_monitors(server, target_url, monitors, 60, workers))
+        else:
+            _create_stdlib(server, target_url, monitors, 60, workers)
+        elapsed, after, own = time.perf_counter() - started, server.stats(), _own_cpu_s() - own
+    finally:
+        server.stop()
+    return {"per_s": monitors / elapsed,
+            "server_ms": (after["cpu_s"] - before["cpu_s"]) * 1000 / monitors,
+            "client_ms": own * 1000 / monitors}
+
+
 @bench.command()
 @click.option("--monitors", default=1000, show_default=True, help="Monitors to create.")
 @click.option("--workers", default=8, show_default=True, help="Concurrent API clients.")
-def create(monitors: int, workers: int) -> None:
-    """Creating monitors through the API from a Python client: rate and server CPU-ms each."""
+@click.option("--client", "kind", type=click.Choice(["httpx", "stdlib"]), default="httpx",
+              show_default=True, help="httpx.AsyncClient, or http.client connections in threads.")
+def create(monitors: int, workers: int, kind: str) -> None:
+    """Creating monitors through the API from a Python client: rate, server CPU-ms each and
+    the client's own CPU-ms each (this process, on the same cores); beside it the same creates
+    on a server that does not probe (no first checks), in the same run."""
     target_proc, target_url = _start_target()
-    server = Server().start()
     try:
-        before, started = server.stats(), time.perf_counter()
-        asyncio.run(_create_monitors(server, target_url, monitors, 60, workers))
-        elapsed, after = time.perf_counter() - started, server.stats()
+        run = _create_run(target_url, monitors, workers, kind)
+        bare = _create_run(target_url, monitors, workers, kind, {"STATUSAPP_PROBES_LOCAL": "false"})
     finally:
-        server.stop()
         target_proc.terminate()
         target_proc.wait(timeout=10)
-    report(f"create: {monitors} WEBSITE monitors, {workers} concurrent clients", {
-        "monitors created/s": monitors / elapsed,
-        "server CPU ms per create": (after["cpu_s"] - before["cpu_s"]) * 1000 / monitors,
+    report(f"create: {monitors} WEBSITE monitors, {workers} concurrent {kind} clients", {
+        "monitors created/s": run["per_s"],
+        "server CPU ms per create": run["server_ms"],
+        "client CPU ms per create": run["client_ms"],
+        "no probing: monitors created/s": bare["per_s"],
+        "no probing: server CPU ms/create": bare["server_ms"],
+        "no probing: client CPU ms/create": bare["client_ms"],
     })
 
 

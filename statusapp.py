@@ -573,10 +573,13 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
 # One writer connection, guarded by a lock, takes every write.  Small writes from hot paths
 # (check results, heartbeat pings, usage counters) are queued and group-committed: the writer
 # drains the queue into one transaction, so a thousand pings cost one fsync, not a thousand.
-# Reads use their own connections; in WAL mode they never wait for the writer.
+# Reads use their own connections; in WAL mode they never wait for the writer.  A commit that
+# inserted into a watched table (``wake_on_insert``) sets that table's event, however the row got
+# there, so no writer has to remember to wake the service that consumes it.
 
 _MIGRATION_HEADER = re.compile(r"^-- migration (\d+):.*$", re.MULTILINE)
 Statement = tuple[str, Sequence[Any]]
+_IN_IDS = "IN (SELECT value FROM json_each(?))"  # with a JSON array of ids as the parameter
 
 
 def now_ms() -> int:
@@ -719,10 +722,12 @@ class Database:
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
-        self._committed = asyncio.Event()  # rows were written since the checkpointer looked
+        self._written = asyncio.Event()  # rows were written since the checkpointer looked
         self.failing: str | None = None  # why the last commit failed, until one succeeds
         self.commits = 0  # commits that changed something, by this process (a data version)
         self._logged: dict[str, float] = {}
+        self._wakes: dict[str, asyncio.Event] = {}  # table -> set after a commit inserted into it
+        self._inserted: set[str] = set()  # watched tables inserted into by the open transaction
 
     def storage_error(self, exc: BaseException) -> ServiceUnavailable | None:
         """A storage failure as the 503 clients get, logged once a minute per cause."""
@@ -754,6 +759,7 @@ class Database:
         self._writer = await self._connect()
         try:
             await self.migrate(upto)
+            await self._watch_inserts()
             for _ in range(self._reader_count):
                 self._readers.append(await self._connect())
                 await self._readers[-1].execute("PRAGMA query_only=ON")
@@ -780,6 +786,22 @@ class Database:
             if conn is not None:
                 await conn.close()
         self._readers, self._checkpointer, self._writer = [], None, None
+
+    def wake_on_insert(self, table: str, event: asyncio.Event) -> None:
+        """Set ``event`` after every commit that inserted a row into ``table`` (before open())."""
+        self._wakes[table] = event
+
+    async def _watch_inserts(self) -> None:
+        """A TEMP trigger per watched table, on the writer connection only (no schema change,
+        other processes unaffected), notes the insert in the writer's thread."""
+        assert self._writer is not None
+        if not self._wakes:
+            return
+        await self._writer.create_function("statusapp_inserted", 1, self._inserted.add)
+        for table in self._wakes:
+            await self._writer.execute(
+                f"CREATE TEMP TRIGGER IF NOT EXISTS inserted_{table} AFTER INSERT ON main.{table}"
+                f" BEGIN SELECT statusapp_inserted('{table}'); END")
 
     async def version(self) -> int:
         assert self._writer is not None
@@ -846,6 +868,7 @@ class Database:
                 # Also when cancelled while BEGIN was still running on the connection's thread.
                 with contextlib.suppress(sqlite3.Error):
                     await self._writer.execute("ROLLBACK")
+                self._inserted.clear()
                 if self.storage_error(exc):
                     self.failing = storage_cause(exc)
                 raise
@@ -916,6 +939,7 @@ class Database:
                 changed = await self._writer._execute(_commit_grouped, self._writer._conn,
                                                       items)
             except BaseException as exc:
+                self._inserted.clear()
                 if self.storage_error(exc):
                     self.failing = storage_cause(exc)
                 raise
@@ -923,11 +947,14 @@ class Database:
                 self._note_commit()
 
     def _note_commit(self) -> None:
-        """A commit changed something: the storage works, the data has a new version, and the
-        checkpointer may have work."""
+        """A commit changed something: the storage works, the data has a new version, the
+        checkpointer may have work, and the consumers of the tables it inserted into wake."""
         self.failing = None
         self.commits += 1
-        self._committed.set()
+        self._written.set()
+        for table in self._inserted:
+            self._wakes[table].set()
+        self._inserted.clear()
 
     async def _checkpoint_loop(self) -> None:
         """Copy the WAL back into the database file from a connection of its own (the writer's
@@ -937,8 +964,8 @@ class Database:
         assert self._writer is not None and self._checkpointer is not None
         done = self._writer.total_changes
         while True:
-            await self._committed.wait()
-            self._committed.clear()
+            await self._written.wait()
+            self._written.clear()
             if self._writer.total_changes - done < CHECKPOINT_ROWS:
                 continue
             done = self._writer.total_changes
@@ -950,23 +977,26 @@ class Database:
             await asyncio.sleep(CHECKPOINT_EVERY)
 
 
-def _commit_grouped(conn: sqlite3.Connection, items: list[list[Statement]]) -> bool:
-    """In the writer's thread: BEGIN IMMEDIATE, the items merged by shape, COMMIT (ROLLBACK
-    if anything fails); whether anything changed.
+def grouped(items: list[list[Statement]]) -> Iterator[tuple[str, list[Sequence[Any]]]]:
+    """Independent writes merged by shape: one (statement, rows) per executemany; items of one
+    shape run together ahead of a later item of another shape, each item's own statements in
+    their order."""
+    shapes: dict[tuple[str, ...], list[list[Statement]]] = {}
+    for item in items:
+        shapes.setdefault(tuple(sql for sql, _ in item), []).append(item)
+    for shape, group in shapes.items():
+        for position, sql in enumerate(shape):
+            yield sql, [item[position][1] for item in group]
 
-    Items in one batch are independent writes, so items of one shape may run together (one
-    executemany per statement) ahead of a later item of another shape; each item's own
-    statements keep their order.
-    """
+
+def _commit_grouped(conn: sqlite3.Connection, items: list[list[Statement]]) -> bool:
+    """In the writer's thread: BEGIN IMMEDIATE, the items merged by shape (``grouped``),
+    COMMIT (ROLLBACK if anything fails); whether anything changed."""
     changes = conn.total_changes
     conn.execute("BEGIN IMMEDIATE")
     try:
-        shapes: dict[tuple[str, ...], list[list[Statement]]] = {}
-        for item in items:
-            shapes.setdefault(tuple(sql for sql, _ in item), []).append(item)
-        for shape, group in shapes.items():
-            for position, sql in enumerate(shape):
-                conn.executemany(sql, [item[position][1] for item in group])
+        for sql, rows in grouped(items):
+            conn.executemany(sql, rows)
         conn.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -4375,10 +4405,12 @@ class Heartbeats:
         self._heap: list[tuple[int, str]] = []
         self._dirty: set[str] = set()
         self._keyless: set[str] = set()  # beats whose check keys are to be read (want_keys)
-        rt.listeners.append(self._changed)
 
-    def _changed(self, monitor_id: str) -> None:
-        """A monitor was created, edited or deleted: reload it before its next use."""
+    def changed(self, monitor_id: str, kind: str | None) -> None:
+        """A monitor was created, edited or deleted: reload it before its next use.  One known
+        (``kind``, its type now) to be no CRON monitor, and not one before, needs nothing."""
+        if kind not in (None, "CRON") and monitor_id not in self._by_monitor:
+            return
         beat = self._by_monitor.get(monitor_id)
         if beat is not None:
             beat.stale = True
@@ -4559,7 +4591,6 @@ class Heartbeats:
             statements.append(("UPDATE monitors SET job_started_at = NULL WHERE id = ?",
                                (beat.monitor_id,)))
         await self.rt.db.write(statements)
-        self.rt.engine_wake.set()
         beat.status = Status.DOWN
         if what == JOB_NOT_COMPLETE:
             beat.job_started_at = None
@@ -5662,7 +5693,13 @@ class Verdicts:
         self.changes: dict[str, tuple[int, str]] = {}  # each monitor's latest verdict change
         self.pending: dict[str, tuple[int, str | None]] = {}
         self.wake = asyncio.Event()
-        rt.listeners.append(lambda monitor_id: self.touch(monitor_id, now_ms(), None))
+        rt.listeners.append(self._changed)
+
+    def _changed(self, monitor_id: str) -> None:
+        """An edit may change a monitor's regions or quorum; one with no verdict yet (a new
+        monitor) has no status to combine."""
+        if self.statuses.get(monitor_id):
+            self.touch(monitor_id, now_ms(), None)
 
     async def load(self) -> None:
         for monitor_id, region, status in await self.rt.db.fetchall(
@@ -5699,27 +5736,30 @@ class Verdicts:
         try:
             if pending:
                 await self.rt.db.write([])
-            async with self.rt.db.transaction() as conn:
-                for monitor_id, (at, reason) in pending.items():
-                    await self._combine(conn, monitor_id, at, reason)
+                async with self.rt.db.transaction() as conn:
+                    monitors = {m["id"]: m for m in await conn.execute_fetchall(
+                        "SELECT id, status, enabled_worker_region_ids AS regions, down_quorum,"
+                        " regression_active, is_active, is_paused FROM monitors"
+                        f" WHERE id {_IN_IDS}",
+                        (json.dumps(sorted(pending)),))}
+                    for sql, rows in grouped([
+                            self._combined(monitor_id, monitors.get(monitor_id), at, reason)
+                            for monitor_id, (at, reason) in pending.items()]):
+                        await conn.executemany(sql, rows)
         except BaseException:
             self.pending = {**pending, **self.pending}  # nothing was written: retry them all
             self.wake.set()
             raise
-        if pending:  # some may have written a status transition
-            self.rt.engine_wake.set()
 
-    async def _combine(self, conn: aiosqlite.Connection, monitor_id: str, at: int,
-                       reason: str | None) -> None:
-        monitor = await _row(conn, "SELECT status, enabled_worker_region_ids AS regions,"
-                                   " down_quorum, regression_active, is_active, is_paused"
-                                   " FROM monitors WHERE id = ?", (monitor_id,))
+    def _combined(self, monitor_id: str, monitor: sqlite3.Row | None, at: int,
+                  reason: str | None) -> list[Statement]:
+        """The transition (if any) that combining the monitor's verdicts now makes."""
         if monitor is None:
             self.statuses.pop(monitor_id, None)
             self.changes.pop(monitor_id, None)
-            return
+            return []
         if monitor["is_paused"] or not monitor["is_active"]:
-            return
+            return []
         enabled = set(json.loads(monitor["regions"] or "[]"))
         regions = [r for r, info in self.rt.regions.items()
                    if info["is_active"] and (not enabled or r in enabled)]
@@ -5730,10 +5770,9 @@ class Verdicts:
             new = Status.DEGRADED  # the worse of the probes' verdict and the regression detector's
         if reason is None:  # touched by an edit: the status follows the latest verdict change
             at, reason = self.changes.get(monitor_id, (at, "monitor settings changed"))
-        if new is not None and new != monitor["status"]:
-            for sql, params in transition_statements(monitor_id, monitor["status"], new,
-                                                     reason, at):
-                await conn.execute(sql, params)
+        if new is None or new == monitor["status"]:
+            return []
+        return transition_statements(monitor_id, monitor["status"], new, reason, at)
 
 
 async def run_verdicts(rt: Runtime) -> None:
@@ -5810,7 +5849,6 @@ async def sweep_regions(rt: Runtime) -> None:
             await _set_liveness(conn, region, alive, now, limit)
         log.warning("worker region %s is %s", region["id"], "back" if alive else "silent")
     if flipped:
-        rt.outbox_wake.set()
         await rt.load_regions()
         reason = ", ".join(f"worker region {r['id']} {'is back' if a else 'went silent'}"
                            for r, a in flipped)
@@ -5823,19 +5861,23 @@ async def run_regions(rt: Runtime) -> None:
     await repeat(min(1.0, rt.cfg["agents"]["inactive_after"] / 4), lambda: sweep_regions(rt))
 
 
-# The engine.  Each status transition is consumed in one transaction that opens or resolves the
-# monitor's incident, writes its status update, queues every alert in alert_outbox and sets
-# processed_at: a crash leaves all of that or none of it, so no alert is lost or queued twice.
-# Delivery workers then drain the outbox off the probe path, one task per target.
+# The engine.  Each status transition is consumed in the transaction (one per batch of pending
+# transitions) that opens or resolves the monitor's incident, writes its status update, queues
+# every alert in alert_outbox and sets processed_at: a crash leaves all of that or none of it,
+# so no alert is lost or queued twice.  Delivery workers then drain the outbox off the probe
+# path, one task per target.
 #
-# Both wait for work rather than poll: whoever commits a transition sets
-# ``Runtime.engine_wake``, whoever queues an alert outside the engine ``Runtime.outbox_wake``,
-# and delivery sleeps until the earliest queued retry or storm group is due.  The work is in
-# the database before the wake-up, so a restart finds it; INCIDENT_SAFETY_POLL is the longest
-# either waits anyway, for a wake-up missed (a write by another process: nothing in StatusApp
-# writes transitions or alerts outside the server, but a second server could share the file).
+# Both wait for work rather than poll: a commit that inserted a transition sets
+# ``Runtime.engine_wake``, one that queued an alert ``Runtime.outbox_wake`` (the Database
+# derives both from the tables written, ``Database.wake_on_insert``, so no writer has to
+# remember), and delivery sleeps until the earliest queued retry or storm group is due.  The
+# work is in the database before the wake-up, so a restart finds it; INCIDENT_SAFETY_POLL is the
+# longest either waits anyway, for a wake-up missed (a write by another process: nothing in
+# StatusApp writes transitions or alerts outside the server, but a second server could share
+# the file).
 
 INCIDENT_SAFETY_POLL = 5.0  # seconds: the longest the engine and the outbox wait without a look
+_ENGINE_BATCH = 100        # transitions consumed in one transaction
 INCIDENT_CHECKS = 100      # check results shown with one incident (the newest)
 STORM_HOLD_LIMIT = 10      # a storm's grouped message waits at most this many storm windows
 WEBHOOK_EVENTS = ("monitor.down", "monitor.up", "incident.created", "incident.resolved")
@@ -6039,41 +6081,37 @@ async def enqueue_alerts(conn: aiosqlite.Connection, monitor: sqlite3.Row, statu
     return len(rows)
 
 
-async def _consume_transition(conn: aiosqlite.Connection, transition_id: int,
+async def _consume_transition(conn: aiosqlite.Connection, transition: sqlite3.Row,
+                              monitor: sqlite3.Row, incidents: dict[str, sqlite3.Row],
                               hold_ms: int, calendar: Maintenance | None = None) -> None:
-    """Act on one status transition, exactly once (see the comment above INCIDENT_SAFETY_POLL).
-    Inside a suppressing maintenance window no incident opens and no alert is queued (an open
-    one may still resolve, silently)."""
-    transition = await _row(conn, "SELECT * FROM status_transitions WHERE id = ?"
-                                  " AND processed_at IS NULL", (transition_id,))
-    if transition is None:
-        return
-    await conn.execute("UPDATE status_transitions SET processed_at = ? WHERE id = ?",
-                       (now_ms(), transition_id))
-    monitor = await _row(conn, "SELECT * FROM monitors WHERE id = ?", (transition["monitor_id"],))
-    if monitor is None:
-        return
+    """Act on one status transition (see the comment above INCIDENT_SAFETY_POLL); ``incidents``
+    (open ones, by monitor) is kept current for the batch's next transitions.  Inside a
+    suppressing maintenance window no incident opens and no alert is queued (an open one may
+    still resolve, silently)."""
     old, new, at = transition["old_status"], transition["new_status"], transition["created_at"]
-    incident = await _row(conn, "SELECT * FROM incidents WHERE monitor_id = ?"
-                                " AND resolved_at IS NULL", (monitor["id"],))
+    incident = incidents.get(monitor["id"])
     opened = resolved = False
     quiet = calendar is not None and calendar.suppressing(monitor["account_id"], monitor["id"], at)
     if new == Status.DOWN and incident is None:
         if quiet:
             return
         incident, opened = await _open_incident(conn, monitor, transition), True
+        incidents[monitor["id"]] = incident
     elif new in (Status.UP, Status.DEGRADED) and incident is not None:
         took = human_duration((at - incident["started_at"]) / 1000)
         incident = await resolve_incident(conn, incident, at,
                                           f"{monitor['name']} is {new} again after {took}")
         resolved = True
+        del incidents[monitor["id"]]
     if quiet:
         return
-    check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
-                             " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     log.info("monitor %s (%s): %s \u2192 %s (%s)", monitor["name"], monitor["id"], old, new,
              _logged_reason(monitor, transition["reason"]))
     channel_events, webhook_events = transition_events(old, new, opened, resolved)
+    if not channel_events and not webhook_events:
+        return  # e.g. a new monitor's first PENDING -> UP: nobody to tell
+    check = await _row(conn, "SELECT * FROM checks WHERE monitor_id = ? AND checked_at <= ?"
+                             " ORDER BY checked_at DESC, id DESC LIMIT 1", (monitor["id"], at))
     await enqueue_alerts(
         conn, monitor, new, channel_events, webhook_events, hold_ms, timestamp=iso(at),
         incident=(incident_alert(incident) if incident and (new == Status.DOWN or resolved)
@@ -6089,15 +6127,47 @@ def _logged_reason(monitor: sqlite3.Row, reason: str | None) -> str:
     return _cut(_one_line(reason or "no reason given"), 300)
 
 
-async def process_transitions(rt: Runtime, limit: int = 100) -> int:
-    """Consume pending status transitions in order, one transaction each; return the count."""
-    pending = await rt.db.fetchall("SELECT id FROM status_transitions WHERE processed_at IS NULL"
-                                   " ORDER BY id LIMIT ?", (limit,))
+async def process_transitions(rt: Runtime, limit: int = _ENGINE_BATCH) -> int:
+    """Consume pending status transitions in order, a batch of up to ``limit`` in one
+    transaction (after a failure, one at a time, so those before a bad one still go through);
+    return the count."""
+    pending = [row[0] for row in await rt.db.fetchall(
+        "SELECT id FROM status_transitions WHERE processed_at IS NULL ORDER BY id LIMIT ?",
+        (limit,))]
     hold_ms = round(rt.cfg["notifications"]["storm_window"] * 1000)
-    for row in pending:
-        async with rt.db.transaction() as conn:
-            await _consume_transition(conn, row["id"], hold_ms, rt.maintenance)
+    try:
+        await _consume_transitions(rt, pending, hold_ms)
+    except Exception:
+        if len(pending) == 1:
+            raise
+        for transition_id in pending:
+            await _consume_transitions(rt, [transition_id], hold_ms)
     return len(pending)
+
+
+async def _consume_transitions(rt: Runtime, ids: list[int], hold_ms: int) -> None:
+    """Consume the transitions ``ids`` not yet processed, exactly once, in one transaction:
+    their monitors and open incidents are read once for the batch."""
+    if not ids:
+        return
+    async with rt.db.transaction() as conn:
+        batch = await conn.execute_fetchall(
+            f"SELECT * FROM status_transitions WHERE id {_IN_IDS} AND processed_at IS NULL"
+            " ORDER BY id", (json.dumps(ids),))
+        if not batch:
+            return
+        await conn.execute(f"UPDATE status_transitions SET processed_at = ? WHERE id {_IN_IDS}",
+                           (now_ms(), json.dumps([t["id"] for t in batch])))
+        monitor_ids = json.dumps(sorted({t["monitor_id"] for t in batch}))
+        monitors = {m["id"]: m for m in await conn.execute_fetchall(
+            f"SELECT * FROM monitors WHERE id {_IN_IDS}", (monitor_ids,))}
+        incidents = {i["monitor_id"]: i for i in await conn.execute_fetchall(
+            f"SELECT * FROM incidents WHERE resolved_at IS NULL AND monitor_id {_IN_IDS}",
+            (monitor_ids,))}
+        for transition in batch:
+            if transition["monitor_id"] in monitors:
+                await _consume_transition(conn, transition, monitors[transition["monitor_id"]],
+                                          incidents, hold_ms, rt.maintenance)
 
 
 def webhook_result_statements(webhook_id: str, delivery_id: str | None,
@@ -6352,10 +6422,11 @@ async def run_incidents(rt: Runtime) -> None:
         while True:
             rt.engine_wake.clear()
             try:
-                if await process_transitions(rt):
+                count = await process_transitions(rt, _ENGINE_BATCH)
+                if count:
                     rt.public_cache.invalidate()
-                    rt.outbox_wake.set()
-                    continue
+                if count == _ENGINE_BATCH:
+                    continue  # more may wait; fewer: a later one set engine_wake when committed
             except Exception:
                 log_failure("incident engine failed; retrying")
             with contextlib.suppress(TimeoutError):
@@ -6520,10 +6591,9 @@ class Maintenance:
                 await self.ended(window, ends[-1], now)
 
     async def ended(self, window: Window, end: int, now: int) -> None:
-        """Act on the end of an occurrence of ``window`` (``end_statements``), then wake the
-        incident engine."""
+        """Act on the end of an occurrence of ``window`` (``end_statements``; the transitions
+        it writes wake the incident engine)."""
         await self.rt.db.write(await self.end_statements(window, end, now))
-        self.rt.engine_wake.set()
         window.handled = now
 
     async def end_statements(self, window: Window, end: int, now: int) -> list[Statement]:
@@ -7074,7 +7144,6 @@ async def run_regression(rt: Runtime) -> None:
     """Evaluate regression detection once a minute."""
     async def regressions() -> None:
         for monitor_id in await detect_regressions(rt.db, rt.cfg):
-            rt.engine_wake.set()
             rt.monitor_changed(monitor_id)
     await repeat(60, regressions)
 
@@ -7705,7 +7774,12 @@ def not_found(table: str, ident: str) -> NotFound:
     return NotFound(f"{noun} not found", f"no {noun.lower()} with id {ident}")
 
 
-async def _channel_ids(call: Call) -> set[str]:
+async def _channel_ids(call: Call, body: Any) -> set[str]:
+    """The team's channel ids, for validating the channels ``body`` links (read only if any)."""
+    links = body.get("notifications") if isinstance(body, dict) else None
+    if not isinstance(links, list) or not any(isinstance(n, dict) and n.get("channelId")
+                                               for n in links):
+        return set()
     return {r[0] for r in await call.rt.db.fetchall(
         "SELECT id FROM notification_channels WHERE account_id = ?", (call.team,))}
 
@@ -7759,13 +7833,15 @@ def notification_statements(monitor_id: str, entries: list[dict[str, Any]]) -> l
               for i, e in enumerate(entries))]
 
 
-async def _monitor_response(call: Call, monitor_id: str | None = None) -> dict[str, Any]:
-    """The team's monitor named by the path (or ``monitor_id``) as the API shows it, or 404."""
+async def _monitor_response(call: Call, monitor_id: str | None = None,
+                            status: int = 200) -> Response:
+    """The team's monitor named by the path (or ``monitor_id``) as the API shows it, or 404:
+    monitors_body's text, not decoded and encoded again."""
     ident = monitor_id or call.param("monitorId")
     row = await read_monitor(call.rt.db, call.team, ident)
     if row is None:
         raise not_found("monitors", ident)
-    return cast(dict[str, Any], json.loads(monitors_body(call.rt, [row]))[0])
+    return Response(monitors_body(call.rt, [row])[1:-1], status, media_type="application/json")
 
 
 MONITOR_LIST_SHAPE = shape(monitors=[MONITOR_SHAPE], pagination=PAGINATION)
@@ -7817,14 +7893,14 @@ async def _monitor_page(call: Call) -> Response:
 
 
 @api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
-async def get_monitor(call: Call) -> dict[str, Any]:
+async def get_monitor(call: Call) -> Response:
     return await _monitor_response(call)
 
 
 @api("/monitors", "POST", body=MONITOR_FIELDS, response=MONITOR_SHAPE, status=(201,))
 async def create_monitor(call: Call) -> Response:
     body = await call.json()
-    clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call)))
+    clean = validate(MONITOR_FIELDS, body, call.env(channels=await _channel_ids(call, body)))
     await refuse_private_targets(call.rt.cfg, monitor_targets(clean, None))
     monitor_id, stamp = new_id("mon"), now_ms()
     heartbeat = secrets.token_urlsafe(18) if clean["type"] == "CRON" else None
@@ -7835,8 +7911,8 @@ async def create_monitor(call: Call) -> Response:
             "id": monitor_id, "account_id": call.team, "heartbeat_id": heartbeat,
             "created_at": stamp, "updated_at": stamp, **column_values(MONITOR_COLUMNS, clean)}),
         *notification_statements(monitor_id, clean["notifications"] or [])])
-    call.rt.monitor_changed(monitor_id)
-    return JSONResponse(await _monitor_response(call, monitor_id), 201)
+    call.rt.monitor_changed(monitor_id, clean["type"])
+    return await _monitor_response(call, monitor_id, 201)
 
 
 async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.Row:
@@ -7848,8 +7924,8 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
               for r in await call.rt.db.fetchall(
                   "SELECT type, config FROM monitor_notifications WHERE monitor_id = ?"
                   " AND channel_id IS NULL ORDER BY created_at, id", (row["id"],))]
-    clean = validate(fields, body, call.env(channels=await _channel_ids(call), existing=existing,
-                                            inline=inline), existing=existing)
+    env = call.env(channels=await _channel_ids(call, body), existing=existing, inline=inline)
+    clean = validate(fields, body, env, existing=existing)
     await refuse_private_targets(call.rt.cfg, monitor_targets(clean, existing))
     columns = column_values([f for f in fields if f.name not in _NOT_COLUMNS], clean)
     kind = clean.get("type", existing["type"])
@@ -7860,12 +7936,12 @@ async def update_monitor_fields(call: Call, fields: Sequence[Field]) -> sqlite3.
     await call.rt.db.write([update_statement("monitors", row["id"], columns), *(
         notification_statements(row["id"], clean["notifications"] or [])
         if "notifications" in clean else ())])
-    call.rt.monitor_changed(row["id"])
+    call.rt.monitor_changed(row["id"], kind)
     return row
 
 
 @api("/monitors/{monitorId}", "PUT", body=MONITOR_FIELDS, response=MONITOR_SHAPE)
-async def update_monitor(call: Call) -> dict[str, Any]:
+async def update_monitor(call: Call) -> Response:
     row = await update_monitor_fields(call, MONITOR_FIELDS)
     return await _monitor_response(call, row["id"])
 
@@ -8148,13 +8224,10 @@ async def record_ping(rt: Runtime, scope: MutableMapping[str, Any], body: bytes,
         at = now_ms()
         ping = Ping(kind, message, exit_code, hb.address(scope.get("client"), forwarded),
                     agent, at, logged, rt.maintenance.active(beat.account_id, beat.monitor_id, at))
-        before = beat.status
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
         _apply_ping(beat, kind, ping.at)
         if beat.keys is None and PING_KINDS[kind].status and not beat.quiet:
             hb.want_keys(beat)
-        if beat.status != before:  # a status transition was committed
-            rt.engine_wake.set()
     hb.schedule(beat)
     return _OK if logged else _OK_NOT_LOGGED
 
@@ -8447,7 +8520,6 @@ async def post_incident_update(call: Call) -> Response:
                                  note=clean["message"])
         else:
             await add_incident_update(conn, row["id"], clean["status"], clean["message"], now_ms())
-    call.rt.outbox_wake.set()
     return JSONResponse(await _incident_detail(call.rt, await load_owned(call, "incidents")), 201)
 
 
@@ -9081,7 +9153,6 @@ async def delete_maintenance_window(call: Call) -> dict[str, Any]:
                   if window is not None and window.running(now) else [])
         await call.rt.db.write([*ending, ("DELETE FROM maintenance_windows WHERE id = ?",
                                           (row["id"],))])
-        call.rt.engine_wake.set()
     finally:
         await calendar.reload()
     return {"success": True, "message": "Maintenance window deleted successfully"}
@@ -12534,7 +12605,9 @@ class Runtime:
             asyncio.Lock)
         self.scheduler: Scheduler | None = None
         self.engine_wake = asyncio.Event()  # set after a status transition is committed
-        self.outbox_wake = asyncio.Event()  # set after an alert is queued outside the engine
+        self.outbox_wake = asyncio.Event()  # set after an alert is queued (or by delivery)
+        self.db.wake_on_insert("status_transitions", self.engine_wake)
+        self.db.wake_on_insert("alert_outbox", self.outbox_wake)
         self.performance: dict[str, tuple[int, dict[str, Any]]] = {}  # team -> (at, figures)
         self.secret = ""  # signs dashboard session cookies (server_secrets)
         self._tasks: list[asyncio.Task[None]] = []
@@ -12579,8 +12652,10 @@ class Runtime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def monitor_changed(self, monitor_id: str) -> None:
-        """Tell the background services that a monitor was created, edited or deleted."""
+    def monitor_changed(self, monitor_id: str, kind: str | None = None) -> None:
+        """Tell the background services that a monitor was created, edited or deleted
+        (``kind``: its type now, when the caller knows it; spares the heartbeat service a read)."""
+        self.heartbeats.changed(monitor_id, kind)
         for listener in self.listeners:
             listener(monitor_id)
 

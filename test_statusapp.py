@@ -2824,6 +2824,28 @@ def _status_after(api: httpx.Client, monitor: dict, status: str) -> float:
     return time.monotonic()
 
 
+def test_heartbeat_service_is_told_of_cron_monitors_only(cfg, key, monkeypatch):
+    """Creating or editing a monitor the API knows is no CRON monitor gives the deadline service
+    nothing to read; a CRON one, and an edit of one it knows, are queued for it."""
+    monkeypatch.setattr(statusapp, "SERVICES", ())  # nothing consumes the queue meanwhile
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        beats = client.app.state.statusapp.heartbeats
+        site = client.post("/api/v1/monitors", json={"name": "site", "type": "WEBSITE",
+                                                     "url": "https://example.com"}).json()
+        assert client.put(f"/api/v1/monitors/{site['id']}", json={"name": "site 2"}).is_success
+        assert beats._dirty == set()
+        cron = client.post("/api/v1/monitors", json={"name": "job", "type": "CRON",
+                                                     "interval": 60}).json()
+        assert beats._dirty == {cron["id"]}
+        client.portal.call(beats.reload_changed)
+        assert beats.known(cron["heartbeatUrl"].rsplit("/", 1)[1]) is not None
+        assert client.put(f"/api/v1/monitors/{cron['id']}", json={
+            "type": "WEBSITE", "url": "https://example.com"}).is_success
+        assert beats._dirty == {cron["id"]}
+        client.portal.call(beats.reload_changed)
+        assert beats.known(cron["heartbeatUrl"].rsplit("/", 1)[1]) is None
+
+
 def test_heartbeat_every_route_and_method_answers_ok_after_commit(served):
     api = _hb_api(served)
     monitor = _cron(api)
@@ -4106,6 +4128,40 @@ def _inc_write(client, statements: list) -> None:
     client.portal.call(rt.engine_wake.set)
 
 
+def test_a_commit_that_inserts_a_transition_or_an_alert_wakes_its_consumer(cfg, key,
+                                                                          monkeypatch):
+    """The wake-ups come from the write layer: a transition written by an ordinary write sets
+    engine_wake, an alert queued in a transaction outbox_wake, with no call site setting them;
+    other writes and a rolled-back insert wake nothing."""
+    monkeypatch.setattr(statusapp, "SERVICES", ())  # no engine or delivery clears the events
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        monitor = _inc_monitor(client)
+        rt = client.app.state.statusapp
+        (account,), = sql(cfg, "SELECT id FROM accounts")
+        outbox = ("INSERT INTO alert_outbox (account_id, target_key, channel_type, config, event,"
+                  " alert, created_at, next_attempt_at) VALUES (?, 't', 'WEBHOOK', '{}',"
+                  " 'monitor.up', '{}', 0, 0)", (account,))
+
+        async def queue_alert(fail: bool) -> None:
+            async with rt.db.transaction() as conn:
+                await conn.execute(*outbox)
+                if fail:
+                    raise LookupError("rolled back")
+
+        client.portal.call(rt.db.write, [("UPDATE monitors SET name = 'renamed' WHERE id = ?",
+                                          (monitor["id"],))])
+        assert not rt.engine_wake.is_set() and not rt.outbox_wake.is_set()
+        client.portal.call(rt.db.write, statusapp.transition_statements(
+            monitor["id"], "PENDING", "UP", "first check", statusapp.now_ms()))
+        assert rt.engine_wake.is_set() and not rt.outbox_wake.is_set()
+        with pytest.raises(LookupError):
+            client.portal.call(queue_alert, True)
+        assert not rt.outbox_wake.is_set()
+        client.portal.call(queue_alert, False)
+        assert rt.outbox_wake.is_set()
+        assert sql(cfg, "SELECT COUNT(*) FROM alert_outbox") == [(1,)]
+
+
 def _inc_marker(cfg: dict, monitor_id: str, old: str, new: str, client) -> None:
     """A later transition of the monitor, as a positive sign that nothing more arrives before it.
 
@@ -4254,6 +4310,29 @@ def test_degraded_warns_without_incident_and_one_open_incident_per_monitor(tmp_p
         assert sql(cfg, "SELECT COUNT(*) FROM incidents") == [(1,)]
         _inc_marker(cfg, monitor["id"], "DOWN", "DOWN", client)
         assert len(notify_http.requests) == 4  # the repeated DOWNs alerted nobody
+
+
+def test_one_engine_batch_opens_and_resolves_an_incident_in_order(tmp_path, notify_http,
+                                                                   monkeypatch):
+    """Transitions consumed together see each other: the DOWN opens the incident the UP after
+    it resolves, each queues its alert, and a new monitor's PENDING -> UP queues none."""
+    cfg = _inc_cfg(tmp_path, notify_http.url)
+    key = new_key(cfg)
+    monkeypatch.setattr(statusapp, "SERVICES", ())  # the test runs the engine itself
+    with TestClient(statusapp.create_app(cfg), headers={"X-API-Key": key}) as client:
+        slack = _inc_channel(client, "SLACK", {"webhookUrl": f"{notify_http.url}/slack"})
+        monitor = _inc_monitor(client, notifications=[{"channelId": slack["id"]}])
+        at = statusapp.now_ms()
+        for old, new, check, step in (("PENDING", "UP", _INC_UP, 0), ("UP", "DOWN", _INC_DOWN, 1),
+                                      ("DOWN", "UP", _INC_UP, 2)):
+            _inc_transition(client, monitor["id"], old, new, at + step * 1000, new, check)
+        rt = client.app.state.statusapp
+        assert client.portal.call(statusapp.process_transitions, rt) == 3
+    assert sql(cfg, "SELECT COUNT(*) FROM status_transitions WHERE processed_at IS NULL") == [(0,)]
+    assert sql(cfg, "SELECT started_at, resolved_at, status FROM incidents") == \
+        [(at + 1000, at + 2000, "resolved")]
+    assert sql(cfg, "SELECT event FROM alert_outbox ORDER BY id") == \
+        [("monitor.down",), ("monitor.up",)]
 
 
 def test_queued_alert_survives_restart_and_is_delivered_once(tmp_path, notify_http,
