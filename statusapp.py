@@ -687,6 +687,7 @@ STORAGE_RETRY_AFTER = "5"
 WRITE_LINGER = 0.5  # seconds queued check results wait for company before their commit
 CHECKPOINT_ROWS = 1000  # rows written between WAL checkpoints (SQLite's own: 1,000 pages)
 CHECKPOINT_EVERY = 1.0  # seconds: at most one checkpoint
+WAL_KEEP_BYTES = 32 * 1024 * 1024  # a WAL started over is cut back to this size (SD cards)
 
 
 def storage_cause(exc: BaseException) -> str | None:
@@ -764,6 +765,7 @@ class Database:
                 self._readers.append(await self._connect())
                 await self._readers[-1].execute("PRAGMA query_only=ON")
             await self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint_loop
+            await self._writer.execute(f"PRAGMA journal_size_limit={int(WAL_KEEP_BYTES)}")
             self._checkpointer = await self._connect()
         except BaseException:
             await self.close()

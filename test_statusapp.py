@@ -436,12 +436,15 @@ def test_group_commit_writes_many_items_in_one_transaction_and_isolates_a_bad_on
 
 def test_wal_starts_over_after_a_checkpoint_even_when_commits_ran_during_it(tmp_path, monkeypatch):
     """A commit made while the checkpointer copies the WAL is copied too before the next
-    commit, which then starts the WAL over (under steady writes it grew without end)."""
+    commit, which then starts the WAL over (under steady writes it grew without end) and cuts
+    the file back to WAL_KEEP_BYTES."""
     cfg = make_cfg(tmp_path)
     path = cfg["server"]["database"]
     monkeypatch.setattr(statusapp, "CHECKPOINT_ROWS", 1)
     monkeypatch.setattr(statusapp, "CHECKPOINT_EVERY", 3600.0)
-    insert = "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude) VALUES (?, 'c', 'c', 'cc', 0, 0)"
+    monkeypatch.setattr(statusapp, "WAL_KEEP_BYTES", 256 * 1024)
+    insert = ("INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude)"
+              " VALUES (?, ?, 'c', 'cc', 0, 0)")
 
     def restarts() -> int:
         """The WAL header's checkpoint sequence number: SQLite adds one at each start-over."""
@@ -457,20 +460,21 @@ def test_wal_starts_over_after_a_checkpoint_even_when_commits_ran_during_it(tmp_
             cursor = await execute(sql, *args)
             calls.append(sql)
             if len(calls) == 1:  # a commit behind the first checkpoint
-                await db.write([(insert, ("during",))])
+                await db.write([(insert, ("during", "c"))])
             else:
                 copied.set()
             return cursor
         monkeypatch.setattr(checkpointer, "execute", checkpoint_then_commit)
-        await db.write([(insert, ("before",))])
+        await db.write([(insert, (f"before {i}", "x" * 100_000)) for i in range(20)])
         await asyncio.wait_for(copied.wait(), 30)
         before = restarts()
-        await db.write([(insert, ("after",))])
-        after = restarts()
+        await db.write([(insert, ("after", "c"))])
+        after, kept = restarts(), Path(path + "-wal").stat().st_size
         await db.close()
-        return before, after
-    before, after = asyncio.run(run())
+        return before, after, kept
+    before, after, kept = asyncio.run(run())
     assert after == before + 1
+    assert kept <= 256 * 1024  # the WAL held the 2 MB written, and is cut back to the limit
 
 
 def test_backup_under_write_load_restores_every_row_committed_before_it(tmp_path):
