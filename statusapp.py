@@ -837,14 +837,6 @@ class Database:
         self._next_reader = (self._next_reader + 1) % len(self._readers)
         return self._readers[self._next_reader]
 
-    async def in_reader(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``work(connection)`` run by a reader's thread in one hand-off (SQLite's own work
-        there runs without the GIL, beside the event loop)."""
-        reader = self._reader()
-        # _execute: aiosqlite's own way to run a function on the connection's thread
-        result: _T = await reader._execute(work, reader._conn)
-        return result
-
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return list(await self._reader().execute_fetchall(sql, params))
 
@@ -7621,19 +7613,14 @@ def _links_json(links: str) -> str:
 
 def monitors_body(rt: Runtime, rows: Sequence[sqlite3.Row]) -> str:
     """Monitors (of one team, as _MONITOR_SELECT reads them) as the API returns them, as a
-    JSON array (see monitors_json)."""
-    return monitors_json(rows, rt.cfg["server"]["base_url"],
-                         rt.maintenance.running(rows[0]["account_id"]) if rows else [])
-
-
-def monitors_json(rows: Sequence[sqlite3.Row], base: str, windows: Sequence[Window]) -> str:
-    """``rows`` as a JSON array, with the team's running maintenance ``windows`` (no Runtime
-    state, so a reader's thread may call it): each one's own fields (encoded once per version
-    of its row, see _monitor_fields_json), then what SQLite built: latest check per region,
-    counts and links."""
+    JSON array: each one's own fields (encoded once per version of its row, see
+    _monitor_fields_json), then what SQLite built: latest check per region, counts and links."""
+    if not rows:
+        return "[]"
+    base, team = rt.cfg["server"]["base_url"], rows[0]["account_id"]
+    windows = rt.maintenance.running(team)
     out = []
     for row in rows:
-        team = row["account_id"]
         fields = _monitor_fields_json(row["fields"], base,
                                       any(w.covers(team, row["id"]) for w in windows))
         out.append(f'{fields},"checks":{row["latest_checks"]},"_count":{{"checks":'
@@ -7897,21 +7884,16 @@ async def _monitor_page(call: Call) -> Response:
     where, params = where + chosen, params + values
     clause = " AND ".join(where)
     column, way = MONITOR_SORTS[query["sort"]], query["order"].upper()
-    sql = (f"WITH page AS MATERIALIZED (SELECT id FROM monitors WHERE {clause}"
-           f" ORDER BY {column} {way}, id {way} LIMIT ? OFFSET ?)"
-           f" SELECT {_MONITOR_SELECT}, (SELECT COUNT(*) FROM monitors WHERE {clause}) AS total"
-           f" FROM page JOIN monitors m ON m.id = page.id ORDER BY m.{column} {way}, m.id {way}")
-    base, windows = call.rt.cfg["server"]["base_url"], call.rt.maintenance.running(call.team)
-
-    def page(conn: sqlite3.Connection) -> str:
-        """In a reader's thread: the rows, the total, the page's JSON."""
-        rows = conn.execute(sql, [*params, query["limit"], (query["page"] - 1) * query["limit"],
-                                  *params]).fetchall()
-        total = rows[0]["total"] if rows else conn.execute(
-            f"SELECT COUNT(*) FROM monitors WHERE {clause}", params).fetchone()[0]
-        return (f'{{"monitors":{monitors_json(rows, base, windows)},"pagination":'
-                f'{json_text(paginate(total, query))}}}')
-    return Response(await call.rt.db.in_reader(page), media_type="application/json")
+    rows = await call.rt.db.fetchall(
+        f"WITH page AS MATERIALIZED (SELECT id FROM monitors WHERE {clause}"
+        f" ORDER BY {column} {way}, id {way} LIMIT ? OFFSET ?)"
+        f" SELECT {_MONITOR_SELECT}, (SELECT COUNT(*) FROM monitors WHERE {clause}) AS total"
+        f" FROM page JOIN monitors m ON m.id = page.id ORDER BY m.{column} {way}, m.id {way}",
+        [*params, query["limit"], (query["page"] - 1) * query["limit"], *params])
+    total = rows[0]["total"] if rows else await call.rt.db.fetchval(
+        f"SELECT COUNT(*) FROM monitors WHERE {clause}", params)
+    return Response(f'{{"monitors":{monitors_body(call.rt, rows)},"pagination":'
+                    f'{json_text(paginate(total, query))}}}', media_type="application/json")
 
 
 @api("/monitors/{monitorId}", "GET", response=MONITOR_SHAPE)
