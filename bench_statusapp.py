@@ -617,7 +617,9 @@ def interleaved(pid: int, url: str, requests: list[tuple[str, str, bytes]], ceil
                 method: str, connections: int, seconds: float,
                 slices: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The server's figures and the no-op route's, measured in ``slices`` alternating slices
-    (``seconds`` in all for each side; ABBA order), so that both see the same neighbours."""
+    (``seconds`` in all for each side; ABBA order), so that both see the same neighbours.
+    Each slice also has ``server_cpu_s``, the server's CPU time during it: in the no-op
+    slices, the work its own slices left behind (WAL checkpoints, deadlines)."""
     noop = [(method, "/noop", b"run 0")]
     load(url, requests, connections, 1.0)  # warm-ups
     load(ceiling.url, noop, connections, 1.0)
@@ -626,8 +628,10 @@ def interleaved(pid: int, url: str, requests: list[tuple[str, str, bytes]], ceil
     sides = [(ours, pid, url, requests), (theirs, ceiling.proc.pid, ceiling.url, noop)]
     for n in range(slices):
         for out, side_pid, side_url, side_requests in sides if n % 2 == 0 else sides[::-1]:
+            before = proc_stats(pid)["cpu_s"]
             out.append(_measured(side_pid, side_url, side_requests, connections,
                                  seconds / slices))
+            out[-1]["server_cpu_s"] = proc_stats(pid)["cpu_s"] - before
     return ours, theirs
 
 
@@ -742,6 +746,8 @@ def heartbeat(monitors: int, connections: int, seconds: float, slices: int,
         "latency p50 / p99 ms": f"{pings['p50']:.1f} / {pings['p99']:.1f}",
         "server CPU-ms per ping": f"{pings['cpu_ms']:.3f}",
         "  each slice": ", ".join(f"{a['cpu_ms']:.3f}" for a in ours),
+        "  with its CPU in the no-op slices": "%.3f" % (sum(
+            s["server_cpu_s"] for s in ours + theirs) * 1000 / max(1, pings["answered"])),
         "no-op CPU-ms per request": f"{noop['cpu_ms']:.3f}",
         "server peak RSS MB": rss,
     })

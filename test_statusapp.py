@@ -434,6 +434,45 @@ def test_group_commit_writes_many_items_in_one_transaction_and_isolates_a_bad_on
     assert all(r is None for r in results[:-1])
 
 
+def test_wal_starts_over_after_a_checkpoint_even_when_commits_ran_during_it(tmp_path, monkeypatch):
+    """A commit made while the checkpointer copies the WAL is copied too before the next
+    commit, which then starts the WAL over (under steady writes it grew without end)."""
+    cfg = make_cfg(tmp_path)
+    path = cfg["server"]["database"]
+    monkeypatch.setattr(statusapp, "CHECKPOINT_ROWS", 1)
+    monkeypatch.setattr(statusapp, "CHECKPOINT_EVERY", 3600.0)
+    insert = "INSERT INTO worker_regions (id, city, country, country_code, latitude, longitude) VALUES (?, 'c', 'c', 'cc', 0, 0)"
+
+    def restarts() -> int:
+        """The WAL header's checkpoint sequence number: SQLite adds one at each start-over."""
+        return int.from_bytes(Path(path + "-wal").read_bytes()[12:16], "big")
+
+    async def run():
+        db = statusapp.Database(path)
+        await db.open()
+        checkpointer, calls, copied = db._checkpointer, [], asyncio.Event()
+        execute = checkpointer.execute
+
+        async def checkpoint_then_commit(sql, *args):
+            cursor = await execute(sql, *args)
+            calls.append(sql)
+            if len(calls) == 1:  # a commit behind the first checkpoint
+                await db.write([(insert, ("during",))])
+            else:
+                copied.set()
+            return cursor
+        monkeypatch.setattr(checkpointer, "execute", checkpoint_then_commit)
+        await db.write([(insert, ("before",))])
+        await asyncio.wait_for(copied.wait(), 30)
+        before = restarts()
+        await db.write([(insert, ("after",))])
+        after = restarts()
+        await db.close()
+        return before, after
+    before, after = asyncio.run(run())
+    assert after == before + 1
+
+
 def test_backup_under_write_load_restores_every_row_committed_before_it(tmp_path):
     """A real server takes monitor creates nonstop while `statusapp backup` runs; the backup
     passes the integrity check and holds every monitor whose 201 came before it started."""
