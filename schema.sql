@@ -563,3 +563,8 @@ ALTER TABLE notification_channels ADD COLUMN secrets_digest TEXT;
 
 -- migration 18: maintenance windows `statusapp apply` manages (only these may be pruned)
 ALTER TABLE maintenance_windows ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+
+-- migration 19: a team's monitors by creation time with the id that breaks ties (the list's
+-- default order), so a page of ids is read from the index alone, without a sort
+DROP INDEX monitors_account_created;
+CREATE INDEX monitors_account_created ON monitors(account_id, created_at, id);

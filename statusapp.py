@@ -2018,8 +2018,8 @@ def _field_sql(column: str, read: Callable[[Any], Any] | None) -> str:
     """SQL for a monitors column (of ``m``) as monitor_record reads it, as a JSON value."""
     if read is _json_column:
         return f'json(m."{column}")'
-    if read is bool:
-        return f"""json(CASE WHEN m."{column}" THEN 'true' ELSE 'false' END)"""
+    if read is bool:  # json() of a constant is computed once per statement, not per row
+        return f"""CASE WHEN m."{column}" THEN json('true') ELSE json('false') END"""
     return f'm."{column}"'
 
 
@@ -7593,17 +7593,21 @@ _LINK_OBJECT = (
     " c.type, 'target_failing', COALESCE(c.failing, n.failing), 'target_error',"
     " COALESCE(c.last_error, n.last_error))")
 
+# The JSON objects ``j`` of a subquery as one JSON array, in the subquery's order: joined as
+# text (json_group_array would parse each object again).
+_JSON_ARRAY = "'[' || COALESCE(group_concat(j), '') || ']'"
+
 # A monitors row ``m`` with its latest check per region (a JSON array, by region), its number
 # of incidents and its notification links (JSON, as _LINK_OBJECT): read by one statement, so
 # the status and the check that set it come from one snapshot.
 _MONITOR_SELECT = (
     f"m.id, m.account_id, m.check_count, {_MONITOR_OBJECT} AS fields,"
-    f" (SELECT json_group_array(json(j)) FROM (SELECT {_CHECK_OBJECT} AS j"
+    f" (SELECT {_JSON_ARRAY} FROM (SELECT {_CHECK_OBJECT} AS j"
     " FROM monitor_latest l JOIN checks c ON c.id = l.check_id"
     " LEFT JOIN worker_regions w ON w.id = c.region_id WHERE l.monitor_id = m.id"
     " ORDER BY l.region_id, c.id)) AS latest_checks,"
     " (SELECT COUNT(*) FROM incidents i WHERE i.monitor_id = m.id) AS incident_count,"
-    f" (SELECT json_group_array(json(j)) FROM (SELECT {_LINK_OBJECT} AS j"
+    f" (SELECT {_JSON_ARRAY} FROM (SELECT {_LINK_OBJECT} AS j"
     " FROM monitor_notifications n LEFT JOIN notification_channels c ON c.id = n.channel_id"
     " WHERE n.monitor_id = m.id ORDER BY n.created_at, n.id)) AS links")
 
