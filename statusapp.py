@@ -3798,11 +3798,16 @@ def _probe_view(record: dict[str, Any]) -> dict[str, Any]:
 FeedRecorder = Callable[[str, CheckResult, int, str, str | None], None]
 
 
+# Told of a changed monitor: its id and, when the caller knows it, its type now (a listener
+# that needs the type reads it when this is None).
+MonitorListener = Callable[[str, str | None], None]
+
+
 class Feed:
     """The interface the Scheduler uses; see the comment above."""
 
     region: str
-    listeners: list[Callable[[str], None]]
+    listeners: list[MonitorListener]
 
     async def rows(self, ids: list[str] | None) -> list[dict[str, Any]]:
         """The schedulable monitors (``None``: all of them) among ``ids``."""
@@ -3835,7 +3840,7 @@ class Scheduler:
         self._changed: set[str] = set()
         self._changed_event = asyncio.Event()
 
-    def _note_change(self, monitor_id: str) -> None:
+    def _note_change(self, monitor_id: str, kind: str | None) -> None:
         self._changed.add(monitor_id)
         self._changed_event.set()
 
@@ -4075,7 +4080,7 @@ class LocalFeed(Feed):
         self.listeners = rt.listeners
 
     async def rows(self, ids: list[str] | None) -> list[dict[str, Any]]:
-        where = " AND m.id IN (SELECT value FROM json_each(?))" if ids is not None else ""
+        where = f" AND m.id {_IN_IDS}" if ids is not None else ""
         rows = await self.rt.db.fetchall(
             f"{_FEED_SELECT} WHERE m.is_active = 1 AND m.is_paused = 0{where}",
             [self.region, self.region, *([json.dumps(ids)] if ids is not None else [])])
@@ -4163,7 +4168,7 @@ class AgentFeed(Feed):
     def __init__(self, client: httpx.AsyncClient, buffer: AgentBuffer) -> None:
         self.client, self.buffer = client, buffer
         self.region = ""
-        self.listeners: list[Callable[[str], None]] = []
+        self.listeners: list[MonitorListener] = []
         self.monitors: dict[str, dict[str, Any]] = {}
         self.version: str | None = None
         self.heartbeat = 5.0
@@ -4198,7 +4203,7 @@ class AgentFeed(Feed):
         self.heartbeat, self.probes = body["heartbeat"], body["probes"]
         for monitor_id in [*rows, *gone]:
             for listener in self.listeners:
-                listener(monitor_id)
+                listener(monitor_id, None)
 
     async def follow(self) -> None:
         """Long-poll for monitor changes until cancelled, retrying while the server is away."""
@@ -4418,6 +4423,7 @@ class Heartbeats:
         self._heap: list[tuple[int, str]] = []
         self._dirty: set[str] = set()
         self._keyless: set[str] = set()  # beats whose check keys are to be read (want_keys)
+        rt.listeners.append(self.changed)
 
     def changed(self, monitor_id: str, kind: str | None) -> None:
         """A monitor was created, edited or deleted: reload it before its next use.  One known
@@ -4480,7 +4486,7 @@ class Heartbeats:
         try:
             rows = await self.rt.db.fetchall(
                 "SELECT k.id, k.seq, (SELECT seq FROM region_keys WHERE id = ?) FROM monitor_keys k"
-                " WHERE k.id IN (SELECT value FROM json_each(?))",
+                f" WHERE k.id {_IN_IDS}",
                 (self.rt.cfg["region"]["id"], json.dumps(sorted(wanted))))
         except BaseException:
             self._keyless |= wanted
@@ -4562,8 +4568,7 @@ class Heartbeats:
         changed, self._dirty = self._dirty, set()  # what changes meanwhile is for next time
         try:
             cron = {row[0] for row in await self.rt.db.fetchall(
-                "SELECT id FROM monitors WHERE id IN (SELECT value FROM json_each(?))"
-                " AND type = 'CRON'", (json.dumps(sorted(changed)),))}
+                f"SELECT id FROM monitors WHERE id {_IN_IDS} AND type = 'CRON'", (json.dumps(sorted(changed)),))}
         except BaseException:
             self._dirty |= changed
             raise
@@ -5708,7 +5713,7 @@ class Verdicts:
         self.wake = asyncio.Event()
         rt.listeners.append(self._changed)
 
-    def _changed(self, monitor_id: str) -> None:
+    def _changed(self, monitor_id: str, kind: str | None) -> None:
         """An edit may change a monitor's regions or quorum; one with no verdict yet (a new
         monitor) has no status to combine."""
         if self.statuses.get(monitor_id):
@@ -9912,7 +9917,7 @@ class AgentSync:
         self.event = asyncio.Event()
         rt.listeners.append(self._note)
 
-    def _note(self, monitor_id: str) -> None:
+    def _note(self, monitor_id: str, kind: str | None) -> None:
         self.version += 1
         self.changed[monitor_id] = self.version
         self.event.set()
@@ -10006,8 +10011,7 @@ async def ingest_batch(rt: Runtime, region: str, batch: dict[str, Any], received
             return 0
         ids = sorted({r["monitorId"] for r in batch["results"]})
         known = {row[0] for row in await rt.db.fetchall(
-            "SELECT id FROM monitors WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(ids),))}
+            f"SELECT id FROM monitors WHERE id {_IN_IDS}", (json.dumps(ids),))}
         statements: list[Statement] = [(
             "INSERT INTO agent_batches (region_id, batch_id, received_at) VALUES (?, ?, ?)",
             (region, batch["batchId"], received))] if batch["results"] else []
@@ -10334,7 +10338,7 @@ async def region_verdicts(db: Database, monitor_ids: Sequence[str]
     for row in await db.fetchall(
             "SELECT r.monitor_id, COALESCE(w.name, w.city) AS name, r.status"
             " FROM monitor_regions r JOIN worker_regions w ON w.id = r.region_id"
-            " WHERE w.is_active = 1 AND r.monitor_id IN (SELECT value FROM json_each(?))"
+            f" WHERE w.is_active = 1 AND r.monitor_id {_IN_IDS}"
             " ORDER BY name", (json.dumps(list(monitor_ids)),)):
         out[row["monitor_id"]].append({"region": row["name"], "status": row["status"]})
     return out
@@ -12608,7 +12612,7 @@ class Runtime:
         self.started = time.monotonic()
         self.started_at = now_ms()
         self.regions: dict[str, WorkerRegion] = {}
-        self.listeners: list[Callable[[str], None]] = []  # each called with a changed monitor id
+        self.listeners: list[MonitorListener] = []
         self.public_cache = PublicCache()
         self.list_pages = PublicCache(LIST_CACHE_ENTRIES, LIST_CACHE_SECONDS)
         self.flights = SingleFlight()
@@ -12672,9 +12676,8 @@ class Runtime:
     def monitor_changed(self, monitor_id: str, kind: str | None = None) -> None:
         """Tell the background services that a monitor was created, edited or deleted
         (``kind``: its type now, when the caller knows it; spares the heartbeat service a read)."""
-        self.heartbeats.changed(monitor_id, kind)
         for listener in self.listeners:
-            listener(monitor_id)
+            listener(monitor_id, kind)
 
     async def stop(self) -> None:
         """Stop background work, write what is pending and close the database."""
