@@ -707,6 +707,16 @@ def present(row: sqlite3.Row | None) -> sqlite3.Row:
     return row
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A write waiting for the next group commit: its statements, the future its writer
+    awaits (None: nobody waits), and whether it is small (see Database._commit)."""
+
+    statements: list[Statement]
+    future: asyncio.Future[None] | None
+    small: bool
+
+
 class Database:
     """The SQLite file: migrations on open, a group-committing writer and read connections."""
 
@@ -717,7 +727,7 @@ class Database:
         self._next_reader = 0
         self._writer: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
-        self._queue: list[tuple[list[Statement], asyncio.Future[None] | None]] = []
+        self._queue: list[_Queued] = []
         self._queue_event = asyncio.Event()
         self._waited_on = asyncio.Event()  # a write() is queued: commit now
         self._writer_task: asyncio.Task[None] | None = None
@@ -744,7 +754,8 @@ class Database:
                                   headers={"Retry-After": STORAGE_RETRY_AFTER})
 
     async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        # check_same_thread: the writer also commits small batches on the loop's thread (_commit)
+        conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         try:
             for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
@@ -877,17 +888,18 @@ class Database:
             if self._writer.total_changes > changes:
                 self._note_commit()
 
-    async def write(self, statements: list[Statement]) -> None:
-        """Queue statements for the next group commit and wait until they are durable."""
+    async def write(self, statements: list[Statement], small: bool = False) -> None:
+        """Queue statements for the next group commit and wait until they are durable;
+        ``small``: a few rows found by key (a heartbeat ping), see _commit."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((statements, future))
+        self._queue.append(_Queued(statements, future, small))
         self._queue_event.set()
         self._waited_on.set()
         await future
 
     def write_later(self, statements: list[Statement]) -> None:
         """Queue statements for the next group commit without waiting (check results)."""
-        self._queue.append((statements, None))
+        self._queue.append(_Queued(statements, None, False))
         self._queue_event.set()
 
     @property
@@ -895,7 +907,9 @@ class Database:
         return len(self._queue)
 
     async def _write_loop(self) -> None:
-        """Commit what is queued: at once for a write() someone waits on, else after
+        """Commit what is queued: for a write() someone waits on, after one more turn of the
+        event loop, so that the requests read in that turn join the commit (32 clients pinging
+        at once: 16 pings per commit instead of 10, each 7 % cheaper); else after
         WRITE_LINGER, so the checks of that half second share one transaction."""
         while True:
             await self._queue_event.wait()
@@ -903,6 +917,7 @@ class Database:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WRITE_LINGER):
                         await self._waited_on.wait()
+            await asyncio.sleep(0)  # the turn: its poll reads what the clients sent meanwhile
             self._queue_event.clear()
             self._waited_on.clear()
             await self._flush()
@@ -913,33 +928,36 @@ class Database:
         if not batch:
             return
         try:
-            await self._commit([stmts for stmts, _ in batch])
+            await self._commit([q.statements for q in batch], all(q.small for q in batch))
         except Exception:
-            for stmts, future in batch:
+            for q in batch:
                 try:
-                    await self._commit([stmts])
+                    await self._commit([q.statements], q.small)
                 except Exception as exc:
                     if not self.storage_error(exc):
                         log.warning("dropped a queued write: %s", exc)
-                    if future and not future.done():
-                        future.set_exception(exc)
+                    if q.future and not q.future.done():
+                        q.future.set_exception(exc)
                 else:
-                    if future and not future.done():
-                        future.set_result(None)
+                    if q.future and not q.future.done():
+                        q.future.set_result(None)
             return
-        for _, future in batch:
-            if future and not future.done():
-                future.set_result(None)
+        for q in batch:
+            if q.future and not q.future.done():
+                q.future.set_result(None)
 
-    async def _commit(self, items: list[list[Statement]]) -> None:
-        """Queued items in one transaction, run by the writer's thread in one hand-off
-        (BEGIN, the statements, COMMIT), not an awaited call per statement."""
+    async def _commit(self, items: list[list[Statement]], small: bool = False) -> None:
+        """Queued items in one transaction (BEGIN, the statements, COMMIT): when all are small,
+        right here on the event loop's thread (see _commit_here); else, or when another
+        process holds the write lock, by the writer's thread in one hand-off."""
         assert self._writer is not None
         async with self._lock:
             try:
-                # _execute: aiosqlite's own way to run a function on the connection's thread
-                changed = await self._writer._execute(_commit_grouped, self._writer._conn,
-                                                      items)
+                changed = self._commit_here(items) if small else None
+                if changed is None:
+                    # _execute: aiosqlite's own way to run a function on the connection's thread
+                    changed = await self._writer._execute(_commit_grouped, self._writer._conn,
+                                                          items)
             except BaseException as exc:
                 self._inserted.clear()
                 if self.storage_error(exc):
@@ -947,6 +965,25 @@ class Database:
                 raise
             if changed:
                 self._note_commit()
+
+    def _commit_here(self, items: list[list[Statement]]) -> bool | None:
+        """Commit small writes on the event loop's thread: a batch of pings takes a millisecond
+        or so, and the hand-off to the writer's thread and back cost more than that (the thread
+        waits for the GIL while the loop is busy answering).  Whether anything changed; None,
+        with nothing done, when another process holds the write lock, for waiting on it here
+        would stop the whole server."""
+        assert self._writer is not None
+        conn = self._writer._conn
+        waits = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            return _commit_grouped(conn, items)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY and not conn.in_transaction:
+                return None
+            raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {waits}")
 
     def _note_commit(self) -> None:
         """A commit changed something: the storage works, the data has a new version, the
@@ -8246,7 +8283,7 @@ async def record_ping(rt: Runtime, scope: MutableMapping[str, Any], body: bytes,
         at = now_ms()
         ping = Ping(kind, message, exit_code, hb.address(scope.get("client"), forwarded),
                     agent, at, logged, rt.maintenance.active(beat.account_id, beat.monitor_id, at))
-        await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]))
+        await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]), small=True)
         _apply_ping(beat, kind, ping.at)
         if beat.keys is None and PING_KINDS[kind].status and not beat.quiet:
             hb.want_keys(beat)
@@ -12744,7 +12781,7 @@ def create_app(cfg: dict[str, dict[str, Any]]) -> Starlette:
 
 
 class _Reaping:
-    """Mixed into uvicorn's HTTP protocol (see reaping_http): deadlines for each request's
+    """Mixed into uvicorn's HTTP protocol (see serving_http): deadlines for each request's
     headers and body.
 
     uvicorn closes a keep-alive connection idle after a response (``timeout_keep_alive``) but
@@ -12803,11 +12840,52 @@ class _Reaping:
             self.transport.close()
 
 
-def reaping_http(header_timeout: float) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with _Reaping's deadlines, for ``uvicorn.Config(http=...)``
-    (uvicorn is imported here, as in serve: an agent never serves)."""
+class _OneSegment:
+    """Mixed into uvicorn's HTTP protocol (see serving_http): the writes of one turn of the
+    event loop go out together.  uvicorn writes a response's head and its body separately, so
+    a small answer costs two sends, two TCP segments and two wake-ups of the client; joined, a
+    heartbeat's answer costs one."""
+
+    transport: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.transport = _JoinedWrites(self.transport)
+
+
+class _JoinedWrites:
+    """A transport whose writes wait for the end of the event loop's turn and are then sent as
+    one; everything else is the wrapped transport's (closing sends what waits first)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._waiting: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self._send)
+        self._waiting.append(data)
+
+    def _send(self) -> None:
+        data, self._waiting = b"".join(self._waiting), []
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._send()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def serving_http(header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with _Reaping's deadlines and _OneSegment's joined writes,
+    for ``uvicorn.Config(http=...)`` (uvicorn is imported here, as in serve: an agent never
+    serves)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    return type("ReapingHTTP", (_Reaping, HttpToolsProtocol), {"header_timeout": header_timeout})
+    return type("ServingHTTP", (_Reaping, _OneSegment, HttpToolsProtocol),
+                {"header_timeout": header_timeout})
 
 
 class _OnTheSecond:
@@ -12928,7 +13006,7 @@ def serve(config_path: str | None, db: str | None, host: str | None, port: int |
     runner = calm_server(uvicorn.Config(
         create_app(cfg), host=server["host"], port=server["port"], log_level=server["log_level"],
         lifespan="on", access_log=False, server_header=False, log_config=None,
-        http=reaping_http(server["header_timeout"]), timeout_keep_alive=server["keepalive_timeout"],
+        http=serving_http(server["header_timeout"]), timeout_keep_alive=server["keepalive_timeout"],
         limit_concurrency=server["max_connections"] or None))
     gc.freeze()  # what start-up made lives for good: kept out of the collector's full passes
     runner.run(sockets=[sock])

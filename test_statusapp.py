@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import datetime as dt
 import email
@@ -2908,6 +2909,50 @@ def test_heartbeat_every_route_and_method_answers_ok_after_commit(served):
     kinds = [b["kind"] for b in _beats(api, monitor)["heartbeats"]]
     assert kinds == ["start", "start", "success", "success", "success"]  # newest first
     assert api.get(f"/monitors/{monitor['id']}").json()["status"] == "UP"
+
+
+def _in_busy_wait(pid: int) -> list[int]:
+    """The threads of process ``pid`` asleep in clock_nanosleep: how SQLite's busy handler waits
+    for another connection's lock (the event loop waits in epoll, the others on futexes)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(t.name) for t in tasks.iterdir()
+            if (t / "syscall").read_text().split()[0] == "230"]  # x86-64 clock_nanosleep
+
+
+def test_ping_waits_out_another_process_write_lock_off_the_event_loop(server):
+    """Pings commit on the event loop's own thread only when they can at once: while another
+    process holds the write lock, the ping's commit waits in the writer's thread and the server
+    goes on answering; once the lock is released the ping is stored and acknowledged."""
+    api = _hb_api(server)
+    monitor = _cron(api)
+    assert httpx.get(monitor["heartbeatUrl"]).status_code == 200
+    other = sqlite3.connect(server.db, isolation_level=None, timeout=30)
+    other.execute("BEGIN IMMEDIATE")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ping = pool.submit(httpx.post, monitor["heartbeatUrl"], content=b"while locked",
+                           timeout=60)
+        sleepers = eventually(lambda: _in_busy_wait(server.proc.pid))
+        assert server.proc.pid not in sleepers  # not the event loop's thread
+        assert api.get(f"/monitors/{monitor['id']}").json()["status"] == "UP"
+        assert not ping.done()
+        other.execute("ROLLBACK")
+        assert ping.result().status_code == 200
+    assert [b["message"] for b in _beats(api, monitor)["heartbeats"]] == ["while locked", None]
+
+
+def test_a_response_leaves_in_one_write(server):
+    """uvicorn writes a response's head and body apart; the server sends them as one write
+    (one TCP segment, one wake-up of the client), counted on its event loop's thread."""
+    loop_io = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/io")
+
+    def writes() -> int:
+        return int(re.search(r"^syscw: (\d+)$", loop_io.read_text(), re.M).group(1))
+    with httpx.Client(base_url=server.url) as client:  # one keep-alive connection
+        assert client.get("/api/v1/health").status_code == 200
+        before = writes()
+        for _ in range(20):
+            assert client.get("/api/v1/health").content
+        assert writes() - before < 30  # two writes each would be 40
 
 
 def test_heartbeat_head_pings_every_route_that_takes_get(served):
