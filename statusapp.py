@@ -196,7 +196,7 @@ CONFIG: dict[str, dict[str, Setting]] = {
         "database": Setting("statusapp.db", "the SQLite file; created on first start"),
         "base_url": Setting("", 'public URL, used in heartbeatUrl; "" = http://host:port'),
         "trusted_proxies": Setting([], "proxy IPs whose X-Forwarded-For is believed "
-                                       "(heartbeat source IP)"),
+                                       "(client addresses)"),
         "log_level": Setting("info", "how much the server logs",
                              choices=("critical", "error", "warning", "info", "debug")),
         "metrics_token": Setting("", 'GET /metrics also accepts "Authorization: Bearer <this>" '
@@ -2142,6 +2142,34 @@ async def authenticate(db: Database, key: str | None) -> Principal:
         raise Forbidden("Account not active", "the account is disabled")
     return Principal(row["id"], row["account_id"], row["team_id"], row["role"],
                      frozenset(row["permissions"].split(",")), row["plan"])
+
+
+class ClientAddresses:
+    """Who a request comes from: the peer, or behind the proxies of ``server.trusted_proxies``
+    the last X-Forwarded-For hop that is not one of them.  The one place that believes the
+    header (serve turns uvicorn's own handling off): rate limits, ping source IPs, sign-ins."""
+
+    def __init__(self, trusted: list[str]) -> None:
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in trusted]
+
+    def of(self, request: Request) -> str | None:
+        return self.resolve(request.scope.get("client"),
+                            request.headers.get("x-forwarded-for", ""))
+
+    def resolve(self, client: tuple[str, int] | None, forwarded: str) -> str | None:
+        """The address from the peer's (host, port) and the X-Forwarded-For header's value."""
+        address = client[0] if client else None
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()] if forwarded else []
+        while address and hops and self._is_trusted(address):
+            address = hops.pop()
+        return address
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
 
 
 class RateLimiter:
@@ -4453,8 +4481,6 @@ class Heartbeats:
         self.rt = rt
         self.wake = asyncio.Event()
         self.clock = time.monotonic  # the rate windows' clock (tests move it)
-        self.trusted = [ipaddress.ip_network(p, strict=False)
-                        for p in rt.cfg["server"]["trusted_proxies"]]
         self._by_token: dict[str, _Beat] = {}
         self._by_monitor: dict[str, _Beat] = {}
         self._heap: list[tuple[int, str]] = []
@@ -4565,26 +4591,6 @@ class Heartbeats:
                         "X-RateLimit-Remaining": str(limit - len(window)),
                         "X-RateLimit-Reset": str(math.ceil(time.time() + wait)),
                         **({} if logged else {"Retry-After": str(max(1, math.ceil(wait)))})}
-
-    def source_ip(self, request: Request) -> str | None:
-        """The pinging host: the peer, or X-Forwarded-For's last hop not a trusted proxy."""
-        return self.address(request.scope.get("client"),
-                            request.headers.get("x-forwarded-for", ""))
-
-    def address(self, client: tuple[str, int] | None, forwarded: str) -> str | None:
-        """source_ip from the peer's (host, port) and the X-Forwarded-For header's value."""
-        address = client[0] if client else None
-        hops = [h.strip() for h in forwarded.split(",") if h.strip()] if forwarded else []
-        while address and hops and self._is_trusted(address):
-            address = hops.pop()
-        return address
-
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.trusted)
 
     def schedule(self, beat: _Beat) -> None:
         """Queue the beat's next deadline unless an earlier entry of it is already queued."""
@@ -7394,7 +7400,7 @@ def rate_limit(request: Request, who: Principal | None, enforce: bool = True) ->
     if who is not None:
         window, limit = who.team_id, PLANS[who.plan]
     else:
-        window = "ip:" + (request.client.host if request.client else "")
+        window = "ip:" + (rt.clients.of(request) or "")
         limit = PLANS[rt.cfg["account"]["plan"]]
     request.state.headers = {}  # counted (a refusal carries its own headers)
     request.state.headers = rt.limiter.hit(window, limit, enforce)
@@ -8281,7 +8287,7 @@ async def record_ping(rt: Runtime, scope: MutableMapping[str, Any], body: bytes,
         if not await hb.fresh(beat) or beat.token != token:
             raise NotFound("Heartbeat not found", "no CRON monitor has this heartbeat id")
         at = now_ms()
-        ping = Ping(kind, message, exit_code, hb.address(scope.get("client"), forwarded),
+        ping = Ping(kind, message, exit_code, rt.clients.resolve(scope.get("client"), forwarded),
                     agent, at, logged, rt.maintenance.active(beat.account_id, beat.monitor_id, at))
         await rt.db.write(ping_statements(beat, ping, rt.cfg["region"]["id"]), small=True)
         _apply_ping(beat, kind, ping.at)
@@ -12504,7 +12510,7 @@ def _next(v: Visit) -> str:
 
 
 def client_ip(v: Visit) -> str:
-    return v.rt.heartbeats.source_ip(v.request) or "unknown"
+    return v.rt.clients.of(v.request) or "unknown"
 
 
 async def _signed_in(v: Visit, account_id: str) -> Response:
@@ -12645,6 +12651,7 @@ class Runtime:
         self.cfg = cfg
         self.db = Database(cfg["server"]["database"])
         self.limiter = RateLimiter()
+        self.clients = ClientAddresses(cfg["server"]["trusted_proxies"])
         self.usage = UsageCounter()
         self.started = time.monotonic()
         self.started_at = now_ms()
@@ -13005,7 +13012,7 @@ def serve(config_path: str | None, db: str | None, host: str | None, port: int |
     setup_logging(server["log_level"])
     runner = calm_server(uvicorn.Config(
         create_app(cfg), host=server["host"], port=server["port"], log_level=server["log_level"],
-        lifespan="on", access_log=False, server_header=False, log_config=None,
+        lifespan="on", access_log=False, server_header=False, log_config=None, proxy_headers=False,
         http=serving_http(server["header_timeout"]), timeout_keep_alive=server["keepalive_timeout"],
         limit_concurrency=server["max_connections"] or None))
     gc.freeze()  # what start-up made lives for good: kept out of the collector's full passes

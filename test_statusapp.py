@@ -2955,6 +2955,20 @@ def test_a_response_leaves_in_one_write(server):
         assert writes() - before < 30  # two writes each would be 40
 
 
+def test_forwarded_for_from_an_untrusted_peer_is_not_believed(served):
+    """With no trusted proxies, a client on the server's own host that sends X-Forwarded-For is
+    still itself: as a ping's source IP and as the rate-limit window of a request without a key
+    (uvicorn would believe any peer on 127.0.0.1)."""
+    api = _hb_api(served)
+    monitor = _cron(api)
+    spoof = {"X-Forwarded-For": "203.0.113.9"}
+    assert httpx.post(monitor["heartbeatUrl"], headers=spoof).status_code == 200
+    assert [b["sourceIp"] for b in _beats(api, monitor)["heartbeats"]] == ["127.0.0.1"]
+    left = [int(httpx.get(served.url + "/api/v1/monitors", headers={
+        "X-Forwarded-For": f"203.0.113.{n}"}).headers["x-ratelimit-remaining"]) for n in (1, 2)]
+    assert left[1] == left[0] - 1  # one window, whatever the header says
+
+
 def test_heartbeat_head_pings_every_route_that_takes_get(served):
     """Healthchecks takes HEAD on its ping URLs, so monitoring wrappers that only HEAD work:
     each route that answers GET answers HEAD alike (no body) and the ping counts the same."""
@@ -3189,8 +3203,7 @@ def test_heartbeat_source_ip_trusts_forwarded_for_only_from_proxies(tmp_path):
     def source(peer: str, forwarded: str) -> str:
         scope = {"type": "http", "client": (peer, 1234),
                  "headers": [(b"x-forwarded-for", forwarded.encode())]}
-        return statusapp.Heartbeats(statusapp.Runtime(cfg)).source_ip(
-            statusapp.Request(scope))
+        return statusapp.Runtime(cfg).clients.of(statusapp.Request(scope))
     assert source("10.1.2.3", "203.0.113.9, 10.9.9.9") == "203.0.113.9"
     assert source("192.0.2.1", "203.0.113.9") == "192.0.2.1"
     assert source("10.1.2.3", "") == "10.1.2.3"
