@@ -12854,23 +12854,24 @@ class _OneSegment:
     heartbeat's answer costs one."""
 
     transport: Any
+    loop: asyncio.AbstractEventLoop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        self.transport = _JoinedWrites(self.transport)
+        self.transport = _JoinedWrites(self.transport, self.loop)
 
 
 class _JoinedWrites:
     """A transport whose writes wait for the end of the event loop's turn and are then sent as
     one; everything else is the wrapped transport's (closing sends what waits first)."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
         self._waiting: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         if not self._waiting:
-            asyncio.get_running_loop().call_soon(self._send)
+            self._loop.call_soon(self._send)
         self._waiting.append(data)
 
     def _send(self) -> None:
