@@ -230,23 +230,6 @@ def _lags(db: str, interval: int, since_ms: int, until_ms: int) -> tuple[int, li
     return len(rows), [0.0 if lag > interval - 0.01 else lag for lag in lags]  # ms rounding
 
 
-def _plain_env(standard: bool) -> dict[str, str]:
-    """With ``standard`` off, an environment in which ``uvloop`` and ``httptools`` fail to
-    import, so uvicorn falls back to asyncio's loop and h11, as a plain ``uvicorn`` install."""
-    if standard:
-        return {}
-    path = Path(tempfile.mkdtemp(prefix="statusapp-plain-"))
-    for name in ("uvloop", "httptools"):
-        (path / name).mkdir()
-        (path / name / "__init__.py").write_text("raise ImportError('disabled by the benchmark')\n")
-    return {"PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
-
-
-STANDARD = click.option("--standard/--plain", default=True, show_default=True,
-                        help="Serve with uvicorn[standard]'s uvloop and httptools, or with plain "
-                             "asyncio and h11.")
-
-
 @bench.command()
 @click.option("--monitors", default=10_000, show_default=True, help="HTTP monitors to create.")
 @click.option("--interval", default=60, show_default=True, help="Their interval, in seconds.")
@@ -254,12 +237,11 @@ STANDARD = click.option("--standard/--plain", default=True, show_default=True,
 @click.option("--warmup", type=int, help="Seconds after creation before measuring "
                                          "[default: one interval].")
 @click.option("--concurrency", default=200, show_default=True, help="[probes] max_concurrency.")
-@STANDARD
-def probe(monitors: int, interval: int, duration: int, warmup: int | None, concurrency: int,
-          standard: bool) -> None:
+def probe(monitors: int, interval: int, duration: int, warmup: int | None,
+          concurrency: int) -> None:
     """N WEBSITE monitors against a local HTTP target: throughput, lag, CPU and memory."""
     target_proc, target_url = _start_target()
-    env = {"STATUSAPP_PROBES_MAX_CONCURRENCY": str(concurrency), **_plain_env(standard)}
+    env = {"STATUSAPP_PROBES_MAX_CONCURRENCY": str(concurrency)}
     server = Server(tempfile.mkdtemp(prefix="statusapp-probe-"), env=env).start()
     try:
         started = time.monotonic()
@@ -284,7 +266,7 @@ def probe(monitors: int, interval: int, duration: int, warmup: int | None, concu
         target_proc.wait(timeout=10)
     cpu_ms = (after["cpu_s"] - before["cpu_s"]) / max(count, 1) * 1000
     report(f"probe: {monitors} HTTP monitors every {interval} s, "
-           f"{'uvloop+httptools' if standard else 'asyncio+h11'}, max_concurrency {concurrency}", {
+           f"uvloop+httptools, max_concurrency {concurrency}", {
                "monitors created/s": monitors / created,
                "checks/s completed": count / (t1 - t0),
                "checks/s expected": monitors / interval,
@@ -711,13 +693,11 @@ class Noop:
               help="Measured duration of each side (the pings, the no-op route).")
 @click.option("--slices", default=5, show_default=True,
               help="Alternating slices the two sides' seconds are cut into.")
-@STANDARD
-def heartbeat(monitors: int, connections: int, seconds: float, slices: int,
-              standard: bool) -> None:
+def heartbeat(monitors: int, connections: int, seconds: float, slices: int) -> None:
     """Concurrent pings against one server: acknowledged (committed) pings/s, latency, CPU-ms
     per ping, beside a no-op POST route under the same load, the two measured in alternating
     slices of the same run (both servers up throughout)."""
-    env = {"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0", **_plain_env(standard)}
+    env = {"STATUSAPP_HEARTBEAT_PINGS_PER_MINUTE": "0"}
     srv, ceiling = Server(env=env).start(), Noop(env)
     try:
         api = httpx.Client(base_url=srv.url + "/api/v1", headers={"X-API-Key": srv.key})
@@ -737,7 +717,7 @@ def heartbeat(monitors: int, connections: int, seconds: float, slices: int,
         srv.stop()
         ceiling.stop()
     pings, noop = _overall(ours), _overall(theirs)
-    report(f"heartbeat ({'uvloop+httptools' if standard else 'asyncio+h11'})", {
+    report("heartbeat (uvloop+httptools)", {
         "monitors": monitors, "connections": connections,
         "slices (each side)": f"{slices} of {seconds / slices:.1f} s, alternating",
         "acknowledged pings": pings["answered"],
