@@ -2089,16 +2089,18 @@ def test_restart_resumes_from_the_last_stored_check(tmp_path, target):
     before = {recent: len(_checks(cfg, recent)), stale: len(_checks(cfg, stale))}
     sql(cfg, "UPDATE check_rows SET checked_at = checked_at - 3600000"
              " WHERE monitor = (SELECT seq FROM monitor_keys WHERE id = ?)", (stale,))
+    starting = time.time()
     with _app(cfg, key) as client:
-        restarted = time.time()
+        started = time.time()  # the scheduler began between the two, maybe checks already
         eventually(lambda: all(len(_checks(cfg, m)) > n for m, n in before.items()))
     # The recent monitor's next check is one interval after its last one, on its grid; the
     # stale one's is its next grid slot after the restart, not an immediate catch-up.
-    expected = {recent: statusapp.next_slot(recent, 4, last + 2),
-                stale: statusapp.next_slot(stale, 4, restarted)}
-    for monitor_id, when in expected.items():  # that slot, not an earlier nor a later one
+    resumed = statusapp.next_slot(recent, 4, last + 2)
+    expected = {recent: (resumed, resumed), stale: (statusapp.next_slot(stale, 4, starting),
+                                                    statusapp.next_slot(stale, 4, started))}
+    for monitor_id, (earliest, latest) in expected.items():  # that slot, not an earlier or later
         first_after = _checks(cfg, monitor_id)[before[monitor_id]][1] / 1000
-        assert when - 0.01 < first_after < statusapp.next_slot(monitor_id, 4, when)
+        assert earliest - 0.01 < first_after < statusapp.next_slot(monitor_id, 4, latest)
 
 
 def test_failures_are_confirmed_before_down_and_recovery_is_recorded(sched, target):
