@@ -8300,21 +8300,29 @@ def test_a_crashed_service_is_logged_and_restarted(cfg, key, monkeypatch, caplog
 
 
 @pytest.mark.asyncio
-async def test_served_main_loop_keeps_the_date_and_stops_at_once():
+async def test_served_main_loop_keeps_the_date_and_stops_at_once(monkeypatch):
     """serve's uvicorn main loop, which wakes once a second: the Date header is set before it
-    first waits, and an exit signal ends the loop at once, not at the next second."""
+    first waits, and an exit signal itself ends the loop.  Here the loop's once-a-second
+    timeout never expires, so only the signal's wake-up can end it: waits on events, no time."""
     import uvicorn
+    timeout = asyncio.timeout
+    monkeypatch.setattr(asyncio, "timeout", lambda delay: timeout(None))
     server = statusapp.calm_server(uvicorn.Config(app=None, date_header=True))
     server.config.load()
+    ticked, tick = asyncio.Event(), server.on_tick
+
+    async def on_tick(counter: int) -> bool:
+        stop = await tick(counter)
+        ticked.set()
+        return stop
+    server.on_tick = on_tick
     loop_task = asyncio.create_task(server.main_loop())
-    while not server.server_state.default_headers:
-        await asyncio.sleep(0)
+    await asyncio.wait_for(ticked.wait(), 60)
     (name, value), = [h for h in server.server_state.default_headers if h[0] == b"date"]
     assert email.utils.parsedate_to_datetime(value.decode()).tzinfo is not None
     server.handle_exit(signal.SIGTERM, None)
-    for _ in range(20):  # a few turns of the loop, no time: the wake-up, not the next second
-        await asyncio.sleep(0)
-    assert loop_task.done() and server.should_exit
+    await asyncio.wait_for(loop_task, 60)
+    assert server.should_exit
 
 
 def test_serve_end_to_end_first_run_key_and_client_flow(server):
