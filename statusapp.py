@@ -967,11 +967,11 @@ class Database:
                 self._note_commit()
 
     def _commit_here(self, items: list[list[Statement]]) -> bool | None:
-        """Commit small writes on the event loop's thread: a batch of pings takes a millisecond
-        or so, and the hand-off to the writer's thread and back cost more than that (the thread
-        waits for the GIL while the loop is busy answering).  Whether anything changed; None,
-        with nothing done, when another process holds the write lock, for waiting on it here
-        would stop the whole server."""
+        """Commit small writes on the event loop's thread: a batch of 16 pings takes 0.7-0.9 ms,
+        and handed to the writer's thread it first waited about 0.55 ms for that thread to get
+        the GIL while the loop was busy answering (committed here, a ping costs about a tenth
+        less CPU).  Whether anything changed; None, with nothing done, when another process
+        holds the write lock, for waiting on it here would stop the whole server."""
         assert self._writer is not None
         conn = self._writer._conn
         waits = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
@@ -1040,8 +1040,9 @@ def grouped(items: list[list[Statement]]) -> Iterator[tuple[str, list[Sequence[A
 
 
 def _commit_grouped(conn: sqlite3.Connection, items: list[list[Statement]]) -> bool:
-    """In the writer's thread: BEGIN IMMEDIATE, the items merged by shape (``grouped``),
-    COMMIT (ROLLBACK if anything fails); whether anything changed."""
+    """BEGIN IMMEDIATE, the items merged by shape (``grouped``), COMMIT (ROLLBACK if anything
+    fails); whether anything changed.  Run by the writer's thread, or for a batch of small
+    writes by the event loop's (Database._commit)."""
     changes = conn.total_changes
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -4611,7 +4612,8 @@ class Heartbeats:
         changed, self._dirty = self._dirty, set()  # what changes meanwhile is for next time
         try:
             cron = {row[0] for row in await self.rt.db.fetchall(
-                f"SELECT id FROM monitors WHERE id {_IN_IDS} AND type = 'CRON'", (json.dumps(sorted(changed)),))}
+                f"SELECT id FROM monitors WHERE id {_IN_IDS} AND type = 'CRON'",
+                (json.dumps(sorted(changed)),))}
         except BaseException:
             self._dirty |= changed
             raise
